@@ -1,0 +1,5 @@
+"""callbot.engine: everything between PCM in and PCM out — rings, resampling, clocks, the model.
+
+The engine knows nothing of SIP: it is fed 24 kHz PCM and gives PCM back, so any Python program can
+embed it. The compiled core (ext/) is exposed here under its public names.
+"""

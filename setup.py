@@ -1,0 +1,47 @@
+"""Build of the compiled core: every ext/_NAME.pyx becomes the extension module callbot.engine._NAME.
+
+The import root is `callbot`, a namespace package whose two halves live in `engine/` and `sip/`
+(setuptools package_dir), so the repository never shadows PyPI's `sip`. C sources an extension needs
+beside its .pyx are listed in EXTRA_SOURCES; system libraries in LIBRARIES.
+"""
+import pathlib
+import sys
+
+import numpy
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+HERE = pathlib.Path(__file__).parent
+
+# extension name -> C files compiled into it (paths relative to the repository root)
+EXTRA_SOURCES: dict[str, list[str]] = {}
+# extension name -> system libraries it links
+LIBRARIES: dict[str, list[str]] = {}
+
+CFLAGS = ["-O2", "-std=c11"] if sys.platform != "win32" else []
+
+
+def extensions() -> list[Extension]:
+    mods = []
+    for pyx in sorted((HERE / "ext").glob("_*.pyx")):
+        name = pyx.stem
+        mods.append(
+            Extension(
+                f"callbot.engine.{name}",
+                sources=[f"ext/{pyx.name}", *EXTRA_SOURCES.get(name, [])],
+                include_dirs=["ext", numpy.get_include()],
+                libraries=LIBRARIES.get(name, []),
+                extra_compile_args=CFLAGS,
+                define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+            )
+        )
+    # generated C goes to build/, so ext/ holds only sources we write
+    return cythonize(mods, language_level=3, include_path=["ext"], build_dir="build/cython")
+
+
+setup(
+    packages=["callbot.engine", "callbot.sip"],
+    package_dir={"callbot.engine": "engine", "callbot.sip": "sip"},
+    ext_modules=extensions(),
+    zip_safe=False,
+)
