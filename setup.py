@@ -4,6 +4,7 @@ The import root is `callbot`, a namespace package whose two halves live in `engi
 (setuptools package_dir), so the repository never shadows PyPI's `sip`. C sources an extension needs
 beside its .pyx are listed in EXTRA_SOURCES; system libraries in LIBRARIES.
 """
+import os
 import pathlib
 import sys
 
@@ -22,9 +23,13 @@ CFLAGS = ["-O2", "-std=c11"] if sys.platform != "win32" else []
 
 
 def extensions() -> list[Extension]:
+    # CALLBOT_EXT=_ring,_clock builds only those (a quick rebuild while working on one module)
+    only = {n for n in os.environ.get("CALLBOT_EXT", "").split(",") if n}
     mods = []
     for pyx in sorted((HERE / "ext").glob("_*.pyx")):
         name = pyx.stem
+        if only and name not in only:
+            continue
         mods.append(
             Extension(
                 f"callbot.engine.{name}",
