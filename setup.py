@@ -15,7 +15,9 @@ from setuptools import Extension, setup
 HERE = pathlib.Path(__file__).parent
 
 # extension name -> C files compiled into it (paths relative to the repository root)
-EXTRA_SOURCES: dict[str, list[str]] = {}
+EXTRA_SOURCES: dict[str, list[str]] = {
+    "_clock": ["ext/clock.c"],
+}
 # extension name -> system libraries it links
 LIBRARIES: dict[str, list[str]] = {}
 
