@@ -4,3 +4,4 @@ The engine knows nothing of SIP: it is fed 24 kHz PCM and gives PCM back, so any
 embed it. The compiled core (ext/) is exposed here under its public names.
 """
 from callbot.engine._clock import PeriodicClock, now_ns, sleep_until
+from callbot.engine.ring import Ring
