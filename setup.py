@@ -17,9 +17,12 @@ HERE = pathlib.Path(__file__).parent
 # extension name -> C files compiled into it (paths relative to the repository root)
 EXTRA_SOURCES: dict[str, list[str]] = {
     "_clock": ["ext/clock.c"],
+    "_resampler": ["ext/resampler.c"],
 }
 # extension name -> system libraries it links
-LIBRARIES: dict[str, list[str]] = {}
+LIBRARIES: dict[str, list[str]] = {
+    "_resampler": ["m"],  # lrintf
+}
 
 CFLAGS = ["-O2", "-std=c11"] if sys.platform != "win32" else []
 

@@ -5,3 +5,4 @@ embed it. The compiled core (ext/) is exposed here under its public names.
 """
 from callbot.engine._clock import PeriodicClock, now_ns, sleep_until
 from callbot.engine.ring import Ring
+from callbot.engine.resampler import Resampler

@@ -1,0 +1,47 @@
+/* Streaming polyphase FIR resampler for rational ratios up/down (x3, /3, x3/2, x2/3).
+ *
+ * Contract:
+ * - One caller at a time: an rs_t is not thread-safe; callers serialise access (the Python layer does).
+ * - The caller designs the low-pass prototype (taps at the rate in_rate * up); rs_create copies it into
+ *   `up` polyphase branches. Nothing is allocated after rs_create: input is consumed in blocks of
+ *   RS_BLOCK samples through one work buffer of fixed size.
+ * - No output is held back beyond the filter's own delay: after n_in samples in total, exactly
+ *   ceil(n_in * up / down) samples have come out, so every 20 ms chunk yields 20 ms (no bursts).
+ * - Each output sample is one dot product over the same contiguous inputs in the same order whatever
+ *   the chunking, so streaming equals one-shot bit for bit.
+ */
+#ifndef CALLBOT_RESAMPLER_H
+#define CALLBOT_RESAMPLER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* input samples converted per pass; bounds the work buffer (taps_per_phase - 1 + RS_BLOCK floats) */
+#define RS_BLOCK 1024
+
+typedef struct rs rs_t;
+
+/* h: ntaps prototype coefficients at rate in_rate*up, unity gain at DC (the up-gain is applied here).
+ * delay: the prototype's group delay in samples at in_rate*up (what rs_flush releases).
+ * Returns NULL on a bad argument or when out of memory. */
+rs_t *rs_create(const float *h, int ntaps, int up, int down, int delay);
+void rs_destroy(rs_t *rs);
+
+/* How many samples the next rs_process_* call with n input samples writes. */
+size_t rs_output_count(const rs_t *rs, size_t n);
+/* How many samples rs_flush_* writes (the filter's delay worth of output). */
+size_t rs_flush_count(const rs_t *rs);
+
+/* Resample n input samples into out (room for rs_output_count(rs, n)); returns how many were written. */
+size_t rs_process_f32(rs_t *rs, const float *in, size_t n, float *out);
+/* int16: rounds to nearest and saturates at -32768/32767. */
+size_t rs_process_s16(rs_t *rs, const int16_t *in, size_t n, int16_t *out);
+
+/* Release what the filter delay holds (out needs rs_flush_count(rs)), then rs_reset. */
+size_t rs_flush_f32(rs_t *rs, float *out);
+size_t rs_flush_s16(rs_t *rs, int16_t *out);
+
+/* Forget all input: the next sample starts a fresh stream. */
+void rs_reset(rs_t *rs);
+
+#endif
