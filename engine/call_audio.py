@@ -1,0 +1,106 @@
+"""One call's audio as the engine sees it: two rings at the call's rate, and 24 kHz frames in and out.
+
+Why: the media callback (pjmedia clock thread) may only copy PCM into and out of rings; everything
+slower (resampling to and from the model's 24 kHz, framing) happens on the engine's thread here. The
+rx ring is filled by the media callback and drained by `pull`; the tx ring is filled by `push` and
+drained by the media callback. Each ring has one producer and one consumer, so no locks anywhere.
+
+    media callback ──> rx (call rate) ──pull──> Resampler(call_rate, 24000) ──> 24 kHz frames ──> engine
+    engine ──> 24 kHz frames ──push──> Resampler(24000, call_rate) ──> tx (call rate) ──> media callback
+
+All samples are int16 (what the phone line carries); an engine that wants float32 converts its frames.
+Per-stage timestamps (DESIGN.md) will hang off `pull`/`push`; they are a later issue.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from callbot.engine import Resampler, Ring
+
+ENGINE_RATE = 24000  # Hz: Mimi's rate, the model's only rate
+CALL_RATES = (8000, 16000, 24000)  # Hz a call's media port may run at (the resampler's designs)
+RING_SECONDS = 2.0  # capacity of each ring: enough to ride out a stalled engine for this long
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, int(n - 1).bit_length())
+
+
+class CallAudio:
+    """Rings and resamplers of one call at `call_rate` Hz (the media port's rate).
+
+    The media side uses `rx` (write) and `tx` (read) from the pjmedia clock thread; the engine side
+    calls `pull` and `push` from one engine thread. Nothing here blocks.
+    """
+
+    def __init__(self, call_rate: int, ring_seconds: float = RING_SECONDS):
+        if isinstance(call_rate, bool) or not isinstance(call_rate, int) or call_rate not in CALL_RATES:
+            raise ValueError(f"call_rate must be one of {CALL_RATES} Hz, got {call_rate!r}")
+        if not ring_seconds > 0:
+            raise ValueError(f"ring_seconds must be > 0, got {ring_seconds!r}")
+        self.call_rate = call_rate
+        self.frame_samples = call_rate // 50  # one 20 ms media frame at the call's rate
+        self.rx = Ring(_pow2_at_least(int(call_rate * ring_seconds)), "int16")
+        self.tx = Ring(_pow2_at_least(int(call_rate * ring_seconds)), "int16")
+        # 24 kHz side of the inbound path: resampled audio waiting to make up whole engine frames
+        self._in24 = Ring(_pow2_at_least(int(ENGINE_RATE * ring_seconds)), "int16")
+        self._up = Resampler(call_rate, ENGINE_RATE)
+        self._down = Resampler(ENGINE_RATE, call_rate)
+        self.frames_pulled = 0
+        self.frames_pushed = 0
+
+    # ---- engine side (one engine thread) -------------------------------------------------------------
+
+    def pull(self, n: int) -> np.ndarray | None:
+        """The next `n` samples of the caller at 24 kHz (int16), or None until that many have come in."""
+        if n <= 0:
+            raise ValueError(f"pull() takes a sample count > 0, got {n!r}")
+        have = self.rx.readable
+        if have:
+            chunk = self.rx.read(have)  # all of it: `have` were readable and only we read
+            chunk = self._up.process(chunk)
+            if len(chunk):
+                self._in24.write(chunk)
+        if self._in24.readable < n:
+            return None
+        self.frames_pulled += 1
+        return self._in24.read(n)
+
+    def push(self, frame: np.ndarray) -> int:
+        """Queues 24 kHz int16 audio for the caller; returns the call-rate samples accepted into tx."""
+        frame = np.asarray(frame)
+        if frame.dtype != np.int16 or frame.ndim != 1:
+            raise ValueError(f"push() takes a 1-D int16 array of 24 kHz samples, got {frame.dtype} {frame.shape}")
+        out = self._down.process(frame)
+        self.frames_pushed += 1
+        return self.tx.write(out) if len(out) else 0
+
+    @property
+    def pending_in(self) -> int:
+        """24 kHz samples ready for `pull` without waiting, once rx is drained (a snapshot)."""
+        up = ENGINE_RATE / self.call_rate
+        return self._in24.readable + int(self.rx.readable * up)
+
+    # ---- counters (any thread; snapshots) ------------------------------------------------------------
+
+    @property
+    def underruns(self) -> int:
+        """Times the media callback found tx short once the engine had started talking (silence played)."""
+        return self.tx.underruns
+
+    @property
+    def overruns(self) -> int:
+        """Writes that found a ring full: the engine fell behind (rx) or ran ahead (tx) by a ring's length."""
+        return self.rx.overruns + self.tx.overruns + self._in24.overruns
+
+    @property
+    def delay_ms(self) -> float:
+        """Delay the two resamplers add to a round trip through the engine, in ms."""
+        return float(self._up.delay_ms + self._down.delay_ms)
+
+    def close(self) -> None:
+        """Releases the rings' memory; call once neither side will touch them again."""
+        for ring in (self.rx, self.tx, self._in24):
+            if not ring.closed:
+                ring.close()

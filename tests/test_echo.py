@@ -1,0 +1,140 @@
+"""The echo line through CallAudio's rings and resamplers, with real threads (engine/echo.py, call_audio.py).
+
+A thread plays the media callback's part: every 20 ms (absolute deadlines) it writes one frame of a known
+signal into rx and reads one frame out of tx, silence when tx is short, exactly as the media port does.
+The echo must come back whole: the cross-correlation of what went in with what came out peaks near 1, at
+a lag of the resamplers' delay plus whole frames.
+"""
+
+import threading
+
+import numpy as np
+import pytest
+
+from callbot.engine import PeriodicClock
+from callbot.engine.call_audio import CallAudio
+from callbot.engine.echo import EchoEngine
+
+
+class CallInfo:
+    def __init__(self, clock_rate):
+        self.clock_rate = clock_rate
+
+
+def chirp(rate, seconds, f0=300.0, f1=3000.0, level=8000):
+    t = np.arange(int(rate * seconds)) / rate
+    phase = 2 * np.pi * (f0 * t + (f1 - f0) * t**2 / (2 * seconds))
+    return (level * np.sin(phase)).astype(np.int16)
+
+
+def media_thread(audio: CallAudio, signal: np.ndarray, tail_frames: int, out: list):
+    """Plays the media callback: one frame in and one frame out per 20 ms tick."""
+    n = audio.frame_samples
+    frame = np.zeros(n, np.int16)
+    clock = PeriodicClock(20.0)
+    frames_in = len(signal) // n
+    for k in range(frames_in + tail_frames):
+        clock.wait()
+        frame[:] = 0
+        got = audio.tx.read_into(frame) if audio.tx.readable else 0
+        out.append(frame.copy())
+        if k < frames_in:
+            audio.rx.write(signal[k * n : (k + 1) * n])
+
+
+def find_echo(sent: np.ndarray, received: np.ndarray) -> tuple[float, int]:
+    """(peak normalised cross-correlation, lag in samples) of `sent` inside `received`."""
+    x = sent.astype(np.float64)
+    y = received.astype(np.float64)
+    c = np.correlate(y, x, "valid") if len(y) >= len(x) else np.correlate(y, x, "full")
+    lag = int(np.argmax(c))
+    window = y[lag : lag + len(x)]
+    return float(c[lag] / np.sqrt(np.sum(x * x) * np.sum(window * window) + 1e-9)), lag
+
+
+@pytest.mark.timeout(30)
+def test_echo_line_returns_the_signal_at_8k_and_16k_together():
+    rates = (8000, 16000)
+    with EchoEngine() as engine:
+        sessions = {rate: engine.open_session(CallInfo(rate)) for rate in rates}
+        signals = {rate: chirp(rate, 1.0) for rate in rates}
+        outs = {rate: [] for rate in rates}
+        threads = [
+            threading.Thread(target=media_thread, args=(sessions[r].audio, signals[r], 15, outs[r]))
+            for r in rates
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        assert not any(t.is_alive() for t in threads)
+        assert engine.error is None
+        for rate in rates:
+            audio = sessions[rate].audio
+            corr, lag = find_echo(signals[rate], np.concatenate(outs[rate]))
+            delay = round(audio.delay_ms * rate / 1000)
+            assert corr > 0.95, (rate, corr)
+            # the resamplers' delay plus whole ticks spent in the rings
+            assert lag >= delay and (lag - delay) % audio.frame_samples == 0, (rate, lag, delay)
+            assert sessions[rate].frames_echoed >= len(signals[rate]) // audio.frame_samples
+            assert audio.overruns == 0
+            engine.close_session(sessions[rate])
+        assert engine.sessions == 0
+
+
+def test_frame_size_is_configurable():
+    with EchoEngine(frame_samples=1920) as engine:  # 80 ms, the model's frame
+        s = engine.open_session(CallInfo(16000))
+        s.audio.rx.write(chirp(16000, 0.2))  # 3200 samples = 4800 at 24 kHz: two whole 80 ms frames
+        clock = PeriodicClock(5.0)
+        while s.audio.tx.readable < 2 * 1280:  # bounded by the test timeout
+            clock.wait()
+        assert s.frames_echoed == 2
+        assert engine.error is None
+
+
+def test_call_audio_pull_and_push_round_trip():
+    audio = CallAudio(8000)
+    x = chirp(8000, 0.1)
+    audio.rx.write(x)
+    assert audio.pull(2401) is None  # 800 samples at 8 kHz make 2400 at 24 kHz
+    frame = audio.pull(2400)
+    assert frame is not None and frame.dtype == np.int16 and len(frame) == 2400
+    assert audio.push(frame) == 800
+    assert audio.tx.readable == 800
+    audio.close()
+
+
+@pytest.mark.parametrize("rate", [0, 11025, 44100, "8000", None, 8000.0, True])
+def test_call_audio_rejects_bad_rates(rate):
+    with pytest.raises(ValueError, match="call_rate"):
+        CallAudio(rate)
+
+
+def test_call_audio_rejects_bad_frames():
+    audio = CallAudio(16000)
+    with pytest.raises(ValueError, match="int16"):
+        audio.push(np.zeros(480, np.float32))
+    with pytest.raises(ValueError, match="1-D"):
+        audio.push(np.zeros((2, 480), np.int16))
+    with pytest.raises(ValueError, match="sample count"):
+        audio.pull(0)
+    audio.close()
+
+
+@pytest.mark.parametrize("kwargs", [{"frame_samples": 0}, {"frame_samples": 480.0}, {"frame_samples": True}, {"poll_ms": 0}])
+def test_echo_engine_rejects_bad_settings(kwargs):
+    with pytest.raises(ValueError):
+        EchoEngine(**kwargs)
+
+
+def test_echo_engine_needs_a_rate_and_refuses_after_close():
+    engine = EchoEngine()
+    with pytest.raises(ValueError, match="rate"):
+        engine.open_session(object())
+    s = engine.open_session(object(), rate=8000)
+    engine.close_session(s)
+    engine.close_session(s)  # twice is harmless
+    engine.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.open_session(CallInfo(8000))
