@@ -1,0 +1,403 @@
+"""Causal streaming transformer shared by the LM (temporal transformer, depformer) and Mimi.
+
+Both models are Kyutai transformers that differ only in switches (norm, FFN kind, layer scale, per-step
+weights), so one implementation serves them and one set of parity tests covers it. Streaming is the
+normal mode: `step()` takes the next T >= 1 positions and a `TransformerCache` that the caller owns; the
+cache is a ring over the last `context` positions, so attention is an exact sliding window and a stream
+can run forever (a phone call is not bounded by the 3000-step context). Caches update functionally
+(new arrays, never writes into shared ones), which makes `snapshot()`/`restore()` reference copies:
+milliseconds, whatever the cache size.
+
+Conventions, all as in Kyutai's PyTorch `moshi.modules.transformer` (the parity reference):
+- attention is causal; a query at position t sees positions t-context+1 .. t (`context` of them);
+- RoPE is "interleaved" (pairs of adjacent features rotate together: MLX's traditional=True), base
+  `max_period`, applied to queries and keys before they are cached;
+- the gated FFN splits `linear_in`'s 2*hidden outputs as [gate, value]: silu(gate) * value;
+  its hidden size follows Kyutai: 21*d/8 when dim_feedforward == 4*d, else 2*dim_feedforward/3;
+- the plain MLP (Mimi) is linear1 -> exact (erf) GELU -> linear2, without biases;
+- "rms_norm_f32" is RMSNorm computed in float32 with eps 1e-8; "rms_norm" and "layer_norm" use 1e-5;
+- with `weights_per_step` = N (the depformer), position i of a stream uses the i-th attention
+  projections and FFN, while the norms are shared.
+
+One deliberate difference: when a streaming step carries T > 1 positions past the context, Kyutai's
+ring (capacity = context) is written before it is read, so the earlier queries of the step lose up to
+T-1 of their oldest keys. Our default is the exact window (streaming == whole sequence, which is what
+the model was trained on); `kyutai_ring=True` reproduces Kyutai's streaming for parity tests (Mimi steps
+2 positions per 80 ms frame).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import mlx.core as mx
+import mlx.nn as nn
+
+NORMS = ("rms_norm_f32", "rms_norm", "layer_norm")
+GATINGS = ("silu", "none")
+POSITIONAL_EMBEDDINGS = ("rope", "none")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TransformerConfig:
+    """Shape and switches of one transformer stack; derived sizes are properties."""
+
+    d_model: int
+    num_heads: int
+    num_layers: int
+    dim_feedforward: int
+    context: int | None = None
+    norm: str = "rms_norm_f32"
+    gating: str = "silu"
+    layer_scale: bool = False
+    positional_embedding: str = "rope"
+    rope_interleave: bool = True
+    max_period: float = 10000.0
+    weights_per_step: int = 0
+    kyutai_ring: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "num_heads", "num_layers", "dim_feedforward"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"TransformerConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        if self.d_model % self.num_heads:
+            raise ValueError(
+                f"TransformerConfig: d_model {self.d_model} is not divisible by num_heads {self.num_heads}")
+        if self.head_dim % 2 and self.positional_embedding == "rope":
+            raise ValueError(f"TransformerConfig: RoPE needs an even head_dim, got {self.head_dim}")
+        if self.norm not in NORMS:
+            raise ValueError(f"TransformerConfig.norm must be one of {NORMS}, got {self.norm!r}")
+        if self.gating not in GATINGS:
+            raise ValueError(f"TransformerConfig.gating must be one of {GATINGS}, got {self.gating!r}")
+        if self.positional_embedding not in POSITIONAL_EMBEDDINGS:
+            raise ValueError(
+                f"TransformerConfig.positional_embedding must be one of {POSITIONAL_EMBEDDINGS}, "
+                f"got {self.positional_embedding!r}")
+        if self.context is not None and self.context <= 0:
+            raise ValueError(f"TransformerConfig.context must be > 0 or None, got {self.context}")
+        if self.weights_per_step < 0:
+            raise ValueError(f"TransformerConfig.weights_per_step must be >= 0, got {self.weights_per_step}")
+        if self.weights_per_step and self.gating == "none":
+            raise ValueError("TransformerConfig: weights_per_step needs the gated FFN (as in Kyutai's)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @property
+    def norm_eps(self) -> float:
+        return 1e-8 if self.norm == "rms_norm_f32" else 1e-5
+
+    @property
+    def ffn_hidden(self) -> int:
+        """Hidden width of the gated FFN (Kyutai's `ActivationGating` rule)."""
+        if self.dim_feedforward == 4 * self.d_model:
+            return (21 * self.d_model) // 8
+        return (2 * self.dim_feedforward) // 3
+
+    @property
+    def cache_capacity(self) -> int:
+        """Positions a streaming cache keeps: the context, else one per step weight."""
+        if self.context is not None:
+            return self.context
+        if self.weights_per_step:
+            return self.weights_per_step
+        raise ValueError("TransformerConfig: streaming needs a context (or weights_per_step) to size its cache")
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm; Kyutai stores the weight as `alpha` [1, 1, d], we keep it as `weight` [d]."""
+
+    def __init__(self, dims: int, eps: float, compute_f32: bool):
+        super().__init__()
+        self.weight = mx.ones((dims,))
+        self.eps = eps
+        self.compute_f32 = compute_f32
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if self.compute_f32 and x.dtype != mx.float32:
+            y = mx.fast.rms_norm(x.astype(mx.float32), self.weight.astype(mx.float32), self.eps)
+            return y.astype(x.dtype)
+        return mx.fast.rms_norm(x, self.weight, self.eps)
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dims: int):
+        super().__init__()
+        self.scale = mx.ones((dims,))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return x * self.scale
+
+
+def make_norm(cfg: TransformerConfig) -> nn.Module:
+    if cfg.norm == "layer_norm":
+        return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+    return RMSNorm(cfg.d_model, cfg.norm_eps, compute_f32=cfg.norm == "rms_norm_f32")
+
+
+class GatedFFN(nn.Module):
+    """silu(gate) * value, Kyutai's `ActivationGating`."""
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.linear_in = nn.Linear(d_model, 2 * hidden, bias=False)
+        self.linear_out = nn.Linear(hidden, d_model, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        h = self.linear_in(x)
+        gate, value = mx.split(h, 2, axis=-1)
+        return self.linear_out(nn.silu(gate) * value)
+
+
+class KVCache:
+    """Keys and values of one attention layer over the last `capacity` positions (a ring).
+
+    `offset` is the absolute position of the next entry; the entry of position p lives in slot
+    p % capacity. Updates build new arrays (never write into the old ones), so holding a reference
+    is a snapshot.
+    """
+
+    def __init__(self, batch_size: int, num_heads: int, head_dim: int, capacity: int, dtype: mx.Dtype,
+                 kyutai_ring: bool = False):
+        self.capacity = capacity
+        self.kyutai_ring = kyutai_ring
+        self.shape = (batch_size, num_heads, capacity, head_dim)
+        self.dtype = dtype
+        self.keys = mx.zeros(self.shape, dtype=dtype)
+        self.values = mx.zeros(self.shape, dtype=dtype)
+        self.offset = 0
+
+    def reset(self) -> None:
+        # Slots at or past `offset` are never read, so the old contents can stay.
+        self.offset = 0
+
+    def slot_positions(self) -> np.ndarray:
+        """Absolute position held by each slot now (-1: empty)."""
+        cap, end = self.capacity, self.offset
+        slots = np.arange(cap)
+        if end <= cap:
+            return np.where(slots < end, slots, -1)
+        return end - 1 - ((end - 1 - slots) % cap)
+
+    def _write(self, k: mx.array, v: mx.array) -> None:
+        cap, t = self.capacity, k.shape[2]
+        if t >= cap:
+            # Only the last `cap` entries survive; lay them out so position p sits in slot p % cap.
+            k, v = k[:, :, t - cap:], v[:, :, t - cap:]
+            first = (self.offset + t - cap) % cap
+            cut = cap - first
+            self.keys = mx.concatenate([k[:, :, cut:], k[:, :, :cut]], axis=2) if first else k
+            self.values = mx.concatenate([v[:, :, cut:], v[:, :, :cut]], axis=2) if first else v
+        else:
+            start = self.offset % cap
+            head = min(t, cap - start)
+            self.keys = mx.slice_update(self.keys, k[:, :, :head], mx.array([start]), axes=(2,))
+            self.values = mx.slice_update(self.values, v[:, :, :head], mx.array([start]), axes=(2,))
+            if head < t:
+                self.keys = mx.slice_update(self.keys, k[:, :, head:], mx.array([0]), axes=(2,))
+                self.values = mx.slice_update(self.values, v[:, :, head:], mx.array([0]), axes=(2,))
+        self.offset += t
+
+    def update_and_attend(self, q: mx.array, k: mx.array, v: mx.array, window: int | None,
+                          scale: float) -> mx.array:
+        """Store the new keys/values and attend the new queries to their window (causal)."""
+        t = q.shape[2]
+        if t == 1 and (window is None or window >= self.capacity):
+            # Hot path (one LM step): after the write the ring holds exactly the window.
+            self._write(k, v)
+            n = min(self.offset, self.capacity)
+            keys = self.keys if n == self.capacity else self.keys[:, :, :n]
+            values = self.values if n == self.capacity else self.values[:, :, :n]
+            return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale)
+        q_pos = self.offset + np.arange(t)
+        if self.kyutai_ring:
+            # Kyutai's order: write, then read what the ring still holds.
+            self._write(k, v)
+            k_pos, keys, values = self.slot_positions(), self.keys, self.values
+        else:
+            # Exact window: old ring + new entries, masked by absolute position.
+            k_pos = np.concatenate([self.slot_positions(), q_pos])
+            keys = mx.concatenate([self.keys, k], axis=2)
+            values = mx.concatenate([self.values, v], axis=2)
+        mask = (k_pos[None, :] >= 0) & (k_pos[None, :] <= q_pos[:, None])
+        if window is not None:
+            mask &= (q_pos[:, None] - k_pos[None, :]) < window
+        out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mx.array(mask))
+        if not self.kyutai_ring:
+            self._write(k, v)
+        return out
+
+
+@dataclass(frozen=True)
+class CacheSnapshot:
+    """Frozen state of a `TransformerCache`: per layer (keys, values, offset). Cheap: references only."""
+
+    layers: tuple[tuple[mx.array, mx.array, int], ...]
+
+    @property
+    def offset(self) -> int:
+        return self.layers[0][2] if self.layers else 0
+
+
+class TransformerCache:
+    """The streaming state of one `Transformer`: one `KVCache` per layer, owned by the caller."""
+
+    def __init__(self, layers: list[KVCache]):
+        self.layers = layers
+
+    @property
+    def offset(self) -> int:
+        """Positions consumed since the last reset."""
+        return self.layers[0].offset if self.layers else 0
+
+    def reset(self) -> None:
+        for layer in self.layers:
+            layer.reset()
+
+    def snapshot(self) -> CacheSnapshot:
+        return CacheSnapshot(tuple((c.keys, c.values, c.offset) for c in self.layers))
+
+    def restore(self, snapshot: CacheSnapshot) -> None:
+        if len(snapshot.layers) != len(self.layers):
+            raise ValueError(
+                f"cache snapshot has {len(snapshot.layers)} layers, this cache has {len(self.layers)}")
+        for c, (keys, values, offset) in zip(self.layers, snapshot.layers):
+            if tuple(keys.shape) != c.shape:
+                raise ValueError(f"cache snapshot holds keys of shape {tuple(keys.shape)}, expected {c.shape}")
+            c.keys, c.values, c.offset = keys, values, offset
+
+    def arrays(self) -> list[mx.array]:
+        """Every array of the cache, e.g. for `mx.eval` after a long prompt."""
+        return [a for c in self.layers for a in (c.keys, c.values)]
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention with RoPE; per-step projections when weights_per_step > 0."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        if cfg.weights_per_step:
+            self.in_projs = [nn.Linear(d, 3 * d, bias=False) for _ in range(cfg.weights_per_step)]
+            self.out_projs = [nn.Linear(d, d, bias=False) for _ in range(cfg.weights_per_step)]
+        else:
+            self.in_proj = nn.Linear(d, 3 * d, bias=False)
+            self.out_proj = nn.Linear(d, d, bias=False)
+        self.scale = cfg.head_dim ** -0.5
+
+    def _project(self, x: mx.array, offset: int, out: bool) -> mx.array:
+        n = self.cfg.weights_per_step
+        if not n:
+            return (self.out_proj if out else self.in_proj)(x)
+        projs = self.out_projs if out else self.in_projs
+        if offset + x.shape[1] > n:
+            raise ValueError(f"per-step weights cover {n} positions, asked for position {offset + x.shape[1] - 1}")
+        if x.shape[1] == 1:
+            return projs[offset](x)
+        return mx.concatenate([projs[offset + i](x[:, i:i + 1]) for i in range(x.shape[1])], axis=1)
+
+    def __call__(self, x: mx.array, cache: KVCache | None) -> mx.array:
+        cfg = self.cfg
+        b, t, _ = x.shape
+        offset = cache.offset if cache is not None else 0
+        qkv = self._project(x, offset, out=False).reshape(b, t, 3, cfg.num_heads, cfg.head_dim)
+        qkv = qkv.transpose(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        if cfg.positional_embedding == "rope":
+            q = mx.fast.rope(q, cfg.head_dim, traditional=cfg.rope_interleave, base=cfg.max_period,
+                             scale=1.0, offset=offset)
+            k = mx.fast.rope(k, cfg.head_dim, traditional=cfg.rope_interleave, base=cfg.max_period,
+                             scale=1.0, offset=offset)
+        if cache is not None:
+            y = cache.update_and_attend(q, k, v, cfg.context, self.scale)
+        else:
+            y = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=_full_mask(t, cfg.context))
+        y = y.transpose(0, 2, 1, 3).reshape(b, t, cfg.d_model)
+        return self._project(y, offset, out=True)
+
+
+def _full_mask(t: int, context: int | None) -> mx.array | str:
+    if context is None or t <= context:
+        return "causal"
+    pos = np.arange(t)
+    delta = pos[:, None] - pos[None, :]
+    return mx.array((delta >= 0) & (delta < context))
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm block: x + ls1(attn(norm1(x))), then x + ls2(ffn(norm2(x))). Kyutai's parameter names."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.norm1 = make_norm(cfg)
+        self.norm2 = make_norm(cfg)
+        self.self_attn = Attention(cfg)
+        if cfg.gating == "silu":
+            if cfg.weights_per_step:
+                self.gating = [GatedFFN(cfg.d_model, cfg.ffn_hidden) for _ in range(cfg.weights_per_step)]
+            else:
+                self.gating = GatedFFN(cfg.d_model, cfg.ffn_hidden)
+        else:
+            self.linear1 = nn.Linear(cfg.d_model, cfg.dim_feedforward, bias=False)
+            self.linear2 = nn.Linear(cfg.dim_feedforward, cfg.d_model, bias=False)
+        if cfg.layer_scale:
+            self.layer_scale_1 = LayerScale(cfg.d_model)
+            self.layer_scale_2 = LayerScale(cfg.d_model)
+
+    def _ffn(self, x: mx.array, offset: int) -> mx.array:
+        cfg = self.cfg
+        if cfg.gating == "none":
+            return self.linear2(nn.gelu(self.linear1(x)))
+        if not cfg.weights_per_step:
+            return self.gating(x)
+        if x.shape[1] == 1:
+            return self.gating[offset](x)
+        return mx.concatenate([self.gating[offset + i](x[:, i:i + 1]) for i in range(x.shape[1])], axis=1)
+
+    def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
+        offset = cache.offset if cache is not None else 0
+        update = self.self_attn(self.norm1(x), cache)
+        if self.cfg.layer_scale:
+            update = self.layer_scale_1(update)
+        x = x + update
+        update = self._ffn(self.norm2(x), offset)
+        if self.cfg.layer_scale:
+            update = self.layer_scale_2(update)
+        return x + update
+
+
+class Transformer(nn.Module):
+    """A stack of `TransformerLayer`s: `__call__` for a whole sequence, `step` for streaming."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.layers = [TransformerLayer(cfg) for _ in range(cfg.num_layers)]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        """Whole sequence [B, T, d] from position 0, no state kept."""
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+    def step(self, x: mx.array, cache: TransformerCache) -> mx.array:
+        """The next T >= 1 positions [B, T, d] of a stream whose state is `cache` (updated)."""
+        if len(cache.layers) != len(self.layers):
+            raise ValueError(f"cache has {len(cache.layers)} layers, the transformer {len(self.layers)}")
+        for layer, c in zip(self.layers, cache.layers):
+            x = layer(x, c)
+        return x
+
+    def make_cache(self, batch_size: int = 1, dtype: mx.Dtype | None = None) -> TransformerCache:
+        """A fresh streaming state; `dtype` defaults to the dtype of the model's norms."""
+        cfg = self.cfg
+        if dtype is None:
+            dtype = self.layers[0].norm1.weight.dtype if self.layers else mx.float32
+        return TransformerCache([
+            KVCache(batch_size, cfg.num_heads, cfg.head_dim, cfg.cache_capacity, dtype, cfg.kyutai_ring)
+            for _ in self.layers
+        ])
