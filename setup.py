@@ -17,6 +17,7 @@ HERE = pathlib.Path(__file__).parent
 # extension name -> C files compiled into it (paths relative to the repository root)
 EXTRA_SOURCES: dict[str, list[str]] = {
     "_clock": ["ext/clock.c"],
+    "_rtthread": ["ext/rtthread.c"],
     "_resampler": ["ext/resampler.c"],
 }
 # extension name -> system libraries it links

@@ -6,3 +6,4 @@ embed it. The compiled core (ext/) is exposed here under its public names.
 from callbot.engine._clock import PeriodicClock, now_ns, sleep_until
 from callbot.engine.ring import Ring
 from callbot.engine.resampler import Resampler
+from callbot.engine.realtime import RealtimeResult, make_realtime
