@@ -1,0 +1,143 @@
+"""Streaming causal 1-d convolutions, the building blocks of the Mimi codec.
+
+A causal convolution fed chunk by chunk must give the same output as when fed the whole signal at once,
+so each layer carries a small state between calls: the last `kernel - stride` input samples for a
+convolution, the not-yet-complete output tail for a transposed convolution. A whole sequence is simply
+one big step from a fresh state, which makes "whole == streamed" true by construction (as in Kyutai's
+PyTorch `moshi`, whose checkpoints these layers load).
+
+Layout: MLX convolutions are channels-last, so every tensor here is `[batch, time, channels]`.
+States are immutable (a new state object per step): a snapshot is just a reference to one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+PAD_MODES = ("constant", "replicate")
+
+
+@dataclass(frozen=True)
+class ConvState:
+    """What a causal convolution remembers between steps.
+
+    `previous` holds the last `kernel_span - stride` input samples `[B, span - stride, C_in]`; `None`
+    means a fresh stream, whose history is zeros ("constant") or the first sample repeated ("replicate").
+    """
+
+    previous: mx.array | None = None
+
+
+@dataclass(frozen=True)
+class ConvTransposeState:
+    """The `kernel - stride` output samples `[B, K - S, C_out]` a transposed convolution has started but
+    not finished (bias excluded); `None` means a fresh stream."""
+
+    partial: mx.array | None = None
+
+
+class StreamingConv1d(nn.Module):
+    """Causal `Conv1d` whose left padding is the previous step's input.
+
+    Weight layout is MLX's `[C_out, K, C_in / groups]`.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        dilation: int = 1,
+        groups: int = 1,
+        bias: bool = True,
+        pad_mode: str = "constant",
+    ):
+        super().__init__()
+        if pad_mode not in PAD_MODES:
+            raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"channels ({in_channels} -> {out_channels}) must be divisible by groups={groups}")
+        scale = (in_channels // groups * kernel_size) ** -0.5
+        self.weight = mx.random.uniform(-scale, scale, (out_channels, kernel_size, in_channels // groups))
+        if bias:
+            self.bias = mx.zeros((out_channels,))
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.dilation = dilation
+        self.groups = groups
+        self.pad_mode = pad_mode
+
+    @property
+    def history(self) -> int:
+        """Input samples (at this layer's rate) carried from one step to the next."""
+        return (self.kernel_size - 1) * self.dilation + 1 - self.stride
+
+    def step(self, x: mx.array, state: ConvState) -> tuple[mx.array, ConvState]:
+        """Convolve `x` `[B, T, C_in]` (T a multiple of the stride) -> `[B, T / stride, C_out]`."""
+        if x.shape[1] % self.stride:
+            raise ValueError(f"a step must hold a multiple of {self.stride} samples, got {x.shape[1]}")
+        span = self.history
+        if span > 0:
+            previous = state.previous
+            if previous is None:
+                if self.pad_mode == "replicate":
+                    previous = mx.repeat(x[:, :1, :], span, axis=1)
+                else:
+                    previous = mx.zeros((x.shape[0], span, x.shape[2]), dtype=x.dtype)
+            x = mx.concatenate([previous, x], axis=1)
+            state = ConvState(x[:, x.shape[1] - span :, :])
+        y = mx.conv1d(x, self.weight, stride=self.stride, dilation=self.dilation, groups=self.groups)
+        if "bias" in self:
+            y = y + self.bias
+        return y, state
+
+
+class StreamingConvTranspose1d(nn.Module):
+    """Causal `ConvTranspose1d`: each step emits `stride` samples per input sample and keeps the overlap.
+
+    Weight layout is MLX's `[C_out, K, C_in / groups]`.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        groups: int = 1,
+        bias: bool = True,
+    ):
+        super().__init__()
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"channels ({in_channels} -> {out_channels}) must be divisible by groups={groups}")
+        if kernel_size < stride:
+            raise ValueError(f"kernel_size {kernel_size} must be at least the stride {stride}")
+        scale = (in_channels // groups * kernel_size) ** -0.5
+        self.weight = mx.random.uniform(-scale, scale, (out_channels, kernel_size, in_channels // groups))
+        if bias:
+            self.bias = mx.zeros((out_channels,))
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.groups = groups
+
+    def step(self, x: mx.array, state: ConvTransposeState) -> tuple[mx.array, ConvTransposeState]:
+        """Upsample `x` `[B, T, C_in]` -> `[B, T * stride, C_out]`."""
+        y = mx.conv_transpose1d(x, self.weight, stride=self.stride, groups=self.groups)
+        overlap = self.kernel_size - self.stride
+        if overlap > 0:
+            if state.partial is not None:
+                y = mx.concatenate([y[:, :overlap, :] + state.partial, y[:, overlap:, :]], axis=1)
+            tail = y[:, y.shape[1] - overlap :, :]
+            y = y[:, : y.shape[1] - overlap, :]
+            state = ConvTransposeState(tail)
+        if "bias" in self:
+            y = y + self.bias
+        return y, state
