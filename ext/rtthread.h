@@ -55,7 +55,8 @@ enum cb_rt_kind {
 typedef struct cb_rt_result {
     int kind;               /* enum cb_rt_kind: what the thread runs under now */
     int priority;           /* see enum cb_rt_kind; 0 on macOS */
-    int primary_err;        /* why the first choice was refused: errno (Linux), kern_return_t (macOS); 0 = granted */
+    int primary_err;        /* why the first choice was refused: errno (Linux), kern_return_t
+                               (macOS); 0 = granted */
     int fallback_err;       /* why the fallback was refused (errno); 0 = granted or not needed */
     int64_t computation_ns; /* macOS: computation asked of the kernel after clamping; Linux: as given */
 } cb_rt_result;
