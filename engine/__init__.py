@@ -7,3 +7,4 @@ from callbot.engine._clock import PeriodicClock, now_ns, sleep_until
 from callbot.engine.ring import Ring
 from callbot.engine.resampler import Resampler
 from callbot.engine.realtime import RealtimeResult, make_realtime
+from callbot.engine.mimi import Mimi, MimiConfig, MimiWeightsError, load_mimi

@@ -158,11 +158,16 @@ class Mimi(nn.Module):
     # -- input checks ------------------------------------------------------------------------------
 
     def _pcm(self, pcm, what: str) -> tuple[mx.array, bool]:
-        x = pcm if isinstance(pcm, mx.array) else mx.array(np.asarray(pcm, dtype=np.float32))
+        if isinstance(pcm, mx.array):
+            x, floating = pcm, mx.issubdtype(pcm.dtype, mx.floating)
+        else:
+            array = np.asarray(pcm)
+            floating = np.issubdtype(array.dtype, np.floating)
+            x = mx.array(array.astype(np.float32, copy=False)) if floating else array
+        if not floating:
+            raise ValueError(f"{what}: PCM must be float samples in [-1, 1], got dtype {x.dtype}")
         if x.ndim not in (1, 2):
             raise ValueError(f"{what}: PCM must be shaped [samples] or [batch, samples], got {tuple(x.shape)}")
-        if not mx.issubdtype(x.dtype, mx.floating):
-            raise ValueError(f"{what}: PCM must be float samples in [-1, 1], got dtype {x.dtype}")
         single = x.ndim == 1
         return (x[None] if single else x), single
 
@@ -372,7 +377,7 @@ def nvidia_to_mlx(weights: dict, cfg: MimiConfig) -> dict[str, mx.array]:
     sums: dict[tuple[str, int], object] = {}
     usages: dict[tuple[str, int], object] = {}
     aliases_seen: dict[str, str] = {}
-    for key, value in weights.items():
+    for key, value in sorted(weights.items()):  # sorted: the same error for the same file
         match = _CODEBOOK_KEY.match(key)
         if match:
             rvq, index, part = match.group(1), int(match.group(2)), match.group(3)
