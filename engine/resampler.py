@@ -41,7 +41,6 @@ ERR_NOT_ARRAY = "chunk must be a numpy array of float32 or int16 samples, got {k
 ERR_DTYPE = "chunk dtype must be float32 or int16, got {dtype}"
 ERR_SHAPE = "chunk must be 1-D (mono samples), got shape {shape}"
 ERR_MIXED = "this stream carries {have} samples (same scale needed for the filter state); got {got}: flush() first"
-ERR_OUT = "out must be a 1-D contiguous {dtype} array with room for {need} samples, got {what}"
 
 
 @dataclass(frozen=True)
@@ -120,19 +119,11 @@ class Resampler:
         return out
 
     def process_into(self, chunk: np.ndarray, out: np.ndarray) -> int:
-        """Like process(), but writes into `out` (no allocation); returns how many samples it wrote."""
+        """Like process(), but writes into `out` (same dtype, 1-D, contiguous; no allocation).
+
+        Returns how many samples it wrote: output_count(len(chunk)).
+        """
         x = self._checked(chunk)
-        need = self._fir.output_count(len(x))
-        if (
-            not isinstance(out, np.ndarray)
-            or out.dtype != x.dtype
-            or out.ndim != 1
-            or not out.flags.c_contiguous
-            or not out.flags.writeable
-            or len(out) < need
-        ):
-            what = f"{type(out).__name__} {getattr(out, 'dtype', '')} {getattr(out, 'shape', '')}".strip()
-            raise ValueError(ERR_OUT.format(dtype=x.dtype, need=need, what=what))
         return self._process(x, out) if len(x) else 0
 
     def flush(self) -> np.ndarray:
@@ -149,17 +140,19 @@ class Resampler:
     def _checked(self, chunk) -> np.ndarray:
         if not isinstance(chunk, np.ndarray):
             raise ValueError(ERR_NOT_ARRAY.format(kind=type(chunk).__name__))
+        # the steady state (note: a dtype compares equal to None when it is float64, hence the order)
+        if self._dtype is not None and chunk.dtype == self._dtype and chunk.ndim == 1:
+            return chunk if chunk.flags.c_contiguous else np.ascontiguousarray(chunk)
         if chunk.dtype not in DTYPES:
             raise ValueError(ERR_DTYPE.format(dtype=chunk.dtype))
         if chunk.ndim != 1:
             raise ValueError(ERR_SHAPE.format(shape=chunk.shape))
         if len(chunk) == 0:
             return chunk
-        if self._dtype is None:
-            self._dtype = chunk.dtype
-            self._process = self._fir.process_f32 if chunk.dtype == np.float32 else self._fir.process_s16
-        elif chunk.dtype != self._dtype:
+        if self._dtype is not None:
             raise ValueError(ERR_MIXED.format(have=self._dtype, got=chunk.dtype))
+        self._dtype = chunk.dtype
+        self._process = self._fir.process_f32 if chunk.dtype == np.float32 else self._fir.process_s16
         return np.ascontiguousarray(chunk)
 
     def __repr__(self) -> str:

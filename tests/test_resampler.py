@@ -236,9 +236,9 @@ def test_process_into_writes_what_process_returns(in_rate, out_rate):
     n = r.process_into(x, out)
     np.testing.assert_array_equal(out[:n], Resampler(in_rate, out_rate).process(x))
     assert np.all(out[n:] == 7)  # nothing written past what it reported
-    with pytest.raises(ValueError, match="room for 480 samples"):
+    with pytest.raises(ValueError, match="holds 479 samples, this call writes 480"):
         Resampler(8000, 24000).process_into(np.zeros(160, np.int16), np.zeros(479, np.int16))
-    with pytest.raises(ValueError, match="contiguous int16"):
+    with pytest.raises(ValueError, match="out must be a 1-D C-contiguous int16"):
         Resampler(8000, 24000).process_into(np.zeros(160, np.int16), np.zeros(480, np.float32))
 
 
