@@ -1,0 +1,208 @@
+"""Ring vs queue.Queue vs collections.deque: a producer thread hands 20 ms frames to a consumer thread.
+
+Why: the ring is meant to be the cheapest hand-off between the media thread and the engine; this
+measures it against the two stdlib ways of doing the same in one run, so the numbers are ratios on
+the same machine and load. Run (about 15 s):
+
+    python -m pytest bench/bench_ring.py -p no:cacheprovider --benchmark-columns=median,ops,rounds
+
+Each measurement is taken in rounds that visit the three transports in rotated order (the machine is
+shared, so load changes hit all three alike); the first round is a warmup and is dropped.
+Throughput: the producer pushes FRAMES frames as fast as the transport accepts them (bounded to the
+same depth, DEPTH frames, for all three) and the consumer pops them all: frames/s.
+Latency: the producer sends one frame every GAP_S, stamping perf_counter_ns just before the hand-off;
+the consumer stamps when it has the frame: p50/p99 of the difference.
+The ring never blocks, so its consumer (and deque's) polls, yielding the GIL and the CPU between
+polls with os.sched_yield() (not time.sleep(0): on Linux that sleeps for the 50 us timer slack, which
+then dominates the latency); queue.Queue's consumer blocks in get(). Printed at the end: ring/queue and ring/deque.
+"""
+import os
+import queue
+import statistics
+import threading
+import time
+from collections import deque
+
+import numpy as np
+import pytest
+
+from callbot.engine import Ring
+
+RATE = 16_000
+FRAME = 320  # samples: 20 ms at 16 kHz
+DEPTH = 51  # frames in flight at most: the ring's 16384 samples hold 51 whole frames
+CAPACITY = 16_384
+FRAMES = 20_000  # per throughput round
+ROUNDS = 9
+LAT_FRAMES = 1_000  # per latency round
+LAT_ROUNDS = 6
+GAP_S = 0.0005  # between frames in the latency run, so each finds the transport empty
+JOIN_S = 60.0
+
+RESULTS: dict[tuple[str, str], float] = {}  # (metric, transport) -> value, for the ratio report
+
+
+class RingTransport:
+    def __init__(self):
+        self.ring = Ring(CAPACITY, np.int16)
+
+    def try_put(self, frame):
+        if self.ring.writable < FRAME:
+            return False
+        self.ring.write(frame)
+        return True
+
+    def try_get(self):
+        return self.ring.read(FRAME)  # None when no whole frame is there
+
+
+class DequeTransport:
+    def __init__(self):
+        self.items = deque()
+
+    def try_put(self, frame):
+        if len(self.items) >= DEPTH:
+            return False
+        self.items.append(frame)
+        return True
+
+    def try_get(self):
+        try:
+            return self.items.popleft()
+        except IndexError:
+            return None
+
+
+class QueueTransport:
+    """Blocking on both ends: what queue.Queue is for."""
+
+    def __init__(self):
+        self.q = queue.Queue(maxsize=DEPTH)
+
+    def put(self, frame):
+        self.q.put(frame)
+
+    def get(self):
+        return self.q.get()
+
+
+TRANSPORTS = {"ring": RingTransport, "queue": QueueTransport, "deque": DequeTransport}
+
+
+def _put(t, frame):
+    if isinstance(t, QueueTransport):
+        t.put(frame)
+        return
+    while not t.try_put(frame):
+        os.sched_yield()
+
+
+def _get(t):
+    if isinstance(t, QueueTransport):
+        return t.get()
+    while (frame := t.try_get()) is None:
+        os.sched_yield()
+    return frame
+
+
+def _run_pair(producer, consumer):
+    threads = [threading.Thread(target=producer, daemon=True), threading.Thread(target=consumer, daemon=True)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=JOIN_S)
+    assert not any(th.is_alive() for th in threads), "a bench thread hung"
+
+
+def throughput_round(name):
+    """Seconds to move FRAMES frames; checks they all arrived in order."""
+    t = TRANSPORTS[name]()
+    frames = [np.full(FRAME, i % 32_000, dtype=np.int16) for i in range(64)]
+    seen = []
+
+    def producer():
+        for i in range(FRAMES):
+            _put(t, frames[i % 64])
+
+    def consumer():
+        last = None
+        for _ in range(FRAMES):
+            last = _get(t)
+        seen.append(last)
+
+    start = time.perf_counter()
+    _run_pair(producer, consumer)
+    elapsed = time.perf_counter() - start
+    assert int(seen[0][0]) == (FRAMES - 1) % 64
+    return elapsed
+
+
+def latency_round(name):
+    """Hand-off latencies (ns) of LAT_FRAMES paced frames."""
+    t = TRANSPORTS[name]()
+    frame = np.zeros(FRAME, dtype=np.int16)
+    sent = np.zeros(LAT_FRAMES, dtype=np.int64)
+    got = np.zeros(LAT_FRAMES, dtype=np.int64)
+
+    def producer():
+        for i in range(LAT_FRAMES):
+            time.sleep(GAP_S)
+            sent[i] = time.perf_counter_ns()
+            _put(t, frame)
+
+    def consumer():
+        for i in range(LAT_FRAMES):
+            _get(t)
+            got[i] = time.perf_counter_ns()
+
+    _run_pair(producer, consumer)
+    return got - sent
+
+
+def _interleaved(round_fn, rounds, per_name):
+    """One round = every transport once, in an order rotated each round, so that load from elsewhere
+    on the machine falls on all three alike; per_name[name] collects round_fn(name) results."""
+    names = list(TRANSPORTS)
+    state = {"round": 0}
+
+    def one_round():
+        k = state["round"]
+        state["round"] += 1
+        for name in names[k % 3 :] + names[: k % 3]:
+            per_name.setdefault(name, []).append(round_fn(name))
+
+    return one_round
+
+
+@pytest.mark.benchmark(group="ring")
+def test_throughput(benchmark):
+    times = {}
+    benchmark.pedantic(_interleaved(throughput_round, ROUNDS, times), rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    for name, t in times.items():
+        fps = FRAMES / statistics.median(t[1:])  # t[0] is the warmup round
+        RESULTS[("frames/s", name)] = fps
+        benchmark.extra_info[f"{name}_frames_per_s"] = round(fps)
+
+
+@pytest.mark.benchmark(group="ring")
+def test_latency(benchmark):
+    lat = {}
+    benchmark.pedantic(_interleaved(latency_round, LAT_ROUNDS, lat), rounds=LAT_ROUNDS, iterations=1, warmup_rounds=1)
+    for name, rounds in lat.items():
+        us = np.concatenate(rounds[1:]) / 1000.0
+        p50, p99 = np.percentile(us, [50, 99])
+        RESULTS[("latency p50 us", name)] = p50
+        RESULTS[("latency p99 us", name)] = p99
+        benchmark.extra_info.update({f"{name}_p50_us": round(p50, 1), f"{name}_p99_us": round(p99, 1)})
+
+
+def test_report_ratios(capsys):
+    """Prints each metric and the ring's ratio to queue.Queue and deque (run after the benches above)."""
+    if len(RESULTS) < 9:
+        pytest.skip("run the whole file: the ratios need every transport's numbers")
+    lines = [f"{'metric':<16}{'ring':>10}{'queue':>10}{'deque':>10}{'ring/queue':>12}{'ring/deque':>12}"]
+    for metric in ("frames/s", "latency p50 us", "latency p99 us"):
+        r, q, d = (RESULTS[(metric, n)] for n in ("ring", "queue", "deque"))
+        lines.append(f"{metric:<16}{r:>10.1f}{q:>10.1f}{d:>10.1f}{r / q:>12.2f}{r / d:>12.2f}")
+    with capsys.disabled():
+        print("\n" + "\n".join(lines))
