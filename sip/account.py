@@ -1,0 +1,96 @@
+"""SIP accounts: registration to a registrar/PBX with digest auth, or direct mode with no registrar.
+
+Direct mode is the embedded default: the account is reachable at sip:<user>@<host>:<port> of its
+transport and needs no PBX. With a registrar, pjsip re-registers `refresh_before_s` before the granted
+expiry; every answer becomes an event, and a refusal (401/403) becomes a RegistrationFailed naming the
+account, while the endpoint keeps running. The policy for incoming INVITEs lives in call.py.
+"""
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import pjsua2 as pj
+
+from .config import AccountConfig
+from .events import RegistrationChanged, RegistrationFailed
+from .transports import Transport
+
+if TYPE_CHECKING:
+    from .endpoint import Endpoint
+
+_SRTP = {"off": pj.PJMEDIA_SRTP_DISABLED, "optional": pj.PJMEDIA_SRTP_OPTIONAL, "mandatory": pj.PJMEDIA_SRTP_MANDATORY}
+_AUTH_REFUSED = (401, 403, 407)
+
+
+def _host_of(uri: str) -> str:
+    # "sip:host:port;params" -> "host"
+    rest = uri.split(":", 1)[1].split(";", 1)[0]
+    rest = rest.rsplit("@", 1)[-1]
+    if rest.startswith("["):
+        return rest[: rest.index("]") + 1]
+    return rest.split(":", 1)[0]
+
+
+class SipAccount(pj.Account):
+    """One identity of the endpoint. Lives and dies on the endpoint's SIP thread."""
+
+    def __init__(self, hub: Endpoint, cfg: AccountConfig, transport: Transport):
+        super().__init__()
+        self.hub = hub
+        self.cfg = cfg
+        self.name = cfg.name
+        self.transport = transport
+        self.registered = False
+        self.last_error: str | None = None
+        if cfg.direct:
+            self.uri = f"sip:{cfg.user}@{transport.host}:{transport.port}{transport.uri_params()}"
+        else:
+            self.uri = f"sip:{cfg.user}@{cfg.domain or _host_of(cfg.registrar)}"
+
+    def pj_config(self) -> pj.AccountConfig:
+        cfg = self.cfg
+        ac = pj.AccountConfig()
+        ac.idUri = self.uri
+        ac.sipConfig.transportId = self.transport.pj_id
+        if not cfg.direct:
+            ac.regConfig.registrarUri = cfg.registrar
+            ac.regConfig.timeoutSec = cfg.expires_s
+            ac.regConfig.delayBeforeRefreshSec = cfg.refresh_before_s
+            ac.regConfig.dropCallsOnFail = False
+            ac.sipConfig.authCreds.append(
+                pj.AuthCredInfo("digest", cfg.realm, cfg.auth_user or cfg.user, 0, cfg.password or "")
+            )
+        # RTP leaves from the same address SIP does, and the SDP announces the public one
+        tcfg = self.hub.config.transport_of(cfg)
+        ac.mediaConfig.transportConfig.port = tcfg.rtp_port
+        if tcfg.bind != "0.0.0.0":
+            ac.mediaConfig.transportConfig.boundAddress = tcfg.bind
+        if tcfg.public_address:
+            ac.mediaConfig.transportConfig.publicAddress = tcfg.public_address
+        ac.mediaConfig.srtpUse = _SRTP[cfg.srtp]
+        ac.mediaConfig.srtpSecureSignaling = 1 if cfg.srtp_require_tls else 0
+        return ac
+
+    def onRegState(self, prm):
+        code, reason = int(prm.code), str(prm.reason)
+        now = time.monotonic()
+        if 200 <= code < 300:
+            self.registered = prm.expiration > 0
+            self.last_error = None
+            self.hub._emit(RegistrationChanged(
+                at=now, account=self.name, code=code, reason=reason,
+                expires_s=int(prm.expiration), registered=self.registered))
+            return
+        self.registered = False
+        if code in _AUTH_REFUSED:
+            message = (f"account {self.name!r} ({self.cfg.auth_user or self.cfg.user}) was refused by "
+                       f"registrar {self.cfg.registrar}: {code} {reason} - check user, password and realm")
+        else:
+            message = (f"account {self.name!r} could not register at {self.cfg.registrar}: {code} {reason}"
+                       f" - pjsip retries later")
+        self.last_error = message
+        self.hub._emit(RegistrationFailed(at=now, account=self.name, code=code, reason=reason, message=message))
+
+    def onIncomingCall(self, prm):
+        self.hub._incoming_call(self, prm)

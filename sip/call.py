@@ -1,0 +1,225 @@
+"""One SIP call: its state machine as events, its media attached to an engine session, its record.
+
+pjsua2 invokes these callbacks on the endpoint's SIP thread (DTMF over RTP on the media thread):
+each one reads what it needs, updates the plain-data CallRecord, puts an event on the endpoint's
+queue and returns. Anything that would drop a pjsua2 object is deferred to the SIP thread's loop,
+because deleting a Call inside its own callback is unsafe.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import pjsua2 as pj
+
+from .codecs import narrow_answer
+from .call_record import CallRecord, DtmfRecord, TransferRecord
+from .events import (CallConfirmed, CallEnded, CallMedia, CallProgress, DtmfReceived, TransferProgress)
+
+if TYPE_CHECKING:
+    from .account import SipAccount
+    from .endpoint import Endpoint
+
+log = logging.getLogger(__name__)
+
+INBOUND, OUTBOUND = "inbound", "outbound"
+_SRTP_PROTOS = {pj.PJMEDIA_TP_PROTO_RTP_SAVP, pj.PJMEDIA_TP_PROTO_RTP_SAVPF,
+                pj.PJMEDIA_TP_PROTO_DTLS_SRTP, pj.PJMEDIA_TP_PROTO_DTLS_SRTPF}
+
+
+def call_op(code: int = 0, reason: str = "") -> pj.CallOpParam:
+    op = pj.CallOpParam(True)
+    if code:
+        op.statusCode = code
+    if reason:
+        op.reason = reason
+    return op
+
+
+class SipCall(pj.Call):
+    """A call of ours. Created, operated and dropped only on the endpoint's SIP thread."""
+
+    def __init__(self, hub: Endpoint, account: SipAccount, direction: str, pj_call_id: int = pj.PJSUA_INVALID_ID):
+        super().__init__(account, pj_call_id)
+        self.hub = hub
+        self.account = account
+        self.direction = direction
+        self.record: CallRecord | None = None
+        self.attachment = None  # media_port.MediaAttachment while media is attached
+        self.session = None  # the engine's session for this call
+        self.ended = False
+        self.rejected = False  # answered with an error by our policy: never a call of ours
+        self.confirmed = False
+        self._local_cause: str | None = None
+        self._last_progress = 0
+        self._progress_done = False  # a final answer to our INVITE was reported
+
+    @property
+    def call_id(self) -> str:
+        return self.record.call_id
+
+    def init_record(self) -> CallRecord:
+        ci = self.getInfo()
+        self.record = CallRecord(call_id=ci.callIdString, direction=self.direction, account=self.account.name,
+                                 local_uri=ci.localUri, remote_uri=ci.remoteUri, start=time.time())
+        return self.record
+
+    # ---- operations (SIP thread) ----
+
+    def end(self, cause: str, code: int = 0, reason: str = "") -> None:
+        """Hang up (BYE, CANCEL or a final error to an unanswered INVITE), remembering why."""
+        if self.ended:
+            return
+        if self._local_cause is None:
+            self._local_cause = cause
+        try:
+            self.hangup(call_op(code, reason))
+        except pj.Error as exc:  # already going away: the DISCONNECTED callback still comes
+            log.debug("hangup of %s: %s", self.record.call_id if self.record else "?", exc.info())
+
+    def answer_now(self) -> None:
+        if not self.ended and not self.confirmed:
+            try:
+                self.answer(call_op(200))
+            except pj.Error as exc:
+                log.warning("answer of %s failed: %s", self.call_id, exc.info())
+
+    # ---- pjsua2 callbacks ----
+
+    def onCallState(self, prm):
+        ci = self.getInfo()
+        now = time.monotonic()
+        if self.rejected:
+            if ci.state == pj.PJSIP_INV_STATE_DISCONNECTED:
+                self.hub._soon(lambda: self.hub._forget(self))
+            return
+        if self.direction == OUTBOUND and not self._progress_done and ci.lastStatusCode >= 200:
+            # a final answer can reach onCallState before (or instead of) onCallTsxState
+            self._report_progress(int(ci.lastStatusCode), str(ci.lastReason))
+        if ci.state == pj.PJSIP_INV_STATE_CONFIRMED and not self.confirmed:
+            self.confirmed = True
+            self.record.answered = time.time()
+            self.hub._emit(CallConfirmed(at=now, call_id=self.call_id, direction=self.direction))
+            limit = self.account.cfg.max_call_duration_s
+            if limit is not None:
+                self.hub._after(limit, lambda: self.end("max_duration"))
+        elif ci.state == pj.PJSIP_INV_STATE_DISCONNECTED and not self.ended:
+            self.ended = True
+            code, reason = int(ci.lastStatusCode), str(ci.lastReason)
+            if self._local_cause is not None:
+                cause = self._local_cause
+            elif self.direction == OUTBOUND and not self.confirmed:
+                cause = "failed"
+            else:
+                cause = "remote"
+            rec = self.record
+            rec.end = time.time()
+            rec.hangup_cause, rec.hangup_code, rec.hangup_reason = cause, code, reason
+            self._detach()
+            self.hub._emit(CallEnded(at=now, call_id=self.call_id, code=code, reason=reason, cause=cause))
+            self.hub._soon(lambda: self.hub._forget(self))
+
+    def onCallTsxState(self, prm):
+        # responses to our INVITE, provisional ones included (onCallState skips a 100 Trying)
+        if self.direction != OUTBOUND or self._progress_done or prm.e.type != pj.PJSIP_EVENT_TSX_STATE:
+            return
+        tsx = prm.e.body.tsxState.tsx
+        code = int(tsx.statusCode)
+        if tsx.method == "INVITE" and tsx.role == pj.PJSIP_ROLE_UAC and code:
+            self._report_progress(code, str(tsx.statusText))
+
+    def _report_progress(self, code: int, reason: str) -> None:
+        if code == self._last_progress:
+            return
+        self._last_progress = code
+        self._progress_done = code >= 200
+        self.hub._emit(CallProgress(at=time.monotonic(), call_id=self.call_id, code=code, reason=reason))
+
+    def onCallSdpCreated(self, prm):
+        # answering: make the negotiation choose by our codec priority, not the caller's
+        offer = prm.remSdp.wholeSdp
+        if offer:
+            narrowed = narrow_answer(prm.sdp.wholeSdp, offer, self.hub.codecs)
+            if narrowed is not None:
+                prm.sdp.wholeSdp = narrowed
+
+    def onCallMediaState(self, prm):
+        ci = self.getInfo()
+        for mi in ci.media:
+            if mi.type != pj.PJMEDIA_TYPE_AUDIO or mi.status != pj.PJSUA_CALL_MEDIA_ACTIVE:
+                continue
+            si = self.getStreamInfo(mi.index)
+            rec = self.record
+            srtp = si.proto in _SRTP_PROTOS
+            if (rec.codec, rec.clock_rate, rec.srtp) != (si.codecName, si.codecClockRate, srtp):
+                rec.codec, rec.clock_rate, rec.srtp = str(si.codecName), int(si.codecClockRate), srtp
+                self.hub._emit(CallMedia(at=time.monotonic(), call_id=self.call_id, codec=rec.codec,
+                                         clock_rate=rec.clock_rate, srtp=srtp))
+            if self.attachment is None:
+                self._attach(self.getAudioMedia(mi.index), rec.clock_rate)
+            return
+
+    def onDtmfDigit(self, prm):
+        # RFC 4733 digits arrive on the media thread, SIP INFO ones on the SIP thread: both only append
+        method = "info" if prm.method == pj.PJSUA_DTMF_METHOD_SIP_INFO else "rfc4733"
+        duration = int(prm.duration) if prm.duration < 0xFFFF else 0
+        self.record.dtmf.append(DtmfRecord(digit=str(prm.digit), method=method, at=time.time(), duration_ms=duration))
+        self.hub._emit(DtmfReceived(at=time.monotonic(), call_id=self.call_id, digit=str(prm.digit),
+                                    method=method, duration_ms=duration))
+
+    def onCallTransferStatus(self, prm):
+        code, reason, final = int(prm.statusCode), str(prm.reason), bool(prm.finalNotify)
+        xfer = self.record.transfer
+        if xfer is not None:
+            xfer.notifications.append((code, reason))
+            if final or code >= 200:
+                xfer.succeeded = 200 <= code < 300
+        self.hub._emit(TransferProgress(at=time.monotonic(), call_id=self.call_id, code=code, reason=reason,
+                                        final=final or code >= 200))
+        if 200 <= code < 300:
+            prm.cont = False  # no further NOTIFYs wanted: the transfer is done, and so is this call
+            self.hub._soon(lambda: self.end("transfer"))
+        elif code >= 300:
+            prm.cont = False
+
+    # ---- transfer and DTMF out ----
+
+    def blind_transfer(self, target: str) -> None:
+        self.record.transfer = TransferRecord(target=target)
+        self.xfer(target, call_op())
+
+    def send_digits(self, digits: str, method: str) -> None:
+        prm = pj.CallSendDtmfParam()
+        prm.digits = digits
+        prm.method = pj.PJSUA_DTMF_METHOD_SIP_INFO if method == "info" else pj.PJSUA_DTMF_METHOD_RFC2833
+        self.sendDtmf(prm)
+
+    # ---- media ----
+
+    def _attach(self, audio: pj.AudioMedia, clock_rate: int) -> None:
+        attach = self.hub._attach_media
+        engine = self.hub.engine
+        if attach is None or engine is None:
+            return  # no engine: the call stays silent
+        try:
+            self.session = engine.open_session(self.record)
+            self.attachment = attach(audio, clock_rate, self.session, self.hub._recorder_for(self))
+        except Exception:
+            log.exception("call %s: attaching media failed; the call goes on silent", self.call_id)
+            self._detach()
+
+    def _detach(self) -> None:
+        # the port must leave the conference bridge before the call's media goes (pjmedia_conf_remove_port)
+        attachment, self.attachment = self.attachment, None
+        session, self.session = self.session, None
+        if attachment is not None:
+            try:
+                attachment.detach()
+            except Exception:
+                log.exception("call %s: detaching media failed", self.call_id)
+        if session is not None:
+            try:
+                self.hub.engine.close_session(session)
+            except Exception:
+                log.exception("call %s: closing the engine session failed", self.call_id)

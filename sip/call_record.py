@@ -1,0 +1,49 @@
+"""What is known about one call, as plain data: the recording's JSON sidecar is written from it.
+
+The call object fills it from pjsua2 callbacks; the recorder (sip/recording.py) reads it and never
+needs to know pjsua2. Times are wall-clock (time.time(), seconds since the epoch) so that a sidecar
+means something after the process is gone; DTMF keeps the monotonic stamp of its event too.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass
+class DtmfRecord:
+    digit: str
+    method: str  # "rfc4733" | "info"
+    at: float  # wall clock
+    duration_ms: int
+
+
+@dataclass
+class TransferRecord:
+    target: str
+    notifications: list[tuple[int, str]] = field(default_factory=list)  # (code, reason) per NOTIFY
+    succeeded: bool | None = None  # None while in progress
+
+
+@dataclass
+class CallRecord:
+    call_id: str  # SIP Call-ID
+    direction: str  # "inbound" | "outbound"
+    account: str
+    local_uri: str
+    remote_uri: str
+    start: float  # INVITE sent or received
+    answered: float | None = None
+    end: float | None = None
+    codec: str | None = None
+    clock_rate: int | None = None
+    srtp: bool = False
+    dtmf: list[DtmfRecord] = field(default_factory=list)
+    transfer: TransferRecord | None = None
+    hangup_cause: str | None = None  # see events.CallEnded.cause
+    hangup_code: int | None = None
+    hangup_reason: str | None = None
+
+    def to_dict(self) -> dict:
+        """The sidecar's content: JSON-ready (only str, int, float, bool, None, lists, dicts)."""
+        return dataclasses.asdict(self)

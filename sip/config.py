@@ -1,0 +1,128 @@
+"""Configuration of the SIP endpoint: transports, accounts, call policy, codecs.
+
+Frozen msgspec Structs that reject unknown fields, so a typo in the (later TOML) configuration is an
+error naming the field instead of a setting silently ignored. Cross-field rules live in __post_init__
+and raise ValueError with a message that says what is wrong and why.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+# the pjsua2-python wheel is compiled with PJSUA_MAX_CALLS = 4: no configuration can go beyond it
+WHEEL_MAX_CALLS = 4
+
+Port = Annotated[int, Meta(ge=0, le=65535)]  # 0 = let the OS pick a free port
+Seconds = Annotated[float, Meta(gt=0)]
+
+
+class _Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class TransportConfig(_Config):
+    """One SIP listening socket. `public_address` is what goes into Contact/Via (NAT, containers)."""
+
+    name: str = "udp"
+    kind: Literal["udp", "tcp", "tls"] = "udp"
+    bind: str = "0.0.0.0"
+    port: Port = 5060
+    public_address: str | None = None
+    # first RTP port for calls on this transport's accounts (RTCP = RTP + 1; the next pair is tried when
+    # taken); 0 = ports chosen by the OS
+    rtp_port: Port = 4000
+    # TLS only: PEM files; the peer's certificate is not verified unless ca_file is given
+    cert_file: str | None = None
+    key_file: str | None = None
+    ca_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("transport name must not be empty (accounts refer to transports by name)")
+        if self.kind == "tls" and not (self.cert_file and self.key_file):
+            raise ValueError(f"transport {self.name!r}: kind 'tls' needs cert_file and key_file (PEM paths)")
+        if self.kind != "tls" and (self.cert_file or self.key_file or self.ca_file):
+            raise ValueError(f"transport {self.name!r}: cert_file/key_file/ca_file apply to kind 'tls' only")
+
+
+class AccountConfig(_Config):
+    """A SIP identity. Without `registrar` it is a direct account, reachable at sip:<user>@<host>:<port>.
+
+    With `registrar` it registers there (digest auth with user/password, realm "*" = any) and
+    re-registers `refresh_before_s` before the `expires_s` the registrar granted runs out.
+    """
+
+    name: str = "default"
+    user: str = "callbot"
+    transport: str | None = None  # transport name; None = the endpoint's first transport
+    registrar: str | None = None  # e.g. "sip:pbx.example.com:5060"; None = direct mode
+    domain: str | None = None  # host part of the address of record; default: the registrar's host
+    auth_user: str | None = None  # default: user
+    password: str | None = None
+    realm: str = "*"
+    expires_s: Annotated[int, Meta(ge=1)] = 300
+    refresh_before_s: Annotated[int, Meta(ge=1)] = 5
+    srtp: Literal["off", "optional", "mandatory"] = "off"
+    srtp_require_tls: bool = False  # refuse SRTP keys sent over a transport that is not TLS
+    auto_answer: bool = True
+    ring_delay_s: Annotated[float, Meta(ge=0)] = 0.0
+    max_call_duration_s: Seconds | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("account name must not be empty (events and errors name accounts)")
+        if not self.user or any(c in self.user for c in "@:;<> "):
+            raise ValueError(f"account {self.name!r}: user {self.user!r} must be a plain SIP user part")
+        if self.registrar is not None and not self.registrar.startswith(("sip:", "sips:")):
+            raise ValueError(f"account {self.name!r}: registrar {self.registrar!r} must be a sip: or sips: URI")
+        if self.registrar is None and self.password is not None:
+            raise ValueError(f"account {self.name!r}: a password needs a registrar (direct mode has no login)")
+        if self.refresh_before_s >= self.expires_s:
+            raise ValueError(
+                f"account {self.name!r}: refresh_before_s ({self.refresh_before_s}) must be below "
+                f"expires_s ({self.expires_s}), or registration would refresh in a loop"
+            )
+
+    @property
+    def direct(self) -> bool:
+        return self.registrar is None
+
+
+DEFAULT_CODECS = ("G722/16000", "PCMU/8000", "PCMA/8000")
+
+
+class EndpointConfig(_Config):
+    """The whole endpoint: one per process (pjsip allows no second)."""
+
+    transports: tuple[TransportConfig, ...] = (TransportConfig(),)
+    accounts: tuple[AccountConfig, ...] = (AccountConfig(),)
+    max_calls: Annotated[int, Meta(ge=1, le=WHEEL_MAX_CALLS)] = WHEEL_MAX_CALLS
+    # codecs offered/accepted, best first; every codec not listed is disabled
+    codecs: tuple[str, ...] = DEFAULT_CODECS
+    # rate of pjmedia's conference bridge; streams at other rates are resampled by pjmedia
+    conference_clock_rate: Annotated[int, Meta(ge=8000, le=48000)] = 16000
+    dial_timeout_s: Seconds = 30.0
+    user_agent: str = "callbot"
+    log_level: Annotated[int, Meta(ge=0, le=6)] = 1
+
+    def __post_init__(self) -> None:
+        if not self.transports:
+            raise ValueError("endpoint needs at least one transport")
+        if not self.codecs:
+            raise ValueError("endpoint needs at least one codec")
+        names = [t.name for t in self.transports]
+        if len(set(names)) != len(names):
+            raise ValueError(f"transport names must be unique, got {names}")
+        accs = [a.name for a in self.accounts]
+        if len(set(accs)) != len(accs):
+            raise ValueError(f"account names must be unique, got {accs}")
+        for acc in self.accounts:
+            if acc.transport is not None and acc.transport not in names:
+                raise ValueError(f"account {acc.name!r}: transport {acc.transport!r} is not one of {names}")
+
+    def transport_of(self, account: AccountConfig) -> TransportConfig:
+        if account.transport is None:
+            return self.transports[0]
+        return next(t for t in self.transports if t.name == account.transport)

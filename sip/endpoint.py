@@ -1,0 +1,478 @@
+"""The SIP endpoint: one per process, owning pjsua2 from start to a shutdown that cannot abort.
+
+Every pjsua2 object is created, operated and destroyed on one thread of ours, the SIP thread: it pumps
+pjsip (`libHandleEvents`, which releases the GIL), runs queued commands and timers, and so receives all
+signalling callbacks. Public methods are thread-safe: they hand a function to that thread and wait for
+its result. Events go to `events` (a queue for the application) and to a history that `wait_for` reads.
+
+Shutdown order matters (DESIGN.md): hang up every call and wait for the DISCONNECTED callbacks (which
+detach media ports from the conference bridge), unregister, drop every Call and Account, gc, and only
+then libDestroy — any pjsua2 object alive at libDestroy ends in the pjmedia_conf_remove_port abort.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import gc
+import heapq
+import itertools
+import logging
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pjsua2 as pj
+
+from .account import SipAccount
+from .call import INBOUND, OUTBOUND, SipCall, call_op
+from .call_record import CallRecord
+from .codecs import apply_codec_priorities
+from .config import WHEEL_MAX_CALLS, EndpointConfig
+from .events import CallRejected, EndpointStopped, Event, IncomingCall
+from .transports import Transport, create_transport
+
+try:  # media half of the endpoint (written beside this one); without it calls have no media port
+    from .media_port import attach_media as _attach_media
+except ImportError:  # pragma: no cover - only until sip/media_port.py exists
+    _attach_media = None
+from .offer import CODECS as _OFFER_CODECS
+from .offer import validate_offer
+
+log = logging.getLogger(__name__)
+
+_POLL_MS = 10  # how long the SIP thread waits in pjsip for network events before running commands
+_HANGUP_WAIT_S = 3.0  # shutdown: time for calls to end and un-REGISTERs to be answered
+_instance_lock = threading.Lock()
+_running: Endpoint | None = None
+
+
+class _PjLog(pj.LogWriter):
+    def write(self, entry):
+        level = logging.ERROR if entry.level <= 1 else logging.WARNING if entry.level == 2 else logging.DEBUG
+        log.log(level, "pjsip: %s", entry.msg.rstrip())
+
+
+class Endpoint:
+    """A SIP user agent answering and placing calls for the accounts in `config`.
+
+    `engine` (optional) provides `open_session(record)` / `close_session(session)`: each call with
+    active audio gets a session and a media port bound to it; without an engine calls are silent.
+    """
+
+    def __init__(self, config: EndpointConfig | None = None, engine: Any = None,
+                 recorder_factory: Callable[[CallRecord], Any] | None = None):
+        self.config = config or EndpointConfig()
+        self.engine = engine
+        self._recorder_factory = recorder_factory
+        self._attach_media = _attach_media
+        self.events: queue.Queue[Event] = queue.Queue()
+        self._history: collections.deque[Event] = collections.deque(maxlen=10_000)
+        self._history_cond = threading.Condition()
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._timers: list = []
+        self._timer_seq = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._stop_requested = threading.Event()
+        self._startup_error: BaseException | None = None
+        self._closing = False
+        self._ep: pj.Endpoint | None = None
+        self._log_writer: _PjLog | None = None
+        self.transports: dict[str, Transport] = {}
+        self.accounts: dict[str, SipAccount] = {}
+        self._calls: dict[str, SipCall] = {}
+        self._rejected: list[SipCall] = []  # answered with an error, kept alive until DISCONNECTED
+        self.records: dict[str, CallRecord] = {}  # every call seen, by SIP Call-ID, ended ones included
+        self.codecs: list[str] = []
+        self._accepted: tuple[str, ...] = ()
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def start(self, timeout: float = 15.0) -> Endpoint:
+        global _running
+        with _instance_lock:
+            if _running is not None:
+                raise RuntimeError("a callbot Endpoint is already running in this process (pjsip allows one)")
+            _running = self
+        self._thread = threading.Thread(target=self._main, name="callbot-sip", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise TimeoutError(f"SIP endpoint did not start within {timeout} s")
+        if self._startup_error is not None:
+            self._thread.join(timeout)
+            raise self._startup_error
+        return self
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """Hang up every call, unregister, destroy pjsua2. Idempotent; safe from any thread but the SIP one."""
+        if self._thread is None:
+            return
+        self._stop_requested.set()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError(f"SIP endpoint did not stop within {timeout} s")
+
+    def __enter__(self) -> Endpoint:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._closing
+
+    def run_until_signal(self) -> int:
+        """Serve until SIGTERM or SIGINT, then shut down cleanly; returns the exit status (0)."""
+        done = threading.Event()
+
+        def on_signal(signum, _frame):
+            log.info("signal %d: shutting down", signum)
+            done.set()
+
+        old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            if not self.running:
+                self.start()
+            # short waits: Python runs signal handlers in the main thread between bytecodes only
+            while not done.wait(0.2) and self._thread.is_alive():
+                pass
+        finally:
+            self.stop()
+            for s, h in old.items():
+                signal.signal(s, h)
+        return 0
+
+    # ---------------------------------------------------------------- public operations (thread-safe)
+
+    def dial(self, uri: str, account: str | None = None, timeout_s: float | None = None) -> str:
+        """Place a call to `uri` from `account` (default: the first); returns its SIP Call-ID.
+
+        Progress arrives as CallProgress events; unanswered after `timeout_s` (default: the
+        configured dial_timeout_s) the call is cancelled and ends with cause "timeout".
+        """
+        return self._submit(lambda: self._dial(uri, account, timeout_s))
+
+    def answer(self, call_id: str, code: int = 200) -> None:
+        def op():
+            call = self._call(call_id)
+            call.answer(call_op(code)) if code != 200 else call.answer_now()
+        self._submit(op)
+
+    def hangup(self, call_id: str, code: int = 0) -> None:
+        self._submit(lambda: self._call(call_id).end("local", code))
+
+    def send_dtmf(self, call_id: str, digits: str, method: str = "rfc4733") -> None:
+        if method not in ("rfc4733", "info"):
+            raise ValueError(f"DTMF method {method!r} must be 'rfc4733' or 'info'")
+        if not digits or any(d not in "0123456789*#ABCDabcd" for d in digits):
+            raise ValueError(f"DTMF digits {digits!r} must be non-empty and among 0-9 * # A-D")
+        self._submit(lambda: self._call(call_id).send_digits(digits, method))
+
+    def transfer(self, call_id: str, target: str) -> None:
+        """Blind transfer (REFER) to `target`; TransferProgress events follow, the call ends on success."""
+        self._submit(lambda: self._call(call_id).blind_transfer(target))
+
+    def calls(self) -> list[str]:
+        return self._submit(lambda: [cid for cid, c in self._calls.items() if not c.ended])
+
+    def account_uri(self, name: str | None = None) -> str:
+        acc = self._account(name)
+        return acc.uri
+
+    def wait_for(self, kind: type[Event], timeout: float = 10.0, after: float = 0.0, **fields) -> Event:
+        """The first event of `kind` in the history, stamped after `after`, whose fields equal `fields`."""
+        deadline = time.monotonic() + timeout
+        with self._history_cond:
+            while True:
+                for ev in self._history:
+                    if (isinstance(ev, kind) and ev.at >= after
+                            and all(getattr(ev, k) == v for k, v in fields.items())):
+                        return ev
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no {kind.__name__} {fields} within {timeout} s")
+                self._history_cond.wait(left)
+
+    def history(self, kind: type[Event] = Event) -> list[Event]:
+        with self._history_cond:
+            return [e for e in self._history if isinstance(e, kind)]
+
+    # ---------------------------------------------------------------- SIP thread
+
+    def _main(self) -> None:
+        try:
+            self._boot()
+        except BaseException as exc:  # reported to start(); pjsua2 is torn down again
+            # the traceback's frames hold pjsua2 objects (the pj.Endpoint itself): a pj.Endpoint that
+            # outlives libDestroy makes the next pj.Endpoint() abort the process, so drop them
+            exc.__traceback__ = exc.__context__ = exc.__cause__ = None
+            self._startup_error = exc
+            del exc
+            self._teardown()
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            while not self._stop_requested.is_set():
+                self._ep.libHandleEvents(_POLL_MS)
+                self._run_pending()
+        except BaseException:
+            log.exception("SIP thread failed; shutting down")
+        finally:
+            self._shutdown()
+
+    def _boot(self) -> None:
+        cfg = self.config
+        self._ep = pj.Endpoint()
+        self._ep.libCreate()
+        ec = pj.EpConfig()
+        ec.uaConfig.threadCnt = 0  # no pjsua worker: this thread polls, so callbacks come here
+        ec.uaConfig.mainThreadOnly = False
+        ec.uaConfig.maxCalls = WHEEL_MAX_CALLS  # our own capacity check answers 486 below it
+        ec.uaConfig.userAgent = cfg.user_agent
+        self._log_writer = _PjLog()
+        ec.logConfig.writer = self._log_writer
+        ec.logConfig.level = cfg.log_level
+        ec.logConfig.consoleLevel = cfg.log_level
+        ec.medConfig.clockRate = cfg.conference_clock_rate
+        # the null device's clock drives the conference bridge and with it every stream's sending side
+        # (RFC 4733 digits included): pjsua would stop it after 1 s with no port connected
+        ec.medConfig.sndAutoCloseTime = -1
+        self._ep.libInit(ec)
+        self._ep.audDevManager().setNullDev()
+        for tcfg in cfg.transports:
+            self.transports[tcfg.name] = create_transport(self._ep, tcfg)
+        self._ep.libStart()
+        self.codecs = apply_codec_priorities(self._ep, cfg.codecs)
+        names = [c.split("/", 1)[0].upper() for c in self.codecs]
+        self._accepted = tuple(n for n in dict.fromkeys(names) if n in _OFFER_CODECS)
+        for acfg in cfg.accounts:
+            acc = SipAccount(self, acfg, self.transports[cfg.transport_of(acfg).name])
+            acc.create(acc.pj_config(), True)
+            self.accounts[acfg.name] = acc
+
+    def _run_pending(self) -> None:
+        while True:
+            try:
+                fn = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            fn()
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, fn = heapq.heappop(self._timers)
+            try:
+                fn()
+            except Exception:
+                log.exception("timer failed")
+
+    def _shutdown(self) -> None:
+        self._closing = True
+        try:
+            self._end_calls_and_unregister()
+        except BaseException:
+            log.exception("shutdown: hanging up / unregistering failed; destroying anyway")
+        self._teardown()
+        self._emit(EndpointStopped(at=time.monotonic()))
+
+    # Every helper below keeps its pjsua2 references in its own frame: a loop variable still holding a
+    # Call or Account when libDestroy runs would be destroyed after it and abort the process
+    # (pjsua_call_set_user_data asserts).
+
+    def _end_calls_and_unregister(self) -> None:
+        for call in list(self._calls.values()):
+            call.end("shutdown")
+        self._pump_until(lambda: not self._calls and not self._rejected)
+        registered = [a for a in self.accounts.values() if a.registered]
+        for acc in registered:
+            try:
+                acc.setRegistration(False)
+            except pj.Error as exc:
+                log.warning("unregister %s: %s", acc.name, exc.info())
+        self._pump_until(lambda: not any(a.registered for a in registered))
+
+    def _pump_until(self, done: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + _HANGUP_WAIT_S
+        while not done() and time.monotonic() < deadline:
+            self._ep.libHandleEvents(_POLL_MS)
+            self._run_pending()
+
+    def _drop_pjsua_objects(self) -> None:
+        for call in list(self._calls.values()) + self._rejected:
+            call._detach()
+        self._calls.clear()
+        self._rejected.clear()
+        self._timers.clear()
+        while True:  # commands queued after the loop stopped hold references too
+            try:
+                self._commands.get_nowait()
+            except queue.Empty:
+                break
+        for acc in self.accounts.values():
+            try:
+                acc.shutdown()
+            except pj.Error:
+                pass
+        self.accounts.clear()
+
+    def _teardown(self) -> None:
+        global _running
+        self._drop_pjsua_objects()
+        gc.collect()
+        if self._ep is not None:
+            try:
+                self._ep.libDestroy()
+            except pj.Error as exc:
+                log.error("libDestroy: %s", exc.info())
+            self._ep = None
+            gc.collect()
+        self._log_writer = None
+        with _instance_lock:
+            if _running is self:
+                _running = None
+
+    # ---- helpers run on the SIP thread
+
+    def _submit(self, fn: Callable[[], Any], timeout: float = 10.0) -> Any:
+        if threading.current_thread() is self._thread:
+            return fn()
+        if not self.running:
+            raise RuntimeError("the SIP endpoint is not running")
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run():
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:
+                fut.set_exception(exc)
+        self._commands.put(run)
+        return fut.result(timeout)
+
+    def _soon(self, fn: Callable[[], Any]) -> None:
+        self._commands.put(fn)
+
+    def _after(self, delay_s: float, fn: Callable[[], Any]) -> None:
+        heapq.heappush(self._timers, (time.monotonic() + delay_s, next(self._timer_seq), fn))
+
+    def _emit(self, event: Event) -> None:
+        self.events.put(event)
+        with self._history_cond:
+            self._history.append(event)
+            self._history_cond.notify_all()
+
+    def _account(self, name: str | None) -> SipAccount:
+        if name is None:
+            return next(iter(self.accounts.values()))
+        try:
+            return self.accounts[name]
+        except KeyError:
+            raise ValueError(f"no account {name!r}; accounts are {list(self.accounts)}") from None
+
+    def _call(self, call_id: str) -> SipCall:
+        call = self._calls.get(call_id)
+        if call is None or call.ended:
+            raise ValueError(f"no active call {call_id!r}")
+        return call
+
+    def _active(self) -> int:
+        return sum(not c.ended for c in self._calls.values())
+
+    def _recorder_for(self, call: SipCall) -> Any:
+        return self._recorder_factory(call.record) if self._recorder_factory else None
+
+    def _forget(self, call: SipCall) -> None:
+        call._detach()
+        if call.record is not None:
+            self._calls.pop(call.record.call_id, None)
+        if call in self._rejected:
+            self._rejected.remove(call)
+
+    def _dial(self, uri: str, account: str | None, timeout_s: float | None) -> str:
+        acc = self._account(account)
+        if self._closing:
+            raise RuntimeError("the SIP endpoint is shutting down")
+        if self._active() >= self.config.max_calls:
+            raise RuntimeError(f"at capacity: {self.config.max_calls} calls already up")
+        if self._ep.utilVerifySipUri(uri) != 0:
+            raise ValueError(f"{uri!r} is not a valid SIP URI")
+        call = SipCall(self, acc, OUTBOUND)
+        try:
+            call.makeCall(uri, call_op())
+        except pj.Error as exc:
+            raise ValueError(f"cannot call {uri!r} from account {acc.name!r}: {exc.info()}") from None
+        rec = call.init_record()
+        self._calls[rec.call_id] = call
+        self.records[rec.call_id] = rec
+        limit = self.config.dial_timeout_s if timeout_s is None else timeout_s
+        self._after(limit, lambda: None if call.confirmed else call.end("timeout"))
+        return rec.call_id
+
+    def _incoming_call(self, acc: SipAccount, prm) -> None:
+        call = SipCall(self, acc, INBOUND, prm.callId)
+        rec = call.init_record()
+        if rec.call_id in self._calls:  # a call to ourselves: both legs share the SIP Call-ID
+            rec.call_id += "~inbound"
+        self.records[rec.call_id] = rec
+        msg = str(prm.rdata.wholeMsg)
+        _, _, body = msg.partition("\r\n\r\n")
+        reason = validate_offer(body, self._accepted) if self._accepted else None
+        code = 0
+        if reason is not None:
+            code, text = 488, "Not Acceptable Here"
+            log.info("INVITE %s from %s rejected: %s", rec.call_id, rec.remote_uri, reason)
+        elif self._closing:
+            code, text = 503, "Service Unavailable"
+        elif self._active() >= self.config.max_calls:
+            code, text = 486, "Busy Here"
+        if code:
+            self._rejected.append(call)
+            call.ended = call.rejected = True  # never counted, never attached
+            rec.end, rec.hangup_cause, rec.hangup_code, rec.hangup_reason = time.time(), "rejected", code, text
+            self._emit(CallRejected(at=time.monotonic(), account=acc.name, remote_uri=rec.remote_uri,
+                                    code=code, reason=reason or text))
+            call.answer(call_op(code))
+            return
+        self._calls[rec.call_id] = call
+        self._emit(IncomingCall(at=time.monotonic(), call_id=rec.call_id, account=acc.name,
+                                remote_uri=rec.remote_uri, local_uri=rec.local_uri))
+        if not acc.cfg.auto_answer:
+            call.answer(call_op(180))
+        elif acc.cfg.ring_delay_s > 0:
+            call.answer(call_op(180))
+            self._after(acc.cfg.ring_delay_s, call.answer_now)
+        else:
+            call.answer_now()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one direct-mode endpoint until SIGTERM/SIGINT (`python -m callbot.sip.endpoint`).
+
+    Prints "listening <uri>" once it can be called; useful by hand and for tests that signal a process.
+    """
+    import argparse
+
+    from .config import AccountConfig, TransportConfig
+
+    p = argparse.ArgumentParser(prog="python -m callbot.sip.endpoint")
+    p.add_argument("--bind", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5060)
+    p.add_argument("--transport", choices=["udp", "tcp"], default="udp")
+    p.add_argument("--user", default="callbot")
+    p.add_argument("--max-calls", type=int, default=WHEEL_MAX_CALLS)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg = EndpointConfig(transports=(TransportConfig(kind=args.transport, bind=args.bind, port=args.port),),
+                         accounts=(AccountConfig(user=args.user),), max_calls=args.max_calls)
+    ep = Endpoint(cfg).start()
+    print("listening", ep.account_uri(), flush=True)
+    return ep.run_until_signal()
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Events the endpoint reports: registration, call progress, media, DTMF, transfer, shutdown.
+
+pjsua2 callbacks run on pjsip threads and must return quickly, so they only build one of these small
+immutable records and put it on the endpoint's queue; the application reads them from there. Every
+event carries `at`, a time.monotonic() stamp taken in the callback.
+"""
+from __future__ import annotations
+
+import msgspec
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True):
+    at: float
+
+
+class RegistrationChanged(Event, frozen=True, kw_only=True):
+    """A REGISTER (or un-REGISTER) got a final answer; `registered` is the account's state after it."""
+
+    account: str
+    code: int
+    reason: str
+    expires_s: int
+    registered: bool
+
+
+class RegistrationFailed(Event, frozen=True, kw_only=True):
+    """The registrar refused the account; `message` names the account and the likely cause."""
+
+    account: str
+    code: int
+    reason: str
+    message: str
+
+
+class IncomingCall(Event, frozen=True, kw_only=True):
+    call_id: str  # the SIP Call-ID
+    account: str
+    remote_uri: str
+    local_uri: str
+
+
+class CallRejected(Event, frozen=True, kw_only=True):
+    """An INVITE answered with a final error before it became a call of ours (busy, bad offer)."""
+
+    account: str
+    remote_uri: str
+    code: int
+    reason: str
+
+
+class CallProgress(Event, frozen=True, kw_only=True):
+    """A response to our outgoing INVITE: 100, 180, 183, 200 or a failure code."""
+
+    call_id: str
+    code: int
+    reason: str
+
+
+class CallConfirmed(Event, frozen=True, kw_only=True):
+    """The call is up (ACK sent or received)."""
+
+    call_id: str
+    direction: str  # "inbound" | "outbound"
+
+
+class CallMedia(Event, frozen=True, kw_only=True):
+    """Audio media became active: the negotiated codec and its clock rate."""
+
+    call_id: str
+    codec: str
+    clock_rate: int
+    srtp: bool
+
+
+class CallEnded(Event, frozen=True, kw_only=True):
+    """The call is gone. `cause`: remote, local, busy, timeout, max_duration, transfer, shutdown, failed."""
+
+    call_id: str
+    code: int
+    reason: str
+    cause: str
+
+
+class DtmfReceived(Event, frozen=True, kw_only=True):
+    call_id: str
+    digit: str
+    method: str  # "rfc4733" | "info"
+    duration_ms: int
+
+
+class TransferProgress(Event, frozen=True, kw_only=True):
+    """A NOTIFY about our REFER: the transfer target's answer so far; `final` when it is the last."""
+
+    call_id: str
+    code: int
+    reason: str
+    final: bool
+
+
+class EndpointStopped(Event, frozen=True, kw_only=True):
+    pass

@@ -1,0 +1,100 @@
+"""Endpoint lifecycle: start/stop in-process, one endpoint per process, config errors, signals mid-call."""
+from __future__ import annotations
+
+import signal
+
+import msgspec
+import pytest
+from sip_peers import PjsuaPeer, endpoint_process, free_port
+
+from callbot.sip.config import AccountConfig, EndpointConfig, TransportConfig
+from callbot.sip.endpoint import Endpoint
+from callbot.sip.events import CallConfirmed, CallEnded, EndpointStopped
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _local(**kw) -> EndpointConfig:
+    return EndpointConfig(transports=(TransportConfig(bind="127.0.0.1", port=0, rtp_port=0),), **kw)
+
+
+def test_start_stop_twice_in_one_process():
+    for _ in range(2):
+        ep = Endpoint(_local()).start()
+        assert ep.running
+        ep.stop()
+        assert not ep.running
+        assert ep.history(EndpointStopped)
+
+
+def test_second_endpoint_in_process_is_refused():
+    with Endpoint(_local()):
+        with pytest.raises(RuntimeError, match="already running"):
+            Endpoint(_local()).start()
+
+
+def test_port_in_use_is_a_clear_error_and_leaves_no_endpoint():
+    port = free_port()
+    with Endpoint(EndpointConfig(transports=(TransportConfig(bind="127.0.0.1", port=port),))):
+        pass  # free again
+    import socket
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", port))
+        with pytest.raises(ValueError, match=f"cannot listen on udp 127.0.0.1:{port}"):
+            Endpoint(EndpointConfig(transports=(TransportConfig(bind="127.0.0.1", port=port),))).start()
+    with Endpoint(_local()):  # the failed start cleaned up after itself
+        pass
+
+
+def test_unknown_codec_is_a_clear_error():
+    with pytest.raises(ValueError, match="codec 'OPUS/48000' is not available"):
+        Endpoint(_local(codecs=("OPUS/48000",))).start()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_calls=5), "Expected `int` <= 4"),
+    (dict(accounts=(AccountConfig(transport="nope"),)), "transport 'nope' is not one of"),
+    (dict(accounts=(AccountConfig(name="a"), AccountConfig(name="a"))), "account names must be unique"),
+])
+def test_config_errors(kwargs, message):
+    with pytest.raises((ValueError, msgspec.ValidationError), match=message):
+        msgspec.convert({**{k: msgspec.to_builtins(v) for k, v in kwargs.items()}}, EndpointConfig)
+
+
+def test_config_rejects_unknown_fields_and_bad_combinations():
+    with pytest.raises(msgspec.ValidationError, match="unknown field `pasword`"):
+        msgspec.convert({"name": "x", "pasword": "p"}, AccountConfig)
+    with pytest.raises(ValueError, match="needs cert_file and key_file"):
+        TransportConfig(kind="tls")
+    with pytest.raises(ValueError, match="a password needs a registrar"):
+        AccountConfig(password="secret")
+    with pytest.raises(ValueError, match="must be a plain SIP user part"):
+        AccountConfig(user="a@b")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_mid_call_hangs_up_and_exits_zero(sig, tmp_path):
+    with endpoint_process("--bind", "127.0.0.1", "--port", "0", "--user", "bot",
+                          log_path=tmp_path / "endpoint.log") as (proc, uri):
+        with PjsuaPeer(user="alice", log_dir=tmp_path) as peer:
+            call_id = peer.call(uri)
+            peer.expect("state", call_id=call_id, state="CONFIRMED")
+            proc.send_signal(sig)
+            # the endpoint said goodbye (BYE) rather than vanishing
+            assert peer.expect("disconnected", call_id=call_id)["code"] == 200
+            assert proc.wait(30) == 0, (tmp_path / "endpoint.log").read_text()[-3000:]
+    log = (tmp_path / "endpoint.log").read_text()
+    assert "Assertion" not in log and "Traceback" not in log
+
+
+def test_stop_mid_call_in_process(tmp_path):
+    ep = Endpoint(_local()).start()
+    try:
+        with PjsuaPeer(user="bob", log_dir=tmp_path) as peer:
+            call_id = peer.call(ep.account_uri())
+            ep.wait_for(CallConfirmed, call_id=call_id)
+            ep.stop()
+            assert ep.wait_for(CallEnded, call_id=call_id).cause == "shutdown"
+            assert peer.expect("disconnected", call_id=call_id)["code"] == 200
+    finally:
+        ep.stop()
