@@ -48,6 +48,7 @@ class SipCall(pj.Call):
         self.record: CallRecord | None = None
         self.attachment = None  # media_port.MediaAttachment while media is attached
         self.session = None  # the engine's session for this call
+        self.recording = None  # recording.CallRecording while the call is recorded
         self.ended = False
         self.rejected = False  # answered with an error by our policy: never a call of ours
         self.confirmed = False
@@ -202,22 +203,32 @@ class SipCall(pj.Call):
         engine = self.hub.engine
         if attach is None or engine is None:
             return  # no engine: the call stays silent
+        recorder = self.hub.recorder
         try:
             self.session = engine.open_session(self.record)
-            self.attachment = attach(audio, clock_rate, self.session, self.hub._recorder_for(self))
+            if recorder is not None:
+                self.recording = recorder.start(self.record, clock_rate)
+            self.attachment = attach(audio, clock_rate, self.session, self.recording)
         except Exception:
             log.exception("call %s: attaching media failed; the call goes on silent", self.call_id)
             self._detach()
 
     def _detach(self) -> None:
-        # the port must leave the conference bridge before the call's media goes (pjmedia_conf_remove_port)
+        """Port off the bridge first (before the call's media goes: pjmedia_conf_remove_port), then the
+        recording is finished from the record as it stands, then the engine session closes."""
         attachment, self.attachment = self.attachment, None
+        recording, self.recording = self.recording, None
         session, self.session = self.session, None
         if attachment is not None:
             try:
                 attachment.detach()
             except Exception:
                 log.exception("call %s: detaching media failed", self.call_id)
+        if recording is not None:
+            try:
+                self.hub.recorder.finish(recording, self.record)
+            except Exception:
+                log.exception("call %s: finishing the recording failed", self.call_id)
         if session is not None:
             try:
                 self.hub.engine.close_session(session)

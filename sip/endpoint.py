@@ -58,15 +58,17 @@ class _PjLog(pj.LogWriter):
 class Endpoint:
     """A SIP user agent answering and placing calls for the accounts in `config`.
 
-    `engine` (optional) provides `open_session(record)` / `close_session(session)`: each call with
-    active audio gets a session and a media port bound to it; without an engine calls are silent.
+    `engine` (optional, engine/call_engine.py's CallEngine) provides `open_session(record)` /
+    `close_session(session)`: each call with active audio gets a session and a media port bound to it;
+    without an engine calls are silent. `recorder` (optional, sip/recording.py's Recorder) records every
+    call with media (stereo WAV + sidecar from the call's CallRecord). Neither is owned: close them
+    after `stop()`.
     """
 
-    def __init__(self, config: EndpointConfig | None = None, engine: Any = None,
-                 recorder_factory: Callable[[CallRecord], Any] | None = None):
+    def __init__(self, config: EndpointConfig | None = None, engine: Any = None, recorder: Any = None):
         self.config = config or EndpointConfig()
         self.engine = engine
-        self._recorder_factory = recorder_factory
+        self.recorder = recorder
         self._attach_media = _attach_media
         self.events: queue.Queue[Event] = queue.Queue()
         self._history: collections.deque[Event] = collections.deque(maxlen=10_000)
@@ -178,6 +180,13 @@ class Endpoint:
 
     def calls(self) -> list[str]:
         return self._submit(lambda: [cid for cid, c in self._calls.items() if not c.ended])
+
+    def media_stats(self, call_id: str) -> dict | None:
+        """The media port's counters for an active call (frames, underruns), None when no port is attached."""
+        def read():
+            att = self._call(call_id).attachment
+            return dict(att.stats) if att is not None else None
+        return self._submit(read)
 
     def account_uri(self, name: str | None = None) -> str:
         acc = self._account(name)
@@ -380,9 +389,6 @@ class Endpoint:
 
     def _active(self) -> int:
         return sum(not c.ended for c in self._calls.values())
-
-    def _recorder_for(self, call: SipCall) -> Any:
-        return self._recorder_factory(call.record) if self._recorder_factory else None
 
     def _forget(self, call: SipCall) -> None:
         call._detach()
