@@ -1,0 +1,192 @@
+"""The `callbot serve` configuration file: TOML decoded into frozen msgspec Structs.
+
+A typo must be an error, not a setting silently ignored, and the error must say where it is: every
+problem becomes one `ConfigError` whose message is `<file>: $.path.to.field: what is wrong`, the line a
+user sees before the program exits with status 2. With no file at all, `Settings()` is the embedded
+default: direct mode on sip:bot@0.0.0.0:5060, voice NATF2, a customer-service persona, records in
+./calls/.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+from callbot.sip.config import AccountConfig, EndpointConfig
+
+DEFAULT_VOICE = "NATF2"
+DEFAULT_PERSONA = (
+    "You are a friendly and efficient customer service agent answering the phone. Greet the caller, "
+    "find out what they need, answer clearly and briefly, and confirm before you end the call."
+)
+# the 18 voices PersonaPlex ships (voices.tgz); kept here so that checking a config needs no model code
+VOICE_NAMES: tuple[str, ...] = (
+    *(f"NATF{i}" for i in range(4)),
+    *(f"NATM{i}" for i in range(4)),
+    *(f"VARF{i}" for i in range(5)),
+    *(f"VARM{i}" for i in range(5)),
+)
+VOICE_FILE_SUFFIXES = (".wav", ".pt")
+
+Temperature = Annotated[float, Meta(ge=0)]
+TopK = Annotated[int, Meta(ge=0)]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, worded as the one line the user gets (no traceback)."""
+
+
+class _Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class SamplingSettings(_Settings):
+    """PersonaPlex's defaults; temperature 0 = greedy, top_k 0 = whole vocabulary."""
+
+    text_temperature: Temperature = 0.7
+    text_top_k: TopK = 25
+    audio_temperature: Temperature = 0.8
+    audio_top_k: TopK = 250
+    seed: int | None = None
+
+
+class BotSettings(_Settings):
+    """One bot: who it sounds like, what it is told, and which account's calls it takes."""
+
+    name: str = "default"
+    voice: str = DEFAULT_VOICE  # one of VOICE_NAMES, or a path to a .wav recording / .pt voice prompt
+    persona: str = DEFAULT_PERSONA
+    account: str | None = None  # account name; None = the first account
+    sampling: SamplingSettings = SamplingSettings()
+    max_call_s: Annotated[float, Meta(gt=0)] | None = 3600.0
+
+
+class ModelSettings(_Settings):
+    """Where the weights come from: `path`, else the Hugging Face cache, else a hub download."""
+
+    path: str | None = None
+    quantization: Literal["none", "q8", "q4"] = "q4"
+    download: bool = True  # allow a huggingface_hub download when neither path nor cache has the files
+
+
+class MetricsSettings(_Settings):
+    """Prometheus text exposition over HTTP; `address` = host:port (127.0.0.1 keeps it local)."""
+
+    enabled: bool = True
+    address: str = "127.0.0.1:9464"
+
+
+def _default_sip() -> EndpointConfig:
+    return EndpointConfig(accounts=(AccountConfig(name="default", user="bot"),))
+
+
+class Settings(_Settings):
+    sip: EndpointConfig = msgspec.field(default_factory=_default_sip)
+    model: ModelSettings = ModelSettings()
+    bots: tuple[BotSettings, ...] = (BotSettings(),)
+    recordings_dir: str = "./calls"
+    metrics: MetricsSettings = MetricsSettings()
+
+    def bot_for_account(self, account_name: str) -> BotSettings | None:
+        """The bot that answers an account's calls: the one naming it, else one naming no account."""
+        for bot in self.bots:
+            if bot.account == account_name:
+                return bot
+        first_account = self.sip.accounts[0].name if self.sip.accounts else None
+        for bot in self.bots:
+            if bot.account is None and account_name == first_account:
+                return bot
+        return None
+
+    def bot(self, name: str) -> BotSettings:
+        for bot in self.bots:
+            if bot.name == name:
+                return bot
+        raise ConfigError(f"no bot named {name!r}: configured bots are {', '.join(b.name for b in self.bots)}")
+
+
+# msgspec words errors as "<message> - at `$.path`"; users get "$.path: <message>"
+_AT_PATH = re.compile(r"^(?P<msg>.*?)(?: - at `(?P<path>[^`]*)`)?$", re.S)
+
+
+def _reword(err: msgspec.MsgspecError) -> str:
+    m = _AT_PATH.match(str(err))
+    assert m is not None  # the pattern matches any string
+    msg = m.group("msg")
+    return f"{m.group('path')}: {msg}" if m.group("path") else msg
+
+
+def _check_bots(settings: Settings, base_dir: pathlib.Path) -> None:
+    """Cross-references msgspec cannot express; each error names the field's path."""
+    names = [b.name for b in settings.bots]
+    accounts = [a.name for a in settings.sip.accounts]
+    for i, bot in enumerate(settings.bots):
+        where = f"$.bots[{i}]"
+        if not bot.name:
+            raise ConfigError(f"{where}.name: must not be empty")
+        if bot.name in names[:i]:
+            raise ConfigError(f"{where}.name: bot name {bot.name!r} is used twice")
+        if bot.account is not None and bot.account not in accounts:
+            raise ConfigError(
+                f"{where}.account: unknown account {bot.account!r}, expected one of {', '.join(accounts)}"
+            )
+        if bot.voice.lower().endswith(VOICE_FILE_SUFFIXES):
+            path = base_dir / bot.voice
+            if not path.is_file():
+                raise ConfigError(f"{where}.voice: voice file {os.fspath(path)!r} does not exist")
+        elif bot.voice not in VOICE_NAMES:
+            raise ConfigError(
+                f'{where}.voice: unknown voice "{bot.voice}", expected one of {", ".join(VOICE_NAMES)} '
+                "or a path to a .wav / .pt file"
+            )
+        if not bot.persona.strip():
+            raise ConfigError(f"{where}.persona: must not be empty (the model needs a role to play)")
+
+
+def parse_settings(text: str | bytes, *, base_dir: str | os.PathLike = ".") -> Settings:
+    """Decode TOML text into Settings; relative paths are taken from `base_dir` (the file's folder)."""
+    try:
+        settings = msgspec.toml.decode(text, type=Settings)
+    except msgspec.ValidationError as err:
+        raise ConfigError(_reword(err)) from None
+    except msgspec.DecodeError as err:
+        raise ConfigError(f"not valid TOML: {err}") from None
+    _check_bots(settings, pathlib.Path(base_dir))
+    return _resolve_paths(settings, pathlib.Path(base_dir))
+
+
+def _resolve_paths(settings: Settings, base_dir: pathlib.Path) -> Settings:
+    """Paths in a config file are relative to that file, not to wherever the server was started."""
+
+    def resolve(p: str | None) -> str | None:
+        return None if p is None else os.fspath(base_dir / os.path.expanduser(p))
+
+    bots = tuple(
+        msgspec.structs.replace(b, voice=resolve(b.voice)) if b.voice.lower().endswith(VOICE_FILE_SUFFIXES) else b
+        for b in settings.bots
+    )
+    return msgspec.structs.replace(
+        settings,
+        bots=bots,
+        recordings_dir=resolve(settings.recordings_dir),
+        model=msgspec.structs.replace(settings.model, path=resolve(settings.model.path)),
+    )
+
+
+def load_settings(path: str | os.PathLike | None) -> Settings:
+    """Read the config file, or return the embedded default when `path` is None."""
+    if path is None:
+        return Settings()
+    p = pathlib.Path(path)
+    try:
+        text = p.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"{os.fspath(p)}: cannot read the config file ({err.strerror})") from None
+    try:
+        return parse_settings(text, base_dir=p.parent)
+    except ConfigError as err:
+        raise ConfigError(f"{os.fspath(p)}: {err}") from None

@@ -1,0 +1,92 @@
+"""The serve configuration: embedded default, and one clear line per mistake, naming where it is."""
+import pathlib
+
+import pytest
+
+from callbot.sip.settings import ConfigError, Settings, load_settings, parse_settings
+
+
+def test_embedded_default_is_direct_mode_bot_at_5060():
+    s = Settings()
+    acc = s.sip.accounts[0]
+    assert acc.direct and acc.user == "bot"
+    assert s.sip.transports[0].bind == "0.0.0.0" and s.sip.transports[0].port == 5060
+    assert s.bots[0].voice == "NATF2" and s.bots[0].persona
+    assert s.recordings_dir == "./calls"
+    assert s.bot_for_account(acc.name) is s.bots[0]
+
+
+def test_full_config_decodes(tmp_path):
+    text = """
+recordings_dir = "rec"
+[model]
+path = "weights"
+quantization = "q8"
+[sip]
+codecs = ["PCMU/8000"]
+[[sip.transports]]
+name = "udp"
+port = 5070
+[[sip.accounts]]
+name = "pbx"
+user = "1001"
+registrar = "sip:pbx.example.com"
+password = "secret"
+[[bots]]
+name = "support"
+voice = "VARM4"
+persona = "You answer questions about invoices."
+account = "pbx"
+[bots.sampling]
+text_temperature = 0.0
+seed = 7
+[metrics]
+address = "127.0.0.1:9999"
+"""
+    s = parse_settings(text, base_dir=tmp_path)
+    assert s.model.quantization == "q8"
+    assert s.model.path == str(tmp_path / "weights")
+    assert s.recordings_dir == str(tmp_path / "rec")
+    assert s.sip.accounts[0].registrar == "sip:pbx.example.com"
+    assert s.bots[0].sampling.seed == 7 and s.bots[0].sampling.text_temperature == 0.0
+    assert s.bot_for_account("pbx").name == "support"
+    assert s.bot("support").voice == "VARM4"
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("[model]\nquantisation = 'q4'\n", "$.model: Object contains unknown field `quantisation`"),
+        ("[model]\nquantization = 'q3'\n", "$.model.quantization"),
+        ("[[bots]]\nname = 'a'\nmax_call_s = 'long'\n", "$.bots[0].max_call_s: Expected `float | null`, got `str`"),
+        ("[[bots]]\nname = 'a'\nvoice = 'NATF9'\n", '$.bots[0].voice: unknown voice "NATF9", expected one of NATF0'),
+        ("[[bots]]\nname = 'a'\naccount = 'nope'\n", "$.bots[0].account: unknown account 'nope'"),
+        ("[[bots]]\nname = 'a'\n[[bots]]\nname = 'a'\n", "$.bots[1].name: bot name 'a' is used twice"),
+        ("[[bots]]\nvoice = 'me.wav'\n", "$.bots[0].voice: voice file"),
+        ("[sip]\nmax_calls = 9\n", "$.sip.max_calls: Expected `int` <= 4"),
+        ("[[sip.accounts]]\nname = 'x'\nuser = 'a'\npassword = 'p'\n", "a password needs a registrar"),
+        ("recordings_dir = [\n", "not valid TOML"),
+    ],
+)
+def test_bad_config_is_one_line_naming_the_place(text, expected, tmp_path):
+    with pytest.raises(ConfigError) as info:
+        parse_settings(text, base_dir=tmp_path)
+    msg = str(info.value)
+    assert expected in msg
+    assert "\n" not in msg and "Traceback" not in msg
+
+
+def test_voice_file_relative_to_config(tmp_path):
+    (tmp_path / "me.wav").write_bytes(b"RIFF")
+    s = parse_settings("[[bots]]\nvoice = 'me.wav'\n", base_dir=tmp_path)
+    assert s.bots[0].voice == str(tmp_path / "me.wav")
+
+
+def test_load_settings_names_the_file(tmp_path):
+    cfg = tmp_path / "callbot.toml"
+    cfg.write_text("[model]\nwat = 1\n")
+    with pytest.raises(ConfigError, match=r"callbot\.toml: \$\.model: Object contains unknown field `wat`"):
+        load_settings(cfg)
+    with pytest.raises(ConfigError, match="cannot read the config file"):
+        load_settings(tmp_path / "missing.toml")
+    assert load_settings(None) == Settings()
