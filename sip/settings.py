@@ -16,19 +16,13 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
+from callbot.engine.voices import VOICES as VOICE_NAMES
 from callbot.sip.config import AccountConfig, EndpointConfig
 
 DEFAULT_VOICE = "NATF2"
 DEFAULT_PERSONA = (
     "You are a friendly and efficient customer service agent answering the phone. Greet the caller, "
     "find out what they need, answer clearly and briefly, and confirm before you end the call."
-)
-# the 18 voices PersonaPlex ships (voices.tgz); kept here so that checking a config needs no model code
-VOICE_NAMES: tuple[str, ...] = (
-    *(f"NATF{i}" for i in range(4)),
-    *(f"NATM{i}" for i in range(4)),
-    *(f"VARF{i}" for i in range(5)),
-    *(f"VARM{i}" for i in range(5)),
 )
 VOICE_FILE_SUFFIXES = (".wav", ".pt")
 
