@@ -1,0 +1,103 @@
+"""Accounts registered at kamailio (digest auth): right and wrong password, refresh, unregister, calls."""
+from __future__ import annotations
+
+import pathlib
+import time
+
+import pytest
+from sip_peers import Kamailio, PjsuaPeer
+
+from callbot.sip.config import AccountConfig, EndpointConfig, TransportConfig
+from callbot.sip.endpoint import Endpoint
+from callbot.sip.events import (CallConfirmed, CallEnded, IncomingCall, RegistrationChanged,
+                                RegistrationFailed)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def kamailio(tmp_path_factory):
+    k = Kamailio({"bot": "s3cret", "alice": "alicepw", "fast": "fastpw", "solo": "solopw"}, tmp_path_factory.mktemp("kamailio"))
+    yield k
+    k.close()
+
+
+def test_shutdown_unregisters(kamailio, tmp_path: pathlib.Path):
+    # first in the module: it needs its own endpoint before the module's `bot` exists (one per process)
+    cfg = EndpointConfig(transports=(TransportConfig(bind="127.0.0.1", port=0, rtp_port=0),),
+                         accounts=(AccountConfig(name="solo", user="solo", registrar=kamailio.uri,
+                                                 password="solopw"),))
+    with PjsuaPeer(user="alice", registrar=kamailio.uri, password="alicepw", log_dir=tmp_path) as alice:
+        alice.expect("reg", code=200)
+        with Endpoint(cfg) as ep:
+            ep.wait_for(RegistrationChanged, account="solo", registered=True)
+            reachable = alice.call(f"sip:solo@127.0.0.1:{kamailio.port}")
+            ep.wait_for(CallConfirmed, call_id=reachable)
+        gone = ep.wait_for(RegistrationChanged, account="solo", registered=False)
+        assert gone.code == 200
+        assert alice.expect("disconnected", call_id=reachable)
+        # the registrar no longer knows where "solo" is
+        after = alice.call(f"sip:solo@127.0.0.1:{kamailio.port}")
+        assert alice.expect("disconnected", call_id=after)["code"] == 404
+
+
+@pytest.fixture(scope="module")
+def bot(kamailio):
+    cfg = EndpointConfig(
+        transports=(TransportConfig(bind="127.0.0.1", port=0, rtp_port=0),),
+        accounts=(
+            AccountConfig(name="good", user="bot", registrar=kamailio.uri, password="s3cret"),
+            AccountConfig(name="bad", user="bot", registrar=kamailio.uri, password="wrong"),
+            AccountConfig(name="fast", user="fast", registrar=kamailio.uri, password="fastpw",
+                          expires_s=3, refresh_before_s=1),
+            AccountConfig(name="direct", user="direct"),
+        ),
+    )
+    with Endpoint(cfg) as ep:
+        yield ep
+
+
+def test_right_password_registers(bot):
+    ev = bot.wait_for(RegistrationChanged, account="good")
+    assert (ev.code, ev.registered) == (200, True)
+    assert ev.expires_s > 0
+    assert bot.accounts["good"].registered
+
+
+def test_wrong_password_is_a_clear_error_and_endpoint_keeps_running(bot, kamailio):
+    ev = bot.wait_for(RegistrationFailed, account="bad")
+    assert ev.code == 401
+    assert "'bad'" in ev.message and "refused by registrar" in ev.message and kamailio.uri in ev.message
+    assert not bot.accounts["bad"].registered
+    assert bot.running
+    assert not [e for e in bot.history(RegistrationChanged) if e.account == "bad" and e.registered]
+
+
+def test_registration_is_refreshed_before_expiry(bot):
+    first = bot.wait_for(RegistrationChanged, account="fast", registered=True)
+    assert first.expires_s <= 3
+    # a second 200 for the same account can only come from a refresh (3 s granted, renewed 1 s early)
+    again = bot.wait_for(RegistrationChanged, timeout=15, after=first.at + 0.001, account="fast", registered=True)
+    assert again.at > first.at
+
+
+def test_call_through_registrar_reaches_registered_account(bot, kamailio, tmp_path: pathlib.Path):
+    bot.wait_for(RegistrationChanged, account="good", registered=True)
+    with PjsuaPeer(user="alice", registrar=kamailio.uri, password="alicepw", log_dir=tmp_path) as alice:
+        assert alice.expect("reg", code=200)
+        t0 = time.monotonic()
+        call_id = alice.call(f"sip:bot@127.0.0.1:{kamailio.port}")
+        incoming = bot.wait_for(IncomingCall, call_id=call_id, after=t0)
+        assert incoming.account in ("good", "bad")  # both share the user "bot"; pjsua picks one
+        bot.wait_for(CallConfirmed, call_id=call_id)
+        alice.send("hangup", call_id=call_id)
+        assert bot.wait_for(CallEnded, call_id=call_id).cause == "remote"
+
+
+def test_direct_account_beside_registered_ones(bot, tmp_path: pathlib.Path):
+    with PjsuaPeer(user="carol", log_dir=tmp_path) as carol:
+        call_id = carol.call(bot.account_uri("direct"))
+        assert bot.wait_for(IncomingCall, call_id=call_id).account == "direct"
+        bot.wait_for(CallConfirmed, call_id=call_id)
+        bot.hangup(call_id)
+        carol.expect("disconnected", call_id=call_id)
