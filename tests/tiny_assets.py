@@ -159,3 +159,36 @@ def write_voices_tgz(path: pathlib.Path, names, dim: int, extra_members: dict[st
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
     return path
+
+
+# --- the whole model folder --------------------------------------------------------------------------
+
+def tiny_model_configs():
+    """(LmConfig, MimiConfig) of the tiny model: the tests' tiny LM with room for a whole prompt in its
+    context, and a tiny codec whose codebooks match the LM's audio vocabulary."""
+    import dataclasses
+
+    from tests.tiny_lm import TINY_LM
+    from tests.tiny_mimi import tiny_mimi_config
+
+    lm = dataclasses.replace(TINY_LM, context=128)
+    mimi = dataclasses.replace(tiny_mimi_config(), quantizer_bins=lm.card, num_codebooks=lm.agent_codebooks)
+    return lm, mimi
+
+
+def write_tiny_model_dir(directory: pathlib.Path, seed: int = 0, voice_frames: int = 5) -> pathlib.Path:
+    """A folder laid out as the HF repo nvidia/personaplex-7b-v1 (same file names, PyTorch key names),
+    holding the tiny model: model.safetensors, the Mimi file, the SentencePiece model, voices.tgz."""
+    from callbot.engine.voices import VOICES
+    from callbot.engine.weights import MIMI_FILE, TEXT_TOKENIZER_FILE, VOICES_FILE
+    from tests.tiny_lm import write_tiny_lm
+    from tests.tiny_mimi import write_tiny_mimi
+
+    lm, mimi = tiny_model_configs()
+    directory.mkdir(parents=True, exist_ok=True)
+    write_tiny_lm(directory, lm, seed=seed)
+    write_tiny_mimi(directory, mimi, seed=seed, filename=MIMI_FILE)
+    train_sentencepiece(directory / TEXT_TOKENIZER_FILE, vocab_size=lm.text_card)
+    write_voices_tgz(directory / VOICES_FILE, VOICES, dim=lm.dim, frames=voice_frames,
+                     streams=lm.num_streams, width=lm.max_delay + 3, card=lm.card, text_card=lm.text_card)
+    return directory
