@@ -1,7 +1,7 @@
 /* Streaming polyphase FIR resampler for rational ratios up/down (x3, /3, x3/2, x2/3).
  *
  * Contract:
- * - One caller at a time: an rs_t is not thread-safe; callers serialise access (the Python layer does).
+ * - One caller at a time: an rs_t is not thread-safe; callers serialise access (the Python layer locks).
  * - The caller designs the low-pass prototype (taps at the rate in_rate * up); rs_create copies it into
  *   `up` polyphase branches. Nothing is allocated after rs_create: input is consumed in blocks of
  *   RS_BLOCK samples through one work buffer of fixed size.

@@ -2,6 +2,7 @@
 streams bit-for-bit like one shot, keeps output steady, and refuses bad input with a clear ValueError."""
 
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -252,3 +253,28 @@ def test_designs_put_the_delay_on_whole_output_samples(rates, design):
     np.testing.assert_allclose(h, h[::-1], atol=1e-9)  # symmetric: linear phase
     for branch in range(design.up):
         assert h[branch :: design.up].astype(np.float64).sum() == pytest.approx(1 / design.up, abs=1e-6)
+
+
+def test_two_threads_sharing_one_resampler_keep_its_state_whole():
+    """The C work runs without the GIL; the lock must keep a shared stream's state whole. Both threads
+    feed the same chunk, so every call but the very first (which starts from silence) must give the
+    same output whatever the interleaving."""
+    chunk = noise(4801, np.float32)
+    ref = Resampler(8000, 24000)
+    first, steady = ref.process(chunk), ref.process(chunk)
+    r = Resampler(8000, 24000)
+    outputs = [[], []]
+
+    def feed(slot):
+        for _ in range(150):
+            outputs[slot].append(r.process(chunk))
+
+    threads = [threading.Thread(target=feed, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)
+    got = outputs[0] + outputs[1]
+    assert sum(np.array_equal(y, first) for y in got) == 1
+    assert sum(np.array_equal(y, steady) for y in got) == len(got) - 1
