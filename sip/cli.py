@@ -1,11 +1,15 @@
-"""The `callbot` command: one entry point, subcommands arriving with their issues.
+"""The `callbot` command: `serve` answers calls, `call` places one.
 
 It lives in callbot.sip because it is the top of the arrow sip -> engine: a command may use both.
+Every problem a user can cause (config, weights, ports) ends as one line on stderr and exit status 2,
+never a traceback.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+
+import msgspec
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -13,8 +17,42 @@ def build_parser() -> argparse.ArgumentParser:
         prog="callbot",
         description="A full-duplex speech model answering and placing phone calls over SIP.",
     )
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", metavar="FILE", help="TOML config (default: the embedded direct-mode default)")
+        p.add_argument("--engine", choices=["model", "echo"], default="model",
+                       help="echo: an echo-test line instead of the model, needs no weights")
+        p.add_argument("--model", metavar="DIR", help="weights directory (default: config, HF cache, download)")
+
+    serve = sub.add_parser("serve", help="answer calls (and register accounts) until SIGTERM/SIGINT")
+    common(serve)
+    call = sub.add_parser("call", help="place one call; the exit status says how it ended")
+    call.add_argument("uri", metavar="SIP_URI")
+    call.add_argument("--bot", metavar="NAME", help="bot to call with (default: the first)")
+    common(call)
     return parser
+
+
+def _settings(args: argparse.Namespace):
+    from callbot.sip.settings import load_settings
+
+    settings = load_settings(args.config)
+    if args.model:
+        settings = msgspec.structs.replace(settings, model=msgspec.structs.replace(settings.model, path=args.model))
+    return settings
+
+
+def run(args: argparse.Namespace) -> int:
+    from callbot.sip import serve
+
+    settings = _settings(args)
+    if args.command == "serve":
+        return serve.serve(settings, args.engine)
+    bot = settings.bot(args.bot) if args.bot else settings.bots[0]
+    if args.bot:  # the chosen bot speaks first in the engine's list, so it is the one that calls
+        settings = msgspec.structs.replace(settings, bots=(bot, *(b for b in settings.bots if b is not bot)))
+    return serve.call(settings, args.engine, args.uri, account=bot.account)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return 0
+    from callbot.sip.serve import EXIT_USAGE, StartupError
+    from callbot.sip.settings import ConfigError
+
+    try:
+        return run(args)
+    except (ConfigError, StartupError) as err:
+        print(f"callbot: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

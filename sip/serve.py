@@ -1,0 +1,173 @@
+"""The server program behind `callbot serve` and `callbot call`: settings -> engine -> endpoint -> events.
+
+One place assembles the product from its parts, in the order their lifetimes need: the engine and the
+recorder outlive the endpoint (the endpoint closes sessions and finishes recordings as it hangs up), and
+metrics outlive both. The main thread only pumps the endpoint's events into the JSON log and the
+metrics, and waits for SIGTERM/SIGINT.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+from typing import Any, Callable, Iterator
+
+from callbot.sip import events as ev
+from callbot.sip.endpoint import Endpoint
+from callbot.sip.event_log import EventLog
+from callbot.sip.metrics import Metrics
+from callbot.sip.recording import Recorder
+from callbot.sip.settings import ConfigError, Settings
+
+ENGINES = ("model", "echo")
+
+# `callbot call` exit statuses: how the call ended
+EXIT_ANSWERED = 0  # answered, then hung up by either side
+EXIT_USAGE = 2  # bad arguments, config or weights (argparse uses 2 too)
+EXIT_BUSY = 3  # 486/600 busy
+EXIT_NO_ANSWER = 4  # dial timeout or 408/480
+EXIT_FAILED = 5  # any other failure before or during the call
+EXIT_INTERRUPTED = 130  # stopped by SIGINT/SIGTERM
+
+
+class StartupError(Exception):
+    """A problem found while starting, worded as the one line the user gets (exit status 2)."""
+
+
+def build_engine(kind: str, settings: Settings) -> Any:
+    """The CallEngine answering calls: the echo line, or the model runner."""
+    if kind == "echo":
+        from callbot.engine.echo import EchoEngine
+
+        return EchoEngine()
+    if kind == "model":
+        from callbot.sip.model_engine import build_model_engine
+
+        return build_model_engine(settings)
+    raise ConfigError(f"unknown engine {kind!r}, expected one of {', '.join(ENGINES)}")
+
+
+@contextlib.contextmanager
+def running_server(settings: Settings, engine_kind: str, log: EventLog | None = None) -> Iterator["Server"]:
+    """Start everything; on exit, stop it in reverse order, whatever happened inside."""
+    with contextlib.ExitStack() as stack:
+        try:
+            os.makedirs(settings.recordings_dir, exist_ok=True)
+        except OSError as err:
+            raise StartupError(f"recordings_dir {settings.recordings_dir!r}: cannot create it ({err.strerror})") from None
+        metrics = Metrics()
+        if settings.metrics.enabled:
+            try:
+                metrics.serve(settings.metrics.address)
+            except (OSError, ValueError) as err:
+                raise StartupError(f"metrics address {settings.metrics.address!r}: {err}") from None
+            stack.callback(metrics.close)
+        engine = build_engine(engine_kind, settings)
+        stack.callback(engine.close)
+        recorder = Recorder(settings.recordings_dir)
+        stack.callback(recorder.close)
+        endpoint = Endpoint(settings.sip, engine=engine, recorder=recorder)
+        try:
+            with _stdout_to_stderr():
+                endpoint.start()
+        except (OSError, RuntimeError, ValueError, TimeoutError) as err:
+            raise StartupError(f"SIP endpoint did not start: {err}") from None
+        stack.callback(endpoint.stop)
+        yield Server(settings, endpoint, engine, metrics, log or EventLog())
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """pjlib prints a banner on fd 1 before any log setting applies; stdout is for the JSON log only."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+class Server:
+    def __init__(self, settings: Settings, endpoint: Endpoint, engine: Any, metrics: Metrics, log: EventLog):
+        self.settings = settings
+        self.endpoint = endpoint
+        self.engine = engine
+        self.metrics = metrics
+        self.log = log
+
+    def pump(self, until: Callable[[ev.Event], bool] | None = None, stop: threading.Event | None = None) -> ev.Event | None:
+        """Log and count events until `until(event)` is true (returns it) or `stop` is set (returns None)."""
+        import queue
+
+        while stop is None or not stop.is_set():
+            try:
+                event = self.endpoint.events.get(timeout=0.2)
+            except queue.Empty:
+                if not self.endpoint.running:
+                    return None
+                continue
+            self.log.write(event)
+            self.metrics.on_event(event)
+            summary = getattr(event, "summary", None)
+            if summary:
+                self.metrics.on_call_summary(summary)
+            if until is not None and until(event):
+                return event
+        return None
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+    """An Event set by SIGTERM/SIGINT; Python runs the handler in the main thread between bytecodes."""
+    stop = threading.Event()
+    old = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def serve(settings: Settings, engine_kind: str) -> int:
+    with stop_on_signals() as stop, running_server(settings, engine_kind) as server:
+        for name in server.endpoint.accounts:
+            print(f"listening {server.endpoint.account_uri(name)} ({engine_kind})", file=sys.stderr, flush=True)
+        server.pump(stop=stop)
+    return 0
+
+
+def exit_status_of(ended: ev.CallEnded, answered: bool) -> int:
+    if answered:
+        return EXIT_ANSWERED
+    if ended.code in (486, 600) or ended.cause == "busy":
+        return EXIT_BUSY
+    if ended.cause == "timeout" or ended.code in (408, 480):
+        return EXIT_NO_ANSWER
+    return EXIT_FAILED
+
+
+def call(settings: Settings, engine_kind: str, uri: str, account: str | None) -> int:
+    """Place one call and follow it to its end; the exit status says how it ended."""
+    with stop_on_signals() as stop, running_server(settings, engine_kind) as server:
+        call_id = server.endpoint.dial(uri, account=account)
+        answered = False
+
+        def is_end(event: ev.Event) -> bool:
+            nonlocal answered
+            if getattr(event, "call_id", None) != call_id:
+                return False
+            if isinstance(event, ev.CallProgress):
+                print(f"{event.code} {event.reason}", file=sys.stderr, flush=True)
+            if isinstance(event, ev.CallConfirmed):
+                answered = True
+            return isinstance(event, ev.CallEnded)
+
+        ended = server.pump(until=is_end, stop=stop)
+        if ended is None:
+            return EXIT_INTERRUPTED
+        print(f"call ended: {ended.cause} ({ended.code} {ended.reason})", file=sys.stderr, flush=True)
+        return exit_status_of(ended, answered)

@@ -1,0 +1,119 @@
+"""`callbot serve` and `callbot call` as users run them: subprocesses, a config file, real peers."""
+from __future__ import annotations
+
+import json
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from sip_peers import PjsuaPeer, free_port, stop_process
+
+pytestmark = pytest.mark.timeout(120)
+CALLBOT = [sys.executable, "-m", "callbot.sip.cli"]
+
+
+def _config(tmp_path: pathlib.Path, sip_port: int, metrics_port: int, extra: str = "") -> pathlib.Path:
+    cfg = tmp_path / "callbot.toml"
+    cfg.write_text(f"""
+recordings_dir = "calls"
+[metrics]
+address = "127.0.0.1:{metrics_port}"
+[[sip.transports]]
+bind = "127.0.0.1"
+port = {sip_port}
+rtp_port = 0
+[[sip.accounts]]
+name = "line"
+user = "echo"
+{extra}
+""")
+    return cfg
+
+
+def _wait_line(proc: subprocess.Popen, needle: str, timeout: float = 30.0) -> str:
+    """Read stderr until a line holding `needle` (a condition, bounded by `timeout`)."""
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        seen.append(line)
+        if needle in line:
+            return line
+    raise AssertionError(f"no {needle!r} from callbot; it said:\n{''.join(seen)}")
+
+
+def _metric(port: int, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[-1])
+    raise AssertionError(f"{name} not exported")
+
+
+def test_serve_echo_answers_records_and_counts(tmp_path):
+    sip_port, metrics_port = free_port(), free_port()
+    cfg = _config(tmp_path, sip_port, metrics_port)
+    proc = subprocess.Popen([*CALLBOT, "serve", "--engine", "echo", "--config", str(cfg)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = _wait_line(proc, "listening")
+        assert f"sip:echo@127.0.0.1:{sip_port}" in line
+        with PjsuaPeer(user="alice", log_dir=tmp_path) as peer:
+            call_id = peer.call(f"sip:echo@127.0.0.1:{sip_port}")
+            peer.expect("media", call_id=call_id, timeout=15)
+            assert _metric(metrics_port, "callbot_calls_active") == 1
+            peer.send("hangup", call_id=call_id)
+            peer.expect("disconnected", call_id=call_id, timeout=15)
+        assert stop_process(proc, timeout=30, sig=signal.SIGTERM) == 0
+        log = [json.loads(l) for l in proc.stdout.read().splitlines()]
+    finally:
+        stop_process(proc, timeout=10, sig=signal.SIGKILL)
+    ended = [e for e in log if e["event"] == "CallEnded" and e["call_id"] == call_id]
+    assert ended and ended[0]["cause"] == "remote"
+    [sidecar] = [json.loads(p.read_text()) for p in (tmp_path / "calls").glob("*.json")]
+    assert sidecar["call_id"] == call_id and sidecar["recording"]["complete"] is True
+    assert (tmp_path / "calls" / sidecar["recording"]["wav"]).stat().st_size > 44
+
+
+def test_call_command_exit_status_says_how_the_call_ended(tmp_path):
+    cfg = _config(tmp_path, free_port(), free_port(), extra="")
+    with PjsuaPeer(user="bob", answer="busy", log_dir=tmp_path) as busy_peer:
+        out = subprocess.run([*CALLBOT, "call", busy_peer.uri, "--engine", "echo", "--config", str(cfg)],
+                             capture_output=True, text=True, timeout=60)
+    assert out.returncode == 3, out.stderr
+    assert "486" in out.stderr and "Traceback" not in out.stderr
+    with PjsuaPeer(user="carol", answer="auto", log_dir=tmp_path) as peer:
+        proc = subprocess.Popen([*CALLBOT, "call", peer.uri, "--engine", "echo", "--config", str(cfg)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            call_id = peer.expect("incoming", timeout=20)["call_id"]
+            peer.expect("media", call_id=call_id, timeout=15)
+            peer.send("hangup", call_id=call_id)
+            assert proc.wait(30) == 0
+        finally:
+            stop_process(proc, timeout=10, sig=signal.SIGKILL)
+
+
+@pytest.mark.parametrize(
+    "toml, message",
+    [
+        ("[model]\nwat = 1\n", "$.model: Object contains unknown field `wat`"),
+        ("recordings_dir = 5\n", "$.recordings_dir: Expected `str`, got `int`"),
+        ("[[bots]]\nvoice = 'NATF9'\n", '$.bots[0].voice: unknown voice "NATF9"'),
+    ],
+)
+def test_bad_config_exits_2_with_one_line(tmp_path, toml, message):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(toml)
+    out = subprocess.run([*CALLBOT, "serve", "--engine", "echo", "--config", str(cfg)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    [line] = out.stderr.strip().splitlines()
+    assert line.startswith(f"callbot: error: {cfg}: {message}")
+    assert "Traceback" not in out.stderr
