@@ -130,7 +130,7 @@ class StreamingConvTranspose1d(nn.Module):
 
     def step(self, x: mx.array, state: ConvTransposeState) -> tuple[mx.array, ConvTransposeState]:
         """Upsample `x` `[B, T, C_in]` -> `[B, T * stride, C_out]`."""
-        y = mx.conv_transpose1d(x, self.weight, stride=self.stride, groups=self.groups)
+        y = self._convolve(x)
         overlap = self.kernel_size - self.stride
         if overlap > 0:
             if state.partial is not None:
@@ -141,3 +141,28 @@ class StreamingConvTranspose1d(nn.Module):
         if "bias" in self:
             y = y + self.bias
         return y, state
+
+    def _convolve(self, x: mx.array) -> mx.array:
+        """Full (untrimmed) transposed convolution: `[B, T, C_in]` -> `[B, (T - 1) * S + K, C_out]`."""
+        b, t, _ = x.shape
+        k, s, c_out = self.kernel_size, self.stride, self.out_channels
+        if self.groups == 1:
+            # Every input sample writes K output samples: one matmul, then overlap-add. On this CPU
+            # that ran 1.4-2.3x faster than MLX 0.32's conv_transpose1d for Mimi's decoder shapes.
+            taps = (x @ self.weight.reshape(c_out * k, self.in_channels).T).reshape(b, t, c_out, k)
+            taps = taps.transpose(0, 1, 3, 2)
+        elif self.groups == self.in_channels == c_out:
+            taps = x[:, :, None, :] * self.weight[:, :, 0].T  # depthwise: [B, T, K, C]
+        else:
+            return mx.conv_transpose1d(x, self.weight, stride=s, groups=self.groups)
+        blocks = -(-k // s)
+        if blocks * s != k:
+            taps = mx.pad(taps, [(0, 0), (0, 0), (0, blocks * s - k), (0, 0)])
+        taps = taps.reshape(b, t, blocks, s, c_out)
+        y = taps[:, :, 0]
+        if blocks > 1:
+            y = mx.pad(y, [(0, 0), (0, blocks - 1), (0, 0), (0, 0)])
+            for j in range(1, blocks):
+                y = y + mx.pad(taps[:, :, j], [(0, 0), (j, blocks - 1 - j), (0, 0), (0, 0)])
+        y = y.reshape(b, (t + blocks - 1) * s, c_out)
+        return y[:, : (t - 1) * s + k]

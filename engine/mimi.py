@@ -9,6 +9,11 @@ Weights come from NVIDIA's `tokenizer-e351c8d8-checkpoint125.safetensors` (PyTor
 layouts, the same as Kyutai's Mimi except `in_proj_weight` / `out_proj.weight` in the transformers);
 `nvidia_to_mlx` is the one place that maps them, `load_mimi` the one place that checks them.
 
+The transformers see 2 positions per frame (25 Hz) over a 250-position window. Our cache attends to
+exactly that window, so streaming equals the whole-sequence model forever; Kyutai's PyTorch ring cache
+(capacity = context) loses the oldest key of the first query of each 2-position step once the window is
+full (after 125 frames = 10 s), so its streamed audio drifts slightly from its own whole-sequence output.
+
 Streaming state is an immutable `MimiState` (encoder and decoder halves are independent streams: the
 caller's audio in, the agent's audio out). `snapshot()` hands out the current one and `restore()` puts
 one back, so one loaded codec can serve several sessions by swapping states.
@@ -155,6 +160,11 @@ class Mimi(nn.Module):
     def num_codebooks(self) -> int:
         return self.cfg.num_codebooks
 
+    @property
+    def dtype(self) -> mx.Dtype:
+        """The dtype of the convolutions and transformers (float32 on CPU, bf16 on a GPU)."""
+        return self.decoder.layers[-1].weight.dtype
+
     # -- input checks ------------------------------------------------------------------------------
 
     def _pcm(self, pcm, what: str) -> tuple[mx.array, bool]:
@@ -169,6 +179,7 @@ class Mimi(nn.Module):
         if x.ndim not in (1, 2):
             raise ValueError(f"{what}: PCM must be shaped [samples] or [batch, samples], got {tuple(x.shape)}")
         single = x.ndim == 1
+        x = x.astype(self.dtype)
         return (x[None] if single else x), single
 
     def _codes(self, codes, what: str, frames: int | None) -> tuple[mx.array, bool]:
@@ -258,12 +269,13 @@ class Mimi(nn.Module):
         else:
             h = self.encoder_transformer.step(h, cache)
         h, resample = self.downsample.step(h, half.resample or ConvState())
-        codes = self.quantizer.encode(h)
+        # Nearest-centroid search in float32 whatever the model dtype: bf16 ties would change codes.
+        codes = self.quantizer.encode(h.astype(mx.float32))
         snap = cache.snapshot() if cache is not None else None
         return codes, _HalfState(seanet, resample, snap, x.shape[0])
 
     def _decode(self, codes: mx.array, half: _HalfState, cache: TransformerCache | None):
-        h = self.quantizer.decode(codes)
+        h = self.quantizer.decode(codes).astype(self.dtype)
         h, resample = self.upsample.step(h, half.resample or ConvTransposeState())
         if cache is None:
             h = self.decoder_transformer(h)
@@ -271,7 +283,7 @@ class Mimi(nn.Module):
             h = self.decoder_transformer.step(h, cache)
         pcm, seanet = self.decoder.step(h, half.seanet)
         snap = cache.snapshot() if cache is not None else None
-        return pcm[:, :, 0], _HalfState(seanet, resample, snap, codes.shape[0])
+        return pcm[:, :, 0].astype(mx.float32), _HalfState(seanet, resample, snap, codes.shape[0])
 
 
 # -- weights: NVIDIA / Kyutai PyTorch layout -> ours ---------------------------------------------------
@@ -440,6 +452,7 @@ def load_mimi(path: str | os.PathLike, config: MimiConfig | None = None, dtype: 
     except MimiWeightsError as error:
         raise MimiWeightsError(f"Mimi weights {path}: {error}") from None
     model = Mimi(cfg)
-    model.load_weights([(k, v.astype(dtype)) for k, v in converted.items()], strict=True)
+    model.load_weights([(k, v if ".codebooks." in k else v.astype(dtype)) for k, v in converted.items()],
+                       strict=True)
     mx.eval(model.parameters())
     return model

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from callbot.engine.mimi import Mimi, MimiState, MimiWeightsError, load_mimi, nvidia_to_mlx
@@ -228,3 +229,14 @@ def test_a_default_mimi_is_the_full_size():
     assert len(stored) == 318  # DESIGN.md: 62 + 20 * 8 layers + 3 * 32 codebooks
     # Each used codebook is one [2048, 256] table here; the file keeps 32 as (sum, usage, flag).
     assert ours == sum(stored.values()) - sum(stored[k] for k in codebooks) + 8 * 2048 * 256
+
+
+def test_bfloat16_weights_stream_float32_audio(tiny_path, mimi):
+    half = load_mimi(tiny_path, tiny_mimi_config(), dtype=mx.bfloat16)
+    assert half.dtype == mx.bfloat16
+    codes = np.array(mimi.encode(noise(3, seed=11)))
+    audio = np.array(half.decode_step(codes[:, 0]))
+    assert audio.dtype == np.float32 and audio.shape == (FRAME,)
+    reference = np.array(mimi.decode_step(codes[:, 0]))
+    assert np.corrcoef(audio, reference)[0, 1] > 0.99
+    assert np.array(half.encode_step(noise(1, seed=12))).shape == (8,)

@@ -61,7 +61,8 @@ def test_conv1d_rejects_a_step_that_is_not_a_multiple_of_the_stride():
         layer.step(mx.zeros((1, 6, 2)), ConvState())
 
 
-@pytest.mark.parametrize("kernel,stride,groups", [(4, 2, 1), (16, 8, 1), (10, 5, 1), (4, 2, 6)])
+@pytest.mark.parametrize("kernel,stride,groups", [
+    (4, 2, 1), (16, 8, 1), (10, 5, 1), (5, 2, 1), (3, 3, 1), (4, 2, 6), (4, 2, 2)])
 def test_convtranspose1d_matches_reference_whole_and_streamed(kernel, stride, groups):
     torch.manual_seed(kernel + stride + groups)
     ref = moshi_conv.StreamingConvTranspose1d(6, 6, kernel, stride, groups=groups, causal=True)
