@@ -205,6 +205,8 @@ class Mimi(nn.Module):
     def encode(self, pcm) -> mx.array:
         """Codes of a whole signal; a partial last frame is padded with zeros (as Kyutai's encode)."""
         x, single = self._pcm(pcm, "encode")
+        if x.shape[1] == 0:
+            raise ValueError("encode: the signal is empty (0 samples)")
         extra = -x.shape[1] % self.frame_size
         if extra:
             x = mx.pad(x, [(0, 0), (0, extra)])
@@ -214,6 +216,8 @@ class Mimi(nn.Module):
     def decode(self, codes) -> mx.array:
         """PCM of whole code sequences: frames * 1920 samples."""
         c, single = self._codes(codes, "decode", None)
+        if c.shape[2] == 0:
+            raise ValueError("decode: the codes hold no frames")
         pcm, _ = self._decode(c, _HalfState(), None)
         return pcm[0] if single else pcm
 

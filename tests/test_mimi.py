@@ -78,6 +78,13 @@ def test_encode_pads_a_partial_last_frame_with_zeros(mimi):
     np.testing.assert_array_equal(np.array(mimi.encode(pcm)), np.array(mimi.encode(padded)))
 
 
+def test_empty_signals_are_rejected(mimi):
+    with pytest.raises(ValueError, match="empty"):
+        mimi.encode(np.zeros(0, np.float32))
+    with pytest.raises(ValueError, match="no frames"):
+        mimi.decode(np.zeros((8, 0), np.int32))
+
+
 def test_snapshot_restore_replays_the_same_frames(mimi):
     pcm, codes = noise(6, seed=4), np.array(mimi.encode(noise(6, seed=5)))
     for i in range(3):
