@@ -47,7 +47,7 @@ class MimiTransformerConfig:
     num_layers: int = 8
     dim_feedforward: int = 2048
     context: int = 250
-    layer_scale: float = 0.01
+    layer_scale: float | None = 0.01  # Kyutai's initial value; the checkpoint holds the trained scales
     max_period: float = 10000.0
 
 
@@ -64,6 +64,8 @@ class MimiConfig:
     num_codebooks: int = 8
 
     def __post_init__(self):
+        if not 2 <= self.num_codebooks:
+            raise ValueError(f"num_codebooks must be >= 2 (one semantic + acoustic), got {self.num_codebooks}")
         if self.sample_rate % self.seanet.hop_length:
             raise ValueError(f"sample_rate {self.sample_rate} is not a multiple of the SEANet hop "
                              f"{self.seanet.hop_length}")
@@ -362,15 +364,11 @@ def _key_table(model: Mimi) -> dict[str, tuple[str, object, tuple]]:
                 add(f"{theirs}.weight", f"{half}.{mine}.weight", convert_conv_weight, (w[0], w[2], w[1]))
             add(f"{theirs}.bias", f"{half}.{mine}.bias", identity, layer.bias.shape)
     for key, value in ours.items():
-        for half in ("encoder_transformer", "decoder_transformer"):
-            if key.startswith(half + "."):
-                rest = key[len(half) + 1:]
-                layer, name = rest.split(".", 2)[1], rest.split(".", 2)[2]
-                for theirs_name, mine in _TRANSFORMER_ALIASES.items():
-                    if mine == name:
-                        add(f"{half}.transformer.layers.{layer}.{theirs_name}", key, identity, value.shape)
-                if name not in _TRANSFORMER_ALIASES.values():
-                    add(f"{half}.transformer.{rest}", key, identity, value.shape)
+        half, _, rest = key.partition(".")
+        if half in ("encoder_transformer", "decoder_transformer"):
+            _, layer, name = rest.split(".", 2)  # layers.{l}.{name}
+            for theirs_name in [t for t, m in _TRANSFORMER_ALIASES.items() if m == name] or [name]:
+                add(f"{half}.transformer.layers.{layer}.{theirs_name}", key, identity, value.shape)
     w = tuple(model.downsample.weight.shape)
     add("downsample.conv.conv.conv.weight", "downsample.weight", convert_conv_weight, (w[0], w[2], w[1]))
     groups = model.upsample.groups

@@ -1,6 +1,7 @@
 """Mimi through the product's own loader, no reference needed: streaming equals whole-sequence,
 state snapshot/restore, input checks, and the errors for bad weight files."""
 
+import dataclasses
 import os
 
 import numpy as np
@@ -247,3 +248,20 @@ def test_bfloat16_weights_stream_float32_audio(tiny_path, mimi):
     reference = np.array(mimi.decode_step(codes[:, 0]))
     assert np.corrcoef(audio, reference)[0, 1] > 0.99
     assert np.array(half.encode_step(noise(1, seed=12))).shape == (8,)
+
+
+def test_a_mimi_without_layer_scale_loads_and_streams(tmp_path):
+    base = tiny_mimi_config()
+    cfg = dataclasses.replace(base, transformer=dataclasses.replace(base.transformer, layer_scale=None))
+    mimi = load_mimi(write_tiny_mimi(tmp_path, cfg, seed=5), cfg)
+    pcm = noise(2, seed=13)
+    np.testing.assert_array_equal(stream_encode(mimi, pcm), np.array(mimi.encode(pcm)))
+    with pytest.raises(MimiWeightsError, match="unexpected key .*layer_scale"):
+        load_mimi(write_tiny_mimi(tmp_path, base, seed=5, filename="scaled.safetensors"), cfg)
+
+
+def test_config_rejects_geometry_that_does_not_stream():
+    with pytest.raises(ValueError, match="num_codebooks"):
+        dataclasses.replace(tiny_mimi_config(), num_codebooks=1)
+    with pytest.raises(ValueError, match="frame_rate"):
+        dataclasses.replace(tiny_mimi_config(), frame_rate=11.0)

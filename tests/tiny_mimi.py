@@ -80,8 +80,9 @@ def mimi_shapes(cfg: MimiConfig, total_codebooks: int = 32) -> dict[str, tuple[i
                 shapes[f"{p}.{norm}.bias"] = (d,)
             shapes[f"{p}.linear1.weight"] = (t.dim_feedforward, d)
             shapes[f"{p}.linear2.weight"] = (d, t.dim_feedforward)
-            shapes[f"{p}.layer_scale_1.scale"] = (d,)
-            shapes[f"{p}.layer_scale_2.scale"] = (d,)
+            if t.layer_scale is not None:
+                shapes[f"{p}.layer_scale_1.scale"] = (d,)
+                shapes[f"{p}.layer_scale_2.scale"] = (d,)
     q = cfg.quantizer_dim
     for rvq, count in (("rvq_first", 1), ("rvq_rest", total_codebooks - 1)):
         shapes[f"quantizer.{rvq}.input_proj.weight"] = (q, d, 1)
