@@ -1,0 +1,249 @@
+"""The inference runner: one dedicated thread per loaded model steps every open call every 80 ms.
+
+Why one thread: the model is one set of weights and one codec object; steps of several calls take
+turns on it (a batch later). The thread runs at real-time priority where the OS allows (ext/ rtthread).
+
+Cadence is data-driven and clock-guarded (DESIGN.md). A call's step starts as soon as its 1920-sample
+24 kHz frame is complete in its ring, not on a free-running clock that would add up to a frame of
+waiting. The absolute-deadline clock is the watchdog: each call has a grid of 80 ms deadlines anchored
+at its first frame; when the caller's audio has stalled past a deadline plus `grace_ms`, the call is
+fed a frame of silence so the model keeps its 12.5 Hz time base. pjmedia's conference bridge feeds the
+rx ring on its own steady 20 ms clock (the jitter buffer conceals lost packets), so a stall means hold
+or a dead peer, not network jitter; a real frame re-anchors the watchdog, so the two clocks never
+drift apart. When the stalled audio then arrives
+in a burst, frames beyond `max_backlog` are dropped (counted), so a stall never turns into a lasting
+delay. The thread polls its calls every `poll_ms` (1 ms): the media callback never signals anyone,
+because nothing on the hot path may block or take a lock.
+
+Every frame leaves timestamps (frame ready, step start, step end, pushed out) in a preallocated stats
+ring per call (`FrameStats`); summaries give p50/p99/max per stage, and overload is counted, never
+silent: steps slower than 80 ms, silence fed, frames dropped, underruns and overruns of the rings.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import mlx.core as mx
+import numpy as np
+
+from callbot.engine import PeriodicClock, make_realtime, now_ns
+from callbot.engine.call_audio import ENGINE_RATE, CallAudio
+from callbot.engine.session import FRAME_SIZE, Model, PromptSnapshot
+from callbot.engine.sampling import SamplingConfig
+
+FRAME_NS = FRAME_SIZE * 1_000_000_000 // ENGINE_RATE  # 80 ms
+STAGES = ("ready", "step_start", "step_end", "pushed")
+STATS_FRAMES = 1 << 14  # frames of timestamps kept per call: 22 minutes at 12.5 Hz, then the oldest go
+_INT16_SCALE = 32768.0
+
+
+class FrameStats:
+    """Per-frame stage timestamps (ns, monotonic) in a preallocated ring: written by the runner thread only."""
+
+    def __init__(self, capacity: int = STATS_FRAMES):
+        self.t = np.zeros((capacity, len(STAGES)), dtype=np.int64)
+        self.count = 0
+
+    def row(self) -> np.ndarray:
+        r = self.t[self.count % len(self.t)]
+        self.count += 1
+        return r
+
+    def durations_s(self) -> dict[str, np.ndarray]:
+        """Seconds spent in each stage transition, over the frames still held."""
+        rows = self.t[: min(self.count, len(self.t))]
+        out = {}
+        for a, b in zip(STAGES, STAGES[1:]):
+            out[f"{a}->{b}"] = (rows[:, STAGES.index(b)] - rows[:, STAGES.index(a)]) / 1e9
+        return out
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """p50/p99/max in ms per stage transition."""
+        result = {}
+        for name, d in self.durations_s().items():
+            if len(d):
+                result[name] = {"p50_ms": float(np.percentile(d, 50) * 1e3), "p99_ms": float(np.percentile(d, 99) * 1e3),
+                                "max_ms": float(d.max() * 1e3)}
+        return result
+
+
+@dataclass(frozen=True)
+class BotPrompt:
+    """What a call is answered with: the prepared prompt state, its sampling and seed."""
+
+    snapshot: PromptSnapshot
+    sampling: SamplingConfig = SamplingConfig()
+    seed: int | None = None
+
+
+@dataclass
+class ModelCallSession:
+    """One call served by the model. `text` holds (ms since the call's first frame, piece)."""
+
+    call_info: Any
+    audio: CallAudio
+    bot: BotPrompt
+    seed: int
+    session: Any = None  # callbot.engine.session.Session, opened on the inference thread
+    stats: FrameStats = field(default_factory=FrameStats)
+    text: list[tuple[float, str]] = field(default_factory=list)
+    next_deadline_ns: int = 0  # watchdog: silence is fed after this (+ grace); 0 until the first frame
+    first_frame_ns: int = 0
+    steps: int = 0
+    steps_late: int = 0
+    silence_fed: int = 0
+    frames_dropped: int = 0
+    closed: bool = False
+    final_summary: dict | None = None  # the summary taken as the session closed
+
+    def summary(self) -> dict:
+        """Counters, per-stage p50/p99/max, step times and the text spoken; reads the open rings' counters."""
+        step = self.stats.durations_s().get("step_start->step_end", np.zeros(0))
+        return {
+            "steps": self.steps, "steps_late": self.steps_late, "silence_fed": self.silence_fed,
+            "frames_dropped": self.frames_dropped, "underruns": self.audio.underruns,
+            "overruns": self.audio.overruns, "stages_ms": self.stats.summary(), "step_s": step.tolist(),
+            "text": [{"t_ms": round(t, 1), "piece": p} for t, p in self.text],
+        }
+
+
+class ModelEngine:
+    """Implements callbot.engine.call_engine.CallEngine with a loaded `Model`.
+
+    `prompt_for(call_info) -> BotPrompt` picks the bot (voice + persona snapshot) for a call; it runs on
+    the SIP side's thread at call start, so it must only look up snapshots prepared at server start.
+    """
+
+    def __init__(self, model: Model, prompt_for: Callable[[Any], BotPrompt], *, realtime: bool = True,
+                 grace_ms: float = 40.0, max_backlog: int = 2, poll_ms: float = 1.0,
+                 on_closed: Callable[[ModelCallSession], None] | None = None):
+        if not 0 <= grace_ms <= 1000:
+            raise ValueError(f"grace_ms must be 0..1000 ms, got {grace_ms!r}")
+        if isinstance(max_backlog, bool) or not isinstance(max_backlog, int) or max_backlog < 1:
+            raise ValueError(f"max_backlog must be an int >= 1 (frames), got {max_backlog!r}")
+        self.model = model
+        self.prompt_for = prompt_for
+        self.grace_ns = int(grace_ms * 1e6)
+        self.max_backlog = max_backlog
+        self.poll_ms = poll_ms
+        self.on_closed = on_closed
+        self.realtime_result = None
+        self._want_realtime = realtime
+        self._lock = threading.Lock()  # guards the session list; never touched by media callbacks
+        self._sessions: list[ModelCallSession] = []
+        self._stop = threading.Event()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
+        self._thread.start()
+
+    # ---- CallEngine ---------------------------------------------------------------------------------
+
+    def open_session(self, call_info: Any, rate: int | None = None) -> ModelCallSession:
+        if self._stop.is_set():
+            raise RuntimeError("the model engine is closed")
+        if self.error is not None:
+            raise RuntimeError(f"the inference thread has stopped: {self.error!r}")
+        rate = rate if rate is not None else getattr(call_info, "clock_rate", None)
+        if rate is None:
+            raise ValueError("open_session needs the media port's rate: pass rate= or a call_info with clock_rate")
+        bot = self.prompt_for(call_info)
+        seed = bot.seed if bot.seed is not None else time.monotonic_ns() & 0x7FFFFFFF
+        s = ModelCallSession(call_info, CallAudio(rate), bot, seed)
+        with self._lock:
+            self._sessions.append(s)
+        return s
+
+    def close_session(self, s: ModelCallSession) -> None:
+        with self._lock:  # the runner holds this lock for a whole pass, so no step is in flight after it
+            if s.closed:
+                return
+            if s in self._sessions:
+                self._sessions.remove(s)
+            s.final_summary = s.summary()
+            s.closed = True
+        s.audio.close()
+        if self.on_closed is not None:
+            self.on_closed(s)
+
+    @property
+    def sessions(self) -> int:
+        return len(self._sessions)
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+        with self._lock:
+            sessions, self._sessions = self._sessions, []
+        for s in sessions:
+            s.closed = True
+            s.audio.close()
+
+    # ---- the inference thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        if self._want_realtime:
+            # computation: what a q4 7B step needs on an M4 (DESIGN.md's budget), constraint: the frame
+            self.realtime_result = make_realtime(80.0, 60.0, 80.0)
+        # MLX keeps a stream per thread (0.3x): this thread needs its own before it evaluates anything
+        mx.set_default_stream(mx.new_stream(mx.default_device()))
+        clock = PeriodicClock(self.poll_ms)
+        try:
+            while not self._stop.is_set():
+                clock.wait()
+                with self._lock:
+                    for s in self._sessions:
+                        self._service(s)
+        except BaseException as exc:  # surfaced: a dead runner must fail calls loudly, not go quiet
+            self.error = exc
+            raise
+        finally:
+            if self.realtime_result is not None:
+                self.realtime_result.restore()
+
+    def _service(self, s: ModelCallSession) -> None:
+        """Step `s` for every frame that is due: a complete frame, or silence past the watchdog deadline."""
+        if s.session is None:
+            # MLX arrays belong to the stream of the thread that made them: the session's own state is
+            # made here, where it will be stepped (a restore from the snapshot: milliseconds)
+            s.session = self.model.open_session(snapshot=s.bot.snapshot, seed=s.seed, sampling=s.bot.sampling)
+        audio = s.audio
+        while True:
+            frame = audio.pull(FRAME_SIZE)
+            now = now_ns()
+            if frame is not None:
+                # a burst after a stall: keep the newest `max_backlog` frames, drop the rest
+                while audio.pending_in >= FRAME_SIZE * self.max_backlog:
+                    newer = audio.pull(FRAME_SIZE)
+                    if newer is None:
+                        break
+                    frame = newer
+                    s.frames_dropped += 1
+                pcm = frame.astype(np.float32) / _INT16_SCALE
+            elif s.next_deadline_ns and now > s.next_deadline_ns + self.grace_ns:
+                pcm = np.zeros(FRAME_SIZE, dtype=np.float32)
+                s.silence_fed += 1
+            else:
+                return
+            self._step(s, pcm, now, silence=frame is None)
+
+    def _step(self, s: ModelCallSession, pcm: np.ndarray, ready_ns: int, silence: bool) -> None:
+        row = s.stats.row()
+        row[0] = ready_ns
+        if not s.first_frame_ns:
+            s.first_frame_ns = ready_ns
+        # a real frame re-anchors the watchdog on its arrival; silence continues the 80 ms grid
+        s.next_deadline_ns = (s.next_deadline_ns if silence else ready_ns) + FRAME_NS
+        row[1] = now_ns()
+        out, piece = s.session.step(pcm)
+        row[2] = now_ns()
+        pcm16 = np.clip(np.rint(out * _INT16_SCALE), -32768, 32767).astype(np.int16)
+        s.audio.push(pcm16)
+        row[3] = now_ns()
+        s.steps += 1
+        if row[2] - row[1] > FRAME_NS:
+            s.steps_late += 1
+        if piece:
+            s.text.append(((ready_ns - s.first_frame_ns) / 1e6, piece))

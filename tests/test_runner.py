@@ -1,0 +1,125 @@
+"""The inference runner on the tiny model: real threads, a media-like producer at 20 ms, real rings."""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from callbot.engine import Model, PeriodicClock
+from callbot.engine.runner import FRAME_SIZE, BotPrompt, ModelEngine
+from tests.tiny_assets import tiny_model_configs, write_tiny_model_dir
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class _Call:
+    """What the SIP side hands an engine: a CallRecord-like object."""
+
+    def __init__(self, call_id: str, clock_rate: int):
+        self.call_id = call_id
+        self.clock_rate = clock_rate
+        self.account = "default"
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    model_dir = write_tiny_model_dir(tmp_path_factory.mktemp("personaplex"))
+    lm_cfg, mimi_cfg = tiny_model_configs()
+    return Model.load(model_dir, lm_config=lm_cfg, mimi_config=mimi_cfg, cache_dir=False, progress=False)
+
+
+@pytest.fixture(scope="module")
+def prompt(model):
+    return BotPrompt(model.prepare("NATF2", "You take orders for a pizza shop."), seed=1)
+
+
+def _media_side(audio, frames: int, stop: threading.Event, received: list, pause_after: int | None = None,
+                pause_frames: int = 0):
+    """Plays the pjmedia clock thread: every 20 ms one frame into rx and one frame out of tx."""
+    n = audio.frame_samples
+    t = np.arange(frames * n) / audio.call_rate
+    signal = (8000 * np.sin(2 * np.pi * 440 * t)).astype(np.int16)
+    clock = PeriodicClock(20.0)
+    for i in range(frames):
+        if stop.is_set():
+            return
+        clock.wait()
+        if pause_after is None or not pause_after <= i < pause_after + pause_frames:
+            audio.rx.write(signal[i * n:(i + 1) * n])
+        out = audio.tx.read(n)
+        received.append(out if out is not None else np.zeros(n, np.int16))
+
+
+def _wait(engine, cond, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if engine.error is not None:
+            raise AssertionError(f"the inference thread died: {engine.error!r}")
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("rate", [8000, 16000])
+def test_runner_steps_a_call_from_its_rings(model, prompt, rate):
+    closed = []
+    engine = ModelEngine(model, lambda call: prompt, realtime=False, on_closed=closed.append)
+    try:
+        s = engine.open_session(_Call("c1", rate))
+        stop, received = threading.Event(), []
+        media = threading.Thread(target=_media_side, args=(s.audio, 50, stop, received))
+        media.start()
+        media.join(30)
+        _wait(engine, lambda: s.steps >= 10)  # 50 frames of 20 ms = 12.5 model frames, minus what is still in flight
+        assert s.silence_fed == 0 and s.frames_dropped == 0
+        engine.close_session(s)
+    finally:
+        engine.close()
+    assert closed == [s]
+    summary = s.final_summary
+    assert summary["steps"] == s.steps >= 10
+    assert set(summary["stages_ms"]) == {"ready->step_start", "step_start->step_end", "step_end->pushed"}
+    assert len(summary["step_s"]) == s.steps
+    # the model's audio reached the media side: some 20 ms frames the "callback" read were not silence
+    assert any(np.any(f != 0) for f in received)
+    assert all(isinstance(t["piece"], str) and t["t_ms"] >= 0 for t in summary["text"])
+
+
+def test_watchdog_feeds_silence_when_the_caller_stalls(model, prompt):
+    engine = ModelEngine(model, lambda call: prompt, realtime=False)
+    try:
+        s = engine.open_session(_Call("c2", 16000))
+        stop, received = threading.Event(), []
+        # 40 frames (0.8 s), of which frames 10..29 (400 ms) bring no audio: a hold
+        media = threading.Thread(target=_media_side, args=(s.audio, 40, stop, received, 10, 20))
+        media.start()
+        media.join(30)
+        _wait(engine, lambda: s.silence_fed >= 3)
+        steps_at_stall = s.steps
+        assert steps_at_stall >= 5
+        engine.close_session(s)
+    finally:
+        engine.close()
+    assert s.final_summary["silence_fed"] >= 3
+
+
+def test_open_session_needs_a_rate(model, prompt):
+    engine = ModelEngine(model, lambda call: prompt, realtime=False)
+    try:
+        with pytest.raises(ValueError, match="rate"):
+            engine.open_session(object())
+        with pytest.raises(ValueError, match="call_rate"):
+            engine.open_session(_Call("x", 11025))
+    finally:
+        engine.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.open_session(_Call("y", 8000))
+
+
+def test_bad_runner_settings(model, prompt):
+    with pytest.raises(ValueError, match="max_backlog"):
+        ModelEngine(model, lambda call: prompt, max_backlog=0)
+    with pytest.raises(ValueError, match="grace_ms"):
+        ModelEngine(model, lambda call: prompt, grace_ms=-1)
