@@ -52,6 +52,18 @@ def find_echo(sent: np.ndarray, received: np.ndarray) -> tuple[float, int]:
     return float(c[lag] / np.sqrt(np.sum(x * x) * np.sum(window * window) + 1e-9)), lag
 
 
+def without_gaps(x, run=4):
+    """x with every run of >= `run` exact zeros taken out: the silence an underrun inserts when a
+    thread is scheduled late (a loaded machine), which shifts the rest of the echo without changing it."""
+    zero = np.concatenate([[False], x == 0, [False]])
+    edges = np.flatnonzero(np.diff(zero.astype(np.int8)))
+    keep = np.ones(len(x), bool)
+    for a, b in zip(edges[::2], edges[1::2]):
+        if b - a >= run:
+            keep[a:b] = False
+    return x[keep]
+
+
 @pytest.mark.timeout(30)
 def test_echo_line_returns_the_signal_at_8k_and_16k_together():
     rates = (8000, 16000)
@@ -71,9 +83,11 @@ def test_echo_line_returns_the_signal_at_8k_and_16k_together():
         assert engine.error is None
         for rate in rates:
             audio = sessions[rate].audio
-            corr, lag = find_echo(signals[rate], np.concatenate(outs[rate]))
+            heard = np.concatenate(outs[rate])
+            corr, _ = find_echo(signals[rate], without_gaps(heard))
+            assert corr > 0.99, (rate, corr)  # all of it came back, in order
+            _, lag = find_echo(signals[rate], heard)
             delay = round(audio.delay_ms * rate / 1000)
-            assert corr > 0.95, (rate, corr)
             # the resamplers' delay plus whole ticks spent in the rings
             assert lag >= delay and (lag - delay) % audio.frame_samples == 0, (rate, lag, delay)
             assert sessions[rate].frames_echoed >= len(signals[rate]) // audio.frame_samples

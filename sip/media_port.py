@@ -1,0 +1,120 @@
+"""A call's audio between pjmedia and the engine: one AudioMediaPort per call, bound to the call's rings.
+
+Why: pjmedia's conference bridge calls a port's two callbacks on its clock thread every 20 ms; whatever
+they do delays every call in the process. So they do one thing, in Cython (ext/_pcm.pyx): copy the
+frame into the call's rx ring (and the recorder's caller ring), or fill it from the tx ring (and copy it
+to the recorder's bot ring). No locks, no logging, no Python objects beyond the ones SWIG hands us; a
+short tx ring plays silence and counts an underrun. The engine and the recorder drain the rings on
+their own threads.
+
+Clock rates, measured (bench/bench_media.py notes, BENCHMARKS.md): the conference bridge runs at one
+rate (MediaConfig.clockRate) and resamples every port whose rate differs, adding about 4.1 ms per
+resampling at 8 <-> 16 kHz and, for a port at 8 kHz on a 16 kHz bridge, 8.3 ms and -12 dB at 3.6 kHz
+(8 -> 16 -> 8). Hence the port runs at the bridge's rate: with clockRate = 16000 a G.722 call passes
+the bridge untouched and a G.711 call is resampled once (8 -> 16 kHz) by pjmedia, then 16 -> 24 kHz by
+ours. `clock_rate` below is that rate.
+"""
+
+from __future__ import annotations
+
+import pjsua2 as pj
+
+from callbot.engine import _pcm
+from callbot.engine._pcm import MediaPump
+
+FRAME_US = 20000  # one 20 ms frame per clock tick
+
+# The Cython helper reaches a ByteVector's storage through SWIG's pointer; check that it sees what a
+# real pjsua2 ByteVector holds before any port relies on it (raises ValueError, naming the problem).
+_PROBE = bytes(range(1, 17))
+_pcm.check_vector_layout(pj.ByteVector(_PROBE), _PROBE)
+
+
+class _RingPort(pj.AudioMediaPort):
+    """The pjmedia port; its callbacks are the pump's own (Cython) methods, with no Python frame between."""
+
+    def __init__(self, pump: MediaPump):
+        super().__init__()
+        self.pump = pump
+        # SWIG's director looks the callback up on the instance each time: the bound Cython methods
+        # shadow the Python ones below, saving a Python call per frame.
+        self.onFrameReceived = pump.received
+        self.onFrameRequested = pump.requested
+
+    def onFrameReceived(self, frame):  # noqa: F811 (shadowed per instance, kept for SWIG's override check)
+        self.pump.received(frame)
+
+    def onFrameRequested(self, frame):  # noqa: F811
+        self.pump.requested(frame)
+
+
+class MediaAttachment:
+    """A call's media port, connected both ways to the call's audio; `detach()` undoes it."""
+
+    def __init__(self, call_audio_media, port: _RingPort, pump: MediaPump, recording):
+        self.call_audio_media = call_audio_media
+        self.port = port
+        self.pump = pump
+        self.recording = recording
+
+    @property
+    def stats(self) -> dict:
+        """Counters of the media callbacks (snapshots)."""
+        p = self.pump
+        return {
+            "frames_received": p.frames_received,
+            "frames_requested": p.frames_requested,
+            "tx_underruns": p.tx_underruns,
+            "rx_overruns": p.rx_overruns,
+            "empty_received": p.empty_received,
+            "recorder_overruns": p.recorder_overruns,
+        }
+
+    def detach(self) -> None:
+        """Disconnects the port and destroys it. Call it from a pjlib-registered thread, before the
+        call's media goes away when possible (errors from an already-gone call's media are ignored),
+        and before closing the engine session or finishing the recording."""
+        port, self.port = self.port, None
+        if port is None:
+            return
+        for src, dst in ((self.call_audio_media, port), (port, self.call_audio_media)):
+            try:
+                src.stopTransmit(dst)
+            except pj.Error:
+                pass  # the call's media is gone already: the bridge has dropped the link itself
+        self.call_audio_media = None
+        del port  # the C++ destructor removes the port from the bridge
+
+
+def attach_media(call_audio_media, clock_rate: int, session, recorder=None) -> MediaAttachment:
+    """Creates the call's port at `clock_rate` Hz and connects it both ways to `call_audio_media`.
+
+    `session` is the engine session (its `.audio` is a CallAudio at `clock_rate`); `recorder` is the
+    call's CallRecording (sip/recording.py) at the same rate, or None for no recording.
+    """
+    audio = session.audio
+    if isinstance(clock_rate, bool) or not isinstance(clock_rate, int) or clock_rate % 50:
+        raise ValueError(f"clock_rate must be an int in Hz with whole 20 ms frames, got {clock_rate!r}")
+    if audio.call_rate != clock_rate:
+        raise ValueError(f"the session's audio runs at {audio.call_rate} Hz, the port at {clock_rate} Hz: they must match")
+    if recorder is not None and recorder.rate != clock_rate:
+        raise ValueError(f"the recording runs at {recorder.rate} Hz, the port at {clock_rate} Hz: they must match")
+    pump = MediaPump(
+        audio.rx, audio.tx, clock_rate // 50,
+        recorder.caller if recorder is not None else None,
+        recorder.bot if recorder is not None else None,
+    )
+    port = _RingPort(pump)
+    fmt = pj.MediaFormatAudio()
+    fmt.init(pj.PJMEDIA_FORMAT_PCM, clock_rate, 1, FRAME_US, 16)
+    port.createPort(f"callbot-{id(port):x}", fmt)
+    try:
+        call_audio_media.startTransmit(port)
+        port.startTransmit(call_audio_media)
+    except pj.Error:
+        try:
+            call_audio_media.stopTransmit(port)
+        except pj.Error:
+            pass
+        raise
+    return MediaAttachment(call_audio_media, port, pump, recorder)

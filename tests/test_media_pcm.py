@@ -1,0 +1,129 @@
+"""ext/_pcm.pyx: PCM between real pjsua2 MediaFrame/ByteVector objects and rings, frame by frame."""
+
+import numpy as np
+import pjsua2 as pj
+import pytest
+
+from callbot.engine import Ring
+from callbot.engine._pcm import MediaPump, check_vector_layout, vector_to_bytes
+
+N = 160  # 20 ms at 8 kHz
+
+
+def received_frame(samples):
+    """A frame as pjsua2 hands it to onFrameReceived."""
+    f = pj.MediaFrame()
+    f.type = pj.PJMEDIA_FRAME_TYPE_AUDIO
+    f.buf = pj.ByteVector(np.asarray(samples, np.int16).tobytes())
+    f.size = 2 * len(samples)
+    return f
+
+
+def requested_frame(n=N):
+    """A frame as pjsua2 hands it to onFrameRequested: empty buffer, the wanted size in bytes."""
+    f = pj.MediaFrame()
+    f.size = 2 * n
+    return f
+
+
+def samples_of(frame):
+    return np.frombuffer(vector_to_bytes(frame.buf), np.int16)
+
+
+def rings(n=4, capacity=1024):
+    return [Ring(capacity, "int16") for _ in range(n)]
+
+
+def test_layout_check_accepts_pjsua2_byte_vectors_and_rejects_lies():
+    check_vector_layout(pj.ByteVector(b"\x01\x02\x03"), b"\x01\x02\x03")
+    check_vector_layout(pj.ByteVector(), b"")
+    with pytest.raises(ValueError, match="size"):
+        check_vector_layout(pj.ByteVector(b"\x01\x02"), b"\x01\x02\x03")
+    with pytest.raises(ValueError, match="contents"):
+        check_vector_layout(pj.ByteVector(b"\x01\x02"), b"\x01\x03")
+
+
+def test_received_frames_go_to_rx_and_the_recorder():
+    rx, tx, rc, rb = rings()
+    pump = MediaPump(rx, tx, N, rc, rb)
+    x = np.arange(N, dtype=np.int16) - 80
+    pump.received(received_frame(x))
+    assert np.array_equal(rx.read(N), x) and np.array_equal(rc.read(N), x)
+    assert pump.frames_received == 1 and pump.rx_overruns == 0
+
+
+def test_requested_frames_come_from_tx_and_go_to_the_recorder():
+    rx, tx, rc, rb = rings()
+    pump = MediaPump(rx, tx, N, rc, rb)
+    y = (np.arange(N, dtype=np.int16) * 3) - 200
+    tx.write(y)
+    f = requested_frame()
+    pump.requested(f)
+    assert f.type == pj.PJMEDIA_FRAME_TYPE_AUDIO and f.buf.size() == 2 * N
+    assert np.array_equal(samples_of(f), y) and np.array_equal(rb.read(N), y)
+    assert pump.tx_underruns == 0
+
+
+def test_silence_before_the_engine_speaks_is_no_underrun_but_a_gap_after_is():
+    rx, tx = rings(2)
+    pump = MediaPump(rx, tx, N)
+    f = requested_frame()
+    pump.requested(f)
+    assert not samples_of(f).any() and pump.tx_underruns == 0 and tx.underruns == 0
+    tx.write(np.full(N + 40, 7, np.int16))
+    pump.requested(f := requested_frame())
+    assert (samples_of(f) == 7).all()
+    pump.requested(f := requested_frame())  # 40 left: 40 of them, then silence
+    s = samples_of(f)
+    assert (s[:40] == 7).all() and not s[40:].any()
+    assert pump.tx_underruns == 1 and tx.underruns == 1
+
+
+def test_full_rings_count_overruns_and_never_block():
+    rx, tx = Ring(256, "int16"), Ring(256, "int16")
+    rc, rb = Ring(256, "int16"), Ring(256, "int16")
+    pump = MediaPump(rx, tx, N, rc, rb)
+    pump.received(received_frame(np.ones(N)))
+    pump.received(received_frame(np.ones(N)))  # 320 > 256
+    assert pump.rx_overruns == 1 and rx.overruns == 1 and pump.recorder_overruns == 1
+    assert rx.readable == 256
+
+
+def test_recorder_channels_stay_in_step_when_a_received_frame_is_missing():
+    rx, tx, rc, rb = rings()
+    pump = MediaPump(rx, tx, N, rc, rb)
+    tx.write(np.full(4 * N, 5, np.int16))
+    # tick 1: received then requested; tick 2: pjmedia skips put_frame; tick 3: both again
+    pump.received(received_frame(np.full(N, 1)))
+    pump.requested(requested_frame())
+    pump.requested(requested_frame())
+    pump.received(received_frame(np.full(N, 3)))
+    pump.requested(requested_frame())
+    assert rc.readable == rb.readable == 3 * N
+    caller = rc.read(3 * N)
+    assert (caller[:N] == 1).all() and not caller[N : 2 * N].any() and (caller[2 * N :] == 3).all()
+
+
+def test_an_empty_received_frame_is_a_tick_of_silence():
+    rx, tx, rc, rb = rings()
+    pump = MediaPump(rx, tx, N, rc, rb)
+    f = pj.MediaFrame()  # type NONE, no bytes
+    pump.received(f)
+    assert pump.empty_received == 1 and rx.readable == N and not rx.read(N).any()
+    assert rc.readable == N
+
+
+def test_bad_construction_is_a_value_error():
+    rx, tx, rc, _ = rings()
+    with pytest.raises(ValueError, match="frame_samples"):
+        MediaPump(rx, tx, 0)
+    with pytest.raises(ValueError, match="frame_samples"):
+        MediaPump(rx, tx, 100000)
+    with pytest.raises(ValueError, match="both"):
+        MediaPump(rx, tx, N, rc, None)
+    with pytest.raises(ValueError, match="int16"):
+        MediaPump(Ring(256, "float32"), tx, N)
+    with pytest.raises(ValueError, match="rx and tx"):
+        MediaPump(None, tx, N)
+    with pytest.raises(TypeError):
+        MediaPump("not a ring", tx, N)
