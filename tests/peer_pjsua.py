@@ -12,6 +12,7 @@ Events (stdout): {"ev": "ready", "uri": ...}, "incoming", "progress", "state", "
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import gc
 import json
 import os
@@ -46,7 +47,7 @@ class PeerCall(pj.Call):
         emit("state", call_id=self.sip_id, state=ci.stateText, code=ci.lastStatusCode, reason=ci.lastReason)
         if ci.state == pj.PJSIP_INV_STATE_DISCONNECTED:
             emit("disconnected", call_id=self.sip_id, code=ci.lastStatusCode, reason=ci.lastReason)
-            self.peer.later.append(lambda: self.peer.calls.remove(self) if self in self.peer.calls else None)
+            # the object stays referenced until exit: after a transfer pjsua reuses it for the new call
 
     def onCallTsxState(self, prm):
         if prm.e.type != pj.PJSIP_EVENT_TSX_STATE:
@@ -69,10 +70,9 @@ class PeerCall(pj.Call):
 
     def onCallTransferRequest(self, prm):
         emit("transfer_request", call_id=self.sip_id, dest=prm.dstUri)
-        # accept (202) and let pjsua place the new call; the new call is ours to keep alive
+        # accept (202); pjsua places the new call through this same object (setting prm.newCall to a
+        # fresh Python Call crashes this wheel)
         prm.statusCode = 202
-        prm.newCall = PeerCall(self.peer, self.peer.acc)
-        self.peer.calls.append(prm.newCall)
 
     def onCallTransferStatus(self, prm):
         emit("transfer_status", call_id=self.sip_id, code=prm.statusCode, final=prm.finalNotify)
@@ -126,7 +126,6 @@ class Peer:
         self.time = time
         self.args = args
         self.calls: list[PeerCall] = []
-        self.later: list = []
         self.timers: list = []
 
     def schedule(self, delay: float, fn) -> None:
@@ -135,7 +134,9 @@ class Peer:
     def find(self, cmd: dict) -> PeerCall:
         want = cmd.get("call_id")
         for call in reversed(self.calls):
-            if want is None or call.sip_id == want:
+            if not call.isActive():
+                continue
+            if want is None or call.getInfo().callIdString == want:
                 return call
         raise LookupError(f"no call {want!r}")
 
@@ -197,8 +198,6 @@ class Peer:
             self.timers = [t for t in self.timers if t[0] > now]
             for _, fn in due:
                 fn()
-            while self.later:
-                self.later.pop(0)()
             r, _, _ = select.select([sys.stdin], [], [], 0)
             if not r:
                 continue
@@ -210,13 +209,12 @@ class Peer:
                 line, buf = buf.split(b"\n", 1)
                 if line.strip():
                     running = self.command(json.loads(line)) and running
-        for call in list(self.calls):
-            _safe(call.hangup, _op())
+        for call in self.calls:
+            if call.isActive():
+                _safe(call.hangup, _op())
         end = self.time.monotonic() + 2
-        while self.calls and self.time.monotonic() < end:
+        while any(c.isActive() for c in self.calls) and self.time.monotonic() < end:
             ep.libHandleEvents(10)
-            while self.later:
-                self.later.pop(0)()
         self.calls.clear()
         self.acc.shutdown()
         del self.acc
@@ -255,6 +253,7 @@ class Peer:
 
 
 def main() -> int:
+    faulthandler.enable()
     p = argparse.ArgumentParser()
     p.add_argument("--transport", choices=["udp", "tcp", "tls"], default="udp")
     p.add_argument("--port", type=int, default=0)
