@@ -1,0 +1,297 @@
+"""The Moshi-architecture language model (PersonaPlex-7B and its relatives) and its streaming step.
+
+Each 80 ms frame the temporal transformer reads one token per stream (text, the agent's codebooks, the
+user's codebooks: 17 for PersonaPlex) and the depformer then predicts the frame's text token and audio
+codebooks one after the other, each conditioned on the previous one. The delayed-stream bookkeeping
+follows NVIDIA's `LMGen` (personaplex), which the voice prompts were recorded with: a ring of
+`max_delay + 3` frames of tokens plus "provided" flags, where forced tokens (the user's audio, the
+prompts) win over sampled ones. Differences from NVIDIA's that do not change results:
+- slices whose token is forced are not run: in a live call the 8 user slices of the depformer are
+  skipped (causal, so they cannot affect the agent's tokens), and a prompt step with every token forced
+  runs only the temporal transformer;
+- the KV cache is an exact sliding window over `context` frames, so a call has no length limit
+  (NVIDIA's ring masks one frame too many once full).
+The state of a conversation is an `LmState` the caller owns; `snapshot()`/`restore()` copy it cheaply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import mlx.core as mx
+import mlx.nn as nn
+
+from .lm_config import LmConfig
+from .sampling import SamplingConfig, TokenSampler
+from .transformer import CacheSnapshot, RMSNorm, Transformer, TransformerCache
+
+
+class DepformerSlice(nn.Module):
+    """What is specific to codebook k: the projection of the temporal output, the embedding of the
+    previous slice's token (the text token for slice 0) and the output head."""
+
+    def __init__(self, cfg: LmConfig, in_vocab: int):
+        super().__init__()
+        self.linear_in = nn.Linear(cfg.dim, cfg.depformer_dim, bias=False)
+        self.emb = nn.Embedding(in_vocab, cfg.depformer_dim)
+        self.linear_out = nn.Linear(cfg.depformer_dim, cfg.card, bias=False)
+
+
+class Depformer(nn.Module):
+    def __init__(self, cfg: LmConfig):
+        super().__init__()
+        self.slices = [DepformerSlice(cfg, cfg.text_card + 1 if k == 0 else cfg.card + 1)
+                       for k in range(cfg.dep_q)]
+        self.transformer = Transformer(cfg.depformer)
+
+    def slice_logits(self, k: int, temporal_out: mx.array, prev_token: mx.array,
+                     cache: TransformerCache) -> mx.array:
+        """Logits [B, card] of codebook k; `cache` must hold slices 0..k-1 of this frame."""
+        s = self.slices[k]
+        x = s.linear_in(temporal_out) + s.emb(prev_token.reshape(-1, 1))
+        return s.linear_out(self.transformer.step(x, cache))[:, 0]
+
+
+@dataclass(frozen=True)
+class LmSnapshot:
+    """A frozen `LmState` (KV cache by reference, token ring by value, sampler key)."""
+
+    cache: CacheSnapshot
+    tokens: np.ndarray
+    provided: np.ndarray
+    offset: int
+    key: mx.array
+    sampling: SamplingConfig
+
+
+class LmState:
+    """Everything one conversation carries from frame to frame (a future batch slot).
+
+    `tokens`/`provided` [num_streams, max_delay + 3] are NVIDIA LMGen's `cache`/`provided` rings, so a
+    voice prompt's saved `cache` tensor can be loaded as is (`set_stream_tokens`). `offset` counts
+    frames, the first of which only primes the streams.
+    """
+
+    def __init__(self, lm: "LM", sampling: SamplingConfig, seed: int):
+        cfg = lm.cfg
+        self.cfg = cfg
+        self.cache = lm.transformer.make_cache()
+        self.depformer_cache = lm.depformer.transformer.make_cache()  # scratch, one frame long
+        self.sampler = TokenSampler(sampling, seed)
+        ring = cfg.max_delay + 3
+        self.tokens = np.full((cfg.num_streams, ring), -2, dtype=np.int64)  # -2: not generated yet
+        self.provided = np.zeros((cfg.num_streams, ring), dtype=bool)
+        self.offset = 0
+
+    def reset(self, seed: int | None = None) -> None:
+        """Back to the start of a conversation (same sampling; a new seed if given)."""
+        self.cache.reset()
+        self.tokens[:] = -2
+        self.provided[:] = False
+        self.offset = 0
+        if seed is not None:
+            self.sampler = TokenSampler(self.sampler.config, seed)
+
+    def snapshot(self) -> LmSnapshot:
+        return LmSnapshot(self.cache.snapshot(), self.tokens.copy(), self.provided.copy(), self.offset,
+                          self.sampler.key, self.sampler.config)
+
+    def restore(self, snapshot: LmSnapshot) -> None:
+        if snapshot.tokens.shape != self.tokens.shape:
+            raise ValueError(
+                f"LM snapshot has stream tokens of shape {snapshot.tokens.shape}, expected {self.tokens.shape}")
+        self.cache.restore(snapshot.cache)
+        self.tokens = snapshot.tokens.copy()
+        self.provided = snapshot.provided.copy()
+        self.offset = snapshot.offset
+        self.sampler = TokenSampler(snapshot.sampling)
+        self.sampler.key = snapshot.key
+
+    def set_stream_tokens(self, tokens) -> None:
+        """Replace the token ring, e.g. with a voice prompt's saved `cache` ([1,] streams, ring)."""
+        arr = np.asarray(tokens)
+        if arr.ndim == 3 and arr.shape[0] == 1:
+            arr = arr[0]
+        if arr.shape != self.tokens.shape or not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(
+                f"stream tokens must be integers of shape {self.tokens.shape}, got {arr.dtype} {arr.shape}")
+        self.tokens = arr.astype(np.int64).copy()
+
+    def arrays(self) -> list[mx.array]:
+        return self.cache.arrays() + [self.sampler.key]
+
+
+@dataclass(frozen=True)
+class StepLogits:
+    """The distributions a step sampled from (tests and analysis): the text [text_card] and the
+    depformer slices that ran [n, card] (n = dep_q with all_slices), computed even where forced."""
+
+    text: np.ndarray
+    audio: np.ndarray
+
+
+class LM(nn.Module):
+    def __init__(self, cfg: LmConfig):
+        super().__init__()
+        if not isinstance(cfg, LmConfig):
+            raise ValueError(f"LM needs an LmConfig, got {type(cfg).__name__}")
+        self.cfg = cfg
+        self.text_emb = nn.Embedding(cfg.text_card + 1, cfg.dim)
+        self.audio_embs = [nn.Embedding(cfg.card + 1, cfg.dim) for _ in range(cfg.n_q)]
+        self.transformer = Transformer(cfg.transformer)
+        self.out_norm = RMSNorm(cfg.dim, cfg.transformer.norm_eps, compute_f32=cfg.norm == "rms_norm_f32")
+        self.text_linear = nn.Linear(cfg.dim, cfg.text_card, bias=False)
+        self.depformer = Depformer(cfg)
+        self._initial = np.array([cfg.text_initial_token] + [cfg.audio_initial_token] * cfg.n_q, dtype=np.int64)
+        self._delays = np.array(cfg.delays, dtype=np.int64)
+
+    # -- the network ----------------------------------------------------------------------------------
+
+    def embed(self, tokens: mx.array) -> mx.array:
+        """Sum of the stream embeddings: tokens [B, num_streams, T] -> [B, T, dim]."""
+        x = self.text_emb(tokens[:, 0])
+        for k, emb in enumerate(self.audio_embs):
+            x = x + emb(tokens[:, k + 1])
+        return x
+
+    def temporal(self, x: mx.array, cache: TransformerCache) -> mx.array:
+        """Embedded frames [B, T, dim] -> normalised temporal output [B, T, dim] (cache advances)."""
+        return self.out_norm(self.transformer.step(x, cache))
+
+    def __call__(self, tokens: mx.array) -> tuple[mx.array, mx.array]:
+        """Whole-sequence temporal pass: tokens [B, streams, T] -> (output [B, T, dim], text logits)."""
+        out = self.out_norm(self.transformer(self.embed(tokens)))
+        return out, self.text_linear(out)
+
+    def new_state(self, sampling: SamplingConfig = SamplingConfig(), seed: int = 0) -> LmState:
+        return LmState(self, sampling, seed)
+
+    # -- the streaming step ---------------------------------------------------------------------------
+
+    def _check_codes(self, name: str, codes, count: int, high: int) -> np.ndarray:
+        arr = np.asarray(codes)
+        if arr.shape != (count,) or not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"{name} must be {count} integer codes, got {arr.dtype} of shape {arr.shape}")
+        if arr.min() < 0 or arr.max() > high:
+            raise ValueError(f"{name} must lie in [0, {high}], got {arr.tolist()}")
+        return arr.astype(np.int64)
+
+    def _provide(self, state: LmState, user_codes, agent_codes, text_token) -> None:
+        """Write forced tokens where their stream will read them: frame `offset` + the stream's delay."""
+        cfg = self.cfg
+        n = cfg.agent_codebooks
+        ring = state.tokens.shape[1]
+        forced: list[tuple[int, int]] = []
+        if user_codes is not None:
+            codes = self._check_codes("user_codes", user_codes, n, cfg.card)
+            forced += [(1 + n + q, int(c)) for q, c in enumerate(codes)]
+        if agent_codes is not None:
+            codes = self._check_codes("agent_codes", agent_codes, n, cfg.card)
+            forced += [(1 + q, int(c)) for q, c in enumerate(codes)]
+        if text_token is not None:
+            token = self._check_codes("text_token", [text_token], 1, cfg.text_card)[0]
+            forced.append((0, int(token)))
+        for stream, token in forced:
+            pos = (state.offset + self._delays[stream]) % ring
+            state.tokens[stream, pos] = token
+            state.provided[stream, pos] = True
+        # Streams delayed past the start read their initial token until they begin.
+        pos = state.offset % ring
+        starting = state.offset <= self._delays
+        state.tokens[starting, pos] = self._initial[starting]
+        state.provided[starting, pos] = True
+
+    def step(self, state: LmState, user_codes=None, *, agent_codes=None, text_token=None,
+             ) -> tuple[int, np.ndarray] | None:
+        """One 80 ms frame: the user's 8 codes in, (text token, the agent's 8 codes) out.
+
+        `agent_codes` / `text_token` force the agent's streams (prompts). Returns None while the
+        delayed streams fill (the first `max_delay + 1` frames).
+        """
+        return self._step(state, user_codes, agent_codes, text_token, None, None)[0]
+
+    def step_with_logits(self, state: LmState, user_codes=None, *, agent_codes=None, text_token=None,
+                         all_slices: bool = True,
+                         ) -> tuple[tuple[int, np.ndarray] | None, StepLogits | None]:
+        """`step`, also returning the logits of the frame it predicted (None on the priming frame).
+
+        The text logits are always computed; the depformer runs all its slices when `all_slices`,
+        else only up to the last slice whose token is not forced (as `step` does)."""
+        return self._step(state, user_codes, agent_codes, text_token, None, "all" if all_slices else "text")
+
+    def step_embedding(self, state: LmState, embedding) -> None:
+        """Replay one frame of a saved voice prompt: its summed input embedding [dim] replaces the
+        embedded tokens; the streams advance as NVIDIA's `step_embeddings` does (text PAD, the other
+        streams their initial token), and nothing is sampled since every token is forced."""
+        cfg = self.cfg
+        x = mx.array(np.asarray(embedding, dtype=np.float32)) if not isinstance(embedding, mx.array) else embedding
+        if x.size != cfg.dim:
+            raise ValueError(f"a prompt embedding must hold {cfg.dim} values, got shape {tuple(x.shape)}")
+        initial = [cfg.audio_initial_token] * cfg.agent_codebooks
+        if state.offset == 0:
+            self._step(state, initial, initial, cfg.text_padding_token, None, None)
+        self._step(state, initial, initial, cfg.text_padding_token, x.reshape(1, 1, cfg.dim), None)
+
+    def _step(self, state: LmState, user_codes, agent_codes, text_token, embedding, want_logits: str | None):
+        """`want_logits`: None (just tokens), "text" (text logits too) or "all" (every depformer slice)."""
+        cfg = self.cfg
+        self._provide(state, user_codes, agent_codes, text_token)
+        ring = state.tokens.shape[1]
+        o = state.offset
+        if o == 0:
+            # The priming frame (as in NVIDIA's LMGen): every stream starts from its initial token.
+            state.tokens[:, 0] = self._initial
+            state.offset = 1
+            return None, None
+        inp_pos, tgt_pos = (o - 1) % ring, o % ring
+        inp = state.tokens[:, inp_pos]
+        if (inp < 0).any():
+            raise RuntimeError(f"LM stream ring holds ungenerated tokens at frame {o}: {inp.tolist()}")
+        target = state.tokens[:, tgt_pos].copy()
+        provided = state.provided[:, tgt_pos].copy()
+
+        x = embedding if embedding is not None else self.embed(mx.array(inp.reshape(1, -1, 1).astype(np.int32)))
+        out = self.temporal(x.astype(self.out_norm.weight.dtype), state.cache)
+
+        sampled: list[mx.array] = []  # text, then slice 0..n-1
+        text_logits = None
+        if want_logits or not provided[0]:
+            text_logits = self.text_linear(out)[:, 0]
+            sampled.append(state.sampler.text(text_logits))
+        audio_forced = provided[1:cfg.dep_q + 1]
+        n_slices = cfg.dep_q if want_logits == "all" else (
+            0 if audio_forced.all() else int(np.flatnonzero(~audio_forced)[-1]) + 1)
+        audio_logits = []
+        if n_slices:
+            state.depformer_cache.reset()
+            prev = mx.array([int(target[0])], dtype=mx.int32) if provided[0] else sampled[0]
+            for k in range(n_slices):
+                logits = self.depformer.slice_logits(k, out, prev, state.depformer_cache)
+                token = state.sampler.audio(logits)
+                sampled.append(token)
+                audio_logits.append(logits)
+                prev = mx.array([int(target[1 + k])], dtype=mx.int32) if provided[1 + k] else token
+        extra = [text_logits] + audio_logits if want_logits else []
+        mx.eval(sampled + extra + state.arrays())
+
+        have_text = text_logits is not None
+        if have_text and not provided[0]:
+            state.tokens[0, tgt_pos] = int(sampled[0].item())
+        for k in range(n_slices):
+            if not provided[1 + k]:
+                state.tokens[1 + k, tgt_pos] = int(sampled[int(have_text) + k].item())
+        state.provided[:, inp_pos] = False
+
+        logits = None
+        if want_logits:
+            audio = [np.array(a[0], dtype=np.float32) for a in audio_logits]
+            logits = StepLogits(np.array(text_logits[0], dtype=np.float32),
+                                np.stack(audio) if audio else np.zeros((0, cfg.card), np.float32))
+        state.offset = o + 1
+        if o <= cfg.max_delay:
+            return None, logits
+        # The frame now complete in every stream: `max_delay` frames back, shifted by each delay.
+        agent = range(cfg.agent_codebooks + 1)
+        frame = np.array([state.tokens[k, (o - cfg.max_delay + self._delays[k]) % ring] for k in agent])
+        return (int(frame[0]), frame[1:].copy()), logits
