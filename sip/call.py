@@ -215,7 +215,8 @@ class SipCall(pj.Call):
 
     def _detach(self) -> None:
         """Port off the bridge first (before the call's media goes: pjmedia_conf_remove_port), then the
-        recording is finished from the record as it stands, then the engine session closes."""
+        engine session closes (its summary - what the model said, its step times - joins the record),
+        then the recording is finished from the record as it stands."""
         attachment, self.attachment = self.attachment, None
         recording, self.recording = self.recording, None
         session, self.session = self.session, None
@@ -224,13 +225,16 @@ class SipCall(pj.Call):
                 attachment.detach()
             except Exception:
                 log.exception("call %s: detaching media failed", self.call_id)
+        if session is not None:
+            try:
+                self.hub.engine.close_session(session)
+                summary = getattr(session, "final_summary", None)
+                if summary is not None and self.record is not None:
+                    self.record.engine = summary
+            except Exception:
+                log.exception("call %s: closing the engine session failed", self.call_id)
         if recording is not None:
             try:
                 self.hub.recorder.finish(recording, self.record)
             except Exception:
                 log.exception("call %s: finishing the recording failed", self.call_id)
-        if session is not None:
-            try:
-                self.hub.engine.close_session(session)
-            except Exception:
-                log.exception("call %s: closing the engine session failed", self.call_id)

@@ -43,6 +43,9 @@ class CallRecord:
     hangup_cause: str | None = None  # see events.CallEnded.cause
     hangup_code: int | None = None
     hangup_reason: str | None = None
+    # what the engine reports at the call's end: the model's text pieces with their times, step and
+    # stage timings, underruns/overruns (engine/runner.py ModelCallSession.summary)
+    engine: dict | None = None
 
     def to_dict(self) -> dict:
         """The sidecar's content: JSON-ready (only str, int, float, bool, None, lists, dicts)."""

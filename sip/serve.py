@@ -66,6 +66,9 @@ def running_server(settings: Settings, engine_kind: str, log: EventLog | None = 
             stack.callback(metrics.close)
         engine = build_engine(engine_kind, settings)
         stack.callback(engine.close)
+        if hasattr(engine, "on_closed"):  # the model runner reports each call's audio-path numbers
+            engine.on_closed = lambda s: metrics.on_call_summary(
+                {**s.final_summary, "stage_latency_s": s.stats.durations_s()})
         recorder = Recorder(settings.recordings_dir)
         stack.callback(recorder.close)
         endpoint = Endpoint(settings.sip, engine=engine, recorder=recorder)
@@ -112,9 +115,6 @@ class Server:
                 continue
             self.log.write(event)
             self.metrics.on_event(event)
-            summary = getattr(event, "summary", None)
-            if summary:
-                self.metrics.on_call_summary(summary)
             if until is not None and until(event):
                 return event
         return None

@@ -65,6 +65,9 @@ class ModelSettings(_Settings):
     path: str | None = None
     quantization: Literal["none", "q8", "q4"] = "q4"
     download: bool = True  # allow a huggingface_hub download when neither path nor cache has the files
+    # a JSON file {"lm": {...LmConfig}, "mimi": {...MimiConfig}} for a model of another size built the
+    # same way (Kyutai's Moshiko, a small test model); None = PersonaPlex-7B and the released Mimi
+    architecture: str | None = None
 
 
 class MetricsSettings(_Settings):
@@ -167,7 +170,8 @@ def _resolve_paths(settings: Settings, base_dir: pathlib.Path) -> Settings:
         settings,
         bots=bots,
         recordings_dir=resolve(settings.recordings_dir),
-        model=msgspec.structs.replace(settings.model, path=resolve(settings.model.path)),
+        model=msgspec.structs.replace(settings.model, path=resolve(settings.model.path),
+                                      architecture=resolve(settings.model.architecture)),
     )
 
 

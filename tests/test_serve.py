@@ -117,3 +117,71 @@ def test_bad_config_exits_2_with_one_line(tmp_path, toml, message):
     [line] = out.stderr.strip().splitlines()
     assert line.startswith(f"callbot: error: {cfg}: {message}")
     assert "Traceback" not in out.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """The tiny model in the HF file layout plus the architecture file that tells serve its size."""
+    import msgspec
+
+    from tests.tiny_assets import tiny_model_configs, write_tiny_model_dir
+
+    directory = write_tiny_model_dir(tmp_path_factory.mktemp("personaplex"))
+    lm_cfg, mimi_cfg = tiny_model_configs()
+    arch = directory / "architecture.json"
+    arch.write_bytes(msgspec.json.encode({"lm": lm_cfg, "mimi": mimi_cfg}))
+    return directory, arch
+
+
+def test_serve_model_answers_with_the_tiny_model(tmp_path, tiny_model):
+    model_dir, arch = tiny_model
+    sip_port, metrics_port = free_port(), free_port()
+    cfg = _config(tmp_path, sip_port, metrics_port)
+    cfg.write_text(cfg.read_text() + f"""
+[model]
+path = "{model_dir}"
+architecture = "{arch}"
+quantization = "none"
+download = false
+[[bots]]
+name = "pizza"
+voice = "NATM1"
+persona = "You take orders for a pizza shop."
+account = "line"
+""")
+    proc = subprocess.Popen([*CALLBOT, "serve", "--config", str(cfg)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_line(proc, "listening", timeout=90)
+        with PjsuaPeer(user="dave", log_dir=tmp_path) as peer:
+            call_id = peer.call(f"sip:echo@127.0.0.1:{sip_port}")
+            peer.expect("media", call_id=call_id, timeout=15)
+            # the call runs until its recording has synced a second of audio to disk (>= 12 model frames)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not any(
+                    w.stat().st_size > 44 + 16000 * 4 for w in (tmp_path / "calls").glob("*.wav")):
+                time.sleep(0.05)
+            assert _metric(metrics_port, "callbot_calls_active") == 1
+            peer.send("hangup", call_id=call_id)
+            peer.expect("disconnected", call_id=call_id, timeout=15)
+        deadline = time.monotonic() + 30
+        while _metric(metrics_port, "callbot_step_seconds_count") < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _metric(metrics_port, "callbot_step_seconds_count") >= 1
+        assert stop_process(proc, timeout=30, sig=signal.SIGTERM) == 0
+    finally:
+        stop_process(proc, timeout=10, sig=signal.SIGKILL)
+    [sidecar] = [json.loads(p.read_text()) for p in (tmp_path / "calls").glob("*.json")]
+    assert sidecar["call_id"] == call_id and sidecar["recording"]["complete"] is True
+    engine = sidecar["engine"]
+    assert engine["steps"] >= 1 and len(engine["step_s"]) == engine["steps"]
+    assert all(isinstance(t["piece"], str) for t in engine["text"])
+
+
+def test_missing_weights_exit_2_and_say_what_is_missing(tmp_path):
+    cfg = tmp_path / "callbot.toml"
+    cfg.write_text(f'[model]\npath = "{tmp_path / "weights"}"\ndownload = false\n[metrics]\nenabled = false\n')
+    out = subprocess.run([*CALLBOT, "serve", "--config", str(cfg)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    [line] = out.stderr.strip().splitlines()
+    assert line.startswith("callbot: error: model weights: ") and "model.safetensors" in line

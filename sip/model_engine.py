@@ -1,0 +1,85 @@
+"""The model behind `callbot serve`: weights loaded, every bot's prompt prepared and a step warmed up
+before the first call, so a caller never waits for a load or a prompt.
+
+Weights are found as DESIGN.md says: `[model] path` (or `--model DIR`), else the Hugging Face cache,
+else a huggingface_hub download where the user accepted the license and is logged in. Anything that
+goes wrong here is a StartupError whose text says what is missing and how to get it.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from callbot.engine.lm_config import LmConfig
+from callbot.engine.mimi import MimiConfig
+from callbot.engine.runner import BotPrompt, ModelEngine
+from callbot.engine.sampling import SamplingConfig
+from callbot.engine.session import FRAME_SIZE, Model
+from callbot.engine.weights import WeightsError
+from callbot.sip.serve import StartupError
+from callbot.sip.settings import BotSettings, Settings
+
+WARMUP_FRAMES = 2  # first steps pay for kernel compilation and allocation; do it before a caller does
+
+
+class Architecture(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    lm: LmConfig
+    mimi: MimiConfig
+
+
+def load_architecture(path: str) -> tuple[LmConfig, MimiConfig]:
+    try:
+        with open(path, "rb") as f:
+            arch = msgspec.json.decode(f.read(), type=Architecture)
+    except OSError as err:
+        raise StartupError(f"model architecture {path!r}: cannot read it ({err.strerror})") from None
+    except (msgspec.MsgspecError, ValueError) as err:
+        raise StartupError(f"model architecture {path!r}: {err}") from None
+    return arch.lm, arch.mimi
+
+
+def _sampling(bot: BotSettings) -> SamplingConfig:
+    s = bot.sampling
+    return SamplingConfig(text_temperature=s.text_temperature, text_top_k=s.text_top_k,
+                          audio_temperature=s.audio_temperature, audio_top_k=s.audio_top_k)
+
+
+def load_model(settings: Settings) -> Model:
+    m = settings.model
+    lm_cfg, mimi_cfg = load_architecture(m.architecture) if m.architecture else (None, None)
+    quantize = None if m.quantization == "none" else m.quantization
+    try:
+        return Model.load(m.path, quantize, lm_config=lm_cfg, mimi_config=mimi_cfg, download=m.download)
+    except WeightsError as err:
+        how = ("" if m.download else " (downloads are off: set [model] download = true to fetch the weights)")
+        raise StartupError(f"model weights: {err}{how}") from None
+
+
+def build_model_engine(settings: Settings) -> ModelEngine:
+    model = load_model(settings)
+    prompts: dict[str, BotPrompt] = {}
+    for bot in settings.bots:
+        print(f"preparing bot {bot.name!r} (voice {os.path.basename(bot.voice)})", file=sys.stderr, flush=True)
+        try:
+            snapshot = model.prepare(bot.voice, bot.persona)
+        except ValueError as err:
+            raise StartupError(f"bot {bot.name!r}: {err}") from None
+        prompts[bot.name] = BotPrompt(snapshot, _sampling(bot), bot.sampling.seed)
+    _warm_up(model, next(iter(prompts.values())))
+
+    def prompt_for(call_info: Any) -> BotPrompt:
+        bot = settings.bot_for_account(getattr(call_info, "account", "")) or settings.bots[0]
+        return prompts[bot.name]
+
+    return ModelEngine(model, prompt_for)
+
+
+def _warm_up(model: Model, prompt: BotPrompt) -> None:
+    session = model.open_session(snapshot=prompt.snapshot, seed=0, sampling=prompt.sampling)
+    silence = np.zeros(FRAME_SIZE, dtype=np.float32)
+    for _ in range(WARMUP_FRAMES):
+        session.step(silence)
