@@ -1,0 +1,200 @@
+"""The prompt that turns the bare model into a persona with a voice, built and run as NVIDIA's `LMGen` does.
+
+PersonaPlex learned to take its voice and its role from a prefix of the conversation, in this order:
+1. the voice: either a saved `.pt` prompt, whose per-frame input embeddings are replayed and whose
+   token ring is then put back, or a recording's Mimi codes forced into the agent's audio stream with
+   the text stream held at PAD and the user's stream fed a 440 Hz tone;
+2. 6 spacer frames (0.5 s): agent audio = silence codes, text = PAD, user = the tone;
+3. the persona text `<system> ... <system>`, one SentencePiece token per frame forced into the text stream
+   (agent audio = silence codes, user = the tone);
+4. 6 spacer frames again.
+The tone and the silence are fixed codes: NVIDIA's measured constants for the released Mimi (2048 bins,
+8 codebooks); a codec of another size (the tests' tiny one) gets its own by encoding a zero frame and a
+tone frame. A prompt is data (`PromptPlan`) first and is run second, so its layout is testable alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import mlx.core as mx
+import numpy as np
+
+from callbot.engine.lm import LM, LmState
+from callbot.engine.mimi import Mimi, MimiState
+from callbot.engine.tokenizer import PAD_ID, TextTokenizer, wrap_with_system_tags
+from callbot.engine.voices import VoiceEmbeddings, VoiceRecording
+
+__all__ = ["SILENCE_TOKENS", "SINE_TOKENS", "SPACER_FRAMES", "FillerCodes", "PromptFrame", "PromptPlan",
+           "filler_codes", "sine_frame", "voice_codes", "persona_tokens", "plan_prompt", "run_prompt"]
+
+# NVIDIA's codes of a silent frame and of a tone frame under the released Mimi (personaplex lm.py)
+SILENCE_TOKENS = (948, 243, 1178, 546, 1736, 1030, 1978, 2008)
+SINE_TOKENS = (430, 1268, 381, 1611, 1095, 1495, 56, 472)
+SPACER_FRAMES = 6  # int(0.5 s * 12.5 Hz)
+SINE_HZ = 440.0
+SINE_AMPLITUDE = 0.5
+# frames of tone fed to a fresh codec before its tone codes are read, so the encoder's history is tone
+_FILLER_WARMUP_FRAMES = 4
+
+
+def sine_frame(frame_size: int = 1920, sample_rate: int = 24000) -> np.ndarray:
+    """One frame of the user-side tone (float32): each frame starts at phase 0, as NVIDIA's does."""
+    t = np.arange(frame_size, dtype=np.float64) / sample_rate
+    return (SINE_AMPLITUDE * np.sin(2.0 * np.pi * SINE_HZ * t)).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class FillerCodes:
+    """The codes that stand for "nobody talks" on the agent side and "a tone" on the user side."""
+
+    silence: np.ndarray  # int64 [codebooks]
+    sine: np.ndarray  # int64 [codebooks]
+
+
+def filler_codes(mimi: Mimi) -> FillerCodes:
+    """NVIDIA's constants for the released codec; codes measured with `mimi` for any other size.
+
+    Leaves `mimi`'s streaming state as it found it.
+    """
+    cfg = mimi.cfg
+    if cfg.num_codebooks == len(SILENCE_TOKENS) and cfg.quantizer_bins == 2048:
+        return FillerCodes(np.array(SILENCE_TOKENS, np.int64), np.array(SINE_TOKENS, np.int64))
+    saved = mimi.snapshot()
+    try:
+        found = []
+        for frame in (np.zeros(mimi.frame_size, np.float32), sine_frame(mimi.frame_size, mimi.sample_rate)):
+            mimi.reset()
+            for _ in range(_FILLER_WARMUP_FRAMES):
+                codes = mimi.encode_step(frame)
+            found.append(np.array(codes, dtype=np.int64))
+    finally:
+        mimi.restore(saved)
+    return FillerCodes(silence=found[0], sine=found[1])
+
+
+def voice_codes(mimi: Mimi, recording: VoiceRecording, lock=None) -> np.ndarray:
+    """The recording's codes, int64 [frames, codebooks], from a fresh codec stream (the last frame
+    zero-padded). With `lock` (the model's), the codec is taken one frame at a time, so live sessions
+    sharing it keep stepping meanwhile; each holder puts its own stream state in before using it."""
+    pcm = np.asarray(recording.pcm, dtype=np.float32)
+    n = mimi.frame_size
+    frames = -(-len(pcm) // n)
+    if frames == 0:
+        raise ValueError(f"voice {recording.name}: the recording is empty")
+    padded = np.zeros(frames * n, np.float32)
+    padded[: len(pcm)] = pcm
+    state = MimiState()
+    out = []
+    for i in range(frames):
+        with lock if lock is not None else contextlib.nullcontext():
+            saved = mimi.snapshot()
+            mimi.restore(state)
+            codes = mimi.encode_step(padded[i * n:(i + 1) * n])
+            mx.eval(codes)
+            state = mimi.snapshot()
+            mimi.restore(saved)
+        out.append(np.array(codes, dtype=np.int64))
+    return np.stack(out)
+
+
+def persona_tokens(tokenizer: TextTokenizer, persona: str) -> list[int]:
+    """The text prompt's ids: `<system> {persona} <system>`, or none for an empty persona (as NVIDIA)."""
+    if not isinstance(persona, str):
+        raise ValueError(f"persona must be a string, got {type(persona).__name__}")
+    if not persona.strip():
+        return []
+    return tokenizer.encode(wrap_with_system_tags(persona))
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptFrame:
+    """One frame of the prompt: what is forced into each stream (or the embedding replayed instead)."""
+
+    phase: str  # "voice", "spacer" or "persona"
+    text: int
+    agent: np.ndarray | None  # forced agent codes; None on a replayed frame
+    user: np.ndarray | None  # the user's codes; None on a replayed frame
+    embedding: np.ndarray | None = None  # a saved voice prompt's input embedding [dim]
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptPlan:
+    """The prompt as data: its frames, and for a saved voice the token ring restored after its replay."""
+
+    frames: tuple[PromptFrame, ...]
+    stream_tokens: np.ndarray | None = None
+
+    def phases(self) -> list[tuple[str, int]]:
+        """(phase, frames) runs, e.g. [("voice", 120), ("spacer", 6), ("persona", 40), ("spacer", 6)]."""
+        runs: list[tuple[str, int]] = []
+        for f in self.frames:
+            if runs and runs[-1][0] == f.phase:
+                runs[-1] = (f.phase, runs[-1][1] + 1)
+            else:
+                runs.append((f.phase, 1))
+        return runs
+
+
+def plan_prompt(voice: VoiceEmbeddings | np.ndarray, persona_ids: list[int], filler: FillerCodes,
+                pad_id: int = PAD_ID) -> PromptPlan:
+    """The full prompt: `voice` is a saved prompt or a recording's codes [frames, codebooks]."""
+    spacer = tuple(PromptFrame("spacer", pad_id, filler.silence, filler.sine) for _ in range(SPACER_FRAMES))
+    if isinstance(voice, VoiceEmbeddings):
+        voice_frames = tuple(PromptFrame("voice", pad_id, None, None, e) for e in voice.embeddings)
+        stream_tokens = voice.cache
+    else:
+        codes = np.asarray(voice)
+        if codes.ndim != 2 or codes.shape[1] != filler.silence.shape[0] or codes.shape[0] == 0:
+            raise ValueError(f"voice codes must be [frames, {filler.silence.shape[0]}], got {codes.shape}")
+        voice_frames = tuple(PromptFrame("voice", pad_id, c, filler.sine) for c in codes.astype(np.int64))
+        stream_tokens = None
+    persona = tuple(PromptFrame("persona", int(t), filler.silence, filler.sine) for t in persona_ids)
+    return PromptPlan(voice_frames + spacer + persona + spacer, stream_tokens)
+
+
+def check_plan(lm: LM, plan: PromptPlan, voice_name: str) -> None:
+    """ValueError when the prompt does not fit this model (a voice made for another size, ids out of range)."""
+    cfg = lm.cfg
+    for f in plan.frames:
+        if f.embedding is not None and f.embedding.shape != (cfg.dim,):
+            raise ValueError(f"voice {voice_name}: its embeddings have {f.embedding.shape[-1]} values per frame, "
+                             f"this model takes {cfg.dim}: the voice was made for another model")
+        if not 0 <= f.text < cfg.text_card:
+            raise ValueError(f"prompt text id {f.text} is outside this model's vocabulary (< {cfg.text_card}): "
+                             "the tokenizer does not match the model")
+    ring = (cfg.num_streams, cfg.max_delay + 3)
+    if plan.stream_tokens is not None:
+        t = plan.stream_tokens
+        if t.shape != ring:
+            raise ValueError(f"voice {voice_name}: its token cache is {t.shape}, this model keeps {ring}: "
+                             "the voice was made for another model")
+        # -2 marks a slot NVIDIA's ring had not written yet; anything else must be a token of its stream
+        if t.min() < -2 or t[0].max() > cfg.text_card or t[1:].max() > cfg.card:
+            raise ValueError(f"voice {voice_name}: its token cache holds ids outside this model's vocabularies")
+    if len(plan.frames) > cfg.context:
+        raise ValueError(f"the prompt is {len(plan.frames)} frames, longer than the model's context of "
+                         f"{cfg.context} frames: its start would be forgotten (shorten the voice or persona)")
+
+
+def run_prompt(lm: LM, state: LmState, plan: PromptPlan, lock=None) -> None:
+    """Feed the whole prompt into `state` (which should be fresh) and evaluate its caches.
+
+    With `lock`, it is held one frame at a time: a prompt being prepared delays a live session's step
+    by one prompt step at most, never by the whole prompt."""
+    replayed = False
+    for f in plan.frames:
+        with lock if lock is not None else contextlib.nullcontext():
+            if f.embedding is not None:
+                lm.step_embedding(state, f.embedding)
+                replayed = True
+                continue
+            if replayed and plan.stream_tokens is not None:
+                # NVIDIA puts the saved token ring back once the embeddings are replayed
+                state.set_stream_tokens(plan.stream_tokens)
+                replayed = False
+            lm.step(state, f.user, agent_codes=f.agent, text_token=f.text)
+    # Leave nothing lazy for the first live step: an unevaluated prompt would stall it for seconds.
+    with lock if lock is not None else contextlib.nullcontext():
+        mx.eval(state.arrays())
