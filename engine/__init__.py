@@ -8,3 +8,5 @@ from callbot.engine.ring import Ring
 from callbot.engine.resampler import Resampler
 from callbot.engine.realtime import RealtimeResult, make_realtime
 from callbot.engine.mimi import Mimi, MimiConfig, MimiWeightsError, load_mimi
+from callbot.engine.voices import VOICES
+from callbot.engine.session import Model, Session, PromptSnapshot
