@@ -1,4 +1,5 @@
-"""Resampler vs python-soxr (QQ, HQ, VHQ) and libsoxr's C API (minimum phase), in one run.
+"""Resampler (linear and minimum phase) vs python-soxr (QQ, HQ, VHQ) and libsoxr's C API (minimum
+phase), in one run.
 
 What a call hears is measured, for each direction, with the same 20 ms chunks the media path uses:
 - added delay: an impulse streamed through 20 ms chunks. Two parts add up: the shift of its peak in the
@@ -29,7 +30,7 @@ from callbot.engine import Resampler
 DIRECTIONS = [(8000, 24000), (24000, 8000), (16000, 24000), (24000, 16000)]
 IDS = [f"{a // 1000}k-{b // 1000}k" for a, b in DIRECTIONS]
 SOXR_QUALITIES = ["QQ", "HQ", "VHQ"]
-IMPLS = ["ours", "ours-into", *(f"soxr-{q}" for q in SOXR_QUALITIES), "libsoxr-min"]
+IMPLS = ["ours", "ours-into", "ours-min", *(f"soxr-{q}" for q in SOXR_QUALITIES), "libsoxr-min"]
 CHUNK_MS = 20
 
 
@@ -104,6 +105,8 @@ def make(impl: str, in_rate: int, out_rate: int):
     """A fresh stream: a callable chunk -> output chunk."""
     if impl == "ours":
         return Resampler(in_rate, out_rate).process
+    if impl == "ours-min":
+        return Resampler(in_rate, out_rate, "minimum").process
     if impl == "ours-into":  # the allocation-free call: output into a buffer the caller keeps
         resampler, out = Resampler(in_rate, out_rate), np.empty(4 * out_rate, np.float32)
         return lambda x: out[: resampler.process_into(x, out)]

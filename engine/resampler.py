@@ -6,18 +6,26 @@ four ratios here are small integers (x3, /3, x3/2, x2/3), so a polyphase FIR (ex
 each 20 ms chunk exactly 20 ms of output, with a delay fixed by the filter alone. Measured in
 BENCHMARKS.md ("## Resampler", bench/bench_resampler.py).
 
-Why these filters: linear-phase Kaiser-windowed sinc, cut off at the call rate's Nyquist frequency.
-Phone audio is band-limited anyway (G.711: 300-3400 Hz; G.722: 50-7000 Hz), so the pass band ends at
-3400 Hz (8 kHz calls) or 7000 Hz (16 kHz calls) and the stop band starts where an image or alias would
-fold back into that pass band (4600 Hz / 9000 Hz). That 1200/2000 Hz transition is what lets 85/97
-taps reject 66.7-72.9 dB (measured) with 1.75 ms / 1.0 ms delay. Linear phase, not minimum phase: the delay is then
-the same at every frequency, so `delay_ms` is exact (the tests measure it), and it already meets the
-2 ms goal. What the band choice costs: 3400-4000 Hz (8 kHz) and 7000-8000 Hz (16 kHz) roll off and
-may carry attenuated aliases; no phone codec carries those bands faithfully.
+Why these filters: Kaiser-windowed sinc, cut off at the call rate's Nyquist frequency. Phone audio
+is band-limited anyway (G.711: 300-3400 Hz; G.722: 50-7000 Hz), so the pass band ends at 3400 Hz
+(8 kHz calls) or 7000 Hz (16 kHz calls) and the stop band starts where an image or alias would fold
+back into that pass band (4600 Hz / 9000 Hz). That 1200/2000 Hz transition is what lets 85/97 taps
+reject 66.7-72.9 dB (measured) with 1.75 ms / 1.0 ms delay. What the band costs: 3400-4000 Hz
+(8 kHz) and 7000-8000 Hz (16 kHz) roll off and may carry attenuated aliases; no phone codec carries
+those bands faithfully.
+
+Linear phase is the default: the delay is the same at every frequency, so `delay_ms` is exact (the
+tests measure it) and an impulse comes out on a sample, which end-to-end latency tests rely on.
+phase="minimum" (a linear prototype twice as long, square-rooted by cepstrum) rejects >= 65 dB too
+but delays 0.19 ms at 200 Hz rising to 0.50 ms at 3400 Hz (8 kHz calls; 0.10-0.30 ms for 16 kHz):
+3.5x less than linear, at the price of a delay that depends on frequency (`delay_ms` is then its
+pass-band maximum). Both meet the 2 ms goal; the numbers are in BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import threading
 from dataclasses import dataclass
 
@@ -44,48 +52,100 @@ ERR_SHAPE = "chunk must be 1-D (mono samples), got shape {shape}"
 ERR_MIXED = "this stream carries {have} samples (same scale needed for the filter state); got {got}: flush() first"
 
 
+PHASES = ("linear", "minimum")
+ERR_PHASE = "phase must be 'linear' or 'minimum', got {phase!r}"
+
+
 @dataclass(frozen=True)
 class FilterDesign:
-    """A linear-phase low-pass prototype run at in_rate * up, decimated by down."""
+    """A low-pass prototype run at in_rate * up, decimated by down."""
 
     up: int
     down: int
-    taps: int  # odd, so the delay is a whole number of samples at the filter rate
+    taps: int  # odd for linear phase, so its delay is a whole number of samples at the filter rate
     cutoff_hz: float  # -6 dB point: the call rate's Nyquist frequency
     kaiser_beta: float  # the best stop band for this length, found by sweeping beta in 0.05 steps
-
-    @property
-    def delay_samples(self) -> int:
-        """Group delay in samples at the filter rate."""
-        return (self.taps - 1) // 2
+    passband_hz: float  # the phone band's top: where minimum phase's group delay is largest
+    phase: str = "linear"
 
     def coefficients(self, in_rate: int) -> np.ndarray:
-        """Kaiser-windowed sinc, each polyphase branch summing to 1/up (no DC image, unity gain)."""
-        if self.taps == 1:
-            return np.ones(1, np.float32)
-        fc = self.cutoff_hz / (in_rate * self.up)  # cycles per sample at the filter rate
-        n = np.arange(self.taps) - self.delay_samples
-        h = 2 * fc * np.sinc(2 * fc * n) * np.kaiser(self.taps, self.kaiser_beta)
-        for branch in range(self.up):
-            h[branch :: self.up] /= h[branch :: self.up].sum() * self.up
-        return h.astype(np.float32)
+        """The prototype, each polyphase branch summing to 1/up (no DC image, unity gain)."""
+        return _coefficients(self, in_rate).copy()
+
+    def delay_samples(self, in_rate: int) -> float:
+        """Group delay at the filter rate: exact for linear phase; for minimum phase the largest in the
+        pass band (it grows toward the band's top), so no pass-band sound comes out later."""
+        if self.phase == "linear":
+            return (self.taps - 1) / 2
+        freqs = np.linspace(0.0, self.passband_hz, 256) / (in_rate * self.up)
+        return float(np.max(group_delay(_coefficients(self, in_rate), freqs)))
 
 
-# 85 taps at 24 kHz: delay 42 samples = 1.75 ms; 97 taps at 48 kHz: delay 48 samples = 1.0 ms.
+def group_delay(h: np.ndarray, freqs: np.ndarray) -> np.ndarray:
+    """Group delay of FIR h in samples at frequencies given in cycles per sample."""
+    n = np.arange(len(h))
+    e = np.exp(-2j * np.pi * np.outer(freqs, n))
+    return ((e * (n * h)).sum(axis=1) / (e * h).sum(axis=1)).real
+
+
+def _kaiser_sinc(taps: int, fc: float, beta: float) -> np.ndarray:
+    n = np.arange(taps) - (taps - 1) / 2
+    return 2 * fc * np.sinc(2 * fc * n) * np.kaiser(taps, beta)
+
+
+def _minimum_phase(h: np.ndarray, taps: int) -> np.ndarray:
+    """The minimum-phase filter whose magnitude is the square root of |H| (real cepstrum, folded)."""
+    nfft = 1 << 16  # fine enough that aliasing of the cepstrum stays far below the stop band
+    magnitude = np.maximum(np.abs(np.fft.fft(h, nfft)), 1e-12)
+    cepstrum = np.fft.ifft(np.log(magnitude) / 2).real
+    fold = np.zeros(nfft)
+    fold[0], fold[1 : nfft // 2], fold[nfft // 2] = 1.0, 2.0, 1.0
+    return np.fft.ifft(np.exp(np.fft.fft(cepstrum * fold))).real[:taps]
+
+
+@functools.lru_cache(maxsize=None)
+def _coefficients(design: FilterDesign, in_rate: int) -> np.ndarray:
+    if design.taps == 1:
+        return np.ones(1, np.float32)
+    fc = design.cutoff_hz / (in_rate * design.up)  # cycles per sample at the filter rate
+    if design.phase == "linear":
+        h = _kaiser_sinc(design.taps, fc, design.kaiser_beta)
+    else:
+        # a linear prototype twice as long (and twice as deep in dB), square-rooted into minimum phase
+        h = _minimum_phase(_kaiser_sinc(2 * design.taps - 1, fc, design.kaiser_beta), design.taps)
+    for branch in range(design.up):
+        h[branch :: design.up] /= h[branch :: design.up].sum() * design.up
+    h = h.astype(np.float32)
+    h.flags.writeable = False
+    return h
+
+
+# Linear phase: 85 taps at 24 kHz, delay 42 samples = 1.75 ms; 97 taps at 48 kHz, 48 samples = 1.0 ms.
 # Both delays are whole samples at the output rate too, so impulses come out on a sample.
-_NARROW = dict(taps=85, cutoff_hz=4000.0, kaiser_beta=6.6)
-_WIDE = dict(taps=97, cutoff_hz=8000.0, kaiser_beta=6.3)
-DESIGNS: dict[tuple[int, int], FilterDesign] = {
-    (8000, 24000): FilterDesign(up=3, down=1, **_NARROW),
-    (24000, 8000): FilterDesign(up=1, down=3, **_NARROW),
-    (16000, 24000): FilterDesign(up=3, down=2, **_WIDE),
-    (24000, 16000): FilterDesign(up=2, down=3, **_WIDE),
-    (24000, 24000): FilterDesign(up=1, down=1, taps=1, cutoff_hz=12000.0, kaiser_beta=0.0),
+# Minimum phase: square roots of linear prototypes twice as long (BENCHMARKS.md has their delays).
+_BANDS = {8000: dict(cutoff_hz=4000.0, passband_hz=3400.0), 16000: dict(cutoff_hz=8000.0, passband_hz=7000.0)}
+_SHAPES = {
+    (8000, "linear"): dict(taps=85, kaiser_beta=6.6),
+    (16000, "linear"): dict(taps=97, kaiser_beta=6.3),
+    (8000, "minimum"): dict(taps=93, kaiser_beta=14.25),
+    (16000, "minimum"): dict(taps=113, kaiser_beta=14.5),
 }
+_RATIOS = {(8000, 24000): (3, 1), (24000, 8000): (1, 3), (16000, 24000): (3, 2), (24000, 16000): (2, 3)}
+DESIGNS: dict[tuple[int, int, str], FilterDesign] = {
+    (a, b, phase): FilterDesign(up=up, down=down, phase=phase, **_BANDS[min(a, b)], **_SHAPES[(min(a, b), phase)])
+    for (a, b), (up, down) in _RATIOS.items()
+    for phase in PHASES
+}
+for _phase in PHASES:  # passthrough
+    DESIGNS[(24000, 24000, _phase)] = FilterDesign(1, 1, taps=1, cutoff_hz=12000.0, kaiser_beta=0.0,
+                                                   passband_hz=12000.0, phase=_phase)
 
 
 class Resampler:
     """One mono stream from in_rate to out_rate; feed it chunks of any size, in order.
+
+    phase: "linear" (exact delay, the same at every frequency) or "minimum" (about 3.5x less delay,
+    growing toward the top of the pass band); see the module docstring.
 
     The first non-empty chunk fixes the stream's dtype (float32 or int16; the output has the same);
     flush() releases the last `delay_ms` of output and starts a fresh stream. The C work runs without
@@ -93,22 +153,28 @@ class Resampler:
     share one Resampler from corrupting its state.
     """
 
-    def __init__(self, in_rate: int, out_rate: int):
-        design = DESIGNS.get((in_rate, out_rate))
+    def __init__(self, in_rate: int, out_rate: int, phase: str = "linear"):
+        if phase not in PHASES:
+            raise ValueError(ERR_PHASE.format(phase=phase))
+        design = DESIGNS.get((in_rate, out_rate, phase))
         if design is None or isinstance(in_rate, bool) or isinstance(out_rate, bool):
             raise ValueError(ERR_RATES.format(in_rate=in_rate, out_rate=out_rate))
         self.in_rate = int(in_rate)
         self.out_rate = int(out_rate)
         self.design = design
-        self._fir = PolyphaseFir(design.coefficients(self.in_rate), design.up, design.down, design.delay_samples)
+        self._delay = design.delay_samples(self.in_rate)  # at the filter rate, in_rate * up
+        # flush() releases the delay rounded up to whole samples at the filter rate
+        held = math.ceil(self._delay - 1e-9)
+        self._fir = PolyphaseFir(_coefficients(design, self.in_rate), design.up, design.down, held)
         self._dtype: np.dtype | None = None
         self._process = None  # the native entry point for self._dtype, chosen once per stream
         self._lock = threading.Lock()
 
     @property
     def delay_ms(self) -> float:
-        """Delay this resampler adds, the same at every frequency (linear phase)."""
-        return 1000.0 * self.design.delay_samples / (self.in_rate * self.design.up)
+        """Delay this resampler adds: with linear phase the same at every frequency; with minimum
+        phase the most any pass-band frequency gets (lower frequencies come out sooner)."""
+        return 1000.0 * self._delay / (self.in_rate * self.design.up)
 
     def output_count(self, n: int) -> int:
         """How many samples the next process() of n samples returns (about n * out_rate / in_rate)."""
@@ -164,5 +230,5 @@ class Resampler:
         return np.ascontiguousarray(chunk)
 
     def __repr__(self) -> str:
-        return f"Resampler({self.in_rate}, {self.out_rate}, delay_ms={self.delay_ms:.3f})"
+        return f"Resampler({self.in_rate}, {self.out_rate}, {self.design.phase!r}, delay_ms={self.delay_ms:.3f})"
 
