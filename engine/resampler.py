@@ -77,8 +77,7 @@ class FilterDesign:
         pass band (it grows toward the band's top), so no pass-band sound comes out later."""
         if self.phase == "linear":
             return (self.taps - 1) / 2
-        freqs = np.linspace(0.0, self.passband_hz, 256) / (in_rate * self.up)
-        return float(np.max(group_delay(_coefficients(self, in_rate), freqs)))
+        return _largest_passband_delay(self, in_rate)
 
 
 def group_delay(h: np.ndarray, freqs: np.ndarray) -> np.ndarray:
@@ -101,6 +100,12 @@ def _minimum_phase(h: np.ndarray, taps: int) -> np.ndarray:
     fold = np.zeros(nfft)
     fold[0], fold[1 : nfft // 2], fold[nfft // 2] = 1.0, 2.0, 1.0
     return np.fft.ifft(np.exp(np.fft.fft(cepstrum * fold))).real[:taps]
+
+
+@functools.lru_cache(maxsize=None)
+def _largest_passband_delay(design: FilterDesign, in_rate: int) -> float:
+    freqs = np.linspace(0.0, design.passband_hz, 256) / (in_rate * design.up)
+    return float(np.max(group_delay(_coefficients(design, in_rate).astype(np.float64), freqs)))
 
 
 @functools.lru_cache(maxsize=None)
