@@ -161,7 +161,10 @@ class Resampler:
     def __init__(self, in_rate: int, out_rate: int, phase: str = "linear"):
         if phase not in PHASES:
             raise ValueError(ERR_PHASE.format(phase=phase))
-        design = DESIGNS.get((in_rate, out_rate, phase))
+        try:
+            design = DESIGNS.get((in_rate, out_rate, phase))
+        except TypeError:  # unhashable rates (a list, an array)
+            design = None
         if design is None or isinstance(in_rate, bool) or isinstance(out_rate, bool):
             raise ValueError(ERR_RATES.format(in_rate=in_rate, out_rate=out_rate))
         self.in_rate = int(in_rate)

@@ -238,7 +238,7 @@ def test_passthrough_24k_changes_nothing(phase):
 @pytest.mark.parametrize(
     "in_rate,out_rate",
     [(44100, 24000), (8000, 16000), (16000, 8000), (48000, 24000), (0, 24000), (-8000, 24000), (8000, 24001),
-     ("8000", 24000), (8000.5, 24000), (True, 24000)],
+     ("8000", 24000), (8000.5, 24000), (True, 24000), ([8000], 24000), (None, None)],
 )
 def test_bad_rates_raise_a_value_error_naming_the_supported_ones(in_rate, out_rate):
     with pytest.raises(ValueError, match=r"unsupported rates .*8000 -> 24000, 24000 -> 8000, 16000 -> 24000"):
