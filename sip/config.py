@@ -61,6 +61,9 @@ class AccountConfig(_Config):
     domain: str | None = None  # host part of the address of record; default: the registrar's host
     auth_user: str | None = None  # default: user
     password: str | None = None
+    # name of an environment variable holding the password, so that config files carry no secret;
+    # resolved when the serve configuration is loaded (sip/settings.py)
+    password_env: str | None = None
     realm: str = "*"
     expires_s: Annotated[int, Meta(ge=1)] = 300
     refresh_before_s: Annotated[int, Meta(ge=1)] = 5
@@ -77,7 +80,9 @@ class AccountConfig(_Config):
             raise ValueError(f"account {self.name!r}: user {self.user!r} must be a plain SIP user part")
         if self.registrar is not None and not self.registrar.startswith(("sip:", "sips:")):
             raise ValueError(f"account {self.name!r}: registrar {self.registrar!r} must be a sip: or sips: URI")
-        if self.registrar is None and self.password is not None:
+        if self.password is not None and self.password_env is not None:
+            raise ValueError(f"account {self.name!r}: give password or password_env, not both")
+        if self.registrar is None and (self.password is not None or self.password_env is not None):
             raise ValueError(f"account {self.name!r}: a password needs a registrar (direct mode has no login)")
         if self.refresh_before_s >= self.expires_s:
             raise ValueError(

@@ -72,13 +72,15 @@ def running_server(settings: Settings, engine_kind: str, log: EventLog | None = 
         recorder = Recorder(settings.recordings_dir)
         stack.callback(recorder.close)
         endpoint = Endpoint(settings.sip, engine=engine, recorder=recorder)
+        server = Server(settings, endpoint, engine, metrics, log or EventLog())
         try:
             with _stdout_to_stderr():
                 endpoint.start()
         except (OSError, RuntimeError, ValueError, TimeoutError) as err:
             raise StartupError(f"SIP endpoint did not start: {err}") from None
+        stack.callback(server.drain)  # runs after the stop below: hang-ups and un-REGISTERs get logged
         stack.callback(endpoint.stop)
-        yield Server(settings, endpoint, engine, metrics, log or EventLog())
+        yield server
 
 
 @contextlib.contextmanager
@@ -113,11 +115,24 @@ class Server:
                 if not self.endpoint.running:
                     return None
                 continue
-            self.log.write(event)
-            self.metrics.on_event(event)
+            self._record(event)
             if until is not None and until(event):
                 return event
         return None
+
+    def drain(self) -> None:
+        """Log and count what is still queued (the events of a shutdown)."""
+        import queue
+
+        while True:
+            try:
+                self._record(self.endpoint.events.get_nowait())
+            except queue.Empty:
+                return
+
+    def _record(self, event: ev.Event) -> None:
+        self.log.write(event)
+        self.metrics.on_event(event)
 
 
 @contextlib.contextmanager

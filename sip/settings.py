@@ -153,7 +153,22 @@ def parse_settings(text: str | bytes, *, base_dir: str | os.PathLike = ".") -> S
     except msgspec.DecodeError as err:
         raise ConfigError(f"not valid TOML: {err}") from None
     _check_bots(settings, pathlib.Path(base_dir))
+    settings = _resolve_passwords(settings)
     return _resolve_paths(settings, pathlib.Path(base_dir))
+
+
+def _resolve_passwords(settings: Settings) -> Settings:
+    """`password_env = "NAME"` -> the password from that environment variable, read once at load."""
+    accounts = []
+    for i, acc in enumerate(settings.sip.accounts):
+        if acc.password_env is not None:
+            value = os.environ.get(acc.password_env)
+            if not value:
+                raise ConfigError(f"$.sip.accounts[{i}].password_env: environment variable "
+                                  f"{acc.password_env} is not set (account {acc.name!r} needs its password)")
+            acc = msgspec.structs.replace(acc, password=value, password_env=None)
+        accounts.append(acc)
+    return msgspec.structs.replace(settings, sip=msgspec.structs.replace(settings.sip, accounts=tuple(accounts)))
 
 
 def _resolve_paths(settings: Settings, base_dir: pathlib.Path) -> Settings:

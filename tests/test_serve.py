@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import signal
 import subprocess
@@ -48,12 +49,13 @@ def _wait_line(proc: subprocess.Popen, needle: str, timeout: float = 30.0) -> st
     raise AssertionError(f"no {needle!r} from callbot; it said:\n{''.join(seen)}")
 
 
-def _metric(port: int, name: str) -> float:
+def _metric(port: int, name: str) -> float | None:
+    """The sample's value, None while it is not exported (a labelled series appears on first use)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
         for line in resp.read().decode().splitlines():
             if line.startswith(name + " "):
                 return float(line.split()[-1])
-    raise AssertionError(f"{name} not exported")
+    return None
 
 
 def test_serve_echo_answers_records_and_counts(tmp_path):
@@ -165,7 +167,7 @@ account = "line"
             peer.send("hangup", call_id=call_id)
             peer.expect("disconnected", call_id=call_id, timeout=15)
         deadline = time.monotonic() + 30
-        while _metric(metrics_port, "callbot_step_seconds_count") < 1 and time.monotonic() < deadline:
+        while not _metric(metrics_port, "callbot_step_seconds_count") and time.monotonic() < deadline:
             time.sleep(0.05)
         assert _metric(metrics_port, "callbot_step_seconds_count") >= 1
         assert stop_process(proc, timeout=30, sig=signal.SIGTERM) == 0
@@ -185,3 +187,52 @@ def test_missing_weights_exit_2_and_say_what_is_missing(tmp_path):
     assert out.returncode == 2, out.stderr
     [line] = out.stderr.strip().splitlines()
     assert line.startswith("callbot: error: model weights: ") and "model.safetensors" in line
+
+
+def test_serve_echo_registered_through_kamailio(tmp_path):
+    from sip_peers import Kamailio
+
+    kamailio = Kamailio({"echo": "echopw", "erin": "erinpw"}, tmp_path)
+    try:
+        sip_port, metrics_port = free_port(), free_port()
+        cfg = tmp_path / "callbot.toml"
+        cfg.write_text(f"""
+recordings_dir = "calls"
+[metrics]
+address = "127.0.0.1:{metrics_port}"
+[[sip.transports]]
+bind = "127.0.0.1"
+port = {sip_port}
+rtp_port = 0
+[[sip.accounts]]
+name = "pbx"
+user = "echo"
+registrar = "{kamailio.uri}"
+password_env = "CALLBOT_TEST_ECHO_PASSWORD"
+""")
+        env = {**os.environ, "CALLBOT_TEST_ECHO_PASSWORD": "echopw"}
+        proc = subprocess.Popen([*CALLBOT, "serve", "--engine", "echo", "--config", str(cfg)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        try:
+            _wait_line(proc, "listening")
+            deadline = time.monotonic() + 30
+            while (_metric(metrics_port, 'callbot_registration_state{account="pbx"}') != 1
+                   and time.monotonic() < deadline):
+                time.sleep(0.05)
+            assert _metric(metrics_port, 'callbot_registration_state{account="pbx"}') == 1
+            with PjsuaPeer(user="erin", registrar=kamailio.uri, password="erinpw", log_dir=tmp_path) as erin:
+                erin.expect("reg", code=200)
+                call_id = erin.call(f"sip:echo@127.0.0.1:{kamailio.port}")  # via the registrar
+                erin.expect("media", call_id=call_id, timeout=15)
+                erin.send("hangup", call_id=call_id)
+                erin.expect("disconnected", call_id=call_id, timeout=15)
+            assert stop_process(proc, timeout=30, sig=signal.SIGTERM) == 0
+            log = [json.loads(line) for line in proc.stdout.read().splitlines()]
+        finally:
+            stop_process(proc, timeout=10, sig=signal.SIGKILL)
+    finally:
+        kamailio.close()
+    assert any(e["event"] == "RegistrationChanged" and e["registered"] for e in log)
+    assert any(e["event"] == "CallEnded" and e["call_id"] == call_id for e in log)
+    # shutdown unregistered the account
+    assert [e for e in log if e["event"] == "RegistrationChanged"][-1]["registered"] is False

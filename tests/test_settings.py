@@ -90,3 +90,22 @@ def test_load_settings_names_the_file(tmp_path):
     with pytest.raises(ConfigError, match="cannot read the config file"):
         load_settings(tmp_path / "missing.toml")
     assert load_settings(None) == Settings()
+
+
+def test_password_from_environment(tmp_path, monkeypatch):
+    text = """
+[[sip.accounts]]
+name = "pbx"
+user = "1001"
+registrar = "sip:pbx.example.com"
+password_env = "CALLBOT_TEST_PBX_PASSWORD"
+"""
+    monkeypatch.delenv("CALLBOT_TEST_PBX_PASSWORD", raising=False)
+    with pytest.raises(ConfigError, match=r"\$\.sip\.accounts\[0\]\.password_env: environment variable "
+                                          "CALLBOT_TEST_PBX_PASSWORD is not set"):
+        parse_settings(text, base_dir=tmp_path)
+    monkeypatch.setenv("CALLBOT_TEST_PBX_PASSWORD", "s3cret")
+    acc = parse_settings(text, base_dir=tmp_path).sip.accounts[0]
+    assert acc.password == "s3cret" and acc.password_env is None
+    with pytest.raises(ConfigError, match="not both"):
+        parse_settings(text.replace('password_env', 'password = "x"\npassword_env'), base_dir=tmp_path)
