@@ -95,6 +95,9 @@ class Model:
     def _voice_key(self, voice) -> tuple:
         if isinstance(voice, (VoiceEmbeddings, VoiceRecording)):
             return ("object", id(voice))
+        if not isinstance(voice, (str, os.PathLike)):
+            raise ValueError(f"voice must be a name (one of VOICES), a .pt/.wav path or a loaded voice, "
+                             f"got {type(voice).__name__}")
         text = os.fspath(voice)
         if os.path.isfile(text):
             st = os.stat(text)
@@ -195,4 +198,5 @@ class Session:
             mx.eval(audio)
             self._mimi_state = mimi.snapshot()
         self.frames += 1
-        return np.array(audio, dtype=np.float32), model.tokenizer.piece(text)
+        # numpy has no bfloat16: a GPU codec's output is widened first
+        return np.array(audio.astype(mx.float32)), model.tokenizer.piece(text)

@@ -152,6 +152,8 @@ def test_bad_voice_and_persona(model):
         model.open_session("Bob", PERSONA)
     with pytest.raises(ValueError, match="persona must be a string"):
         model.prepare("NATF0", 42)
+    with pytest.raises(ValueError, match="voice must be a name"):
+        model.prepare(3, PERSONA)
     with pytest.raises(ValueError, match="snapshot must be a PromptSnapshot"):
         model.open_session(snapshot="NATF0")
 
