@@ -19,12 +19,21 @@ class Codebook(nn.Module):
     def __init__(self, dim: int, bins: int):
         super().__init__()
         self.embedding = mx.zeros((bins, dim))
+        self._norms_of = (None, None)  # (embedding it was computed from, its squared norms / 2)
+
+    def _half_norms(self) -> mx.array:
+        # Cached per embedding array: loading weights replaces the array, which invalidates this.
+        source, norms = self._norms_of
+        if source is not self.embedding:
+            norms = (self.embedding * self.embedding).sum(axis=-1) / 2
+            mx.eval(norms)
+            self._norms_of = (self.embedding, norms)
+        return norms
 
     def encode(self, x: mx.array) -> mx.array:
         """Nearest centroid of each vector of `x` `[..., dim]` -> `[...]` int32."""
-        # |x - e|^2 = |x|^2 - 2 x.e + |e|^2; |x|^2 is the same for every centroid, so it is left out.
-        norms = (self.embedding * self.embedding).sum(axis=-1)
-        distances = norms - 2.0 * (x @ self.embedding.T)
+        # |x - e|^2 / 2 = |x|^2 / 2 - x.e + |e|^2 / 2; the |x|^2 term is the same for every centroid.
+        distances = self._half_norms() - x @ self.embedding.T
         return mx.argmin(distances, axis=-1).astype(mx.int32)
 
     def decode(self, codes: mx.array) -> mx.array:
