@@ -19,9 +19,11 @@ then dominates the latency); queue.Queue's consumer blocks in get(). Printed at 
 import os
 import queue
 import statistics
+import multiprocessing
 import threading
 import time
 from collections import deque
+from multiprocessing import shared_memory
 
 import numpy as np
 import pytest
@@ -38,8 +40,14 @@ LAT_FRAMES = 1_000  # per latency round
 LAT_ROUNDS = 6
 GAP_S = 0.0005  # between frames in the latency run, so each finds the transport empty
 JOIN_S = 60.0
+# How a polling consumer (ring, deque) waits: "yield" = os.sched_yield() (gives up the GIL and the
+# CPU, returns at once if nothing else runs), "sleep0" = time.sleep(0) (on Linux a nap of the 50 us
+# timer slack). CALLBOT_BENCH_RING_POLL picks one; BENCHMARKS.md shows both.
+POLL_MODE = os.environ.get("CALLBOT_BENCH_RING_POLL", "yield")
+POLL = {"yield": os.sched_yield, "sleep0": lambda: time.sleep(0)}[POLL_MODE]
 
 RESULTS: dict[tuple[str, str], float] = {}  # (metric, transport) -> value, for the ratio report
+PROC_RESULTS: dict[tuple[str, str], float] = {}  # the same across two processes: ring (shm) and queue (mp)
 
 
 class RingTransport:
@@ -94,14 +102,14 @@ def _put(t, frame):
         t.put(frame)
         return
     while not t.try_put(frame):
-        os.sched_yield()
+        POLL()
 
 
 def _get(t):
     if isinstance(t, QueueTransport):
         return t.get()
     while (frame := t.try_get()) is None:
-        os.sched_yield()
+        POLL()
     return frame
 
 
@@ -196,13 +204,122 @@ def test_latency(benchmark):
         benchmark.extra_info.update({f"{name}_p50_us": round(p50, 1), f"{name}_p99_us": round(p99, 1)})
 
 
+# ---- two processes: the ring in shared memory vs multiprocessing.Queue ------------------------------
+# Each process has its own GIL, so this is the hand-off the engine gets if inference moves to its own
+# process (DESIGN.md). The producer (this process) stamps perf_counter_ns into the frame's first 8
+# bytes; the consumer process subtracts it from its own perf_counter_ns (CLOCK_MONOTONIC on Linux,
+# mach_absolute_time on macOS: one clock for the whole machine).
+
+PROC_FRAMES = 20_000
+PROC_LAT_FRAMES = 2_000
+
+
+def _stamp(frame):
+    frame[:4].view(np.int64)[0] = time.perf_counter_ns()
+
+
+def _stamp_of(frame):
+    return int(frame[:4].view(np.int64)[0])
+
+
+def _ring_consumer(shm_name, n, conn):
+    shm = shared_memory.SharedMemory(name=shm_name)
+    ring = Ring.attach(shm.buf)
+    buf = np.empty(FRAME, dtype=np.int16)
+    lat = np.empty(n, dtype=np.int64)
+    try:
+        conn.send("ready")
+        for i in range(n):
+            while ring.readable < FRAME:
+                POLL()
+            ring.read_into(buf)
+            lat[i] = time.perf_counter_ns() - _stamp_of(buf)
+        conn.send((lat, time.perf_counter_ns()))
+    finally:
+        ring.close()
+        shm.close()
+
+
+def _queue_consumer(q, n, conn):
+    lat = np.empty(n, dtype=np.int64)
+    conn.send("ready")
+    for i in range(n):
+        frame = q.get()
+        lat[i] = time.perf_counter_ns() - _stamp_of(frame)
+    conn.send((lat, time.perf_counter_ns()))
+
+
+def process_round(name, n, gap_s):
+    """Moves n frames to a consumer process (paced by gap_s, or flat out if 0): (frames/s, latencies ns)."""
+    ctx = multiprocessing.get_context("spawn")
+    here, there = ctx.Pipe()
+    shm = ring = proc = None
+    try:
+        if name == "ring":
+            shm = shared_memory.SharedMemory(create=True, size=Ring.nbytes(CAPACITY, np.int16))
+            ring = Ring.create_in(shm.buf, CAPACITY, np.int16)
+            proc = ctx.Process(target=_ring_consumer, args=(shm.name, n, there), daemon=True)
+        else:
+            q = ctx.Queue(maxsize=DEPTH)
+            proc = ctx.Process(target=_queue_consumer, args=(q, n, there), daemon=True)
+        proc.start()
+        assert here.poll(JOIN_S) and here.recv() == "ready"
+        frames = [np.zeros(FRAME, dtype=np.int16) for _ in range(64)]
+        start = time.perf_counter_ns()
+        for i in range(n):
+            if gap_s:
+                time.sleep(gap_s)
+            frame = frames[i % 64]
+            _stamp(frame)
+            if ring is not None:
+                while ring.writable < FRAME:
+                    POLL()
+                ring.write(frame)
+            else:
+                q.put(frame)
+        assert here.poll(JOIN_S), "consumer process hung"
+        lat, end = here.recv()
+        proc.join(JOIN_S)
+        return n / ((end - start) / 1e9), lat
+    finally:
+        if proc is not None and proc.is_alive():
+            proc.kill()
+            proc.join()
+        if ring is not None:
+            ring.close()
+        if shm is not None:
+            shm.close()
+            shm.unlink()
+
+
+@pytest.mark.benchmark(group="ring")
+def test_processes(benchmark):
+    def run():
+        for name in ("ring", "queue"):
+            fps, _ = process_round(name, PROC_FRAMES, 0)
+            _, lat = process_round(name, PROC_LAT_FRAMES, GAP_S)
+            us = lat / 1000.0
+            p50, p99 = np.percentile(us, [50, 99])
+            PROC_RESULTS.update({("frames/s", name): fps, ("latency p50 us", name): p50, ("latency p99 us", name): p99})
+            benchmark.extra_info.update(
+                {f"proc_{name}_frames_per_s": round(fps), f"proc_{name}_p50_us": round(p50, 1), f"proc_{name}_p99_us": round(p99, 1)}
+            )
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+
+
 def test_report_ratios(capsys):
-    """Prints each metric and the ring's ratio to queue.Queue and deque (run after the benches above)."""
-    if len(RESULTS) < 9:
+    """Prints each metric and the ring's ratios to its baselines (run after the benches above)."""
+    if len(RESULTS) < 9 or len(PROC_RESULTS) < 6:
         pytest.skip("run the whole file: the ratios need every transport's numbers")
-    lines = [f"{'metric':<16}{'ring':>10}{'queue':>10}{'deque':>10}{'ring/queue':>12}{'ring/deque':>12}"]
-    for metric in ("frames/s", "latency p50 us", "latency p99 us"):
+    metrics = ("frames/s", "latency p50 us", "latency p99 us")
+    lines = [f"threads (ring/deque consumers poll: {POLL_MODE})", f"{'metric':<16}{'ring':>10}{'queue':>10}{'deque':>10}{'ring/queue':>12}{'ring/deque':>12}"]
+    for metric in metrics:
         r, q, d = (RESULTS[(metric, n)] for n in ("ring", "queue", "deque"))
         lines.append(f"{metric:<16}{r:>10.1f}{q:>10.1f}{d:>10.1f}{r / q:>12.2f}{r / d:>12.2f}")
+    lines += [f"processes (ring consumer polls: {POLL_MODE})", f"{'metric':<16}{'ring shm':>10}{'mp.Queue':>10}{'ring/queue':>12}"]
+    for metric in metrics:
+        r, q = (PROC_RESULTS[(metric, n)] for n in ("ring", "queue"))
+        lines.append(f"{metric:<16}{r:>10.1f}{q:>10.1f}{r / q:>12.2f}")
     with capsys.disabled():
         print("\n" + "\n".join(lines))
