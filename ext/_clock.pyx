@@ -8,6 +8,8 @@ The sleeping is C (ext/clock.c: clock_nanosleep(TIMER_ABSTIME) on Linux, mach_wa
 and runs without the GIL.
 """
 
+from cpython.exc cimport PyErr_CheckSignals
+from libc.errno cimport EINTR
 from libc.stdint cimport int64_t
 
 cdef extern from "clock.h" nogil:
@@ -18,10 +20,11 @@ cdef extern from "clock.h" nogil:
         int64_t ticks
         int64_t missed
     int64_t cb_clock_now_ns()
-    int cb_clock_sleep_until(int64_t deadline_ns)
+    int cb_clock_sleep_until_interruptible(int64_t deadline_ns)
     void cb_periodic_reset(cb_periodic *p, int64_t period_ns, int64_t start_ns)
     int64_t cb_periodic_deadline(const cb_periodic *p)
-    int64_t cb_periodic_wait(cb_periodic *p)
+    int64_t cb_periodic_begin(cb_periodic *p)
+    int64_t cb_periodic_end(cb_periodic *p, int64_t deadline_ns)
     int64_t cb_periodic_skip_to_now(cb_periodic *p)
 
 import math
@@ -42,6 +45,22 @@ cdef int64_t _check_time(str name, object value) except -1:
     return value
 
 
+cdef int _sleep_until(int64_t deadline) except -1:
+    """Sleep to `deadline` without the GIL. A signal cuts the OS wait short: Python's handlers run
+    (in the main thread; KeyboardInterrupt propagates from here) and the wait resumes on the same
+    absolute deadline, so a handled signal neither shortens nor lengthens it."""
+    cdef int err
+    while True:
+        with nogil:
+            err = cb_clock_sleep_until_interruptible(deadline)
+        if err != EINTR:
+            break
+        PyErr_CheckSignals()
+    if err:
+        raise OSError(err, f"sleep until {deadline} ns failed")
+    return 0
+
+
 def now_ns():
     """Monotonic time in ns: the time base of every deadline here (equal to time.monotonic_ns())."""
     return cb_clock_now_ns()
@@ -49,7 +68,8 @@ def now_ns():
 
 def sleep_until(deadline_ns):
     """Sleep until the monotonic clock reaches `deadline_ns`; return the lateness of the wake in ns
-    (>= 0; a deadline already passed returns at once with how far past it was). Releases the GIL.
+    (>= 0; a deadline already passed returns at once with how far past it was). Releases the GIL;
+    signal handlers run during the wait (Ctrl-C interrupts it), which then resumes on the same deadline.
 
     Waiting for "data ready OR deadline" (the inference runner's watchdog, DESIGN.md "Cadence"): the
     producer is the pjmedia clock thread, which must not make system calls, so nothing can wake us
@@ -67,11 +87,7 @@ def sleep_until(deadline_ns):
     put a system call on the media thread and need shared-memory care across processes.
     """
     cdef int64_t deadline = _check_time("deadline_ns", deadline_ns)
-    cdef int err
-    with nogil:
-        err = cb_clock_sleep_until(deadline)
-    if err:
-        raise OSError(err, f"sleep until {deadline} ns failed")
+    _sleep_until(deadline)
     return cb_clock_now_ns() - deadline
 
 
@@ -106,17 +122,18 @@ cdef class PeriodicClock:
         self._waiting = False
 
     def wait(self):
-        """Sleep until the next deadline; return this wake's lateness in ns (GIL released)."""
-        cdef int64_t late
+        """Sleep until the next deadline; return this wake's lateness in ns (GIL released; signal
+        handlers run during the wait, which then resumes on the same deadline)."""
+        cdef int64_t deadline
         if self._waiting:
             raise RuntimeError(ERR_BUSY)
         self._waiting = True
         try:
-            with nogil:
-                late = cb_periodic_wait(&self._p)
+            deadline = cb_periodic_begin(&self._p)
+            _sleep_until(deadline)  # an exception from a signal handler leaves the grid unadvanced
+            return cb_periodic_end(&self._p, deadline)
         finally:
             self._waiting = False
-        return late
 
     def reset(self, start_ns=None):
         """Restart the grid at `start_ns` (default: now); counters go back to 0."""

@@ -50,28 +50,27 @@ int64_t cb_clock_now_ns(void) {
 #endif
 }
 
-int cb_clock_sleep_until(int64_t deadline_ns) {
+int cb_clock_sleep_until_interruptible(int64_t deadline_ns) {
     if (deadline_ns < 0) return EINVAL;
 #if defined(__APPLE__)
-    uint64_t target = ns_to_ticks_ceil(deadline_ns);
-    /* mach_wait_until takes an absolute tick count; an interrupted wait (KERN_ABORTED) is resumed on
-     * the same absolute target, which is the point of waiting on deadlines. */
-    for (;;) {
-        kern_return_t kr = mach_wait_until(target);
-        if (kr == KERN_SUCCESS) return 0;
-        if (kr != KERN_ABORTED) return EINVAL;
-    }
+    /* mach_wait_until takes an absolute tick count; KERN_ABORTED means a signal cut it short. */
+    kern_return_t kr = mach_wait_until(ns_to_ticks_ceil(deadline_ns));
+    return kr == KERN_SUCCESS ? 0 : kr == KERN_ABORTED ? EINTR : EINVAL;
 #else
     struct timespec ts = {.tv_sec = deadline_ns / NS_PER_S, .tv_nsec = deadline_ns % NS_PER_S};
-    /* TIMER_ABSTIME: an interrupted sleep (EINTR, e.g. a signal handled by Python) restarts on the same
-     * absolute deadline instead of a recomputed relative one, so interruptions add no drift.
-     * clock_nanosleep returns the error number; it does not set errno. */
+    /* clock_nanosleep returns the error number; it does not set errno. */
+    return clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL);
+#endif
+}
+
+int cb_clock_sleep_until(int64_t deadline_ns) {
+    /* An interrupted wait restarts on the same absolute deadline, not on a recomputed relative delay,
+     * so interruptions add no drift: the point of waiting on deadlines. */
     int err;
     do {
-        err = clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL);
+        err = cb_clock_sleep_until_interruptible(deadline_ns);
     } while (err == EINTR);
     return err;
-#endif
 }
 
 void cb_periodic_reset(cb_periodic *p, int64_t period_ns, int64_t start_ns) {
@@ -82,7 +81,7 @@ void cb_periodic_reset(cb_periodic *p, int64_t period_ns, int64_t start_ns) {
     p->missed = 0;
 }
 
-int64_t cb_periodic_wait(cb_periodic *p) {
+int64_t cb_periodic_begin(cb_periodic *p) {
     int64_t deadline = cb_periodic_deadline(p);
     int64_t behind = cb_clock_now_ns() - deadline;
     if (behind >= p->period_ns) {
@@ -92,10 +91,19 @@ int64_t cb_periodic_wait(cb_periodic *p) {
         p->missed += drop;
         deadline += drop * p->period_ns;
     }
-    cb_clock_sleep_until(deadline); /* deadline >= start_ns >= 0 (checked by the binding): cannot fail */
+    return deadline;
+}
+
+int64_t cb_periodic_end(cb_periodic *p, int64_t deadline_ns) {
     p->next += 1;
     p->ticks += 1;
-    return cb_clock_now_ns() - deadline;
+    return cb_clock_now_ns() - deadline_ns;
+}
+
+int64_t cb_periodic_wait(cb_periodic *p) {
+    int64_t deadline = cb_periodic_begin(p);
+    cb_clock_sleep_until(deadline); /* deadline >= start_ns >= 0 (checked by the binding): cannot fail */
+    return cb_periodic_end(p, deadline);
 }
 
 int64_t cb_periodic_skip_to_now(cb_periodic *p) {

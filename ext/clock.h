@@ -41,6 +41,10 @@ int64_t cb_clock_now_ns(void);
  * in the past returns at once. */
 int cb_clock_sleep_until(int64_t deadline_ns);
 
+/* The same, but a signal ends the wait early with EINTR, so a caller with signal handlers to run
+ * (Python: KeyboardInterrupt) can run them and call again with the same deadline. */
+int cb_clock_sleep_until_interruptible(int64_t deadline_ns);
+
 typedef struct cb_periodic {
     int64_t start_ns;  /* grid origin: deadlines are start_ns + k * period_ns, k >= 1 */
     int64_t period_ns; /* > 0 */
@@ -61,6 +65,12 @@ static inline int64_t cb_periodic_deadline(const cb_periodic *p) {
  * return the lateness of this wake: wake time minus the deadline it served, in ns, >= 0. Blocks: call
  * it without the GIL. */
 int64_t cb_periodic_wait(cb_periodic *p);
+
+/* cb_periodic_wait in two halves, for a caller that sleeps by itself (interruptibly):
+ * cb_periodic_begin applies the no-burst policy and returns the deadline to sleep until;
+ * cb_periodic_end, called once that deadline has passed, advances the grid and returns the lateness. */
+int64_t cb_periodic_begin(cb_periodic *p);
+int64_t cb_periodic_end(cb_periodic *p, int64_t deadline_ns);
 
 /* Move the next deadline to the first grid point after now; returns how many grid points it dropped
  * (also added to `missed`). Does not sleep. */

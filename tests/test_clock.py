@@ -1,6 +1,7 @@
 """PeriodicClock and sleep_until: deadlines sit on an absolute grid, missed periods are counted and
 never replayed, and bad input is refused. No timing thresholds here: how late a wake is belongs to
 bench/bench_clock.py."""
+import signal
 import threading
 import time
 
@@ -118,6 +119,58 @@ def test_sleep_until_a_past_deadline_reports_how_late():
     deadline = now_ns()
     late = sleep_until(deadline - PERIOD_NS)
     assert late >= PERIOD_NS
+
+
+needs_sigalrm = pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs SIGALRM timers")
+
+
+@needs_sigalrm
+def test_a_handled_signal_neither_ends_nor_restarts_the_wait():
+    calls = []
+    old = signal.signal(signal.SIGALRM, lambda *_: calls.append(now_ns()))
+    try:
+        clock = PeriodicClock(100)
+        deadline = clock.deadline_ns
+        signal.setitimer(signal.ITIMER_REAL, 0.02)  # fires inside the wait
+        clock.wait()
+        woke = now_ns()
+        deadline2 = now_ns() + 100_000_000
+        signal.setitimer(signal.ITIMER_REAL, 0.02)
+        sleep_until(deadline2)
+        woke2 = now_ns()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert len(calls) == 2
+    assert calls[0] < deadline and calls[1] < deadline2  # the handlers ran mid-wait...
+    assert woke >= deadline and woke2 >= deadline2  # ...and the waits still reached their deadlines
+    assert clock.ticks == 1 and clock.deadline_ns == deadline + clock.period_ns
+
+
+@needs_sigalrm
+def test_an_exception_from_a_signal_handler_interrupts_the_wait():
+    class Interrupted(Exception):
+        pass
+
+    def handler(*_):
+        raise Interrupted
+
+    old = signal.signal(signal.SIGALRM, handler)
+    try:
+        clock = PeriodicClock(60_000)
+        deadline = clock.deadline_ns
+        signal.setitimer(signal.ITIMER_REAL, 0.02)
+        with pytest.raises(Interrupted):
+            clock.wait()  # would sleep a minute if the signal could not reach Python
+        assert now_ns() < deadline
+        assert clock.ticks == 0 and clock.deadline_ns == deadline  # the grid did not move
+        signal.setitimer(signal.ITIMER_REAL, 0.02)
+        with pytest.raises(Interrupted):
+            sleep_until(now_ns() + 60 * 10**9)
+        clock.skip_to_now()  # usable again: the interrupted wait released the clock
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def test_wait_releases_the_gil():
