@@ -131,7 +131,13 @@ class MimiState:
 class Mimi(nn.Module):
     """The codec. `encode`/`decode` take whole signals and keep no state; `encode_step`/`decode_step`
     stream one 80 ms frame at a time. PCM is float in [-1, 1], shaped `[T]` or `[B, T]`; codes are
-    int32 `[num_codebooks, frames]` or `[B, num_codebooks, frames]`. Results are lazy `mx.array`s."""
+    int32 `[num_codebooks, frames]` or `[B, num_codebooks, frames]`. Results are lazy `mx.array`s.
+
+        mimi = load_mimi("tokenizer-e351c8d8-checkpoint125.safetensors")
+        codes = mimi.encode_step(frame)          # 1920 float32 samples -> [8] int32
+        pcm = np.array(mimi.decode_step(codes))  # [8] -> 1920 samples
+        saved = mimi.snapshot(); ...; mimi.restore(saved)
+    """
 
     def __init__(self, cfg: MimiConfig | None = None):
         super().__init__()
