@@ -8,5 +8,9 @@ from callbot.engine.ring import Ring
 from callbot.engine.resampler import Resampler
 from callbot.engine.realtime import RealtimeResult, make_realtime
 from callbot.engine.mimi import Mimi, MimiConfig, MimiWeightsError, load_mimi
+from callbot.engine.lm_config import LmConfig, moshiko_7b, personaplex_7b
+from callbot.engine.lm import LM, LmSnapshot, LmState
+from callbot.engine.sampling import SamplingConfig
+from callbot.engine.weights import WeightsError, find_weights, load_lm
 from callbot.engine.voices import VOICES
 from callbot.engine.session import Model, Session, PromptSnapshot
