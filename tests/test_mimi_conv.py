@@ -85,8 +85,8 @@ SMALL_SEANET = dict(channels=1, dimension=16, n_filters=4, n_residual_layers=1, 
                     compress=2, pad_mode="constant", causal=True, true_skip=True, norm="none")
 
 
-def seanet_config():
-    kw = dict(SMALL_SEANET)
+def seanet_config(**changes):
+    kw = dict(SMALL_SEANET, **changes)
     for key in ("causal", "true_skip", "norm"):
         kw.pop(key)
     kw["ratios"] = tuple(kw["ratios"])
@@ -110,12 +110,14 @@ def randomize(module):
             p.normal_(0, 0.3)
 
 
-def test_seanet_encoder_and_decoder_match_reference():
+@pytest.mark.parametrize("changes", [{}, {"n_residual_layers": 2, "compress": 4, "pad_mode": "replicate"}])
+def test_seanet_encoder_and_decoder_match_reference(changes):
     torch.manual_seed(3)
-    ref_enc, ref_dec = moshi_seanet.SEANetEncoder(**SMALL_SEANET), moshi_seanet.SEANetDecoder(**SMALL_SEANET)
+    kw = dict(SMALL_SEANET, **changes)
+    ref_enc, ref_dec = moshi_seanet.SEANetEncoder(**kw), moshi_seanet.SEANetDecoder(**kw)
     randomize(ref_enc)
     randomize(ref_dec)
-    cfg = seanet_config()
+    cfg = seanet_config(**changes)
     enc, dec = SeanetEncoder(cfg), SeanetDecoder(cfg)
     copy_seanet(enc, ref_enc, "model")
     copy_seanet(dec, ref_dec, "model")
