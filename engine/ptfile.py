@@ -139,7 +139,11 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if cached is not None:
             return cached
         member = f"{self._root}data/{key}"
-        dtype = stype.dtype.newbyteorder(">") if self._big_endian else stype.dtype
+        # looked up again by name: a pickle could BUILD new attributes onto the stand-in object
+        base = _STORAGE_DTYPES.get(getattr(stype, "name", None))
+        if base is None:
+            raise pickle.UnpicklingError(f"storage {member} of unknown type")
+        dtype = base.newbyteorder(">") if self._big_endian else base
         need = int(numel) * dtype.itemsize
         try:
             with self._zf.open(member) as f:
@@ -149,7 +153,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if len(raw) < need:
             raise pickle.UnpicklingError(f"storage {member} holds {len(raw)} bytes, {need} expected")
         data = np.frombuffer(raw, dtype=dtype, count=int(numel)).astype(dtype.newbyteorder("="))
-        storage = _Storage(data, bfloat16=stype.name == "BFloat16Storage")
+        storage = _Storage(data, bfloat16=base is _STORAGE_DTYPES["BFloat16Storage"])
         self._storages[key] = storage
         return storage
 

@@ -281,3 +281,22 @@ def test_silent_wav_voice_is_refused(tmp_path):
     _write_wav16(tmp_path / "quiet.wav", np.zeros(24000), 24000)
     with pytest.raises(ValueError, match=r"quiet\.wav.*silent"):
         voice_from_wav(tmp_path / "quiet.wav")
+
+
+def test_tensor_reaching_past_its_storage_is_refused(tmp_path):
+    # a pickle claiming a [4, 4] tensor over a storage of 4 elements: must not read beyond it
+    good = pt_bytes({"embeddings": ("float32", np.arange(4, dtype=np.float32)), "cache": ("int64", np.zeros(2, np.int64))})
+    src = zipfile.ZipFile(io.BytesIO(good))
+    pkl = src.read("archive/data.pkl")
+    size_4 = b"(J\x04\x00\x00\x00t"  # the size tuple (4,) as the writer emits it
+    assert pkl.count(size_4) == 1
+    pkl = pkl.replace(size_4, b"(J\x04\x00\x00\x00J\x04\x00\x00\x00t", 1)
+    pkl = pkl.replace(b"(J\x01\x00\x00\x00t", b"(J\x04\x00\x00\x00J\x01\x00\x00\x00t", 1)  # stride (4, 1)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for info in src.infolist():
+            zf.writestr(info.filename, pkl if info.filename.endswith("data.pkl") else src.read(info))
+    path = tmp_path / "past.pt"
+    path.write_bytes(buf.getvalue())
+    with pytest.raises(PtFileError, match=r"past\.pt: tensor of size \(4, 4\)"):
+        read_pt(path)
