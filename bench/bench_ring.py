@@ -2,7 +2,7 @@
 
 Why: the ring is meant to be the cheapest hand-off between the media thread and the engine; this
 measures it against the two stdlib ways of doing the same in one run, so the numbers are ratios on
-the same machine and load. Run (about 15 s):
+the same machine and load. Run (about 40 s):
 
     python -m pytest bench/bench_ring.py -p no:cacheprovider --benchmark-columns=median,ops,rounds
 

@@ -128,6 +128,12 @@ class Ring(_ring.Ring):
             raise ValueError(ERR_ATTACH[status])
         return ring
 
+    def __reduce__(self):
+        raise TypeError(
+            "a Ring cannot be pickled (it points into memory of this process): create it with "
+            "Ring.create_in(shm.buf, ...) and have the other process call Ring.attach on the same block"
+        )
+
     def __repr__(self) -> str:
         if self.closed:
             return "<Ring closed>"

@@ -175,11 +175,12 @@ cdef class Ring:
             done = cb_ring_write(self.ring, src, n)
         return done
 
-    def read(self, Py_ssize_t n):
-        """Exactly n samples as a new array, or None (and one underrun counted) if fewer are readable."""
+    def read(self, count):
+        """Exactly `count` samples as a new array, or None (and one underrun counted) if fewer are readable."""
         self._check_open()
-        if n < 0:
-            raise ValueError(f"read() takes a sample count >= 0, got {n}")
+        if not isinstance(count, (int, cnp.integer)) or isinstance(count, bool) or count < 0:
+            raise ValueError(f"read() takes a sample count, an int >= 0, got {count!r}")
+        cdef Py_ssize_t n = count
         if cb_ring_readable(self.ring) < <size_t>n:
             cb_ring_count_underrun(self.ring)
             return None

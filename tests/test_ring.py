@@ -1,5 +1,6 @@
 """Tests of callbot.engine.Ring: the SPSC PCM ring, in one thread, two threads and two processes."""
 import multiprocessing
+import pickle
 import threading
 import time
 from collections import deque
@@ -180,8 +181,9 @@ def test_bad_samples_are_value_errors(dtype):
         ring.write(np.zeros((2, 2), dtype=dtype))
     with pytest.raises(ValueError, match="numpy array"):
         ring.write([1, 2, 3])
-    with pytest.raises(ValueError, match=">= 0"):
-        ring.read(-1)
+    for count in (-1, 1.5, "3", True, None):
+        with pytest.raises(ValueError, match="sample count"):
+            ring.read(count)
     with pytest.raises(ValueError, match="the ring's dtype"):
         ring.read_into(np.zeros(4, dtype=other))
     with pytest.raises(ValueError, match="1-D"):
@@ -195,6 +197,11 @@ def test_bad_samples_are_value_errors(dtype):
     with pytest.raises(ValueError, match="numpy array"):
         ring.read_into(bytearray(8))
     assert (ring.readable, ring.overruns, ring.underruns) == (0, 0, 0)  # nothing moved
+
+
+def test_ring_refuses_pickling_and_says_how_to_share():
+    with pytest.raises(TypeError, match="Ring.attach"):
+        pickle.dumps(Ring(16, "int16"))
 
 
 def test_closed_ring_is_a_value_error(dtype):
