@@ -103,7 +103,7 @@ def persona_tokens(tokenizer: TextTokenizer, persona: str) -> list[int]:
     """The text prompt's ids: `<system> {persona} <system>`, or none for an empty persona (as NVIDIA)."""
     if not isinstance(persona, str):
         raise ValueError(f"persona must be a string, got {type(persona).__name__}")
-    if not persona.strip():
+    if not persona:  # NVIDIA's test is the length: a blank persona still gets its (empty) tags
         return []
     return tokenizer.encode(wrap_with_system_tags(persona))
 

@@ -82,7 +82,8 @@ def test_layout_of_a_saved_voice_prompt(model):
 
 
 def test_empty_persona_has_no_text_prompt(model):
-    assert persona_tokens(model.tokenizer, "   ") == []
+    assert persona_tokens(model.tokenizer, "") == []
+    assert persona_tokens(model.tokenizer, "   ") == model.tokenizer.encode("<system>  <system>")
     with pytest.raises(ValueError, match="persona must be a string"):
         persona_tokens(model.tokenizer, None)
 
