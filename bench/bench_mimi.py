@@ -4,6 +4,8 @@ Why: the codec runs twice per 80 ms frame (caller in, agent out) beside the 7B s
 part of the real-time budget. Both implementations load the same random NVIDIA-layout checkpoint and
 take turns frame by frame (ours encode, theirs encode, ours decode, theirs decode), so the shared
 machine's load falls on both alike; the report is the median per frame and the ratio ours / theirs.
+The comparison is of cost only: moshi_mlx's Mimi MLP uses `nn.gelu_approx` where Kyutai's PyTorch
+(and ours) use the exact GELU, so its codes and audio differ from both (ours equals PyTorch's).
 Sizes: "tiny" (the tests' codec) and "full" (the released Mimi, 96 M parameters; slow on CPU).
 Run (about 1 min on 2 cores):
 
