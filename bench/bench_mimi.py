@@ -4,8 +4,10 @@ Why: the codec runs twice per 80 ms frame (caller in, agent out) beside the 7B s
 part of the real-time budget. Both implementations load the same random NVIDIA-layout checkpoint and
 take turns frame by frame (ours encode, theirs encode, ours decode, theirs decode), so the shared
 machine's load falls on both alike; the report is the median per frame and the ratio ours / theirs.
-The comparison is of cost only: moshi_mlx's Mimi MLP uses `nn.gelu_approx` where Kyutai's PyTorch
-(and ours) use the exact GELU, so its codes and audio differ from both (ours equals PyTorch's).
+The comparison is of cost only: moshi_mlx 0.3.0's Mimi transformers use `nn.gelu_approx` where Kyutai's
+PyTorch (and ours) use the exact GELU, and attend without a causal mask inside a call (a streaming step
+carries 2 positions), so its codes and audio differ from PyTorch's; ours equal PyTorch's. (Fed one
+position per call with the exact GELU patched in, its transformer equals ours to 0.0.)
 Sizes: "tiny" (the tests' codec) and "full" (the released Mimi, 96 M parameters; slow on CPU).
 Run (about 1 min on 2 cores):
 
