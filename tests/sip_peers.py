@@ -280,3 +280,134 @@ def endpoint_process(*args: str, log_path: pathlib.Path | None = None):
 
 def tmpdir() -> tempfile.TemporaryDirectory:
     return tempfile.TemporaryDirectory(prefix="callbot-sip-")
+
+
+def _udp_port_taken(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.bind((LOCALHOST, port))
+        except OSError:
+            return True
+    return False
+
+
+class _Lines:
+    """Collects a process's output lines on a thread, for `wait_line`."""
+
+    def __init__(self, stream, log_path: pathlib.Path | None):
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self._log = open(log_path, "w") if log_path else None
+        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+
+    def _read(self, stream) -> None:
+        for raw in stream:
+            line = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+            if self._log:
+                self._log.write(line)
+                self._log.flush()
+            with self._cond:
+                self.lines.append(line)
+                self._cond.notify_all()
+        if self._log:
+            self._log.close()
+
+    def wait_line(self, text: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for line in self.lines:
+                    if text in line:
+                        return line
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no output line with {text!r} within {timeout} s:\n{''.join(self.lines)[-2000:]}")
+                self._cond.wait(left)
+
+
+BARESIP_MODULES = "/usr/lib/baresip/modules"
+
+
+class Baresip:
+    """baresip 1.0 with auto-answer, a 440 Hz source (ausine), G.722/PCMU/PCMA; `uri` reaches it.
+
+    `dial` makes it call that URI at start (menu's /dial). It quits by itself after `max_s` seconds
+    (-t) in case a test forgets it; `close()` stops it now.
+    """
+
+    def __init__(self, workdir: pathlib.Path, *, user: str = "peer", dial: str | None = None, max_s: int = 60):
+        self.port = free_port()
+        rtp = free_port()
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config").write_text(
+            f"poll_method epoll\nsip_listen {LOCALHOST}:{self.port}\n"
+            f"audio_player aufile,{workdir / 'played.wav'}\naudio_source ausine,440\naudio_alert aufile,/dev/null\n"
+            f"ausrc_srate 48000\nauplay_srate 48000\nausrc_channels 2\nauplay_channels 2\n"
+            f"rtp_ports {rtp}-{rtp + 20}\nmodule_path {BARESIP_MODULES}\n"
+            "module g711.so\nmodule g722.so\nmodule ausine.so\nmodule aufile.so\n"
+            "module_app account.so\nmodule_app menu.so\n")
+        (workdir / "accounts").write_text(f"<sip:{user}@{LOCALHOST}:{self.port}>;regint=0;answermode=auto\n")
+        self.uri = f"sip:{user}@{LOCALHOST}:{self.port}"
+        args = ["baresip", "-f", str(workdir), "-t", str(max_s)]
+        if dial:
+            args += ["-e", f"/dial {dial}"]
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.output = _Lines(self.proc.stdout, workdir / "baresip.log")
+        try:
+            self.output.wait_line("baresip is ready", 20)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> int:
+        return stop_process(self.proc, 10)
+
+    def __enter__(self) -> Baresip:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Sipp:
+    """SIPp 3.6 running one of its built-in scenarios ("uac", "uas") on 127.0.0.1.
+
+    UAS: `uri` is where to call it; `-rtp_echo` sends every RTP packet back. UAC: calls `target`.
+    `-m calls` ends it after that many calls; `wait()` gives its exit status (0 = all calls succeeded).
+    """
+
+    def __init__(self, scenario: str, workdir: pathlib.Path, *, target: str | None = None, service: str = "service",
+                 calls: int = 1, call_ms: int = 1000, rtp_echo: bool = False, timeout_s: int = 30):
+        self.port = free_port()
+        self.uri = f"sip:{service}@{LOCALHOST}:{self.port}"
+        workdir.mkdir(parents=True, exist_ok=True)
+        args = ["sipp", "-sn", scenario, "-i", LOCALHOST, "-p", str(self.port), "-mp", str(free_port()),
+                "-m", str(calls), "-d", str(call_ms), "-timeout", str(timeout_s), "-timeout_error", "-nostdin",
+                "-trace_err", "-error_file", str(workdir / f"sipp-{scenario}-errors.log")]
+        if target:
+            args[3:3] = [target, "-s", service]
+        if rtp_echo:
+            args.append("-rtp_echo")
+        self._log = open(workdir / f"sipp-{scenario}.log", "w")
+        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        if scenario == "uas":
+            deadline = time.monotonic() + 10
+            while not _udp_port_taken(self.port):
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.close()
+                    raise RuntimeError("sipp did not start listening")
+                time.sleep(0.02)
+
+    def wait(self, timeout: float = 40) -> int:
+        return self.proc.wait(timeout)
+
+    def close(self) -> int:
+        rc = stop_process(self.proc, 10)
+        self._log.close()
+        return rc
+
+    def __enter__(self) -> Sipp:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
