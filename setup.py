@@ -23,6 +23,7 @@ EXTRA_SOURCES: dict[str, list[str]] = {
 # extension name -> system libraries it links
 LIBRARIES: dict[str, list[str]] = {
     "_resampler": ["m"],  # lrintf
+    "_pcm": ["c++" if sys.platform == "darwin" else "stdc++"],  # ::operator new/delete (ext/_pcm.pyx)
 }
 
 CFLAGS = ["-O2", "-std=c11"] if sys.platform != "win32" else []

@@ -56,10 +56,12 @@ class EchoEngine:
         self._thread.start()
 
     def open_session(self, call_info: Any, rate: int | None = None) -> EchoSession:
-        """A session at `rate` Hz (the media port's rate; default `call_info.clock_rate`)."""
+        """A session at `rate` Hz: the media port's rate; by default `call_info.port_rate` when the call
+        has one (the bridge's rate, which the port should run at), else `call_info.clock_rate`."""
         if self._stop.is_set():
             raise RuntimeError("the echo engine is closed")
-        rate = rate if rate is not None else getattr(call_info, "clock_rate", None)
+        if rate is None:
+            rate = getattr(call_info, "port_rate", None) or getattr(call_info, "clock_rate", None)
         if rate is None:
             raise ValueError("open_session needs the media port's rate: pass rate= or a call_info with clock_rate")
         session = EchoSession(call_info, CallAudio(rate))

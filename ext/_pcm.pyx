@@ -6,15 +6,23 @@ from Python its bytes can only be read or set one element at a time (the fast `a
 in 2.16). Here the vector's storage is reached through the SWIG proxy's pointer and copied with memcpy
 straight into / out of a Ring, so a 20 ms frame costs a few microseconds and no Python object per sample.
 
-How the vector is reached: a SWIG proxy's `.this` is a SwigPyObject { PyObject_HEAD; void *ptr; ... }
-whose ptr is the C++ object; libstdc++, libc++ and MSVC all lay out std::vector as three pointers
-{begin, end, end_of_capacity}. `check_vector_layout` verifies both facts against a real ByteVector
-before any port uses them (callbot.sip.media_port calls it once at import). Growing the vector (the
-frame pjsua2 hands onFrameRequested is empty) is C++ work, so that one step goes through the SWIG
-method `resize`.
+Why no SWIG call at all in the callbacks: the SWIG build of pjsua2 releases the GIL around every call
+into C++, member getters and setters included (`frame.buf`, `frame.size`, `buf.resize`). Each release
+means taking the GIL back, which waits up to the interpreter's switch interval (5 ms) behind a busy
+Python thread: measured, three such calls per frame put p99 callback cost at 6.5 ms with a Python-heavy
+thread running (bench/bench_media.py). So the pump reads and writes the MediaFrame's fields in place:
+the callback takes the GIL once (SWIG's upcall) and keeps it to the end, a few microseconds.
 
-The GIL is NOT released here: the callbacks arrive holding it, the copies take about a microsecond,
-and releasing it would mean waiting to take it back behind whatever thread runs next.
+How the fields are reached: a SWIG proxy's `.this` is a SwigPyObject { PyObject_HEAD; void *ptr; ... }
+whose ptr is the C++ object. pj::MediaFrame is { pjmedia_frame_type type; ByteVector buf; unsigned
+size; }, and libstdc++, libc++ and MSVC all lay out std::vector as three pointers {begin, end,
+end_of_capacity}. The frame pjsua2 hands onFrameRequested has an empty vector; it is grown with C++'s
+own ::operator new, the allocation the vector's destructor frees with ::operator delete (so this module
+links the C++ runtime). `check_layout` verifies every one of these facts on real pjsua2 objects before
+any frame moves (callbot.sip.media_port calls it at import); until it has passed, the pump refuses.
+
+The GIL is never released here: the copies take about a microsecond, and releasing it would mean
+waiting to take it back behind whatever thread runs next.
 """
 from cpython.ref cimport PyObject
 from libc.stdint cimport int16_t, uint64_t
@@ -24,46 +32,99 @@ from callbot.engine._ring cimport Ring
 
 cdef extern from *:
     """
+    #include <stddef.h>
     typedef struct { PyObject_HEAD void *ptr; } callbot_swig_object;
+    /* std::vector<unsigned char> as libstdc++, libc++ and MSVC lay it out */
     typedef struct { unsigned char *begin; unsigned char *end; unsigned char *cap; } callbot_byte_vector;
-    static inline callbot_byte_vector *callbot_vector_of(PyObject *swig_this) {
-        return (callbot_byte_vector *)((callbot_swig_object *)swig_this)->ptr;
-    }
+    /* pj::MediaFrame (pjsua2/media.hpp): { pjmedia_frame_type type; ByteVector buf; unsigned size; } */
+    typedef struct { int type; callbot_byte_vector buf; unsigned size; } callbot_media_frame;
+    static inline void *callbot_swig_ptr(PyObject *swig_this) { return ((callbot_swig_object *)swig_this)->ptr; }
+    /* C++'s ::operator new(size_t), the allocation std::allocator pairs with the ::operator delete that
+     * ~vector calls: declared by its mangled name (the same symbol on Linux and macOS). */
+    void *_Znwm(size_t n);
+    void _ZdlPv(void *p);
+    static inline unsigned char *callbot_cxx_new(size_t n) { return (unsigned char *)_Znwm(n); }
+    static inline void callbot_cxx_delete(void *p) { _ZdlPv(p); }
     """
     ctypedef struct callbot_byte_vector:
         unsigned char* begin
         unsigned char* end
         unsigned char* cap
-    callbot_byte_vector* callbot_vector_of(PyObject* swig_this)
+    ctypedef struct callbot_media_frame:
+        int type
+        callbot_byte_vector buf
+        unsigned size
+    void* callbot_swig_ptr(PyObject* swig_this)
+    unsigned char* callbot_cxx_new(size_t n)
+    void callbot_cxx_delete(void* p)
 
 # pjmedia_frame_type PJMEDIA_FRAME_TYPE_AUDIO (pjmedia/frame.h)
 DEF FRAME_TYPE_AUDIO = 1
 # largest frame we copy through the stack buffer: 20 ms at 48 kHz, in samples
 DEF MAX_FRAME = 960
 
-ERR_LAYOUT = "pjsua2's ByteVector is not laid out as this module expects ({what}); the media port cannot run"
+ERR_LAYOUT = "pjsua2's {what} is not laid out as this module expects; the media port cannot run"
+ERR_UNCHECKED = "call check_layout(pjsua2) once before moving frames (it checks how SWIG's objects are laid out)"
+
+# The type of SWIG's `.this` objects (SwigPyObject), learned by check_layout: until then nothing is trusted.
+cdef object _swig_type = None
 
 
-cdef inline callbot_byte_vector* _vector(object byte_vector) except NULL:
-    this = byte_vector.this
+cdef inline void* _swig_ptr(object proxy) except NULL:
+    this = proxy.this
+    if type(this) is not _swig_type:
+        if _swig_type is None:
+            raise ValueError(ERR_UNCHECKED)
+        raise ValueError(f"expected a pjsua2 object, got {type(proxy).__name__}")
+    return callbot_swig_ptr(<PyObject*>this)
+
+
+cdef inline void _grow(callbot_byte_vector* v, size_t nbytes) noexcept:
+    """Makes the vector hold nbytes (contents undefined), as vector::resize would, without a SWIG call."""
+    cdef unsigned char* p
+    if <size_t>(v.cap - v.begin) < nbytes:
+        p = callbot_cxx_new(nbytes)
+        if v.begin != NULL:
+            callbot_cxx_delete(v.begin)
+        v.begin = p
+        v.cap = p + nbytes
+    v.end = v.begin + nbytes
+
+
+def check_layout(pj):
+    """Checks, on real objects of the pjsua2 module `pj`, every assumption the pump makes about them;
+    ValueError naming the first that fails. The media port calls it once at import."""
+    global _swig_type
+    probe = bytes(range(1, 17))
+    v = pj.ByteVector(probe)
+    this = v.this
     if type(this).__name__ != "SwigPyObject":
-        raise ValueError(ERR_LAYOUT.format(what=f".this is {type(this).__name__}, not SwigPyObject"))
-    return callbot_vector_of(<PyObject*>this)
-
-
-def check_vector_layout(byte_vector, bytes expected):
-    """Raises ValueError unless `byte_vector` (a ByteVector holding `expected`) is seen as expected."""
-    cdef callbot_byte_vector* v = _vector(byte_vector)
-    cdef size_t n = v.end - v.begin
-    if n != <size_t>len(expected) or n != <size_t>byte_vector.size():
-        raise ValueError(ERR_LAYOUT.format(what=f"size {n}, expected {len(expected)}"))
-    if v.cap < v.end or (n and v.begin[:n] != expected):
-        raise ValueError(ERR_LAYOUT.format(what="contents differ"))
+        raise ValueError(ERR_LAYOUT.format(what=f"proxy .this ({type(this).__name__}, not SwigPyObject)"))
+    cdef callbot_byte_vector* bv = <callbot_byte_vector*>callbot_swig_ptr(<PyObject*>this)
+    if <size_t>(bv.end - bv.begin) != len(probe) or bv.begin[: bv.end - bv.begin] != probe or bv.cap < bv.end:
+        raise ValueError(ERR_LAYOUT.format(what="ByteVector"))
+    f = pj.MediaFrame()
+    f.type = pj.PJMEDIA_FRAME_TYPE_AUDIO
+    f.size = 4321
+    f.buf = v
+    cdef callbot_media_frame* mf = <callbot_media_frame*>callbot_swig_ptr(<PyObject*>f.this)
+    if (mf.type != FRAME_TYPE_AUDIO or mf.size != 4321 or <size_t>(mf.buf.end - mf.buf.begin) != len(probe)
+            or mf.buf.begin[: len(probe)] != probe):
+        raise ValueError(ERR_LAYOUT.format(what="MediaFrame"))
+    # growing a frame's vector ourselves: SWIG must see the new size and contents, and the frame's
+    # destructor (operator delete) must accept the block (a mismatch would crash right here)
+    _grow(&mf.buf, 640)
+    mf.buf.begin[0] = 42
+    mf.buf.begin[639] = 43
+    if f.buf.size() != 640 or f.buf[0] != 42 or f.buf[639] != 43:
+        raise ValueError(ERR_LAYOUT.format(what="MediaFrame buffer growth"))
+    del f
+    _swig_type = type(this)
 
 
 def vector_to_bytes(byte_vector):
     """The vector's bytes (a test and bench helper, not for the hot path: it allocates)."""
-    cdef callbot_byte_vector* v = _vector(byte_vector)
+    cdef callbot_byte_vector* v = <callbot_byte_vector*>_swig_ptr(byte_vector)
     return v.begin[: v.end - v.begin]
 
 
@@ -112,12 +173,12 @@ cdef class MediaPump:
 
     def received(self, frame):
         """onFrameReceived: the caller's PCM from pjmedia into rx (and the recorder)."""
-        cdef callbot_byte_vector* v = _vector(frame.buf)
-        cdef size_t n = (v.end - v.begin) // 2
-        cdef const void* src = v.begin
+        cdef callbot_media_frame* f = <callbot_media_frame*>_swig_ptr(frame)
+        cdef size_t n = (f.buf.end - f.buf.begin) // 2
+        cdef const void* src = f.buf.begin
         self.frames_received += 1
         self.received_since_request = True
-        if n == 0:
+        if n == 0 or f.type != FRAME_TYPE_AUDIO:
             # a tick without caller audio: keep the engine's and the recording's time base
             self.empty_received += 1
             n = self.frame_samples
@@ -129,31 +190,30 @@ cdef class MediaPump:
 
     def requested(self, frame):
         """onFrameRequested: fill the frame from tx; a shortfall is played as silence and counted."""
-        cdef Py_ssize_t nbytes = frame.size
-        cdef size_t want = nbytes // 2
+        cdef callbot_media_frame* f = <callbot_media_frame*>_swig_ptr(frame)
+        cdef size_t want = f.size // 2
         if want > MAX_FRAME:
             want = MAX_FRAME
-        frame.type = FRAME_TYPE_AUDIO
-        buf = frame.buf
-        buf.resize(want * 2)
-        cdef callbot_byte_vector* v = _vector(buf)
+        f.type = FRAME_TYPE_AUDIO
+        _grow(&f.buf, want * 2)
+        cdef unsigned char* dst = f.buf.begin
         cdef size_t got = 0
         self.frames_requested += 1
         if not self.tx_started and self.tx.readable_raw() == 0:
             pass  # the engine has not spoken yet: silence, not an underrun
         else:
             self.tx_started = True
-            got = self.tx.read_raw(v.begin, want)  # a shortfall counts one underrun in the ring too
+            got = self.tx.read_raw(dst, want)  # a shortfall counts one underrun in the ring too
             if got < want:
                 self.tx_underruns += 1
         if got < want:
-            memset(v.begin + got * 2, 0, (want - got) * 2)
+            memset(dst + got * 2, 0, (want - got) * 2)
         if self.rec_bot is not None:
             # a tick whose received frame never came: the caller's channel gets silence for it
             if self.first_request_done and not self.received_since_request:
                 if self.rec_caller.write_raw(self.silence, want) != want:
                     self.recorder_overruns += 1
-            if self.rec_bot.write_raw(v.begin, want) != want:
+            if self.rec_bot.write_raw(dst, want) != want:
                 self.recorder_overruns += 1
         self.received_since_request = False
         self.first_request_done = True

@@ -7,12 +7,15 @@ to the recorder's bot ring). No locks, no logging, no Python objects beyond the 
 short tx ring plays silence and counts an underrun. The engine and the recorder drain the rings on
 their own threads.
 
-Clock rates, measured (bench/bench_media.py notes, BENCHMARKS.md): the conference bridge runs at one
-rate (MediaConfig.clockRate) and resamples every port whose rate differs, adding about 4.1 ms per
-resampling at 8 <-> 16 kHz and, for a port at 8 kHz on a 16 kHz bridge, 8.3 ms and -12 dB at 3.6 kHz
-(8 -> 16 -> 8). Hence the port runs at the bridge's rate: with clockRate = 16000 a G.722 call passes
-the bridge untouched and a G.711 call is resampled once (8 -> 16 kHz) by pjmedia, then 16 -> 24 kHz by
-ours. `clock_rate` below is that rate.
+Clock rates, measured here (pjsua2 2.15.1, two ports on a null-device bridge; numbers in BENCHMARKS.md):
+the conference bridge runs at one rate (MediaConfig.clockRate) and resamples every port whose rate
+differs. With the default quality (8, libresample's large filter) that costs 4.1 ms at 8 -> 16 kHz and
+2.1 ms at 16 -> 24 kHz, flat to 3.4 kHz; quality 3 (small filter) costs 0.9 ms but is -2.7 dB at 3 kHz
+and -5.1 dB at 3.4 kHz. A port at 8 kHz on a 16 kHz bridge is resampled twice (8 -> 16 -> 8: 8.3 ms).
+Port to port on the same bridge tick adds nothing. Hence: the bridge at 16 kHz, default quality, and
+EVERY call's port (and its CallAudio and recording) at the bridge's rate, whatever the codec: a G.722
+call then passes the bridge untouched, a G.711 call is resampled once (8 -> 16 kHz, 4.1 ms), and ours
+takes 16 <-> 24 kHz (1.0 ms each way). `clock_rate` below is that rate.
 """
 
 from __future__ import annotations
@@ -24,10 +27,9 @@ from callbot.engine._pcm import MediaPump
 
 FRAME_US = 20000  # one 20 ms frame per clock tick
 
-# The Cython helper reaches a ByteVector's storage through SWIG's pointer; check that it sees what a
-# real pjsua2 ByteVector holds before any port relies on it (raises ValueError, naming the problem).
-_PROBE = bytes(range(1, 17))
-_pcm.check_vector_layout(pj.ByteVector(_PROBE), _PROBE)
+# The Cython pump reads and writes MediaFrame fields in place through SWIG's pointers; check on real
+# pjsua2 objects that they are laid out as it expects before any port relies on it (ValueError if not).
+_pcm.check_layout(pj)
 
 
 class _RingPort(pj.AudioMediaPort):

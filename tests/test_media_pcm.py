@@ -5,9 +5,11 @@ import pjsua2 as pj
 import pytest
 
 from callbot.engine import Ring
-from callbot.engine._pcm import MediaPump, check_vector_layout, vector_to_bytes
+from callbot.engine._pcm import MediaPump, check_layout, vector_to_bytes
 
 N = 160  # 20 ms at 8 kHz
+
+check_layout(pj)
 
 
 def received_frame(samples):
@@ -34,13 +36,43 @@ def rings(n=4, capacity=1024):
     return [Ring(capacity, "int16") for _ in range(n)]
 
 
-def test_layout_check_accepts_pjsua2_byte_vectors_and_rejects_lies():
-    check_vector_layout(pj.ByteVector(b"\x01\x02\x03"), b"\x01\x02\x03")
-    check_vector_layout(pj.ByteVector(), b"")
-    with pytest.raises(ValueError, match="size"):
-        check_vector_layout(pj.ByteVector(b"\x01\x02"), b"\x01\x02\x03")
-    with pytest.raises(ValueError, match="contents"):
-        check_vector_layout(pj.ByteVector(b"\x01\x02"), b"\x01\x03")
+def test_layout_check_passes_on_pjsua2_and_fails_on_impostors():
+    check_layout(pj)  # again: idempotent
+
+    class NotSwig:
+        class ByteVector:
+            def __init__(self, data):
+                self.this = object()
+
+    with pytest.raises(ValueError, match="SwigPyObject"):
+        check_layout(NotSwig)
+
+
+def test_frames_must_be_pjsua2_objects():
+    rx, tx = rings(2)
+    pump = MediaPump(rx, tx, N)
+
+    class Fake:
+        this = object()
+
+    with pytest.raises(ValueError, match="pjsua2 object"):
+        pump.received(Fake())
+    with pytest.raises(AttributeError):
+        pump.requested(object())
+
+
+def test_a_reused_frame_buffer_is_grown_only_when_too_small():
+    rx, tx = rings(2)
+    pump = MediaPump(rx, tx, N)
+    tx.write(np.arange(3 * N, dtype=np.int16))
+    f = requested_frame(N)
+    pump.requested(f)
+    f.size = 2 * N * 2  # a bigger frame: the buffer grows
+    pump.requested(f)
+    assert f.buf.size() == 4 * N and np.array_equal(samples_of(f), np.arange(N, 3 * N, dtype=np.int16))
+    f.size = N  # a smaller one: the buffer shrinks in place
+    pump.requested(f)
+    assert f.buf.size() == N
 
 
 def test_received_frames_go_to_rx_and_the_recorder():
