@@ -1,0 +1,199 @@
+"""Real SIP calls into the echo line, per codec: a pjsua2 peer process plays a known signal and records
+what comes back; the signal must be in it. And kill -9 of a serving process mid-call leaves a playable
+recording holding the caller's audio.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+import wave
+
+import numpy as np
+import pytest
+from sip_peers import free_port, stop_process
+
+from callbot.engine.echo import EchoEngine
+from callbot.sip.config import EndpointConfig, TransportConfig
+from callbot.sip.endpoint import Endpoint
+from callbot.sip.events import CallEnded
+from callbot.sip.recording import Recorder, read_recording
+
+pytestmark = pytest.mark.timeout(120)
+PEER = pathlib.Path(__file__).with_name("media_peer.py")
+RATE = 16000  # the peer's bridge and WAV files
+SEGMENTS = 8  # the signal is looked for in pieces: a jitter buffer may drop or stretch a frame between them
+
+
+def mostly_found(matches) -> bool:
+    """All pieces there, all but two whole: a frame dropped by a jitter buffer or an echo played late on
+    a loaded machine spoils the one piece it falls in, not the rest."""
+    return all(c > 0.5 for c, _ in matches) and sum(c > 0.9 for c, _ in matches) >= len(matches) - 2
+
+
+def chirp(seconds=2.0, f0=300.0, f1=3000.0, level=6000):
+    t = np.arange(int(RATE * seconds)) / RATE
+    return (level * np.sin(2 * np.pi * (f0 * t + (f1 - f0) * t * t / (2 * seconds)))).astype(np.int16)
+
+
+def write_wav(path, samples):
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(RATE)
+        w.writeframes(samples.astype("<i2").tobytes())
+
+
+def read_wav(path):
+    with wave.open(str(path)) as r:
+        assert r.getframerate() == RATE and r.getnchannels() == 1
+        return np.frombuffer(r.readframes(r.getnframes()), "<i2")
+
+
+def find(piece, heard):
+    """(normalised correlation, lag) of the best match of `piece` in `heard`."""
+    x, y = piece.astype(np.float64), heard.astype(np.float64)
+    if len(y) < len(x):
+        return 0.0, -1
+    c = np.correlate(y, x, "valid")
+    lag = int(np.argmax(c))
+    w = y[lag : lag + len(x)]
+    return float(c[lag] / np.sqrt(np.sum(x * x) * np.sum(w * w) + 1e-9)), lag
+
+
+def found_everywhere(signal, heard):
+    """Correlation and lag of each of SEGMENTS pieces of `signal` in `heard`."""
+    size = len(signal) // SEGMENTS
+    return [find(signal[i * size : (i + 1) * size], heard) for i in range(SEGMENTS)]
+
+
+def run_peer(uri, codec, play, record, seconds, log):
+    proc = subprocess.Popen([sys.executable, str(PEER), "--uri", uri, "--codec", codec, "--play", str(play),
+                             "--record", str(record), "--seconds", str(seconds)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
+    return proc
+
+
+def events_until(proc, last: str, timeout: float) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    seen = []
+    for line in proc.stdout:  # bounded by the peer's own --seconds and the test timeout
+        seen.append(json.loads(line))
+        if seen[-1]["ev"] == last or time.monotonic() > deadline:
+            break
+    return seen
+
+
+@pytest.fixture
+def echo_line(tmp_path):
+    engine = EchoEngine()
+    recorder = Recorder(tmp_path)
+    ep = Endpoint(EndpointConfig(transports=(TransportConfig(bind="127.0.0.1", port=0, rtp_port=0),)),
+                  engine=engine, recorder=recorder)
+    try:
+        yield ep.start()
+    finally:
+        ep.stop()
+        engine.close()
+        recorder.close()
+
+
+@pytest.mark.parametrize("codec", ["PCMU", "PCMA", "G722"])
+def test_echo_call_returns_the_callers_signal(echo_line, tmp_path, codec):
+    signal_ = chirp()
+    play, record = tmp_path / "play.wav", tmp_path / "heard.wav"
+    write_wav(play, np.concatenate([np.zeros(RATE // 2, np.int16), signal_, np.zeros(RATE, np.int16)]))
+    with open(tmp_path / "peer.log", "w") as log:
+        peer = run_peer(echo_line.account_uri(), codec, play, record, 4.0, log)
+        try:
+            events = events_until(peer, "done", 60)
+        finally:
+            stop_process(peer, 10)
+    media = [e for e in events if e["ev"] == "media"]
+    assert media and media[0]["codec"] == codec, events
+    heard = read_wav(record)
+    matches = found_everywhere(signal_, heard)
+    assert mostly_found(matches), matches
+    lags = [lag for _, lag in matches]
+    assert lags == sorted(lags)  # in order
+    print(f"{codec}: echo round trip {(lags[0] - RATE // 2) / RATE * 1000:.1f} ms")
+
+    # our recording: the caller's signal on the left, the echo on the right, after it
+    ended = echo_line.wait_for(CallEnded, timeout=15)
+    [sidecar] = [json.loads(p.read_text()) for p in tmp_path.glob("*.json") if p.name != "peer.json"]
+    assert sidecar["call_id"] == ended.call_id and sidecar["codec"] == codec
+    rate, rec = read_recording(tmp_path / sidecar["recording"]["wav"])
+    left, right = rec[:, 0], rec[:, 1]
+    if rate != RATE:  # the port ran at the codec's rate: compare at that rate
+        signal_ = signal_[:: RATE // rate]
+    caller = found_everywhere(signal_, left)
+    bot = found_everywhere(signal_, right)
+    assert mostly_found(caller) and mostly_found(bot), (caller, bot)
+    assert all(b[1] > c[1] for b, c in zip(bot, caller))
+    print(f"{codec}: port at {rate} Hz, in our recording the echo follows the caller by "
+          f"{(bot[0][1] - caller[0][1]) / rate * 1000:.1f} ms")
+
+
+def test_kill_9_mid_call_leaves_a_playable_recording(tmp_path):
+    """`callbot serve --engine echo` killed with SIGKILL while a call plays: the WAV is readable by the
+    stdlib as it is, and holds the caller's signal up to about the last second."""
+    sip_port = free_port()
+    cfg = tmp_path / "callbot.toml"
+    cfg.write_text(f"""
+recordings_dir = "calls"
+[metrics]
+enabled = false
+[[sip.transports]]
+bind = "127.0.0.1"
+port = {sip_port}
+rtp_port = 0
+[[sip.accounts]]
+name = "line"
+user = "echo"
+""")
+    signal_ = chirp(seconds=6.0, f1=2000.0)
+    play, record = tmp_path / "play.wav", tmp_path / "heard.wav"
+    write_wav(play, np.concatenate([np.zeros(RATE // 2, np.int16), signal_]))
+    serve = subprocess.Popen([sys.executable, "-m", "callbot.sip.cli", "serve", "--engine", "echo", "--config", str(cfg)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = open(tmp_path / "peer.log", "w")
+    peer = None
+    try:
+        deadline = time.monotonic() + 30
+        while "listening" not in (serve.stderr.readline() or "listening") and time.monotonic() < deadline:
+            pass
+        peer = run_peer(f"sip:echo@127.0.0.1:{sip_port}", "PCMU", play, record, 0, log)
+        events_until(peer, "media", 30)
+        calls = tmp_path / "calls"
+        # until the recording's header covers 3 s of the call (a condition on the file, bounded in time)
+        deadline = time.monotonic() + 30
+        frames = 0
+        while frames < 3 * 8000 and time.monotonic() < deadline:
+            wavs = list(calls.glob("*.wav")) if calls.exists() else []
+            if wavs:
+                with wave.open(str(wavs[0])) as r:
+                    frames = r.getnframes() * 16000 // r.getframerate() // 2
+            time.sleep(0.1)
+        serve.send_signal(signal.SIGKILL)
+        assert serve.wait(10) == -signal.SIGKILL
+    finally:
+        stop_process(serve, 10, signal.SIGKILL)
+        if peer is not None:
+            stop_process(peer, 10)
+        log.close()
+    [wav] = list((tmp_path / "calls").glob("*.wav"))
+    with wave.open(str(wav)) as r:  # no repair: the stdlib reads it as it was left
+        rate, n = r.getframerate(), r.getnframes()
+        assert r.getnchannels() == 2 and n >= 3 * rate
+    rate, rec = read_recording(wav)
+    sent = signal_[:: RATE // rate] if rate != RATE else signal_
+    # the caller's first two seconds are on the left channel, whole
+    corr, _ = find(sent[: 2 * rate], rec[:, 0])
+    assert corr > 0.9, corr
+    [sidecar] = [json.loads(p.read_text()) for p in (tmp_path / "calls").glob("*.json")]
+    assert sidecar["recording"]["complete"] is False and sidecar["end"] is None
+    out = subprocess.run(["soxi", "-D", str(wav)], capture_output=True, text=True, timeout=10)
+    assert out.returncode == 0 and float(out.stdout) >= 3.0
