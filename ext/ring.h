@@ -29,13 +29,14 @@
  * Each side writes only its own index and reads the other's. A side loads the other's index with
  * acquire and publishes its own with release, so "samples copied, then index moved" on one side is
  * seen in that order by the other. Nothing stronger (seq_cst) is needed: there is no third variable
- * whose order with the indices matters.
+ * whose order with the indices matters. tests/ring_stress.c runs both sides under ThreadSanitizer,
+ * which reports a race on the samples when any one of the four acquire/release pairs is weakened.
  *
  * SHARED MEMORY
  * A lock-free atomic is a plain memory word updated by one CPU instruction, so it works from any
  * mapping of the same physical page ("address-free", C11 7.17.5 note). A non-lock-free atomic would be
  * emulated with a lock kept in a table inside this process, invisible to the other process: the ring
- * would silently stop being atomic across processes. Hence the static asserts below.
+ * would silently stop being atomic across processes. Hence the compile-time checks below.
  */
 #ifndef CALLBOT_RING_H
 #define CALLBOT_RING_H
