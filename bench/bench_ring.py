@@ -44,7 +44,8 @@ JOIN_S = 60.0
 # CPU, returns at once if nothing else runs), "sleep0" = time.sleep(0) (on Linux a nap of the 50 us
 # timer slack). CALLBOT_BENCH_RING_POLL picks one; BENCHMARKS.md shows both.
 POLL_MODE = os.environ.get("CALLBOT_BENCH_RING_POLL", "yield")
-POLL = {"yield": os.sched_yield, "sleep0": lambda: time.sleep(0)}[POLL_MODE]
+_yield = getattr(os, "sched_yield", lambda: time.sleep(0))  # os.sched_yield is Unix-only
+POLL = {"yield": _yield, "sleep0": lambda: time.sleep(0)}[POLL_MODE]
 
 RESULTS: dict[tuple[str, str], float] = {}  # (metric, transport) -> value, for the ratio report
 PROC_RESULTS: dict[tuple[str, str], float] = {}  # the same across two processes: ring (shm) and queue (mp)
