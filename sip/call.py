@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 INBOUND, OUTBOUND = "inbound", "outbound"
+_RTP_CHECK_S = 0.5  # how often an active call's received-packet count is read
 _SRTP_PROTOS = {pj.PJMEDIA_TP_PROTO_RTP_SAVP, pj.PJMEDIA_TP_PROTO_RTP_SAVPF,
                 pj.PJMEDIA_TP_PROTO_DTLS_SRTP, pj.PJMEDIA_TP_PROTO_DTLS_SRTPF}
 
@@ -55,6 +56,7 @@ class SipCall(pj.Call):
         self._local_cause: str | None = None
         self._last_progress = 0
         self._progress_done = False  # a final answer to our INVITE was reported
+        self._rtp_watch: tuple[int, int, float] | None = None  # (media index, packets seen, when they last grew)
 
     @property
     def call_id(self) -> str:
@@ -159,7 +161,30 @@ class SipCall(pj.Call):
                                          clock_rate=rec.clock_rate, srtp=srtp))
             if self.attachment is None:
                 self._attach(self.getAudioMedia(mi.index), rec.clock_rate)
+            timeout = self.account.cfg.rtp_timeout_s
+            if timeout is not None and self._rtp_watch is None:
+                self._rtp_watch = (mi.index, -1, time.monotonic())
+                self.hub._after(_RTP_CHECK_S, lambda: self._check_rtp(timeout))
             return
+        self._rtp_watch = None  # on hold or no audio: silence is expected
+
+    def _check_rtp(self, timeout: float) -> None:
+        # a timer on the SIP thread, every _RTP_CHECK_S while audio is active
+        if self.ended or self._rtp_watch is None:
+            return
+        index, seen, since = self._rtp_watch
+        try:
+            packets = int(self.getStreamStat(index).rtcp.rxStat.pkt)
+        except pj.Error:
+            return
+        now = time.monotonic()
+        if packets != seen:
+            self._rtp_watch = (index, packets, now)
+        elif now - since >= timeout:
+            log.info("call %s: no RTP for %.1f s, hanging up", self.call_id, now - since)
+            self.end("rtp_timeout")
+            return
+        self.hub._after(_RTP_CHECK_S, lambda: self._check_rtp(timeout))
 
     def onDtmfDigit(self, prm):
         # RFC 4733 digits arrive on the media thread, SIP INFO ones on the SIP thread: both only append

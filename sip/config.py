@@ -72,6 +72,8 @@ class AccountConfig(_Config):
     auto_answer: bool = True
     ring_delay_s: Annotated[float, Meta(ge=0)] = 0.0
     max_call_duration_s: Seconds | None = None
+    # no RTP from the peer for this long (it vanished: crash, network gone) -> hang up; not while on hold
+    rtp_timeout_s: Seconds | None = 30.0
 
     def __post_init__(self) -> None:
         if not self.name:

@@ -251,6 +251,9 @@ class Endpoint:
         # the null device's clock drives the conference bridge and with it every stream's sending side
         # (RFC 4733 digits included): pjsua would stop it after 1 s with no port connected
         ec.medConfig.sndAutoCloseTime = -1
+        # RTP flows without pause (no silence suppression): peers, and our RTP timeout, read a pause as a
+        # dead line
+        ec.medConfig.noVad = True
         self._ep.libInit(ec)
         self._ep.audDevManager().setNullDev()
         for tcfg in cfg.transports:

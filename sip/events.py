@@ -73,7 +73,8 @@ class CallMedia(Event, frozen=True, kw_only=True):
 
 
 class CallEnded(Event, frozen=True, kw_only=True):
-    """The call is gone. `cause`: remote, local, busy, timeout, max_duration, transfer, shutdown, failed."""
+    """The call is gone. `cause`: remote, local, timeout (unanswered), max_duration, rtp_timeout, transfer,
+    shutdown, failed (our INVITE got an error)."""
 
     call_id: str
     code: int

@@ -151,6 +151,7 @@ class Peer:
         cfg.logConfig.level = a.log_level
         cfg.logConfig.consoleLevel = a.log_level
         cfg.medConfig.clockRate = 16000
+        cfg.medConfig.noVad = True  # RTP without pauses, as phones send it
         cfg.medConfig.sndAutoCloseTime = -1  # keep the null device clock running: RFC 4733 digits ride on it
         ep.libInit(cfg)
         ep.audDevManager().setNullDev()

@@ -1,0 +1,112 @@
+"""Bad input never takes the endpoint down: garbage datagrams, truncated and nonsense INVITEs, a peer
+that vanishes mid-call (RTP timeout)."""
+from __future__ import annotations
+
+import os
+import pathlib
+import socket
+
+import pytest
+from sip_peers import PjsuaPeer
+
+from callbot.sip.config import WHEEL_MAX_CALLS, AccountConfig, EndpointConfig, TransportConfig
+from callbot.sip.endpoint import Endpoint
+from callbot.sip.events import CallConfirmed, CallEnded, CallRejected
+
+pytestmark = pytest.mark.timeout(120)
+RTP_TIMEOUT_S = 1.0
+
+_SDP = "v=0\r\no=- 1 1 IN IP4 {addr}\r\ns=-\r\nc=IN IP4 {addr}\r\nt=0 0\r\nm=audio {port} RTP/AVP {pt}\r\n"
+# offers pjsip's own parser lets through, each nonsense in one way (the last: in all of them)
+NONSENSE = [_SDP.format(addr="999.1.1.1", port=4000, pt=0), _SDP.format(addr="127.0.0.1", port=4000, pt=200),
+            _SDP.format(addr="127.0.0.1", port=4000, pt=3), _SDP.format(addr="999.1.1.1", port=70000, pt=200)]
+
+
+@pytest.fixture(scope="module")
+def bot():
+    cfg = EndpointConfig(transports=(TransportConfig(bind="127.0.0.1", port=0, rtp_port=0),),
+                         accounts=(AccountConfig(name="bot", user="callbot", rtp_timeout_s=RTP_TIMEOUT_S),))
+    with Endpoint(cfg) as ep:
+        yield ep
+
+
+def _invite(port: int, me: str, call_id: str, sdp: str, content_length: int | None = None) -> bytes:
+    n = len(sdp) if content_length is None else content_length
+    return (f"INVITE sip:callbot@127.0.0.1:{port} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK{call_id}\r\n"
+            f"Max-Forwards: 70\r\nFrom: <sip:evil@127.0.0.1>;tag={call_id}\r\nTo: <sip:callbot@127.0.0.1:{port}>\r\n"
+            f"Call-ID: {call_id}\r\nCSeq: 1 INVITE\r\nContact: <sip:evil@{me}>\r\n"
+            f"Content-Type: application/sdp\r\nContent-Length: {n}\r\n\r\n{sdp}").encode()
+
+
+def _call_works(bot: Endpoint, peer: PjsuaPeer) -> None:
+    cid = peer.call(bot.account_uri())
+    bot.wait_for(CallConfirmed, call_id=cid)
+    bot.hangup(cid)
+    bot.wait_for(CallEnded, call_id=cid)
+
+
+def test_garbage_burst_then_a_normal_call(bot, tmp_path: pathlib.Path):
+    port = bot.transports["udp"].port
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        me = f"127.0.0.1:{s.getsockname()[1]}"
+        rng = __import__("random").Random(4)
+        datagrams = [os.urandom(rng.randrange(1, 1400)) for _ in range(200)]
+        datagrams += [b"", b"\r\n\r\n", b"INVITE", b"SIP/2.0 200 OK\r\n\r\n", b"INVITE sip:x SIP/2.0\r\n" * 50,
+                      _invite(port, me, "trunc-1", "v=0\r\nc=IN IP4 127.0.0.1\r\nm=aud")[:-10],
+                      _invite(port, me, "trunc-2", "v=0\r\n", content_length=5000),
+                      bytes(range(256)) * 5]
+        for d in datagrams:
+            s.sendto(d, ("127.0.0.1", port))
+    assert bot.running
+    with PjsuaPeer(user="alice", log_dir=tmp_path) as peer:
+        _call_works(bot, peer)
+
+
+def test_nonsense_offers_take_no_slot(bot, tmp_path: pathlib.Path):
+    # DESIGN.md's trap: pjsua would answer these and hold a slot each until the ACK times out (~32 s)
+    port = bot.transports["udp"].port
+    offers = NONSENSE * 2  # more than the 4 slots
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        s.settimeout(5)
+        me = f"127.0.0.1:{s.getsockname()[1]}"
+        for i, sdp in enumerate(offers):
+            s.sendto(_invite(port, me, f"nonsense-{i}", sdp), ("127.0.0.1", port))
+        finals = {}
+        while len(finals) < len(offers):  # no ACK is ever sent back: the worst case
+            data = s.recv(65536)
+            if not data.startswith(b"SIP/2.0 1"):
+                call_id = next(h for h in data.split(b"\r\n") if h.startswith(b"Call-ID:")).split()[1]
+                finals[call_id.decode()] = data.split(b"\r\n", 1)[0].decode()
+    # pjsip refuses what its parser or codec check catches (400, 488); our offer check the address it
+    # lets through (488, before the call takes a slot). None becomes a call.
+    assert set(finals.values()) <= {"SIP/2.0 488 Not Acceptable Here", "SIP/2.0 400 Bad SDP"}
+    assert finals["nonsense-0"] == finals["nonsense-4"] == "SIP/2.0 488 Not Acceptable Here"
+    ours = [e for e in bot.history(CallRejected) if e.code == 488]
+    assert len(ours) >= 2 and all("999.1.1.1" in e.reason for e in ours)
+    assert not bot.calls()
+    # every slot is still free: four real calls at once
+    with PjsuaPeer(user="bob", log_dir=tmp_path) as peer:
+        ids = [peer.call(bot.account_uri()) for _ in range(WHEEL_MAX_CALLS)]
+        for cid in ids:
+            bot.wait_for(CallConfirmed, call_id=cid)
+        for cid in ids:
+            bot.hangup(cid)
+        for cid in ids:
+            bot.wait_for(CallEnded, call_id=cid)
+
+
+def test_peer_vanishing_mid_call_ends_by_rtp_timeout(bot, tmp_path: pathlib.Path):
+    with PjsuaPeer(user="alive", log_dir=tmp_path) as alive, PjsuaPeer(user="doomed", log_dir=tmp_path) as doomed:
+        live_call = alive.call(bot.account_uri())
+        dead_call = doomed.call(bot.account_uri())
+        for cid in (live_call, dead_call):
+            bot.wait_for(CallConfirmed, call_id=cid)
+        doomed.proc.kill()  # SIGKILL: no BYE, RTP just stops
+        ended = bot.wait_for(CallEnded, call_id=dead_call, timeout=20)
+        assert ended.cause == "rtp_timeout"
+        # the control: the peer that still sends RTP had the same time to time out, and did not
+        assert live_call in bot.calls()
+        bot.hangup(live_call)
+        bot.wait_for(CallEnded, call_id=live_call)
