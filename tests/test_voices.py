@@ -40,6 +40,25 @@ def test_reader_equals_torch_load(torch, tmp_path, dtype):
     assert ours["cache"].dtype == np.int64 and np.array_equal(ours["cache"], ref["cache"].numpy())
 
 
+def test_library_reads_a_tgz_of_torch_written_voices_as_torch_does(torch, tmp_path):
+    """voices.tgz as NVIDIA ships it: voices/<NAME>.pt written by torch.save (bf16 embeddings, int64 ring)."""
+    (tmp_path / "src" / "voices").mkdir(parents=True)
+    gen = torch.Generator().manual_seed(2)
+    for name in VOICES:
+        torch.save({"embeddings": torch.randn(6, 1, 1, 32, generator=gen).to(torch.bfloat16),
+                    "cache": torch.randint(0, 2049, (1, 17, 4), generator=gen)},
+                   tmp_path / "src" / "voices" / f"{name}.pt")
+    with tarfile.open(tmp_path / "voices.tgz", "w:gz") as tf:
+        tf.add(tmp_path / "src" / "voices", arcname="voices")
+    lib = VoiceLibrary(tmp_path)
+    assert lib.names() == list(VOICES)
+    for name in VOICES:
+        ref = torch.load(tmp_path / "src" / "voices" / f"{name}.pt")
+        voice = lib.load(name)
+        assert np.array_equal(voice.embeddings, ref["embeddings"].float().numpy().reshape(6, 32))
+        assert np.array_equal(voice.cache, ref["cache"].numpy()[0])
+
+
 def test_reader_handles_views_shared_storage_and_nesting(torch, tmp_path):
     base = torch.arange(60, dtype=torch.float32).reshape(6, 10)
     obj = {"t": base.t(), "slice": base[2:5, 3:7], "same": base, "nested": [base[1], (3, "x")], "scalar": 1.5}
