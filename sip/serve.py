@@ -71,7 +71,7 @@ def running_server(settings: Settings, engine_kind: str, log: EventLog | None = 
                 {**s.final_summary, "stage_latency_s": s.stats.durations_s()})
         recorder = Recorder(settings.recordings_dir)
         stack.callback(recorder.close)
-        endpoint = Endpoint(settings.sip, engine=engine, recorder=recorder)
+        endpoint = Endpoint(settings.endpoint_config(), engine=engine, recorder=recorder)
         server = Server(settings, endpoint, engine, metrics, log or EventLog())
         try:
             with _stdout_to_stderr():

@@ -99,6 +99,17 @@ class Settings(_Settings):
                 return bot
         return None
 
+    def endpoint_config(self) -> EndpointConfig:
+        """The SIP configuration with each bot's `max_call_s` applied to the account it answers (an
+        account's own max_call_duration_s wins)."""
+        accounts = []
+        for acc in self.sip.accounts:
+            bot = self.bot_for_account(acc.name)
+            if acc.max_call_duration_s is None and bot is not None and bot.max_call_s is not None:
+                acc = msgspec.structs.replace(acc, max_call_duration_s=bot.max_call_s)
+            accounts.append(acc)
+        return msgspec.structs.replace(self.sip, accounts=tuple(accounts))
+
     def bot(self, name: str) -> BotSettings:
         for bot in self.bots:
             if bot.name == name:

@@ -236,3 +236,59 @@ password_env = "CALLBOT_TEST_ECHO_PASSWORD"
     assert any(e["event"] == "CallEnded" and e["call_id"] == call_id for e in log)
     # shutdown unregistered the account
     assert [e for e in log if e["event"] == "RegistrationChanged"][-1]["registered"] is False
+
+
+def test_call_command_to_baresip_auto_answer(tmp_path):
+    from sip_peers import Baresip
+
+    cfg = _config(tmp_path, free_port(), free_port())
+    cfg.write_text(cfg.read_text() + "[[bots]]\nname = 'short'\naccount = 'line'\nmax_call_s = 2\n")
+    with Baresip(tmp_path / "baresip", user="frank") as peer:
+        out = subprocess.run([*CALLBOT, "call", peer.uri, "--bot", "short", "--engine", "echo", "--config", str(cfg)],
+                             capture_output=True, text=True, timeout=60)
+        peer.output.wait_line("Call established", 10)
+    assert out.returncode == 0, out.stderr
+    assert "180" in out.stderr or "200" in out.stderr
+    assert "call ended: max_duration" in out.stderr
+
+
+def test_model_server_survives_silent_callers_and_hangups_mid_call(tmp_path, tiny_model):
+    """A caller that never sends RTP (SIPp's UAC), then callers hanging up while steps run; the server
+    keeps answering, and each call leaves its record."""
+    from sip_peers import Sipp
+
+    model_dir, arch = tiny_model
+    sip_port, metrics_port = free_port(), free_port()
+    cfg = _config(tmp_path, sip_port, metrics_port)
+    cfg.write_text(cfg.read_text() + f"""
+[model]
+path = "{model_dir}"
+architecture = "{arch}"
+quantization = "none"
+download = false
+[[bots]]
+persona = "You answer the phone."
+""")
+    proc = subprocess.Popen([*CALLBOT, "serve", "--config", str(cfg)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_line(proc, "listening", timeout=90)
+        with Sipp("uac", tmp_path / "sipp", target=f"127.0.0.1:{sip_port}", service="echo", calls=1,
+                  call_ms=2500) as silent:
+            assert silent.wait(60) == 0  # answered, held 2.5 s without RTP, hung up cleanly
+        with PjsuaPeer(user="gina", log_dir=tmp_path) as peer:
+            for _ in range(2):
+                call_id = peer.call(f"sip:echo@127.0.0.1:{sip_port}")
+                peer.expect("media", call_id=call_id, timeout=15)
+                peer.send("hangup", call_id=call_id)
+                peer.expect("disconnected", call_id=call_id, timeout=15)
+        assert proc.poll() is None, "the server died"
+        deadline = time.monotonic() + 30
+        while (_metric(metrics_port, 'callbot_calls_total{cause="remote",direction="inbound"}') or 0) < 3:
+            assert time.monotonic() < deadline, "three ended calls were not counted"
+            time.sleep(0.05)
+        assert stop_process(proc, timeout=30, sig=signal.SIGTERM) == 0
+    finally:
+        stop_process(proc, timeout=10, sig=signal.SIGKILL)
+    sidecars = [json.loads(p.read_text()) for p in (tmp_path / "calls").glob("*.json")]
+    assert len(sidecars) == 3 and all(s["recording"]["complete"] for s in sidecars)

@@ -109,3 +109,25 @@ password_env = "CALLBOT_TEST_PBX_PASSWORD"
     assert acc.password == "s3cret" and acc.password_env is None
     with pytest.raises(ConfigError, match="not both"):
         parse_settings(text.replace('password_env', 'password = "x"\npassword_env'), base_dir=tmp_path)
+
+
+def test_bot_max_call_length_applies_to_its_account(tmp_path):
+    text = """
+[[sip.accounts]]
+name = "a"
+user = "a"
+[[sip.accounts]]
+name = "b"
+user = "b"
+max_call_duration_s = 60
+[[bots]]
+name = "x"
+account = "a"
+max_call_s = 120
+[[bots]]
+name = "y"
+account = "b"
+max_call_s = 300
+"""
+    cfg = parse_settings(text, base_dir=tmp_path).endpoint_config()
+    assert [a.max_call_duration_s for a in cfg.accounts] == [120, 60]
