@@ -7,7 +7,8 @@ Python runs on this side's media path.
     python tests/media_peer.py --uri sip:echo@127.0.0.1:5070 --codec PCMU --play in.wav --record out.wav
         [--seconds 3]   hang up this long after the media starts (default: stay until stdin closes)
 
-Events on stdout, one JSON object a line: ready, media {codec, rate}, disconnected {code}, done.
+Events on stdout, one JSON object a line: ready, media {codec, rate}, jitter_buffer {avg_delay_ms, ...}
+(every second), disconnected {code}, done.
 """
 from __future__ import annotations
 
@@ -63,6 +64,20 @@ class Call(pj.Call):
             emit("media", codec=si.codecName, rate=si.codecClockRate)
 
 
+def emit_stream_stats(call: Call) -> None:
+    """This side's jitter buffer as the call ends (a part of the round trip the echo test measures)."""
+    ci = call.getInfo()  # kept: iterating the media of a temporary CallInfo reads freed memory
+    for mi in ci.media:
+        if mi.type == pj.PJMEDIA_TYPE_AUDIO and mi.status == pj.PJSUA_CALL_MEDIA_ACTIVE:
+            try:
+                jb = call.getStreamStat(mi.index).jbuf
+            except pj.Error as exc:
+                emit("error", message=exc.info())
+                return
+            emit("jitter_buffer", avg_delay_ms=jb.avgDelayMsec, min_delay_ms=jb.minDelayMsec,
+                 max_delay_ms=jb.maxDelayMsec, prefetch=jb.prefetch, lost=jb.lost, discard=jb.discard, empty=jb.empty)
+
+
 def main() -> int:
     faulthandler.enable()
     p = argparse.ArgumentParser()
@@ -103,8 +118,12 @@ def main() -> int:
     call = Call(acc, args)
     prm = pj.CallOpParam(True)
     call.makeCall(args.uri, prm)
+    next_stats = 0.0
     while not call.ended:
         ep.libHandleEvents(10)
+        if call.media_at and not call.ended and time.monotonic() >= next_stats:
+            emit_stream_stats(call)  # every second: the last one before the end stands
+            next_stats = time.monotonic() + 1.0
         if args.seconds and call.media_at and time.monotonic() - call.media_at >= args.seconds:
             call.hangup(pj.CallOpParam(True))
             args.seconds = 0.0

@@ -9,6 +9,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+import threading
 import time
 import wave
 
@@ -165,6 +166,8 @@ user = "echo"
         deadline = time.monotonic() + 30
         while "listening" not in (serve.stderr.readline() or "listening") and time.monotonic() < deadline:
             pass
+        # keep draining its log so that it never blocks on a full pipe
+        threading.Thread(target=lambda: [None for _ in serve.stderr], daemon=True).start()
         peer = run_peer(f"sip:echo@127.0.0.1:{sip_port}", "PCMU", play, record, 0, log)
         events_until(peer, "media", 30)
         calls = tmp_path / "calls"
