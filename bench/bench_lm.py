@@ -52,23 +52,23 @@ def _variants(cfg: LmConfig) -> dict[str, LM]:
     return out
 
 
-def _frame(lm: LM, cache, dep_cache, sampler, tokens, forced):
-    """One live frame as `LM.step` computes it: temporal + text, then the agent's 8 slices."""
+def _frame(lm: LM, cache, sampler, tokens, forced):
+    """One live frame as `LM.step` computes it: temporal + text, then the agent's 8 slices (teacher
+    forced, so that every variant sees the same depformer inputs)."""
     t0 = time.perf_counter()
     out = lm.temporal(lm.embed(tokens), cache)
     text_logits = lm.text_linear(out)[:, 0]
     text = sampler.text(text_logits)
     mx.eval(text, cache.arrays())
     t1 = time.perf_counter()
-    dep_cache.reset()
-    prev, logits = text, [text_logits]
-    for k in range(lm.cfg.agent_codebooks):
-        slice_logits = lm.depformer.slice_logits(k, out, prev, dep_cache)
-        logits.append(slice_logits)
-        prev = forced[k] if forced is not None else sampler.audio(slice_logits)
-    mx.eval(prev, logits)
+    c = sampler.config
+    n = lm.cfg.agent_codebooks
+    mask = mx.array(np.arange(lm.cfg.dep_q) < n)
+    _, audio_logits = lm.depformer.frame(out, text, forced, mask, n, c.audio_temperature, c.audio_top_k,
+                                         sampler.next_key())
+    mx.eval(audio_logits)
     t2 = time.perf_counter()
-    return t1 - t0, t2 - t1, np.concatenate([np.array(l[0]) for l in logits])
+    return t1 - t0, t2 - t1, np.concatenate([np.array(text_logits[0]), np.array(audio_logits).ravel()])
 
 
 @pytest.mark.parametrize("size", list(SIZES))
@@ -77,18 +77,17 @@ def test_frame_cost_and_logit_error(size):
     models = _variants(cfg)
     rng = np.random.default_rng(1)
     sampling = SamplingConfig()
-    state = {name: (lm.transformer.make_cache(), lm.depformer.transformer.make_cache(), TokenSampler(sampling))
-             for name, lm in models.items()}
+    state = {name: (lm.transformer.make_cache(), TokenSampler(sampling)) for name, lm in models.items()}
     times = {name: ([], []) for name in models}
     errors = {name: [] for name in models}
     for i in range(frames + WARMUP):
         tokens = mx.array(rng.integers(0, cfg.card, (1, cfg.num_streams, 1)).astype(np.int32))
         # Teacher-forced depformer inputs: every variant sees the same tokens, so logits compare.
-        forced = [mx.array([int(t)], dtype=mx.int32) for t in rng.integers(0, cfg.card, cfg.agent_codebooks)]
+        forced = mx.array(rng.integers(0, cfg.card, cfg.dep_q).astype(np.int32))
         ref = None
         for name, lm in models.items():
-            cache, dep_cache, sampler = state[name]
-            t_temporal, t_dep, logits = _frame(lm, cache, dep_cache, sampler, tokens, forced)
+            cache, sampler = state[name]
+            t_temporal, t_dep, logits = _frame(lm, cache, sampler, tokens, forced)
             if i >= WARMUP:
                 times[name][0].append(t_temporal)
                 times[name][1].append(t_dep)

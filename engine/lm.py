@@ -23,7 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .lm_config import LmConfig
-from .sampling import SamplingConfig, TokenSampler
+from .sampling import SamplingConfig, TokenSampler, sample
 from .transformer import CacheSnapshot, RMSNorm, Transformer, TransformerCache
 
 
@@ -39,18 +39,66 @@ class DepformerSlice(nn.Module):
 
 
 class Depformer(nn.Module):
+    """The depth transformer: per frame, one position per codebook, each with its own weights.
+
+    A frame is one compiled MLX function (`frame`), per number of slices and sampling settings: the
+    slices run back to back with no host round trip (a forced token replaces the sampled one through a
+    mask input), which cuts the Python/graph overhead of ~25 ops per slice and layer by about 2.5x
+    (measured on the tiny model). The compiled functions capture the weights: load weights before the
+    first frame, never after.
+    """
+
     def __init__(self, cfg: LmConfig):
         super().__init__()
         self.slices = [DepformerSlice(cfg, cfg.text_card + 1 if k == 0 else cfg.card + 1)
                        for k in range(cfg.dep_q)]
         self.transformer = Transformer(cfg.depformer)
+        self._compiled: dict = {}
 
-    def slice_logits(self, k: int, temporal_out: mx.array, prev_token: mx.array,
-                     cache: TransformerCache) -> mx.array:
-        """Logits [B, card] of codebook k; `cache` must hold slices 0..k-1 of this frame."""
-        s = self.slices[k]
-        x = s.linear_in(temporal_out) + s.emb(prev_token.reshape(-1, 1))
-        return s.linear_out(self.transformer.step(x, cache))[:, 0]
+    def _frame_fn(self, n_slices: int, temperature: float, top_k: int):
+        """Uncompiled frame: (temporal_out [1,1,D], first token [1], forced [dep_q], mask [dep_q], key)
+        -> (tokens [n], logits [n, card]). Attention within the frame needs no cache object: position k
+        attends to positions 0..k, whose keys/values are the ones computed just before."""
+        tcfg = self.transformer.cfg
+        heads, head_dim = tcfg.num_heads, tcfg.head_dim
+        layers = self.transformer.layers
+
+        def frame(temporal_out, first, forced, forced_mask, key):
+            keys = [[] for _ in layers]
+            values = [[] for _ in layers]
+            subkeys = mx.random.split(key, n_slices)
+            prev, tokens, all_logits = first, [], []
+            for k in range(n_slices):
+                s = self.slices[k]
+                x = s.linear_in(temporal_out) + s.emb(prev.reshape(1, 1))
+                for i, layer in enumerate(layers):
+                    attn = layer.self_attn
+                    qkv = attn.in_projs[k](layer.norm1(x)).reshape(1, 1, 3, heads, head_dim)
+                    qkv = qkv.transpose(2, 0, 3, 1, 4)
+                    keys[i].append(qkv[1])
+                    values[i].append(qkv[2])
+                    y = mx.fast.scaled_dot_product_attention(
+                        qkv[0], mx.concatenate(keys[i], axis=2), mx.concatenate(values[i], axis=2),
+                        scale=attn.scale)
+                    x = x + attn.out_projs[k](y.transpose(0, 2, 1, 3).reshape(1, 1, tcfg.d_model))
+                    x = x + layer.gating[k](layer.norm2(x))
+                logits = s.linear_out(x)[:, 0]
+                token = sample(logits, temperature, top_k, subkeys[k])
+                tokens.append(token)
+                all_logits.append(logits)
+                prev = mx.where(forced_mask[k], forced[k:k + 1], token)
+            return mx.concatenate(tokens), mx.concatenate(all_logits)
+
+        return frame
+
+    def frame(self, temporal_out: mx.array, first_token: mx.array, forced: mx.array, forced_mask: mx.array,
+              n_slices: int, temperature: float, top_k: int, key: mx.array) -> tuple[mx.array, mx.array]:
+        """Sample codebooks 0..n_slices-1 of one frame (lazy arrays: tokens [n] int32, logits [n, card])."""
+        sig = (n_slices, float(temperature), int(top_k))
+        fn = self._compiled.get(sig)
+        if fn is None:
+            fn = self._compiled[sig] = mx.compile(self._frame_fn(*sig))
+        return fn(temporal_out, first_token, forced, forced_mask, key)
 
 
 @dataclass(frozen=True)
@@ -77,7 +125,6 @@ class LmState:
         cfg = lm.cfg
         self.cfg = cfg
         self.cache = lm.transformer.make_cache()
-        self.depformer_cache = lm.depformer.transformer.make_cache()  # scratch, one frame long
         self.sampler = TokenSampler(sampling, seed)
         ring = cfg.max_delay + 3
         self.tokens = np.full((cfg.num_streams, ring), -2, dtype=np.int64)  # -2: not generated yet
@@ -129,6 +176,9 @@ class StepLogits:
 
     text: np.ndarray
     audio: np.ndarray
+
+
+_NO_KEY = mx.random.key(0)  # stands in for the key of a greedy depformer (never drawn from)
 
 
 class LM(nn.Module):
@@ -262,32 +312,31 @@ class LM(nn.Module):
         audio_forced = provided[1:cfg.dep_q + 1]
         n_slices = cfg.dep_q if want_logits == "all" else (
             0 if audio_forced.all() else int(np.flatnonzero(~audio_forced)[-1]) + 1)
-        audio_logits = []
+        audio_tokens = audio_logits = None
         if n_slices:
-            state.depformer_cache.reset()
-            prev = mx.array([int(target[0])], dtype=mx.int32) if provided[0] else sampled[0]
-            for k in range(n_slices):
-                logits = self.depformer.slice_logits(k, out, prev, state.depformer_cache)
-                token = state.sampler.audio(logits)
-                sampled.append(token)
-                audio_logits.append(logits)
-                prev = mx.array([int(target[1 + k])], dtype=mx.int32) if provided[1 + k] else token
-        extra = [text_logits] + audio_logits if want_logits else []
+            first = mx.array([int(target[0])], dtype=mx.int32) if provided[0] else sampled[0]
+            forced = mx.array(np.where(provided, target, 0)[1:cfg.dep_q + 1].astype(np.int32))
+            c = state.sampler.config
+            key = state.sampler.next_key() if c.audio_temperature > 0 else _NO_KEY
+            audio_tokens, audio_logits = self.depformer.frame(
+                out, first, forced, mx.array(audio_forced), n_slices, c.audio_temperature, c.audio_top_k, key)
+            sampled.append(audio_tokens)
+        extra = [text_logits] + ([audio_logits] if audio_logits is not None else []) if want_logits else []
         mx.eval(sampled + extra + state.arrays())
 
-        have_text = text_logits is not None
-        if have_text and not provided[0]:
+        if text_logits is not None and not provided[0]:
             state.tokens[0, tgt_pos] = int(sampled[0].item())
-        for k in range(n_slices):
-            if not provided[1 + k]:
-                state.tokens[1 + k, tgt_pos] = int(sampled[int(have_text) + k].item())
+        if n_slices:
+            codes = np.array(audio_tokens)
+            sampled_rows = np.flatnonzero(~provided[1:n_slices + 1])
+            state.tokens[1 + sampled_rows, tgt_pos] = codes[sampled_rows]
         state.provided[:, inp_pos] = False
 
         logits = None
         if want_logits:
-            audio = [np.array(a[0], dtype=np.float32) for a in audio_logits]
-            logits = StepLogits(np.array(text_logits[0], dtype=np.float32),
-                                np.stack(audio) if audio else np.zeros((0, cfg.card), np.float32))
+            audio = (np.array(audio_logits, dtype=np.float32) if audio_logits is not None
+                     else np.zeros((0, cfg.card), np.float32))
+            logits = StepLogits(np.array(text_logits[0], dtype=np.float32), audio)
         state.offset = o + 1
         if o <= cfg.max_delay:
             return None, logits

@@ -64,16 +64,17 @@ class TokenSampler:
         self.config = config
         self.key = mx.random.key(seed)
 
-    def _next_key(self) -> mx.array:
+    def next_key(self) -> mx.array:
+        """A fresh key, advancing the chain (for draws made elsewhere, e.g. a compiled depformer frame)."""
         self.key, sub = mx.random.split(self.key)
         return sub
 
     def text(self, logits: mx.array) -> mx.array:
         c = self.config
-        key = self._next_key() if c.text_temperature > 0 else None
+        key = self.next_key() if c.text_temperature > 0 else None
         return sample(logits, c.text_temperature, c.text_top_k, key)
 
     def audio(self, logits: mx.array) -> mx.array:
         c = self.config
-        key = self._next_key() if c.audio_temperature > 0 else None
+        key = self.next_key() if c.audio_temperature > 0 else None
         return sample(logits, c.audio_temperature, c.audio_top_k, key)
