@@ -73,13 +73,15 @@ def test_runner_steps_a_call_from_its_rings(model, prompt, rate):
         media.start()
         media.join(30)
         _wait(engine, lambda: s.steps >= 10)  # 50 frames of 20 ms = 12.5 model frames, minus what is still in flight
-        assert s.silence_fed == 0 and s.frames_dropped == 0
         engine.close_session(s)
+        # under load a frame may be fed as silence or dropped; what matters is that it is counted
+        frames_in = s.audio.frames_pulled
     finally:
         engine.close()
     assert closed == [s]
     summary = s.final_summary
     assert summary["steps"] == s.steps >= 10
+    assert summary["steps"] == frames_in - summary["frames_dropped"] + summary["silence_fed"]
     assert set(summary["stages_ms"]) == {"ready->step_start", "step_start->step_end", "step_end->pushed"}
     assert len(summary["step_s"]) == s.steps
     # the model's audio reached the media side: some 20 ms frames the "callback" read were not silence
