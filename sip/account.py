@@ -23,13 +23,23 @@ _SRTP = {"off": pj.PJMEDIA_SRTP_DISABLED, "optional": pj.PJMEDIA_SRTP_OPTIONAL, 
 _AUTH_REFUSED = (401, 403, 407)
 
 
+def _hostport_of(uri: str) -> str:
+    # "sip:user@host:port;params" -> "host:port" (or "host")
+    rest = uri.split(":", 1)[1].split(";", 1)[0].split("?", 1)[0]
+    return rest.rsplit("@", 1)[-1]
+
+
 def _host_of(uri: str) -> str:
-    # "sip:host:port;params" -> "host"
-    rest = uri.split(":", 1)[1].split(";", 1)[0]
-    rest = rest.rsplit("@", 1)[-1]
-    if rest.startswith("["):
-        return rest[: rest.index("]") + 1]
-    return rest.split(":", 1)[0]
+    hostport = _hostport_of(uri)
+    if hostport.startswith("["):
+        return hostport[: hostport.index("]") + 1]
+    return hostport.split(":", 1)[0]
+
+
+def _source_matches(source: str, trusted: str) -> bool:
+    # source is pjsip's "host:port"; a trusted entry without a port takes any port of that host
+    host, _, _ = source.rpartition(":")
+    return source == trusted or host == trusted
 
 
 class SipAccount(pj.Account):
@@ -47,6 +57,16 @@ class SipAccount(pj.Account):
             self.uri = f"sip:{cfg.user}@{transport.host}:{transport.port}{transport.uri_params()}"
         else:
             self.uri = f"sip:{cfg.user}@{cfg.domain or _host_of(cfg.registrar)}"
+        if cfg.trusted_sources is not None:
+            self.trusted: tuple[str, ...] | None = cfg.trusted_sources
+        elif cfg.direct:
+            self.trusted = None
+        else:
+            self.trusted = (_hostport_of(cfg.registrar),)
+
+    def trusts(self, source: str) -> bool:
+        """Whether an INVITE from `source` ("host:port") may reach this account."""
+        return self.trusted is None or any(_source_matches(source, t) for t in self.trusted)
 
     def pj_config(self) -> pj.AccountConfig:
         cfg = self.cfg

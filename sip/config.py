@@ -67,6 +67,10 @@ class AccountConfig(_Config):
     realm: str = "*"
     expires_s: Annotated[int, Meta(ge=1)] = 300
     refresh_before_s: Annotated[int, Meta(ge=1)] = 5
+    # where INVITEs for this account may come from: "host" or "host:port" entries. None = anyone for a
+    # direct account, only the registrar's host (and port, when its URI names one) for a registered one
+    # - a PBX extension must not be callable by anyone who can reach the socket
+    trusted_sources: tuple[str, ...] | None = None
     srtp: Literal["off", "optional", "mandatory"] = "off"
     srtp_require_tls: bool = False  # refuse SRTP keys sent over a transport that is not TLS
     auto_answer: bool = True

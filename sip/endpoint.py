@@ -34,10 +34,6 @@ from .config import WHEEL_MAX_CALLS, EndpointConfig
 from .events import CallRejected, EndpointStopped, Event, IncomingCall
 from .transports import Transport, create_transport
 
-try:  # media half of the endpoint (written beside this one); without it calls have no media port
-    from .media_port import attach_media as _attach_media
-except ImportError:  # pragma: no cover - only until sip/media_port.py exists
-    _attach_media = None
 from .offer import CODECS as _OFFER_CODECS
 from .offer import validate_offer
 
@@ -69,7 +65,12 @@ class Endpoint:
         self.config = config or EndpointConfig()
         self.engine = engine
         self.recorder = recorder
-        self._attach_media = _attach_media
+        self._attach_media = None
+        if engine is not None:
+            # only calls with an engine need media ports (and the compiled PCM helper behind them)
+            from .media_port import attach_media
+
+            self._attach_media = attach_media
         self.events: queue.Queue[Event] = queue.Queue()
         self._history: collections.deque[Event] = collections.deque(maxlen=10_000)
         self._history_cond = threading.Condition()
@@ -429,8 +430,13 @@ class Endpoint:
         msg = str(prm.rdata.wholeMsg)
         _, _, body = msg.partition("\r\n\r\n")
         reason = validate_offer(body, self._accepted) if self._accepted else None
+        source = str(prm.rdata.srcAddress)
         code = 0
-        if reason is not None:
+        if not acc.trusts(source):
+            code, text = 403, "Forbidden"
+            reason = f"INVITE for registered account {acc.name!r} from {source}, not from its registrar"
+            log.warning("%s", reason)
+        elif reason is not None:
             code, text = 488, "Not Acceptable Here"
             log.info("INVITE %s from %s rejected: %s", rec.call_id, rec.remote_uri, reason)
         elif self._closing:

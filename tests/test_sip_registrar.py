@@ -9,7 +9,7 @@ from sip_peers import Kamailio, PjsuaPeer
 
 from callbot.sip.config import AccountConfig, EndpointConfig, TransportConfig
 from callbot.sip.endpoint import Endpoint
-from callbot.sip.events import (CallConfirmed, CallEnded, IncomingCall, RegistrationChanged,
+from callbot.sip.events import (CallConfirmed, CallEnded, CallRejected, IncomingCall, RegistrationChanged,
                                 RegistrationFailed)
 
 pytestmark = pytest.mark.timeout(120)
@@ -101,3 +101,14 @@ def test_direct_account_beside_registered_ones(bot, tmp_path: pathlib.Path):
         bot.wait_for(CallConfirmed, call_id=call_id)
         bot.hangup(call_id)
         carol.expect("disconnected", call_id=call_id)
+
+
+def test_registered_account_refuses_invites_not_from_its_registrar(bot, tmp_path: pathlib.Path):
+    # straight to the endpoint's socket, addressed to the registered user: 403, no call
+    with PjsuaPeer(user="mallory", log_dir=tmp_path) as mallory:
+        port = bot.transports["udp"].port
+        cid = mallory.call(f"sip:fast@127.0.0.1:{port}")
+        assert mallory.expect("disconnected", call_id=cid)["code"] == 403
+        rejected = bot.wait_for(CallRejected, code=403)
+        assert rejected.account == "fast" and "not from its registrar" in rejected.reason
+        assert cid not in bot.calls()
