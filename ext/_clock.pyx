@@ -122,8 +122,9 @@ cdef class PeriodicClock:
         self._waiting = False
 
     def wait(self):
-        """Sleep until the next deadline; return this wake's lateness in ns (GIL released; signal
-        handlers run during the wait, which then resumes on the same deadline)."""
+        """Sleep until the next deadline; return this wake's lateness in ns: from the deadline to the
+        moment this thread holds the GIL again, i.e. when the caller can act. The GIL is released
+        while sleeping; signal handlers run during the wait, which then resumes on the same deadline."""
         cdef int64_t deadline
         if self._waiting:
             raise RuntimeError(ERR_BUSY)
