@@ -211,8 +211,10 @@ def test_latency(benchmark):
 # bytes; the consumer process subtracts it from its own perf_counter_ns (CLOCK_MONOTONIC on Linux,
 # mach_absolute_time on macOS: one clock for the whole machine).
 
-PROC_FRAMES = 20_000
-PROC_LAT_FRAMES = 2_000
+PROC_FRAMES = 20_000  # per throughput round
+PROC_ROUNDS = 5
+PROC_LAT_FRAMES = 1_000  # per latency round
+PROC_LAT_ROUNDS = 3
 
 
 def _stamp(frame):
@@ -223,90 +225,122 @@ def _stamp_of(frame):
     return int(frame[:4].view(np.int64)[0])
 
 
-def _ring_consumer(shm_name, n, conn):
+def _ring_consumer(shm_name, conn):
+    """Consumer process for the ring: per job (a frame count from conn), pops that many frames and
+    sends back (latencies ns, end ns); None ends it."""
     shm = shared_memory.SharedMemory(name=shm_name)
     ring = Ring.attach(shm.buf)
     buf = np.empty(FRAME, dtype=np.int16)
-    lat = np.empty(n, dtype=np.int64)
     try:
         conn.send("ready")
-        for i in range(n):
-            while ring.readable < FRAME:
-                POLL()
-            ring.read_into(buf)
-            lat[i] = time.perf_counter_ns() - _stamp_of(buf)
-        conn.send((lat, time.perf_counter_ns()))
+        while (n := conn.recv()) is not None:
+            lat = np.empty(n, dtype=np.int64)
+            for i in range(n):
+                while ring.readable < FRAME:
+                    POLL()
+                ring.read_into(buf)
+                lat[i] = time.perf_counter_ns() - _stamp_of(buf)
+            conn.send((lat, time.perf_counter_ns()))
     finally:
         ring.close()
         shm.close()
 
 
-def _queue_consumer(q, n, conn):
-    lat = np.empty(n, dtype=np.int64)
+def _queue_consumer(q, conn):
+    """The same for multiprocessing.Queue (blocking get)."""
     conn.send("ready")
-    for i in range(n):
-        frame = q.get()
-        lat[i] = time.perf_counter_ns() - _stamp_of(frame)
-    conn.send((lat, time.perf_counter_ns()))
+    while (n := conn.recv()) is not None:
+        lat = np.empty(n, dtype=np.int64)
+        for i in range(n):
+            frame = q.get()
+            lat[i] = time.perf_counter_ns() - _stamp_of(frame)
+        conn.send((lat, time.perf_counter_ns()))
 
 
-def process_round(name, n, gap_s):
-    """Moves n frames to a consumer process (paced by gap_s, or flat out if 0): (frames/s, latencies ns)."""
-    ctx = multiprocessing.get_context("spawn")
-    here, there = ctx.Pipe()
-    shm = ring = proc = None
-    try:
+class ProcessPeer:
+    """One consumer process fed by this process through a ring in shared memory or an mp.Queue."""
+
+    def __init__(self, name):
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, there = ctx.Pipe()
+        self.shm = self.ring = self.q = None
         if name == "ring":
-            shm = shared_memory.SharedMemory(create=True, size=Ring.nbytes(CAPACITY, np.int16))
-            ring = Ring.create_in(shm.buf, CAPACITY, np.int16)
-            proc = ctx.Process(target=_ring_consumer, args=(shm.name, n, there), daemon=True)
+            self.shm = shared_memory.SharedMemory(create=True, size=Ring.nbytes(CAPACITY, np.int16))
+            self.ring = Ring.create_in(self.shm.buf, CAPACITY, np.int16)
+            self.proc = ctx.Process(target=_ring_consumer, args=(self.shm.name, there), daemon=True)
         else:
-            q = ctx.Queue(maxsize=DEPTH)
-            proc = ctx.Process(target=_queue_consumer, args=(q, n, there), daemon=True)
-        proc.start()
-        assert here.poll(JOIN_S) and here.recv() == "ready"
-        frames = [np.zeros(FRAME, dtype=np.int16) for _ in range(64)]
+            self.q = ctx.Queue(maxsize=DEPTH)
+            self.proc = ctx.Process(target=_queue_consumer, args=(self.q, there), daemon=True)
+        self.proc.start()
+        assert self.conn.poll(JOIN_S) and self.conn.recv() == "ready", "consumer process did not start"
+        self.frames = [np.zeros(FRAME, dtype=np.int16) for _ in range(64)]
+
+    def send(self, n, gap_s):
+        """Moves n frames (paced by gap_s, or flat out if 0): (frames/s, latencies ns)."""
+        self.conn.send(n)
         start = time.perf_counter_ns()
         for i in range(n):
             if gap_s:
                 time.sleep(gap_s)
-            frame = frames[i % 64]
+            frame = self.frames[i % 64]
             _stamp(frame)
-            if ring is not None:
-                while ring.writable < FRAME:
+            if self.ring is not None:
+                while self.ring.writable < FRAME:
                     POLL()
-                ring.write(frame)
+                self.ring.write(frame)
             else:
-                q.put(frame)
-        assert here.poll(JOIN_S), "consumer process hung"
-        lat, end = here.recv()
-        proc.join(JOIN_S)
+                self.q.put(frame)
+        assert self.conn.poll(JOIN_S), "consumer process hung"
+        lat, end = self.conn.recv()
         return n / ((end - start) / 1e9), lat
-    finally:
-        if proc is not None and proc.is_alive():
-            proc.kill()
-            proc.join()
-        if ring is not None:
-            ring.close()
-        if shm is not None:
-            shm.close()
-            shm.unlink()
+
+    def close(self):
+        if self.proc.is_alive():
+            self.conn.send(None)
+            self.proc.join(JOIN_S)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
+        if self.ring is not None:
+            self.ring.close()
+            self.shm.close()
+            self.shm.unlink()
 
 
 @pytest.mark.benchmark(group="ring")
 def test_processes(benchmark):
-    def run():
-        for name in ("ring", "queue"):
-            fps, _ = process_round(name, PROC_FRAMES, 0)
-            _, lat = process_round(name, PROC_LAT_FRAMES, GAP_S)
-            us = lat / 1000.0
-            p50, p99 = np.percentile(us, [50, 99])
-            PROC_RESULTS.update({("frames/s", name): fps, ("latency p50 us", name): p50, ("latency p99 us", name): p99})
-            benchmark.extra_info.update(
-                {f"proc_{name}_frames_per_s": round(fps), f"proc_{name}_p50_us": round(p50, 1), f"proc_{name}_p99_us": round(p99, 1)}
-            )
+    names = ["ring", "queue"]
+    peers = {}
+    fps = {n: [] for n in names}
+    lat = {n: [] for n in names}
+    try:
+        for name in names:
+            peers[name] = ProcessPeer(name)
 
-    benchmark.pedantic(run, rounds=1, iterations=1)
+        def run():
+            # rounds alternate which transport goes first
+            for k in range(max(PROC_ROUNDS, PROC_LAT_ROUNDS)):
+                order = names if k % 2 == 0 else names[::-1]
+                for name in order:
+                    if k < PROC_ROUNDS:
+                        fps[name].append(peers[name].send(PROC_FRAMES, 0)[0])
+                    if k < PROC_LAT_ROUNDS:
+                        lat[name].append(peers[name].send(PROC_LAT_FRAMES, GAP_S)[1])
+
+        for name in names:  # warmup: first frames through each path
+            peers[name].send(100, 0)
+        benchmark.pedantic(run, rounds=1, iterations=1)
+    finally:
+        for peer in peers.values():
+            peer.close()
+    for name in names:
+        us = np.concatenate(lat[name]) / 1000.0
+        p50, p99 = np.percentile(us, [50, 99])
+        rate = statistics.median(fps[name])
+        PROC_RESULTS.update({("frames/s", name): rate, ("latency p50 us", name): p50, ("latency p99 us", name): p99})
+        benchmark.extra_info.update(
+            {f"proc_{name}_frames_per_s": round(rate), f"proc_{name}_p50_us": round(p50, 1), f"proc_{name}_p99_us": round(p99, 1)}
+        )
 
 
 def test_report_ratios(capsys):
