@@ -1,25 +1,26 @@
-"""Ring vs queue.Queue vs collections.deque: a producer thread hands 20 ms frames to a consumer thread.
+"""Ring vs queue.Queue vs collections.deque (threads) and vs multiprocessing.Queue (processes):
+a producer hands 20 ms frames (320 int16 samples at 16 kHz) to a consumer.
 
-Why: the ring is meant to be the cheapest hand-off between the media thread and the engine; this
-measures it against the two stdlib ways of doing the same in one run, so the numbers are ratios on
-the same machine and load. Run (about 40 s):
+Why: the ring is meant to be the cheapest hand-off between the media thread and the engine, and the
+way to put the engine in its own process (DESIGN.md); this measures it against the stdlib ways of
+doing the same in one run, so the numbers are ratios on the same machine and load. Run (about 40 s):
 
-    python -m pytest bench/bench_ring.py -p no:cacheprovider --benchmark-columns=median,ops,rounds
+    python -m pytest bench/bench_ring.py -p no:cacheprovider --benchmark-columns=median,rounds
 
-Each measurement is taken in rounds that visit the three transports in rotated order (the machine is
-shared, so load changes hit all three alike); the first round is a warmup and is dropped.
-Throughput: the producer pushes FRAMES frames as fast as the transport accepts them (bounded to the
-same depth, DEPTH frames, for all three) and the consumer pops them all: frames/s.
+Rounds alternate the order of the transports (the machine is shared, so load changes hit all alike);
+the first thread round is a warmup and is dropped.
+Throughput: the producer pushes frames as fast as the transport accepts them (at most DEPTH frames in
+flight for all) and the consumer pops them all: frames/s, median over rounds.
 Latency: the producer sends one frame every GAP_S, stamping perf_counter_ns just before the hand-off;
-the consumer stamps when it has the frame: p50/p99 of the difference.
-The ring never blocks, so its consumer (and deque's) polls, yielding the GIL and the CPU between
-polls with os.sched_yield() (not time.sleep(0): on Linux that sleeps for the 50 us timer slack, which
-then dominates the latency); queue.Queue's consumer blocks in get(). Printed at the end: ring/queue and ring/deque.
+the consumer stamps when it has the frame: p50/p99 of the difference over all rounds.
+The ring never blocks, so its consumer (and deque's) polls: os.sched_yield() between polls by
+default, time.sleep(0) with CALLBOT_BENCH_RING_POLL=sleep0 (on Linux a nap of the 50 us timer slack).
+Queue consumers block in get(). The table printed at the end is what BENCHMARKS.md quotes.
 """
+import multiprocessing
 import os
 import queue
 import statistics
-import multiprocessing
 import threading
 import time
 from collections import deque
@@ -30,7 +31,6 @@ import pytest
 
 from callbot.engine import Ring
 
-RATE = 16_000
 FRAME = 320  # samples: 20 ms at 16 kHz
 DEPTH = 51  # frames in flight at most: the ring's 16384 samples hold 51 whole frames
 CAPACITY = 16_384
