@@ -319,12 +319,35 @@ class Attention(nn.Module):
         return self._project(y, offset, out=True)
 
 
+    def step_one(self, x: mx.array, keys: mx.array, values: mx.array, slot: mx.array, offset: mx.array,
+                 mask: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """One position [B, 1, d] against a whole ring (pure: returns the updated keys and values).
+        `slot` is where the position goes, `offset` its absolute position, `mask` [capacity] the slots
+        it may see (all once the ring is full). Shapes never change, so this compiles once."""
+        cfg = self.cfg
+        b = x.shape[0]
+        qkv = self.in_proj(x).reshape(b, 1, 3, cfg.num_heads, cfg.head_dim).transpose(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        if cfg.positional_embedding == "rope":
+            q = mx.fast.rope(q, cfg.head_dim, traditional=cfg.rope_interleave, base=cfg.max_period,
+                             scale=1.0, offset=offset)
+            k = mx.fast.rope(k, cfg.head_dim, traditional=cfg.rope_interleave, base=cfg.max_period,
+                             scale=1.0, offset=offset)
+        keys = mx.slice_update(keys, k, slot, axes=(2,))
+        values = mx.slice_update(values, v, slot, axes=(2,))
+        y = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.scale, mask=mask)
+        return self.out_proj(y.transpose(0, 2, 1, 3).reshape(b, 1, cfg.d_model)), keys, values
+
+
 def _full_mask(t: int, context: int | None) -> mx.array | str:
     if context is None or t <= context:
         return "causal"
     pos = np.arange(t)
     delta = pos[:, None] - pos[None, :]
     return mx.array((delta >= 0) & (delta < context))
+
+
+_ALL_VISIBLE: dict[int, mx.array] = {}  # per capacity: the mask of a full ring
 
 
 class TransformerLayer(nn.Module):
@@ -370,13 +393,32 @@ class TransformerLayer(nn.Module):
         return x + update
 
 
+    def step_one(self, x, keys, values, slot, offset, mask):
+        update, keys, values = self.self_attn.step_one(self.norm1(x), keys, values, slot, offset, mask)
+        if self.cfg.layer_scale:
+            update = self.layer_scale_1(update)
+        x = x + update
+        update = self._ffn(self.norm2(x), 0)
+        if self.cfg.layer_scale:
+            update = self.layer_scale_2(update)
+        return x + update, keys, values
+
+
 class Transformer(nn.Module):
-    """A stack of `TransformerLayer`s: `__call__` for a whole sequence, `step` for streaming."""
+    """A stack of `TransformerLayer`s: `__call__` for a whole sequence, `step` for streaming.
+
+    A one-position `step` (the LM's frame) runs as one compiled MLX function over the whole ring with
+    a validity mask, which removes most of the Python/graph overhead of ~20 ops per layer. The compiled
+    function captures the layers as they are at the first step: it is rebuilt when the layers' modules
+    or weights are replaced (load_weights, nn.quantize), checked by identity on the first and last layer.
+    """
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.cfg = cfg
         self.layers = [TransformerLayer(cfg) for _ in range(cfg.num_layers)]
+        self._compiled_step = None
+        self._compiled_for: tuple = ()
 
     def __call__(self, x: mx.array) -> mx.array:
         """Whole sequence [B, T, d] from position 0, no state kept."""
@@ -388,8 +430,45 @@ class Transformer(nn.Module):
         """The next T >= 1 positions [B, T, d] of a stream whose state is `cache` (updated)."""
         if len(cache.layers) != len(self.layers):
             raise ValueError(f"cache has {len(cache.layers)} layers, the transformer {len(self.layers)}")
+        if x.shape[1] == 1 and not self.cfg.weights_per_step and self.layers and \
+                (self.cfg.context is None or self.cfg.context >= cache.layers[0].capacity):
+            return self._step_one(x, cache)
         for layer, c in zip(self.layers, cache.layers):
             x = layer(x, c)
+        return x
+
+    def _layers_identity(self) -> tuple:
+        ends = (self.layers[0], self.layers[-1])
+        return tuple(id(o) for layer in ends for o in (layer.self_attn.in_proj, layer.self_attn.in_proj.weight,
+                                                        layer.norm2.weight))
+
+    def _step_one(self, x: mx.array, cache: TransformerCache) -> mx.array:
+        identity = self._layers_identity()
+        if self._compiled_step is None or self._compiled_for != identity:
+            layers = list(self.layers)
+
+            def step_all(x, keys, values, slot, offset, mask):
+                new_keys, new_values = [], []
+                for layer, k, v in zip(layers, keys, values):
+                    x, k, v = layer.step_one(x, k, v, slot, offset, mask)
+                    new_keys.append(k)
+                    new_values.append(v)
+                return x, new_keys, new_values
+
+            self._compiled_step, self._compiled_for = mx.compile(step_all), identity
+        first = cache.layers[0]
+        cap, offset = first.capacity, first.offset
+        if offset + 1 >= cap:
+            mask = _ALL_VISIBLE.get(cap)
+            if mask is None:
+                mask = _ALL_VISIBLE[cap] = mx.ones((cap,), dtype=mx.bool_)
+        else:
+            mask = mx.array(np.arange(cap) <= offset)
+        x, keys, values = self._compiled_step(
+            x, [c.keys for c in cache.layers], [c.values for c in cache.layers],
+            mx.array([offset % cap], dtype=mx.int32), mx.array(offset, dtype=mx.int32), mask)
+        for c, k, v in zip(cache.layers, keys, values):
+            c.keys, c.values, c.offset = k, v, c.offset + 1
         return x
 
     def make_cache(self, batch_size: int = 1, dtype: mx.Dtype | None = None) -> TransformerCache:
