@@ -157,3 +157,15 @@ def test_parameter_names_follow_kyutai():
     names = {k for k, _ in tree_flatten(Transformer(TransformerConfig(**DEPFORMER_LIKE)).parameters())}
     assert "layers.0.self_attn.in_projs.4.weight" in names
     assert "layers.1.gating.4.linear_out.weight" in names
+
+
+def test_compiled_step_follows_new_weights():
+    """The one-position step is compiled with the weights it first saw; replacing them rebuilds it."""
+    cfg = TransformerConfig(**LM_LIKE)
+    a, b = Transformer(cfg), Transformer(cfg)
+    mx.eval(a.parameters(), b.parameters())
+    x = mx.array(np.random.default_rng(4).standard_normal((1, 1, 64)).astype(np.float32))
+    first = np.array(a.step(x, a.make_cache()))
+    a.load_weights(tree_flatten(b.parameters()))
+    np.testing.assert_array_equal(np.array(a.step(x, a.make_cache())), np.array(b.step(x, b.make_cache())))
+    assert np.abs(first - np.array(b.step(x, b.make_cache()))).max() > 1e-3
