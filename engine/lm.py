@@ -44,8 +44,8 @@ class Depformer(nn.Module):
     A frame is one compiled MLX function (`frame`), per number of slices and sampling settings: the
     slices run back to back with no host round trip (a forced token replaces the sampled one through a
     mask input), which cuts the Python/graph overhead of ~25 ops per slice and layer by about 2.5x
-    (measured on the tiny model). The compiled functions capture the weights: load weights before the
-    first frame, never after.
+    (measured on the tiny model). The compiled functions capture the modules and weights they first
+    saw; they are rebuilt when those are replaced (checked by identity on the first and last slice).
     """
 
     def __init__(self, cfg: LmConfig):
@@ -95,6 +95,11 @@ class Depformer(nn.Module):
               n_slices: int, temperature: float, top_k: int, key: mx.array) -> tuple[mx.array, mx.array]:
         """Sample codebooks 0..n_slices-1 of one frame (lazy arrays: tokens [n] int32, logits [n, card])."""
         sig = (n_slices, float(temperature), int(top_k))
+        first, last = self.slices[0], self.transformer.layers[-1].self_attn
+        identity = tuple(id(o) for o in (first.linear_in, first.linear_in.weight, last.in_projs[-1],
+                                         last.in_projs[-1].weight))
+        if self._compiled.get("identity") != identity:  # weights or modules replaced: rebuild
+            self._compiled = {"identity": identity}
         fn = self._compiled.get(sig)
         if fn is None:
             fn = self._compiled[sig] = mx.compile(self._frame_fn(*sig))

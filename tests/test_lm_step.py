@@ -143,3 +143,14 @@ def test_moshiko_layout_8_slices_matches_kyutai(tmp_path):
             _check_step(ours.step_with_logits(state, user), ref.step(user), i)
     finally:
         ref.close()
+
+
+def test_depformer_follows_new_weights(tmp_path):
+    """The compiled depformer frame is rebuilt when the weights are replaced after a first step."""
+    write_tiny_lm(tmp_path / "a", seed=1)
+    write_tiny_lm(tmp_path / "b", seed=2)
+    a, b = load_lm(tmp_path / "a", TINY_LM, progress=False), load_lm(tmp_path / "b", TINY_LM, progress=False)
+    _run(a, a.new_state(GREEDY), 4)
+    from mlx.utils import tree_flatten
+    a.load_weights(tree_flatten(b.parameters()))
+    assert _run(a, a.new_state(GREEDY), 8) == _run(b, b.new_state(GREEDY), 8)
