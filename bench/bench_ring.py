@@ -168,7 +168,7 @@ def latency_round(name):
     return got - sent
 
 
-def _interleaved(round_fn, rounds, per_name):
+def _interleaved(round_fn, per_name):
     """One round = every transport once, in an order rotated each round, so that load from elsewhere
     on the machine falls on all three alike; per_name[name] collects round_fn(name) results."""
     names = list(TRANSPORTS)
@@ -186,7 +186,7 @@ def _interleaved(round_fn, rounds, per_name):
 @pytest.mark.benchmark(group="ring")
 def test_throughput(benchmark):
     times = {}
-    benchmark.pedantic(_interleaved(throughput_round, ROUNDS, times), rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(_interleaved(throughput_round, times), rounds=ROUNDS, iterations=1, warmup_rounds=1)
     for name, t in times.items():
         fps = FRAMES / statistics.median(t[1:])  # t[0] is the warmup round
         RESULTS[("frames/s", name)] = fps
@@ -196,7 +196,8 @@ def test_throughput(benchmark):
 @pytest.mark.benchmark(group="ring")
 def test_latency(benchmark):
     lat = {}
-    benchmark.pedantic(_interleaved(latency_round, LAT_ROUNDS, lat), rounds=LAT_ROUNDS, iterations=1, warmup_rounds=1)
+    one_round = _interleaved(latency_round, lat)
+    benchmark.pedantic(one_round, rounds=LAT_ROUNDS, iterations=1, warmup_rounds=1)
     for name, rounds in lat.items():
         us = np.concatenate(rounds[1:]) / 1000.0
         p50, p99 = np.percentile(us, [50, 99])
@@ -337,10 +338,12 @@ def test_processes(benchmark):
         us = np.concatenate(lat[name]) / 1000.0
         p50, p99 = np.percentile(us, [50, 99])
         rate = statistics.median(fps[name])
-        PROC_RESULTS.update({("frames/s", name): rate, ("latency p50 us", name): p50, ("latency p99 us", name): p99})
-        benchmark.extra_info.update(
-            {f"proc_{name}_frames_per_s": round(rate), f"proc_{name}_p50_us": round(p50, 1), f"proc_{name}_p99_us": round(p99, 1)}
-        )
+        PROC_RESULTS[("frames/s", name)] = rate
+        PROC_RESULTS[("latency p50 us", name)] = p50
+        PROC_RESULTS[("latency p99 us", name)] = p99
+        benchmark.extra_info[f"proc_{name}_frames_per_s"] = round(rate)
+        benchmark.extra_info[f"proc_{name}_p50_us"] = round(p50, 1)
+        benchmark.extra_info[f"proc_{name}_p99_us"] = round(p99, 1)
 
 
 def test_report_ratios(capsys):
@@ -348,11 +351,17 @@ def test_report_ratios(capsys):
     if len(RESULTS) < 9 or len(PROC_RESULTS) < 6:
         pytest.skip("run the whole file: the ratios need every transport's numbers")
     metrics = ("frames/s", "latency p50 us", "latency p99 us")
-    lines = [f"threads (ring/deque consumers poll: {POLL_MODE})", f"{'metric':<16}{'ring':>10}{'queue':>10}{'deque':>10}{'ring/queue':>12}{'ring/deque':>12}"]
+    lines = [
+        f"threads (ring/deque consumers poll: {POLL_MODE})",
+        f"{'metric':<16}{'ring':>10}{'queue':>10}{'deque':>10}{'ring/queue':>12}{'ring/deque':>12}",
+    ]
     for metric in metrics:
         r, q, d = (RESULTS[(metric, n)] for n in ("ring", "queue", "deque"))
         lines.append(f"{metric:<16}{r:>10.1f}{q:>10.1f}{d:>10.1f}{r / q:>12.2f}{r / d:>12.2f}")
-    lines += [f"processes (ring consumer polls: {POLL_MODE})", f"{'metric':<16}{'ring shm':>10}{'mp.Queue':>10}{'ring/queue':>12}"]
+    lines += [
+        f"processes (ring consumer polls: {POLL_MODE})",
+        f"{'metric':<16}{'ring shm':>10}{'mp.Queue':>10}{'ring/queue':>12}",
+    ]
     for metric in metrics:
         r, q = (PROC_RESULTS[(metric, n)] for n in ("ring", "queue"))
         lines.append(f"{metric:<16}{r:>10.1f}{q:>10.1f}{r / q:>12.2f}")

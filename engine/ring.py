@@ -32,7 +32,10 @@ ERR_ATTACH = {
     _ring.ERR_VERSION: "buffer holds a ring of another layout version (built by another callbot release)",
     _ring.ERR_CAPACITY: "buffer's ring header has a capacity that is not a power of two: not a valid ring",
     _ring.ERR_DTYPE: "buffer's ring header names an unknown sample type: not a valid ring",
-    _ring.ERR_INDICES: "buffer's ring indices are inconsistent (read ahead of write, or behind by more than the capacity): not a valid ring",
+    _ring.ERR_INDICES: (
+        "buffer's ring indices are inconsistent (read ahead of write, or behind by more than the "
+        "capacity): not a valid ring"
+    ),
 }
 
 _DTYPES = {np.dtype(np.int16): (_ring.INT16, 2), np.dtype(np.float32): (_ring.FLOAT32, 4)}

@@ -445,7 +445,8 @@ def test_native_threads_are_race_free_under_threadsanitizer(tmp_path):
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
     if "unexpected memory mapping" in run.stderr and shutil.which("setarch"):
         # TSan of older toolchains cannot map its shadow under the wide ASLR of newer kernels
-        run = subprocess.run(["setarch", os.uname().machine, "-R", str(exe)], capture_output=True, text=True, timeout=120)
+        no_aslr = ["setarch", os.uname().machine, "-R", str(exe)]
+        run = subprocess.run(no_aslr, capture_output=True, text=True, timeout=120)
     assert "ThreadSanitizer" not in run.stderr, run.stderr
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.startswith("moved 2000000 samples")
