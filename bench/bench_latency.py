@@ -1,0 +1,287 @@
+"""Mouth-to-ear on loopback: a real SIP phone (bench/peer_audio.py, its own pjsua2 process) speaks clicks
+into callbot's Endpoint and times them back, per codec, against two baselines measured in the same run.
+
+Why: DESIGN.md's budget says our own additions (everything but ptime, jitter buffers and the model)
+must stay <= 5 ms p99. Stages are only believable end to end, with a real peer's clock and jitter
+buffer on the far side. Cases (BENCHMARKS.md, "## Latency (mouth-to-ear)"):
+
+- `loop`:  pjsip's own echo, the call's conference port transmitting to itself: codec, ptime and both
+           jitter buffers, nothing of ours. It runs BESIDE our port on the same call, so the peer hears
+           every click twice, first through pjsip alone, then through us: the difference, click by click,
+           is what we add, free of the jitter buffers' drift (they grow and shrink in 20 ms steps with
+           the machine's load; calls measured one after the other differ by 40 ms for that alone).
+- `echo`:  the product's echo line: media port (ext/_pcm.pyx), rings, CallAudio's resamplers and the
+           EchoEngine's 2 ms poll. A tap on the session's CallAudio times each click on the engine side,
+           splitting the round trip into inbound (peer -> engine) and outbound (engine -> peer).
+- `ws`:    the path this product replaces, Twilio Media Streams' shape: JSON messages with base64 mu-law
+           8 kHz, 20 ms each, over a WebSocket on loopback served with uvloop, into the same EchoEngine.
+- `model`: the tiny model (same code as the 7B) behind the ModelEngine runner. Its audio is replaced,
+           after each real step, by a marker click at the first sample of the output frame computed from
+           the input frame holding the peer's click: the first output that could depend on it. Stages come
+           from the runner's FrameStats (ready, step start, step end, pushed); "own" there is the marker's
+           time minus the loop's, the frame fill (click to frame end) and the step, plus the 20 ms of
+           packetization that the loop's copy carries and the marker's carries inside the fill.
+
+Run (about 2.5 min):
+    python -m pytest bench/bench_latency.py -p no:cacheprovider -q -s
+    CALLBOT_BENCH_CLICKS=300 ...                  more clicks per case (default 80)
+    CALLBOT_BENCH_MODEL=/path/to/personaplex-7b-v1 CALLBOT_BENCH_QUANT=q4 ...   the real weights (Mac)
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import pytest
+
+import latency_lab as L
+
+CLICKS = int(L.env_float("CALLBOT_BENCH_CLICKS", 80))
+ECHO_INTERVAL_MS = 217.0  # not a multiple of 20 ms: clicks land at every phase of a frame
+MODEL_INTERVAL_MS = 330.0  # not a multiple of 80 ms: clicks land at every phase of a model frame
+CODECS = ("PCMU", "G722")
+PTIME_MS = 20.0
+RESULTS: dict[tuple[str, str], dict] = {}
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def _record(benchmark, key, row):
+    RESULTS[key] = row
+    benchmark.extra_info.update({k: v for k, v in row.items() if isinstance(v, (int, float, str))})
+
+
+def _match(sent_ns: np.ndarray, times_ns: np.ndarray, window_ns: float) -> np.ndarray:
+    """For each sent time, the index of the first time in [sent, sent + window), or -1."""
+    out = np.full(len(sent_ns), -1)
+    for i, s in enumerate(sent_ns):
+        j = np.flatnonzero((times_ns >= s) & (times_ns < s + window_ns))
+        if len(j):
+            out[i] = j[0]
+    return out
+
+
+def _sent_ns(peer) -> np.ndarray:
+    rate, n = int(peer["rate"]), int(peer["frame"])
+    return np.array([peer["t_req"][s // n] + (s % n) * 1e9 / rate for s in peer["sent"]])
+
+
+def run_once(benchmark, fn):
+    """pytest-benchmark records the whole call as one round (the numbers inside are per click)."""
+    return benchmark.pedantic(fn, rounds=1, iterations=1)
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_echo(benchmark, codec):
+    from callbot.engine.echo import EchoEngine
+
+    taps = L.ClickTaps()
+    engine = L.tap_engine(EchoEngine(), taps)
+    try:
+        peer, stats = run_once(benchmark, lambda: L.sip_call_with_clicks(engine, codec, CLICKS, ECHO_INTERVAL_MS,
+                                                                         loop="beside"))
+    finally:
+        engine.close()
+    arrivals = L.click_arrivals(peer, ECHO_INTERVAL_MS, 2)
+    loop, ours = arrivals[:, 0], arrivals[:, 1]
+    sent = _sent_ns(peer)
+    seen = np.array(taps.seen, np.float64).reshape(-1, 4)
+    idx = _match(sent, seen[:, 1], ECHO_INTERVAL_MS * 1e6)
+    good = np.isfinite(ours) & (idx >= 0)
+    inbound = (seen[idx[good], 1] - sent[good]) / 1e6
+    engine_ms = (seen[idx[good], 3] - seen[idx[good], 1]) / 1e6
+    outbound = ours[good] - inbound - engine_ms
+    own = ours[good] - loop[good]
+    _record(benchmark, ("echo", codec), {
+        "loop": L.stats_ms(loop[good]), "total": L.stats_ms(ours[good]), "lost": int((~good).sum()),
+        "inbound": L.stats_ms(inbound), "engine": L.stats_ms(engine_ms), "outbound": L.stats_ms(outbound),
+        "own": L.stats_ms(own), "own_first": L.stats_ms(own[: max(1, len(own) // 4)]),
+        "resampler_ms": stats["resampler_ms"] if stats else float("nan"),
+        "port_rate": stats["port_rate"] if stats else 0, "media": stats["media"] if stats else {},
+        "jb_peer_avg_ms": float(peer["jbuf"][2]), "jb_ours_avg_ms": stats["jb_avg_ms"] if stats else float("nan")})
+    assert good.sum() >= CLICKS // 2, (arrivals, len(taps.seen))
+
+
+def test_ws_baseline(benchmark):
+    from callbot.engine.echo import EchoEngine
+
+    engine = EchoEngine()
+    try:
+        peer = run_once(benchmark, lambda: L.ws_call_with_clicks(engine, CLICKS, ECHO_INTERVAL_MS))
+    finally:
+        engine.close()
+    lat = L.click_latencies(peer, ECHO_INTERVAL_MS)
+    ok = lat[np.isfinite(lat)]
+    _record(benchmark, ("ws", "PCMU"), {"total": L.stats_ms(ok), "lost": int(np.isnan(lat).sum())})
+    assert len(ok) >= CLICKS // 2, lat
+
+
+# ---- the model --------------------------------------------------------------------------------------
+
+
+class MarkedModel:
+    """The loaded Model, except that its sessions' audio is a marker track (see the module docstring)."""
+
+    def __init__(self, model):
+        self._model = model
+        self.marks: list[tuple[int, int]] = []  # (step index in its session, click start in the input frame)
+
+    def open_session(self, **kw):
+        return MarkedSession(self._model.open_session(**kw), self)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+class MarkedSession:
+    THRESHOLD = 0.1  # the click peaks at 0.37 full scale; the peer sends digital silence around it
+
+    def __init__(self, inner, owner: MarkedModel):
+        from peer_audio import click
+
+        self.inner = inner
+        self.owner = owner
+        self.k = 0
+        self.prev_hit = False
+        self.marker = click(24000).astype(np.float32) / 32768
+        self.half = len(self.marker) // 2
+
+    def step(self, pcm):
+        out, piece = self.inner.step(pcm)  # the real step, timed by the runner around this call
+        peak = int(np.argmax(np.abs(pcm)))
+        hit = abs(float(pcm[peak])) >= self.THRESHOLD
+        out = np.zeros_like(out)
+        if hit and not self.prev_hit:
+            out[:len(self.marker)] = self.marker
+            self.owner.marks.append((self.k, peak - self.half))
+        self.prev_hit = hit
+        self.k += 1
+        return out, piece
+
+
+@pytest.fixture(scope="module")
+def model_and_snapshot(tmp_path_factory):
+    """The tiny model in the HF layout (tests/tiny_assets.py), or CALLBOT_BENCH_MODEL's real weights."""
+    from callbot.engine import Model
+
+    real = os.environ.get("CALLBOT_BENCH_MODEL")
+    if real:
+        quant = os.environ.get("CALLBOT_BENCH_QUANT", "q4")
+        model = Model.load(real, None if quant == "none" else quant)
+        label = f"PersonaPlex-7B {quant}"
+    else:
+        sys.path.insert(0, str(L.ROOT))
+        from tests.tiny_assets import tiny_model_configs, write_tiny_model_dir
+
+        lm_cfg, mimi_cfg = tiny_model_configs()
+        directory = write_tiny_model_dir(tmp_path_factory.mktemp("tiny-personaplex"))
+        model = Model.load(directory, lm_config=lm_cfg, mimi_config=mimi_cfg, cache_dir=False, progress=False)
+        label = "tiny (LM dim 64, 2 layers; tiny Mimi), CPU fp32"
+    snapshot = model.prepare("NATF2", "You answer the phone for a pizza shop.")
+    warm = model.open_session(snapshot=snapshot)
+    for _ in range(3):
+        warm.step(np.zeros(1920, np.float32))
+    return model, snapshot, label
+
+
+def model_call(model, snapshot, codec: str, clicks: int, interval_ms: float, busy: bool = False):
+    """One SIP call to the ModelEngine; returns (peer result, marks, closed ModelCallSession)."""
+    import contextlib
+
+    from callbot.engine.runner import BotPrompt, ModelEngine
+
+    marked = MarkedModel(model)
+    closed = []
+    engine = ModelEngine(marked, lambda ci: BotPrompt(snapshot, seed=1), on_closed=closed.append)
+    try:
+        with L.busy_core() if busy else contextlib.nullcontext():
+            peer, _ = L.sip_call_with_clicks(engine, codec, clicks, interval_ms, loop="beside")
+    finally:
+        engine.close()
+    if engine.error is not None:
+        raise engine.error
+    return peer, marked.marks, closed[0] if closed else None
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_model(benchmark, model_and_snapshot, codec):
+    model, snapshot, label = model_and_snapshot
+    peer, marks, s = run_once(benchmark, lambda: model_call(model, snapshot, codec, CLICKS, MODEL_INTERVAL_MS))
+    arrivals = L.click_arrivals(peer, MODEL_INTERVAL_MS, 2)
+    loop, lat = arrivals[:, 0], arrivals[:, 1]
+    sent = _sent_ns(peer)
+    t = s.stats.t[:s.stats.count]
+    ready = np.array([t[k, 0] for k, _ in marks], np.float64)
+    idx = _match(sent, ready, MODEL_INTERVAL_MS * 1e6)
+    good = np.isfinite(lat) & (idx >= 0)
+    rows = [marks[i] for i in idx[good]]
+    fill = np.array([(1920 - p) / 24.0 for _, p in rows])  # ms from the click to its frame's end
+    st = np.array([t[k] for k, _ in rows], np.float64)
+    to_ready = (st[:, 0] - sent[good]) / 1e6 - fill
+    wait, step, push = (np.diff(st, axis=1) / 1e6).T
+    out = lat[good] - fill - to_ready - wait - step - push
+    _record(benchmark, ("model", codec), {
+        "label": label, "total": L.stats_ms(lat[good]), "lost": int((~good).sum()),
+        "fill": L.stats_ms(fill), "arrival_to_out": L.stats_ms(lat[good] - fill),
+        "inbound": L.stats_ms(to_ready), "ready_to_start": L.stats_ms(wait), "step": L.stats_ms(step),
+        "end_to_pushed": L.stats_ms(push), "outbound": L.stats_ms(out),
+        # the loop's copy carries the peer's packetization (20 ms: a sample waits for its packet's end);
+        # the marker's carries it inside `fill` (the frame's last packet leaves as the frame ends)
+        "loop": L.stats_ms(loop[good]), "own": L.stats_ms(lat[good] - loop[good] - fill - step + PTIME_MS),
+        "steps": s.steps, "steps_late": s.steps_late,
+        "underruns": s.final_summary["underruns"], "overruns": s.final_summary["overruns"],
+        "silence_fed": s.silence_fed, "frames_dropped": s.frames_dropped})
+    assert good.sum() >= CLICKS // 2, (lat, marks)
+
+
+# ---- the report -------------------------------------------------------------------------------------
+
+
+def _fmt(st):
+    return f"{st['p50']:7.1f} {st['p99']:7.1f}"
+
+
+def test_report(capsys):
+    if not RESULTS:
+        pytest.skip("run the whole file")
+    rev = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                         cwd=L.ROOT).stdout.strip()
+    lines = [f"clicks per case: {CLICKS}; tree {rev}; ms, p50 / p99 over clicks", "",
+             "case  codec  pjsip loop     ours (total)    own = ours-loop  inbound         engine        "
+             "outbound        lost  tx underruns"]
+    for codec in CODECS:
+        r = RESULTS.get(("echo", codec))
+        if r:
+            lines.append(f"echo  {codec:<5} {_fmt(r['loop'])}  {_fmt(r['total'])}  {_fmt(r['own'])}  "
+                         f"{_fmt(r['inbound'])} {_fmt(r['engine'])} {_fmt(r['outbound'])} {r['lost']:>4}  "
+                         f"{r['media'].get('tx_underruns', '?')}")
+    ws = RESULTS.get(("ws", "PCMU"))
+    if ws:
+        lines.append(f"ws    PCMU   {'':15}  {_fmt(ws['total'])}  {'':15}  {'':15} {'':15} {'':15} {ws['lost']:>4}")
+    ec = RESULTS.get(("echo", "PCMU"))
+    if ws and ec:
+        lines += ["", "echo PCMU over SIP / the WebSocket baseline: total p50 "
+                  f"{ec['total']['p50'] / ws['total']['p50']:.2f}x p99 {ec['total']['p99'] / ws['total']['p99']:.2f}x; "
+                  f"own (beyond pjsip's transport) p50 {ec['own']['p50'] / ws['total']['p50']:.2f}x "
+                  f"p99 {ec['own']['p99'] / ws['total']['p99']:.2f}x"]
+    for codec in CODECS:
+        r = RESULTS.get(("echo", codec))
+        if r:
+            lines.append(f"echo {codec}: CallAudio resamplers {r['resampler_ms']:.2f} ms, port at {r['port_rate']} Hz, "
+                         f"own over the first quarter of the call p50/p99 {_fmt(r['own_first'])}; media {r['media']}")
+    for codec in CODECS:
+        m = RESULTS.get(("model", codec))
+        if not m:
+            continue
+        lines += ["", f"model {m['label']}, {codec}: clicks {m['total']['n']}, lost {m['lost']}, steps {m['steps']}, "
+                  f"late {m['steps_late']}, underruns {m['underruns']}, overruns {m['overruns']}, "
+                  f"silence fed {m['silence_fed']}, dropped {m['frames_dropped']}"]
+        for name in ("loop", "total", "fill", "arrival_to_out", "inbound", "ready_to_start", "step", "end_to_pushed",
+                     "outbound", "own"):
+            lines.append(f"  {name:<16}{_fmt(m[name])}")
+    with capsys.disabled():
+        print("\n" + "\n".join(lines))
