@@ -35,7 +35,7 @@ VOICES_FILE = "voices.tgz"
 MODEL_FILES = (LM_FILE, MIMI_FILE, TEXT_TOKENIZER_FILE, VOICES_FILE)
 
 # q4 group size 64, chosen by measurement (BENCHMARKS.md, "LM per frame"): same CPU cost as 32, 11% fewer
-# bytes per frame on the bandwidth-bound M4 (floor 34.6 vs 38.4 ms), for logits ~4% further from fp32.
+# bytes per frame on the bandwidth-bound M4 (floor 34.6 vs 38.4 ms), for logits ~7% further from fp32.
 Q4_GROUP_SIZE = 64
 Q8_GROUP_SIZE = 64
 CACHE_FORMAT = 1
