@@ -166,26 +166,7 @@ class MarkedSession:
 @pytest.fixture(scope="module")
 def model_and_snapshot(tmp_path_factory):
     """The tiny model in the HF layout (tests/tiny_assets.py), or CALLBOT_BENCH_MODEL's real weights."""
-    from callbot.engine import Model
-
-    real = os.environ.get("CALLBOT_BENCH_MODEL")
-    if real:
-        quant = os.environ.get("CALLBOT_BENCH_QUANT", "q4")
-        model = Model.load(real, None if quant == "none" else quant)
-        label = f"PersonaPlex-7B {quant}"
-    else:
-        sys.path.insert(0, str(L.ROOT))
-        from tests.tiny_assets import tiny_model_configs, write_tiny_model_dir
-
-        lm_cfg, mimi_cfg = tiny_model_configs()
-        directory = write_tiny_model_dir(tmp_path_factory.mktemp("tiny-personaplex"))
-        model = Model.load(directory, lm_config=lm_cfg, mimi_config=mimi_cfg, cache_dir=False, progress=False)
-        label = "tiny (LM dim 64, 2 layers; tiny Mimi), CPU fp32"
-    snapshot = model.prepare("NATF2", "You answer the phone for a pizza shop.")
-    warm = model.open_session(snapshot=snapshot)
-    for _ in range(3):
-        warm.step(np.zeros(1920, np.float32))
-    return model, snapshot, label
+    return L.load_bench_model(tmp_path_factory.mktemp("tiny-personaplex"))
 
 
 def model_call(model, snapshot, codec: str, clicks: int, interval_ms: float, busy: bool = False):

@@ -397,6 +397,38 @@ def ws_call_with_clicks(engine: Any, clicks: int, interval_ms: float) -> dict:
         server.close()
 
 
+# ---- the model --------------------------------------------------------------------------------------
+
+
+def load_bench_model(tmp_dir: pathlib.Path):
+    """(Model, PromptSnapshot, label): the tiny model (tests/tiny_assets.py, the HF file layout, same code
+    as the 7B) written to `tmp_dir`, or the real weights in CALLBOT_BENCH_MODEL (quantized as
+    CALLBOT_BENCH_QUANT says: q4 by default, q8, or none). Warmed up: three steps before any call."""
+    from callbot.engine import Model
+
+    real = os.environ.get("CALLBOT_BENCH_MODEL")
+    if real:
+        quant = os.environ.get("CALLBOT_BENCH_QUANT", "q4")
+        if quant not in ("q4", "q8", "none"):
+            raise ValueError(f"CALLBOT_BENCH_QUANT must be q4, q8 or none, got {quant!r}")
+        model = Model.load(real, None if quant == "none" else quant)
+        label = f"PersonaPlex-7B {quant}"
+    else:
+        if str(ROOT) not in sys.path:
+            sys.path.insert(0, str(ROOT))
+        from tests.tiny_assets import tiny_model_configs, write_tiny_model_dir
+
+        lm_cfg, mimi_cfg = tiny_model_configs()
+        directory = write_tiny_model_dir(tmp_dir)
+        model = Model.load(directory, lm_config=lm_cfg, mimi_config=mimi_cfg, cache_dir=False, progress=False)
+        label = "tiny (LM dim 64, 2 layers; tiny Mimi), CPU fp32"
+    snapshot = model.prepare("NATF2", "You answer the phone for a pizza shop.")
+    warm = model.open_session(snapshot=snapshot)
+    for _ in range(3):
+        warm.step(np.zeros(1920, np.float32))
+    return model, snapshot, label
+
+
 # ---- load ---------------------------------------------------------------------------------------------
 
 
