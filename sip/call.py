@@ -76,6 +76,14 @@ class SipCall(pj.Call):
             return
         if self._local_cause is None:
             self._local_cause = cause
+        if self.attachment is not None:
+            # our port leaves the bridge while the call's media is still there to disconnect from (by the
+            # DISCONNECTED callback pjsua has removed the call's slot already); the recording and the
+            # session are finished there, once the record holds the hangup cause
+            try:
+                self.attachment.detach()
+            except Exception:
+                log.exception("call %s: detaching media failed", self.call_id)
         try:
             self.hangup(call_op(code, reason))
         except pj.Error as exc:  # already going away: the DISCONNECTED callback still comes
@@ -155,11 +163,13 @@ class SipCall(pj.Call):
             si = self.getStreamInfo(mi.index)
             rec = self.record
             srtp = si.proto in _SRTP_PROTOS
-            if (rec.codec, rec.clock_rate, rec.srtp) != (si.codecName, si.codecClockRate, srtp):
-                rec.codec, rec.clock_rate, rec.srtp = str(si.codecName), int(si.codecClockRate), srtp
+            if (rec.codec, rec.codec_rate, rec.srtp) != (si.codecName, si.codecClockRate, srtp):
+                rec.codec, rec.codec_rate, rec.srtp = str(si.codecName), int(si.codecClockRate), srtp
                 self.hub._emit(CallMedia(at=time.monotonic(), call_id=self.call_id, codec=rec.codec,
-                                         clock_rate=rec.clock_rate, srtp=srtp))
+                                         clock_rate=rec.codec_rate, srtp=srtp))
             if self.attachment is None:
+                # the port runs at the bridge's rate whatever the codec (sip/media_port.py says why)
+                rec.clock_rate = self.hub.config.conference_clock_rate
                 self._attach(self.getAudioMedia(mi.index), rec.clock_rate)
             timeout = self.account.cfg.rtp_timeout_s
             if timeout is not None and self._rtp_watch is None:

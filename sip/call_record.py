@@ -36,6 +36,9 @@ class CallRecord:
     answered: float | None = None
     end: float | None = None
     codec: str | None = None
+    codec_rate: int | None = None  # the negotiated codec's clock rate (Hz): G.722 16000, G.711 8000
+    # the rate of the call's audio as the engine, the media port and the recording see it: the
+    # conference bridge's (engine/call_engine.py reads it as the media port's rate)
     clock_rate: int | None = None
     srtp: bool = False
     dtmf: list[DtmfRecord] = field(default_factory=list)

@@ -64,7 +64,7 @@ class CallConfirmed(Event, frozen=True, kw_only=True):
 
 
 class CallMedia(Event, frozen=True, kw_only=True):
-    """Audio media became active: the negotiated codec and its clock rate."""
+    """Audio media became active: the negotiated codec and its clock rate (Hz)."""
 
     call_id: str
     codec: str

@@ -76,7 +76,7 @@ def test_outbound_negotiation(bot, tmp_path, accepts, expected):
         bot.hangup(cid)
         bot.wait_for(CallEnded, call_id=cid)
     assert (media.codec, media.clock_rate) == expected
-    assert (bot.records[cid].codec, bot.records[cid].clock_rate) == expected
+    assert (bot.records[cid].codec, bot.records[cid].codec_rate) == expected
 
 
 def test_unknown_codecs_only_get_488(bot, tmp_path):

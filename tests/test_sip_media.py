@@ -67,11 +67,13 @@ def test_call_gets_session_port_and_recording_at_its_rate(echo_bot, tmp_path, co
         echo_bot.wait_for(CallEnded, call_id=call_id)
     side = _sidecar(tmp_path, call_id)
     assert side["recording"]["complete"] is True
-    assert (side["codec"], side["clock_rate"], side["recording"]["rate"]) == (codec, rate, rate)
+    bridge = echo_bot.config.conference_clock_rate  # every port runs at the bridge's rate
+    assert (side["codec"], side["codec_rate"]) == (codec, rate)
+    assert side["clock_rate"] == side["recording"]["rate"] == bridge
     assert side["hangup_cause"] == "remote" and side["end"] >= side["answered"] >= side["start"]
     assert [d["digit"] for d in side["dtmf"]] == ["7"]
     wav_rate, frames = read_recording(tmp_path / side["recording"]["wav"])
-    assert wav_rate == rate and frames.shape[1] == 2 and len(frames) > 0
+    assert wav_rate == bridge and frames.shape[1] == 2 and len(frames) > 0
     assert echo_bot.engine.sessions == 0
 
 
