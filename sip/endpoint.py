@@ -113,6 +113,8 @@ class Endpoint:
         """Hang up every call, unregister, destroy pjsua2. Idempotent; safe from any thread but the SIP one."""
         if self._thread is None:
             return
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("stop() waits for the SIP thread: call it from another thread, not a callback")
         self._stop_requested.set()
         self._thread.join(timeout)
         if self._thread.is_alive():

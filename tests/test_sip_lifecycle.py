@@ -98,3 +98,35 @@ def test_stop_mid_call_in_process(tmp_path):
             assert peer.expect("disconnected", call_id=call_id)["code"] == 200
     finally:
         ep.stop()
+
+
+def test_public_address_goes_into_uri_contact_and_sdp():
+    # what a NATed or containerised endpoint announces; a raw INVITE shows what peers are told
+    import socket
+
+    cfg = EndpointConfig(transports=(TransportConfig(bind="127.0.0.1", port=0, rtp_port=0,
+                                                     public_address="192.0.2.10"),))
+    with Endpoint(cfg) as ep:
+        port = ep.transports["udp"].port
+        assert ep.account_uri() == f"sip:callbot@192.0.2.10:{port}"
+        sdp = ("v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+               "m=audio 4000 RTP/AVP 0\r\n")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind(("127.0.0.1", 0))
+            s.settimeout(5)
+            me = f"127.0.0.1:{s.getsockname()[1]}"
+            s.sendto((f"INVITE sip:callbot@127.0.0.1:{port} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bKpub\r\n"
+                      f"Max-Forwards: 70\r\nFrom: <sip:raw@127.0.0.1>;tag=p1\r\nTo: <sip:callbot@127.0.0.1>\r\n"
+                      f"Call-ID: public-1\r\nCSeq: 1 INVITE\r\nContact: <sip:raw@{me}>\r\n"
+                      f"Content-Type: application/sdp\r\nContent-Length: {len(sdp)}\r\n\r\n{sdp}").encode(),
+                     ("127.0.0.1", port))
+            while True:
+                answer = s.recv(65536).decode()
+                if not answer.startswith("SIP/2.0 1"):
+                    break
+        assert answer.startswith("SIP/2.0 200")
+        contact = next(h for h in answer.split("\r\n") if h.lower().startswith("contact:"))
+        assert f"192.0.2.10:{port}" in contact
+        assert "c=IN IP4 192.0.2.10" in answer  # RTP is announced at the public address too
+        ep.hangup("public-1")
+        ep.wait_for(CallEnded, call_id="public-1")
