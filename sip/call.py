@@ -219,6 +219,13 @@ class SipCall(pj.Call):
         elif code >= 300:
             prm.cont = False
 
+    def onCallTransferRequest(self, prm):
+        # A REFER asking US to call someone else. pjsua would dial the target through this same Call
+        # object (its events would then carry another call's ids and ending one leg would drop the
+        # other), and handing it a fresh Python Call crashes this wheel: a bot declines.
+        log.info("call %s: declining a transfer of us to %s", self.call_id, prm.dstUri)
+        prm.statusCode = 603
+
     # ---- transfer and DTMF out ----
 
     def blind_transfer(self, target: str) -> None:

@@ -238,6 +238,8 @@ class Peer:
                 self.find(cmd).answer(_op(cmd.get("code", 200)))
             elif name == "hangup":
                 self.find(cmd).hangup(_op(cmd.get("code", 0)))
+            elif name == "transfer":
+                self.find(cmd).xfer(cmd["uri"], _op())
             elif name == "dtmf":
                 call = self.find(cmd)
                 prm = pj.CallSendDtmfParam()

@@ -59,3 +59,15 @@ def test_failed_transfer_keeps_the_call(bot, tmp_path: pathlib.Path):
         assert bot.records[cid].transfer.succeeded is False
         bot.hangup(cid)
         assert bot.wait_for(CallEnded, call_id=cid).cause == "local"
+
+
+def test_a_refer_to_the_bot_is_declined_and_the_call_goes_on(bot, tmp_path: pathlib.Path):
+    with PjsuaPeer(user="eve", log_dir=tmp_path) as eve, PjsuaPeer(user="target", log_dir=tmp_path) as target:
+        cid = _call_in(bot, eve)
+        eve.send("transfer", call_id=cid, uri=target.uri)
+        status = eve.expect("transfer_status", call_id=cid, final=True)
+        assert status["code"] == 603
+        assert cid in bot.calls() and bot.running
+        assert not target.all("incoming")  # nobody was dialled
+        bot.hangup(cid)
+        assert bot.wait_for(CallEnded, call_id=cid).cause == "local"
