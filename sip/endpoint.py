@@ -32,10 +32,9 @@ from .call_record import CallRecord
 from .codecs import apply_codec_priorities
 from .config import WHEEL_MAX_CALLS, EndpointConfig
 from .events import CallRejected, EndpointStopped, Event, IncomingCall
-from .transports import Transport, create_transport
-
 from .offer import CODECS as _OFFER_CODECS
 from .offer import validate_offer
+from .transports import Transport, create_transport
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +94,10 @@ class Endpoint:
     # ---------------------------------------------------------------- lifecycle
 
     def start(self, timeout: float = 15.0) -> Endpoint:
+        """Create pjsua2, the transports and accounts on the SIP thread; errors come back raised here."""
         global _running
+        if self._thread is not None:
+            raise RuntimeError("an Endpoint starts once; create a new one to start again")
         with _instance_lock:
             if _running is not None:
                 raise RuntimeError("a callbot Endpoint is already running in this process (pjsip allows one)")
@@ -324,9 +326,12 @@ class Endpoint:
         self._timers.clear()
         while True:  # commands queued after the loop stopped hold references too
             try:
-                self._commands.get_nowait()
+                fn = self._commands.get_nowait()
             except queue.Empty:
                 break
+            fut = getattr(fn, "future", None)
+            if fut is not None:
+                fut.cancel()
         for acc in self.accounts.values():
             try:
                 acc.shutdown()
@@ -360,12 +365,17 @@ class Endpoint:
         fut: concurrent.futures.Future = concurrent.futures.Future()
 
         def run():
-            try:
-                fut.set_result(fn())
-            except BaseException as exc:
-                fut.set_exception(exc)
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn())
+                except BaseException as exc:
+                    fut.set_exception(exc)
+        run.future = fut  # so that shutdown can cancel what it will never run
         self._commands.put(run)
-        return fut.result(timeout)
+        try:
+            return fut.result(timeout)
+        except concurrent.futures.CancelledError:
+            raise RuntimeError("the SIP endpoint stopped before running the request") from None
 
     def _soon(self, fn: Callable[[], Any]) -> None:
         self._commands.put(fn)

@@ -130,3 +130,12 @@ def test_public_address_goes_into_uri_contact_and_sdp():
         assert "c=IN IP4 192.0.2.10" in answer  # RTP is announced at the public address too
         ep.hangup("public-1")
         ep.wait_for(CallEnded, call_id="public-1")
+
+
+def test_an_endpoint_starts_once_and_refuses_work_when_stopped():
+    ep = Endpoint(_local()).start()
+    ep.stop()
+    with pytest.raises(RuntimeError, match="starts once"):
+        ep.start()
+    with pytest.raises(RuntimeError, match="not running"):
+        ep.dial("sip:x@127.0.0.1")
