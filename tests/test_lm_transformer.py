@@ -169,3 +169,17 @@ def test_compiled_step_follows_new_weights():
     a.load_weights(tree_flatten(b.parameters()))
     np.testing.assert_array_equal(np.array(a.step(x, a.make_cache())), np.array(b.step(x, b.make_cache())))
     assert np.abs(first - np.array(b.step(x, b.make_cache()))).max() > 1e-3
+
+
+def test_one_position_steps_read_growing_prefixes_then_the_ring():
+    """Context 100: while the ring fills, a step reads a 32-, 64-, then the 100-slot prefix; 130
+    positions in, the ring has wrapped. All equal Kyutai's whole-sequence output."""
+    cfg = {**LM_LIKE, "context": 100}
+    ref = _kyutai(cfg, seed=5)
+    ours = _ours_from(ref, cfg)
+    x = np.random.default_rng(6).standard_normal((1, 130, 64)).astype(np.float32)
+    with torch.no_grad():
+        expected = ref(torch.from_numpy(x)).numpy()
+    cache = ours.make_cache()
+    got = _stream(lambda xs: np.array(ours.step(mx.array(xs), cache)), x, 1)
+    np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0)
