@@ -226,6 +226,13 @@ class SipCall(pj.Call):
         log.info("call %s: declining a transfer of us to %s", self.call_id, prm.dstUri)
         prm.statusCode = 603
 
+    def onCallReplaceRequest(self, prm):
+        # An INVITE with Replaces (attended transfer) aimed at this call: pjsua would move this Call
+        # object onto the new call, the same hazard as above; declined too.
+        log.info("call %s: declining an INVITE that would replace it", self.call_id)
+        prm.statusCode = 603
+        prm.reason = "Decline"
+
     # ---- transfer and DTMF out ----
 
     def blind_transfer(self, target: str) -> None:

@@ -411,3 +411,46 @@ class Sipp:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+LATE_SDP = ("v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+            "m=audio {port} RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n")
+
+
+class RawUac:
+    """A hand-written SIP client over one UDP socket, for requests no user agent would send."""
+
+    def __init__(self, target_port: int):
+        self.target = (LOCALHOST, target_port)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((LOCALHOST, 0))
+        self.sock.settimeout(5)
+        self.me = f"{LOCALHOST}:{self.sock.getsockname()[1]}"
+
+    def invite(self, call_id: str, sdp: str | None = None, headers: str = "", user: str = "callbot") -> dict:
+        """Sends an INVITE, ACKs its final answer; returns {"status": line, "to_tag": ..., "text": ...}."""
+        sdp = LATE_SDP.format(port=free_port()) if sdp is None else sdp
+        uri = f"sip:{user}@{LOCALHOST}:{self.target[1]}"
+        base = (f"Via: SIP/2.0/UDP {self.me};branch=z9hG4bK{call_id}\r\nMax-Forwards: 70\r\n"
+                f"From: <sip:raw@{LOCALHOST}>;tag=raw-{call_id}\r\n")
+        self.sock.sendto((f"INVITE {uri} SIP/2.0\r\n{base}To: <{uri}>\r\nCall-ID: {call_id}\r\nCSeq: 1 INVITE\r\n"
+                          f"Contact: <sip:raw@{self.me}>\r\n{headers}Content-Type: application/sdp\r\n"
+                          f"Content-Length: {len(sdp)}\r\n\r\n{sdp}").encode(), self.target)
+        while True:
+            text = self.sock.recv(65536).decode(errors="replace")
+            if not text.startswith("SIP/2.0 1"):
+                break
+        to = next(h for h in text.split("\r\n") if h.lower().startswith(("to:", "t:")))
+        to_tag = to.split("tag=", 1)[1].split(";", 1)[0] if "tag=" in to else ""
+        self.sock.sendto((f"ACK {uri} SIP/2.0\r\n{base}To: <{uri}>;tag={to_tag}\r\nCall-ID: {call_id}\r\n"
+                          f"CSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n").encode(), self.target)
+        return {"status": text.split("\r\n", 1)[0], "to_tag": to_tag, "text": text}
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> RawUac:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

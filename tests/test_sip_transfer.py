@@ -4,7 +4,7 @@ from __future__ import annotations
 import pathlib
 
 import pytest
-from sip_peers import PjsuaPeer
+from sip_peers import PjsuaPeer, RawUac
 
 from callbot.sip.config import EndpointConfig, TransportConfig
 from callbot.sip.endpoint import Endpoint
@@ -71,3 +71,16 @@ def test_a_refer_to_the_bot_is_declined_and_the_call_goes_on(bot, tmp_path: path
         assert not target.all("incoming")  # nobody was dialled
         bot.hangup(cid)
         assert bot.wait_for(CallEnded, call_id=cid).cause == "local"
+
+
+def test_an_invite_replacing_a_call_is_declined(bot):
+    with RawUac(bot.transports["udp"].port) as uac:
+        first = uac.invite("replace-me")
+        assert first["status"] == "SIP/2.0 200 OK"
+        bot.wait_for(CallConfirmed, call_id="replace-me")
+        replaces = f"Replaces: replace-me;to-tag={first['to_tag']};from-tag=raw-replace-me\r\n"
+        second = uac.invite("replacer", headers=replaces)
+        assert second["status"].startswith("SIP/2.0 603")
+        assert "replace-me" in bot.calls() and "replacer" not in bot.calls()
+        bot.hangup("replace-me")
+        assert bot.wait_for(CallEnded, call_id="replace-me").cause == "local"
