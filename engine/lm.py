@@ -339,9 +339,10 @@ class LM(nn.Module):
 
         logits = None
         if want_logits:
-            audio = (np.array(audio_logits, dtype=np.float32) if audio_logits is not None
+            # numpy has no bfloat16: widen on the MLX side first (the GPU dtype).
+            audio = (np.array(audio_logits.astype(mx.float32)) if audio_logits is not None
                      else np.zeros((0, cfg.card), np.float32))
-            logits = StepLogits(np.array(text_logits[0], dtype=np.float32), audio)
+            logits = StepLogits(np.array(text_logits[0].astype(mx.float32)), audio)
         state.offset = o + 1
         if o <= cfg.max_delay:
             return None, logits

@@ -125,6 +125,10 @@ def test_bf16_checkpoint_loads_as_float32_on_cpu(tmp_path):
     assert lm.text_emb.weight.dtype == mx.float32
     half = load_lm(tmp_path, TINY_LM, dtype=mx.bfloat16, progress=False)
     assert half.transformer.layers[1].gating.linear_in.weight.dtype == mx.bfloat16
+    # The GPU dtype steps too (KV cache in bf16), close to float32 at bf16 precision.
+    got, ref = _frames(half), _frames(lm)
+    assert half.new_state().cache.layers[0].keys.dtype == mx.bfloat16
+    assert np.abs(got - ref).max() / np.abs(ref).max() < 0.1
 
 
 def test_missing_file_names_it(tmp_path):
