@@ -78,6 +78,8 @@ def hf_snapshot(repo_id: str = HF_REPO, revision: str | None = None) -> Path | N
         candidate = snapshots / revision
         return candidate if candidate.is_dir() else None
     found = [p for p in snapshots.iterdir() if (p / LM_FILE).exists()]
+    if not found:
+        found = [p for p in snapshots.iterdir() if p.is_dir()]
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
@@ -97,6 +99,9 @@ def find_weights(local_dir: str | os.PathLike | None = None, *, download: bool =
         return snap
     if download:
         return download_weights(repo_id, revision)
+    if snap is not None:  # e.g. a dangling symlink left by an interrupted download
+        raise WeightsError(f"{snap / LM_FILE}: missing from the Hugging Face cache snapshot "
+                           f"(an interrupted download? download=True fetches it again)")
     raise WeightsError(
         f"weights of {repo_id} not found: no directory given and no snapshot with {LM_FILE} under "
         f"{hf_hub_cache()} (set HF_HOME or HF_HUB_CACHE, pass a directory, or download=True after "

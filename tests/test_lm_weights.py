@@ -186,6 +186,11 @@ def test_hf_cache_layout_is_found(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     assert find_weights() == snap
     load_lm(find_weights(), TINY_LM, progress=False)
+    # An interrupted download leaves a dangling symlink: the error names the file.
+    (snap / LM_FILE).unlink()
+    (snap / LM_FILE).symlink_to(repo / "blobs" / "0123")
+    with pytest.raises(WeightsError, match=f"{snap / LM_FILE}: missing from the Hugging Face cache snapshot"):
+        find_weights()
     # HF_HUB_CACHE wins over HF_HOME.
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "elsewhere"))
     with pytest.raises(WeightsError, match="not found.*download=True"):
