@@ -35,7 +35,9 @@ from callbot.engine.session import FRAME_SIZE, Model, PromptSnapshot
 from callbot.engine.sampling import SamplingConfig
 
 FRAME_NS = FRAME_SIZE * 1_000_000_000 // ENGINE_RATE  # 80 ms
-STAGES = ("ready", "step_start", "step_end", "pushed")
+# frame complete in the 24 kHz ring -> step starts -> Mimi encoded -> LM stepped -> Mimi decoded (step
+# ends) -> pushed, resampled, into the call-rate ring the media callback drains
+STAGES = ("ready", "step_start", "encoded", "lm_stepped", "step_end", "pushed")
 STATS_FRAMES = 1 << 14  # frames of timestamps kept per call: 22 minutes at 12.5 Hz, then the oldest go
 _INT16_SCALE = 32768.0
 
@@ -101,7 +103,8 @@ class ModelCallSession:
 
     def summary(self) -> dict:
         """Counters, per-stage p50/p99/max, step times and the text spoken; reads the open rings' counters."""
-        step = self.stats.durations_s().get("step_start->step_end", np.zeros(0))
+        rows = self.stats.t[: min(self.stats.count, len(self.stats.t))]
+        step = (rows[:, STAGES.index("step_end")] - rows[:, STAGES.index("step_start")]) / 1e9
         return {
             "steps": self.steps, "steps_late": self.steps_late, "silence_fed": self.silence_fed,
             "frames_dropped": self.frames_dropped, "underruns": self.audio.underruns,
@@ -236,14 +239,15 @@ class ModelEngine:
             s.first_frame_ns = ready_ns
         # a real frame re-anchors the watchdog on its arrival; silence continues the 80 ms grid
         s.next_deadline_ns = (s.next_deadline_ns if silence else ready_ns) + FRAME_NS
-        row[1] = now_ns()
+        row[1] = start = now_ns()
         out, piece = s.session.step(pcm)
-        row[2] = now_ns()
+        row[4] = end = now_ns()
+        row[2], row[3] = s.session.last_encoded_ns, s.session.last_stepped_ns
         pcm16 = np.clip(np.rint(out * _INT16_SCALE), -32768, 32767).astype(np.int16)
         s.audio.push(pcm16)
-        row[3] = now_ns()
+        row[5] = now_ns()
         s.steps += 1
-        if row[2] - row[1] > FRAME_NS:
+        if end - start > FRAME_NS:
             s.steps_late += 1
         if piece:
             s.text.append(((ready_ns - s.first_frame_ns) / 1e6, piece))

@@ -16,6 +16,7 @@ import collections
 import dataclasses
 import os
 import threading
+import time
 
 import mlx.core as mx
 import numpy as np
@@ -174,6 +175,7 @@ class Session:
         self._lm_state.sampler = TokenSampler(self.sampling, self.seed)
         self._mimi_state = self.snapshot.mimi
         self.frames = 0
+        self.last_encoded_ns = self.last_stepped_ns = 0
 
     def step(self, pcm: np.ndarray, sample_rate: int = SAMPLE_RATE) -> tuple[np.ndarray, str | None]:
         """(agent PCM float32 [1920], text piece or None) for the caller's next frame `pcm` float32 [1920]."""
@@ -189,14 +191,18 @@ class Session:
         with model._lock:
             mimi = model.mimi
             mimi.restore(self._mimi_state)
-            user = np.array(mimi.encode_step(pcm), dtype=np.int64)
+            user = np.array(mimi.encode_step(pcm), dtype=np.int64)  # evaluated here: the codes are needed
+            encoded_ns = time.monotonic_ns()
             out = model.lm.step(self._lm_state, user)
             if out is None:  # cannot happen after a prompt (>= 12 frames fill the delayed streams)
                 raise RuntimeError("the LM returned no frame: the session was not prompted")
+            stepped_ns = time.monotonic_ns()  # lm.step evaluates its tokens before it returns
             text, agent = out
             audio = mimi.decode_step(agent)
             mx.eval(audio)
             self._mimi_state = mimi.snapshot()
+        # where the step's time went (monotonic ns): the runner's per-stage statistics read these
+        self.last_encoded_ns, self.last_stepped_ns = encoded_ns, stepped_ns
         self.frames += 1
         # numpy has no bfloat16: a GPU codec's output is widened first
         return np.array(audio.astype(mx.float32)), model.tokenizer.piece(text)

@@ -82,7 +82,9 @@ def test_runner_steps_a_call_from_its_rings(model, prompt, rate):
     summary = s.final_summary
     assert summary["steps"] == s.steps >= 10
     assert summary["steps"] == frames_in - summary["frames_dropped"] + summary["silence_fed"]
-    assert set(summary["stages_ms"]) == {"ready->step_start", "step_start->step_end", "step_end->pushed"}
+    assert set(summary["stages_ms"]) == {"ready->step_start", "step_start->encoded", "encoded->lm_stepped",
+                                         "lm_stepped->step_end", "step_end->pushed"}
+    assert all(v["p50_ms"] >= 0 for v in summary["stages_ms"].values())
     assert len(summary["step_s"]) == s.steps
     # the model's audio reached the media side: some 20 ms frames the "callback" read were not silence
     assert any(np.any(f != 0) for f in received)
