@@ -24,7 +24,7 @@ buffer on the far side. Cases (BENCHMARKS.md, "## Latency (mouth-to-ear)"):
 
 Run (about 2.5 min):
     python -m pytest bench/bench_latency.py -p no:cacheprovider -q -s
-    CALLBOT_BENCH_CLICKS=300 ...                  more clicks per case (default 80)
+    CALLBOT_BENCH_CLICKS=300 CALLBOT_BENCH_MODEL_CLICKS=100 ...   more clicks (default 80 echo, 40 model)
     CALLBOT_BENCH_MODEL=/path/to/personaplex-7b-v1 CALLBOT_BENCH_QUANT=q4 ...   the real weights (Mac)
 """
 from __future__ import annotations
@@ -42,7 +42,10 @@ import latency_lab as L
 
 CLICKS = int(L.env_float("CALLBOT_BENCH_CLICKS", 80))
 ECHO_INTERVAL_MS = 217.0  # not a multiple of 20 ms: clicks land at every phase of a frame
-MODEL_INTERVAL_MS = 330.0  # not a multiple of 80 ms: clicks land at every phase of a model frame
+MODEL_CLICKS = int(L.env_float("CALLBOT_BENCH_MODEL_CLICKS", 40))
+# not a multiple of 80 ms (clicks land at every phase of a model frame), and longer than the slowest
+# marker seen under load (460 ms), so that no marker lands in the next click's window
+MODEL_INTERVAL_MS = 610.0
 CODECS = ("PCMU", "G722")
 PTIME_MS = 20.0
 RESULTS: dict[tuple[str, str], dict] = {}
@@ -50,7 +53,13 @@ RESULTS: dict[tuple[str, str], dict] = {}
 pytestmark = pytest.mark.timeout(900)
 
 
+def _loadavg() -> float:
+    with open("/proc/loadavg") as f:
+        return float(f.read().split()[0])
+
+
 def _record(benchmark, key, row):
+    row["loadavg"] = _loadavg()
     RESULTS[key] = row
     benchmark.extra_info.update({k: v for k, v in row.items() if isinstance(v, (int, float, str))})
 
@@ -96,7 +105,9 @@ def test_echo(benchmark, codec):
     engine_ms = (seen[idx[good], 3] - seen[idx[good], 1]) / 1e6
     outbound = ours[good] - inbound - engine_ms
     own = ours[good] - loop[good]
+    ratchet = 20.0 * L.underruns_before(stats, sent[good])
     _record(benchmark, ("echo", codec), {
+        "own_no_ratchet": L.stats_ms(own - ratchet), "loop_min": float(np.min(loop[good])),
         "loop": L.stats_ms(loop[good]), "total": L.stats_ms(ours[good]), "lost": int((~good).sum()),
         "inbound": L.stats_ms(inbound), "engine": L.stats_ms(engine_ms), "outbound": L.stats_ms(outbound),
         "own": L.stats_ms(own), "own_first": L.stats_ms(own[: max(1, len(own) // 4)]),
@@ -150,6 +161,9 @@ class MarkedSession:
         self.marker = click(24000).astype(np.float32) / 32768
         self.half = len(self.marker) // 2
 
+    def __getattr__(self, name):  # the runner reads the session's own stage timestamps
+        return getattr(self.inner, name)
+
     def step(self, pcm):
         out, piece = self.inner.step(pcm)  # the real step, timed by the runner around this call
         peak = int(np.argmax(np.abs(pcm)))
@@ -180,18 +194,19 @@ def model_call(model, snapshot, codec: str, clicks: int, interval_ms: float, bus
     engine = ModelEngine(marked, lambda ci: BotPrompt(snapshot, seed=1), on_closed=closed.append)
     try:
         with L.busy_core() if busy else contextlib.nullcontext():
-            peer, _ = L.sip_call_with_clicks(engine, codec, clicks, interval_ms, loop="beside")
+            peer, stats = L.sip_call_with_clicks(engine, codec, clicks, interval_ms, loop="beside")
     finally:
         engine.close()
     if engine.error is not None:
         raise engine.error
-    return peer, marked.marks, closed[0] if closed else None
+    return peer, marked.marks, closed[0] if closed else None, stats
 
 
 @pytest.mark.parametrize("codec", CODECS)
 def test_model(benchmark, model_and_snapshot, codec):
     model, snapshot, label = model_and_snapshot
-    peer, marks, s = run_once(benchmark, lambda: model_call(model, snapshot, codec, CLICKS, MODEL_INTERVAL_MS))
+    peer, marks, s, stats = run_once(benchmark, lambda: model_call(model, snapshot, codec, MODEL_CLICKS,
+                                                                     MODEL_INTERVAL_MS))
     arrivals = L.click_arrivals(peer, MODEL_INTERVAL_MS, 2)
     loop, lat = arrivals[:, 0], arrivals[:, 1]
     sent = _sent_ns(peer)
@@ -201,22 +216,35 @@ def test_model(benchmark, model_and_snapshot, codec):
     good = np.isfinite(lat) & (idx >= 0)
     rows = [marks[i] for i in idx[good]]
     fill = np.array([(1920 - p) / 24.0 for _, p in rows])  # ms from the click to its frame's end
+    from callbot.engine.runner import STAGES
+
     st = np.array([t[k] for k, _ in rows], np.float64)
-    to_ready = (st[:, 0] - sent[good]) / 1e6 - fill
-    wait, step, push = (np.diff(st, axis=1) / 1e6).T
+    col = {name: st[:, STAGES.index(name)] for name in STAGES}
+    to_ready = (col["ready"] - sent[good]) / 1e6 - fill
+    wait = (col["step_start"] - col["ready"]) / 1e6
+    step = (col["step_end"] - col["step_start"]) / 1e6
+    encode = (col["encoded"] - col["step_start"]) / 1e6
+    lm = (col["lm_stepped"] - col["encoded"]) / 1e6
+    decode = (col["step_end"] - col["lm_stepped"]) / 1e6
+    push = (col["pushed"] - col["step_end"]) / 1e6
     out = lat[good] - fill - to_ready - wait - step - push
     _record(benchmark, ("model", codec), {
         "label": label, "total": L.stats_ms(lat[good]), "lost": int((~good).sum()),
         "fill": L.stats_ms(fill), "arrival_to_out": L.stats_ms(lat[good] - fill),
         "inbound": L.stats_ms(to_ready), "ready_to_start": L.stats_ms(wait), "step": L.stats_ms(step),
+        "mimi_encode": L.stats_ms(encode), "lm_step": L.stats_ms(lm), "mimi_decode": L.stats_ms(decode),
         "end_to_pushed": L.stats_ms(push), "outbound": L.stats_ms(out),
         # the loop's copy carries the peer's packetization (20 ms: a sample waits for its packet's end);
         # the marker's carries it inside `fill` (the frame's last packet leaves as the frame ends)
         "loop": L.stats_ms(loop[good]), "own": L.stats_ms(lat[good] - loop[good] - fill - step + PTIME_MS),
+        "beyond_step_ms": lat[good] - fill - step, "loop_min": float(np.min(loop[good])),
+        "own_no_ratchet": L.stats_ms(lat[good] - loop[good] - fill - step + PTIME_MS
+                                     - 20.0 * L.underruns_before(stats, sent[good])),
+        "own_ms": lat[good] - loop[good] - fill - step + PTIME_MS,
         "steps": s.steps, "steps_late": s.steps_late,
         "underruns": s.final_summary["underruns"], "overruns": s.final_summary["overruns"],
         "silence_fed": s.silence_fed, "frames_dropped": s.frames_dropped})
-    assert good.sum() >= CLICKS // 2, (lat, marks)
+    assert good.sum() >= MODEL_CLICKS // 2, (lat, marks)
 
 
 # ---- the report -------------------------------------------------------------------------------------
@@ -232,17 +260,18 @@ def test_report(capsys):
     rev = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
                          cwd=L.ROOT).stdout.strip()
     lines = [f"clicks per case: {CLICKS}; tree {rev}; ms, p50 / p99 over clicks", "",
-             "case  codec  pjsip loop     ours (total)    own = ours-loop  inbound         engine        "
-             "outbound        lost  tx underruns"]
+             "case  codec  pjsip loop     ours (total)    own = ours-loop  own - underruns inbound         "
+             "engine        outbound        lost  tx underruns"]
     for codec in CODECS:
         r = RESULTS.get(("echo", codec))
         if r:
             lines.append(f"echo  {codec:<5} {_fmt(r['loop'])}  {_fmt(r['total'])}  {_fmt(r['own'])}  "
-                         f"{_fmt(r['inbound'])} {_fmt(r['engine'])} {_fmt(r['outbound'])} {r['lost']:>4}  "
-                         f"{r['media'].get('tx_underruns', '?')}")
+                         f"{_fmt(r['own_no_ratchet'])}  {_fmt(r['inbound'])} {_fmt(r['engine'])} {_fmt(r['outbound'])} {r['lost']:>4}  "
+                         f"{r['media'].get('tx_underruns', '?'):>4}   load {r['loadavg']:.1f}")
     ws = RESULTS.get(("ws", "PCMU"))
     if ws:
-        lines.append(f"ws    PCMU   {'':15}  {_fmt(ws['total'])}  {'':15}  {'':15} {'':15} {'':15} {ws['lost']:>4}")
+        lines.append(f"ws    PCMU   {'':15}  {_fmt(ws['total'])}  {'':15}  {'':15}  {'':15} {'':15} {'':15} "
+                     f"{ws['lost']:>4}         load {ws['loadavg']:.1f}")
     ec = RESULTS.get(("echo", "PCMU"))
     if ws and ec:
         lines += ["", "echo PCMU over SIP / the WebSocket baseline: total p50 "
@@ -260,9 +289,54 @@ def test_report(capsys):
             continue
         lines += ["", f"model {m['label']}, {codec}: clicks {m['total']['n']}, lost {m['lost']}, steps {m['steps']}, "
                   f"late {m['steps_late']}, underruns {m['underruns']}, overruns {m['overruns']}, "
-                  f"silence fed {m['silence_fed']}, dropped {m['frames_dropped']}"]
-        for name in ("loop", "total", "fill", "arrival_to_out", "inbound", "ready_to_start", "step", "end_to_pushed",
-                     "outbound", "own"):
+                  f"silence fed {m['silence_fed']}, dropped {m['frames_dropped']}; load {m['loadavg']:.1f}"]
+        for name in ("loop", "total", "fill", "arrival_to_out", "inbound", "ready_to_start", "step", "mimi_encode",
+                     "lm_step", "mimi_decode", "end_to_pushed", "outbound", "own", "own_no_ratchet"):
             lines.append(f"  {name:<16}{_fmt(m[name])}")
+    lines += projection_lines()
     with capsys.disabled():
         print("\n" + "\n".join(lines))
+
+
+# ---- the 7B on an M4: a projection ------------------------------------------------------------------
+
+BANDWIDTH_GBS = {"M4": 120.0, "M4 Pro": 273.0}  # unified memory bandwidth, Apple's published figures
+ASSUMED_EFFICIENCY = 0.6  # share of peak bandwidth a decode step reaches (an assumption, not measured)
+MIMI_PARAMS = 96.2e6  # full Mimi (DESIGN.md: Kyutai's get_mimi builds 96.2 M parameters)
+
+
+def projection_lines() -> list[str]:
+    """The 7B step and mouth-to-ear on an M4, PROJECTED: bytes read per frame (bench/bench_lm.py's count
+    from the shapes: temporal + text head + 8 depformer slices + the KV cache, plus Mimi's weights once)
+    over the memory bandwidth, at the floor (100 %) and at ASSUMED_EFFICIENCY; the rest of the path
+    (everything but the step) is what this run measured with the tiny model."""
+    m = RESULTS.get(("model", "PCMU")) or RESULTS.get(("model", "G722"))
+    if not m or os.environ.get("CALLBOT_BENCH_MODEL"):
+        return []
+    sys.path.insert(0, str(L.ROOT))
+    from bench_lm import _bytes_per_frame
+
+    from callbot.engine.lm_config import personaplex_7b
+
+    cfg = personaplex_7b()
+    # frame end -> first output heard, minus the step: our own part as measured here (per click) plus
+    # the transport at its best in this run (the loop's minimum: jitter buffers at their smallest)
+    rest = m["own_ms"] - PTIME_MS + m["loop_min"]
+    fill_avg, fill_max = 40.0, 80.0  # a click waits for its frame's end: uniform over 0-80 ms
+    lines = ["", "7B on Apple M4: PROJECTION (not a measurement). step = (LM bytes per frame + Mimi bf16 weights) "
+             f"/ bandwidth, at 100% (floor) and {ASSUMED_EFFICIENCY:.0%} of it (assumed); Mimi's compute is not",
+             "modelled (it may cost more than its weights' read). mouth-to-ear = frame fill (avg 40, worst 80) + "
+             f"step + the rest of the path as measured here with the tiny model: our own part per click plus the "
+             f"transport at its best (pjsip loop min {m['loop_min']:.1f} ms) = p50 {L.pct(rest, 50):.1f} / "
+             f"p99 {L.pct(rest, 99):.1f} ms; {m['label']})",
+             "weights  context  chip     GB/frame  step floor  step @60%  fits 80 ms  mouth-to-ear p50  p99 (worst fill)"]
+    for label, bits, group in (("q4g64", 4, 64), ("q8g64", 8, 64), ("bf16", None, 64)):
+        for frames in (1, 3000):
+            gb = (sum(_bytes_per_frame(cfg, bits, group, frames).values()) + 2 * MIMI_PARAMS) / 1e9
+            for chip, bw in BANDWIDTH_GBS.items():
+                floor = gb / bw * 1e3
+                step = floor / ASSUMED_EFFICIENCY
+                lines.append(f"{label:<8} {frames:>7}  {chip:<7} {gb:8.2f} {floor:11.1f} {step:10.1f}  "
+                             f"{'yes' if step < 80 else 'NO':>10}  {fill_avg + step + L.pct(rest, 50):16.0f}  "
+                             f"{fill_max + step + L.pct(rest, 99):16.0f}")
+    return lines

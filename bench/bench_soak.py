@@ -50,10 +50,12 @@ def _soak(model, snapshot, busy: bool) -> dict:
     if engine.error is not None:
         raise engine.error
     s = closed[0]
+    from callbot.engine.runner import STAGES
+
     t = s.stats.t[:min(s.stats.count, len(s.stats.t))].astype(np.float64)
-    starts = t[:, 1]
+    ready, starts, ends = (t[:, STAGES.index(n)] for n in ("ready", "step_start", "step_end"))
     jitter = np.abs(np.diff(starts) / 1e6 - 80.0)
-    step = (t[:, 2] - t[:, 1]) / 1e6
+    step = (ends - starts) / 1e6
     summary = s.final_summary
     return {
         "seconds": SOAK_S, "steps": s.steps, "steps_late": s.steps_late, "silence_fed": s.silence_fed,
@@ -61,7 +63,7 @@ def _soak(model, snapshot, busy: bool) -> dict:
         "media": (media or {}).get("media") or {}, "jitter_p50": L.pct(jitter, 50), "jitter_p99": L.pct(jitter, 99),
         "jitter_max": float(jitter.max()) if len(jitter) else float("nan"),
         "step_p50": L.pct(step, 50), "step_p99": L.pct(step, 99), "step_max": float(step.max()),
-        "ready_to_start_p99": L.pct((t[:, 1] - t[:, 0]) / 1e6, 99), "loadavg": load,
+        "ready_to_start_p99": L.pct((starts - ready) / 1e6, 99), "loadavg": load,
         "realtime": str(getattr(engine.realtime_result, "policy", engine.realtime_result)),
     }
 

@@ -193,16 +193,31 @@ def endpoint_call_stats(ep) -> dict | None:
     return ep._submit(read)
 
 
-def poll_during(fn_running, sample, every_s: float = 0.5):
-    """Calls `sample()` every `every_s` while `fn_running()` is true; returns the last non-None sample."""
-    last = None
+def poll_during(fn_running, sample, every_s: float = 0.25):
+    """Calls `sample()` every `every_s` while `fn_running()` is true; returns the last non-None sample,
+    with `series`: (monotonic ns, tx underruns so far) of every sample that had the port's counters."""
+    last, series = None, []
     while fn_running():
         with contextlib.suppress(Exception):
             s = sample()
             if s is not None:
                 last = s
+                if s.get("media"):
+                    series.append((time.monotonic_ns(), s["media"]["tx_underruns"]))
         time.sleep(every_s)
+    if last is not None:
+        last["series"] = np.array(series, np.int64).reshape(-1, 2)
     return last
+
+
+def underruns_before(stats: dict | None, times_ns: np.ndarray) -> np.ndarray:
+    """The port's tx underruns counted before each time (from the sampled series; 0.25 s resolution):
+    each one has left the caller's audio 20 ms later for the rest of the call."""
+    if not stats or len(stats.get("series", ())) == 0:
+        return np.zeros(len(times_ns))
+    series = stats["series"]
+    idx = np.searchsorted(series[:, 0], times_ns) - 1
+    return np.where(idx >= 0, series[np.clip(idx, 0, None), 1], 0)
 
 
 def sip_call_with_clicks(engine: Any, codec: str, clicks: int, interval_ms: float,
