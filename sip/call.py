@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import pjsua2 as pj
@@ -27,6 +29,23 @@ INBOUND, OUTBOUND = "inbound", "outbound"
 _RTP_CHECK_S = 0.5  # how often an active call's received-packet count is read
 _SRTP_PROTOS = {pj.PJMEDIA_TP_PROTO_RTP_SAVP, pj.PJMEDIA_TP_PROTO_RTP_SAVPF,
                 pj.PJMEDIA_TP_PROTO_DTLS_SRTP, pj.PJMEDIA_TP_PROTO_DTLS_SRTPF}
+
+
+def weakly(call: SipCall, method: str, *args) -> Callable[[], None]:
+    """A timer action that does not keep the call alive and does nothing once the call has ended.
+
+    Why: pjsua2's Call keeps its pjsua slot number after DISCONNECTED, and its destructor clears (and
+    hangs up) whatever call holds that slot when the Python object finally goes. A timer holding the
+    object for its full delay (a 30 s dial timeout) could drop it after pjsua gave the slot to a new
+    call; so only the endpoint's call table holds calls, and they go right after DISCONNECTED.
+    """
+    ref = weakref.ref(call)
+
+    def run() -> None:
+        obj = ref()
+        if obj is not None and not obj.ended:
+            getattr(obj, method)(*args)
+    return run
 
 
 def call_op(code: int = 0, reason: str = "") -> pj.CallOpParam:
@@ -89,6 +108,10 @@ class SipCall(pj.Call):
         except pj.Error as exc:  # already going away: the DISCONNECTED callback still comes
             log.debug("hangup of %s: %s", self.record.call_id if self.record else "?", exc.info())
 
+    def _dial_timeout(self) -> None:
+        if not self.confirmed:
+            self.end("timeout")
+
     def answer_now(self) -> None:
         if not self.ended and not self.confirmed:
             try:
@@ -114,7 +137,7 @@ class SipCall(pj.Call):
             self.hub._emit(CallConfirmed(at=now, call_id=self.call_id, direction=self.direction))
             limit = self.account.cfg.max_call_duration_s
             if limit is not None:
-                self.hub._after(limit, lambda: self.end("max_duration"))
+                self.hub._after(limit, weakly(self, "end", "max_duration"))
         elif ci.state == pj.PJSIP_INV_STATE_DISCONNECTED and not self.ended:
             self.ended = True
             code, reason = int(ci.lastStatusCode), str(ci.lastReason)
@@ -174,7 +197,7 @@ class SipCall(pj.Call):
             timeout = self.account.cfg.rtp_timeout_s
             if timeout is not None and self._rtp_watch is None:
                 self._rtp_watch = (mi.index, -1, time.monotonic())
-                self.hub._after(_RTP_CHECK_S, lambda: self._check_rtp(timeout))
+                self.hub._after(_RTP_CHECK_S, weakly(self, "_check_rtp", timeout))
             return
         self._rtp_watch = None  # on hold or no audio: silence is expected
 
@@ -194,7 +217,7 @@ class SipCall(pj.Call):
             log.info("call %s: no RTP for %.1f s, hanging up", self.call_id, now - since)
             self.end("rtp_timeout")
             return
-        self.hub._after(_RTP_CHECK_S, lambda: self._check_rtp(timeout))
+        self.hub._after(_RTP_CHECK_S, weakly(self, "_check_rtp", timeout))
 
     def onDtmfDigit(self, prm):
         # RFC 4733 digits arrive on the media thread, SIP INFO ones on the SIP thread: both only append
@@ -215,7 +238,7 @@ class SipCall(pj.Call):
                                         final=final or code >= 200))
         if 200 <= code < 300:
             prm.cont = False  # no further NOTIFYs wanted: the transfer is done, and so is this call
-            self.hub._soon(lambda: self.end("transfer"))
+            self.hub._soon(weakly(self, "end", "transfer"))
         elif code >= 300:
             prm.cont = False
 

@@ -27,7 +27,7 @@ from typing import Any
 import pjsua2 as pj
 
 from .account import SipAccount
-from .call import INBOUND, OUTBOUND, SipCall, call_op
+from .call import INBOUND, OUTBOUND, SipCall, call_op, weakly
 from .call_record import CallRecord
 from .codecs import apply_codec_priorities
 from .config import WHEEL_MAX_CALLS, EndpointConfig
@@ -425,12 +425,14 @@ class Endpoint:
         try:
             call.makeCall(uri, call_op())
         except pj.Error as exc:
-            raise ValueError(f"cannot call {uri!r} from account {acc.name!r}: {exc.info()}") from None
+            info = exc.info()
+            del call  # not in the traceback the caller's thread gets: Calls die on this thread
+            raise ValueError(f"cannot call {uri!r} from account {acc.name!r}: {info}") from None
         rec = call.init_record()
         self._calls[rec.call_id] = call
         self.records[rec.call_id] = rec
         limit = self.config.dial_timeout_s if timeout_s is None else timeout_s
-        self._after(limit, lambda: None if call.confirmed else call.end("timeout"))
+        self._after(limit, weakly(call, "_dial_timeout"))
         return rec.call_id
 
     def _incoming_call(self, acc: SipAccount, prm) -> None:
@@ -470,7 +472,7 @@ class Endpoint:
             call.answer(call_op(180))
         elif acc.cfg.ring_delay_s > 0:
             call.answer(call_op(180))
-            self._after(acc.cfg.ring_delay_s, call.answer_now)
+            self._after(acc.cfg.ring_delay_s, weakly(call, "answer_now"))
         else:
             call.answer_now()
 

@@ -195,3 +195,20 @@ def test_dtmf_sent_both_methods(bot, peer):
 def test_no_call_was_rejected(bot):
     # nothing above should have met the busy or bad-offer path
     assert bot.history(CallRejected) == []
+
+
+def test_ended_calls_are_released_at_once_despite_pending_timers(bot, tmp_path):
+    # pjsua2's Call keeps its slot number after DISCONNECTED and its destructor clears that slot: an
+    # object kept alive by a timer (here the 5 s dial timeout) could later hang up whoever took the slot
+    import gc
+    import weakref
+
+    with PjsuaPeer(user="gina", log_dir=tmp_path) as gina:
+        cid = bot.dial(gina.uri)
+        bot.wait_for(CallConfirmed, call_id=cid)
+        ref = bot._submit(lambda: weakref.ref(bot._calls[cid]))
+        gina.send("hangup", call_id=cid)
+        bot.wait_for(CallEnded, call_id=cid)
+        bot._submit(lambda: None)  # the SIP thread has run what the DISCONNECTED callback queued
+        bot._submit(gc.collect)
+        assert ref() is None
