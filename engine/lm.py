@@ -222,6 +222,30 @@ class LM(nn.Module):
     def new_state(self, sampling: SamplingConfig = SamplingConfig(), seed: int = 0) -> LmState:
         return LmState(self, sampling, seed)
 
+    def warmup(self, sampling: SamplingConfig = SamplingConfig()) -> None:
+        """Compile, on a scratch state, every graph a call will need, so that no live frame waits for
+        a compilation: the temporal step for each span the filling ring reads (32, 64, ... frames, then
+        the full ring) and the depformer frame for the first live frame (1 slice) and the others
+        (the agent's codebooks) with `sampling`'s audio settings. Call it once after loading."""
+        cfg = self.cfg
+        cache = self.transformer.make_cache()
+        cap = cache.layers[0].capacity
+        spans = [1 << b for b in range(5, cap.bit_length()) if (1 << b) < cap] + [cap]
+        x = mx.zeros((1, 1, cfg.dim), dtype=self.out_norm.weight.dtype)
+        out = None
+        for span in spans:
+            for layer in cache.layers:
+                layer.offset = span - 1  # a position whose step reads exactly `span` slots
+            out = self.temporal(x, cache)
+            mx.eval(out)
+        sampler = TokenSampler(sampling)
+        forced = mx.zeros((cfg.dep_q,), dtype=mx.int32)
+        for n in sorted({1, cfg.agent_codebooks}):
+            mask = mx.array(np.arange(cfg.dep_q) >= n)
+            key = sampler.next_key() if sampling.audio_temperature > 0 else _NO_KEY
+            mx.eval(self.depformer.frame(out, mx.array([0], dtype=mx.int32), forced, mask, n,
+                                         sampling.audio_temperature, sampling.audio_top_k, key))
+
     # -- the streaming step ---------------------------------------------------------------------------
 
     def _check_codes(self, name: str, codes, count: int, high: int) -> np.ndarray:

@@ -154,3 +154,10 @@ def test_depformer_follows_new_weights(tmp_path):
     from mlx.utils import tree_flatten
     a.load_weights(tree_flatten(b.parameters()))
     assert _run(a, a.new_state(GREEDY), 8) == _run(b, b.new_state(GREEDY), 8)
+
+
+def test_warmup_leaves_states_alone(lm):
+    """warmup() compiles on a scratch state: a conversation gives the same frames with or without it."""
+    before = _run(lm, lm.new_state(HOT, seed=6), 10)
+    lm.warmup(HOT)
+    assert _run(lm, lm.new_state(HOT, seed=6), 10) == before
