@@ -69,7 +69,7 @@ def build_model_engine(settings: Settings) -> ModelEngine:
         except ValueError as err:
             raise StartupError(f"bot {bot.name!r}: {err}") from None
         prompts[bot.name] = BotPrompt(snapshot, _sampling(bot), bot.sampling.seed)
-    _warm_up(model, next(iter(prompts.values())))
+    _warm_up(model, list(prompts.values()))
 
     def prompt_for(call_info: Any) -> BotPrompt:
         bot = settings.bot_for_account(getattr(call_info, "account", "")) or settings.bots[0]
@@ -78,8 +78,11 @@ def build_model_engine(settings: Settings) -> ModelEngine:
     return ModelEngine(model, prompt_for)
 
 
-def _warm_up(model: Model, prompt: BotPrompt) -> None:
-    session = model.open_session(snapshot=prompt.snapshot, seed=0, sampling=prompt.sampling)
+def _warm_up(model: Model, prompts: list[BotPrompt]) -> None:
+    """Compile every graph a call will use (each KV span, each bot's sampling), then step a session."""
+    for sampling in {p.sampling for p in prompts}:
+        model.lm.warmup(sampling)
+    session = model.open_session(snapshot=prompts[0].snapshot, seed=0, sampling=prompts[0].sampling)
     silence = np.zeros(FRAME_SIZE, dtype=np.float32)
     for _ in range(WARMUP_FRAMES):
         session.step(silence)
