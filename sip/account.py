@@ -8,6 +8,7 @@ account, while the endpoint keeps running. The policy for incoming INVITEs lives
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import pjsua2 as pj
@@ -40,6 +41,17 @@ def _source_matches(source: str, trusted: str) -> bool:
     # source is pjsip's "host:port"; a trusted entry without a port takes any port of that host
     host, _, _ = source.rpartition(":")
     return source == trusted or host == trusted
+
+
+@dataclass(frozen=True)
+class AccountState:
+    """What the application may know of an account, without holding a pjsua2 object."""
+
+    name: str
+    uri: str  # its address of record (direct: where it is reachable)
+    direct: bool
+    registered: bool
+    last_error: str | None  # the last registration failure, None once registered
 
 
 class SipAccount(pj.Account):

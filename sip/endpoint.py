@@ -26,7 +26,7 @@ from typing import Any
 
 import pjsua2 as pj
 
-from .account import SipAccount
+from .account import AccountState, SipAccount
 from .call import INBOUND, OUTBOUND, SipCall, call_op, weakly
 from .call_record import CallRecord
 from .codecs import apply_codec_priorities
@@ -84,7 +84,8 @@ class Endpoint:
         self._ep: pj.Endpoint | None = None
         self._log_writer: _PjLog | None = None
         self.transports: dict[str, Transport] = {}
-        self.accounts: dict[str, SipAccount] = {}
+        self._accounts: dict[str, SipAccount] = {}  # pjsua2 objects: never handed out
+        self._uris: dict[str, str] = {}
         self._calls: dict[str, SipCall] = {}
         self._rejected: list[SipCall] = []  # answered with an error, kept alive until DISCONNECTED
         self.records: dict[str, CallRecord] = {}  # every call seen, by SIP Call-ID, ended ones included
@@ -193,9 +194,23 @@ class Endpoint:
             return dict(att.stats) if att is not None else None
         return self._submit(read)
 
+    @property
+    def accounts(self) -> dict[str, AccountState]:
+        """Each account's state now, by name (plain data: safe to keep)."""
+        def snapshot() -> dict[str, AccountState]:
+            return {name: AccountState(name=name, uri=a.uri, direct=a.cfg.direct, registered=a.registered,
+                                       last_error=a.last_error) for name, a in self._accounts.items()}
+        # read on the SIP thread: a pjsua2 object must never have its last reference elsewhere
+        return self._submit(snapshot) if self.running else {}
+
     def account_uri(self, name: str | None = None) -> str:
-        acc = self._account(name)
-        return acc.uri
+        """Where the account is reached: sip:<user>@<host>:<port> for a direct one, its AOR otherwise."""
+        if name is None:
+            return next(iter(self._uris.values()))
+        try:
+            return self._uris[name]
+        except KeyError:
+            raise ValueError(f"no account {name!r}; accounts are {list(self._uris)}") from None
 
     def wait_for(self, kind: type[Event], timeout: float = 10.0, after: float = 0.0, **fields) -> Event:
         """The first event of `kind` in the history, stamped after `after`, whose fields equal `fields`."""
@@ -270,7 +285,8 @@ class Endpoint:
         for acfg in cfg.accounts:
             acc = SipAccount(self, acfg, self.transports[cfg.transport_of(acfg).name])
             acc.create(acc.pj_config(), True)
-            self.accounts[acfg.name] = acc
+            self._accounts[acfg.name] = acc
+            self._uris[acfg.name] = acc.uri
 
     def _run_pending(self) -> None:
         while True:
@@ -304,7 +320,7 @@ class Endpoint:
         for call in list(self._calls.values()):
             call.end("shutdown")
         self._pump_until(lambda: not self._calls and not self._rejected)
-        registered = [a for a in self.accounts.values() if a.registered]
+        registered = [a for a in self._accounts.values() if a.registered]
         for acc in registered:
             try:
                 acc.setRegistration(False)
@@ -332,12 +348,12 @@ class Endpoint:
             fut = getattr(fn, "future", None)
             if fut is not None:
                 fut.cancel()
-        for acc in self.accounts.values():
+        for acc in self._accounts.values():
             try:
                 acc.shutdown()
             except pj.Error:
                 pass
-        self.accounts.clear()
+        self._accounts.clear()
 
     def _teardown(self) -> None:
         global _running
@@ -391,11 +407,11 @@ class Endpoint:
 
     def _account(self, name: str | None) -> SipAccount:
         if name is None:
-            return next(iter(self.accounts.values()))
+            return next(iter(self._accounts.values()))
         try:
-            return self.accounts[name]
+            return self._accounts[name]
         except KeyError:
-            raise ValueError(f"no account {name!r}; accounts are {list(self.accounts)}") from None
+            raise ValueError(f"no account {name!r}; accounts are {list(self._accounts)}") from None
 
     def _call(self, call_id: str) -> SipCall:
         call = self._calls.get(call_id)
