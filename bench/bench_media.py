@@ -213,8 +213,9 @@ SEGMENT_S = 2.0  # the scenarios take turns in segments this long, so background
 SETTLE_TICKS = 5  # ticks after a switch that belong to no scenario
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def endpoint():
+    """One pjsua2 endpoint per process: this one is gone before the round-trip bench starts its own."""
     ep = pj.Endpoint()
     ep.libCreate()
     cfg = pj.EpConfig()
@@ -300,6 +301,7 @@ def run_call(seconds_each: float) -> dict:
     return results
 
 
+@pytest.mark.timeout(CALL_S * len(SCENARIOS) * 2 + 120)
 def test_callback_lateness_over_a_call(benchmark, endpoint):
     """One call, every scenario in turns: lateness of onFrameRequested against the ideal 20 ms grid."""
     results = {}
@@ -429,3 +431,109 @@ def test_echo_line_round_trip(benchmark, codec, tmp_path):
           f"the peer's jitter buffer averaged {jb.get('avg_delay_ms')} ms (min {jb.get('min_delay_ms')}, max {jb.get('max_delay_ms')}); "
           f"the rest ({result['round_trip_ms_p50'] - result['inside_endpoint_ms_p50']:.1f} ms) is packetization, "
           f"both jitter buffers, pjmedia resampling and the peer's bridge")
+
+
+# ---- 4. what pjmedia's conference bridge adds when a port's rate differs from the bridge's ---------
+
+BRIDGE_CASES = [  # (bridge rate, source port rate, sink port rate, MediaConfig.quality)
+    (16000, 16000, 16000, 8),
+    (16000, 8000, 16000, 8),
+    (16000, 8000, 8000, 8),
+    (16000, 8000, 16000, 3),
+    (24000, 16000, 24000, 8),
+    (24000, 8000, 24000, 8),
+]
+
+
+class _Source(pj.AudioMediaPort):
+    """Plays `signal` once at `rate`, 20 ms a frame."""
+
+    def __init__(self, rate, signal):
+        super().__init__()
+        self.n, self.signal, self.k = rate // 50, signal, 0
+        fmt = pj.MediaFormatAudio()
+        fmt.init(pj.PJMEDIA_FORMAT_PCM, rate, 1, 20000, 16)
+        self.createPort(f"src{rate}", fmt)
+
+    def onFrameRequested(self, frame):
+        chunk = self.signal[self.k * self.n : (self.k + 1) * self.n]
+        data = chunk.tobytes() + bytes(2 * (self.n - len(chunk)))
+        frame.type = pj.PJMEDIA_FRAME_TYPE_AUDIO
+        frame.buf = pj.ByteVector(data)
+        frame.size = len(data)
+        self.k += 1
+
+    def onFrameReceived(self, frame):
+        pass
+
+
+class _Sink(pj.AudioMediaPort):
+    def __init__(self, rate):
+        super().__init__()
+        self.heard = []
+        fmt = pj.MediaFormatAudio()
+        fmt.init(pj.PJMEDIA_FORMAT_PCM, rate, 1, 20000, 16)
+        self.createPort(f"sink{rate}", fmt)
+
+    def onFrameRequested(self, frame):
+        frame.type = pj.PJMEDIA_FRAME_TYPE_AUDIO
+        frame.buf = pj.ByteVector(bytes(frame.size))
+
+    def onFrameReceived(self, frame):
+        self.heard.append(bytes(frame.buf))
+
+
+def bridge_case(bridge: int, src_rate: int, sink_rate: int, quality: int) -> dict:
+    """Impulse delay and tone levels from a port at src_rate to one at sink_rate through the bridge."""
+    ep = pj.Endpoint()
+    ep.libCreate()
+    cfg = pj.EpConfig()
+    cfg.logConfig.level = cfg.logConfig.consoleLevel = 0
+    cfg.uaConfig.threadCnt = 0
+    cfg.medConfig.clockRate = cfg.medConfig.sndClockRate = bridge
+    cfg.medConfig.quality = quality
+    ep.libInit(cfg)
+    ep.audDevManager().setNullDev()
+    ep.libStart()
+    n = src_rate // 50
+    freqs = [1000, 3000, 3400] if min(src_rate, sink_rate) == 8000 else [1000, 6000, 7000]
+    seg = 25  # frames per tone
+    t = np.arange(seg * n) / src_rate
+    impulse = np.zeros(50 * n, np.int16)
+    impulse[25 * n] = 20000
+    signal = np.concatenate([impulse] + [(8000 * np.sin(2 * np.pi * f * t)).astype(np.int16) for f in freqs])
+    src, sink = _Source(src_rate, signal), _Sink(sink_rate)
+    src.startTransmit(sink)
+    frames = len(signal) // n
+    while src.k < frames + 5:
+        time.sleep(0.05)
+    src.stopTransmit(sink)
+    y = np.frombuffer(b"".join(sink.heard), np.int16).astype(np.float64)
+    m = sink_rate // 50
+    delay_ms = (np.argmax(np.abs(y[: 50 * m])) - 25 * m) * 1000.0 / sink_rate
+    ref = 20 * np.log10(8000 / np.sqrt(2))
+    levels = {}
+    for i, f in enumerate(freqs):
+        part = y[(50 + i * seg + 5) * m : (50 + i * seg + 20) * m]
+        levels[f] = float(20 * np.log10(np.sqrt(np.mean(part**2)) + 1e-9) - ref)
+    del src, sink
+    gc.collect()
+    ep.libDestroy()
+    del ep
+    return {"delay_ms": float(delay_ms), "levels_db": levels}
+
+
+def test_bridge_resampling(benchmark):
+    """Why our port runs at the bridge's rate: the delay and band edge pjmedia's resampling costs."""
+    results = {}
+
+    def run():
+        for case in BRIDGE_CASES:
+            results[case] = bridge_case(*case)
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    print("\nbridge  port in -> port out  quality  added delay  tone levels")
+    for (bridge, a, b, q), r in results.items():
+        levels = "  ".join(f"{f} Hz {db:+.1f} dB" for f, db in r["levels_db"].items())
+        print(f"{bridge:6d}  {a:6d} -> {b:6d}      {q:4d}  {r['delay_ms']:8.2f} ms  {levels}")
+    benchmark.extra_info.update({f"{k[0]}:{k[1]}->{k[2]}:q{k[3]}": v for k, v in results.items()})
