@@ -23,7 +23,8 @@ EXTRA_SOURCES: dict[str, list[str]] = {
 # extension name -> system libraries it links
 LIBRARIES: dict[str, list[str]] = {
     "_resampler": ["m"],  # lrintf
-    "_pcm": ["c++" if sys.platform == "darwin" else "stdc++"],  # ::operator new/delete (ext/_pcm.pyx)
+    # ::operator new/delete (ext/_pcm.pyx); the runtime by its soname, so no libstdc++-dev is needed
+    "_pcm": ["c++" if sys.platform == "darwin" else ":libstdc++.so.6"],
 }
 
 CFLAGS = ["-O2", "-std=c11"] if sys.platform != "win32" else []
