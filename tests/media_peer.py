@@ -8,7 +8,7 @@ Python runs on this side's media path.
         [--seconds 3]   hang up this long after the media starts (default: stay until stdin closes)
 
 Events on stdout, one JSON object a line: ready, media {codec, rate}, jitter_buffer {avg_delay_ms, ...}
-(every second), disconnected {code}, done.
+(every second, with rx_packets: RTP packets received so far), disconnected {code}, done.
 """
 from __future__ import annotations
 
@@ -70,12 +70,14 @@ def emit_stream_stats(call: Call) -> None:
     for mi in ci.media:
         if mi.type == pj.PJMEDIA_TYPE_AUDIO and mi.status == pj.PJSUA_CALL_MEDIA_ACTIVE:
             try:
-                jb = call.getStreamStat(mi.index).jbuf
+                stat = call.getStreamStat(mi.index)
             except pj.Error as exc:
                 emit("error", message=exc.info())
                 return
+            jb = stat.jbuf
             emit("jitter_buffer", avg_delay_ms=jb.avgDelayMsec, min_delay_ms=jb.minDelayMsec,
-                 max_delay_ms=jb.maxDelayMsec, prefetch=jb.prefetch, lost=jb.lost, discard=jb.discard, empty=jb.empty)
+                 max_delay_ms=jb.maxDelayMsec, prefetch=jb.prefetch, lost=jb.lost, discard=jb.discard, empty=jb.empty,
+                 rx_packets=stat.rtcp.rxStat.pkt)
 
 
 def main() -> int:
@@ -125,6 +127,7 @@ def main() -> int:
             emit_stream_stats(call)  # every second: the last one before the end stands
             next_stats = time.monotonic() + 1.0
         if args.seconds and call.media_at and time.monotonic() - call.media_at >= args.seconds:
+            emit_stream_stats(call)  # the whole call's numbers, just before the hangup
             call.hangup(pj.CallOpParam(True))
             args.seconds = 0.0
         if not args.seconds and select.select([sys.stdin], [], [], 0)[0] and not sys.stdin.buffer.read1(1024):

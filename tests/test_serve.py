@@ -9,12 +9,14 @@ import subprocess
 import sys
 import time
 import urllib.request
+import wave
 
 import pytest
 from sip_peers import PjsuaPeer, free_port, stop_process
 
 pytestmark = pytest.mark.timeout(120)
 CALLBOT = [sys.executable, "-m", "callbot.sip.cli"]
+MEDIA_PEER = pathlib.Path(__file__).with_name("media_peer.py")
 
 
 def _config(tmp_path: pathlib.Path, sip_port: int, metrics_port: int, extra: str = "") -> pathlib.Path:
@@ -136,6 +138,10 @@ def tiny_model(tmp_path_factory):
 
 
 def test_serve_model_answers_with_the_tiny_model(tmp_path, tiny_model):
+    """A caller plays 3 s into the model's line: RTP comes back every 20 ms for the whole call, the
+    recording and the sidecar (with the model's text pieces) are written, metrics count the steps."""
+    import numpy as np
+
     model_dir, arch = tiny_model
     sip_port, metrics_port = free_port(), free_port()
     cfg = _config(tmp_path, sip_port, metrics_port)
@@ -151,32 +157,43 @@ voice = "NATM1"
 persona = "You take orders for a pizza shop."
 account = "line"
 """)
+    rate, seconds = 16000, 3.0
+    t = np.arange(int(rate * seconds)) / rate
+    with wave.open(str(tmp_path / "caller.wav"), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(rate)
+        w.writeframes((4000 * np.sin(2 * np.pi * 300 * t)).astype("<i2").tobytes())
     proc = subprocess.Popen([*CALLBOT, "serve", "--config", str(cfg)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _wait_line(proc, "listening", timeout=90)
-        with PjsuaPeer(user="dave", log_dir=tmp_path) as peer:
-            call_id = peer.call(f"sip:echo@127.0.0.1:{sip_port}")
-            peer.expect("media", call_id=call_id, timeout=15)
-            # the call runs until its recording has synced a second of audio to disk (>= 12 model frames)
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and not any(
-                    w.stat().st_size > 44 + 16000 * 4 for w in (tmp_path / "calls").glob("*.wav")):
-                time.sleep(0.05)
-            assert _metric(metrics_port, "callbot_calls_active") == 1
-            peer.send("hangup", call_id=call_id)
-            peer.expect("disconnected", call_id=call_id, timeout=15)
+        with open(tmp_path / "peer.log", "w") as log:
+            peer = subprocess.Popen(
+                [sys.executable, str(MEDIA_PEER), "--uri", f"sip:echo@127.0.0.1:{sip_port}", "--codec", "G722",
+                 "--play", str(tmp_path / "caller.wav"), "--record", str(tmp_path / "heard.wav"),
+                 "--seconds", str(seconds)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
+            try:
+                events = [json.loads(line) for line in peer.stdout]  # ends with "done": bounded by --seconds
+            finally:
+                stop_process(peer, 10)
         deadline = time.monotonic() + 30
         while not _metric(metrics_port, "callbot_step_seconds_count") and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert _metric(metrics_port, "callbot_step_seconds_count") >= 1
+        steps = _metric(metrics_port, "callbot_step_seconds_count")
         assert stop_process(proc, timeout=30, sig=signal.SIGTERM) == 0
     finally:
         stop_process(proc, timeout=10, sig=signal.SIGKILL)
+    assert events[-1]["ev"] == "done", events
+    # RTP from the bot every 20 ms for the whole call: at least 90% of 3 s / 20 ms = 135 packets
+    rx = max(e["rx_packets"] for e in events if e["ev"] == "jitter_buffer")
+    assert rx >= 0.9 * seconds * 50, events
+    with wave.open(str(tmp_path / "heard.wav")) as w:
+        heard = np.frombuffer(w.readframes(w.getnframes()), "<i2")
+    assert np.abs(heard).max() > 0, "the model's audio never reached the caller"
+    assert steps and steps >= 1
     [sidecar] = [json.loads(p.read_text()) for p in (tmp_path / "calls").glob("*.json")]
-    assert sidecar["call_id"] == call_id and sidecar["recording"]["complete"] is True
+    assert sidecar["recording"]["complete"] is True
     engine = sidecar["engine"]
-    assert engine["steps"] >= 1 and len(engine["step_s"]) == engine["steps"]
+    assert engine["steps"] >= 0.9 * seconds * 12.5 - 2 and len(engine["step_s"]) == engine["steps"]
     assert all(isinstance(t["piece"], str) for t in engine["text"])
 
 
