@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import pjsua2 as pj
 
+from .callbacks import guarded
 from .config import AccountConfig
 from .events import RegistrationChanged, RegistrationFailed
 from .transports import Transport
@@ -104,6 +105,7 @@ class SipAccount(pj.Account):
         ac.mediaConfig.srtpSecureSignaling = 1 if cfg.srtp_require_tls else 0
         return ac
 
+    @guarded
     def onRegState(self, prm):
         code, reason = int(prm.code), str(prm.reason)
         now = time.monotonic()
@@ -124,5 +126,6 @@ class SipAccount(pj.Account):
         self.last_error = message
         self.hub._emit(RegistrationFailed(at=now, account=self.name, code=code, reason=reason, message=message))
 
+    @guarded
     def onIncomingCall(self, prm):
         self.hub._incoming_call(self, prm)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import pjsua2 as pj
 
 from .codecs import narrow_answer
+from .callbacks import guarded
 from .call_record import CallRecord, DtmfRecord, TransferRecord
 from .events import (CallConfirmed, CallEnded, CallMedia, CallProgress, DtmfReceived, TransferProgress)
 
@@ -121,6 +122,7 @@ class SipCall(pj.Call):
 
     # ---- pjsua2 callbacks ----
 
+    @guarded
     def onCallState(self, prm):
         ci = self.getInfo()
         now = time.monotonic()
@@ -154,6 +156,7 @@ class SipCall(pj.Call):
             self.hub._emit(CallEnded(at=now, call_id=self.call_id, code=code, reason=reason, cause=cause))
             self.hub._soon(lambda: self.hub._forget(self))
 
+    @guarded
     def onCallTsxState(self, prm):
         # responses to our INVITE, provisional ones included (onCallState skips a 100 Trying)
         if self.direction != OUTBOUND or self._progress_done or prm.e.type != pj.PJSIP_EVENT_TSX_STATE:
@@ -170,6 +173,7 @@ class SipCall(pj.Call):
         self._progress_done = code >= 200
         self.hub._emit(CallProgress(at=time.monotonic(), call_id=self.call_id, code=code, reason=reason))
 
+    @guarded
     def onCallSdpCreated(self, prm):
         # answering: make the negotiation choose by our codec priority, not the caller's
         offer = prm.remSdp.wholeSdp
@@ -178,6 +182,7 @@ class SipCall(pj.Call):
             if narrowed is not None:
                 prm.sdp.wholeSdp = narrowed
 
+    @guarded
     def onCallMediaState(self, prm):
         ci = self.getInfo()
         for mi in ci.media:
@@ -219,6 +224,7 @@ class SipCall(pj.Call):
             return
         self.hub._after(_RTP_CHECK_S, weakly(self, "_check_rtp", timeout))
 
+    @guarded
     def onDtmfDigit(self, prm):
         # RFC 4733 digits arrive on the media thread, SIP INFO ones on the SIP thread: both only append
         method = "info" if prm.method == pj.PJSUA_DTMF_METHOD_SIP_INFO else "rfc4733"
@@ -227,6 +233,7 @@ class SipCall(pj.Call):
         self.hub._emit(DtmfReceived(at=time.monotonic(), call_id=self.call_id, digit=str(prm.digit),
                                     method=method, duration_ms=duration))
 
+    @guarded
     def onCallTransferStatus(self, prm):
         code, reason, final = int(prm.statusCode), str(prm.reason), bool(prm.finalNotify)
         xfer = self.record.transfer
@@ -242,6 +249,7 @@ class SipCall(pj.Call):
         elif code >= 300:
             prm.cont = False
 
+    @guarded
     def onCallTransferRequest(self, prm):
         # A REFER asking US to call someone else. pjsua would dial the target through this same Call
         # object (its events would then carry another call's ids and ending one leg would drop the
@@ -249,6 +257,7 @@ class SipCall(pj.Call):
         log.info("call %s: declining a transfer of us to %s", self.call_id, prm.dstUri)
         prm.statusCode = 603
 
+    @guarded
     def onCallReplaceRequest(self, prm):
         # An INVITE with Replaces (attended transfer) aimed at this call: pjsua would move this Call
         # object onto the new call, the same hazard as above; declined too.

@@ -43,7 +43,7 @@ class CallRecord:
     srtp: bool = False
     dtmf: list[DtmfRecord] = field(default_factory=list)
     transfer: TransferRecord | None = None
-    hangup_cause: str | None = None  # see events.CallEnded.cause
+    hangup_cause: str | None = None  # events.CallEnded.cause, or "rejected" (answered with an error)
     hangup_code: int | None = None
     hangup_reason: str | None = None
     # what the engine reports at the call's end: the model's text pieces with their times, step and

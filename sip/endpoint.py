@@ -29,6 +29,7 @@ import pjsua2 as pj
 from .account import AccountState, SipAccount
 from .call import INBOUND, OUTBOUND, SipCall, call_op, weakly
 from .call_record import CallRecord
+from .callbacks import forget_printed_errors
 from .codecs import apply_codec_priorities
 from .config import WHEEL_MAX_CALLS, EndpointConfig
 from .events import CallRejected, EndpointStopped, Event, IncomingCall
@@ -294,7 +295,10 @@ class Endpoint:
                 fn = self._commands.get_nowait()
             except queue.Empty:
                 break
-            fn()
+            try:
+                fn()
+            except Exception:  # one failed action must not end the endpoint and every other call
+                log.exception("SIP thread action failed")
         now = time.monotonic()
         while self._timers and self._timers[0][0] <= now:
             _, _, fn = heapq.heappop(self._timers)
@@ -358,6 +362,7 @@ class Endpoint:
     def _teardown(self) -> None:
         global _running
         self._drop_pjsua_objects()
+        forget_printed_errors()  # a traceback printed by pjsua2 may hold a Call (sip/callbacks.py)
         gc.collect()
         if self._ep is not None:
             try:

@@ -139,3 +139,37 @@ def test_an_endpoint_starts_once_and_refuses_work_when_stopped():
         ep.start()
     with pytest.raises(RuntimeError, match="not running"):
         ep.dial("sip:x@127.0.0.1")
+
+
+_RAISING_CALLBACK = """
+import logging, sys
+logging.basicConfig(level=logging.ERROR)
+from callbot.sip import call
+from callbot.sip.config import EndpointConfig, TransportConfig
+from callbot.sip.endpoint import Endpoint
+from callbot.sip.events import CallConfirmed, CallEnded
+
+def broken(self, code, reason):
+    raise RuntimeError("deliberately broken progress handler")
+call.SipCall._report_progress = broken
+ep = Endpoint(EndpointConfig(transports=(TransportConfig(bind="127.0.0.1", port=0, rtp_port=0),))).start()
+cid = ep.dial(ep.account_uri())  # a call to ourselves: both legs in this process
+inbound = cid + "~inbound"  # the answering leg, whose handlers are intact
+ep.wait_for(CallConfirmed, call_id=inbound)
+ep.hangup(inbound)
+ep.wait_for(CallEnded, call_id=inbound)
+ep.stop()
+print("stopped cleanly")
+"""
+
+
+def test_a_raising_callback_is_logged_and_the_process_exits_cleanly():
+    # a traceback kept by pjsua2's error printing would hold a Call past libDestroy: abort at exit
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _RAISING_CALLBACK], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "stopped cleanly" in out.stdout
+    assert "deliberately broken progress handler" in out.stderr
+    assert "pjsua2 callback SipCall.onCall" in out.stderr
