@@ -26,7 +26,7 @@ waiting to take it back behind whatever thread runs next.
 """
 from cpython.ref cimport PyObject
 from libc.stdint cimport int16_t, uint64_t
-from libc.string cimport memcpy, memset
+from libc.string cimport memset
 
 from callbot.engine._ring cimport Ring
 
