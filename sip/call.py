@@ -195,10 +195,13 @@ class SipCall(pj.Call):
                 rec.codec, rec.codec_rate, rec.srtp = str(si.codecName), int(si.codecClockRate), srtp
                 self.hub._emit(CallMedia(at=time.monotonic(), call_id=self.call_id, codec=rec.codec,
                                          clock_rate=rec.codec_rate, srtp=srtp))
+            audio = self.getAudioMedia(mi.index)
             if self.attachment is None:
                 # the port runs at the bridge's rate whatever the codec (sip/media_port.py says why)
                 rec.clock_rate = self.hub.config.conference_clock_rate
-                self._attach(self.getAudioMedia(mi.index), rec.clock_rate)
+                self._attach(audio, rec.clock_rate)
+            elif not self._port_connected(audio):
+                self._reattach(audio)
             timeout = self.account.cfg.rtp_timeout_s
             if timeout is not None and self._rtp_watch is None:
                 self._rtp_watch = (mi.index, -1, time.monotonic())
@@ -293,6 +296,28 @@ class SipCall(pj.Call):
         except Exception:
             log.exception("call %s: attaching media failed; the call goes on silent", self.call_id)
             self._detach()
+
+    def _port_connected(self, audio: pj.AudioMedia) -> bool:
+        # after a hold/unhold (or any re-INVITE that rebuilds the stream) pjsua gives the call's audio
+        # a new bridge slot - sometimes with the old number - and our port's links are gone
+        port = getattr(self.attachment, "port", None)
+        if port is None:
+            return False
+        try:
+            mine, theirs = port.getPortId(), audio.getPortId()
+            return mine in audio.getPortInfo().listeners and theirs in port.getPortInfo().listeners
+        except pj.Error:
+            return False
+
+    def _reattach(self, audio: pj.AudioMedia) -> None:
+        """A new port on the call's new slot, bound to the same engine session and recording."""
+        old, self.attachment = self.attachment, None
+        try:
+            old.detach()
+            self.attachment = self.hub._attach_media(audio, self.record.clock_rate, self.session, self.recording)
+            log.info("call %s: media port re-attached after the call's audio changed", self.call_id)
+        except Exception:
+            log.exception("call %s: re-attaching media failed; the call goes on silent", self.call_id)
 
     def _detach(self) -> None:
         """Port off the bridge first (before the call's media goes: pjmedia_conf_remove_port), then the

@@ -63,6 +63,8 @@ class PeerCall(pj.Call):
                 si = self.getStreamInfo(mi.index)
                 emit("media", call_id=ci.callIdString, codec=si.codecName, rate=si.codecClockRate,
                      srtp=si.proto == pj.PJMEDIA_TP_PROTO_RTP_SAVP)
+            elif mi.type == pj.PJMEDIA_TYPE_AUDIO:
+                emit("media_status", call_id=ci.callIdString, status=int(mi.status))
 
     def onDtmfDigit(self, prm):
         method = "info" if prm.method == pj.PJSUA_DTMF_METHOD_SIP_INFO else "rfc4733"
@@ -238,6 +240,12 @@ class Peer:
                 self.find(cmd).answer(_op(cmd.get("code", 200)))
             elif name == "hangup":
                 self.find(cmd).hangup(_op(cmd.get("code", 0)))
+            elif name == "hold":
+                self.find(cmd).setHold(_op())
+            elif name == "unhold":
+                op = _op()
+                op.opt.flag = pj.PJSUA_CALL_UNHOLD
+                self.find(cmd).reinvite(op)
             elif name == "transfer":
                 self.find(cmd).xfer(cmd["uri"], _op())
             elif name == "dtmf":

@@ -99,3 +99,27 @@ def test_stop_with_ports_attached_finishes_recordings(tmp_path):
     for cid in ids:
         side = _sidecar(tmp_path, cid)
         assert side["recording"]["complete"] is True and side["hangup_cause"] == "shutdown"
+
+
+def test_media_survives_hold_and_unhold(echo_bot, tmp_path):
+    # pjsua rebuilds the call's stream (a new bridge slot) on unhold: the port must follow it
+    with PjsuaPeer(user="holder", log_dir=tmp_path) as peer:
+        call_id = peer.call(echo_bot.account_uri())
+        echo_bot.wait_for(CallConfirmed, call_id=call_id)
+        _wait_frames(echo_bot, call_id)
+        peer.send("hold", call_id=call_id)
+        peer.expect("media_status", call_id=call_id)
+        peer.send("unhold", call_id=call_id)
+        n_media = len(peer.all("media", call_id=call_id))
+        deadline = time.monotonic() + 10
+        while len(peer.all("media", call_id=call_id)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(peer.all("media", call_id=call_id)) >= 2, n_media
+        start = echo_bot.media_stats(call_id)["frames_requested"]
+        # the bridge asks our port for audio again, i.e. it is linked to the call's new slot
+        deadline = time.monotonic() + 10
+        while echo_bot.media_stats(call_id)["frames_requested"] < start + 10:
+            assert time.monotonic() < deadline, echo_bot.media_stats(call_id)
+            time.sleep(0.02)
+        peer.send("hangup", call_id=call_id)
+        echo_bot.wait_for(CallEnded, call_id=call_id)
