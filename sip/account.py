@@ -86,6 +86,9 @@ class SipAccount(pj.Account):
         ac = pj.AccountConfig()
         ac.idUri = self.uri
         ac.sipConfig.transportId = self.transport.pj_id
+        if cfg.proxy:
+            # ";lr": a loose router, so the request URI stays the callee's (RFC 3261 16.12)
+            ac.sipConfig.proxies.append(cfg.proxy if ";lr" in cfg.proxy else cfg.proxy + ";lr")
         if not cfg.direct:
             ac.regConfig.registrarUri = cfg.registrar
             ac.regConfig.timeoutSec = cfg.expires_s

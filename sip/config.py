@@ -65,6 +65,9 @@ class AccountConfig(_Config):
     # resolved when the serve configuration is loaded (sip/settings.py)
     password_env: str | None = None
     realm: str = "*"
+    # outbound proxy every request of this account goes through (a PBX or trunk that routes our calls);
+    # None = requests go where their URI says
+    proxy: str | None = None
     expires_s: Annotated[int, Meta(ge=1)] = 300
     refresh_before_s: Annotated[int, Meta(ge=1)] = 5
     # where INVITEs for this account may come from: "host" or "host:port" entries. None = anyone for a
@@ -86,6 +89,8 @@ class AccountConfig(_Config):
             raise ValueError(f"account {self.name!r}: user {self.user!r} must be a plain SIP user part")
         if self.registrar is not None and not self.registrar.startswith(("sip:", "sips:")):
             raise ValueError(f"account {self.name!r}: registrar {self.registrar!r} must be a sip: or sips: URI")
+        if self.proxy is not None and not self.proxy.startswith(("sip:", "sips:")):
+            raise ValueError(f"account {self.name!r}: proxy {self.proxy!r} must be a sip: or sips: URI")
         if self.password is not None and self.password_env is not None:
             raise ValueError(f"account {self.name!r}: give password or password_env, not both")
         if self.registrar is None and (self.password is not None or self.password_env is not None):

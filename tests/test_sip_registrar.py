@@ -17,7 +17,8 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.fixture(scope="module")
 def kamailio(tmp_path_factory):
-    k = Kamailio({"bot": "s3cret", "alice": "alicepw", "fast": "fastpw", "solo": "solopw"}, tmp_path_factory.mktemp("kamailio"))
+    k = Kamailio({"bot": "s3cret", "alice": "alicepw", "fast": "fastpw", "solo": "solopw",
+                  "proxied": "proxiedpw"}, tmp_path_factory.mktemp("kamailio"))
     yield k
     k.close()
 
@@ -51,6 +52,8 @@ def bot(kamailio):
             AccountConfig(name="fast", user="fast", registrar=kamailio.uri, password="fastpw",
                           expires_s=3, refresh_before_s=1),
             AccountConfig(name="direct", user="direct"),
+            AccountConfig(name="proxied", user="proxied", registrar=kamailio.uri, password="proxiedpw",
+                          proxy=kamailio.uri),
         ),
     )
     with Endpoint(cfg) as ep:
@@ -112,3 +115,15 @@ def test_registered_account_refuses_invites_not_from_its_registrar(bot, tmp_path
         rejected = bot.wait_for(CallRejected, code=403)
         assert rejected.account == "fast" and "not from its registrar" in rejected.reason
         assert cid not in bot.calls()
+
+
+def test_outbound_call_through_the_proxy_reaches_a_registered_user(bot, kamailio, tmp_path: pathlib.Path):
+    bot.wait_for(RegistrationChanged, account="proxied", registered=True)
+    with PjsuaPeer(user="alice", registrar=kamailio.uri, password="alicepw", log_dir=tmp_path) as alice:
+        alice.expect("reg", code=200)
+        # no port, no host of alice's: only the registrar knows where "alice" is
+        cid = bot.dial("sip:alice@127.0.0.1", account="proxied")
+        assert alice.expect("incoming", call_id=cid)
+        bot.wait_for(CallConfirmed, call_id=cid)
+        bot.hangup(cid)
+        alice.expect("disconnected", call_id=cid)
