@@ -38,10 +38,20 @@ def _host_of(uri: str) -> str:
     return hostport.split(":", 1)[0]
 
 
-def _source_matches(source: str, trusted: str) -> bool:
+def _split_hostport(hostport: str) -> tuple[str, str | None]:
+    # "host", "host:port", "[v6]", "[v6]:port" -> (host, port or None)
+    if hostport.startswith("["):
+        host, _, rest = hostport.partition("]")
+        return host + "]", rest[1:] if rest.startswith(":") else None
+    host, sep, port = hostport.partition(":")
+    return host, port if sep else None
+
+
+def _source_matches(source: str, trusted: str, check_port: bool = True) -> bool:
     # source is pjsip's "host:port"; a trusted entry without a port takes any port of that host
-    host, _, _ = source.rpartition(":")
-    return source == trusted or host == trusted
+    src_host, src_port = _split_hostport(source)
+    host, port = _split_hostport(trusted)
+    return src_host == host and (not check_port or port is None or port == src_port)
 
 
 @dataclass(frozen=True)
@@ -79,7 +89,11 @@ class SipAccount(pj.Account):
 
     def trusts(self, source: str) -> bool:
         """Whether an INVITE from `source` ("host:port") may reach this account."""
-        return self.trusted is None or any(_source_matches(source, t) for t in self.trusted)
+        if self.trusted is None:
+            return True
+        # over TCP/TLS the registrar may connect from an ephemeral port: only its host can be checked
+        check_port = self.transport.kind == "udp"
+        return any(_source_matches(source, t, check_port) for t in self.trusted)
 
     def pj_config(self) -> pj.AccountConfig:
         cfg = self.cfg

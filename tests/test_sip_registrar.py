@@ -127,3 +127,18 @@ def test_outbound_call_through_the_proxy_reaches_a_registered_user(bot, kamailio
         bot.wait_for(CallConfirmed, call_id=cid)
         bot.hangup(cid)
         alice.expect("disconnected", call_id=cid)
+
+
+@pytest.mark.parametrize("source, trusted, check_port, ok", [
+    ("127.0.0.1:5070", "127.0.0.1", True, True),  # no port given: any port of the host
+    ("127.0.0.1:5070", "127.0.0.1:5070", True, True),
+    ("127.0.0.1:5071", "127.0.0.1:5070", True, False),
+    ("127.0.0.1:40000", "127.0.0.1:5070", False, True),  # TCP/TLS: the host only
+    ("127.0.0.2:5070", "127.0.0.1:5070", False, False),
+    ("[::1]:5060", "[::1]", True, True),
+    ("[::1]:5061", "[::1]:5060", True, False),
+])
+def test_trusted_source_matching(source, trusted, check_port, ok):
+    from callbot.sip.account import _source_matches
+
+    assert _source_matches(source, trusted, check_port) is ok
