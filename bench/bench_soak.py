@@ -15,6 +15,7 @@ A bench, not a test: .ci/run never runs it. The call is 10 minutes per case by d
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 
 import numpy as np
@@ -69,8 +70,7 @@ def _soak(model, snapshot, busy: bool) -> dict:
 
 
 def _loadavg() -> float:
-    with open("/proc/loadavg") as f:
-        return float(f.read().split()[0])
+    return os.getloadavg()[0]  # Linux and macOS
 
 
 @pytest.mark.parametrize("load", ["idle", "busy"])

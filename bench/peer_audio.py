@@ -82,6 +82,17 @@ class ClickPort(pj.AudioMediaPort):
         self.k_rcv = k + 1
 
 
+def _disconnect(am, port) -> None:
+    """Takes `port` off the bridge while the call is up: a port collected while the bridge still calls
+    it loses its attributes first (AttributeError in the callback, then a crash). A function of its own
+    so that no loop variable keeps a reference past libDestroy."""
+    for src, dst in ((am, port), (port, am)):
+        try:
+            src.stopTransmit(dst)
+        except pj.Error:
+            pass
+
+
 class PeerCall(pj.Call):
     def __init__(self, peer, acc):
         super().__init__(acc)
@@ -165,6 +176,9 @@ class Peer:
                 np.savez(a.out, sent=p.sent, heard=np.frombuffer(bytes(p.heard), np.int16),
                          t_req=p.t_req[:p.k_req], t_rcv=p.t_rcv[:p.k_rcv], rate=self.rate, frame=p.n, jbuf=jbuf)
                 result["codec"] = self.codec
+                # off the bridge while the call is up: a port collected while the bridge still calls it
+                # loses its attributes first (AttributeError in the callback, then a crash)
+                _disconnect(call.getAudioMedia(self.media_index), p)
                 del p  # every reference to the port must be gone before libDestroy
             try:
                 call.hangup(pj.CallOpParam(True))
