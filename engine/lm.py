@@ -226,7 +226,8 @@ class LM(nn.Module):
         """Compile, on a scratch state, every graph a call will need, so that no live frame waits for
         a compilation: the temporal step for each span the filling ring reads (32, 64, ... frames, then
         the full ring) and the depformer frame for the first live frame (1 slice) and the others
-        (the agent's codebooks) with `sampling`'s audio settings. Call it once after loading."""
+        (the agent's codebooks) with `sampling`'s audio settings. Call it once after loading, on the
+        thread that will step the model (MLX caches compiled graphs per stream, and streams per thread)."""
         cfg = self.cfg
         cache = self.transformer.make_cache()
         cap = cache.layers[0].capacity

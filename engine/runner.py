@@ -21,6 +21,7 @@ silent: steps slower than 80 ms, silence fed, frames dropped, underruns and over
 """
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -47,16 +48,24 @@ class FrameStats:
 
     def __init__(self, capacity: int = STATS_FRAMES):
         self.t = np.zeros((capacity, len(STAGES)), dtype=np.int64)
+        self.silence = np.zeros(capacity, dtype=bool)  # the frame was fed by the watchdog
         self.count = 0
 
-    def row(self) -> np.ndarray:
-        r = self.t[self.count % len(self.t)]
+    def row(self, silence: bool = False) -> np.ndarray:
+        i = self.count % len(self.t)
+        self.silence[i] = silence
         self.count += 1
-        return r
+        return self.t[i]
+
+    def held(self) -> tuple[np.ndarray, np.ndarray]:
+        """(timestamps, silence flags) of the frames still held, oldest first."""
+        n = min(self.count, len(self.t))
+        order = np.arange(self.count - n, self.count) % len(self.t)
+        return self.t[order], self.silence[order]
 
     def durations_s(self) -> dict[str, np.ndarray]:
         """Seconds spent in each stage transition, over the frames still held."""
-        rows = self.t[: min(self.count, len(self.t))]
+        rows, _ = self.held()
         out = {}
         for a, b in zip(STAGES, STAGES[1:]):
             out[f"{a}->{b}"] = (rows[:, STAGES.index(b)] - rows[:, STAGES.index(a)]) / 1e9
@@ -100,10 +109,13 @@ class ModelCallSession:
     frames_dropped: int = 0
     closed: bool = False
     final_summary: dict | None = None  # the summary taken as the session closed
+    # held by the runner while it steps this call, by close_session while it closes it: closing waits
+    # for at most this call's one step in flight, never for the other calls' steps
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def summary(self) -> dict:
         """Counters, per-stage p50/p99/max, step times and the text spoken; reads the open rings' counters."""
-        rows = self.stats.t[: min(self.stats.count, len(self.stats.t))]
+        rows, _ = self.stats.held()
         step = (rows[:, STAGES.index("step_end")] - rows[:, STAGES.index("step_start")]) / 1e9
         return {
             "steps": self.steps, "steps_late": self.steps_late, "silence_fed": self.silence_fed,
@@ -118,11 +130,15 @@ class ModelEngine:
 
     `prompt_for(call_info) -> BotPrompt` picks the bot (voice + persona snapshot) for a call; it runs on
     the SIP side's thread at call start, so it must only look up snapshots prepared at server start.
+    `warmup`, if given, runs on the inference thread before the first call (MLX compiles and caches its
+    graphs per stream, and the stream is the thread's own); the constructor returns once it is done and
+    raises what it raised.
     """
 
     def __init__(self, model: Model, prompt_for: Callable[[Any], BotPrompt], *, realtime: bool = True,
                  grace_ms: float = 40.0, max_backlog: int = 2, poll_ms: float = 1.0,
-                 on_closed: Callable[[ModelCallSession], None] | None = None):
+                 on_closed: Callable[[ModelCallSession], None] | None = None,
+                 warmup: Callable[[], None] | None = None, switch_interval_s: float | None = 0.001):
         if not 0 <= grace_ms <= 1000:
             raise ValueError(f"grace_ms must be 0..1000 ms, got {grace_ms!r}")
         if isinstance(max_backlog, bool) or not isinstance(max_backlog, int) or max_backlog < 1:
@@ -135,12 +151,23 @@ class ModelEngine:
         self.on_closed = on_closed
         self.realtime_result = None
         self._want_realtime = realtime
-        self._lock = threading.Lock()  # guards the session list; never touched by media callbacks
+        if switch_interval_s is not None:
+            # Python hands the GIL over every 5 ms by default: a step's graph building would then delay
+            # the media callbacks by up to 5 ms (DESIGN.md: p99 25.6 ms instead of 20.3 ms); 1 ms keeps
+            # them on time. Process-wide, like the GIL itself.
+            sys.setswitchinterval(switch_interval_s)
+        self._lock = threading.Lock()  # guards the session list only: held for a copy, never for a step
         self._sessions: list[ModelCallSession] = []
         self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._warmup = warmup
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
         self._thread.start()
+        self._ready.wait()
+        if self.error is not None:
+            self._thread.join()
+            raise self.error
 
     # ---- CallEngine ---------------------------------------------------------------------------------
 
@@ -160,11 +187,12 @@ class ModelEngine:
         return s
 
     def close_session(self, s: ModelCallSession) -> None:
-        with self._lock:  # the runner holds this lock for a whole pass, so no step is in flight after it
-            if s.closed:
-                return
+        with self._lock:
             if s in self._sessions:
                 self._sessions.remove(s)
+        with s.lock:  # waits for this call's step in flight, if any: none follows once `closed` is set
+            if s.closed:
+                return
             s.final_summary = s.summary()
             s.closed = True
         s.audio.close()
@@ -181,7 +209,8 @@ class ModelEngine:
         with self._lock:
             sessions, self._sessions = self._sessions, []
         for s in sessions:
-            s.closed = True
+            with s.lock:
+                s.closed = True
             s.audio.close()
 
     # ---- the inference thread ----------------------------------------------------------------------
@@ -190,19 +219,32 @@ class ModelEngine:
         if self._want_realtime:
             # computation: what a q4 7B step needs on an M4 (DESIGN.md's budget), constraint: the frame
             self.realtime_result = make_realtime(80.0, 60.0, 80.0)
-        # MLX keeps a stream per thread (0.3x): this thread needs its own before it evaluates anything
-        mx.set_default_stream(mx.new_stream(mx.default_device()))
-        clock = PeriodicClock(self.poll_ms)
         try:
+            # MLX keeps a stream per thread (0.3x) and caches compiled graphs per stream: this thread
+            # needs its own before it evaluates anything, and the warm-up must run on it
+            mx.set_default_stream(mx.new_stream(mx.default_device()))
+            if self._warmup is not None:
+                self._warmup()
+            self._ready.set()
+            clock = PeriodicClock(self.poll_ms)
             while not self._stop.is_set():
                 clock.wait()
                 with self._lock:
-                    for s in self._sessions:
-                        self._service(s)
+                    sessions = list(self._sessions)
+                for s in sessions:
+                    with s.lock:
+                        if not s.closed:
+                            self._service(s)
         except BaseException as exc:  # surfaced: a dead runner must fail calls loudly, not go quiet
             self.error = exc
-            raise
+            if self._ready.is_set():
+                raise
         finally:
+            self._ready.set()
+            # a thread that used MLX must release its streams before it ends, or the process may abort
+            # at exit ("terminate called without an active exception": ml-explore/mlx#3126)
+            mx.synchronize()
+            mx.clear_streams()
             if self.realtime_result is not None:
                 self.realtime_result.restore()
 
@@ -233,7 +275,7 @@ class ModelEngine:
             self._step(s, pcm, now, silence=frame is None)
 
     def _step(self, s: ModelCallSession, pcm: np.ndarray, ready_ns: int, silence: bool) -> None:
-        row = s.stats.row()
+        row = s.stats.row(silence)
         row[0] = ready_ns
         if not s.first_frame_ns:
             s.first_frame_ns = ready_ns

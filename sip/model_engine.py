@@ -69,17 +69,17 @@ def build_model_engine(settings: Settings) -> ModelEngine:
         except ValueError as err:
             raise StartupError(f"bot {bot.name!r}: {err}") from None
         prompts[bot.name] = BotPrompt(snapshot, _sampling(bot), bot.sampling.seed)
-    _warm_up(model, list(prompts.values()))
 
     def prompt_for(call_info: Any) -> BotPrompt:
         bot = settings.bot_for_account(getattr(call_info, "account", "")) or settings.bots[0]
         return prompts[bot.name]
 
-    return ModelEngine(model, prompt_for)
+    return ModelEngine(model, prompt_for, warmup=lambda: _warm_up(model, list(prompts.values())))
 
 
 def _warm_up(model: Model, prompts: list[BotPrompt]) -> None:
-    """Compile every graph a call will use (each KV span, each bot's sampling), then step a session."""
+    """Compile every graph a call will use (each KV span, each bot's sampling), then step a session.
+    Runs on the inference thread: MLX caches compiled graphs per stream, and streams per thread."""
     for sampling in {p.sampling for p in prompts}:
         model.lm.warmup(sampling)
     session = model.open_session(snapshot=prompts[0].snapshot, seed=0, sampling=prompts[0].sampling)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import signal
 import sys
 import threading
@@ -30,6 +31,7 @@ EXIT_BUSY = 3  # 486/600 busy
 EXIT_NO_ANSWER = 4  # dial timeout or 408/480
 EXIT_FAILED = 5  # any other failure before or during the call
 EXIT_INTERRUPTED = 130  # stopped by SIGINT/SIGTERM
+EXIT_SERVER_FAILURE = 1  # `serve`: a part died (SIP thread, engine, recorder); calls were hung up
 
 
 class StartupError(Exception):
@@ -66,20 +68,19 @@ def running_server(settings: Settings, engine_kind: str, log: EventLog | None = 
             stack.callback(metrics.close)
         engine = build_engine(engine_kind, settings)
         stack.callback(engine.close)
-        if hasattr(engine, "on_closed"):  # the model runner reports each call's audio-path numbers
-            engine.on_closed = lambda s: metrics.on_call_summary(
-                {**s.final_summary, "stage_latency_s": s.stats.durations_s()})
         recorder = Recorder(settings.recordings_dir)
         stack.callback(recorder.close)
         endpoint = Endpoint(settings.endpoint_config(), engine=engine, recorder=recorder)
-        server = Server(settings, endpoint, engine, metrics, log or EventLog())
+        server = Server(settings, endpoint, engine, recorder, metrics, log or EventLog())
+        if hasattr(engine, "on_closed"):  # the model runner reports each call's audio-path numbers
+            engine.on_closed = server.summaries.put  # counted on the main thread, not the SIP thread
+        stack.callback(server.drain)  # runs after the stop below: hang-ups and un-REGISTERs get logged
+        stack.callback(endpoint.stop)  # also when start times out with the SIP thread still running
         try:
             with _stdout_to_stderr():
                 endpoint.start()
         except (OSError, RuntimeError, ValueError, TimeoutError) as err:
             raise StartupError(f"SIP endpoint did not start: {err}") from None
-        stack.callback(server.drain)  # runs after the stop below: hang-ups and un-REGISTERs get logged
-        stack.callback(endpoint.stop)
         yield server
 
 
@@ -96,39 +97,61 @@ def _stdout_to_stderr() -> Iterator[None]:
         os.close(saved)
 
 
+class ServerFailure(Exception):
+    """A part the server cannot run without has died (the SIP thread, the engine, the recorder)."""
+
+
 class Server:
-    def __init__(self, settings: Settings, endpoint: Endpoint, engine: Any, metrics: Metrics, log: EventLog):
+    def __init__(self, settings: Settings, endpoint: Endpoint, engine: Any, recorder: Recorder, metrics: Metrics,
+                 log: EventLog):
         self.settings = settings
         self.endpoint = endpoint
         self.engine = engine
+        self.recorder = recorder
         self.metrics = metrics
         self.log = log
+        self.summaries: queue.SimpleQueue = queue.SimpleQueue()  # closed model sessions, for the metrics
 
     def pump(self, until: Callable[[ev.Event], bool] | None = None, stop: threading.Event | None = None) -> ev.Event | None:
-        """Log and count events until `until(event)` is true (returns it) or `stop` is set (returns None)."""
-        import queue
+        """Log and count events until `until(event)` is true (returns it) or `stop` is set (returns None).
 
+        Raises ServerFailure when a part has died: calls would go on silent or unrecorded otherwise."""
         while stop is None or not stop.is_set():
+            self._check_health()
+            self._count_summaries()
             try:
                 event = self.endpoint.events.get(timeout=0.2)
             except queue.Empty:
-                if not self.endpoint.running:
-                    return None
                 continue
             self._record(event)
             if until is not None and until(event):
                 return event
         return None
 
+    def _check_health(self) -> None:
+        if not self.endpoint.running:
+            raise ServerFailure("the SIP endpoint stopped on its own (see the log above)")
+        for name, part in (("engine", self.engine), ("recorder", self.recorder)):
+            err = getattr(part, "error", None)
+            if err is not None:
+                raise ServerFailure(f"the {name} failed: {err!r}")
+
     def drain(self) -> None:
         """Log and count what is still queued (the events of a shutdown)."""
-        import queue
-
         while True:
             try:
                 self._record(self.endpoint.events.get_nowait())
             except queue.Empty:
+                break
+        self._count_summaries()
+
+    def _count_summaries(self) -> None:
+        while True:
+            try:
+                s = self.summaries.get_nowait()
+            except queue.Empty:
                 return
+            self.metrics.on_call_summary({**s.final_summary, "stage_latency_s": s.stats.durations_s()})
 
     def _record(self, event: ev.Event) -> None:
         self.log.write(event)
@@ -151,7 +174,11 @@ def serve(settings: Settings, engine_kind: str) -> int:
     with stop_on_signals() as stop, running_server(settings, engine_kind) as server:
         for name in server.endpoint.accounts:
             print(f"listening {server.endpoint.account_uri(name)} ({engine_kind})", file=sys.stderr, flush=True)
-        server.pump(stop=stop)
+        try:
+            server.pump(stop=stop)
+        except ServerFailure as err:
+            print(f"callbot: error: {err}; shutting down", file=sys.stderr, flush=True)
+            return EXIT_SERVER_FAILURE
     return 0
 
 
@@ -181,7 +208,11 @@ def call(settings: Settings, engine_kind: str, uri: str, account: str | None) ->
                 answered = True
             return isinstance(event, ev.CallEnded)
 
-        ended = server.pump(until=is_end, stop=stop)
+        try:
+            ended = server.pump(until=is_end, stop=stop)
+        except ServerFailure as err:
+            print(f"callbot: error: {err}", file=sys.stderr, flush=True)
+            return EXIT_FAILED
         if ended is None:
             return EXIT_INTERRUPTED
         print(f"call ended: {ended.cause} ({ended.code} {ended.reason})", file=sys.stderr, flush=True)
