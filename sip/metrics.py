@@ -41,7 +41,7 @@ class Metrics:
         self.step_seconds = Histogram("callbot_step_seconds", "Engine step duration",
                                       buckets=LATENCY_BUCKETS_S, registry=r)
         self.underruns = Counter("callbot_underruns_total", "Frames played as silence: nothing to send", registry=r)
-        self.overruns = Counter("callbot_overruns_total", "Samples dropped: a ring was full", registry=r)
+        self.overruns = Counter("callbot_overruns_total", "Writes that found a ring full (audio dropped)", registry=r)
         self.steps_late = Counter("callbot_steps_late_total", "Engine steps slower than the frame period",
                                   registry=r)
         self._direction: dict[str, str] = {}
