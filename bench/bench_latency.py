@@ -29,11 +29,9 @@ Run (about 2.5 min):
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 import sys
-import tempfile
 
 import numpy as np
 import pytest
@@ -265,7 +263,8 @@ def test_report(capsys):
         r = RESULTS.get(("echo", codec))
         if r:
             lines.append(f"echo  {codec:<5} {_fmt(r['loop'])}  {_fmt(r['total'])}  {_fmt(r['own'])}  "
-                         f"{_fmt(r['own_no_ratchet'])}  {_fmt(r['inbound'])} {_fmt(r['engine'])} {_fmt(r['outbound'])} {r['lost']:>4}  "
+                         f"{_fmt(r['own_no_ratchet'])}  {_fmt(r['inbound'])} {_fmt(r['engine'])} "
+                         f"{_fmt(r['outbound'])} {r['lost']:>4}  "
                          f"{r['media'].get('tx_underruns', '?'):>4}   load {r['loadavg']:.1f}")
     ws = RESULTS.get(("ws", "PCMU"))
     if ws:
@@ -328,7 +327,8 @@ def projection_lines() -> list[str]:
              f"step + the rest of the path as measured here with the tiny model: our own part per click plus the "
              f"transport at its best (pjsip loop min {m['loop_min']:.1f} ms) = p50 {L.pct(rest, 50):.1f} / "
              f"p99 {L.pct(rest, 99):.1f} ms; {m['label']})",
-             "weights  context  chip     GB/frame  step floor  step @60%  fits 80 ms  mouth-to-ear p50  p99 (worst fill)"]
+             "weights  context  chip     GB/frame  step floor  step @60%  fits 80 ms  mouth-to-ear p50  "
+             "p99 (worst fill)"]
     for label, bits, group in (("q4g64", 4, 64), ("q8g64", 8, 64), ("bf16", None, 64)):
         for frames in (1, 3000):
             gb = (sum(_bytes_per_frame(cfg, bits, group, frames).values()) + 2 * MIMI_PARAMS) / 1e9
