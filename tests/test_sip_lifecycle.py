@@ -173,3 +173,16 @@ def test_a_raising_callback_is_logged_and_the_process_exits_cleanly():
     assert "stopped cleanly" in out.stdout
     assert "deliberately broken progress handler" in out.stderr
     assert "pjsua2 callback SipCall.onCall" in out.stderr
+
+
+def test_default_bind_all_publishes_a_reachable_host(tmp_path):
+    # the embedded default listens on every interface; its URI must name a real host, not 0.0.0.0
+    with Endpoint(EndpointConfig(transports=(TransportConfig(port=0, rtp_port=0),))) as ep:
+        uri = ep.account_uri()
+        host, port = uri.split("@", 1)[1].rsplit(":", 1)
+        assert host not in ("0.0.0.0", "") and int(port) == ep.transports["udp"].port
+        with PjsuaPeer(user="lan", log_dir=tmp_path) as peer:  # and loopback reaches it too
+            cid = peer.call(f"sip:callbot@127.0.0.1:{port}")
+            ep.wait_for(CallConfirmed, call_id=cid)
+            ep.hangup(cid)
+            ep.wait_for(CallEnded, call_id=cid)
