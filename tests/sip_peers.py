@@ -194,7 +194,10 @@ request_route {{
         www_challenge("$td", "0");
         exit;
     }}
-    if (is_method("INVITE")) {{ record_route(); }}
+    if (is_method("INVITE")) {{
+{invite_auth}
+        record_route();
+    }}
     if (!lookup("location")) {{ sl_send_reply("404", "Not Found"); exit; }}
     t_relay();
 }}
@@ -205,7 +208,8 @@ class Kamailio:
     """kamailio as a digest-auth registrar and proxy on 127.0.0.1 (UDP and TCP on one free port).
 
     `users` maps user -> password. REGISTER for a known user with the right password is saved
-    (min_expires 1 s, so tests can watch re-registration); anything else is challenged again.
+    (min_expires 1 s, so tests can watch re-registration); anything else is challenged again. An
+    INVITE from a known user is challenged (407) until it carries that user's credentials.
     """
 
     def __init__(self, users: dict[str, str], workdir: pathlib.Path):
@@ -214,8 +218,13 @@ class Kamailio:
         branches = "\n".join(
             f'        if ($fU == "{u}" && pv_www_authenticate("$td", "{p}", "0") == 1) '
             f'{{ save("location"); exit; }}' for u, p in users.items())
+        # an INVITE from one of our users must prove it too (407 challenge), as a PBX asks its extensions
+        invite_auth = "\n".join(
+            f'        if ($fU == "{u}" && pv_proxy_authenticate("$fd", "{p}", "0") != 1) '
+            f'{{ proxy_challenge("$fd", "0"); exit; }}' for u, p in users.items())
         cfg = workdir / "kamailio.cfg"
-        cfg.write_text(_KAMAILIO_CFG.format(port=self.port, modules=KAMAILIO_MODULES, auth_branches=branches))
+        cfg.write_text(_KAMAILIO_CFG.format(port=self.port, modules=KAMAILIO_MODULES, auth_branches=branches,
+                                            invite_auth=invite_auth))
         check = subprocess.run(["kamailio", "-c", "-f", str(cfg)], capture_output=True, text=True, timeout=30)
         if check.returncode != 0:
             raise RuntimeError(f"kamailio config check failed:\n{check.stderr[-2000:]}")

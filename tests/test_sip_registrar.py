@@ -142,3 +142,19 @@ def test_trusted_source_matching(source, trusted, check_port, ok):
     from callbot.sip.account import _source_matches
 
     assert _source_matches(source, trusted, check_port) is ok
+
+
+def test_outbound_call_answers_the_proxy_challenge_and_a_wrong_password_fails(bot, kamailio, tmp_path):
+    bot.wait_for(RegistrationChanged, account="proxied", registered=True)
+    with PjsuaPeer(user="alice", registrar=kamailio.uri, password="alicepw", log_dir=tmp_path) as alice:
+        alice.expect("reg", code=200)
+        # kamailio challenges both calls (407); pjsip answers with the account's digest
+        good = bot.dial(f"sip:alice@127.0.0.1:{kamailio.port}", account="proxied")
+        bot.wait_for(CallConfirmed, call_id=good)
+        bot.hangup(good)
+        bot.wait_for(CallEnded, call_id=good)
+        # "bad" has the wrong password: the challenge comes back until pjsip gives up
+        bad = bot.dial(f"sip:alice@127.0.0.1:{kamailio.port}", account="bad")
+        ended = bot.wait_for(CallEnded, call_id=bad)
+        assert (ended.cause, ended.code) == ("failed", 407)
+        assert not alice.all("incoming", call_id=bad)
