@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING
 
 import pjsua2 as pj
 
-from .codecs import narrow_answer
-from .callbacks import guarded
 from .call_record import CallRecord, DtmfRecord, TransferRecord
+from .callbacks import guarded
+from .codecs import narrow_answer
 from .events import (CallConfirmed, CallEnded, CallMedia, CallProgress, DtmfReceived, TransferProgress)
 
 if TYPE_CHECKING:
@@ -184,6 +184,8 @@ class SipCall(pj.Call):
 
     @guarded
     def onCallMediaState(self, prm):
+        if self.ended or self._local_cause is not None:
+            return  # going away: no port to (re)attach
         ci = self.getInfo()
         for mi in ci.media:
             if mi.type != pj.PJMEDIA_TYPE_AUDIO or mi.status != pj.PJSUA_CALL_MEDIA_ACTIVE:
