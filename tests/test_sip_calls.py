@@ -212,3 +212,21 @@ def test_ended_calls_are_released_at_once_despite_pending_timers(bot, tmp_path):
         bot._submit(lambda: None)  # the SIP thread has run what the DISCONNECTED callback queued
         bot._submit(gc.collect)
         assert ref() is None
+
+
+def test_caller_gives_up_while_ringing(bot, tmp_path):
+    # CANCEL while we ring: the call ends with 487 and can no longer be answered
+    with PjsuaPeer(user="hasty", log_dir=tmp_path) as peer:
+        call_id = _dial_in(bot, peer, "manual")
+        peer.expect("progress", call_id=call_id, code=180)
+        peer.send("hangup", call_id=call_id)
+        ended = bot.wait_for(CallEnded, call_id=call_id)
+        assert (ended.cause, ended.code) == ("remote", 487)
+        assert bot.records[call_id].answered is None
+        with pytest.raises(ValueError, match="no active call"):
+            bot.answer(call_id)
+    with PjsuaPeer(user="patient", log_dir=tmp_path) as peer:
+        call_id = _dial_in(bot, peer, "ringer")
+        bot.wait_for(CallConfirmed, call_id=call_id)
+        bot.hangup(call_id)
+        bot.wait_for(CallEnded, call_id=call_id)
