@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 INBOUND, OUTBOUND = "inbound", "outbound"
 _RTP_CHECK_S = 0.5  # how often an active call's received-packet count is read
+_DTMF_IS_END = 2  # PJMEDIA_STREAM_DTMF_IS_END, not exported by the SWIG module
 _SRTP_PROTOS = {pj.PJMEDIA_TP_PROTO_RTP_SAVP, pj.PJMEDIA_TP_PROTO_RTP_SAVPF,
                 pj.PJMEDIA_TP_PROTO_DTLS_SRTP, pj.PJMEDIA_TP_PROTO_DTLS_SRTPF}
 
@@ -237,6 +238,17 @@ class SipCall(pj.Call):
         self.record.dtmf.append(DtmfRecord(digit=str(prm.digit), method=method, at=time.time(), duration_ms=duration))
         self.hub._emit(DtmfReceived(at=time.monotonic(), call_id=self.call_id, digit=str(prm.digit),
                                     method=method, duration_ms=duration))
+
+    @guarded
+    def onDtmfEvent(self, prm):
+        # pjsua2 also reports each RFC 4733 digit as it goes on; its end carries the length, which the
+        # record (the sidecar) keeps. The event for the digit went out at its start (onDtmfDigit).
+        if not prm.flags & _DTMF_IS_END or prm.method == pj.PJSUA_DTMF_METHOD_SIP_INFO:
+            return
+        for d in reversed(self.record.dtmf):
+            if d.digit == str(prm.digit) and d.method == "rfc4733" and d.duration_ms == 0:
+                d.duration_ms = int(prm.duration)
+                break
 
     @guarded
     def onCallTransferStatus(self, prm):

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 class DtmfRecord:
     digit: str
     method: str  # "rfc4733" | "info"
-    at: float  # wall clock
-    duration_ms: int
+    at: float  # wall clock, when the digit began
+    duration_ms: int  # RFC 4733: filled in when the digit ends; SIP INFO: as the INFO says (0 if absent)
 
 
 @dataclass

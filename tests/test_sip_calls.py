@@ -170,13 +170,11 @@ def test_dtmf_received_both_methods_with_timestamps(bot, peer):
     nine = bot.wait_for(DtmfReceived, call_id=call_id, digit="9")
     assert (first.method, star.method, nine.method) == ("rfc4733", "rfc4733", "info")
     assert t0 <= first.at <= star.at <= nine.at
-    rec_digits = [(d.digit, d.method) for d in bot.records.get(call_id, None).dtmf] if call_id in bot.records \
-        else None
     bot.hangup(call_id)
     bot.wait_for(CallEnded, call_id=call_id)
     rec = bot.records[call_id]
     assert [(d.digit, d.method) for d in rec.dtmf] == [("1", "rfc4733"), ("*", "rfc4733"), ("9", "info")]
-    del rec_digits
+    assert rec.dtmf[0].duration_ms > 0  # "1" had ended before "*" began: its length is known
 
 
 def test_dtmf_sent_both_methods(bot, peer):
