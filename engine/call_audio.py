@@ -34,11 +34,13 @@ class CallAudio:
     calls `pull` and `push` from one engine thread. Nothing here blocks.
     """
 
-    def __init__(self, call_rate: int, ring_seconds: float = RING_SECONDS):
+    def __init__(self, call_rate: int, ring_seconds: float = RING_SECONDS, tx_max_ms: float | None = None):
         if isinstance(call_rate, bool) or not isinstance(call_rate, int) or call_rate not in CALL_RATES:
             raise ValueError(f"call_rate must be one of {CALL_RATES} Hz, got {call_rate!r}")
         if not ring_seconds > 0:
             raise ValueError(f"ring_seconds must be > 0, got {ring_seconds!r}")
+        if tx_max_ms is not None and not 0 < tx_max_ms <= ring_seconds * 1000:
+            raise ValueError(f"tx_max_ms must be in (0, {ring_seconds * 1000:g}] ms, got {tx_max_ms!r}")
         self.call_rate = call_rate
         self.frame_samples = call_rate // 50  # one 20 ms media frame at the call's rate
         self.rx = Ring(_pow2_at_least(int(call_rate * ring_seconds)), "int16")
@@ -47,6 +49,12 @@ class CallAudio:
         self._in24 = Ring(_pow2_at_least(int(ENGINE_RATE * ring_seconds)), "int16")
         self._up = Resampler(call_rate, ENGINE_RATE)
         self._down = Resampler(ENGINE_RATE, call_rate)
+        # Every underrun (silence played while the engine was late) and every extra frame an engine
+        # pushes (silence fed by a watchdog, then the late audio too) would otherwise stay in tx for the
+        # rest of the call as added delay. A push that would leave more than this queued drops the
+        # oldest samples of what it brings instead. None: no limit.
+        self.tx_max = None if tx_max_ms is None else int(call_rate * tx_max_ms / 1000)
+        self.tx_trimmed = 0  # call-rate samples dropped by that limit
         self.frames_pulled = 0
         self.frames_pushed = 0
 
@@ -74,6 +82,12 @@ class CallAudio:
             raise ValueError(f"push() takes a 1-D int16 array of 24 kHz samples, got {frame.dtype} {frame.shape}")
         out = self._down.process(frame)
         self.frames_pushed += 1
+        if self.tx_max is not None:
+            excess = self.tx.readable + len(out) - self.tx_max
+            if excess > 0:
+                drop = min(excess, len(out))
+                out = out[drop:]
+                self.tx_trimmed += drop
         return self.tx.write(out) if len(out) else 0
 
     @property

@@ -65,7 +65,8 @@ class EchoEngine:
             rate = getattr(call_info, "port_rate", None) or getattr(call_info, "clock_rate", None)
         if rate is None:
             raise ValueError("open_session needs the media port's rate: pass rate= or a call_info with clock_rate")
-        session = EchoSession(call_info, CallAudio(rate))
+        # the frame just pushed + two 20 ms media ticks: a late worker must not leave lasting delay
+        session = EchoSession(call_info, CallAudio(rate, tx_max_ms=self.frame_samples * 1000 / ENGINE_RATE + 40.0))
         with self._lock:
             self._sessions.append(session)
             self._busy.set()

@@ -39,6 +39,9 @@ FRAME_NS = FRAME_SIZE * 1_000_000_000 // ENGINE_RATE  # 80 ms
 # frame complete in the 24 kHz ring -> step starts -> Mimi encoded -> LM stepped -> Mimi decoded (step
 # ends) -> pushed, resampled, into the call-rate ring the media callback drains
 STAGES = ("ready", "step_start", "encoded", "lm_stepped", "step_end", "pushed")
+# what the media side may have queued after a push: the 80 ms just pushed + two 20 ms media ticks of
+# slack; beyond that an underrun or a fed-silence frame would add delay for the rest of the call
+TX_MAX_MS = 120.0
 STATS_FRAMES = 1 << 14  # frames of timestamps kept per call: 22 minutes at 12.5 Hz, then the oldest go
 _INT16_SCALE = 32768.0
 
@@ -119,7 +122,8 @@ class ModelCallSession:
         step = (rows[:, STAGES.index("step_end")] - rows[:, STAGES.index("step_start")]) / 1e9
         return {
             "steps": self.steps, "steps_late": self.steps_late, "silence_fed": self.silence_fed,
-            "frames_dropped": self.frames_dropped, "underruns": self.audio.underruns,
+            "frames_dropped": self.frames_dropped, "tx_trimmed_ms": 1000 * self.audio.tx_trimmed / self.audio.call_rate,
+            "underruns": self.audio.underruns,
             "overruns": self.audio.overruns, "stages_ms": self.stats.summary(), "step_s": step.tolist(),
             "text": [{"t_ms": round(t, 1), "piece": p} for t, p in self.text],
         }
@@ -181,7 +185,7 @@ class ModelEngine:
             raise ValueError("open_session needs the media port's rate: pass rate= or a call_info with clock_rate")
         bot = self.prompt_for(call_info)
         seed = bot.seed if bot.seed is not None else time.monotonic_ns() & 0x7FFFFFFF
-        s = ModelCallSession(call_info, CallAudio(rate), bot, seed)
+        s = ModelCallSession(call_info, CallAudio(rate, tx_max_ms=TX_MAX_MS), bot, seed)
         with self._lock:
             self._sessions.append(s)
         return s

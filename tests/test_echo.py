@@ -101,9 +101,11 @@ def test_frame_size_is_configurable():
         s = engine.open_session(CallInfo(16000))
         s.audio.rx.write(chirp(16000, 0.2))  # 3200 samples = 4800 at 24 kHz: two whole 80 ms frames
         clock = PeriodicClock(5.0)
-        while s.audio.tx.readable < 2 * 1280:  # bounded by the test timeout
+        # nobody drains tx here: beyond the limit (one frame + 40 ms) the echo is trimmed and counted
+        while s.audio.tx.readable + s.audio.tx_trimmed < 2 * 1280:  # bounded by the test timeout
             clock.wait()
         assert s.frames_echoed == 2
+        assert s.audio.tx.readable == s.audio.tx_max == 1920
         assert engine.error is None
 
 
