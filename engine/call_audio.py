@@ -9,10 +9,18 @@ drained by the media callback. Each ring has one producer and one consumer, so n
     engine ──> 24 kHz frames ──push──> Resampler(24000, call_rate) ──> tx (call rate) ──> media callback
 
 All samples are int16 (what the phone line carries); an engine that wants float32 converts its frames.
+
+Across two processes (BENCHMARKS.md "Media callback": inference leaves the SIP process), rx and tx live
+in one shared_memory block: the SIP side creates it with `CallAudio.shared` (a `SharedCallRings`: rx and
+tx only, no resamplers, no engine thread) and the inference process opens the same block by name with
+`CallAudio.attach_engine_side`, which owns the resamplers and the 24 kHz ring. The SIP side created the
+block, so it alone unlinks it, after both sides are done or the other side is gone.
 Per-stage timestamps (DESIGN.md) will hang off `pull`/`push`; they are a later issue.
 """
 
 from __future__ import annotations
+
+from multiprocessing import shared_memory
 
 import numpy as np
 
@@ -27,6 +35,73 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(0, int(n - 1).bit_length())
 
 
+def _check_rate(call_rate) -> None:
+    if isinstance(call_rate, bool) or not isinstance(call_rate, int) or call_rate not in CALL_RATES:
+        raise ValueError(f"call_rate must be one of {CALL_RATES} Hz, got {call_rate!r}")
+
+
+_LINE = 128  # tx starts on its own cache line (and 8-byte aligned, as the ring's indices need)
+
+
+def _tx_offset(capacity: int) -> int:
+    return -(-Ring.nbytes(capacity, "int16") // _LINE) * _LINE
+
+
+class SharedCallRings:
+    """The media side of a call whose engine runs in another process: rx and tx in one shared_memory block.
+
+    `shm_name` is what the other process passes to `CallAudio.attach_engine_side`. `close()` closes and
+    unlinks the block (this side created it); call it once the media port is off the bridge. The other
+    side may still have it open then: its mapping stays valid until it closes it or exits.
+    """
+
+    def __init__(self, call_rate: int, ring_seconds: float = RING_SECONDS):
+        _check_rate(call_rate)
+        if not ring_seconds > 0:
+            raise ValueError(f"ring_seconds must be > 0, got {ring_seconds!r}")
+        self.call_rate = call_rate
+        self.frame_samples = call_rate // 50
+        capacity = _pow2_at_least(int(call_rate * ring_seconds))
+        off = _tx_offset(capacity)
+        self._shm = shared_memory.SharedMemory(create=True, size=off + Ring.nbytes(capacity, "int16"))
+        self.shm_name = self._shm.name
+        self._views = [self._shm.buf[:off], self._shm.buf[off:]]
+        self.rx = Ring.create_in(self._views[0], capacity, "int16")
+        self.tx = Ring.create_in(self._views[1], capacity, "int16")
+
+    @property
+    def underruns(self) -> int:
+        return self.tx.underruns
+
+    @property
+    def overruns(self) -> int:
+        return self.rx.overruns + self.tx.overruns
+
+    @property
+    def closed(self) -> bool:
+        return self._shm is None
+
+    def close(self) -> None:
+        """Closes the rings and the block and unlinks it; safe to call more than once."""
+        _release(self.rx, self.tx, self._views, self._shm, unlink=True)
+        self._shm = None
+
+
+def _release(rx: Ring, tx: Ring, views: list, shm, unlink: bool) -> None:
+    for ring in (rx, tx):
+        if not ring.closed:
+            ring.close()
+    for view in views:
+        view.release()
+    if shm is not None:
+        shm.close()
+        if unlink:
+            try:
+                shm.unlink()
+            except FileNotFoundError:
+                pass  # gone already (unlinked by hand, or by the resource tracker at a crash)
+
+
 class CallAudio:
     """Rings and resamplers of one call at `call_rate` Hz (the media port's rate).
 
@@ -34,17 +109,22 @@ class CallAudio:
     calls `pull` and `push` from one engine thread. Nothing here blocks.
     """
 
-    def __init__(self, call_rate: int, ring_seconds: float = RING_SECONDS, tx_max_ms: float | None = None):
-        if isinstance(call_rate, bool) or not isinstance(call_rate, int) or call_rate not in CALL_RATES:
-            raise ValueError(f"call_rate must be one of {CALL_RATES} Hz, got {call_rate!r}")
+    def __init__(self, call_rate: int, ring_seconds: float = RING_SECONDS, tx_max_ms: float | None = None,
+                 *, rings: tuple[Ring, Ring] | None = None):
+        _check_rate(call_rate)
         if not ring_seconds > 0:
             raise ValueError(f"ring_seconds must be > 0, got {ring_seconds!r}")
         if tx_max_ms is not None and not 0 < tx_max_ms <= ring_seconds * 1000:
             raise ValueError(f"tx_max_ms must be in (0, {ring_seconds * 1000:g}] ms, got {tx_max_ms!r}")
         self.call_rate = call_rate
         self.frame_samples = call_rate // 50  # one 20 ms media frame at the call's rate
-        self.rx = Ring(_pow2_at_least(int(call_rate * ring_seconds)), "int16")
-        self.tx = Ring(_pow2_at_least(int(call_rate * ring_seconds)), "int16")
+        if rings is not None:  # opened elsewhere (attach_engine_side): rx and tx of int16 samples
+            self.rx, self.tx = rings
+        else:
+            self.rx = Ring(_pow2_at_least(int(call_rate * ring_seconds)), "int16")
+            self.tx = Ring(_pow2_at_least(int(call_rate * ring_seconds)), "int16")
+        self._shm = None  # the shared block the rings live in, when attached to one
+        self._views: list = []
         # 24 kHz side of the inbound path: resampled audio waiting to make up whole engine frames
         self._in24 = Ring(_pow2_at_least(int(ENGINE_RATE * ring_seconds)), "int16")
         self._up = Resampler(call_rate, ENGINE_RATE)
@@ -57,6 +137,48 @@ class CallAudio:
         self.tx_trimmed = 0  # call-rate samples dropped by that limit
         self.frames_pulled = 0
         self.frames_pushed = 0
+
+    @staticmethod
+    def shared(call_rate: int, ring_seconds: float = RING_SECONDS) -> SharedCallRings:
+        """The media side's rx and tx in a new shared_memory block, for an engine in another process."""
+        return SharedCallRings(call_rate, ring_seconds)
+
+    @classmethod
+    def attach_engine_side(cls, shm_name: str, call_rate: int, ring_seconds: float = RING_SECONDS,
+                           tx_max_ms: float | None = None) -> CallAudio:
+        """The engine's CallAudio over the rx and tx that `CallAudio.shared` laid out in block `shm_name`.
+
+        `close()` closes this process's mapping and never unlinks (the creating side does). ValueError
+        if there is no such block or it does not hold a call's rings.
+        """
+        _check_rate(call_rate)
+        try:
+            shm = shared_memory.SharedMemory(name=shm_name)
+        except (FileNotFoundError, ValueError) as err:
+            raise ValueError(f"no shared call audio named {shm_name!r}: {err}") from None
+        views: list = []
+        rx = tx = None
+        try:
+            views.append(shm.buf[:])
+            rx = Ring.attach(views[0])
+            off = _tx_offset(rx.capacity)
+            rx.close()
+            views[0].release()
+            views[:] = [shm.buf[:off], shm.buf[off:]]
+            rx, tx = Ring.attach(views[0]), Ring.attach(views[1])
+            if rx.dtype != "int16" or tx.dtype != "int16":
+                raise ValueError(f"shared block {shm_name!r} holds {rx.dtype}/{tx.dtype} rings, not int16")
+        except BaseException:
+            for ring in (rx, tx):
+                if ring is not None and not ring.closed:
+                    ring.close()
+            for view in views:
+                view.release()
+            shm.close()
+            raise
+        audio = cls(call_rate, ring_seconds, tx_max_ms, rings=(rx, tx))
+        audio._shm, audio._views = shm, views
+        return audio
 
     # ---- engine side (one engine thread) -------------------------------------------------------------
 
@@ -114,7 +236,9 @@ class CallAudio:
         return float(self._up.delay_ms + self._down.delay_ms)
 
     def close(self) -> None:
-        """Releases the rings' memory; call once neither side will touch them again."""
-        for ring in (self.rx, self.tx, self._in24):
-            if not ring.closed:
-                ring.close()
+        """Releases the rings' memory; call once neither side will touch them again. Attached to a
+        shared block: closes this process's mapping of it (never unlinks)."""
+        if not self._in24.closed:
+            self._in24.close()
+        _release(self.rx, self.tx, self._views, self._shm, unlink=False)
+        self._views, self._shm = [], None

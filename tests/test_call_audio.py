@@ -28,3 +28,28 @@ def test_without_a_limit_everything_queues():
 def test_bad_limit(bad):
     with pytest.raises(ValueError, match="tx_max_ms"):
         CallAudio(16000, ring_seconds=2.0, tx_max_ms=bad)
+
+
+def test_shared_rings_carry_audio_to_the_engine_side_and_unlink_at_close():
+    """The SIP side's rx/tx in one shared block; the engine side opens it by name with its resamplers."""
+    from multiprocessing import shared_memory
+
+    media = CallAudio.shared(16000)
+    engine = CallAudio.attach_engine_side(media.shm_name, 16000, tx_max_ms=120.0)
+    try:
+        media.rx.write(np.full(1280, 1000, np.int16))  # 80 ms at 16 kHz, and the resampler's delay more
+        frame = engine.pull(1920)
+        assert frame is not None and frame[-1] == 1000
+        engine.push(np.full(1920, -2000, np.int16))
+        assert media.tx.read(320)[-1] == -2000
+    finally:
+        engine.close()
+        media.close()
+    media.close()  # twice is fine
+    with pytest.raises(FileNotFoundError):
+        shared_memory.SharedMemory(name=media.shm_name)
+
+
+def test_attach_to_a_missing_block_says_so():
+    with pytest.raises(ValueError, match="no shared call audio named"):
+        CallAudio.attach_engine_side("callbot-no-such-block", 16000)
