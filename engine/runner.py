@@ -175,17 +175,22 @@ class ModelEngine:
 
     # ---- CallEngine ---------------------------------------------------------------------------------
 
-    def open_session(self, call_info: Any, rate: int | None = None) -> ModelCallSession:
+    def open_session(self, call_info: Any, rate: int | None = None,
+                     audio: CallAudio | None = None) -> ModelCallSession:
+        """`audio`: the call's CallAudio when it is made elsewhere (attached to shared memory by the
+        inference process); None makes one at `rate` (or `call_info.clock_rate`)."""
         if self._stop.is_set():
             raise RuntimeError("the model engine is closed")
         if self.error is not None:
             raise RuntimeError(f"the inference thread has stopped: {self.error!r}")
         rate = rate if rate is not None else getattr(call_info, "clock_rate", None)
-        if rate is None:
+        if audio is None and rate is None:
             raise ValueError("open_session needs the media port's rate: pass rate= or a call_info with clock_rate")
         bot = self.prompt_for(call_info)
         seed = bot.seed if bot.seed is not None else time.monotonic_ns() & 0x7FFFFFFF
-        s = ModelCallSession(call_info, CallAudio(rate, tx_max_ms=TX_MAX_MS), bot, seed)
+        if audio is None:
+            audio = CallAudio(rate, tx_max_ms=TX_MAX_MS)
+        s = ModelCallSession(call_info, audio, bot, seed)
         with self._lock:
             self._sessions.append(s)
         return s

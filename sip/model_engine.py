@@ -1,88 +1,34 @@
-"""The model behind `callbot serve`: weights loaded, every bot's prompt prepared and a step warmed up
-before the first call, so a caller never waits for a load or a prompt.
+"""The model engine behind `callbot serve`: by default in its own process, else on a thread of this one.
 
-Weights are found as DESIGN.md says: `[model] path` (or `--model DIR`), else the Hugging Face cache,
-else a huggingface_hub download where the user accepted the license and is logged in. Anything that
-goes wrong here is a StartupError whose text says what is missing and how to get it.
+Why a process: BENCHMARKS.md "Media callback" measured that a thread running Python next to pjmedia's
+clock thread makes the bridge fall behind for good with 4 calls (p99 lateness 312-987 ms), so the model
+runs in engine/inference_process.py's child and only the calls' rings (shared memory) stay here.
+`[model] process = false` keeps the in-process runner (engine/runner.py), for a single call or a debugger.
+Either way the model is loaded, every bot prepared and a step warmed up before the first call
+(sip/model_setup.py), and a problem there is a StartupError: one line, exit status 2.
 """
 from __future__ import annotations
 
-import os
-import sys
+import functools
 from typing import Any
 
-import msgspec
-import numpy as np
-
-from callbot.engine.lm_config import LmConfig
-from callbot.engine.mimi import MimiConfig
-from callbot.engine.runner import BotPrompt, ModelEngine
-from callbot.engine.sampling import SamplingConfig
-from callbot.engine.session import FRAME_SIZE, Model
-from callbot.engine.weights import WeightsError
+from callbot.engine.inference_process import InferenceProcess, InferenceStartupError
+from callbot.engine.runner import ModelEngine
+from callbot.sip.model_setup import bot_name_for, prepare_model
 from callbot.sip.serve import StartupError
-from callbot.sip.settings import BotSettings, Settings
-
-WARMUP_FRAMES = 2  # first steps pay for kernel compilation and allocation; do it before a caller does
+from callbot.sip.settings import Settings
 
 
-class Architecture(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    lm: LmConfig
-    mimi: MimiConfig
-
-
-def load_architecture(path: str) -> tuple[LmConfig, MimiConfig]:
+def build_model_engine(settings: Settings) -> InferenceProcess | ModelEngine:
+    bot_for = functools.partial(bot_name_for, settings)
     try:
-        with open(path, "rb") as f:
-            arch = msgspec.json.decode(f.read(), type=Architecture)
-    except OSError as err:
-        raise StartupError(f"model architecture {path!r}: cannot read it ({err.strerror})") from None
-    except (msgspec.MsgspecError, ValueError) as err:
-        raise StartupError(f"model architecture {path!r}: {err}") from None
-    return arch.lm, arch.mimi
+        if settings.model.process:
+            return InferenceProcess(functools.partial(prepare_model, settings), bot_for)
+        model, prompts, warmup = prepare_model(settings)
+    except InferenceStartupError as err:
+        raise StartupError(str(err)) from None
 
+    def prompt_for(call_info: Any):
+        return prompts[bot_for(call_info)]
 
-def _sampling(bot: BotSettings) -> SamplingConfig:
-    s = bot.sampling
-    return SamplingConfig(text_temperature=s.text_temperature, text_top_k=s.text_top_k,
-                          audio_temperature=s.audio_temperature, audio_top_k=s.audio_top_k)
-
-
-def load_model(settings: Settings) -> Model:
-    m = settings.model
-    lm_cfg, mimi_cfg = load_architecture(m.architecture) if m.architecture else (None, None)
-    quantize = None if m.quantization == "none" else m.quantization
-    try:
-        return Model.load(m.path, quantize, lm_config=lm_cfg, mimi_config=mimi_cfg, download=m.download)
-    except WeightsError as err:
-        how = ("" if m.download else " (downloads are off: set [model] download = true to fetch the weights)")
-        raise StartupError(f"model weights: {err}{how}") from None
-
-
-def build_model_engine(settings: Settings) -> ModelEngine:
-    model = load_model(settings)
-    prompts: dict[str, BotPrompt] = {}
-    for bot in settings.bots:
-        print(f"preparing bot {bot.name!r} (voice {os.path.basename(bot.voice)})", file=sys.stderr, flush=True)
-        try:
-            snapshot = model.prepare(bot.voice, bot.persona)
-        except ValueError as err:
-            raise StartupError(f"bot {bot.name!r}: {err}") from None
-        prompts[bot.name] = BotPrompt(snapshot, _sampling(bot), bot.sampling.seed)
-
-    def prompt_for(call_info: Any) -> BotPrompt:
-        bot = settings.bot_for_account(getattr(call_info, "account", "")) or settings.bots[0]
-        return prompts[bot.name]
-
-    return ModelEngine(model, prompt_for, warmup=lambda: _warm_up(model, list(prompts.values())))
-
-
-def _warm_up(model: Model, prompts: list[BotPrompt]) -> None:
-    """Compile every graph a call will use (each KV span, each bot's sampling), then step a session.
-    Runs on the inference thread: MLX caches compiled graphs per stream, and streams per thread."""
-    for sampling in {p.sampling for p in prompts}:
-        model.lm.warmup(sampling)
-    session = model.open_session(snapshot=prompts[0].snapshot, seed=0, sampling=prompts[0].sampling)
-    silence = np.zeros(FRAME_SIZE, dtype=np.float32)
-    for _ in range(WARMUP_FRAMES):
-        session.step(silence)
+    return ModelEngine(model, prompt_for, warmup=warmup)

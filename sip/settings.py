@@ -68,6 +68,10 @@ class ModelSettings(_Settings):
     # a JSON file {"lm": {...LmConfig}, "mimi": {...MimiConfig}} for a model of another size built the
     # same way (Kyutai's Moshiko, a small test model); None = PersonaPlex-7B and the released Mimi
     architecture: str | None = None
+    # run the model in its own process (engine/inference_process.py), the rings in shared memory: a
+    # thread running Python beside pjmedia's clock makes the bridge late (BENCHMARKS.md "Media
+    # callback"); false runs it on a thread of the SIP process (one call, a debugger)
+    process: bool = True
 
 
 class MetricsSettings(_Settings):

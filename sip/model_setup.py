@@ -1,0 +1,97 @@
+"""Loading the model behind `callbot serve`: weights found and loaded, every bot's prompt prepared, and
+the warm-up a call's first step would otherwise pay for.
+
+Why a module of its own: this runs inside the inference process (engine/inference_process.py), which
+must never import pjsua2, so it imports settings and the engine only (not sip/serve.py or the endpoint).
+Every problem is a ModelSetupError whose text says what is missing and how to get it: the one line the
+user sees before `serve` exits with status 2.
+
+Weights are found as DESIGN.md says: `[model] path` (or `--model DIR`), else the Hugging Face cache,
+else a huggingface_hub download where the user accepted the license and is logged in.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import msgspec
+import numpy as np
+
+from callbot.engine.inference_process import InferenceSetup, InferenceStartupError
+from callbot.engine.lm_config import LmConfig
+from callbot.engine.mimi import MimiConfig
+from callbot.engine.runner import BotPrompt
+from callbot.engine.sampling import SamplingConfig
+from callbot.engine.session import FRAME_SIZE, Model
+from callbot.engine.weights import WeightsError
+from callbot.sip.settings import BotSettings, Settings
+
+WARMUP_FRAMES = 2  # first steps pay for kernel compilation and allocation; do it before a caller does
+
+
+class ModelSetupError(InferenceStartupError):
+    """The model or a bot could not be prepared; the text is the user's one line."""
+
+
+class Architecture(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    lm: LmConfig
+    mimi: MimiConfig
+
+
+def load_architecture(path: str) -> tuple[LmConfig, MimiConfig]:
+    try:
+        with open(path, "rb") as f:
+            arch = msgspec.json.decode(f.read(), type=Architecture)
+    except OSError as err:
+        raise ModelSetupError(f"model architecture {path!r}: cannot read it ({err.strerror})") from None
+    except (msgspec.MsgspecError, ValueError) as err:
+        raise ModelSetupError(f"model architecture {path!r}: {err}") from None
+    return arch.lm, arch.mimi
+
+
+def _sampling(bot: BotSettings) -> SamplingConfig:
+    s = bot.sampling
+    return SamplingConfig(text_temperature=s.text_temperature, text_top_k=s.text_top_k,
+                          audio_temperature=s.audio_temperature, audio_top_k=s.audio_top_k)
+
+
+def load_model(settings: Settings) -> Model:
+    m = settings.model
+    lm_cfg, mimi_cfg = load_architecture(m.architecture) if m.architecture else (None, None)
+    quantize = None if m.quantization == "none" else m.quantization
+    try:
+        return Model.load(m.path, quantize, lm_config=lm_cfg, mimi_config=mimi_cfg, download=m.download)
+    except WeightsError as err:
+        how = ("" if m.download else " (downloads are off: set [model] download = true to fetch the weights)")
+        raise ModelSetupError(f"model weights: {err}{how}") from None
+
+
+def bot_name_for(settings: Settings, call_info) -> str:
+    """The bot that answers a call: the one bound to the call's account, else the first."""
+    bot = settings.bot_for_account(getattr(call_info, "account", "")) or settings.bots[0]
+    return bot.name
+
+
+def prepare_model(settings: Settings) -> InferenceSetup:
+    """The model loaded, each bot's prompt snapshot by name, and the warm-up for the inference thread."""
+    model = load_model(settings)
+    prompts: dict[str, BotPrompt] = {}
+    for bot in settings.bots:
+        print(f"preparing bot {bot.name!r} (voice {os.path.basename(bot.voice)})", file=sys.stderr, flush=True)
+        try:
+            snapshot = model.prepare(bot.voice, bot.persona)
+        except ValueError as err:
+            raise ModelSetupError(f"bot {bot.name!r}: {err}") from None
+        prompts[bot.name] = BotPrompt(snapshot, _sampling(bot), bot.sampling.seed)
+    return InferenceSetup(model, prompts, lambda: warm_up(model, list(prompts.values())))
+
+
+def warm_up(model: Model, prompts: list[BotPrompt]) -> None:
+    """Compile every graph a call will use (each KV span, each bot's sampling), then step a session.
+    Runs on the inference thread: MLX caches compiled graphs per stream, and streams per thread."""
+    for sampling in {p.sampling for p in prompts}:
+        model.lm.warmup(sampling)
+    session = model.open_session(snapshot=prompts[0].snapshot, seed=0, sampling=prompts[0].sampling)
+    silence = np.zeros(FRAME_SIZE, dtype=np.float32)
+    for _ in range(WARMUP_FRAMES):
+        session.step(silence)

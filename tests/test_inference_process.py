@@ -1,0 +1,143 @@
+"""The model in its own process (engine/inference_process.py): a real child with the tiny model, calls
+whose rings live in shared memory, a media-like thread on this side, and a child killed mid-call."""
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import threading
+import time
+from multiprocessing import shared_memory
+
+import msgspec
+import numpy as np
+import pytest
+
+from callbot.engine import PeriodicClock
+from callbot.engine.inference_process import InferenceProcess, InferenceStartupError
+from callbot.sip.model_setup import bot_name_for, prepare_model
+from callbot.sip.settings import BotSettings, ModelSettings, Settings
+from tests.tiny_assets import tiny_model_configs, write_tiny_model_dir
+
+pytestmark = pytest.mark.timeout(180)
+
+
+class _Call:
+    """What the SIP side hands an engine: a CallRecord-like object."""
+
+    def __init__(self, call_id: str, clock_rate: int, account: str = ""):
+        self.call_id = call_id
+        self.clock_rate = clock_rate
+        self.account = account
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory):
+    directory = write_tiny_model_dir(tmp_path_factory.mktemp("personaplex"))
+    lm_cfg, mimi_cfg = tiny_model_configs()
+    arch = directory / "architecture.json"
+    arch.write_bytes(msgspec.json.encode({"lm": lm_cfg, "mimi": mimi_cfg}))
+    model = ModelSettings(path=str(directory), architecture=str(arch), quantization="none", download=False)
+    bot = BotSettings(name="pizza", voice="NATM1", persona="You take orders for a pizza shop.")
+    return Settings(model=model, bots=(bot,))
+
+
+def _start(settings: Settings, **kw) -> InferenceProcess:
+    return InferenceProcess(functools.partial(prepare_model, settings), functools.partial(bot_name_for, settings),
+                            realtime=False, **kw)
+
+
+def _media_side(audio, frames: int, stop: threading.Event, received: list):
+    """Plays the pjmedia clock thread: every 20 ms one frame into rx and one frame out of tx."""
+    n = audio.frame_samples
+    t = np.arange(frames * n) / audio.call_rate
+    tone = (8000 * np.sin(2 * np.pi * 440 * t)).astype(np.int16)
+    clock = PeriodicClock(20.0)
+    for i in range(frames):
+        if stop.is_set():
+            return
+        clock.wait()
+        audio.rx.write(tone[i * n:(i + 1) * n])
+        out = audio.tx.read(n)
+        received.append(out if out is not None else np.zeros(n, np.int16))
+
+
+def _gone(name: str) -> bool:
+    try:
+        shared_memory.SharedMemory(name=name).close()
+    except FileNotFoundError:
+        return True
+    return False
+
+
+def _wait(cond, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        time.sleep(0.01)
+
+
+def test_a_call_through_the_process_gets_model_audio_back_and_its_summary(settings):
+    closed = []
+    engine = _start(settings, on_closed=closed.append)
+    try:
+        assert engine.info["pjsua2"] is False and engine.info["bots"] == ["pizza"]
+        assert engine.pid != os.getpid()
+        s = engine.open_session(_Call("c1", 16000))
+        name = s.audio.shm_name
+        stop, received = threading.Event(), []
+        media = threading.Thread(target=_media_side, args=(s.audio, 100, stop, received))
+        media.start()
+        try:
+            _wait(lambda: any(np.any(f != 0) for f in list(received)) or not media.is_alive())
+        finally:
+            stop.set()
+            media.join(30)
+        engine.close_session(s)
+        engine.close_session(s)  # once is enough; twice is harmless
+    finally:
+        engine.close()
+    assert engine.error is None
+    assert any(np.any(f != 0) for f in received), "the model's audio never came back through shared memory"
+    assert closed == [s] and _gone(name)
+    summary = s.final_summary
+    assert summary["steps"] >= 1 and len(summary["step_s"]) == summary["steps"]
+    assert all(isinstance(t["piece"], str) for t in summary["text"])
+    durations = s.stats.durations_s()
+    assert "step_start->encoded" in durations and len(durations["step_start->encoded"]) == summary["steps"]
+    assert not engine._proc.is_alive()
+
+
+def test_a_killed_child_sets_error_leaves_calls_silent_and_frees_their_blocks(settings):
+    engine = _start(settings)
+    try:
+        s = engine.open_session(_Call("c2", 8000))
+        name = s.audio.shm_name
+        os.kill(engine.pid, signal.SIGKILL)
+        _wait(lambda: engine.error is not None, timeout=30)
+        assert "ended unexpectedly" in str(engine.error)
+        # the media side goes on: its rings are ours, they just stay empty
+        s.audio.rx.write(np.zeros(160, np.int16))
+        assert s.audio.tx.read(160) is None
+        with pytest.raises(RuntimeError, match="inference process has stopped"):
+            engine.open_session(_Call("c3", 8000))
+        engine.close_session(s)
+        assert s.final_summary is None and _gone(name)
+    finally:
+        engine.close()
+
+
+def test_missing_weights_reach_the_parent_as_one_line(settings, tmp_path):
+    model = msgspec.structs.replace(settings.model, path=str(tmp_path / "nothing-here"))
+    with pytest.raises(InferenceStartupError, match=r"^model weights: .*downloads are off") as info:
+        _start(msgspec.structs.replace(settings, model=model))
+    assert "\n" not in str(info.value)
+
+
+def test_a_bad_architecture_file_reaches_the_parent(settings, tmp_path):
+    bad = tmp_path / "arch.json"
+    bad.write_text('{"lm": {}, "wat": 1}')
+    model = msgspec.structs.replace(settings.model, architecture=str(bad))
+    with pytest.raises(InferenceStartupError, match="model architecture"):
+        _start(msgspec.structs.replace(settings, model=model))
