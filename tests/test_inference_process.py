@@ -141,3 +141,86 @@ def test_a_bad_architecture_file_reaches_the_parent(settings, tmp_path):
     model = msgspec.structs.replace(settings.model, architecture=str(bad))
     with pytest.raises(InferenceStartupError, match="model architecture"):
         _start(msgspec.structs.replace(settings, model=model))
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            out += [int(c) for c in f.read().split()]
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read().replace(b"\0", b" ").decode(errors="replace")
+
+
+def _shm_blocks(pid: int) -> set[str]:
+    """The shared_memory blocks process `pid` has mapped (its calls' rings)."""
+    with open(f"/proc/{pid}/maps") as f:
+        return {line.split()[-1].rsplit("/", 1)[-1] for line in f if "/dev/shm/psm_" in line}
+
+
+def test_serve_runs_the_model_in_a_child_and_ends_with_status_1_when_it_dies(tmp_path, settings):
+    """`callbot serve` with the tiny model: the model runs in a child process that never imports pjsua2;
+    a call's rings are mapped by both; killing the child mid-call ends the server with status 1 and the
+    call's block is unlinked."""
+    from sip_peers import PjsuaPeer, free_port, stop_process
+    from test_serve import _config, _serve, _wait_line
+
+    sip_port, metrics_port = free_port(), free_port()
+    cfg = _config(tmp_path, sip_port, metrics_port)
+    cfg.write_text(cfg.read_text() + f"""
+[model]
+path = "{settings.model.path}"
+architecture = "{settings.model.architecture}"
+quantization = "none"
+download = false
+[[bots]]
+persona = "You answer the phone."
+""")
+    proc = _serve("--config", str(cfg))
+    try:
+        _wait_line(proc, "listening", timeout=90)
+        [child] = [c for c in _children(proc.pid) if "spawn_main" in _cmdline(c)]
+        with PjsuaPeer(user="kim", log_dir=tmp_path) as peer:
+            call_id = peer.call(f"sip:echo@127.0.0.1:{sip_port}")
+            peer.expect("media", call_id=call_id, timeout=15)
+            _wait(lambda: _shm_blocks(proc.pid) and _shm_blocks(proc.pid) <= _shm_blocks(child), timeout=15)
+            blocks = _shm_blocks(proc.pid)
+            with open(f"/proc/{child}/maps") as f:
+                assert "pjsua2" not in f.read(), "the inference process loaded pjsua2"
+            os.kill(child, signal.SIGKILL)
+            assert proc.wait(60) == 1
+        _wait_line(proc, "the engine failed", timeout=10)
+    finally:
+        stop_process(proc, timeout=10, sig=signal.SIGKILL)
+    assert blocks and all(_gone(name) for name in blocks)
+
+
+def test_serve_reports_a_bot_the_child_cannot_prepare_as_one_line_and_exits_2(tmp_path, settings):
+    """A problem found in the child while preparing a bot (here: a persona too long for the tiny model's
+    context) reaches the user as serve's one error line, exit status 2, no traceback."""
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "callbot.toml"
+    cfg.write_text(f"""
+[metrics]
+enabled = false
+[model]
+path = "{settings.model.path}"
+architecture = "{settings.model.architecture}"
+quantization = "none"
+download = false
+[[bots]]
+name = "talker"
+persona = "{'You talk a lot. ' * 40}"
+""")
+    out = subprocess.run([sys.executable, "-m", "callbot.sip.cli", "serve", "--config", str(cfg)],
+                         capture_output=True, text=True, timeout=90)
+    assert out.returncode == 2, out.stderr
+    [line] = [ln for ln in out.stderr.splitlines() if ln.startswith("callbot: error:")]
+    assert line.startswith("callbot: error: bot 'talker': the prompt is")
+    assert "Traceback" not in out.stderr
