@@ -238,9 +238,9 @@ class InferenceProcess:
                 self._failed(msg[1])
 
     def _failed(self, text: str) -> None:
-        if self.error is None:
+        if self.error is None:  # the first word is the cause; an EOF after an "error" adds nothing
             self.error = RuntimeError(text)
-        print(f"callbot: inference process: {text}", file=sys.stderr, flush=True)
+            print(f"callbot: inference process: {text}", file=sys.stderr, flush=True)
         with self._lock:
             waiting = list(self._sessions.values())
         for s in waiting:

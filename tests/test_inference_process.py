@@ -224,3 +224,23 @@ persona = "{'You talk a lot. ' * 40}"
     [line] = [ln for ln in out.stderr.splitlines() if ln.startswith("callbot: error:")]
     assert line.startswith("callbot: error: bot 'talker': the prompt is")
     assert "Traceback" not in out.stderr
+
+
+def test_serve_builds_the_process_engine_by_default_and_the_thread_one_on_request(settings, tmp_path):
+    from callbot.engine.runner import ModelEngine
+    from callbot.sip.model_engine import build_model_engine
+    from callbot.sip.serve import StartupError
+
+    for process, kind in ((True, InferenceProcess), (False, ModelEngine)):
+        model = msgspec.structs.replace(settings.model, process=process)
+        engine = build_model_engine(msgspec.structs.replace(settings, model=model))
+        try:
+            assert isinstance(engine, kind)
+            s = engine.open_session(_Call("c4", 16000))
+            engine.close_session(s)
+            assert s.final_summary is not None and s.audio.rx.closed
+        finally:
+            engine.close()
+        missing = msgspec.structs.replace(model, path=str(tmp_path / "nothing-here"))
+        with pytest.raises(StartupError, match="^model weights: "):
+            build_model_engine(msgspec.structs.replace(settings, model=missing))
