@@ -248,12 +248,9 @@ class InferenceProcess:
 
     def _end_child(self, timeout: float) -> None:
         self._proc.join(timeout)
-        if self._proc.is_alive():
-            self._proc.terminate()
-            self._proc.join(2.0)
-        if self._proc.is_alive():
+        if self._proc.is_alive():  # it ignores SIGTERM (see _child_main): past "stop", only SIGKILL
             self._proc.kill()
-            self._proc.join(2.0)
+            self._proc.join(5.0)
 
 
 # ---- the child -------------------------------------------------------------------------------------
@@ -267,9 +264,11 @@ class _ChildCall:
 
 
 def _child_main(conn, setup: Callable[[], InferenceSetup], ring_seconds: float, realtime: bool) -> None:
-    # Ctrl-C in a terminal reaches the whole process group: the SIP process decides when we stop. Our
-    # stdout would land in serve's JSON log: anything a loader prints goes to stderr instead.
+    # Ctrl-C in a terminal, or a service manager's SIGTERM, reaches the whole process group: the SIP
+    # process decides when we stop ("stop", or EOF when it is gone), after it has hung up its calls.
+    # Our stdout would land in serve's JSON log: anything a loader prints goes to stderr instead.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sys.stdout.flush()
     os.dup2(2, 1)
     try:
