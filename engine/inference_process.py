@@ -85,7 +85,9 @@ class InferenceProcess:
     `setup` is a picklable callable (a module-level function, or functools.partial of one) that the child
     runs to load the model: it returns an InferenceSetup. `bot_for(call_info) -> name` picks a call's bot
     on the SIP side (None: the first). The constructor returns once the child has loaded, prepared and
-    warmed up, and raises InferenceStartupError with the child's message if it could not.
+    warmed up, and raises InferenceStartupError with the child's message if it could not. As with any
+    "spawn" child, a script that builds one must do so under `if __name__ == "__main__":` (the child
+    imports the script's module again).
     """
 
     def __init__(self, setup: Callable[[], InferenceSetup], bot_for: Callable[[Any], str | None] | None = None, *,
