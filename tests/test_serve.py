@@ -50,6 +50,19 @@ def _wait_line(proc: subprocess.Popen, needle: str, timeout: float = 30.0) -> st
     return proc.err_lines.wait_line(needle, timeout)
 
 
+def _eventually(condition, timeout: float = 30.0, what: str = "condition") -> None:
+    """Polls `condition()` until true; fails after `timeout` (a bound on waiting, not a measurement)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not met within {timeout} s"
+        time.sleep(0.05)
+
+
+def _recorded(directory: pathlib.Path, min_bytes: int) -> bool:
+    """A call's WAV in `directory` has synced more than `min_bytes` to disk (it syncs every second)."""
+    return any(w.stat().st_size > min_bytes for w in directory.glob("*.wav"))
+
+
 def _metric(port: int, name: str) -> float | None:
     """The sample's value, None while it is not exported (a labelled series appears on first use)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
@@ -69,7 +82,8 @@ def test_serve_echo_answers_records_and_counts(tmp_path):
         with PjsuaPeer(user="alice", log_dir=tmp_path) as peer:
             call_id = peer.call(f"sip:echo@127.0.0.1:{sip_port}")
             peer.expect("media", call_id=call_id, timeout=15)
-            assert _metric(metrics_port, "callbot_calls_active") == 1
+            _eventually(lambda: _metric(metrics_port, "callbot_calls_active") == 1, what="call counted as active")
+            _eventually(lambda: _recorded(tmp_path / "calls", 44), what="audio recorded")
             peer.send("hangup", call_id=call_id)
             peer.expect("disconnected", call_id=call_id, timeout=15)
         assert stop_process(proc, timeout=30, sig=signal.SIGTERM) == 0
@@ -172,9 +186,7 @@ account = "line"
                 events = [json.loads(line) for line in peer.stdout]  # ends with "done": bounded by --seconds
             finally:
                 stop_process(peer, 10)
-        deadline = time.monotonic() + 30
-        while not _metric(metrics_port, "callbot_step_seconds_count") and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _eventually(lambda: _metric(metrics_port, "callbot_step_seconds_count"), what="steps counted")
         steps = _metric(metrics_port, "callbot_step_seconds_count")
         assert stop_process(proc, timeout=30, sig=signal.SIGTERM) == 0
     finally:
@@ -228,11 +240,8 @@ password_env = "CALLBOT_TEST_ECHO_PASSWORD"
         proc = _serve("--engine", "echo", "--config", str(cfg), env=env)
         try:
             _wait_line(proc, "listening")
-            deadline = time.monotonic() + 30
-            while (_metric(metrics_port, 'callbot_registration_state{account="pbx"}') != 1
-                   and time.monotonic() < deadline):
-                time.sleep(0.05)
-            assert _metric(metrics_port, 'callbot_registration_state{account="pbx"}') == 1
+            _eventually(lambda: _metric(metrics_port, 'callbot_registration_state{account="pbx"}') == 1,
+                        what="registered at kamailio")
             with PjsuaPeer(user="erin", registrar=kamailio.uri, password="erinpw", log_dir=tmp_path) as erin:
                 erin.expect("reg", code=200)
                 call_id = erin.call(f"sip:echo@127.0.0.1:{kamailio.port}")  # via the registrar
@@ -295,10 +304,8 @@ persona = "You answer the phone."
                 peer.send("hangup", call_id=call_id)
                 peer.expect("disconnected", call_id=call_id, timeout=15)
         assert proc.poll() is None, "the server died"
-        deadline = time.monotonic() + 30
-        while (_metric(metrics_port, 'callbot_calls_total{cause="remote",direction="inbound"}') or 0) < 3:
-            assert time.monotonic() < deadline, "three ended calls were not counted"
-            time.sleep(0.05)
+        _eventually(lambda: (_metric(metrics_port, 'callbot_calls_total{cause="remote",direction="inbound"}') or 0) >= 3,
+                    what="three ended calls counted")
         assert stop_process(proc, timeout=30, sig=signal.SIGTERM) == 0
     finally:
         stop_process(proc, timeout=10, sig=signal.SIGKILL)
