@@ -7,6 +7,8 @@ account, while the endpoint keeps running. The policy for incoming INVITEs lives
 """
 from __future__ import annotations
 
+import ipaddress
+import socket
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -47,6 +49,33 @@ def _split_hostport(hostport: str) -> tuple[str, str | None]:
     return host, port if sep else None
 
 
+def resolve_trusted(entries: tuple[str, ...]) -> tuple[str, ...]:
+    """Host names in trusted entries ("pbx.example.com[:port]") -> every address they resolve to.
+
+    pjsip names an INVITE's source by IP address, so a registrar configured by name would otherwise
+    match no INVITE at all. A name that does not resolve is kept as it is (it matches nothing; the
+    registration against it fails and says so)."""
+    out: list[str] = []
+    for entry in entries:
+        host, port = _split_hostport(entry)
+        bare = host.strip("[]")
+        try:
+            ipaddress.ip_address(bare)
+            out.append(entry)
+            continue
+        except ValueError:
+            pass
+        try:
+            infos = socket.getaddrinfo(bare, None, type=socket.SOCK_DGRAM)
+        except OSError:
+            out.append(entry)
+            continue
+        for addr in dict.fromkeys(info[4][0] for info in infos):
+            shown = f"[{addr}]" if ":" in addr else addr
+            out.append(f"{shown}:{port}" if port else shown)
+    return tuple(out)
+
+
 def _source_matches(source: str, trusted: str, check_port: bool = True) -> bool:
     # source is pjsip's "host:port"; a trusted entry without a port takes any port of that host
     src_host, src_port = _split_hostport(source)
@@ -81,11 +110,11 @@ class SipAccount(pj.Account):
         else:
             self.uri = f"sip:{cfg.user}@{cfg.domain or _host_of(cfg.registrar)}"
         if cfg.trusted_sources is not None:
-            self.trusted: tuple[str, ...] | None = cfg.trusted_sources
+            self.trusted: tuple[str, ...] | None = resolve_trusted(cfg.trusted_sources)
         elif cfg.direct:
             self.trusted = None
         else:
-            self.trusted = (_hostport_of(cfg.registrar),)
+            self.trusted = resolve_trusted((_hostport_of(cfg.registrar),))
 
     def trusts(self, source: str) -> bool:
         """Whether an INVITE from `source` ("host:port") may reach this account."""

@@ -158,3 +158,13 @@ def test_outbound_call_answers_the_proxy_challenge_and_a_wrong_password_fails(bo
         ended = bot.wait_for(CallEnded, call_id=bad)
         assert (ended.cause, ended.code) == ("failed", 407)
         assert not alice.all("incoming", call_id=bad)
+
+
+def test_a_registrar_named_by_host_name_is_trusted_by_its_addresses():
+    # pjsip names an INVITE's source by IP: "localhost:5060" must match 127.0.0.1:5060
+    from callbot.sip.account import _source_matches, resolve_trusted
+
+    trusted = resolve_trusted(("localhost:5060", "127.0.0.2", "[::1]:5070"))
+    assert "127.0.0.1:5060" in trusted and "127.0.0.2" in trusted and "[::1]:5070" in trusted
+    assert any(_source_matches("127.0.0.1:5060", t) for t in trusted)
+    assert not any(_source_matches("127.0.0.1:5999", t) for t in trusted if t.endswith(":5060"))
