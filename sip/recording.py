@@ -259,6 +259,8 @@ class Recorder:
         """Opens the call's WAV and writes its sidecar; returns the rings for the media port."""
         if self._stop.is_set():
             raise RuntimeError("the recorder is closed")
+        if self.error is not None:
+            raise RuntimeError(f"the recorder's thread failed ({self.error!r}): no new recording can start")
         rec = CallRecording(self.directory, record, rate, self.sync_interval_s)
         with self._lock:
             self._active.append(rec)
@@ -290,12 +292,12 @@ class Recorder:
         """Stops the thread and finishes what is still open (with the sidecar as written at start)."""
         self._stop.set()
         self._thread.join(5)
-        with self._lock:
+        with self._lock:  # held while finishing: a thread that outlived the join cannot drain the same ring
             active, self._active = self._active, []
-        for rec in active:
-            meta = _read_json(rec.sidecar_path)
-            meta.pop("recording", None)
-            rec._finish(meta)
+            for rec in active:
+                meta = _read_json(rec.sidecar_path)
+                meta.pop("recording", None)
+                rec._finish(meta)
 
 
 def _read_json(path: str) -> dict:
