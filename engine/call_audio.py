@@ -25,14 +25,12 @@ from multiprocessing import shared_memory
 import numpy as np
 
 from callbot.engine import Resampler, Ring
+from callbot.engine.ring import capacity_for
 
 ENGINE_RATE = 24000  # Hz: Mimi's rate, the model's only rate
 CALL_RATES = (8000, 16000, 24000)  # Hz a call's media port may run at (the resampler's designs)
 RING_SECONDS = 2.0  # capacity of each ring: enough to ride out a stalled engine for this long
 
-
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(0, int(n - 1).bit_length())
 
 
 def _check_rate(call_rate) -> None:
@@ -61,7 +59,7 @@ class SharedCallRings:
             raise ValueError(f"ring_seconds must be > 0, got {ring_seconds!r}")
         self.call_rate = call_rate
         self.frame_samples = call_rate // 50
-        capacity = _pow2_at_least(int(call_rate * ring_seconds))
+        capacity = capacity_for(int(call_rate * ring_seconds))
         off = _tx_offset(capacity)
         self._shm = shared_memory.SharedMemory(create=True, size=off + Ring.nbytes(capacity, "int16"))
         self.shm_name = self._shm.name
@@ -121,12 +119,12 @@ class CallAudio:
         if rings is not None:  # opened elsewhere (attach_engine_side): rx and tx of int16 samples
             self.rx, self.tx = rings
         else:
-            self.rx = Ring(_pow2_at_least(int(call_rate * ring_seconds)), "int16")
-            self.tx = Ring(_pow2_at_least(int(call_rate * ring_seconds)), "int16")
+            self.rx = Ring(capacity_for(int(call_rate * ring_seconds)), "int16")
+            self.tx = Ring(capacity_for(int(call_rate * ring_seconds)), "int16")
         self._shm = None  # the shared block the rings live in, when attached to one
         self._views: list = []
         # 24 kHz side of the inbound path: resampled audio waiting to make up whole engine frames
-        self._in24 = Ring(_pow2_at_least(int(ENGINE_RATE * ring_seconds)), "int16")
+        self._in24 = Ring(capacity_for(int(ENGINE_RATE * ring_seconds)), "int16")
         self._up = Resampler(call_rate, ENGINE_RATE)
         self._down = Resampler(ENGINE_RATE, call_rate)
         # Every underrun (silence played while the engine was late) and every extra frame an engine

@@ -41,6 +41,11 @@ ERR_ATTACH = {
 _DTYPES = {np.dtype(np.int16): (_ring.INT16, 2), np.dtype(np.float32): (_ring.FLOAT32, 4)}
 
 
+def capacity_for(samples: int) -> int:
+    """The smallest power-of-two capacity holding `samples` (a Ring's capacity must be a power of two)."""
+    return 1 << max(0, int(samples - 1).bit_length())
+
+
 def _dtype_code(dtype) -> tuple[np.dtype, int, int]:
     try:
         dt = np.dtype(dtype)

@@ -26,7 +26,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from callbot.engine import Ring
+from callbot.engine.ring import Ring, capacity_for
 
 CHANNELS = ("caller", "bot")  # left, right
 RING_SECONDS = 8  # per channel: the recorder thread may stall this long before audio is dropped
@@ -35,9 +35,6 @@ POLL_MS = 100.0
 _HEADER_BYTES = 44
 _SAFE = re.compile(r"[^A-Za-z0-9._@-]+")
 
-
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(0, int(n - 1).bit_length())
 
 
 def _wav_header(rate: int, channels: int, data_bytes: int) -> bytes:
@@ -171,7 +168,7 @@ class CallRecording:
         self.wav_path = os.path.join(directory, self.name + ".wav")
         self.sidecar_path = os.path.join(directory, self.name + ".json")
         self.rate = rate
-        capacity = _pow2_at_least(rate * RING_SECONDS)
+        capacity = capacity_for(rate * RING_SECONDS)
         self.caller = Ring(capacity, "int16")
         self.bot = Ring(capacity, "int16")
         self.sync_interval_s = sync_interval_s
