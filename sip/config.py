@@ -118,7 +118,8 @@ class EndpointConfig(_Config):
     # codecs offered/accepted, best first; every codec not listed is disabled
     codecs: tuple[str, ...] = DEFAULT_CODECS
     # rate of pjmedia's conference bridge; streams at other rates are resampled by pjmedia
-    conference_clock_rate: Annotated[int, Meta(ge=8000, le=48000)] = 16000
+    # every call's port runs at this rate, so it must be one the engine's resamplers serve (CALL_RATES)
+    conference_clock_rate: Literal[8000, 16000, 24000] = 16000
     dial_timeout_s: Seconds = 30.0
     user_agent: str = "callbot"
     log_level: Annotated[int, Meta(ge=0, le=6)] = 1

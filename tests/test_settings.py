@@ -131,3 +131,15 @@ max_call_s = 300
 """
     cfg = parse_settings(text, base_dir=tmp_path).endpoint_config()
     assert [a.max_call_duration_s for a in cfg.accounts] == [120, 60]
+
+
+def test_bridge_rate_is_one_the_engine_serves(tmp_path):
+    import typing
+
+    from callbot.engine.call_audio import CALL_RATES
+    from callbot.sip.config import EndpointConfig
+
+    hints = typing.get_type_hints(EndpointConfig)
+    assert typing.get_args(hints["conference_clock_rate"]) == CALL_RATES
+    with pytest.raises(ConfigError, match=r"\$\.sip\.conference_clock_rate: Invalid enum value 48000"):
+        parse_settings("[sip]\nconference_clock_rate = 48000\n", base_dir=tmp_path)
