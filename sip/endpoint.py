@@ -51,6 +51,9 @@ class _PjLog(pj.LogWriter):
         log.log(level, "pjsip: %s", entry.msg.rstrip())
 
 
+RECORDS_KEPT = 1000  # CallRecords an Endpoint keeps for inspection; each call's sidecar has its own
+
+
 class Endpoint:
     """A SIP user agent answering and placing calls for the accounts in `config`.
 
@@ -89,7 +92,9 @@ class Endpoint:
         self._uris: dict[str, str] = {}
         self._calls: dict[str, SipCall] = {}
         self._rejected: list[SipCall] = []  # answered with an error, kept alive until DISCONNECTED
-        self.records: dict[str, CallRecord] = {}  # every call seen, by SIP Call-ID, ended ones included
+        # the last RECORDS_KEPT calls seen, by SIP Call-ID, ended and rejected ones included (a server runs
+        # for months: an unbounded dict would grow with every INVITE, a flood of them faster)
+        self.records: dict[str, CallRecord] = {}
         self.codecs: list[str] = []
         self._accepted: tuple[str, ...] = ()
 
@@ -451,17 +456,22 @@ class Endpoint:
             raise ValueError(f"cannot call {uri!r} from account {acc.name!r}: {info}") from None
         rec = call.init_record()
         self._calls[rec.call_id] = call
-        self.records[rec.call_id] = rec
+        self._keep_record(rec)
         limit = self.config.dial_timeout_s if timeout_s is None else timeout_s
         self._after(limit, weakly(call, "_dial_timeout"))
         return rec.call_id
+
+    def _keep_record(self, rec: CallRecord) -> None:
+        self.records[rec.call_id] = rec
+        while len(self.records) > RECORDS_KEPT:
+            del self.records[next(iter(self.records))]  # the oldest (dicts keep insertion order)
 
     def _incoming_call(self, acc: SipAccount, prm) -> None:
         call = SipCall(self, acc, INBOUND, prm.callId)
         rec = call.init_record()
         if rec.call_id in self._calls:  # a call to ourselves: both legs share the SIP Call-ID
             rec.call_id += "~inbound"
-        self.records[rec.call_id] = rec
+        self._keep_record(rec)
         msg = str(prm.rdata.wholeMsg)
         _, _, body = msg.partition("\r\n\r\n")
         reason = validate_offer(body, self._accepted) if self._accepted else None
