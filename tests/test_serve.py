@@ -19,7 +19,9 @@ CALLBOT = [sys.executable, "-m", "callbot.sip.cli"]
 MEDIA_PEER = pathlib.Path(__file__).with_name("media_peer.py")
 
 
-def _config(tmp_path: pathlib.Path, sip_port: int, metrics_port: int, extra: str = "") -> pathlib.Path:
+def _config(tmp_path: pathlib.Path, sip_port: int, metrics_port: int, extra: str = "",
+            account: str = "line") -> pathlib.Path:
+    """A config on loopback: one UDP transport, one account (user "echo"; `extra` adds to its table)."""
     cfg = tmp_path / "callbot.toml"
     cfg.write_text(f"""
 recordings_dir = "calls"
@@ -30,7 +32,7 @@ bind = "127.0.0.1"
 port = {sip_port}
 rtp_port = 0
 [[sip.accounts]]
-name = "line"
+name = "{account}"
 user = "echo"
 {extra}
 """)
@@ -221,21 +223,8 @@ def test_serve_echo_registered_through_kamailio(tmp_path):
     kamailio = Kamailio({"echo": "echopw", "erin": "erinpw"}, tmp_path)
     try:
         sip_port, metrics_port = free_port(), free_port()
-        cfg = tmp_path / "callbot.toml"
-        cfg.write_text(f"""
-recordings_dir = "calls"
-[metrics]
-address = "127.0.0.1:{metrics_port}"
-[[sip.transports]]
-bind = "127.0.0.1"
-port = {sip_port}
-rtp_port = 0
-[[sip.accounts]]
-name = "pbx"
-user = "echo"
-registrar = "{kamailio.uri}"
-password_env = "CALLBOT_TEST_ECHO_PASSWORD"
-""")
+        cfg = _config(tmp_path, sip_port, metrics_port, account="pbx",
+                      extra=f'registrar = "{kamailio.uri}"\npassword_env = "CALLBOT_TEST_ECHO_PASSWORD"')
         env = {**os.environ, "CALLBOT_TEST_ECHO_PASSWORD": "echopw"}
         proc = _serve("--engine", "echo", "--config", str(cfg), env=env)
         try:
