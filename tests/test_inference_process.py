@@ -48,7 +48,8 @@ def _start(settings: Settings, **kw) -> InferenceProcess:
 
 
 def _media_side(audio, frames: int, stop: threading.Event, received: list):
-    """Plays the pjmedia clock thread: every 20 ms one frame into rx and one frame out of tx."""
+    """Plays the pjmedia clock thread: every 20 ms one frame into rx and one frame out of tx, stamped in
+    the shared block's stamp logs as the media pump stamps them (before the rx write, after the tx read)."""
     n = audio.frame_samples
     t = np.arange(frames * n) / audio.call_rate
     tone = (8000 * np.sin(2 * np.pi * 440 * t)).astype(np.int16)
@@ -57,8 +58,11 @@ def _media_side(audio, frames: int, stop: threading.Event, received: list):
         if stop.is_set():
             return
         clock.wait()
+        audio.rx_stamps.note(n)
         audio.rx.write(tone[i * n:(i + 1) * n])
         out = audio.tx.read(n)
+        if out is not None:
+            audio.tx_stamps.note(n)
         received.append(out if out is not None else np.zeros(n, np.int16))
 
 
@@ -111,6 +115,29 @@ def test_a_call_through_the_process_gets_model_audio_back_and_its_summary(settin
     durations = s.stats.durations_s()
     assert "step_start->encoded" in durations and len(durations["step_start->encoded"]) == summary["steps"]
     assert not engine._proc.is_alive()
+
+
+def test_the_media_sides_stamps_give_each_frame_its_arrival_and_departure(settings):
+    """rtp_in (the frame's last sample entered rx, stamped by the media side in shared memory) comes
+    before ready, and rtp_out (its first sample left tx) after pushed, for every frame that has them."""
+    engine = _start(settings)
+    try:
+        s = engine.open_session(_Call("c4", 16000))
+        stop, received = threading.Event(), []
+        media = threading.Thread(target=_media_side, args=(s.audio, 50, stop, received))
+        media.start()
+        media.join(30)
+        engine.close_session(s)
+    finally:
+        engine.close()
+    summary, durations = s.final_summary, s.stats.durations_s()
+    arrived, departed = durations["rtp_in->ready"], durations["pushed->rtp_out"]
+    # one duration per frame that knows both ends: every frame of caller audio, and some frames out
+    assert len(arrived) == summary["steps"] - summary["silence_fed"] >= 1
+    assert (arrived >= 0).all() and arrived.max() > 0
+    assert 1 <= len(departed) <= summary["steps"]
+    assert (departed >= 0).all() and departed.max() > 0
+    assert {"rtp_in->ready", "pushed->rtp_out"} <= set(summary["stages_ms"])
 
 
 def test_a_killed_child_sets_error_leaves_calls_silent_and_frees_their_blocks(settings):
@@ -171,19 +198,11 @@ def test_serve_runs_the_model_in_a_child_and_ends_with_status_1_when_it_dies(tmp
     a call's rings are mapped by both; killing the child mid-call ends the server with status 1 and the
     call's block is unlinked."""
     from sip_peers import PjsuaPeer, free_port, stop_process
-    from test_serve import _config, _serve, _wait_line
+    from test_serve import _config, _model_toml, _serve, _wait_line
 
     sip_port, metrics_port = free_port(), free_port()
     cfg = _config(tmp_path, sip_port, metrics_port)
-    cfg.write_text(cfg.read_text() + f"""
-[model]
-path = "{settings.model.path}"
-architecture = "{settings.model.architecture}"
-quantization = "none"
-download = false
-[[bots]]
-persona = "You answer the phone."
-""")
+    cfg.write_text(cfg.read_text() + _model_toml(settings.model.path, settings.model.architecture))
     proc = _serve("--config", str(cfg))
     try:
         _wait_line(proc, "listening", timeout=90)

@@ -39,6 +39,20 @@ user = "echo"
     return cfg
 
 
+def _model_toml(model_dir, arch, persona: str = "You answer the phone.", bot: str = "") -> str:
+    """[model] for the tiny model (its architecture file) and one bot with a persona that fits its context."""
+    return f"""
+[model]
+path = "{model_dir}"
+architecture = "{arch}"
+quantization = "none"
+download = false
+[[bots]]
+persona = "{persona}"
+{bot}
+"""
+
+
 def _serve(*args: str, env: dict | None = None) -> subprocess.Popen:
     """`callbot serve ARGS` with its stderr read on a thread (a full pipe must never block the server)."""
     proc = subprocess.Popen([*CALLBOT, "serve", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -159,18 +173,8 @@ def test_serve_model_answers_with_the_tiny_model(tmp_path, tiny_model):
     model_dir, arch = tiny_model
     sip_port, metrics_port = free_port(), free_port()
     cfg = _config(tmp_path, sip_port, metrics_port)
-    cfg.write_text(cfg.read_text() + f"""
-[model]
-path = "{model_dir}"
-architecture = "{arch}"
-quantization = "none"
-download = false
-[[bots]]
-name = "pizza"
-voice = "NATM1"
-persona = "You take orders for a pizza shop."
-account = "line"
-""")
+    cfg.write_text(cfg.read_text() + _model_toml(model_dir, arch, "You take orders for a pizza shop.",
+                                                 bot='name = "pizza"\nvoice = "NATM1"\naccount = "line"'))
     rate, seconds = 16000, 3.0
     t = np.arange(int(rate * seconds)) / rate
     with wave.open(str(tmp_path / "caller.wav"), "wb") as w:
@@ -271,15 +275,7 @@ def test_model_server_survives_silent_callers_and_hangups_mid_call(tmp_path, tin
     model_dir, arch = tiny_model
     sip_port, metrics_port = free_port(), free_port()
     cfg = _config(tmp_path, sip_port, metrics_port)
-    cfg.write_text(cfg.read_text() + f"""
-[model]
-path = "{model_dir}"
-architecture = "{arch}"
-quantization = "none"
-download = false
-[[bots]]
-persona = "You answer the phone."
-""")
+    cfg.write_text(cfg.read_text() + _model_toml(model_dir, arch))
     proc = _serve("--config", str(cfg))
     try:
         _wait_line(proc, "listening", timeout=90)
