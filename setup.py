@@ -19,6 +19,7 @@ EXTRA_SOURCES: dict[str, list[str]] = {
     "_clock": ["ext/clock.c"],
     "_rtthread": ["ext/rtthread.c"],
     "_resampler": ["ext/resampler.c"],
+    "_stamps": ["ext/clock.c"],
 }
 # extension name -> system libraries it links
 LIBRARIES: dict[str, list[str]] = {

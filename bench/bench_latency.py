@@ -207,14 +207,14 @@ def test_model(benchmark, model_and_snapshot, codec):
     arrivals = L.click_arrivals(peer, MODEL_INTERVAL_MS, 2)
     loop, lat = arrivals[:, 0], arrivals[:, 1]
     sent = _sent_ns(peer)
+    from callbot.engine.runner import STAGES
+
     t = s.stats.t[:s.stats.count]
-    ready = np.array([t[k, 0] for k, _ in marks], np.float64)
+    ready = np.array([t[k, STAGES.index("ready")] for k, _ in marks], np.float64)
     idx = _match(sent, ready, MODEL_INTERVAL_MS * 1e6)
     good = np.isfinite(lat) & (idx >= 0)
     rows = [marks[i] for i in idx[good]]
     fill = np.array([(1920 - p) / 24.0 for _, p in rows])  # ms from the click to its frame's end
-    from callbot.engine.runner import STAGES
-
     st = np.array([t[k] for k, _ in rows], np.float64)
     col = {name: st[:, STAGES.index(name)] for name in STAGES}
     to_ready = (col["ready"] - sent[good]) / 1e6 - fill

@@ -15,16 +15,25 @@ in one shared_memory block: the SIP side creates it with `CallAudio.shared` (a `
 tx only, no resamplers, no engine thread) and the inference process opens the same block by name with
 `CallAudio.attach_engine_side`, which owns the resamplers and the 24 kHz ring. The SIP side created the
 block, so it alone unlinks it, after both sides are done or the other side is gone.
-Per-stage timestamps (DESIGN.md) will hang off `pull`/`push`; they are a later issue.
+
+When audio crossed the media side: beside each ring lies a StampLog (ext/stamps.h; in the shared block
+too), to which the media callback appends (samples so far, monotonic ns) once per callback, lock-free.
+`pull` maps the frame it returns to when its last sample entered rx (`last_arrival_ns`), `push` notes
+where its audio starts in tx (`last_push_pos`), and `departure_ns(pos)` answers, once the media side has
+read that far, when that sample left tx: the first and last stages of the runner's FrameStats.
 """
 
 from __future__ import annotations
 
+import math
+from collections import deque
 from multiprocessing import shared_memory
 
 import numpy as np
 
-from callbot.engine import Resampler, Ring
+from callbot.engine import Resampler, Ring, now_ns
+from callbot.engine._stamps import NBYTES as _STAMP_BYTES
+from callbot.engine._stamps import StampLog
 from callbot.engine.ring import capacity_for
 
 ENGINE_RATE = 24000  # Hz: Mimi's rate, the model's only rate
@@ -45,8 +54,17 @@ def _tx_offset(capacity: int) -> int:
     return -(-Ring.nbytes(capacity, "int16") // _LINE) * _LINE
 
 
+def _stamps_offset(capacity: int) -> int:
+    """Where the rx and tx stamp logs start in a shared block, after tx, each on its own line."""
+    return 2 * _tx_offset(capacity)
+
+
+_STAMPS_SPAN = -(-_STAMP_BYTES // _LINE) * _LINE
+
+
 class SharedCallRings:
-    """The media side of a call whose engine runs in another process: rx and tx in one shared_memory block.
+    """The media side of a call whose engine runs in another process: rx and tx in one shared_memory block,
+    with the media side's stamp logs (`rx_stamps`, `tx_stamps`) after them.
 
     `shm_name` is what the other process passes to `CallAudio.attach_engine_side`. `close()` closes and
     unlinks the block (this side created it); call it once the media port is off the bridge. The other
@@ -60,12 +78,16 @@ class SharedCallRings:
         self.call_rate = call_rate
         self.frame_samples = call_rate // 50
         capacity = capacity_for(int(call_rate * ring_seconds))
-        off = _tx_offset(capacity)
-        self._shm = shared_memory.SharedMemory(create=True, size=off + Ring.nbytes(capacity, "int16"))
+        off, st = _tx_offset(capacity), _stamps_offset(capacity)
+        self._shm = shared_memory.SharedMemory(create=True, size=st + 2 * _STAMPS_SPAN)
         self.shm_name = self._shm.name
-        self._views = [self._shm.buf[:off], self._shm.buf[off:]]
+        self._views = [self._shm.buf[:off], self._shm.buf[off:st], self._shm.buf[st:st + _STAMPS_SPAN],
+                       self._shm.buf[st + _STAMPS_SPAN:]]
         self.rx = Ring.create_in(self._views[0], capacity, "int16")
         self.tx = Ring.create_in(self._views[1], capacity, "int16")
+        # the media side writes these (MediaPump, or `note` from a test's media thread)
+        self.rx_stamps = StampLog.create_in(self._views[2])
+        self.tx_stamps = StampLog.create_in(self._views[3])
 
     @property
     def underruns(self) -> int:
@@ -81,14 +103,14 @@ class SharedCallRings:
 
     def close(self) -> None:
         """Closes the rings and the block and unlinks it; safe to call more than once."""
-        _release(self.rx, self.tx, self._views, self._shm, unlink=True)
+        _release((self.rx, self.tx, self.rx_stamps, self.tx_stamps), self._views, self._shm, unlink=True)
         self._shm = None
 
 
-def _release(rx: Ring, tx: Ring, views: list, shm, unlink: bool) -> None:
-    for ring in (rx, tx):
-        if not ring.closed:
-            ring.close()
+def _release(users: tuple, views: list, shm, unlink: bool) -> None:
+    for user in users:  # rings and stamp logs: each holds its view until closed
+        if not user.closed:
+            user.close()
     for view in views:
         view.release()
     if shm is not None:
@@ -108,7 +130,7 @@ class CallAudio:
     """
 
     def __init__(self, call_rate: int, ring_seconds: float = RING_SECONDS, tx_max_ms: float | None = None,
-                 *, rings: tuple[Ring, Ring] | None = None):
+                 *, rings: tuple[Ring, Ring] | None = None, stamps: tuple[StampLog, StampLog] | None = None):
         _check_rate(call_rate)
         if not ring_seconds > 0:
             raise ValueError(f"ring_seconds must be > 0, got {ring_seconds!r}")
@@ -121,6 +143,12 @@ class CallAudio:
         else:
             self.rx = Ring(capacity_for(int(call_rate * ring_seconds)), "int16")
             self.tx = Ring(capacity_for(int(call_rate * ring_seconds)), "int16")
+        if stamps is not None:
+            self.rx_stamps, self.tx_stamps = stamps
+        else:
+            self._stamp_words = np.zeros(2 * _STAMPS_SPAN // 8, np.int64)  # 8-byte aligned
+            self.rx_stamps = StampLog.create_in(self._stamp_words[:_STAMPS_SPAN // 8])
+            self.tx_stamps = StampLog.create_in(self._stamp_words[_STAMPS_SPAN // 8:])
         self._shm = None  # the shared block the rings live in, when attached to one
         self._views: list = []
         # 24 kHz side of the inbound path: resampled audio waiting to make up whole engine frames
@@ -135,6 +163,17 @@ class CallAudio:
         self.tx_trimmed = 0  # call-rate samples dropped by that limit
         self.frames_pulled = 0
         self.frames_pushed = 0
+        # sample positions, for the stamps: call-rate samples read from rx and written to tx so far (the
+        # media side counts the same streams from the same zero), 24 kHz samples made and handed out, and
+        # the last chunks' (rx start, rx end, 24 kHz start, 24 kHz end) to map one onto the other
+        self._rx_read = 0
+        self._tx_written = 0
+        self._made24 = 0
+        self._pulled24 = 0
+        self._chunks: deque = deque(maxlen=64)
+        self.last_arrival_ns = 0  # when the last pulled frame's last sample entered rx (0: unknown)
+        self.last_push_ns = 0  # when the last push's audio was resampled, just before tx got it
+        self.last_push_pos = -1  # tx position of the last push's first sample (-1: nothing went in)
 
     @staticmethod
     def shared(call_rate: int, ring_seconds: float = RING_SECONDS) -> SharedCallRings:
@@ -156,25 +195,30 @@ class CallAudio:
             raise ValueError(f"no shared call audio named {shm_name!r}: {err}") from None
         views: list = []
         rx = tx = None
+        stamps: list = []
         try:
             views.append(shm.buf[:])
             rx = Ring.attach(views[0])
-            off = _tx_offset(rx.capacity)
+            off, st = _tx_offset(rx.capacity), _stamps_offset(rx.capacity)
             rx.close()
             views[0].release()
-            views[:] = [shm.buf[:off], shm.buf[off:]]
+            if shm.size < st + 2 * _STAMPS_SPAN:
+                raise ValueError(f"shared block {shm_name!r} is too small for a call's rings and stamp logs")
+            views[:] = [shm.buf[:off], shm.buf[off:st], shm.buf[st:st + _STAMPS_SPAN], shm.buf[st + _STAMPS_SPAN:]]
             rx, tx = Ring.attach(views[0]), Ring.attach(views[1])
             if rx.dtype != "int16" or tx.dtype != "int16":
                 raise ValueError(f"shared block {shm_name!r} holds {rx.dtype}/{tx.dtype} rings, not int16")
+            for view in views[2:]:
+                stamps.append(StampLog.attach(view))
         except BaseException:
-            for ring in (rx, tx):
+            for ring in (rx, tx, *stamps):
                 if ring is not None and not ring.closed:
                     ring.close()
             for view in views:
                 view.release()
             shm.close()
             raise
-        audio = cls(call_rate, ring_seconds, tx_max_ms, rings=(rx, tx))
+        audio = cls(call_rate, ring_seconds, tx_max_ms, rings=(rx, tx), stamps=tuple(stamps))
         audio._shm, audio._views = shm, views
         return audio
 
@@ -189,11 +233,27 @@ class CallAudio:
             chunk = self.rx.read(have)  # all of it: `have` were readable and only we read
             chunk = self._up.process(chunk)
             if len(chunk):
-                self._in24.write(chunk)
+                made = self._in24.write(chunk)
+                self._chunks.append((self._rx_read, self._rx_read + have, self._made24, self._made24 + made))
+                self._made24 += made
+            self._rx_read += have
         if self._in24.readable < n:
             return None
         self.frames_pulled += 1
+        self._pulled24 += n
+        self.last_arrival_ns = self._arrival_ns(self._pulled24)
         return self._in24.read(n)
+
+    def _arrival_ns(self, end24: int) -> int:
+        """When the rx samples that completed 24 kHz sample `end24 - 1` entered rx (0: unknown): the
+        call-rate position is interpolated within the chunk that produced it (the resampler's own
+        delay is the resampler stage's, not the arrival's)."""
+        for rx0, rx1, a, b in reversed(self._chunks):
+            if a < end24 <= b:
+                return self.rx_stamps.find(rx0 + math.ceil((end24 - a) * (rx1 - rx0) / (b - a)))
+            if b < end24:
+                break
+        return 0
 
     def push(self, frame: np.ndarray) -> int:
         """Queues 24 kHz int16 audio for the caller; returns the call-rate samples accepted into tx."""
@@ -208,7 +268,20 @@ class CallAudio:
                 drop = min(excess, len(out))
                 out = out[drop:]
                 self.tx_trimmed += drop
-        return self.tx.write(out) if len(out) else 0
+        # stamped before tx holds it: the media side cannot have read it any earlier
+        self.last_push_ns = now_ns()
+        written = self.tx.write(out) if len(out) else 0
+        self.last_push_pos = self._tx_written if written else -1
+        self._tx_written += written
+        return written
+
+    def departure_ns(self, pos: int) -> int:
+        """When the media side read tx sample `pos` (a `last_push_pos`): 0 while it has not yet, -1 if it
+        has but its stamp is gone (asked about too late, or the media side keeps no stamps)."""
+        ns = self.tx_stamps.find(pos + 1)
+        if ns == 0 and self._tx_written - self.tx.readable > pos:
+            return -1
+        return ns
 
     @property
     def pending_in(self) -> int:
@@ -238,5 +311,5 @@ class CallAudio:
         shared block: closes this process's mapping of it (never unlinks)."""
         if not self._in24.closed:
             self._in24.close()
-        _release(self.rx, self.tx, self._views, self._shm, unlink=False)
+        _release((self.rx, self.tx, self.rx_stamps, self.tx_stamps), self._views, self._shm, unlink=False)
         self._views, self._shm = [], None

@@ -15,15 +15,20 @@ in a burst, frames beyond `max_backlog` are dropped (counted), so a stall never 
 delay. The thread polls its calls every `poll_ms` (1 ms): the media callback never signals anyone,
 because nothing on the hot path may block or take a lock.
 
-Every frame leaves timestamps (frame ready, step start, step end, pushed out) in a preallocated stats
-ring per call (`FrameStats`); summaries give p50/p99/max per stage, and overload is counted, never
-silent: steps slower than 80 ms, silence fed, frames dropped, underruns and overruns of the rings.
+Every frame leaves timestamps (its last sample entering rx, frame ready, step start, step end, pushed
+out, its first sample leaving tx) in a preallocated stats ring per call (`FrameStats`). The first and
+last come from the media callbacks' stamp logs (CallAudio, ext/stamps.h); the last is known only once
+the media side has read that far, so it is filled in on a later poll, and stays 0 (skipped in the
+summaries) for a frame fed as silence, trimmed away, or pushed as the call closed. Summaries give
+p50/p99/max per stage, and overload is counted, never silent: steps slower than 80 ms, silence fed,
+frames dropped, underruns and overruns of the rings.
 """
 from __future__ import annotations
 
 import sys
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -36,9 +41,11 @@ from callbot.engine.session import FRAME_SIZE, Model, PromptSnapshot
 from callbot.engine.sampling import SamplingConfig
 
 FRAME_NS = FRAME_SIZE * 1_000_000_000 // ENGINE_RATE  # 80 ms
-# frame complete in the 24 kHz ring -> step starts -> Mimi encoded -> LM stepped -> Mimi decoded (step
-# ends) -> pushed, resampled, into the call-rate ring the media callback drains
-STAGES = ("ready", "step_start", "encoded", "lm_stepped", "step_end", "pushed")
+# the frame's last sample entered rx (media callback) -> frame complete in the 24 kHz ring -> step
+# starts -> Mimi encoded -> LM stepped -> Mimi decoded (step ends) -> pushed, resampled, into the
+# call-rate ring the media callback drains -> its first sample left tx (media callback). 0: unknown.
+STAGES = ("rtp_in", "ready", "step_start", "encoded", "lm_stepped", "step_end", "pushed", "rtp_out")
+(_RTP_IN, _READY, _STEP_START, _ENCODED, _LM_STEPPED, _STEP_END, _PUSHED, _RTP_OUT) = range(len(STAGES))
 # what the media side may have queued after a push: the 80 ms just pushed + two 20 ms media ticks of
 # slack; beyond that an underrun or a fed-silence frame would add delay for the rest of the call
 TX_MAX_MS = 120.0
@@ -57,8 +64,14 @@ class FrameStats:
     def row(self, silence: bool = False) -> np.ndarray:
         i = self.count % len(self.t)
         self.silence[i] = silence
+        self.t[i] = 0
         self.count += 1
         return self.t[i]
+
+    def fill(self, frame: int, stage: int, ns: int) -> None:
+        """Sets stage `stage` of frame number `frame` (the count before its row()), if still held."""
+        if self.count - len(self.t) <= frame < self.count:
+            self.t[frame % len(self.t), stage] = ns
 
     def held(self) -> tuple[np.ndarray, np.ndarray]:
         """(timestamps, silence flags) of the frames still held, oldest first."""
@@ -67,11 +80,14 @@ class FrameStats:
         return self.t[order], self.silence[order]
 
     def durations_s(self) -> dict[str, np.ndarray]:
-        """Seconds spent in each stage transition, over the frames still held."""
+        """Seconds spent in each stage transition, over the frames still held that know both ends
+        (a transition no frame knows both ends of is left out)."""
         rows, _ = self.held()
         out = {}
-        for a, b in zip(STAGES, STAGES[1:]):
-            out[f"{a}->{b}"] = (rows[:, STAGES.index(b)] - rows[:, STAGES.index(a)]) / 1e9
+        for i, (a, b) in enumerate(zip(STAGES, STAGES[1:])):
+            known = (rows[:, i] != 0) & (rows[:, i + 1] != 0)
+            if known.any():
+                out[f"{a}->{b}"] = (rows[known, i + 1] - rows[known, i]) / 1e9
         return out
 
     def summary(self) -> dict[str, dict[str, float]]:
@@ -110,6 +126,8 @@ class ModelCallSession:
     steps_late: int = 0
     silence_fed: int = 0
     frames_dropped: int = 0
+    # (frame number, tx position of its first sample): frames whose rtp_out the media side has yet to report
+    departing: deque = field(default_factory=deque)
     closed: bool = False
     final_summary: dict | None = None  # the summary taken as the session closed
     # held by the runner while it steps this call, by close_session while it closes it: closing waits
@@ -119,7 +137,7 @@ class ModelCallSession:
     def summary(self) -> dict:
         """Counters, per-stage p50/p99/max, step times and the text spoken; reads the open rings' counters."""
         rows, _ = self.stats.held()
-        step = (rows[:, STAGES.index("step_end")] - rows[:, STAGES.index("step_start")]) / 1e9
+        step = (rows[:, _STEP_END] - rows[:, _STEP_START]) / 1e9
         return {
             "steps": self.steps, "steps_late": self.steps_late, "silence_fed": self.silence_fed,
             "frames_dropped": self.frames_dropped, "tx_trimmed_ms": 1000 * self.audio.tx_trimmed / self.audio.call_rate,
@@ -202,6 +220,7 @@ class ModelEngine:
         with s.lock:  # waits for this call's step in flight, if any: none follows once `closed` is set
             if s.closed:
                 return
+            self._note_departures(s)  # what the media side read since the last poll
             s.final_summary = s.summary()
             s.closed = True
         s.audio.close()
@@ -264,6 +283,7 @@ class ModelEngine:
             # made here, where it will be stepped (a restore from the snapshot: milliseconds)
             s.session = self.model.open_session(snapshot=s.bot.snapshot, seed=s.seed, sampling=s.bot.sampling)
         audio = s.audio
+        self._note_departures(s)
         while True:
             frame = audio.pull(FRAME_SIZE)
             now = now_ns()
@@ -281,22 +301,39 @@ class ModelEngine:
                 s.silence_fed += 1
             else:
                 return
-            self._step(s, pcm, now, silence=frame is None)
+            arrival = audio.last_arrival_ns if frame is not None else 0
+            self._step(s, pcm, now, silence=frame is None, arrival_ns=arrival)
 
-    def _step(self, s: ModelCallSession, pcm: np.ndarray, ready_ns: int, silence: bool) -> None:
+    @staticmethod
+    def _note_departures(s: ModelCallSession) -> None:
+        """rtp_out of the frames whose first sample the media side has read from tx since the last poll."""
+        while s.departing:
+            frame, pos = s.departing[0]
+            ns = s.audio.departure_ns(pos)
+            if ns == 0:
+                return  # not read yet; nor are the frames after it
+            if ns > 0:
+                s.stats.fill(frame, _RTP_OUT, ns)
+            s.departing.popleft()
+
+    def _step(self, s: ModelCallSession, pcm: np.ndarray, ready_ns: int, silence: bool, arrival_ns: int = 0) -> None:
+        frame_no = s.stats.count
         row = s.stats.row(silence)
-        row[0] = ready_ns
+        row[_RTP_IN] = arrival_ns
+        row[_READY] = ready_ns
         if not s.first_frame_ns:
             s.first_frame_ns = ready_ns
         # a real frame re-anchors the watchdog on its arrival; silence continues the 80 ms grid
         s.next_deadline_ns = (s.next_deadline_ns if silence else ready_ns) + FRAME_NS
-        row[1] = start = now_ns()
+        row[_STEP_START] = start = now_ns()
         out, piece = s.session.step(pcm)
-        row[4] = end = now_ns()
-        row[2], row[3] = s.session.last_encoded_ns, s.session.last_stepped_ns
+        row[_STEP_END] = end = now_ns()
+        row[_ENCODED], row[_LM_STEPPED] = s.session.last_encoded_ns, s.session.last_stepped_ns
         pcm16 = np.clip(np.rint(out * _INT16_SCALE), -32768, 32767).astype(np.int16)
-        s.audio.push(pcm16)
-        row[5] = now_ns()
+        if s.audio.push(pcm16):
+            s.departing.append((frame_no, s.audio.last_push_pos))
+        # taken as the audio was handed to tx (before the media side could read it): pushed <= rtp_out
+        row[_PUSHED] = s.audio.last_push_ns
         s.steps += 1
         if end - start > FRAME_NS:
             s.steps_late += 1

@@ -29,6 +29,7 @@ from libc.stdint cimport int16_t, uint64_t
 from libc.string cimport memset
 
 from callbot.engine._ring cimport Ring
+from callbot.engine._stamps cimport StampLog
 
 cdef extern from *:
     """
@@ -135,12 +136,16 @@ cdef class MediaPump:
     rec_caller / rec_bot (optional, both or neither): the recorder's rings. They are kept in lockstep,
     one frame each per clock tick, so the two channels of the recording stay time-aligned even when
     pjmedia skips a put_frame (a tick with no received frame records silence for the caller).
+    rx_stamps / tx_stamps (optional): StampLogs (ext/stamps.h) of when samples entered rx and left tx,
+    one monotonic clock read per callback: the first and last stages of the engine's per-frame stats.
     """
 
     cdef Ring rx
     cdef Ring tx
     cdef Ring rec_caller
     cdef Ring rec_bot
+    cdef StampLog rx_stamps
+    cdef StampLog tx_stamps
     cdef readonly Py_ssize_t frame_samples
     cdef bint received_since_request
     cdef bint first_request_done
@@ -154,7 +159,8 @@ cdef class MediaPump:
     cdef readonly uint64_t recorder_overruns  # frames the recorder's rings could not take whole
     cdef int16_t silence[MAX_FRAME]
 
-    def __cinit__(self, Ring rx, Ring tx, Py_ssize_t frame_samples, Ring rec_caller=None, Ring rec_bot=None):
+    def __cinit__(self, Ring rx, Ring tx, Py_ssize_t frame_samples, Ring rec_caller=None, Ring rec_bot=None,
+                  StampLog rx_stamps=None, StampLog tx_stamps=None):
         if rx is None or tx is None:
             raise ValueError("a media pump needs both call rings (rx and tx)")
         if frame_samples < 1 or frame_samples > MAX_FRAME:
@@ -169,6 +175,8 @@ cdef class MediaPump:
         self.rec_caller = rec_caller
         self.rec_bot = rec_bot
         self.frame_samples = frame_samples
+        self.rx_stamps = rx_stamps
+        self.tx_stamps = tx_stamps
         memset(self.silence, 0, sizeof(self.silence))
 
     def received(self, frame):
@@ -183,6 +191,11 @@ cdef class MediaPump:
             self.empty_received += 1
             n = self.frame_samples
             src = self.silence
+        cdef size_t fits
+        if self.rx_stamps is not None:
+            # stamped before the samples become readable, so the engine always finds their stamp
+            fits = self.rx.writable_raw()
+            self.rx_stamps.advance_now(n if n < fits else fits)
         if self.rx.write_raw(src, n) != n:
             self.rx_overruns += 1
         if self.rec_caller is not None and self.rec_caller.write_raw(src, n) != n:
@@ -206,6 +219,8 @@ cdef class MediaPump:
             got = self.tx.read_raw(dst, want)  # a shortfall counts one underrun in the ring too
             if got < want:
                 self.tx_underruns += 1
+            if got and self.tx_stamps is not None:
+                self.tx_stamps.advance_now(got)
         if got < want:
             memset(dst + got * 2, 0, (want - got) * 2)
         if self.rec_bot is not None:

@@ -105,6 +105,8 @@ def attach_media(call_audio_media, clock_rate: int, session, recorder=None) -> M
         audio.rx, audio.tx, clock_rate // 50,
         recorder.caller if recorder is not None else None,
         recorder.bot if recorder is not None else None,
+        # when samples entered rx and left tx: the first and last stages of the engine's frame stats
+        getattr(audio, "rx_stamps", None), getattr(audio, "tx_stamps", None),
     )
     port = _RingPort(pump)
     fmt = pj.MediaFormatAudio()

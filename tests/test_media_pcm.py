@@ -4,8 +4,9 @@ import numpy as np
 import pjsua2 as pj
 import pytest
 
-from callbot.engine import Ring
+from callbot.engine import Ring, now_ns
 from callbot.engine._pcm import MediaPump, check_layout, vector_to_bytes
+from callbot.engine._stamps import NBYTES, StampLog
 
 N = 160  # 20 ms at 8 kHz
 
@@ -119,6 +120,27 @@ def test_full_rings_count_overruns_and_never_block():
     pump.received(received_frame(np.ones(N)))  # 320 > 256
     assert pump.rx_overruns == 1 and rx.overruns == 1 and pump.recorder_overruns == 1
     assert rx.readable == 256
+
+
+def test_the_pump_stamps_when_samples_entered_rx_and_left_tx():
+    rx, tx = Ring(256, "int16"), Ring(1024, "int16")
+    rx_log, tx_log = (StampLog.create_in(np.zeros(NBYTES // 8, np.int64)) for _ in range(2))
+    pump = MediaPump(rx, tx, N, rx_stamps=rx_log, tx_stamps=tx_log)
+    t0 = now_ns()
+    pump.received(received_frame(np.ones(N)))
+    t1 = now_ns()
+    assert t0 <= rx_log.find(N) <= t1 and rx_log.find(N + 1) == 0  # sample N - 1 came in then; N not yet
+    pump.received(received_frame(np.ones(N)))  # 96 of 160 fit: the stamp counts what went in
+    t2 = now_ns()
+    assert t1 <= rx_log.find(N + 1) == rx_log.find(256) <= t2 and rx_log.find(257) == 0
+    pump.requested(requested_frame())  # the engine has not spoken: nothing left tx, nothing stamped
+    assert tx_log.find(1) == 0
+    tx.write(np.full(N + 40, 7, np.int16))
+    t3 = now_ns()
+    pump.requested(requested_frame())
+    pump.requested(requested_frame())  # 40 left
+    t4 = now_ns()
+    assert t3 <= tx_log.find(1) <= tx_log.find(N + 1) == tx_log.find(N + 40) <= t4 and tx_log.find(N + 41) == 0
 
 
 def test_recorder_channels_stay_in_step_when_a_received_frame_is_missing():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from callbot.engine import Model, PeriodicClock, now_ns
-from callbot.engine.runner import FRAME_NS, FRAME_SIZE, BotPrompt, ModelEngine
+from callbot.engine.runner import FRAME_NS, FRAME_SIZE, STAGES, BotPrompt, ModelEngine
 from tests.tiny_assets import tiny_model_configs, write_tiny_model_dir
 
 pytestmark = pytest.mark.timeout(120)
@@ -37,7 +37,8 @@ def prompt(model):
 
 def _media_side(audio, frames: int, stop: threading.Event, received: list, pause_after: int | None = None,
                 pause_frames: int = 0, marks: dict | None = None):
-    """Plays the pjmedia clock thread: every 20 ms one frame into rx and one frame out of tx."""
+    """Plays the pjmedia clock thread: every 20 ms one frame into rx and one frame out of tx, stamped
+    as the media pump stamps them (before the rx write, after the tx read)."""
     n = audio.frame_samples
     t = np.arange(frames * n) / audio.call_rate
     signal = (8000 * np.sin(2 * np.pi * 440 * t)).astype(np.int16)
@@ -51,8 +52,11 @@ def _media_side(audio, frames: int, stop: threading.Event, received: list, pause
         if marks is not None and pause_after is not None and i == pause_after + pause_frames:
             marks["pause_end"] = now_ns()
         if pause_after is None or not pause_after <= i < pause_after + pause_frames:
+            audio.rx_stamps.note(n)
             audio.rx.write(signal[i * n:(i + 1) * n])
         out = audio.tx.read(n)
+        if out is not None:
+            audio.tx_stamps.note(n)
         received.append(out if out is not None else np.zeros(n, np.int16))
 
 
@@ -86,9 +90,18 @@ def test_runner_steps_a_call_from_its_rings(model, prompt, rate):
     summary = s.final_summary
     assert summary["steps"] == s.steps >= 10
     assert summary["steps"] == frames_in - summary["frames_dropped"] + summary["silence_fed"]
-    assert set(summary["stages_ms"]) == {"ready->step_start", "step_start->encoded", "encoded->lm_stepped",
-                                         "lm_stepped->step_end", "step_end->pushed"}
+    assert set(summary["stages_ms"]) == {"rtp_in->ready", "ready->step_start", "step_start->encoded",
+                                         "encoded->lm_stepped", "lm_stepped->step_end", "step_end->pushed",
+                                         "pushed->rtp_out"}
     assert all(v["p50_ms"] >= 0 for v in summary["stages_ms"].values())
+    # the media side's stamps: every real frame knows when its last sample came in, before it was ready;
+    # every frame the media side read back knows when it left, after it was pushed
+    rows, silence = s.stats.held()
+    col = {name: rows[:, i] for i, name in enumerate(STAGES)}
+    assert (col["rtp_in"][~silence] > 0).all() and (col["rtp_in"][silence] == 0).all()
+    assert (col["rtp_in"][~silence] <= col["ready"][~silence]).all()
+    out = col["rtp_out"] > 0
+    assert out.any() and (col["pushed"][out] <= col["rtp_out"][out]).all()
     assert len(summary["step_s"]) == s.steps
     # the model's audio reached the media side: some 20 ms frames the "callback" read were not silence
     assert any(np.any(f != 0) for f in received)
@@ -112,7 +125,7 @@ def test_watchdog_feeds_silence_when_the_caller_stalls(model, prompt):
     # every silence frame was fed during the hold (its watchdog fires one frame + grace after the
     # last real frame, so up to that long after the audio came back)
     late = FRAME_NS + engine.grace_ns
-    ready = rows[silence, 0]
+    ready = rows[silence, STAGES.index("ready")]
     assert ((ready > marks["pause_start"]) & (ready < marks["pause_end"] + late)).all(), (ready, marks)
 
 
