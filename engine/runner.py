@@ -5,15 +5,15 @@ turns on it (a batch later). The thread runs at real-time priority where the OS 
 
 Cadence is data-driven and clock-guarded (DESIGN.md). A call's step starts as soon as its 1920-sample
 24 kHz frame is complete in its ring, not on a free-running clock that would add up to a frame of
-waiting. The absolute-deadline clock is the watchdog: each call has a grid of 80 ms deadlines anchored
-at its first frame; when the caller's audio has stalled past a deadline plus `grace_ms`, the call is
-fed a frame of silence so the model keeps its 12.5 Hz time base. pjmedia's conference bridge feeds the
-rx ring on its own steady 20 ms clock (the jitter buffer conceals lost packets), so a stall means hold
-or a dead peer, not network jitter; a real frame re-anchors the watchdog, so the two clocks never
-drift apart. When the stalled audio then arrives
-in a burst, frames beyond `max_backlog` are dropped (counted), so a stall never turns into a lasting
-delay. The thread polls its calls every `poll_ms` (1 ms): the media callback never signals anyone,
-because nothing on the hot path may block or take a lock.
+waiting. The absolute-deadline clock is the watchdog: a call's next deadline is 80 ms after its last
+real frame (then every 80 ms while it stalls); when the caller's audio is late past a deadline plus
+`grace_ms`, the call is fed a frame of silence so the model keeps its 12.5 Hz time base. pjmedia's
+conference bridge feeds the rx ring on its own steady 20 ms clock (the jitter buffer conceals lost
+packets), so a stall means hold or a dead peer, not network jitter; re-anchoring on every real frame
+keeps the two clocks from drifting apart. When stalled audio then arrives in a burst, frames beyond
+`max_backlog` are dropped (counted), and CallAudio's tx limit trims what the extra steps would queue,
+so a stall never turns into a lasting delay. The thread polls its calls every `poll_ms` (1 ms): the
+media callback never signals anyone, because nothing on the hot path may block or take a lock.
 
 Every frame leaves timestamps (its last sample entering rx, frame ready, step start, step end, pushed
 out, its first sample leaving tx) in a preallocated stats ring per call (`FrameStats`). The first and
