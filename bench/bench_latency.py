@@ -210,20 +210,20 @@ def test_model(benchmark, model_and_snapshot, codec):
     from callbot.engine.runner import STAGES
 
     t = s.stats.t[:s.stats.count]
-    ready = np.array([t[k, STAGES.index("ready")] for k, _ in marks], np.float64)
+    ready = np.array([t[k, STAGES.index("resampled")] for k, _ in marks], np.float64)
     idx = _match(sent, ready, MODEL_INTERVAL_MS * 1e6)
     good = np.isfinite(lat) & (idx >= 0)
     rows = [marks[i] for i in idx[good]]
     fill = np.array([(1920 - p) / 24.0 for _, p in rows])  # ms from the click to its frame's end
     st = np.array([t[k] for k, _ in rows], np.float64)
     col = {name: st[:, STAGES.index(name)] for name in STAGES}
-    to_ready = (col["ready"] - sent[good]) / 1e6 - fill
-    wait = (col["step_start"] - col["ready"]) / 1e6
-    step = (col["step_end"] - col["step_start"]) / 1e6
+    to_ready = (col["resampled"] - sent[good]) / 1e6 - fill
+    wait = (col["step_start"] - col["resampled"]) / 1e6
+    step = (col["decoded"] - col["step_start"]) / 1e6
     encode = (col["encoded"] - col["step_start"]) / 1e6
     lm = (col["lm_stepped"] - col["encoded"]) / 1e6
-    decode = (col["step_end"] - col["lm_stepped"]) / 1e6
-    push = (col["pushed"] - col["step_end"]) / 1e6
+    decode = (col["decoded"] - col["lm_stepped"]) / 1e6
+    push = (col["ring_out"] - col["decoded"]) / 1e6
     out = lat[good] - fill - to_ready - wait - step - push
     _record(benchmark, ("model", codec), {
         "label": label, "total": L.stats_ms(lat[good]), "lost": int((~good).sum()),

@@ -54,7 +54,7 @@ def _soak(model, snapshot, busy: bool) -> dict:
     from callbot.engine.runner import STAGES
 
     t = s.stats.t[:min(s.stats.count, len(s.stats.t))].astype(np.float64)
-    ready, starts, ends = (t[:, STAGES.index(n)] for n in ("ready", "step_start", "step_end"))
+    ready, starts, ends = (t[:, STAGES.index(n)] for n in ("resampled", "step_start", "decoded"))
     jitter = np.abs(np.diff(starts) / 1e6 - 80.0)
     step = (ends - starts) / 1e6
     summary = s.final_summary

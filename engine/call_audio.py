@@ -18,7 +18,8 @@ block, so it alone unlinks it, after both sides are done or the other side is go
 
 When audio crossed the media side: beside each ring lies a StampLog (ext/stamps.h; in the shared block
 too), to which the media callback appends (samples so far, monotonic ns) once per callback, lock-free.
-`pull` maps the frame it returns to when its last sample entered rx (`last_arrival_ns`), `push` notes
+`pull` maps the frame it returns to when its last sample entered rx (`last_arrival_ns`) and when the
+resampler made it (`last_resampled_ns`), `push` notes
 where its audio starts in tx (`last_push_pos`), and `departure_ns(pos)` answers, once the media side has
 read that far, when that sample left tx: the first and last stages of the runner's FrameStats.
 """
@@ -172,6 +173,7 @@ class CallAudio:
         self._pulled24 = 0
         self._chunks: deque = deque(maxlen=64)
         self.last_arrival_ns = 0  # when the last pulled frame's last sample entered rx (0: unknown)
+        self.last_resampled_ns = 0  # when the resampler made the last pulled frame's last sample (0: unknown)
         self.last_push_ns = 0  # when the last push's audio was resampled, just before tx got it
         self.last_push_pos = -1  # tx position of the last push's first sample (-1: nothing went in)
 
@@ -234,26 +236,26 @@ class CallAudio:
             chunk = self._up.process(chunk)
             if len(chunk):
                 made = self._in24.write(chunk)
-                self._chunks.append((self._rx_read, self._rx_read + have, self._made24, self._made24 + made))
+                self._chunks.append((self._rx_read, self._rx_read + have, self._made24, self._made24 + made, now_ns()))
                 self._made24 += made
             self._rx_read += have
         if self._in24.readable < n:
             return None
         self.frames_pulled += 1
         self._pulled24 += n
-        self.last_arrival_ns = self._arrival_ns(self._pulled24)
+        self.last_arrival_ns, self.last_resampled_ns = self._arrival_ns(self._pulled24)
         return self._in24.read(n)
 
-    def _arrival_ns(self, end24: int) -> int:
-        """When the rx samples that completed 24 kHz sample `end24 - 1` entered rx (0: unknown): the
-        call-rate position is interpolated within the chunk that produced it (the resampler's own
-        delay is the resampler stage's, not the arrival's)."""
-        for rx0, rx1, a, b in reversed(self._chunks):
+    def _arrival_ns(self, end24: int) -> tuple[int, int]:
+        """(when the rx samples that completed 24 kHz sample `end24 - 1` entered rx, when the resampler
+        made it), 0 where unknown. The call-rate position is interpolated within the chunk that produced
+        it (the resampler's own delay, `delay_ms`, is a property of the filter, not of the arrival)."""
+        for rx0, rx1, a, b, made_ns in reversed(self._chunks):
             if a < end24 <= b:
-                return self.rx_stamps.find(rx0 + math.ceil((end24 - a) * (rx1 - rx0) / (b - a)))
+                return self.rx_stamps.find(rx0 + math.ceil((end24 - a) * (rx1 - rx0) / (b - a))), made_ns
             if b < end24:
                 break
-        return 0
+        return 0, 0
 
     def push(self, frame: np.ndarray) -> int:
         """Queues 24 kHz int16 audio for the caller; returns the call-rate samples accepted into tx."""

@@ -15,8 +15,9 @@ keeps the two clocks from drifting apart. When stalled audio then arrives in a b
 so a stall never turns into a lasting delay. The thread polls its calls every `poll_ms` (1 ms): the
 media callback never signals anyone, because nothing on the hot path may block or take a lock.
 
-Every frame leaves timestamps (its last sample entering rx, frame ready, step start, step end, pushed
-out, its first sample leaving tx) in a preallocated stats ring per call (`FrameStats`). The first and
+Every frame leaves timestamps (`STAGES`: its last sample entering rx, resampled to 24 kHz, step start,
+Mimi encoded, LM stepped, Mimi decoded, resampled into tx, its first sample leaving tx) in a
+preallocated stats ring per call (`FrameStats`). The first and
 last come from the media callbacks' stamp logs (CallAudio, ext/stamps.h); the last is known only once
 the media side has read that far, so it is filled in on a later poll, and stays 0 (skipped in the
 summaries) for a frame fed as silence, trimmed away, or pushed as the call closed. Summaries give
@@ -41,11 +42,15 @@ from callbot.engine.session import FRAME_SIZE, Model, PromptSnapshot
 from callbot.engine.sampling import SamplingConfig
 
 FRAME_NS = FRAME_SIZE * 1_000_000_000 // ENGINE_RATE  # 80 ms
-# the frame's last sample entered rx (media callback) -> frame complete in the 24 kHz ring -> step
-# starts -> Mimi encoded -> LM stepped -> Mimi decoded (step ends) -> pushed, resampled, into the
-# call-rate ring the media callback drains -> its first sample left tx (media callback). 0: unknown.
-STAGES = ("rtp_in", "ready", "step_start", "encoded", "lm_stepped", "step_end", "pushed", "rtp_out")
-(_RTP_IN, _READY, _STEP_START, _ENCODED, _LM_STEPPED, _STEP_END, _PUSHED, _RTP_OUT) = range(len(STAGES))
+# ring_in: the frame's last sample entered rx (the media callback, in the bridge tick that took it from
+# pjmedia's jitter buffer) -> resampled: the up-resampler made that sample at 24 kHz, completing the frame
+# (a frame fed as silence: when the watchdog made it) -> step_start -> encoded (Mimi) -> lm_stepped ->
+# decoded (Mimi; the step ends) -> ring_out: resampled down and written to tx -> rtp_out: its first
+# sample left tx (the media callback; pjmedia encodes and sends it as RTP in that same bridge tick).
+# 0: unknown. The network half before ring_in, pjmedia's jitter buffer, is reported per call by the SIP
+# side from pjmedia's own statistics (sip/call.py), not per frame.
+STAGES = ("ring_in", "resampled", "step_start", "encoded", "lm_stepped", "decoded", "ring_out", "rtp_out")
+(_RING_IN, _RESAMPLED, _STEP_START, _ENCODED, _LM_STEPPED, _DECODED, _RING_OUT, _RTP_OUT) = range(len(STAGES))
 # what the media side may have queued after a push: the 80 ms just pushed + two 20 ms media ticks of
 # slack; beyond that an underrun or a fed-silence frame would add delay for the rest of the call
 TX_MAX_MS = 120.0
@@ -137,7 +142,7 @@ class ModelCallSession:
     def summary(self) -> dict:
         """Counters, per-stage p50/p99/max, step times and the text spoken; reads the open rings' counters."""
         rows, _ = self.stats.held()
-        step = (rows[:, _STEP_END] - rows[:, _STEP_START]) / 1e9
+        step = (rows[:, _DECODED] - rows[:, _STEP_START]) / 1e9
         return {
             "steps": self.steps, "steps_late": self.steps_late, "silence_fed": self.silence_fed,
             "frames_dropped": self.frames_dropped, "tx_trimmed_ms": 1000 * self.audio.tx_trimmed / self.audio.call_rate,
@@ -301,8 +306,11 @@ class ModelEngine:
                 s.silence_fed += 1
             else:
                 return
-            arrival = audio.last_arrival_ns if frame is not None else 0
-            self._step(s, pcm, now, silence=frame is None, arrival_ns=arrival)
+            if frame is not None:
+                self._step(s, pcm, now, silence=False, arrival_ns=audio.last_arrival_ns,
+                           resampled_ns=audio.last_resampled_ns)
+            else:
+                self._step(s, pcm, now, silence=True)
 
     @staticmethod
     def _note_departures(s: ModelCallSession) -> None:
@@ -316,24 +324,27 @@ class ModelEngine:
                 s.stats.fill(frame, _RTP_OUT, ns)
             s.departing.popleft()
 
-    def _step(self, s: ModelCallSession, pcm: np.ndarray, ready_ns: int, silence: bool, arrival_ns: int = 0) -> None:
+    def _step(self, s: ModelCallSession, pcm: np.ndarray, ready_ns: int, silence: bool, arrival_ns: int = 0,
+              resampled_ns: int = 0) -> None:
+        """One step of `s` on `pcm`, found ready at `ready_ns` (a real frame: its last sample entered rx
+        at `arrival_ns` and was resampled at `resampled_ns`; 0 where unknown)."""
         frame_no = s.stats.count
         row = s.stats.row(silence)
-        row[_RTP_IN] = arrival_ns
-        row[_READY] = ready_ns
+        row[_RING_IN] = arrival_ns
+        row[_RESAMPLED] = ready_ns if silence else resampled_ns
         if not s.first_frame_ns:
             s.first_frame_ns = ready_ns
         # a real frame re-anchors the watchdog on its arrival; silence continues the 80 ms grid
         s.next_deadline_ns = (s.next_deadline_ns if silence else ready_ns) + FRAME_NS
         row[_STEP_START] = start = now_ns()
         out, piece = s.session.step(pcm)
-        row[_STEP_END] = end = now_ns()
+        row[_DECODED] = end = now_ns()
         row[_ENCODED], row[_LM_STEPPED] = s.session.last_encoded_ns, s.session.last_stepped_ns
         pcm16 = np.clip(np.rint(out * _INT16_SCALE), -32768, 32767).astype(np.int16)
         if s.audio.push(pcm16):
             s.departing.append((frame_no, s.audio.last_push_pos))
-        # taken as the audio was handed to tx (before the media side could read it): pushed <= rtp_out
-        row[_PUSHED] = s.audio.last_push_ns
+        # taken as the audio was handed to tx (before the media side could read it): ring_out <= rtp_out
+        row[_RING_OUT] = s.audio.last_push_ns
         s.steps += 1
         if end - start > FRAME_NS:
             s.steps_late += 1

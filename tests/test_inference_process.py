@@ -118,8 +118,8 @@ def test_a_call_through_the_process_gets_model_audio_back_and_its_summary(settin
 
 
 def test_the_media_sides_stamps_give_each_frame_its_arrival_and_departure(settings):
-    """rtp_in (the frame's last sample entered rx, stamped by the media side in shared memory) comes
-    before ready, and rtp_out (its first sample left tx) after pushed, for every frame that has them."""
+    """ring_in (the frame's last sample entered rx, stamped by the media side in shared memory) comes
+    before resampled, and rtp_out (its first sample left tx) after ring_out, for every frame that has them."""
     engine = _start(settings)
     try:
         s = engine.open_session(_Call("c4", 16000))
@@ -131,13 +131,13 @@ def test_the_media_sides_stamps_give_each_frame_its_arrival_and_departure(settin
     finally:
         engine.close()
     summary, durations = s.final_summary, s.stats.durations_s()
-    arrived, departed = durations["rtp_in->ready"], durations["pushed->rtp_out"]
+    arrived, departed = durations["ring_in->resampled"], durations["ring_out->rtp_out"]
     # one duration per frame that knows both ends: every frame of caller audio, and some frames out
     assert len(arrived) == summary["steps"] - summary["silence_fed"] >= 1
     assert (arrived >= 0).all() and arrived.max() > 0
     assert 1 <= len(departed) <= summary["steps"]
     assert (departed >= 0).all() and departed.max() > 0
-    assert {"rtp_in->ready", "pushed->rtp_out"} <= set(summary["stages_ms"])
+    assert {"ring_in->resampled", "ring_out->rtp_out"} <= set(summary["stages_ms"])
 
 
 def test_a_killed_child_sets_error_leaves_calls_silent_and_frees_their_blocks(settings):

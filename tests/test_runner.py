@@ -90,18 +90,21 @@ def test_runner_steps_a_call_from_its_rings(model, prompt, rate):
     summary = s.final_summary
     assert summary["steps"] == s.steps >= 10
     assert summary["steps"] == frames_in - summary["frames_dropped"] + summary["silence_fed"]
-    assert set(summary["stages_ms"]) == {"rtp_in->ready", "ready->step_start", "step_start->encoded",
-                                         "encoded->lm_stepped", "lm_stepped->step_end", "step_end->pushed",
-                                         "pushed->rtp_out"}
+    assert set(summary["stages_ms"]) == {"ring_in->resampled", "resampled->step_start", "step_start->encoded",
+                                         "encoded->lm_stepped", "lm_stepped->decoded", "decoded->ring_out",
+                                         "ring_out->rtp_out"}
     assert all(v["p50_ms"] >= 0 for v in summary["stages_ms"].values())
     # the media side's stamps: every real frame knows when its last sample came in, before it was ready;
     # every frame the media side read back knows when it left, after it was pushed
     rows, silence = s.stats.held()
     col = {name: rows[:, i] for i, name in enumerate(STAGES)}
-    assert (col["rtp_in"][~silence] > 0).all() and (col["rtp_in"][silence] == 0).all()
-    assert (col["rtp_in"][~silence] <= col["ready"][~silence]).all()
+    assert (col["ring_in"][~silence] > 0).all() and (col["ring_in"][silence] == 0).all()
+    assert (col["ring_in"][~silence] <= col["resampled"][~silence]).all()
+    assert (col["resampled"] > 0).all() and (col["resampled"] <= col["step_start"]).all()
+    assert ((col["step_start"] <= col["encoded"]) & (col["encoded"] <= col["lm_stepped"])
+            & (col["lm_stepped"] <= col["decoded"]) & (col["decoded"] <= col["ring_out"])).all()
     out = col["rtp_out"] > 0
-    assert out.any() and (col["pushed"][out] <= col["rtp_out"][out]).all()
+    assert out.any() and (col["ring_out"][out] <= col["rtp_out"][out]).all()
     assert len(summary["step_s"]) == s.steps
     # the model's audio reached the media side: some 20 ms frames the "callback" read were not silence
     assert any(np.any(f != 0) for f in received)
@@ -125,7 +128,7 @@ def test_watchdog_feeds_silence_when_the_caller_stalls(model, prompt):
     # every silence frame was fed during the hold (its watchdog fires one frame + grace after the
     # last real frame, so up to that long after the audio came back)
     late = FRAME_NS + engine.grace_ns
-    ready = rows[silence, STAGES.index("ready")]
+    ready = rows[silence, STAGES.index("resampled")]
     assert ((ready > marks["pause_start"]) & (ready < marks["pause_end"] + late)).all(), (ready, marks)
 
 

@@ -50,12 +50,17 @@ def test_call_audio_maps_a_frame_to_when_its_last_sample_came_in_and_left():
         audio.rx_stamps.note(160)
         stamps.append(now_ns())
         audio.rx.write(np.ones(160, np.int16))
-    while audio.pull(1920) is None:
+    while True:
+        pull_start = now_ns()
+        if audio.pull(1920) is not None:
+            break
         before = now_ns()
         audio.rx_stamps.note(160)
         audio.rx.write(np.ones(160, np.int16))
         stamps.append(before)
     assert 0 < audio.last_arrival_ns <= now_ns() and audio.last_arrival_ns >= stamps[-2]
+    # the frame was completed by the resampler in the pull that returned it
+    assert audio.last_arrival_ns <= pull_start <= audio.last_resampled_ns <= now_ns()
     assert audio.push(np.ones(1920, np.int16)) == 640 and audio.last_push_pos == 0
     pushed = audio.last_push_ns
     assert audio.departure_ns(0) == 0  # not read yet
