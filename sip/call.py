@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 INBOUND, OUTBOUND = "inbound", "outbound"
-_RTP_CHECK_S = 0.5  # how often an active call's received-packet count is read
+_MEDIA_CHECK_S = 0.5  # how often an active call's stream statistics are read (RTP timeout, the record)
 _DTMF_IS_END = 2  # PJMEDIA_STREAM_DTMF_IS_END, not exported by the SWIG module
 _SRTP_PROTOS = {pj.PJMEDIA_TP_PROTO_RTP_SAVP, pj.PJMEDIA_TP_PROTO_RTP_SAVPF,
                 pj.PJMEDIA_TP_PROTO_DTLS_SRTP, pj.PJMEDIA_TP_PROTO_DTLS_SRTPF}
@@ -59,6 +59,25 @@ def call_op(code: int = 0, reason: str = "") -> pj.CallOpParam:
     return op
 
 
+
+def stream_summary(stat) -> dict:
+    """The record's view of a pjsua2 StreamStat: what the network and pjmedia's jitter buffer did to the
+    caller's audio before our media port saw it (RTP in -> our port), and what we sent."""
+    rx, jb = stat.rtcp.rxStat, stat.jbuf
+    return {
+        "rx_packets": int(rx.pkt), "rx_lost": int(rx.loss), "rx_discarded": int(rx.discard),
+        "rx_reordered": int(rx.reorder), "rx_duplicates": int(rx.dup),
+        "rx_jitter_ms": {"mean": rx.jitterUsec.mean / 1000, "max": rx.jitterUsec.max / 1000},
+        "tx_packets": int(stat.rtcp.txStat.pkt),
+        # time a frame spent in the jitter buffer, from arrival to playout into the bridge (pjmedia's own
+        # running statistics); frames it played out as concealment (`empty`) or dropped (`discarded`)
+        "jitter_buffer_ms": {"avg": int(jb.avgDelayMsec), "min": int(jb.minDelayMsec), "max": int(jb.maxDelayMsec),
+                             "dev": int(jb.devDelayMsec)},
+        "jitter_buffer_frames": {"now": int(jb.size), "prefetch": int(jb.prefetch)},
+        "jitter_buffer_lost": int(jb.lost), "jitter_buffer_discarded": int(jb.discard),
+        "jitter_buffer_empty": int(jb.empty),
+    }
+
 class SipCall(pj.Call):
     """A call of ours. Created, operated and dropped only on the endpoint's SIP thread."""
 
@@ -77,7 +96,8 @@ class SipCall(pj.Call):
         self._local_cause: str | None = None
         self._last_progress = 0
         self._progress_done = False  # a final answer to our INVITE was reported
-        self._rtp_watch: tuple[int, int, float] | None = None  # (media index, packets seen, when they last grew)
+        # while audio flows: (media index, packets seen, when they last grew)
+        self._media_watch: tuple[int, int, float] | None = None
 
     @property
     def call_id(self) -> str:
@@ -154,7 +174,8 @@ class SipCall(pj.Call):
             rec.end = time.time()
             rec.hangup_cause, rec.hangup_code, rec.hangup_reason = cause, code, reason
             self._detach()
-            self.hub._emit(CallEnded(at=now, call_id=self.call_id, code=code, reason=reason, cause=cause))
+            self.hub._emit(CallEnded(at=now, call_id=self.call_id, code=code, reason=reason, cause=cause,
+                                     stream=rec.stream))
             self.hub._soon(lambda: self.hub._forget(self))
 
     @guarded
@@ -205,30 +226,47 @@ class SipCall(pj.Call):
                 self._attach(audio, rec.clock_rate)
             elif not self._port_connected(audio):
                 self._reattach(audio)
-            timeout = self.account.cfg.rtp_timeout_s
-            if timeout is not None and self._rtp_watch is None:
-                self._rtp_watch = (mi.index, -1, time.monotonic())
-                self.hub._after(_RTP_CHECK_S, weakly(self, "_check_rtp", timeout))
+            if self._media_watch is None:
+                self._media_watch = (mi.index, -1, time.monotonic())
+                self.hub._after(_MEDIA_CHECK_S, weakly(self, "_watch_media"))
             return
-        self._rtp_watch = None  # on hold or no audio: silence is expected
+        self._media_watch = None  # on hold or no audio: silence is expected
 
-    def _check_rtp(self, timeout: float) -> None:
-        # a timer on the SIP thread, every _RTP_CHECK_S while audio is active
-        if self.ended or self._rtp_watch is None:
-            return
-        index, seen, since = self._rtp_watch
+    def _read_stream(self, index: int) -> int | None:
+        """Reads the audio stream's statistics into the record; the packets received so far (None if the
+        stream is gone)."""
         try:
-            packets = int(self.getStreamStat(index).rtcp.rxStat.pkt)
+            stat = self.getStreamStat(index)
         except pj.Error:
+            return None
+        self.record.stream = stream_summary(stat)
+        return self.record.stream["rx_packets"]
+
+    def _watch_media(self) -> None:
+        """A timer on the SIP thread, every _MEDIA_CHECK_S while audio flows: keeps the stream's statistics
+        in the record (the network half of the audio path: pjmedia's jitter buffer, losses) and ends a
+        call whose RTP stopped for `rtp_timeout_s`."""
+        if self.ended or self._media_watch is None:
+            return
+        index, seen, since = self._media_watch
+        packets = self._read_stream(index)
+        if packets is None:
             return
         now = time.monotonic()
+        timeout = self.account.cfg.rtp_timeout_s
         if packets != seen:
-            self._rtp_watch = (index, packets, now)
-        elif now - since >= timeout:
+            self._media_watch = (index, packets, now)
+        elif timeout is not None and now - since >= timeout:
             log.info("call %s: no RTP for %.1f s, hanging up", self.call_id, now - since)
             self.end("rtp_timeout")
             return
-        self.hub._after(_RTP_CHECK_S, weakly(self, "_check_rtp", timeout))
+        self.hub._after(_MEDIA_CHECK_S, weakly(self, "_watch_media"))
+
+    @guarded
+    def onStreamDestroyed(self, prm):
+        # the last reading of the stream's statistics, as it goes (hang-up, hold, re-INVITE)
+        if self.record is not None and not self.rejected:
+            self._read_stream(int(prm.streamIdx))
 
     @guarded
     def onDtmfDigit(self, prm):

@@ -43,6 +43,9 @@ class CallRecord:
     srtp: bool = False
     dtmf: list[DtmfRecord] = field(default_factory=list)
     transfer: TransferRecord | None = None
+    # pjmedia's statistics of the audio stream, last read while it flowed (call.stream_summary): packets,
+    # losses, jitter and the jitter buffer's delay, the half of the audio path before our media port
+    stream: dict | None = None
     hangup_cause: str | None = None  # events.CallEnded.cause, or "rejected" (answered with an error)
     hangup_code: int | None = None
     hangup_reason: str | None = None

@@ -80,6 +80,8 @@ class CallEnded(Event, frozen=True, kw_only=True):
     code: int
     reason: str
     cause: str
+    # the audio stream's statistics as last read (sip/call.py stream_summary); None: no audio flowed
+    stream: dict | None = None
 
 
 class DtmfReceived(Event, frozen=True, kw_only=True):

@@ -44,6 +44,11 @@ class Metrics:
         self.overruns = Counter("callbot_overruns_total", "Writes that found a ring full (audio dropped)", registry=r)
         self.steps_late = Counter("callbot_steps_late_total", "Engine steps slower than the frame period",
                                   registry=r)
+        # the network half of the audio path, one observation per call (pjmedia's statistics at its end)
+        self.jitter_buffer = Histogram("callbot_jitter_buffer_delay_seconds",
+                                       "Average time a call's audio spent in pjmedia's jitter buffer",
+                                       buckets=LATENCY_BUCKETS_S, registry=r)
+        self.rtp_lost = Counter("callbot_rtp_lost_total", "RTP packets from callers that never arrived", registry=r)
         self._direction: dict[str, str] = {}
         self._server = None
 
@@ -62,6 +67,9 @@ class Metrics:
             if direction is not None:
                 self.calls_active.dec()
             self.calls_total.labels(direction or "unanswered", event.cause).inc()
+            if event.stream:
+                self.jitter_buffer.observe(event.stream["jitter_buffer_ms"]["avg"] / 1000)
+                self.rtp_lost.inc(max(0, event.stream["rx_lost"]))
         elif isinstance(event, ev.CallRejected):
             self.calls_rejected.labels(str(event.code)).inc()
         elif isinstance(event, ev.DtmfReceived):

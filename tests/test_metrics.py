@@ -37,6 +37,13 @@ def test_call_lifecycle_counts():
     assert _value(text, "callbot_steps_late_total") == 2
     assert _value(text, 'callbot_stage_latency_seconds_count{stage="ring_in"}') == 2
     assert _value(text, "callbot_step_seconds_count") == 1
+    assert _value(text, "callbot_jitter_buffer_delay_seconds_count") == 0  # call "a" carried no stream statistics
+    stream = {"rx_lost": 4, "jitter_buffer_ms": {"avg": 40, "min": 20, "max": 60, "dev": 5}}
+    m.on_event(ev.CallEnded(at=4.0, call_id="b", code=200, reason="Normal", cause="local", stream=stream))
+    text = m.text()
+    assert _value(text, "callbot_jitter_buffer_delay_seconds_count") == 1
+    assert _value(text, "callbot_jitter_buffer_delay_seconds_sum") == pytest.approx(0.040)
+    assert _value(text, "callbot_rtp_lost_total") == 4
 
 
 def test_http_exposition_on_loopback():

@@ -194,6 +194,7 @@ def test_serve_model_answers_with_the_tiny_model(tmp_path, tiny_model):
                 stop_process(peer, 10)
         _eventually(lambda: _metric(metrics_port, "callbot_step_seconds_count"), what="steps counted")
         steps = _metric(metrics_port, "callbot_step_seconds_count")
+        jitter_buffers = _metric(metrics_port, "callbot_jitter_buffer_delay_seconds_count")
         assert stop_process(proc, timeout=30, sig=signal.SIGTERM) == 0
     finally:
         stop_process(proc, timeout=10, sig=signal.SIGKILL)
@@ -210,6 +211,15 @@ def test_serve_model_answers_with_the_tiny_model(tmp_path, tiny_model):
     engine = sidecar["engine"]
     assert engine["steps"] >= 1 and len(engine["step_s"]) == engine["steps"]
     assert all(isinstance(t["piece"], str) for t in engine["text"])
+    # every stage of the audio path, per frame: ours from the engine, the network half from pjmedia
+    assert set(engine["stages_ms"]) >= {"ring_in->resampled", "resampled->step_start", "step_start->encoded",
+                                        "encoded->lm_stepped", "lm_stepped->decoded", "decoded->ring_out",
+                                        "ring_out->rtp_out"}, engine["stages_ms"]
+    stream = sidecar["stream"]
+    assert stream["rx_packets"] >= 0.9 * seconds * 50 and stream["tx_packets"] >= 0.9 * seconds * 50, stream
+    jb = stream["jitter_buffer_ms"]
+    assert 0 <= jb["min"] <= jb["avg"] <= jb["max"], stream
+    assert jitter_buffers == 1
 
 
 def test_missing_weights_exit_2_and_say_what_is_missing(tmp_path):
