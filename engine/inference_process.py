@@ -9,7 +9,8 @@ and the two processes talk over one Pipe only when a call starts or ends, never 
 
 Control messages, tuples over a multiprocessing Connection:
     parent -> child   ("open", sid, shm_name, rate, bot, call_id)   ("close", sid)   ("stop",)
-    child -> parent   ("ready", info)   ("startup_error", text)   ("closed", sid, summary, stage_latency_s)
+    child -> parent   ("ready", info)   ("startup_error", text)   ("closed", sid, summary, rows, silence)
+                      (rows, silence: the call's FrameStats frames, FrameStats.held())
                       ("error", text): the inference thread died; the child exits after sending it
 
 Lifetimes: the parent creates each call's block and unlinks it in close_session, whether the child
@@ -31,9 +32,9 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
-import numpy as np
 
 from callbot.engine.call_audio import CALL_RATES, RING_SECONDS, CallAudio, SharedCallRings
+from callbot.engine.frame_stats import FrameStats
 
 READY_TIMEOUT_S = 3600.0  # loading (or downloading) a 7B and compiling its graphs takes a while
 CLOSE_TIMEOUT_S = 5.0  # a close waits for at most the call's one step in flight, then its summary
@@ -54,16 +55,6 @@ class InferenceSetup(NamedTuple):
     warmup: Callable[[], None] | None = None
 
 
-class ReceivedStats:
-    """A closed call's per-stage durations as the child sent them (FrameStats.durations_s's shape)."""
-
-    def __init__(self, durations: dict | None = None):
-        self._durations = durations or {}
-
-    def durations_s(self) -> dict[str, np.ndarray]:
-        return {k: np.asarray(v, dtype=np.float64) for k, v in self._durations.items()}
-
-
 @dataclass
 class ProcessCallSession:
     """One call served by the inference process: `audio` (rx/tx in shared memory) is what the media
@@ -74,7 +65,7 @@ class ProcessCallSession:
     sid: int
     bot: str | None
     final_summary: dict | None = None
-    stats: ReceivedStats = field(default_factory=ReceivedStats)
+    stats: FrameStats = field(default_factory=lambda: FrameStats(0))
     closed: bool = False
     answered: threading.Event = field(default_factory=threading.Event)
 
@@ -229,12 +220,12 @@ class InferenceProcess:
                     self._failed(f"the inference process ended unexpectedly (exit status {self._proc.exitcode})")
                 return
             if msg[0] == "closed":
-                _, sid, summary, durations = msg
+                _, sid, summary, rows, silence = msg
                 with self._lock:
                     s = self._sessions.get(sid)
                 if s is not None:
                     s.final_summary = summary
-                    s.stats = ReceivedStats(durations)
+                    s.stats = FrameStats.of(rows, silence)
                     s.answered.set()
             elif msg[0] == "error":
                 self._failed(msg[1])
@@ -312,11 +303,10 @@ def _child_main(conn, setup: Callable[[], InferenceSetup], ring_seconds: float, 
                 sid = msg[1]
                 s = sessions.pop(sid, None)
                 if s is None:
-                    conn.send(("closed", sid, None, {}))
+                    conn.send(("closed", sid, None, *FrameStats(0).held()))
                     continue
                 engine.close_session(s)
-                durations = {k: v.tolist() for k, v in s.stats.durations_s().items()}
-                conn.send(("closed", sid, s.final_summary, durations))
+                conn.send(("closed", sid, s.final_summary, *s.stats.held()))
             elif msg[0] == "stop":
                 return
     except (OSError, ValueError):

@@ -138,6 +138,10 @@ def test_the_media_sides_stamps_give_each_frame_its_arrival_and_departure(settin
     assert 1 <= len(departed) <= summary["steps"]
     assert (departed >= 0).all() and departed.max() > 0
     assert {"ring_in->resampled", "ring_out->rtp_out"} <= set(summary["stages_ms"])
+    # the parent holds every frame's row, as the runner wrote it in the child
+    rows, silence = s.stats.held()
+    assert rows.shape == (summary["steps"], 8) and silence.sum() == summary["silence_fed"]
+    assert (rows[:, 2] > 0).all() and (np.diff(rows[:, 2]) > 0).all()  # step starts, in order
 
 
 def test_a_killed_child_sets_error_leaves_calls_silent_and_frees_their_blocks(settings):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from callbot.engine import Model, PeriodicClock, now_ns
+from callbot.engine.frame_stats import FrameStats
 from callbot.engine.runner import FRAME_NS, FRAME_SIZE, STAGES, BotPrompt, ModelEngine
 from tests.tiny_assets import tiny_model_configs, write_tiny_model_dir
 
@@ -164,3 +165,15 @@ def test_warmup_runs_on_the_inference_thread_and_its_error_surfaces(model, promp
 
     with pytest.raises(ValueError, match="no such voice"):
         ModelEngine(model, lambda call: prompt, realtime=False, warmup=broken)
+
+
+def test_frame_stats_rebuilt_from_held_rows_summarise_the_same():
+    stats = FrameStats(4)
+    for k in range(6):  # wraps: the oldest two go
+        row = stats.row(silence=k == 3)
+        row[:] = 1000 * k + np.arange(len(STAGES)) * (k + 1)
+    rebuilt = FrameStats.of(*stats.held())
+    assert rebuilt.count == 4 and rebuilt.summary() == stats.summary()
+    assert (rebuilt.held()[1] == [False, True, False, False]).all()
+    with pytest.raises(ValueError, match="stages"):
+        FrameStats.of(np.zeros((3, 5), np.int64), np.zeros(3, bool))
