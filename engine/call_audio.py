@@ -40,6 +40,8 @@ from callbot.engine.ring import capacity_for
 ENGINE_RATE = 24000  # Hz: Mimi's rate, the model's only rate
 CALL_RATES = (8000, 16000, 24000)  # Hz a call's media port may run at (the resampler's designs)
 RING_SECONDS = 2.0  # capacity of each ring: enough to ride out a stalled engine for this long
+# pushes that must each find earlier audio still queued in tx before that lasting delay is cut (`tx_settle`)
+TX_SETTLE_PUSHES = 4
 
 
 
@@ -131,12 +133,15 @@ class CallAudio:
     """
 
     def __init__(self, call_rate: int, ring_seconds: float = RING_SECONDS, tx_max_ms: float | None = None,
-                 *, rings: tuple[Ring, Ring] | None = None, stamps: tuple[StampLog, StampLog] | None = None):
+                 *, tx_settle: int | None = None, rings: tuple[Ring, Ring] | None = None,
+                 stamps: tuple[StampLog, StampLog] | None = None):
         _check_rate(call_rate)
         if not ring_seconds > 0:
             raise ValueError(f"ring_seconds must be > 0, got {ring_seconds!r}")
         if tx_max_ms is not None and not 0 < tx_max_ms <= ring_seconds * 1000:
             raise ValueError(f"tx_max_ms must be in (0, {ring_seconds * 1000:g}] ms, got {tx_max_ms!r}")
+        if tx_settle is not None and (isinstance(tx_settle, bool) or not isinstance(tx_settle, int) or tx_settle < 1):
+            raise ValueError(f"tx_settle must be an int >= 1 (pushes) or None, got {tx_settle!r}")
         self.call_rate = call_rate
         self.frame_samples = call_rate // 50  # one 20 ms media frame at the call's rate
         if rings is not None:  # opened elsewhere (attach_engine_side): rx and tx of int16 samples
@@ -161,7 +166,16 @@ class CallAudio:
         # rest of the call as added delay. A push that would leave more than this queued drops the
         # oldest samples of what it brings instead. None: no limit.
         self.tx_max = None if tx_max_ms is None else int(call_rate * tx_max_ms / 1000)
-        self.tx_trimmed = 0  # call-rate samples dropped by that limit
+        self.tx_trimmed = 0  # call-rate samples dropped by that limit, or to settle (below)
+        # A push that finds audio of earlier pushes still queued in tx delays all of its own audio by that
+        # much. Once is harmless (a fast step after a slow one); when each of the last `tx_settle` pushes
+        # found some, the delay has become lasting (an underrun, or steps ending on both sides of a media
+        # tick, shifted the phase for good: "the ratchet"), and it would stay for the rest of the call.
+        # Then the smallest of those amounts is dropped from the start of this push, once: one cut in the
+        # audio instead of that delay forever. None: never.
+        self.tx_settle = tx_settle
+        self.tx_settled = 0  # times that happened
+        self._queued_at_push: deque = deque(maxlen=tx_settle or 1)
         self.frames_pulled = 0
         self.frames_pushed = 0
         # sample positions, for the stamps: call-rate samples read from rx and written to tx so far (the
@@ -184,7 +198,7 @@ class CallAudio:
 
     @classmethod
     def attach_engine_side(cls, shm_name: str, call_rate: int, ring_seconds: float = RING_SECONDS,
-                           tx_max_ms: float | None = None) -> CallAudio:
+                           tx_max_ms: float | None = None, tx_settle: int | None = None) -> CallAudio:
         """The engine's CallAudio over the rx and tx that `CallAudio.shared` laid out in block `shm_name`.
 
         `close()` closes this process's mapping and never unlinks (the creating side does). ValueError
@@ -220,7 +234,7 @@ class CallAudio:
                 view.release()
             shm.close()
             raise
-        audio = cls(call_rate, ring_seconds, tx_max_ms, rings=(rx, tx), stamps=tuple(stamps))
+        audio = cls(call_rate, ring_seconds, tx_max_ms, tx_settle=tx_settle, rings=(rx, tx), stamps=tuple(stamps))
         audio._shm, audio._views = shm, views
         return audio
 
@@ -264,6 +278,15 @@ class CallAudio:
             raise ValueError(f"push() takes a 1-D int16 array of 24 kHz samples, got {frame.dtype} {frame.shape}")
         out = self._down.process(frame)
         self.frames_pushed += 1
+        if self.tx_settle is not None:
+            self._queued_at_push.append(self.tx.readable)  # a snapshot: the media side only lowers it
+            lasting = min(self._queued_at_push) if len(self._queued_at_push) == self.tx_settle else 0
+            if lasting > 0 and len(out):
+                drop = min(lasting, len(out))
+                out = out[drop:]
+                self.tx_trimmed += drop
+                self.tx_settled += 1
+                self._queued_at_push.clear()
         if self.tx_max is not None:
             excess = self.tx.readable + len(out) - self.tx_max
             if excess > 0:

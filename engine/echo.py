@@ -16,7 +16,7 @@ import threading
 from typing import Any
 
 from callbot.engine import PeriodicClock
-from callbot.engine.call_audio import ENGINE_RATE, CallAudio
+from callbot.engine.call_audio import ENGINE_RATE, TX_SETTLE_PUSHES, CallAudio
 
 DEFAULT_FRAME = 480  # samples at 24 kHz = 20 ms, one media frame
 DEFAULT_POLL_MS = 2.0
@@ -66,7 +66,8 @@ class EchoEngine:
         if rate is None:
             raise ValueError("open_session needs the media port's rate: pass rate= or a call_info with clock_rate")
         # the frame just pushed + two 20 ms media ticks: a late worker must not leave lasting delay
-        session = EchoSession(call_info, CallAudio(rate, tx_max_ms=self.frame_samples * 1000 / ENGINE_RATE + 40.0))
+        session = EchoSession(call_info, CallAudio(rate, tx_max_ms=self.frame_samples * 1000 / ENGINE_RATE + 40.0,
+                                                   tx_settle=TX_SETTLE_PUSHES))
         with self._lock:
             self._sessions.append(session)
             self._busy.set()

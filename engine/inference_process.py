@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
 
-from callbot.engine.call_audio import CALL_RATES, RING_SECONDS, CallAudio, SharedCallRings
+from callbot.engine.call_audio import CALL_RATES, RING_SECONDS, TX_SETTLE_PUSHES, CallAudio, SharedCallRings
 from callbot.engine.frame_stats import FrameStats
 
 READY_TIMEOUT_S = 3600.0  # loading (or downloading) a 7B and compiling its graphs takes a while
@@ -295,7 +295,8 @@ def _child_main(conn, setup: Callable[[], InferenceSetup], ring_seconds: float, 
             if msg[0] == "open":
                 _, sid, shm_name, rate, bot, call_id = msg
                 try:
-                    audio = CallAudio.attach_engine_side(shm_name, rate, ring_seconds, tx_max_ms=TX_MAX_MS)
+                    audio = CallAudio.attach_engine_side(shm_name, rate, ring_seconds, tx_max_ms=TX_MAX_MS,
+                                                         tx_settle=TX_SETTLE_PUSHES)
                     sessions[sid] = engine.open_session(_ChildCall(call_id, rate, bot), audio=audio)
                 except Exception as err:  # this call stays silent; the others go on
                     print(f"callbot: inference process: call {call_id}: {err}", file=sys.stderr, flush=True)

@@ -37,7 +37,7 @@ import mlx.core as mx
 import numpy as np
 
 from callbot.engine import PeriodicClock, make_realtime, now_ns
-from callbot.engine.call_audio import ENGINE_RATE, CallAudio
+from callbot.engine.call_audio import ENGINE_RATE, TX_SETTLE_PUSHES, CallAudio
 from callbot.engine.frame_stats import STAGES, FrameStats
 from callbot.engine.session import FRAME_SIZE, Model, PromptSnapshot
 from callbot.engine.sampling import SamplingConfig
@@ -91,6 +91,7 @@ class ModelCallSession:
         return {
             "steps": self.steps, "steps_late": self.steps_late, "silence_fed": self.silence_fed,
             "frames_dropped": self.frames_dropped, "tx_trimmed_ms": 1000 * self.audio.tx_trimmed / self.audio.call_rate,
+            "tx_settled": self.audio.tx_settled,
             "underruns": self.audio.underruns,
             "overruns": self.audio.overruns, "stages_ms": self.stats.summary(), "step_s": step.tolist(),
             "text": [{"t_ms": round(t, 1), "piece": p} for t, p in self.text],
@@ -157,7 +158,7 @@ class ModelEngine:
         bot = self.prompt_for(call_info)
         seed = bot.seed if bot.seed is not None else time.monotonic_ns() & 0x7FFFFFFF
         if audio is None:
-            audio = CallAudio(rate, tx_max_ms=TX_MAX_MS)
+            audio = CallAudio(rate, tx_max_ms=TX_MAX_MS, tx_settle=TX_SETTLE_PUSHES)
         s = ModelCallSession(call_info, audio, bot, seed)
         with self._lock:
             self._sessions.append(s)

@@ -24,6 +24,51 @@ def test_without_a_limit_everything_queues():
     assert audio.tx_trimmed == 0 and audio.tx.readable > 480 * 2
 
 
+def _media_tick(audio, n=160):
+    """What the media callback does once a tick: read one 20 ms frame from tx (8 kHz here)."""
+    return audio.tx.read(min(n, audio.tx.readable))
+
+
+def test_a_lasting_backlog_in_tx_is_cut_once_and_a_passing_one_is_not():
+    audio = CallAudio(8000, tx_settle=4)
+    frame = np.ones(1920, dtype=np.int16)  # 80 ms -> 640 samples at 8 kHz = 4 media ticks
+    audio.push(frame)
+    for _ in range(4):
+        _media_tick(audio)
+    # steady state: each push finds tx drained, four ticks drain it again
+    for _ in range(6):
+        audio.push(frame)
+        for _ in range(4):
+            _media_tick(audio)
+    assert audio.tx_settled == 0 and audio.tx_trimmed == 0
+    # one tick missed (an underrun's phase shift): from now on every push finds 20 ms still queued
+    audio.push(frame)
+    for _ in range(3):
+        _media_tick(audio)
+    queued = []
+    for _ in range(4):
+        queued.append(audio.tx.readable)
+        audio.push(frame)
+        for _ in range(4):
+            _media_tick(audio)
+    assert queued[:3] == [160, 160, 160]
+    # the fourth push in a row that found a backlog cut it (only it: one 20 ms cut), and tx is back in phase
+    assert audio.tx_settled == 1 and audio.tx_trimmed == 160
+    assert audio.tx.readable == 0
+    # a single push finding a backlog (a fast step after a slow one) is left alone
+    audio.push(frame)
+    audio.push(frame)
+    for _ in range(8):
+        _media_tick(audio)
+    assert audio.tx_settled == 1
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 2.0])
+def test_bad_settle(bad):
+    with pytest.raises(ValueError, match="tx_settle"):
+        CallAudio(16000, tx_settle=bad)
+
+
 @pytest.mark.parametrize("bad", [0, -5, 10_000])
 def test_bad_limit(bad):
     with pytest.raises(ValueError, match="tx_max_ms"):
