@@ -29,6 +29,7 @@ Run (about 2.5 min):
 """
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -102,9 +103,8 @@ def test_echo(benchmark, codec):
     engine_ms = (seen[idx[good], 3] - seen[idx[good], 1]) / 1e6
     outbound = ours[good] - inbound - engine_ms
     own = ours[good] - loop[good]
-    ratchet = 20.0 * L.underruns_before(stats, sent[good])
     _record(benchmark, ("echo", codec), {
-        "own_no_ratchet": L.stats_ms(own - ratchet), "loop_min": float(np.min(loop[good])),
+        "loop_min": float(np.min(loop[good])), "tx_settled": stats.get("tx_settled") if stats else None,
         "loop": L.stats_ms(loop[good]), "total": L.stats_ms(ours[good]), "lost": int((~good).sum()),
         "inbound": L.stats_ms(inbound), "engine": L.stats_ms(engine_ms), "outbound": L.stats_ms(outbound),
         "own": L.stats_ms(own), "own_first": L.stats_ms(own[: max(1, len(own) // 4)]),
@@ -131,85 +131,54 @@ def test_ws_baseline(benchmark):
 # ---- the model --------------------------------------------------------------------------------------
 
 
-class MarkedModel:
-    """The loaded Model, except that its sessions' audio is a marker track (see the module docstring)."""
-
-    def __init__(self, model):
-        self._model = model
-        self.marks: list[tuple[int, int]] = []  # (step index in its session, click start in the input frame)
-
-    def open_session(self, **kw):
-        return MarkedSession(self._model.open_session(**kw), self)
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)
-
-
-class MarkedSession:
-    THRESHOLD = 0.1  # the click peaks at 0.37 full scale; the peer sends digital silence around it
-
-    def __init__(self, inner, owner: MarkedModel):
-        from peer_audio import click
-
-        self.inner = inner
-        self.owner = owner
-        self.k = 0
-        self.prev_hit = False
-        self.marker = click(24000).astype(np.float32) / 32768
-        self.half = len(self.marker) // 2
-
-    def __getattr__(self, name):  # the runner reads the session's own stage timestamps
-        return getattr(self.inner, name)
-
-    def step(self, pcm):
-        out, piece = self.inner.step(pcm)  # the real step, timed by the runner around this call
-        peak = int(np.argmax(np.abs(pcm)))
-        hit = abs(float(pcm[peak])) >= self.THRESHOLD
-        out = np.zeros_like(out)
-        if hit and not self.prev_hit:
-            out[:len(self.marker)] = self.marker
-            self.owner.marks.append((self.k, peak - self.half))
-        self.prev_hit = hit
-        self.k += 1
-        return out, piece
-
-
 @pytest.fixture(scope="module")
-def model_and_snapshot(tmp_path_factory):
-    """The tiny model in the HF layout (tests/tiny_assets.py), or CALLBOT_BENCH_MODEL's real weights."""
-    return L.load_bench_model(tmp_path_factory.mktemp("tiny-personaplex"))
+def model_source(tmp_path_factory):
+    """(weights folder, load keywords, label): the tiny model in the HF layout, or CALLBOT_BENCH_MODEL."""
+    return L.bench_model_source(tmp_path_factory.mktemp("tiny-personaplex"))
 
 
-def model_call(model, snapshot, codec: str, clicks: int, interval_ms: float, busy: bool = False):
-    """One SIP call to the ModelEngine; returns (peer result, marks, closed ModelCallSession)."""
-    import contextlib
+def model_call(source, codec: str, clicks: int, interval_ms: float, kind: str, tmp_path):
+    """One SIP call to the model, served as `serve` serves it (kind "process": the InferenceProcess, the
+    model in a spawned child) or by a ModelEngine in this process ("thread", the layout before the
+    split). Returns (peer result, marks, the closed session: final_summary and stats, endpoint stats)."""
+    from callbot.engine.inference_process import InferenceProcess
 
-    from callbot.engine.runner import BotPrompt, ModelEngine
-
-    marked = MarkedModel(model)
+    directory, how, _ = source
     closed = []
-    engine = ModelEngine(marked, lambda ci: BotPrompt(snapshot, seed=1), on_closed=closed.append)
+    if kind == "process":
+        marks_path = tmp_path / "marks.txt"
+        engine = InferenceProcess(functools.partial(L.marked_model_setup, directory, how, str(marks_path)),
+                                  on_closed=closed.append)
+    else:
+        from callbot.engine.runner import BotPrompt, ModelEngine
+
+        model = L.MarkedModel(L._load(directory, how))
+        snapshot = L._prepare(model)
+        L._warm_up(model._model, snapshot)
+        engine = ModelEngine(model, lambda ci: BotPrompt(snapshot, seed=1), on_closed=closed.append)
     try:
-        with L.busy_core() if busy else contextlib.nullcontext():
-            peer, stats = L.sip_call_with_clicks(engine, codec, clicks, interval_ms, loop="beside")
+        peer, stats = L.sip_call_with_clicks(engine, codec, clicks, interval_ms, loop="beside")
     finally:
         engine.close()
     if engine.error is not None:
         raise engine.error
-    return peer, marked.marks, closed[0] if closed else None, stats
+    marks = L.read_marks(marks_path) if kind == "process" else model.marks
+    return peer, marks, closed[0] if closed else None, stats
 
 
+@pytest.mark.parametrize("kind", ["process", "thread"])
 @pytest.mark.parametrize("codec", CODECS)
-def test_model(benchmark, model_and_snapshot, codec):
-    model, snapshot, label = model_and_snapshot
-    peer, marks, s, stats = run_once(benchmark, lambda: model_call(model, snapshot, codec, MODEL_CLICKS,
-                                                                     MODEL_INTERVAL_MS))
+def test_model(benchmark, model_source, codec, kind, tmp_path):
+    label = model_source[2]
+    peer, marks, s, stats = run_once(benchmark, lambda: model_call(model_source, codec, MODEL_CLICKS,
+                                                                     MODEL_INTERVAL_MS, kind, tmp_path))
+    summary = s.final_summary
     arrivals = L.click_arrivals(peer, MODEL_INTERVAL_MS, 2)
     loop, lat = arrivals[:, 0], arrivals[:, 1]
     sent = _sent_ns(peer)
     from callbot.engine.runner import STAGES
 
-    t = s.stats.t[:s.stats.count]
+    t = s.stats.held()[0]
     ready = np.array([t[k, STAGES.index("resampled")] for k, _ in marks], np.float64)
     idx = _match(sent, ready, MODEL_INTERVAL_MS * 1e6)
     good = np.isfinite(lat) & (idx >= 0)
@@ -217,31 +186,52 @@ def test_model(benchmark, model_and_snapshot, codec):
     fill = np.array([(1920 - p) / 24.0 for _, p in rows])  # ms from the click to its frame's end
     st = np.array([t[k] for k, _ in rows], np.float64)
     col = {name: st[:, STAGES.index(name)] for name in STAGES}
-    to_ready = (col["resampled"] - sent[good]) / 1e6 - fill
-    wait = (col["step_start"] - col["resampled"]) / 1e6
-    step = (col["decoded"] - col["step_start"]) / 1e6
-    encode = (col["encoded"] - col["step_start"]) / 1e6
-    lm = (col["lm_stepped"] - col["encoded"]) / 1e6
-    decode = (col["decoded"] - col["lm_stepped"]) / 1e6
-    push = (col["ring_out"] - col["decoded"]) / 1e6
-    out = lat[good] - fill - to_ready - wait - step - push
-    _record(benchmark, ("model", codec), {
+    # when the phone handed over the packet holding the frame's last sample, and when it got back the one
+    # holding the marker's first (the same convention as `lat`: its offset in that packet included)
+    rate, n = int(peer["rate"]), int(peer["frame"])
+    clicks = np.asarray(peer["sent"])[good].astype(np.int64)
+    last = clicks + np.array([round((1920 - p) * rate / 24000) for _, p in rows]) - 1
+    sent_end = np.asarray(peer["t_req"], np.float64)[np.minimum(last // n, len(peer["t_req"]) - 1)]
+    heard = sent[good] + lat[good] * 1e6
+
+    def ms(a, b):
+        return (b - a) / 1e6
+
+    resamplers = _resamplers_ms(16000)  # the bridge's rate <-> 24 kHz: every call's port runs at it
+    ours = (ms(col["ring_in"], col["resampled"]) + ms(col["resampled"], col["step_start"])
+            + ms(col["decoded"], col["ring_out"]) + resamplers)
+    step = ms(col["step_start"], col["decoded"])
+    _record(benchmark, ("model", codec, kind), {
         "label": label, "total": L.stats_ms(lat[good]), "lost": int((~good).sum()),
         "fill": L.stats_ms(fill), "arrival_to_out": L.stats_ms(lat[good] - fill),
-        "inbound": L.stats_ms(to_ready), "ready_to_start": L.stats_ms(wait), "step": L.stats_ms(step),
-        "mimi_encode": L.stats_ms(encode), "lm_step": L.stats_ms(lm), "mimi_decode": L.stats_ms(decode),
-        "end_to_pushed": L.stats_ms(push), "outbound": L.stats_ms(out),
+        "phone_to_ring_in": L.stats_ms(ms(sent_end, col["ring_in"])),
+        "ring_in_to_resampled": L.stats_ms(ms(col["ring_in"], col["resampled"])),
+        "resampled_to_start": L.stats_ms(ms(col["resampled"], col["step_start"])), "step": L.stats_ms(step),
+        "mimi_encode": L.stats_ms(ms(col["step_start"], col["encoded"])),
+        "lm_step": L.stats_ms(ms(col["encoded"], col["lm_stepped"])),
+        "mimi_decode": L.stats_ms(ms(col["lm_stepped"], col["decoded"])),
+        "decoded_to_ring_out": L.stats_ms(ms(col["decoded"], col["ring_out"])),
+        "ring_out_to_rtp_out": L.stats_ms(ms(col["ring_out"], col["rtp_out"])),
+        "rtp_out_to_phone": L.stats_ms(ms(col["rtp_out"], heard)),
+        "own_stages": L.stats_ms(ours), "own_stages_and_tick": L.stats_ms(ours + ms(col["ring_out"], col["rtp_out"])),
+        "resamplers_ms": resamplers,
         # the loop's copy carries the peer's packetization (20 ms: a sample waits for its packet's end);
         # the marker's carries it inside `fill` (the frame's last packet leaves as the frame ends)
         "loop": L.stats_ms(loop[good]), "own": L.stats_ms(lat[good] - loop[good] - fill - step + PTIME_MS),
         "beyond_step_ms": lat[good] - fill - step, "loop_min": float(np.min(loop[good])),
-        "own_no_ratchet": L.stats_ms(lat[good] - loop[good] - fill - step + PTIME_MS
-                                     - 20.0 * L.underruns_before(stats, sent[good])),
         "own_ms": lat[good] - loop[good] - fill - step + PTIME_MS,
-        "steps": s.steps, "steps_late": s.steps_late,
-        "underruns": s.final_summary["underruns"], "overruns": s.final_summary["overruns"],
-        "silence_fed": s.silence_fed, "frames_dropped": s.frames_dropped})
+        "steps": summary["steps"], "steps_late": summary["steps_late"],
+        "underruns": summary["underruns"], "overruns": summary["overruns"],
+        "silence_fed": summary["silence_fed"], "frames_dropped": summary["frames_dropped"],
+        "tx_settled": summary["tx_settled"]})
     assert good.sum() >= MODEL_CLICKS // 2, (lat, marks)
+
+
+def _resamplers_ms(call_rate: int) -> float:
+    """The delay CallAudio's two resamplers add (filter delay: in the audio, not in any timestamp)."""
+    from callbot.engine import Resampler
+
+    return float(Resampler(call_rate, 24000).delay_ms + Resampler(24000, call_rate).delay_ms)
 
 
 # ---- the report -------------------------------------------------------------------------------------
@@ -257,18 +247,18 @@ def test_report(capsys):
     rev = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
                          cwd=L.ROOT).stdout.strip()
     lines = [f"clicks per case: {CLICKS}; tree {rev}; ms, p50 / p99 over clicks", "",
-             "case  codec  pjsip loop     ours (total)    own = ours-loop  own - underruns inbound         "
-             "engine        outbound        lost  tx underruns"]
+             "case  codec  pjsip loop     ours (total)    own = ours-loop  inbound         "
+             "engine        outbound        lost  tx underruns  tx settled"]
     for codec in CODECS:
         r = RESULTS.get(("echo", codec))
         if r:
             lines.append(f"echo  {codec:<5} {_fmt(r['loop'])}  {_fmt(r['total'])}  {_fmt(r['own'])}  "
-                         f"{_fmt(r['own_no_ratchet'])}  {_fmt(r['inbound'])} {_fmt(r['engine'])} "
+                         f"{_fmt(r['inbound'])} {_fmt(r['engine'])} "
                          f"{_fmt(r['outbound'])} {r['lost']:>4}  "
-                         f"{r['media'].get('tx_underruns', '?'):>4}   load {r['loadavg']:.1f}")
+                         f"{r['media'].get('tx_underruns', '?'):>12}  {r['tx_settled']!s:>10}   load {r['loadavg']:.1f}")
     ws = RESULTS.get(("ws", "PCMU"))
     if ws:
-        lines.append(f"ws    PCMU   {'':15}  {_fmt(ws['total'])}  {'':15}  {'':15}  {'':15} {'':15} {'':15} "
+        lines.append(f"ws    PCMU   {'':15}  {_fmt(ws['total'])}  {'':15}  {'':15} {'':15} {'':15} "
                      f"{ws['lost']:>4}         load {ws['loadavg']:.1f}")
     ec = RESULTS.get(("echo", "PCMU"))
     if ws and ec:
@@ -281,16 +271,18 @@ def test_report(capsys):
         if r:
             lines.append(f"echo {codec}: CallAudio resamplers {r['resampler_ms']:.2f} ms, port at {r['port_rate']} Hz, "
                          f"own over the first quarter of the call p50/p99 {_fmt(r['own_first'])}; media {r['media']}")
-    for codec in CODECS:
-        m = RESULTS.get(("model", codec))
+    for codec, kind in ((c, k) for k in ("process", "thread") for c in CODECS):
+        m = RESULTS.get(("model", codec, kind))
         if not m:
             continue
-        lines += ["", f"model {m['label']}, {codec}: clicks {m['total']['n']}, lost {m['lost']}, steps {m['steps']}, "
+        lines += ["", f"model {m['label']}, {codec}, inference in {'a child process (as serve runs it)' if kind == 'process' else 'a thread of the SIP process'}: clicks {m['total']['n']}, lost {m['lost']}, steps {m['steps']}, "
                   f"late {m['steps_late']}, underruns {m['underruns']}, overruns {m['overruns']}, "
-                  f"silence fed {m['silence_fed']}, dropped {m['frames_dropped']}; load {m['loadavg']:.1f}"]
-        for name in ("loop", "total", "fill", "arrival_to_out", "inbound", "ready_to_start", "step", "mimi_encode",
-                     "lm_step", "mimi_decode", "end_to_pushed", "outbound", "own", "own_no_ratchet"):
-            lines.append(f"  {name:<16}{_fmt(m[name])}")
+                  f"silence fed {m['silence_fed']}, dropped {m['frames_dropped']}, tx settled {m['tx_settled']}; "
+                  f"load {m['loadavg']:.1f}"]
+        for name in ("loop", "total", "fill", "arrival_to_out", "phone_to_ring_in", "ring_in_to_resampled",
+                     "resampled_to_start", "step", "mimi_encode", "lm_step", "mimi_decode", "decoded_to_ring_out",
+                     "ring_out_to_rtp_out", "rtp_out_to_phone", "own_stages", "own_stages_and_tick", "own"):
+            lines.append(f"  {name:<20}{_fmt(m[name])}")
     lines += projection_lines()
     with capsys.disabled():
         print("\n" + "\n".join(lines))
@@ -308,7 +300,8 @@ def projection_lines() -> list[str]:
     from the shapes: temporal + text head + 8 depformer slices + the KV cache, plus Mimi's weights once)
     over the memory bandwidth, at the floor (100 %) and at ASSUMED_EFFICIENCY; the rest of the path
     (everything but the step) is what this run measured with the tiny model."""
-    m = RESULTS.get(("model", "PCMU")) or RESULTS.get(("model", "G722"))
+    m = next((RESULTS[k] for k in (("model", c, kind) for kind in ("process", "thread") for c in CODECS)
+              if k in RESULTS), None)
     if not m or os.environ.get("CALLBOT_BENCH_MODEL"):
         return []
     sys.path.insert(0, str(L.ROOT))

@@ -28,6 +28,8 @@ HERE = pathlib.Path(__file__).parent
 ROOT = HERE.parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
+if str(ROOT) not in sys.path:  # tests/ (the tiny model), in this process and the spawned children
+    sys.path.append(str(ROOT))
 
 from peer_audio import click  # noqa: E402
 
@@ -187,37 +189,25 @@ def endpoint_call_stats(ep) -> dict | None:
                             "jb_avg_ms": j.avgDelayMsec, "jb_max_ms": j.maxDelayMsec,
                             "port_rate": att.pump.frame_samples * 50 if hasattr(att, "pump") else None,
                             "media": dict(att.stats) if hasattr(att, "pump") else None,
-                            "resampler_ms": float(call.session.audio.delay_ms) if call.session else None,
-                            "call_rate": int(call.session.audio.call_rate) if call.session else None}
+                            # a session in the inference process has its resamplers there
+                            "resampler_ms": float(getattr(call.session.audio, "delay_ms", float("nan")))
+                            if call.session else None,
+                            "call_rate": int(call.session.audio.call_rate) if call.session else None,
+                            "tx_settled": getattr(call.session.audio, "tx_settled", None) if call.session else None}
         return None
     return ep._submit(read)
 
 
 def poll_during(fn_running, sample, every_s: float = 0.25):
-    """Calls `sample()` every `every_s` while `fn_running()` is true; returns the last non-None sample,
-    with `series`: (monotonic ns, tx underruns so far) of every sample that had the port's counters."""
-    last, series = None, []
+    """Calls `sample()` every `every_s` while `fn_running()` is true; returns the last non-None sample."""
+    last = None
     while fn_running():
         with contextlib.suppress(Exception):
             s = sample()
             if s is not None:
                 last = s
-                if s.get("media"):
-                    series.append((time.monotonic_ns(), s["media"]["tx_underruns"]))
         time.sleep(every_s)
-    if last is not None:
-        last["series"] = np.array(series, np.int64).reshape(-1, 2)
     return last
-
-
-def underruns_before(stats: dict | None, times_ns: np.ndarray) -> np.ndarray:
-    """The port's tx underruns counted before each time (from the sampled series; 0.25 s resolution):
-    each one has left the caller's audio 20 ms later for the rest of the call."""
-    if not stats or len(stats.get("series", ())) == 0:
-        return np.zeros(len(times_ns))
-    series = stats["series"]
-    idx = np.searchsorted(series[:, 0], times_ns) - 1
-    return np.where(idx >= 0, series[np.clip(idx, 0, None), 1], 0)
 
 
 def sip_call_with_clicks(engine: Any, codec: str, clicks: int, interval_ms: float,
@@ -415,33 +405,121 @@ def ws_call_with_clicks(engine: Any, clicks: int, interval_ms: float) -> dict:
 # ---- the model --------------------------------------------------------------------------------------
 
 
-def load_bench_model(tmp_dir: pathlib.Path):
-    """(Model, PromptSnapshot, label): the tiny model (tests/tiny_assets.py, the HF file layout, same code
-    as the 7B) written to `tmp_dir`, or the real weights in CALLBOT_BENCH_MODEL (quantized as
-    CALLBOT_BENCH_QUANT says: q4 by default, q8, or none). Warmed up: three steps before any call."""
-    from callbot.engine import Model
-
+def bench_model_source(tmp_dir: pathlib.Path) -> tuple[str, dict, str]:
+    """(weights folder, Model.load keywords, label): the tiny model (tests/tiny_assets.py, the HF file
+    layout, same code as the 7B) written to `tmp_dir`, or the real weights in CALLBOT_BENCH_MODEL
+    (quantized as CALLBOT_BENCH_QUANT says: q4 by default, q8, or none)."""
     real = os.environ.get("CALLBOT_BENCH_MODEL")
     if real:
         quant = os.environ.get("CALLBOT_BENCH_QUANT", "q4")
         if quant not in ("q4", "q8", "none"):
             raise ValueError(f"CALLBOT_BENCH_QUANT must be q4, q8 or none, got {quant!r}")
-        model = Model.load(real, None if quant == "none" else quant)
-        label = f"PersonaPlex-7B {quant}"
-    else:
-        if str(ROOT) not in sys.path:
-            sys.path.insert(0, str(ROOT))
-        from tests.tiny_assets import tiny_model_configs, write_tiny_model_dir
+        return real, {"quantize": None if quant == "none" else quant}, f"PersonaPlex-7B {quant}"
+    from tests.tiny_assets import write_tiny_model_dir
+
+    return str(write_tiny_model_dir(tmp_dir)), {"tiny": True}, "tiny (LM dim 64, 2 layers; tiny Mimi), CPU fp32"
+
+
+def _load(directory: str, how: dict):
+    from callbot.engine import Model
+
+    if how.get("tiny"):
+        from tests.tiny_assets import tiny_model_configs
 
         lm_cfg, mimi_cfg = tiny_model_configs()
-        directory = write_tiny_model_dir(tmp_dir)
-        model = Model.load(directory, lm_config=lm_cfg, mimi_config=mimi_cfg, cache_dir=False, progress=False)
-        label = "tiny (LM dim 64, 2 layers; tiny Mimi), CPU fp32"
-    snapshot = model.prepare("NATF2", "You answer the phone for a pizza shop.")
+        return Model.load(directory, lm_config=lm_cfg, mimi_config=mimi_cfg, cache_dir=False, progress=False)
+    return Model.load(directory, how["quantize"])
+
+
+def _prepare(model):
+    return model.prepare("NATF2", "You answer the phone for a pizza shop.")
+
+
+def _warm_up(model, snapshot) -> None:
     warm = model.open_session(snapshot=snapshot)
     for _ in range(3):
         warm.step(np.zeros(1920, np.float32))
+
+
+def load_bench_model(tmp_dir: pathlib.Path):
+    """(Model, PromptSnapshot, label), loaded in this process from `bench_model_source`. Warmed up: three
+    steps before any call."""
+    directory, how, label = bench_model_source(tmp_dir)
+    model = _load(directory, how)
+    snapshot = _prepare(model)
+    _warm_up(model, snapshot)
     return model, snapshot, label
+
+
+def marked_model_setup(directory: str, how: dict, marks_path: str):
+    """The inference process's setup (engine/inference_process.py) for the bench: the model from
+    `bench_model_source`, marking its output (MarkedModel) and appending the marks to `marks_path`.
+    Runs in the spawned child (module-level, so that it pickles by name)."""
+    from callbot.engine.inference_process import InferenceSetup
+    from callbot.engine.runner import BotPrompt
+
+    model = MarkedModel(_load(directory, how), marks_path)
+    snapshot = _prepare(model)
+    # on the inference thread, as serve's warm-up (MLX caches compiled graphs per stream)
+    return InferenceSetup(model, {"bench": BotPrompt(snapshot, seed=1)}, lambda: _warm_up(model._model, snapshot))
+
+
+class MarkedModel:
+    """The loaded Model, except that its sessions' audio is a marker track: after each real step, the
+    step's audio is replaced by a marker click at the first sample of the output frame computed from the
+    input frame holding the peer's click (the first output that could depend on it), silence otherwise.
+    `marks`: (step index in its session, where the click starts in that input frame); with `marks_path`
+    each mark is also appended there as a line "step start" (the inference process's child writes it)."""
+
+    def __init__(self, model, marks_path: str | None = None):
+        self._model = model
+        self.marks: list[tuple[int, int]] = []
+        self._marks_path = marks_path
+
+    def open_session(self, **kw):
+        return MarkedSession(self._model.open_session(**kw), self)
+
+    def mark(self, step: int, start: int) -> None:
+        self.marks.append((step, start))
+        if self._marks_path is not None:
+            with open(self._marks_path, "a") as f:
+                f.write(f"{step} {start}\n")
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+class MarkedSession:
+    THRESHOLD = 0.1  # the click peaks at 0.37 full scale; the peer sends digital silence around it
+
+    def __init__(self, inner, owner: MarkedModel):
+        self.inner = inner
+        self.owner = owner
+        self.k = 0
+        self.prev_hit = False
+        self.marker = click(24000).astype(np.float32) / 32768
+        self.half = len(self.marker) // 2
+
+    def __getattr__(self, name):  # the runner reads the session's own stage timestamps
+        return getattr(self.inner, name)
+
+    def step(self, pcm):
+        out, piece = self.inner.step(pcm)  # the real step, timed by the runner around this call
+        peak = int(np.argmax(np.abs(pcm)))
+        hit = abs(float(pcm[peak])) >= self.THRESHOLD
+        out = np.zeros_like(out)
+        if hit and not self.prev_hit:
+            out[:len(self.marker)] = self.marker
+            self.owner.mark(self.k, peak - self.half)
+        self.prev_hit = hit
+        self.k += 1
+        return out, piece
+
+
+def read_marks(path: pathlib.Path) -> list[tuple[int, int]]:
+    if not path.exists():
+        return []
+    return [tuple(int(v) for v in line.split()) for line in path.read_text().splitlines() if line.strip()]
 
 
 # ---- load ---------------------------------------------------------------------------------------------

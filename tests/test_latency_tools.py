@@ -58,12 +58,6 @@ def test_click_arrivals_finds_each_copy_to_the_sample(rate):
     assert np.isnan(L.click_arrivals(_synthetic_peer(rate, [43.0]), 217.0, 2)[:, 1]).all()
 
 
-def test_underruns_before_reads_the_sampled_counter():
-    stats = {"series": np.array([[100, 0], [200, 1], [300, 3]], np.int64)}
-    assert list(L.underruns_before(stats, np.array([50, 150, 250, 350]))) == [0, 0, 1, 3]
-    assert list(L.underruns_before(None, np.array([1, 2]))) == [0, 0]
-
-
 @pytest.mark.timeout(90)
 def test_an_echo_call_brings_every_click_back_twice_pjsip_first():
     """A real call (pjsua2 peer process -> Endpoint with the echo engine and pjsip's loop beside it):
