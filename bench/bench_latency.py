@@ -147,7 +147,7 @@ def model_call(source, codec: str, clicks: int, interval_ms: float, kind: str, t
     closed = []
     if kind == "process":
         marks_path = tmp_path / "marks.txt"
-        engine = InferenceProcess(functools.partial(L.marked_model_setup, directory, how, str(marks_path)),
+        engine = InferenceProcess(functools.partial(L.model_setup, directory, how, str(marks_path)),
                                   on_closed=closed.append)
     else:
         from callbot.engine.runner import BotPrompt, ModelEngine

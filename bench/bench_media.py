@@ -236,13 +236,15 @@ class Info:
     clock_rate = RATE
 
 
-def run_call(seconds_each: float, calls: int = 1) -> dict:
-    """`calls` calls at once (the first one timed); the scenarios take turns every SEGMENT_S; returns
-    per-scenario lateness and cost. Every call's two callbacks take the GIL once per tick."""
+def run_call(seconds_each: float, calls: int = 1, engine=None, scenarios=SCENARIOS) -> dict:
+    """`calls` calls at once (the first one timed) on `engine` (None: an EchoEngine of its own); the
+    scenarios take turns every SEGMENT_S; returns per-scenario lateness and cost. Every call's two
+    callbacks take the GIL once per tick."""
     rounds = max(1, round(seconds_each / SEGMENT_S))
-    frames = int(rounds * len(SCENARIOS) * SEGMENT_S * 50) + 200
+    frames = int(rounds * len(scenarios) * SEGMENT_S * 50) + 200
     old_switch = sys.getswitchinterval()
-    engine = EchoEngine()
+    own_engine = engine is None
+    engine = EchoEngine() if own_engine else engine
     session = engine.open_session(Info())
     peer = c_peer()
     att = attach_media(peer, RATE, session)
@@ -263,7 +265,7 @@ def run_call(seconds_each: float, calls: int = 1) -> dict:
         port.startTransmit(peer)
         time.sleep(0.2)
         for _ in range(rounds):
-            for i, (_, mode, switch) in enumerate(SCENARIOS):
+            for i, (_, mode, switch) in enumerate(scenarios):
                 sys.setswitchinterval(switch)
                 load.mode = mode
                 segments.append((time.perf_counter_ns(), i))
@@ -292,7 +294,7 @@ def run_call(seconds_each: float, calls: int = 1) -> dict:
         if len(ticks):
             late[ticks] = offset[ticks] - offset[ticks].min()
     results = {}
-    for i, (name, _, _) in enumerate(SCENARIOS):
+    for i, (name, _, _) in enumerate(scenarios):
         picks = []
         for j, (s0, idx) in enumerate(segments[:-1]):
             if idx == i:
@@ -312,7 +314,8 @@ def run_call(seconds_each: float, calls: int = 1) -> dict:
     results["callback cost"] = {"p50_us": float(np.percentile(cost, 50)), "p99_us": float(np.percentile(cost, 99)),
                                 "max_us": float(cost.max()), "underruns": int(att.pump.tx_underruns)}
     engine.close_session(session)
-    engine.close()
+    if own_engine:
+        engine.close()
     del port, peer, att
     gc.collect()
     return results
@@ -342,6 +345,47 @@ def test_callback_lateness_over_a_call(benchmark, endpoint, calls):
         )
     print(f"our callbacks' own cost over the call: p50 {cost['p50_us']:.1f} us, p99 {cost['p99_us']:.1f} us, "
           f"max {cost['max_us']:.0f} us; tx underruns {cost['underruns']}")
+
+
+@pytest.mark.timeout(CALL_S * 4 + 300)
+def test_callback_lateness_with_the_model_in_its_own_process(benchmark, endpoint, tmp_path):
+    """What `callbot serve` runs: 4 calls whose engine is the InferenceProcess (the tiny model stepping
+    every call in a spawned child; rings in shared memory), against the same 4 calls on the echo engine
+    (idle) in the same run. The media process runs no Python beside the callbacks: lateness should stay
+    at idle's, whatever the child does with its core."""
+    import functools
+
+    import latency_lab as L
+    from callbot.engine.inference_process import InferenceProcess
+
+    directory, how, label = L.bench_model_source(tmp_path)
+    results, got = {}, []
+
+    def run():
+        results["idle (echo engine)"] = run_call(CALL_S, 4)["idle"]
+        model = InferenceProcess(functools.partial(L.model_setup, directory, how))
+        try:
+            for name, realtime in (("model, clock thread as is", False), ("model, clock thread real-time", True)):
+                # as the Endpoint does at start (sip/media_port.py); the clock thread is promoted on its
+                # next frame, and a thread once promoted stays so: the plain case runs first
+                if realtime:
+                    media_port.make_media_clock_realtime(got.append)
+                try:
+                    results[name] = run_call(CALL_S, 4, model, [(name, None, 0.005)])[name]
+                finally:
+                    media_port.leave_media_clock_alone()
+        finally:
+            model.close()
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    benchmark.extra_info.update(results)
+    idle = results["idle (echo engine)"]
+    print(f"\ncallback lateness with 4 calls, {CALL_S:.0f} s per case; model: {label}; "
+          f"clock thread made {got[0].policy if got else 'nothing'}")
+    print(f"{'case':30s} {'late p50':>9s} {'p99':>8s} {'max':>8s} {'gap max':>8s} {'p99 vs idle':>12s}")
+    for name, r in results.items():
+        print(f"{name:30s} {r['late_p50_ms']:7.2f}ms {r['late_p99_ms']:6.2f}ms {r['late_max_ms']:6.2f}ms "
+              f"{r['interval_max_ms']:6.2f}ms {r['late_p99_ms'] / max(idle['late_p99_ms'], 1e-3):11.1f}x")
 
 
 # ---- 3. the echo line's round trip over a real SIP call, and its parts ----------------------------

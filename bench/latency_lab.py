@@ -451,17 +451,18 @@ def load_bench_model(tmp_dir: pathlib.Path):
     return model, snapshot, label
 
 
-def marked_model_setup(directory: str, how: dict, marks_path: str):
-    """The inference process's setup (engine/inference_process.py) for the bench: the model from
-    `bench_model_source`, marking its output (MarkedModel) and appending the marks to `marks_path`.
-    Runs in the spawned child (module-level, so that it pickles by name)."""
+def model_setup(directory: str, how: dict, marks_path: str | None = None):
+    """The inference process's setup (engine/inference_process.py) for the benches: the model from
+    `bench_model_source`; with `marks_path`, marking its output (MarkedModel) and appending the marks
+    there. Runs in the spawned child (module-level, so that it pickles by name)."""
     from callbot.engine.inference_process import InferenceSetup
     from callbot.engine.runner import BotPrompt
 
-    model = MarkedModel(_load(directory, how), marks_path)
+    plain = _load(directory, how)
+    model = plain if marks_path is None else MarkedModel(plain, marks_path)
     snapshot = _prepare(model)
     # on the inference thread, as serve's warm-up (MLX caches compiled graphs per stream)
-    return InferenceSetup(model, {"bench": BotPrompt(snapshot, seed=1)}, lambda: _warm_up(model._model, snapshot))
+    return InferenceSetup(model, {"bench": BotPrompt(snapshot, seed=1)}, lambda: _warm_up(plain, snapshot))
 
 
 class MarkedModel:

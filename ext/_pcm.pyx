@@ -24,6 +24,7 @@ any frame moves (callbot.sip.media_port calls it at import); until it has passed
 The GIL is never released here: the copies take about a microsecond, and releasing it would mean
 waiting to take it back behind whatever thread runs next.
 """
+from cpython.pythread cimport PyThread_get_thread_ident
 from cpython.ref cimport PyObject
 from libc.stdint cimport int16_t, uint64_t
 from libc.string cimport memset
@@ -123,6 +124,42 @@ def check_layout(pj):
     _swig_type = type(this)
 
 
+# Threads the callbacks have run on since the hook was set (pjmedia's clock thread: one per endpoint).
+DEF MAX_SEEN_THREADS = 8
+cdef unsigned long _seen_threads[MAX_SEEN_THREADS]
+cdef int _seen_count = 0
+cdef object _thread_hook = None
+
+
+def set_media_thread_hook(hook):
+    """`hook()` is called once on each new thread that runs a pump's `requested` (at most 8 threads per
+    hook), from inside that callback: pjsua2 gives no other handle on pjmedia's clock thread, and the SIP
+    side makes it real-time there. Exceptions from the hook are swallowed (the frame must go on). None:
+    no hook."""
+    global _thread_hook, _seen_count
+    _thread_hook = hook
+    _seen_count = 0
+
+
+cdef inline void _note_thread() noexcept:
+    global _seen_count
+    if _thread_hook is None:
+        return
+    cdef unsigned long me = PyThread_get_thread_ident()
+    cdef int i
+    for i in range(_seen_count):
+        if _seen_threads[i] == me:
+            return
+    if _seen_count >= MAX_SEEN_THREADS:
+        return
+    _seen_threads[_seen_count] = me
+    _seen_count += 1
+    try:
+        _thread_hook()
+    except BaseException:
+        pass
+
+
 def vector_to_bytes(byte_vector):
     """The vector's bytes (a test and bench helper, not for the hot path: it allocates)."""
     cdef callbot_byte_vector* v = <callbot_byte_vector*>_swig_ptr(byte_vector)
@@ -203,6 +240,7 @@ cdef class MediaPump:
 
     def requested(self, frame):
         """onFrameRequested: fill the frame from tx; a shortfall is played as silence and counted."""
+        _note_thread()
         cdef callbot_media_frame* f = <callbot_media_frame*>_swig_ptr(frame)
         cdef size_t want = f.size // 2
         if want > MAX_FRAME:

@@ -69,11 +69,15 @@ class Endpoint:
         self.engine = engine
         self.recorder = recorder
         self._attach_media = None
+        self._media_clock = None  # (make realtime, undo) when calls have media ports
+        # what pjmedia's clock thread got when its first frame made it real-time (None until then)
+        self.media_clock_realtime = None
         if engine is not None:
             # only calls with an engine need media ports (and the compiled PCM helper behind them)
-            from .media_port import attach_media
+            from .media_port import attach_media, leave_media_clock_alone, make_media_clock_realtime
 
             self._attach_media = attach_media
+            self._media_clock = (make_media_clock_realtime, leave_media_clock_alone)
         self.events: queue.Queue[Event] = queue.Queue()
         self._history: collections.deque[Event] = collections.deque(maxlen=10_000)
         self._history_cond = threading.Condition()
@@ -285,6 +289,8 @@ class Endpoint:
         for tcfg in cfg.transports:
             self.transports[tcfg.name] = create_transport(self._ep, tcfg)
         self._ep.libStart()
+        if self._media_clock is not None:
+            self._media_clock[0](lambda result: setattr(self, "media_clock_realtime", result))
         self.codecs = apply_codec_priorities(self._ep, cfg.codecs)
         names = [c.split("/", 1)[0].upper() for c in self.codecs]
         self._accepted = tuple(n for n in dict.fromkeys(names) if n in _OFFER_CODECS)
@@ -366,6 +372,8 @@ class Endpoint:
 
     def _teardown(self) -> None:
         global _running
+        if self._media_clock is not None:
+            self._media_clock[1]()
         self._drop_pjsua_objects()
         forget_printed_errors()  # a traceback printed by pjsua2 may hold a Call (sip/callbacks.py)
         gc.collect()

@@ -20,16 +20,56 @@ takes 16 <-> 24 kHz (1.0 ms each way). `clock_rate` below is that rate.
 
 from __future__ import annotations
 
+import logging
+import threading
+from typing import Callable
+
 import pjsua2 as pj
 
-from callbot.engine import _pcm
+from callbot.engine import _pcm, make_realtime
 from callbot.engine._pcm import MediaPump
+from callbot.engine.realtime import RealtimeResult
+
+log = logging.getLogger(__name__)
 
 FRAME_US = 20000  # one 20 ms frame per clock tick
+# pjmedia's clock thread carries every call's audio in and out (jitter buffers, codecs, the bridge, our
+# callbacks: well under a millisecond a tick). It runs SCHED_FIFO above the inference thread (10, in its
+# own process), so that a step hogging a core never makes a tick late (BENCHMARKS.md "Media callback").
+MEDIA_FIFO_PRIORITY = 12
+# what threading.current_thread() is on a thread Python did not start (documented as "a dummy thread
+# object"; the class's name is private but has not changed since Python 2)
+_FOREIGN_THREAD = threading._DummyThread
 
 # The Cython pump reads and writes MediaFrame fields in place through SWIG's pointers; check on real
 # pjsua2 objects that they are laid out as it expects before any port relies on it (ValueError if not).
 _pcm.check_layout(pj)
+
+
+def make_media_clock_realtime(on_result: Callable[[RealtimeResult], None] | None = None) -> None:
+    """From now on, the first frame a C thread (one Python did not start) asks of any media port makes
+    that thread as real-time as the OS permits (pjmedia's clock thread: the bridge's 20 ms tick), and
+    hands the outcome to `on_result`. pjsua2 has no handle on that thread; its own callback is the one
+    place we run on it."""
+
+    def promote() -> None:
+        # pjmedia's clock thread was not started by Python: threading shows it as a "dummy" thread.
+        # Threads of ours that drive a pump directly (tests, benches) are left as they are.
+        if not isinstance(threading.current_thread(), _FOREIGN_THREAD):
+            return
+        # macOS time-constraint: a tick every 20 ms, a few ms of work, done within 15 ms of it
+        result = make_realtime(20.0, 5.0, 15.0, priority=MEDIA_FIFO_PRIORITY)
+        log.info("media clock thread: %s priority %d%s", result.policy, result.priority,
+                 f" ({result.reason})" if result.reason else "")
+        if on_result is not None:
+            on_result(result)
+
+    _pcm.set_media_thread_hook(promote)
+
+
+def leave_media_clock_alone() -> None:
+    """Undoes make_media_clock_realtime for threads not yet seen (a promoted thread ends with its endpoint)."""
+    _pcm.set_media_thread_hook(None)
 
 
 class _RingPort(pj.AudioMediaPort):

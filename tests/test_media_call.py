@@ -5,6 +5,7 @@ recording holding the caller's audio.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import signal
 import subprocess
@@ -136,6 +137,12 @@ def test_echo_call_returns_the_callers_signal(echo_line, tmp_path, codec):
     assert mostly_found(caller) and mostly_found(bot), (caller, bot)
     # the echo follows the caller's words (compare pieces both sides found whole)
     assert all(b[1] > c[1] for b, c in zip(bot, caller) if b[0] > 0.9 and c[0] > 0.9)
+    # pjmedia's clock thread was made as real-time as this machine permits, from its first frame; the
+    # threads of ours that never ran a media callback (this one) were left alone
+    got = echo_line.media_clock_realtime
+    assert got is not None and got.policy in ("SCHED_FIFO", "SCHED_OTHER", "unchanged"), got
+    if hasattr(os, "sched_getscheduler"):
+        assert os.sched_getscheduler(0) == os.SCHED_OTHER
 
 
 def test_kill_9_mid_call_leaves_a_playable_recording(tmp_path):

@@ -181,3 +181,32 @@ def test_bad_construction_is_a_value_error():
         MediaPump(None, tx, N)
     with pytest.raises(TypeError):
         MediaPump("not a ring", tx, N)
+
+
+def test_the_thread_hook_runs_once_on_each_new_thread_and_never_breaks_a_frame():
+    import threading
+
+    from callbot.engine._pcm import set_media_thread_hook
+
+    pump = MediaPump(Ring(1024, "int16"), Ring(1024, "int16"), N)
+    seen = []
+
+    def hook():
+        seen.append(threading.get_ident())
+        raise RuntimeError("a failing hook must not cost the frame")
+
+    set_media_thread_hook(hook)
+    try:
+        for _ in range(3):
+            f = requested_frame()
+            pump.requested(f)
+            assert len(samples_of(f)) == N
+        other = threading.Thread(target=lambda: [pump.requested(requested_frame()) for _ in range(3)])
+        other.start()
+        other.join(10)
+        assert seen == [threading.get_ident(), other.ident]
+        set_media_thread_hook(None)
+        pump.requested(requested_frame())
+        assert len(seen) == 2
+    finally:
+        set_media_thread_hook(None)
