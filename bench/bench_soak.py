@@ -1,4 +1,5 @@
-"""Cadence soak: one long SIP call answered by the model, once on an idle machine and once with a process
+"""Cadence soak: one long SIP call answered by the model as `callbot serve` runs it (the InferenceProcess:
+model and inference thread in a child process), once on an idle machine and once with a process
 spinning on one of its cores; counts everything that breaks the 12.5 Hz cadence.
 
 Why: a call lasts minutes, and the inference thread must start every step within its 80 ms frame for all
@@ -15,6 +16,7 @@ A bench, not a test: .ci/run never runs it. The call is 10 minutes per case by d
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import subprocess
 
@@ -31,15 +33,19 @@ pytestmark = pytest.mark.timeout(int(2 * SOAK_S + 300))
 
 
 @pytest.fixture(scope="module")
-def model_and_snapshot(tmp_path_factory):
-    return L.load_bench_model(tmp_path_factory.mktemp("soak-model"))
+def model_source(tmp_path_factory):
+    return L.bench_model_source(tmp_path_factory.mktemp("soak-model"))
 
 
-def _soak(model, snapshot, busy: bool) -> dict:
-    from callbot.engine.runner import BotPrompt, ModelEngine
+def _soak(source, busy: bool) -> dict:
+    """One call of SOAK_S seconds to the model as `serve` runs it: the InferenceProcess (the model and its
+    inference thread in a spawned child, rings in shared memory), pjmedia's clock thread real-time."""
+    from callbot.engine.frame_stats import STAGES
+    from callbot.engine.inference_process import InferenceProcess
 
+    directory, how, _ = source
     closed = []
-    engine = ModelEngine(model, lambda ci: BotPrompt(snapshot, seed=1), on_closed=closed.append)
+    engine = InferenceProcess(functools.partial(L.model_setup, directory, how), on_closed=closed.append)
     try:
         with L.busy_core() if busy else contextlib.nullcontext():
             load = _loadavg()
@@ -51,21 +57,20 @@ def _soak(model, snapshot, busy: bool) -> dict:
     if engine.error is not None:
         raise engine.error
     s = closed[0]
-    from callbot.engine.runner import STAGES
-
-    t = s.stats.t[:min(s.stats.count, len(s.stats.t))].astype(np.float64)
+    t = s.stats.held()[0].astype(np.float64)
     ready, starts, ends = (t[:, STAGES.index(n)] for n in ("resampled", "step_start", "decoded"))
     jitter = np.abs(np.diff(starts) / 1e6 - 80.0)
     step = (ends - starts) / 1e6
     summary = s.final_summary
     return {
-        "seconds": SOAK_S, "steps": s.steps, "steps_late": s.steps_late, "silence_fed": s.silence_fed,
-        "frames_dropped": s.frames_dropped, "underruns": summary["underruns"], "overruns": summary["overruns"],
+        "seconds": SOAK_S, "steps": summary["steps"], "steps_late": summary["steps_late"],
+        "silence_fed": summary["silence_fed"], "frames_dropped": summary["frames_dropped"],
+        "underruns": summary["underruns"], "overruns": summary["overruns"], "tx_settled": summary["tx_settled"],
         "media": (media or {}).get("media") or {}, "jitter_p50": L.pct(jitter, 50), "jitter_p99": L.pct(jitter, 99),
         "jitter_max": float(jitter.max()) if len(jitter) else float("nan"),
         "step_p50": L.pct(step, 50), "step_p99": L.pct(step, 99), "step_max": float(step.max()),
         "ready_to_start_p99": L.pct((starts - ready) / 1e6, 99), "loadavg": load,
-        "realtime": str(getattr(engine.realtime_result, "policy", engine.realtime_result)),
+        "realtime": engine.info.get("realtime", "?"),
     }
 
 
@@ -74,10 +79,9 @@ def _loadavg() -> float:
 
 
 @pytest.mark.parametrize("load", ["idle", "busy"])
-def test_soak(benchmark, model_and_snapshot, load):
-    model, snapshot, label = model_and_snapshot
-    r = benchmark.pedantic(lambda: _soak(model, snapshot, busy=load == "busy"), rounds=1, iterations=1)
-    r["label"] = label
+def test_soak(benchmark, model_source, load):
+    r = benchmark.pedantic(lambda: _soak(model_source, busy=load == "busy"), rounds=1, iterations=1)
+    r["label"] = model_source[2]
     RESULTS[load] = r
     benchmark.extra_info.update({k: v for k, v in r.items() if isinstance(v, (int, float, str))})
     assert r["steps"] >= 0.8 * SOAK_S * 12.5, r  # the call ran for its length (not a timing threshold)
@@ -90,11 +94,12 @@ def test_report(capsys):
                          cwd=L.ROOT).stdout.strip()
     first = next(iter(RESULTS.values()))
     lines = [f"soak: {SOAK_S:.0f} s per case, {CODEC}, {first['label']}; tree {rev}",
-             "load  steps  late  silence  dropped  underruns  overruns  tx_underruns(port)  "
+             "load  steps  late  silence  dropped  underruns  overruns  tx settled  tx_underruns(port)  "
              "start jitter p50/p99/max ms  step p50/p99/max ms  ready->start p99  loadavg  realtime"]
     for load, r in RESULTS.items():
         lines.append(f"{load:<5} {r['steps']:>5} {r['steps_late']:>5} {r['silence_fed']:>8} {r['frames_dropped']:>8} "
-                     f"{r['underruns']:>10} {r['overruns']:>9} {r['media'].get('tx_underruns', '?'):>19}  "
+                     f"{r['underruns']:>10} {r['overruns']:>9} {r['tx_settled']:>11} "
+                     f"{r['media'].get('tx_underruns', '?'):>19}  "
                      f"{r['jitter_p50']:8.2f} {r['jitter_p99']:6.2f} {r['jitter_max']:6.2f}     "
                      f"{r['step_p50']:6.1f} {r['step_p99']:6.1f} {r['step_max']:6.1f}  {r['ready_to_start_p99']:10.2f}"
                      f"  {r['loadavg']:7.1f}  {r['realtime']}")

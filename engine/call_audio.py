@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from multiprocessing import shared_memory
+from typing import Callable
 
 import numpy as np
 
@@ -40,8 +41,9 @@ from callbot.engine.ring import capacity_for
 ENGINE_RATE = 24000  # Hz: Mimi's rate, the model's only rate
 CALL_RATES = (8000, 16000, 24000)  # Hz a call's media port may run at (the resampler's designs)
 RING_SECONDS = 2.0  # capacity of each ring: enough to ride out a stalled engine for this long
-# pushes that must each find earlier audio still queued in tx before that lasting delay is cut (`tx_settle`)
-TX_SETTLE_PUSHES = 4
+# how early, at least, every recent push must have come before the media tick that read it, beyond the
+# backlog it found, for that backlog to be cut (`tx_settle`): steps vary by a few ms from frame to frame
+SETTLE_MARGIN_MS = 4.0
 
 
 
@@ -134,7 +136,7 @@ class CallAudio:
 
     def __init__(self, call_rate: int, ring_seconds: float = RING_SECONDS, tx_max_ms: float | None = None,
                  *, tx_settle: int | None = None, rings: tuple[Ring, Ring] | None = None,
-                 stamps: tuple[StampLog, StampLog] | None = None):
+                 stamps: tuple[StampLog, StampLog] | None = None, clock: Callable[[], int] = now_ns):
         _check_rate(call_rate)
         if not ring_seconds > 0:
             raise ValueError(f"ring_seconds must be > 0, got {ring_seconds!r}")
@@ -168,14 +170,18 @@ class CallAudio:
         self.tx_max = None if tx_max_ms is None else int(call_rate * tx_max_ms / 1000)
         self.tx_trimmed = 0  # call-rate samples dropped by that limit, or to settle (below)
         # A push that finds audio of earlier pushes still queued in tx delays all of its own audio by that
-        # much. Once is harmless (a fast step after a slow one); when each of the last `tx_settle` pushes
-        # found some, the delay has become lasting (an underrun, or steps ending on both sides of a media
-        # tick, shifted the phase for good: "the ratchet"), and it would stay for the rest of the call.
-        # Then the smallest of those amounts is dropped from the start of this push, once: one cut in the
-        # audio instead of that delay forever. None: never.
+        # much: after an underrun the media side plays the late audio one tick later, and every later push
+        # finds the previous one's tail still queued ("the ratchet"), for the rest of the call. When each
+        # of the last `tx_settle` pushes found a backlog, AND each of them reached tx at least that
+        # backlog + SETTLE_MARGIN_MS before the tick that read it (so the engine would have been in time
+        # without the backlog: its steps do not end on both sides of a tick), the smallest backlog is
+        # dropped from the start of this push, once: one cut instead of that delay forever. A step time
+        # that straddles a tick keeps the backlog: a later phase that holds beats an underrun and a cut
+        # every few frames. None: never.
         self.tx_settle = tx_settle
         self.tx_settled = 0  # times that happened
-        self._queued_at_push: deque = deque(maxlen=tx_settle or 1)
+        self._recent: deque = deque(maxlen=tx_settle or 1)  # (tx position, push ns, backlog) per push
+        self._clock = clock
         self.frames_pulled = 0
         self.frames_pushed = 0
         # sample positions, for the stamps: call-rate samples read from rx and written to tx so far (the
@@ -250,7 +256,8 @@ class CallAudio:
             chunk = self._up.process(chunk)
             if len(chunk):
                 made = self._in24.write(chunk)
-                self._chunks.append((self._rx_read, self._rx_read + have, self._made24, self._made24 + made, now_ns()))
+                self._chunks.append((self._rx_read, self._rx_read + have, self._made24, self._made24 + made,
+                                     self._clock()))
                 self._made24 += made
             self._rx_read += have
         if self._in24.readable < n:
@@ -278,15 +285,14 @@ class CallAudio:
             raise ValueError(f"push() takes a 1-D int16 array of 24 kHz samples, got {frame.dtype} {frame.shape}")
         out = self._down.process(frame)
         self.frames_pushed += 1
-        if self.tx_settle is not None:
-            self._queued_at_push.append(self.tx.readable)  # a snapshot: the media side only lowers it
-            lasting = min(self._queued_at_push) if len(self._queued_at_push) == self.tx_settle else 0
-            if lasting > 0 and len(out):
-                drop = min(lasting, len(out))
+        backlog = self.tx.readable  # a snapshot: the media side only lowers it
+        if self.tx_settle is not None and len(out):
+            drop = min(self._settle_cut(backlog), len(out))
+            if drop:
                 out = out[drop:]
                 self.tx_trimmed += drop
                 self.tx_settled += 1
-                self._queued_at_push.clear()
+                self._recent.clear()
         if self.tx_max is not None:
             excess = self.tx.readable + len(out) - self.tx_max
             if excess > 0:
@@ -294,11 +300,31 @@ class CallAudio:
                 out = out[drop:]
                 self.tx_trimmed += drop
         # stamped before tx holds it: the media side cannot have read it any earlier
-        self.last_push_ns = now_ns()
+        self.last_push_ns = self._clock()
         written = self.tx.write(out) if len(out) else 0
         self.last_push_pos = self._tx_written if written else -1
         self._tx_written += written
+        if written and self.tx_settle is not None:
+            self._recent.append((self.last_push_pos, self.last_push_ns, backlog))
         return written
+
+    def _settle_cut(self, backlog: int) -> int:
+        """Call-rate samples to cut from this push (see `tx_settle`): 0 unless the last `tx_settle`
+        pushes all found a backlog and all left tx early enough to have done without it."""
+        if len(self._recent) < self.tx_settle:
+            return 0
+        lasting = min(backlog, *(b for _, _, b in self._recent))
+        if lasting <= 0:
+            return 0
+        earliest_wait = None
+        for pos, pushed_ns, _ in self._recent:
+            left_ns = self.departure_ns(pos)
+            if left_ns <= 0:
+                return 0  # not read yet, or its stamp is gone: no evidence
+            wait = left_ns - pushed_ns
+            earliest_wait = wait if earliest_wait is None else min(earliest_wait, wait)
+        spare_ns = earliest_wait - lasting * 1_000_000_000 // self.call_rate
+        return lasting if spare_ns >= SETTLE_MARGIN_MS * 1e6 else 0
 
     def departure_ns(self, pos: int) -> int:
         """When the media side read tx sample `pos` (a `last_push_pos`): 0 while it has not yet, -1 if it

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
 
-from callbot.engine.call_audio import CALL_RATES, RING_SECONDS, TX_SETTLE_PUSHES, CallAudio, SharedCallRings
+from callbot.engine.call_audio import CALL_RATES, RING_SECONDS, CallAudio, SharedCallRings
 from callbot.engine.frame_stats import FrameStats
 
 READY_TIMEOUT_S = 3600.0  # loading (or downloading) a 7B and compiling its graphs takes a while
@@ -265,7 +265,7 @@ def _child_main(conn, setup: Callable[[], InferenceSetup], ring_seconds: float, 
     sys.stdout.flush()
     os.dup2(2, 1)
     try:
-        from callbot.engine.runner import TX_MAX_MS, ModelEngine
+        from callbot.engine.runner import TX_MAX_MS, TX_SETTLE_PUSHES, ModelEngine
 
         model, prompts, warmup = setup()
         if not prompts:
@@ -281,7 +281,9 @@ def _child_main(conn, setup: Callable[[], InferenceSetup], ring_seconds: float, 
         return
     sessions: dict[int, Any] = {}
     try:
-        conn.send(("ready", {"pid": os.getpid(), "bots": list(prompts), "pjsua2": "pjsua2" in sys.modules}))
+        rt = engine.realtime_result
+        conn.send(("ready", {"pid": os.getpid(), "bots": list(prompts), "pjsua2": "pjsua2" in sys.modules,
+                             "realtime": rt.policy if rt is not None else "unchanged"}))
         while True:
             if engine.error is not None:
                 _send_quietly(conn, ("error", f"the inference thread failed: {engine.error!r}"))

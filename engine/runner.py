@@ -37,7 +37,7 @@ import mlx.core as mx
 import numpy as np
 
 from callbot.engine import PeriodicClock, make_realtime, now_ns
-from callbot.engine.call_audio import ENGINE_RATE, TX_SETTLE_PUSHES, CallAudio
+from callbot.engine.call_audio import ENGINE_RATE, CallAudio
 from callbot.engine.frame_stats import STAGES, FrameStats
 from callbot.engine.session import FRAME_SIZE, Model, PromptSnapshot
 from callbot.engine.sampling import SamplingConfig
@@ -47,6 +47,8 @@ FRAME_NS = FRAME_SIZE * 1_000_000_000 // ENGINE_RATE  # 80 ms
 # what the media side may have queued after a push: the 80 ms just pushed + two 20 ms media ticks of
 # slack; beyond that an underrun or a fed-silence frame would add delay for the rest of the call
 TX_MAX_MS = 120.0
+# pushes (~1 s) whose every one must show a lasting tx backlog, with time to spare, before it is cut
+TX_SETTLE_PUSHES = 12
 _INT16_SCALE = 32768.0
 
 

@@ -70,12 +70,18 @@ cdef class StampLog:
         if self.log != NULL:
             cb_stamps_advance(self.log, n, cb_clock_now_ns())
 
-    def note(self, int64_t n):
-        """Writer, from Python (a media-like thread in tests): `n` samples moved now. For rx call it
-        just before writing them, for tx just after reading them (stamps.h says why)."""
+    def note(self, int64_t n, int64_t ns=0):
+        """Writer, from Python (a media-like thread in tests): `n` samples moved now (or at monotonic
+        `ns`, for a test that drives its own clock). For rx call it just before writing them, for tx
+        just after reading them (stamps.h says why)."""
         if n < 0:
             raise ValueError(f"note() takes a sample count >= 0, got {n}")
-        self.advance_now(n)
+        if ns < 0:
+            raise ValueError(f"note() takes a time in ns >= 0, got {ns}")
+        if ns == 0:
+            self.advance_now(n)
+        elif self.log != NULL:
+            cb_stamps_advance(self.log, n, ns)
 
     def find(self, int64_t pos) -> int:
         """Reader: monotonic ns at which the writer had moved `pos` samples; 0 if not yet, or too long ago."""

@@ -24,43 +24,65 @@ def test_without_a_limit_everything_queues():
     assert audio.tx_trimmed == 0 and audio.tx.readable > 480 * 2
 
 
-def _media_tick(audio, n=160):
-    """What the media callback does once a tick: read one 20 ms frame from tx (8 kHz here)."""
-    return audio.tx.read(min(n, audio.tx.readable))
+class _Line:
+    """A call's tx on a simulated clock: the media side reads 20 ms (160 samples at 8 kHz) every 20 ms
+    tick and stamps what it read, as MediaPump does; the engine pushes 80 ms frames `step_ms[k]` after
+    frame k's input completed (at 80 k ms)."""
+
+    def __init__(self, settle=4):
+        self.t = 0
+        self.audio = CallAudio(8000, tx_settle=settle, clock=lambda: self.t)
+        self.underruns = 0
+
+    def run(self, step_ms):
+        frame = np.ones(1920, dtype=np.int16)
+        events = [(k * 80_000_000 + round(s * 1e6), 1, k) for k, s in enumerate(step_ms)]
+        end = events[-1][0] + 100_000_000
+        events += [(j * 20_000_000, 0, j) for j in range(1, end // 20_000_000)]
+        backlogs = []
+        for t, kind, _ in sorted(events):
+            self.t = t
+            if kind == 1:
+                backlogs.append(self.audio.tx.readable)
+                self.audio.push(frame)
+            else:
+                got = len(self.audio.tx.read(min(160, self.audio.tx.readable)))
+                if got:
+                    self.audio.tx_stamps.note(got, t)
+                elif self.audio.frames_pushed:
+                    self.underruns += 1
+        return backlogs
 
 
-def test_a_lasting_backlog_in_tx_is_cut_once_and_a_passing_one_is_not():
-    audio = CallAudio(8000, tx_settle=4)
-    frame = np.ones(1920, dtype=np.int16)  # 80 ms -> 640 samples at 8 kHz = 4 media ticks
-    audio.push(frame)
-    for _ in range(4):
-        _media_tick(audio)
-    # steady state: each push finds tx drained, four ticks drain it again
+def test_a_lasting_backlog_with_time_to_spare_is_cut_once():
+    line = _Line(settle=4)
+    # steady: steps of 5 ms, every push finds tx drained; then one step of 25 ms misses its tick (an
+    # underrun), and from then on every push finds the previous frame's last 20 ms still queued
+    backlogs = line.run([5.0] * 6 + [25.0] + [5.0] * 10)
+    assert backlogs[:7] == [0] * 7 and line.underruns == 1
+    assert backlogs[7:11] == [160] * 4
+    # four pushes in a row found it, each 15 ms earlier than needed: the fifth cut it, once
+    assert line.audio.tx_settled == 1 and line.audio.tx_trimmed == 160
+    assert backlogs[12:] == [0] * (len(backlogs) - 12)
+
+
+def test_a_backlog_kept_by_steps_that_straddle_a_tick_stays():
+    line = _Line(settle=4)
+    # steps of 19 and 21 ms: in the early phase every 21 ms step would miss its tick; the phase the first
+    # miss moved to gives them the tick they need, so it is kept, not cut and re-earned by an underrun
+    line.run([19.0, 21.0] * 10)
+    assert line.audio.tx_settled == 0 and line.audio.tx_trimmed == 0
+    assert line.underruns == 1  # the first miss, and no other: the later phase holds
+
+
+def test_no_stamps_no_cut():
+    """Without the media side's stamps there is no evidence of time to spare: nothing is cut."""
+    audio = CallAudio(8000, tx_settle=2)
+    frame = np.ones(1920, dtype=np.int16)
     for _ in range(6):
         audio.push(frame)
-        for _ in range(4):
-            _media_tick(audio)
-    assert audio.tx_settled == 0 and audio.tx_trimmed == 0
-    # one tick missed (an underrun's phase shift): from now on every push finds 20 ms still queued
-    audio.push(frame)
-    for _ in range(3):
-        _media_tick(audio)
-    queued = []
-    for _ in range(4):
-        queued.append(audio.tx.readable)
-        audio.push(frame)
-        for _ in range(4):
-            _media_tick(audio)
-    assert queued[:3] == [160, 160, 160]
-    # the fourth push in a row that found a backlog cut it (only it: one 20 ms cut), and tx is back in phase
-    assert audio.tx_settled == 1 and audio.tx_trimmed == 160
-    assert audio.tx.readable == 0
-    # a single push finding a backlog (a fast step after a slow one) is left alone
-    audio.push(frame)
-    audio.push(frame)
-    for _ in range(8):
-        _media_tick(audio)
-    assert audio.tx_settled == 1
+        audio.tx.read(480)  # leaves 160 queued at each push, never stamped
+    assert audio.tx_settled == 0
 
 
 @pytest.mark.parametrize("bad", [0, -1, True, 2.0])

@@ -87,6 +87,9 @@ def test_a_call_through_the_process_gets_model_audio_back_and_its_summary(settin
     engine = _start(settings, on_closed=closed.append)
     try:
         assert engine.info["pjsua2"] is False and engine.info["bots"] == ["pizza"]
+        # what the child's inference thread got from make_realtime (privileges decide which)
+        assert engine.info["realtime"] in ("SCHED_FIFO", "SCHED_OTHER", "unchanged",
+                                           "THREAD_TIME_CONSTRAINT_POLICY", "QOS_CLASS_USER_INTERACTIVE")
         assert engine.pid != os.getpid()
         # a terminal's Ctrl-C or a service manager's SIGTERM to the process group: only the SIP side
         # stops the model (after its calls), so the child ignores both

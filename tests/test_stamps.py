@@ -37,6 +37,11 @@ def test_bad_buffers_are_value_errors():
         StampLog.attach(_words())
     with pytest.raises(ValueError, match=">= 0"):
         StampLog.create_in(_words()).note(-1)
+    with pytest.raises(ValueError, match="time in ns"):
+        StampLog.create_in(_words()).note(1, -5)
+    given = StampLog.create_in(_words())
+    given.note(10, 12345)  # a test's own clock
+    assert given.find(10) == 12345
     log = StampLog.create_in(_words())
     log.close()
     log.note(1)  # a closed log takes and answers nothing
