@@ -32,7 +32,6 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
-
 from callbot.engine.call_audio import CALL_RATES, RING_SECONDS, CallAudio, SharedCallRings
 from callbot.engine.frame_stats import FrameStats
 

@@ -59,7 +59,6 @@ def call_op(code: int = 0, reason: str = "") -> pj.CallOpParam:
     return op
 
 
-
 def stream_summary(stat) -> dict:
     """The record's view of a pjsua2 StreamStat: what the network and pjmedia's jitter buffer did to the
     caller's audio before our media port saw it (RTP in -> our port), and what we sent."""
@@ -77,6 +76,7 @@ def stream_summary(stat) -> dict:
         "jitter_buffer_lost": int(jb.lost), "jitter_buffer_discarded": int(jb.discard),
         "jitter_buffer_empty": int(jb.empty),
     }
+
 
 class SipCall(pj.Call):
     """A call of ours. Created, operated and dropped only on the endpoint's SIP thread."""
