@@ -30,7 +30,7 @@ import time
 
 import pytest
 
-from callbot.engine import PeriodicClock, make_realtime, now_ns
+from callbot.engine import PeriodicClock, make_realtime
 
 PERIODS = {20: int(os.environ.get("CALLBOT_BENCH_CLOCK_PERIODS_20", "1000")),
            80: int(os.environ.get("CALLBOT_BENCH_CLOCK_PERIODS_80", "100"))}

@@ -180,7 +180,9 @@ class CallAudio:
         # every few frames. None: never.
         self.tx_settle = tx_settle
         self.tx_settled = 0  # times that happened
-        self._recent: deque = deque(maxlen=tx_settle or 1)  # (tx position, push ns, backlog) per push
+        # per push: [tx position, push ns, backlog found, wait until the media side read it (ns; None until
+        # known, -1 if its stamp was gone)]
+        self._recent: deque = deque(maxlen=tx_settle or 1)
         self._clock = clock
         self.frames_pulled = 0
         self.frames_pushed = 0
@@ -305,25 +307,26 @@ class CallAudio:
         self.last_push_pos = self._tx_written if written else -1
         self._tx_written += written
         if written and self.tx_settle is not None:
-            self._recent.append((self.last_push_pos, self.last_push_ns, backlog))
+            self._recent.append([self.last_push_pos, self.last_push_ns, backlog, None])
         return written
 
     def _settle_cut(self, backlog: int) -> int:
         """Call-rate samples to cut from this push (see `tx_settle`): 0 unless the last `tx_settle`
         pushes all found a backlog and all left tx early enough to have done without it."""
+        for entry in self._recent:  # each push's wait is learnt once, on the first push after it left
+            if entry[3] is None:
+                left_ns = self.departure_ns(entry[0])
+                if left_ns != 0:
+                    entry[3] = left_ns - entry[1] if left_ns > 0 else -1  # -1: its stamp is gone
         if len(self._recent) < self.tx_settle:
             return 0
-        lasting = min(backlog, *(b for _, _, b in self._recent))
+        lasting = min(backlog, *(e[2] for e in self._recent))
         if lasting <= 0:
             return 0
-        earliest_wait = None
-        for pos, pushed_ns, _ in self._recent:
-            left_ns = self.departure_ns(pos)
-            if left_ns <= 0:
-                return 0  # not read yet, or its stamp is gone: no evidence
-            wait = left_ns - pushed_ns
-            earliest_wait = wait if earliest_wait is None else min(earliest_wait, wait)
-        spare_ns = earliest_wait - lasting * 1_000_000_000 // self.call_rate
+        waits = [e[3] for e in self._recent]
+        if any(w is None or w < 0 for w in waits):
+            return 0  # not read yet, or no evidence
+        spare_ns = min(waits) - lasting * 1_000_000_000 // self.call_rate
         return lasting if spare_ns >= SETTLE_MARGIN_MS * 1e6 else 0
 
     def departure_ns(self, pos: int) -> int:

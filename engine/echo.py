@@ -20,8 +20,8 @@ from callbot.engine.call_audio import ENGINE_RATE, CallAudio
 
 DEFAULT_FRAME = 480  # samples at 24 kHz = 20 ms, one media frame
 DEFAULT_POLL_MS = 2.0
-# pushes (0.5 s of 20 ms frames) whose every one must show a lasting tx backlog before it is cut (CallAudio)
-TX_SETTLE_PUSHES = 25
+# pushes (10 s of 20 ms frames) whose every one must show a lasting tx backlog before it is cut (CallAudio)
+TX_SETTLE_PUSHES = 500
 
 
 class EchoSession:

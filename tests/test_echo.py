@@ -36,7 +36,8 @@ def media_thread(audio: CallAudio, signal: np.ndarray, tail_frames: int, out: li
     for k in range(frames_in + tail_frames):
         clock.wait()
         frame[:] = 0
-        got = audio.tx.read_into(frame) if audio.tx.readable else 0
+        if audio.tx.readable:
+            audio.tx.read_into(frame)
         out.append(frame.copy())
         if k < frames_in:
             audio.rx.write(signal[k * n : (k + 1) * n])

@@ -13,10 +13,10 @@ import msgspec
 import numpy as np
 import pytest
 
-from callbot.engine import PeriodicClock
 from callbot.engine.inference_process import InferenceProcess, InferenceStartupError
 from callbot.sip.model_setup import bot_name_for, prepare_model
 from callbot.sip.settings import BotSettings, ModelSettings, Settings
+from tests.media_side import play_media_side
 from tests.tiny_assets import tiny_model_configs, write_tiny_model_dir
 
 pytestmark = pytest.mark.timeout(180)
@@ -45,25 +45,6 @@ def settings(tmp_path_factory):
 def _start(settings: Settings, **kw) -> InferenceProcess:
     return InferenceProcess(functools.partial(prepare_model, settings), functools.partial(bot_name_for, settings),
                             realtime=False, **kw)
-
-
-def _media_side(audio, frames: int, stop: threading.Event, received: list):
-    """Plays the pjmedia clock thread: every 20 ms one frame into rx and one frame out of tx, stamped in
-    the shared block's stamp logs as the media pump stamps them (before the rx write, after the tx read)."""
-    n = audio.frame_samples
-    t = np.arange(frames * n) / audio.call_rate
-    tone = (8000 * np.sin(2 * np.pi * 440 * t)).astype(np.int16)
-    clock = PeriodicClock(20.0)
-    for i in range(frames):
-        if stop.is_set():
-            return
-        clock.wait()
-        audio.rx_stamps.note(n)
-        audio.rx.write(tone[i * n:(i + 1) * n])
-        out = audio.tx.read(n)
-        if out is not None:
-            audio.tx_stamps.note(n)
-        received.append(out if out is not None else np.zeros(n, np.int16))
 
 
 def _gone(name: str) -> bool:
@@ -98,7 +79,7 @@ def test_a_call_through_the_process_gets_model_audio_back_and_its_summary(settin
         s = engine.open_session(_Call("c1", 16000))
         name = s.audio.shm_name
         stop, received = threading.Event(), []
-        media = threading.Thread(target=_media_side, args=(s.audio, 100, stop, received))
+        media = threading.Thread(target=play_media_side, args=(s.audio, 100, stop, received))
         media.start()
         try:
             _wait(lambda: any(np.any(f != 0) for f in list(received)) or not media.is_alive())
@@ -127,7 +108,7 @@ def test_the_media_sides_stamps_give_each_frame_its_arrival_and_departure(settin
     try:
         s = engine.open_session(_Call("c4", 16000))
         stop, received = threading.Event(), []
-        media = threading.Thread(target=_media_side, args=(s.audio, 50, stop, received))
+        media = threading.Thread(target=play_media_side, args=(s.audio, 50, stop, received))
         media.start()
         media.join(30)
         engine.close_session(s)

@@ -123,7 +123,7 @@ def test_bad_inputs_are_value_errors(lm):
 def test_moshiko_layout_8_slices_matches_kyutai(tmp_path):
     """dep_q=8 (Kyutai's Moshiko): the same code with a smaller depformer, against Kyutai's LMModel."""
     os.environ.setdefault("NO_TORCH_COMPILE", "1")
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     kyutai_lm = pytest.importorskip("moshi.models.lm")
     safetensors_torch = pytest.importorskip("safetensors.torch")
     from test_lm_parity import ReferenceGen, _check_step

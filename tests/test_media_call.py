@@ -18,11 +18,8 @@ import numpy as np
 import pytest
 from sip_peers import free_port, stop_process
 
-from callbot.engine.echo import EchoEngine
-from callbot.sip.config import EndpointConfig, TransportConfig
-from callbot.sip.endpoint import Endpoint
 from callbot.sip.events import CallEnded
-from callbot.sip.recording import Recorder, read_recording
+from callbot.sip.recording import read_recording
 
 pytestmark = pytest.mark.timeout(120)
 PEER = pathlib.Path(__file__).with_name("media_peer.py")
@@ -89,20 +86,6 @@ def events_until(proc, last: str, timeout: float) -> list[dict]:
         if seen[-1]["ev"] == last or time.monotonic() > deadline:
             break
     return seen
-
-
-@pytest.fixture
-def echo_line(tmp_path):
-    engine = EchoEngine()
-    recorder = Recorder(tmp_path)
-    ep = Endpoint(EndpointConfig(transports=(TransportConfig(bind="127.0.0.1", port=0, rtp_port=0),)),
-                  engine=engine, recorder=recorder)
-    try:
-        yield ep.start()
-    finally:
-        ep.stop()
-        engine.close()
-        recorder.close()
 
 
 @pytest.mark.parametrize("codec", ["PCMU", "PCMA", "G722"])

@@ -1,7 +1,6 @@
 """The prompt procedure: layout of the sequence (voice, 6 spacers, persona, 6 spacers), filler codes, and
 the replay of a saved voice prompt reproducing the state its recording leaves, on the tiny model."""
 
-import dataclasses
 
 import mlx.core as mx
 import numpy as np

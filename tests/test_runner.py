@@ -7,9 +7,10 @@ import time
 import numpy as np
 import pytest
 
-from callbot.engine import Model, PeriodicClock, now_ns
+from callbot.engine import Model
 from callbot.engine.frame_stats import FrameStats
-from callbot.engine.runner import FRAME_NS, FRAME_SIZE, STAGES, BotPrompt, ModelEngine
+from callbot.engine.runner import FRAME_NS, STAGES, BotPrompt, ModelEngine
+from tests.media_side import play_media_side
 from tests.tiny_assets import tiny_model_configs, write_tiny_model_dir
 
 pytestmark = pytest.mark.timeout(120)
@@ -36,31 +37,6 @@ def prompt(model):
     return BotPrompt(model.prepare("NATF2", "You take orders for a pizza shop."), seed=1)
 
 
-def _media_side(audio, frames: int, stop: threading.Event, received: list, pause_after: int | None = None,
-                pause_frames: int = 0, marks: dict | None = None):
-    """Plays the pjmedia clock thread: every 20 ms one frame into rx and one frame out of tx, stamped
-    as the media pump stamps them (before the rx write, after the tx read)."""
-    n = audio.frame_samples
-    t = np.arange(frames * n) / audio.call_rate
-    signal = (8000 * np.sin(2 * np.pi * 440 * t)).astype(np.int16)
-    clock = PeriodicClock(20.0)
-    for i in range(frames):
-        if stop.is_set():
-            return
-        clock.wait()
-        if marks is not None and i == pause_after:
-            marks["pause_start"] = now_ns()
-        if marks is not None and pause_after is not None and i == pause_after + pause_frames:
-            marks["pause_end"] = now_ns()
-        if pause_after is None or not pause_after <= i < pause_after + pause_frames:
-            audio.rx_stamps.note(n)
-            audio.rx.write(signal[i * n:(i + 1) * n])
-        out = audio.tx.read(n)
-        if out is not None:
-            audio.tx_stamps.note(n)
-        received.append(out if out is not None else np.zeros(n, np.int16))
-
-
 def _wait(engine, cond, timeout: float = 30.0):
     deadline = time.monotonic() + timeout
     while not cond():
@@ -78,7 +54,7 @@ def test_runner_steps_a_call_from_its_rings(model, prompt, rate):
     try:
         s = engine.open_session(_Call("c1", rate))
         stop, received = threading.Event(), []
-        media = threading.Thread(target=_media_side, args=(s.audio, 50, stop, received))
+        media = threading.Thread(target=play_media_side, args=(s.audio, 50, stop, received))
         media.start()
         media.join(30)
         _wait(engine, lambda: s.steps >= 10)  # 50 frames of 20 ms = 12.5 model frames, minus what is still in flight
@@ -118,7 +94,7 @@ def test_watchdog_feeds_silence_when_the_caller_stalls(model, prompt):
         s = engine.open_session(_Call("c2", 16000))
         stop, received, marks = threading.Event(), [], {}
         # 40 frames (0.8 s), of which frames 10..29 (400 ms) bring no audio: a hold
-        media = threading.Thread(target=_media_side, args=(s.audio, 40, stop, received, 10, 20, marks))
+        media = threading.Thread(target=play_media_side, args=(s.audio, 40, stop, received, 10, 20, marks))
         media.start()
         media.join(30)
         engine.close_session(s)  # at once: silence after the caller's last frame is not the hold's

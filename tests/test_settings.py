@@ -1,5 +1,4 @@
 """The serve configuration: embedded default, and one clear line per mistake, naming where it is."""
-import pathlib
 
 import pytest
 

@@ -22,20 +22,6 @@ from callbot.sip.recording import Recorder, read_recording
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture
-def echo_bot(tmp_path: pathlib.Path):
-    engine = EchoEngine()
-    recorder = Recorder(tmp_path)
-    ep = Endpoint(EndpointConfig(transports=(TransportConfig(bind="127.0.0.1", port=0, rtp_port=0),)),
-                  engine=engine, recorder=recorder)
-    try:
-        yield ep.start()
-    finally:
-        ep.stop()
-        engine.close()
-        recorder.close()
-
-
 def _wait_frames(ep: Endpoint, call_id: str, timeout: float = 10.0) -> dict:
     """Until the call's port has received audio (a condition, not a duration)."""
     deadline = time.monotonic() + timeout
@@ -53,28 +39,28 @@ def _sidecar(directory: pathlib.Path, call_id: str) -> dict:
 
 
 @pytest.mark.parametrize("codec, rate", [("G722", 16000), ("PCMU", 8000), ("PCMA", 8000)])
-def test_call_gets_session_port_and_recording_at_its_rate(echo_bot, tmp_path, codec, rate):
+def test_call_gets_session_port_and_recording_at_its_rate(echo_line, tmp_path, codec, rate):
     with PjsuaPeer(user="alice", codecs=f"{codec}/", log_dir=tmp_path) as peer:
-        call_id = peer.call(echo_bot.account_uri())
-        media = echo_bot.wait_for(CallMedia, call_id=call_id)
+        call_id = peer.call(echo_line.account_uri())
+        media = echo_line.wait_for(CallMedia, call_id=call_id)
         assert (media.codec, media.clock_rate) == (codec, rate)
-        echo_bot.wait_for(CallConfirmed, call_id=call_id)
-        assert echo_bot.engine.sessions == 1
-        _wait_frames(echo_bot, call_id)
+        echo_line.wait_for(CallConfirmed, call_id=call_id)
+        assert echo_line.engine.sessions == 1
+        _wait_frames(echo_line, call_id)
         peer.send("dtmf", call_id=call_id, digits="7", method="info")
-        echo_bot.wait_for(DtmfReceived, call_id=call_id, digit="7")
+        echo_line.wait_for(DtmfReceived, call_id=call_id, digit="7")
         peer.send("hangup", call_id=call_id)
-        echo_bot.wait_for(CallEnded, call_id=call_id)
+        echo_line.wait_for(CallEnded, call_id=call_id)
     side = _sidecar(tmp_path, call_id)
     assert side["recording"]["complete"] is True
-    bridge = echo_bot.config.conference_clock_rate  # every port runs at the bridge's rate
+    bridge = echo_line.config.conference_clock_rate  # every port runs at the bridge's rate
     assert (side["codec"], side["codec_rate"]) == (codec, rate)
     assert side["clock_rate"] == side["recording"]["rate"] == bridge
     assert side["hangup_cause"] == "remote" and side["end"] >= side["answered"] >= side["start"]
     assert [d["digit"] for d in side["dtmf"]] == ["7"]
     wav_rate, frames = read_recording(tmp_path / side["recording"]["wav"])
     assert wav_rate == bridge and frames.shape[1] == 2 and len(frames) > 0
-    assert echo_bot.engine.sessions == 0
+    assert echo_line.engine.sessions == 0
 
 
 def test_stop_with_ports_attached_finishes_recordings(tmp_path):
@@ -101,12 +87,12 @@ def test_stop_with_ports_attached_finishes_recordings(tmp_path):
         assert side["recording"]["complete"] is True and side["hangup_cause"] == "shutdown"
 
 
-def test_media_survives_hold_and_unhold(echo_bot, tmp_path):
+def test_media_survives_hold_and_unhold(echo_line, tmp_path):
     # pjsua rebuilds the call's stream (a new bridge slot) on unhold: the port must follow it
     with PjsuaPeer(user="holder", log_dir=tmp_path) as peer:
-        call_id = peer.call(echo_bot.account_uri())
-        echo_bot.wait_for(CallConfirmed, call_id=call_id)
-        _wait_frames(echo_bot, call_id)
+        call_id = peer.call(echo_line.account_uri())
+        echo_line.wait_for(CallConfirmed, call_id=call_id)
+        _wait_frames(echo_line, call_id)
         peer.send("hold", call_id=call_id)
         peer.expect("media_status", call_id=call_id)
         peer.send("unhold", call_id=call_id)
@@ -115,11 +101,11 @@ def test_media_survives_hold_and_unhold(echo_bot, tmp_path):
         while len(peer.all("media", call_id=call_id)) < 2 and time.monotonic() < deadline:
             time.sleep(0.02)
         assert len(peer.all("media", call_id=call_id)) >= 2, n_media
-        start = echo_bot.media_stats(call_id)["frames_requested"]
+        start = echo_line.media_stats(call_id)["frames_requested"]
         # the bridge asks our port for audio again, i.e. it is linked to the call's new slot
         deadline = time.monotonic() + 10
-        while echo_bot.media_stats(call_id)["frames_requested"] < start + 10:
-            assert time.monotonic() < deadline, echo_bot.media_stats(call_id)
+        while echo_line.media_stats(call_id)["frames_requested"] < start + 10:
+            assert time.monotonic() < deadline, echo_line.media_stats(call_id)
             time.sleep(0.02)
         peer.send("hangup", call_id=call_id)
-        echo_bot.wait_for(CallEnded, call_id=call_id)
+        echo_line.wait_for(CallEnded, call_id=call_id)

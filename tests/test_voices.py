@@ -1,8 +1,6 @@
 """Voices: the torch-free `.pt` reader, the voice library (voices.tgz / voices/), WAV voices, loudness."""
 
 import io
-import math
-import pathlib
 import tarfile
 import wave
 import zipfile
