@@ -196,6 +196,16 @@ class SipCall(pj.Call):
         self.hub._emit(CallProgress(at=time.monotonic(), call_id=self.call_id, code=code, reason=reason))
 
     @guarded
+    def onCallRxOffer(self, prm):
+        # a re-INVITE's or UPDATE's offer: pjsua would accept one it cannot use (an address like
+        # 999.1.1.1), fail to update the stream and leave the call without audio. The check a first
+        # INVITE gets (offer.validate_offer), with 488 as the answer; the call goes on as it was.
+        reason = self.hub._offer_problem(str(prm.offer.wholeSdp))
+        if reason is not None:
+            log.info("call %s: offer refused (488): %s", self.call_id, reason)
+            prm.statusCode = 488
+
+    @guarded
     def onCallSdpCreated(self, prm):
         # answering: make the negotiation choose by our codec priority, not the caller's
         offer = prm.remSdp.wholeSdp

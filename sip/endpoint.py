@@ -474,6 +474,10 @@ class Endpoint:
         while len(self.records) > RECORDS_KEPT:
             del self.records[next(iter(self.records))]  # the oldest (dicts keep insertion order)
 
+    def _offer_problem(self, sdp: str) -> str | None:
+        """Why an SDP offer (first INVITE, re-INVITE, UPDATE) cannot be answered, or None."""
+        return validate_offer(sdp, self._accepted) if self._accepted else None
+
     def _incoming_call(self, acc: SipAccount, prm) -> None:
         call = SipCall(self, acc, INBOUND, prm.callId)
         rec = call.init_record()
@@ -482,7 +486,7 @@ class Endpoint:
         self._keep_record(rec)
         msg = str(prm.rdata.wholeMsg)
         _, _, body = msg.partition("\r\n\r\n")
-        reason = validate_offer(body, self._accepted) if self._accepted else None
+        reason = self._offer_problem(body)
         source = str(prm.rdata.srcAddress)
         code = 0
         if not acc.trusts(source):
