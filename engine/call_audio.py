@@ -181,7 +181,7 @@ class CallAudio:
         self.tx_settle = tx_settle
         self.tx_settled = 0  # times that happened
         # per push: [tx position, push ns, backlog found, wait until the media side read it (ns; None until
-        # known, -1 if its stamp was gone)]
+        # known)]
         self._recent: deque = deque(maxlen=tx_settle or 1)
         self._clock = clock
         self.frames_pulled = 0
@@ -316,15 +316,17 @@ class CallAudio:
         for entry in self._recent:  # each push's wait is learnt once, on the first push after it left
             if entry[3] is None:
                 left_ns = self.departure_ns(entry[0])
-                if left_ns != 0:
-                    entry[3] = left_ns - entry[1] if left_ns > 0 else -1  # -1: its stamp is gone
+                # -1 (read, no stamp) is asked again next time: the media side reads tx and stamps it a
+                # moment later, so a push asked about in between looks read and unstamped for a moment
+                if left_ns > 0:
+                    entry[3] = left_ns - entry[1]
         if len(self._recent) < self.tx_settle:
             return 0
         lasting = min(backlog, *(e[2] for e in self._recent))
         if lasting <= 0:
             return 0
         waits = [e[3] for e in self._recent]
-        if any(w is None or w < 0 for w in waits):
+        if any(w is None for w in waits):
             return 0  # not read yet, or no evidence
         spare_ns = min(waits) - lasting * 1_000_000_000 // self.call_rate
         return lasting if spare_ns >= SETTLE_MARGIN_MS * 1e6 else 0

@@ -98,6 +98,7 @@ class SipCall(pj.Call):
         self._progress_done = False  # a final answer to our INVITE was reported
         # while audio flows: (media index, packets seen, when they last grew)
         self._media_watch: tuple[int, int, float] | None = None
+        self._watch_chain = 0  # the timer chain that owns the watch (a hold/unhold within one period starts a new one)
 
     @property
     def call_id(self) -> str:
@@ -173,6 +174,8 @@ class SipCall(pj.Call):
             rec = self.record
             rec.end = time.time()
             rec.hangup_cause, rec.hangup_code, rec.hangup_reason = cause, code, reason
+            if self._media_watch is not None:
+                self._read_stream(self._media_watch[0])  # the final numbers, while the stream is still there
             self._detach()
             self.hub._emit(CallEnded(at=now, call_id=self.call_id, code=code, reason=reason, cause=cause,
                                      stream=rec.stream))
@@ -238,7 +241,8 @@ class SipCall(pj.Call):
                 self._reattach(audio)
             if self._media_watch is None:
                 self._media_watch = (mi.index, -1, time.monotonic())
-                self.hub._after(_MEDIA_CHECK_S, weakly(self, "_watch_media"))
+                self._watch_chain += 1
+                self.hub._after(_MEDIA_CHECK_S, weakly(self, "_watch_media", self._watch_chain))
             return
         self._media_watch = None  # on hold or no audio: silence is expected
 
@@ -252,15 +256,16 @@ class SipCall(pj.Call):
         self.record.stream = stream_summary(stat)
         return self.record.stream["rx_packets"]
 
-    def _watch_media(self) -> None:
+    def _watch_media(self, chain: int) -> None:
         """A timer on the SIP thread, every _MEDIA_CHECK_S while audio flows: keeps the stream's statistics
         in the record (the network half of the audio path: pjmedia's jitter buffer, losses) and ends a
         call whose RTP stopped for `rtp_timeout_s`."""
-        if self.ended or self._media_watch is None:
+        if self.ended or self._media_watch is None or chain != self._watch_chain:
             return
         index, seen, since = self._media_watch
         packets = self._read_stream(index)
-        if packets is None:
+        if packets is None:  # the stream is being rebuilt (re-INVITE): look again next time
+            self.hub._after(_MEDIA_CHECK_S, weakly(self, "_watch_media", chain))
             return
         now = time.monotonic()
         timeout = self.account.cfg.rtp_timeout_s
@@ -270,7 +275,7 @@ class SipCall(pj.Call):
             log.info("call %s: no RTP for %.1f s, hanging up", self.call_id, now - since)
             self.end("rtp_timeout")
             return
-        self.hub._after(_MEDIA_CHECK_S, weakly(self, "_watch_media"))
+        self.hub._after(_MEDIA_CHECK_S, weakly(self, "_watch_media", chain))
 
     @guarded
     def onStreamDestroyed(self, prm):

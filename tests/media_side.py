@@ -30,7 +30,10 @@ def play_media_side(audio, frames: int, stop: threading.Event, received: list, p
         if pause_after is None or not pause_after <= i < pause_after + pause_frames:
             audio.rx_stamps.note(n)
             audio.rx.write(signal[i * n:(i + 1) * n])
-        out = audio.tx.read(n)
-        if out is not None:
-            audio.tx_stamps.note(n)
-        received.append(out if out is not None else np.zeros(n, np.int16))
+        # what is there, up to a frame, the rest silence (a short tx is an underrun, as in the pump)
+        out = np.zeros(n, np.int16)
+        have = min(n, audio.tx.readable)
+        if have:
+            out[:have] = audio.tx.read(have)
+            audio.tx_stamps.note(have)
+        received.append(out)
