@@ -316,8 +316,7 @@ class CallAudio:
         for entry in self._recent:  # each push's wait is learnt once, on the first push after it left
             if entry[3] is None:
                 left_ns = self.departure_ns(entry[0])
-                # -1 (read, no stamp) is asked again next time: the media side reads tx and stamps it a
-                # moment later, so a push asked about in between looks read and unstamped for a moment
+                # -1 (its stamp is gone) is asked again too: it blocks a cut until it leaves the window
                 if left_ns > 0:
                     entry[3] = left_ns - entry[1]
         if len(self._recent) < self.tx_settle:
@@ -332,11 +331,16 @@ class CallAudio:
         return lasting if spare_ns >= SETTLE_MARGIN_MS * 1e6 else 0
 
     def departure_ns(self, pos: int) -> int:
-        """When the media side read tx sample `pos` (a `last_push_pos`): 0 while it has not yet, -1 if it
-        has but its stamp is gone (asked about too late, or the media side keeps no stamps)."""
+        """When the media side read tx sample `pos` (a `last_push_pos`): 0 while it has not yet (or has,
+        and is about to stamp it: it stamps just after reading), -1 if it has but its stamp is gone
+        (asked about too late, or the media side keeps no stamps)."""
         ns = self.tx_stamps.find(pos + 1)
         if ns == 0 and self._tx_written - self.tx.readable > pos:
-            return -1
+            stamps = self.tx_stamps
+            if stamps.appended() and stamps.reached() <= pos:
+                return 0  # read, stamp still to come
+            ns = stamps.find(pos + 1)  # the stamp may have come between the two looks
+            return ns if ns else -1
         return ns
 
     @property

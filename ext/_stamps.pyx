@@ -83,6 +83,18 @@ cdef class StampLog:
         elif self.log != NULL:
             cb_stamps_advance(self.log, n, ns)
 
+    def appended(self) -> int:
+        """Reader: pairs the writer has appended so far (0: it never stamped; 0 once closed)."""
+        if self.log == NULL:
+            return 0
+        return cb_stamps_appended(self.log)
+
+    def reached(self) -> int:
+        """Reader: the writer's sample total as of its last pair (how far its stamps reach; 0 if none)."""
+        if self.log == NULL:
+            return 0
+        return cb_stamps_reached(self.log)
+
     def find(self, int64_t pos) -> int:
         """Reader: monotonic ns at which the writer had moved `pos` samples; 0 if not yet, or too long ago."""
         if self.log == NULL:

@@ -86,4 +86,19 @@ static inline int64_t cb_stamps_find(const cb_stamps *s, int64_t pos) {
     return ns;
 }
 
+/* Reader: how many pairs the writer has appended (0: it never stamped), and the total of the last one
+ * (how far its stamps reach). A sample the ring shows as moved but beyond `reached` is one the writer
+ * moved and has not stamped yet (for tx it stamps just after reading): ask again, it is not lost. */
+static inline int64_t cb_stamps_appended(const cb_stamps *s) {
+    return __atomic_load_n(&s->count, __ATOMIC_ACQUIRE);
+}
+
+static inline int64_t cb_stamps_reached(const cb_stamps *s) {
+    int64_t end = __atomic_load_n(&s->count, __ATOMIC_ACQUIRE);
+    if (end == 0)
+        return 0;
+    /* the last pair is overwritten only CB_STAMPS_HELD appends later: read it as it is now */
+    return __atomic_load_n(&s->pos[(end - 1) & (CB_STAMPS_HELD - 1)], __ATOMIC_RELAXED);
+}
+
 #endif /* CALLBOT_STAMPS_H */

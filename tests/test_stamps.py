@@ -72,6 +72,21 @@ def test_call_audio_maps_a_frame_to_when_its_last_sample_came_in_and_left():
     audio.tx.read(160)
     audio.tx_stamps.note(160)
     assert audio.departure_ns(0) >= pushed and audio.departure_ns(160) == 0
-    audio.tx.read(160)  # read but never stamped: gone, not pending
-    assert audio.departure_ns(160) == -1
+    audio.tx.read(160)  # read, its stamp not appended yet (the pump stamps just after reading): pending
+    assert audio.departure_ns(160) == 0
+    audio.tx_stamps.note(160)
+    assert audio.departure_ns(160) >= audio.departure_ns(0) > 0
+    # asked about too late: the log holds the last HELD pairs only
+    for _ in range(HELD + 2):
+        audio.push(np.ones(480, np.int16))
+        audio.tx.read(160)
+        audio.tx_stamps.note(160)
+    assert audio.departure_ns(0) == -1
+    audio.close()
+    # a media side that keeps no stamps: read is read, and no stamp will ever come
+    silent = CallAudio(8000)
+    silent.push(np.ones(1920, np.int16))
+    silent.tx.read(160)
+    assert silent.tx_stamps.appended() == 0 and silent.departure_ns(0) == -1
+    silent.close()
     audio.close()

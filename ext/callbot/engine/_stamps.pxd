@@ -15,6 +15,8 @@ cdef extern from "stamps.h" nogil:
     int cb_stamps_valid(const cb_stamps* s)
     void cb_stamps_advance(cb_stamps* s, int64_t n, int64_t ns)
     int64_t cb_stamps_find(const cb_stamps* s, int64_t pos)
+    int64_t cb_stamps_appended(const cb_stamps* s)
+    int64_t cb_stamps_reached(const cb_stamps* s)
 
 
 cdef class StampLog:
