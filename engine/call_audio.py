@@ -46,7 +46,6 @@ RING_SECONDS = 2.0  # capacity of each ring: enough to ride out a stalled engine
 SETTLE_MARGIN_MS = 4.0
 
 
-
 def _check_rate(call_rate) -> None:
     if isinstance(call_rate, bool) or not isinstance(call_rate, int) or call_rate not in CALL_RATES:
         raise ValueError(f"call_rate must be one of {CALL_RATES} Hz, got {call_rate!r}")
@@ -59,12 +58,18 @@ def _tx_offset(capacity: int) -> int:
     return -(-Ring.nbytes(capacity, "int16") // _LINE) * _LINE
 
 
-def _stamps_offset(capacity: int) -> int:
-    """Where the rx and tx stamp logs start in a shared block, after tx, each on its own line."""
-    return 2 * _tx_offset(capacity)
-
-
 _STAMPS_SPAN = -(-_STAMP_BYTES // _LINE) * _LINE
+
+
+def _block_size(capacity: int) -> int:
+    return 2 * _tx_offset(capacity) + 2 * _STAMPS_SPAN
+
+
+def _block_views(buf: memoryview, capacity: int) -> list[memoryview]:
+    """A shared block's parts, in order: rx, tx, then the rx and tx stamp logs, each on its own line."""
+    off = _tx_offset(capacity)
+    st = 2 * off
+    return [buf[:off], buf[off:st], buf[st:st + _STAMPS_SPAN], buf[st + _STAMPS_SPAN:]]
 
 
 class SharedCallRings:
@@ -83,11 +88,9 @@ class SharedCallRings:
         self.call_rate = call_rate
         self.frame_samples = call_rate // 50
         capacity = capacity_for(int(call_rate * ring_seconds))
-        off, st = _tx_offset(capacity), _stamps_offset(capacity)
-        self._shm = shared_memory.SharedMemory(create=True, size=st + 2 * _STAMPS_SPAN)
+        self._shm = shared_memory.SharedMemory(create=True, size=_block_size(capacity))
         self.shm_name = self._shm.name
-        self._views = [self._shm.buf[:off], self._shm.buf[off:st], self._shm.buf[st:st + _STAMPS_SPAN],
-                       self._shm.buf[st + _STAMPS_SPAN:]]
+        self._views = _block_views(self._shm.buf, capacity)
         self.rx = Ring.create_in(self._views[0], capacity, "int16")
         self.tx = Ring.create_in(self._views[1], capacity, "int16")
         # the media side writes these (MediaPump, or `note` from a test's media thread)
@@ -223,24 +226,19 @@ class CallAudio:
         try:
             views.append(shm.buf[:])
             rx = Ring.attach(views[0])
-            off, st = _tx_offset(rx.capacity), _stamps_offset(rx.capacity)
+            capacity = rx.capacity
             rx.close()
             views[0].release()
-            if shm.size < st + 2 * _STAMPS_SPAN:
+            if shm.size < _block_size(capacity):
                 raise ValueError(f"shared block {shm_name!r} is too small for a call's rings and stamp logs")
-            views[:] = [shm.buf[:off], shm.buf[off:st], shm.buf[st:st + _STAMPS_SPAN], shm.buf[st + _STAMPS_SPAN:]]
+            views[:] = _block_views(shm.buf, capacity)
             rx, tx = Ring.attach(views[0]), Ring.attach(views[1])
             if rx.dtype != "int16" or tx.dtype != "int16":
                 raise ValueError(f"shared block {shm_name!r} holds {rx.dtype}/{tx.dtype} rings, not int16")
             for view in views[2:]:
                 stamps.append(StampLog.attach(view))
         except BaseException:
-            for ring in (rx, tx, *stamps):
-                if ring is not None and not ring.closed:
-                    ring.close()
-            for view in views:
-                view.release()
-            shm.close()
+            _release(tuple(u for u in (rx, tx, *stamps) if u is not None), views, shm, unlink=False)
             raise
         audio = cls(call_rate, ring_seconds, tx_max_ms, tx_settle=tx_settle, rings=(rx, tx), stamps=tuple(stamps))
         audio._shm, audio._views = shm, views

@@ -17,7 +17,7 @@ from callbot.engine.inference_process import InferenceProcess, InferenceStartupE
 from callbot.sip.model_setup import bot_name_for, prepare_model
 from callbot.sip.settings import BotSettings, ModelSettings, Settings
 from tests.media_side import play_media_side
-from tests.tiny_assets import tiny_model_configs, write_tiny_model_dir
+from tests.tiny_assets import write_tiny_model_for_serve
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -33,10 +33,7 @@ class _Call:
 
 @pytest.fixture(scope="module")
 def settings(tmp_path_factory):
-    directory = write_tiny_model_dir(tmp_path_factory.mktemp("personaplex"))
-    lm_cfg, mimi_cfg = tiny_model_configs()
-    arch = directory / "architecture.json"
-    arch.write_bytes(msgspec.json.encode({"lm": lm_cfg, "mimi": mimi_cfg}))
+    directory, arch = write_tiny_model_for_serve(tmp_path_factory.mktemp("personaplex"))
     model = ModelSettings(path=str(directory), architecture=str(arch), quantization="none", download=False)
     bot = BotSettings(name="pizza", voice="NATM1", persona="You take orders for a pizza shop.")
     return Settings(model=model, bots=(bot,))

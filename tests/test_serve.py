@@ -154,15 +154,9 @@ def test_bad_config_exits_2_with_one_line(tmp_path, toml, message):
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """The tiny model in the HF file layout plus the architecture file that tells serve its size."""
-    import msgspec
+    from tests.tiny_assets import write_tiny_model_for_serve
 
-    from tests.tiny_assets import tiny_model_configs, write_tiny_model_dir
-
-    directory = write_tiny_model_dir(tmp_path_factory.mktemp("personaplex"))
-    lm_cfg, mimi_cfg = tiny_model_configs()
-    arch = directory / "architecture.json"
-    arch.write_bytes(msgspec.json.encode({"lm": lm_cfg, "mimi": mimi_cfg}))
-    return directory, arch
+    return write_tiny_model_for_serve(tmp_path_factory.mktemp("personaplex"))
 
 
 def test_serve_model_answers_with_the_tiny_model(tmp_path, tiny_model):

@@ -192,3 +192,15 @@ def write_tiny_model_dir(directory: pathlib.Path, seed: int = 0, voice_frames: i
     write_voices_tgz(directory / VOICES_FILE, VOICES, dim=lm.dim, frames=voice_frames,
                      streams=lm.num_streams, width=lm.max_delay + 3, card=lm.card, text_card=lm.text_card)
     return directory
+
+
+def write_tiny_model_for_serve(directory: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+    """The tiny model's folder (write_tiny_model_dir) plus the architecture file that tells `serve` (and
+    sip/model_setup.py) its size: (folder, architecture.json)."""
+    import msgspec
+
+    write_tiny_model_dir(directory)
+    lm_cfg, mimi_cfg = tiny_model_configs()
+    arch = directory / "architecture.json"
+    arch.write_bytes(msgspec.json.encode({"lm": lm_cfg, "mimi": mimi_cfg}))
+    return directory, arch
