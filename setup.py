@@ -1,8 +1,9 @@
-"""Build of the compiled core: every ext/_NAME.pyx becomes the extension module callbot.engine._NAME.
+"""Build of the compiled core: every ext/_NAME.pyx becomes an extension module in the package that
+PACKAGE_OF names (the audio path's parts in callbot.engine.audio, pjsua2's frame pump in callbot.sip).
 
-The import root is `callbot`, a namespace package whose two halves live in `engine/` and `sip/`
-(setuptools package_dir), so the repository never shadows PyPI's `sip`. C sources an extension needs
-beside its .pyx are listed in EXTRA_SOURCES; system libraries in LIBRARIES.
+The import root is `callbot`, a namespace package whose parts live in top-level folders (`engine/`,
+`sip/`, `app/`; setuptools package_dir), so the repository never shadows PyPI's `sip`. C sources an
+extension needs beside its .pyx are listed in EXTRA_SOURCES; system libraries in LIBRARIES.
 """
 import os
 import pathlib
@@ -13,6 +14,25 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 
 HERE = pathlib.Path(__file__).parent
+
+# extension name -> the package it belongs to
+PACKAGE_OF: dict[str, str] = {
+    "_clock": "callbot.engine.audio",
+    "_resampler": "callbot.engine.audio",
+    "_ring": "callbot.engine.audio",
+    "_rtthread": "callbot.engine.audio",
+    "_stamps": "callbot.engine.audio",
+    "_pcm": "callbot.sip",  # knows pjsua2's MediaFrame layout: SIP knowledge stays out of the engine
+}
+# folder -> package (setuptools package_dir)
+PACKAGES: dict[str, str] = {
+    "callbot.engine": "engine",
+    "callbot.engine.audio": "engine/audio",
+    "callbot.engine.model": "engine/model",
+    "callbot.engine.serving": "engine/serving",
+    "callbot.sip": "sip",
+    "callbot.app": "app",
+}
 
 # extension name -> C files compiled into it (paths relative to the repository root)
 EXTRA_SOURCES: dict[str, list[str]] = {
@@ -41,7 +61,7 @@ def extensions() -> list[Extension]:
             continue
         mods.append(
             Extension(
-                f"callbot.engine.{name}",
+                f"{PACKAGE_OF[name]}.{name}",
                 sources=[f"ext/{pyx.name}", *EXTRA_SOURCES.get(name, [])],
                 include_dirs=["ext", numpy.get_include()],
                 libraries=LIBRARIES.get(name, []),
@@ -54,8 +74,8 @@ def extensions() -> list[Extension]:
 
 
 setup(
-    packages=["callbot.engine", "callbot.sip"],
-    package_dir={"callbot.engine": "engine", "callbot.sip": "sip"},
+    packages=list(PACKAGES),
+    package_dir=PACKAGES,
     ext_modules=extensions(),
     zip_safe=False,
 )

@@ -84,7 +84,7 @@ def run_once(benchmark, fn):
 
 @pytest.mark.parametrize("codec", CODECS)
 def test_echo(benchmark, codec):
-    from callbot.engine.echo import EchoEngine
+    from callbot.engine.serving.echo import EchoEngine
 
     taps = L.ClickTaps()
     engine = L.tap_engine(EchoEngine(), taps)
@@ -115,7 +115,7 @@ def test_echo(benchmark, codec):
 
 
 def test_ws_baseline(benchmark):
-    from callbot.engine.echo import EchoEngine
+    from callbot.engine.serving.echo import EchoEngine
 
     engine = EchoEngine()
     try:
@@ -141,7 +141,7 @@ def model_call(source, codec: str, clicks: int, interval_ms: float, kind: str, t
     """One SIP call to the model, served as `serve` serves it (kind "process": the InferenceProcess, the
     model in a spawned child) or by a ModelEngine in this process ("thread", the layout before the
     split). Returns (peer result, marks, the closed session: final_summary and stats, endpoint stats)."""
-    from callbot.engine.inference_process import InferenceProcess
+    from callbot.engine.serving.inference_process import InferenceProcess
 
     directory, how, _ = source
     closed = []
@@ -150,7 +150,7 @@ def model_call(source, codec: str, clicks: int, interval_ms: float, kind: str, t
         engine = InferenceProcess(functools.partial(L.model_setup, directory, how, str(marks_path)),
                                   on_closed=closed.append)
     else:
-        from callbot.engine.runner import BotPrompt, ModelEngine
+        from callbot.engine.serving.runner import BotPrompt, ModelEngine
 
         model = L.MarkedModel(L._load(directory, how))
         snapshot = L._prepare(model)
@@ -176,7 +176,7 @@ def test_model(benchmark, model_source, codec, kind, tmp_path):
     arrivals = L.click_arrivals(peer, MODEL_INTERVAL_MS, 2)
     loop, lat = arrivals[:, 0], arrivals[:, 1]
     sent = _sent_ns(peer)
-    from callbot.engine.runner import STAGES
+    from callbot.engine.serving.runner import STAGES
 
     t = s.stats.held()[0]
     ready = np.array([t[k, STAGES.index("resampled")] for k, _ in marks], np.float64)
@@ -309,7 +309,7 @@ def projection_lines() -> list[str]:
     sys.path.insert(0, str(L.ROOT))
     from bench_lm import _bytes_per_frame
 
-    from callbot.engine.lm_config import personaplex_7b
+    from callbot.engine.model.lm_config import personaplex_7b
 
     cfg = personaplex_7b()
     # frame end -> first output heard, minus the step: our own part as measured here (per click) plus

@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from callbot.engine.lm import LM
-from callbot.engine.lm_config import LmConfig, personaplex_7b
-from callbot.engine.sampling import SamplingConfig, TokenSampler
-from callbot.engine.weights import Quantization, quantize_lm
+from callbot.engine.model.lm import LM
+from callbot.engine.model.lm_config import LmConfig, personaplex_7b
+from callbot.engine.model.sampling import SamplingConfig, TokenSampler
+from callbot.engine.model.weights import Quantization, quantize_lm
 from tests.tiny_lm import TINY_LM
 
 QUARTER = LmConfig(dim=1024, num_heads=8, num_layers=8, hidden_scale=4.125, context=3000,

@@ -23,8 +23,8 @@ import pjsua2 as pj
 import pytest
 
 from callbot.engine import Ring
-from callbot.engine._pcm import MediaPump
-from callbot.engine.echo import EchoEngine
+from callbot.sip._pcm import MediaPump
+from callbot.engine.serving.echo import EchoEngine
 from callbot.sip import media_port
 from callbot.sip.media_port import attach_media
 
@@ -356,7 +356,7 @@ def test_callback_lateness_with_the_model_in_its_own_process(benchmark, endpoint
     import functools
 
     import latency_lab as L
-    from callbot.engine.inference_process import InferenceProcess
+    from callbot.engine.serving.inference_process import InferenceProcess
 
     directory, how, label = L.bench_model_source(tmp_path)
     results, got = {}, []
@@ -438,7 +438,7 @@ def test_echo_line_round_trip(benchmark, codec, tmp_path):
     from callbot.sip.config import EndpointConfig, TransportConfig
     from callbot.sip.endpoint import Endpoint
     from callbot.sip.events import CallEnded
-    from callbot.sip.recording import Recorder, read_recording
+    from callbot.app.recording import Recorder, read_recording
 
     seconds = 20.0 if FULL else 6.0
     sent = click_train(seconds)

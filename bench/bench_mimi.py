@@ -21,7 +21,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from callbot.engine.mimi import load_mimi, mimi_202407
+from callbot.engine.model.mimi import load_mimi, mimi_202407
 from tests.tiny_mimi import tiny_mimi_config, write_tiny_mimi
 
 moshi_mimi = pytest.importorskip("moshi_mlx.models.mimi")

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from callbot.engine import Model
-from callbot.engine.voices import VOICES
-from callbot.engine.weights import MIMI_FILE, TEXT_TOKENIZER_FILE, VOICES_FILE
+from callbot.engine.model.voices import VOICES
+from callbot.engine.model.weights import MIMI_FILE, TEXT_TOKENIZER_FILE, VOICES_FILE
 from tests.tiny_assets import tiny_model_configs, train_sentencepiece, write_voices_tgz
 from tests.tiny_lm import write_tiny_lm
 from tests.tiny_mimi import write_tiny_mimi

@@ -40,8 +40,8 @@ def model_source(tmp_path_factory):
 def _soak(source, busy: bool) -> dict:
     """One call of SOAK_S seconds to the model as `serve` runs it: the InferenceProcess (the model and its
     inference thread in a spawned child, rings in shared memory), pjmedia's clock thread real-time."""
-    from callbot.engine.frame_stats import STAGES
-    from callbot.engine.inference_process import InferenceProcess
+    from callbot.engine.serving.frame_stats import STAGES
+    from callbot.engine.serving.inference_process import InferenceProcess
 
     directory, how, _ = source
     closed = []

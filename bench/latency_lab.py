@@ -257,7 +257,7 @@ def tap_engine(engine: Any, taps: ClickTaps) -> Any:
     session's CallAudio becomes a TappedAudio (same rings, same resamplers; pull/push add a timestamp
     and a max() over the frame). The engine's own loop is untouched."""
     from callbot.engine import now_ns
-    from callbot.engine.call_audio import CallAudio
+    from callbot.engine.serving.call_audio import CallAudio
 
     class TappedAudio(CallAudio):
         def pull(self, n):
@@ -452,11 +452,11 @@ def load_bench_model(tmp_dir: pathlib.Path):
 
 
 def model_setup(directory: str, how: dict, marks_path: str | None = None):
-    """The inference process's setup (engine/inference_process.py) for the benches: the model from
+    """The inference process's setup (engine/serving/inference_process.py) for the benches: the model from
     `bench_model_source`; with `marks_path`, marking its output (MarkedModel) and appending the marks
     there. Runs in the spawned child (module-level, so that it pickles by name)."""
-    from callbot.engine.inference_process import InferenceSetup
-    from callbot.engine.runner import BotPrompt
+    from callbot.engine.serving.inference_process import InferenceSetup
+    from callbot.engine.serving.runner import BotPrompt
 
     plain = _load(directory, how)
     model = plain if marks_path is None else MarkedModel(plain, marks_path)

@@ -29,8 +29,8 @@ from cpython.ref cimport PyObject
 from libc.stdint cimport int16_t, uint64_t
 from libc.string cimport memset
 
-from callbot.engine._ring cimport Ring
-from callbot.engine._stamps cimport StampLog
+from callbot.engine.audio._ring cimport Ring
+from callbot.engine.audio._stamps cimport StampLog
 
 cdef extern from *:
     """

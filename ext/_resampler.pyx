@@ -1,6 +1,6 @@
 """Thin binding of ext/resampler.c: one polyphase FIR stream, one entry point per dtype.
 
-Rates, dtypes and shapes are validated by callbot.engine.resampler; here only what keeps the C side
+Rates, dtypes and shapes are validated by callbot.engine.audio.resampler; here only what keeps the C side
 memory-safe is checked (array type, dtype, contiguity, room in the output), with numpy's C macros:
 typed-memoryview arguments cost microseconds per call, more than the 20 ms chunk's filtering.
 The GIL is released around all C work.

@@ -2,7 +2,7 @@
 """Thin binding of ring.h: binds a ring to a buffer and moves numpy arrays in and out, GIL released.
 
 Why a separate layer: argument checks that are not about memory safety (capacity, dtype names, what a
-bad header means) live in Python, in callbot.engine.ring, which subclasses this Ring; here we check
+bad header means) live in Python, in callbot.engine.audio.ring, which subclasses this Ring; here we check
 only what keeps the C side safe (array type, layout, writability) and give Cython callers nogil
 C-level access (see _ring.pxd).
 """

@@ -1,5 +1,5 @@
 """Binding of ext/rtthread.c: make the calling thread real-time and restore it. Arguments are checked
-by callbot.engine.realtime, the public face; this layer only converts."""
+by callbot.engine.audio.realtime, the public face; this layer only converts."""
 
 from libc.stdint cimport int64_t
 

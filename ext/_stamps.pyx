@@ -2,7 +2,7 @@
 """When audio crossed the media side of a call's rings: the binding of ext/stamps.h.
 
 Why: the caller's audio entering rx and the bot's audio leaving tx happen in the media callbacks, the
-first and last of a frame's stages (engine/runner.py FrameStats). A StampLog is a few hundred bytes
+first and last of a frame's stages (engine/serving/runner.py FrameStats). A StampLog is a few hundred bytes
 that the callback appends one (samples so far, monotonic ns) pair to, lock-free, and the engine side
 reads, possibly from another process when the log lives in the call's shared_memory block. The
 contract (one writer, one reader, what `find` answers) is in stamps.h.

@@ -1,6 +1,6 @@
 /* stamps.h: when audio crossed the media side of a ring, as (cumulative samples, monotonic ns) pairs.
  *
- * Why it exists: the engine stamps every frame's stages itself (engine/runner.py FrameStats), but the
+ * Why it exists: the engine stamps every frame's stages itself (engine/serving/runner.py FrameStats), but the
  * first and last stages happen in the media callbacks (pjmedia's clock thread, possibly another
  * process): the caller's audio entering the rx ring and the bot's audio leaving the tx ring. Those
  * callbacks may not take a lock, allocate or make a syscall beyond a clock read, so they only append

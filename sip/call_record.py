@@ -1,6 +1,6 @@
 """What is known about one call, as plain data: the recording's JSON sidecar is written from it.
 
-The call object fills it from pjsua2 callbacks; the recorder (sip/recording.py) reads it and never
+The call object fills it from pjsua2 callbacks; the recorder (app/recording.py) reads it and never
 needs to know pjsua2. Times are wall-clock (time.time(), seconds since the epoch) so that a sidecar
 means something after the process is gone; DTMF keeps the monotonic stamp of its event too.
 """
@@ -38,7 +38,7 @@ class CallRecord:
     codec: str | None = None
     codec_rate: int | None = None  # the negotiated codec's clock rate (Hz): G.722 16000, G.711 8000
     # the rate of the call's audio as the engine, the media port and the recording see it: the
-    # conference bridge's (engine/call_engine.py reads it as the media port's rate)
+    # conference bridge's (engine/contract.py reads it as the media port's rate)
     clock_rate: int | None = None
     srtp: bool = False
     dtmf: list[DtmfRecord] = field(default_factory=list)
@@ -50,7 +50,7 @@ class CallRecord:
     hangup_code: int | None = None
     hangup_reason: str | None = None
     # what the engine reports at the call's end: the model's text pieces with their times, step and
-    # stage timings, underruns/overruns (engine/runner.py ModelCallSession.summary)
+    # stage timings, underruns/overruns (engine/serving/runner.py ModelCallSession.summary)
     engine: dict | None = None
 
     def to_dict(self) -> dict:

@@ -62,7 +62,7 @@ class AccountConfig(_Config):
     auth_user: str | None = None  # default: user
     password: str | None = None
     # name of an environment variable holding the password, so that config files carry no secret;
-    # resolved when the serve configuration is loaded (sip/settings.py)
+    # resolved when the serve configuration is loaded (app/settings.py)
     password_env: str | None = None
     realm: str = "*"
     # outbound proxy every request of this account goes through (a PBX or trunk that routes our calls);

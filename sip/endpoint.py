@@ -57,9 +57,9 @@ RECORDS_KEPT = 1000  # CallRecords an Endpoint keeps for inspection; each call's
 class Endpoint:
     """A SIP user agent answering and placing calls for the accounts in `config`.
 
-    `engine` (optional, engine/call_engine.py's CallEngine) provides `open_session(record)` /
+    `engine` (optional, engine/contract.py's CallEngine) provides `open_session(record)` /
     `close_session(session)`: each call with active audio gets a session and a media port bound to it;
-    without an engine calls are silent. `recorder` (optional, sip/recording.py's Recorder) records every
+    without an engine calls are silent. `recorder` (optional, app/recording.py's Recorder) records every
     call with media (stereo WAV + sidecar from the call's CallRecord). Neither is owned: close them
     after `stop()`.
     """

@@ -26,9 +26,10 @@ from typing import Callable
 
 import pjsua2 as pj
 
-from callbot.engine import _pcm, make_realtime
-from callbot.engine._pcm import MediaPump
-from callbot.engine.realtime import RealtimeResult
+from callbot.sip import _pcm
+from callbot.engine.audio import make_realtime
+from callbot.sip._pcm import MediaPump
+from callbot.engine.audio.realtime import RealtimeResult
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ def attach_media(call_audio_media, clock_rate: int, session, recorder=None) -> M
     """Creates the call's port at `clock_rate` Hz and connects it both ways to `call_audio_media`.
 
     `session` is the engine session (its `.audio` is a CallAudio at `clock_rate`); `recorder` is the
-    call's CallRecording (sip/recording.py) at the same rate, or None for no recording.
+    call's CallRecording (app/recording.py) at the same rate, or None for no recording.
     """
     audio = session.audio
     if isinstance(clock_rate, bool) or not isinstance(clock_rate, int) or clock_rate % 50:

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from callbot.engine.echo import EchoEngine
+from callbot.engine.serving.echo import EchoEngine
 from callbot.sip.config import EndpointConfig, TransportConfig
 from callbot.sip.endpoint import Endpoint
-from callbot.sip.recording import Recorder
+from callbot.app.recording import Recorder
 
 
 @pytest.fixture

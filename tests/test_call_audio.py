@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from callbot.engine.call_audio import CallAudio
+from callbot.engine.serving.call_audio import CallAudio
 
 
 def test_push_beyond_the_limit_drops_the_oldest_of_what_it_brings():

@@ -14,5 +14,5 @@ def test_console_script_help():
 
 
 def test_no_command_is_usage_error():
-    out = subprocess.run([sys.executable, "-m", "callbot.sip.cli"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-m", "callbot.app.cli"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2

@@ -1,4 +1,4 @@
-"""The echo line through CallAudio's rings and resamplers, with real threads (engine/echo.py, call_audio.py).
+"""The echo line through CallAudio's rings and resamplers, with real threads (engine/serving/echo.py, call_audio.py).
 
 A thread plays the media callback's part: every 20 ms (absolute deadlines) it writes one frame of a known
 signal into rx and reads one frame out of tx, silence when tx is short, exactly as the media port does.
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from callbot.engine import PeriodicClock
-from callbot.engine.call_audio import CallAudio
-from callbot.engine.echo import EchoEngine
+from callbot.engine.serving.call_audio import CallAudio
+from callbot.engine.serving.echo import EchoEngine
 
 
 class CallInfo:

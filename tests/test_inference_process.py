@@ -1,4 +1,4 @@
-"""The model in its own process (engine/inference_process.py): a real child with the tiny model, calls
+"""The model in its own process (engine/serving/inference_process.py): a real child with the tiny model, calls
 whose rings live in shared memory, a media-like thread on this side, and a child killed mid-call."""
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import msgspec
 import numpy as np
 import pytest
 
-from callbot.engine.inference_process import InferenceProcess, InferenceStartupError
-from callbot.sip.model_setup import bot_name_for, prepare_model
-from callbot.sip.settings import BotSettings, ModelSettings, Settings
+from callbot.engine.serving.inference_process import InferenceProcess, InferenceStartupError
+from callbot.app.model_setup import bot_name_for, prepare_model
+from callbot.app.settings import BotSettings, ModelSettings, Settings
 from tests.media_side import play_media_side
 from tests.tiny_assets import write_tiny_model_for_serve
 
@@ -226,7 +226,7 @@ download = false
 name = "talker"
 persona = "{'You talk a lot. ' * 40}"
 """)
-    out = subprocess.run([sys.executable, "-m", "callbot.sip.cli", "serve", "--config", str(cfg)],
+    out = subprocess.run([sys.executable, "-m", "callbot.app.cli", "serve", "--config", str(cfg)],
                          capture_output=True, text=True, timeout=90)
     assert out.returncode == 2, out.stderr
     [line] = [ln for ln in out.stderr.splitlines() if ln.startswith("callbot: error:")]
@@ -235,9 +235,9 @@ persona = "{'You talk a lot. ' * 40}"
 
 
 def test_serve_builds_the_process_engine_by_default_and_the_thread_one_on_request(settings, tmp_path):
-    from callbot.engine.runner import ModelEngine
-    from callbot.sip.model_engine import build_model_engine
-    from callbot.sip.serve import StartupError
+    from callbot.engine.serving.runner import ModelEngine
+    from callbot.app.model_engine import build_model_engine
+    from callbot.app.serve import StartupError
 
     for process, kind in ((True, InferenceProcess), (False, ModelEngine)):
         model = msgspec.structs.replace(settings.model, process=process)

@@ -62,7 +62,7 @@ def test_click_arrivals_finds_each_copy_to_the_sample(rate):
 def test_an_echo_call_brings_every_click_back_twice_pjsip_first():
     """A real call (pjsua2 peer process -> Endpoint with the echo engine and pjsip's loop beside it):
     each click comes back through pjsip's loop and through our port, in that order."""
-    from callbot.engine.echo import EchoEngine
+    from callbot.engine.serving.echo import EchoEngine
 
     engine = EchoEngine()
     try:

@@ -14,9 +14,9 @@ import os
 import numpy as np
 import pytest
 
-from callbot.engine.lm_config import LmConfig
-from callbot.engine.sampling import GREEDY
-from callbot.engine.weights import load_lm
+from callbot.engine.model.lm_config import LmConfig
+from callbot.engine.model.sampling import GREEDY
+from callbot.engine.model.weights import load_lm
 
 from tiny_lm import TINY_LM, kyutai_lm_kwargs, write_tiny_lm
 

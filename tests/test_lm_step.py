@@ -11,9 +11,9 @@ import pytest
 
 import mlx.core as mx
 
-from callbot.engine.lm import LM
-from callbot.engine.sampling import GREEDY, SamplingConfig, TokenSampler, sample
-from callbot.engine.weights import load_lm
+from callbot.engine.model.lm import LM
+from callbot.engine.model.sampling import GREEDY, SamplingConfig, TokenSampler, sample
+from callbot.engine.model.weights import load_lm
 
 from tiny_lm import TINY_LM, kyutai_lm_kwargs, write_tiny_lm
 

@@ -11,7 +11,7 @@ import pytest
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from callbot.engine.transformer import Transformer, TransformerConfig
+from callbot.engine.model.transformer import Transformer, TransformerConfig
 
 torch = pytest.importorskip("torch")
 kyutai_transformer = pytest.importorskip("moshi.modules.transformer")

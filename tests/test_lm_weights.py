@@ -11,10 +11,10 @@ import pytest
 import mlx.core as mx
 import mlx.nn as nn
 
-from callbot.engine.lm import LM
-from callbot.engine.lm_config import LmConfig, personaplex_7b
-from callbot.engine.sampling import GREEDY
-from callbot.engine.weights import (HF_REPO, LM_FILE, WeightsError, checkpoint_layout, find_weights, load_lm,
+from callbot.engine.model.lm import LM
+from callbot.engine.model.lm_config import LmConfig, personaplex_7b
+from callbot.engine.model.sampling import GREEDY
+from callbot.engine.model.weights import (HF_REPO, LM_FILE, WeightsError, checkpoint_layout, find_weights, load_lm,
                                     parse_quantization, quantized_paths, read_safetensors_header)
 
 from tiny_lm import TINY_LM, tiny_lm_tensors, write_safetensors, write_tiny_lm

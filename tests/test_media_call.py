@@ -19,7 +19,7 @@ import pytest
 from sip_peers import free_port, stop_process
 
 from callbot.sip.events import CallEnded
-from callbot.sip.recording import read_recording
+from callbot.app.recording import read_recording
 
 pytestmark = pytest.mark.timeout(120)
 PEER = pathlib.Path(__file__).with_name("media_peer.py")
@@ -148,7 +148,7 @@ user = "echo"
     signal_ = chirp(seconds=6.0, f1=2000.0)
     play, record = tmp_path / "play.wav", tmp_path / "heard.wav"
     write_wav(play, np.concatenate([np.zeros(RATE // 2, np.int16), signal_]))
-    serve = subprocess.Popen([sys.executable, "-m", "callbot.sip.cli", "serve", "--engine", "echo", "--config", str(cfg)],
+    serve = subprocess.Popen([sys.executable, "-m", "callbot.app.cli", "serve", "--engine", "echo", "--config", str(cfg)],
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     log = open(tmp_path / "peer.log", "w")
     peer = None

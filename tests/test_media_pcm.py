@@ -5,8 +5,8 @@ import pjsua2 as pj
 import pytest
 
 from callbot.engine import Ring, now_ns
-from callbot.engine._pcm import MediaPump, check_layout, vector_to_bytes
-from callbot.engine._stamps import NBYTES, StampLog
+from callbot.sip._pcm import MediaPump, check_layout, vector_to_bytes
+from callbot.engine.audio._stamps import NBYTES, StampLog
 
 N = 160  # 20 ms at 8 kHz
 
@@ -186,7 +186,7 @@ def test_bad_construction_is_a_value_error():
 def test_the_thread_hook_runs_once_on_each_new_thread_and_never_breaks_a_frame():
     import threading
 
-    from callbot.engine._pcm import set_media_thread_hook
+    from callbot.sip._pcm import set_media_thread_hook
 
     pump = MediaPump(Ring(1024, "int16"), Ring(1024, "int16"), N)
     seen = []

@@ -12,9 +12,9 @@ import numpy as np
 import pjsua2 as pj
 import pytest
 
-from callbot.engine.echo import EchoEngine
+from callbot.engine.serving.echo import EchoEngine
 from callbot.sip.media_port import attach_media
-from callbot.sip.recording import Recorder, read_recording
+from callbot.app.recording import Recorder, read_recording
 
 FRAMES = 75  # 1.5 s
 

@@ -6,8 +6,8 @@ import urllib.request
 import pytest
 
 from callbot.sip import events as ev
-from callbot.sip.event_log import EventLog
-from callbot.sip.metrics import Metrics, parse_address
+from callbot.app.event_log import EventLog
+from callbot.app.metrics import Metrics, parse_address
 
 
 def _value(text: str, line_prefix: str) -> float:

@@ -11,7 +11,7 @@ from safetensors.numpy import save_file
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from callbot.engine.mimi import Mimi, MimiState, MimiWeightsError, load_mimi, nvidia_to_mlx
+from callbot.engine.model.mimi import Mimi, MimiState, MimiWeightsError, load_mimi, nvidia_to_mlx
 
 from tiny_mimi import mimi_shapes, random_mimi_weights, tiny_mimi_config, write_tiny_mimi
 

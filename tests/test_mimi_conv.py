@@ -5,14 +5,14 @@ import pytest
 
 import mlx.core as mx
 
-from callbot.engine.conv import ConvState, ConvTransposeState, StreamingConv1d, StreamingConvTranspose1d
-from callbot.engine.seanet import SeanetConfig, SeanetDecoder, SeanetEncoder, SeanetState
+from callbot.engine.model.conv import ConvState, ConvTransposeState, StreamingConv1d, StreamingConvTranspose1d
+from callbot.engine.model.seanet import SeanetConfig, SeanetDecoder, SeanetEncoder, SeanetState
 
 torch = pytest.importorskip("torch")
 moshi_conv = pytest.importorskip("moshi.modules.conv")
 moshi_seanet = pytest.importorskip("moshi.modules.seanet")
 
-from callbot.engine.mimi import convert_conv_weight, convert_convtr_weight, seanet_layer_paths  # noqa: E402
+from callbot.engine.model.mimi import convert_conv_weight, convert_convtr_weight, seanet_layer_paths  # noqa: E402
 
 
 def to_nlc(x):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 
-from callbot.engine.mimi import load_mimi, mimi_202407
+from callbot.engine.model.mimi import load_mimi, mimi_202407
 
 from tiny_mimi import random_mimi_weights, tiny_mimi_config, write_tiny_mimi
 

@@ -6,12 +6,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from callbot.engine.mimi import Mimi, mimi_202407
-from callbot.engine.prompt import (SILENCE_TOKENS, SINE_TOKENS, SPACER_FRAMES, check_plan, filler_codes, persona_tokens,
+from callbot.engine.model.mimi import Mimi, mimi_202407
+from callbot.engine.model.prompt import (SILENCE_TOKENS, SINE_TOKENS, SPACER_FRAMES, check_plan, filler_codes, persona_tokens,
                                    plan_prompt, run_prompt, sine_frame, voice_codes)
-from callbot.engine.session import Model
-from callbot.engine.tokenizer import PAD_ID
-from callbot.engine.voices import VoiceEmbeddings, VoiceRecording
+from callbot.engine.model.session import Model
+from callbot.engine.model.tokenizer import PAD_ID
+from callbot.engine.model.voices import VoiceEmbeddings, VoiceRecording
 from tests.tiny_assets import tiny_model_configs, write_tiny_model_dir
 
 

@@ -1,4 +1,4 @@
-"""Call recordings (sip/recording.py): a WAV that is valid while it grows, survives kill -9, and a sidecar."""
+"""Call recordings (app/recording.py): a WAV that is valid while it grows, survives kill -9, and a sidecar."""
 
 import json
 import os
@@ -11,7 +11,7 @@ import wave
 import numpy as np
 import pytest
 
-from callbot.sip.recording import Recorder, WavStreamWriter, read_recording, recording_name
+from callbot.app.recording import Recorder, WavStreamWriter, read_recording, recording_name
 
 RATE = 8000
 
@@ -133,7 +133,7 @@ CHILD = textwrap.dedent(
     """
     import sys, numpy as np
     from callbot.engine import PeriodicClock
-    from callbot.sip.recording import Recorder
+    from callbot.app.recording import Recorder
     sys.path.insert(0, sys.argv[2])
     from test_recording import pattern
     recorder = Recorder(sys.argv[1], sync_interval_s=1.0, poll_ms=50)

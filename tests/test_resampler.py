@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from callbot.engine import Resampler
-from callbot.engine.resampler import DESIGNS, PHASES
+from callbot.engine.audio.resampler import DESIGNS, PHASES
 
 DIRECTIONS = [(8000, 24000), (24000, 8000), (16000, 24000), (24000, 16000)]
 DTYPES = [np.float32, np.int16]

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from callbot.engine import Ring
-from callbot.engine import ring as ring_module
+from callbot.engine.audio import ring as ring_module
 
 DTYPES = ["int16", "float32"]
 # header offsets of ext/ring.h's cb_ring, for the tests that corrupt a header on purpose

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from callbot.engine import Model
-from callbot.engine.frame_stats import FrameStats
-from callbot.engine.runner import FRAME_NS, STAGES, BotPrompt, ModelEngine
+from callbot.engine.serving.frame_stats import FrameStats
+from callbot.engine.serving.runner import FRAME_NS, STAGES, BotPrompt, ModelEngine
 from tests.media_side import play_media_side
 from tests.tiny_assets import tiny_model_configs, write_tiny_model_dir
 

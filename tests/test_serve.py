@@ -15,7 +15,7 @@ import pytest
 from sip_peers import PjsuaPeer, _Lines, free_port, stop_process
 
 pytestmark = pytest.mark.timeout(120)
-CALLBOT = [sys.executable, "-m", "callbot.sip.cli"]
+CALLBOT = [sys.executable, "-m", "callbot.app.cli"]
 MEDIA_PEER = pathlib.Path(__file__).with_name("media_peer.py")
 
 

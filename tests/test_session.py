@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from callbot.engine import VOICES, Model, Session
-from callbot.engine.weights import WeightsError
+from callbot.engine.model.weights import WeightsError
 from tests.tiny_assets import tiny_model_configs, write_tiny_model_dir
 
 PERSONA = "You are Jane, a receptionist at a dental clinic."
@@ -173,7 +173,7 @@ def test_missing_model_files_are_named(model_dir, tmp_path):
 def test_codec_that_does_not_fit_the_lm_is_refused(model):
     import dataclasses
 
-    from callbot.engine.mimi import Mimi
+    from callbot.engine.model.mimi import Mimi
     wrong = Mimi(dataclasses.replace(model.mimi.cfg, quantizer_bins=64))
     with pytest.raises(ValueError, match="the codec \\(8 codebooks of 64\\) does not match the LM"):
         Model(model.lm, wrong, model.tokenizer, model.voices)

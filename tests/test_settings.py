@@ -2,7 +2,7 @@
 
 import pytest
 
-from callbot.sip.settings import ConfigError, Settings, load_settings, parse_settings
+from callbot.app.settings import ConfigError, Settings, load_settings, parse_settings
 
 
 def test_embedded_default_is_direct_mode_bot_at_5060():
@@ -135,7 +135,7 @@ max_call_s = 300
 def test_bridge_rate_is_one_the_engine_serves(tmp_path):
     import typing
 
-    from callbot.engine.call_audio import CALL_RATES
+    from callbot.engine.serving.call_audio import CALL_RATES
     from callbot.sip.config import EndpointConfig
 
     hints = typing.get_type_hints(EndpointConfig)

@@ -13,11 +13,11 @@ import time
 import pytest
 from sip_peers import PjsuaPeer
 
-from callbot.engine.echo import EchoEngine
+from callbot.engine.serving.echo import EchoEngine
 from callbot.sip.config import EndpointConfig, TransportConfig
 from callbot.sip.endpoint import Endpoint
 from callbot.sip.events import CallConfirmed, CallEnded, CallMedia, DtmfReceived
-from callbot.sip.recording import Recorder, read_recording
+from callbot.app.recording import Recorder, read_recording
 
 pytestmark = pytest.mark.timeout(120)
 

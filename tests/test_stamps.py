@@ -1,10 +1,10 @@
-"""ext/stamps.h via callbot.engine._stamps, and CallAudio's mapping of frames to the media side's stamps."""
+"""ext/stamps.h via callbot.engine.audio._stamps, and CallAudio's mapping of frames to the media side's stamps."""
 import numpy as np
 import pytest
 
 from callbot.engine import now_ns
-from callbot.engine._stamps import HELD, NBYTES, StampLog
-from callbot.engine.call_audio import CallAudio
+from callbot.engine.audio._stamps import HELD, NBYTES, StampLog
+from callbot.engine.serving.call_audio import CallAudio
 
 
 def _words():

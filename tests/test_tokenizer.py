@@ -2,7 +2,7 @@
 
 import pytest
 
-from callbot.engine.tokenizer import EPAD_ID, PAD_ID, TextTokenizer, wrap_with_system_tags
+from callbot.engine.model.tokenizer import EPAD_ID, PAD_ID, TextTokenizer, wrap_with_system_tags
 from tests.tiny_assets import train_sentencepiece
 
 

@@ -8,10 +8,10 @@ import zipfile
 import numpy as np
 import pytest
 
-from callbot.engine.loudness import integrated_loudness, k_weighting_coefficients, normalize_loudness
-from callbot.engine.ptfile import PtFileError, read_pt
-from callbot.engine.voices import VOICES, VoiceLibrary, voice_from_pt, voice_from_wav
-from callbot.engine.wavfile import read_wav
+from callbot.engine.model.loudness import integrated_loudness, k_weighting_coefficients, normalize_loudness
+from callbot.engine.model.ptfile import PtFileError, read_pt
+from callbot.engine.model.voices import VOICES, VoiceLibrary, voice_from_pt, voice_from_wav
+from callbot.engine.audio.wavfile import read_wav
 from tests.tiny_assets import bfloat16_bits_to_float32, float32_to_bfloat16_bits, pt_bytes, voice_tensors, write_voices_tgz
 
 

@@ -179,8 +179,8 @@ def tiny_model_configs():
 def write_tiny_model_dir(directory: pathlib.Path, seed: int = 0, voice_frames: int = 5) -> pathlib.Path:
     """A folder laid out as the HF repo nvidia/personaplex-7b-v1 (same file names, PyTorch key names),
     holding the tiny model: model.safetensors, the Mimi file, the SentencePiece model, voices.tgz."""
-    from callbot.engine.voices import VOICES
-    from callbot.engine.weights import MIMI_FILE, TEXT_TOKENIZER_FILE, VOICES_FILE
+    from callbot.engine.model.voices import VOICES
+    from callbot.engine.model.weights import MIMI_FILE, TEXT_TOKENIZER_FILE, VOICES_FILE
     from tests.tiny_lm import write_tiny_lm
     from tests.tiny_mimi import write_tiny_mimi
 
@@ -196,7 +196,7 @@ def write_tiny_model_dir(directory: pathlib.Path, seed: int = 0, voice_frames: i
 
 def write_tiny_model_for_serve(directory: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
     """The tiny model's folder (write_tiny_model_dir) plus the architecture file that tells `serve` (and
-    sip/model_setup.py) its size: (folder, architecture.json)."""
+    app/model_setup.py) its size: (folder, architecture.json)."""
     import msgspec
 
     write_tiny_model_dir(directory)

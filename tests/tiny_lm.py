@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from callbot.engine.lm_config import LmConfig
-from callbot.engine.weights import LM_FILE, checkpoint_layout
+from callbot.engine.model.lm_config import LmConfig
+from callbot.engine.model.weights import LM_FILE, checkpoint_layout
 
 # Dims chosen so that every linear/embedding input width (64, 128) is a multiple of both q4 group sizes.
 TINY_LM = LmConfig(dim=64, num_heads=4, num_layers=2, hidden_scale=3.0, context=32, text_card=96, card=32,

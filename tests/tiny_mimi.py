@@ -3,7 +3,7 @@
 
 The key walk here is written from Kyutai's PyTorch module tree (SEANet `nn.Sequential` indices with the
 ELUs counted, `in_proj_weight` / `out_proj.weight` attention names, 1 + 31 codebooks stored as
-`embedding_sum` / `cluster_usage`), independently of `callbot.engine.mimi`'s conversion, so loading
+`embedding_sum` / `cluster_usage`), independently of `callbot.engine.model.mimi`'s conversion, so loading
 these files tests that conversion; test_mimi_parity checks this walk against torch's own state_dict.
 """
 
@@ -14,8 +14,8 @@ import os
 import numpy as np
 from safetensors.numpy import save_file
 
-from callbot.engine.mimi import MimiConfig, MimiTransformerConfig
-from callbot.engine.seanet import SeanetConfig
+from callbot.engine.model.mimi import MimiConfig, MimiTransformerConfig
+from callbot.engine.model.seanet import SeanetConfig
 
 
 def tiny_mimi_config(context: int = 250, num_codebooks: int = 8) -> MimiConfig:

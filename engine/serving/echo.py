@@ -15,8 +15,8 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from callbot.engine import PeriodicClock
-from callbot.engine.call_audio import ENGINE_RATE, CallAudio
+from callbot.engine.audio import PeriodicClock
+from callbot.engine.serving.call_audio import ENGINE_RATE, CallAudio
 
 DEFAULT_FRAME = 480  # samples at 24 kHz = 20 ms, one media frame
 DEFAULT_POLL_MS = 2.0
@@ -37,7 +37,7 @@ class EchoSession:
 class EchoEngine:
     """Echoes every open session's caller audio back to it, in 24 kHz frames of `frame_samples`.
 
-    Implements callbot.engine.call_engine.CallEngine. `close()` stops the worker thread.
+    Implements callbot.engine.contract.CallEngine. `close()` stops the worker thread.
     """
 
     def __init__(self, frame_samples: int = DEFAULT_FRAME, poll_ms: float = DEFAULT_POLL_MS):

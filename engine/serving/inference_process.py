@@ -3,7 +3,7 @@
 Why: BENCHMARKS.md "Media callback" measured pjmedia's clock thread next to a thread running Python in
 the same process. With 4 calls the clock thread takes the GIL 8 times a tick, each take waits behind the
 Python thread, and the bridge falls behind for good (p99 lateness 312-987 ms). So the model, the
-runner's inference thread (engine/runner.py) and the 24 kHz resamplers run in a child process; each
+runner's inference thread (engine/serving/runner.py) and the 24 kHz resamplers run in a child process; each
 call's rx and tx rings live in a shared_memory block (CallAudio.shared / CallAudio.attach_engine_side),
 and the two processes talk over one Pipe only when a call starts or ends, never per frame.
 
@@ -32,8 +32,8 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
-from callbot.engine.call_audio import CALL_RATES, RING_SECONDS, CallAudio, SharedCallRings
-from callbot.engine.frame_stats import FrameStats
+from callbot.engine.serving.call_audio import CALL_RATES, RING_SECONDS, CallAudio, SharedCallRings
+from callbot.engine.serving.frame_stats import FrameStats
 
 READY_TIMEOUT_S = 3600.0  # loading (or downloading) a 7B and compiling its graphs takes a while
 CLOSE_TIMEOUT_S = 5.0  # a close waits for at most the call's one step in flight, then its summary
@@ -47,7 +47,7 @@ class InferenceStartupError(Exception):
 
 class InferenceSetup(NamedTuple):
     """What `setup()` returns in the child: the loaded model, each bot's prompt by name (BotPrompt of
-    engine/runner.py; the first is the default), and a warm-up run on the inference thread."""
+    engine/serving/runner.py; the first is the default), and a warm-up run on the inference thread."""
 
     model: Any
     prompts: dict
@@ -70,7 +70,7 @@ class ProcessCallSession:
 
 
 class InferenceProcess:
-    """Implements callbot.engine.call_engine.CallEngine with the model in a child process.
+    """Implements callbot.engine.contract.CallEngine with the model in a child process.
 
     `setup` is a picklable callable (a module-level function, or functools.partial of one) that the child
     runs to load the model: it returns an InferenceSetup. `bot_for(call_info) -> name` picks a call's bot
@@ -264,7 +264,7 @@ def _child_main(conn, setup: Callable[[], InferenceSetup], ring_seconds: float, 
     sys.stdout.flush()
     os.dup2(2, 1)
     try:
-        from callbot.engine.runner import TX_MAX_MS, TX_SETTLE_PUSHES, ModelEngine
+        from callbot.engine.serving.runner import TX_MAX_MS, TX_SETTLE_PUSHES, ModelEngine
 
         model, prompts, warmup = setup()
         if not prompts:

@@ -33,10 +33,10 @@ from typing import Callable
 
 import numpy as np
 
-from callbot.engine import Resampler, Ring, now_ns
-from callbot.engine._stamps import NBYTES as _STAMP_BYTES
-from callbot.engine._stamps import StampLog
-from callbot.engine.ring import capacity_for
+from callbot.engine.audio import Resampler, Ring, now_ns
+from callbot.engine.audio._stamps import NBYTES as _STAMP_BYTES
+from callbot.engine.audio._stamps import StampLog
+from callbot.engine.audio.ring import capacity_for
 
 ENGINE_RATE = 24000  # Hz: Mimi's rate, the model's only rate
 CALL_RATES = (8000, 16000, 24000)  # Hz a call's media port may run at (the resampler's designs)

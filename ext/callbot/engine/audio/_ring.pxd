@@ -1,12 +1,12 @@
 # C-level face of the PCM ring, for Cython modules that move audio without the GIL.
 #
-# Why this path: ext/_ring.pyx builds into the module callbot.engine._ring, and Cython looks for a
-# module's .pxd by its full name, under the include path (ext/): ext/callbot/engine/_ring.pxd. A cimport
+# Why this path: ext/_ring.pyx builds into the module callbot.engine.audio._ring, and Cython looks for a
+# module's .pxd by its full name, under the include path (ext/): ext/callbot/engine/audio/_ring.pxd. A cimport
 # by that name also makes the cimporting module import the Ring type from the right module at run time
 # (`from _ring cimport Ring` would compile, then fail to import a top-level `_ring`).
 #
 # Another extension (the SIP media port, for instance) does
-#     from callbot.engine._ring cimport Ring
+#     from callbot.engine.audio._ring cimport Ring
 # takes a Ring object from Python once, and then, holding no GIL, calls
 #     ring.write_raw(src, n) / ring.read_raw(dst, n) / ring.read_exact_raw(dst, n)
 # with n in samples of the ring's dtype (ring.itemsize bytes each). The single-producer /

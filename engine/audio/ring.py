@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from callbot.engine import _ring
+from callbot.engine.audio import _ring
 
 # Error texts (named, so tests and callers can match them).
 ERR_CAPACITY = "capacity must be a power of two between 1 and {max} samples, got {got!r}"

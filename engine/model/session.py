@@ -21,15 +21,15 @@ import time
 import mlx.core as mx
 import numpy as np
 
-from callbot.engine.lm import LM, LmSnapshot, LmState
-from callbot.engine.lm_config import LmConfig
-from callbot.engine.mimi import Mimi, MimiConfig, MimiState, load_mimi
-from callbot.engine.prompt import (FillerCodes, check_plan, filler_codes, persona_tokens, plan_prompt,
+from callbot.engine.model.lm import LM, LmSnapshot, LmState
+from callbot.engine.model.lm_config import LmConfig
+from callbot.engine.model.mimi import Mimi, MimiConfig, MimiState, load_mimi
+from callbot.engine.model.prompt import (FillerCodes, check_plan, filler_codes, persona_tokens, plan_prompt,
                                    run_prompt, voice_codes)
-from callbot.engine.sampling import SamplingConfig, TokenSampler
-from callbot.engine.tokenizer import TextTokenizer
-from callbot.engine.voices import VoiceEmbeddings, VoiceLibrary, VoiceRecording
-from callbot.engine.weights import (MIMI_FILE, TEXT_TOKENIZER_FILE, default_dtype, find_weights, load_lm,
+from callbot.engine.model.sampling import SamplingConfig, TokenSampler
+from callbot.engine.model.tokenizer import TextTokenizer
+from callbot.engine.model.voices import VoiceEmbeddings, VoiceLibrary, VoiceRecording
+from callbot.engine.model.weights import (MIMI_FILE, TEXT_TOKENIZER_FILE, default_dtype, find_weights, load_lm,
                                     require_file)
 
 __all__ = ["Model", "Session", "PromptSnapshot", "SAMPLE_RATE", "FRAME_SIZE"]

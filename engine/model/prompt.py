@@ -27,10 +27,10 @@ import dataclasses
 import mlx.core as mx
 import numpy as np
 
-from callbot.engine.lm import LM, LmState
-from callbot.engine.mimi import Mimi, MimiState
-from callbot.engine.tokenizer import PAD_ID, TextTokenizer, wrap_with_system_tags
-from callbot.engine.voices import VoiceEmbeddings, VoiceRecording
+from callbot.engine.model.lm import LM, LmState
+from callbot.engine.model.mimi import Mimi, MimiState
+from callbot.engine.model.tokenizer import PAD_ID, TextTokenizer, wrap_with_system_tags
+from callbot.engine.model.voices import VoiceEmbeddings, VoiceRecording
 
 __all__ = ["SILENCE_TOKENS", "SINE_TOKENS", "SPACER_FRAMES", "FillerCodes", "PromptFrame", "PromptPlan",
            "filler_codes", "sine_frame", "voice_codes", "persona_tokens", "plan_prompt", "run_prompt"]

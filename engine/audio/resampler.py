@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from callbot.engine._resampler import PolyphaseFir
+from callbot.engine.audio._resampler import PolyphaseFir
 
 # the only rate pairs the filters below are designed for (Hz)
 SUPPORTED_RATES: tuple[tuple[int, int], ...] = (

@@ -16,7 +16,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-from callbot.engine.voices import VOICES as VOICE_NAMES
+from callbot.engine.model.voices import VOICES as VOICE_NAMES
 from callbot.sip.config import AccountConfig, EndpointConfig
 
 DEFAULT_VOICE = "NATF2"
@@ -68,7 +68,7 @@ class ModelSettings(_Settings):
     # a JSON file {"lm": {...LmConfig}, "mimi": {...MimiConfig}} for a model of another size built the
     # same way (Kyutai's Moshiko, a small test model); None = PersonaPlex-7B and the released Mimi
     architecture: str | None = None
-    # run the model in its own process (engine/inference_process.py), the rings in shared memory: a
+    # run the model in its own process (engine/serving/inference_process.py), the rings in shared memory: a
     # thread running Python beside pjmedia's clock makes the bridge late (BENCHMARKS.md "Media
     # callback"); false runs it on a thread of the SIP process (one call, a debugger)
     process: bool = True

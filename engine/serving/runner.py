@@ -36,11 +36,11 @@ from typing import Any, Callable
 import mlx.core as mx
 import numpy as np
 
-from callbot.engine import PeriodicClock, make_realtime, now_ns
-from callbot.engine.call_audio import ENGINE_RATE, CallAudio
-from callbot.engine.frame_stats import STAGES, FrameStats
-from callbot.engine.session import FRAME_SIZE, Model, PromptSnapshot
-from callbot.engine.sampling import SamplingConfig
+from callbot.engine.audio import PeriodicClock, make_realtime, now_ns
+from callbot.engine.serving.call_audio import ENGINE_RATE, CallAudio
+from callbot.engine.serving.frame_stats import STAGES, FrameStats
+from callbot.engine.model.session import FRAME_SIZE, Model, PromptSnapshot
+from callbot.engine.model.sampling import SamplingConfig
 
 FRAME_NS = FRAME_SIZE * 1_000_000_000 // ENGINE_RATE  # 80 ms
 (_RING_IN, _RESAMPLED, _STEP_START, _ENCODED, _LM_STEPPED, _DECODED, _RING_OUT, _RTP_OUT) = range(len(STAGES))
@@ -71,7 +71,7 @@ class ModelCallSession:
     audio: CallAudio
     bot: BotPrompt
     seed: int
-    session: Any = None  # callbot.engine.session.Session, opened on the inference thread
+    session: Any = None  # callbot.engine.model.session.Session, opened on the inference thread
     stats: FrameStats = field(default_factory=FrameStats)
     text: list[tuple[float, str]] = field(default_factory=list)
     next_deadline_ns: int = 0  # watchdog: silence is fed after this (+ grace); 0 until the first frame
@@ -103,7 +103,7 @@ class ModelCallSession:
 
 
 class ModelEngine:
-    """Implements callbot.engine.call_engine.CallEngine with a loaded `Model`.
+    """Implements callbot.engine.contract.CallEngine with a loaded `Model`.
 
     `prompt_for(call_info) -> BotPrompt` picks the bot (voice + persona snapshot) for a call; it runs on
     the SIP side's thread at call start, so it must only look up snapshots prepared at server start.

@@ -26,7 +26,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from callbot.engine.ring import Ring, capacity_for
+from callbot.engine.audio.ring import Ring, capacity_for
 
 CHANNELS = ("caller", "bot")  # left, right
 RING_SECONDS = 8  # per channel: the recorder thread may stall this long before audio is dropped

@@ -22,9 +22,9 @@ import tarfile
 import numpy as np
 import soxr
 
-from callbot.engine.loudness import VOICE_PROMPT_LUFS, normalize_loudness
-from callbot.engine.ptfile import PtFileError, read_pt
-from callbot.engine.wavfile import read_wav
+from callbot.engine.model.loudness import VOICE_PROMPT_LUFS, normalize_loudness
+from callbot.engine.model.ptfile import PtFileError, read_pt
+from callbot.engine.audio.wavfile import read_wav
 
 __all__ = ["VOICES", "VoiceEmbeddings", "VoiceRecording", "VoiceLibrary", "voice_from_pt", "voice_from_wav"]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
-from callbot.engine.call_audio import CallAudio
+from callbot.engine.serving.call_audio import CallAudio
 
 
 @runtime_checkable

@@ -1,8 +1,8 @@
 """Loading the model behind `callbot serve`: weights found and loaded, every bot's prompt prepared, and
 the warm-up a call's first step would otherwise pay for.
 
-Why a module of its own: this runs inside the inference process (engine/inference_process.py), which
-must never import pjsua2, so it imports settings and the engine only (not sip/serve.py or the endpoint).
+Why a module of its own: this runs inside the inference process (engine/serving/inference_process.py), which
+must never import pjsua2, so it imports settings and the engine only (not app/serve.py or the endpoint).
 Every problem is a ModelSetupError whose text says what is missing and how to get it: the one line the
 user sees before `serve` exits with status 2.
 
@@ -17,14 +17,14 @@ import sys
 import msgspec
 import numpy as np
 
-from callbot.engine.inference_process import InferenceSetup, InferenceStartupError
-from callbot.engine.lm_config import LmConfig
-from callbot.engine.mimi import MimiConfig
-from callbot.engine.runner import BotPrompt
-from callbot.engine.sampling import SamplingConfig
-from callbot.engine.session import FRAME_SIZE, Model
-from callbot.engine.weights import WeightsError
-from callbot.sip.settings import BotSettings, Settings
+from callbot.engine.serving.inference_process import InferenceSetup, InferenceStartupError
+from callbot.engine.model.lm_config import LmConfig
+from callbot.engine.model.mimi import MimiConfig
+from callbot.engine.serving.runner import BotPrompt
+from callbot.engine.model.sampling import SamplingConfig
+from callbot.engine.model.session import FRAME_SIZE, Model
+from callbot.engine.model.weights import WeightsError
+from callbot.app.settings import BotSettings, Settings
 
 WARMUP_FRAMES = 2  # first steps pay for kernel compilation and allocation; do it before a caller does
 

@@ -19,7 +19,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from callbot.engine import _rtthread
+from callbot.engine.audio import _rtthread
 
 # Linux SCHED_FIFO priority (1-99): above every time-sharing thread, below the kernel's threaded
 # interrupt handlers (50) and the audio servers (PipeWire and JACK use 20-88), which we must not

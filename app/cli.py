@@ -1,6 +1,6 @@
 """The `callbot` command: `serve` answers calls, `call` places one.
 
-It lives in callbot.sip because it is the top of the arrow sip -> engine: a command may use both.
+It lives in callbot.app, the top of the arrows: a command may use the SIP side and the engine both.
 Every problem a user can cause (config, weights, ports) ends as one line on stderr and exit status 2,
 never a traceback.
 """
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace):
-    from callbot.sip.settings import load_settings
+    from callbot.app.settings import load_settings
 
     settings = load_settings(args.config)
     if args.model:
@@ -44,7 +44,7 @@ def _settings(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from callbot.sip import serve
+    from callbot.app import serve
 
     settings = _settings(args)
     if args.command == "serve":
@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    from callbot.sip.serve import EXIT_USAGE, StartupError
-    from callbot.sip.settings import ConfigError
+    from callbot.app.serve import EXIT_USAGE, StartupError
+    from callbot.app.settings import ConfigError
 
     try:
         return run(args)

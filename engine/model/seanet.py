@@ -1,7 +1,7 @@
 """SEANet encoder and decoder: Mimi's convolutional halves between 24 kHz audio and 25 Hz latents.
 
 The encoder downsamples by the product of its ratios (4*5*6*8 = 960 samples per latent step) and the
-decoder mirrors it. Both are stacks of causal streaming convolutions (engine/conv.py) with ELU
+decoder mirrors it. Both are stacks of causal streaming convolutions (engine/model/conv.py) with ELU
 activations and residual blocks, so they keep a tuple of per-layer states between 80 ms steps.
 Tensors are `[batch, time, channels]`.
 """

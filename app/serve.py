@@ -17,10 +17,11 @@ from typing import Any, Callable, Iterator
 
 from callbot.sip import events as ev
 from callbot.sip.endpoint import Endpoint
-from callbot.sip.event_log import EventLog
-from callbot.sip.metrics import Metrics
-from callbot.sip.recording import Recorder
-from callbot.sip.settings import ConfigError, Settings
+from callbot.app.errors import StartupError
+from callbot.app.event_log import EventLog
+from callbot.app.metrics import Metrics
+from callbot.app.recording import Recorder
+from callbot.app.settings import ConfigError, Settings
 
 ENGINES = ("model", "echo")
 
@@ -34,18 +35,14 @@ EXIT_INTERRUPTED = 130  # stopped by SIGINT/SIGTERM
 EXIT_SERVER_FAILURE = 1  # `serve`: a part died (SIP thread, engine, recorder); calls were hung up
 
 
-class StartupError(Exception):
-    """A problem found while starting, worded as the one line the user gets (exit status 2)."""
-
-
 def build_engine(kind: str, settings: Settings) -> Any:
     """The CallEngine answering calls: the echo line, or the model runner."""
     if kind == "echo":
-        from callbot.engine.echo import EchoEngine
+        from callbot.engine.serving.echo import EchoEngine
 
         return EchoEngine()
     if kind == "model":
-        from callbot.sip.model_engine import build_model_engine
+        from callbot.app.model_engine import build_model_engine
 
         return build_model_engine(settings)
     raise ConfigError(f"unknown engine {kind!r}, expected one of {', '.join(ENGINES)}")

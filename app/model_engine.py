@@ -2,21 +2,21 @@
 
 Why a process: BENCHMARKS.md "Media callback" measured that a thread running Python next to pjmedia's
 clock thread makes the bridge fall behind for good with 4 calls (p99 lateness 312-987 ms), so the model
-runs in engine/inference_process.py's child and only the calls' rings (shared memory) stay here.
-`[model] process = false` keeps the in-process runner (engine/runner.py), for a single call or a debugger.
+runs in engine/serving/inference_process.py's child and only the calls' rings (shared memory) stay here.
+`[model] process = false` keeps the in-process runner (engine/serving/runner.py), for a single call or a debugger.
 Either way the model is loaded, every bot prepared and a step warmed up before the first call
-(sip/model_setup.py), and a problem there is a StartupError: one line, exit status 2.
+(app/model_setup.py), and a problem there is a StartupError: one line, exit status 2.
 """
 from __future__ import annotations
 
 import functools
 from typing import Any
 
-from callbot.engine.inference_process import InferenceProcess, InferenceStartupError
-from callbot.engine.runner import ModelEngine
-from callbot.sip.model_setup import bot_name_for, prepare_model
-from callbot.sip.serve import StartupError
-from callbot.sip.settings import Settings
+from callbot.engine.serving.inference_process import InferenceProcess, InferenceStartupError
+from callbot.engine.serving.runner import ModelEngine
+from callbot.app.model_setup import bot_name_for, prepare_model
+from callbot.app.errors import StartupError
+from callbot.app.settings import Settings
 
 
 def build_model_engine(settings: Settings) -> InferenceProcess | ModelEngine:
