@@ -4,6 +4,11 @@ PACKAGE_OF names (the audio path's parts in callbot.engine.audio, pjsua2's frame
 The import root is `callbot`, a namespace package whose parts live in top-level folders (`engine/`,
 `sip/`, `app/`; setuptools package_dir), so the repository never shadows PyPI's `sip`. C sources an
 extension needs beside its .pyx are listed in EXTRA_SOURCES; system libraries in LIBRARIES.
+
+Native declarations, as uvloop lays them out: ext/*.h are the C headers; ext/includes/NAME.pxd declares
+NAME.h for Cython (`cdef extern from "NAME.h" nogil:`) and nothing else; ext/callbot/.../_MODULE.pxd holds
+only the cdef classes other extensions cimport (Ring and StampLog, for the frame pump). Each compiled
+module ships a .pyi stub beside it (PACKAGE_DATA), checked against the built module by mypy's stubtest.
 """
 import os
 import pathlib
@@ -34,6 +39,12 @@ PACKAGES: dict[str, str] = {
     "callbot.app": "app",
 }
 
+# typing for the compiled modules: their stubs and the PEP 561 marker, installed beside them
+PACKAGE_DATA: dict[str, list[str]] = {
+    "callbot.engine.audio": ["*.pyi", "py.typed"],
+    "callbot.sip": ["*.pyi", "py.typed"],
+}
+
 # extension name -> C files compiled into it (paths relative to the repository root)
 EXTRA_SOURCES: dict[str, list[str]] = {
     "_clock": ["ext/clock.c"],
@@ -49,6 +60,12 @@ LIBRARIES: dict[str, list[str]] = {
 }
 
 CFLAGS = ["-O2", "-std=c11"] if sys.platform != "win32" else []
+
+# No generated extras beside the modules' own names (each stub in PACKAGE_DATA lists exactly those):
+# auto_pickle=False: no __reduce_cython__/__setstate_cython__ (Cython 3.3 also leaves them in the module's
+# namespace). None of these objects could be pickled anyway (C state, non-trivial __cinit__): pickling
+# still raises TypeError, from object.__reduce_ex__ now. autotestdict=False: no __test__ (no doctests here).
+DIRECTIVES = {"auto_pickle": False, "autotestdict": False}
 
 
 def extensions() -> list[Extension]:
@@ -69,13 +86,21 @@ def extensions() -> list[Extension]:
                 define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
             )
         )
-    # generated C goes to build/, so ext/ holds only sources we write
-    return cythonize(mods, language_level=3, include_path=["ext"], build_dir="build/cython")
+    # include_path ext/: C declarations are cimported name by name from a dotted path,
+    #     from includes.ring cimport cb_ring, cb_ring_write
+    # which Cython (3.3) resolves to ext/includes/ring.pxd with no includes/__init__.pxd; the module form
+    # `from includes cimport ring` would need one, and its `ring.` prefix is silently shadowed by any
+    # local of that name (_pcm.pyx loops `for ring in ...`). A list of names also says which C entry
+    # points a module uses. The includes/ .pxd files declare only externs, so cimporting them adds no
+    # run-time import. Generated C goes to build/, so ext/ holds only sources we write.
+    return cythonize(mods, language_level=3, include_path=["ext"], build_dir="build/cython",
+                     compiler_directives=DIRECTIVES)
 
 
 setup(
     packages=list(PACKAGES),
     package_dir=PACKAGES,
+    package_data=PACKAGE_DATA,
     ext_modules=extensions(),
     zip_safe=False,
 )

@@ -20,6 +20,7 @@ end_of_capacity}. The frame pjsua2 hands onFrameRequested has an empty vector; i
 own ::operator new, the allocation the vector's destructor frees with ::operator delete (so this module
 links the C++ runtime). `check_layout` verifies every one of these facts on real pjsua2 objects before
 any frame moves (callbot.sip.media_port calls it at import); until it has passed, the pump refuses.
+The layouts are declared in C, in ext/pjsua2_frame.h.
 
 The GIL is never released here: the copies take about a microsecond, and releasing it would mean
 waiting to take it back behind whatever thread runs next.
@@ -31,34 +32,9 @@ from libc.string cimport memset
 
 from callbot.engine.audio._ring cimport Ring
 from callbot.engine.audio._stamps cimport StampLog
-
-cdef extern from *:
-    """
-    #include <stddef.h>
-    typedef struct { PyObject_HEAD void *ptr; } callbot_swig_object;
-    /* std::vector<unsigned char> as libstdc++, libc++ and MSVC lay it out */
-    typedef struct { unsigned char *begin; unsigned char *end; unsigned char *cap; } callbot_byte_vector;
-    /* pj::MediaFrame (pjsua2/media.hpp): { pjmedia_frame_type type; ByteVector buf; unsigned size; } */
-    typedef struct { int type; callbot_byte_vector buf; unsigned size; } callbot_media_frame;
-    static inline void *callbot_swig_ptr(PyObject *swig_this) { return ((callbot_swig_object *)swig_this)->ptr; }
-    /* C++'s ::operator new(size_t), the allocation std::allocator pairs with the ::operator delete that
-     * ~vector calls: declared by its mangled name (the same symbol on Linux and macOS). */
-    void *_Znwm(size_t n);
-    void _ZdlPv(void *p);
-    static inline unsigned char *callbot_cxx_new(size_t n) { return (unsigned char *)_Znwm(n); }
-    static inline void callbot_cxx_delete(void *p) { _ZdlPv(p); }
-    """
-    ctypedef struct callbot_byte_vector:
-        unsigned char* begin
-        unsigned char* end
-        unsigned char* cap
-    ctypedef struct callbot_media_frame:
-        int type
-        callbot_byte_vector buf
-        unsigned size
-    void* callbot_swig_ptr(PyObject* swig_this)
-    unsigned char* callbot_cxx_new(size_t n)
-    void callbot_cxx_delete(void* p)
+from includes.pjsua2_frame cimport (
+    callbot_byte_vector, callbot_cxx_delete, callbot_cxx_new, callbot_media_frame, callbot_swig_ptr,
+)
 
 # pjmedia_frame_type PJMEDIA_FRAME_TYPE_AUDIO (pjmedia/frame.h)
 DEF FRAME_TYPE_AUDIO = 1

@@ -8,7 +8,10 @@ The GIL is released around all C work.
 cimport numpy as cnp
 from libc.stdint cimport int16_t
 
-from cresampler cimport *
+from includes.resampler cimport (
+    rs_create, rs_destroy, rs_flush_count, rs_flush_f32, rs_flush_s16, rs_output_count, rs_process_f32,
+    rs_process_s16, rs_reset, rs_t,
+)
 
 cnp.import_array()
 

@@ -10,6 +10,13 @@ cimport numpy as cnp
 from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from libc.stdint cimport uint32_t, uintptr_t
 
+from includes.ring cimport (
+    CB_RING_ERR_ALIGN, CB_RING_ERR_CAPACITY, CB_RING_ERR_DTYPE, CB_RING_ERR_INDICES, CB_RING_ERR_MAGIC,
+    CB_RING_ERR_SIZE, CB_RING_ERR_VERSION, CB_RING_FLOAT32, CB_RING_INT16, CB_RING_MAX_CAPACITY, CB_RING_OK,
+    cb_ring, cb_ring_check, cb_ring_count_underrun, cb_ring_init, cb_ring_nbytes, cb_ring_overruns,
+    cb_ring_read, cb_ring_read_exact, cb_ring_readable, cb_ring_underruns, cb_ring_writable, cb_ring_write,
+)
+
 import numpy as np
 
 cnp.import_array()
@@ -28,14 +35,6 @@ ERR_VERSION = CB_RING_ERR_VERSION
 ERR_CAPACITY = CB_RING_ERR_CAPACITY
 ERR_DTYPE = CB_RING_ERR_DTYPE
 ERR_INDICES = CB_RING_ERR_INDICES
-
-cdef extern from "ring.h" nogil:
-    # The header fields the binding reads after attach (the rest stay opaque to Cython).
-    ctypedef struct cb_ring_fields "cb_ring":
-        uint32_t capacity
-        uint32_t itemsize
-        uint32_t dtype
-
 
 cdef int _typenum(uint32_t code):
     return cnp.NPY_INT16 if code == CB_RING_INT16 else cnp.NPY_FLOAT32
@@ -68,10 +67,9 @@ cdef class Ring:
         return 0
 
     cdef void _adopt(self) noexcept:
-        cdef cb_ring_fields* f = <cb_ring_fields*>self.view.buf
         self.ring = <cb_ring*>self.view.buf
-        self.itemsize = f.itemsize
-        self.typenum = _typenum(f.dtype)
+        self.itemsize = self.ring.itemsize
+        self.typenum = _typenum(self.ring.dtype)
 
     def _bind_new(self, buffer, uint32_t capacity, uint32_t dtype_code, uint32_t itemsize):
         """Lays out an empty ring at the start of `buffer`; returns OK or an ERR_* code (then unbound).
@@ -229,7 +227,7 @@ cdef class Ring:
     def capacity(self):
         """Samples the ring holds when full (a power of two)."""
         self._check_open()
-        return (<cb_ring_fields*>self.ring).capacity
+        return self.ring.capacity
 
     @property
     def dtype(self):

@@ -3,28 +3,18 @@ by callbot.engine.audio.realtime, the public face; this layer only converts."""
 
 from libc.stdint cimport int64_t
 
-cdef extern from "rtthread.h" nogil:
-    ctypedef struct cb_rt_result:
-        int kind
-        int priority
-        int primary_err
-        int fallback_err
-        int64_t computation_ns
-    ctypedef struct cb_rt_saved:
-        pass
-    int CB_RT_WRONG_THREAD
-    void cb_rt_make_realtime(int64_t period_ns, int64_t computation_ns, int64_t constraint_ns,
-                             int fifo_priority, int target_nice, cb_rt_result *result,
-                             cb_rt_saved *saved)
-    int cb_rt_restore(const cb_rt_saved *saved)
+from includes.rtthread cimport (
+    CB_RT_FIFO, CB_RT_OTHER, CB_RT_QOS_INTERACTIVE, CB_RT_TIME_CONSTRAINT, CB_RT_UNCHANGED, CB_RT_WRONG_THREAD,
+    cb_rt_make_realtime, cb_rt_restore, cb_rt_result, cb_rt_saved,
+)
 
-# enum cb_rt_kind, by value
+# enum cb_rt_kind -> the name callers see
 KIND_NAMES = {
-    0: "unchanged",
-    1: "SCHED_FIFO",
-    2: "SCHED_OTHER",
-    3: "THREAD_TIME_CONSTRAINT_POLICY",
-    4: "QOS_CLASS_USER_INTERACTIVE",
+    CB_RT_UNCHANGED: "unchanged",
+    CB_RT_FIFO: "SCHED_FIFO",
+    CB_RT_OTHER: "SCHED_OTHER",
+    CB_RT_TIME_CONSTRAINT: "THREAD_TIME_CONSTRAINT_POLICY",
+    CB_RT_QOS_INTERACTIVE: "QOS_CLASS_USER_INTERACTIVE",
 }
 
 ERR_WRONG_THREAD = ("restore() must run on the thread that called make_realtime(): scheduling "

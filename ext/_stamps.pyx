@@ -2,20 +2,22 @@
 """When audio crossed the media side of a call's rings: the binding of ext/stamps.h.
 
 Why: the caller's audio entering rx and the bot's audio leaving tx happen in the media callbacks, the
-first and last of a frame's stages (engine/serving/runner.py FrameStats). A StampLog is a few hundred bytes
+first and last of a frame's stages (engine/serving/runner.py FrameStats). A StampLog is about a kB (NBYTES)
 that the callback appends one (samples so far, monotonic ns) pair to, lock-free, and the engine side
 reads, possibly from another process when the log lives in the call's shared_memory block. The
-contract (one writer, one reader, what `find` answers) is in stamps.h.
+contract (one writer, readers that write nothing, what `find` answers) is in stamps.h.
 """
 from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from libc.stdint cimport int64_t, uintptr_t
-from libc.string cimport memset
 
-cdef extern from "clock.h" nogil:
-    int64_t cb_clock_now_ns()
+from includes.clock cimport cb_clock_now_ns
+from includes.stamps cimport (
+    CB_STAMPS_BYTES, CB_STAMPS_HELD, cb_stamps, cb_stamps_advance, cb_stamps_appended, cb_stamps_find,
+    cb_stamps_init, cb_stamps_reached, cb_stamps_valid,
+)
 
 NBYTES = CB_STAMPS_BYTES  # bytes one log takes
-HELD = CB_STAMPS_HELD  # pairs held: older positions are answered 0 (unknown)
+HELD = CB_STAMPS_HELD  # pairs held: positions older than the last HELD - 1 callbacks are answered 0 (unknown)
 
 
 cdef class StampLog:
@@ -33,11 +35,11 @@ cdef class StampLog:
             raise ValueError(f"a stamp log needs {CB_STAMPS_BYTES} bytes, the buffer holds {n}")
         self.log = <cb_stamps*>self.view.buf
         if create:
-            memset(self.view.buf, 0, CB_STAMPS_BYTES)
             cb_stamps_init(self.log)
         elif not cb_stamps_valid(self.log):
             self._release()
-            raise ValueError("the buffer holds no stamp log (no magic): make one with StampLog.create_in")
+            raise ValueError("the buffer holds no stamp log (no magic, or one laid out by another version "
+                             "of stamps.h): make one with StampLog.create_in")
 
     @staticmethod
     def create_in(buffer):

@@ -1,4 +1,11 @@
 """ext/stamps.h via callbot.engine.audio._stamps, and CallAudio's mapping of frames to the media side's stamps."""
+import os
+import pathlib
+import shlex
+import shutil
+import subprocess
+import sysconfig
+
 import numpy as np
 import pytest
 
@@ -90,3 +97,70 @@ def test_call_audio_maps_a_frame_to_when_its_last_sample_came_in_and_left():
     assert silent.tx_stamps.appended() == 0 and silent.departure_ns(0) == -1
     silent.close()
     audio.close()
+
+
+# ---- the shared layout, word by word --------------------------------------------------------------
+
+LINE = 128  # bytes: CB_STAMPS_LINE, as CB_RING_LINE in ring.h
+MAGIC, VERSION = 0x504D5453, 2  # "STMP"; 2: C11 atomics on 128-byte lines
+
+
+def test_layout_is_the_one_both_processes_map():
+    """stamps.h's cb_stamps as another process (or release) sees it: the header line, the writer's line,
+    then the pos and ns arrays. NBYTES sizes the call's shared block (engine/serving)."""
+    assert NBYTES == 2 * LINE + 2 * 8 * HELD == 1280
+    words = _words()
+    log = StampLog.create_in(words)
+    log.note(5, 777)
+    log.note(7, 999)
+    head = words.view(np.uint32)
+    assert (head[0], head[1], head[2], head[3]) == (MAGIC, VERSION, HELD, 2 * LINE)  # magic, version, held, header
+    assert words[LINE // 8] == 2 and words[LINE // 8 + 1] == 12  # count, total: the writer's own line
+    pos, ns = words[2 * LINE // 8:][:HELD], words[2 * LINE // 8 + HELD:]
+    assert list(pos[:3]) == [5, 12, 0] and list(ns[:3]) == [777, 999, 0]
+    log.close()
+    for corrupt in (1, 2):  # another version of stamps.h, or a log of another size, is refused
+        other = words.copy()
+        other.view(np.uint32)[corrupt] += 1
+        with pytest.raises(ValueError, match="no stamp log"):
+            StampLog.attach(other)
+
+
+# ---- a native writer and reader racing, plain and under ThreadSanitizer -----------------------------
+
+HERE = pathlib.Path(__file__).parent
+
+
+def _c_compiler():
+    cc = shlex.split(os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc")
+    return cc if cc and shutil.which(cc[0]) else None
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("build", ["plain", "tsan"])
+def test_native_reader_racing_the_writer_gets_only_right_answers(tmp_path, build):
+    """tests/stamps_stress.c: a writer appends flat out while a reader asks about the oldest pairs, whose
+    slots are being overwritten; every time find() returns must be the pair that moved the sample. The
+    plain build races at full speed (the previous stamps.h, which trusted a slot under overwrite, failed
+    it in 10 of 10 runs); TSan checks the words that are not atomic (the writer's own total)."""
+    cc = _c_compiler()
+    if cc is None:
+        pytest.skip("no C compiler (the package build needs one; this machine has none on PATH)")
+    exe = tmp_path / "stamps_stress"
+    flags = ["-O2", "-DQUERIES=10000000"] if build == "plain" else ["-O1", "-g", "-fsanitize=thread"]
+    compiled = subprocess.run(
+        [*cc, "-std=c11", *flags, "-pthread", f"-I{HERE.parent / 'ext'}", str(HERE / "stamps_stress.c"),
+         "-o", str(exe)],
+        capture_output=True, text=True, timeout=120,
+    )
+    if build == "tsan" and compiled.returncode != 0 and "tsan" in compiled.stderr.lower():
+        pytest.skip(f"ThreadSanitizer runtime not installed: {compiled.stderr.strip()[-200:]}")
+    assert compiled.returncode == 0, compiled.stderr
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    if "unexpected memory mapping" in run.stderr and shutil.which("setarch"):
+        # TSan of older toolchains cannot map its shadow under the wide ASLR of newer kernels
+        run = subprocess.run(["setarch", os.uname().machine, "-R", str(exe)], capture_output=True, text=True,
+                             timeout=120)
+    assert "ThreadSanitizer" not in run.stderr, run.stderr
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.startswith("appended ") and " 0 answered" not in run.stdout, run.stdout
