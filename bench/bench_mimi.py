@@ -21,7 +21,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from callbot.engine.model.mimi import load_mimi, mimi_202407
+from callbot.engine.model.mimi import MimiState, load_mimi, mimi_202407
 from tests.tiny_mimi import tiny_mimi_config, write_tiny_mimi
 
 moshi_mimi = pytest.importorskip("moshi_mlx.models.mimi")
@@ -47,7 +47,7 @@ def _reference(cfg, path):
 def _timed(fn):
     start = time.perf_counter()
     out = fn()
-    mx.eval(out)
+    mx.eval(out[0] if isinstance(out, tuple) else out)  # ours returns (result, state): evaluate the result
     return time.perf_counter() - start, out
 
 
@@ -59,13 +59,14 @@ def test_frame_cost(tmp_path, size):
     n = FRAMES[size]
     pcm = (0.1 * np.random.default_rng(0).normal(size=n * cfg.frame_size)).astype(np.float32)
     times = {key: [] for key in ("ours encode", "moshi_mlx encode", "ours decode", "moshi_mlx decode")}
+    state = MimiState()
     for i in range(n):
         frame = pcm[i * cfg.frame_size:(i + 1) * cfg.frame_size]
-        t, codes = _timed(lambda: ours.encode_step(frame))
+        t, (codes, state) = _timed(lambda: ours.encode_step(frame, state))
         times["ours encode"].append(t)
         t, _ = _timed(lambda: theirs.encode_step(mx.array(frame)[None, None]))
         times["moshi_mlx encode"].append(t)
-        t, _ = _timed(lambda: ours.decode_step(codes))
+        t, (_, state) = _timed(lambda: ours.decode_step(codes, state))
         times["ours decode"].append(t)
         t, _ = _timed(lambda: theirs.decode_step(codes[None, :, None].astype(mx.uint32)))
         times["moshi_mlx decode"].append(t)

@@ -1,5 +1,6 @@
 """Mimi through the product's own loader, no reference needed: streaming equals whole-sequence,
-state snapshot/restore, input checks, and the errors for bad weight files."""
+functional streaming state (a kept MimiState replays, the module holds none), input checks, and the
+errors for bad weight files."""
 
 import dataclasses
 import os
@@ -33,13 +34,22 @@ def noise(frames, seed=0, batch=None):
     return (0.2 * np.random.default_rng(seed).normal(size=shape)).astype(np.float32)
 
 
-def stream_encode(mimi, pcm):
-    return np.stack([np.array(mimi.encode_step(pcm[..., i:i + FRAME])) for i in range(0, pcm.shape[-1], FRAME)],
-                    axis=-1)
+def stream_encode(mimi, pcm, state=None):
+    state = MimiState() if state is None else state
+    out = []
+    for i in range(0, pcm.shape[-1], FRAME):
+        codes, state = mimi.encode_step(pcm[..., i:i + FRAME], state)
+        out.append(np.array(codes))
+    return np.stack(out, axis=-1)
 
 
-def stream_decode(mimi, codes):
-    return np.concatenate([np.array(mimi.decode_step(codes[..., i])) for i in range(codes.shape[-1])], axis=-1)
+def stream_decode(mimi, codes, state=None):
+    state = MimiState() if state is None else state
+    out = []
+    for i in range(codes.shape[-1]):
+        pcm, state = mimi.decode_step(codes[..., i], state)
+        out.append(np.array(pcm))
+    return np.concatenate(out, axis=-1)
 
 
 def test_streaming_equals_whole_sequence(mimi):
@@ -86,44 +96,58 @@ def test_empty_signals_are_rejected(mimi):
         mimi.decode(np.zeros((8, 0), np.int32))
 
 
-def test_snapshot_restore_replays_the_same_frames(mimi):
+def _steps(mimi, state, pcm, codes, frames):
+    out = []
+    for i in frames:
+        c, state = mimi.encode_step(pcm[i * FRAME:(i + 1) * FRAME], state)
+        a, state = mimi.decode_step(codes[:, i], state)
+        out.append((np.array(c), np.array(a)))
+    return out, state
+
+
+def test_a_kept_state_replays_the_same_frames(mimi):
     pcm, codes = noise(6, seed=4), np.array(mimi.encode(noise(6, seed=5)))
-    for i in range(3):
-        mimi.encode_step(pcm[i * FRAME:(i + 1) * FRAME])
-        mimi.decode_step(codes[:, i])
-    saved = mimi.snapshot()
-    first = [(np.array(mimi.encode_step(pcm[i * FRAME:(i + 1) * FRAME])), np.array(mimi.decode_step(codes[:, i])))
-             for i in range(3, 6)]
-    mimi.restore(saved)
-    again = [(np.array(mimi.encode_step(pcm[i * FRAME:(i + 1) * FRAME])), np.array(mimi.decode_step(codes[:, i])))
-             for i in range(3, 6)]
+    _, saved = _steps(mimi, MimiState(), pcm, codes, range(3))
+    first, _ = _steps(mimi, saved, pcm, codes, range(3, 6))
+    again, _ = _steps(mimi, saved, pcm, codes, range(3, 6))
     for (c1, a1), (c2, a2) in zip(first, again):
         np.testing.assert_array_equal(c1, c2)
         np.testing.assert_array_equal(a1, a2)
     # The continuation depends on the history: a fresh stream decodes frame 3 differently.
-    mimi.reset()
-    assert not np.allclose(np.array(mimi.decode_step(codes[:, 3])), first[0][1])
+    assert not np.allclose(np.array(mimi.decode_step(codes[:, 3], MimiState())[0]), first[0][1])
 
 
-def test_reset_starts_a_fresh_stream(mimi):
+def test_a_fresh_state_starts_a_fresh_stream_and_the_module_keeps_none(mimi):
     pcm = noise(2, seed=6)
     fresh = stream_encode(mimi, pcm)
-    mimi.reset()
     np.testing.assert_array_equal(stream_encode(mimi, pcm), fresh)
-    assert isinstance(mimi.snapshot(), MimiState)
+    # interleaving a second stream on the same module does not disturb the first
+    _, other = mimi.encode_step(noise(1, seed=7), MimiState())
+    a, state_a = mimi.encode_step(pcm[:FRAME], MimiState())
+    _, other = mimi.encode_step(noise(1, seed=8), other)
+    b, _ = mimi.encode_step(pcm[FRAME:], state_a)
+    np.testing.assert_array_equal(np.stack([np.array(a), np.array(b)], axis=-1), fresh)
+
+
+def test_encode_and_decode_advance_only_their_own_half(mimi):
+    state = MimiState()
+    _, after_encode = mimi.encode_step(noise(1, seed=9), state)
+    assert after_encode.decoder is state.decoder and after_encode.encoder is not state.encoder
+    _, after_decode = mimi.decode_step(np.zeros(8, np.int32), after_encode)
+    assert after_decode.encoder is after_encode.encoder and after_decode.decoder is not state.decoder
 
 
 @pytest.mark.parametrize("samples", [0, 1, FRAME - 1, FRAME + 1, 2 * FRAME])
 def test_encode_step_rejects_a_wrong_frame_size(mimi, samples):
     with pytest.raises(ValueError, match="1920 samples"):
-        mimi.encode_step(np.zeros(samples, np.float32))
+        mimi.encode_step(np.zeros(samples, np.float32), MimiState())
 
 
 def test_encode_step_rejects_bad_pcm(mimi):
     with pytest.raises(ValueError, match="float"):
-        mimi.encode_step(np.zeros(FRAME, np.int16))
+        mimi.encode_step(np.zeros(FRAME, np.int16), MimiState())
     with pytest.raises(ValueError, match="shaped"):
-        mimi.encode_step(np.zeros((1, 1, FRAME), np.float32))
+        mimi.encode_step(np.zeros((1, 1, FRAME), np.float32), MimiState())
 
 
 @pytest.mark.parametrize("codes,match", [
@@ -135,20 +159,21 @@ def test_encode_step_rejects_bad_pcm(mimi):
 ])
 def test_decode_step_rejects_bad_codes(mimi, codes, match):
     with pytest.raises(ValueError, match=match):
-        mimi.decode_step(codes)
+        mimi.decode_step(codes, MimiState())
 
 
-def test_a_stream_keeps_its_batch_size_until_reset(mimi):
-    mimi.encode_step(np.zeros(FRAME, np.float32))
+def test_a_stream_keeps_its_batch_size(mimi):
+    _, state = mimi.encode_step(np.zeros(FRAME, np.float32), MimiState())
     with pytest.raises(ValueError, match="batch size 1"):
-        mimi.encode_step(np.zeros((2, FRAME), np.float32))
-    mimi.reset()
-    assert mimi.encode_step(np.zeros((2, FRAME), np.float32)).shape == (2, 8)
+        mimi.encode_step(np.zeros((2, FRAME), np.float32), state)
+    assert mimi.encode_step(np.zeros((2, FRAME), np.float32), MimiState())[0].shape == (2, 8)
 
 
-def test_restore_rejects_something_else(mimi):
+def test_a_step_rejects_something_else_than_a_state(mimi):
     with pytest.raises(ValueError, match="MimiState"):
-        mimi.restore({"encoder": None})
+        mimi.encode_step(np.zeros(FRAME, np.float32), {"encoder": None})
+    with pytest.raises(ValueError, match="MimiState"):
+        mimi.decode_step(np.zeros(8, np.int32), None)
 
 
 # -- weight files -------------------------------------------------------------------------------
@@ -243,11 +268,11 @@ def test_bfloat16_weights_stream_float32_audio(tiny_path, mimi):
     half = load_mimi(tiny_path, tiny_mimi_config(), dtype=mx.bfloat16)
     assert half.dtype == mx.bfloat16
     codes = np.array(mimi.encode(noise(3, seed=11)))
-    audio = np.array(half.decode_step(codes[:, 0]))
+    audio = np.array(half.decode_step(codes[:, 0], MimiState())[0])
     assert audio.dtype == np.float32 and audio.shape == (FRAME,)
-    reference = np.array(mimi.decode_step(codes[:, 0]))
+    reference = np.array(mimi.decode_step(codes[:, 0], MimiState())[0])
     assert np.corrcoef(audio, reference)[0, 1] > 0.99
-    assert np.array(half.encode_step(noise(1, seed=12))).shape == (8,)
+    assert np.array(half.encode_step(noise(1, seed=12), MimiState())[0]).shape == (8,)
 
 
 def test_a_mimi_without_layer_scale_loads_and_streams(tmp_path):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 
-from callbot.engine.model.mimi import load_mimi, mimi_202407
+from callbot.engine.model.mimi import MimiState, load_mimi, mimi_202407
 
 from tiny_mimi import random_mimi_weights, tiny_mimi_config, write_tiny_mimi
 
@@ -58,6 +58,24 @@ def reference_run(model, pcm, frame_size):
             torch.cat(streamed_audio, -1)[0, 0].numpy())
 
 
+def stream_encode(mimi, frames):
+    """Our codes of consecutive PCM frames, one fresh encoder stream: a list of [8] arrays."""
+    state, out = MimiState(), []
+    for frame in frames:
+        codes, state = mimi.encode_step(frame, state)
+        out.append(np.array(codes))
+    return out
+
+
+def stream_decode(mimi, codes):
+    """Our audio of consecutive frames of codes, one fresh decoder stream: a list of [1920] arrays."""
+    state, out = MimiState(), []
+    for frame in codes:
+        pcm, state = mimi.decode_step(frame, state)
+        out.append(np.array(pcm))
+    return out
+
+
 def speechlike(n, seed):
     rng = np.random.default_rng(seed)
     t = np.arange(n) / 24000
@@ -75,14 +93,14 @@ def check_parity(cfg, path, frames, audio_tol):
 
     got_codes = np.array(ours.encode(pcm))
     np.testing.assert_array_equal(got_codes, codes)
-    got_streamed = np.stack([np.array(ours.encode_step(pcm[i * cfg.frame_size:(i + 1) * cfg.frame_size]))
-                             for i in range(frames)], axis=1)
+    got_streamed = np.stack(stream_encode(ours, [pcm[i * cfg.frame_size:(i + 1) * cfg.frame_size]
+                                                 for i in range(frames)]), axis=1)
     np.testing.assert_array_equal(got_streamed, codes)
 
     scale = float(np.abs(audio).max())
     got_audio = np.array(ours.decode(codes))
     np.testing.assert_allclose(got_audio, audio, atol=audio_tol * scale, rtol=0)
-    got_streamed_audio = np.concatenate([np.array(ours.decode_step(codes[:, i])) for i in range(frames)])
+    got_streamed_audio = np.concatenate(stream_decode(ours, [codes[:, i] for i in range(frames)]))
     np.testing.assert_allclose(got_streamed_audio, streamed_audio, atol=audio_tol * scale, rtol=0)
 
 
@@ -102,9 +120,9 @@ def test_tiny_mimi_with_short_context_matches_reference_whole_sequence(tmp_path)
         codes = ref.encode(torch.from_numpy(pcm)[None, None])
         audio = ref.decode(codes)[0, 0].numpy()
     codes = codes[0].numpy()
-    got = np.stack([np.array(ours.encode_step(pcm[i * 1920:(i + 1) * 1920])) for i in range(8)], axis=1)
+    got = np.stack(stream_encode(ours, [pcm[i * 1920:(i + 1) * 1920] for i in range(8)]), axis=1)
     np.testing.assert_array_equal(got, codes)
-    got_audio = np.concatenate([np.array(ours.decode_step(codes[:, i])) for i in range(8)])
+    got_audio = np.concatenate(stream_decode(ours, [codes[:, i] for i in range(8)]))
     np.testing.assert_allclose(got_audio, audio, atol=1e-4 * float(np.abs(audio).max()), rtol=0)
 
 

@@ -14,9 +14,11 @@ exactly that window, so streaming equals the whole-sequence model forever; Kyuta
 (capacity = context) loses the oldest key of the first query of each 2-position step once the window is
 full (after 125 frames = 10 s), so its streamed audio drifts slightly from its own whole-sequence output.
 
-Streaming state is an immutable `MimiState` (encoder and decoder halves are independent streams: the
-caller's audio in, the agent's audio out). `snapshot()` hands out the current one and `restore()` puts
-one back, so one loaded codec can serve several sessions by swapping states.
+Streaming is functional: `encode_step(pcm, state) -> (codes, state)` and `decode_step(codes, state) ->
+(pcm, state)` take an immutable `MimiState` (a fresh stream is `MimiState()`) and return the next one; the
+module holds weights only. So one loaded codec serves any number of streams (each call's caller audio in,
+agent audio out, a played clip in) from any number of threads without a lock or a state swap, which is
+also what a batched step needs. The encoder and decoder halves of a `MimiState` are independent streams.
 """
 
 from __future__ import annotations
@@ -121,22 +123,31 @@ class _HalfState:
 
 @dataclass(frozen=True)
 class MimiState:
-    """Everything Mimi remembers between 80 ms frames: the encoder (caller's audio in) and decoder
-    (agent's audio out) streams. Immutable, so keeping a reference is a snapshot."""
+    """Everything Mimi remembers between 80 ms frames of one conversation side: the encoder stream (audio
+    in) and the decoder stream (audio out). Immutable, so keeping a reference is a snapshot; `MimiState()`
+    starts both afresh. `encode_step` advances only `encoder`, `decode_step` only `decoder`."""
 
     encoder: _HalfState = field(default_factory=_HalfState)
     decoder: _HalfState = field(default_factory=_HalfState)
 
 
+def _check_state(state, what: str) -> None:
+    if not isinstance(state, MimiState):
+        raise ValueError(f"{what} takes the stream's MimiState (MimiState() for a fresh stream), "
+                         f"got {type(state).__name__}")
+
+
 class Mimi(nn.Module):
-    """The codec. `encode`/`decode` take whole signals and keep no state; `encode_step`/`decode_step`
-    stream one 80 ms frame at a time. PCM is float in [-1, 1], shaped `[T]` or `[B, T]`; codes are
-    int32 `[num_codebooks, frames]` or `[B, num_codebooks, frames]`. Results are lazy `mx.array`s.
+    """The codec. `encode`/`decode` take whole signals; `encode_step`/`decode_step` stream one 80 ms frame
+    at a time from a `MimiState` the caller owns. Neither keeps state on the module. PCM is float in
+    [-1, 1], shaped `[T]` or `[B, T]`; codes are int32 `[num_codebooks, frames]` or
+    `[B, num_codebooks, frames]`. Results are lazy `mx.array`s.
 
         mimi = load_mimi("tokenizer-e351c8d8-checkpoint125.safetensors")
-        codes = mimi.encode_step(frame)          # 1920 float32 samples -> [8] int32
-        pcm = np.array(mimi.decode_step(codes))  # [8] -> 1920 samples
-        saved = mimi.snapshot(); ...; mimi.restore(saved)
+        state = MimiState()
+        codes, state = mimi.encode_step(frame, state)          # 1920 float32 samples -> [8] int32
+        pcm, state = mimi.decode_step(codes, state)            # [8] -> 1920 samples
+        # keeping `state` is a snapshot: stepping on from it again repeats the same output
     """
 
     def __init__(self, cfg: MimiConfig | None = None):
@@ -154,7 +165,6 @@ class Mimi(nn.Module):
         self.upsample = StreamingConvTranspose1d(dim, dim, 2 * stride, stride=stride, groups=dim, bias=False)
         self.quantizer = SplitResidualVectorQuantizer(
             cfg.quantizer_dim, dim, dim, cfg.num_codebooks, cfg.quantizer_bins)
-        self._state = MimiState()
 
     @property
     def frame_size(self) -> int:
@@ -231,42 +241,31 @@ class Mimi(nn.Module):
 
     # -- streaming ---------------------------------------------------------------------------------
 
-    def encode_step(self, pcm) -> mx.array:
-        """Codes `[num_codebooks]` (or `[B, num_codebooks]`) of the next 1920-sample frame."""
+    def encode_step(self, pcm, state: MimiState) -> tuple[mx.array, MimiState]:
+        """(codes `[num_codebooks]` (or `[B, num_codebooks]`) of the next 1920-sample frame, the state
+        after it): `state`'s encoder stream advances, its decoder stream is passed on untouched."""
+        _check_state(state, "encode_step")
         x, single = self._pcm(pcm, "encode_step")
         if x.shape[1] != self.frame_size:
             raise ValueError(f"encode_step takes one frame of {self.frame_size} samples, got {x.shape[1]}")
-        codes, half = self._encode(x, self._state.encoder, self._streaming_cache(self.encoder_transformer,
-                                                                               self._state.encoder, x.shape[0]))
-        self._state = replace(self._state, encoder=half)
-        return codes[0, :, 0] if single else codes[:, :, 0]
+        codes, half = self._encode(x, state.encoder, self._streaming_cache(self.encoder_transformer,
+                                                                          state.encoder, x.shape[0]))
+        return (codes[0, :, 0] if single else codes[:, :, 0]), replace(state, encoder=half)
 
-    def decode_step(self, codes) -> mx.array:
-        """The next 1920 samples (or `[B, 1920]`) from one frame of codes `[num_codebooks]`."""
+    def decode_step(self, codes, state: MimiState) -> tuple[mx.array, MimiState]:
+        """(the next 1920 samples (or `[B, 1920]`) from one frame of codes `[num_codebooks]`, the state
+        after it): `state`'s decoder stream advances, its encoder stream is passed on untouched."""
+        _check_state(state, "decode_step")
         c, single = self._codes(codes, "decode_step", 1)
-        pcm, half = self._decode(c, self._state.decoder, self._streaming_cache(self.decoder_transformer,
-                                                                              self._state.decoder, c.shape[0]))
-        self._state = replace(self._state, decoder=half)
-        return pcm[0] if single else pcm
-
-    def reset(self) -> None:
-        """Start fresh streams (both directions)."""
-        self._state = MimiState()
-
-    def snapshot(self) -> MimiState:
-        """The current streaming state; immutable, so it stays valid whatever runs next."""
-        return self._state
-
-    def restore(self, state: MimiState) -> None:
-        """Continue the streams from `state` (from `snapshot()` of a Mimi with the same config)."""
-        if not isinstance(state, MimiState):
-            raise ValueError(f"restore takes a MimiState from snapshot(), got {type(state).__name__}")
-        self._state = state
+        pcm, half = self._decode(c, state.decoder, self._streaming_cache(self.decoder_transformer,
+                                                                         state.decoder, c.shape[0]))
+        return (pcm[0] if single else pcm), replace(state, decoder=half)
 
     def _streaming_cache(self, transformer: Transformer, half: _HalfState, batch: int) -> TransformerCache:
         if half.batch_size is not None and half.batch_size != batch:
             raise ValueError(f"this stream has batch size {half.batch_size}, got a frame of batch {batch}; "
-                             "reset() first to change it")
+                             "start a fresh MimiState() to change it")
+        # a scratch cache object around the state's (immutable) arrays: stepping it never touches `half`
         cache = transformer.make_cache(batch)
         if half.transformer is not None:
             cache.restore(half.transformer)

@@ -11,6 +11,7 @@ PersonaPlex learned to take its voice and its role from a prefix of the conversa
 The tone and the silence are fixed codes: NVIDIA's measured constants for the released Mimi (2048 bins,
 8 codebooks); a codec of another size (the tests' tiny one) gets its own by encoding a zero frame and a
 tone frame. A prompt is data (`PromptPlan`) first and is run second, so its layout is testable alone.
+Steps 3-4 (`plan_persona`) are also what a live persona change forces (`Session.set_persona`).
 
 Checked once against NVIDIA's own `LMGen` (personaplex repo code, imported from a checkout; not
 installable, so not a CI test) on the tiny model's weights, greedy, fillers set to the tiny codec's:
@@ -21,7 +22,6 @@ frames (text + 8 agent codes) are identical, text logits within 1.3e-6.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 
 import mlx.core as mx
@@ -33,7 +33,7 @@ from callbot.engine.model.tokenizer import PAD_ID, TextTokenizer, wrap_with_syst
 from callbot.engine.model.voices import VoiceEmbeddings, VoiceRecording
 
 __all__ = ["SILENCE_TOKENS", "SINE_TOKENS", "SPACER_FRAMES", "FillerCodes", "PromptFrame", "PromptPlan",
-           "filler_codes", "sine_frame", "voice_codes", "persona_tokens", "plan_prompt", "run_prompt"]
+           "filler_codes", "sine_frame", "voice_codes", "persona_tokens", "plan_persona", "plan_prompt", "run_prompt"]
 
 # NVIDIA's codes of a silent frame and of a tone frame under the released Mimi (personaplex lm.py)
 SILENCE_TOKENS = (948, 243, 1178, 546, 1736, 1030, 1978, 2008)
@@ -60,30 +60,23 @@ class FillerCodes:
 
 
 def filler_codes(mimi: Mimi) -> FillerCodes:
-    """NVIDIA's constants for the released codec; codes measured with `mimi` for any other size.
-
-    Leaves `mimi`'s streaming state as it found it.
-    """
+    """NVIDIA's constants for the released codec; codes measured with `mimi` (fresh streams of its own)
+    for any other size."""
     cfg = mimi.cfg
     if cfg.num_codebooks == len(SILENCE_TOKENS) and cfg.quantizer_bins == 2048:
         return FillerCodes(np.array(SILENCE_TOKENS, np.int64), np.array(SINE_TOKENS, np.int64))
-    saved = mimi.snapshot()
-    try:
-        found = []
-        for frame in (np.zeros(mimi.frame_size, np.float32), sine_frame(mimi.frame_size, mimi.sample_rate)):
-            mimi.reset()
-            for _ in range(_FILLER_WARMUP_FRAMES):
-                codes = mimi.encode_step(frame)
-            found.append(np.array(codes, dtype=np.int64))
-    finally:
-        mimi.restore(saved)
+    found = []
+    for frame in (np.zeros(mimi.frame_size, np.float32), sine_frame(mimi.frame_size, mimi.sample_rate)):
+        state = MimiState()
+        for _ in range(_FILLER_WARMUP_FRAMES):
+            codes, state = mimi.encode_step(frame, state)
+        found.append(np.array(codes, dtype=np.int64))
     return FillerCodes(silence=found[0], sine=found[1])
 
 
-def voice_codes(mimi: Mimi, recording: VoiceRecording, lock=None) -> np.ndarray:
-    """The recording's codes, int64 [frames, codebooks], from a fresh codec stream (the last frame
-    zero-padded). With `lock` (the model's), the codec is taken one frame at a time, so live sessions
-    sharing it keep stepping meanwhile; each holder puts its own stream state in before using it."""
+def voice_codes(mimi: Mimi, recording: VoiceRecording) -> np.ndarray:
+    """The recording's codes, int64 [frames, codebooks], from a fresh codec stream of its own (the last
+    frame zero-padded); live sessions on the same codec keep stepping meanwhile."""
     pcm = np.asarray(recording.pcm, dtype=np.float32)
     n = mimi.frame_size
     frames = -(-len(pcm) // n)
@@ -94,13 +87,7 @@ def voice_codes(mimi: Mimi, recording: VoiceRecording, lock=None) -> np.ndarray:
     state = MimiState()
     out = []
     for i in range(frames):
-        with lock if lock is not None else contextlib.nullcontext():
-            saved = mimi.snapshot()
-            mimi.restore(state)
-            codes = mimi.encode_step(padded[i * n:(i + 1) * n])
-            mx.eval(codes)
-            state = mimi.snapshot()
-            mimi.restore(saved)
+        codes, state = mimi.encode_step(padded[i * n:(i + 1) * n], state)
         out.append(np.array(codes, dtype=np.int64))
     return np.stack(out)
 
@@ -143,10 +130,20 @@ class PromptPlan:
         return runs
 
 
+def _spacer(filler: FillerCodes, pad_id: int) -> tuple[PromptFrame, ...]:
+    return tuple(PromptFrame("spacer", pad_id, filler.silence, filler.sine) for _ in range(SPACER_FRAMES))
+
+
+def plan_persona(persona_ids: list[int], filler: FillerCodes, pad_id: int = PAD_ID) -> PromptPlan:
+    """The persona's tokens and the spacer after them: the prompt's tail, and all that a persona change
+    in a live call (`Session.set_persona`) forces."""
+    persona = tuple(PromptFrame("persona", int(t), filler.silence, filler.sine) for t in persona_ids)
+    return PromptPlan(persona + _spacer(filler, pad_id))
+
+
 def plan_prompt(voice: VoiceEmbeddings | np.ndarray, persona_ids: list[int], filler: FillerCodes,
                 pad_id: int = PAD_ID) -> PromptPlan:
     """The full prompt: `voice` is a saved prompt or a recording's codes [frames, codebooks]."""
-    spacer = tuple(PromptFrame("spacer", pad_id, filler.silence, filler.sine) for _ in range(SPACER_FRAMES))
     if isinstance(voice, VoiceEmbeddings):
         voice_frames = tuple(PromptFrame("voice", pad_id, None, None, e) for e in voice.embeddings)
         stream_tokens = voice.cache
@@ -156,8 +153,8 @@ def plan_prompt(voice: VoiceEmbeddings | np.ndarray, persona_ids: list[int], fil
             raise ValueError(f"voice codes must be [frames, {filler.silence.shape[0]}], got {codes.shape}")
         voice_frames = tuple(PromptFrame("voice", pad_id, c, filler.sine) for c in codes.astype(np.int64))
         stream_tokens = None
-    persona = tuple(PromptFrame("persona", int(t), filler.silence, filler.sine) for t in persona_ids)
-    return PromptPlan(voice_frames + spacer + persona + spacer, stream_tokens)
+    return PromptPlan(voice_frames + _spacer(filler, pad_id) + plan_persona(persona_ids, filler, pad_id).frames,
+                      stream_tokens)
 
 
 def check_plan(lm: LM, plan: PromptPlan, voice_name: str) -> None:
@@ -184,23 +181,20 @@ def check_plan(lm: LM, plan: PromptPlan, voice_name: str) -> None:
                          f"{cfg.context} frames: its start would be forgotten (shorten the voice or persona)")
 
 
-def run_prompt(lm: LM, state: LmState, plan: PromptPlan, lock=None) -> None:
+def run_prompt(lm: LM, state: LmState, plan: PromptPlan) -> None:
     """Feed the whole prompt into `state` (which should be fresh) and evaluate its caches.
 
-    With `lock`, it is held one frame at a time: a prompt being prepared delays a live session's step
-    by one prompt step at most, never by the whole prompt."""
+    `state` is the only thing written: live sessions on the same `lm` keep stepping meanwhile."""
     replayed = False
     for f in plan.frames:
-        with lock if lock is not None else contextlib.nullcontext():
-            if f.embedding is not None:
-                lm.step_embedding(state, f.embedding)
-                replayed = True
-                continue
-            if replayed and plan.stream_tokens is not None:
-                # NVIDIA puts the saved token ring back once the embeddings are replayed
-                state.set_stream_tokens(plan.stream_tokens)
-                replayed = False
-            lm.step(state, f.user, agent_codes=f.agent, text_token=f.text)
+        if f.embedding is not None:
+            lm.step_embedding(state, f.embedding)
+            replayed = True
+            continue
+        if replayed and plan.stream_tokens is not None:
+            # NVIDIA puts the saved token ring back once the embeddings are replayed
+            state.set_stream_tokens(plan.stream_tokens)
+            replayed = False
+        lm.step(state, f.user, agent_codes=f.agent, text_token=f.text)
     # Leave nothing lazy for the first live step: an unevaluated prompt would stall it for seconds.
-    with lock if lock is not None else contextlib.nullcontext():
-        mx.eval(state.arrays())
+    mx.eval(state.arrays())
