@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     bot = settings.bot(args.bot) if args.bot else settings.bots[0]
     if args.bot:  # the chosen bot speaks first in the engine's list, so it is the one that calls
         settings = msgspec.structs.replace(settings, bots=(bot, *(b for b in settings.bots if b is not bot)))
-    return serve.call(settings, args.engine, args.uri, account=bot.account)
+    return serve.call(settings, args.engine, args.uri, account=bot.account, bot=bot.name)
 
 
 def main(argv: list[str] | None = None) -> int:

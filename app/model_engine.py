@@ -3,32 +3,42 @@
 Why a process: BENCHMARKS.md "Media callback" measured that a thread running Python next to pjmedia's
 clock thread makes the bridge fall behind for good with 4 calls (p99 lateness 312-987 ms), so the model
 runs in engine/serving/inference_process.py's child and only the calls' rings (shared memory) stay here.
-`[model] process = false` keeps the in-process runner (engine/serving/runner.py), for a single call or a debugger.
-Either way the model is loaded, every bot prepared and a step warmed up before the first call
-(app/model_setup.py), and a problem there is a StartupError: one line, exit status 2.
+`[model] process = false` keeps the in-process runner (engine/serving/runner.py), for a single call or
+a debugger. Either way the model is loaded, every bot prepared and a step warmed up before the first
+call (app/model_setup.py), and a problem there is a StartupError: one line, exit status 2. A call's bot
+is named in its CallStart (the app's CallRouter picks it); an unknown name gets the first bot.
 """
 from __future__ import annotations
 
 import functools
-from typing import Any
 
-from callbot.engine.serving.inference_process import InferenceProcess, InferenceStartupError
-from callbot.engine.serving.runner import ModelEngine
-from callbot.app.model_setup import bot_name_for, prepare_model
 from callbot.app.errors import StartupError
 from callbot.app.settings import Settings
+from callbot.engine.contract import CallEngine, CallStart
+from callbot.engine.serving.inference_process import InferenceProcess, InferenceSetup, InferenceStartupError
 
 
-def build_model_engine(settings: Settings) -> InferenceProcess | ModelEngine:
-    bot_for = functools.partial(bot_name_for, settings)
+def prepare_in_child(settings: Settings) -> InferenceSetup:
+    """The child's setup. It names app/model_setup.py (MLX) only when it runs, so that pickling it for
+    the child never imports the model into the SIP process."""
+    from callbot.app.model_setup import prepare_model
+
+    return prepare_model(settings)
+
+
+def build_model_engine(settings: Settings) -> CallEngine:
+    """An InferenceProcess (MLX in a child), or with `[model] process = false` a ModelEngine here."""
     try:
         if settings.model.process:
-            return InferenceProcess(functools.partial(prepare_model, settings), bot_for)
-        model, prompts, warmup = prepare_model(settings)
+            return InferenceProcess(functools.partial(prepare_in_child, settings))
+        model, prompts, warmup = prepare_in_child(settings)
     except InferenceStartupError as err:
         raise StartupError(str(err)) from None
+    from callbot.engine.serving.runner import ModelEngine
 
-    def prompt_for(call_info: Any):
-        return prompts[bot_for(call_info)]
+    default = next(iter(prompts.values()))
+
+    def prompt_for(start: CallStart):
+        return prompts.get(start.bot, default) if start.bot is not None else default
 
     return ModelEngine(model, prompt_for, warmup=warmup)

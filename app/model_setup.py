@@ -6,7 +6,8 @@ must never import pjsua2, so it imports settings and the engine only (not app/se
 Every problem is a ModelSetupError whose text says what is missing and how to get it: the one line the
 user sees before `serve` exits with status 2.
 
-Weights are found as DESIGN.md says: `[model] path` (or `--model DIR`), else the Hugging Face cache,
+Weights are found as docs/model.md, "Where the weights come from", says: `[model] path` (or
+`--model DIR`), else the Hugging Face cache,
 else a huggingface_hub download where the user accepted the license and is logged in.
 """
 from __future__ import annotations
@@ -64,12 +65,6 @@ def load_model(settings: Settings) -> Model:
     except WeightsError as err:
         how = ("" if m.download else " (downloads are off: set [model] download = true to fetch the weights)")
         raise ModelSetupError(f"model weights: {err}{how}") from None
-
-
-def bot_name_for(settings: Settings, call_info) -> str:
-    """The bot that answers a call: the one bound to the call's account, else the first."""
-    bot = settings.bot_for_account(getattr(call_info, "account", "")) or settings.bots[0]
-    return bot.name
 
 
 def prepare_model(settings: Settings) -> InferenceSetup:

@@ -2,8 +2,11 @@
 
 One place assembles the product from its parts, in the order their lifetimes need: the engine and the
 recorder outlive the endpoint (the endpoint closes sessions and finishes recordings as it hangs up), and
-metrics outlive both. The main thread only pumps the endpoint's events into the JSON log and the
-metrics, and waits for SIGTERM/SIGINT.
+the event bus and metrics outlive both. Every event - the endpoint's (SIP lifecycle, DTMF, transfer)
+and the engine's live ones (text, speech start/stop, clips played) - goes onto one EventBus; the JSON
+log and the metrics are its first subscribers, each on its own thread. The main thread pumps the
+endpoint's events onto the bus and waits for SIGTERM/SIGINT. `Server.calls` is the live control of the
+calls in progress (app/calls.py).
 """
 from __future__ import annotations
 
@@ -13,15 +16,20 @@ import queue
 import signal
 import sys
 import threading
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
-from callbot.sip import events as ev
-from callbot.sip.endpoint import Endpoint
+import msgspec
+
+from callbot.app.calls import CallRouter, LiveCall
 from callbot.app.errors import StartupError
+from callbot.app.event_bus import EventBus
 from callbot.app.event_log import EventLog
 from callbot.app.metrics import Metrics
 from callbot.app.recording import Recorder
 from callbot.app.settings import ConfigError, Settings
+from callbot.engine.contract import CallEngine, FrameStages
+from callbot.sip import events as ev
+from callbot.sip.endpoint import Endpoint
 
 ENGINES = ("model", "echo")
 
@@ -35,7 +43,7 @@ EXIT_INTERRUPTED = 130  # stopped by SIGINT/SIGTERM
 EXIT_SERVER_FAILURE = 1  # `serve`: a part died (SIP thread, engine, recorder); calls were hung up
 
 
-def build_engine(kind: str, settings: Settings) -> Any:
+def build_engine(kind: str, settings: Settings) -> CallEngine:
     """The CallEngine answering calls: the echo line, or the model runner."""
     if kind == "echo":
         from callbot.engine.serving.echo import EchoEngine
@@ -63,12 +71,21 @@ def running_server(settings: Settings, engine_kind: str, log: EventLog | None = 
             except (OSError, ValueError) as err:
                 raise StartupError(f"metrics address {settings.metrics.address!r}: {err}") from None
             stack.callback(metrics.close)
+        bus: EventBus = EventBus()
+        stack.callback(bus.close)  # after the endpoint and the engine: their last events get handled
+        log = log or EventLog()
+        # the per-frame stage stamps are for metrics and the panel, not for the log's readers
+        bus.attach("log", log.write, accept=lambda e: not isinstance(e, FrameStages))
+        bus.attach("metrics", metrics.on_event)
         engine = build_engine(engine_kind, settings)
         stack.callback(engine.close)
+        engine.on_event = bus.publish
         recorder = Recorder(settings.recordings_dir)
         stack.callback(recorder.close)
-        endpoint = Endpoint(settings.endpoint_config(), engine=engine, recorder=recorder)
-        server = Server(settings, endpoint, engine, recorder, metrics, log or EventLog())
+        router = CallRouter(engine, bot_for=settings.bot_name_for)
+        endpoint = Endpoint(settings.endpoint_config(), sessions=router, recorder=recorder)
+        router.ops = endpoint
+        server = Server(settings, endpoint, engine, router, recorder, metrics, bus)
         if hasattr(engine, "on_closed"):  # the model runner reports each call's audio-path numbers
             engine.on_closed = server.summaries.put  # counted on the main thread, not the SIP thread
         stack.callback(server.drain)  # runs after the stop below: hang-ups and un-REGISTERs get logged
@@ -99,18 +116,28 @@ class ServerFailure(Exception):
 
 
 class Server:
-    def __init__(self, settings: Settings, endpoint: Endpoint, engine: Any, recorder: Recorder, metrics: Metrics,
-                 log: EventLog):
+    def __init__(self, settings: Settings, endpoint: Endpoint, engine: CallEngine, router: CallRouter,
+                 recorder: Recorder, metrics: Metrics, bus: EventBus):
         self.settings = settings
         self.endpoint = endpoint
         self.engine = engine
+        self.router = router
         self.recorder = recorder
         self.metrics = metrics
-        self.log = log
+        self.bus = bus
         self.summaries: queue.SimpleQueue = queue.SimpleQueue()  # closed model sessions, for the metrics
 
+    @property
+    def calls(self) -> dict[str, LiveCall]:
+        """The calls in progress by SIP Call-ID, each with its live control (play, hangup, ...)."""
+        return self.router.calls
+
+    def call(self, call_id: str) -> LiveCall:
+        return self.router.call(call_id)
+
     def pump(self, until: Callable[[ev.Event], bool] | None = None, stop: threading.Event | None = None) -> ev.Event | None:
-        """Log and count events until `until(event)` is true (returns it) or `stop` is set (returns None).
+        """Publish the endpoint's events on the bus until `until(event)` is true (returns it) or `stop` is
+        set (returns None).
 
         Raises ServerFailure when a part has died: calls would go on silent or unrecorded otherwise."""
         while stop is None or not stop.is_set():
@@ -134,7 +161,7 @@ class Server:
                 raise ServerFailure(f"the {name} failed: {err!r}")
 
     def drain(self) -> None:
-        """Log and count what is still queued (the events of a shutdown)."""
+        """Publish what is still queued (the events of a shutdown)."""
         while True:
             try:
                 self._record(self.endpoint.events.get_nowait())
@@ -148,11 +175,11 @@ class Server:
                 s = self.summaries.get_nowait()
             except queue.Empty:
                 return
-            self.metrics.on_call_summary({**s.final_summary, "stage_latency_s": s.stats.durations_s()})
+            self.metrics.on_call_summary({**msgspec.to_builtins(s.final_summary),
+                                          "stage_latency_s": s.stats.durations_s()})
 
     def _record(self, event: ev.Event) -> None:
-        self.log.write(event)
-        self.metrics.on_event(event)
+        self.bus.publish(event)
 
 
 @contextlib.contextmanager
@@ -189,10 +216,11 @@ def exit_status_of(ended: ev.CallEnded, answered: bool) -> int:
     return EXIT_FAILED
 
 
-def call(settings: Settings, engine_kind: str, uri: str, account: str | None) -> int:
+def call(settings: Settings, engine_kind: str, uri: str, account: str | None, bot: str | None = None) -> int:
     """Place one call and follow it to its end; the exit status says how it ended."""
     with stop_on_signals() as stop, running_server(settings, engine_kind) as server:
         call_id = server.endpoint.dial(uri, account=account)
+        server.router.expect(call_id, bot=bot)
         answered = False
 
         def is_end(event: ev.Event) -> bool:

@@ -17,6 +17,7 @@ import msgspec
 from msgspec import Meta
 
 from callbot.engine.model.voices import VOICES as VOICE_NAMES
+from callbot.sip.call_record import CallRecord
 from callbot.sip.config import AccountConfig, EndpointConfig
 
 DEFAULT_VOICE = "NATF2"
@@ -91,6 +92,10 @@ class Settings(_Settings):
     bots: tuple[BotSettings, ...] = (BotSettings(),)
     recordings_dir: str = "./calls"
     metrics: MetricsSettings = MetricsSettings()
+
+    def bot_name_for(self, record: CallRecord) -> str:
+        """The bot that answers a call: the one bound to the call's account, else the first."""
+        return (self.bot_for_account(record.account) or self.bots[0]).name
 
     def bot_for_account(self, account_name: str) -> BotSettings | None:
         """The bot that answers an account's calls: the one naming it, else one naming no account."""

@@ -1,7 +1,8 @@
 """Mouth-to-ear on loopback: a real SIP phone (bench/peer_audio.py, its own pjsua2 process) speaks clicks
 into callbot's Endpoint and times them back, per codec, against two baselines measured in the same run.
 
-Why: DESIGN.md's budget says our own additions (everything but ptime, jitter buffers and the model)
+Why: the budget (docs/latency.md, "Latency budget") says our own additions (everything but ptime,
+jitter buffers and the model)
 must stay <= 5 ms p99. Stages are only believable end to end, with a real peer's clock and jitter
 buffer on the far side. Cases (BENCHMARKS.md, "## Latency (mouth-to-ear)"):
 
@@ -34,6 +35,7 @@ import os
 import subprocess
 import sys
 
+import msgspec
 import numpy as np
 import pytest
 
@@ -172,7 +174,7 @@ def test_model(benchmark, model_source, codec, kind, tmp_path):
     label = model_source[2]
     peer, marks, s, stats = run_once(benchmark, lambda: model_call(model_source, codec, MODEL_CLICKS,
                                                                      MODEL_INTERVAL_MS, kind, tmp_path))
-    summary = s.final_summary
+    summary = msgspec.to_builtins(s.final_summary)
     arrivals = L.click_arrivals(peer, MODEL_INTERVAL_MS, 2)
     loop, lat = arrivals[:, 0], arrivals[:, 1]
     sent = _sent_ns(peer)
@@ -294,7 +296,7 @@ def test_report(capsys):
 
 BANDWIDTH_GBS = {"M4": 120.0, "M4 Pro": 273.0}  # unified memory bandwidth, Apple's published figures
 ASSUMED_EFFICIENCY = 0.6  # share of peak bandwidth a decode step reaches (an assumption, not measured)
-MIMI_PARAMS = 96.2e6  # full Mimi (DESIGN.md: Kyutai's get_mimi builds 96.2 M parameters)
+MIMI_PARAMS = 96.2e6  # full Mimi (docs/testing.md, "References": Kyutai's get_mimi builds 96.2 M parameters)
 
 
 def projection_lines() -> list[str]:

@@ -3,7 +3,8 @@ while another thread holds the GIL the way the model's step will.
 
 Why: the pjmedia clock thread must take the GIL to call our Python-level port; a thread that keeps the
 GIL busy (an MLX step builds its graph in Python) delays every call's audio by up to the interpreter's
-switch interval (5 ms by default). DESIGN.md's rule: p99 lateness > 2 ms means inference moves to its
+switch interval (5 ms by default). The rule (docs/latency.md, "The GIL and the media clock"): p99
+lateness > 2 ms means inference moves to its
 own process with the rings in shared memory. These numbers decide it (BENCHMARKS.md, "## Media callback").
 
 Run:  /work/venv/bin/python -m pytest bench/bench_media.py -p no:cacheprovider -s
@@ -24,6 +25,8 @@ import pytest
 
 from callbot.engine import Ring
 from callbot.sip._pcm import MediaPump
+from callbot.app.calls import CallRouter
+from callbot.engine.contract import CallStart
 from callbot.engine.serving.echo import EchoEngine
 from callbot.sip import media_port
 from callbot.sip.media_port import attach_media
@@ -232,8 +235,8 @@ def endpoint():
     ep.libDestroy()
 
 
-class Info:
-    clock_rate = RATE
+def Info() -> CallStart:
+    return CallStart(call_id="bench", rate=RATE)
 
 
 def run_call(seconds_each: float, calls: int = 1, engine=None, scenarios=SCENARIOS) -> dict:
@@ -448,7 +451,7 @@ def test_echo_line_round_trip(benchmark, codec, tmp_path):
     engine = EchoEngine()
     recorder = Recorder(tmp_path)
     ep = Endpoint(EndpointConfig(transports=(TransportConfig(bind="127.0.0.1", port=0, rtp_port=0),)),
-                  engine=engine, recorder=recorder).start()
+                  sessions=CallRouter(engine), recorder=recorder).start()
     result = {}
 
     def run():

@@ -20,6 +20,7 @@ import functools
 import os
 import subprocess
 
+import msgspec
 import numpy as np
 import pytest
 
@@ -61,7 +62,7 @@ def _soak(source, busy: bool) -> dict:
     ready, starts, ends = (t[:, STAGES.index(n)] for n in ("resampled", "step_start", "decoded"))
     jitter = np.abs(np.diff(starts) / 1e6 - 80.0)
     step = (ends - starts) / 1e6
-    summary = s.final_summary
+    summary = msgspec.to_builtins(s.final_summary)
     return {
         "seconds": SOAK_S, "steps": summary["steps"], "steps_late": summary["steps_late"],
         "silence_fed": summary["silence_fed"], "frames_dropped": summary["frames_dropped"],
@@ -70,7 +71,7 @@ def _soak(source, busy: bool) -> dict:
         "jitter_max": float(jitter.max()) if len(jitter) else float("nan"),
         "step_p50": L.pct(step, 50), "step_p99": L.pct(step, 99), "step_max": float(step.max()),
         "ready_to_start_p99": L.pct((starts - ready) / 1e6, 99), "loadavg": load,
-        "realtime": engine.info.get("realtime", "?"),
+        "realtime": engine.info.realtime if engine.info else "?",
     }
 
 

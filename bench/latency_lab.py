@@ -33,6 +33,8 @@ if str(ROOT) not in sys.path:  # tests/ (the tiny model), in this process and th
 
 from peer_audio import click  # noqa: E402
 
+from callbot.engine.contract import CallStart  # noqa: E402
+
 LOCALHOST = "127.0.0.1"
 
 
@@ -163,7 +165,9 @@ def endpoint(engine: Any, codec: str, loop: bool | str = False):
     codec_id = {"PCMU": "PCMU/8000", "PCMA": "PCMA/8000", "G722": "G722/16000"}[codec]
     cfg = EndpointConfig(transports=(TransportConfig(bind=LOCALHOST, port=port, rtp_port=0),),
                          accounts=(AccountConfig(user="bench"),), codecs=(codec_id,))
-    ep = Endpoint(cfg, engine=engine)
+    from callbot.app.calls import CallRouter
+
+    ep = Endpoint(cfg, sessions=CallRouter(engine))
     if loop:  # bench-only: the endpoint's media hook, swapped before start
         ep._attach_media = _port_and_loop_attach if loop == "beside" else _loop_attach
     ep.start()
@@ -280,8 +284,8 @@ def tap_engine(engine: Any, taps: ClickTaps) -> Any:
 
     original = engine.open_session
 
-    def open_session(call_info, rate=None):
-        session = original(call_info, rate)
+    def open_session(start):
+        session = original(start)
         session.audio.__class__ = TappedAudio
         session.audio._tap = None
         session.audio._last_had_click = False
@@ -361,7 +365,7 @@ class MediaStreamServer:
                 ev = m.get("event")
                 if ev == "start":
                     sid = m["start"]["streamSid"]
-                    session = self.engine.open_session(_WsCall(sid), rate=self.RATE)
+                    session = self.engine.open_session(CallStart(call_id=sid, rate=self.RATE))
                     sender = asyncio.ensure_future(send_loop())
                 elif ev == "media" and session is not None:
                     session.audio.rx.write(mulaw.decode(base64.b64decode(m["media"]["payload"])))
@@ -379,12 +383,6 @@ class MediaStreamServer:
         if self._loop is not None and self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(10)
-
-
-class _WsCall:
-    def __init__(self, sid: str):
-        self.call_id = sid
-        self.clock_rate = MediaStreamServer.RATE
 
 
 def free_port_tcp() -> int:
@@ -504,8 +502,8 @@ class MarkedSession:
     def __getattr__(self, name):  # the runner reads the session's own stage timestamps
         return getattr(self.inner, name)
 
-    def step(self, pcm):
-        out, piece = self.inner.step(pcm)  # the real step, timed by the runner around this call
+    def step(self, pcm, agent_pcm=None):
+        out, piece = self.inner.step(pcm, agent_pcm=agent_pcm)  # the real step, timed by the runner around this call
         peak = int(np.argmax(np.abs(pcm)))
         hit = abs(float(pcm[peak])) >= self.THRESHOLD
         out = np.zeros_like(out)

@@ -23,6 +23,7 @@ from .events import (CallConfirmed, CallEnded, CallMedia, CallProgress, DtmfRece
 if TYPE_CHECKING:
     from .account import SipAccount
     from .endpoint import Endpoint
+    from .media_session import MediaSession
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ class SipCall(pj.Call):
         self.direction = direction
         self.record: CallRecord | None = None
         self.attachment = None  # media_port.MediaAttachment while media is attached
-        self.session = None  # the engine's session for this call
+        self.session: MediaSession | None = None  # the session serving this call's audio
         self.recording = None  # recording.CallRecording while the call is recorded
         self.ended = False
         self.rejected = False  # answered with an error by our policy: never a call of ours
@@ -351,12 +352,12 @@ class SipCall(pj.Call):
 
     def _attach(self, audio: pj.AudioMedia, clock_rate: int) -> None:
         attach = self.hub._attach_media
-        engine = self.hub.engine
-        if attach is None or engine is None:
-            return  # no engine: the call stays silent
+        sessions = self.hub.sessions
+        if attach is None or sessions is None:
+            return  # nothing serves the audio: the call stays silent
         recorder = self.hub.recorder
         try:
-            self.session = engine.open_session(self.record)
+            self.session = sessions.open_session(self.record)
             if recorder is not None:
                 self.recording = recorder.start(self.record, clock_rate)
             self.attachment = attach(audio, clock_rate, self.session, self.recording)
@@ -388,7 +389,7 @@ class SipCall(pj.Call):
 
     def _detach(self) -> None:
         """Port off the bridge first (before the call's media goes: pjmedia_conf_remove_port), then the
-        engine session closes (its summary - what the model said, its step times - joins the record),
+        session closes (what it reports - what the model said, its step times - joins the record),
         then the recording is finished from the record as it stands."""
         attachment, self.attachment = self.attachment, None
         recording, self.recording = self.recording, None
@@ -400,12 +401,9 @@ class SipCall(pj.Call):
                 log.exception("call %s: detaching media failed", self.call_id)
         if session is not None:
             try:
-                self.hub.engine.close_session(session)
-                summary = getattr(session, "final_summary", None)
-                if summary is not None and self.record is not None:
-                    self.record.engine = summary
+                self.hub.sessions.close_session(session, self.record)
             except Exception:
-                log.exception("call %s: closing the engine session failed", self.call_id)
+                log.exception("call %s: closing the call's session failed", self.call_id)
         if recording is not None:
             try:
                 self.hub.recorder.finish(recording, self.record)

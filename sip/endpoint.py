@@ -5,7 +5,8 @@ pjsip (`libHandleEvents`, which releases the GIL), runs queued commands and time
 signalling callbacks. Public methods are thread-safe: they hand a function to that thread and wait for
 its result. Events go to `events` (a queue for the application) and to a history that `wait_for` reads.
 
-Shutdown order matters (DESIGN.md): hang up every call and wait for the DISCONNECTED callbacks (which
+Shutdown order matters (docs/architecture.md, "Shutdown order"): hang up every call and wait for the
+DISCONNECTED callbacks (which
 detach media ports from the conference bridge), unregister, drop every Call and Account, gc, and only
 then libDestroy — any pjsua2 object alive at libDestroy ends in the pjmedia_conf_remove_port abort.
 """
@@ -22,7 +23,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pjsua2 as pj
 
@@ -36,6 +37,9 @@ from .events import CallRejected, EndpointStopped, Event, IncomingCall
 from .offer import CODECS as _OFFER_CODECS
 from .offer import validate_offer
 from .transports import Transport, create_transport
+
+if TYPE_CHECKING:
+    from .media_session import CallRecorder, MediaSessions
 
 log = logging.getLogger(__name__)
 
@@ -57,23 +61,25 @@ RECORDS_KEPT = 1000  # CallRecords an Endpoint keeps for inspection; each call's
 class Endpoint:
     """A SIP user agent answering and placing calls for the accounts in `config`.
 
-    `engine` (optional, engine/contract.py's CallEngine) provides `open_session(record)` /
-    `close_session(session)`: each call with active audio gets a session and a media port bound to it;
-    without an engine calls are silent. `recorder` (optional, app/recording.py's Recorder) records every
+    `sessions` (optional, sip/media_session.py's MediaSessions; the app's CallRouter) provides
+    `open_session(record)` / `close_session(session, record)`: each call with active audio gets a
+    session and a media port bound to its rings; without one calls are silent. `recorder` (optional,
+    a CallRecorder: the app's Recorder) records every
     call with media (stereo WAV + sidecar from the call's CallRecord). Neither is owned: close them
     after `stop()`.
     """
 
-    def __init__(self, config: EndpointConfig | None = None, engine: Any = None, recorder: Any = None):
+    def __init__(self, config: EndpointConfig | None = None, sessions: MediaSessions | None = None,
+                 recorder: CallRecorder | None = None):
         self.config = config or EndpointConfig()
-        self.engine = engine
+        self.sessions = sessions
         self.recorder = recorder
         self._attach_media = None
         self._media_clock = None  # (make realtime, undo) when calls have media ports
         # what pjmedia's clock thread got when its first frame made it real-time (None until then)
         self.media_clock_realtime = None
-        if engine is not None:
-            # only calls with an engine need media ports (and the compiled PCM helper behind them)
+        if sessions is not None:
+            # only calls whose audio is served need media ports (and the compiled PCM helper behind them)
             from .media_port import attach_media, leave_media_clock_alone, make_media_clock_realtime
 
             self._attach_media = attach_media

@@ -30,6 +30,7 @@ from callbot.sip import _pcm
 from callbot.engine.audio import make_realtime
 from callbot.sip._pcm import MediaPump
 from callbot.engine.audio.realtime import RealtimeResult
+from callbot.sip.media_session import CallRecording, MediaSession
 
 log = logging.getLogger(__name__)
 
@@ -129,10 +130,11 @@ class MediaAttachment:
         del port  # the C++ destructor removes the port from the bridge
 
 
-def attach_media(call_audio_media, clock_rate: int, session, recorder=None) -> MediaAttachment:
+def attach_media(call_audio_media, clock_rate: int, session: MediaSession,
+                 recorder: CallRecording | None = None) -> MediaAttachment:
     """Creates the call's port at `clock_rate` Hz and connects it both ways to `call_audio_media`.
 
-    `session` is the engine session (its `.audio` is a CallAudio at `clock_rate`); `recorder` is the
+    `session` serves the call's audio (its `.audio` holds the rings at `clock_rate`); `recorder` is the
     call's CallRecording (app/recording.py) at the same rate, or None for no recording.
     """
     audio = session.audio
@@ -147,7 +149,7 @@ def attach_media(call_audio_media, clock_rate: int, session, recorder=None) -> M
         recorder.caller if recorder is not None else None,
         recorder.bot if recorder is not None else None,
         # when samples entered rx and left tx: the first and last stages of the engine's frame stats
-        getattr(audio, "rx_stamps", None), getattr(audio, "tx_stamps", None),
+        audio.rx_stamps, audio.tx_stamps,
     )
     port = _RingPort(pump)
     fmt = pj.MediaFormatAudio()

@@ -1,12 +1,83 @@
-"""Fixtures more than one test file uses."""
+"""Fixtures more than one test file uses, and the markers each test gets from its file.
+
+Markers (registered in pyproject.toml, checked with --strict-markers): `sip`, `model`, `slow`, given by
+MARKS below per test file rather than by decorators in each file, so the suite's split is one table.
+`pytest -m "not sip and not model and not slow"` runs the fast unit tests alone (docs/testing.md,
+"Markers"). Helper modules (tests/sip_peers.py, tiny_lm.py, ...) are imported as `from tests.<name>
+import ...` everywhere (docs/testing.md, "Helpers").
+"""
 from __future__ import annotations
 
 import pytest
 
+from callbot.app.calls import CallRouter
 from callbot.engine.serving.echo import EchoEngine
 from callbot.sip.config import EndpointConfig, TransportConfig
 from callbot.sip.endpoint import Endpoint
 from callbot.app.recording import Recorder
+
+# test file (module name) -> its markers; "module::test" adds to one test. Times: the whole file on the
+# 2-core CI machine class. A file that is not listed is a fast unit test, except test_sip_* (sip).
+#   sip:   a real SIP stack runs: a pjsua2 endpoint, a peer process (pjsua2, baresip, SIPp, kamailio)
+#          or `callbot serve`
+#   model: the tiny MLX model steps, or the PyTorch reference (torch, moshi) runs
+#   slow:  the file takes over ~10 s, or one of its tests over ~5 s
+MARKS: dict[str, frozenset[str]] = {
+    name: frozenset(marks.split()) for name, marks in {
+        "test_app_control": "sip slow",  # 32 s: `running_server` and a pjsua2 caller
+        "test_import_contracts": "slow",  # 11 s: lint-imports runs 27 times
+        "test_inference_process": "sip model slow",  # 90 s
+        "test_latency_tools": "sip slow",  # 6 s: a real echo call
+        "test_live_control": "model slow",  # 64 s
+        "test_lm_parity": "model slow",  # 18 s
+        "test_lm_step": "model",
+        "test_lm_transformer": "model",
+        "test_lm_weights": "model",
+        "test_media_call": "sip slow",  # 87 s
+        "test_media_port": "sip",  # a pjsua2 endpoint and a loopback call
+        "test_mimi": "model",
+        "test_mimi_conv": "model",
+        "test_mimi_parity": "model slow",  # 27 s
+        "test_native_layout::test_stubs_match_the_built_modules": "slow",  # 14 s: mypy's stubtest
+        "test_process_isolation": "sip model",  # `callbot serve` with the tiny model, a pjsua2 caller
+        "test_prompt": "model",
+        "test_recording::test_kill_9_mid_call_leaves_a_playable_recording": "slow",  # 4 s of real time
+        "test_runner": "model",
+        "test_serve": "sip model slow",  # 200 s
+        "test_session": "model slow",  # 17 s
+        "test_session_control": "model slow",  # 36 s
+        "test_sip_calls": "sip slow",  # 22 s
+        "test_sip_capacity": "sip slow",  # 12 s
+        "test_sip_codecs": "sip slow",  # 17 s
+        "test_sip_interop": "sip",  # 9 s
+        "test_sip_lifecycle": "sip slow",  # 30 s
+        "test_sip_media": "sip slow",  # 15 s
+        "test_sip_records": "",  # an Endpoint that is never started
+        "test_sip_registrar": "sip slow",  # 16 s
+        "test_sip_robustness": "sip",  # 8 s
+        "test_sip_secure": "sip slow",  # 12 s
+        "test_sip_transfer": "sip slow",  # 10 s
+    }.items()
+}
+# fixtures that start a real SIP stack: a test that uses one is `sip` wherever it lives
+SIP_FIXTURES = frozenset({"echo_line"})
+
+
+def markers_of(module: str, test: str, fixtures) -> frozenset[str]:
+    """The markers MARKS gives one test: its file's, its own, and `sip` for a SIP fixture."""
+    own = MARKS.get(module, frozenset({"sip"}) if module.startswith("test_sip_") else frozenset())
+    own |= MARKS.get(f"{module}::{test}", frozenset())
+    if SIP_FIXTURES.intersection(fixtures):
+        own |= {"sip"}
+    return own
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for name in sorted(markers_of(item.path.stem, getattr(item, "originalname", item.name),
+                                      getattr(item, "fixturenames", ()))):
+            item.add_marker(name)
 
 
 @pytest.fixture
@@ -16,7 +87,7 @@ def echo_line(tmp_path):
     engine = EchoEngine()
     recorder = Recorder(tmp_path)
     ep = Endpoint(EndpointConfig(transports=(TransportConfig(bind="127.0.0.1", port=0, rtp_port=0),)),
-                  engine=engine, recorder=recorder)
+                  sessions=CallRouter(engine), recorder=recorder)
     try:
         yield ep.start()
     finally:

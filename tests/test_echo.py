@@ -13,12 +13,12 @@ import pytest
 
 from callbot.engine import PeriodicClock
 from callbot.engine.serving.call_audio import CallAudio
+from callbot.engine.contract import CallStart
 from callbot.engine.serving.echo import EchoEngine
 
 
-class CallInfo:
-    def __init__(self, clock_rate):
-        self.clock_rate = clock_rate
+def CallInfo(rate: int) -> CallStart:
+    return CallStart(call_id=f"echo-{rate}", rate=rate)
 
 
 def chirp(rate, seconds, f0=300.0, f1=3000.0, level=8000):
@@ -145,11 +145,11 @@ def test_echo_engine_rejects_bad_settings(kwargs):
         EchoEngine(**kwargs)
 
 
-def test_echo_engine_needs_a_rate_and_refuses_after_close():
+def test_echo_engine_needs_a_call_start_and_refuses_after_close():
     engine = EchoEngine()
-    with pytest.raises(ValueError, match="rate"):
+    with pytest.raises(TypeError, match="CallStart"):
         engine.open_session(object())
-    s = engine.open_session(object(), rate=8000)
+    s = engine.open_session(CallInfo(8000))
     engine.close_session(s)
     engine.close_session(s)  # twice is harmless
     engine.close()

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from callbot.engine.serving.inference_process import InferenceProcess, InferenceStartupError
-from callbot.app.model_setup import bot_name_for, prepare_model
+from callbot.app.model_setup import prepare_model
+from callbot.engine.contract import CallStart
 from callbot.app.settings import BotSettings, ModelSettings, Settings
 from tests.media_side import play_media_side
 from tests.tiny_assets import write_tiny_model_for_serve
@@ -22,13 +23,8 @@ from tests.tiny_assets import write_tiny_model_for_serve
 pytestmark = pytest.mark.timeout(180)
 
 
-class _Call:
-    """What the SIP side hands an engine: a CallRecord-like object."""
-
-    def __init__(self, call_id: str, clock_rate: int, account: str = ""):
-        self.call_id = call_id
-        self.clock_rate = clock_rate
-        self.account = account
+def _Call(call_id: str, rate: int, bot: str | None = None) -> CallStart:
+    return CallStart(call_id=call_id, rate=rate, bot=bot)
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +36,7 @@ def settings(tmp_path_factory):
 
 
 def _start(settings: Settings, **kw) -> InferenceProcess:
-    return InferenceProcess(functools.partial(prepare_model, settings), functools.partial(bot_name_for, settings),
-                            realtime=False, **kw)
+    return InferenceProcess(functools.partial(prepare_model, settings), realtime=False, **kw)
 
 
 def _gone(name: str) -> bool:
@@ -64,9 +59,9 @@ def test_a_call_through_the_process_gets_model_audio_back_and_its_summary(settin
     closed = []
     engine = _start(settings, on_closed=closed.append)
     try:
-        assert engine.info["pjsua2"] is False and engine.info["bots"] == ["pizza"]
+        assert engine.info.pjsua2_loaded is False and engine.info.bots == ["pizza"]
         # what the child's inference thread got from make_realtime (privileges decide which)
-        assert engine.info["realtime"] in ("SCHED_FIFO", "SCHED_OTHER", "unchanged",
+        assert engine.info.realtime in ("SCHED_FIFO", "SCHED_OTHER", "unchanged",
                                            "THREAD_TIME_CONSTRAINT_POLICY", "QOS_CLASS_USER_INTERACTIVE")
         assert engine.pid != os.getpid()
         # a terminal's Ctrl-C or a service manager's SIGTERM to the process group: only the SIP side
@@ -90,7 +85,7 @@ def test_a_call_through_the_process_gets_model_audio_back_and_its_summary(settin
     assert engine.error is None
     assert any(np.any(f != 0) for f in received), "the model's audio never came back through shared memory"
     assert closed == [s] and _gone(name)
-    summary = s.final_summary
+    summary = msgspec.to_builtins(s.final_summary)
     assert summary["steps"] >= 1 and len(summary["step_s"]) == summary["steps"]
     assert all(isinstance(t["piece"], str) for t in summary["text"])
     durations = s.stats.durations_s()
@@ -111,7 +106,7 @@ def test_the_media_sides_stamps_give_each_frame_its_arrival_and_departure(settin
         engine.close_session(s)
     finally:
         engine.close()
-    summary, durations = s.final_summary, s.stats.durations_s()
+    summary, durations = msgspec.to_builtins(s.final_summary), s.stats.durations_s()
     arrived, departed = durations["ring_in->resampled"], durations["ring_out->rtp_out"]
     # one duration per frame that knows both ends: every frame of caller audio, and some frames out
     assert len(arrived) == summary["steps"] - summary["silence_fed"] >= 1

@@ -12,6 +12,7 @@ import numpy as np
 import pjsua2 as pj
 import pytest
 
+from callbot.engine.contract import CallStart
 from callbot.engine.serving.echo import EchoEngine
 from callbot.sip.media_port import attach_media
 from callbot.app.recording import Recorder, read_recording
@@ -106,7 +107,7 @@ def test_echo_through_the_bridge_and_the_recording(bridge, tmp_path):
     recorder = Recorder(tmp_path, poll_ms=20)
     peer = PeerPort(rate, signal)
     info = CallInfo(rate)
-    session = engine.open_session(info)
+    session = engine.open_session(CallStart(call_id=info.call_id, rate=rate))
     recording = recorder.start(info, rate)
     att = attach_media(peer, rate, session, recording)
     try:
@@ -146,7 +147,7 @@ def test_echo_through_the_bridge_and_the_recording(bridge, tmp_path):
 def test_rate_mismatches_are_value_errors(bridge, tmp_path):
     engine = EchoEngine()
     try:
-        session = engine.open_session(CallInfo(8000))
+        session = engine.open_session(CallStart(call_id="c", rate=8000))
         peer = PeerPort(16000, chirp(16000, 1))
         with pytest.raises(ValueError, match="8000 Hz"):
             attach_media(peer, 16000, session)

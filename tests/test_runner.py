@@ -7,7 +7,10 @@ import time
 import numpy as np
 import pytest
 
+import msgspec
+
 from callbot.engine import Model
+from callbot.engine.contract import CallStart
 from callbot.engine.serving.frame_stats import FrameStats
 from callbot.engine.serving.runner import FRAME_NS, STAGES, BotPrompt, ModelEngine
 from tests.media_side import play_media_side
@@ -16,13 +19,8 @@ from tests.tiny_assets import tiny_model_configs, write_tiny_model_dir
 pytestmark = pytest.mark.timeout(120)
 
 
-class _Call:
-    """What the SIP side hands an engine: a CallRecord-like object."""
-
-    def __init__(self, call_id: str, clock_rate: int):
-        self.call_id = call_id
-        self.clock_rate = clock_rate
-        self.account = "default"
+def _Call(call_id: str, rate: int) -> CallStart:
+    return CallStart(call_id=call_id, rate=rate)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +62,7 @@ def test_runner_steps_a_call_from_its_rings(model, prompt, rate):
     finally:
         engine.close()
     assert closed == [s]
-    summary = s.final_summary
+    summary = msgspec.to_builtins(s.final_summary)
     assert summary["steps"] == s.steps >= 10
     assert summary["steps"] == frames_in - summary["frames_dropped"] + summary["silence_fed"]
     assert set(summary["stages_ms"]) == {"ring_in->resampled", "resampled->step_start", "step_start->encoded",
@@ -101,7 +99,7 @@ def test_watchdog_feeds_silence_when_the_caller_stalls(model, prompt):
     finally:
         engine.close()
     rows, silence = s.stats.held()
-    assert s.final_summary["silence_fed"] == silence.sum() >= 1
+    assert s.final_summary.silence_fed == silence.sum() >= 1
     # every silence frame was fed during the hold (its watchdog fires one frame + grace after the
     # last real frame, so up to that long after the audio came back)
     late = FRAME_NS + engine.grace_ns
@@ -109,13 +107,13 @@ def test_watchdog_feeds_silence_when_the_caller_stalls(model, prompt):
     assert ((ready > marks["pause_start"]) & (ready < marks["pause_end"] + late)).all(), (ready, marks)
 
 
-def test_open_session_needs_a_rate(model, prompt):
+def test_open_session_needs_a_call_start(model, prompt):
     engine = ModelEngine(model, lambda call: prompt, realtime=False)
     try:
-        with pytest.raises(ValueError, match="rate"):
+        with pytest.raises(TypeError, match="CallStart"):
             engine.open_session(object())
-        with pytest.raises(ValueError, match="call_rate"):
-            engine.open_session(_Call("x", 11025))
+        with pytest.raises(msgspec.ValidationError, match="rate"):  # a CallStart refuses a rate we cannot serve
+            msgspec.convert({"call_id": "x", "rate": 11025}, CallStart)
     finally:
         engine.close()
     with pytest.raises(RuntimeError, match="closed"):

@@ -135,7 +135,7 @@ max_call_s = 300
 def test_bridge_rate_is_one_the_engine_serves(tmp_path):
     import typing
 
-    from callbot.engine.serving.call_audio import CALL_RATES
+    from callbot.engine.contract import CALL_RATES
     from callbot.sip.config import EndpointConfig
 
     hints = typing.get_type_hints(EndpointConfig)

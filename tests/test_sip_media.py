@@ -11,8 +11,9 @@ import pathlib
 import time
 
 import pytest
-from sip_peers import PjsuaPeer
+from tests.sip_peers import PjsuaPeer
 
+from callbot.app.calls import CallRouter
 from callbot.engine.serving.echo import EchoEngine
 from callbot.sip.config import EndpointConfig, TransportConfig
 from callbot.sip.endpoint import Endpoint
@@ -45,7 +46,7 @@ def test_call_gets_session_port_and_recording_at_its_rate(echo_line, tmp_path, c
         media = echo_line.wait_for(CallMedia, call_id=call_id)
         assert (media.codec, media.clock_rate) == (codec, rate)
         echo_line.wait_for(CallConfirmed, call_id=call_id)
-        assert echo_line.engine.sessions == 1
+        assert echo_line.sessions.engine.sessions == 1
         _wait_frames(echo_line, call_id)
         peer.send("dtmf", call_id=call_id, digits="7", method="info")
         echo_line.wait_for(DtmfReceived, call_id=call_id, digit="7")
@@ -60,14 +61,14 @@ def test_call_gets_session_port_and_recording_at_its_rate(echo_line, tmp_path, c
     assert [d["digit"] for d in side["dtmf"]] == ["7"]
     wav_rate, frames = read_recording(tmp_path / side["recording"]["wav"])
     assert wav_rate == bridge and frames.shape[1] == 2 and len(frames) > 0
-    assert echo_line.engine.sessions == 0
+    assert echo_line.sessions.engine.sessions == 0
 
 
 def test_stop_with_ports_attached_finishes_recordings(tmp_path):
     engine = EchoEngine()
     recorder = Recorder(tmp_path)
     ep = Endpoint(EndpointConfig(transports=(TransportConfig(bind="127.0.0.1", port=0, rtp_port=0),)),
-                  engine=engine, recorder=recorder).start()
+                  sessions=CallRouter(engine), recorder=recorder).start()
     try:
         with PjsuaPeer(user="a", log_dir=tmp_path) as a, PjsuaPeer(user="b", log_dir=tmp_path) as b:
             ids = [a.call(ep.account_uri()), b.call(ep.account_uri())]

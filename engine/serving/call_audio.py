@@ -35,11 +35,10 @@ import numpy as np
 from callbot.engine.audio import Resampler, Ring, now_ns
 from callbot.engine.audio._stamps import StampLog
 from callbot.engine.audio.ring import capacity_for
+from callbot.engine.contract import CALL_RATES, ENGINE_RATE
 from callbot.engine.serving.shared_block import STAMP_LOG_SPAN, SharedCallRings
 from callbot.engine.serving.tx_policy import TxPolicy
 
-ENGINE_RATE = 24000  # Hz: Mimi's rate, the model's only rate
-CALL_RATES = (8000, 16000, 24000)  # Hz a call's media port may run at (the resampler's designs)
 RING_SECONDS = 2.0  # capacity of each ring: enough to ride out a stalled engine for this long
 
 
@@ -159,12 +158,21 @@ class CallAudio:
                 break
         return 0, 0
 
-    def push(self, frame: np.ndarray) -> int:
-        """Queues 24 kHz int16 audio for the caller; returns the call-rate samples accepted into tx."""
+    def push(self, frame: np.ndarray, exact: np.ndarray | None = None) -> int:
+        """Queues 24 kHz int16 audio for the caller; returns the call-rate samples accepted into tx.
+
+        `exact`: call-rate int16 samples sent instead of what the frame resamples to (a clip the app
+        plays, sample for sample). The frame still goes through the resampler, so that its history
+        stays continuous for the frames after the clip."""
         frame = np.asarray(frame)
         if frame.dtype != np.int16 or frame.ndim != 1:
             raise ValueError(f"push() takes a 1-D int16 array of 24 kHz samples, got {frame.dtype} {frame.shape}")
         out = self._down.process(frame)
+        if exact is not None:
+            exact = np.asarray(exact)
+            if exact.dtype != np.int16 or exact.ndim != 1:
+                raise ValueError(f"exact takes a 1-D int16 array of call-rate samples, got {exact.dtype} {exact.shape}")
+            out = exact
         self.frames_pushed += 1
         out, backlog = self._tx_policy.admit(out, self.tx, self.departure_ns)
         # stamped before tx holds it: the media side cannot have read it any earlier

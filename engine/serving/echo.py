@@ -8,30 +8,62 @@ shows is the baseline the model's own delay adds to.
 One worker thread serves every open session. It polls on absolute deadlines (PeriodicClock) rather than
 being woken by the media callback, which may not signal anything (no locks on the hot path); a 2 ms poll
 adds 1 ms on average to the round trip. With no session open it sleeps until one opens.
+
+It takes the app's control operations the way the model does where they make sense without a model, so
+call flows can run on it: `Play` sends the clip to the caller sample-exact instead of the echo,
+`MuteCaller` stops the echo; `Inform` and `SetPersona` have no model to reach and are reported done at
+once. Its live events: caller and bot speech start/stop, PlayFinished, SessionClosed.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Any
+from collections import deque
 
-from callbot.engine.audio import PeriodicClock
-from callbot.engine.serving.call_audio import ENGINE_RATE, CallAudio
+import numpy as np
+
+from callbot.engine.audio import PeriodicClock, now_ns
+from callbot.engine.contract import (ENGINE_RATE, BotSpeech, CallerSpeech, CallStart, CallSummary, Control, ControlNotSupported,
+                                     EventSink, Inform, InformFinished, LiveEvent, MuteCaller, PersonaChanged, Play,
+                                     PlayFinished, SessionClosed, SetPersona)
+from callbot.engine.serving.clips import Clip
+from callbot.engine.serving.speech_activity import SpeechActivity
+from callbot.engine.serving.call_audio import CallAudio
+from callbot.engine.serving.tx_policy import ECHO_TX_SETTLE_PUSHES, tx_limit_ms
 
 DEFAULT_FRAME = 480  # samples at 24 kHz = 20 ms, one media frame
 DEFAULT_POLL_MS = 2.0
-# pushes (10 s of 20 ms frames) whose every one must show a lasting tx backlog before it is cut (CallAudio)
-TX_SETTLE_PUSHES = 500
 
 
 class EchoSession:
-    """One call on the echo line."""
+    """One call on the echo line (callbot.engine.contract.CallSession)."""
 
-    def __init__(self, call_info: Any, audio: CallAudio):
-        self.call_info = call_info
+    def __init__(self, start: CallStart, audio: CallAudio, frame_ms: float):
+        self.start = start
         self.audio = audio
         self.frames_echoed = 0
         self.closed = False
+        self.final_summary: CallSummary | None = None
+        self.pending: deque = deque()  # (Control, Clip | None) from the app's thread, taken by the worker
+        self.playing: deque[Clip] = deque()
+        self.muted = False
+        self.first_ns = 0
+        self.caller_speech = SpeechActivity(frame_ms)
+        self.bot_speech = SpeechActivity(frame_ms)
+        self._frame_ms = frame_ms
+
+    def control(self, op: Control) -> None:
+        if self.closed:
+            raise RuntimeError(f"call {self.start.call_id}: the session is closed")
+        if isinstance(op, Play):
+            self.pending.append((op, Clip.of(op, self.audio.call_rate, self._frame_ms)))
+        elif isinstance(op, (Inform, SetPersona, MuteCaller)):
+            self.pending.append((op, None))
+        else:
+            raise ControlNotSupported(f"unknown control operation {type(op).__name__}")
+
+    def t_ms(self) -> float:
+        return (now_ns() - self.first_ns) / 1e6 if self.first_ns else 0.0
 
 
 class EchoEngine:
@@ -40,13 +72,15 @@ class EchoEngine:
     Implements callbot.engine.contract.CallEngine. `close()` stops the worker thread.
     """
 
-    def __init__(self, frame_samples: int = DEFAULT_FRAME, poll_ms: float = DEFAULT_POLL_MS):
+    def __init__(self, frame_samples: int = DEFAULT_FRAME, poll_ms: float = DEFAULT_POLL_MS,
+                 on_event: EventSink | None = None):
         if isinstance(frame_samples, bool) or not isinstance(frame_samples, int) or not 1 <= frame_samples <= ENGINE_RATE:
             raise ValueError(f"frame_samples must be an int from 1 to {ENGINE_RATE} (24 kHz samples), got {frame_samples!r}")
         if not 0.1 <= poll_ms <= 100:
             raise ValueError(f"poll_ms must be between 0.1 and 100 ms, got {poll_ms!r}")
         self.frame_samples = frame_samples
         self.poll_ms = poll_ms
+        self.on_event = on_event
         # The worker takes this lock for each pass over the sessions; open/close take it to change the
         # list, so a closed session's rings are never touched again. Engine side only: the media
         # callbacks never see it.
@@ -58,33 +92,41 @@ class EchoEngine:
         self._thread = threading.Thread(target=self._run, name="echo-engine", daemon=True)
         self._thread.start()
 
-    def open_session(self, call_info: Any, rate: int | None = None) -> EchoSession:
-        """A session at `rate` Hz: the media port's rate; by default `call_info.port_rate` when the call
-        has one (the bridge's rate, which the port should run at), else `call_info.clock_rate`."""
+    def open_session(self, start: CallStart) -> EchoSession:
+        """A session at `start.rate` Hz (the media port's rate)."""
+        if not isinstance(start, CallStart):
+            raise TypeError(f"open_session takes a CallStart, got {type(start).__name__}")
         if self._stop.is_set():
             raise RuntimeError("the echo engine is closed")
-        if rate is None:
-            rate = getattr(call_info, "port_rate", None) or getattr(call_info, "clock_rate", None)
-        if rate is None:
-            raise ValueError("open_session needs the media port's rate: pass rate= or a call_info with clock_rate")
-        # the frame just pushed + two 20 ms media ticks: a late worker must not leave lasting delay
-        session = EchoSession(call_info, CallAudio(rate, tx_max_ms=self.frame_samples * 1000 / ENGINE_RATE + 40.0,
-                                                   tx_settle=TX_SETTLE_PUSHES))
+        frame_ms = self.frame_samples * 1000 / ENGINE_RATE
+        # a late worker must not leave lasting delay (tx_policy.py)
+        audio = CallAudio(start.rate, tx_max_ms=tx_limit_ms(frame_ms), tx_settle=ECHO_TX_SETTLE_PUSHES)
+        session = EchoSession(start, audio, frame_ms)
         with self._lock:
             self._sessions.append(session)
             self._busy.set()
         return session
 
-    def close_session(self, session: EchoSession) -> None:
+    def close_session(self, session: EchoSession) -> CallSummary | None:
         with self._lock:
             if session.closed:
-                return
+                return session.final_summary
             session.closed = True
             if session in self._sessions:
                 self._sessions.remove(session)
             if not self._sessions:
                 self._busy.clear()
+            t_ms = session.t_ms()
+            for clip in session.playing:
+                self._emit(PlayFinished(call_id=session.start.call_id, t_ms=t_ms, id=clip.id, ms=clip.played_ms,
+                                        interrupted=True))
+            audio = session.audio
+            session.final_summary = CallSummary(
+                steps=audio.frames_pushed, tx_trimmed_ms=1000 * audio.tx_trimmed / audio.call_rate,
+                tx_settled=audio.tx_settled, underruns=audio.underruns, overruns=audio.overruns)
+            self._emit(SessionClosed(call_id=session.start.call_id, t_ms=t_ms, summary=session.final_summary))
         session.audio.close()
+        return session.final_summary
 
     @property
     def sessions(self) -> int:
@@ -118,11 +160,45 @@ class EchoEngine:
                     for s in self._sessions:
                         audio = s.audio
                         while (frame := audio.pull(n)) is not None:
-                            audio.push(frame)
-                            s.frames_echoed += 1
+                            self._serve(s, frame)
         except BaseException as exc:  # surfaced through .error; a dead echo line must not pass silently
             self._error = exc
             raise
+
+    def _serve(self, s: EchoSession, frame: np.ndarray) -> None:
+        """One frame of `s`: the caller's audio back (or a clip, or nothing while muted)."""
+        if not s.first_ns:
+            s.first_ns = now_ns()
+        call_id, t_ms = s.start.call_id, s.t_ms()
+        while s.pending:
+            op, clip = s.pending.popleft()
+            if isinstance(op, Play):
+                s.playing.append(clip)
+            elif isinstance(op, MuteCaller):
+                s.muted = op.on
+            elif isinstance(op, Inform):  # no model to tell: done at once
+                self._emit(InformFinished(call_id=call_id, t_ms=t_ms, id=op.id, ms=0.0))
+            elif isinstance(op, SetPersona):
+                self._emit(PersonaChanged(call_id=call_id, t_ms=t_ms, id=op.id, waited_ms=0.0))
+        if (started := s.caller_speech.update(frame)) is not None:
+            self._emit(CallerSpeech(call_id=call_id, t_ms=t_ms, speaking=started))
+        exact = None
+        if s.playing:
+            clip = s.playing[0]
+            exact = clip.next_frames()[0]
+            if clip.done:
+                s.playing.popleft()
+                self._emit(PlayFinished(call_id=call_id, t_ms=t_ms, id=clip.id, ms=clip.played_ms))
+        out = np.zeros_like(frame) if s.muted else frame
+        s.audio.push(out, exact=exact)
+        if (started := s.bot_speech.update(out if exact is None else exact)) is not None:
+            self._emit(BotSpeech(call_id=call_id, t_ms=t_ms, speaking=started))
+        s.frames_echoed += 1
+
+    def _emit(self, event: LiveEvent) -> None:
+        sink = self.on_event
+        if sink is not None:
+            sink(event)
 
     def __enter__(self) -> EchoEngine:
         return self

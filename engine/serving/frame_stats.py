@@ -50,6 +50,13 @@ class FrameStats:
         if self.count - len(self.t) <= frame < self.count:
             self.t[frame % len(self.t), stage] = ns
 
+    def rows(self, first: int, end: int) -> np.ndarray:
+        """The rows of frame numbers first..end-1 (a copy), all of which must still be held."""
+        if not (self.count - len(self.t) <= first <= end <= self.count):
+            raise ValueError(f"frames {first}..{end} are not all held (held: "
+                             f"{max(0, self.count - len(self.t))}..{self.count})")
+        return self.t[np.arange(first, end) % len(self.t)]
+
     def held(self) -> tuple[np.ndarray, np.ndarray]:
         """(timestamps, silence flags) of the frames still held, oldest first."""
         n = min(self.count, len(self.t))

@@ -5,13 +5,11 @@ the same process. With 4 calls the clock thread takes the GIL 8 times a tick, ea
 Python thread, and the bridge falls behind for good (p99 lateness 312-987 ms). So the model, the
 runner's inference thread (engine/serving/runner.py) and the 24 kHz resamplers run in a child process; each
 call's rx and tx rings live in a shared_memory block (CallAudio.shared / CallAudio.attach_engine_side),
-and the two processes talk over one Pipe only when a call starts or ends, never per frame.
-
-Control messages, tuples over a multiprocessing Connection:
-    parent -> child   ("open", sid, shm_name, rate, bot, call_id)   ("close", sid)   ("stop",)
-    child -> parent   ("ready", info)   ("startup_error", text)   ("closed", sid, summary, rows, silence)
-                      (rows, silence: the call's FrameStats frames, FrameStats.held())
-                      ("error", text): the inference thread died; the child exits after sending it
+and the two processes talk over one Pipe, never per audio frame: a call's start and end, the app's
+control operations (play, inform, set_persona, mute), and the call's live events (text pieces, speech
+start/stop, stage stamps about once a second). The words are typed (engine/serving/process_messages.py).
+In the child, the inference thread never writes to the pipe: it queues its events, and a sender
+thread forwards them, so a slow parent can never delay a step.
 
 Lifetimes: the parent creates each call's block and unlinks it in close_session, whether the child
 answered or not (a dead child leaks nothing; its mapping, if any, goes with it). If the child dies,
@@ -24,16 +22,27 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 import os
+import queue
 import signal
 import sys
 import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
-from callbot.engine.serving.call_audio import CALL_RATES, RING_SECONDS, CallAudio, SharedCallRings
+import msgspec
+
+from callbot.engine.contract import CallStart, CallSummary, Control, EventSink
+from callbot.engine.serving import process_messages as pm
+from callbot.engine.serving.call_audio import RING_SECONDS, CallAudio
 from callbot.engine.serving.frame_stats import FrameStats
+from callbot.engine.serving.shared_block import SharedCallRings
+from callbot.engine.serving.tx_policy import MODEL_TX_MAX_MS, MODEL_TX_SETTLE_PUSHES
+
+if TYPE_CHECKING:  # the SIP process must not load MLX: these are for the reader, not imported there
+    from callbot.engine.model.session import Model
+    from callbot.engine.serving.runner import BotPrompt, ModelCallSession
 
 READY_TIMEOUT_S = 3600.0  # loading (or downloading) a 7B and compiling its graphs takes a while
 CLOSE_TIMEOUT_S = 5.0  # a close waits for at most the call's one step in flight, then its summary
@@ -49,49 +58,54 @@ class InferenceSetup(NamedTuple):
     """What `setup()` returns in the child: the loaded model, each bot's prompt by name (BotPrompt of
     engine/serving/runner.py; the first is the default), and a warm-up run on the inference thread."""
 
-    model: Any
-    prompts: dict
+    model: "Model"
+    prompts: "dict[str, BotPrompt]"
     warmup: Callable[[], None] | None = None
 
 
-@dataclass
+@dataclass(eq=False)
 class ProcessCallSession:
-    """One call served by the inference process: `audio` (rx/tx in shared memory) is what the media
-    port binds to; `final_summary` and `stats` arrive from the child at close."""
+    """One call served by the inference process (callbot.engine.contract.CallSession): `audio` (rx/tx
+    in shared memory) is what the media port binds to; `final_summary` and `stats` arrive from the
+    child at close."""
 
-    call_info: Any
+    start: CallStart
     audio: SharedCallRings
     sid: int
-    bot: str | None
-    final_summary: dict | None = None
+    engine: "InferenceProcess"
+    final_summary: CallSummary | None = None
     stats: FrameStats = field(default_factory=lambda: FrameStats(0))
     closed: bool = False
     answered: threading.Event = field(default_factory=threading.Event)
+
+    def control(self, op: Control) -> None:
+        self.engine.control(self, op)
 
 
 class InferenceProcess:
     """Implements callbot.engine.contract.CallEngine with the model in a child process.
 
     `setup` is a picklable callable (a module-level function, or functools.partial of one) that the child
-    runs to load the model: it returns an InferenceSetup. `bot_for(call_info) -> name` picks a call's bot
-    on the SIP side (None: the first). The constructor returns once the child has loaded, prepared and
+    runs to load the model: it returns an InferenceSetup. A call's bot is its CallStart's (None or an
+    unknown name: the first bot). The constructor returns once the child has loaded, prepared and
     warmed up, and raises InferenceStartupError with the child's message if it could not. As with any
     "spawn" child, a script that builds one must do so under `if __name__ == "__main__":` (the child
-    imports the script's module again).
+    imports the script's module again). `on_event` receives the calls' live events on the control
+    channel's reader thread; `on_closed` each closed session (with its summary and frames).
     """
 
-    def __init__(self, setup: Callable[[], InferenceSetup], bot_for: Callable[[Any], str | None] | None = None, *,
+    def __init__(self, setup: Callable[[], InferenceSetup], *,
                  ready_timeout_s: float = READY_TIMEOUT_S, close_timeout_s: float = CLOSE_TIMEOUT_S,
                  ring_seconds: float = RING_SECONDS, realtime: bool = True,
-                 on_closed: Callable[[ProcessCallSession], None] | None = None):
+                 on_closed: Callable[[ProcessCallSession], None] | None = None, on_event: EventSink | None = None):
         if not ready_timeout_s > 0 or not close_timeout_s > 0:
             raise ValueError(f"timeouts must be > 0 s, got ready {ready_timeout_s!r}, close {close_timeout_s!r}")
-        self.bot_for = bot_for
         self.close_timeout_s = close_timeout_s
         self.ring_seconds = ring_seconds
         self.on_closed = on_closed
+        self.on_event = on_event
         self.error: BaseException | None = None
-        self.info: dict = {}
+        self.info: pm.Ready | None = None
         self._ids = itertools.count(1)
         self._lock = threading.Lock()  # the session table
         self._send_lock = threading.Lock()
@@ -123,21 +137,19 @@ class InferenceProcess:
 
     # ---- CallEngine (the SIP side's thread) ---------------------------------------------------------
 
-    def open_session(self, call_info: Any) -> ProcessCallSession:
+    def open_session(self, start: CallStart) -> ProcessCallSession:
+        if not isinstance(start, CallStart):
+            raise TypeError(f"open_session takes a CallStart, got {type(start).__name__}")
         if self._stopping:
             raise RuntimeError("the inference process is closed")
         if self.error is not None:
             raise RuntimeError(f"the inference process has stopped: {self.error}")
-        rate = getattr(call_info, "clock_rate", None)
-        if rate not in CALL_RATES:
-            raise ValueError(f"open_session needs a call_info with clock_rate in {CALL_RATES} Hz, got {rate!r}")
-        bot = self.bot_for(call_info) if self.bot_for is not None else None
-        audio = CallAudio.shared(rate, self.ring_seconds)
-        s = ProcessCallSession(call_info, audio, next(self._ids), bot)
+        audio = CallAudio.shared(start.rate, self.ring_seconds)
+        s = ProcessCallSession(start, audio, next(self._ids), self)
         with self._lock:
             self._sessions[s.sid] = s
         try:
-            self._send(("open", s.sid, audio.shm_name, rate, bot, str(getattr(call_info, "call_id", ""))))
+            self._send(pm.OpenCall(sid=s.sid, shm_name=audio.shm_name, start=start))
         except (OSError, ValueError) as err:
             with self._lock:
                 self._sessions.pop(s.sid, None)
@@ -145,14 +157,24 @@ class InferenceProcess:
             raise RuntimeError(f"the inference process is not reachable: {err}") from None
         return s
 
-    def close_session(self, s: ProcessCallSession) -> None:
+    def control(self, s: ProcessCallSession, op: Control) -> None:
+        if s.closed:
+            raise RuntimeError(f"call {s.start.call_id}: the session is closed")
+        if self.error is not None:
+            raise RuntimeError(f"the inference process has stopped: {self.error}")
+        try:
+            self._send(pm.ControlCall(sid=s.sid, op=op))
+        except (OSError, ValueError) as err:
+            raise RuntimeError(f"the inference process is not reachable: {err}") from None
+
+    def close_session(self, s: ProcessCallSession) -> CallSummary | None:
         with self._lock:
             if s.closed:
-                return
+                return s.final_summary
             s.closed = True
         try:
             if self.error is None and not self._stopping:
-                self._send(("close", s.sid))
+                self._send(pm.CloseCall(sid=s.sid))
                 s.answered.wait(self.close_timeout_s)
         except (OSError, ValueError):
             pass  # the child is gone: the reader thread says so in `error`
@@ -162,12 +184,13 @@ class InferenceProcess:
             s.audio.close()  # closes and unlinks the block, answered or not
         if s.final_summary is not None and self.on_closed is not None:
             self.on_closed(s)
+        return s.final_summary
 
     def close(self, timeout: float = STOP_TIMEOUT_S) -> None:
         """Stops the child (its calls end) and frees every call's block; safe to call more than once."""
         self._stopping = True
         try:
-            self._send(("stop",))
+            self._send(pm.StopChild())
         except (OSError, ValueError):
             pass
         self._end_child(timeout)
@@ -184,11 +207,11 @@ class InferenceProcess:
 
     # ---- internals ----------------------------------------------------------------------------------
 
-    def _send(self, msg: tuple) -> None:
+    def _send(self, msg: pm.Message) -> None:
         with self._send_lock:
-            self._conn.send(msg)
+            pm.send(self._conn, msg)
 
-    def _await_ready(self, timeout: float) -> dict:
+    def _await_ready(self, timeout: float) -> pm.Ready:
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
@@ -197,37 +220,44 @@ class InferenceProcess:
             if not self._conn.poll(min(left, 1.0)):
                 continue
             try:
-                msg = self._conn.recv()
+                msg = pm.recv_in_parent(self._conn)
             except (EOFError, OSError):
                 self._proc.join(5.0)
                 raise InferenceStartupError(
                     f"the inference process ended while starting (exit status {self._proc.exitcode}); "
                     "see the lines above") from None
-            if msg[0] == "ready":
-                return msg[1]
-            if msg[0] == "startup_error":
-                raise InferenceStartupError(msg[1])
+            if isinstance(msg, pm.Ready):
+                return msg
+            if isinstance(msg, pm.StartupFailed):
+                raise InferenceStartupError(msg.text)
 
     def _read(self) -> None:
-        """The control channel's reader: summaries to their sessions, a dead child to `error`."""
+        """The control channel's reader: events to `on_event`, summaries to their sessions, a dead child
+        to `error`."""
         while True:
             try:
-                msg = self._conn.recv()
+                msg = pm.recv_in_parent(self._conn)
             except (EOFError, OSError):
                 if not self._stopping:
                     self._proc.join(2.0)
                     self._failed(f"the inference process ended unexpectedly (exit status {self._proc.exitcode})")
                 return
-            if msg[0] == "closed":
-                _, sid, summary, rows, silence = msg
+            except msgspec.DecodeError as err:  # a bug on one side: say it, keep serving the calls
+                print(f"callbot: inference process: a message did not decode: {err}", file=sys.stderr, flush=True)
+                continue
+            if isinstance(msg, pm.CallEvent):
+                sink = self.on_event
+                if sink is not None:
+                    sink(msg.event)
+            elif isinstance(msg, pm.CallClosed):
                 with self._lock:
-                    s = self._sessions.get(sid)
+                    s = self._sessions.get(msg.sid)
                 if s is not None:
-                    s.final_summary = summary
-                    s.stats = FrameStats.of(rows, silence)
+                    s.final_summary = msg.summary
+                    s.stats = msg.stats()
                     s.answered.set()
-            elif msg[0] == "error":
-                self._failed(msg[1])
+            elif isinstance(msg, pm.ChildFailed):
+                self._failed(msg.text)
 
     def _failed(self, text: str) -> None:
         if self.error is None:  # the first word is the cause; an EOF after an "error" adds nothing
@@ -248,13 +278,6 @@ class InferenceProcess:
 # ---- the child -------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _ChildCall:
-    call_id: str
-    clock_rate: int
-    bot: str | None
-
-
 def _child_main(conn, setup: Callable[[], InferenceSetup], ring_seconds: float, realtime: bool) -> None:
     # Ctrl-C in a terminal, or a service manager's SIGTERM, reaches the whole process group: the SIP
     # process decides when we stop ("stop", or EOF when it is gone), after it has hung up its calls.
@@ -264,61 +287,90 @@ def _child_main(conn, setup: Callable[[], InferenceSetup], ring_seconds: float, 
     sys.stdout.flush()
     os.dup2(2, 1)
     try:
-        from callbot.engine.serving.runner import TX_MAX_MS, TX_SETTLE_PUSHES, ModelEngine
+        from callbot.engine.serving.runner import ModelEngine
 
         model, prompts, warmup = setup()
         if not prompts:
             raise InferenceStartupError("no bot to answer calls with (the setup prepared none)")
         default = next(iter(prompts.values()))
-        engine = ModelEngine(model, lambda call: prompts.get(call.bot, default), realtime=realtime, warmup=warmup)
+        engine = ModelEngine(model, lambda start: prompts.get(start.bot, default), realtime=realtime, warmup=warmup)
     except InferenceStartupError as err:
-        _send_quietly(conn, ("startup_error", str(err)))
+        _send_quietly(conn, pm.StartupFailed(text=str(err)))
         return
     except BaseException as err:  # unexpected: the traceback for a developer, one line for the user
         traceback.print_exc()
-        _send_quietly(conn, ("startup_error", f"the model did not start: {type(err).__name__}: {err}"))
+        _send_quietly(conn, pm.StartupFailed(text=f"the model did not start: {type(err).__name__}: {err}"))
         return
-    sessions: dict[int, Any] = {}
+    sessions: dict[int, ModelCallSession] = {}
+    # one FIFO to the parent: events from the inference thread and the loop's own words keep their order
+    # (a call's last events before its CallClosed), and the inference thread never waits on the pipe
+    outbox: queue.SimpleQueue = queue.SimpleQueue()
+    sender = threading.Thread(target=_forward, args=(conn, outbox), name="inference-sender", daemon=True)
+    engine.on_event = lambda event: outbox.put(pm.CallEvent(event=event))
     try:
         rt = engine.realtime_result
-        conn.send(("ready", {"pid": os.getpid(), "bots": list(prompts), "pjsua2": "pjsua2" in sys.modules,
-                             "realtime": rt.policy if rt is not None else "unchanged"}))
+        pm.send(conn, pm.Ready(pid=os.getpid(), bots=list(prompts), pjsua2_loaded="pjsua2" in sys.modules,
+                               realtime=rt.policy if rt is not None else "unchanged"))
+        sender.start()
         while True:
             if engine.error is not None:
-                _send_quietly(conn, ("error", f"the inference thread failed: {engine.error!r}"))
+                outbox.put(pm.ChildFailed(text=f"the inference thread failed: {engine.error!r}"))
                 return
+            if not sender.is_alive():
+                return  # the pipe broke: the SIP process is gone
             if not conn.poll(0.2):
                 continue
             try:
-                msg = conn.recv()
+                msg = pm.recv_in_child(conn)
             except (EOFError, OSError):
                 return  # the SIP process is gone
-            if msg[0] == "open":
-                _, sid, shm_name, rate, bot, call_id = msg
+            except msgspec.DecodeError as err:
+                print(f"callbot: inference process: a message did not decode: {err}", file=sys.stderr, flush=True)
+                continue
+            if isinstance(msg, pm.OpenCall):
                 try:
-                    audio = CallAudio.attach_engine_side(shm_name, rate, ring_seconds, tx_max_ms=TX_MAX_MS,
-                                                         tx_settle=TX_SETTLE_PUSHES)
-                    sessions[sid] = engine.open_session(_ChildCall(call_id, rate, bot), audio=audio)
+                    audio = CallAudio.attach_engine_side(msg.shm_name, msg.start.rate, ring_seconds,
+                                                         tx_max_ms=MODEL_TX_MAX_MS, tx_settle=MODEL_TX_SETTLE_PUSHES)
+                    sessions[msg.sid] = engine.open_session(msg.start, audio=audio)
                 except Exception as err:  # this call stays silent; the others go on
-                    print(f"callbot: inference process: call {call_id}: {err}", file=sys.stderr, flush=True)
-            elif msg[0] == "close":
-                sid = msg[1]
-                s = sessions.pop(sid, None)
+                    print(f"callbot: inference process: call {msg.start.call_id}: {err}", file=sys.stderr, flush=True)
+            elif isinstance(msg, pm.ControlCall):
+                s = sessions.get(msg.sid)
+                if s is not None:
+                    try:
+                        s.control(msg.op)
+                    except (ValueError, RuntimeError) as err:
+                        print(f"callbot: inference process: call {s.start.call_id}: {err}", file=sys.stderr,
+                              flush=True)
+            elif isinstance(msg, pm.CloseCall):
+                s = sessions.pop(msg.sid, None)
                 if s is None:
-                    conn.send(("closed", sid, None, *FrameStats(0).held()))
+                    outbox.put(pm.CallClosed.of(msg.sid, None, FrameStats(0)))
                     continue
-                engine.close_session(s)
-                conn.send(("closed", sid, s.final_summary, *s.stats.held()))
-            elif msg[0] == "stop":
+                summary = engine.close_session(s)
+                outbox.put(pm.CallClosed.of(msg.sid, summary, s.stats))
+            elif isinstance(msg, pm.StopChild):
                 return
     except (OSError, ValueError):
         return  # the pipe broke: the SIP process is gone
     finally:
         engine.close()
+        outbox.put(None)
+        if sender.is_alive():
+            sender.join(STOP_TIMEOUT_S)
 
 
-def _send_quietly(conn, msg: tuple) -> None:
+def _forward(conn, outbox: queue.SimpleQueue) -> None:
+    """The child's only writer to the pipe after Ready; None ends it."""
+    while (msg := outbox.get()) is not None:
+        try:
+            pm.send(conn, msg)
+        except (OSError, ValueError):
+            return
+
+
+def _send_quietly(conn, msg: pm.Message) -> None:
     try:
-        conn.send(msg)
+        pm.send(conn, msg)
     except (OSError, ValueError):
         pass

@@ -1,9 +1,17 @@
 """The inference runner: one dedicated thread per loaded model steps every open call every 80 ms.
 
-Why one thread: the model is one set of weights and one codec object; steps of several calls take
-turns on it (a batch later). The thread runs at real-time priority where the OS allows (ext/ rtthread).
+Why one thread: the model is one set of weights; each call's session holds its own LM and codec state
+(functional, no lock), so the calls' steps take turns on the weights now and can be batched later. The
+thread runs at real-time priority where the OS allows (ext/ rtthread).
 
-Cadence is data-driven and clock-guarded (DESIGN.md). A call's step starts as soon as its 1920-sample
+Control operations (engine/contract.py) take effect at a call's next step: a played clip's frame is
+given to the model as its own audio (`agent_pcm`) and, one step later - when the model's output is that
+frame's decode, its one-frame acoustic delay - the caller gets the clip's frame itself, sample-exact;
+an informed clip is mixed into what the model hears; a muted caller is heard as silence; a persona
+change runs inside the session's steps. Live events go to `on_event` as they happen.
+
+Cadence is data-driven and clock-guarded (docs/latency.md, "Cadence"). A call's step starts as soon
+as its 1920-sample
 24 kHz frame is complete in its ring, not on a free-running clock that would add up to a frame of
 waiting. The absolute-deadline clock is the watchdog: a call's next deadline is 80 ms after its last
 real frame (then every 80 ms while it stalls); when the caller's audio is late past a deadline plus
@@ -31,27 +39,31 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import mlx.core as mx
 import numpy as np
 
 from callbot.engine.audio import PeriodicClock, make_realtime, now_ns
-from callbot.engine.serving.call_audio import ENGINE_RATE, CallAudio
+from callbot.engine.serving.call_audio import CallAudio
+from callbot.engine.contract import (ENGINE_RATE, BotSpeech, BotText, CallerSpeech, CallStart, CallSummary, Control,
+                                     ControlNotSupported, EventSink, FrameStages, Inform, InformFinished, LiveEvent,
+                                     MuteCaller, PersonaChanged, Play, PlayFinished, SessionClosed, SetPersona,
+                                     TextPiece)
+from callbot.engine.serving.clips import Clip
 from callbot.engine.serving.frame_stats import STAGES, FrameStats
-from callbot.engine.model.session import FRAME_SIZE, Model, PromptSnapshot
+from callbot.engine.serving.speech_activity import SpeechActivity
+from callbot.engine.serving.tx_policy import MODEL_TX_MAX_MS, MODEL_TX_SETTLE_PUSHES
+from callbot.engine.model.session import FRAME_SIZE, Model, PromptSnapshot, Session
 from callbot.engine.model.sampling import SamplingConfig
 
 FRAME_NS = FRAME_SIZE * 1_000_000_000 // ENGINE_RATE  # 80 ms
 (_RING_IN, _RESAMPLED, _STEP_START, _ENCODED, _LM_STEPPED, _DECODED, _RING_OUT, _RTP_OUT) = range(len(STAGES))
-# what the media side may have queued after a push: the 80 ms just pushed + two 20 ms media ticks of
-# slack; beyond that an underrun or a fed-silence frame would add delay for the rest of the call
-TX_MAX_MS = 120.0
-# pushes (10 s) whose every one must show a lasting tx backlog, with time to spare, before it is cut: a
-# step slower than usual once in a hundred frames must keep the backlog that absorbs it (BENCHMARKS.md,
-# "Cadence soak": a 1 s window cut and re-earned it by an underrun every 20-30 s)
-TX_SETTLE_PUSHES = 125
 _INT16_SCALE = 32768.0
+# frames between FrameStages events (about 1 s), and how far behind the newest frame they stay, so that
+# a frame's last stage (rtp_out, known once the media side has read it) is in its row when it is sent
+STAGES_EVERY = 12
+STAGES_LAG = 6
 
 
 @dataclass(frozen=True)
@@ -63,15 +75,32 @@ class BotPrompt:
     seed: int | None = None
 
 
-@dataclass
+@dataclass(eq=False)
 class ModelCallSession:
-    """One call served by the model. `text` holds (ms since the call's first frame, piece)."""
+    """One call served by the model (callbot.engine.contract.CallSession). `text` holds (ms since the
+    call's first frame, piece).
 
-    call_info: Any
+    Control operations arrive on the app's thread (`control`) into `pending` (a deque: appends and pops
+    are atomic, no lock shared with the inference thread) and take effect at the call's next step."""
+
+    start: CallStart
     audio: CallAudio
     bot: BotPrompt
     seed: int
-    session: Any = None  # callbot.engine.model.session.Session, opened on the inference thread
+    engine: "ModelEngine"
+    session: Session | None = None  # opened on the inference thread
+    pending: deque = field(default_factory=deque)  # Control operations not yet taken up
+    playing: deque = field(default_factory=deque)  # Clips for the caller (and forced into the agent stream)
+    # the clip frame given to the model last step: (clip, call-rate frame, was its last), sent to the
+    # caller this step in place of the model's decode of it
+    in_flight: tuple | None = None
+    informing: deque = field(default_factory=deque)  # Clips mixed into what the model hears
+    muted: bool = False
+    persona_requests: deque = field(default_factory=deque)  # (id, requested ns) of set_persona in progress
+    swaps_reported: int = 0  # the session's completed persona changes reported as PersonaChanged
+    caller_speech: SpeechActivity = field(default_factory=lambda: SpeechActivity(80.0))
+    bot_speech: SpeechActivity = field(default_factory=lambda: SpeechActivity(80.0))
+    stages_sent: int = 0  # frames whose stage stamps went out as FrameStages
     stats: FrameStats = field(default_factory=FrameStats)
     text: list[tuple[float, str]] = field(default_factory=list)
     next_deadline_ns: int = 0  # watchdog: silence is fed after this (+ grace); 0 until the first frame
@@ -83,38 +112,52 @@ class ModelCallSession:
     # (frame number, tx position of its first sample): frames whose rtp_out the media side has yet to report
     departing: deque = field(default_factory=deque)
     closed: bool = False
-    final_summary: dict | None = None  # the summary taken as the session closed
+    final_summary: CallSummary | None = None  # the summary taken as the session closed
     # held by the runner while it steps this call, by close_session while it closes it: closing waits
     # for at most this call's one step in flight, never for the other calls' steps
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def summary(self) -> dict:
+    def control(self, op: Control) -> None:
+        """Queues `op` for the call's next step (the app's thread). A clip is converted here, not on the
+        inference thread."""
+        if self.closed:
+            raise RuntimeError(f"call {self.start.call_id}: the session is closed")
+        if isinstance(op, (Play, Inform)):
+            self.pending.append((op, Clip.of(op, self.audio.call_rate)))
+        elif isinstance(op, (SetPersona, MuteCaller)):
+            self.pending.append((op, None))
+        else:
+            raise ControlNotSupported(f"unknown control operation {type(op).__name__}")
+
+    def t_ms(self, ns: int) -> float:
+        return (ns - self.first_frame_ns) / 1e6 if self.first_frame_ns else 0.0
+
+    def summary(self) -> CallSummary:
         """Counters, per-stage p50/p99/max, step times and the text spoken; reads the open rings' counters."""
         rows, _ = self.stats.held()
         step = (rows[:, _DECODED] - rows[:, _STEP_START]) / 1e9
-        return {
-            "steps": self.steps, "steps_late": self.steps_late, "silence_fed": self.silence_fed,
-            "frames_dropped": self.frames_dropped, "tx_trimmed_ms": 1000 * self.audio.tx_trimmed / self.audio.call_rate,
-            "tx_settled": self.audio.tx_settled,
-            "underruns": self.audio.underruns,
-            "overruns": self.audio.overruns, "stages_ms": self.stats.summary(), "step_s": step.tolist(),
-            "text": [{"t_ms": round(t, 1), "piece": p} for t, p in self.text],
-        }
+        return CallSummary(
+            steps=self.steps, steps_late=self.steps_late, silence_fed=self.silence_fed,
+            frames_dropped=self.frames_dropped, tx_trimmed_ms=1000 * self.audio.tx_trimmed / self.audio.call_rate,
+            tx_settled=self.audio.tx_settled, underruns=self.audio.underruns, overruns=self.audio.overruns,
+            stages_ms=self.stats.summary(), step_s=step.tolist(),
+            text=[TextPiece(t_ms=round(t, 1), piece=p) for t, p in self.text])
 
 
 class ModelEngine:
     """Implements callbot.engine.contract.CallEngine with a loaded `Model`.
 
-    `prompt_for(call_info) -> BotPrompt` picks the bot (voice + persona snapshot) for a call; it runs on
-    the SIP side's thread at call start, so it must only look up snapshots prepared at server start.
+    `prompt_for(start) -> BotPrompt` picks the bot (voice + persona snapshot) for a call (its CallStart);
+    it runs on the app's thread at call start, so it must only look up snapshots prepared at server start.
+    `on_event` receives the calls' live events on the inference thread: it must only enqueue.
     `warmup`, if given, runs on the inference thread before the first call (MLX compiles and caches its
     graphs per stream, and the stream is the thread's own); the constructor returns once it is done and
     raises what it raised.
     """
 
-    def __init__(self, model: Model, prompt_for: Callable[[Any], BotPrompt], *, realtime: bool = True,
+    def __init__(self, model: Model, prompt_for: Callable[[CallStart], BotPrompt], *, realtime: bool = True,
                  grace_ms: float = 40.0, max_backlog: int = 2, poll_ms: float = 1.0,
-                 on_closed: Callable[[ModelCallSession], None] | None = None,
+                 on_closed: Callable[[ModelCallSession], None] | None = None, on_event: EventSink | None = None,
                  warmup: Callable[[], None] | None = None, switch_interval_s: float | None = 0.001):
         if not 0 <= grace_ms <= 1000:
             raise ValueError(f"grace_ms must be 0..1000 ms, got {grace_ms!r}")
@@ -126,11 +169,13 @@ class ModelEngine:
         self.max_backlog = max_backlog
         self.poll_ms = poll_ms
         self.on_closed = on_closed
+        self.on_event = on_event
         self.realtime_result = None
         self._want_realtime = realtime
         if switch_interval_s is not None:
             # Python hands the GIL over every 5 ms by default: a step's graph building would then delay
-            # the media callbacks by up to 5 ms (DESIGN.md: p99 25.6 ms instead of 20.3 ms); 1 ms keeps
+            # the media callbacks by up to 5 ms (docs/latency.md, "The GIL and the media clock": p99
+            # 25.6 ms instead of 20.3 ms); 1 ms keeps
             # them on time. Process-wide, like the GIL itself.
             sys.setswitchinterval(switch_interval_s)
         self._lock = threading.Lock()  # guards the session list only: held for a copy, never for a step
@@ -148,39 +193,50 @@ class ModelEngine:
 
     # ---- CallEngine ---------------------------------------------------------------------------------
 
-    def open_session(self, call_info: Any, rate: int | None = None,
-                     audio: CallAudio | None = None) -> ModelCallSession:
+    def open_session(self, start: CallStart, audio: CallAudio | None = None) -> ModelCallSession:
         """`audio`: the call's CallAudio when it is made elsewhere (attached to shared memory by the
-        inference process); None makes one at `rate` (or `call_info.clock_rate`)."""
+        inference process); None makes one at `start.rate`."""
+        if not isinstance(start, CallStart):
+            raise TypeError(f"open_session takes a CallStart, got {type(start).__name__}")
         if self._stop.is_set():
             raise RuntimeError("the model engine is closed")
         if self.error is not None:
             raise RuntimeError(f"the inference thread has stopped: {self.error!r}")
-        rate = rate if rate is not None else getattr(call_info, "clock_rate", None)
-        if audio is None and rate is None:
-            raise ValueError("open_session needs the media port's rate: pass rate= or a call_info with clock_rate")
-        bot = self.prompt_for(call_info)
+        if audio is not None and audio.call_rate != start.rate:
+            raise ValueError(f"the call's audio runs at {audio.call_rate} Hz, its CallStart says {start.rate} Hz")
+        bot = self.prompt_for(start)
         seed = bot.seed if bot.seed is not None else time.monotonic_ns() & 0x7FFFFFFF
         if audio is None:
-            audio = CallAudio(rate, tx_max_ms=TX_MAX_MS, tx_settle=TX_SETTLE_PUSHES)
-        s = ModelCallSession(call_info, audio, bot, seed)
+            audio = CallAudio(start.rate, tx_max_ms=MODEL_TX_MAX_MS, tx_settle=MODEL_TX_SETTLE_PUSHES)
+        s = ModelCallSession(start, audio, bot, seed, self)
         with self._lock:
             self._sessions.append(s)
         return s
 
-    def close_session(self, s: ModelCallSession) -> None:
+    def close_session(self, s: ModelCallSession) -> CallSummary | None:
         with self._lock:
             if s in self._sessions:
                 self._sessions.remove(s)
         with s.lock:  # waits for this call's step in flight, if any: none follows once `closed` is set
             if s.closed:
-                return
+                return s.final_summary
             self._note_departures(s)  # what the media side read since the last poll
             s.final_summary = s.summary()
             s.closed = True
+            t_ms = s.t_ms(now_ns())
+            unsent = [s.in_flight[0]] if s.in_flight is not None and s.in_flight[0] not in s.playing else []
+            for clip in unsent + list(s.playing):
+                self._emit(PlayFinished(call_id=s.start.call_id, t_ms=t_ms, id=clip.id, ms=clip.played_ms,
+                                        interrupted=True))
+            for clip in s.informing:
+                self._emit(InformFinished(call_id=s.start.call_id, t_ms=t_ms, id=clip.id, ms=clip.played_ms,
+                                          interrupted=True))
+            self._send_stages(s, final=True)
+            self._emit(SessionClosed(call_id=s.start.call_id, t_ms=t_ms, summary=s.final_summary))
         s.audio.close()
         if self.on_closed is not None:
             self.on_closed(s)
+        return s.final_summary
 
     @property
     def sessions(self) -> int:
@@ -200,7 +256,8 @@ class ModelEngine:
 
     def _run(self) -> None:
         if self._want_realtime:
-            # computation: what a q4 7B step needs on an M4 (DESIGN.md's budget), constraint: the frame
+            # computation: what a q4 7B step needs on an M4 (docs/latency.md, "Latency budget"),
+            # constraint: the frame
             self.realtime_result = make_realtime(80.0, 60.0, 80.0)
         try:
             # MLX keeps a stream per thread (0.3x) and caches compiled graphs per stream: this thread
@@ -262,6 +319,39 @@ class ModelEngine:
             else:
                 self._step(s, pcm, now, silence=True)
 
+    def _emit(self, event: LiveEvent) -> None:
+        sink = self.on_event
+        if sink is not None:
+            sink(event)
+
+    def _take_controls(self, s: ModelCallSession, now: int) -> None:
+        """What the app asked since the last step, taken up in order (the inference thread)."""
+        while s.pending:
+            op, clip = s.pending.popleft()
+            if isinstance(op, Play):
+                s.playing.append(clip)
+            elif isinstance(op, Inform):
+                s.informing.append(clip)
+            elif isinstance(op, MuteCaller):
+                s.muted = op.on
+            elif isinstance(op, SetPersona):
+                try:
+                    s.session.set_persona(op.text)
+                except ValueError as err:  # this request goes; the call and the other calls go on
+                    print(f"callbot: call {s.start.call_id}: set_persona: {err}", file=sys.stderr, flush=True)
+                    continue
+                s.persona_requests.append((op.id, now))
+
+    def _send_stages(self, s: ModelCallSession, final: bool = False) -> None:
+        """FrameStages for the frames old enough to know their rtp_out (all of them as the call closes)."""
+        end = s.stats.count if final else s.stats.count - STAGES_LAG
+        if end - s.stages_sent < (1 if final else STAGES_EVERY):
+            return
+        first = max(s.stages_sent, s.stats.count - len(s.stats.t))
+        rows = s.stats.rows(first, end)
+        s.stages_sent = end
+        self._emit(FrameStages(call_id=s.start.call_id, t_ms=s.t_ms(now_ns()), first_frame=first, rows=rows.tolist()))
+
     @staticmethod
     def _note_departures(s: ModelCallSession) -> None:
         """rtp_out of the frames whose first sample the media side has read from tx since the last poll."""
@@ -284,19 +374,55 @@ class ModelEngine:
         row[_RESAMPLED] = ready_ns if silence else resampled_ns
         if not s.first_frame_ns:
             s.first_frame_ns = ready_ns
+        t_ms = s.t_ms(ready_ns)
+        call_id = s.start.call_id
         # a real frame re-anchors the watchdog on its arrival; silence continues the 80 ms grid
         s.next_deadline_ns = (s.next_deadline_ns if silence else ready_ns) + FRAME_NS
+        self._take_controls(s, ready_ns)
+        if not silence and (started := s.caller_speech.update(pcm)) is not None:
+            self._emit(CallerSpeech(call_id=call_id, t_ms=t_ms, speaking=started))
+        heard = np.zeros_like(pcm) if s.muted else pcm
+        if s.informing:  # what the model hears: the caller (unless muted) and the fact being told
+            clip = s.informing[0]
+            heard = np.clip(heard + clip.next_frames()[1], -1.0, 1.0)
+            if clip.done:
+                s.informing.popleft()
+                self._emit(InformFinished(call_id=call_id, t_ms=t_ms, id=clip.id, ms=clip.played_ms))
+        fed = agent = None
+        # the model's agent stream gets the clip's frame (held back while a persona's tokens run: the
+        # agent stream is forced to silence then); the caller gets the frame itself a step later
+        if s.playing and s.session.persona_phase not in ("persona", "spacer"):
+            clip = s.playing[0]
+            frame, agent = clip.next_frames()
+            if clip.done:
+                s.playing.popleft()
+            fed = (clip, frame, clip.done)
         row[_STEP_START] = start = now_ns()
-        out, piece = s.session.step(pcm)
+        out, piece = s.session.step(heard, agent_pcm=agent)
         row[_DECODED] = end = now_ns()
         row[_ENCODED], row[_LM_STEPPED] = s.session.last_encoded_ns, s.session.last_stepped_ns
+        sent, s.in_flight = (s.in_flight if s.session.last_output_played else None), fed
+        exact = sent[1] if sent is not None else None  # in place of the decode of the played frame
         pcm16 = np.clip(np.rint(out * _INT16_SCALE), -32768, 32767).astype(np.int16)
-        if s.audio.push(pcm16):
+        if s.audio.push(pcm16, exact=exact):
             s.departing.append((frame_no, s.audio.last_push_pos))
         # taken as the audio was handed to tx (before the media side could read it): ring_out <= rtp_out
         row[_RING_OUT] = s.audio.last_push_ns
         s.steps += 1
         if end - start > FRAME_NS:
             s.steps_late += 1
+        if (started := s.bot_speech.update(out if exact is None else exact)) is not None:
+            self._emit(BotSpeech(call_id=call_id, t_ms=t_ms, speaking=started))
+        if sent is not None and sent[2]:
+            clip = sent[0]
+            self._emit(PlayFinished(call_id=call_id, t_ms=t_ms, id=clip.id, ms=clip.played_ms))
         if piece:
-            s.text.append(((ready_ns - s.first_frame_ns) / 1e6, piece))
+            s.text.append((t_ms, piece))
+            self._emit(BotText(call_id=call_id, t_ms=t_ms, piece=piece))
+        swaps = s.session.persona_swaps
+        while s.persona_requests and len(swaps) > s.swaps_reported:  # done: the caller is heard again
+            request_id, requested_ns = s.persona_requests.popleft()
+            s.swaps_reported += 1
+            self._emit(PersonaChanged(call_id=call_id, t_ms=t_ms, id=request_id,
+                                      waited_ms=(now_ns() - requested_ns) / 1e6))
+        self._send_stages(s)
