@@ -2,7 +2,8 @@
 a producer hands 20 ms frames (320 int16 samples at 16 kHz) to a consumer.
 
 Why: the ring is meant to be the cheapest hand-off between the media thread and the engine, and the
-way to put the engine in its own process (DESIGN.md); this measures it against the stdlib ways of
+way to put the engine in its own process (docs/architecture.md, "Two processes"); this measures it
+against the stdlib ways of
 doing the same in one run, so the numbers are ratios on the same machine and load. Run (about 40 s):
 
     python -m pytest bench/bench_ring.py -p no:cacheprovider --benchmark-columns=median,rounds
@@ -208,7 +209,8 @@ def test_latency(benchmark):
 
 # ---- two processes: the ring in shared memory vs multiprocessing.Queue ------------------------------
 # Each process has its own GIL, so this is the hand-off the engine gets if inference moves to its own
-# process (DESIGN.md). The producer (this process) stamps perf_counter_ns into the frame's first 8
+# process (docs/architecture.md, "Two processes"). The producer (this process) stamps perf_counter_ns
+# into the frame's first 8
 # bytes; the consumer process subtracts it from its own perf_counter_ns (CLOCK_MONOTONIC on Linux,
 # mach_absolute_time on macOS: one clock for the whole machine).
 

@@ -61,7 +61,7 @@ def sleep_until(deadline_ns):
     (>= 0; a deadline already passed returns at once with how far past it was). Releases the GIL;
     signal handlers run during the wait (Ctrl-C interrupts it), which then resumes on the same deadline.
 
-    Waiting for "data ready OR deadline" (the inference runner's watchdog, DESIGN.md "Cadence"): the
+    Waiting for "data ready OR deadline" (the inference runner's watchdog, docs/latency.md, "Cadence"): the
     producer is the pjmedia clock thread, which must not make system calls, so nothing can wake us
     when data lands. The cheap way is short absolute sleeps that poll the ring:
 

@@ -1,7 +1,7 @@
 /* clock.h: a periodic clock that sleeps to ABSOLUTE deadlines, and the monotonic time base it uses.
  *
  * Why it exists: the model steps every 80 ms and must keep that 12.5 Hz time base for the whole call
- * (DESIGN.md, "Cadence: data-driven, clock-guarded"). A loop that sleeps "period minus elapsed" adds
+ * (docs/latency.md, "Cadence"). A loop that sleeps "period minus elapsed" adds
  * every wake's oversleep (timer slack, scheduling) to the next period, so the cadence drifts by tens of
  * ms per minute. Sleeping until start + k * period instead puts each wake back on the grid: a late wake
  * costs that one wake, never the ones after it.

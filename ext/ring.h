@@ -1,7 +1,7 @@
 /* ring.h: a lock-free single-producer / single-consumer ring of PCM samples.
  *
  * Why it exists: the pjmedia clock thread, the resampler and the inference thread hand PCM to each
- * other without locks, allocation or waiting (DESIGN.md, "Rules of the hot path"), and the same ring
+ * other without locks, allocation or waiting (docs/latency.md, "Hot-path rules"), and the same ring
  * must work when producer and consumer are two processes sharing a memory block (the JACK model).
  *
  * CONTRACT

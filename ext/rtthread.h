@@ -2,7 +2,7 @@
  * and put the thread back the way it was.
  *
  * Why it exists: the inference thread must wake on its 80 ms deadline and finish its step before the
- * next one even when other work wants the same cores (DESIGN.md, "Cadence"). Under the default
+ * next one even when other work wants the same cores (docs/latency.md, "Cadence"). Under the default
  * time-sharing policy a wake waits behind whatever else is runnable; a real-time policy runs first.
  * Such policies need privileges that a phone bot usually lacks, so asking never fails: the call takes
  * the best the OS allows and reports what that was and why the first choice was refused.

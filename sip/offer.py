@@ -2,7 +2,8 @@
 
 pjsua2 2.15.1 answers some nonsense offers (address 999.1.1.1, port 70000, payload type 200) as if they
 were calls; each then holds a call slot until the missing ACK times out (~32 s), so four of them lock
-real callers out (DESIGN.md). `validate_offer` is the gate signalling calls from `onIncomingCall`: it
+real callers out (docs/architecture.md, "The wheel's limits"). `validate_offer` is the gate signalling
+calls from `onIncomingCall`: it
 returns None for an offer we can answer, else a one-line reason for the 488 and the log.
 
 An empty body is a late offer (RFC 3261 13.2.1: we make the offer in the 200) and is accepted.

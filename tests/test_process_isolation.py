@@ -1,4 +1,5 @@
-"""MLX never loads in the SIP process, pjsua2 never in the inference process (DESIGN.md "Layout"), checked
+"""MLX never loads in the SIP process, pjsua2 never in the inference process (docs/architecture.md,
+"Two processes"), checked
 on the processes themselves, not only on the source (tests/test_import_contracts.py checks the source):
 
 - a fresh interpreter that imports the SIP side's modules has no `mlx` module; one that imports what the

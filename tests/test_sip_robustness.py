@@ -64,7 +64,8 @@ def test_garbage_burst_then_a_normal_call(bot, tmp_path: pathlib.Path):
 
 
 def test_nonsense_offers_take_no_slot(bot, tmp_path: pathlib.Path):
-    # DESIGN.md's trap: pjsua would answer these and hold a slot each until the ACK times out (~32 s)
+    # A trap (docs/architecture.md, "The wheel's limits"): pjsua would answer these and hold a slot each
+    # until the ACK times out (~32 s)
     port = bot.transports["udp"].port
     offers = NONSENSE * 2  # more than the 4 slots
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:

@@ -1,7 +1,7 @@
 """Real-time scheduling for the calling thread (the inference thread): ask the OS for its real-time
 policy, take what it grants, and say why when that is less.
 
-Why: the 80 ms step must start on its deadline even while other work wants the cores (DESIGN.md,
+Why: the 80 ms step must start on its deadline even while other work wants the cores (docs/latency.md,
 "Cadence"). Real-time policies need privileges a phone bot often lacks, so missing privileges are a
 reported outcome, never an exception: the bot still runs, less protected from other load. What is
 tried on each OS, and why, is in ext/rtthread.h.

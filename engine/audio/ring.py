@@ -1,7 +1,8 @@
 """Lock-free single-producer/single-consumer PCM ring: the checked public face of ext/ring.h.
 
 Why: the media thread, the resampler and the inference thread hand audio to each other without locks
-or waiting, in one process or, over a shared_memory block, in two (DESIGN.md). The C ring and its
+or waiting, in one process or, over a shared_memory block, in two
+(docs/architecture.md, "Two processes"). The C ring and its
 contract are in ext/ring.h; ext/_ring.pyx binds it; this module checks arguments and says what is wrong.
 
 Policy (never blocks, never allocates after creation except the arrays `read` returns):
