@@ -1,9 +1,13 @@
 """Real SIP peers for the tests, all on 127.0.0.1 with free ports, bounded in time and always stopped.
 
 - PjsuaPeer: a second pjsua2 process (tests/peer_pjsua.py) driven over a pipe, caller or callee.
-- Kamailio: a registrar with digest auth and no database (DESIGN.md's recipe), one password per user.
+- Kamailio: a registrar with digest auth and no database (docs/testing.md, "A registrar for tests"),
+  one password per user.
 - Baresip / Sipp: the other independent user agents (see their docstrings).
 - endpoint_process: the endpoint under test as its own process (for signal tests).
+- MEDIA_PEER: tests/media_peer.py, the pjsua2 caller that plays a WAV and records what it hears.
+
+Imported as `from tests.sip_peers import ...` (docs/testing.md, "Helpers").
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import time
 
 HERE = pathlib.Path(__file__).parent
 PEER_SCRIPT = HERE / "peer_pjsua.py"
+MEDIA_PEER = HERE / "media_peer.py"  # the WAV-playing, recording caller (its docstring); run, never imported
 LOCALHOST = "127.0.0.1"
 
 

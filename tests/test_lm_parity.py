@@ -18,7 +18,7 @@ from callbot.engine.model.lm_config import LmConfig
 from callbot.engine.model.sampling import GREEDY
 from callbot.engine.model.weights import load_lm
 
-from tiny_lm import TINY_LM, kyutai_lm_kwargs, write_tiny_lm
+from tests.tiny_lm import TINY_LM, kyutai_lm_kwargs, write_tiny_lm
 
 # Kyutai's helpers torch.compile themselves on first use unless told not to: seconds per call on a CPU.
 os.environ.setdefault("NO_TORCH_COMPILE", "1")

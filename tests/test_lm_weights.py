@@ -17,7 +17,7 @@ from callbot.engine.model.sampling import GREEDY
 from callbot.engine.model.weights import (HF_REPO, LM_FILE, WeightsError, checkpoint_layout, find_weights, load_lm,
                                     parse_quantization, quantized_paths, read_safetensors_header)
 
-from tiny_lm import TINY_LM, tiny_lm_tensors, write_safetensors, write_tiny_lm
+from tests.tiny_lm import TINY_LM, tiny_lm_tensors, write_safetensors, write_tiny_lm
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import wave
 
 import numpy as np
 import pytest
-from sip_peers import free_port, stop_process
+from tests.sip_peers import free_port, stop_process
 
 from callbot.sip.events import CallEnded
 from callbot.app.recording import read_recording

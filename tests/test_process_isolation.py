@@ -20,7 +20,7 @@ import sys
 import time
 
 import pytest
-from sip_peers import PjsuaPeer, _Lines, free_port, stop_process
+from tests.sip_peers import PjsuaPeer, _Lines, free_port, stop_process
 
 pytestmark = pytest.mark.timeout(240)
 

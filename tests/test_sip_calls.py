@@ -5,7 +5,7 @@ import pathlib
 import time
 
 import pytest
-from sip_peers import PjsuaPeer
+from tests.sip_peers import PjsuaPeer
 
 from callbot.sip.config import AccountConfig, EndpointConfig, TransportConfig
 from callbot.sip.endpoint import Endpoint

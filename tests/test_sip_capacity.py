@@ -4,7 +4,7 @@ from __future__ import annotations
 import pathlib
 
 import pytest
-from sip_peers import PjsuaPeer
+from tests.sip_peers import PjsuaPeer
 
 from callbot.sip.config import WHEEL_MAX_CALLS, AccountConfig, EndpointConfig, TransportConfig
 from callbot.sip.endpoint import Endpoint

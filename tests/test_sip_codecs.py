@@ -5,7 +5,7 @@ import pathlib
 import socket
 
 import pytest
-from sip_peers import PjsuaPeer
+from tests.sip_peers import PjsuaPeer
 
 from callbot.sip.codecs import narrow_answer
 from callbot.sip.config import EndpointConfig, TransportConfig

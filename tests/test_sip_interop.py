@@ -5,7 +5,7 @@ import pathlib
 import time
 
 import pytest
-from sip_peers import Baresip, Sipp
+from tests.sip_peers import Baresip, Sipp
 
 from callbot.sip.config import EndpointConfig, TransportConfig
 from callbot.sip.endpoint import Endpoint

@@ -5,7 +5,7 @@ import signal
 
 import msgspec
 import pytest
-from sip_peers import PjsuaPeer, endpoint_process, free_port
+from tests.sip_peers import PjsuaPeer, endpoint_process, free_port
 
 from callbot.sip.config import AccountConfig, EndpointConfig, TransportConfig
 from callbot.sip.endpoint import Endpoint

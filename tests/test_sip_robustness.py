@@ -7,7 +7,7 @@ import pathlib
 import socket
 
 import pytest
-from sip_peers import PjsuaPeer
+from tests.sip_peers import PjsuaPeer
 
 from callbot.sip.config import WHEEL_MAX_CALLS, AccountConfig, EndpointConfig, TransportConfig
 from callbot.sip.endpoint import Endpoint

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pathlib
 
 import pytest
-from sip_peers import PjsuaPeer, RawUac
+from tests.sip_peers import PjsuaPeer, RawUac
 
 from callbot.sip.config import EndpointConfig, TransportConfig
 from callbot.sip.endpoint import Endpoint
