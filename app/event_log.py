@@ -1,7 +1,8 @@
 """JSON logs: one line per call event, for log shippers and for grep.
 
-Each line is the event's own fields plus `event` (its type name) and `ts` (wall-clock ISO 8601 UTC);
-the events' `at` stays monotonic seconds, the clock the latency numbers use.
+Each line is the event's own fields plus `event` (its type name) and `ts` (wall-clock ISO 8601 UTC).
+The SIP side's events carry `at` (monotonic seconds, the clock the latency numbers use), the engine's
+live events `t_ms` (ms since the call's first frame).
 """
 from __future__ import annotations
 
@@ -11,12 +12,11 @@ from typing import TextIO
 
 import msgspec
 
-from callbot.sip.events import Event
 
 _encoder = msgspec.json.Encoder()
 
 
-def event_line(event: Event) -> bytes:
+def event_line(event: msgspec.Struct) -> bytes:
     fields = msgspec.structs.asdict(event)
     ts = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
     return _encoder.encode({"ts": ts, "event": type(event).__name__, **fields})
@@ -26,6 +26,6 @@ class EventLog:
     def __init__(self, stream: TextIO | None = None):
         self.stream = stream if stream is not None else sys.stdout
 
-    def write(self, event: Event) -> None:
+    def write(self, event: msgspec.Struct) -> None:
         self.stream.write(event_line(event).decode() + "\n")
         self.stream.flush()

@@ -7,9 +7,13 @@ or tests in one process never mix their numbers.
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from callbot.app.event_bus import EventBus
 
 from callbot.sip import events as ev
 
@@ -87,6 +91,10 @@ class Metrics:
         for v in summary.get("step_s", ()):
             self.step_seconds.observe(v)
 
+    def watch_bus(self, bus: EventBus) -> None:
+        """Exports each bus subscriber's drops, handler errors and backlog (read when scraped)."""
+        self.registry.register(_BusCollector(bus))
+
     # ---- outputs ----------------------------------------------------------------------------------
 
     def text(self) -> str:
@@ -104,3 +112,23 @@ class Metrics:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+class _BusCollector(Collector):
+    """A slow subscriber loses events without slowing anyone: this makes the loss visible."""
+
+    def __init__(self, bus: EventBus):
+        self.bus = bus
+
+    def collect(self) -> Iterator:
+        dropped = CounterMetricFamily("callbot_event_bus_dropped", "Events a subscriber's full queue dropped",
+                                      labels=["subscriber"])
+        errors = CounterMetricFamily("callbot_event_bus_handler_errors", "Events a subscriber's handler failed on",
+                                     labels=["subscriber"])
+        pending = GaugeMetricFamily("callbot_event_bus_pending", "Events waiting in a subscriber's queue",
+                                    labels=["subscriber"])
+        for sub in self.bus.subscriptions:
+            dropped.add_metric([sub.name], sub.dropped)
+            errors.add_metric([sub.name], sub.errors)
+            pending.add_metric([sub.name], sub.pending)
+        yield from (dropped, errors, pending)

@@ -10,7 +10,10 @@ audio up to the last sync. `read_recording` also takes the few unsynced frames a
 
 The sidecar (`<name>.json`) is written when the call starts (its end still null) and replaced, atomically,
 when it ends; it carries the CallRecord (id, from, to, start, end, codec, DTMF, transfer, hangup cause)
-and what the WAV holds.
+and what the WAV holds. The recorder is also a subscriber of the app's event bus (`on_event`): the
+call's live events (the bot's words with their times, who speaks when, DTMF, clips played, persona
+changes) go, one JSON line each as they happen, into `<name>.events.jsonl`, so a call cut short by a
+crash still has its words up to the moment it died.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from callbot.app.event_log import event_line
 from callbot.engine.audio.ring import Ring, capacity_for
+from callbot.engine.contract import FrameStages
 
 CHANNELS = ("caller", "bot")  # left, right
 RING_SECONDS = 8  # per channel: the recorder thread may stall this long before audio is dropped
@@ -164,9 +169,12 @@ class CallRecording:
         meta = _record_dict(record)
         call_id = str(meta.get("call_id") or "call")
         start = float(meta.get("start") or time.time())
+        self.call_id = call_id
         self.name = recording_name(call_id, start)
         self.wav_path = os.path.join(directory, self.name + ".wav")
         self.sidecar_path = os.path.join(directory, self.name + ".json")
+        self.events_path = os.path.join(directory, self.name + ".events.jsonl")
+        self._events = None  # the events file, opened by the first event
         self.rate = rate
         capacity = capacity_for(rate * RING_SECONDS)
         self.caller = Ring(capacity, "int16")
@@ -217,11 +225,20 @@ class CallRecording:
             "complete": complete,
             "dropped": self.dropped,
         }
+        meta["events"] = os.path.basename(self.events_path)
         _write_json_atomically(self.sidecar_path, meta)
+
+    def _note(self, line: bytes) -> None:
+        if self._events is None:
+            self._events = open(self.events_path, "ab")
+        self._events.write(line + b"\n")
+        self._events.flush()  # to the OS at once: a crash of this process loses none of it
 
     def _finish(self, record: Any) -> None:
         self._drain(final=True)
         self._wav.close()
+        if self._events is not None:
+            self._events.close()
         self._write_sidecar(_record_dict(record), complete=True)
         self.caller.close()
         self.bot.close()
@@ -274,6 +291,18 @@ class Recorder:
     @property
     def active(self) -> int:
         return len(self._active)
+
+    def on_event(self, event: Any) -> None:
+        """An event bus subscriber: a live event of a call being recorded goes into its events file (the
+        bus's handler thread; per-frame stage stamps stay out: they are the metrics')."""
+        call_id = getattr(event, "call_id", None)
+        if call_id is None or isinstance(event, FrameStages):
+            return
+        line = event_line(event)
+        with self._lock:
+            for rec in self._active:
+                if rec.call_id == call_id:
+                    rec._note(line)
 
     def _run(self) -> None:
         try:

@@ -77,11 +77,13 @@ def running_server(settings: Settings, engine_kind: str, log: EventLog | None = 
         # the per-frame stage stamps are for metrics and the panel, not for the log's readers
         bus.attach("log", log.write, accept=lambda e: not isinstance(e, FrameStages))
         bus.attach("metrics", metrics.on_event)
+        metrics.watch_bus(bus)
         engine = build_engine(engine_kind, settings)
         stack.callback(engine.close)
         engine.on_event = bus.publish
         recorder = Recorder(settings.recordings_dir)
         stack.callback(recorder.close)
+        bus.attach("recorder", recorder.on_event)
         router = CallRouter(engine, bot_for=settings.bot_name_for)
         endpoint = Endpoint(settings.endpoint_config(), sessions=router, recorder=recorder)
         router.ops = endpoint

@@ -115,6 +115,10 @@ def test_play_and_hangup_steer_a_real_call_and_its_events_reach_every_subscriber
     assert record["engine"]["steps"] == closed.summary.steps > 0
     rate, frames = read_recording(tmp_path / "calls" / record["recording"]["wav"])
     assert np.abs(frames[:, 1]).max() > 5000
+    # the recorder subscriber kept the call's live events beside its recording, as they came
+    kept = [json.loads(line) for line in (tmp_path / "calls" / record["events"]).read_text().splitlines()]
+    assert [k["id"] for k in kept if k["event"] == "PlayFinished"] == [play_id]
+    assert {k["call_id"] for k in kept} == {call_id} and "FrameStages" not in {k["event"] for k in kept}
     # the JSON log subscriber got the SIP and the engine's events, in order, one line each
     lines = [json.loads(line) for line in log.getvalue().splitlines()]
     kinds = [line["event"] for line in lines]

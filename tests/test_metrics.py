@@ -75,3 +75,19 @@ def test_event_log_is_one_json_object_per_line():
     assert first["event"] == "DtmfReceived" and first["digit"] == "5" and first["at"] == 5.0
     assert first["ts"].endswith("+00:00")
     assert json.loads(lines[1])["cause"] == "remote"
+
+
+def test_event_bus_drops_and_errors_are_exported():
+    from callbot.app.event_bus import EventBus
+
+    bus: EventBus = EventBus()
+    m = Metrics()
+    m.watch_bus(bus)
+    full = bus.subscribe("panel", maxsize=2)
+    for i in range(5):
+        bus.publish(i)
+    text = m.text()
+    assert _value(text, 'callbot_event_bus_dropped_total{subscriber="panel"}') == 3
+    assert _value(text, 'callbot_event_bus_pending{subscriber="panel"}') == 2
+    assert _value(text, 'callbot_event_bus_handler_errors_total{subscriber="panel"}') == 0
+    assert full.dropped == 3
