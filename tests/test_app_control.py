@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import pathlib
 import subprocess
 import sys
 import threading
@@ -23,11 +22,11 @@ from callbot.app.settings import MetricsSettings, Settings
 from callbot.engine.contract import BotSpeech, PlayFinished, SessionClosed
 from callbot.sip import events as ev
 from callbot.sip.config import AccountConfig, EndpointConfig, TransportConfig
-from tests.sip_peers import stop_process
+from tests.sip_peers import MEDIA_PEER, stop_process
+from tests.test_live_control import found_exactly
 
 pytestmark = pytest.mark.timeout(120)
 
-PEER = pathlib.Path(__file__).parent / "media_peer.py"
 RATE = 16000
 
 
@@ -64,7 +63,7 @@ def test_play_and_hangup_steer_a_real_call_and_its_events_reach_every_subscriber
         stop = threading.Event()
         pump = threading.Thread(target=server.pump, kwargs={"stop": stop}, daemon=True)
         pump.start()  # the main thread's job in `serve`: the endpoint's events onto the bus
-        peer = subprocess.Popen([sys.executable, str(PEER), "--uri", server.endpoint.account_uri(), "--codec", "G722",
+        peer = subprocess.Popen([sys.executable, str(MEDIA_PEER), "--uri", server.endpoint.account_uri(), "--codec", "G722",
                                  "--play", str(tmp_path / "quiet.wav"), "--record", str(tmp_path / "heard.wav")],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         try:
@@ -77,6 +76,10 @@ def test_play_and_hangup_steer_a_real_call_and_its_events_reach_every_subscriber
             assert live.start.rate == settings.sip.conference_clock_rate and live.start.bot == "default"
             with pytest.raises(CallControlError, match="no call"):
                 server.call("nobody")
+            # a second of audio in first: the caller's jitter buffer has settled before the greeting starts
+            while (server.endpoint.media_stats(call_id) or {}).get("frames_received", 0) < 50:
+                assert time.monotonic() < deadline + 10, "no audio from the caller"
+                time.sleep(0.02)
             play_id = live.play(tmp_path / "greeting.wav")
             done = _next(mine, PlayFinished, seen, call_id=call_id, id=play_id)
             assert done.ms == pytest.approx(600.0, abs=1.0) and not done.interrupted
@@ -114,7 +117,7 @@ def test_play_and_hangup_steer_a_real_call_and_its_events_reach_every_subscriber
     record = json.loads(sidecar.read_text())
     assert record["engine"]["steps"] == closed.summary.steps > 0
     rate, frames = read_recording(tmp_path / "calls" / record["recording"]["wav"])
-    assert np.abs(frames[:, 1]).max() > 5000
+    assert rate == RATE and found_exactly(greeting[greeting != 0], frames[:, 1])  # what left for RTP: exact
     # the recorder subscriber kept the call's live events beside its recording, as they came
     kept = [json.loads(line) for line in (tmp_path / "calls" / record["events"]).read_text().splitlines()]
     assert [k["id"] for k in kept if k["event"] == "PlayFinished"] == [play_id]

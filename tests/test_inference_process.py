@@ -177,7 +177,7 @@ def test_serve_runs_the_model_in_a_child_and_ends_with_status_1_when_it_dies(tmp
     """`callbot serve` with the tiny model: the model runs in a child process that never imports pjsua2;
     a call's rings are mapped by both; killing the child mid-call ends the server with status 1 and the
     call's block is unlinked."""
-    from sip_peers import PjsuaPeer, free_port, stop_process
+    from tests.sip_peers import PjsuaPeer, free_port, stop_process
     from test_serve import _config, _model_toml, _serve, _wait_line
 
     sip_port, metrics_port = free_port(), free_port()

@@ -15,7 +15,7 @@ from callbot.engine.model.lm import LM
 from callbot.engine.model.sampling import GREEDY, SamplingConfig, TokenSampler, sample
 from callbot.engine.model.weights import load_lm
 
-from tiny_lm import TINY_LM, kyutai_lm_kwargs, write_tiny_lm
+from tests.tiny_lm import TINY_LM, kyutai_lm_kwargs, write_tiny_lm
 
 HOT = SamplingConfig(text_temperature=1.5, text_top_k=0, audio_temperature=1.5, audio_top_k=0)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import signal
 import subprocess
 import sys
@@ -16,13 +15,12 @@ import wave
 
 import numpy as np
 import pytest
-from tests.sip_peers import free_port, stop_process
+from tests.sip_peers import MEDIA_PEER, free_port, stop_process
 
 from callbot.sip.events import CallEnded
 from callbot.app.recording import read_recording
 
 pytestmark = pytest.mark.timeout(120)
-PEER = pathlib.Path(__file__).with_name("media_peer.py")
 RATE = 16000  # the peer's bridge and WAV files
 SEGMENTS = 16  # the signal is looked for in pieces: a jitter buffer may drop or stretch a frame between them
 
@@ -72,7 +70,7 @@ def found_everywhere(signal, heard):
 
 
 def run_peer(uri, codec, play, record, seconds, log):
-    proc = subprocess.Popen([sys.executable, str(PEER), "--uri", uri, "--codec", codec, "--play", str(play),
+    proc = subprocess.Popen([sys.executable, str(MEDIA_PEER), "--uri", uri, "--codec", codec, "--play", str(play),
                              "--record", str(record), "--seconds", str(seconds)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
     return proc

@@ -14,7 +14,7 @@ from mlx.utils import tree_flatten
 
 from callbot.engine.model.mimi import Mimi, MimiState, MimiWeightsError, load_mimi, nvidia_to_mlx
 
-from tiny_mimi import mimi_shapes, random_mimi_weights, tiny_mimi_config, write_tiny_mimi
+from tests.tiny_mimi import mimi_shapes, random_mimi_weights, tiny_mimi_config, write_tiny_mimi
 
 FRAME = 1920
 
@@ -259,7 +259,7 @@ def test_a_default_mimi_is_the_full_size():
     ours = sum(v.size for _, v in tree_flatten(model.parameters()))
     stored = {k: int(np.prod(s)) for k, s in mimi_shapes(model.cfg).items()}
     codebooks = [k for k in stored if "._codebook." in k]
-    assert len(stored) == 318  # DESIGN.md: 62 + 20 * 8 layers + 3 * 32 codebooks
+    assert len(stored) == 318  # docs/model.md, "Checkpoint keys": 62 + 20 * 8 layers + 3 * 32 codebooks
     # Each used codebook is one [2048, 256] table here; the file keeps 32 as (sum, usage, flag).
     assert ours == sum(stored.values()) - sum(stored[k] for k in codebooks) + 8 * 2048 * 256
 

@@ -11,7 +11,7 @@ import pytest
 
 from callbot.engine.model.mimi import MimiState, load_mimi, mimi_202407
 
-from tiny_mimi import random_mimi_weights, tiny_mimi_config, write_tiny_mimi
+from tests.tiny_mimi import random_mimi_weights, tiny_mimi_config, write_tiny_mimi
 
 torch = pytest.importorskip("torch")
 loaders = pytest.importorskip("moshi.models.loaders")
@@ -130,7 +130,7 @@ def test_full_size_mimi_matches_reference(tmp_path):
     cfg = mimi_202407()
     path = str(tmp_path / "tokenizer-e351c8d8-checkpoint125.safetensors")
     weights = random_mimi_weights(cfg, seed=4)
-    assert len(weights) == 318  # DESIGN.md: 62 + 20 * 8 layers + 3 * 32 codebooks
+    assert len(weights) == 318  # docs/model.md, "Checkpoint keys": 62 + 20 * 8 layers + 3 * 32 codebooks
     safetensors_torch.save_file({k: torch.from_numpy(v) for k, v in weights.items()}, path)
     del weights
     check_parity(cfg, path, frames=3, audio_tol=1e-4)

@@ -12,11 +12,10 @@ import urllib.request
 import wave
 
 import pytest
-from sip_peers import PjsuaPeer, _Lines, free_port, stop_process
+from tests.sip_peers import MEDIA_PEER, PjsuaPeer, _Lines, free_port, stop_process
 
 pytestmark = pytest.mark.timeout(120)
 CALLBOT = [sys.executable, "-m", "callbot.app.cli"]
-MEDIA_PEER = pathlib.Path(__file__).with_name("media_peer.py")
 
 
 def _config(tmp_path: pathlib.Path, sip_port: int, metrics_port: int, extra: str = "",
@@ -226,7 +225,7 @@ def test_missing_weights_exit_2_and_say_what_is_missing(tmp_path):
 
 
 def test_serve_echo_registered_through_kamailio(tmp_path):
-    from sip_peers import Kamailio
+    from tests.sip_peers import Kamailio
 
     kamailio = Kamailio({"echo": "echopw", "erin": "erinpw"}, tmp_path)
     try:
@@ -258,7 +257,7 @@ def test_serve_echo_registered_through_kamailio(tmp_path):
 
 
 def test_call_command_to_baresip_auto_answer(tmp_path):
-    from sip_peers import Baresip
+    from tests.sip_peers import Baresip
 
     cfg = _config(tmp_path, free_port(), free_port())
     cfg.write_text(cfg.read_text() + "[[bots]]\nname = 'short'\naccount = 'line'\nmax_call_s = 2\n")
@@ -274,7 +273,7 @@ def test_call_command_to_baresip_auto_answer(tmp_path):
 def test_model_server_survives_silent_callers_and_hangups_mid_call(tmp_path, tiny_model):
     """A caller that never sends RTP (SIPp's UAC), then callers hanging up while steps run; the server
     keeps answering, and each call leaves its record."""
-    from sip_peers import Sipp
+    from tests.sip_peers import Sipp
 
     model_dir, arch = tiny_model
     sip_port, metrics_port = free_port(), free_port()
