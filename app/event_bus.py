@@ -13,9 +13,26 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from typing import Callable, Generic, TypeVar
+from typing import Callable, Generic, TypeVar, Union
+
+from callbot.engine.contract import EngineEvent, LiveEvent
+from callbot.sip import events as sip_events
 
 log = logging.getLogger(__name__)
+
+# what `callbot serve` publishes: the endpoint's events and the engine's live ones
+BusEvent = Union[sip_events.Event, LiveEvent]
+_SIP_CALL_EVENTS = (sip_events.IncomingCall, sip_events.CallProgress, sip_events.CallConfirmed,
+                    sip_events.CallMedia, sip_events.CallEnded, sip_events.DtmfReceived,
+                    sip_events.TransferProgress)
+
+
+def call_id_of(event: BusEvent) -> str | None:
+    """The SIP Call-ID an event is about; None for an endpoint's own events (registration, a refused
+    INVITE, shutdown)."""
+    if isinstance(event, (EngineEvent, *_SIP_CALL_EVENTS)):
+        return event.call_id
+    return None
 
 E = TypeVar("E")
 DEFAULT_QUEUE = 4096  # events per subscriber: ~5 minutes of one call's events, seconds of a flood's

@@ -1,24 +1,29 @@
-"""Prometheus metrics of a running server: calls, registration, and the audio path's health.
+"""Prometheus metrics of a running server: calls, registration, the audio path's health, the event bus.
 
-Metrics are fed from the endpoint's event stream and from per-call summaries at hang-up, never from
-the media callbacks: the hot path only counts in its own structures, and this module reads them after
-the fact. The registry is private to each `Metrics` (no global default registry), so several servers
+Metrics are a subscriber of the app's event bus (the endpoint's events, the engine's per-frame stage
+stamps as they come and each call's summary as it closes), never fed from the media callbacks: the hot
+path only counts in its own structures, and this module reads them after the fact. The registry is private to each `Metrics` (no global default registry), so several servers
 or tests in one process never mix their numbers.
 """
 from __future__ import annotations
 
 from typing import Iterator, Mapping
 
+import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from callbot.app.event_bus import EventBus
-
+from callbot.app.event_bus import BusEvent, EventBus
+from callbot.engine.contract import FrameStages, SessionClosed
+from callbot.engine.serving.frame_stats import STAGES
 from callbot.sip import events as ev
 
 # per-stage latencies of the audio path span 0.1 ms (a ring hand-off) to a few hundred ms (a slow step)
 LATENCY_BUCKETS_S = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.16, 0.25, 0.5, 1.0)
+
+
+_TRANSITIONS = tuple(f"{a}->{b}" for a, b in zip(STAGES, STAGES[1:]))
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -58,8 +63,12 @@ class Metrics:
 
     # ---- inputs -----------------------------------------------------------------------------------
 
-    def on_event(self, event: ev.Event) -> None:
-        if isinstance(event, ev.RegistrationChanged):
+    def on_event(self, event: BusEvent) -> None:
+        if isinstance(event, FrameStages):
+            self.on_frame_stages(event.rows)
+        elif isinstance(event, SessionClosed):
+            self.on_call_summary(msgspec.to_builtins(event.summary))
+        elif isinstance(event, ev.RegistrationChanged):
             self.registered.labels(event.account).set(1 if event.registered else 0)
         elif isinstance(event, ev.RegistrationFailed):
             self.registered.labels(event.account).set(0)
@@ -79,8 +88,16 @@ class Metrics:
         elif isinstance(event, ev.DtmfReceived):
             self.dtmf.labels(event.method).inc()
 
+    def on_frame_stages(self, rows: list[list[int]]) -> None:
+        """Per-frame stage stamps (ns, STAGES order, 0 unknown): each known transition, in seconds."""
+        for row in rows:
+            for name, a, b in zip(_TRANSITIONS, row, row[1:]):
+                if a and b:
+                    self.stage_latency.labels(name).observe((b - a) / 1e9)
+
     def on_call_summary(self, summary: Mapping) -> None:
-        """A call's audio-path summary at hang-up: counters and raw per-stage latencies (seconds)."""
+        """A call's audio-path summary at hang-up: counters, step times and, if given, raw per-stage
+        latencies (seconds; `callbot serve` has them live from FrameStages instead)."""
         self.underruns.inc(summary.get("underruns", 0))
         self.overruns.inc(summary.get("overruns", 0))
         self.steps_late.inc(summary.get("steps_late", 0))

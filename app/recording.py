@@ -29,6 +29,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from callbot.app.event_bus import BusEvent, call_id_of
 from callbot.app.event_log import event_line
 from callbot.engine.audio.ring import Ring, capacity_for
 from callbot.engine.contract import FrameStages
@@ -292,10 +293,10 @@ class Recorder:
     def active(self) -> int:
         return len(self._active)
 
-    def on_event(self, event: Any) -> None:
+    def on_event(self, event: BusEvent) -> None:
         """An event bus subscriber: a live event of a call being recorded goes into its events file (the
         bus's handler thread; per-frame stage stamps stay out: they are the metrics')."""
-        call_id = getattr(event, "call_id", None)
+        call_id = call_id_of(event)
         if call_id is None or isinstance(event, FrameStages):
             return
         line = event_line(event)

@@ -18,11 +18,10 @@ import sys
 import threading
 from typing import Callable, Iterator
 
-import msgspec
 
 from callbot.app.calls import CallRouter, LiveCall
 from callbot.app.errors import StartupError
-from callbot.app.event_bus import EventBus
+from callbot.app.event_bus import EventBus, call_id_of
 from callbot.app.event_log import EventLog
 from callbot.app.metrics import Metrics
 from callbot.app.recording import Recorder
@@ -88,8 +87,6 @@ def running_server(settings: Settings, engine_kind: str, log: EventLog | None = 
         endpoint = Endpoint(settings.endpoint_config(), sessions=router, recorder=recorder)
         router.ops = endpoint
         server = Server(settings, endpoint, engine, router, recorder, metrics, bus)
-        if hasattr(engine, "on_closed"):  # the model runner reports each call's audio-path numbers
-            engine.on_closed = server.summaries.put  # counted on the main thread, not the SIP thread
         stack.callback(server.drain)  # runs after the stop below: hang-ups and un-REGISTERs get logged
         stack.callback(endpoint.stop)  # also when start times out with the SIP thread still running
         try:
@@ -127,7 +124,6 @@ class Server:
         self.recorder = recorder
         self.metrics = metrics
         self.bus = bus
-        self.summaries: queue.SimpleQueue = queue.SimpleQueue()  # closed model sessions, for the metrics
 
     @property
     def calls(self) -> dict[str, LiveCall]:
@@ -144,7 +140,6 @@ class Server:
         Raises ServerFailure when a part has died: calls would go on silent or unrecorded otherwise."""
         while stop is None or not stop.is_set():
             self._check_health()
-            self._count_summaries()
             try:
                 event = self.endpoint.events.get(timeout=0.2)
             except queue.Empty:
@@ -157,8 +152,7 @@ class Server:
     def _check_health(self) -> None:
         if not self.endpoint.running:
             raise ServerFailure("the SIP endpoint stopped on its own (see the log above)")
-        for name, part in (("engine", self.engine), ("recorder", self.recorder)):
-            err = getattr(part, "error", None)
+        for name, err in (("engine", self.engine.error), ("recorder", self.recorder.error)):
             if err is not None:
                 raise ServerFailure(f"the {name} failed: {err!r}")
 
@@ -169,16 +163,6 @@ class Server:
                 self._record(self.endpoint.events.get_nowait())
             except queue.Empty:
                 break
-        self._count_summaries()
-
-    def _count_summaries(self) -> None:
-        while True:
-            try:
-                s = self.summaries.get_nowait()
-            except queue.Empty:
-                return
-            self.metrics.on_call_summary({**msgspec.to_builtins(s.final_summary),
-                                          "stage_latency_s": s.stats.durations_s()})
 
     def _record(self, event: ev.Event) -> None:
         self.bus.publish(event)
@@ -227,7 +211,7 @@ def call(settings: Settings, engine_kind: str, uri: str, account: str | None, bo
 
         def is_end(event: ev.Event) -> bool:
             nonlocal answered
-            if getattr(event, "call_id", None) != call_id:
+            if call_id_of(event) != call_id:
                 return False
             if isinstance(event, ev.CallProgress):
                 print(f"{event.code} {event.reason}", file=sys.stderr, flush=True)

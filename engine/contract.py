@@ -211,6 +211,11 @@ class CallEngine(Protocol):
 
     on_event: EventSink | None
 
+    @property
+    def error(self) -> BaseException | None:
+        """What stopped the engine's thread or process, if anything did (the app then ends its calls)."""
+        ...
+
     def open_session(self, start: CallStart) -> CallSession:
         """A new session for the call; raises RuntimeError when the engine has no room or has stopped."""
         ...

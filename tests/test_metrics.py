@@ -91,3 +91,20 @@ def test_event_bus_drops_and_errors_are_exported():
     assert _value(text, 'callbot_event_bus_pending{subscriber="panel"}') == 2
     assert _value(text, 'callbot_event_bus_handler_errors_total{subscriber="panel"}') == 0
     assert full.dropped == 3
+
+
+def test_the_engines_live_events_feed_the_audio_path_metrics():
+    from callbot.engine.contract import CallSummary, FrameStages, SessionClosed
+
+    m = Metrics()
+    # two frames: the first knows every stage, the second not yet its rtp_out (0)
+    rows = [[10, 20, 30, 40, 50, 60, 70, 80], [110, 120, 130, 140, 150, 160, 170, 0]]
+    m.on_event(FrameStages(call_id="a", t_ms=160.0, first_frame=0, rows=rows))
+    m.on_event(SessionClosed(call_id="a", t_ms=200.0, summary=CallSummary(steps=2, underruns=4, steps_late=1,
+                                                                          step_s=[0.03, 0.04])))
+    text = m.text()
+    assert _value(text, 'callbot_stage_latency_seconds_count{stage="ring_in->resampled"}') == 2
+    assert _value(text, 'callbot_stage_latency_seconds_count{stage="ring_out->rtp_out"}') == 1
+    assert _value(text, 'callbot_stage_latency_seconds_sum{stage="ring_in->resampled"}') == pytest.approx(20e-9)
+    assert _value(text, "callbot_underruns_total") == 4 and _value(text, "callbot_steps_late_total") == 1
+    assert _value(text, "callbot_step_seconds_count") == 2
