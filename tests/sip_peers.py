@@ -6,6 +6,7 @@
 - Baresip / Sipp: the other independent user agents (see their docstrings).
 - endpoint_process: the endpoint under test as its own process (for signal tests).
 - MEDIA_PEER: tests/media_peer.py, the pjsua2 caller that plays a WAV and records what it hears.
+- serve_config: a `callbot serve` config on loopback for the tests that run the server as a process.
 
 Imported as `from tests.sip_peers import ...` (docs/testing.md, "Helpers").
 """
@@ -467,3 +468,26 @@ class RawUac:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def serve_config(directory: pathlib.Path, sip_port: int, metrics_port: int | None = None, *,
+                 account: str = "line", extra: str = "", recordings_dir: str = "calls", tail: str = "") -> pathlib.Path:
+    """`directory`/callbot.toml for `callbot serve` on loopback: one UDP transport on `sip_port`, one
+    account (user "echo"; `extra` adds to its table), metrics on `metrics_port` (None: off); `tail`
+    adds tables after it ([model], [[bots]])."""
+    metrics = f'address = "127.0.0.1:{metrics_port}"' if metrics_port is not None else "enabled = false"
+    cfg = directory / "callbot.toml"
+    cfg.write_text(f"""
+recordings_dir = "{recordings_dir}"
+[metrics]
+{metrics}
+[[sip.transports]]
+bind = "127.0.0.1"
+port = {sip_port}
+rtp_port = 0
+[[sip.accounts]]
+name = "{account}"
+user = "echo"
+{extra}
+{tail}""")
+    return cfg

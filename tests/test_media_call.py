@@ -15,7 +15,7 @@ import wave
 
 import numpy as np
 import pytest
-from tests.sip_peers import MEDIA_PEER, free_port, stop_process
+from tests.sip_peers import MEDIA_PEER, free_port, serve_config, stop_process
 
 from callbot.sip.events import CallEnded
 from callbot.app.recording import read_recording
@@ -130,19 +130,7 @@ def test_kill_9_mid_call_leaves_a_playable_recording(tmp_path):
     """`callbot serve --engine echo` killed with SIGKILL while a call plays: the WAV is readable by the
     stdlib as it is, and holds the caller's signal up to about the last second."""
     sip_port = free_port()
-    cfg = tmp_path / "callbot.toml"
-    cfg.write_text(f"""
-recordings_dir = "calls"
-[metrics]
-enabled = false
-[[sip.transports]]
-bind = "127.0.0.1"
-port = {sip_port}
-rtp_port = 0
-[[sip.accounts]]
-name = "line"
-user = "echo"
-""")
+    cfg = serve_config(tmp_path, sip_port)
     signal_ = chirp(seconds=6.0, f1=2000.0)
     play, record = tmp_path / "play.wav", tmp_path / "heard.wav"
     write_wav(play, np.concatenate([np.zeros(RATE // 2, np.int16), signal_]))

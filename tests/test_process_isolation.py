@@ -20,7 +20,7 @@ import sys
 import time
 
 import pytest
-from tests.sip_peers import PjsuaPeer, _Lines, free_port, stop_process
+from tests.sip_peers import PjsuaPeer, _Lines, free_port, serve_config, stop_process
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -178,19 +178,7 @@ def serving_a_call(tmp_path_factory, tiny_model):
     tmp = tmp_path_factory.mktemp("isolation")
     model_dir, arch = tiny_model
     sip_port = free_port()
-    cfg = tmp / "callbot.toml"
-    cfg.write_text(f"""
-recordings_dir = "{tmp / 'calls'}"
-[metrics]
-enabled = false
-[[sip.transports]]
-bind = "127.0.0.1"
-port = {sip_port}
-rtp_port = 0
-[[sip.accounts]]
-name = "line"
-user = "echo"
-[model]
+    cfg = serve_config(tmp, sip_port, recordings_dir=str(tmp / "calls"), tail=f"""[model]
 path = "{model_dir}"
 architecture = "{arch}"
 quantization = "none"

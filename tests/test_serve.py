@@ -12,7 +12,7 @@ import urllib.request
 import wave
 
 import pytest
-from tests.sip_peers import MEDIA_PEER, PjsuaPeer, _Lines, free_port, stop_process
+from tests.sip_peers import MEDIA_PEER, PjsuaPeer, _Lines, free_port, serve_config, stop_process
 
 pytestmark = pytest.mark.timeout(120)
 CALLBOT = [sys.executable, "-m", "callbot.app.cli"]
@@ -20,22 +20,7 @@ CALLBOT = [sys.executable, "-m", "callbot.app.cli"]
 
 def _config(tmp_path: pathlib.Path, sip_port: int, metrics_port: int, extra: str = "",
             account: str = "line") -> pathlib.Path:
-    """A config on loopback: one UDP transport, one account (user "echo"; `extra` adds to its table)."""
-    cfg = tmp_path / "callbot.toml"
-    cfg.write_text(f"""
-recordings_dir = "calls"
-[metrics]
-address = "127.0.0.1:{metrics_port}"
-[[sip.transports]]
-bind = "127.0.0.1"
-port = {sip_port}
-rtp_port = 0
-[[sip.accounts]]
-name = "{account}"
-user = "echo"
-{extra}
-""")
-    return cfg
+    return serve_config(tmp_path, sip_port, metrics_port, account=account, extra=extra)
 
 
 def _model_toml(model_dir, arch, persona: str = "You answer the phone.", bot: str = "") -> str:
