@@ -140,6 +140,7 @@ class InformFinished(EngineEvent, tag="inform_finished"):
 class PersonaChanged(EngineEvent, tag="persona_changed"):
     id: str
     waited_ms: float  # from the request to the caller's audio being heard again
+    replaced: bool = False  # a later set_persona took this one's place before its tokens ran
 
 
 class FrameStages(EngineEvent, tag="frame_stages"):

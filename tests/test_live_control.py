@@ -246,13 +246,16 @@ def test_set_persona_is_reported_when_the_caller_is_heard_again(runner):
     media = MediaSide(s.audio, caller=clip16(1000, hz=220.0))
     try:
         wait_for(lambda: tap.steps() >= 3, engine=engine)
-        s.control(SetPersona(text="You now take complaints.", id="complaints"))
-        wait_for(lambda: events.of(PersonaChanged), timeout=120, engine=engine)
+        s.control(SetPersona(text="You now take refunds.", id="refunds"))
+        s.control(SetPersona(text="You now take complaints.", id="complaints"))  # before the first one ran
+        wait_for(lambda: len(events.of(PersonaChanged)) == 2, timeout=120, engine=engine)
     finally:
         media.stop()
         engine.close_session(s)
-    (changed,) = events.of(PersonaChanged)
-    assert changed.id == "complaints" and changed.waited_ms > 0
+    replaced, changed = events.of(PersonaChanged)
+    assert (replaced.id, replaced.replaced) == ("refunds", True)
+    assert (changed.id, changed.replaced) == ("complaints", False) and changed.waited_ms > 0
+    assert tap.sessions[0].persona == "You now take complaints."
 
 
 # ---- through the inference process: the same words over its pipe -------------------------------------

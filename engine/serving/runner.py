@@ -11,9 +11,8 @@ an informed clip is mixed into what the model hears; a muted caller is heard as 
 change runs inside the session's steps. Live events go to `on_event` as they happen.
 
 Cadence is data-driven and clock-guarded (docs/latency.md, "Cadence"). A call's step starts as soon
-as its 1920-sample
-24 kHz frame is complete in its ring, not on a free-running clock that would add up to a frame of
-waiting. The absolute-deadline clock is the watchdog: a call's next deadline is 80 ms after its last
+as its 1920-sample 24 kHz frame is complete in its ring, not on a free-running clock that would add up
+to a frame of waiting. The absolute-deadline clock is the watchdog: a call's next deadline is 80 ms after its last
 real frame (then every 80 ms while it stalls); when the caller's audio is late past a deadline plus
 `grace_ms`, the call is fed a frame of silence so the model keeps its 12.5 Hz time base. pjmedia's
 conference bridge feeds the rx ring on its own steady 20 ms clock (the jitter buffer conceals lost
@@ -96,8 +95,10 @@ class ModelCallSession:
     in_flight: tuple | None = None
     informing: deque = field(default_factory=deque)  # Clips mixed into what the model hears
     muted: bool = False
-    persona_requests: deque = field(default_factory=deque)  # (id, requested ns) of set_persona in progress
-    swaps_reported: int = 0  # the session's completed persona changes reported as PersonaChanged
+    # (id, text, requested ns) of set_persona requests not yet reported; a request made while another
+    # waits replaces it in the session (engine/model/persona_swap.py), so one swap may answer several
+    persona_requests: deque = field(default_factory=deque)
+    swaps_reported: int = 0  # the session's completed persona changes already reported
     caller_speech: SpeechActivity = field(default_factory=lambda: SpeechActivity(80.0))
     bot_speech: SpeechActivity = field(default_factory=lambda: SpeechActivity(80.0))
     stages_sent: int = 0  # frames whose stage stamps went out as FrameStages
@@ -175,8 +176,7 @@ class ModelEngine:
         if switch_interval_s is not None:
             # Python hands the GIL over every 5 ms by default: a step's graph building would then delay
             # the media callbacks by up to 5 ms (docs/latency.md, "The GIL and the media clock": p99
-            # 25.6 ms instead of 20.3 ms); 1 ms keeps
-            # them on time. Process-wide, like the GIL itself.
+            # 25.6 ms instead of 20.3 ms); 1 ms keeps them on time. Process-wide, like the GIL itself.
             sys.setswitchinterval(switch_interval_s)
         self._lock = threading.Lock()  # guards the session list only: held for a copy, never for a step
         self._sessions: list[ModelCallSession] = []
@@ -257,7 +257,7 @@ class ModelEngine:
     def _run(self) -> None:
         if self._want_realtime:
             # computation: what a q4 7B step needs on an M4 (docs/latency.md, "Latency budget"),
-            # constraint: the frame
+            # constraint: the frame period
             self.realtime_result = make_realtime(80.0, 60.0, 80.0)
         try:
             # MLX keeps a stream per thread (0.3x) and caches compiled graphs per stream: this thread
@@ -340,7 +340,7 @@ class ModelEngine:
                 except ValueError as err:  # this request goes; the call and the other calls go on
                     print(f"callbot: call {s.start.call_id}: set_persona: {err}", file=sys.stderr, flush=True)
                     continue
-                s.persona_requests.append((op.id, now))
+                s.persona_requests.append((op.id, op.text, now))
 
     def _send_stages(self, s: ModelCallSession, final: bool = False) -> None:
         """FrameStages for the frames old enough to know their rtp_out (all of them as the call closes)."""
@@ -420,9 +420,12 @@ class ModelEngine:
             s.text.append((t_ms, piece))
             self._emit(BotText(call_id=call_id, t_ms=t_ms, piece=piece))
         swaps = s.session.persona_swaps
-        while s.persona_requests and len(swaps) > s.swaps_reported:  # done: the caller is heard again
-            request_id, requested_ns = s.persona_requests.popleft()
+        for swap in swaps[s.swaps_reported:]:  # done: the persona is in effect, the caller heard again
             s.swaps_reported += 1
-            self._emit(PersonaChanged(call_id=call_id, t_ms=t_ms, id=request_id,
-                                      waited_ms=(now_ns() - requested_ns) / 1e6))
+            while s.persona_requests:  # the requests it answered: the one it took, and any it replaced
+                request_id, text, requested_ns = s.persona_requests.popleft()
+                self._emit(PersonaChanged(call_id=call_id, t_ms=t_ms, id=request_id,
+                                          waited_ms=(now_ns() - requested_ns) / 1e6, replaced=text != swap.persona))
+                if text == swap.persona:
+                    break
         self._send_stages(s)
