@@ -275,8 +275,8 @@ def tap_engine(engine: Any, taps: ClickTaps) -> Any:
                 self._last_had_click = abs(int(frame[peak])) >= taps.threshold
             return frame
 
-        def push(self, frame):
-            accepted = super().push(frame)
+        def push(self, frame, exact=None):
+            accepted = super().push(frame, exact=exact)
             if self._tap is not None:
                 taps.seen.append((*self._tap, now_ns()))
                 self._tap = None
