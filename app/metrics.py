@@ -10,11 +10,12 @@ from __future__ import annotations
 from typing import Iterator, Mapping
 
 import msgspec
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from callbot.app.event_bus import BusEvent, EventBus
+from callbot.app.metrics_server import MetricsServer
 from callbot.engine.contract import FrameStages, SessionClosed
 from callbot.engine.serving.frame_stats import STAGES
 from callbot.sip import events as ev
@@ -59,7 +60,7 @@ class Metrics:
                                        buckets=LATENCY_BUCKETS_S, registry=r)
         self.rtp_lost = Counter("callbot_rtp_lost_total", "RTP packets from callers that never arrived", registry=r)
         self._direction: dict[str, str] = {}
-        self._server = None
+        self._server: MetricsServer | None = None
 
     # ---- inputs -----------------------------------------------------------------------------------
 
@@ -118,16 +119,15 @@ class Metrics:
         return generate_latest(self.registry).decode()
 
     def serve(self, address: str) -> tuple[str, int]:
-        """Serve /metrics on `address` (host:port; port 0 picks one); returns the bound (host, port)."""
+        """Serve /metrics on `address` (host:port; port 0 picks one) from one thread, whatever the number of
+        connections (app/metrics_server.py); returns the bound (host, port)."""
         host, port = parse_address(address)
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        self._server = server
-        return server.server_address[0], server.server_address[1]
+        self._server = MetricsServer(self.registry, host, port)
+        return self._server.address
 
     def close(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            self._server.close()
             self._server = None
 
 
