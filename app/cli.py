@@ -7,6 +7,7 @@ never a traceback.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 import msgspec
@@ -64,6 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     from callbot.app.serve import EXIT_USAGE, StartupError
     from callbot.app.settings import ConfigError
 
+    # pjsip's own log goes to `[sip] log_file` when one is set; without it, nowhere (not stderr, where
+    # Python's last-resort handler would print its warnings): the user reads our lines, not pjlib's
+    pjsip_log = logging.getLogger("callbot.sip.pjsip")
+    pjsip_log.addHandler(logging.NullHandler())
+    pjsip_log.propagate = False
     try:
         return run(args)
     except (ConfigError, StartupError) as err:

@@ -24,8 +24,8 @@ from callbot.engine.model.mimi import MimiConfig
 from callbot.engine.serving.runner import BotPrompt
 from callbot.engine.model.sampling import SamplingConfig
 from callbot.engine.model.session import FRAME_SIZE, Model
-from callbot.engine.model.weights import WeightsError
-from callbot.app.settings import BotSettings, Settings
+from callbot.engine.model.weights import HF_REPO, WeightsError, find_weights, hf_hub_cache
+from callbot.app.settings import BotSettings, ModelSettings, Settings
 
 WARMUP_FRAMES = 2  # first steps pay for kernel compilation and allocation; do it before a caller does
 
@@ -56,15 +56,61 @@ def _sampling(bot: BotSettings) -> SamplingConfig:
                           audio_temperature=s.audio_temperature, audio_top_k=s.audio_top_k)
 
 
+# what to do next when the weights are not there, said the same way in every case
+NO_WEIGHTS_NEXT = ("`--engine echo` tries the line without weights; `--model DIR` takes weights you have")
+LOGIN_NEXT = (f"accept the license at https://huggingface.co/{HF_REPO} and log in with `huggingface-cli login` "
+              "to download them")
+
+
+def find_model_files(m: ModelSettings) -> str:
+    """The folder holding the weights: `[model] path` (`--model DIR`), else the Hugging Face cache, else a
+    download; else a ModelSetupError saying what is missing and the next step, in one line."""
+    try:
+        return os.fspath(find_weights(m.path, download=m.download))
+    except WeightsError as err:
+        raise ModelSetupError(missing_weights_text(err, m)) from None
+
+
+def missing_weights_text(err: WeightsError, m: ModelSettings) -> str:
+    """The user's one line about weights that are not there. huggingface_hub's own texts run over several
+    lines and talk about revisions and snapshot folders: they are named by their kind here instead."""
+    if m.path is not None:
+        return (f"model weights: {err}. Next: point `--model` ([model] path) at the folder holding them; "
+                "`--engine echo` tries the line without weights")
+    where = f"{HF_REPO} is not in the Hugging Face cache ({hf_hub_cache()})"
+    if not m.download:
+        return (f"no model weights: {where} and downloads are off ([model] download = false). "
+                f"Next: {NO_WEIGHTS_NEXT}")
+    why = _download_failure(err.__cause__)
+    return f"no model weights: {where} and the download failed ({why}). Next: {NO_WEIGHTS_NEXT}; or {LOGIN_NEXT}"
+
+
+def _download_failure(cause: BaseException | None) -> str:
+    try:
+        from huggingface_hub import constants, errors
+    except ImportError:  # find_weights said so already
+        return "huggingface_hub is not installed"
+    if isinstance(cause, errors.GatedRepoError):
+        return "the license is not accepted or you are not logged in"
+    if isinstance(cause, errors.RepositoryNotFoundError):
+        return "the repository is not visible: not logged in?"
+    if isinstance(cause, (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled)):
+        return "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hugging Face hub cannot be reached"
+    if isinstance(cause, ConnectionError) or type(cause).__name__ in ("ConnectionError", "Timeout", "ConnectTimeout"):
+        return "the Hugging Face hub cannot be reached"
+    text = str(cause).strip().splitlines()
+    return text[0][:200] if text else type(cause).__name__
+
+
 def load_model(settings: Settings) -> Model:
     m = settings.model
     lm_cfg, mimi_cfg = load_architecture(m.architecture) if m.architecture else (None, None)
     quantize = None if m.quantization == "none" else m.quantization
+    directory = find_model_files(m)
     try:
-        return Model.load(m.path, quantize, lm_config=lm_cfg, mimi_config=mimi_cfg, download=m.download)
-    except WeightsError as err:
-        how = ("" if m.download else " (downloads are off: set [model] download = true to fetch the weights)")
-        raise ModelSetupError(f"model weights: {err}{how}") from None
+        return Model.load(directory, quantize, lm_config=lm_cfg, mimi_config=mimi_cfg)
+    except WeightsError as err:  # there but unusable: truncated, another model's
+        raise ModelSetupError(f"model weights: {err}") from None
 
 
 def prepare_model(settings: Settings) -> InferenceSetup:

@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 
 
 from callbot.app.calls import CallRouter, LiveCall
+from callbot.app.dial_probe import NoResponseWatch, udp_target
 from callbot.app.errors import StartupError
 from callbot.app.event_bus import EventBus, call_id_of
 from callbot.app.event_log import EventLog
@@ -40,6 +41,12 @@ EXIT_NO_ANSWER = 4  # dial timeout or 408/480
 EXIT_FAILED = 5  # any other failure before or during the call
 EXIT_INTERRUPTED = 130  # stopped by SIGINT/SIGTERM
 EXIT_SERVER_FAILURE = 1  # `serve`: a part died (SIP thread, engine, recorder); calls were hung up
+
+# `callbot call` gives up on a call that hears nothing back (app/dial_probe.py) instead of waiting out
+# pjsip's INVITE timeout (32 s): over UDP the INVITE goes out at 0, 0.5, 1.5 and 3.5 s (T1 = 500 ms,
+# doubling), and any listener answers the first it gets with 100 Trying within 200 ms (RFC 3261 8.2.6.1)
+NO_RESPONSE_S = 5.0
+PROBE_S = 1.0  # an ICMP "port unreachable" comes back within a round trip; a second covers a slow host
 
 
 def build_engine(kind: str, settings: Settings) -> CallEngine:
@@ -192,9 +199,13 @@ def serve(settings: Settings, engine_kind: str) -> int:
     return 0
 
 
-def exit_status_of(ended: ev.CallEnded, answered: bool) -> int:
+def exit_status_of(ended: ev.CallEnded, answered: bool, responded: bool = True) -> int:
+    """`responded`: some SIP response came back (a 100 Trying is enough); a call nobody answered in any
+    way failed, it was not left ringing."""
     if answered:
         return EXIT_ANSWERED
+    if not responded:
+        return EXIT_FAILED
     if ended.code in (486, 600) or ended.cause == "busy":
         return EXIT_BUSY
     if ended.cause == "timeout" or ended.code in (408, 480):
@@ -202,18 +213,32 @@ def exit_status_of(ended: ev.CallEnded, answered: bool) -> int:
     return EXIT_FAILED
 
 
+def _probe_target(settings: Settings, uri: str, account: str | None) -> tuple[str, int] | None:
+    """Where to ask whether anything listens (app/dial_probe.py): not past an outbound proxy."""
+    acc = next((a for a in settings.sip.accounts if a.name == account), None) if account else None
+    acc = acc or (settings.sip.accounts[0] if settings.sip.accounts else None)
+    return None if acc is None or acc.proxy else udp_target(uri)
+
+
 def call(settings: Settings, engine_kind: str, uri: str, account: str | None, bot: str | None = None) -> int:
     """Place one call and follow it to its end; the exit status says how it ended."""
     with stop_on_signals() as stop, running_server(settings, engine_kind) as server:
-        call_id = server.endpoint.dial(uri, account=account)
+        try:
+            call_id = server.endpoint.dial(uri, account=account)
+        except (ValueError, RuntimeError) as err:  # not a SIP URI, no transport for it, at capacity
+            print(f"callbot: error: {err}", file=sys.stderr, flush=True)
+            return EXIT_FAILED
         server.router.expect(call_id, bot=bot)
-        answered = False
+        watch = NoResponseWatch(uri, lambda: server.endpoint.hangup(call_id), _probe_target(settings, uri, account),
+                                limit_s=NO_RESPONSE_S, probe_s=PROBE_S)
+        answered = responded = False
 
         def is_end(event: ev.Event) -> bool:
-            nonlocal answered
+            nonlocal answered, responded
             if call_id_of(event) != call_id:
                 return False
-            if isinstance(event, ev.CallProgress):
+            if isinstance(event, ev.CallProgress) and watch.heard():
+                responded = True
                 print(f"{event.code} {event.reason}", file=sys.stderr, flush=True)
             if isinstance(event, ev.CallConfirmed):
                 answered = True
@@ -224,7 +249,12 @@ def call(settings: Settings, engine_kind: str, uri: str, account: str | None, bo
         except ServerFailure as err:
             print(f"callbot: error: {err}", file=sys.stderr, flush=True)
             return EXIT_FAILED
+        finally:
+            watch.close()
         if ended is None:
             return EXIT_INTERRUPTED
+        if watch.reason is not None:
+            print(f"callbot: error: {watch.reason}", file=sys.stderr, flush=True)
+            return EXIT_FAILED
         print(f"call ended: {ended.cause} ({ended.code} {ended.reason})", file=sys.stderr, flush=True)
-        return exit_status_of(ended, answered)
+        return exit_status_of(ended, answered, responded)

@@ -133,8 +133,36 @@ _AT_PATH = re.compile(r"^(?P<msg>.*?)(?: - at `(?P<path>[^`]*)`)?$", re.S)
 def _reword(err: msgspec.MsgspecError) -> str:
     m = _AT_PATH.match(str(err))
     assert m is not None  # the pattern matches any string
-    msg = m.group("msg")
-    return f"{m.group('path')}: {msg}" if m.group("path") else msg
+    msg, path = m.group("msg"), m.group("path")
+    if path and msg.startswith("Invalid enum value"):
+        values = _enum_values(path)
+        if values:
+            msg += f", expected one of {', '.join(repr(v) for v in values)}"
+    return f"{path}: {msg}" if path else msg
+
+
+_PATH_STEP = re.compile(r"\.(\w+)|\[\d+\]")
+
+
+def _enum_values(path: str) -> tuple | None:
+    """The values a Literal field allows, found by following `$.a.b[0].c` through the Settings types."""
+    t = msgspec.inspect.type_info(Settings)
+    for step in _PATH_STEP.finditer(path):
+        for inner in (t.types if isinstance(t, msgspec.inspect.UnionType) else (t,)):
+            if step.group(1) and isinstance(inner, msgspec.inspect.StructType):
+                t = next((f.type for f in inner.fields if f.encode_name == step.group(1)), None)
+                break
+            if not step.group(1) and isinstance(inner, (msgspec.inspect.VarTupleType, msgspec.inspect.ListType)):
+                t = inner.item_type
+                break
+        else:
+            return None
+        if t is None:
+            return None
+    for inner in (t.types if isinstance(t, msgspec.inspect.UnionType) else (t,)):
+        if isinstance(inner, msgspec.inspect.LiteralType):
+            return inner.values
+    return None
 
 
 def _check_bots(settings: Settings, base_dir: pathlib.Path) -> None:
@@ -205,6 +233,7 @@ def _resolve_paths(settings: Settings, base_dir: pathlib.Path) -> Settings:
         settings,
         bots=bots,
         recordings_dir=resolve(settings.recordings_dir),
+        sip=msgspec.structs.replace(settings.sip, log_file=resolve(settings.sip.log_file)),
         model=msgspec.structs.replace(settings.model, path=resolve(settings.model.path),
                                       architecture=resolve(settings.model.architecture)),
     )

@@ -122,7 +122,11 @@ class EndpointConfig(_Config):
     conference_clock_rate: Literal[8000, 16000, 24000] = 16000
     dial_timeout_s: Seconds = 30.0
     user_agent: str = "callbot"
-    log_level: Annotated[int, Meta(ge=0, le=6)] = 1
+    # pjsip's own log, at pjlib's levels: 0 nothing, 1 errors, 2 warnings, 3 info, 4-6 debug. It goes to
+    # log_file (appended) when one is given, else to Python's logging as logger "callbot.sip.pjsip", which
+    # `callbot serve` leaves without a handler: out of the user's way unless asked for
+    log_level: Annotated[int, Meta(ge=0, le=6)] = 2
+    log_file: str | None = None
 
     def __post_init__(self) -> None:
         if not self.transports:

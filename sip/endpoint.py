@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import ctypes
 import gc
 import heapq
 import itertools
 import logging
 import queue
+import re
 import signal
 import threading
 import time
@@ -49,10 +51,49 @@ _instance_lock = threading.Lock()
 _running: Endpoint | None = None
 
 
+pjsip_log = logging.getLogger("callbot.sip.pjsip")
+_PY_LEVELS = {0: logging.CRITICAL, 1: logging.ERROR, 2: logging.WARNING, 3: logging.INFO}
+# pjsua2 logs every error it raises as pj.Error at level 1 ("<call>(...) error: <text> (status=N)
+# [../src/pjsua2/call.cpp:927]") before throwing it: the exception is our code's to handle (reading a
+# stream's statistics once the stream is gone ends every call that way: PJ_EINVAL), so the line is debug
+_RAISED_BY_PJSUA2 = re.compile(r"\(status=\d+\) \[[^\]]*pjsua2/\w+\.cpp:\d+\]$")
+_RAISED_LEVEL = 5
+
+
 class _PjLog(pj.LogWriter):
+    """pjsip's log lines up to `level`: appended to `path` when given, else to Python's logging
+    ("callbot.sip.pjsip"). Called on whichever pjsip thread logs."""
+
+    def __init__(self, level: int, path: str | None):
+        super().__init__()
+        self.level = level
+        self._file = open(path, "a", encoding="utf-8", errors="backslashreplace", buffering=1) if path else None
+
     def write(self, entry):
-        level = logging.ERROR if entry.level <= 1 else logging.WARNING if entry.level == 2 else logging.DEBUG
-        log.log(level, "pjsip: %s", entry.msg.rstrip())
+        level, msg = int(entry.level), str(entry.msg).rstrip()
+        if _RAISED_BY_PJSUA2.search(msg):
+            level = _RAISED_LEVEL
+        if level > self.level:
+            return
+        if self._file is not None:
+            if not self._file.closed:  # nothing should log after libDestroy; if it does, it is lost
+                self._file.write(msg + "\n")
+        else:
+            pjsip_log.log(_PY_LEVELS.get(level, logging.DEBUG), "%s", msg)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def _quiet_pjlib_until_configured() -> None:
+    """pjlib logs its start-up on stdout at levels 4-5 (`pjlib 2.15.1 for POSIX initialized`, each module
+    registered) before libInit applies any log setting, and pjsua2 has no setting that comes earlier: so
+    pjlib's own pj_log_set_level, which the wheel's module exports, silences it until libInit."""
+    try:
+        ctypes.CDLL(pj._pjsua2.__file__).pj_log_set_level(ctypes.c_int(0))
+    except (OSError, AttributeError):  # a build that hides the symbol: the chatter shows, nothing else
+        pass
 
 
 RECORDS_KEPT = 1000  # CallRecords an Endpoint keeps for inspection; each call's sidecar has its own
@@ -273,16 +314,16 @@ class Endpoint:
     def _boot(self) -> None:
         cfg = self.config
         self._ep = pj.Endpoint()
+        _quiet_pjlib_until_configured()
         self._ep.libCreate()
         ec = pj.EpConfig()
         ec.uaConfig.threadCnt = 0  # no pjsua worker: this thread polls, so callbacks come here
         ec.uaConfig.mainThreadOnly = False
         ec.uaConfig.maxCalls = WHEEL_MAX_CALLS  # our own capacity check answers 486 below it
         ec.uaConfig.userAgent = cfg.user_agent
-        self._log_writer = _PjLog()
+        self._log_writer = _PjLog(cfg.log_level, cfg.log_file)
         ec.logConfig.writer = self._log_writer
-        ec.logConfig.level = cfg.log_level
-        ec.logConfig.consoleLevel = cfg.log_level
+        ec.logConfig.level = ec.logConfig.consoleLevel = cfg.log_level
         ec.medConfig.clockRate = cfg.conference_clock_rate
         # the null device's clock drives the conference bridge and with it every stream's sending side
         # (RFC 4733 digits included): pjsua would stop it after 1 s with no port connected
@@ -390,6 +431,8 @@ class Endpoint:
                 log.error("libDestroy: %s", exc.info())
             self._ep = None
             gc.collect()
+        if self._log_writer is not None:
+            self._log_writer.close()
         self._log_writer = None
         with _instance_lock:
             if _running is self:

@@ -38,6 +38,10 @@ MARKS: dict[str, frozenset[str]] = {
         "test_mimi": "model",
         "test_mimi_conv": "model",
         "test_mimi_parity": "model slow",  # 27 s
+        "test_newcomer::test_endpoint_start_prints_nothing_and_logs_to_the_file": "sip",
+        "test_newcomer::test_the_readmes_baresip_line_calls_the_echo_line_from_nothing": "sip slow",  # 6 s
+        "test_newcomer::test_a_call_to_a_closed_port_fails_at_once": "sip",  # `callbot call`, 2 s
+        "test_newcomer::test_a_call_nobody_answers_in_any_way_fails_after_the_no_response_limit": "sip slow",  # 7 s
         "test_native_layout::test_stubs_match_the_built_modules": "slow",  # 14 s: mypy's stubtest
         "test_process_isolation": "sip model",  # `callbot serve` with the tiny model, a pjsua2 caller
         "test_prompt": "model",

@@ -56,7 +56,12 @@ address = "127.0.0.1:9999"
     "text, expected",
     [
         ("[model]\nquantisation = 'q4'\n", "$.model: Object contains unknown field `quantisation`"),
-        ("[model]\nquantization = 'q3'\n", "$.model.quantization"),
+        ("[model]\nquantization = 'q3'\n",
+         "$.model.quantization: Invalid enum value 'q3', expected one of 'none', 'q4', 'q8'"),
+        ("[[sip.transports]]\nname = 'a'\n[[sip.transports]]\nname = 'b'\nkind = 'sctp'\n",
+         "$.sip.transports[1].kind: Invalid enum value 'sctp', expected one of 'tcp', 'tls', 'udp'"),
+        ("[sip]\nconference_clock_rate = 44100\n",
+         "$.sip.conference_clock_rate: Invalid enum value 44100, expected one of 8000, 16000, 24000"),
         ("[[bots]]\nname = 'a'\nmax_call_s = 'long'\n", "$.bots[0].max_call_s: Expected `float | null`, got `str`"),
         ("[[bots]]\nname = 'a'\nvoice = 'NATF9'\n", '$.bots[0].voice: unknown voice "NATF9", expected one of NATF0'),
         ("[[bots]]\nname = 'a'\naccount = 'nope'\n", "$.bots[0].account: unknown account 'nope'"),
