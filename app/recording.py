@@ -3,17 +3,28 @@
 Why this shape: a recording must survive the process dying mid-call (kill -9, a crash, power cut of the
 process alone), so nothing waits for the end of the call. The media callback only copies each 20 ms
 frame into two lock-free rings (sip/media_port.py); one recorder thread per process drains every call's
-rings into its WAV file. Every `sync_interval_s` (1 s) it hands the data to the OS and then rewrites
-the RIFF and data sizes in the header, in that order, so the header never claims more than the file
-holds: a killed process leaves a standard WAV, playable by anything (stdlib `wave`, sox), holding all
-audio up to the last sync. `read_recording` also takes the few unsynced frames after it.
+rings into its WAV file. It hands the data to the OS and then rewrites the RIFF and data sizes in the
+header, in that order, so the header never claims more than the file holds: first as soon as there is
+audio (FIRST_SYNC_S, within 200 ms of the start at the 100 ms poll), then every `sync_interval_s` (1 s).
+A killed process leaves a standard WAV, playable by anything (stdlib `wave`, sox), holding all audio up
+to the last sync. `read_recording` also takes the few unsynced frames after it.
 
-The sidecar (`<name>.json`) is written when the call starts (its end still null) and replaced, atomically,
-when it ends; it carries the CallRecord (id, from, to, start, end, codec, DTMF, transfer, hangup cause)
-and what the WAV holds. The recorder is also a subscriber of the app's event bus (`on_event`): the
-call's live events (the bot's words with their times, who speaks when, DTMF, clips played, persona
+The sidecar (`<name>.json`) carries the CallRecord (id, from, to, start, answer, end, codec, DTMF,
+transfer, hangup cause) and what the WAV holds. It is written when the call's audio starts and kept
+current while the call goes on, from the same live record the SIP side fills: once the WAV first covers
+audio, at most a second after each change the record reports (answer, media, a digit, a transfer:
+CallRecord.changed), and every `sidecar_interval_s` (10 s) in any case, each time replaced atomically
+(a new file renamed over the old). So a SIGKILL mid-call leaves the call's facts and how many seconds
+were safe on disk at most 10 s before it; `complete` says false. When the call ends it is written a
+last time with `complete` true. The recorder is also a subscriber of the app's event bus (`on_event`):
+the call's live events (the bot's words with their times, who speaks when, DTMF, clips played, persona
 changes) go, one JSON line each as they happen, into `<name>.events.jsonl`, so a call cut short by a
 crash still has its words up to the moment it died.
+
+What a peer controls is bounded: a record keeps the first 1,000 digits (`dtmf_dropped` counts the rest,
+sip/call_record.py) and an events file stops at `events_max_bytes` (16 MiB: hours of a talking bot;
+`events_dropped` counts the lines left out). Text that is not UTF-8 is escaped, never refused
+(app/event_log.py's json_bytes).
 """
 
 from __future__ import annotations
@@ -30,17 +41,20 @@ import msgspec
 import numpy as np
 
 from callbot.app.event_bus import BusEvent, call_id_of
-from callbot.app.event_log import event_line
+from callbot.app.event_log import event_line, json_bytes
 from callbot.engine.audio.ring import Ring, capacity_for
 from callbot.engine.contract import FrameStages
 
 CHANNELS = ("caller", "bot")  # left, right
 RING_SECONDS = 8  # per channel: the recorder thread may stall this long before audio is dropped
 SYNC_INTERVAL_S = 1.0
+FIRST_SYNC_S = 0.1  # the first header update, after the recording starts (then each poll until audio is in)
+SIDECAR_INTERVAL_S = 10.0  # the sidecar is rewritten at least this often while the call goes on
+SIDECAR_MIN_GAP_S = 1.0  # and at most this often for changes (a digit flood costs one write a second)
+EVENTS_MAX_BYTES = 16 * 1024 * 1024  # per call's events file; a talking bot writes ~75 kB a minute
 POLL_MS = 100.0
 _HEADER_BYTES = 44
 _SAFE = re.compile(r"[^A-Za-z0-9._@-]+")
-
 
 
 def _wav_header(rate: int, channels: int, data_bytes: int) -> bytes:
@@ -152,21 +166,30 @@ def _record_dict(record: Any) -> dict:
 
 
 def _write_json_atomically(path: str, content: dict) -> None:
+    data = msgspec.json.format(json_bytes(content), indent=2) + b"\n"  # encoded before any file is touched
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(msgspec.json.format(msgspec.json.encode(content), indent=2))
-        f.write(b"\n")
-    os.replace(tmp, path)  # readers see the old sidecar or the new one, never half of one
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)  # readers see the old sidecar or the new one, never half of one
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 class CallRecording:
     """One call's recording: the two rings the media port fills, and the files they end up in.
 
     `caller` and `bot` hold int16 samples at `rate` Hz; the media port writes one frame to each per
-    clock tick (producer), the recorder thread reads them (consumer).
+    clock tick (producer), the recorder thread reads them (consumer). `record` is the call's live record
+    (a CallRecord the SIP side keeps filling, or a dict): the sidecar is rewritten from it during the call.
     """
 
-    def __init__(self, directory: str, record: Any, rate: int, sync_interval_s: float):
+    def __init__(self, directory: str, record: Any, rate: int, sync_interval_s: float,
+                 sidecar_interval_s: float = SIDECAR_INTERVAL_S, events_max_bytes: int = EVENTS_MAX_BYTES):
         meta = _record_dict(record)
         call_id = str(meta.get("call_id") or "call")
         start = float(meta.get("start") or time.time())
@@ -176,13 +199,22 @@ class CallRecording:
         self.sidecar_path = os.path.join(directory, self.name + ".json")
         self.events_path = os.path.join(directory, self.name + ".events.jsonl")
         self._events = None  # the events file, opened by the first event
+        self._events_bytes = 0
+        self.events_max_bytes = events_max_bytes
+        self.events_dropped = 0  # lines not written: the file had reached events_max_bytes
+        self.record = record
         self.rate = rate
         capacity = capacity_for(rate * RING_SECONDS)
         self.caller = Ring(capacity, "int16")
         self.bot = Ring(capacity, "int16")
         self.sync_interval_s = sync_interval_s
         self._wav = WavStreamWriter(self.wav_path, rate, 2)
-        self._last_sync = time.monotonic()
+        now = time.monotonic()
+        self._next_sync = now + min(FIRST_SYNC_S, sync_interval_s)
+        self.sidecar_interval_s = sidecar_interval_s
+        self._sidecar_revision = getattr(record, "revision", 0)
+        self._sidecar_frames = 0  # frames the last sidecar said were synced
+        self._sidecar_at = now
         self._write_sidecar(meta, complete=False)
 
     @property
@@ -211,9 +243,30 @@ class CallRecording:
                     frames[:k, ch] = ring.read(k)
             self._wav.write(frames)
         now = time.monotonic()
-        if final or now - self._last_sync >= self.sync_interval_s:
+        if final or now >= self._next_sync:
             self._wav.sync()
-            self._last_sync = now
+            # until the header covers some audio, look again at the next poll
+            self._next_sync = now + self.sync_interval_s if self._wav.frames_synced else now
+
+    def _refresh_sidecar(self) -> None:
+        """Rewrites the sidecar from the live record when it is due (recorder thread): the first time the
+        WAV covers audio, a change the record reported (at most every SIDECAR_MIN_GAP_S), and every
+        sidecar_interval_s."""
+        now = time.monotonic()
+        revision = getattr(self.record, "revision", 0)
+        since = now - self._sidecar_at
+        due = (since >= self.sidecar_interval_s
+               or (revision != self._sidecar_revision and since >= SIDECAR_MIN_GAP_S)
+               or (self._wav.frames_synced and not self._sidecar_frames))
+        if not due:
+            return
+        try:
+            meta = _record_dict(self.record)
+        except RuntimeError:  # the SIP side changed a dict while it was copied: the next poll tries again
+            return
+        self._write_sidecar(meta, complete=False)
+        self._sidecar_revision = revision
+        self._sidecar_at = now
 
     def _write_sidecar(self, meta: dict, complete: bool) -> None:
         meta = dict(meta)
@@ -225,15 +278,23 @@ class CallRecording:
             "seconds": round(self._wav.frames_synced / self.rate, 3),
             "complete": complete,
             "dropped": self.dropped,
+            "updated": round(time.time(), 3),  # when this sidecar was written: how current it is
         }
         meta["events"] = os.path.basename(self.events_path)
+        meta["events_dropped"] = self.events_dropped
         _write_json_atomically(self.sidecar_path, meta)
+        self._sidecar_frames = self._wav.frames_synced
 
     def _note(self, line: bytes) -> None:
+        size = len(line) + 1
+        if self._events_bytes + size > self.events_max_bytes:
+            self.events_dropped += 1
+            return
         if self._events is None:
             self._events = open(self.events_path, "ab")
         self._events.write(line + b"\n")
         self._events.flush()  # to the OS at once: a crash of this process loses none of it
+        self._events_bytes += size
 
     def _finish(self, record: Any) -> None:
         self._drain(final=True)
@@ -252,7 +313,8 @@ class Recorder:
     write to them.
     """
 
-    def __init__(self, directory: str | os.PathLike, sync_interval_s: float = SYNC_INTERVAL_S, poll_ms: float = POLL_MS):
+    def __init__(self, directory: str | os.PathLike, sync_interval_s: float = SYNC_INTERVAL_S, poll_ms: float = POLL_MS,
+                 sidecar_interval_s: float = SIDECAR_INTERVAL_S, events_max_bytes: int = EVENTS_MAX_BYTES):
         self.directory = os.fspath(directory)
         if not os.path.isdir(self.directory):
             raise ValueError(f"recording directory {self.directory!r} does not exist")
@@ -260,7 +322,13 @@ class Recorder:
             raise ValueError(f"sync_interval_s must be in (0, 60] seconds, got {sync_interval_s!r}")
         if not 1 <= poll_ms <= 1000:
             raise ValueError(f"poll_ms must be 1..1000 ms, got {poll_ms!r}")
+        if not 0 < sidecar_interval_s <= 600:
+            raise ValueError(f"sidecar_interval_s must be in (0, 600] seconds, got {sidecar_interval_s!r}")
+        if isinstance(events_max_bytes, bool) or not isinstance(events_max_bytes, int) or events_max_bytes < 0:
+            raise ValueError(f"events_max_bytes must be an int >= 0 (bytes), got {events_max_bytes!r}")
         self.sync_interval_s = sync_interval_s
+        self.sidecar_interval_s = sidecar_interval_s
+        self.events_max_bytes = events_max_bytes
         self.poll_s = poll_ms / 1000
         # guards the list and each recording's file; never taken by a media callback
         self._lock = threading.Lock()
@@ -276,7 +344,8 @@ class Recorder:
             raise RuntimeError("the recorder is closed")
         if self.error is not None:
             raise RuntimeError(f"the recorder's thread failed ({self.error!r}): no new recording can start")
-        rec = CallRecording(self.directory, record, rate, self.sync_interval_s)
+        rec = CallRecording(self.directory, record, rate, self.sync_interval_s, self.sidecar_interval_s,
+                            self.events_max_bytes)
         with self._lock:
             self._active.append(rec)
         return rec
@@ -311,22 +380,16 @@ class Recorder:
                 with self._lock:
                     for rec in self._active:
                         rec._drain(final=False)
+                        rec._refresh_sidecar()
         except BaseException as exc:  # a disk error must be visible, not a silent stop of all recordings
             self.error = exc
             raise
 
     def close(self) -> None:
-        """Stops the thread and finishes what is still open (with the sidecar as written at start)."""
+        """Stops the thread and finishes what is still open (from each call's record as it stands)."""
         self._stop.set()
         self._thread.join(5)
         with self._lock:  # held while finishing: a thread that outlived the join cannot drain the same ring
             active, self._active = self._active, []
             for rec in active:
-                meta = _read_json(rec.sidecar_path)
-                meta.pop("recording", None)
-                rec._finish(meta)
-
-
-def _read_json(path: str) -> dict:
-    with open(path, "rb") as f:
-        return msgspec.json.decode(f.read())
+                rec._finish(rec.record)

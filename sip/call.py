@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import pjsua2 as pj
 
-from .call_record import CallRecord, DtmfRecord, TransferRecord
+from .call_record import CallRecord, DtmfRecord, TransferRecord, peer_text
 from .callbacks import guarded
 from .codecs import narrow_answer
 from .events import (CallConfirmed, CallEnded, CallMedia, CallProgress, DtmfReceived, TransferProgress)
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 INBOUND, OUTBOUND = "inbound", "outbound"
 _MEDIA_CHECK_S = 0.5  # how often an active call's stream statistics are read (RTP timeout, the record)
 _DTMF_IS_END = 2  # PJMEDIA_STREAM_DTMF_IS_END, not exported by the SWIG module
+_NOTIFY_KEPT = 100  # a transfer's NOTIFYs a record keeps (a few are normal: 100 Trying, 180, 200)
 _SRTP_PROTOS = {pj.PJMEDIA_TP_PROTO_RTP_SAVP, pj.PJMEDIA_TP_PROTO_RTP_SAVPF,
                 pj.PJMEDIA_TP_PROTO_DTLS_SRTP, pj.PJMEDIA_TP_PROTO_DTLS_SRTPF}
 
@@ -107,8 +108,11 @@ class SipCall(pj.Call):
 
     def init_record(self) -> CallRecord:
         ci = self.getInfo()
-        self.record = CallRecord(call_id=ci.callIdString, direction=self.direction, account=self.account.name,
-                                 local_uri=ci.localUri, remote_uri=ci.remoteUri, start=time.time())
+        # the peer's own text, bytes that are not UTF-8 included: escaped once here, so that the ids and
+        # URIs every event, record, log line and engine message carries can be encoded (call_record.py)
+        self.record = CallRecord(call_id=peer_text(ci.callIdString), direction=self.direction,
+                                 account=self.account.name, local_uri=peer_text(ci.localUri),
+                                 remote_uri=peer_text(ci.remoteUri), start=time.time())
         return self.record
 
     # ---- operations (SIP thread) ----
@@ -159,13 +163,14 @@ class SipCall(pj.Call):
         if ci.state == pj.PJSIP_INV_STATE_CONFIRMED and not self.confirmed:
             self.confirmed = True
             self.record.answered = time.time()
+            self.record.changed()
             self.hub._emit(CallConfirmed(at=now, call_id=self.call_id, direction=self.direction))
             limit = self.account.cfg.max_call_duration_s
             if limit is not None:
                 self.hub._after(limit, weakly(self, "end", "max_duration"))
         elif ci.state == pj.PJSIP_INV_STATE_DISCONNECTED and not self.ended:
             self.ended = True
-            code, reason = int(ci.lastStatusCode), str(ci.lastReason)
+            code, reason = int(ci.lastStatusCode), peer_text(str(ci.lastReason))
             if self._local_cause is not None:
                 cause = self._local_cause
             elif self.direction == OUTBOUND and not self.confirmed:
@@ -231,6 +236,7 @@ class SipCall(pj.Call):
             srtp = si.proto in _SRTP_PROTOS
             if (rec.codec, rec.codec_rate, rec.srtp) != (si.codecName, si.codecClockRate, srtp):
                 rec.codec, rec.codec_rate, rec.srtp = str(si.codecName), int(si.codecClockRate), srtp
+                rec.changed()
                 self.hub._emit(CallMedia(at=time.monotonic(), call_id=self.call_id, codec=rec.codec,
                                          clock_rate=rec.codec_rate, srtp=srtp))
             audio = self.getAudioMedia(mi.index)
@@ -287,10 +293,12 @@ class SipCall(pj.Call):
     @guarded
     def onDtmfDigit(self, prm):
         # RFC 4733 digits arrive on the media thread, SIP INFO ones on the SIP thread: both only append
+        # (the record keeps the first DTMF_KEPT; every digit is still an event)
         method = "info" if prm.method == pj.PJSUA_DTMF_METHOD_SIP_INFO else "rfc4733"
         duration = int(prm.duration) if prm.duration < 0xFFFF else 0
-        self.record.dtmf.append(DtmfRecord(digit=str(prm.digit), method=method, at=time.time(), duration_ms=duration))
-        self.hub._emit(DtmfReceived(at=time.monotonic(), call_id=self.call_id, digit=str(prm.digit),
+        digit = peer_text(str(prm.digit))  # an INFO body's Signal= is the peer's text
+        self.record.add_dtmf(DtmfRecord(digit=digit, method=method, at=time.time(), duration_ms=duration))
+        self.hub._emit(DtmfReceived(at=time.monotonic(), call_id=self.call_id, digit=digit,
                                     method=method, duration_ms=duration))
 
     @guarded
@@ -302,16 +310,19 @@ class SipCall(pj.Call):
         for d in reversed(self.record.dtmf):
             if d.digit == str(prm.digit) and d.method == "rfc4733" and d.duration_ms == 0:
                 d.duration_ms = int(prm.duration)
+                self.record.changed()
                 break
 
     @guarded
     def onCallTransferStatus(self, prm):
-        code, reason, final = int(prm.statusCode), str(prm.reason), bool(prm.finalNotify)
+        code, reason, final = int(prm.statusCode), peer_text(str(prm.reason)), bool(prm.finalNotify)
         xfer = self.record.transfer
         if xfer is not None:
-            xfer.notifications.append((code, reason))
+            if len(xfer.notifications) < _NOTIFY_KEPT:  # one per NOTIFY the peer chooses to send
+                xfer.notifications.append((code, reason))
             if final or code >= 200:
                 xfer.succeeded = 200 <= code < 300
+            self.record.changed()
         self.hub._emit(TransferProgress(at=time.monotonic(), call_id=self.call_id, code=code, reason=reason,
                                         final=final or code >= 200))
         if 200 <= code < 300:
@@ -340,6 +351,7 @@ class SipCall(pj.Call):
 
     def blind_transfer(self, target: str) -> None:
         self.record.transfer = TransferRecord(target=target)
+        self.record.changed()
         self.xfer(target, call_op())
 
     def send_digits(self, digits: str, method: str) -> None:

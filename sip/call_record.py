@@ -3,11 +3,37 @@
 The call object fills it from pjsua2 callbacks; the recorder (app/recording.py) reads it and never
 needs to know pjsua2. Times are wall-clock (time.time(), seconds since the epoch) so that a sidecar
 means something after the process is gone; DTMF keeps the monotonic stamp of its event too.
+
+The record is read while the call goes on (the recorder rewrites the sidecar from it a few times a
+minute, so a killed process leaves the call's facts): whoever changes it calls `changed()`, which the
+recorder notices without comparing contents. Its lists are bounded: a peer can send digits without end.
+
+Text a peer wrote (Call-ID, URIs with their display names, reason phrases) can hold bytes that are not
+UTF-8; pjsua2 hands them over as lone surrogates (U+DC80..U+DCFF, Python's surrogateescape), which no
+UTF-8 encoder (JSON, msgpack, a file) accepts. `peer_text` turns them into backslash escapes of the bytes
+(`\\xff`): lossless, so two Call-IDs that differ in one bad byte stay two calls, ASCII, so every JSON
+reader takes it, and the same bytes a packet capture shows. U+FFFD would merge such Call-IDs.
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
+
+DTMF_KEPT = 1000  # digits a record keeps; later ones are counted in dtmf_dropped (a flood: 1,800 -> 208 KB)
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _escape(m: re.Match) -> str:
+    code = ord(m.group())
+    # U+DC80..U+DCFF is the byte 0x80..0xFF that would not decode; any other lone surrogate is shown as is
+    return f"\\x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"\\u{code:04x}"
+
+
+def peer_text(text: str) -> str:
+    """`text` with every lone surrogate as a backslash escape (\\xff for the byte 0xFF): encodable as UTF-8."""
+    return _SURROGATE.sub(_escape, text)
 
 
 @dataclass
@@ -41,7 +67,8 @@ class CallRecord:
     # conference bridge's (engine/contract.py reads it as the media port's rate)
     clock_rate: int | None = None
     srtp: bool = False
-    dtmf: list[DtmfRecord] = field(default_factory=list)
+    dtmf: list[DtmfRecord] = field(default_factory=list)  # the first DTMF_KEPT digits
+    dtmf_dropped: int = 0  # digits after those, counted and not kept
     transfer: TransferRecord | None = None
     # pjmedia's statistics of the audio stream, last read while it flowed (call.stream_summary): packets,
     # losses, jitter and the jitter buffer's delay, the half of the audio path before our media port
@@ -52,6 +79,26 @@ class CallRecord:
     # what the engine reports at the call's end: the model's text pieces with their times, step and
     # stage timings, underruns/overruns (engine/serving/runner.py ModelCallSession.summary)
     engine: dict | None = None
+
+    def __post_init__(self) -> None:
+        # not a field (not in the sidecar): bumped by every change worth writing out at once; read by the
+        # recorder's thread, which only asks whether it moved (a lost bump between two threads still moves it)
+        self.revision = 0
+
+    def changed(self) -> None:
+        """Something a reader of the sidecar should see soon happened (answer, media, a digit, a transfer)."""
+        self.revision += 1
+
+    def add_dtmf(self, digit: DtmfRecord) -> bool:
+        """Keeps the digit if fewer than DTMF_KEPT are kept, else counts it in dtmf_dropped; True if kept."""
+        if len(self.dtmf) < DTMF_KEPT:
+            self.dtmf.append(digit)
+            kept = True
+        else:
+            self.dtmf_dropped += 1
+            kept = False
+        self.changed()
+        return kept
 
     def to_dict(self) -> dict:
         """The sidecar's content: JSON-ready (only str, int, float, bool, None, lists, dicts)."""

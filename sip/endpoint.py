@@ -31,8 +31,8 @@ import pjsua2 as pj
 
 from .account import AccountState, SipAccount
 from .call import INBOUND, OUTBOUND, SipCall, call_op, weakly
-from .call_record import CallRecord
-from .callbacks import forget_printed_errors
+from .call_record import CallRecord, peer_text
+from .callbacks import forget_printed_errors, guarded
 from .codecs import apply_codec_priorities
 from .config import WHEEL_MAX_CALLS, EndpointConfig
 from .events import CallRejected, EndpointStopped, Event, IncomingCall
@@ -94,6 +94,19 @@ def _quiet_pjlib_until_configured() -> None:
         ctypes.CDLL(pj._pjsua2.__file__).pj_log_set_level(ctypes.c_int(0))
     except (OSError, AttributeError):  # a build that hides the symbol: the chatter shows, nothing else
         pass
+
+
+class _PjEndpoint(pj.Endpoint):
+    """pjsua2's endpoint with the one callback we need of it: an INVITE pjsua refused itself, which never
+    reaches onIncomingCall (486 when its call slots are full)."""
+
+    def __init__(self, on_refused: Callable[[Any], None]):
+        super().__init__()
+        self._on_refused = on_refused
+
+    @guarded
+    def onRejectedIncomingCall(self, prm):
+        self._on_refused(prm)
 
 
 RECORDS_KEPT = 1000  # CallRecords an Endpoint keeps for inspection; each call's sidecar has its own
@@ -313,7 +326,7 @@ class Endpoint:
 
     def _boot(self) -> None:
         cfg = self.config
-        self._ep = pj.Endpoint()
+        self._ep = _PjEndpoint(self._refused_by_pjsip)
         _quiet_pjlib_until_configured()
         self._ep.libCreate()
         ec = pj.EpConfig()
@@ -526,6 +539,17 @@ class Endpoint:
     def _offer_problem(self, sdp: str) -> str | None:
         """Why an SDP offer (first INVITE, re-INVITE, UPDATE) cannot be answered, or None."""
         return validate_offer(sdp, self._accepted) if self._accepted else None
+
+    def _refused_by_pjsip(self, prm) -> None:
+        """An INVITE pjsua answered with an error on its own (SIP thread): a CallRejected like ours, so that
+        the log and the metrics see it too."""
+        code, local = int(prm.statusCode), peer_text(str(prm.localInfo))
+        user = local.partition(":")[2].partition("@")[0]
+        account = next((name for name, acc in self._accounts.items() if acc.cfg.user == user), "")
+        why = f"all {WHEEL_MAX_CALLS} call slots taken" if code == 486 else "its own checks"
+        self._emit(CallRejected(at=time.monotonic(), account=account, remote_uri=peer_text(str(prm.remoteInfo)),
+                                code=code, reason=f"refused by pjsip ({why}): {peer_text(str(prm.reason))}",
+                                by="pjsip"))
 
     def _incoming_call(self, acc: SipAccount, prm) -> None:
         call = SipCall(self, acc, INBOUND, prm.callId)

@@ -40,12 +40,15 @@ class IncomingCall(Event, frozen=True, kw_only=True):
 
 
 class CallRejected(Event, frozen=True, kw_only=True):
-    """An INVITE answered with a final error before it became a call of ours (busy, bad offer)."""
+    """An INVITE answered with a final error before it became a call of ours (busy, bad offer). `by`:
+    "callbot" (our own checks) or "pjsip" (pjsua refused it before our code saw it: 486 when every one of
+    the wheel's call slots is taken)."""
 
     account: str
     remote_uri: str
     code: int
     reason: str
+    by: str = "callbot"
 
 
 class CallProgress(Event, frozen=True, kw_only=True):
