@@ -28,10 +28,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="answer calls (and register accounts) until SIGTERM/SIGINT")
     common(serve)
+    serve.add_argument("--edge", action="store_true",
+                       help="run kamailio on the public port in front of serve (config [edge]; serve on loopback)")
     call = sub.add_parser("call", help="place one call; the exit status says how it ended")
     call.add_argument("uri", metavar="SIP_URI")
     call.add_argument("--bot", metavar="NAME", help="bot to call with (default: the first)")
     common(call)
+    edge = sub.add_parser("edge", help="run kamailio on the public SIP port in front of `callbot serve` on loopback")
+    edge.add_argument("--config", metavar="FILE", help="TOML config: [edge] and serve's [sip] transport")
+    edge.add_argument("--print", dest="print_only", action="store_true",
+                      help="write the generated kamailio configuration to stdout and exit")
+    edge.add_argument("--check", action="store_true", help="check the generated configuration (kamailio -c) and exit")
+    edge.set_defaults(model=None)
     return parser
 
 
@@ -48,12 +56,32 @@ def run(args: argparse.Namespace) -> int:
     from callbot.app import serve
 
     settings = _settings(args)
+    if args.command == "edge" or getattr(args, "edge", False):
+        return _edge(args, settings)
     if args.command == "serve":
+        from callbot.app.edge import public_exposure_warning
+
+        warning = public_exposure_warning(settings)
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
         return serve.serve(settings, args.engine)
     bot = settings.bot(args.bot) if args.bot else settings.bots[0]
     if args.bot:  # the chosen bot speaks first in the engine's list, so it is the one that calls
         settings = msgspec.structs.replace(settings, bots=(bot, *(b for b in settings.bots if b is not bot)))
     return serve.call(settings, args.engine, args.uri, account=bot.account, bot=bot.name)
+
+
+def _edge(args: argparse.Namespace, settings) -> int:
+    """`callbot edge` and `callbot serve --edge` (app/edge.py)."""
+    import pathlib
+
+    from callbot.app import edge
+
+    settings = edge.resolve_paths(settings, pathlib.Path(args.config).parent if args.config else ".")
+    if args.command == "edge":
+        return edge.run_edge(settings, source=args.config or "the default config", print_only=args.print_only,
+                             check_only=args.check)
+    return edge.serve_with_edge(settings, args.engine, source=args.config or "the default config")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ default: direct mode on sip:bot@0.0.0.0:5060, voice NATF2, a customer-service pe
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import pathlib
 import re
@@ -82,6 +83,58 @@ class MetricsSettings(_Settings):
     address: str = "127.0.0.1:9464"
 
 
+PublicPort = Annotated[int, Meta(ge=1, le=65535)]
+Positive = Annotated[int, Meta(ge=1)]
+
+
+class EdgeSettings(_Settings):
+    """kamailio on the public SIP port in front of `callbot serve` on loopback (app/edge.py, `callbot
+    edge`, `callbot serve --edge`): floods, strangers and TLS end there; serve sees what passed."""
+
+    address: str = "0.0.0.0"  # where callers reach us; 0.0.0.0 = every local address
+    port: PublicPort = 5060  # UDP and TCP
+    advertise: str | None = None  # public address or name for Via/Record-Route when behind NAT
+    # TLS (sips:) on tls_port when cert_file and key_file are given (PEM); TLS 1.2 or newer only.
+    # With ca_file, callers must present a certificate signed by it.
+    tls_port: PublicPort = 5061
+    cert_file: str | None = None
+    key_file: str | None = None
+    ca_file: str | None = None
+    # per source address: any request above requests_per_s (pike) bans it until it has been quiet for
+    # ban_s; new calls above calls_per_s, or beyond open_calls_per_source at once, get 503.
+    # total_calls_per_s: new calls passed to serve, all sources together (pjsua2 aborts when ~33
+    # refused INVITEs arrive in half a second)
+    requests_per_s: Positive = 20
+    ban_s: Positive = 60
+    calls_per_s: Positive = 2
+    open_calls_per_source: Positive = 2
+    total_calls_per_s: Positive = 10
+    trusted_sources: tuple[str, ...] = ()  # addresses or CIDR networks spared the per-source limits (trunks)
+    tcp_idle_s: Positive = 300  # a TCP/TLS connection silent this long is closed
+    tcp_max_connections: Positive = 2048
+    workers: Annotated[int, Meta(ge=1, le=64)] = 4  # kamailio processes per UDP socket, and for TCP/TLS
+    kamailio: str = "kamailio"  # the program, found on PATH unless a path
+    modules_dir: str | None = None  # kamailio's modules (':' between several); None = found beside it
+    run_dir: str | None = None  # the generated config, pid file, control socket; None = a temporary folder
+
+    def __post_init__(self) -> None:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("TLS at the edge needs both cert_file and key_file (PEM paths)")
+        if self.ca_file and not self.cert_file:
+            raise ValueError("ca_file verifies callers over TLS: give cert_file and key_file too")
+        if self.cert_file and self.tls_port == self.port:
+            raise ValueError(f"tls_port {self.tls_port} is the port of SIP over TCP: pick another (5061)")
+        for source in self.trusted_sources:
+            try:
+                ipaddress.ip_network(source, strict=False)
+            except ValueError:
+                raise ValueError(f"trusted_sources: {source!r} is not an IP address or CIDR network") from None
+
+    @property
+    def tls(self) -> bool:
+        return self.cert_file is not None
+
+
 def _default_sip() -> EndpointConfig:
     return EndpointConfig(accounts=(AccountConfig(name="default", user="bot"),))
 
@@ -92,6 +145,7 @@ class Settings(_Settings):
     bots: tuple[BotSettings, ...] = (BotSettings(),)
     recordings_dir: str = "./calls"
     metrics: MetricsSettings = MetricsSettings()
+    edge: EdgeSettings = EdgeSettings()
 
     def bot_name_for(self, record: CallRecord) -> str:
         """The bot that answers a call: the one bound to the call's account, else the first."""

@@ -1,0 +1,832 @@
+"""The public SIP edge: kamailio on the public port in front of `callbot serve` on loopback.
+
+Why: the pjsua2 wheel serve runs on holds 4 calls and 64 socket handles per process, aborts (pj_assert)
+when an INVITE flood takes the handles, lets four unacknowledged INVITEs lock its line, and speaks TLS
+through a bundled OpenSSL 1.0.2 (issue 11). None of that is ours to change, so pjsua2 does not face
+the internet: kamailio takes the public port and ends floods (pike, then a ban), new calls above a
+rate, malformed requests (sanity), scanners, methods we do not serve, REGISTER, requests in dialogs
+it did not set up, and TLS (the system's OpenSSL 3). Serve, bound to 127.0.0.1, sees the calls that
+passed.
+
+`callbot edge` runs kamailio alone (serve started separately on the loopback port its config names);
+`callbot serve --edge` runs both, kamailio as a child that stops with serve. The kamailio configuration
+is generated from `[edge]` and serve's transport each time, written to read like one written by hand
+(short route blocks, comments saying why), and checked with `kamailio -c` before it runs.
+"""
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import msgspec
+
+from callbot.app.errors import StartupError
+from callbot.app.settings import EdgeSettings, Settings
+from callbot.sip.config import TransportConfig
+
+# what a user is told when the program is missing (one line, exit status 2)
+NOT_INSTALLED = ("kamailio is not installed (the SIP edge runs it): install the `kamailio` package "
+                 "(Debian/Ubuntu: apt install kamailio; macOS: brew install kamailio)")
+NO_TLS_MODULE = ("TLS at the edge needs kamailio's tls module (tls.so, not in {dirs}): install the "
+                 "`kamailio-tls-modules` package (Debian/Ubuntu)")
+# where kamailio's modules live, relative to the prefix its binary is installed under (Debian's
+# multiarch folder first; Homebrew and source installs use lib/kamailio/modules)
+_MODULE_DIRS = ("lib/{multiarch}/kamailio/modules", "lib64/kamailio/modules", "lib/kamailio/modules")
+# the methods serve answers; everything else gets 405 at the edge
+ALLOWED = "INVITE, ACK, BYE, CANCEL, OPTIONS, REFER, INFO, NOTIFY, UPDATE, PRACK"
+# counters the configuration keeps (kamcmd ... cnt.get script NAME; `Edge.counters()`)
+COUNTERS = ("flood_sources", "flood_dropped", "malformed", "refused", "calls_limited", "calls_passed")
+READY_TIMEOUT_S = 15.0
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Where kamailio sends calls: serve's UDP socket on loopback."""
+
+    host: str
+    port: int
+
+    @property
+    def uri_host(self) -> str:
+        return f"[{self.host}]" if ":" in self.host else self.host
+
+    def __str__(self) -> str:
+        return f"{self.uri_host}:{self.port}"
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _serve_transport(settings: Settings) -> tuple[int, TransportConfig]:
+    """Serve's transport that callers reach (the first account's), with its index in sip.transports."""
+    sip = settings.sip
+    transport = sip.transport_of(sip.accounts[0]) if sip.accounts else sip.transports[0]
+    return sip.transports.index(transport), transport
+
+
+def check_settings(settings: Settings) -> None:
+    """What must hold between serve's transport and the edge; each error names the field to change."""
+    edge = settings.edge
+    i, t = _serve_transport(settings)
+    where = f"$.sip.transports[{i}]"
+    if t.kind != "udp":
+        raise StartupError(f"{where}.kind: the edge reaches serve over UDP on loopback: set kind = \"udp\"")
+    if not _is_loopback(t.bind):
+        raise StartupError(f"{where}.bind: behind the edge serve listens on loopback only (the public "
+                           f"port is kamailio's): set bind = \"127.0.0.1\" (it is {t.bind!r})")
+    if t.port == edge.port and (edge.address == "0.0.0.0" or _is_loopback(edge.address)):
+        raise StartupError(f"{where}.port: serve and the edge both want port {t.port}: give serve another "
+                           "(e.g. 5070)")
+
+
+def backend_of(settings: Settings) -> Backend:
+    """Serve's address as its config names it (`callbot edge`, serve started on its own)."""
+    check_settings(settings)
+    i, t = _serve_transport(settings)
+    if t.port == 0:
+        raise StartupError(f"$.sip.transports[{i}].port: the edge needs serve on a fixed port (0 lets the "
+                           "OS choose; `callbot serve --edge` reads the chosen one back)")
+    return Backend("127.0.0.1" if t.bind == "localhost" else t.bind, t.port)
+
+
+def public_exposure_warning(settings: Settings) -> str | None:
+    """One line for `callbot serve` without the edge on a non-loopback address (issue 11, point 2)."""
+    exposed = [t for t in settings.sip.transports if not _is_loopback(t.bind)]
+    if not exposed:
+        return None
+    where = ", ".join(f"{t.kind} {t.bind}:{t.port}" for t in exposed)
+    return (f"callbot: warning: SIP on {where} with no edge in front: pjsua2 alone does not survive floods "
+            "from the internet; on a public address run `callbot serve --edge` (README, Public deployment)")
+
+
+def resolve_paths(settings: Settings, base_dir: str | os.PathLike) -> Settings:
+    """[edge] paths in a config file are relative to that file, like the others (app/settings.py)."""
+    edge = settings.edge
+
+    def resolve(p: str | None) -> str | None:
+        return None if p is None else os.fspath(pathlib.Path(base_dir) / os.path.expanduser(p))
+
+    edge = msgspec.structs.replace(edge, cert_file=resolve(edge.cert_file), key_file=resolve(edge.key_file),
+                                   ca_file=resolve(edge.ca_file), run_dir=resolve(edge.run_dir))
+    return msgspec.structs.replace(settings, edge=edge)
+
+
+# ---------------------------------------------------------------------------------------------------
+# finding kamailio
+
+
+def find_kamailio(edge: EdgeSettings) -> str:
+    """The kamailio program's path; StartupError naming the package when it is not installed."""
+    found = shutil.which(edge.kamailio)
+    if found is None:
+        raise StartupError(NOT_INSTALLED)
+    return found
+
+
+def find_modules_dir(edge: EdgeSettings, kamailio: str | None) -> str:
+    """kamailio's module folder: [edge] modules_dir, else the one beside the installed program."""
+    if edge.modules_dir:
+        return edge.modules_dir
+    multiarch = getattr(sys.implementation, "_multiarch", "") or "x86_64-linux-gnu"
+    prefixes = []
+    if kamailio:
+        prefixes.append(pathlib.Path(os.path.realpath(kamailio)).parent.parent)  # <prefix>/sbin/kamailio
+        prefixes.append(pathlib.Path(kamailio).parent.parent)  # Homebrew: the link's prefix, not the Cellar's
+    prefixes += [pathlib.Path("/usr"), pathlib.Path("/usr/local"), pathlib.Path("/opt/homebrew")]
+    for prefix in prefixes:
+        for rel in _MODULE_DIRS:
+            d = prefix / rel.format(multiarch=multiarch)
+            if (d / "tm.so").is_file():
+                return os.fspath(d)
+    raise StartupError("kamailio's modules (tm.so, sl.so, ...) were not found beside the program: set "
+                       "[edge] modules_dir")
+
+
+def has_module(modules_dir: str, name: str) -> bool:
+    return any((pathlib.Path(d) / f"{name}.so").is_file() for d in modules_dir.split(":") if d)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the configuration
+
+
+def render(edge: EdgeSettings, backend: Backend, *, modules_dir: str, run_dir: str,
+           source: str = "callbot's config") -> str:
+    """The kamailio configuration for `edge` in front of `backend`, as text."""
+    v = {
+        "source": source, "backend": str(backend), "bhost": backend.host, "buri": backend.uri_host,
+        "bport": backend.port,
+        "workers": edge.workers, "modules": modules_dir, "run_dir": run_dir,
+        "port": edge.port, "tls_port": edge.tls_port, "idle": edge.tcp_idle_s,
+        "max_conn": edge.tcp_max_connections, "unit": 2, "density": edge.requests_per_s * 2,
+        "rps": edge.requests_per_s, "ban": edge.ban_s, "cps": edge.calls_per_s,
+        "total": edge.total_calls_per_s, "open": edge.open_calls_per_source,
+        "allowed": ALLOWED,
+        "trusted": ",".join(str(ipaddress.ip_network(s, strict=False)) for s in edge.trusted_sources),
+    }
+    parts = [_HEAD % v, _listen(edge, v), _TCP % v, _MODULES % v]
+    if edge.tls:
+        parts.append(_tls_params(edge))
+    parts.append(_PARAMS % v)
+    parts += [_MAIN % v, (_FLOOD_TRUSTED if edge.trusted_sources else _FLOOD) % v, _DIALOG % v, _NEW % v,
+              _limits(edge, v), _TO_SERVE % v, _FROM_SERVE % v]
+    return "\n".join(parts)
+
+
+_HEAD = """\
+#!KAMAILIO
+#
+# callbot's public SIP edge, generated by `callbot edge` from the [edge] table of %(source)s:
+# change that, not this file (it is written again at every start).
+#
+# kamailio holds the public port so that `callbot serve` (pjsua2: 4 calls and 64 socket handles per
+# process, an assert that aborts when they run out) sees only, on loopback at %(backend)s, the calls
+# that passed here. What stops here: floods (pike, then a ban), new calls above a rate, malformed
+# requests (sanity), scanners, methods we do not serve, REGISTER (we are no registrar), requests in
+# dialogs we did not set up. RTP does not pass through kamailio: it goes between caller and serve.
+
+####### Global parameters #########
+
+debug=0                 # warnings and worse, our own "flood from ..." lines among them
+log_stderror=yes        # the log goes where callbot's goes, not to syslog
+children=%(workers)d              # processes reading each UDP socket
+tcp_children=%(workers)d          # processes serving TCP and TLS connections
+auto_aliases=no         # "myself" is the addresses below, not every name DNS has for them
+server_signature=no     # our answers tell scanners nothing about what runs here
+sip_warning=0
+server_header="Server: callbot-edge"
+user_agent_header="User-Agent: callbot-edge"
+"""
+
+
+def _listen(edge: EdgeSettings, v: dict) -> str:
+    lines = ["# the public side; serve, on loopback, is reached from it"]
+    if edge.tls:
+        lines.append("enable_tls=yes")
+    if edge.address == "0.0.0.0":
+        lines += ["# every local address (kamailio binds each one: a wildcard socket would write 0.0.0.0",
+                  "# into Record-Route and Via)",
+                  f"port={edge.port}"]
+        if edge.tls:
+            lines.append(f"tls_port_no={edge.tls_port}")
+        if edge.advertise:
+            lines.append(f'advertised_address="{edge.advertise}"   # what callers reach (NAT)')
+    else:
+        host = f"[{edge.address}]" if ":" in edge.address else edge.address
+        sockets = [("udp", edge.port), ("tcp", edge.port)] + ([("tls", edge.tls_port)] if edge.tls else [])
+        for proto, port in sockets:
+            advertise = f" advertise {edge.advertise}:{port}" if edge.advertise else ""
+            lines.append(f"listen={proto}:{host}:{port}{advertise}")
+    if edge.advertise:
+        lines.append(f'alias="{edge.advertise}"')
+    return "\n".join(lines) + "\n"
+
+
+_TCP = """\
+# TCP and TLS: a connection that carries no message for %(idle)d s is closed and their number is
+# capped, so that connections held open cannot shut the transport (pjsua2 alone accepts 62, ever)
+tcp_connection_lifetime=%(idle)d
+tcp_max_connections=%(max_conn)d
+tls_max_connections=%(max_conn)d
+tcp_connect_timeout=5   # s, to callers, for the requests serve sends them in their calls
+"""
+
+_MODULES = """\
+####### Modules ########
+
+mpath="%(modules)s"
+"""
+
+
+def _tls_params(edge: EdgeSettings) -> str:
+    lines = ['loadmodule "tls.so"       # first: it sets OpenSSL up before any other module uses it',
+             "",
+             "# ----- tls: the system's OpenSSL 3; TLS 1.2 or newer only (sips: on this port)",
+             'modparam("tls", "tls_method", "TLSv1.2+")',
+             f'modparam("tls", "certificate", "{edge.cert_file}")',
+             f'modparam("tls", "private_key", "{edge.key_file}")']
+    if edge.ca_file:
+        lines += ["# callers prove who they are with a certificate signed by this CA",
+                  f'modparam("tls", "ca_list", "{edge.ca_file}")',
+                  'modparam("tls", "verify_certificate", 1)',
+                  'modparam("tls", "require_certificate", 1)']
+    else:
+        lines += ["# callers are not asked for a certificate (phones rarely have one)",
+                  'modparam("tls", "verify_certificate", 0)',
+                  'modparam("tls", "require_certificate", 0)']
+    return "\n".join(lines) + "\n"
+
+
+_PARAMS = """\
+loadmodule "ctl.so"
+loadmodule "counters.so"
+loadmodule "tm.so"
+loadmodule "tmx.so"
+loadmodule "sl.so"
+loadmodule "rr.so"
+loadmodule "pv.so"
+loadmodule "maxfwd.so"
+loadmodule "textops.so"
+loadmodule "siputils.so"
+loadmodule "xlog.so"
+loadmodule "sanity.so"
+loadmodule "htable.so"
+loadmodule "pike.so"
+loadmodule "ipops.so"
+loadmodule "dialog.so"
+loadmodule "nathelper.so"
+
+# ----- ctl: the control socket, for kamcmd -s unix:%(run_dir)s/kamailio_ctl
+modparam("ctl", "binrpc", "unix:%(run_dir)s/kamailio_ctl")
+
+# ----- counters: what the edge stopped and passed (kamcmd ... cnt.get script <name>)
+modparam("counters", "script_counter", "flood_sources")    # sources banned
+modparam("counters", "script_counter", "flood_dropped")    # requests dropped from banned sources
+modparam("counters", "script_counter", "malformed")        # refused by sanity checks
+modparam("counters", "script_counter", "refused")          # methods we do not serve (405)
+modparam("counters", "script_counter", "calls_limited")    # new calls above a rate (503)
+modparam("counters", "script_counter", "calls_passed")     # new calls sent on to serve
+
+# ----- pike and htable: a source sending more than %(density)d requests in %(unit)d s is banned; the ban
+# (htable "banned") lasts until it has been quiet for %(ban)d s - pike alone would lift it after one
+# calm %(unit)d s unit, and the flood would start again
+modparam("pike", "sampling_time_unit", %(unit)d)
+modparam("pike", "reqs_density_per_unit", %(density)d)
+modparam("pike", "remove_latency", 4)
+modparam("pike", "pike_log_level", 3)  # debug: route[FLOOD] logs each ban once itself
+modparam("htable", "htable", "banned=>size=10;autoexpire=%(ban)d;")
+# new calls per source and second ("<ip>::<second>"), and from everyone ("all::<second>")
+modparam("htable", "htable", "calls=>size=10;autoexpire=3;initval=0;")
+
+# ----- sanity: answer 400 and hand the failure back to the script, which counts it
+modparam("sanity", "autodrop", 0)
+
+# ----- dialog: the calls we passed on, so that a request claiming to be in one can be checked, and
+# how many each source has open ("caller" profile)
+modparam("dialog", "profiles_with_value", "caller")
+modparam("dialog", "default_timeout", 14400)  # s: forget a call that ended without a BYE through us
+
+# ----- rr: our Record-Route keeps in-dialog requests on the edge; double when the caller's transport
+# is not serve's (TLS or TCP outside, UDP inside)
+modparam("rr", "enable_double_rr", 1)
+"""
+
+_MAIN = """\
+####### Routing ########
+
+request_route {
+	# serve's own requests in its calls (BYE, re-INVITE, REFER, NOTIFY) go out unchecked
+	if ($si == "%(bhost)s" && $sp == %(bport)d) {
+		route(FROM_SERVE);
+	}
+	route(REQINIT);
+	# a CANCEL follows its INVITE's transaction, or goes nowhere
+	if (is_method("CANCEL")) {
+		if (t_check_trans()) {
+			route(RELAY);
+		}
+		exit;
+	}
+	# retransmissions are absorbed by their transaction, not counted again below
+	if (!is_method("ACK")) {
+		if (t_precheck_trans()) {
+			t_check_trans();
+			exit;
+		}
+		t_check_trans();
+	}
+	if (has_totag()) {
+		route(WITHINDLG);
+	}
+	route(NEW);
+}
+
+# Floods first (cheapest to drop), then what no SIP device should send
+route[REQINIT] {
+	route(FLOOD);
+	if ($ua =~ "friendly-scanner|sipcli|sipvicious|sip-scan|VaxSIPUserAgent|pplsip") {
+		# scanners get no answer: silence tells them nothing
+		exit;
+	}
+	if (!mf_process_maxfwd_header("10")) {
+		sl_send_reply("483", "Too Many Hops");
+		exit;
+	}
+	# RFC 3261's rules (headers present and parseable, CSeq, Content-Length, URIs, first Via,
+	# duplicate tags); sanity answers 400 itself
+	if (!sanity_check("24551", "7")) {
+		cnt_inc("malformed");
+		exit;
+	}
+	force_rport();  # answers go back where the request came from (callers behind NAT)
+}
+"""
+
+_FLOOD = """\
+# pike counts each source's requests: one above %(rps)d a second is banned, logged once, and dropped
+# without an answer until it has been quiet for %(ban)d s
+route[FLOOD] {
+	if ($sht(banned=>$si) != $null) {
+		# a banned source may still end the calls it has: dropping their ACK or BYE would hold
+		# serve's lines (4 per process) until pjsua's timeouts
+		if (has_totag() && is_method("ACK|BYE") && is_known_dlg()) {
+			return;
+		}
+		$sht(banned=>$si) = $sht(banned=>$si) + 1;  # what it sent; each drop extends the ban
+		cnt_inc("flood_dropped");
+		exit;
+	}
+	if (!pike_check_req()) {
+		xlog("L_WARN", "edge: flood from $si ($pr): dropped until it has been quiet for %(ban)d s\\n");
+		$sht(banned=>$si) = 1;
+		cnt_inc("flood_sources");
+		cnt_inc("flood_dropped");
+		exit;
+	}
+}
+"""
+
+_FLOOD_TRUSTED = _FLOOD.replace("route[FLOOD] {\n", """route[FLOOD] {
+	if (is_in_subnet("$si", "%(trusted)s")) {
+		return;  # trusted_sources: a trunk carries many callers from one address
+	}
+""")
+
+_DIALOG = """\
+# Inside a dialog: only dialogs we set up (our Record-Route, known to the dialog module) are followed
+route[WITHINDLG] {
+	if (!loose_route()) {
+		# the ACK of a refused INVITE belongs to our transaction, not to a dialog
+		if (is_method("ACK")) {
+			if (t_check_trans()) {
+				route(RELAY);
+			}
+			exit;
+		}
+		sl_send_reply("404", "Not Here");
+		exit;
+	}
+	if (!is_known_dlg()) {
+		sl_send_reply("481", "Call/Transaction Does Not Exist");
+		exit;
+	}
+	if (!is_method("INVITE|ACK|BYE|OPTIONS|REFER|INFO|NOTIFY|UPDATE|PRACK")) {
+		route(REFUSE);
+	}
+	route(TO_SERVE_IN_DIALOG);
+}
+
+# A caller's requests in its call go to serve, whatever their Request-URI says: the edge relays for
+# nobody else. A sips: caller's name the edge itself (onreply_route[SIPS]), and the socket rr chose
+# for the other leg is not serve's.
+route[TO_SERVE_IN_DIALOG] {
+	$du = "sip:%(buri)s:%(bport)d";
+	if ($tU != $null) {
+		$ru = "sip:" + $tU + "@%(buri)s:%(bport)d";
+	} else {
+		$ru = "sip:%(buri)s:%(bport)d";
+	}
+	$fs = $null;
+	route(RELAY);
+}
+"""
+
+_NEW = """\
+# Outside a dialog only INVITE goes on; OPTIONS is answered here; the rest is refused
+route[NEW] {
+	if (is_method("OPTIONS")) {
+		# keepalives and probes never reach serve
+		append_to_reply("Allow: %(allowed)s\\r\\n");
+		sl_send_reply("200", "OK");
+		exit;
+	}
+	# REGISTER (we are no registrar), MESSAGE, SUBSCRIBE, PUBLISH, and REFER/INFO/NOTIFY/UPDATE
+	# outside a dialog: serve keeps no state for any of them
+	if (!is_method("INVITE")) {
+		route(REFUSE);
+	}
+	route(LIMITS);
+	dlg_manage();
+	set_dlg_profile("caller", "$si");
+	if (nat_uac_test("19")) {
+		fix_nated_contact();  # the caller's Contact names a private address: use where it came from
+	}
+	cnt_inc("calls_passed");
+	route(TO_SERVE);
+}
+
+# 405 naming what we take (RFC 3261 wants the Allow header in it)
+route[REFUSE] {
+	cnt_inc("refused");
+	append_to_reply("Allow: %(allowed)s\\r\\n");
+	sl_send_reply("405", "Method Not Allowed");
+	exit;
+}
+"""
+
+_PER_SOURCE_LIMITS = """\
+	if ($shtinc(calls=>$si::$Ts) > %(cps)d) {
+		route(BUSY);
+	}
+	if (get_profile_size("caller", "$si", "$var(open)") && $var(open) >= %(open)d) {
+		route(BUSY);
+	}
+"""
+
+
+def _limits(edge: EdgeSettings, v: dict) -> str:
+    per_source = _PER_SOURCE_LIMITS % v
+    if edge.trusted_sources:
+        inner = "".join("\t" + line if line.strip() else line for line in per_source.splitlines(True))
+        per_source = ("\t# trusted_sources skip these: a trunk carries many callers from one address\n"
+                      f"\tif (!is_in_subnet(\"$si\", \"{v['trusted']}\")) {{\n{inner}\t}}\n")
+    return (_LIMITS_HEAD % v) + per_source + (_LIMITS_TAIL % v)
+
+
+_LIMITS_HEAD = """\
+# New calls: %(cps)d a second and %(open)d open at once per source, %(total)d a second from everyone together
+# (serve's pjsua2 aborts when it refuses ~33 INVITEs in half a second); the rest are told to come back
+route[LIMITS] {
+"""
+
+_LIMITS_TAIL = """\
+	if ($shtinc(calls=>all::$Ts) > %(total)d) {
+		route(BUSY);
+	}
+}
+
+# 503 with a time to come back after
+route[BUSY] {
+	cnt_inc("calls_limited");
+	append_to_reply("Retry-After: 5\\r\\n");
+	sl_send_reply("503", "Too Many Calls");
+	exit;
+}
+"""
+
+_TO_SERVE = """\
+# Where calls go. One serve process today: a fixed destination. Several workers behind this edge
+# (docs/architecture.md, Scale): load dispatcher.so with their list (modparam "list_file"), replace
+# the $du line by
+#	if (!ds_select_dst("1", "4")) { sl_send_reply("503", "No Worker"); exit; }
+# try the next one with ds_next_dst() in failure_route[SERVE_FAILED], and let
+# route[TO_SERVE_IN_DIALOG] send to the worker its Request-URI names (serve's Contact).
+route[TO_SERVE] {
+	if ($rz == "sips") {
+		# the edge's own sips: address, for the Contact of serve's answers (onreply_route[SIPS])
+		if ($rU != $null) {
+			$avp(sips_contact) = "sips:" + $rU + "@" + $RAi + ":" + $RAp;
+		} else {
+			$avp(sips_contact) = "sips:" + $RAi + ":" + $RAp;
+		}
+		t_on_reply("SIPS");
+	}
+	$du = "sip:%(buri)s:%(bport)d";
+	# serve takes sip: over UDP: a sips: call's TLS ended here, its last hop is loopback
+	if ($rU != $null) {
+		$ru = "sip:" + $rU + "@%(buri)s:%(bport)d";
+	} else {
+		$ru = "sip:%(buri)s:%(bport)d";
+	}
+	# after the sip: Request-URI: rr takes our Record-Route's scheme from it, and serve has no TLS to
+	# follow a sips: one
+	record_route();
+	t_set_fr(0, 4000);  # ms without any answer: serve answers 100 Trying at once, silence means it is down
+	t_on_failure("SERVE_FAILED");
+	route(RELAY);
+}
+
+# serve's Contact is a sip: URI on loopback; a sips: caller requires a sips: one (RFC 5630: pjsua
+# hangs up with "480 SIPS Required") and should learn no address but the edge's. The same for our
+# Record-Route (both entries: pjsua wants its whole route set sips:): rr wrote sip:, as serve needs.
+onreply_route[SIPS] {
+	if (is_present_hf("Contact")) {
+		remove_hf("Contact");
+		append_hf("Contact: <$avp(sips_contact)>\\r\\n");
+	}
+	subst_hf("Record-Route", "/<sip:/<sips:/g", "a");
+}
+
+# serve did not answer at all: the caller hears the service is down, not 408
+failure_route[SERVE_FAILED] {
+	if (t_is_canceled()) {
+		exit;
+	}
+	if (t_branch_timeout() && !t_branch_replied()) {
+		t_reply("503", "Service Unavailable");
+	}
+}
+"""
+
+_FROM_SERVE = """\
+# Serve sends requests inside its calls only; it places no call through the edge
+route[FROM_SERVE] {
+	if (has_totag() && loose_route()) {
+		route(RELAY);
+	}
+	if (is_method("ACK") && t_check_trans()) {
+		route(RELAY);
+	}
+	sl_send_reply("403", "Not Relaying");
+	exit;
+}
+
+# statefully: retransmissions and the CANCEL find their transaction
+route[RELAY] {
+	if (!t_relay()) {
+		sl_reply_error();
+	}
+	exit;
+}
+"""
+
+
+def check_config(kamailio: str, path: str | os.PathLike) -> None:
+    """`kamailio -c -f PATH`; StartupError with kamailio's own complaint when it refuses the file."""
+    out = subprocess.run([kamailio, "-c", "-f", os.fspath(path)], capture_output=True, text=True, timeout=60)
+    if out.returncode != 0:
+        errors = [l.strip() for l in (out.stderr + out.stdout).splitlines() if "ERROR" in l or "CRITICAL" in l]
+        raise StartupError(f"kamailio refused the edge configuration {os.fspath(path)}: "
+                           f"{errors[0] if errors else out.stderr.strip()[-300:]}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# running it
+
+
+def _probe_address(edge: EdgeSettings) -> str:
+    return "127.0.0.1" if edge.address == "0.0.0.0" else edge.address
+
+
+def _answers_options(host: str, port: int, timeout: float) -> bool:
+    """Whether an OPTIONS sent over UDP gets an answer (the edge answers OPTIONS itself)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.connect((host, port))  # the source address the kernel picks towards it, for our Via
+        s.settimeout(timeout)
+        me = s.getsockname()
+        via = f"[{me[0]}]:{me[1]}" if family == socket.AF_INET6 else f"{me[0]}:{me[1]}"
+        target = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+        msg = (f"OPTIONS sip:{target} SIP/2.0\r\nVia: SIP/2.0/UDP {via};branch=z9hG4bK-ready-{time.monotonic_ns()}\r\n"
+               f"From: <sip:ready@{via}>;tag=ready\r\nTo: <sip:{target}>\r\nCall-ID: ready-{os.getpid()}\r\n"
+               f"CSeq: 1 OPTIONS\r\nMax-Forwards: 5\r\nContent-Length: 0\r\n\r\n")
+        s.send(msg.encode())
+        try:
+            return s.recv(4096).startswith(b"SIP/2.0 200")
+        except OSError:
+            return False
+
+
+def _death_signal() -> Callable[[], None] | None:
+    """For the child before exec (Linux): SIGTERM when callbot dies, even by SIGKILL, so that no kamailio
+    is left holding the public port. prctl is looked up here, in the parent: the child of a threaded
+    process should run as little as possible before exec. macOS has no such call: there a killed
+    callbot leaves kamailio running (its pid file is in the run folder)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    args = (ctypes.c_int(1), ctypes.c_ulong(signal.SIGTERM))  # PR_SET_PDEATHSIG
+
+    def set_death_signal() -> None:
+        prctl(*args)
+
+    return set_death_signal
+
+
+def preflight(edge: EdgeSettings) -> tuple[str, str]:
+    """Everything the edge needs before anything starts: (kamailio's path, its modules folder)."""
+    kamailio = find_kamailio(edge)
+    modules_dir = find_modules_dir(edge, kamailio)
+    if edge.tls and not has_module(modules_dir, "tls"):
+        raise StartupError(NO_TLS_MODULE.format(dirs=modules_dir))
+    for name in ("cert_file", "key_file", "ca_file"):
+        path = getattr(edge, name)
+        if path is not None and not os.path.isfile(path):
+            raise StartupError(f"$.edge.{name}: {path!r} does not exist")
+    return kamailio, modules_dir
+
+
+class Edge:
+    """kamailio running the generated configuration, a child of this process."""
+
+    def __init__(self, settings: Settings, backend: Backend, *, source: str = "callbot's config"):
+        self.settings = settings
+        self.edge = settings.edge
+        self.backend = backend
+        self.kamailio, self.modules_dir = preflight(self.edge)
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        if self.edge.run_dir:
+            self.run_dir = pathlib.Path(self.edge.run_dir)
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise StartupError(f"$.edge.run_dir {os.fspath(self.run_dir)!r}: cannot create it ({err.strerror})") from None
+        else:
+            self._tmp = tempfile.TemporaryDirectory(prefix="callbot-edge-")
+            self.run_dir = pathlib.Path(self._tmp.name)
+        self.config_path = self.run_dir / "kamailio.cfg"
+        self.config_path.write_text(render(self.edge, backend, modules_dir=self.modules_dir,
+                                           run_dir=os.fspath(self.run_dir), source=source))
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def ctl_socket(self) -> str:
+        return f"unix:{self.run_dir / 'kamailio_ctl'}"
+
+    def describe(self) -> str:
+        """The one line `callbot edge` and `serve --edge` print at start."""
+        e = self.edge
+        public = f"udp/tcp {e.address}:{e.port}" + (f", tls {e.address}:{e.tls_port}" if e.tls else "")
+        return f"edge: kamailio on {public} -> serve at {self.backend} (config {self.config_path})"
+
+    def start(self) -> Edge:
+        check_config(self.kamailio, self.config_path)
+        args = [self.kamailio, "-f", os.fspath(self.config_path), "-P", os.fspath(self.run_dir / "kamailio.pid"),
+                "-Y", os.fspath(self.run_dir), "-DD", "-E"]
+        if self.edge.tls:
+            # libssl 1.1+ frees shared memory in atexit handlers that kamailio's children still use
+            # (the tls module's README): skip them
+            args.append("--atexit=no")
+        # its own session: a Ctrl-C in the terminal reaches callbot, which stops kamailio in order
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True,
+                                     preexec_fn=_death_signal())
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not _answers_options(_probe_address(self.edge), self.edge.port, 0.2):
+            if self.proc.poll() is not None:
+                raise StartupError(f"kamailio exited with status {self.proc.returncode} at start (its log is "
+                                   "above; is the port taken?)")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise StartupError(f"kamailio did not answer on port {self.edge.port} within {READY_TIMEOUT_S:.0f} s")
+            time.sleep(0.05)  # not bound yet (port unreachable comes back at once)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # its children too
+                self.proc.wait(timeout)
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+        return None if self.proc is None else self.proc.returncode
+
+    def counters(self) -> dict[str, int]:
+        return read_counters(self.ctl_socket, self.kamailio)
+
+
+def read_counters(ctl_socket: str, kamailio: str | None = None) -> dict[str, int]:
+    """The configuration's COUNTERS, read over kamailio's control socket with kamcmd (installed with it)."""
+    search = os.pathsep.join(p for p in (os.path.dirname(kamailio or ""), os.environ.get("PATH", "")) if p)
+    kamcmd = shutil.which("kamcmd", path=search)
+    if kamcmd is None:
+        raise RuntimeError("kamcmd (kamailio's control client) is not installed")
+    out = subprocess.run([kamcmd, "-s", ctl_socket, "cnt.grp_get_all", "script"], capture_output=True, text=True,
+                         timeout=10)
+    if out.returncode != 0:
+        raise RuntimeError(f"kamcmd failed: {out.stderr.strip() or out.stdout.strip()}")
+    values = {}
+    for line in out.stdout.splitlines():
+        name, _, value = line.strip().partition(":")
+        if name.strip() in COUNTERS:
+            values[name.strip()] = int(value)
+    return values
+
+
+@contextlib.contextmanager
+def running_edge(settings: Settings, backend: Backend, *, source: str = "callbot's config") -> Iterator[Edge]:
+    edge = Edge(settings, backend, source=source)
+    try:
+        yield edge.start()
+    finally:
+        edge.stop()
+
+
+def run_edge(settings: Settings, *, source: str, print_only: bool = False, check_only: bool = False) -> int:
+    """`callbot edge`: kamailio alone in front of a serve started separately; until SIGTERM/SIGINT."""
+    from callbot.app.serve import stop_on_signals
+
+    backend = backend_of(settings)
+    if print_only:
+        # text only: kamailio need not be installed here (the config may be meant for another machine)
+        try:
+            modules_dir = find_modules_dir(settings.edge, shutil.which(settings.edge.kamailio))
+        except StartupError:
+            modules_dir = "/usr/lib/x86_64-linux-gnu/kamailio/modules"  # Debian's; set [edge] modules_dir
+        sys.stdout.write(render(settings.edge, backend, modules_dir=modules_dir,
+                                run_dir=settings.edge.run_dir or "/run/callbot-edge", source=source))
+        return 0
+    edge = Edge(settings, backend, source=source)
+    if check_only:
+        try:
+            check_config(edge.kamailio, edge.config_path)
+        finally:
+            edge.stop()
+        print("edge: kamailio -c accepts the generated configuration", file=sys.stderr)
+        return 0
+    with stop_on_signals() as stop:
+        try:
+            edge.start()
+            print(edge.describe(), file=sys.stderr, flush=True)
+            while not stop.is_set():
+                if edge.proc.poll() is not None:
+                    print(f"callbot: error: kamailio exited with status {edge.proc.returncode}", file=sys.stderr)
+                    return 1
+                stop.wait(0.2)
+        finally:
+            edge.stop()
+    return 0
+
+
+def serve_with_edge(settings: Settings, engine_kind: str, *, source: str = "callbot's config") -> int:
+    """`callbot serve --edge`: serve on loopback, then kamailio in front of it; kamailio stops first."""
+    from callbot.app.serve import EXIT_SERVER_FAILURE, ServerFailure, running_server, stop_on_signals
+
+    check_settings(settings)
+    preflight(settings.edge)  # before anything starts: a missing kamailio is one line and exit 2
+    with stop_on_signals() as stop, running_server(settings, engine_kind) as server:
+        i, t = _serve_transport(settings)
+        bound = server.endpoint.transports[t.name]
+        backend = Backend("127.0.0.1" if t.bind == "localhost" else t.bind, bound.port)
+        with running_edge(settings, backend, source=source) as edge:
+            for name in server.endpoint.accounts:
+                print(f"listening {server.endpoint.account_uri(name)} ({engine_kind})", file=sys.stderr, flush=True)
+            print(edge.describe(), file=sys.stderr, flush=True)
+            died: list[int] = []
+
+            def watch() -> None:
+                died.append(edge.proc.wait())
+                stop.set()
+
+            threading.Thread(target=watch, name="edge-watch", daemon=True).start()
+            try:
+                server.pump(stop=stop)
+            except ServerFailure as err:
+                print(f"callbot: error: {err}; shutting down", file=sys.stderr, flush=True)
+                return EXIT_SERVER_FAILURE
+            if died:  # kamailio runs in its own session: no signal of ours stopped it
+                print(f"callbot: error: kamailio (the edge) exited with status {died[0]}; shutting down",
+                      file=sys.stderr, flush=True)
+                return EXIT_SERVER_FAILURE
+    return 0
