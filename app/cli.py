@@ -61,10 +61,8 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "serve":
         from callbot.app.edge import public_exposure_warning
 
-        warning = public_exposure_warning(settings)
-        if warning:
-            print(warning, file=sys.stderr, flush=True)
-        return serve.serve(settings, args.engine)
+        # said once the line is up, after the "listening" lines: a start that fails says only why it failed
+        return serve.serve(settings, args.engine, warning=public_exposure_warning(settings))
     bot = settings.bot(args.bot) if args.bot else settings.bots[0]
     if args.bot:  # the chosen bot speaks first in the engine's list, so it is the one that calls
         settings = msgspec.structs.replace(settings, bots=(bot, *(b for b in settings.bots if b is not bot)))

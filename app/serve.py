@@ -187,10 +187,13 @@ def stop_on_signals() -> Iterator[threading.Event]:
             signal.signal(s, h)
 
 
-def serve(settings: Settings, engine_kind: str) -> int:
+def serve(settings: Settings, engine_kind: str, warning: str | None = None) -> int:
+    """Answer calls until SIGTERM/SIGINT; `warning`, if any, is printed once the line is up."""
     with stop_on_signals() as stop, running_server(settings, engine_kind) as server:
         for name in server.endpoint.accounts:
             print(f"listening {server.endpoint.account_uri(name)} ({engine_kind})", file=sys.stderr, flush=True)
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
         try:
             server.pump(stop=stop)
         except ServerFailure as err:
