@@ -59,6 +59,10 @@ class Metrics:
                                        "Average time a call's audio spent in pjmedia's jitter buffer",
                                        buckets=LATENCY_BUCKETS_S, registry=r)
         self.rtp_lost = Counter("callbot_rtp_lost_total", "RTP packets from callers that never arrived", registry=r)
+        # requests the SIP gate answered before pjsua took them up (sip/admission.py's reasons), and answered
+        # INVITEs never ACKed; counted from SourceRefused, which reports each source at most once a minute
+        self.sip_refused = Counter("callbot_sip_refused_total", "SIP requests refused before pjsua took them up, "
+                                   "by reason", ["reason"], registry=r)
         self._direction: dict[str, str] = {}
         self._server: MetricsServer | None = None
 
@@ -88,6 +92,9 @@ class Metrics:
             self.calls_rejected.labels(str(event.code)).inc()
         elif isinstance(event, ev.DtmfReceived):
             self.dtmf.labels(event.method).inc()
+        elif isinstance(event, ev.SourceRefused):
+            for reason, n in event.counts.items():
+                self.sip_refused.labels(reason).inc(n)
 
     def on_frame_stages(self, rows: list[list[int]]) -> None:
         """Per-frame stage stamps (ns, STAGES order, 0 unknown): each known transition, in seconds."""

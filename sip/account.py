@@ -124,6 +124,13 @@ class SipAccount(pj.Account):
         check_port = self.transport.kind == "udp"
         return any(_source_matches(source, t, check_port) for t in self.trusted)
 
+    @property
+    def accepts_late_offer(self) -> bool:
+        """Whether an INVITE without an SDP offer is answered: by default only on a registered account,
+        whose INVITEs come from its registrar; in direct mode anyone could send one and never ACK."""
+        late = self.cfg.accept_late_offer
+        return (not self.cfg.direct) if late is None else late
+
     def pj_config(self) -> pj.AccountConfig:
         cfg = self.cfg
         ac = pj.AccountConfig()

@@ -19,6 +19,7 @@ from .call_record import CallRecord, DtmfRecord, TransferRecord, peer_text
 from .callbacks import guarded
 from .codecs import narrow_answer
 from .events import (CallConfirmed, CallEnded, CallMedia, CallProgress, DtmfReceived, TransferProgress)
+from .gate import dialog_tags
 
 if TYPE_CHECKING:
     from .account import SipAccount
@@ -95,6 +96,11 @@ class SipCall(pj.Call):
         self.ended = False
         self.rejected = False  # answered with an error by our policy: never a call of ours
         self.confirmed = False
+        self.source: str | None = None  # inbound: where the INVITE came from ("host:port")
+        # inbound: the dialog's tags (the INVITE's From tag, our answers' To tag), by which pjsip finds the
+        # session when it must be dropped (sip/gate.py terminate)
+        self.remote_tag: str | None = None
+        self.local_tag: str | None = None
         self._local_cause: str | None = None
         self._last_progress = 0
         self._progress_done = False  # a final answer to our INVITE was reported
@@ -117,8 +123,9 @@ class SipCall(pj.Call):
 
     # ---- operations (SIP thread) ----
 
-    def end(self, cause: str, code: int = 0, reason: str = "") -> None:
-        """Hang up (BYE, CANCEL or a final error to an unanswered INVITE), remembering why."""
+    def end(self, cause: str, code: int = 0, reason: str = "", force: bool = False) -> None:
+        """Hang up (BYE, CANCEL or a final error to an unanswered INVITE), remembering why. `force`: drop the
+        session at once, no BYE (an answered INVITE never ACKed, whose BYE pjsip holds until an ACK)."""
         if self.ended:
             return
         if self._local_cause is None:
@@ -131,6 +138,8 @@ class SipCall(pj.Call):
                 self.attachment.detach()
             except Exception:
                 log.exception("call %s: detaching media failed", self.call_id)
+        if force and self.hub._terminate(self, code or 408):
+            return  # DISCONNECTED has come already
         try:
             self.hangup(call_op(code, reason))
         except pj.Error as exc:  # already going away: the DISCONNECTED callback still comes
@@ -146,6 +155,20 @@ class SipCall(pj.Call):
                 self.answer(call_op(200))
             except pj.Error as exc:
                 log.warning("answer of %s failed: %s", self.call_id, exc.info())
+                return
+            if self.direction == INBOUND:
+                self.hub._after(self.hub.config.admission.ack_timeout_s, weakly(self, "_ack_timeout"))
+
+    def _ack_timeout(self) -> None:
+        # our 200 was never ACKed (a spoofed or broken caller, or one that means to hold the slot): pjsip
+        # would keep the call for 32 s and retransmit the 200; the slot goes now, the source is counted
+        if not self.confirmed:
+            log.warning("call %s from %s: no ACK %.1f s after our 200, hanging up", self.call_id, self.source,
+                        self.hub.config.admission.ack_timeout_s)
+            self.hub._unacked(self)
+            # pjsua's own hangup sends its BYE only after the ACK and keeps the slot meanwhile: up to 64 s
+            # (32 s of 200s, 32 s of BYE); dropped instead, the slot is free now
+            self.end("no_ack", force=True)
 
     # ---- pjsua2 callbacks ----
 
@@ -189,8 +212,15 @@ class SipCall(pj.Call):
 
     @guarded
     def onCallTsxState(self, prm):
+        if self.direction == INBOUND:
+            # our answer to the INVITE carries the dialog's local tag (pjsua2 shows it nowhere else)
+            if self.local_tag is None and prm.e.type == pj.PJSIP_EVENT_TSX_STATE:
+                tsx = prm.e.body.tsxState.tsx
+                if tsx.method == "INVITE" and tsx.role == pj.PJSIP_ROLE_UAS and int(tsx.statusCode) >= 100:
+                    self.local_tag = dialog_tags(str(tsx.lastTx.wholeMsg))[1]
+            return
         # responses to our INVITE, provisional ones included (onCallState skips a 100 Trying)
-        if self.direction != OUTBOUND or self._progress_done or prm.e.type != pj.PJSIP_EVENT_TSX_STATE:
+        if self._progress_done or prm.e.type != pj.PJSIP_EVENT_TSX_STATE:
             return
         tsx = prm.e.body.tsxState.tsx
         code = int(tsx.statusCode)

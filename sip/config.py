@@ -6,6 +6,7 @@ and raise ValueError with a message that says what is wrong and why.
 """
 from __future__ import annotations
 
+import ipaddress
 from typing import Annotated, Literal
 
 import msgspec
@@ -81,6 +82,10 @@ class AccountConfig(_Config):
     max_call_duration_s: Seconds | None = None
     # no RTP from the peer for this long (it vanished: crash, network gone) -> hang up; not while on hold
     rtp_timeout_s: Seconds | None = 30.0
+    # an INVITE without an SDP offer (late offer: we would offer in the 200 and learn the caller's media only
+    # from its ACK): None = accepted from a registered account's trusted registrar, refused (488) in direct
+    # mode, where anyone can send one and leave it unanswered
+    accept_late_offer: bool | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -106,6 +111,47 @@ class AccountConfig(_Config):
         return self.registrar is None
 
 
+class AdmissionConfig(_Config):
+    """How much any source may ask of the endpoint before pjsua takes its INVITE up (sip/admission.py).
+
+    Sources are IP addresses. Over its rate a source's INVITEs get 503 with Retry-After; one that leaves
+    `unacked_limit` answered INVITEs without ACK within `unacked_window_s` is refused for `block_s`. The
+    total rate bounds what all sources together hand pjsua: the wheel's 64 ioqueue handles (BENCHMARKS.md,
+    "SIP floods"). A public port still wants the kamailio edge in front (`callbot edge`).
+    """
+
+    invite_rate_per_source: Annotated[float, Meta(gt=0)] = 10.0  # INVITEs a second, sustained
+    invite_burst_per_source: Annotated[int, Meta(ge=1)] = 20
+    # each INVITE pjsua takes up holds 2 of the 64 handles (RTP, RTCP) for ~0.5 s after its refusal: 32 within
+    # 0.5 s abort the process, 50/s held for 30 s, 60/s aborted after 12 s (BENCHMARKS.md "SIP floods").
+    # burst + rate/2 INVITEs in any 0.5 s: 20, 40 handles, beside 4 calls' 8 and the SIP sockets
+    invite_rate_total: Annotated[float, Meta(gt=0)] = 20.0
+    invite_burst_total: Annotated[int, Meta(ge=1)] = 10
+    # an INVITE we answered 200 whose ACK has not come after this long is hung up, freeing its call slot
+    # (pjsip itself would wait 32 s for the ACK)
+    ack_timeout_s: Seconds = 4.0
+    unacked_limit: Annotated[int, Meta(ge=1)] = 3
+    unacked_window_s: Seconds = 60.0
+    block_s: Seconds = 60.0
+    # addresses or CIDR networks that carry many callers: no per-source rate, never blocked for answers left
+    # unacknowledged (the process-wide intake still applies). Default: this machine's loopback address, from
+    # which the edge (`callbot serve --edge`, kamailio on 0.0.0.0) reaches serve - blocking it would lock
+    # every caller out. Add an edge's or a trunk's own address; accounts' trusted_sources (and registrars)
+    # are exempt too
+    exempt_sources: tuple[str, ...] = ("127.0.0.1", "::1")
+    # False: no module of ours in front of pjsua (sip/gate.py), as before it existed - for measurements;
+    # floods then reach pjsua and can abort the process
+    gate: bool = True
+
+    def __post_init__(self) -> None:
+        for entry in self.exempt_sources:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"admission.exempt_sources: {entry!r} is not an IP address or CIDR network "
+                                 f"(e.g. \"10.0.0.5\", \"192.0.2.0/24\")") from None
+
+
 DEFAULT_CODECS = ("G722/16000", "PCMU/8000", "PCMA/8000")
 
 
@@ -127,6 +173,8 @@ class EndpointConfig(_Config):
     # `callbot serve` leaves without a handler: out of the user's way unless asked for
     log_level: Annotated[int, Meta(ge=0, le=6)] = 2
     log_file: str | None = None
+    # per-source and process-wide limits on INVITEs, and the ACK timeout (AdmissionConfig)
+    admission: AdmissionConfig = AdmissionConfig()
 
     def __post_init__(self) -> None:
         if not self.transports:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import pjsua2 as pj
 
+from . import admission as adm
 from .account import AccountState, SipAccount
 from .call import INBOUND, OUTBOUND, SipCall, call_op, weakly
 from .call_record import CallRecord, peer_text
@@ -36,6 +37,7 @@ from .callbacks import forget_printed_errors, guarded
 from .codecs import apply_codec_priorities
 from .config import WHEEL_MAX_CALLS, EndpointConfig
 from .events import CallRejected, EndpointStopped, Event, IncomingCall
+from .gate import Gate, dialog_tags, report_event
 from .offer import CODECS as _OFFER_CODECS
 from .offer import validate_offer
 from .transports import Transport, create_transport
@@ -47,6 +49,7 @@ log = logging.getLogger(__name__)
 
 _POLL_MS = 10  # how long the SIP thread waits in pjsip for network events before running commands
 _HANGUP_WAIT_S = 3.0  # shutdown: time for calls to end and un-REGISTERs to be answered
+_GATE_SWEEP_S = 10.0  # how often refusals still unreported are looked at (each source: once a minute at most)
 _instance_lock = threading.Lock()
 _running: Endpoint | None = None
 
@@ -161,6 +164,7 @@ class Endpoint:
         self.records: dict[str, CallRecord] = {}
         self.codecs: list[str] = []
         self._accepted: tuple[str, ...] = ()
+        self._gate: Gate | None = None  # our pjsip module in front of pjsua (sip/gate.py), once started
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -359,8 +363,29 @@ class Endpoint:
             acc.create(acc.pj_config(), True)
             self._accounts[acfg.name] = acc
             self._uris[acfg.name] = acc.uri
+        if cfg.admission.gate:
+            self._gate = Gate(self)
+            if self._gate.install():
+                self._after(_GATE_SWEEP_S, self._sweep_gate)
 
     def _run_pending(self) -> None:
+        self._run_commands()
+        now = time.monotonic()
+        ran = False
+        while self._timers and self._timers[0][0] <= now:
+            _, _, fn = heapq.heappop(self._timers)
+            ran = True
+            try:
+                fn()
+            except Exception:
+                log.exception("timer failed")
+        if ran:
+            # what a timer queued runs before pjsip polls again: a call a timer ended (the ACK timeout drops
+            # its session at once) is dropped before pjsua can give its slot to a new INVITE, which the old
+            # Call object's destructor would otherwise hang up
+            self._run_commands()
+
+    def _run_commands(self) -> None:
         while True:
             try:
                 fn = self._commands.get_nowait()
@@ -370,13 +395,6 @@ class Endpoint:
                 fn()
             except Exception:  # one failed action must not end the endpoint and every other call
                 log.exception("SIP thread action failed")
-        now = time.monotonic()
-        while self._timers and self._timers[0][0] <= now:
-            _, _, fn = heapq.heappop(self._timers)
-            try:
-                fn()
-            except Exception:
-                log.exception("timer failed")
 
     def _shutdown(self) -> None:
         self._closing = True
@@ -437,6 +455,8 @@ class Endpoint:
         self._drop_pjsua_objects()
         forget_printed_errors()  # a traceback printed by pjsua2 may hold a Call (sip/callbacks.py)
         gc.collect()
+        if self._gate is not None:
+            self._gate.uninstall()  # kept referenced: pjsip held pointers into it until now
         if self._ep is not None:
             try:
                 self._ep.libDestroy()
@@ -540,6 +560,47 @@ class Endpoint:
         """Why an SDP offer (first INVITE, re-INVITE, UPDATE) cannot be answered, or None."""
         return validate_offer(sdp, self._accepted) if self._accepted else None
 
+    def admission_stats(self) -> dict:
+        """What the gate in front of pjsua refused since start, by reason (sip/admission.py), and whether it
+        runs: {"active": bool, "refused": {reason: n}, "admitted": n, "sources": n}."""
+        return self._submit(lambda: self._gate.stats() if self._gate is not None else {"active": False})
+
+    def _source_report(self, report: adm.Report) -> None:
+        """A source's refusals (sip/admission.py Report): one log line and one SourceRefused event."""
+        event = report_event(report, self.config.admission)
+        floods = {adm.RATE, adm.BLOCKED, adm.OVERLOAD, adm.UNACKED, adm.UNTRUSTED}
+        log.log(logging.WARNING if floods.intersection(report.counts) else logging.INFO, "%s", event.message)
+        self._emit(event)
+
+    def _sweep_gate(self) -> None:
+        if self._gate is not None and self._gate.active:
+            self._gate.sweep()
+            self._after(_GATE_SWEEP_S, self._sweep_gate)
+
+    def _terminate(self, call: SipCall, code: int) -> bool:
+        """Drops an inbound call's INVITE session at once, no BYE (sip/gate.py terminate); False if it cannot."""
+        if self._gate is None or not (call.local_tag and call.remote_tag):
+            return False
+        try:
+            call_id = str(call.getInfo().callIdString)  # as pjsip keeps it (the record's is escaped)
+        except pj.Error:
+            return False
+        return self._gate.terminate(call_id, call.local_tag, call.remote_tag, code)
+
+    def _unacked(self, call: SipCall) -> None:
+        """An INVITE we answered was never ACKed (sip/call.py hangs it up): counted against its source."""
+        if self._gate is None or call.source is None:
+            return
+        host = call.source.rpartition(":")[0].strip("[]") or call.source
+        now = time.monotonic()
+        a = self._gate.admission
+        if a.unacked(host, now):
+            log.warning("SIP source %s blocked for %.0f s: %d answered INVITEs never ACKed within %.0f s", host,
+                        a.cfg.block_s, a.cfg.unacked_limit, a.cfg.unacked_window_s)
+        report = a.refused(host, adm.UNACKED, now)
+        if report is not None:
+            self._source_report(report)
+
     def _refused_by_pjsip(self, prm) -> None:
         """An INVITE pjsua answered with an error on its own (SIP thread): a CallRejected like ours, so that
         the log and the metrics see it too."""
@@ -561,6 +622,8 @@ class Endpoint:
         _, _, body = msg.partition("\r\n\r\n")
         reason = self._offer_problem(body)
         source = str(prm.rdata.srcAddress)
+        call.source = source
+        call.remote_tag = dialog_tags(msg)[0]
         code = 0
         if not acc.trusts(source):
             code, text = 403, "Forbidden"
@@ -568,6 +631,10 @@ class Endpoint:
             log.warning("%s", reason)
         elif reason is not None:
             code, text = 488, "Not Acceptable Here"
+            log.info("INVITE %s from %s rejected: %s", rec.call_id, rec.remote_uri, reason)
+        elif not body.strip() and not acc.accepts_late_offer:
+            code, text = 488, "Not Acceptable Here"
+            reason = f"INVITE without an SDP offer (late offer) for account {acc.name!r} (accept_late_offer)"
             log.info("INVITE %s from %s rejected: %s", rec.call_id, rec.remote_uri, reason)
         elif self._closing:
             code, text = 503, "Service Unavailable"
@@ -579,7 +646,10 @@ class Endpoint:
             rec.end, rec.hangup_cause, rec.hangup_code, rec.hangup_reason = time.time(), "rejected", code, text
             self._emit(CallRejected(at=time.monotonic(), account=acc.name, remote_uri=rec.remote_uri,
                                     code=code, reason=reason or text))
-            call.answer(call_op(code))
+            # answered from the loop, not inside onIncomingCall: a refused INVITE without an offer is torn
+            # down at once, and pjsua2 then frees the INVITE's copy a second time when the callback returns
+            # (pjsip_rx_data_free_cloned asserts: the process aborts)
+            self._soon(lambda: _refuse(call, code))
             return
         self._calls[rec.call_id] = call
         self._emit(IncomingCall(at=time.monotonic(), call_id=rec.call_id, account=acc.name,
@@ -591,6 +661,13 @@ class Endpoint:
             self._after(acc.cfg.ring_delay_s, weakly(call, "answer_now"))
         else:
             call.answer_now()
+
+
+def _refuse(call: SipCall, code: int) -> None:
+    try:
+        call.answer(call_op(code))
+    except pj.Error as exc:  # gone meanwhile (a CANCEL): its DISCONNECTED callback still comes
+        log.debug("refusing %s: %s", call.record.call_id if call.record else "?", exc.info())
 
 
 def main(argv: list[str] | None = None) -> int:

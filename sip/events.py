@@ -103,5 +103,17 @@ class TransferProgress(Event, frozen=True, kw_only=True):
     final: bool
 
 
+class SourceRefused(Event, frozen=True, kw_only=True):
+    """Requests from one source (an IP address) refused before pjsua took them up (sip/gate.py), by reason
+    (sip/admission.py: rate, blocked, overload, unacked, untrusted, offer, not_served, unknown_method,
+    no_dialog). At a source's first refusal, then at most once a minute with the counts since: a flood is
+    counted, never an event per packet."""
+
+    source: str  # an IP address; "N sources" sums up sources beyond the report budget (a spoofed flood)
+    counts: dict[str, int]
+    first: bool
+    message: str
+
+
 class EndpointStopped(Event, frozen=True, kw_only=True):
     pass

@@ -54,6 +54,8 @@ MARKS: dict[str, frozenset[str]] = {
         "test_sip_calls": "sip slow",  # 22 s
         "test_sip_capacity": "sip slow",  # 12 s
         "test_sip_codecs": "sip slow",  # 17 s
+        "test_sip_floods": "sip slow",  # 60 s: SIPp floods at 2000/s against an endpoint process
+        "test_sip_gate": "sip slow",  # 20 s: 1,000s of refused requests, ACK timeouts
         "test_sip_interop": "sip",  # 9 s
         "test_sip_lifecycle": "sip slow",  # 30 s
         "test_sip_media": "sip slow",  # 15 s

@@ -80,12 +80,13 @@ def test_nonsense_offers_take_no_slot(bot, tmp_path: pathlib.Path):
             if not data.startswith(b"SIP/2.0 1"):
                 call_id = next(h for h in data.split(b"\r\n") if h.startswith(b"Call-ID:")).split()[1]
                 finals[call_id.decode()] = data.split(b"\r\n", 1)[0].decode()
-    # pjsip refuses what its parser or codec check catches (400, 488); our offer check the address it
-    # lets through (488, before the call takes a slot). None becomes a call.
+    # pjsip refuses what its parser or codec check catches (400; 488 with no codec in common); our offer
+    # check (sip/gate.py, before pjsua takes the INVITE up) the rest, the address pjsip lets through
+    # included (488). None becomes a call.
     assert set(finals.values()) <= {"SIP/2.0 488 Not Acceptable Here", "SIP/2.0 400 Bad SDP"}
     assert finals["nonsense-0"] == finals["nonsense-4"] == "SIP/2.0 488 Not Acceptable Here"
     ours = [e for e in bot.history(CallRejected) if e.code == 488 and e.by == "callbot"]
-    assert len(ours) >= 2 and all("999.1.1.1" in e.reason for e in ours)
+    assert sum("999.1.1.1" in e.reason for e in ours) >= 2
     assert not bot.calls()
     # every slot is still free: four real calls at once
     with PjsuaPeer(user="bob", log_dir=tmp_path) as peer:
