@@ -9,7 +9,8 @@ import socket
 import time
 
 import pytest
-from tests.flood_peers import ATTACKER, FloodTarget, RawClient, SippFlood, can_bind, header, offer, status
+from tests.flood_peers import (ATTACKER, FloodTarget, RawClient, SippFlood, can_bind, header, offer, rss_kb,
+                               status)
 from tests.sip_peers import PjsuaPeer
 
 from callbot.sip.config import WHEEL_MAX_CALLS, AccountConfig, AdmissionConfig, EndpointConfig, TransportConfig
@@ -34,8 +35,7 @@ def bot():
 
 
 def _rss_kb() -> int:
-    with open(f"/proc/{os.getpid()}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    return rss_kb(os.getpid())
 
 
 def _call_works(bot: Endpoint, peer: PjsuaPeer, user: str = "callbot") -> None:
