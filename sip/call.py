@@ -174,6 +174,10 @@ class SipCall(pj.Call):
 
     @guarded
     def onCallState(self, prm):
+        if self.record is None:
+            # pjsua reports a state from inside makeCall when the INVITE could not leave (e.g. a URI's
+            # transport we do not listen on): makeCall then raises, and Endpoint._dial says why
+            return
         ci = self.getInfo()
         now = time.monotonic()
         if self.rejected:

@@ -158,6 +158,14 @@ def test_dial_bad_uri_is_a_clear_error(bot):
         bot.dial("sip:x@127.0.0.1", account="nobody")
 
 
+def test_dial_over_a_transport_we_lack_is_one_error_and_no_failed_callback(bot, caplog):
+    """pjsua reports the call's state from inside makeCall before the INVITE could leave: that callback
+    must not trip over the record made only after makeCall (it did: AttributeError)."""
+    with caplog.at_level("ERROR"), pytest.raises(ValueError, match="Unsuitable transport"):
+        bot.dial("sip:x@127.0.0.1:5999;transport=tcp")  # `bot` listens on UDP only
+    assert not [r for r in caplog.records if "callback" in r.getMessage()]
+
+
 def test_dtmf_received_both_methods_with_timestamps(bot, peer):
     call_id = _dial_in(bot, peer)
     bot.wait_for(CallConfirmed, call_id=call_id)
