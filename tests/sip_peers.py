@@ -491,3 +491,17 @@ user = "echo"
 {extra}
 {tail}""")
     return cfg
+
+
+def sip_header(msg: bytes, name: bytes) -> bytes:
+    """The value of header `name` in a raw SIP message."""
+    return next(h for h in msg.split(b"\r\n") if h.lower().startswith(name.lower() + b":")).split(b":", 1)[1].strip()
+
+
+def final_response(s: socket.socket, cseq: bytes) -> bytes:
+    """The next final response for CSeq `cseq` on a raw UDP socket (provisional ones and retransmissions
+    skipped; the socket's own timeout bounds the wait)."""
+    while True:
+        data = s.recv(65536)
+        if data.startswith(b"SIP/2.0 ") and not data.startswith(b"SIP/2.0 1") and sip_header(data, b"CSeq") == cseq:
+            return data

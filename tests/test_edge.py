@@ -26,6 +26,7 @@ import pytest
 from callbot.app import edge
 from callbot.app.errors import StartupError
 from callbot.app.settings import ConfigError, parse_settings
+from tests.flood_peers import can_bind
 from tests.sip_peers import KAMAILIO_MODULES, LOCALHOST, MEDIA_PEER, PjsuaPeer, _Lines, free_port, serve_config, stop_process
 
 pytestmark = pytest.mark.timeout(120)
@@ -38,13 +39,6 @@ HAS_TLS = any((pathlib.Path(d) / "tls.so").is_file() for d in MODULES.split(":")
 FLOODER = "127.0.0.2"
 
 
-def _can_bind(host: str) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.bind((host, 0))
-        except OSError:
-            return False
-    return True
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -376,7 +370,7 @@ def test_a_killed_serve_takes_its_edge_with_it(tmp_path):
 
 @needs_kamailio
 @pytest.mark.skipif(shutil.which("sipp") is None, reason="SIPp is not installed (Debian: sip-tester)")
-@pytest.mark.skipif(not _can_bind(FLOODER), reason=f"{FLOODER} is not a local address here (Linux's lo has it)")
+@pytest.mark.skipif(not can_bind(FLOODER), reason=f"{FLOODER} is not a local address here (Linux's lo has it)")
 def test_invite_flood_is_absorbed_and_a_call_connects_after(tmp_path):
     """SIPp sends 900 INVITEs at 300/s from 127.0.0.2 through the edge: pike bans it (logged once), the
     per-source rate lets a couple reach serve, serve lives, and a call from 127.0.0.1 connects after."""

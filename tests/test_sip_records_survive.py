@@ -18,7 +18,7 @@ import urllib.request
 import wave
 
 import pytest
-from tests.sip_peers import PjsuaPeer, _Lines, free_port, serve_config, stop_process
+from tests.sip_peers import PjsuaPeer, _Lines, final_response, free_port, serve_config, sip_header, stop_process
 
 from callbot.sip import call_record
 from callbot.sip.call_record import DtmfRecord
@@ -143,17 +143,6 @@ def _invite(port: int, me: str, call_id: bytes, display: bytes, rtp_port: int) -
          f"Content-Length: {len(sdp)}\r\n\r\n").encode() + sdp
 
 
-def _header(msg: bytes, name: bytes) -> bytes:
-    return next(h for h in msg.split(b"\r\n") if h.lower().startswith(name.lower() + b":")).split(b":", 1)[1].strip()
-
-
-def _final(s: socket.socket, cseq: bytes) -> bytes:
-    while True:
-        data = s.recv(65536)
-        if data.startswith(b"SIP/2.0 ") and not data.startswith(b"SIP/2.0 1") and _header(data, b"CSeq") == cseq:
-            return data
-
-
 def test_an_invite_that_is_not_utf8_costs_nothing(tmp_path):
     """Invalid UTF-8 in the From/To display names and the Call-ID (pjsua2 hands it over as surrogates) once
     ended `callbot serve` (its JSON log refused to encode it). Now: a call like any other, logged and
@@ -169,11 +158,11 @@ def test_an_invite_that_is_not_utf8_costs_nothing(tmp_path):
             me = f"127.0.0.1:{s.getsockname()[1]}"
             s.sendto(_invite(serve.sip_port, me, bad_id, b"\xff\xfeName", rtp.getsockname()[1]),
                      ("127.0.0.1", serve.sip_port))
-            ok = _final(s, b"1 INVITE")
+            ok = final_response(s, b"1 INVITE")
             assert ok.startswith(b"SIP/2.0 200"), ok
-            assert _header(ok, b"Call-ID") == bad_id  # the wire keeps the peer's bytes
-            to = _header(ok, b"To")
-            target = _header(ok, b"Contact").strip(b"<>").split(b">")[0]
+            assert sip_header(ok, b"Call-ID") == bad_id  # the wire keeps the peer's bytes
+            to = sip_header(ok, b"To")
+            target = sip_header(ok, b"Contact").strip(b"<>").split(b">")[0]
             dialog = (b'From: "\xff\xfeName" <sip:evil@127.0.0.1>;tag=badbytes\r\nTo: ' + to +
                       b"\r\nCall-ID: " + bad_id + b"\r\nMax-Forwards: 70\r\n")
             s.sendto(b"ACK " + target + b" SIP/2.0\r\nVia: SIP/2.0/UDP " + me.encode() +
@@ -184,7 +173,7 @@ def test_an_invite_that_is_not_utf8_costs_nothing(tmp_path):
             s.sendto(b"BYE " + target + b" SIP/2.0\r\nVia: SIP/2.0/UDP " + me.encode() +
                      b";branch=z9hG4bKbadbytes2\r\n" + dialog + b"CSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n",
                      ("127.0.0.1", serve.sip_port))
-            assert _final(s, b"2 BYE").startswith(b"SIP/2.0 200")
+            assert final_response(s, b"2 BYE").startswith(b"SIP/2.0 200")
         ended = _eventually(lambda: serve.log.all("CallEnded", call_id=shown_id), what="CallEnded logged")
         assert ended[0]["cause"] == "remote"
         [incoming] = serve.log.all("IncomingCall", call_id=shown_id)

@@ -7,7 +7,7 @@ import pathlib
 import socket
 
 import pytest
-from tests.sip_peers import PjsuaPeer
+from tests.sip_peers import PjsuaPeer, final_response, sip_header
 
 from callbot.sip.config import WHEEL_MAX_CALLS, AccountConfig, EndpointConfig, TransportConfig
 from callbot.sip.endpoint import Endpoint
@@ -114,18 +114,6 @@ def test_peer_vanishing_mid_call_ends_by_rtp_timeout(bot, tmp_path: pathlib.Path
         bot.wait_for(CallEnded, call_id=live_call)
 
 
-def _header(msg: bytes, name: bytes) -> bytes:
-    return next(h for h in msg.split(b"\r\n") if h.lower().startswith(name.lower() + b":")).split(b":", 1)[1].strip()
-
-
-def _final(s: socket.socket, cseq: bytes) -> bytes:
-    """The next final response for CSeq `cseq` (provisional ones and retransmissions skipped)."""
-    while True:
-        data = s.recv(65536)
-        if data.startswith(b"SIP/2.0 ") and not data.startswith(b"SIP/2.0 1") and _header(data, b"CSeq") == cseq:
-            return data
-
-
 def test_a_nonsense_reinvite_is_refused_and_the_call_goes_on(bot):
     """A re-INVITE whose offer points the call's audio at nothing (999.1.1.1) is answered 488 and the call
     keeps its media, as a first INVITE with that offer would be refused."""
@@ -138,10 +126,10 @@ def test_a_nonsense_reinvite_is_refused_and_the_call_goes_on(bot):
         me = f"127.0.0.1:{s.getsockname()[1]}"
         good = _SDP.format(addr="127.0.0.1", port=rtp.getsockname()[1], pt=0)
         s.sendto(_invite(port, me, "reinvite-1", good), ("127.0.0.1", port))
-        ok = _final(s, b"1 INVITE")
+        ok = final_response(s, b"1 INVITE")
         assert ok.startswith(b"SIP/2.0 200"), ok
-        to = _header(ok, b"To").decode()
-        target = _header(ok, b"Contact").decode().strip("<>").split(">")[0]
+        to = sip_header(ok, b"To").decode()
+        target = sip_header(ok, b"Contact").decode().strip("<>").split(">")[0]
         dialog = (f"Max-Forwards: 70\r\nFrom: <sip:evil@127.0.0.1>;tag=reinvite-1\r\nTo: {to}\r\n"
                   f"Call-ID: reinvite-1\r\n")
         s.sendto((f"ACK {target} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bKack1\r\n{dialog}"
@@ -151,7 +139,7 @@ def test_a_nonsense_reinvite_is_refused_and_the_call_goes_on(bot):
         s.sendto((f"INVITE {target} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bKre2\r\n{dialog}"
                   f"CSeq: 2 INVITE\r\nContact: <sip:evil@{me}>\r\nContent-Type: application/sdp\r\n"
                   f"Content-Length: {len(bad)}\r\n\r\n{bad}").encode(), ("127.0.0.1", port))
-        refused = _final(s, b"2 INVITE")
+        refused = final_response(s, b"2 INVITE")
         assert refused.startswith(b"SIP/2.0 488"), refused
         s.sendto((f"ACK {target} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bKre2\r\n{dialog}"
                   f"CSeq: 2 ACK\r\nContent-Length: 0\r\n\r\n").encode(), ("127.0.0.1", port))
