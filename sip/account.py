@@ -147,13 +147,16 @@ class SipAccount(pj.Account):
             ac.sipConfig.authCreds.append(
                 pj.AuthCredInfo("digest", cfg.realm, cfg.auth_user or cfg.user, 0, cfg.password or "")
             )
-        # RTP leaves from the same address SIP does, and the SDP announces the public one
+        # RTP leaves from the address SIP does and the SDP announces the public one, unless the transport
+        # gives RTP its own (SIP on loopback behind the edge, RTP on the public address)
         tcfg = self.hub.config.transport_of(cfg)
         ac.mediaConfig.transportConfig.port = tcfg.rtp_port
-        if tcfg.bind != "0.0.0.0":
-            ac.mediaConfig.transportConfig.boundAddress = tcfg.bind
-        if tcfg.public_address:
-            ac.mediaConfig.transportConfig.publicAddress = tcfg.public_address
+        rtp_bind = tcfg.rtp_bind or tcfg.bind
+        if rtp_bind != "0.0.0.0":
+            ac.mediaConfig.transportConfig.boundAddress = rtp_bind
+        rtp_public = tcfg.rtp_public_address or tcfg.public_address
+        if rtp_public:
+            ac.mediaConfig.transportConfig.publicAddress = rtp_public
         ac.mediaConfig.srtpUse = _SRTP[cfg.srtp]
         ac.mediaConfig.srtpSecureSignaling = 1 if cfg.srtp_require_tls else 0
         return ac

@@ -34,6 +34,10 @@ class TransportConfig(_Config):
     # first RTP port for calls on this transport's accounts (RTCP = RTP + 1; the next pair is tried when
     # taken); 0 = ports chosen by the OS
     rtp_port: Port = 4000
+    # where this transport's calls bind their RTP sockets, and the address their SDP gives callers (None:
+    # `bind` and `public_address`): behind the edge, SIP stays on loopback while RTP faces the callers
+    rtp_bind: str | None = None
+    rtp_public_address: str | None = None
     # TLS only: PEM files; the peer's certificate is not verified unless ca_file is given
     cert_file: str | None = None
     key_file: str | None = None
