@@ -471,10 +471,11 @@ class RawUac:
 
 
 def serve_config(directory: pathlib.Path, sip_port: int, metrics_port: int | None = None, *,
-                 account: str = "line", extra: str = "", recordings_dir: str = "calls", tail: str = "") -> pathlib.Path:
+                 account: str = "line", user: str = "echo", extra: str = "", recordings_dir: str = "calls",
+                 tail: str = "") -> pathlib.Path:
     """`directory`/callbot.toml for `callbot serve` on loopback: one UDP transport on `sip_port`, one
-    account (user "echo"; `extra` adds to its table), metrics on `metrics_port` (None: off); `tail`
-    adds tables after it ([model], [[bots]])."""
+    account (`user`; `extra` adds to its table), metrics on `metrics_port` (None: off); `tail` adds
+    tables after it ([model], [[bots]])."""
     metrics = f'address = "127.0.0.1:{metrics_port}"' if metrics_port is not None else "enabled = false"
     cfg = directory / "callbot.toml"
     cfg.write_text(f"""
@@ -487,7 +488,7 @@ port = {sip_port}
 rtp_port = 0
 [[sip.accounts]]
 name = "{account}"
-user = "echo"
+user = "{user}"
 {extra}
 {tail}""")
     return cfg

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from tests.sip_peers import LOCALHOST, free_port, stop_process
+from tests.sip_peers import LOCALHOST, free_port, serve_config, stop_process
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -23,20 +23,8 @@ CALLBOT = [sys.executable, "-m", "callbot.app.cli"]
 
 
 def _config(directory: pathlib.Path, sip_port: int, extra: str = "") -> pathlib.Path:
-    """A loopback serve config whose account is the README's `bot`, metrics off."""
-    cfg = directory / "callbot.toml"
-    cfg.write_text(f"""recordings_dir = "calls"
-[metrics]
-enabled = false
-[[sip.transports]]
-bind = "{LOCALHOST}"
-port = {sip_port}
-rtp_port = 0
-[[sip.accounts]]
-name = "line"
-user = "bot"
-{extra}""")
-    return cfg
+    """A loopback serve config whose account is the README's `bot`, metrics off; `extra`: tables after it."""
+    return serve_config(directory, sip_port, user="bot", tail=extra)
 
 
 def _one_error_line(stderr: str) -> str:
