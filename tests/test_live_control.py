@@ -101,6 +101,19 @@ def wait_for(cond, timeout=60.0, engine=None):
         time.sleep(0.01)
 
 
+def play_and_hear(engine, events, s, clip: np.ndarray, clip_id: str, tail_steps: int) -> np.ndarray:
+    """Plays `clip` on session `s` from its first step and returns what the media side read, up to
+    `tail_steps` steps past the clip's end (its PlayFinished in `events` first)."""
+    s.control(Play(pcm=clip.astype("<i2").tobytes(), rate=RATE, id=clip_id))
+    media = MediaSide(s.audio)
+    try:
+        wait_for(lambda: events.of(PlayFinished), engine=engine)
+        wait_for(lambda: len(media.heard()) >= len(clip) + tail_steps * STEP, engine=engine)
+    finally:
+        media.stop()
+    return media.heard()
+
+
 class Events(list):
     def of(self, kind):
         return [e for e in list(self) if isinstance(e, kind)]
@@ -164,15 +177,11 @@ def test_a_played_clip_reaches_the_caller_sample_exact_and_the_agent_stream(runn
     engine, tap, events = runner
     s = engine.open_session(CallStart(call_id="play", rate=RATE))
     clip = clip16(400)  # 5 steps
-    s.control(Play(pcm=clip.astype("<i2").tobytes(), rate=RATE, id="hello"))
-    media = MediaSide(s.audio)
     try:
-        wait_for(lambda: events.of(PlayFinished), engine=engine)
-        wait_for(lambda: len(media.heard()) >= len(clip) + 10 * STEP, engine=engine)
+        heard = play_and_hear(engine, events, s, clip, "hello", 10)
     finally:
-        media.stop()
         engine.close_session(s)
-    assert found_exactly(clip, media.heard())
+    assert found_exactly(clip, heard)
     done = events.of(PlayFinished)
     assert [(e.id, e.ms, e.interrupted) for e in done] == [("hello", 400.0, False)]
     # the model was given the clip (24 kHz) as its own audio for exactly the clip's steps, from the start
@@ -274,17 +283,11 @@ def test_control_and_events_cross_the_process_boundary(settings):
     try:
         s = engine.open_session(CallStart(call_id="proc", rate=RATE, bot="pizza", variables={"name": "Ana"}))
         clip = clip16(240)
-        s.control(Play(pcm=clip.astype("<i2").tobytes(), rate=RATE, id="greeting"))
-        media = MediaSide(s.audio)
-        try:
-            wait_for(lambda: events.of(PlayFinished), engine=engine)
-            wait_for(lambda: len(media.heard()) >= len(clip) + 6 * STEP, engine=engine)
-        finally:
-            media.stop()
+        heard = play_and_hear(engine, events, s, clip, "greeting", 6)
         summary = engine.close_session(s)
     finally:
         engine.close()
-    assert found_exactly(clip, media.heard())
+    assert found_exactly(clip, heard)
     assert [e.id for e in events.of(PlayFinished)] == ["greeting"]
     closed = events.of(SessionClosed)
     assert len(closed) == 1 and closed[0].summary == summary and summary.steps >= 3

@@ -23,12 +23,12 @@ from collections import deque
 import numpy as np
 
 from callbot.engine.audio import PeriodicClock, now_ns
-from callbot.engine.contract import (ENGINE_RATE, BotSpeech, CallerSpeech, CallStart, CallSummary, Control, ControlNotSupported,
-                                     EventSink, Inform, InformFinished, LiveEvent, MuteCaller, PersonaChanged, Play,
-                                     PlayFinished, SessionClosed, SetPersona)
+from callbot.engine.contract import (ENGINE_RATE, BotSpeech, CallerSpeech, CallStart, CallSummary, Control,
+                                     ControlNotSupported, EventSink, Inform, InformFinished, LiveEvent, MuteCaller,
+                                     PersonaChanged, Play, PlayFinished, SessionClosed, SetPersona)
+from callbot.engine.serving.call_audio import CallAudio
 from callbot.engine.serving.clips import Clip
 from callbot.engine.serving.speech_activity import SpeechActivity
-from callbot.engine.serving.call_audio import CallAudio
 from callbot.engine.serving.tx_policy import ECHO_TX_SETTLE_PUSHES, tx_limit_ms
 
 DEFAULT_FRAME = 480  # samples at 24 kHz = 20 ms, one media frame
