@@ -506,3 +506,15 @@ def final_response(s: socket.socket, cseq: bytes) -> bytes:
         data = s.recv(65536)
         if data.startswith(b"SIP/2.0 ") and not data.startswith(b"SIP/2.0 1") and sip_header(data, b"CSeq") == cseq:
             return data
+
+
+def eventually(condition, timeout: float = 10.0, what: str = "condition", interval: float = 0.02):
+    """Polls `condition()` until it returns something true, which it returns; fails after `timeout` s
+    (a bound, not a measurement: tests wait for conditions, never for durations)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(interval)

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from tests.sip_peers import LOCALHOST, free_port, serve_config, stop_process
+from tests.sip_peers import LOCALHOST, _udp_port_taken, free_port, serve_config, stop_process
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -146,7 +146,7 @@ def test_the_readmes_baresip_line_calls_the_echo_line_from_nothing(tmp_path):
         args = [a.replace("/tmp/callbot-baresip", str(tmp_path / "baresip")).replace(":5060", f":{port}")
                 for a in _readme_baresip_line()]
         deadline = time.monotonic() + 20
-        while not _udp_listening(port) and time.monotonic() < deadline:
+        while not _udp_port_taken(port) and time.monotonic() < deadline:
             time.sleep(0.1)
         baresip = subprocess.run([*args, "-t", "4"], capture_output=True, text=True, timeout=30,
                                  stdin=subprocess.DEVNULL, env={"PATH": "/usr/bin:/bin", "HOME": str(home)})
@@ -171,15 +171,6 @@ def _readme_record_fields() -> list[str]:
     fields = re.findall(r"`([a-z_]+)`", paragraph)
     assert "remote_uri" in fields and "local_uri" in fields
     return fields
-
-
-def _udp_listening(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.bind((LOCALHOST, port))
-        except OSError:
-            return True
-    return False
 
 
 # ---- a call to where nothing listens --------------------------------------------------------------

@@ -20,7 +20,7 @@ import sys
 import time
 
 import pytest
-from tests.sip_peers import PjsuaPeer, _Lines, free_port, serve_config, stop_process
+from tests.sip_peers import PjsuaPeer, _Lines, eventually, free_port, serve_config, stop_process
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -114,17 +114,6 @@ MLX_LIBRARY = re.compile(r"(^|/)(mlx|mlx_[^/]*)/|(^|/)libmlx[^/]*$")  # mlx/core
 PJSUA2_LIBRARY = re.compile(r"(^|/)_pjsua2[^/]*$|(^|/)pjsua2(_python\.libs)?/")
 
 
-def _until(condition, timeout: float, what: str):
-    """Polls `condition()` until it returns something true, which it returns; fails after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
-        time.sleep(0.05)
-
-
 def _mapped_files(pid: int) -> set[str]:
     """The files mapped into process `pid`'s memory."""
     with open(f"/proc/{pid}/maps") as f:
@@ -196,17 +185,17 @@ persona = "You answer the phone."
     child = None
     try:
         # the model is loaded and warmed up in the child when serve says "listening"; it may also give up
-        _until(lambda: proc.poll() is not None or any("listening" in line for line in err.lines), 120,
+        eventually(lambda: proc.poll() is not None or any("listening" in line for line in err.lines), 120,
                "serve listening")
         assert proc.poll() is None, f"serve exited {proc.returncode}:\n{''.join(err.lines)[-3000:]}"
         if HAS_PROC:
-            child = _until(lambda: _inference_child(proc.pid), 10, "the inference child among serve's children")
+            child = eventually(lambda: _inference_child(proc.pid), 10, "the inference child among serve's children")
         with PjsuaPeer(user="isolation", log_dir=tmp) as peer:
             call_id = peer.call(f"sip:echo@127.0.0.1:{sip_port}")
             peer.expect("media", call_id=call_id, timeout=30)
             # the call is up: read both processes now
             request.touch()
-            evidence["serve_modules"] = json.loads(_until(lambda: modules_file.exists() and modules_file.read_text(),
+            evidence["serve_modules"] = json.loads(eventually(lambda: modules_file.exists() and modules_file.read_text(),
                                                           10, "serve's sys.modules written"))
             if HAS_PROC:
                 evidence["serve_maps"] = _mapped_files(proc.pid)
@@ -217,7 +206,7 @@ persona = "You answer the phone."
             peer.expect("disconnected", call_id=call_id, timeout=15)
         evidence["serve_exit"] = stop_process(proc, timeout=30, sig=signal.SIGTERM)
         if child is not None:
-            _until(lambda: not _alive(child), 15, "the inference child gone after serve stopped")
+            eventually(lambda: not _alive(child), 15, "the inference child gone after serve stopped")
     finally:
         stop_process(proc, timeout=10, sig=signal.SIGKILL)
         if child is not None and _alive(child):

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from callbot.app.recording import Recorder, WavStreamWriter, read_recording, recording_name
+from tests.sip_peers import eventually
 
 RATE = 8000
 
@@ -217,17 +218,6 @@ def test_kill_9_mid_call_leaves_a_playable_recording(tmp_path):
     assert not os.path.exists(sidecar_path + ".tmp")
 
 
-def _poll(condition, timeout=10.0, what="condition"):
-    """Polls `condition()` until it returns something true (returned); fails after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
-        time.sleep(0.01)
-
-
 def _header_frames(path):
     with wave.open(str(path)) as r:
         return r.getnframes()
@@ -240,11 +230,11 @@ def test_wav_header_covers_audio_well_before_the_first_full_sync_interval(tmp_pa
         rec = rec_er.start({"call_id": "early", "start": 1.0}, RATE)
         rec.caller.write(pattern(160, 0))  # one 20 ms frame, as the media port writes at once
         rec.bot.write(pattern(160, 1))
-        _poll(lambda: _header_frames(rec.wav_path) > 0, what="the header covering the first frame")
+        eventually(lambda: _header_frames(rec.wav_path) > 0, what="the header covering the first frame")
         covered_after = time.monotonic() - started
         # FIRST_SYNC_S then the next poll: ~0.2 s; the 1 s interval alone would need 1 s
         assert covered_after < 0.9, covered_after
-        seconds = _poll(lambda: json.loads(open(rec.sidecar_path).read())["recording"]["seconds"],
+        seconds = eventually(lambda: json.loads(open(rec.sidecar_path).read())["recording"]["seconds"],
                         what="the sidecar saying how much is safe")
         assert seconds == pytest.approx(160 / RATE)
     finally:
@@ -264,7 +254,7 @@ def test_sidecar_follows_the_live_record_during_the_call(tmp_path):
         record.answered = 1764039000.5
         record.codec = "G722"
         record.add_dtmf(DtmfRecord(digit="1", method="info", at=1764039001.0, duration_ms=100))
-        current = _poll(lambda: (lambda s: s if s["dtmf"] else None)(read()), what="the digit in the sidecar")
+        current = eventually(lambda: (lambda s: s if s["dtmf"] else None)(read()), what="the digit in the sidecar")
         assert current["answered"] == 1764039000.5 and current["codec"] == "G722"
         assert current["recording"]["complete"] is False
         # without any change, it is still rewritten (sidecar_interval_s): the seconds safe on disk grow
@@ -272,7 +262,7 @@ def test_sidecar_follows_the_live_record_during_the_call(tmp_path):
         for i in range(0, RATE, 160):
             rec.caller.write(frames[i:i + 160])
             rec.bot.write(frames[i:i + 160])
-        _poll(lambda: read()["recording"]["frames"] == RATE, what="the periodic rewrite")
+        eventually(lambda: read()["recording"]["frames"] == RATE, what="the periodic rewrite")
         assert read()["recording"]["seconds"] == 1.0
     finally:
         rec_er.close()

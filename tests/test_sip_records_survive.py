@@ -13,31 +13,25 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 import wave
 
 import pytest
-from tests.sip_peers import PjsuaPeer, _Lines, final_response, free_port, serve_config, sip_header, stop_process
+from tests.sip_peers import (PjsuaPeer, _Lines, eventually, final_response, free_port, serve_config, sip_header,
+                             stop_process)
 
 from callbot.sip import call_record
 from callbot.sip.call_record import DtmfRecord
 from callbot.sip.config import WHEEL_MAX_CALLS
 from callbot.sip.events import CallConfirmed, CallEnded, DtmfReceived
 
-pytestmark = pytest.mark.timeout(120)
-CALLBOT = [sys.executable, "-m", "callbot.app.cli"]
-
 
 def _eventually(condition, timeout: float = 20.0, what: str = "condition"):
-    """Polls `condition()` until it returns something true (returned); fails after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
-        time.sleep(0.05)
+    return eventually(condition, timeout, what)
+
+
+pytestmark = pytest.mark.timeout(120)
+CALLBOT = [sys.executable, "-m", "callbot.app.cli"]
 
 
 class _JsonLog:
