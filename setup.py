@@ -37,6 +37,8 @@ PACKAGES: dict[str, str] = {
     "callbot.engine.serving": "engine/serving",
     "callbot.sip": "sip",
     "callbot.app": "app",
+    "callbot.flows": "flows",
+    "callbot.speech": "speech",
 }
 
 # typing for the compiled modules: their stubs and the PEP 561 marker, installed beside them
