@@ -15,13 +15,13 @@ import queue
 import threading
 from typing import Callable, Generic, TypeVar, Union
 
-from callbot.engine.contract import EngineEvent, LiveEvent
+from callbot.engine.contract import AppEvent, EngineEvent, LiveEvent
 from callbot.sip import events as sip_events
 
 log = logging.getLogger(__name__)
 
-# what `callbot serve` publishes: the endpoint's events and the engine's live ones
-BusEvent = Union[sip_events.Event, LiveEvent]
+# what `callbot serve` publishes: the endpoint's events, the engine's live ones and the app's own
+BusEvent = Union[sip_events.Event, LiveEvent, AppEvent]
 _SIP_CALL_EVENTS = (sip_events.IncomingCall, sip_events.CallProgress, sip_events.CallConfirmed,
                     sip_events.CallMedia, sip_events.CallEnded, sip_events.DtmfReceived,
                     sip_events.TransferProgress)
@@ -30,7 +30,7 @@ _SIP_CALL_EVENTS = (sip_events.IncomingCall, sip_events.CallProgress, sip_events
 def call_id_of(event: BusEvent) -> str | None:
     """The SIP Call-ID an event is about; None for an endpoint's own events (registration, a refused
     INVITE, shutdown)."""
-    if isinstance(event, (EngineEvent, *_SIP_CALL_EVENTS)):
+    if isinstance(event, (EngineEvent, AppEvent, *_SIP_CALL_EVENTS)):
         return event.call_id
     return None
 

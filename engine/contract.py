@@ -6,7 +6,7 @@ Structs give one schema for all three, encode to msgpack without copies of the P
 does not fit (`msgspec.ValidationError` names the field). Nothing here imports MLX or pjsua2, so
 every process and every later subsystem (flows, analytics, web) may import it.
 
-Three families:
+Four families:
 - `CallStart`: what an engine needs to open a call (its id, the media port's rate, the bot, the call's
   variables);
 - control operations (`Control`): what the app asks of a running call: `Play`, `Inform`,
@@ -14,7 +14,10 @@ Three families:
   to the endpoint, not to the engine);
 - engine events (`EngineEvent`): what a running call tells the app as it happens: the bot's text
   pieces with their frame times, bot and caller speech start/stop, a clip played, a persona changed,
-  per-frame stage stamps, and the call's summary when it closes.
+  per-frame stage stamps, and the call's summary when it closes;
+- app events (`AppEvent`): what the app's own parts report about a call, for every later subsystem
+  (analytics, the panel) to read off the event bus: the caller recognizer's words (`CallerWords`) and
+  each step of a call flow (`FlowTransition`).
 
 Engines implement `CallEngine`; its sessions implement `CallSession`. `open_session`, `control` and
 `close_session` are called from the app's threads (never from a media callback) and return quickly;
@@ -181,6 +184,40 @@ LiveEvent = Union[BotText, BotSpeech, CallerSpeech, PlayFinished, InformFinished
                   SessionClosed]
 
 EventSink = Callable[[LiveEvent], None]
+
+
+# ---- app events (the app's own parts -> the event bus) ------------------------------------------------
+
+
+class AppEvent(Message):
+    """Something the app's own parts saw on a call; `t_ms`: ms since that part began on the call (the
+    recognizer: the caller stream's first sample; a flow: its start)."""
+
+    call_id: str
+    t_ms: float
+
+
+class CallerWords(AppEvent, tag="caller_words"):
+    """What the caller said, from the live recognizer on the caller's leg: a partial hypothesis (may
+    still change) or a final one (an utterance ended). Times: ms since the caller stream's first sample."""
+
+    text: str
+    final: bool
+    start_ms: float
+    end_ms: float
+
+
+class FlowTransition(AppEvent, tag="flow_transition"):
+    """A call flow moved: from `from_state` ("" at the start) to `to_state` ("" when the flow ended),
+    because of `reason` (start, next, digits, no_input, no_match, reprompt, caller_said, bot_said,
+    silence, max_s, webhook, webhook_failed, branch, transfer_failed, hangup, transfer, call_ended, error).
+    `detail`: what triggered it (the digits, masked when sensitive; the words matched; the failure)."""
+
+    flow: str
+    from_state: str
+    to_state: str
+    reason: str
+    detail: str = ""
 
 
 # ---- the protocols ----------------------------------------------------------------------------------

@@ -1,0 +1,284 @@
+"""The flow runner driven through every kind of exit with a fake clock: what it asks of the call, and
+the transition it reports for each move. The call is a recorder of the runner's requests (our own
+FlowCall protocol), the clock a number: nothing here waits."""
+from __future__ import annotations
+
+from callbot.engine.contract import FlowTransition
+from callbot.flows.runner import (CallGone, Digit, FlowRunner, PromptDone, Said, Speech, TransferDone,
+                                  WebhookDone, render)
+from callbot.flows.schema import parse_flow
+
+MENU = """
+start = "greet"
+[states.greet]
+say = "Welcome to Example, {name}."
+next = "menu"
+[states.menu]
+say = "Press 1 for billing, 2 for an agent."
+gather = { max_digits = 1, timeout_s = 5, interdigit_timeout_s = 3, finish_key = "#" }
+reprompts = 2
+on_digits = { "1" = "billing", "2" = "agent" }
+on_no_input = "agent"
+on_no_match = "goodbye"
+[states.billing]
+persona = "You help {name} with the bill of account {account}."
+on_caller_said = [{ match = "(?i)human|agent|representative", goto = "agent" }]
+on_bot_said = [{ match = "(?i)transfer you", goto = "agent" }]
+on_silence_s = { after = 10, goto = "goodbye" }
+max_s = 300
+on_max_s = "goodbye"
+[states.agent]
+transfer = "sip:queue@pbx.example.com"
+on_transfer_failed = "goodbye"
+[states.goodbye]
+say = "Thank you for calling. Goodbye."
+hangup = true
+"""
+
+
+class Recorded:
+    """A FlowCall that notes each request."""
+
+    def __init__(self):
+        self.ops: list[tuple] = []
+        self.events: list[FlowTransition] = []
+
+    def play(self, clip, id):
+        self.ops.append(("play", clip, id))
+
+    def say(self, text, id):
+        self.ops.append(("say", text, id))
+
+    def inform(self, text, id):
+        self.ops.append(("inform", text, id))
+
+    def set_persona(self, text, id):
+        self.ops.append(("set_persona", text, id))
+
+    def mute_caller(self, on):
+        self.ops.append(("mute_caller", on))
+
+    def redact_digits(self, on):
+        self.ops.append(("redact_digits", on))
+
+    def webhook(self, spec, variables, id):
+        self.ops.append(("webhook", spec.url, dict(variables), id))
+
+    def transfer(self, uri):
+        self.ops.append(("transfer", uri))
+
+    def hangup(self):
+        self.ops.append(("hangup",))
+
+    def report(self, event):
+        self.events.append(event)
+
+    def last(self, kind):
+        return next(op for op in reversed(self.ops) if op[0] == kind)
+
+    def moves(self):
+        return [(e.from_state, e.to_state, e.reason) for e in self.events]
+
+
+def runner(text=MENU, **variables):
+    call = Recorded()
+    r = FlowRunner(parse_flow(text), call, "c1", {"name": "Ana", "account": "42", **variables}, now=100.0,
+                   name="support")
+    r.start()
+    return r, call
+
+
+def finish_prompt(r, call, now):
+    r.handle(PromptDone(call.last("say")[2]), now)
+
+
+def test_greet_menu_digit_persona_then_the_caller_asks_for_a_human():
+    r, call = runner()
+    assert call.last("say")[1] == "Welcome to Example, Ana."
+    assert ("mute_caller", True) in call.ops  # a prompt state: the model does not hear the caller
+    finish_prompt(r, call, 101.0)
+    assert r.state == "menu"
+    r.handle(Digit("1"), 101.5)  # typed during the menu prompt: taken when it is done
+    assert r.state == "menu"
+    finish_prompt(r, call, 102.0)
+    assert r.state == "billing"
+    assert call.last("set_persona")[1] == "You help Ana with the bill of account 42."
+    assert call.last("mute_caller") == ("mute_caller", False)
+    r.handle(Said("caller", "i want a human", final=False), 103.0)  # partial: rules wait for the final
+    assert r.state == "billing"
+    r.handle(Said("caller", "i want a human please"), 103.5)
+    assert r.state == "agent"
+    assert call.last("transfer") == ("transfer", "sip:queue@pbx.example.com")
+    r.handle(TransferDone(ok=True, code=200, reason="OK"), 105.0)
+    assert r.ended
+    assert call.moves() == [("", "greet", "start"), ("greet", "menu", "next"), ("menu", "billing", "digits"),
+                            ("billing", "agent", "caller_said"), ("agent", "agent", "transfer"),
+                            ("agent", "", "transfer")]
+    assert [e.t_ms for e in call.events][:3] == [0.0, 1000.0, 2000.0]
+    assert r.variables["digits"] == "1"
+
+
+def test_no_input_reprompts_then_takes_its_exit():
+    r, call = runner()
+    finish_prompt(r, call, 101.0)
+    finish_prompt(r, call, 102.0)  # the menu prompt done: the 5 s no-input timer runs
+    r.tick(106.9)
+    assert r.state == "menu" and sum(op[0] == "say" for op in call.ops) == 2
+    for attempt in (1, 2):
+        r.tick(107.0 + 10 * (attempt - 1))  # times out: the prompt again
+        assert sum(op[0] == "say" for op in call.ops) == 2 + attempt
+        finish_prompt(r, call, 107.5 + 10 * (attempt - 1))
+    r.tick(117.5 + 5.0)
+    assert r.state == "agent"
+    assert call.moves()[2:] == [("menu", "menu", "reprompt"), ("menu", "menu", "reprompt"),
+                                ("menu", "agent", "no_input"), ("agent", "agent", "transfer")]
+    assert call.events[2].detail == "no_input 1/2"
+
+
+def test_no_match_reprompts_then_exits_and_the_goodbye_hangs_up():
+    r, call = runner()
+    finish_prompt(r, call, 101.0)
+    finish_prompt(r, call, 102.0)
+    for i in range(3):
+        r.handle(Digit("9"), 103.0 + i)
+        if i < 2:
+            finish_prompt(r, call, 103.5 + i)
+    assert r.state == "goodbye"
+    assert call.events[-1].reason == "no_match" and call.events[-1].detail == "9"
+    finish_prompt(r, call, 110.0)
+    assert call.ops[-1] == ("hangup",) and r.ended
+    assert call.events[-1].reason == "hangup"
+
+
+FORM = """
+start = "card"
+[states.card]
+say = "Enter your card number, then hash."
+gather = { max_digits = 16, timeout_s = 5, interdigit_timeout_s = 3, finish_key = "#", variable = "card", sensitive = true }
+next = "check"
+[states.check]
+webhook = { url = "http://127.0.0.1:9/pay", retries = 1, on_failure = "sorry" }
+branch = [{ var = "status", match = "^ok$", goto = "thanks" }]
+next = "sorry"
+[states.thanks]
+say = "Paid, {name}. Reference {ref}."
+hangup = true
+[states.sorry]
+say = "Sorry."
+hangup = true
+"""
+
+
+def test_a_sensitive_gather_masks_mutes_and_a_webhook_reply_steers_the_branch():
+    r, call = runner(FORM)
+    assert ("mute_caller", True) in call.ops and ("redact_digits", True) in call.ops
+    finish_prompt(r, call, 101.0)
+    r.handle(Said("caller", "four one one one"), 101.5)  # a secret read aloud: no rule, nothing logged
+    for i, d in enumerate("4111111111111111"[:6]):
+        r.handle(Digit(d), 102.0 + i * 0.5)
+    r.handle(Digit("#"), 106.0)
+    assert r.variables["card"] == "411111"
+    assert call.events[-1].detail == "******"
+    assert ("redact_digits", False) in call.ops  # left the sensitive state
+    hook = call.last("webhook")
+    assert hook[2]["card"] == "411111" and hook[2]["name"] == "Ana"
+    r.handle(WebhookDone(hook[3], reply={"status": "ok", "variables": {"ref": "A7"}}), 106.2)
+    assert r.state == "thanks"
+    assert call.last("say")[1] == "Paid, Ana. Reference A7."
+    assert [m[2] for m in call.moves()] == ["start", "digits", "branch"]
+
+
+def test_an_interdigit_timeout_ends_the_gathering():
+    r, call = runner(FORM)
+    finish_prompt(r, call, 101.0)
+    r.handle(Digit("1"), 102.0)
+    r.handle(Digit("2"), 104.0)
+    r.tick(106.9)
+    assert r.state == "card"
+    r.tick(107.0)
+    assert r.state == "check" and r.variables["card"] == "12"
+
+
+def test_a_failing_webhook_is_retried_then_takes_on_failure():
+    r, call = runner(FORM)
+    finish_prompt(r, call, 101.0)
+    r.handle(Digit("1"), 102.0)
+    r.handle(Digit("#"), 102.5)
+    first = call.last("webhook")[3]
+    r.handle(WebhookDone(first, error="no answer within 2 s"), 104.5)
+    second = call.last("webhook")[3]
+    assert second != first
+    r.handle(WebhookDone(first, reply={"status": "ok"}), 104.6)  # a late reply to the first try: ignored
+    assert r.state == "check"
+    r.handle(WebhookDone(second, error="connection refused"), 106.6)
+    assert r.state == "sorry"
+    assert call.events[-1].reason == "webhook_failed" and "refused" in call.events[-1].detail
+
+
+def test_a_reply_naming_an_unknown_state_is_a_failure_and_a_known_one_is_followed():
+    text = FORM.replace("retries = 1", "retries = 0")
+    r, call = runner(text)
+    finish_prompt(r, call, 101.0)
+    r.handle(Digit("#"), 101.5)  # finish key with nothing gathered: keeps waiting
+    r.handle(Digit("7"), 101.6)
+    r.handle(Digit("#"), 101.7)
+    r.handle(WebhookDone(call.last("webhook")[3], reply={"next": "nowhere"}), 102.0)
+    assert r.state == "sorry" and "nowhere" in call.events[-1].detail
+    r2, call2 = runner(text)
+    finish_prompt(r2, call2, 101.0)
+    r2.handle(Digit("7"), 101.6)
+    r2.handle(Digit("#"), 101.7)
+    r2.handle(WebhookDone(call2.last("webhook")[3], reply={"next": "thanks", "ref": 99}), 102.0)
+    assert r2.state == "thanks" and call2.last("say")[1] == "Paid, Ana. Reference 99."
+
+
+def test_silence_max_s_and_the_bots_own_words():
+    r, call = runner()
+    finish_prompt(r, call, 101.0)
+    r.handle(Digit("1"), 101.5)
+    finish_prompt(r, call, 102.0)
+    assert r.state == "billing"
+    r.handle(Speech("caller", True), 103.0)
+    r.tick(120.0)  # speaking all along: no silence
+    assert r.state == "billing"
+    r.handle(Speech("caller", False), 121.0)
+    r.tick(130.9)
+    assert r.state == "billing"
+    r.tick(131.0)
+    assert r.state == "goodbye" and call.events[-1].reason == "silence"
+
+    r, call = runner()
+    finish_prompt(r, call, 101.0)
+    r.handle(Digit("1"), 101.5)
+    finish_prompt(r, call, 102.0)
+    for piece in (" I", " will", " transfer", " you", " now"):
+        r.handle(Said("bot", piece), 103.0)
+        r.handle(Speech("bot", True), 103.0)
+    assert r.state == "agent" and call.events[-2].reason == "bot_said"
+
+    r, call = runner()
+    finish_prompt(r, call, 101.0)
+    r.handle(Digit("1"), 101.5)
+    finish_prompt(r, call, 102.0)
+    r.handle(Speech("bot", True), 102.1)  # talking the whole time: max_s still ends the state
+    r.tick(402.0)
+    assert r.state == "goodbye" and call.events[-1].reason == "max_s"
+
+
+def test_a_failed_transfer_takes_its_exit_and_a_gone_call_ends_the_flow():
+    r, call = runner()
+    finish_prompt(r, call, 101.0)
+    r.handle(Digit("2"), 101.5)
+    finish_prompt(r, call, 102.0)
+    assert r.state == "agent"
+    r.handle(TransferDone(ok=False, code=486, reason="Busy Here"), 103.0)
+    assert r.state == "goodbye" and call.events[-1].detail == "486 Busy Here"
+    r.handle(CallGone("remote"), 104.0)
+    assert r.ended and call.events[-1].to_state == "" and call.events[-1].reason == "call_ended"
+    r.handle(Digit("1"), 105.0)  # nothing after the end
+    r.tick(500.0)
+    assert call.events[-1].reason == "call_ended"
+
+
+def test_render_leaves_unknown_variables_empty_and_literal_braces():
+    assert render("Hi {name}{missing}, {{x}}", {"name": "Ana"}) == "Hi Ana, {x}"
