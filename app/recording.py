@@ -30,12 +30,13 @@ sip/call_record.py) and an events file stops at `events_max_bytes` (16 MiB: hour
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 import struct
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import msgspec
 import numpy as np
@@ -45,6 +46,7 @@ from callbot.app.event_log import event_line, json_bytes
 from callbot.engine.audio.ring import Ring, capacity_for
 from callbot.engine.contract import FrameStages
 
+log = logging.getLogger(__name__)
 CHANNELS = ("caller", "bot")  # left, right
 RING_SECONDS = 8  # per channel: the recorder thread may stall this long before audio is dropped
 SYNC_INTERVAL_S = 1.0
@@ -311,11 +313,17 @@ class Recorder:
 
     Detach the media port before `finish`: finish drains the rings, and the port must no longer
     write to them.
+
+    Each call's files go into `directory`, or into the folder `directory_for(record)` names (created
+    when missing; None = `directory`): a tenant's own folder (app/routes.py), chosen by whoever knows
+    tenants, so that this stays a recorder of calls.
     """
 
     def __init__(self, directory: str | os.PathLike, sync_interval_s: float = SYNC_INTERVAL_S, poll_ms: float = POLL_MS,
-                 sidecar_interval_s: float = SIDECAR_INTERVAL_S, events_max_bytes: int = EVENTS_MAX_BYTES):
+                 sidecar_interval_s: float = SIDECAR_INTERVAL_S, events_max_bytes: int = EVENTS_MAX_BYTES,
+                 directory_for: Callable[[Any], str | None] | None = None):
         self.directory = os.fspath(directory)
+        self.directory_for = directory_for
         if not os.path.isdir(self.directory):
             raise ValueError(f"recording directory {self.directory!r} does not exist")
         if not 0 < sync_interval_s <= 60:
@@ -338,13 +346,24 @@ class Recorder:
         self._thread = threading.Thread(target=self._run, name="recorder", daemon=True)
         self._thread.start()
 
-    def start(self, record: Any, rate: int) -> CallRecording:
-        """Opens the call's WAV and writes its sidecar; returns the rings for the media port."""
+    def start(self, record: Any, rate: int) -> CallRecording | None:
+        """Opens the call's WAV and writes its sidecar; returns the rings for the media port, or None (one
+        log line) when the call's own folder cannot be made: that call goes on unrecorded."""
         if self._stop.is_set():
             raise RuntimeError("the recorder is closed")
         if self.error is not None:
             raise RuntimeError(f"the recorder's thread failed ({self.error!r}): no new recording can start")
-        rec = CallRecording(self.directory, record, rate, self.sync_interval_s, self.sidecar_interval_s,
+        directory = self.directory
+        if self.directory_for is not None:
+            try:
+                directory = self.directory_for(record) or self.directory
+                os.makedirs(directory, exist_ok=True)
+            except Exception as err:  # the call goes on; only its recording is lost
+                why = err.strerror if isinstance(err, OSError) and err.strerror else repr(err)
+                log.warning("call %s is not recorded: its folder %r cannot be made (%s)",
+                            _record_dict(record).get("call_id"), directory, why)
+                return None
+        rec = CallRecording(directory, record, rate, self.sync_interval_s, self.sidecar_interval_s,
                             self.events_max_bytes)
         with self._lock:
             self._active.append(rec)

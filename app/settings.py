@@ -51,7 +51,8 @@ class SamplingSettings(_Settings):
 
 
 class BotSettings(_Settings):
-    """One bot: who it sounds like, what it is told, and which account's calls it takes."""
+    """One bot: who it sounds like, what it is told, which account's calls it takes (without [[routes]]),
+    the tenant it belongs to, the flow it follows and the language it speaks."""
 
     name: str = "default"
     voice: str = DEFAULT_VOICE  # one of VOICE_NAMES, or a path to a .wav recording / .pt voice prompt
@@ -59,6 +60,9 @@ class BotSettings(_Settings):
     account: str | None = None  # account name; None = the first account
     sampling: SamplingSettings = SamplingSettings()
     max_call_s: Annotated[float, Meta(gt=0)] | None = 3600.0
+    tenant: str | None = None  # a [[tenants]] name: its calls' records go to that tenant's folder
+    flow: str | None = None  # a flow file, relative to the config file (flows/)
+    language: str = "en"  # what the bot speaks: a BCP 47 tag ("en", "de-CH"), given to the call as {language}
 
 
 class ModelSettings(_Settings):
@@ -135,6 +139,43 @@ class EdgeSettings(_Settings):
         return self.cert_file is not None
 
 
+class TenantSettings(_Settings):
+    """A customer of the service: its bots' calls are recorded in its own folder."""
+
+    name: str
+    recordings_dir: str | None = None  # relative to the config file; None = <recordings_dir>/<name>
+
+
+class HeaderMatch(_Settings):
+    """A route's condition on one INVITE header (X-*, P-Asserted-Identity, Diversion, Accept-Language)."""
+
+    name: str
+    match: str  # a regular expression, searched in the header's value
+
+
+class RouteSettings(_Settings):
+    """Which bot takes an inbound call (app/routes.py): every condition given must hold; none = any call.
+    The first route that matches wins."""
+
+    bot: str
+    name: str | None = None  # shown in the record's labels; None = "routes[<index>]"
+    did: str | tuple[str, ...] | None = None  # the number called (Request-URI user); +, spaces, -.() ignored
+    account: str | None = None  # the account the INVITE came in on
+    caller: str | None = None  # a regular expression, searched in the caller's user part (From)
+    header: HeaderMatch | None = None
+    variables: dict[str, str] = {}  # given to the call (CallStart.variables)
+
+
+RefusalCode = Literal[403, 404, 480, 486, 503, 603]
+
+
+class RoutingSettings(_Settings):
+    """What a call gets that no route takes (when there are [[routes]])."""
+
+    no_route: RefusalCode = 404
+    reason: str | None = None  # the SIP reason phrase; None = the code's standard one ("Not Found")
+
+
 def _default_sip() -> EndpointConfig:
     return EndpointConfig(accounts=(AccountConfig(name="default", user="bot"),))
 
@@ -146,6 +187,16 @@ class Settings(_Settings):
     recordings_dir: str = "./calls"
     metrics: MetricsSettings = MetricsSettings()
     edge: EdgeSettings = EdgeSettings()
+    tenants: tuple[TenantSettings, ...] = ()
+    routes: tuple[RouteSettings, ...] = ()  # none: a call goes to its account's bot, else the first
+    routing: RoutingSettings = RoutingSettings()
+
+    def tenant_dir(self, name: str) -> str:
+        """Where a tenant's calls are recorded: its own recordings_dir, else <recordings_dir>/<name>."""
+        tenant = next((t for t in self.tenants if t.name == name), None)
+        if tenant is None:
+            raise ConfigError(f"no tenant named {name!r}")
+        return tenant.recordings_dir or os.path.join(self.recordings_dir, name)
 
     def bot_name_for(self, record: CallRecord) -> str:
         """The bot that answers a call: the one bound to the call's account, else the first."""
@@ -244,6 +295,60 @@ def _check_bots(settings: Settings, base_dir: pathlib.Path) -> None:
             )
         if not bot.persona.strip():
             raise ConfigError(f"{where}.persona: must not be empty (the model needs a role to play)")
+        if bot.tenant is not None and bot.tenant not in [t.name for t in settings.tenants]:
+            raise ConfigError(f"{where}.tenant: unknown tenant {bot.tenant!r}, "
+                              + _expected([t.name for t in settings.tenants], "[[tenants]]"))
+        flow = None if bot.flow is None else base_dir / os.path.expanduser(bot.flow)
+        if flow is not None and not flow.is_file():
+            raise ConfigError(f"{where}.flow: flow file {os.fspath(flow)!r} does not exist")
+        if not _LANGUAGE.fullmatch(bot.language):
+            raise ConfigError(f'{where}.language: {bot.language!r} is not a language tag like "en" or "de-CH"')
+
+
+# BCP 47's shape, loosely: a 2-3 letter language, then subtags of 1-8 letters or digits ("zh-Hant-TW")
+_LANGUAGE = re.compile(r"[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8})*")
+# a tenant's name is a folder's name too: no separators, no dot-folders
+_TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def _expected(names: list[str], what: str) -> str:
+    return f"expected one of {', '.join(names)}" if names else f"none are configured ({what})"
+
+
+def _check_routes(settings: Settings, base_dir: pathlib.Path) -> None:
+    """Tenants' names and folders, and every name a route refers to; each error names the field's path."""
+    from callbot.app.routes import check_route  # the matching rules live with the matching
+
+    folders: dict[str, str] = {}
+    for i, tenant in enumerate(settings.tenants):
+        where = f"$.tenants[{i}]"
+        if not _TENANT_NAME.fullmatch(tenant.name):
+            raise ConfigError(f"{where}.name: {tenant.name!r} must be 1-64 letters, digits, '.', '_' or '-' "
+                              "(it names a folder), starting with a letter or digit")
+        if tenant.name in [t.name for t in settings.tenants[:i]]:
+            raise ConfigError(f"{where}.name: tenant name {tenant.name!r} is used twice")
+        folder = os.path.normpath(base_dir / os.path.expanduser(
+            tenant.recordings_dir or os.path.join(settings.recordings_dir, tenant.name)))
+        if folder in folders:
+            raise ConfigError(f"{where}.recordings_dir: {folder!r} is also the folder of tenant "
+                              f"{folders[folder]!r} (each tenant's records stay apart)")
+        folders[folder] = tenant.name
+    bots = [b.name for b in settings.bots]
+    accounts = [a.name for a in settings.sip.accounts]
+    for i, route in enumerate(settings.routes):
+        where = f"$.routes[{i}]"
+        if route.bot not in bots:
+            raise ConfigError(f"{where}.bot: unknown bot {route.bot!r}, expected one of {', '.join(bots)}")
+        if route.account is not None and route.account not in accounts:
+            raise ConfigError(f"{where}.account: unknown account {route.account!r}, "
+                              + _expected(accounts, "[[sip.accounts]]"))
+        problem = check_route(route)
+        if problem is not None:
+            field, what = problem
+            raise ConfigError(f"{where}.{field}: {what}")
+    reason = settings.routing.reason
+    if reason is not None and (not reason.strip() or len(reason) > 128 or not reason.isprintable()):
+        raise ConfigError("$.routing.reason: a SIP reason phrase is one line of 1-128 printable characters")
 
 
 def parse_settings(text: str | bytes, *, base_dir: str | os.PathLike = ".") -> Settings:
@@ -255,6 +360,7 @@ def parse_settings(text: str | bytes, *, base_dir: str | os.PathLike = ".") -> S
     except msgspec.DecodeError as err:
         raise ConfigError(f"not valid TOML: {err}") from None
     _check_bots(settings, pathlib.Path(base_dir))
+    _check_routes(settings, pathlib.Path(base_dir))
     settings = _resolve_passwords(settings)
     return _resolve_paths(settings, pathlib.Path(base_dir))
 
@@ -283,9 +389,12 @@ def _resolve_paths(settings: Settings, base_dir: pathlib.Path) -> Settings:
         msgspec.structs.replace(b, voice=resolve(b.voice)) if b.voice.lower().endswith(VOICE_FILE_SUFFIXES) else b
         for b in settings.bots
     )
+    bots = tuple(msgspec.structs.replace(b, flow=resolve(b.flow)) for b in bots)
+    tenants = tuple(msgspec.structs.replace(t, recordings_dir=resolve(t.recordings_dir)) for t in settings.tenants)
     return msgspec.structs.replace(
         settings,
         bots=bots,
+        tenants=tenants,
         recordings_dir=resolve(settings.recordings_dir),
         sip=msgspec.structs.replace(settings.sip, log_file=resolve(settings.sip.log_file)),
         model=msgspec.structs.replace(settings.model, path=resolve(settings.model.path),

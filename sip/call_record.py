@@ -13,14 +13,28 @@ UTF-8; pjsua2 hands them over as lone surrogates (U+DC80..U+DCFF, Python's surro
 UTF-8 encoder (JSON, msgpack, a file) accepts. `peer_text` turns them into backslash escapes of the bytes
 (`\\xff`): lossless, so two Call-IDs that differ in one bad byte stay two calls, ASCII, so every JSON
 reader takes it, and the same bytes a packet capture shows. U+FFFD would merge such Call-IDs.
+
+An inbound call's record also keeps what the app routes it by (app/routes.py), read from the INVITE's
+text: the Request-URI and its user part (`called`: the DID a trunk puts there), the From user
+(`caller`), and a bounded selection of headers (`headers`: X-* headers, P-Asserted-Identity, Diversion,
+Accept-Language; at most HEADERS_KEPT of at most HEADER_CHARS each - a peer chooses them). `labels` are
+the app's (tenant, bot, route): the SIP side never reads them, the sidecar shows them.
 """
 from __future__ import annotations
 
 import dataclasses
 import re
+import urllib.parse
 from dataclasses import dataclass, field
 
+REDACTED = "x"  # a digit the record does not keep (not a DTMF symbol, so never mistaken for one)
 DTMF_KEPT = 1000  # digits a record keeps; later ones are counted in dtmf_dropped (a flood: 1,800 -> 208 KB)
+# headers of an INVITE a record keeps for routing and for the sidecar: every X-* header and these
+KEPT_HEADERS = ("p-asserted-identity", "diversion", "accept-language")
+HEADERS_KEPT = 32  # headers at most; later ones are left out
+HEADER_CHARS = 256  # characters of a kept header's value (a longer one is cut); names up to 64
+_NAME_CHARS = 64
+_TOKEN = re.compile(r"[A-Za-z0-9.!%*_+`'~-]+")  # RFC 3261's token: what a header name is made of
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -79,11 +93,21 @@ class CallRecord:
     # what the engine reports at the call's end: the model's text pieces with their times, step and
     # stage timings, underruns/overruns (engine/serving/runner.py ModelCallSession.summary)
     engine: dict | None = None
+    # an inbound call's INVITE (fill_from_invite): the Request-URI, its user part (the number dialled),
+    # the From user part, and the kept headers (KEPT_HEADERS, X-*) by the name the first one was sent with
+    request_uri: str = ""
+    called: str = ""
+    caller: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)  # the app's: tenant, bot, route
 
     def __post_init__(self) -> None:
         # not a field (not in the sidecar): bumped by every change worth writing out at once; read by the
         # recorder's thread, which only asks whether it moved (a lost bump between two threads still moves it)
         self.revision = 0
+        # not a field either: set by the app while the caller types a secret (a card number in a call flow);
+        # digits that arrive meanwhile are kept as REDACTED in the record and flagged in their event
+        self.redact_dtmf = False
 
     def changed(self) -> None:
         """Something a reader of the sidecar should see soon happened (answer, media, a digit, a transfer)."""
@@ -100,6 +124,68 @@ class CallRecord:
         self.changed()
         return kept
 
+    def fill_from_invite(self, message: str) -> None:
+        """Takes the Request-URI, `called`, `caller` and the kept headers from an INVITE's text (pjsua2's
+        rdata.wholeMsg: a peer's bytes that are not UTF-8 come as lone surrogates and are escaped here)."""
+        self.request_uri, self.called, self.caller, self.headers = invite_facts(message)
+
     def to_dict(self) -> dict:
         """The sidecar's content: JSON-ready (only str, int, float, bool, None, lists, dicts)."""
         return dataclasses.asdict(self)
+
+
+def uri_user(uri: str) -> str:
+    """The user part of a sip:/sips:/tel: URI, or of a header value holding one ("Name" <sip:u@h>;tag=x),
+    percent-escapes decoded; "" when it has none."""
+    if "<" in uri:
+        uri = uri[uri.index("<") + 1:].partition(">")[0]
+    uri = uri.strip()
+    scheme, colon, rest = uri.partition(":")
+    if not colon:
+        return ""
+    scheme = scheme.lower()
+    if scheme == "tel":
+        user = rest.partition(";")[0]
+    elif scheme in ("sip", "sips") and "@" in rest:
+        user = rest.partition("@")[0].partition(";")[0].partition(":")[0]  # no user params, no password
+    else:
+        return ""
+    return urllib.parse.unquote(user, errors="surrogateescape")
+
+
+def invite_facts(message: str) -> tuple[str, str, str, dict[str, str]]:
+    """(Request-URI, its user, the From user, kept headers) of a SIP request's text, all through peer_text."""
+    head = message.lstrip("\r\n").replace("\r\n", "\n").partition("\n\n")[0]
+    lines = head.split("\n")
+    start = lines[0].split()
+    request_uri = start[1] if len(start) > 1 else ""
+    caller: str | None = None
+    headers: dict[str, str] = {}
+    seen: dict[str, str] = {}  # lower-case name -> the name kept
+    name = None  # the last kept header's name: a folded line continues it
+    for line in lines[1:]:
+        if line[:1] in (" ", "\t"):
+            if name is not None:
+                headers[name] = (headers[name] + " " + line.strip())[:HEADER_CHARS]
+            continue
+        name = None
+        key, colon, value = line.partition(":")
+        key, value = key.strip(), value.strip()
+        if not colon or not _TOKEN.fullmatch(key) or len(key) > _NAME_CHARS:
+            continue
+        lower = key.lower()
+        if lower in ("from", "f"):
+            if caller is None:  # the first From counts
+                caller = uri_user(value)
+            continue
+        if not (lower.startswith("x-") or lower in KEPT_HEADERS):
+            continue
+        if lower in seen:  # a repeated header (Diversion: one per redirection): its values joined, RFC 3261 7.3
+            name = seen[lower]
+            headers[name] = (headers[name] + ", " + value)[:HEADER_CHARS]
+        elif len(headers) < HEADERS_KEPT:
+            name = seen[lower] = peer_text(key)
+            headers[name] = value[:HEADER_CHARS]
+    headers = {k: peer_text(v) for k, v in headers.items()}
+    return (peer_text(request_uri), peer_text(uri_user(request_uri)), peer_text(caller or ""),
+            headers)

@@ -70,6 +70,30 @@ address = "127.0.0.1:9999"
         ("[sip]\nmax_calls = 9\n", "$.sip.max_calls: Expected `int` <= 4"),
         ("[[sip.accounts]]\nname = 'x'\nuser = 'a'\npassword = 'p'\n", "a password needs a registrar"),
         ("recordings_dir = [\n", "not valid TOML"),
+        # tenants, routes, a bot's tenant, flow and language (app/routes.py)
+        ("[[bots]]\ntenant = 'acme'\n", "$.bots[0].tenant: unknown tenant 'acme', none are configured ([[tenants]])"),
+        ("[[tenants]]\nname = 'a'\n[[bots]]\ntenant = 'b'\n", "$.bots[0].tenant: unknown tenant 'b', expected one of a"),
+        ("[[bots]]\nflow = 'menu.toml'\n", "$.bots[0].flow: flow file '"),
+        ("[[bots]]\nlanguage = 'english'\n", '$.bots[0].language: \'english\' is not a language tag like "en"'),
+        ("[[tenants]]\nname = '../up'\n", "$.tenants[0].name: '../up' must be 1-64 letters, digits"),
+        ("[[tenants]]\nname = 'a'\n[[tenants]]\nname = 'a'\n", "$.tenants[1].name: tenant name 'a' is used twice"),
+        ("[[tenants]]\nname = 'a'\n[[tenants]]\nname = 'b'\nrecordings_dir = 'calls/a'\n",
+         "$.tenants[1].recordings_dir: "),
+        ("[[tenants]]\nrecordings_dir = 'x'\n", "$.tenants[0]: Object missing required field `name`"),
+        ("[[routes]]\ndid = '1'\n", "$.routes[0]: Object missing required field `bot`"),
+        ("[[routes]]\nbot = 'nobody'\n", "$.routes[0].bot: unknown bot 'nobody', expected one of default"),
+        ("[[routes]]\nbot = 'default'\naccount = 'x'\n", "$.routes[0].account: unknown account 'x', expected one of default"),
+        ("[[routes]]\nbot = 'default'\ndid = ['1', ' + ']\n", "$.routes[0].did: a number must not be empty"),
+        ("[[routes]]\nbot = 'default'\ndid = 15550001\n", "$.routes[0].did: Expected `str | array | null`, got `int`"),
+        ("[[routes]]\nbot = 'default'\ncaller = '(+49'\n", "$.routes[0].caller: '(+49' is not a regular expression"),
+        ("[[routes]]\nbot = 'default'\nheader = { name = 'X-T', match = '[' }\n",
+         "$.routes[0].header.match: '[' is not a regular expression"),
+        ("[[routes]]\nbot = 'default'\nheader = { name = 'Subject', match = 'x' }\n",
+         "$.routes[0].header.name: 'Subject' is not a header a call keeps"),
+        ("[[routes]]\nbot = 'default'\nheader = { name = 'X-T' }\n", "$.routes[0].header: Object missing required field `match`"),
+        ("[[routes]]\nbot = 'default'\nvariables = { n = 1 }\n", "$.routes[0].variables[...]: Expected `str`, got `int`"),
+        ("[[routes]]\nbot = 'default'\ndids = '1'\n", "$.routes[0]: Object contains unknown field `dids`"),
+        ("[routing]\nno_route = 200\n", "$.routing.no_route: Invalid enum value 200, expected one of 403, 404, 480, 486, 503, 603"),
     ],
 )
 def test_bad_config_is_one_line_naming_the_place(text, expected, tmp_path):
@@ -84,6 +108,35 @@ def test_voice_file_relative_to_config(tmp_path):
     (tmp_path / "me.wav").write_bytes(b"RIFF")
     s = parse_settings("[[bots]]\nvoice = 'me.wav'\n", base_dir=tmp_path)
     assert s.bots[0].voice == str(tmp_path / "me.wav")
+
+
+def test_flow_file_relative_to_config_and_routes_decode(tmp_path):
+    (tmp_path / "menu.toml").write_text("")
+    s = parse_settings("""
+[[tenants]]
+name = "acme"
+recordings_dir = "acme-calls"
+[[bots]]
+name = "a"
+tenant = "acme"
+flow = "menu.toml"
+language = "zh-Hant-TW"
+[[routes]]
+did = ["+1 555-0001", "15550002"]
+caller = "^\\\\+49"
+header = { name = "X-Tenant", match = "acme" }
+bot = "a"
+variables = { product = "widgets" }
+[routing]
+no_route = 480
+reason = "Nobody here"
+""", base_dir=tmp_path)
+    assert s.bots[0].flow == str(tmp_path / "menu.toml") and s.bots[0].language == "zh-Hant-TW"
+    assert s.tenants[0].recordings_dir == str(tmp_path / "acme-calls") == s.tenant_dir("acme")
+    route = s.routes[0]
+    assert route.did == ("+1 555-0001", "15550002") and route.caller == "^\\+49" and route.header.name == "X-Tenant"
+    assert route.variables == {"product": "widgets"} and (s.routing.no_route, s.routing.reason) == (480, "Nobody here")
+    assert Settings().routes == () and Settings().routing.no_route == 404 and Settings().bots[0].language == "en"
 
 
 def test_load_settings_names_the_file(tmp_path):
