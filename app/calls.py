@@ -120,12 +120,14 @@ def _clip_bytes(audio: Audio) -> tuple[bytes, int]:
 
 
 class CallRouter:
-    """The endpoint's MediaSessions: opens an engine session per call (bot chosen by `bot_for`,
-    variables from `expect` for calls we dial) and keeps the calls in progress in `calls`."""
+    """The endpoint's MediaSessions: opens an engine session per call (bot and variables from
+    `start_for(record, bot named when dialling)`: app/routes.py; variables from `expect` for calls we
+    dial win) and keeps the calls in progress in `calls`."""
 
-    def __init__(self, engine: CallEngine, bot_for: Callable[[CallRecord], str | None] | None = None):
+    def __init__(self, engine: CallEngine,
+                 start_for: Callable[[CallRecord, str | None], tuple[str | None, dict[str, str]]] | None = None):
         self.engine = engine
-        self.bot_for = bot_for
+        self.start_for = start_for
         self.ops: CallOps | None = None  # the endpoint, once there is one (hangup, transfer)
         self.calls: dict[str, LiveCall] = {}
         self._expected: dict[str, tuple[str | None, dict[str, str]]] = {}
@@ -150,8 +152,9 @@ class CallRouter:
             raise ValueError(f"call {record.call_id}: no media rate yet")
         with self._lock:
             bot, variables = self._expected.pop(record.call_id, (None, {}))
-        if bot is None and self.bot_for is not None:
-            bot = self.bot_for(record)
+        if self.start_for is not None:
+            bot, chosen = self.start_for(record, bot)
+            variables = {**chosen, **variables}
         start = CallStart(call_id=record.call_id, rate=record.clock_rate, bot=bot, variables=variables)
         session = self.engine.open_session(start)
         self.calls[record.call_id] = LiveCall(record, start, session, self.ops)

@@ -26,6 +26,7 @@ from callbot.app.event_bus import EventBus, call_id_of
 from callbot.app.event_log import EventLog
 from callbot.app.metrics import Metrics
 from callbot.app.recording import Recorder
+from callbot.app.routes import CallRoutes
 from callbot.app.settings import ConfigError, Settings
 from callbot.engine.contract import CallEngine, FrameStages
 from callbot.sip import events as ev
@@ -87,11 +88,12 @@ def running_server(settings: Settings, engine_kind: str, log: EventLog | None = 
         engine = build_engine(engine_kind, settings)
         stack.callback(engine.close)
         engine.on_event = bus.publish
-        recorder = Recorder(settings.recordings_dir)
+        routes = CallRoutes.from_settings(settings)  # which bot and tenant take a call (app/routes.py)
+        recorder = Recorder(settings.recordings_dir, directory_for=routes.recordings_dir_for)
         stack.callback(recorder.close)
         bus.attach("recorder", recorder.on_event)
-        router = CallRouter(engine, bot_for=settings.bot_name_for)
-        endpoint = Endpoint(settings.endpoint_config(), sessions=router, recorder=recorder)
+        router = CallRouter(engine, start_for=routes.start_for)
+        endpoint = Endpoint(settings.endpoint_config(), sessions=router, recorder=recorder, screen=routes.screen)
         router.ops = endpoint
         server = Server(settings, endpoint, engine, router, recorder, metrics, bus)
         stack.callback(server.drain)  # runs after the stop below: hang-ups and un-REGISTERs get logged

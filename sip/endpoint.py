@@ -24,6 +24,7 @@ import re
 import signal
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -123,14 +124,19 @@ class Endpoint:
     session and a media port bound to its rings; without one calls are silent. `recorder` (optional,
     a CallRecorder: the app's Recorder) records every
     call with media (stereo WAV + sidecar from the call's CallRecord). Neither is owned: close them
-    after `stop()`.
+    after `stop()`. `screen` (optional; the app's call routes) sees each INVITE that passed the
+    endpoint's own checks, as its CallRecord (Request-URI, called, caller, kept headers), on the SIP
+    thread before it is answered: None lets it through, (code, reason) refuses it with that final
+    answer; it may set `record.labels`. An exception it raises refuses that INVITE with 500.
     """
 
     def __init__(self, config: EndpointConfig | None = None, sessions: MediaSessions | None = None,
-                 recorder: CallRecorder | None = None):
+                 recorder: CallRecorder | None = None,
+                 screen: Callable[[CallRecord], tuple[int, str] | None] | None = None):
         self.config = config or EndpointConfig()
         self.sessions = sessions
         self.recorder = recorder
+        self.screen = screen
         self._attach_media = None
         self._media_clock = None  # (make realtime, undo) when calls have media ports
         # what pjmedia's clock thread got when its first frame made it real-time (None until then)
@@ -619,6 +625,7 @@ class Endpoint:
             rec.call_id += "~inbound"
         self._keep_record(rec)
         msg = str(prm.rdata.wholeMsg)
+        rec.fill_from_invite(msg)
         _, _, body = msg.partition("\r\n\r\n")
         reason = self._offer_problem(body)
         source = str(prm.rdata.srcAddress)
@@ -640,6 +647,8 @@ class Endpoint:
             code, text = 503, "Service Unavailable"
         elif self._active() >= self.config.max_calls:
             code, text = 486, "Busy Here"
+        elif self.screen is not None:
+            code, text, reason = self._screen(rec)
         if code:
             self._rejected.append(call)
             call.ended = call.rejected = True  # never counted, never attached
@@ -649,7 +658,7 @@ class Endpoint:
             # answered from the loop, not inside onIncomingCall: a refused INVITE without an offer is torn
             # down at once, and pjsua2 then frees the INVITE's copy a second time when the callback returns
             # (pjsip_rx_data_free_cloned asserts: the process aborts)
-            self._soon(lambda: _refuse(call, code))
+            self._soon(lambda: _refuse(call, code, text))
             return
         self._calls[rec.call_id] = call
         self._emit(IncomingCall(at=time.monotonic(), call_id=rec.call_id, account=acc.name,
@@ -662,10 +671,38 @@ class Endpoint:
         else:
             call.answer_now()
 
+    def _screen(self, rec: CallRecord) -> tuple[int, str, str | None]:
+        """(code, reason phrase, why) from the app's screen of an INVITE; code 0 lets it through."""
+        try:
+            verdict = self.screen(rec)
+            if verdict is None:
+                return 0, "", None
+            code, text = verdict
+            code, text = int(code), _phrase(str(text))
+            if not 300 <= code <= 699:
+                raise ValueError(f"a refusal needs a final error code (300-699), got {code}")
+        except Exception:  # one INVITE the app cannot judge is refused; the endpoint and its calls go on
+            # the traceback as text, not exc_info: a log record kept with the traceback (a handler that
+            # buffers, pytest's caplog) would keep its frames, _incoming_call's Call among them, alive past
+            # libDestroy, and the process aborts when it goes (sip/callbacks.py)
+            log.error("INVITE %s from %s: the call screen failed; refused with 500\n%s", rec.call_id,
+                      rec.remote_uri, traceback.format_exc().rstrip())
+            return 500, "Server Internal Error", "the call screen failed (see the log)"
+        log.info("INVITE %s from %s to %r refused: %d %s", rec.call_id, rec.remote_uri, rec.called, code, text)
+        return code, text, text
 
-def _refuse(call: SipCall, code: int) -> None:
+
+_NOT_PHRASE = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+def _phrase(text: str) -> str:
+    """A SIP reason phrase: one line (a CR or LF would end the status line and start headers of its own)."""
+    return _NOT_PHRASE.sub(" ", peer_text(text)).strip()[:128]
+
+
+def _refuse(call: SipCall, code: int, text: str = "") -> None:
     try:
-        call.answer(call_op(code))
+        call.answer(call_op(code, text))
     except pj.Error as exc:  # gone meanwhile (a CANCEL): its DISCONNECTED callback still comes
         log.debug("refusing %s: %s", call.record.call_id if call.record else "?", exc.info())
 

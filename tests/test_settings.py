@@ -111,7 +111,7 @@ def test_voice_file_relative_to_config(tmp_path):
 
 
 def test_flow_file_relative_to_config_and_routes_decode(tmp_path):
-    (tmp_path / "menu.toml").write_text("")
+    (tmp_path / "menu.toml").write_text('start = "bye"\n[states.bye]\nhangup = true\n')
     s = parse_settings("""
 [[tenants]]
 name = "acme"
