@@ -38,6 +38,14 @@ class CallOps(Protocol):
     def transfer(self, call_id: str, target: str) -> None: ...
 
 
+class CallWatcher(Protocol):
+    """Told of each call as its audio comes up and goes (SIP thread: must return at once, never raise)."""
+
+    def call_opened(self, live: LiveCall) -> None: ...
+
+    def call_closed(self, live: LiveCall) -> None: ...
+
+
 @dataclass(eq=False)
 class LiveCall:
     """One call in progress: its record (SIP facts), its CallStart (bot, variables) and its session."""
@@ -130,6 +138,8 @@ class CallRouter:
         self.start_for = start_for
         self.ops: CallOps | None = None  # the endpoint, once there is one (hangup, transfer)
         self.calls: dict[str, LiveCall] = {}
+        # told of each call as its audio comes up and goes (the flow host): call_opened(live) / call_closed(live)
+        self.watchers: list[CallWatcher] = []
         self._expected: dict[str, tuple[str | None, dict[str, str]]] = {}
         self._lock = threading.Lock()
 
@@ -157,13 +167,17 @@ class CallRouter:
             variables = {**chosen, **variables}
         start = CallStart(call_id=record.call_id, rate=record.clock_rate, bot=bot, variables=variables)
         session = self.engine.open_session(start)
-        self.calls[record.call_id] = LiveCall(record, start, session, self.ops)
+        live = self.calls[record.call_id] = LiveCall(record, start, session, self.ops)
+        for watcher in self.watchers:
+            watcher.call_opened(live)
         return session
 
     def close_session(self, session: CallSession, record: CallRecord) -> None:
         live = self.calls.pop(session.start.call_id, None)
         if live is not None:
             live.ended = True
+            for watcher in self.watchers:
+                watcher.call_closed(live)
         summary = self.engine.close_session(session)
         if summary is not None:
             record.engine = msgspec.to_builtins(summary)

@@ -17,7 +17,8 @@ from typing import Any, TextIO
 
 import msgspec
 
-from callbot.sip.call_record import peer_text
+from callbot.sip.call_record import REDACTED, peer_text
+from callbot.sip.events import DtmfReceived
 
 _encoder = msgspec.json.Encoder()
 
@@ -42,6 +43,8 @@ def json_bytes(value: Any) -> bytes:
 
 def event_line(event: msgspec.Struct) -> bytes:
     fields = msgspec.structs.asdict(event)
+    if isinstance(event, DtmfReceived) and event.redacted:
+        fields["digit"] = REDACTED  # a secret being typed (a call flow's sensitive gather)
     ts = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
     return json_bytes({"ts": ts, "event": type(event).__name__, **fields})
 

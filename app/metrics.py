@@ -16,7 +16,7 @@ from prometheus_client.registry import Collector
 
 from callbot.app.event_bus import BusEvent, EventBus
 from callbot.app.metrics_server import MetricsServer
-from callbot.engine.contract import FrameStages, SessionClosed
+from callbot.engine.contract import FlowTransition, FrameStages, SessionClosed
 from callbot.engine.serving.frame_stats import STAGES
 from callbot.sip import events as ev
 
@@ -63,6 +63,9 @@ class Metrics:
         # INVITEs never ACKed; counted from SourceRefused, which reports each source at most once a minute
         self.sip_refused = Counter("callbot_sip_refused_total", "SIP requests refused before pjsua took them up, "
                                    "by reason", ["reason"], registry=r)
+        # call flows (flows/): every move by the state it went to ("end" when the flow ended) and why
+        self.flow_transitions = Counter("callbot_flow_transitions_total", "Call flow transitions, by flow, the "
+                                        "state entered and the reason", ["flow", "state", "reason"], registry=r)
         self._direction: dict[str, str] = {}
         self._server: MetricsServer | None = None
 
@@ -92,6 +95,8 @@ class Metrics:
             self.calls_rejected.labels(str(event.code)).inc()
         elif isinstance(event, ev.DtmfReceived):
             self.dtmf.labels(event.method).inc()
+        elif isinstance(event, FlowTransition):
+            self.flow_transitions.labels(event.flow, event.to_state or "end", event.reason).inc()
         elif isinstance(event, ev.SourceRefused):
             for reason, n in event.counts.items():
                 self.sip_refused.labels(reason).inc(n)

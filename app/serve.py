@@ -24,6 +24,7 @@ from callbot.app.dial_probe import NoResponseWatch, udp_target
 from callbot.app.errors import StartupError
 from callbot.app.event_bus import EventBus, call_id_of
 from callbot.app.event_log import EventLog
+from callbot.app.flow_host import FlowHost, start_flows
 from callbot.app.metrics import Metrics
 from callbot.app.recording import Recorder
 from callbot.app.routes import CallRoutes
@@ -95,7 +96,12 @@ def running_server(settings: Settings, engine_kind: str, log: EventLog | None = 
         router = CallRouter(engine, start_for=routes.start_for)
         endpoint = Endpoint(settings.endpoint_config(), sessions=router, recorder=recorder, screen=routes.screen)
         router.ops = endpoint
+        flows = start_flows(settings, bus)  # app/flow_host.py: None when no bot has a flow
+        if flows is not None:
+            stack.callback(flows.close)  # before the bus closes, after the endpoint has ended every call
+            router.watchers.append(flows)
         server = Server(settings, endpoint, engine, router, recorder, metrics, bus)
+        server.flows = flows
         stack.callback(server.drain)  # runs after the stop below: hang-ups and un-REGISTERs get logged
         stack.callback(endpoint.stop)  # also when start times out with the SIP thread still running
         try:
@@ -133,6 +139,7 @@ class Server:
         self.recorder = recorder
         self.metrics = metrics
         self.bus = bus
+        self.flows: FlowHost | None = None  # the call flows of bots that have one
 
     @property
     def calls(self) -> dict[str, LiveCall]:

@@ -18,6 +18,7 @@ import msgspec
 from msgspec import Meta
 
 from callbot.engine.model.voices import VOICES as VOICE_NAMES
+from callbot.flows.schema import FlowError, load_flow
 from callbot.sip.call_record import CallRecord
 from callbot.sip.config import AccountConfig, EndpointConfig
 
@@ -301,6 +302,11 @@ def _check_bots(settings: Settings, base_dir: pathlib.Path) -> None:
         flow = None if bot.flow is None else base_dir / os.path.expanduser(bot.flow)
         if flow is not None and not flow.is_file():
             raise ConfigError(f"{where}.flow: flow file {os.fspath(flow)!r} does not exist")
+        if flow is not None:
+            try:
+                load_flow(flow)  # checked whole now: a call must never meet a broken flow
+            except FlowError as err:
+                raise ConfigError(f"{where}.flow: {err}") from None
         if not _LANGUAGE.fullmatch(bot.language):
             raise ConfigError(f'{where}.language: {bot.language!r} is not a language tag like "en" or "de-CH"')
 

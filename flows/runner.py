@@ -400,7 +400,7 @@ class FlowRunner:
         assert g is not None
         digits, v.digits, v.deadline = v.digits, "", None
         self.variables[g.variable] = digits
-        shown = "*" * len(digits) if g.sensitive else digits
+        shown = "x" * len(digits) if g.sensitive else digits  # x: not a DTMF key, so clearly a mask
         if s.on_digits:
             goto = s.on_digits.get(digits)
             if goto is None:

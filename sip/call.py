@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import pjsua2 as pj
 
-from .call_record import CallRecord, DtmfRecord, TransferRecord, peer_text
+from .call_record import REDACTED, CallRecord, DtmfRecord, TransferRecord, peer_text
 from .callbacks import guarded
 from .codecs import narrow_answer
 from .events import (CallConfirmed, CallEnded, CallMedia, CallProgress, DtmfReceived, TransferProgress)
@@ -331,9 +331,11 @@ class SipCall(pj.Call):
         method = "info" if prm.method == pj.PJSUA_DTMF_METHOD_SIP_INFO else "rfc4733"
         duration = int(prm.duration) if prm.duration < 0xFFFF else 0
         digit = peer_text(str(prm.digit))  # an INFO body's Signal= is the peer's text
-        self.record.add_dtmf(DtmfRecord(digit=digit, method=method, at=time.time(), duration_ms=duration))
+        redacted = self.record.redact_dtmf
+        self.record.add_dtmf(DtmfRecord(digit=REDACTED if redacted else digit, method=method, at=time.time(),
+                                        duration_ms=duration))
         self.hub._emit(DtmfReceived(at=time.monotonic(), call_id=self.call_id, digit=digit,
-                                    method=method, duration_ms=duration))
+                                    method=method, duration_ms=duration, redacted=redacted))
 
     @guarded
     def onDtmfEvent(self, prm):
@@ -342,7 +344,7 @@ class SipCall(pj.Call):
         if not prm.flags & _DTMF_IS_END or prm.method == pj.PJSUA_DTMF_METHOD_SIP_INFO:
             return
         for d in reversed(self.record.dtmf):
-            if d.digit == str(prm.digit) and d.method == "rfc4733" and d.duration_ms == 0:
+            if d.digit in (str(prm.digit), REDACTED) and d.method == "rfc4733" and d.duration_ms == 0:
                 d.duration_ms = int(prm.duration)
                 self.record.changed()
                 break

@@ -92,6 +92,9 @@ class DtmfReceived(Event, frozen=True, kw_only=True):
     digit: str
     method: str  # "rfc4733" | "info"
     duration_ms: int
+    # typed while the app redacts the call's digits (a secret): logs and files show call_record.REDACTED,
+    # only live subscribers (a call flow gathering it) get the digit itself
+    redacted: bool = False
 
 
 class TransferProgress(Event, frozen=True, kw_only=True):

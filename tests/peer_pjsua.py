@@ -4,7 +4,9 @@ It is written on pjsua2 directly, not on callbot.sip, so the endpoint under test
 independent implementation. pjsip allows one endpoint per process, hence a process per peer.
 
 Commands (one JSON object per stdin line): {"cmd": "call", "uri": ...}, {"cmd": "answer", "code": 200},
-{"cmd": "hangup"}, {"cmd": "dtmf", "digits": "12#", "method": "rfc4733"|"info"}, {"cmd": "quit"}.
+{"cmd": "hangup"}, {"cmd": "dtmf", "digits": "12#", "method": "rfc4733"|"info"},
+{"cmd": "record", "path": "heard.wav"} (what the call's audio brings, from now until quit),
+{"cmd": "play", "path": "said.wav"} (into the call, once; pjmedia's file player), {"cmd": "quit"}.
 Commands act on the newest call unless "call_id" (the SIP Call-ID) names one.
 Events (stdout): {"ev": "ready", "uri": ...}, "incoming", "progress", "state", "media", "dtmf",
 "transfer_request", "disconnected" - each with "call_id" and details.
@@ -129,6 +131,7 @@ class Peer:
         self.args = args
         self.calls: list[PeerCall] = []
         self.timers: list = []
+        self.media_ports: list = []  # recorders and players: released before the library goes
 
     def schedule(self, delay: float, fn) -> None:
         self.timers.append((self.time.monotonic() + delay, fn))
@@ -219,6 +222,7 @@ class Peer:
         while any(c.isActive() for c in self.calls) and self.time.monotonic() < end:
             ep.libHandleEvents(10)
         self.calls.clear()
+        self.media_ports.clear()
         self.acc.shutdown()
         del self.acc
         gc.collect()
@@ -255,6 +259,16 @@ class Peer:
                 prm.method = (pj.PJSUA_DTMF_METHOD_SIP_INFO if cmd.get("method") == "info"
                               else pj.PJSUA_DTMF_METHOD_RFC2833)
                 call.sendDtmf(prm)
+            elif name == "record":
+                rec = pj.AudioMediaRecorder()
+                rec.createRecorder(cmd["path"])
+                self.find(cmd).getAudioMedia(-1).startTransmit(rec)
+                self.media_ports.append(rec)
+            elif name == "play":
+                player = pj.AudioMediaPlayer()
+                player.createPlayer(cmd["path"], pj.PJMEDIA_FILE_NO_LOOP)
+                player.startTransmit(self.find(cmd).getAudioMedia(-1))
+                self.media_ports.append(player)
             else:
                 emit("error", message=f"unknown command {name!r}")
             emit("ok", cmd=name)

@@ -1,0 +1,301 @@
+"""Runs the call flows of `callbot serve`: one FlowRunner per call whose bot has a flow, all on one thread.
+
+Why one thread and a worker pool: a runner (flows/runner.py) never waits, so one thread steers every
+call, fed by the event bus (digits, the caller's and the bot's words, who speaks, clips done, transfer
+answers, hang-ups) and ticking each runner's timers every TICK_S. What takes time - text to speech, a
+webhook, a SIP operation that goes through the endpoint's thread - runs on a small pool and comes back
+as an input to the runner, so a slow backend delays its own call's next state and nothing else.
+
+It acts on calls only through their LiveCall (app/calls.py): play, inform, set_persona, mute_caller,
+transfer, hangup. Secrets typed into a sensitive gather are redacted at the source: the call's record
+is told (CallRecord.redact_dtmf), so the SIP side files those digits masked and flags their events,
+and the caller recognizer is not fed while the caller may read the secret out.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import pathlib
+import queue
+import threading
+import time
+from typing import Callable, Protocol
+
+import numpy as np
+
+from callbot.app.calls import CallControlError, LiveCall
+from callbot.app.errors import StartupError
+from callbot.app.event_bus import EventBus
+from callbot.app.settings import Settings
+from callbot.engine.contract import (BotSpeech, BotText, CallerSpeech, CallerWords, FlowTransition, PlayFinished)
+from callbot.flows.runner import (CallGone, Digit, FlowRunner, Input, PromptDone, Said, Speech, TransferDone,
+                                  WebhookDone)
+from callbot.flows.schema import Flow, Webhook, load_flow
+from callbot.flows.webhook import WebhookError, call_webhook
+from callbot.sip import events as ev
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.05  # timer resolution of every flow (gather timeouts, silence, max_s): 50 ms
+WORKERS = 8  # text to speech and webhooks in flight at once, across all calls
+INBOX = 8192  # inputs waiting for the flow thread; beyond, an input is dropped and counted
+
+
+class Speaker(Protocol):
+    """Text to speech (callbot.speech.tts.TextToSpeech): mono int16 samples and their rate."""
+
+    def synthesize(self, text: str) -> tuple[np.ndarray, int]: ...
+
+
+class _HostedCall:
+    """A runner's FlowCall on a live call: quick operations at once, slow ones on the pool."""
+
+    def __init__(self, host: FlowHost, live: LiveCall):
+        self.host = host
+        self.live = live
+
+    @property
+    def call_id(self) -> str:
+        return self.live.call_id
+
+    def _back(self, inp: Input) -> None:
+        self.host.post(self.call_id, inp)
+
+    def play(self, clip: str, id: str) -> None:
+        try:
+            self.live.play(clip, id=id)
+        except CallControlError as err:
+            self._back(PromptDone(id, error=str(err)))
+
+    def say(self, text: str, id: str) -> None:
+        self.host.submit(lambda: self._speak(text, id))
+
+    def _speak(self, text: str, id: str) -> None:
+        try:
+            self.live.play(self.host.synthesize(text), id=id)
+        except Exception as err:  # TTS or the call: the prompt is lost, the flow goes on
+            log.warning("call %s: say %r: %s", self.call_id, text[:60], err)
+            self._back(PromptDone(id, error=str(err)))
+
+    def inform(self, text: str, id: str) -> None:
+        def run() -> None:
+            try:
+                self.live.inform(self.host.synthesize(text), id=id)
+            except Exception as err:
+                log.warning("call %s: inform %r: %s", self.call_id, text[:60], err)
+        self.host.submit(run)
+
+    def set_persona(self, text: str, id: str) -> None:
+        try:
+            self.live.set_persona(text, id=id)
+        except CallControlError as err:
+            log.warning("call %s: set_persona: %s", self.call_id, err)
+
+    def mute_caller(self, on: bool) -> None:
+        try:
+            self.live.mute_caller(on)
+        except CallControlError as err:
+            log.warning("call %s: mute_caller: %s", self.call_id, err)
+
+    def redact_digits(self, on: bool) -> None:
+        self.live.record.redact_dtmf = on
+        self.host.set_redacting(self.call_id, on)
+
+    def webhook(self, spec: Webhook, variables: dict[str, str], id: str) -> None:
+        def run() -> None:
+            try:
+                self._back(WebhookDone(id, reply=call_webhook(spec, variables, self.host.http)))
+            except WebhookError as err:
+                self._back(WebhookDone(id, error=str(err)))
+        self.host.submit(run)
+
+    def transfer(self, uri: str) -> None:
+        def run() -> None:
+            try:
+                self.live.transfer(uri)
+            except (CallControlError, RuntimeError, ValueError, TimeoutError) as err:
+                self._back(TransferDone(ok=False, reason=str(err)))
+        self.host.submit(run)
+
+    def hangup(self) -> None:
+        def run() -> None:
+            try:
+                self.live.hangup()
+            except (CallControlError, RuntimeError, ValueError, TimeoutError) as err:
+                log.info("call %s: hangup: %s", self.call_id, err)
+        self.host.submit(run)
+
+    def report(self, event: FlowTransition) -> None:
+        self.host.bus.publish(event)
+
+
+class FlowHost:
+    """`flows`: bot name -> (flow name, Flow). `call_opened`/`call_closed` come from the CallRouter."""
+
+    def __init__(self, bus: EventBus, flows: dict[str, tuple[str, Flow]], speaker: Speaker | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        import httpx
+
+        self.bus = bus
+        self.flows = flows
+        self.speaker = speaker
+        self.clock = clock
+        self.http = httpx.Client()
+        self.dropped = 0
+        self.errors = 0
+        self.runners: dict[str, FlowRunner] = {}
+        self._redacting: set[str] = set()
+        self._flow_calls: set[str] = set()  # calls with a flow, from call_opened on (their events are wanted)
+        self._inbox: queue.Queue = queue.Queue(INBOX)
+        self._pool = concurrent.futures.ThreadPoolExecutor(WORKERS, thread_name_prefix="flow-io")
+        self._stop = threading.Event()
+        self._sub = bus.attach("flows", self._from_bus, accept=_wanted)
+        self._thread = threading.Thread(target=self._run, name="flows", daemon=True)
+        self._thread.start()
+
+    # ---- from other threads ------------------------------------------------------------------------
+
+    def call_opened(self, live: LiveCall) -> None:
+        if live.start.bot in self.flows:
+            self._flow_calls.add(live.call_id)
+            self._put(("open", live))
+
+    def call_closed(self, live: LiveCall) -> None:
+        if live.call_id in self._flow_calls:
+            self._flow_calls.discard(live.call_id)
+            self._put(("close", live.call_id))
+
+    def post(self, call_id: str, inp: Input) -> None:
+        self._put(("input", call_id, inp))
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        try:
+            self._pool.submit(fn)
+        except RuntimeError:  # shutting down
+            pass
+
+    def synthesize(self, text: str) -> tuple[np.ndarray, int]:
+        if self.speaker is None:
+            raise CallControlError("no text-to-speech engine is configured for `say`")
+        return self.speaker.synthesize(text)
+
+    def set_redacting(self, call_id: str, on: bool) -> None:
+        (self._redacting.add if on else self._redacting.discard)(call_id)
+
+    def redacting(self, call_id: str) -> bool:
+        """True while the call's caller may be reading out a secret (the recognizer must not hear it)."""
+        return call_id in self._redacting
+
+    def close(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.http.close()
+
+    def _put(self, item: tuple) -> None:
+        try:
+            self._inbox.put_nowait(item)
+        except queue.Full:
+            self.dropped += 1
+
+    def _from_bus(self, event) -> None:
+        inp = _input_of(event)
+        if inp is not None and event.call_id in self._flow_calls:
+            self.post(event.call_id, inp)
+
+    # ---- the flow thread ---------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        next_tick = self.clock()
+        while not self._stop.is_set():
+            try:
+                item = self._inbox.get(timeout=max(0.0, min(TICK_S, next_tick - self.clock())))
+            except queue.Empty:
+                item = None
+            if item is not None:
+                self._guarded(item[1] if item[0] != "open" else item[1].call_id, lambda: self._take(item))
+            now = self.clock()
+            if now >= next_tick:
+                next_tick = now + TICK_S
+                for call_id, runner in list(self.runners.items()):
+                    self._guarded(call_id, lambda: runner.tick(now))
+            for call_id in [c for c, r in self.runners.items() if r.ended]:
+                del self.runners[call_id]
+
+    def _take(self, item: tuple) -> None:
+        now = self.clock()
+        if item[0] == "open":
+            live: LiveCall = item[1]
+            name, flow = self.flows[live.start.bot]  # type: ignore[index]
+            variables = {"call_id": live.call_id, **live.start.variables}
+            runner = FlowRunner(flow, _HostedCall(self, live), live.call_id, variables, now=now, name=name)
+            self.runners[live.call_id] = runner
+            runner.start()
+        elif item[0] == "close":
+            runner = self.runners.pop(item[1], None)
+            self._redacting.discard(item[1])
+            if runner is not None:
+                runner.handle(CallGone(), now)
+        else:
+            runner = self.runners.get(item[1])
+            if runner is not None:
+                runner.handle(item[2], now)
+
+    def _guarded(self, call_id: str, fn: Callable[[], None]) -> None:
+        """A runner that fails costs its own flow (reported, ended), never the thread or other calls."""
+        try:
+            fn()
+        except Exception as err:
+            self.errors += 1
+            log.exception("flow of call %s failed", call_id)
+            runner = self.runners.pop(call_id, None)
+            if runner is not None:
+                self.bus.publish(FlowTransition(call_id=call_id, t_ms=0.0, flow=runner.name,
+                                                from_state=runner.state or "", to_state="", reason="error",
+                                                detail=f"{type(err).__name__}: {err}"[:200]))
+
+
+def start_flows(settings: Settings, bus: EventBus) -> FlowHost | None:
+    """A FlowHost for the bots that name a flow (files checked when the settings were loaded), with the
+    configured text to speech when a flow speaks (`say`, `inform`); None when no bot has a flow."""
+    flows = {bot.name: (pathlib.Path(bot.flow).stem, load_flow(bot.flow)) for bot in settings.bots if bot.flow}
+    if not flows:
+        return None
+    speaks = any(s.say or s.inform for _, flow in flows.values() for s in flow.states.values())
+    return FlowHost(bus, flows, speaker=speaker_for(settings) if speaks else None)
+
+
+def speaker_for(settings: Settings) -> Speaker:
+    """The configured text to speech (speech/tts.py), checked to work now rather than at a caller's ear."""
+    from callbot.speech.tts import TtsError, build_tts
+
+    try:
+        return build_tts(settings.tts)
+    except TtsError as err:
+        raise StartupError(f"text to speech for the flows' `say`: {err}") from None
+
+
+_WANTED = (ev.DtmfReceived, ev.TransferProgress, CallerWords, BotText, BotSpeech, CallerSpeech, PlayFinished)
+
+
+def _wanted(event) -> bool:
+    return isinstance(event, _WANTED)
+
+
+def _input_of(event) -> Input | None:
+    """A bus event as a runner's input (None: nothing a flow reacts to)."""
+    if isinstance(event, ev.DtmfReceived):
+        return Digit(event.digit)
+    if isinstance(event, CallerWords):
+        return Said("caller", event.text, event.final)
+    if isinstance(event, BotText):
+        return Said("bot", event.piece)
+    if isinstance(event, BotSpeech):
+        return Speech("bot", event.speaking)
+    if isinstance(event, CallerSpeech):
+        return Speech("caller", event.speaking)
+    if isinstance(event, PlayFinished):
+        return None if event.interrupted else PromptDone(event.id)
+    if isinstance(event, ev.TransferProgress) and event.final:
+        return TransferDone(ok=200 <= event.code < 300, code=event.code, reason=event.reason)
+    return None

@@ -1,0 +1,261 @@
+"""Call flows on real calls: `running_server` (the echo engine) runs a bot's flow file while a pjsua2 caller
+in another process listens, presses keys (RFC 4733 and SIP INFO) and is transferred; a webhook on a
+local HTTP server answers or is dead. What is checked is what a caller and a backend see: the clip
+heard (cross-correlation), the REFER and its target, the webhook's body, the hang-up, plus the flow's
+transitions on the bus, in the JSON log, beside the recording and in the metrics."""
+from __future__ import annotations
+
+import http.server
+import io
+import json
+import threading
+import time
+import wave
+
+import numpy as np
+import pytest
+
+from callbot.app.event_log import EventLog
+from callbot.app.serve import running_server
+from callbot.app.settings import parse_settings
+from callbot.engine.contract import FlowTransition
+from callbot.sip import events as ev
+from tests.sip_peers import PjsuaPeer, free_port
+
+pytestmark = pytest.mark.timeout(180)
+
+RATE = 16000
+
+
+def _tone(freq: float, seconds: float) -> np.ndarray:
+    t = np.arange(int(RATE * seconds)) / RATE
+    return (9000 * np.sin(2 * np.pi * freq * t) * np.sin(np.pi * t / seconds)).astype(np.int16)
+
+
+def _write_wav(path, samples: np.ndarray) -> None:
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(RATE), w.writeframes(samples.astype("<i2").tobytes())
+
+
+def _correlation(heard_path, clip: np.ndarray) -> float:
+    with wave.open(str(heard_path)) as w:
+        heard = np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.float64)
+        rate = w.getframerate()
+    if rate != RATE:
+        import soxr
+
+        heard = soxr.resample(heard, rate, RATE)
+    ref = clip.astype(np.float64) - clip.mean()
+    heard = heard - heard.mean()
+    if len(heard) < len(ref):
+        return 0.0
+    norms = np.sqrt(np.convolve(heard ** 2, np.ones(len(ref)), "valid"))
+    return float((np.correlate(heard, ref, "valid") / (np.linalg.norm(ref) * norms + 1e-9)).max())
+
+
+class Backend(http.server.BaseHTTPRequestHandler):
+    """The webhook's backend: notes each body, answers with the reply the test set."""
+
+    bodies: list = []
+    reply: dict = {}
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).bodies.append((self.path, self.headers.get("Authorization"), json.loads(body)))
+        data = json.dumps(type(self).reply).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+FLOW = """
+start = "greet"
+[states.greet]
+play = "greet.wav"
+next = "menu"
+[states.menu]
+play = "menu.wav"
+gather = {{ max_digits = 1, timeout_s = 1.0, interdigit_timeout_s = 1.0 }}
+reprompts = 1
+on_digits = {{ "1" = "lookup", "2" = "agent", "3" = "dead" }}
+on_no_input = "goodbye"
+on_no_match = "goodbye"
+[states.lookup]
+webhook = {{ url = "http://127.0.0.1:{hook}/lookup", timeout_s = 3, retries = 0, headers_env = {{ Authorization = "CALLBOT_TEST_HOOK_TOKEN" }} }}
+next = "goodbye"
+[states.dead]
+webhook = {{ url = "http://127.0.0.1:{dead}/lookup", timeout_s = 1, retries = 1, on_failure = "agent" }}
+next = "goodbye"
+[states.thanks]
+play = "bye.wav"
+hangup = true
+[states.agent]
+transfer = "{agent}"
+on_transfer_failed = "goodbye"
+[states.goodbye]
+play = "bye.wav"
+hangup = true
+"""
+
+CONFIG = """
+recordings_dir = "calls"
+[metrics]
+enabled = false
+[sip]
+codecs = ["G722/16000"]
+[[sip.transports]]
+bind = "127.0.0.1"
+port = 0
+rtp_port = 0
+[[sip.accounts]]
+name = "line"
+user = "menu"
+[[bots]]
+name = "support"
+flow = "support.toml"
+"""
+
+CLIPS = {"greet": _tone(440, 0.6), "menu": _tone(660, 0.4), "bye": _tone(550, 0.5)}
+
+
+@pytest.fixture(scope="module")
+def line(tmp_path_factory):
+    """The server with the flow, a transfer target and a webhook backend; yields what tests need."""
+    tmp = tmp_path_factory.mktemp("flows")
+    for name, clip in CLIPS.items():
+        _write_wav(tmp / f"{name}.wav", clip)
+    backend = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Backend)
+    threading.Thread(target=backend.serve_forever, daemon=True).start()
+    dead = free_port(__import__("socket").SOCK_STREAM)  # nothing listens there
+    log = io.StringIO()
+    with PjsuaPeer(user="agent", log_dir=tmp) as agent:
+        (tmp / "support.toml").write_text(FLOW.format(hook=backend.server_address[1], dead=dead, agent=agent.uri))
+        (tmp / "callbot.toml").write_text(CONFIG)
+        settings = parse_settings((tmp / "callbot.toml").read_bytes(), base_dir=tmp)
+        with running_server(settings, "echo", log=EventLog(log)) as server:
+            stop = threading.Event()
+            pump = threading.Thread(target=server.pump, kwargs={"stop": stop}, daemon=True)
+            pump.start()
+            try:
+                yield server, agent, tmp, log
+            finally:
+                stop.set()
+                pump.join(10)
+    backend.shutdown()
+
+
+class Watch:
+    """A bus subscription that keeps what it took, so a wait never loses an event another wait needs."""
+
+    def __init__(self, bus, name: str):
+        self.bus = bus
+        self.sub = bus.subscribe(name)
+        self.seen: list = []
+
+    def until(self, found, timeout: float = 30.0, what: str = "event"):
+        deadline = time.monotonic() + timeout
+        i = 0
+        while True:
+            while i < len(self.seen):
+                if found(self.seen[i]):
+                    return self.seen[i]
+                i += 1
+            assert time.monotonic() < deadline, f"no {what} within {timeout} s"
+            e = self.sub.get(0.1)
+            if e is not None:
+                self.seen.append(e)
+
+    def moves(self, call_id: str, until, timeout: float = 30.0) -> list[FlowTransition]:
+        """The call's flow transitions from its start, once one of them satisfies `until`."""
+        self.until(lambda e: isinstance(e, FlowTransition) and e.call_id == call_id and until(e), timeout,
+                   f"flow transition of {call_id}")
+        return [e for e in self.seen if isinstance(e, FlowTransition) and e.call_id == call_id]
+
+    def ended(self, call_id: str, timeout: float = 20.0) -> ev.CallEnded:
+        return self.until(lambda e: isinstance(e, ev.CallEnded) and e.call_id == call_id, timeout, "CallEnded")
+
+    def close(self) -> None:
+        self.bus.unsubscribe(self.sub)
+
+
+def _path(moves) -> list[tuple[str, str]]:
+    return [(m.to_state, m.reason) for m in moves]
+
+
+def test_a_digit_by_rfc4733_takes_the_menu_to_a_transfer_the_caller_hears_the_greeting(line, tmp_path):
+    server, agent, _, log = line
+    watch = Watch(server.bus, "test-transfer")
+    with PjsuaPeer(user="alice", log_dir=tmp_path) as alice:
+        call_id = alice.call(server.endpoint.account_uri())
+        alice.expect("state", call_id=call_id, state="CONFIRMED")
+        alice.send("record", path=str(tmp_path / "heard.wav"))
+        moves = watch.moves(call_id, lambda m: m.to_state == "menu")
+        assert [(m.from_state, m.to_state, m.reason) for m in moves] == [("", "greet", "start"),
+                                                                          ("greet", "menu", "next")]
+        alice.send("dtmf", digits="2", method="rfc4733")
+        moves = watch.moves(call_id, lambda m: m.reason == "transfer")
+        assert (moves[2].to_state, moves[2].reason, moves[2].detail) == ("agent", "digits", "2")
+        assert alice.expect("transfer_request", call_id=call_id)["dest"].strip("<>") == agent.uri
+        agent.expect("incoming", timeout=15)
+        assert watch.ended(call_id).cause == "transfer"
+        moves = watch.moves(call_id, lambda m: m.to_state == "")
+        assert moves[-1].reason == "transfer" and moves[-1].from_state == "agent"
+    assert _correlation(tmp_path / "heard.wav", CLIPS["greet"]) > 0.9
+    assert _correlation(tmp_path / "heard.wav", CLIPS["menu"]) > 0.9
+    logged = [json.loads(x) for x in log.getvalue().splitlines()]
+    assert ("greet", "menu") in [(x["from_state"], x["to_state"]) for x in logged
+                                 if x["event"] == "FlowTransition" and x["call_id"] == call_id]
+    watch.close()
+
+
+def test_a_digit_by_sip_info_calls_the_webhook_with_the_calls_variables(line, tmp_path, monkeypatch):
+    server, _, _, _ = line
+    monkeypatch.setenv("CALLBOT_TEST_HOOK_TOKEN", "Bearer s3cret")
+    Backend.bodies.clear()
+    Backend.reply = {"next": "thanks", "variables": {"plan": "gold"}}
+    watch = Watch(server.bus, "test-webhook")
+    with PjsuaPeer(user="bob", log_dir=tmp_path) as bob:
+        call_id = bob.call(server.endpoint.account_uri())
+        watch.moves(call_id, lambda m: m.to_state == "menu")
+        bob.send("dtmf", digits="1", method="info")
+        moves = watch.moves(call_id, lambda m: m.to_state == "thanks")
+        assert _path(moves)[2:] == [("lookup", "digits"), ("thanks", "webhook")]
+        ended = watch.ended(call_id)
+        assert ended.cause == "local"  # the bot hung up after the goodbye clip
+        bob.expect("disconnected", call_id=call_id)
+    [(path, auth, body)] = Backend.bodies
+    assert path == "/lookup" and auth == "Bearer s3cret"
+    assert body["call_id"] == call_id and body["digits"] == "1" and body["bot"] == "support"
+    assert body["called"] == "menu"
+    flows = server.flows
+    assert flows is not None and flows.errors == 0
+    watch.close()
+
+
+def test_no_input_reprompts_then_says_goodbye_and_a_dead_webhook_takes_its_failure_exit(line, tmp_path):
+    server, agent, tmp, _ = line
+    watch = Watch(server.bus, "test-no-input")
+    with PjsuaPeer(user="carol", log_dir=tmp_path) as carol:
+        call_id = carol.call(server.endpoint.account_uri())
+        moves = watch.moves(call_id, lambda m: m.to_state == "")
+        assert _path(moves) == [("greet", "start"), ("menu", "next"), ("menu", "reprompt"), ("goodbye", "no_input"),
+                                ("", "hangup")]
+        watch.ended(call_id)
+    with PjsuaPeer(user="dave", log_dir=tmp_path) as dave:
+        call_id = dave.call(server.endpoint.account_uri())
+        watch.moves(call_id, lambda m: m.to_state == "menu")
+        dave.send("dtmf", digits="3", method="rfc4733")
+        moves = watch.moves(call_id, lambda m: m.reason == "webhook_failed")
+        assert moves[-1].to_state == "agent" and "127.0.0.1" in moves[-1].detail
+        watch.ended(call_id)
+    watch.close()
+    # every call's transitions went beside its recording, and the metrics counted them by state and reason
+    events = [json.loads(x) for p in (tmp / "calls").glob("*.events.jsonl") for x in p.read_text().splitlines()]
+    assert any(e["event"] == "FlowTransition" and e["reason"] == "no_input" for e in events)
+    metric = server.metrics.flow_transitions.labels("support", "goodbye", "no_input")
+    assert metric._value.get() >= 1
