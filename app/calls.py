@@ -19,7 +19,7 @@ import numpy as np
 
 from callbot.engine.audio.wavfile import read_wav
 from callbot.engine.contract import (CallEngine, CallSession, CallStart, Control, Inform, MuteCaller, Play,
-                                     SetPersona)
+                                     SetPersona, StopPlay)
 from callbot.sip.call_record import CallRecord
 
 # a clip: a WAV file, or (samples, rate) from a text-to-speech engine (int16, or float in [-1, 1]; mono)
@@ -66,6 +66,11 @@ class LiveCall:
         (echoed by the PlayFinished event)."""
         pcm, rate = _clip_bytes(audio)
         return self._send(lambda i: Play(pcm=pcm, rate=rate, id=i), id)
+
+    def stop_play(self, id: str = "") -> None:
+        """Cuts the clip playing and the queued ones (or only the one with this id): a key pressed during
+        a menu prompt. Each clip cut reports PlayFinished with `interrupted`."""
+        self._send(lambda _: StopPlay(id=id), "")
 
     def inform(self, audio: Audio, id: str | None = None) -> str:
         """Mixes a clip into what the model hears, never into what the caller hears."""

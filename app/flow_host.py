@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 TICK_S = 0.05  # timer resolution of every flow (gather timeouts, silence, max_s): 50 ms
 WORKERS = 8  # text to speech and webhooks in flight at once, across all calls
+GONE_AFTER_CLOSE_S = 30.0  # a flow whose call's audio went ends this long after if no CallEnded came
 INBOX = 8192  # inputs waiting for the flow thread; beyond, an input is dropped and counted
 
 
@@ -67,12 +68,23 @@ class _HostedCall:
         except CallControlError as err:
             self._back(PromptDone(id, error=str(err)))
 
+    def stop_prompt(self, id: str) -> None:
+        self.host.cancelled.add(id)  # a `say` still being synthesized must not play after all
+        try:
+            self.live.stop_play(id)
+        except CallControlError as err:
+            log.info("call %s: stop_play: %s", self.call_id, err)
+
     def say(self, text: str, id: str) -> None:
         self.host.submit(lambda: self._speak(text, id))
 
     def _speak(self, text: str, id: str) -> None:
         try:
-            self.live.play(self.host.synthesize(text), id=id)
+            audio = self.host.synthesize(text)
+            if id in self.host.cancelled:
+                self.host.cancelled.discard(id)
+                return
+            self.live.play(audio, id=id)
         except Exception as err:  # TTS or the call: the prompt is lost, the flow goes on
             log.warning("call %s: say %r: %s", self.call_id, text[:60], err)
             self._back(PromptDone(id, error=str(err)))
@@ -145,7 +157,9 @@ class FlowHost:
         self.errors = 0
         self.runners: dict[str, FlowRunner] = {}
         self._redacting: set[str] = set()
+        self.cancelled: set[str] = set()  # prompts stopped before their speech was ready
         self._flow_calls: set[str] = set()  # calls with a flow, from call_opened on (their events are wanted)
+        self._closed_at: dict[str, float] = {}  # calls whose audio went, by when (their CallEnded is due)
         self._inbox: queue.Queue = queue.Queue(INBOX)
         self._pool = concurrent.futures.ThreadPoolExecutor(WORKERS, thread_name_prefix="flow-io")
         self._stop = threading.Event()
@@ -161,9 +175,10 @@ class FlowHost:
             self._put(("open", live))
 
     def call_closed(self, live: LiveCall) -> None:
+        """The call's audio is gone. Its flow ends on its CallEnded, which comes through the bus after the
+        events before it (a transfer's last NOTIFY); this is the fallback if that never comes."""
         if live.call_id in self._flow_calls:
-            self._flow_calls.discard(live.call_id)
-            self._put(("close", live.call_id))
+            self._put(("closed", live.call_id, self.clock()))
 
     def post(self, call_id: str, inp: Input) -> None:
         self._put(("input", call_id, inp))
@@ -199,6 +214,10 @@ class FlowHost:
             self.dropped += 1
 
     def _from_bus(self, event) -> None:
+        if isinstance(event, ev.CallEnded):
+            if event.call_id in self._flow_calls:
+                self._put(("gone", event.call_id, CallGone(event.cause)))
+            return
         inp = _input_of(event)
         if inp is not None and event.call_id in self._flow_calls:
             self.post(event.call_id, inp)
@@ -213,12 +232,15 @@ class FlowHost:
             except queue.Empty:
                 item = None
             if item is not None:
-                self._guarded(item[1] if item[0] != "open" else item[1].call_id, lambda: self._take(item))
+                self._guarded(item[1].call_id if item[0] == "open" else item[1], lambda: self._take(item))
             now = self.clock()
             if now >= next_tick:
                 next_tick = now + TICK_S
                 for call_id, runner in list(self.runners.items()):
                     self._guarded(call_id, lambda: runner.tick(now))
+            for call_id, at in list(self._closed_at.items()):
+                if now - at > GONE_AFTER_CLOSE_S:  # no CallEnded came: end the flow anyway
+                    self._guarded(call_id, lambda: self._gone(call_id, CallGone("closed"), now))
             for call_id in [c for c, r in self.runners.items() if r.ended]:
                 del self.runners[call_id]
 
@@ -231,15 +253,22 @@ class FlowHost:
             runner = FlowRunner(flow, _HostedCall(self, live), live.call_id, variables, now=now, name=name)
             self.runners[live.call_id] = runner
             runner.start()
-        elif item[0] == "close":
-            runner = self.runners.pop(item[1], None)
-            self._redacting.discard(item[1])
-            if runner is not None:
-                runner.handle(CallGone(), now)
+        elif item[0] == "closed":
+            self._closed_at[item[1]] = item[2]
+        elif item[0] == "gone":
+            self._gone(item[1], item[2], now)
         else:
             runner = self.runners.get(item[1])
             if runner is not None:
                 runner.handle(item[2], now)
+
+    def _gone(self, call_id: str, gone: CallGone, now: float) -> None:
+        self._flow_calls.discard(call_id)
+        self._redacting.discard(call_id)
+        self._closed_at.pop(call_id, None)
+        runner = self.runners.pop(call_id, None)
+        if runner is not None:
+            runner.handle(gone, now)
 
     def _guarded(self, call_id: str, fn: Callable[[], None]) -> None:
         """A runner that fails costs its own flow (reported, ended), never the thread or other calls."""
@@ -275,7 +304,7 @@ def speaker_for(settings: Settings) -> Speaker:
         raise StartupError(f"text to speech for the flows' `say`: {err}") from None
 
 
-_WANTED = (ev.DtmfReceived, ev.TransferProgress, CallerWords, BotText, BotSpeech, CallerSpeech, PlayFinished)
+_WANTED = (ev.CallEnded, ev.DtmfReceived, ev.TransferProgress, CallerWords, BotText, BotSpeech, CallerSpeech, PlayFinished)
 
 
 def _wanted(event) -> bool:

@@ -9,7 +9,7 @@ every process and every later subsystem (flows, analytics, web) may import it.
 Four families:
 - `CallStart`: what an engine needs to open a call (its id, the media port's rate, the bot, the call's
   variables);
-- control operations (`Control`): what the app asks of a running call: `Play`, `Inform`,
+- control operations (`Control`): what the app asks of a running call: `Play`, `StopPlay`, `Inform`,
   `SetPersona`, `MuteCaller` (hang-up and transfer are SIP operations: the app's live call sends them
   to the endpoint, not to the engine);
 - engine events (`EngineEvent`): what a running call tells the app as it happens: the bot's text
@@ -97,7 +97,15 @@ class MuteCaller(Message, tag="mute_caller"):
     on: bool
 
 
-Control = Union[Play, Inform, SetPersona, MuteCaller]
+class StopPlay(Message, tag="stop_play"):
+    """Cut the clip playing and the clips queued (`id` = "": all of them; else that one): a caller's key
+    press barging into a menu prompt. Each clip cut reports PlayFinished with `interrupted` and how much
+    was played."""
+
+    id: str = ""
+
+
+Control = Union[Play, Inform, SetPersona, MuteCaller, StopPlay]
 
 
 # ---- engine events (engine -> app) ----------------------------------------------------------------
@@ -131,7 +139,7 @@ class CallerSpeech(EngineEvent, tag="caller_speech"):
 class PlayFinished(EngineEvent, tag="play_finished"):
     id: str
     ms: float  # how much of the clip was played
-    interrupted: bool = False  # the call closed first
+    interrupted: bool = False  # cut short: by StopPlay, or the call closed first
 
 
 class InformFinished(EngineEvent, tag="inform_finished"):

@@ -36,6 +36,8 @@ class FlowCall(Protocol):
 
     def play(self, clip: str, id: str) -> None: ...
 
+    def stop_prompt(self, id: str) -> None: ...
+
     def say(self, text: str, id: str) -> None: ...
 
     def inform(self, text: str, id: str) -> None: ...
@@ -129,6 +131,7 @@ class _Visit:
     pending: str = ""  # the id of the prompt or webhook awaited
     webhook_tries: int = 0
     digits: str = ""
+    finished: bool = False  # the finish key came while the prompt played
     deadline: float | None = None  # gather: no-input (no digits yet) or inter-digit (some)
     attempts: int = 0  # reprompts used
     quiet_since: float | None = None
@@ -171,7 +174,10 @@ class FlowRunner:
             return
         v = self._visit
         if isinstance(inp, CallGone):
-            self._end("call_ended", inp.cause)
+            if v.phase == "transferring" and inp.cause == "transfer":
+                self._end("transfer", v.state.transfer or "")  # the call ended before the NOTIFY was read
+            else:
+                self._end("call_ended", inp.cause)
         elif isinstance(inp, PromptDone):
             if v.phase == "prompt" and inp.id == v.pending:
                 self._prompt_done(v)
@@ -237,6 +243,9 @@ class FlowRunner:
             self._after_webhook(v)
 
     def _go(self, name: str, reason: str, detail: str = "") -> None:
+        v = self._visit
+        if v is not None and v.phase == "prompt":
+            self.call.stop_prompt(v.pending)  # leaving mid-prompt (a rule fired): the caller hears the next state
         if self._redacting:
             self._redacting = False
             self.call.redact_digits(False)
@@ -359,7 +368,7 @@ class FlowRunner:
         elif s.hangup:
             self._hangup("hangup", "")
         elif s.gather is not None:
-            if v.digits and self._complete(v):
+            if v.digits and (v.finished or self._complete(v)):
                 self._gathered(v)
             else:
                 v.deadline = self.now + (s.gather.interdigit_timeout_s if v.digits else s.gather.timeout_s)
@@ -374,10 +383,16 @@ class FlowRunner:
         if g is None or v.phase not in ("prompt", "listening"):
             return  # a digit no gather waits for
         if g.finish_key is not None and digit == g.finish_key:
-            if v.digits:
+            if v.digits and v.phase == "listening":
                 self._gathered(v)
+            elif v.digits:
+                v.finished = True  # typed ahead during a prompt that plays out: taken when it is done
             return
         v.digits += digit
+        if v.phase == "prompt" and g.barge_in:  # a key cuts the prompt, as on any IVR
+            self.call.stop_prompt(v.pending)
+            self._prompt_done(v)
+            return
         if self._complete(v):
             if v.phase == "listening":
                 self._gathered(v)
@@ -398,7 +413,7 @@ class FlowRunner:
         s = v.state
         g = s.gather
         assert g is not None
-        digits, v.digits, v.deadline = v.digits, "", None
+        digits, v.digits, v.deadline, v.finished = v.digits, "", None, False
         self.variables[g.variable] = digits
         shown = "x" * len(digits) if g.sensitive else digits  # x: not a DTMF key, so clearly a mask
         if s.on_digits:

@@ -51,6 +51,7 @@ class Gather(_Flow):
     interdigit_timeout_s: Seconds = 3.0
     finish_key: Literal["#", "*"] | None = "#"
     variable: VariableName = "digits"  # the gathered digits go into {digits} (or this name)
+    barge_in: bool = True  # a key pressed during the prompt cuts it (False: the prompt plays out)
     sensitive: bool = False
 
 

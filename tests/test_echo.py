@@ -7,6 +7,7 @@ a lag of the resamplers' delay plus whole frames.
 """
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -155,3 +156,42 @@ def test_echo_engine_needs_a_call_start_and_refuses_after_close():
     engine.close()
     with pytest.raises(RuntimeError, match="closed"):
         engine.open_session(CallInfo(8000))
+
+
+def test_stop_play_cuts_the_clip_playing_and_the_queued_ones():
+    """A key pressed during a menu prompt: StopPlay ends the clip mid-way and drops the next one, each
+    reported interrupted with what was played; the echo comes back after."""
+    from callbot.engine.contract import Play, PlayFinished, StopPlay
+    from tests.media_side import play_media_side
+
+    events: list = []
+    with EchoEngine(on_event=events.append) as engine:
+        s = engine.open_session(CallStart(call_id="menu", rate=8000))
+        long = np.full(8000 * 10, 3000, np.int16).tobytes()  # 10 s: still playing when it is cut
+        s.control(Play(pcm=long, rate=8000, id="menu"))
+        s.control(Play(pcm=long, rate=8000, id="after"))
+        stop, received = threading.Event(), []
+        media = threading.Thread(target=play_media_side, args=(s.audio, 500, stop, received), daemon=True)
+        media.start()
+        try:
+            deadline = time.monotonic() + 20
+            while len(received) < 25:  # half a second of the clip out
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            s.control(StopPlay())
+            while not any(isinstance(e, PlayFinished) and e.id == "after" for e in events):
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            n = len(received)
+            while len(received) < n + 25:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+        finally:
+            stop.set()
+            media.join(5)
+            engine.close_session(s)
+    done = {e.id: e for e in events if isinstance(e, PlayFinished)}
+    assert done["menu"].interrupted and 0 < done["menu"].ms < 10000
+    assert done["after"].interrupted and done["after"].ms == 0
+    tail = np.concatenate(received[-10:])
+    assert not (tail == 3000).all()  # the clip is gone: the caller's tone echoes back

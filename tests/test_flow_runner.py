@@ -46,6 +46,9 @@ class Recorded:
     def play(self, clip, id):
         self.ops.append(("play", clip, id))
 
+    def stop_prompt(self, id):
+        self.ops.append(("stop_prompt", id))
+
     def say(self, text, id):
         self.ops.append(("say", text, id))
 
@@ -98,9 +101,9 @@ def test_greet_menu_digit_persona_then_the_caller_asks_for_a_human():
     assert ("mute_caller", True) in call.ops  # a prompt state: the model does not hear the caller
     finish_prompt(r, call, 101.0)
     assert r.state == "menu"
-    r.handle(Digit("1"), 101.5)  # typed during the menu prompt: taken when it is done
-    assert r.state == "menu"
-    finish_prompt(r, call, 102.0)
+    menu_prompt = call.last("say")[2]
+    r.handle(Digit("1"), 101.5)  # pressed during the menu prompt: cuts it (barge-in) and is taken at once
+    assert ("stop_prompt", menu_prompt) in call.ops
     assert r.state == "billing"
     assert call.last("set_persona")[1] == "You help Ana with the bill of account 42."
     assert call.last("mute_caller") == ("mute_caller", False)
@@ -114,7 +117,7 @@ def test_greet_menu_digit_persona_then_the_caller_asks_for_a_human():
     assert call.moves() == [("", "greet", "start"), ("greet", "menu", "next"), ("menu", "billing", "digits"),
                             ("billing", "agent", "caller_said"), ("agent", "agent", "transfer"),
                             ("agent", "", "transfer")]
-    assert [e.t_ms for e in call.events][:3] == [0.0, 1000.0, 2000.0]
+    assert [e.t_ms for e in call.events][:3] == [0.0, 1000.0, 1500.0]
     assert r.variables["digits"] == "1"
 
 
@@ -278,6 +281,25 @@ def test_a_failed_transfer_takes_its_exit_and_a_gone_call_ends_the_flow():
     r.handle(Digit("1"), 105.0)  # nothing after the end
     r.tick(500.0)
     assert call.events[-1].reason == "call_ended"
+
+
+def test_without_barge_in_keys_typed_during_the_prompt_wait_for_its_end():
+    text = FORM.replace('sensitive = true', 'sensitive = true, barge_in = false')
+    r, call = runner(text)
+    r.handle(Digit("1"), 100.5)
+    r.handle(Digit("2"), 100.6)
+    r.handle(Digit("#"), 100.7)
+    assert r.state == "card" and not any(op[0] == "stop_prompt" for op in call.ops)
+    finish_prompt(r, call, 103.0)
+    assert r.state == "check" and r.variables["card"] == "12"
+
+
+def test_leaving_a_state_mid_prompt_cuts_its_prompt():
+    text = MENU.replace('next = "menu"', 'next = "menu"\non_caller_said = [{ match = "agent", goto = "agent" }]', 1)
+    r, call = runner(text)
+    greeting = call.last("say")[2]
+    r.handle(Said("caller", "agent"), 100.5)
+    assert r.state == "agent" and ("stop_prompt", greeting) in call.ops
 
 
 def test_render_leaves_unknown_variables_empty_and_literal_braces():

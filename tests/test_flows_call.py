@@ -18,7 +18,7 @@ import pytest
 from callbot.app.event_log import EventLog
 from callbot.app.serve import running_server
 from callbot.app.settings import parse_settings
-from callbot.engine.contract import FlowTransition
+from callbot.engine.contract import FlowTransition, PlayFinished
 from callbot.sip import events as ev
 from tests.sip_peers import PjsuaPeer, free_port
 
@@ -197,6 +197,9 @@ def test_a_digit_by_rfc4733_takes_the_menu_to_a_transfer_the_caller_hears_the_gr
         moves = watch.moves(call_id, lambda m: m.to_state == "menu")
         assert [(m.from_state, m.to_state, m.reason) for m in moves] == [("", "greet", "start"),
                                                                           ("greet", "menu", "next")]
+        # the menu prompt heard to its end, then a key
+        watch.until(lambda e: isinstance(e, PlayFinished) and e.call_id == call_id and e.id.endswith("-2"),
+                    what="the menu prompt's end")
         alice.send("dtmf", digits="2", method="rfc4733")
         moves = watch.moves(call_id, lambda m: m.reason == "transfer")
         assert (moves[2].to_state, moves[2].reason, moves[2].detail) == ("agent", "digits", "2")

@@ -22,7 +22,7 @@ from callbot.app.model_setup import prepare_model
 from callbot.app.settings import BotSettings, ModelSettings, Settings
 from callbot.engine import Model
 from callbot.engine.contract import (BotSpeech, BotText, CallerSpeech, CallStart, Inform, InformFinished, MuteCaller,
-                                     PersonaChanged, Play, PlayFinished, SessionClosed, SetPersona)
+                                     PersonaChanged, Play, PlayFinished, SessionClosed, SetPersona, StopPlay)
 from callbot.engine.serving.echo import EchoEngine
 from callbot.engine.serving.inference_process import InferenceProcess
 from callbot.engine.serving.runner import BotPrompt, ModelEngine
@@ -193,6 +193,28 @@ def test_a_played_clip_reaches_the_caller_sample_exact_and_the_agent_stream(runn
     assert np.array_equal(np.concatenate(given)[:len(ref.model)], ref.model)
     assert tap.sessions[0].steps[0][1] is not None  # the first step already played
     assert events.of(SessionClosed)[-1].call_id == "play"
+
+
+def test_stop_play_cuts_the_clip_out_of_the_agent_stream_and_the_callers_ear(runner):
+    engine, tap, events = runner
+    s = engine.open_session(CallStart(call_id="cut", rate=RATE))
+    s.control(Play(pcm=clip16(4000).astype("<i2").tobytes(), rate=RATE, id="menu"))  # 50 steps
+    media = MediaSide(s.audio)
+    try:
+        wait_for(lambda: tap.steps() >= 5, engine=engine)
+        s.control(StopPlay(id="menu"))
+        wait_for(lambda: events.of(PlayFinished), engine=engine)
+        n = tap.steps()
+        wait_for(lambda: tap.steps() >= n + 3, engine=engine)
+    finally:
+        media.stop()
+        engine.close_session(s)
+    [done] = events.of(PlayFinished)
+    assert done.id == "menu" and done.interrupted and 400.0 <= done.ms < 4000.0
+    steps = tap.sessions[0].steps
+    given = [agent is not None for _, agent, _ in steps]
+    assert given[0] and not any(given[n:])  # forced from the first step, never again after the cut
+    assert sum(given) == done.ms / 80.0
 
 
 def test_inform_reaches_the_model_and_never_the_caller(runner):

@@ -7,6 +7,7 @@ clip); each step then only slices it.
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,6 +59,14 @@ class Clip:
         self.pos += 1
         return (_padded(self.call[c0:c0 + self.call_frame], self.call_frame),
                 _padded(self.model[m0:m0 + self.model_frame], self.model_frame))
+
+
+def cut_clips(queue: deque, id: str) -> list[Clip]:
+    """Removes the clips a StopPlay names from `queue` (id "": every one) and returns them, in order."""
+    cut = [c for c in queue if not id or c.id == id]
+    for clip in cut:
+        queue.remove(clip)
+    return cut
 
 
 def _padded(x: np.ndarray, n: int) -> np.ndarray:

@@ -11,7 +11,7 @@ adds 1 ms on average to the round trip. With no session open it sleeps until one
 
 It takes the app's control operations the way the model does where they make sense without a model, so
 call flows can run on it: `Play` sends the clip to the caller sample-exact instead of the echo,
-`MuteCaller` stops the echo; `Inform` and `SetPersona` have no model to reach and are reported done at
+`StopPlay` cuts it, `MuteCaller` stops the echo; `Inform` and `SetPersona` have no model to reach and are reported done at
 once. Its live events: caller and bot speech start/stop, PlayFinished, SessionClosed.
 """
 
@@ -25,9 +25,9 @@ import numpy as np
 from callbot.engine.audio import PeriodicClock, now_ns
 from callbot.engine.contract import (ENGINE_RATE, BotSpeech, CallerSpeech, CallStart, CallSummary, Control,
                                      ControlNotSupported, EventSink, Inform, InformFinished, LiveEvent, MuteCaller,
-                                     PersonaChanged, Play, PlayFinished, SessionClosed, SetPersona)
+                                     PersonaChanged, Play, PlayFinished, SessionClosed, SetPersona, StopPlay)
 from callbot.engine.serving.call_audio import CallAudio
-from callbot.engine.serving.clips import Clip
+from callbot.engine.serving.clips import Clip, cut_clips
 from callbot.engine.serving.speech_activity import SpeechActivity
 from callbot.engine.serving.tx_policy import ECHO_TX_SETTLE_PUSHES, tx_limit_ms
 
@@ -57,7 +57,7 @@ class EchoSession:
             raise RuntimeError(f"call {self.start.call_id}: the session is closed")
         if isinstance(op, Play):
             self.pending.append((op, Clip.of(op, self.audio.call_rate, self._frame_ms)))
-        elif isinstance(op, (Inform, SetPersona, MuteCaller)):
+        elif isinstance(op, (Inform, SetPersona, MuteCaller, StopPlay)):
             self.pending.append((op, None))
         else:
             raise ControlNotSupported(f"unknown control operation {type(op).__name__}")
@@ -176,6 +176,10 @@ class EchoEngine:
                 s.playing.append(clip)
             elif isinstance(op, MuteCaller):
                 s.muted = op.on
+            elif isinstance(op, StopPlay):
+                for clip in cut_clips(s.playing, op.id):
+                    self._emit(PlayFinished(call_id=call_id, t_ms=t_ms, id=clip.id, ms=clip.played_ms,
+                                            interrupted=True))
             elif isinstance(op, Inform):  # no model to tell: done at once
                 self._emit(InformFinished(call_id=call_id, t_ms=t_ms, id=op.id, ms=0.0))
             elif isinstance(op, SetPersona):

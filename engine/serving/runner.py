@@ -48,8 +48,8 @@ from callbot.engine.serving.call_audio import CallAudio
 from callbot.engine.contract import (ENGINE_RATE, BotSpeech, BotText, CallerSpeech, CallStart, CallSummary, Control,
                                      ControlNotSupported, EventSink, FrameStages, Inform, InformFinished, LiveEvent,
                                      MuteCaller, PersonaChanged, Play, PlayFinished, SessionClosed, SetPersona,
-                                     TextPiece)
-from callbot.engine.serving.clips import Clip
+                                     StopPlay, TextPiece)
+from callbot.engine.serving.clips import Clip, cut_clips
 from callbot.engine.serving.frame_stats import STAGES, FrameStats
 from callbot.engine.serving.speech_activity import SpeechActivity
 from callbot.engine.serving.tx_policy import MODEL_TX_MAX_MS, MODEL_TX_SETTLE_PUSHES
@@ -125,7 +125,7 @@ class ModelCallSession:
             raise RuntimeError(f"call {self.start.call_id}: the session is closed")
         if isinstance(op, (Play, Inform)):
             self.pending.append((op, Clip.of(op, self.audio.call_rate)))
-        elif isinstance(op, (SetPersona, MuteCaller)):
+        elif isinstance(op, (SetPersona, MuteCaller, StopPlay)):
             self.pending.append((op, None))
         else:
             raise ControlNotSupported(f"unknown control operation {type(op).__name__}")
@@ -334,6 +334,11 @@ class ModelEngine:
                 s.informing.append(clip)
             elif isinstance(op, MuteCaller):
                 s.muted = op.on
+            elif isinstance(op, StopPlay):
+                # the frame already given to the model still goes to the caller next step (one frame, 80 ms)
+                for clip in cut_clips(s.playing, op.id):
+                    self._emit(PlayFinished(call_id=s.start.call_id, t_ms=s.t_ms(now), id=clip.id,
+                                            ms=clip.played_ms, interrupted=True))
             elif isinstance(op, SetPersona):
                 try:
                     s.session.set_persona(op.text)
