@@ -1,4 +1,5 @@
-"""The `callbot` command: `serve` answers calls, `call` places one.
+"""The `callbot` command: `serve` answers calls, `call` places one, `edge` runs the SIP edge, `flows check`
+checks call flow files.
 
 It lives in callbot.app, the top of the arrows: a command may use the SIP side and the engine both.
 Every problem a user can cause (config, weights, ports) ends as one line on stderr and exit status 2,
@@ -34,12 +35,18 @@ def build_parser() -> argparse.ArgumentParser:
     call.add_argument("uri", metavar="SIP_URI")
     call.add_argument("--bot", metavar="NAME", help="bot to call with (default: the first)")
     common(call)
+    call.add_argument("--edge", action="store_true",
+                      help="call out through kamailio on the public port (config [edge]; this process on loopback)")
     edge = sub.add_parser("edge", help="run kamailio on the public SIP port in front of `callbot serve` on loopback")
     edge.add_argument("--config", metavar="FILE", help="TOML config: [edge] and serve's [sip] transport")
     edge.add_argument("--print", dest="print_only", action="store_true",
                       help="write the generated kamailio configuration to stdout and exit")
     edge.add_argument("--check", action="store_true", help="check the generated configuration (kamailio -c) and exit")
     edge.set_defaults(model=None)
+    flows = sub.add_parser("flows", help="call flow files: check one before a bot uses it")
+    flows_sub = flows.add_subparsers(dest="flows_command", metavar="ACTION", required=True)
+    check = flows_sub.add_parser("check", help="check a flow file: one line per problem, exit 2; `ok` and exit 0")
+    check.add_argument("files", metavar="FILE", nargs="+")
     return parser
 
 
@@ -53,10 +60,12 @@ def _settings(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.command == "flows":
+        return _flows_check(args.files)
     from callbot.app import serve
 
     settings = _settings(args)
-    if args.command == "edge" or getattr(args, "edge", False):
+    if args.command == "edge" or (args.command == "serve" and args.edge):
         return _edge(args, settings)
     if args.command == "serve":
         from callbot.app.edge import public_exposure_warning
@@ -66,11 +75,13 @@ def run(args: argparse.Namespace) -> int:
     bot = settings.bot(args.bot) if args.bot else settings.bots[0]
     if args.bot:  # the chosen bot speaks first in the engine's list, so it is the one that calls
         settings = msgspec.structs.replace(settings, bots=(bot, *(b for b in settings.bots if b is not bot)))
+    if args.edge:
+        return _edge(args, settings, account=bot.account, bot=bot.name)
     return serve.call(settings, args.engine, args.uri, account=bot.account, bot=bot.name)
 
 
-def _edge(args: argparse.Namespace, settings) -> int:
-    """`callbot edge` and `callbot serve --edge` (app/edge.py)."""
+def _edge(args: argparse.Namespace, settings, **call) -> int:
+    """`callbot edge`, `callbot serve --edge` and `callbot call --edge` (app/edge.py)."""
     import pathlib
 
     from callbot.app import edge
@@ -79,7 +90,26 @@ def _edge(args: argparse.Namespace, settings) -> int:
     if args.command == "edge":
         return edge.run_edge(settings, source=args.config or "the default config", print_only=args.print_only,
                              check_only=args.check)
-    return edge.serve_with_edge(settings, args.engine, source=args.config or "the default config")
+    source = args.config or "the default config"
+    if args.command == "call":
+        return edge.call_with_edge(settings, args.engine, args.uri, source=source, **call)
+    return edge.serve_with_edge(settings, args.engine, source=source)
+
+
+def _flows_check(files: list[str]) -> int:
+    """`callbot flows check FILE...`: the same checks a bot's flow gets when the config is loaded."""
+    from callbot.flows.schema import FlowError, load_flow
+
+    status = 0
+    for path in files:
+        try:
+            flow = load_flow(path)
+        except FlowError as err:
+            print(f"callbot: error: {err}", file=sys.stderr)
+            status = 2
+        else:
+            print(f"{path}: ok ({len(flow.states)} states, starts at {flow.start!r})")
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,9 +9,16 @@ it did not set up, and TLS (the system's OpenSSL 3). Serve, bound to 127.0.0.1, 
 passed.
 
 `callbot edge` runs kamailio alone (serve started separately on the loopback port its config names);
-`callbot serve --edge` runs both, kamailio as a child that stops with serve. The kamailio configuration
-is generated from `[edge]` and serve's transport each time, written to read like one written by hand
-(short route blocks, comments saying why), and checked with `kamailio -c` before it runs.
+`callbot serve --edge` runs both, kamailio as a child that stops with serve; `callbot call --edge` places
+one call out through it. The kamailio configuration is generated from `[edge]` and serve's transport
+each time, written to read like one written by hand (short route blocks, comments saying why), and
+checked with `kamailio -c` before it runs. Serve's own settings behind the edge (RTP on the public side,
+the edge exempt from its per-source limits, its outbound proxy) are derived from the same `[edge]`
+table (`serve_settings`), so that one table is the whole public deployment.
+
+kamailio talks to serve from a loopback socket of its own (`inside_address`) and to the world from the
+public one: serve sees a single source that is exempt, and its requests in a call go to a local address,
+never to the advertised one that a host behind NAT may not reach from inside.
 """
 from __future__ import annotations
 
@@ -90,9 +97,18 @@ def check_settings(settings: Settings) -> None:
     if not _is_loopback(t.bind):
         raise StartupError(f"{where}.bind: behind the edge serve listens on loopback only (the public "
                            f"port is kamailio's): set bind = \"127.0.0.1\" (it is {t.bind!r})")
-    if t.port == edge.port and (edge.address == "0.0.0.0" or _is_loopback(edge.address)):
-        raise StartupError(f"{where}.port: serve and the edge both want port {t.port}: give serve another "
-                           "(e.g. 5070)")
+    if t.port == edge.port:
+        # the edge listens on loopback at its own port too (its side facing serve)
+        raise StartupError(f"{where}.port: serve and the edge both want port {t.port} on loopback: give serve "
+                           "another (e.g. 5070)")
+    if edge.address == "0.0.0.0" and edge.advertise:
+        # kamailio writes the receiving socket's own address into Record-Route, not advertised_address:
+        # callers behind the NAT would send their ACK and BYE to the private address
+        raise StartupError("$.edge.address: with advertise, name the local address callers' packets arrive on "
+                           "(behind NAT: the private IP, e.g. \"10.0.0.5\"), not 0.0.0.0")
+    if edge.address == "0.0.0.0" and ":" in t.bind:
+        raise StartupError(f"{where}.bind: with [edge] address 0.0.0.0 the edge binds IPv4 only: set bind = "
+                           "\"127.0.0.1\"")
 
 
 def backend_of(settings: Settings) -> Backend:
@@ -103,6 +119,57 @@ def backend_of(settings: Settings) -> Backend:
         raise StartupError(f"$.sip.transports[{i}].port: the edge needs serve on a fixed port (0 lets the "
                            "OS choose; `callbot serve --edge` reads the chosen one back)")
     return Backend("127.0.0.1" if t.bind == "localhost" else t.bind, t.port)
+
+
+def inside_address(edge: EdgeSettings, backend: Backend | str) -> str:
+    """The edge's own address on serve's side: its public address when that is a loopback one (tests),
+    else the loopback address of serve's family. kamailio sends serve everything from there, so that
+    serve sees one exempt source and its requests in a call go to a local address - never to the
+    advertised public one, which a host behind NAT often cannot reach from inside."""
+    if _is_loopback(edge.address):
+        return "127.0.0.1" if edge.address == "localhost" else edge.address
+    host = backend.host if isinstance(backend, Backend) else backend
+    return "::1" if ":" in host else "127.0.0.1"
+
+
+def _uri_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def serve_settings(settings: Settings) -> Settings:
+    """The settings serve runs with behind the edge (`callbot serve --edge`, `callbot call --edge`),
+    derived from the user's so that one [edge] table is enough:
+
+    - the RTP of serve's transport binds the edge's public address (`rtp_bind`) and its SDP announces
+      `advertise`, else that address (`rtp_public_address`): the edge carries signalling only, and
+      RTP left on loopback with SIP would never reach a remote caller (a value the user set wins);
+    - the edge's address on serve's side (`inside_address`, loopback) is in `[sip.admission]
+      exempt_sources`: every call arrives from there, and serve's per-source limits must not count the
+      whole internet as one source (the edge applies its own per caller);
+    - direct accounts on that transport send their requests outside a call (`callbot call`'s INVITE)
+      through the edge (`proxy`): serve, bound to loopback, cannot reach a callee itself.
+    """
+    check_settings(settings)
+    edge = settings.edge
+    i, t = _serve_transport(settings)
+    inside = inside_address(edge, "127.0.0.1" if t.bind == "localhost" else t.bind)
+    public = None if edge.address == "0.0.0.0" else edge.address
+    transport = msgspec.structs.replace(
+        t, rtp_bind=t.rtp_bind or edge.address,
+        rtp_public_address=t.rtp_public_address or edge.advertise or public)
+    transports = settings.sip.transports[:i] + (transport,) + settings.sip.transports[i + 1:]
+    proxy = f"sip:{_uri_host(inside)}:{edge.port};lr"
+    accounts = tuple(
+        msgspec.structs.replace(a, proxy=proxy)
+        if a.direct and a.proxy is None and settings.sip.transport_of(a).name == t.name else a
+        for a in settings.sip.accounts)
+    admission = settings.sip.admission
+    exempt = admission.exempt_sources
+    if not any(ipaddress.ip_address(inside) in ipaddress.ip_network(e, strict=False) for e in exempt):
+        exempt = (*exempt, inside)
+    sip = msgspec.structs.replace(settings.sip, transports=transports, accounts=accounts,
+                                  admission=msgspec.structs.replace(admission, exempt_sources=exempt))
+    return msgspec.structs.replace(settings, sip=sip)
 
 
 def public_exposure_warning(settings: Settings) -> str | None:
@@ -177,8 +244,9 @@ def render(edge: EdgeSettings, backend: Backend, *, modules_dir: str, run_dir: s
         "max_conn": edge.tcp_max_connections, "unit": 2, "density": edge.requests_per_s * 2,
         "rps": edge.requests_per_s, "ban": edge.ban_s, "cps": edge.calls_per_s,
         "total": edge.total_calls_per_s, "open": edge.open_calls_per_source,
-        "allowed": ALLOWED,
+        "allowed": ALLOWED, "inside": _uri_host(inside_address(edge, backend)),
         "trusted": ",".join(str(ipaddress.ip_network(s, strict=False)) for s in edge.trusted_sources),
+        "outbound_socket": _outbound_socket(edge),
     }
     parts = [_HEAD % v, _listen(edge, v), _TCP % v, _MODULES % v]
     if edge.tls:
@@ -220,22 +288,39 @@ def _listen(edge: EdgeSettings, v: dict) -> str:
     if edge.tls:
         lines.append("enable_tls=yes")
     if edge.address == "0.0.0.0":
-        lines += ["# every local address (kamailio binds each one: a wildcard socket would write 0.0.0.0",
-                  "# into Record-Route and Via)",
+        lines += ["# every local address, 127.0.0.1 (serve's side) among them: kamailio binds each one (a",
+                  "# wildcard socket would write 0.0.0.0 into Record-Route and Via)",
                   f"port={edge.port}"]
         if edge.tls:
             lines.append(f"tls_port_no={edge.tls_port}")
-        if edge.advertise:
-            lines.append(f'advertised_address="{edge.advertise}"   # what callers reach (NAT)')
+        lines += ["# requests leave from the address the kernel routes them from: to serve from 127.0.0.1, to",
+                  "# a callee from the public one",
+                  "mhomed=1"]
     else:
-        host = f"[{edge.address}]" if ":" in edge.address else edge.address
+        host = _uri_host(edge.address)
         sockets = [("udp", edge.port), ("tcp", edge.port)] + ([("tls", edge.tls_port)] if edge.tls else [])
         for proto, port in sockets:
             advertise = f" advertise {edge.advertise}:{port}" if edge.advertise else ""
             lines.append(f"listen={proto}:{host}:{port}{advertise}")
+        if not _is_loopback(edge.address):
+            lines += ["# serve's side: what goes to serve leaves from here, and serve's requests come here, so",
+                      "# that serve sees one loopback source and never needs the advertised address",
+                      f"listen=udp:{v['inside']}:{edge.port}"]
     if edge.advertise:
         lines.append(f'alias="{edge.advertise}"')
     return "\n".join(lines) + "\n"
+
+
+def _outbound_socket(edge: EdgeSettings) -> str:
+    """route[OUTBOUND]'s choice of socket for a call serve places: the public one of the callee's transport
+    (kamailio would send from the socket the INVITE came in on, serve's side on loopback). On every
+    address, mhomed picks the one the kernel routes from."""
+    if edge.address == "0.0.0.0":
+        return ""
+    host = _uri_host(edge.address)
+    return ("\t# out from the public side (the INVITE came in on serve's side, loopback)\n"
+            f'\tif ($rP == "tcp") {{\n\t\tforce_send_socket(tcp:{host}:{edge.port});\n\t}} else {{\n'
+            f'\t\tforce_send_socket(udp:{host}:{edge.port});\n\t}}\n')
 
 
 _TCP = """\
@@ -442,7 +527,7 @@ route[TO_SERVE_IN_DIALOG] {
 	} else {
 		$ru = "sip:%(buri)s:%(bport)d";
 	}
-	$fs = $null;
+	force_send_socket(udp:%(inside)s:%(port)d);  # not the socket rr chose for the caller's side
 	route(RELAY);
 }
 """
@@ -538,6 +623,7 @@ route[TO_SERVE] {
 		t_on_reply("SIPS");
 	}
 	$du = "sip:%(buri)s:%(bport)d";
+	force_send_socket(udp:%(inside)s:%(port)d);  # serve's side of the edge (a loopback source)
 	# serve takes sip: over UDP: a sips: call's TLS ended here, its last hop is loopback
 	if ($rU != $null) {
 		$ru = "sip:" + $rU + "@%(buri)s:%(bport)d";
@@ -575,16 +661,39 @@ failure_route[SERVE_FAILED] {
 """
 
 _FROM_SERVE = """\
-# Serve sends requests inside its calls only; it places no call through the edge
+# Serve's requests: inside its calls (our Record-Route), and the calls it places (`callbot call
+# --edge`: an INVITE through its proxy, the edge), which go where their Request-URI says
 route[FROM_SERVE] {
 	if (has_totag() && loose_route()) {
 		route(RELAY);
 	}
-	if (is_method("ACK") && t_check_trans()) {
+	if (is_method("ACK|CANCEL") && t_check_trans()) {
 		route(RELAY);
+	}
+	if (is_method("INVITE") && !has_totag()) {
+		route(OUTBOUND);
 	}
 	sl_send_reply("403", "Not Relaying");
 	exit;
+}
+
+# A call serve places: our own Route entry (serve's proxy) taken off, the dialog known (the callee's
+# requests in it are let in, and go to serve), Record-Route so that they come through here
+route[OUTBOUND] {
+	loose_route();
+	if ($rz == "sips" || $rP == "tls") {
+		# rr would give serve a sips: route entry, and serve has no TLS to follow it
+		sl_send_reply("416", "Unsupported URI Scheme");
+		exit;
+	}
+	if (uri == myself) {
+		# to the edge's own address: it would come back to serve as a call from outside
+		sl_send_reply("482", "Loop Detected");
+		exit;
+	}
+	dlg_manage();
+%(outbound_socket)s	record_route();
+	route(RELAY);
 }
 
 # statefully: retransmissions and the CANCEL find their transaction
@@ -803,7 +912,7 @@ def serve_with_edge(settings: Settings, engine_kind: str, *, source: str = "call
     """`callbot serve --edge`: serve on loopback, then kamailio in front of it; kamailio stops first."""
     from callbot.app.serve import EXIT_SERVER_FAILURE, ServerFailure, running_server, stop_on_signals
 
-    check_settings(settings)
+    settings = serve_settings(settings)
     preflight(settings.edge)  # before anything starts: a missing kamailio is one line and exit 2
     with stop_on_signals() as stop, running_server(settings, engine_kind) as server:
         i, t = _serve_transport(settings)
@@ -830,3 +939,30 @@ def serve_with_edge(settings: Settings, engine_kind: str, *, source: str = "call
                       file=sys.stderr, flush=True)
                 return EXIT_SERVER_FAILURE
     return 0
+
+
+def call_with_edge(settings: Settings, engine_kind: str, uri: str, *, account: str | None, bot: str | None,
+                   source: str = "callbot's config") -> int:
+    """`callbot call --edge`: one call placed from loopback through kamailio, which relays it from the
+    public side (route[OUTBOUND]) and keeps the callee's requests in the call coming back through it.
+    kamailio starts first: its configuration names serve's port, so a port 0 in the config becomes a
+    free one chosen here. Another edge on the same public port (a running `serve --edge`) makes this
+    one fail to start: stop that serve, or place calls from it."""
+    from callbot.app.serve import call
+
+    settings = serve_settings(settings)
+    preflight(settings.edge)
+    i, t = _serve_transport(settings)
+    host = "127.0.0.1" if t.bind == "localhost" else t.bind
+    if t.port == 0:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]  # free now; pjsua binds it a moment later
+        transports = list(settings.sip.transports)
+        transports[i] = msgspec.structs.replace(t, port=port)
+        settings = msgspec.structs.replace(settings, sip=msgspec.structs.replace(settings.sip,
+                                                                                  transports=tuple(transports)))
+    backend = backend_of(settings)
+    with running_edge(settings, backend, source=source) as edge:
+        print(edge.describe(), file=sys.stderr, flush=True)
+        return call(settings, engine_kind, uri, account=account, bot=bot)

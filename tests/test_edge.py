@@ -27,7 +27,8 @@ from callbot.app import edge
 from callbot.app.errors import StartupError
 from callbot.app.settings import ConfigError, parse_settings
 from tests.flood_peers import can_bind
-from tests.sip_peers import KAMAILIO_MODULES, LOCALHOST, MEDIA_PEER, PjsuaPeer, _Lines, free_port, serve_config, stop_process
+from tests.sip_peers import (KAMAILIO_MODULES, LOCALHOST, MEDIA_PEER, PjsuaPeer, _Lines, _udp_port_taken, eventually,
+                              free_port, serve_config, stop_process)
 
 pytestmark = pytest.mark.timeout(120)
 CALLBOT = [sys.executable, "-m", "callbot.app.cli"]
@@ -73,6 +74,7 @@ VARIANTS = {
     "default": "",
     "address, advertise, trusted": 'address = "127.0.0.1"\nadvertise = "sip.example.com"\n'
                                    'trusted_sources = ["192.0.2.0/24", "198.51.100.7"]',
+    "private address behind NAT": 'address = "10.0.0.5"\nadvertise = "203.0.113.7"',
     "tls on every address": 'cert_file = "cert.pem"\nkey_file = "key.pem"\nca_file = "ca.pem"',
     "tls on one address": 'address = "127.0.0.1"\ncert_file = "cert.pem"\nkey_file = "key.pem"',
 }
@@ -95,6 +97,13 @@ def test_generated_config_is_accepted_by_kamailio(tmp_path, variant):
     for name, block in blocks.items():  # reads like a hand-written one: short blocks, each introduced
         assert block[0].startswith("#") or name == "request_route", f"{name} has no comment saying why"
         assert len(block) <= 45, f"{name} is {len(block)} lines"
+    # serve's side: a loopback socket of the edge's own, from which everything reaches serve
+    assert "force_send_socket(udp:127.0.0.1:5060)" in text
+    if "NAT" in variant:
+        assert "listen=udp:10.0.0.5:5060 advertise 203.0.113.7:5060\n" in text
+        assert "listen=udp:127.0.0.1:5060\n" in text
+    if "every address" in variant or variant == "default":
+        assert "\nmhomed=1\n" in text
     if "tls" in variant:
         assert 'modparam("tls", "tls_method", "TLSv1.2+")' in text and "enable_tls=yes" in text
         if "ca_file" in VARIANTS[variant]:
@@ -138,8 +147,72 @@ def test_serve_behind_the_edge_must_be_on_loopback(transport, message):
     with pytest.raises(StartupError) as err:
         edge.check_settings(_settings(transport=transport))
     assert str(err.value).startswith(message)
-    with pytest.raises(StartupError, match="both want port 5060"):
-        edge.check_settings(_settings('address = "127.0.0.1"', sip_port=5060))
+    for address in ("127.0.0.1", "203.0.113.7"):  # the edge listens on loopback at its port either way
+        with pytest.raises(StartupError, match="both want port 5060"):
+            edge.check_settings(_settings(f'address = "{address}"', sip_port=5060))
+
+
+@pytest.mark.parametrize("edge_toml, rtp_bind, rtp_public, inside", [
+    ('address = "203.0.113.7"', "203.0.113.7", "203.0.113.7", "127.0.0.1"),  # a public address of this host
+    ('address = "10.0.0.5"\nadvertise = "203.0.113.7"', "10.0.0.5", "203.0.113.7", "127.0.0.1"),  # behind NAT
+    ('address = "0.0.0.0"', "0.0.0.0", None, "127.0.0.1"),  # every address: pjsua names the host's own in the SDP
+    ('address = "127.0.0.5"', "127.0.0.5", "127.0.0.5", "127.0.0.5"),  # all on loopback (tests)
+])
+def test_serve_behind_the_edge_takes_rtp_exemption_and_proxy_from_the_edge(edge_toml, rtp_bind, rtp_public, inside):
+    """`serve --edge` derives serve's settings from [edge]: RTP on the public side, the edge's inside
+    address exempt from serve's per-source limits, outbound requests through the edge."""
+    settings = parse_settings(f"""
+[[sip.transports]]
+bind = "127.0.0.1"
+port = 5070
+[[sip.accounts]]
+name = "line"
+user = "bot"
+[[sip.accounts]]
+name = "pbx"
+registrar = "sip:pbx.example.com"
+[edge]
+{edge_toml}
+""")
+    derived = edge.serve_settings(settings)
+    [t] = derived.sip.transports
+    assert (t.bind, t.port, t.rtp_bind, t.rtp_public_address) == ("127.0.0.1", 5070, rtp_bind, rtp_public)
+    line, pbx = derived.sip.accounts
+    assert line.proxy == f"sip:{inside}:5060;lr" and pbx.proxy is None  # a registrar routes its own account
+    assert derived.sip.admission.exempt_sources == ("127.0.0.1", "::1") + ((inside,) if inside != "127.0.0.1" else ())
+    assert settings.sip.transports[0].rtp_bind is None  # the user's settings are left as they were
+    assert edge.inside_address(derived.edge, "127.0.0.1") == inside
+
+
+def test_what_the_user_set_for_serve_behind_the_edge_wins():
+    settings = parse_settings("""
+[[sip.transports]]
+bind = "127.0.0.1"
+port = 5070
+rtp_bind = "198.51.100.2"
+rtp_public_address = "198.51.100.9"
+[[sip.accounts]]
+user = "bot"
+proxy = "sip:trunk.example.com"
+[sip.admission]
+exempt_sources = ["192.0.2.0/24"]
+[edge]
+address = "203.0.113.7"
+""")
+    derived = edge.serve_settings(settings)
+    t = derived.sip.transports[0]
+    assert (t.rtp_bind, t.rtp_public_address) == ("198.51.100.2", "198.51.100.9")
+    assert derived.sip.accounts[0].proxy == "sip:trunk.example.com"
+    # the user's list left out loopback: the edge's inside address is added, or every call would count
+    # against one source
+    assert derived.sip.admission.exempt_sources == ("192.0.2.0/24", "127.0.0.1")
+
+
+def test_an_advertised_address_needs_the_local_one():
+    """kamailio on every address writes the receiving socket's own (private) address into
+    Record-Route, whatever advertised_address says: behind NAT the edge must name its private address."""
+    with pytest.raises(StartupError, match=r"^\$\.edge\.address: with advertise, name the local address"):
+        edge.check_settings(_settings('advertise = "203.0.113.7"'))
 
 
 def test_serve_without_the_edge_on_a_public_address_warns_once(tmp_path, monkeypatch, capsys):
@@ -448,3 +521,89 @@ modules_dir = "{MODULES}"
         stop_process(proc, 10, signal.SIGKILL)
     [call_end] = [e for e in _log_events(proc) if e["event"] == "CallEnded"]
     assert call_end["cause"] == "max_duration"
+
+
+# SIPp's built-in UAS, but its 200 copies the Record-Route (RFC 3261 12.1.1; the built-in one drops it, so
+# that the caller's ACK and BYE would skip every proxy)
+_UAS_XML = """<?xml version="1.0" encoding="ISO-8859-1" ?>
+<scenario name="uas that keeps the route set">
+  <recv request="INVITE" crlf="true"/>
+  <send><![CDATA[
+SIP/2.0 200 OK
+[last_Via:]
+[last_From:]
+[last_To:];tag=[pid]SIPpTag01[call_number]
+[last_Call-ID:]
+[last_CSeq:]
+[last_Record-Route:]
+Contact: <sip:[local_ip]:[local_port];transport=[transport]>
+Content-Type: application/sdp
+Content-Length: [len]
+
+v=0
+o=user1 53655765 2353687637 IN IP[local_ip_type] [local_ip]
+s=-
+c=IN IP[media_ip_type] [media_ip]
+t=0 0
+m=audio [media_port] RTP/AVP 0
+a=rtpmap:0 PCMU/8000
+]]></send>
+  <recv request="ACK" crlf="true"/>
+  <recv request="BYE"/>
+  <send><![CDATA[
+SIP/2.0 200 OK
+[last_Via:]
+[last_From:]
+[last_To:]
+[last_Call-ID:]
+[last_CSeq:]
+Content-Length: 0
+]]></send>
+</scenario>
+"""
+
+
+def _sipp_callee(workdir: pathlib.Path) -> tuple[subprocess.Popen, str, pathlib.Path]:
+    """SIPp as a callee on 127.0.0.1 (_UAS_XML), echoing RTP, for one call, tracing every message it
+    sees; returns (process, its URI, the trace file)."""
+    port, trace, scenario = free_port(), workdir / "sipp-messages.log", workdir / "uas.xml"
+    workdir.mkdir(parents=True, exist_ok=True)
+    scenario.write_text(_UAS_XML)
+    proc = subprocess.Popen(["sipp", "-sf", str(scenario), "-i", LOCALHOST, "-p", str(port), "-mp", str(free_port()),
+                             "-m", "1", "-rtp_echo", "-timeout", "30", "-timeout_error", "-nostdin", "-trace_msg",
+                             "-message_file", str(trace)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    eventually(lambda: proc.poll() is not None or _udp_port_taken(port), 10, "SIPp listening")
+    return proc, f"sip:service@{LOCALHOST}:{port}", trace
+
+
+def _received(trace: pathlib.Path, method: str) -> str:
+    """The first `method` request SIPp logged as received, as text."""
+    for block in trace.read_text(errors="replace").split("----------------------------------------------- "):
+        if re.search(r"message received \[\d+\] bytes :\s+" + method + " ", block):
+            return block
+    raise AssertionError(f"SIPp received no {method}")
+
+
+@needs_kamailio
+@pytest.mark.skipif(shutil.which("sipp") is None, reason="SIPp is not installed (Debian: sip-tester)")
+def test_call_out_through_the_edge(tmp_path):
+    """`callbot call --edge`: the INVITE goes from loopback through kamailio to a SIPp callee that
+    answers and echoes RTP; its ACK and serve's BYE (max_call_s) come through the edge too (its Via on
+    top), as the edge's Record-Route asks."""
+    edge_port = free_port()
+    cfg = serve_config(tmp_path, 0, tail=f'[edge]\naddress = "127.0.0.1"\nport = {edge_port}\nrun_dir = "edge"\n'
+                                         "[[bots]]\nname = 'short'\nmax_call_s = 2\n")
+    callee, uri, trace = _sipp_callee(tmp_path / "sipp")
+    try:
+        out = subprocess.run([*CALLBOT, "call", "--edge", uri, "--engine", "echo", "--config", str(cfg)],
+                             capture_output=True, text=True, timeout=60)
+        assert callee.wait(20) == 0, trace.read_text()[-3000:]
+    finally:
+        stop_process(callee, 10)
+    assert out.returncode == 0, out.stderr
+    assert "edge: kamailio on" in out.stderr and "call ended: max_duration" in out.stderr, out.stderr
+    edge_via = f"Via: SIP/2.0/UDP {LOCALHOST}:{edge_port};branch="
+    invite = _received(trace, "INVITE")
+    assert edge_via in invite and f"Record-Route: <sip:{LOCALHOST}:{edge_port};lr" in invite, invite
+    for method in ("ACK", "BYE"):
+        assert edge_via in _received(trace, method), _received(trace, method)
