@@ -111,3 +111,19 @@ def test_structural_rules(tmp_path):
         parse_flow(base + '[states.a]\ntransfer = "sip:x@y"\nhangup = true\n')
     flow = parse_flow(base + '[states.a]\nsay = "Hello {{literal}} {name}"\nhangup = true\n')
     assert flow.states["a"].say == "Hello {{literal}} {name}"
+
+
+def test_callbot_flows_check_says_ok_or_one_line_and_exit_2(tmp_path, capsys):
+    from callbot.app.cli import main
+
+    _clips(tmp_path)
+    good = tmp_path / "support.toml"
+    good.write_text(EXAMPLE)
+    bad = tmp_path / "bad.toml"
+    bad.write_text(EXAMPLE.replace('"1" = "billing"', '"1" = "biling"'))
+    assert main(["flows", "check", str(good)]) == 0
+    assert capsys.readouterr().out == f"{good}: ok (5 states, starts at 'greet')\n"
+    assert main(["flows", "check", str(good), str(bad)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f'callbot: error: {bad}: $.states.menu.on_digits.1: unknown state "biling", expected one of '
+                   "agent, billing, goodbye, greet, menu"]
