@@ -88,6 +88,15 @@ def _dids(route: RouteSettings) -> tuple[str, ...] | None:
     return (route.did,) if isinstance(route.did, str) else tuple(route.did)
 
 
+def caller_language(record: CallRecord) -> str:
+    """The caller's preferred language, as far as SIP says it: the first tag of the INVITE's Accept-Language
+    ("es-MX;q=1, en;q=0.5" -> "es-MX"), or "" (a flow can branch on it: `{ var = "caller_language", ... }`)."""
+    headers = getattr(record, "headers", None) or {}
+    value = next((v for k, v in headers.items() if k.lower() == "accept-language"), "")
+    first = value.split(",")[0].split(";")[0].strip()
+    return first if re.fullmatch(r"[A-Za-z]{1,8}(-[A-Za-z0-9]{1,8})*", first) else ""
+
+
 class CallRoutes:
     """The routes of one configuration; thread-safe (read-only after construction)."""
 
@@ -179,7 +188,8 @@ class CallRoutes:
             caller, called = uri_user(record.local_uri), uri_user(record.remote_uri)
         variables = dict(chosen.variables)
         variables.update(caller=caller, called=called, call_id=record.call_id, account=record.account,
-                         tenant=chosen.tenant or "", bot=chosen.bot, language=self._language(chosen.bot))
+                         tenant=chosen.tenant or "", bot=chosen.bot, language=self._language(chosen.bot),
+                         caller_language=caller_language(record))
         return chosen.bot, variables
 
     def _language(self, bot: str) -> str:

@@ -302,5 +302,24 @@ def test_leaving_a_state_mid_prompt_cuts_its_prompt():
     assert r.state == "agent" and ("stop_prompt", greeting) in call.ops
 
 
+def test_a_caller_the_model_cannot_serve_in_their_language_goes_to_a_human():
+    text = """
+start = "lang"
+[states.lang]
+branch = [{ var = "caller_language", match = "^(?!en)[a-z]", goto = "agent" }]
+next = "bot"
+[states.bot]
+persona = "You help in English."
+[states.agent]
+transfer = "sip:spanish-queue@pbx.example.com"
+"""
+    r, call = runner(text, caller_language="es-MX")
+    assert r.state == "agent" and call.events[-2].reason == "branch"
+    r, call = runner(text, caller_language="en-US")
+    assert r.state == "bot"
+    r, call = runner(text, caller_language="")
+    assert r.state == "bot"
+
+
 def test_render_leaves_unknown_variables_empty_and_literal_braces():
     assert render("Hi {name}{missing}, {{x}}", {"name": "Ana"}) == "Hi Ana, {x}"

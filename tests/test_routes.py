@@ -161,7 +161,8 @@ def test_call_start_variables_and_labels(tmp_path):
     bot, variables = r.start_for(rec, None)
     assert bot == "support"
     assert variables == {"product": "x", "caller": "+4930123", "called": "+15550002", "call_id": "c1",
-                         "account": "trunk", "tenant": "globex", "bot": "support", "language": "de-CH"}
+                         "account": "trunk", "tenant": "globex", "bot": "support", "language": "de-CH",
+                         "caller_language": ""}
     assert rec.labels == {"bot": "support", "route": "routes[0]", "tenant": "globex"}
     assert r.recordings_dir_for(rec) == str(tmp_path / "globex-records")
     # an outbound call takes the bot named when dialling, never a route, and files in that bot's tenant
@@ -176,6 +177,14 @@ def test_call_start_variables_and_labels(tmp_path):
     lab = record(account="lab")
     r.start_for(lab, "lab")
     assert r.recordings_dir_for(lab) is None  # no tenant: the recorder's own folder
+
+
+def test_the_callers_language_comes_from_accept_language(tmp_path):
+    r = routes("", tmp_path)
+    for header, expected in (("Accept-Language: es-MX;q=1, en;q=0.5\r\n", "es-MX"), ("accept-language: fr\r\n", "fr"),
+                             ("Accept-Language: *\r\n", ""), ("", "")):
+        _, variables = r.start_for(record(headers=header), None)
+        assert variables["caller_language"] == expected, header
 
 
 # ---- the recorder files each call in its tenant's folder ---------------------------------------------
