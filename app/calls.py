@@ -18,8 +18,8 @@ import msgspec
 import numpy as np
 
 from callbot.engine.audio.wavfile import read_wav
-from callbot.engine.contract import (CallEngine, CallSession, CallStart, Control, Inform, MuteCaller, Play,
-                                     SetPersona, StopPlay)
+from callbot.engine.contract import (CallEngine, CallSession, CallStart, Control, HoldBot, Inform, MuteCaller,
+                                     Play, SetPersona, StopPlay)
 from callbot.sip.call_record import CallRecord
 
 # a clip: a WAV file, or (samples, rate) from a text-to-speech engine (int16, or float in [-1, 1]; mono)
@@ -84,6 +84,10 @@ class LiveCall:
     def mute_caller(self, on: bool = True) -> None:
         """While on, the model hears silence instead of the caller (the recording keeps the caller)."""
         self._send(lambda _: MuteCaller(on=bool(on)), "")
+
+    def hold_bot(self, on: bool = True) -> None:
+        """While on, the bot says nothing of its own (its agent stream forced silent); clips still play."""
+        self._send(lambda _: HoldBot(on=bool(on)), "")
 
     def hangup(self) -> None:
         self._sip().hangup(self.call_id)

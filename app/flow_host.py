@@ -109,6 +109,12 @@ class _HostedCall:
         except CallControlError as err:
             log.warning("call %s: mute_caller: %s", self.call_id, err)
 
+    def hold_bot(self, on: bool) -> None:
+        try:
+            self.live.hold_bot(on)
+        except CallControlError as err:
+            log.warning("call %s: hold_bot: %s", self.call_id, err)
+
     def redact_digits(self, on: bool) -> None:
         self.live.record.redact_dtmf = on
         self.host.set_redacting(self.call_id, on)

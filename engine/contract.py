@@ -10,7 +10,7 @@ Four families:
 - `CallStart`: what an engine needs to open a call (its id, the media port's rate, the bot, the call's
   variables);
 - control operations (`Control`): what the app asks of a running call: `Play`, `StopPlay`, `Inform`,
-  `SetPersona`, `MuteCaller` (hang-up and transfer are SIP operations: the app's live call sends them
+  `SetPersona`, `MuteCaller`, `HoldBot` (hang-up and transfer are SIP operations: the app's live call sends them
   to the endpoint, not to the engine);
 - engine events (`EngineEvent`): what a running call tells the app as it happens: the bot's text
   pieces with their frame times, bot and caller speech start/stop, a clip played, a persona changed,
@@ -105,7 +105,15 @@ class StopPlay(Message, tag="stop_play"):
     id: str = ""
 
 
-Control = Union[Play, Inform, SetPersona, MuteCaller, StopPlay]
+class HoldBot(Message, tag="hold_bot"):
+    """While on, the bot says nothing of its own: its agent stream is forced to silence (PAD text), so the
+    model's context holds a quiet agent, and the caller hears only the clips played. A call flow holds it
+    in menu and prompt states, where an improvising model would talk over the menu."""
+
+    on: bool
+
+
+Control = Union[Play, Inform, SetPersona, MuteCaller, StopPlay, HoldBot]
 
 
 # ---- engine events (engine -> app) ----------------------------------------------------------------

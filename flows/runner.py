@@ -46,6 +46,8 @@ class FlowCall(Protocol):
 
     def mute_caller(self, on: bool) -> None: ...
 
+    def hold_bot(self, on: bool) -> None: ...
+
     def redact_digits(self, on: bool) -> None: ...
 
     def webhook(self, spec: Webhook, variables: dict[str, str], id: str) -> None: ...
@@ -153,6 +155,7 @@ class FlowRunner:
     _ids: int = 0
     _speaking: dict[str, bool] = field(default_factory=lambda: {"caller": False, "bot": False})
     _muted: bool | None = None
+    _held: bool | None = None
     _redacting: bool = False
 
     def __post_init__(self) -> None:
@@ -333,6 +336,10 @@ class FlowRunner:
         if muted != self._muted:
             self._muted = muted
             self.call.mute_caller(muted)
+        held = s.persona is None  # the model talks only in states that give it a persona
+        if held != self._held:
+            self._held = held
+            self.call.hold_bot(held)
         if sensitive and not self._redacting:
             self._redacting = True
             self.call.redact_digits(True)

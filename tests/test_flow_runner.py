@@ -61,6 +61,9 @@ class Recorded:
     def mute_caller(self, on):
         self.ops.append(("mute_caller", on))
 
+    def hold_bot(self, on):
+        self.ops.append(("hold_bot", on))
+
     def redact_digits(self, on):
         self.ops.append(("redact_digits", on))
 
@@ -99,6 +102,7 @@ def test_greet_menu_digit_persona_then_the_caller_asks_for_a_human():
     r, call = runner()
     assert call.last("say")[1] == "Welcome to Example, Ana."
     assert ("mute_caller", True) in call.ops  # a prompt state: the model does not hear the caller
+    assert ("hold_bot", True) in call.ops  # nor speak of its own
     finish_prompt(r, call, 101.0)
     assert r.state == "menu"
     menu_prompt = call.last("say")[2]
@@ -107,6 +111,7 @@ def test_greet_menu_digit_persona_then_the_caller_asks_for_a_human():
     assert r.state == "billing"
     assert call.last("set_persona")[1] == "You help Ana with the bill of account 42."
     assert call.last("mute_caller") == ("mute_caller", False)
+    assert call.last("hold_bot") == ("hold_bot", False)  # a persona state: the model converses
     r.handle(Said("caller", "i want a human", final=False), 103.0)  # partial: rules wait for the final
     assert r.state == "billing"
     r.handle(Said("caller", "i want a human please"), 103.5)

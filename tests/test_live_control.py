@@ -21,8 +21,9 @@ import pytest
 from callbot.app.model_setup import prepare_model
 from callbot.app.settings import BotSettings, ModelSettings, Settings
 from callbot.engine import Model
-from callbot.engine.contract import (BotSpeech, BotText, CallerSpeech, CallStart, Inform, InformFinished, MuteCaller,
-                                     PersonaChanged, Play, PlayFinished, SessionClosed, SetPersona, StopPlay)
+from callbot.engine.contract import (BotSpeech, BotText, CallerSpeech, CallStart, HoldBot, Inform, InformFinished,
+                                     MuteCaller, PersonaChanged, Play, PlayFinished, SessionClosed, SetPersona,
+                                     StopPlay)
 from callbot.engine.serving.echo import EchoEngine
 from callbot.engine.serving.inference_process import InferenceProcess
 from callbot.engine.serving.runner import BotPrompt, ModelEngine
@@ -215,6 +216,33 @@ def test_stop_play_cuts_the_clip_out_of_the_agent_stream_and_the_callers_ear(run
     given = [agent is not None for _, agent, _ in steps]
     assert given[0] and not any(given[n:])  # forced from the first step, never again after the cut
     assert sum(given) == done.ms / 80.0
+
+
+def test_hold_bot_forces_a_silent_agent_and_silence_to_the_caller_between_clips(runner):
+    engine, tap, events = runner
+    s = engine.open_session(CallStart(call_id="held", rate=RATE))
+    s.control(HoldBot(on=True))
+    s.control(Play(pcm=clip16(160).astype("<i2").tobytes(), rate=RATE, id="beep"))  # 2 steps
+    media = MediaSide(s.audio)
+    try:
+        wait_for(lambda: tap.steps() >= 8, engine=engine)
+        s.control(HoldBot(on=False))
+        n = tap.steps()
+        wait_for(lambda: tap.steps() >= n + 3, engine=engine)
+    finally:
+        media.stop()
+        engine.close_session(s)
+    steps = tap.sessions[0].steps
+    agents = [agent for _, agent, _ in steps]
+    assert agents[0] is not None and agents[0].any()  # the clip, forced
+    held = agents[2:n - 1]
+    assert held and all(a is not None and not a.any() for a in held)  # then a silent agent, forced
+    assert all(a is None for a in agents[n + 1:])  # released: the model speaks for itself again
+    heard, beep = media.heard(), clip16(160)
+    at = next(i for i in range(len(heard) - len(beep)) if np.array_equal(heard[i:i + len(beep)], beep))
+    after = heard[at + len(beep):at + len(beep) + 4 * STEP]
+    assert len(after) == 4 * STEP and not after.any()  # silence, not the decode of the forced silence
+    assert [e.id for e in events.of(PlayFinished)] == ["beep"]
 
 
 def test_inform_reaches_the_model_and_never_the_caller(runner):

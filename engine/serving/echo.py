@@ -11,7 +11,8 @@ adds 1 ms on average to the round trip. With no session open it sleeps until one
 
 It takes the app's control operations the way the model does where they make sense without a model, so
 call flows can run on it: `Play` sends the clip to the caller sample-exact instead of the echo,
-`StopPlay` cuts it, `MuteCaller` stops the echo; `Inform` and `SetPersona` have no model to reach and are reported done at
+`StopPlay` cuts it, `MuteCaller` and `HoldBot` stop the echo; `Inform` and `SetPersona` have no model to
+reach and are reported done at
 once. Its live events: caller and bot speech start/stop, PlayFinished, SessionClosed.
 """
 
@@ -24,8 +25,9 @@ import numpy as np
 
 from callbot.engine.audio import PeriodicClock, now_ns
 from callbot.engine.contract import (ENGINE_RATE, BotSpeech, CallerSpeech, CallStart, CallSummary, Control,
-                                     ControlNotSupported, EventSink, Inform, InformFinished, LiveEvent, MuteCaller,
-                                     PersonaChanged, Play, PlayFinished, SessionClosed, SetPersona, StopPlay)
+                                     ControlNotSupported, EventSink, HoldBot, Inform, InformFinished, LiveEvent,
+                                     MuteCaller, PersonaChanged, Play, PlayFinished, SessionClosed, SetPersona,
+                                     StopPlay)
 from callbot.engine.serving.call_audio import CallAudio
 from callbot.engine.serving.clips import Clip, cut_clips
 from callbot.engine.serving.speech_activity import SpeechActivity
@@ -47,6 +49,7 @@ class EchoSession:
         self.pending: deque = deque()  # (Control, Clip | None) from the app's thread, taken by the worker
         self.playing: deque[Clip] = deque()
         self.muted = False
+        self.held = False  # HoldBot: no echo, only clips
         self.first_ns = 0
         self.caller_speech = SpeechActivity(frame_ms)
         self.bot_speech = SpeechActivity(frame_ms)
@@ -57,7 +60,7 @@ class EchoSession:
             raise RuntimeError(f"call {self.start.call_id}: the session is closed")
         if isinstance(op, Play):
             self.pending.append((op, Clip.of(op, self.audio.call_rate, self._frame_ms)))
-        elif isinstance(op, (Inform, SetPersona, MuteCaller, StopPlay)):
+        elif isinstance(op, (Inform, SetPersona, MuteCaller, StopPlay, HoldBot)):
             self.pending.append((op, None))
         else:
             raise ControlNotSupported(f"unknown control operation {type(op).__name__}")
@@ -176,6 +179,8 @@ class EchoEngine:
                 s.playing.append(clip)
             elif isinstance(op, MuteCaller):
                 s.muted = op.on
+            elif isinstance(op, HoldBot):
+                s.held = op.on
             elif isinstance(op, StopPlay):
                 for clip in cut_clips(s.playing, op.id):
                     self._emit(PlayFinished(call_id=call_id, t_ms=t_ms, id=clip.id, ms=clip.played_ms,
@@ -193,7 +198,7 @@ class EchoEngine:
             if clip.done:
                 s.playing.popleft()
                 self._emit(PlayFinished(call_id=call_id, t_ms=t_ms, id=clip.id, ms=clip.played_ms))
-        out = np.zeros_like(frame) if s.muted else frame
+        out = np.zeros_like(frame) if s.muted or s.held else frame
         s.audio.push(out, exact=exact)
         if (started := s.bot_speech.update(out if exact is None else exact)) is not None:
             self._emit(BotSpeech(call_id=call_id, t_ms=t_ms, speaking=started))

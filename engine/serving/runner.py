@@ -47,8 +47,8 @@ from callbot.engine.audio import PeriodicClock, make_realtime, now_ns
 from callbot.engine.serving.call_audio import CallAudio
 from callbot.engine.contract import (ENGINE_RATE, BotSpeech, BotText, CallerSpeech, CallStart, CallSummary, Control,
                                      ControlNotSupported, EventSink, FrameStages, Inform, InformFinished, LiveEvent,
-                                     MuteCaller, PersonaChanged, Play, PlayFinished, SessionClosed, SetPersona,
-                                     StopPlay, TextPiece)
+                                     HoldBot, MuteCaller, PersonaChanged, Play, PlayFinished, SessionClosed,
+                                     SetPersona, StopPlay, TextPiece)
 from callbot.engine.serving.clips import Clip, cut_clips
 from callbot.engine.serving.frame_stats import STAGES, FrameStats
 from callbot.engine.serving.speech_activity import SpeechActivity
@@ -95,6 +95,7 @@ class ModelCallSession:
     in_flight: tuple | None = None
     informing: deque = field(default_factory=deque)  # Clips mixed into what the model hears
     muted: bool = False
+    held: bool = False  # HoldBot: the agent stream forced to silence between clips
     # (id, text, requested ns) of set_persona requests not yet reported; a request made while another
     # waits replaces it in the session (engine/model/persona_swap.py), so one swap may answer several
     persona_requests: deque = field(default_factory=deque)
@@ -125,7 +126,7 @@ class ModelCallSession:
             raise RuntimeError(f"call {self.start.call_id}: the session is closed")
         if isinstance(op, (Play, Inform)):
             self.pending.append((op, Clip.of(op, self.audio.call_rate)))
-        elif isinstance(op, (SetPersona, MuteCaller, StopPlay)):
+        elif isinstance(op, (SetPersona, MuteCaller, StopPlay, HoldBot)):
             self.pending.append((op, None))
         else:
             raise ControlNotSupported(f"unknown control operation {type(op).__name__}")
@@ -224,7 +225,8 @@ class ModelEngine:
             s.final_summary = s.summary()
             s.closed = True
             t_ms = s.t_ms(now_ns())
-            unsent = [s.in_flight[0]] if s.in_flight is not None and s.in_flight[0] not in s.playing else []
+            unsent = [s.in_flight[0]] if s.in_flight is not None and s.in_flight[0] is not None \
+                and s.in_flight[0] not in s.playing else []
             for clip in unsent + list(s.playing):
                 self._emit(PlayFinished(call_id=s.start.call_id, t_ms=t_ms, id=clip.id, ms=clip.played_ms,
                                         interrupted=True))
@@ -334,6 +336,8 @@ class ModelEngine:
                 s.informing.append(clip)
             elif isinstance(op, MuteCaller):
                 s.muted = op.on
+            elif isinstance(op, HoldBot):
+                s.held = op.on
             elif isinstance(op, StopPlay):
                 # the frame already given to the model still goes to the caller next step (one frame, 80 ms)
                 for clip in cut_clips(s.playing, op.id):
@@ -402,6 +406,10 @@ class ModelEngine:
             if clip.done:
                 s.playing.popleft()
             fed = (clip, frame, clip.done)
+        elif s.held and s.session.persona_phase not in ("persona", "spacer"):
+            # held: a silent frame forced into the agent stream, and silence (not its decode) to the caller
+            agent = np.zeros(FRAME_SIZE, np.float32)
+            fed = (None, np.zeros(s.audio.call_rate * 80 // 1000, np.int16), False)
         row[_STEP_START] = start = now_ns()
         out, piece = s.session.step(heard, agent_pcm=agent)
         row[_DECODED] = end = now_ns()
