@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 TICK_S = 0.05  # timer resolution of every flow (gather timeouts, silence, max_s): 50 ms
 WORKERS = 8  # text to speech and webhooks in flight at once, across all calls
 GONE_AFTER_CLOSE_S = 30.0  # a flow whose call's audio went ends this long after if no CallEnded came
-INBOX = 8192  # inputs waiting for the flow thread; beyond, an input is dropped and counted
+INBOX = 8192
+FLOW_PATH_KEPT = 200  # states a call record lists (a menu a caller loops in is bounded)  # inputs waiting for the flow thread; beyond, an input is dropped and counted
 
 
 class Speaker(Protocol):
@@ -144,6 +145,13 @@ class _HostedCall:
         self.host.submit(run)
 
     def report(self, event: FlowTransition) -> None:
+        record = self.live.record
+        flow = record.flow if record.flow is not None else {"name": event.flow, "path": []}
+        if event.to_state and event.to_state != event.from_state:
+            flow["path"] = [*flow["path"], event.to_state][-FLOW_PATH_KEPT:]
+        flow.update(state=event.to_state, reason=event.reason, detail=event.detail)
+        record.flow = flow
+        record.changed()  # the sidecar shows the flow's course within a second
         self.host.bus.publish(event)
 
 

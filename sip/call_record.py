@@ -93,6 +93,9 @@ class CallRecord:
     # what the engine reports at the call's end: the model's text pieces with their times, step and
     # stage timings, underruns/overruns (engine/serving/runner.py ModelCallSession.summary)
     engine: dict | None = None
+    # the call flow's course, kept current by the app as it moves (app/flow_host.py): its name, the states
+    # entered in order, the state it is in, and the last transition's reason and detail
+    flow: dict | None = None
     # an inbound call's INVITE (fill_from_invite): the Request-URI, its user part (the number dialled),
     # the From user part, and the kept headers (KEPT_HEADERS, X-*) by the name the first one was sent with
     request_uri: str = ""

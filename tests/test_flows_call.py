@@ -188,7 +188,7 @@ def _path(moves) -> list[tuple[str, str]]:
 
 
 def test_a_digit_by_rfc4733_takes_the_menu_to_a_transfer_the_caller_hears_the_greeting(line, tmp_path):
-    server, agent, _, log = line
+    server, agent, tmp, log = line
     watch = Watch(server.bus, "test-transfer")
     with PjsuaPeer(user="alice", log_dir=tmp_path) as alice:
         call_id = alice.call(server.endpoint.account_uri())
@@ -208,6 +208,9 @@ def test_a_digit_by_rfc4733_takes_the_menu_to_a_transfer_the_caller_hears_the_gr
         assert watch.ended(call_id).cause == "transfer"
         moves = watch.moves(call_id, lambda m: m.to_state == "")
         assert moves[-1].reason == "transfer" and moves[-1].from_state == "agent"
+    [sidecar] = [p for p in (tmp / "calls").glob("*.json") if json.loads(p.read_text())["call_id"] == call_id]
+    flow = json.loads(sidecar.read_text())["flow"]
+    assert flow["name"] == "support" and flow["path"] == ["greet", "menu", "agent"]
     assert _correlation(tmp_path / "heard.wav", CLIPS["greet"]) > 0.9
     assert _correlation(tmp_path / "heard.wav", CLIPS["menu"]) > 0.9
     logged = [json.loads(x) for x in log.getvalue().splitlines()]
