@@ -82,7 +82,7 @@ next = "menu"
 play = "menu.wav"
 gather = {{ max_digits = 1, timeout_s = 1.0, interdigit_timeout_s = 1.0 }}
 reprompts = 1
-on_digits = {{ "1" = "lookup", "2" = "agent", "3" = "dead" }}
+on_digits = {{ "1" = "lookup", "2" = "agent", "3" = "dead", "4" = "card" }}
 on_no_input = "goodbye"
 on_no_match = "goodbye"
 [states.lookup]
@@ -90,6 +90,13 @@ webhook = {{ url = "http://127.0.0.1:{hook}/lookup", timeout_s = 3, retries = 0,
 next = "goodbye"
 [states.dead]
 webhook = {{ url = "http://127.0.0.1:{dead}/lookup", timeout_s = 1, retries = 1, on_failure = "agent" }}
+next = "goodbye"
+[states.card]
+play = "menu.wav"
+gather = {{ max_digits = 16, timeout_s = 5, interdigit_timeout_s = 3, finish_key = "#", variable = "card", sensitive = true }}
+next = "pay"
+[states.pay]
+webhook = {{ url = "http://127.0.0.1:{hook}/pay", timeout_s = 3, retries = 0, headers_env = {{ Authorization = "CALLBOT_TEST_HOOK_TOKEN" }} }}
 next = "goodbye"
 [states.thanks]
 play = "bye.wav"
@@ -265,3 +272,34 @@ def test_no_input_reprompts_then_says_goodbye_and_a_dead_webhook_takes_its_failu
     assert any(e["event"] == "FlowTransition" and e["reason"] == "no_input" for e in events)
     metric = server.metrics.flow_transitions.labels("support", "goodbye", "no_input")
     assert metric._value.get() >= 1
+
+
+def test_card_digits_in_a_sensitive_gather_reach_only_the_webhook(line, tmp_path, monkeypatch):
+    """PCI: the digits of a card typed into a sensitive gather are in no log, record or events file, only
+    in the flow's variables for the payment webhook; the digits before and after are kept as usual."""
+    server, _, tmp, log = line
+    monkeypatch.setenv("CALLBOT_TEST_HOOK_TOKEN", "Bearer s3cret")
+    Backend.bodies.clear()
+    Backend.reply = {"next": "thanks"}
+    watch = Watch(server.bus, "test-card")
+    card = "4111111111111111"
+    with PjsuaPeer(user="erin", log_dir=tmp_path) as erin:
+        call_id = erin.call(server.endpoint.account_uri())
+        watch.moves(call_id, lambda m: m.to_state == "menu")
+        erin.send("dtmf", digits="4", method="info")
+        watch.moves(call_id, lambda m: m.to_state == "card")
+        erin.send("dtmf", digits=card, method="rfc4733")  # 16 digits: max_digits ends the gathering
+        moves = watch.moves(call_id, lambda m: m.to_state == "thanks")
+        assert ("pay", "digits", "x" * 16) in [(m.to_state, m.reason, m.detail) for m in moves]
+        watch.ended(call_id)
+    [(path, _, body)] = Backend.bodies
+    assert path == "/pay" and body["card"] == card
+    [sidecar] = [p for p in (tmp / "calls").glob("*.json") if json.loads(p.read_text())["call_id"] == call_id]
+    record = json.loads(sidecar.read_text())
+    assert [d["digit"] for d in record["dtmf"]] == ["4"] + ["x"] * 16  # the menu choice kept, the card masked
+    files = sidecar.read_text() + (tmp / "calls" / record["events"]).read_text()
+    mine = [x for x in log.getvalue().splitlines() if call_id in x]
+    assert "4111" not in files and not any("4111" in x for x in mine)
+    digits = [json.loads(x) for x in mine if '"DtmfReceived"' in x]
+    assert [d["digit"] for d in digits] == ["4"] + ["x"] * 16 and all(d["redacted"] for d in digits[1:])
+    watch.close()
