@@ -127,3 +127,14 @@ def test_callbot_flows_check_says_ok_or_one_line_and_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.splitlines()
     assert err == [f'callbot: error: {bad}: $.states.menu.on_digits.1: unknown state "biling", expected one of '
                    "agent, billing, goodbye, greet, menu"]
+
+
+def test_the_examples_flow_and_config_load():
+    """The README's example (examples/support/) passes `callbot flows check` and loads as a config."""
+    from callbot.app.settings import load_settings
+
+    root = pathlib.Path(__file__).resolve().parent.parent / "examples" / "support"
+    flow = load_flow(root / "support.toml")
+    assert flow.start == "greet" and flow.states["menu"].on_digits == {"1": "account", "2": "agent"}
+    settings = load_settings(root / "callbot.toml")
+    assert settings.bots[0].flow == str(root / "support.toml")
