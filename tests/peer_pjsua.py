@@ -9,7 +9,10 @@ Commands (one JSON object per stdin line): {"cmd": "call", "uri": ...}, {"cmd": 
 {"cmd": "play", "path": "said.wav"} (into the call, once; pjmedia's file player), {"cmd": "quit"}.
 Commands act on the newest call unless "call_id" (the SIP Call-ID) names one.
 Events (stdout): {"ev": "ready", "uri": ...}, "incoming", "progress", "state", "media", "dtmf",
-"transfer_request", "disconnected" - each with "call_id" and details.
+"transfer_request", "disconnected" - each with "call_id" and details. Each command done answers
+{"ev": "ok", "cmd": ..., "t": ...}: `t` is this host's monotonic clock (s, time.monotonic) when the command
+took effect (dtmf: the digits handed to the stream; record: the recorder connected), so a bench can put
+a key press and the recording's first sample on one clock.
 """
 from __future__ import annotations
 
@@ -231,6 +234,7 @@ class Peer:
 
     def command(self, cmd: dict) -> bool:
         name = cmd["cmd"]
+        t = self.time.monotonic()  # when the command took effect (re-stamped where its action comes later)
         try:
             if name == "quit":
                 return False
@@ -258,11 +262,14 @@ class Peer:
                 prm.digits = cmd["digits"]
                 prm.method = (pj.PJSUA_DTMF_METHOD_SIP_INFO if cmd.get("method") == "info"
                               else pj.PJSUA_DTMF_METHOD_RFC2833)
+                t = self.time.monotonic()
                 call.sendDtmf(prm)
             elif name == "record":
                 rec = pj.AudioMediaRecorder()
                 rec.createRecorder(cmd["path"])
-                self.find(cmd).getAudioMedia(-1).startTransmit(rec)
+                media = self.find(cmd).getAudioMedia(-1)
+                t = self.time.monotonic()  # the recorder's first frame is the bridge's next tick after this
+                media.startTransmit(rec)
                 self.media_ports.append(rec)
             elif name == "play":
                 player = pj.AudioMediaPlayer()
@@ -271,7 +278,7 @@ class Peer:
                 self.media_ports.append(player)
             else:
                 emit("error", message=f"unknown command {name!r}")
-            emit("ok", cmd=name)
+            emit("ok", cmd=name, t=t)
         except (pj.Error, LookupError) as exc:
             emit("error", cmd=name, message=exc.info() if isinstance(exc, pj.Error) else str(exc))
         return True
