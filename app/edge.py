@@ -26,6 +26,7 @@ import contextlib
 import ipaddress
 import os
 import pathlib
+import re
 import shutil
 import signal
 import socket
@@ -56,6 +57,9 @@ ALLOWED = "INVITE, ACK, BYE, CANCEL, OPTIONS, REFER, INFO, NOTIFY, UPDATE, PRACK
 # counters the configuration keeps (kamcmd ... cnt.get script NAME; `Edge.counters()`)
 COUNTERS = ("flood_sources", "flood_dropped", "malformed", "refused", "calls_limited", "calls_passed")
 READY_TIMEOUT_S = 15.0
+# TCP/TLS connections one source may hold at the edge (kamailio 5.8+): a phone holds one, a trunk a few, an
+# office behind one NAT address one per phone
+TCP_CONNECTIONS_PER_SOURCE = 64
 
 
 @dataclass(frozen=True)
@@ -234,8 +238,9 @@ def has_module(modules_dir: str, name: str) -> bool:
 
 
 def render(edge: EdgeSettings, backend: Backend, *, modules_dir: str, run_dir: str,
-           source: str = "callbot's config") -> str:
-    """The kamailio configuration for `edge` in front of `backend`, as text."""
+           source: str = "callbot's config", version: tuple[int, ...] | None = None) -> str:
+    """The kamailio configuration for `edge` in front of `backend`, as text; `version` is kamailio's
+    (kamailio_version), for what only newer ones have (None: what 5.6 takes)."""
     v = {
         "source": source, "backend": str(backend), "bhost": backend.host, "buri": backend.uri_host,
         "bport": backend.port,
@@ -248,7 +253,7 @@ def render(edge: EdgeSettings, backend: Backend, *, modules_dir: str, run_dir: s
         "trusted": ",".join(str(ipaddress.ip_network(s, strict=False)) for s in edge.trusted_sources),
         "outbound_socket": _outbound_socket(edge),
     }
-    parts = [_HEAD % v, _listen(edge, v), _TCP % v, _MODULES % v]
+    parts = [_HEAD % v, _listen(edge, v), _TCP % v, _tcp_per_source(version), _MODULES % v]
     if edge.tls:
         parts.append(_tls_params(edge))
     parts.append(_PARAMS % v)
@@ -332,6 +337,28 @@ tls_max_connections=%(max_conn)d
 tcp_connect_timeout=5   # s, to callers, for the requests serve sends them in their calls
 """
 
+def _tcp_per_source(version: tuple[int, ...] | None) -> str:
+    """A cap on one source's TCP/TLS connections: kamailio's core has one from 5.8 (tcp_accept_iplimit);
+    no 5.6 module sees a connection before its first message, and an idle held connection sends none
+    (tcpops' event routes run when connections close), so older ones leave it to the firewall."""
+    if version is not None and version >= (5, 8):
+        return ("# one source may hold at most this many TCP/TLS connections (the rest are refused at accept)\n"
+                f"tcp_accept_iplimit={TCP_CONNECTIONS_PER_SOURCE}\n")
+    return ("# no cap per source on TCP/TLS connections: kamailio has one from 5.8 on (tcp_accept_iplimit), this\n"
+            "# one is older; the total cap above and the idle timeout hold, a firewall can add the rest\n"
+            f"# (docs/sip.md: iptables -m connlimit --connlimit-above {TCP_CONNECTIONS_PER_SOURCE})\n")
+
+
+def kamailio_version(kamailio: str) -> tuple[int, ...] | None:
+    """kamailio's version from `kamailio -v` ("version: kamailio 5.6.3 (x86_64/linux)"), None if unreadable."""
+    try:
+        out = subprocess.run([kamailio, "-v"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"version: kamailio (\d+)\.(\d+)\.(\d+)", out)
+    return tuple(int(x) for x in m.groups()) if m else None
+
+
 _MODULES = """\
 ####### Modules ########
 
@@ -395,7 +422,8 @@ modparam("pike", "sampling_time_unit", %(unit)d)
 modparam("pike", "reqs_density_per_unit", %(density)d)
 modparam("pike", "remove_latency", 4)
 modparam("pike", "pike_log_level", 3)  # debug: route[FLOOD] logs each ban once itself
-modparam("htable", "htable", "banned=>size=10;autoexpire=%(ban)d;")
+modparam("htable", "htable", "banned=>size=10;autoexpire=%(ban)d;initval=0;")
+modparam("htable", "timer_interval", 2)  # s between sweeps of expired entries (20 would add up to 20 s to a ban)
 # new calls per source and second ("<ip>::<second>"), and from everyone ("all::<second>")
 modparam("htable", "htable", "calls=>size=10;autoexpire=3;initval=0;")
 
@@ -467,20 +495,22 @@ _FLOOD = """\
 # pike counts each source's requests: one above %(rps)d a second is banned, logged once, and dropped
 # without an answer until it has been quiet for %(ban)d s
 route[FLOOD] {
-	if ($sht(banned=>$si) != $null) {
+	if ($sht(banned=>$si) > 0) {
 		# a banned source may still end the calls it has: dropping their ACK or BYE would hold
 		# serve's lines (4 per process) until pjsua's timeouts
 		if (has_totag() && is_method("ACK|BYE") && is_known_dlg()) {
 			return;
 		}
-		$sht(banned=>$si) = $sht(banned=>$si) + 1;  # what it sent; each drop extends the ban
+		$var(sent) = $shtinc(banned=>$si);  # what it sent; each drop extends the ban
 		cnt_inc("flood_dropped");
 		exit;
 	}
 	if (!pike_check_req()) {
-		xlog("L_WARN", "edge: flood from $si ($pr): dropped until it has been quiet for %(ban)d s\\n");
-		$sht(banned=>$si) = 1;
-		cnt_inc("flood_sources");
+		# atomic: of the workers that see the same flood at once, one logs and counts the ban
+		if ($shtinc(banned=>$si) == 1) {
+			xlog("L_WARN", "edge: flood from $si ($pr): dropped until it has been quiet for %(ban)d s\\n");
+			cnt_inc("flood_sources");
+		}
 		cnt_inc("flood_dropped");
 		exit;
 	}
@@ -745,8 +775,8 @@ def _answers_options(host: str, port: int, timeout: float) -> bool:
 def _death_signal() -> Callable[[], None] | None:
     """For the child before exec (Linux): SIGTERM when callbot dies, even by SIGKILL, so that no kamailio
     is left holding the public port. prctl is looked up here, in the parent: the child of a threaded
-    process should run as little as possible before exec. macOS has no such call: there a killed
-    callbot leaves kamailio running (its pid file is in the run folder)."""
+    process should run as little as possible before exec. macOS has no such call: there
+    watch_for_orphan does the same from a process of its own."""
     if not sys.platform.startswith("linux"):
         return None
     import ctypes
@@ -758,6 +788,29 @@ def _death_signal() -> Callable[[], None] | None:
         prctl(*args)
 
     return set_death_signal
+
+
+# the watcher's program: it polls its parent (callbot); once reparented (callbot died, even by SIGKILL) it
+# sends SIGTERM to kamailio's process group. A callbot gone before the first look is seen at once.
+_ORPHAN_WATCH = """\
+import os, signal, sys, time
+parent, group = int(sys.argv[1]), int(sys.argv[2])
+while os.getppid() == parent:
+    time.sleep(0.2)
+try:
+    os.killpg(group, signal.SIGTERM)
+except OSError:
+    pass
+"""
+
+
+def watch_for_orphan(group: int) -> subprocess.Popen:
+    """The parent-death signal's twin where there is no prctl (macOS): a small process of ours, in its own
+    session (a Ctrl-C in the terminal does not end it), that sends SIGTERM to process group `group` (kamailio
+    leads its own) within 0.2 s of this process's death. POSIX reparents an orphan (to launchd on macOS),
+    so its parent id changes. `Edge.stop` ends it first on a normal stop."""
+    return subprocess.Popen([sys.executable, "-c", _ORPHAN_WATCH, str(os.getpid()), str(group)],
+                            stdin=subprocess.DEVNULL, start_new_session=True)
 
 
 def preflight(edge: EdgeSettings) -> tuple[str, str]:
@@ -793,8 +846,10 @@ class Edge:
             self.run_dir = pathlib.Path(self._tmp.name)
         self.config_path = self.run_dir / "kamailio.cfg"
         self.config_path.write_text(render(self.edge, backend, modules_dir=self.modules_dir,
-                                           run_dir=os.fspath(self.run_dir), source=source))
+                                           run_dir=os.fspath(self.run_dir), source=source,
+                                           version=kamailio_version(self.kamailio)))
         self.proc: subprocess.Popen | None = None
+        self._watcher: subprocess.Popen | None = None
 
     @property
     def ctl_socket(self) -> str:
@@ -815,8 +870,10 @@ class Edge:
             # (the tls module's README): skip them
             args.append("--atexit=no")
         # its own session: a Ctrl-C in the terminal reaches callbot, which stops kamailio in order
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True,
-                                     preexec_fn=_death_signal())
+        death_signal = _death_signal()
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=death_signal)
+        if death_signal is None:
+            self._watcher = watch_for_orphan(self.proc.pid)
         deadline = time.monotonic() + READY_TIMEOUT_S
         while not _answers_options(_probe_address(self.edge), self.edge.port, 0.2):
             if self.proc.poll() is not None:
@@ -829,6 +886,10 @@ class Edge:
         return self
 
     def stop(self, timeout: float = 10.0) -> int | None:
+        if self._watcher is not None:
+            self._watcher.terminate()
+            self._watcher.wait(timeout)
+            self._watcher = None
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -879,12 +940,14 @@ def run_edge(settings: Settings, *, source: str, print_only: bool = False, check
     backend = backend_of(settings)
     if print_only:
         # text only: kamailio need not be installed here (the config may be meant for another machine)
+        installed = shutil.which(settings.edge.kamailio)
         try:
-            modules_dir = find_modules_dir(settings.edge, shutil.which(settings.edge.kamailio))
+            modules_dir = find_modules_dir(settings.edge, installed)
         except StartupError:
             modules_dir = "/usr/lib/x86_64-linux-gnu/kamailio/modules"  # Debian's; set [edge] modules_dir
         sys.stdout.write(render(settings.edge, backend, modules_dir=modules_dir,
-                                run_dir=settings.edge.run_dir or "/run/callbot-edge", source=source))
+                                run_dir=settings.edge.run_dir or "/run/callbot-edge", source=source,
+                                version=kamailio_version(installed) if installed else None))
         return 0
     edge = Edge(settings, backend, source=source)
     if check_only:

@@ -115,6 +115,24 @@ def test_generated_config_is_accepted_by_kamailio(tmp_path, variant):
     assert out.returncode == 0, out.stderr[-3000:]
 
 
+def test_a_cap_on_tcp_connections_per_source_where_kamailio_has_one():
+    """tcp_accept_iplimit is kamailio 5.8's; 5.6 (Debian 12) refuses the word, so it is left out there with
+    a comment saying what holds instead."""
+    settings = _settings()
+    newer = edge.render(settings.edge, edge.backend_of(settings), modules_dir=MODULES, run_dir="/r", version=(5, 8, 1))
+    older = edge.render(settings.edge, edge.backend_of(settings), modules_dir=MODULES, run_dir="/r", version=(5, 6, 3))
+    assert f"\ntcp_accept_iplimit={edge.TCP_CONNECTIONS_PER_SOURCE}\n" in newer
+    assert "tcp_accept_iplimit=" not in older and "# no cap per source on TCP/TLS connections" in older
+    assert "tcp_accept_iplimit=" not in edge.render(settings.edge, edge.backend_of(settings), modules_dir=MODULES,
+                                                    run_dir="/r")
+
+
+@needs_kamailio
+def test_kamailio_version_is_read_from_the_program():
+    version = edge.kamailio_version(KAMAILIO)
+    assert version is not None and version >= (5, 0), version
+
+
 @needs_kamailio
 def test_edge_print_and_check_commands(tmp_path):
     cfg = serve_config(tmp_path, free_port(), tail=f'[edge]\naddress = "127.0.0.1"\nport = {free_port()}\n')
@@ -361,15 +379,22 @@ def _edge_pid(run_dir: pathlib.Path) -> int:
     return int((run_dir / "kamailio.pid").read_text())
 
 
+def _state(pid: int) -> str | None:
+    """A process's state letter ("Z": a zombie), None when there is no such process (/proc, else ps: macOS)."""
+    try:
+        return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        if os.path.isdir("/proc/self"):
+            return None
+    out = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True, timeout=10).stdout
+    return out.strip()[:1] or None
+
+
 def _gone(pid: int, timeout: float = 15.0) -> bool:
     """`pid` has exited within `timeout` (a zombie counts: an orphan waits for whoever reaps it)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-            if pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                return True
-        except (ProcessLookupError, FileNotFoundError):
+        if _state(pid) in (None, "Z"):
             return True
         time.sleep(0.05)
     return False
@@ -425,10 +450,9 @@ def test_call_through_the_edge_connects_and_has_audio(tmp_path):
 
 
 @needs_kamailio
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's prctl")
 def test_a_killed_serve_takes_its_edge_with_it(tmp_path):
-    """SIGKILL gives serve no chance to stop kamailio: the parent-death signal does, so nothing is left
-    holding the public port."""
+    """SIGKILL gives serve no chance to stop kamailio: the parent-death signal does (Linux; macOS: the
+    orphan watcher), so nothing is left holding the public port."""
     cfg = serve_config(tmp_path, free_port(),
                        tail=f'[edge]\naddress = "127.0.0.1"\nport = {free_port()}\nrun_dir = "edge"\n')
     proc = _serve_edge(cfg, tmp_path / "serve.log")
@@ -439,6 +463,34 @@ def test_a_killed_serve_takes_its_edge_with_it(tmp_path):
         assert _gone(kamailio), "kamailio outlived a killed serve"
     finally:
         stop_process(proc, 10, signal.SIGKILL)
+
+
+def test_the_orphan_watcher_ends_the_group_of_a_killed_parent(tmp_path):
+    """macOS's stand-in for the parent-death signal (edge.watch_for_orphan), run here on Linux: a parent
+    starts a process group (kamailio's place) and the watcher, then dies by SIGKILL; the group gets
+    SIGTERM. A normal stop ends the watcher first."""
+    script = ("import subprocess, sys, time\n"
+              "from callbot.app.edge import watch_for_orphan\n"
+              "child = subprocess.Popen(['sleep', '60'], start_new_session=True)\n"
+              "watcher = watch_for_orphan(child.pid)\n"
+              "print(child.pid, watcher.pid, flush=True)\n"
+              "time.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        child, watcher = map(int, parent.stdout.readline().split())
+        assert not _gone(child, 0.5), "the group ended while its parent lived"
+        parent.kill()
+        parent.wait(10)
+        assert _gone(child, 10) and _gone(watcher, 10)
+    finally:
+        stop_process(parent, 5, signal.SIGKILL)
+    group = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        watcher = edge.watch_for_orphan(group.pid)  # its parent lives: stopped, it leaves the group alone
+        watcher.terminate()
+        assert watcher.wait(10) == -signal.SIGTERM and group.poll() is None
+    finally:
+        stop_process(group, 5)
 
 
 @needs_kamailio
