@@ -25,8 +25,11 @@ Why this shape (issue 12, BENCHMARKS.md "Call flows: digit to next prompt"):
   into tx (it steps on the caller's 20 ms frames: a Play waits for the next one) -> the server's bridge
   takes it (CallAudio.departure_ns: the bridge tick; tx held nothing ahead of the clip, so it starts its
   packet) -> heard (encode, RTP, the peer's wait for its own tick, jitter buffer; for PCMU pjmedia's
-  8 <-> 16 kHz resampling on both sides). A session tap (the echo session's `control` and CallAudio's `push`, as bench/latency_lab.py
-  taps clicks) takes the middle stamps; nothing of the product is changed.
+  8 <-> 16 kHz resampling on both sides). A session tap (the echo session's `control` and CallAudio's
+  `push`, as bench/latency_lab.py taps clicks) takes the middle stamps; nothing of the product is changed.
+- Each call is a new caller process, so a new phase between its 20 ms tick and the server's: that phase
+  decides how long a digit's answer waits for the server's next frame, and whether the webhook's few ms
+  cost nothing or a whole frame, so the results pool several calls.
 
 Run (about 1.5 min; not part of CI):
     .venv/bin/python -m pytest bench/bench_flow_latency.py -p no:cacheprovider -q -s
@@ -81,6 +84,9 @@ def _chirp(f0: float, f1: float, seconds: float) -> np.ndarray:
 
 CLIPS = {"menu": _chirp(500, 2500, 0.25), "reply": _chirp(3000, 400, 0.25)}
 ONSET_SAMPLES = RATE * 60 // 1000  # of the reply, correlated to find its onset
+# below this correlation the caller's jitter buffer dropped or concealed a frame at the onset itself: that
+# key press is counted as unclear and left out (as bench_latency.py leaves out a click it cannot place)
+ONSET_MIN = 0.9
 
 FLOW = """
 start = "menu_a"
@@ -370,7 +376,7 @@ def analyse(call: dict) -> dict:
                      "hook_out": hook[1] if v == "b" else float("nan")})
     peer_tick = np.mod(phase - keys, TICK_S)  # the key's wait for the peer's next packet
     return {"rows": rows, "phase_width_ms": width * 1e3, "peer_tick_ms": peer_tick * 1e3,
-            "min_score": float(score.min()), "codec": call["media"]["codec"],
+            "codec": call["media"]["codec"],
             "damaged": int((whole < 0.95).sum()),  # replies heard with a glitch past their onset
             "queued_max": max((row[4] for row in taps.pushes), default=0)}
 
@@ -395,8 +401,11 @@ def stats(x) -> dict:
 
 def summarize(calls: list[dict]) -> dict:
     """Every call's rows together, per variant: the total, each stage, and the per-call medians."""
-    rows = [r for a in calls for r in a["rows"]]
-    out = {"phase_width_ms": max(a["phase_width_ms"] for a in calls), "min_score": min(a["min_score"] for a in calls),
+    every = [r for a in calls for r in a["rows"]]
+    rows = [r for r in every if r["score"] >= ONSET_MIN]
+    out = {"phase_width_ms": max(a["phase_width_ms"] for a in calls),
+           "min_score": min(r["score"] for r in rows) if rows else 0.0,
+           "unclear": {v: sum(1 for r in every if r["variant"] == v and r["score"] < ONSET_MIN) for v in "ab"},
            "codec": calls[0]["codec"], "peer_tick": stats(np.concatenate([a["peer_tick_ms"] for a in calls])),
            "queued_max": max(a["queued_max"] for a in calls), "damaged": sum(a["damaged"] for a in calls)}
     for v in "ab":
@@ -409,8 +418,8 @@ def summarize(calls: list[dict]) -> dict:
         if v == "b":
             d["HTTP: request read - digit at server"] = stats((col["hook_in"] - col["arrived"]) * 1e3)
             d["HTTP: reply written -> Play"] = stats((col["play"] - col["hook_out"]) * 1e3)
-        d["per call p50"] = [stats([(r["heard"] - r["key"]) * 1e3 for r in a["rows"] if r["variant"] == v])["p50"]
-                             for a in calls]
+        d["per call p50"] = [stats([(r["heard"] - r["key"]) * 1e3 for r in a["rows"]
+                                    if r["variant"] == v and r["score"] >= ONSET_MIN])["p50"] for a in calls]
         out[v] = d
     return out
 
@@ -463,11 +472,12 @@ def test_digit_to_next_prompt(benchmark, line, codec):
         "decision_ours_ms": a[STAGES[1][0]]["p50"], "decision_twilio_style_ms": b[STAGES[1][0]]["p50"],
         "phase_width_ms": s["phase_width_ms"]})
     assert server.flows is not None and server.flows.errors == 0
-    assert s["min_score"] > 0.8, f"a reply prompt was not found in the recording (correlation {s['min_score']:.2f})"
+    keys = CALLS * ROUNDS
+    assert sum(s["unclear"].values()) <= 0.1 * 2 * keys, f"replies with no clear onset: {s['unclear']} of {keys} each"
     # the recording's placement rests on the digits' arrivals marking the caller's tick
     assert s["phase_width_ms"] < 5.0, f"digit arrivals spread {s['phase_width_ms']:.1f} ms around the caller's tick"
     for v in "ab":
-        assert s[v]["total"]["n"] == CALLS * ROUNDS and s[v]["pjmedia"]["n"] == CALLS * ROUNDS, s[v]
+        assert s[v]["total"]["n"] == s[v]["pjmedia"]["n"] == keys - s["unclear"][v], s[v]
 
 
 def _f(st: dict) -> str:
@@ -483,9 +493,9 @@ def test_report():
              f"{ROUNDS} keys per variant and call, (a) and (b) alternating; tree {rev}; ms p50 / p95 / max", ""]
     for codec, s in RESULTS.items():
         lines.append(f"{codec} (load {s['loadavg']:.1f}; digit arrivals within {s['phase_width_ms']:.1f} ms of the "
-                     f"caller's tick; every reply's onset found at correlation >= {s['min_score']:.4f}, "
-                     f"{s['damaged']} heard with a glitch later on; tx held {s['queued_max']} samples ahead of a "
-                     f"clip's first frame at most)")
+                     f"caller's tick; reply onsets found at correlation >= {s['min_score']:.4f}, unclear (left "
+                     f"out) a {s['unclear']['a']} b {s['unclear']['b']}, {s['damaged']} heard with a glitch later "
+                     f"on; tx held {s['queued_max']} samples ahead of a clip's first frame at most)")
         lines.append(f"  {'stage':<44} {'(a) our flow':>20}   {'(b) Twilio-style':>20}   b-a p50   mean")
         names = ["total"] + [n for n, _, _ in STAGES] + ["pjmedia", "from the digit at the server"]
         for name in names:
