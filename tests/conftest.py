@@ -68,6 +68,8 @@ MARKS: dict[str, frozenset[str]] = {
         "test_sip_robustness": "sip",  # 8 s
         "test_sip_secure": "sip slow",  # 12 s
         "test_sip_transfer": "sip slow",  # 10 s
+        "test_speech_live": "",  # 7 s: a recognizer child process per test, espeak-ng speech
+        "test_speech_recognizer": "",  # 7 s: pocketsphinx on espeak-ng sentences
     }.items()
 }
 # fixtures that start a real SIP stack: a test that uses one is `sip` wherever it lives
