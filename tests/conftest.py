@@ -70,6 +70,8 @@ MARKS: dict[str, frozenset[str]] = {
         "test_sip_transfer": "sip slow",  # 10 s
         "test_speech_live": "",  # 7 s: a recognizer child process per test, espeak-ng speech
         "test_speech_recognizer": "",  # 7 s: pocketsphinx on espeak-ng sentences
+        "test_speech_settings": "",
+        "test_speech_tts": "",  # 1 s: espeak-ng runs
     }.items()
 }
 # fixtures that start a real SIP stack: a test that uses one is `sip` wherever it lives
