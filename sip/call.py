@@ -53,12 +53,17 @@ def weakly(call: SipCall, method: str, *args) -> Callable[[], None]:
     return run
 
 
-def call_op(code: int = 0, reason: str = "") -> pj.CallOpParam:
+def call_op(code: int = 0, reason: str = "", headers: tuple[tuple[str, str], ...] = ()) -> pj.CallOpParam:
+    """`headers`: (name, value) pairs added to the message (a refusal's Retry-After)."""
     op = pj.CallOpParam(True)
     if code:
         op.statusCode = code
     if reason:
         op.reason = reason
+    for name, value in headers:
+        h = pj.SipHeader()
+        h.hName, h.hValue = name, value
+        op.txOption.headers.append(h)
     return op
 
 

@@ -127,12 +127,13 @@ class Endpoint:
     after `stop()`. `screen` (optional; the app's call routes) sees each INVITE that passed the
     endpoint's own checks, as its CallRecord (Request-URI, called, caller, kept headers), on the SIP
     thread before it is answered: None lets it through, (code, reason) refuses it with that final
-    answer; it may set `record.labels`. An exception it raises refuses that INVITE with 500.
+    answer, (code, reason, retry_after_s) adds a Retry-After header (an overloaded model: 503); it may
+    set `record.labels`. An exception it raises refuses that INVITE with 500.
     """
 
     def __init__(self, config: EndpointConfig | None = None, sessions: MediaSessions | None = None,
                  recorder: CallRecorder | None = None,
-                 screen: Callable[[CallRecord], tuple[int, str] | None] | None = None):
+                 screen: Callable[[CallRecord], tuple[int, str] | tuple[int, str, int] | None] | None = None):
         self.config = config or EndpointConfig()
         self.sessions = sessions
         self.recorder = recorder
@@ -631,7 +632,7 @@ class Endpoint:
         source = str(prm.rdata.srcAddress)
         call.source = source
         call.remote_tag = dialog_tags(msg)[0]
-        code = 0
+        code, retry_after = 0, None
         if not acc.trusts(source):
             code, text = 403, "Forbidden"
             reason = f"INVITE for registered account {acc.name!r} from {source}, not from its registrar"
@@ -648,7 +649,7 @@ class Endpoint:
         elif self._active() >= self.config.max_calls:
             code, text = 486, "Busy Here"
         elif self.screen is not None:
-            code, text, reason = self._screen(rec)
+            code, text, reason, retry_after = self._screen(rec)
         if code:
             self._rejected.append(call)
             call.ended = call.rejected = True  # never counted, never attached
@@ -658,7 +659,7 @@ class Endpoint:
             # answered from the loop, not inside onIncomingCall: a refused INVITE without an offer is torn
             # down at once, and pjsua2 then frees the INVITE's copy a second time when the callback returns
             # (pjsip_rx_data_free_cloned asserts: the process aborts)
-            self._soon(lambda: _refuse(call, code, text))
+            self._soon(lambda: _refuse(call, code, text, retry_after))
             return
         self._calls[rec.call_id] = call
         self._emit(IncomingCall(at=time.monotonic(), call_id=rec.call_id, account=acc.name,
@@ -671,25 +672,29 @@ class Endpoint:
         else:
             call.answer_now()
 
-    def _screen(self, rec: CallRecord) -> tuple[int, str, str | None]:
-        """(code, reason phrase, why) from the app's screen of an INVITE; code 0 lets it through."""
+    def _screen(self, rec: CallRecord) -> tuple[int, str, str | None, int | None]:
+        """(code, reason phrase, why, Retry-After s) from the app's screen of an INVITE; code 0 lets it
+        through."""
         try:
             verdict = self.screen(rec)
             if verdict is None:
-                return 0, "", None
-            code, text = verdict
+                return 0, "", None, None
+            code, text, *rest = verdict
             code, text = int(code), _phrase(str(text))
+            retry_after = int(rest[0]) if rest and rest[0] is not None else None
             if not 300 <= code <= 699:
                 raise ValueError(f"a refusal needs a final error code (300-699), got {code}")
+            if len(rest) > 1 or (retry_after is not None and not 0 <= retry_after <= 86400):
+                raise ValueError(f"a refusal is (code, reason[, retry_after_s 0..86400]), got {verdict!r}")
         except Exception:  # one INVITE the app cannot judge is refused; the endpoint and its calls go on
             # the traceback as text, not exc_info: a log record kept with the traceback (a handler that
             # buffers, pytest's caplog) would keep its frames, _incoming_call's Call among them, alive past
             # libDestroy, and the process aborts when it goes (sip/callbacks.py)
             log.error("INVITE %s from %s: the call screen failed; refused with 500\n%s", rec.call_id,
                       rec.remote_uri, traceback.format_exc().rstrip())
-            return 500, "Server Internal Error", "the call screen failed (see the log)"
+            return 500, "Server Internal Error", "the call screen failed (see the log)", None
         log.info("INVITE %s from %s to %r refused: %d %s", rec.call_id, rec.remote_uri, rec.called, code, text)
-        return code, text, text
+        return code, text, text, retry_after
 
 
 _NOT_PHRASE = re.compile(r"[\x00-\x1f\x7f]+")
@@ -700,9 +705,9 @@ def _phrase(text: str) -> str:
     return _NOT_PHRASE.sub(" ", peer_text(text)).strip()[:128]
 
 
-def _refuse(call: SipCall, code: int, text: str = "") -> None:
+def _refuse(call: SipCall, code: int, text: str = "", retry_after: int | None = None) -> None:
     try:
-        call.answer(call_op(code, text))
+        call.answer(call_op(code, text, (("Retry-After", str(retry_after)),) if retry_after is not None else ()))
     except pj.Error as exc:  # gone meanwhile (a CANCEL): its DISCONNECTED callback still comes
         log.debug("refusing %s: %s", call.record.call_id if call.record else "?", exc.info())
 
