@@ -80,6 +80,13 @@ class ModelSettings(_Settings):
     # callback"); false runs it on a thread of the SIP process (one call, a debugger)
     process: bool = True
 
+    # one model for several `callbot serve` workers (docs/capacity.md): `callbot model-service` loads it and
+    # listens on this Unix socket; `callbot serve` with it set attaches there instead of loading its own.
+    # A relative path is taken from the config file's folder
+    service: str | None = None
+    # calls the model takes at once (`callbot model-service`); None = as many as its measured step time fits
+    # into the 80 ms frame (engine/serving/step_budget.py). Set, it replaces the measured limit
+    max_calls: Annotated[int, Meta(ge=1, le=4096)] | None = None
 
 class MetricsSettings(_Settings):
     """Prometheus text exposition over HTTP; `address` = host:port (127.0.0.1 keeps it local)."""
@@ -404,7 +411,8 @@ def _resolve_paths(settings: Settings, base_dir: pathlib.Path) -> Settings:
         recordings_dir=resolve(settings.recordings_dir),
         sip=msgspec.structs.replace(settings.sip, log_file=resolve(settings.sip.log_file)),
         model=msgspec.structs.replace(settings.model, path=resolve(settings.model.path),
-                                      architecture=resolve(settings.model.architecture)),
+                                      architecture=resolve(settings.model.architecture),
+                                      service=resolve(settings.model.service)),
     )
 
 
