@@ -79,7 +79,6 @@ class ModelSettings(_Settings):
     # thread running Python beside pjmedia's clock makes the bridge late (BENCHMARKS.md "Media
     # callback"); false runs it on a thread of the SIP process (one call, a debugger)
     process: bool = True
-
     # one model for several `callbot serve` workers (docs/capacity.md): `callbot model-service` loads it and
     # listens on this Unix socket; `callbot serve` with it set attaches there instead of loading its own.
     # A relative path is taken from the config file's folder
@@ -87,6 +86,7 @@ class ModelSettings(_Settings):
     # calls the model takes at once (`callbot model-service`); None = as many as its measured step time fits
     # into the 80 ms frame (engine/serving/step_budget.py). Set, it replaces the measured limit
     max_calls: Annotated[int, Meta(ge=1, le=4096)] | None = None
+
 
 class MetricsSettings(_Settings):
     """Prometheus text exposition over HTTP; `address` = host:port (127.0.0.1 keeps it local)."""
