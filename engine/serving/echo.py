@@ -95,20 +95,29 @@ class EchoEngine:
         self._thread = threading.Thread(target=self._run, name="echo-engine", daemon=True)
         self._thread.start()
 
-    def open_session(self, start: CallStart) -> EchoSession:
-        """A session at `start.rate` Hz (the media port's rate)."""
+    def open_session(self, start: CallStart, audio: CallAudio | None = None) -> EchoSession:
+        """A session at `start.rate` Hz (the media port's rate). `audio`: the call's CallAudio when it is
+        made elsewhere (attached to a worker's shared block by the model service, with `tx_policy()`);
+        None makes one."""
         if not isinstance(start, CallStart):
             raise TypeError(f"open_session takes a CallStart, got {type(start).__name__}")
         if self._stop.is_set():
             raise RuntimeError("the echo engine is closed")
+        if audio is not None and audio.call_rate != start.rate:
+            raise ValueError(f"the call's audio runs at {audio.call_rate} Hz, its CallStart says {start.rate} Hz")
         frame_ms = self.frame_samples * 1000 / ENGINE_RATE
-        # a late worker must not leave lasting delay (tx_policy.py)
-        audio = CallAudio(start.rate, tx_max_ms=tx_limit_ms(frame_ms), tx_settle=ECHO_TX_SETTLE_PUSHES)
+        if audio is None:
+            audio = CallAudio(start.rate, tx_max_ms=self.tx_policy()[0], tx_settle=self.tx_policy()[1])
         session = EchoSession(start, audio, frame_ms)
         with self._lock:
             self._sessions.append(session)
             self._busy.set()
         return session
+
+    def tx_policy(self) -> tuple[float, int]:
+        """(tx_max_ms, tx_settle) of its calls' audio: a late worker must not leave lasting delay
+        (tx_policy.py)."""
+        return tx_limit_ms(self.frame_samples * 1000 / ENGINE_RATE), ECHO_TX_SETTLE_PUSHES
 
     def close_session(self, session: EchoSession) -> CallSummary | None:
         with self._lock:
