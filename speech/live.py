@@ -12,14 +12,17 @@ the queue to the pipe. At most `max_pending` chunks wait (60 s of 100 ms chunks 
 that, and after the child has died, chunks are dropped and counted in `dropped`. `open` and `close` are
 never dropped (they are tiny, and a lost close would keep a stream open for good). `close` flushes: the
 last utterance's final is still delivered, then `on_closed(call_id)`. Results come to `on_result` on a
-reader thread of this process, in each call's order.
+reader thread of this process, in each call's order. `on_closed` comes exactly once for every call
+opened, once it is closed (or the service stopped) and no more results will come for it, also when the
+recognizer has died (then from the thread that closes, or from the reader as it notices the death), so
+whoever waits for a call's transcript to be complete never waits for good.
 
 Lifetimes: a crashed child costs transcripts, never calls: the reader sees the pipe end, sets `error`,
 and every later feed is dropped without raising. The child dies with its parent: on Linux by
 PR_SET_PDEATHSIG (SIGKILL), set first thing in the child; everywhere (macOS has no such call) its main
 loop sits in a read on the pipe, which ends at EOF when the parent is gone. PR_SET_PDEATHSIG fires when
 the *thread* that forked the child ends, so the child is started from the sender thread, which lives as
-long as the service. The child ignores SIGINT/SIGTERM: a Ctrl-C or a service manager's SIGTERM reaches
+long as the service and, at stop, until the child has sent its last finals and exited. The child ignores SIGINT/SIGTERM: a Ctrl-C or a service manager's SIGTERM reaches
 the whole process group, and the SIP process decides when recognition stops (after its calls' finals).
 """
 from __future__ import annotations
@@ -177,9 +180,11 @@ class RecognizerService:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._pending = 0  # Feed messages in the queue
-        self._open: set[str] = set()
+        self._open: set[str] = set()  # opened, not yet closed
+        self._closing: set[str] = set()  # closed, on_closed not yet called
         self._started = False
         self._stopping = False
+        self._stop_timeout_s = STOP_TIMEOUT_S
         self._dead = False
         self._proc = None
         self._conn = None
@@ -208,8 +213,9 @@ class RecognizerService:
         if not self._started or self._stopping:
             return
         self._stopping = True
+        self._stop_timeout_s = timeout
         self._queue.put(Stop())
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + timeout + 1.0
         for t in (self._sender, self._reader):
             if t is not None:
                 t.join(max(0.0, deadline - time.monotonic()))
@@ -220,7 +226,10 @@ class RecognizerService:
                 self._proc.join(5.0)
         if self._conn is not None and (self._reader is None or not self._reader.is_alive()):
             self._conn.close()
-        self._open.clear()
+        with self._lock:
+            left = self._open | self._closing  # a dead or stuck child did not answer for these
+        for call_id in sorted(left):
+            self._settle(call_id)
 
     # ---- calls (any thread of the SIP side) ---------------------------------------------------------------
 
@@ -231,7 +240,10 @@ class RecognizerService:
             raise ValueError(f"rate must be one of {RATES} Hz, got {rate!r}")
         if not self._started or self._stopping:
             return
-        self._open.add(call_id)
+        with self._lock:
+            if call_id in self._open or call_id in self._closing:
+                raise ValueError(f"call {call_id!r} is open, or its close is not through yet: call ids are unique")
+            self._open.add(call_id)
         if not self._dead:
             self._queue.put(Open(call_id=call_id, rate=rate))
 
@@ -255,11 +267,15 @@ class RecognizerService:
         self._queue.put(Feed(call_id=call_id, pcm=pcm))
 
     def close(self, call_id: str) -> None:
-        if call_id not in self._open:
-            return
-        self._open.discard(call_id)
+        with self._lock:
+            if call_id not in self._open:
+                return
+            self._open.discard(call_id)
+            self._closing.add(call_id)
         if self._running():
             self._queue.put(Close(call_id=call_id))
+        else:
+            self._settle(call_id)  # no recognizer to flush it: complete now
 
     def _running(self) -> bool:
         return self._started and not self._stopping and not self._dead
@@ -337,7 +353,9 @@ class RecognizerService:
                 if isinstance(msg, Feed):
                     with self._lock:
                         self.dropped += 1
-                if isinstance(msg, Stop):
+                elif isinstance(msg, Close):
+                    self._settle(msg.call_id)
+                elif isinstance(msg, Stop):
                     return
                 continue
             try:
@@ -348,6 +366,9 @@ class RecognizerService:
                     with self._lock:
                         self.dropped += 1
             if isinstance(msg, Stop):
+                # this thread's end would SIGKILL the child (PR_SET_PDEATHSIG) in the middle of its last
+                # finals: it waits for the child to finish them and exit
+                self._proc.join(self._stop_timeout_s)
                 return
 
     def _await_ready(self) -> None:
@@ -395,8 +416,7 @@ class RecognizerService:
             if isinstance(msg, Result):
                 self.on_result(msg.call_id, msg.hyp)
             elif isinstance(msg, Closed):
-                if self.on_closed is not None:
-                    self.on_closed(msg.call_id)
+                self._settle(msg.call_id)
             elif isinstance(msg, StreamFailed):
                 print(f"callbot: recognizer: call {msg.call_id}: {msg.text} (no more transcript for it)",
                       file=sys.stderr, flush=True)
@@ -409,6 +429,23 @@ class RecognizerService:
             print(f"callbot: recognizer: {text}; calls go on without caller transcripts", file=sys.stderr,
                   flush=True)
         self._dead = True
+        with self._lock:
+            waiting = sorted(self._closing)
+        for call_id in waiting:  # closed, but their Closed will never come
+            self._settle(call_id)
+
+    def _settle(self, call_id: str) -> None:
+        """on_closed(call_id), once per call: whichever of Closed, a death or stop() comes first."""
+        with self._lock:
+            if call_id not in self._closing and call_id not in self._open:
+                return
+            self._closing.discard(call_id)
+            self._open.discard(call_id)
+        if self.on_closed is not None:
+            try:
+                self.on_closed(call_id)
+            except Exception:  # the app's callback: its bug must not end the others'
+                traceback.print_exc()
 
 
 # ---- the child ------------------------------------------------------------------------------------------

@@ -20,11 +20,12 @@ window delays the start and end of speech by ~0.3 s, which is the price of not c
 The en-us acoustic model is wideband (16 kHz, filters up to 6.8 kHz). Audio is resampled to 16 kHz
 with soxr's streaming resampler. 8 kHz telephone audio then has an empty 4-8 kHz band, which the model
 never heard in training, and pocketsphinx all but stops hearing words: measured on espeak-ng sentences
-fed in 100 ms chunks, keyword spotting found "agent" in 0 of 4 sentences (klatt voices) and the word
-error rate of transcripts was ~1.0. Adding back a mirror image of the 0-4 kHz band (spectral folding,
-the oldest trick of artificial bandwidth extension: (-1)^n times the upsampled signal, at FOLD_GAIN)
-made it 4 of 4 with no false hit in 4 other sentences, and the word error rate 0.82 (four voices;
-0.25 did better than 0.5 and 1). docs/speech.md has the numbers.
+fed in 100 ms chunks, keyword spotting found "agent" in 0 of 4 sentences (either klatt voice, at 16 kHz
+4 of 4) and the transcripts' word error rate was 1.00 (four voices). Adding back a mirror image of the
+0-4 kHz band (spectral folding, the oldest trick of artificial bandwidth extension: (-1)^n times the
+upsampled signal, at FOLD_GAIN) made it 4 of 4 with no false hit in 4 other sentences, and the word
+error rate 0.81 (0.5 alike; 1.0 gave better transcripts, 0.78, but spotted worse). docs/speech.md has
+the numbers.
 
 A pocketsphinx Decoder holds its models (~90 MB for en-us with its language model) and takes ~0.3 s to
 build, so decoders are pooled per Recognizer and taken only for the length of an utterance: many calls
@@ -39,6 +40,7 @@ import os
 import re
 import tempfile
 import threading
+import warnings
 from typing import Protocol
 
 import msgspec
@@ -90,6 +92,10 @@ class RecognizerStream(Protocol):
 class Recognizer(Protocol):
     def open_stream(self, rate: int) -> RecognizerStream:
         ...
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 1)  # 0.1 ms: the times are 10 ms frames, the rest is float noise
 
 
 def _check_rate(rate: int) -> int:
@@ -230,7 +236,9 @@ class PocketsphinxStream:
         self.rate = rate
         self._pool = pool
         self._spotting = spotting
-        self._resampler = soxr.ResampleStream(rate, MODEL_RATE, 1, dtype="int16") if rate != MODEL_RATE else None
+        # float32, not int16: soxr dithers its int16 output at random (measured: the same input gave 3-7
+        # different outputs in 12 runs, samples off by up to 2), and a borderline keyword came and went
+        self._resampler = soxr.ResampleStream(rate, MODEL_RATE, 1, dtype="float32") if rate != MODEL_RATE else None
         self._fold = rate == 8000  # only there does the image land exactly on the empty band (4-8 kHz)
         self._out_samples = 0  # 16 kHz samples made so far (the fold's sign follows their parity)
         self._endpointer = ps.Endpointer(window=ENDPOINT_WINDOW_S, ratio=ENDPOINT_RATIO, sample_rate=MODEL_RATE)
@@ -271,13 +279,13 @@ class PocketsphinxStream:
     def _to_model_rate(self, pcm: np.ndarray, last: bool) -> np.ndarray:
         if self._resampler is None:
             return pcm
-        y = self._resampler.resample_chunk(pcm, last=last)
+        y = self._resampler.resample_chunk(pcm.astype(np.float32), last=last)
         if self._fold and len(y):
             sign = np.ones(len(y), np.float32)
             sign[(1 - self._out_samples % 2)::2] = -1.0  # (-1)^n over the whole stream's samples
-            y = np.clip(y.astype(np.float32) * (1.0 + FOLD_GAIN * sign), -32768, 32767).astype(np.int16)
+            y = y * (1.0 + FOLD_GAIN * sign)
         self._out_samples += len(y)
-        return y
+        return np.clip(np.rint(y), -32768, 32767).astype(np.int16)
 
     def _frames(self, pcm: np.ndarray) -> list[Hypothesis]:
         buf = np.concatenate([self._pending, pcm]) if len(self._pending) else pcm
@@ -301,7 +309,12 @@ class PocketsphinxStream:
 
     def _begin_utterance(self, start_s: float) -> None:
         d = self._pool.acquire()
-        d.start_stream()  # noise statistics from another caller would colour this one
+        # Noise statistics from another caller would colour this one: measured, without this call the same
+        # utterance scores differently after another on the same decoder. pocketsphinx 5.1 calls it
+        # "deprecated and unnecessary" (for one stream per decoder), hence the warning kept quiet.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            d.start_stream()
         d.set_cmn(self._cmn)
         d.start_utt()
         self._decoder = d
@@ -318,14 +331,13 @@ class PocketsphinxStream:
         self._utt_frames += len(speech) // 2 / (MODEL_RATE * FRAME_S)
         out: list[Hypothesis] = []
         if self._utt_frames >= self._next_partial:
-            self._next_partial += round(PARTIAL_EVERY_S / FRAME_S)
+            self._next_partial = self._utt_frames + round(PARTIAL_EVERY_S / FRAME_S)
             words = self._words()
             text = " ".join(w.text for w in words)
             if text and text != self._last_partial:
                 self._last_partial = text
-                out.append(Hypothesis(text=text, final=False, start_ms=self._utt_start_s * 1000.0,
-                                      end_ms=(self._utt_start_s + self._utt_frames * FRAME_S) * 1000.0,
-                                      words=words))
+                out.append(Hypothesis(text=text, final=False, start_ms=_ms(self._utt_start_s),
+                                      end_ms=_ms(self._utt_start_s + self._utt_frames * FRAME_S), words=words))
         if self._utt_frames * FRAME_S >= MAX_UTTERANCE_S:  # cut: a final now, the speech goes on in a new one
             end_s = self._utt_start_s + self._utt_frames * FRAME_S
             out.extend(self._end_utterance(end_s))
@@ -346,8 +358,7 @@ class PocketsphinxStream:
         if not text and not self._last_partial:
             return []  # noise with no words, and nobody was told of any
         end_s = max(end_s, self._utt_start_s + self._utt_frames * FRAME_S) if self._utt_frames else end_s
-        return [Hypothesis(text=text, final=True, start_ms=self._utt_start_s * 1000.0, end_ms=end_s * 1000.0,
-                           words=words)]
+        return [Hypothesis(text=text, final=True, start_ms=_ms(self._utt_start_s), end_ms=_ms(end_s), words=words)]
 
     def _words(self, d=None) -> tuple[Word, ...]:
         d = d or self._decoder
@@ -358,7 +369,7 @@ class PocketsphinxStream:
                 continue  # <s>, </s>, <sil>, [NOISE], ++UH++: not words
             t0 = self._utt_start_s + s.start_frame * FRAME_S
             t1 = self._utt_start_s + (s.end_frame + 1) * FRAME_S  # end_frame is inclusive
-            out.append(Word(text=_ALT.sub("", w), start_ms=round(t0 * 1000.0, 1), end_ms=round(t1 * 1000.0, 1)))
+            out.append(Word(text=_ALT.sub("", w), start_ms=_ms(t0), end_ms=_ms(t1)))
         return tuple(out)
 
 
