@@ -1,5 +1,5 @@
-"""The `callbot` command: `serve` answers calls, `call` places one, `edge` runs the SIP edge, `flows check`
-checks call flow files.
+"""The `callbot` command: `serve` answers calls, `call` places one, `edge` runs the SIP edge, `model-service`
+serves one model to several `serve` workers, `flows check` checks call flow files.
 
 It lives in callbot.app, the top of the arrows: a command may use the SIP side and the engine both.
 Every problem a user can cause (config, weights, ports) ends as one line on stderr and exit status 2,
@@ -12,6 +12,8 @@ import logging
 import sys
 
 import msgspec
+
+EXIT_USAGE = 2  # bad arguments, config or weights (argparse uses 2 too; app/serve.py says the same)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="write the generated kamailio configuration to stdout and exit")
     edge.add_argument("--check", action="store_true", help="check the generated configuration (kamailio -c) and exit")
     edge.set_defaults(model=None)
+    service = sub.add_parser("model-service", help="load the model once and serve the calls of several `serve` "
+                             "workers on this machine ([model] service: its socket)")
+    common(service)
+    service.add_argument("--metrics", metavar="HOST:PORT", help="its Prometheus address (default: [metrics] address)")
+    service.add_argument("--step-delay-ms", type=float, metavar="MS",
+                         help="test and diagnosis only: every step takes MS longer (to see admission refuse calls)")
     flows = sub.add_parser("flows", help="call flow files: check one before a bot uses it")
     flows_sub = flows.add_subparsers(dest="flows_command", metavar="ACTION", required=True)
     check = flows_sub.add_parser("check", help="check a flow file: one line per problem, exit 2; `ok` and exit 0")
@@ -62,6 +70,11 @@ def _settings(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     if args.command == "flows":
         return _flows_check(args.files)
+    if args.command == "model-service":  # before serve is imported: this process never loads pjsua2
+        from callbot.app.model_service import run_model_service
+
+        return run_model_service(_settings(args), args.engine, metrics_address=args.metrics,
+                                 step_delay_ms=args.step_delay_ms)
     from callbot.app import serve
 
     settings = _settings(args)
@@ -118,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    from callbot.app.serve import EXIT_USAGE, StartupError
+    from callbot.app.errors import StartupError
     from callbot.app.settings import ConfigError
 
     # pjsip's own log goes to `[sip] log_file` when one is set; without it, nowhere (not stderr, where

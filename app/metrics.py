@@ -7,7 +7,7 @@ or tests in one process never mix their numbers.
 """
 from __future__ import annotations
 
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping, Protocol
 
 import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -125,6 +125,10 @@ class Metrics:
         """Exports each bus subscriber's drops, handler errors and backlog (read when scraped)."""
         self.registry.register(_BusCollector(bus))
 
+    def watch_admission(self, engine: "AdmittingEngine") -> None:
+        """A worker on a shared model service: calls refused by reason, and whether it is connected."""
+        self.registry.register(_AdmissionCollector(engine))
+
     # ---- outputs ----------------------------------------------------------------------------------
 
     def text(self) -> str:
@@ -161,3 +165,90 @@ class _BusCollector(Collector):
             errors.add_metric([sub.name], sub.errors)
             pending.add_metric([sub.name], sub.pending)
         yield from (dropped, errors, pending)
+
+
+class AdmittingEngine(Protocol):
+    """What the worker's metrics read of its model service client (engine/serving/service_client.py)."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    def refusals(self) -> dict[str, int]: ...
+
+
+class _AdmissionCollector(Collector):
+    """Refused calls are counted by the reason the service (or its absence) gave, not only by SIP code."""
+
+    def __init__(self, engine: AdmittingEngine):
+        self.engine = engine
+
+    def collect(self) -> Iterator:
+        refused = CounterMetricFamily("callbot_admission_refused", "Calls refused before answer for want of "
+                                      "model capacity, by reason", labels=["reason"])
+        for reason, n in sorted(self.engine.refusals().items()):
+            refused.add_metric([reason], n)
+        up = GaugeMetricFamily("callbot_model_service_up", "1 while connected to the model service")
+        up.add_metric([], 1 if self.engine.connected else 0)
+        yield from (refused, up)
+
+
+class ServiceStatsLike(Protocol):
+    workers: int
+    calls: int
+    reserved: int
+    limit: int | None
+    refused: dict[str, int]
+    round_s: dict[int, float]
+
+
+class ServiceMetrics:
+    """The model service's own metrics (`callbot model-service`, engine/serving/inference_service.py):
+    slots used and the admission limit, seconds per round of steps by batch size, refusals by reason,
+    workers connected. Read from `stats()` when scraped: the service keeps no metric objects."""
+
+    def __init__(self, stats: Callable[[], ServiceStatsLike]):
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(_ServiceCollector(stats))
+        self._server: MetricsServer | None = None
+
+    def text(self) -> str:
+        return generate_latest(self.registry).decode()
+
+    def serve(self, address: str) -> tuple[str, int]:
+        host, port = parse_address(address)
+        self._server = MetricsServer(self.registry, host, port)
+        return self._server.address
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+
+
+class _ServiceCollector(Collector):
+    def __init__(self, stats: Callable[[], ServiceStatsLike]):
+        self.stats = stats
+
+    def collect(self) -> Iterator:
+        st = self.stats()
+        used = GaugeMetricFamily("callbot_service_slots_used", "Calls the model serves or has promised a slot")
+        used.add_metric([], st.calls + st.reserved)
+        calls = GaugeMetricFamily("callbot_service_calls", "Calls the model serves now")
+        calls.add_metric([], st.calls)
+        workers = GaugeMetricFamily("callbot_service_workers", "SIP workers connected")
+        workers.add_metric([], st.workers)
+        refused = CounterMetricFamily("callbot_service_refused", "Calls refused for want of capacity, by reason",
+                                      labels=["reason"])
+        for reason, n in sorted(st.refused.items()):
+            refused.add_metric([reason], n)
+        rounds = GaugeMetricFamily("callbot_service_round_seconds", "Seconds a round of steps takes, by the "
+                                   "number of calls in it (measured at warm-up and from live steps)",
+                                   labels=["batch"])
+        for batch, seconds in sorted(st.round_s.items()):
+            rounds.add_metric([str(batch)], seconds)
+        yield from (used, calls, workers, refused, rounds)
+        if st.limit is not None:  # unbounded (nothing measured, no max_calls): no number to show
+            limit = GaugeMetricFamily("callbot_service_slots_limit", "Calls the model takes at once now "
+                                      "(max_calls, else what its measured round time fits into the frame)")
+            limit.add_metric([], st.limit)
+            yield limit

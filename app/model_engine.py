@@ -4,9 +4,11 @@ Why a process: BENCHMARKS.md "Media callback" measured that a thread running Pyt
 clock thread makes the bridge fall behind for good with 4 calls (p99 lateness 312-987 ms), so the model
 runs in engine/serving/inference_process.py's child and only the calls' rings (shared memory) stay here.
 `[model] process = false` keeps the in-process runner (engine/serving/runner.py), for a single call or
-a debugger. Either way the model is loaded, every bot prepared and a step warmed up before the first
-call (app/model_setup.py), and a problem there is a StartupError: one line, exit status 2. A call's bot
-is named in its CallStart (the app's CallRouter picks it); an unknown name gets the first bot.
+a debugger. `[model] service` attaches to a model that `callbot model-service` loaded for several
+serve processes (app/service_worker.py). Otherwise the model is loaded, every bot prepared and a step
+warmed up before the first call (app/model_setup.py), and a problem there is a StartupError: one line,
+exit status 2. A call's bot is named in its CallStart (the app's CallRouter picks it); an unknown name
+gets the first bot.
 """
 from __future__ import annotations
 
@@ -27,7 +29,12 @@ def prepare_in_child(settings: Settings) -> InferenceSetup:
 
 
 def build_model_engine(settings: Settings) -> CallEngine:
-    """An InferenceProcess (MLX in a child), or with `[model] process = false` a ModelEngine here."""
+    """An InferenceProcess (MLX in a child), or with `[model] process = false` a ModelEngine here, or with
+    `[model] service` the shared model service's client (app/service_worker.py: nothing loaded here)."""
+    if settings.model.service:
+        from callbot.app.service_worker import build_service_engine
+
+        return build_service_engine(settings)
     try:
         if settings.model.process:
             return InferenceProcess(functools.partial(prepare_in_child, settings))

@@ -1,0 +1,55 @@
+"""`callbot serve` as a worker of a shared model service (`[model] service`): the app's side of it.
+
+Why its own module: the engine (engine/serving/service_client.py) knows the service and its words, not
+SIP. Here its answers become the SIP side's: an INVITE the model has no room for (or no service to
+serve it) is refused at once with 503 and a Retry-After (the Endpoint's screen hook, after the call
+routes have had their say), so the caller - or the edge in front of several workers - tries again or
+elsewhere instead of getting a silent call; calls whose service went away are hung up through the
+endpoint; the refusals are counted by reason in the worker's metrics. Nothing here loads the model: the
+worker process never imports MLX.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+from callbot.app.metrics import Metrics
+from callbot.app.settings import Settings
+from callbot.engine.serving.service_client import ServiceEngine
+from callbot.sip.call_record import CallRecord
+
+REFUSAL_CODE = 503  # Service Unavailable: with Retry-After, the answer RFC 3261 21.5.4 gives an overload
+
+Screen = Callable[[CallRecord], "tuple[int, str] | tuple[int, str, int] | None"]
+
+
+def build_service_engine(settings: Settings) -> ServiceEngine:
+    """The worker's engine: the model service at `[model] service` (connected, or being waited for)."""
+    transports = settings.sip.transports
+    where = f"{transports[0].bind}:{transports[0].port}" if transports else "serve"
+    return ServiceEngine(settings.model.service, name=f"serve {where} pid {os.getpid()}")
+
+
+def worker_screen(engine, routes_screen: Screen | None) -> Screen | None:
+    """The INVITE screen of a worker: the routes' first (a number nobody serves gets their answer and
+    costs no slot), then the model's room. Any other engine: the routes' screen as it is."""
+    if not isinstance(engine, ServiceEngine):
+        return routes_screen
+
+    def screen(record: CallRecord):
+        verdict = routes_screen(record) if routes_screen is not None else None
+        if verdict is not None:
+            return verdict
+        refusal = engine.admit(record.call_id)
+        if refusal is None:
+            return None
+        return REFUSAL_CODE, refusal.text, refusal.retry_after_s
+
+    return screen
+
+
+def attach_worker(engine, endpoint, metrics: Metrics) -> None:
+    """Calls whose service went away are hung up by the endpoint; refusals show in the metrics."""
+    if isinstance(engine, ServiceEngine):
+        engine.hangup = endpoint.hangup
+        metrics.watch_admission(engine)
