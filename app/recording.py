@@ -36,7 +36,7 @@ import re
 import struct
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import msgspec
 import numpy as np
@@ -55,6 +55,8 @@ SIDECAR_INTERVAL_S = 10.0  # the sidecar is rewritten at least this often while 
 SIDECAR_MIN_GAP_S = 1.0  # and at most this often for changes (a digit flood costs one write a second)
 EVENTS_MAX_BYTES = 16 * 1024 * 1024  # per call's events file; a talking bot writes ~75 kB a minute
 POLL_MS = 100.0
+TRANSCRIPT_WAIT_S = 5.0  # a call's sidecar waits this long at most for the recognizer's last words
+TRANSCRIPT_GRACE_S = 0.3  # after them: time for the bus to carry them into the events file
 _HEADER_BYTES = 44
 _SAFE = re.compile(r"[^A-Za-z0-9._@-]+")
 
@@ -219,6 +221,10 @@ class CallRecording:
         self._sidecar_at = now
         self._write_sidecar(meta, complete=False)
 
+    listener: CallerListener | None = None  # set by the Recorder: who hears the caller leg as it is drained
+    final_record: Any = None  # the record to finish the files from, once the transcript is done
+    finish_by = 0.0  # monotonic s: when the files are finished even without the transcript's end
+
     @property
     def frames_synced(self) -> int:
         return self._wav.frames_synced
@@ -244,6 +250,8 @@ class CallRecording:
                 if k:
                     frames[:k, ch] = ring.read(k)
             self._wav.write(frames)
+            if self.listener is not None:
+                self.listener.heard(self.call_id, np.ascontiguousarray(frames[:, 0]))
         now = time.monotonic()
         if final or now >= self._next_sync:
             self._wav.sync()
@@ -299,13 +307,32 @@ class CallRecording:
         self._events_bytes += size
 
     def _finish(self, record: Any) -> None:
+        self._finish_audio()
+        self._finish_files(record)
+
+    def _finish_audio(self) -> None:
+        """The WAV complete and closed: the call's audio is done (the media port no longer writes)."""
         self._drain(final=True)
         self._wav.close()
+
+    def _finish_files(self, record: Any) -> None:
+        """The events file closed, the sidecar written a last time (`complete`), the rings released."""
         if self._events is not None:
             self._events.close()
         self._write_sidecar(_record_dict(record), complete=True)
         self.caller.close()
         self.bot.close()
+
+
+class CallerListener(Protocol):
+    """Gets each call's caller leg as the recorder drains it (about every 100 ms, int16 at the call's
+    rate): the caller recognizer. Called on the recorder's thread: must not block."""
+
+    def opened(self, record: Any, rate: int) -> None: ...
+
+    def heard(self, call_id: str, samples: np.ndarray) -> None: ...
+
+    def closed(self, call_id: str) -> None: ...
 
 
 class Recorder:
@@ -321,9 +348,10 @@ class Recorder:
 
     def __init__(self, directory: str | os.PathLike, sync_interval_s: float = SYNC_INTERVAL_S, poll_ms: float = POLL_MS,
                  sidecar_interval_s: float = SIDECAR_INTERVAL_S, events_max_bytes: int = EVENTS_MAX_BYTES,
-                 directory_for: Callable[[Any], str | None] | None = None):
+                 directory_for: Callable[[Any], str | None] | None = None, listener: CallerListener | None = None):
         self.directory = os.fspath(directory)
         self.directory_for = directory_for
+        self.listener = listener  # the caller recognizer (app/caller_speech.py), fed off the media clock
         if not os.path.isdir(self.directory):
             raise ValueError(f"recording directory {self.directory!r} does not exist")
         if not 0 < sync_interval_s <= 60:
@@ -341,6 +369,7 @@ class Recorder:
         # guards the list and each recording's file; never taken by a media callback
         self._lock = threading.Lock()
         self._active: list[CallRecording] = []
+        self._closing: list[CallRecording] = []  # audio finished, files waiting for the caller's last words
         self._stop = threading.Event()
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="recorder", daemon=True)
@@ -365,17 +394,45 @@ class Recorder:
                 return None
         rec = CallRecording(directory, record, rate, self.sync_interval_s, self.sidecar_interval_s,
                             self.events_max_bytes)
+        if self.listener is not None:
+            self.listener.opened(record, rate)
+            rec.listener = self.listener
         with self._lock:
             self._active.append(rec)
         return rec
 
     def finish(self, rec: CallRecording, record: Any) -> None:
-        """Writes the rest of the call's audio, closes its WAV and finalizes its sidecar from `record`."""
+        """Writes the rest of the call's audio, closes its WAV and finalizes its sidecar from `record`.
+
+        With a listener (the caller recognizer), the sidecar and the events file wait for the caller's
+        last words (`transcript_done`, at most TRANSCRIPT_WAIT_S): the WAV is complete at once."""
         with self._lock:
             if rec not in self._active:
                 return
             self._active.remove(rec)
-            rec._finish(record)
+            if rec.listener is None:
+                rec._finish(record)
+                return
+            rec._finish_audio()
+            rec.final_record = record
+            rec.finish_by = time.monotonic() + TRANSCRIPT_WAIT_S
+            self._closing.append(rec)
+        rec.listener.closed(rec.call_id)
+
+    def transcript_done(self, call_id: str) -> None:
+        """The recognizer delivered the call's last words: its files are finished at the next poll, once
+        the bus has carried those words into its events file (TRANSCRIPT_GRACE_S)."""
+        with self._lock:
+            for rec in self._closing:
+                if rec.call_id == call_id:
+                    rec.finish_by = min(rec.finish_by, time.monotonic() + TRANSCRIPT_GRACE_S)
+
+    def _finish_closing(self, now: float | None) -> None:
+        """Finishes the files of calls whose transcript is done or overdue (all of them with now=None)."""
+        due = [rec for rec in self._closing if now is None or now >= rec.finish_by]
+        for rec in due:
+            self._closing.remove(rec)
+            rec._finish_files(rec.final_record)
 
     @property
     def active(self) -> int:
@@ -389,7 +446,7 @@ class Recorder:
             return
         line = event_line(event)
         with self._lock:
-            for rec in self._active:
+            for rec in (*self._active, *self._closing):
                 if rec.call_id == call_id:
                     rec._note(line)
 
@@ -400,6 +457,8 @@ class Recorder:
                     for rec in self._active:
                         rec._drain(final=False)
                         rec._refresh_sidecar()
+                    if self._closing:
+                        self._finish_closing(time.monotonic())
         except BaseException as exc:  # a disk error must be visible, not a silent stop of all recordings
             self.error = exc
             raise
@@ -412,3 +471,6 @@ class Recorder:
             active, self._active = self._active, []
             for rec in active:
                 rec._finish(rec.record)
+                if rec.listener is not None:
+                    rec.listener.closed(rec.call_id)
+            self._finish_closing(None)

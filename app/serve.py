@@ -19,6 +19,7 @@ import threading
 from typing import Callable, Iterator
 
 
+from callbot.app.caller_speech import start_caller_speech
 from callbot.app.calls import CallRouter, LiveCall
 from callbot.app.dial_probe import NoResponseWatch, udp_target
 from callbot.app.errors import StartupError
@@ -28,6 +29,7 @@ from callbot.app.flow_host import FlowHost, start_flows
 from callbot.app.metrics import Metrics
 from callbot.app.recording import Recorder
 from callbot.app.routes import CallRoutes
+from callbot.app.service_worker import attach_worker, worker_screen
 from callbot.app.settings import ConfigError, Settings
 from callbot.engine.contract import CallEngine, FrameStages
 from callbot.sip import events as ev
@@ -90,16 +92,27 @@ def running_server(settings: Settings, engine_kind: str, log: EventLog | None = 
         stack.callback(engine.close)
         engine.on_event = bus.publish
         routes = CallRoutes.from_settings(settings)  # which bot and tenant take a call (app/routes.py)
-        recorder = Recorder(settings.recordings_dir, directory_for=routes.recordings_dir_for)
+        caller_speech = start_caller_speech(settings, bus)  # app/caller_speech.py: None with [recognizer] "none"
+        listener = caller_speech[0] if caller_speech is not None else None
+        recorder = Recorder(settings.recordings_dir, directory_for=routes.recordings_dir_for, listener=listener)
         stack.callback(recorder.close)
+        if caller_speech is not None:
+            caller_speech[0].recorder = recorder
+            # before the recorder closes, after the endpoint has ended every call: the last words get flushed
+            stack.callback(caller_speech[1].stop)
         bus.attach("recorder", recorder.on_event)
         router = CallRouter(engine, start_for=routes.start_for)
-        endpoint = Endpoint(settings.endpoint_config(), sessions=router, recorder=recorder, screen=routes.screen)
+        # on a shared model service the screen also asks the model for room (503 + Retry-After when none)
+        endpoint = Endpoint(settings.endpoint_config(), sessions=router, recorder=recorder,
+                            screen=worker_screen(engine, routes.screen))
+        attach_worker(engine, endpoint, metrics)  # app/service_worker.py: a lost service's calls hung up
         router.ops = endpoint
         flows = start_flows(settings, bus)  # app/flow_host.py: None when no bot has a flow
         if flows is not None:
             stack.callback(flows.close)  # before the bus closes, after the endpoint has ended every call
             router.watchers.append(flows)
+            if listener is not None:
+                listener.redacting = flows.redacting  # a secret being typed or read out is never transcribed
         server = Server(settings, endpoint, engine, router, recorder, metrics, bus)
         server.flows = flows
         stack.callback(server.drain)  # runs after the stop below: hang-ups and un-REGISTERs get logged

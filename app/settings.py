@@ -19,6 +19,7 @@ from msgspec import Meta
 
 from callbot.engine.model.voices import VOICES as VOICE_NAMES
 from callbot.flows.schema import FlowError, load_flow
+from callbot.speech.settings import RecognizerSettings, TtsSettings
 from callbot.sip.call_record import CallRecord
 from callbot.sip.config import AccountConfig, EndpointConfig
 
@@ -198,6 +199,8 @@ class Settings(_Settings):
     tenants: tuple[TenantSettings, ...] = ()
     routes: tuple[RouteSettings, ...] = ()  # none: a call goes to its account's bot, else the first
     routing: RoutingSettings = RoutingSettings()
+    tts: TtsSettings = TtsSettings()  # text to speech for flows' `say` (speech/tts.py)
+    recognizer: RecognizerSettings = RecognizerSettings()  # the caller leg's words (speech/live.py)
 
     def tenant_dir(self, name: str) -> str:
         """Where a tenant's calls are recorded: its own recordings_dir, else <recordings_dir>/<name>."""
@@ -413,6 +416,9 @@ def _resolve_paths(settings: Settings, base_dir: pathlib.Path) -> Settings:
         model=msgspec.structs.replace(settings.model, path=resolve(settings.model.path),
                                       architecture=resolve(settings.model.architecture),
                                       service=resolve(settings.model.service)),
+        tts=msgspec.structs.replace(settings.tts, model=resolve(settings.tts.model),
+                                    cache_dir=resolve(settings.tts.cache_dir)),
+        recognizer=msgspec.structs.replace(settings.recognizer, model=resolve(settings.recognizer.model)),
     )
 
 

@@ -28,7 +28,8 @@ import urllib.parse
 from dataclasses import dataclass, field
 
 REDACTED = "x"  # a digit the record does not keep (not a DTMF symbol, so never mistaken for one)
-DTMF_KEPT = 1000  # digits a record keeps; later ones are counted in dtmf_dropped (a flood: 1,800 -> 208 KB)
+DTMF_KEPT = 1000
+CALLER_TEXT_KEPT = 2000  # utterances a record keeps (hours of talk)  # digits a record keeps; later ones are counted in dtmf_dropped (a flood: 1,800 -> 208 KB)
 # headers of an INVITE a record keeps for routing and for the sidecar: every X-* header and these
 KEPT_HEADERS = ("p-asserted-identity", "diversion", "accept-language")
 HEADERS_KEPT = 32  # headers at most; later ones are left out
@@ -96,6 +97,9 @@ class CallRecord:
     # the call flow's course, kept current by the app as it moves (app/flow_host.py): its name, the states
     # entered in order, the state it is in, and the last transition's reason and detail
     flow: dict | None = None
+    # what the caller said, from the app's live recognizer (app/caller_speech.py): final hypotheses with
+    # their times (ms since the caller leg's first sample), at most CALLER_TEXT_KEPT
+    caller_text: list[dict] = field(default_factory=list)
     # an inbound call's INVITE (fill_from_invite): the Request-URI, its user part (the number dialled),
     # the From user part, and the kept headers (KEPT_HEADERS, X-*) by the name the first one was sent with
     request_uri: str = ""

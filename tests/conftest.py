@@ -27,8 +27,9 @@ MARKS: dict[str, frozenset[str]] = {
         "test_app_control": "sip slow",  # 32 s: `running_server` and a pjsua2 caller
         "test_edge": "sip slow",  # 35 s: kamailio before `callbot serve`, a SIPp flood, held TCP connections
         "test_edge_netns": "sip slow",  # 25 s: calls in and out through the edge, the peer in a network namespace
-        "test_flows_call": "sip slow",
-        "test_flows_model": "sip model slow",  # a flow on the tiny model in its own process  # call flows on real calls: menus, DTMF, a REFER, webhooks
+        "test_flows_call": "sip slow",  # call flows on real calls: menus, DTMF, a REFER, webhooks
+        "test_flows_model": "sip model slow",  # a flow on the tiny model in its own process
+        "test_flows_speech": "sip slow",  # 30 s: the README's example line, espeak-ng prompts, the caller recognizer
         "test_import_contracts": "slow",  # 11 s: lint-imports runs 27 times
         "test_inference_process": "sip model slow",  # 90 s
         "test_latency_tools": "sip slow",  # 6 s: a real echo call

@@ -174,6 +174,8 @@ quantization = "none"
 download = false
 [[bots]]
 persona = "You answer the phone."
+[recognizer]
+engine = "none"  # its child is another spawn child of serve; this test is about the model's
 """)
     request, modules_file = tmp / "modules.request", tmp / "modules.json"
     evidence: dict = {}

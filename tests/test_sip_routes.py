@@ -111,7 +111,7 @@ def test_two_dids_reach_two_tenants_bots_and_their_files_land_apart(server, tmp_
     # the engine got each call's bot, route variables and the call's own
     assert starts["acme"] == {"product": "anvils", "caller": "caller", "called": "+15550001", "account": "line",
                               "call_id": starts["acme"]["call_id"], "tenant": "acme", "bot": "sales",
-                              "language": "en-US"}
+                              "language": "en-US", "caller_language": ""}
     assert starts["globex"]["bot"] == "support" and starts["globex"]["language"] == "de-CH"
     # each tenant's folder holds its own call's files and nothing of the other's
     for tenant, folder in folders.items():
