@@ -94,9 +94,10 @@ def feed_interleaved(svc: RecognizerService, calls: dict[str, tuple[np.ndarray, 
         step += 1
 
 
-@pytest.mark.parametrize("process", [True, False], ids=["child process", "thread"])
-def test_two_calls_fed_interleaved_get_the_finals_of_the_recognizer_alone(service, process):
-    settings = RecognizerSettings(process=process)
+@pytest.mark.parametrize("process, keywords", [(True, ()), (False, ("agent",))],
+                         ids=["child process, transcripts", "thread, keywords"])
+def test_two_calls_fed_interleaved_get_the_finals_of_the_recognizer_alone(service, process, keywords):
+    settings = RecognizerSettings(process=process, keywords=keywords)
     a, b = spoken("I want to talk to an agent", 16000), spoken("Yes", 8000)
     results = Results()
     svc = service(settings, results)
@@ -109,9 +110,10 @@ def test_two_calls_fed_interleaved_get_the_finals_of_the_recognizer_alone(servic
     eventually(lambda: len(results.closed) == 2, timeout=30, what="both calls closed")
     assert results.finals("a") == direct(settings, a, 16000)
     assert "agent" in results.finals("a")[0].text
-    assert [h.text for h in results.finals("b")] == ["yes"]
+    assert results.finals("b") == direct(settings, b, 8000)
+    assert [h.text for h in results.finals("b")] == ([] if keywords else ["yes"])
     # on_closed comes after the call's last result
-    assert results.closed_after == {c: len(results.hyps[c]) for c in ("a", "b")}
+    assert results.closed_after == {c: len(results.hyps.get(c, ())) for c in ("a", "b")}
     assert svc.dropped == 0 and svc.error is None
 
 
