@@ -65,6 +65,8 @@ class Backend(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self):
         body = self.rfile.read(int(self.headers["Content-Length"]))
+        if self.path == "/slow":
+            time.sleep(2.0)  # longer than the state's timeout_s: the flow must not wait for it
         type(self).bodies.append((self.path, self.headers.get("Authorization"), json.loads(body)))
         data = json.dumps(type(self).reply).encode()
         self.send_response(200)
@@ -86,7 +88,7 @@ next = "menu"
 play = "menu.wav"
 gather = {{ max_digits = 1, timeout_s = 1.0, interdigit_timeout_s = 1.0 }}
 reprompts = 1
-on_digits = {{ "1" = "lookup", "2" = "agent", "3" = "dead", "4" = "card" }}
+on_digits = {{ "1" = "lookup", "2" = "agent", "3" = "dead", "4" = "card", "5" = "slow" }}
 on_no_input = "goodbye"
 on_no_match = "goodbye"
 [states.lookup]
@@ -102,6 +104,9 @@ next = "pay"
 [states.pay]
 webhook = {{ url = "http://127.0.0.1:{hook}/pay", timeout_s = 3, retries = 0, headers_env = {{ Authorization = "CALLBOT_TEST_HOOK_TOKEN" }} }}
 next = "goodbye"
+[states.slow]
+webhook = {{ url = "http://127.0.0.1:{hook}/slow", timeout_s = 0.5, retries = 0, on_failure = "goodbye" }}
+next = "thanks"
 [states.thanks]
 play = "bye.wav"
 hangup = true
@@ -254,7 +259,7 @@ def test_a_digit_by_sip_info_calls_the_webhook_with_the_calls_variables(line, tm
     watch.close()
 
 
-def test_no_input_reprompts_then_says_goodbye_and_a_dead_webhook_takes_its_failure_exit(line, tmp_path):
+def test_no_input_and_no_match_reprompt_then_exit_and_dead_or_slow_webhooks_take_their_failure_exit(line, tmp_path):
     server, agent, tmp, _ = line
     watch = Watch(server.bus, "test-no-input")
     with PjsuaPeer(user="carol", log_dir=tmp_path) as carol:
@@ -269,6 +274,24 @@ def test_no_input_reprompts_then_says_goodbye_and_a_dead_webhook_takes_its_failu
         dave.send("dtmf", digits="3", method="rfc4733")
         moves = watch.moves(call_id, lambda m: m.reason == "webhook_failed")
         assert moves[-1].to_state == "agent" and "127.0.0.1" in moves[-1].detail
+        watch.ended(call_id)
+    with PjsuaPeer(user="frank", log_dir=tmp_path) as frank:  # a slow backend: its timeout, then the failure exit
+        call_id = frank.call(server.endpoint.account_uri())
+        watch.moves(call_id, lambda m: m.to_state == "menu")
+        frank.send("dtmf", digits="5", method="rfc4733")
+        moves = watch.moves(call_id, lambda m: m.reason == "webhook_failed")
+        assert moves[-1].to_state == "goodbye" and "no answer within 0.5 s" in moves[-1].detail
+        assert moves[-1].t_ms - moves[-2].t_ms < 1500  # the call moved on at the timeout, not at the reply
+        watch.ended(call_id)
+    with PjsuaPeer(user="gina", log_dir=tmp_path) as gina:  # no match twice: one reprompt, then its exit
+        call_id = gina.call(server.endpoint.account_uri())
+        watch.moves(call_id, lambda m: m.to_state == "menu")
+        gina.send("dtmf", digits="9", method="rfc4733")
+        watch.moves(call_id, lambda m: m.reason == "reprompt")
+        gina.send("dtmf", digits="8", method="rfc4733")
+        moves = watch.moves(call_id, lambda m: m.reason == "no_match")
+        assert _path(moves)[2:] == [("menu", "reprompt"), ("goodbye", "no_match")]
+        assert [m.detail for m in moves[2:]] == ["no_match 1/1", "8"]
         watch.ended(call_id)
     watch.close()
     # every call's transitions went beside its recording, and the metrics counted them by state and reason
