@@ -42,6 +42,7 @@ MARKS: dict[str, frozenset[str]] = {
         "test_media_port": "sip",  # a pjsua2 endpoint and a loopback call
         "test_mimi": "model",
         "test_mimi_conv": "model",
+        "test_model_service_sip": "sip model slow",  # 22 s: two `callbot serve` workers on one model service, pjsua2 callers
         "test_model_service": "slow",  # 10 s: `callbot model-service --engine echo` processes, workers on its socket
         "test_mimi_parity": "model slow",  # 27 s
         "test_newcomer::test_endpoint_start_prints_nothing_and_logs_to_the_file": "sip",
