@@ -25,6 +25,9 @@ from callbot.app.recording import Recorder
 MARKS: dict[str, frozenset[str]] = {
     name: frozenset(marks.split()) for name, marks in {
         "test_app_control": "sip slow",  # 32 s: `running_server` and a pjsua2 caller
+        "test_batch_parity": "model slow",  # 13 s: batched LM streams against Kyutai's PyTorch LMModel
+        "test_batch_sessions": "model",  # 7 s
+        "test_batch_step": "model",  # 9 s
         "test_edge": "sip slow",  # 35 s: kamailio before `callbot serve`, a SIPp flood, held TCP connections
         "test_edge_netns": "sip slow",  # 25 s: calls in and out through the edge, the peer in a network namespace
         "test_flows_call": "sip slow",  # call flows on real calls: menus, DTMF, a REFER, webhooks

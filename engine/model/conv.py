@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 PAD_MODES = ("constant", "replicate")
 
@@ -97,6 +98,37 @@ class StreamingConv1d(nn.Module):
             y = y + self.bias
         return y, state
 
+    def step_slots(self, x: mx.array, states: list[ConvState], rows: list[int]) -> tuple[mx.array, list[ConvState]]:
+        """`step` for several streams at once (a batch of calls): stream i owns the next `rows[i]` rows of
+        `x` and has its own state (a fresh one starts from its own zeros or first sample). One
+        convolution over all rows; each stream's rows and state equal what `step` gives it alone."""
+        if x.shape[1] % self.stride:
+            raise ValueError(f"a step must hold a multiple of {self.stride} samples, got {x.shape[1]}")
+        span = self.history
+        if span <= 0:
+            out_states = list(states)
+        else:
+            previous, row = [], 0
+            for state, n in zip(states, rows):
+                p = state.previous
+                if p is None:
+                    if self.pad_mode == "replicate":
+                        p = mx.repeat(x[row:row + n, :1, :], span, axis=1)
+                    else:
+                        p = mx.zeros((n, span, x.shape[2]), dtype=x.dtype)
+                previous.append(p)
+                row += n
+            x = mx.concatenate([previous[0] if len(previous) == 1 else mx.concatenate(previous, axis=0), x], axis=1)
+            tail = x.shape[1] - span
+            out_states, row = [], 0
+            for n in rows:
+                out_states.append(ConvState(x[row:row + n, tail:, :]))
+                row += n
+        y = mx.conv1d(x, self.weight, stride=self.stride, dilation=self.dilation, groups=self.groups)
+        if "bias" in self:
+            y = y + self.bias
+        return y, out_states
+
 
 class StreamingConvTranspose1d(nn.Module):
     """Causal `ConvTranspose1d`: each step emits `stride` samples per input sample and keeps the overlap.
@@ -141,6 +173,35 @@ class StreamingConvTranspose1d(nn.Module):
         if "bias" in self:
             y = y + self.bias
         return y, state
+
+    def step_slots(self, x: mx.array, states: list[ConvTransposeState], rows: list[int],
+                   ) -> tuple[mx.array, list[ConvTransposeState]]:
+        """`step` for several streams at once (see `StreamingConv1d.step_slots`); a fresh stream adds no
+        partial tail (selected, not added as zeros, so its samples are exactly those of `step`)."""
+        y = self._convolve(x)
+        overlap = self.kernel_size - self.stride
+        out_states = list(states)
+        if overlap > 0:
+            partials = [s.partial for s in states]
+            if all(p is not None for p in partials):
+                partial = partials[0] if len(partials) == 1 else mx.concatenate(partials, axis=0)
+                y = mx.concatenate([y[:, :overlap, :] + partial, y[:, overlap:, :]], axis=1)
+            elif any(p is not None for p in partials):
+                filled = [p if p is not None else mx.zeros((n, overlap, y.shape[2]), dtype=y.dtype)
+                          for p, n in zip(partials, rows)]
+                has = mx.array(np.repeat([p is not None for p in partials], rows))[:, None, None]
+                head = y[:, :overlap, :]
+                y = mx.concatenate([mx.where(has, head + mx.concatenate(filled, axis=0), head), y[:, overlap:, :]],
+                                   axis=1)
+            tail = y.shape[1] - overlap
+            out_states, row = [], 0
+            for n in rows:
+                out_states.append(ConvTransposeState(y[row:row + n, tail:, :]))
+                row += n
+            y = y[:, :tail, :]
+        if "bias" in self:
+            y = y + self.bias
+        return y, out_states
 
     def _convolve(self, x: mx.array) -> mx.array:
         """Full (untrimmed) transposed convolution: `[B, T, C_in]` -> `[B, (T - 1) * S + K, C_out]`."""

@@ -55,46 +55,67 @@ class Depformer(nn.Module):
         self.transformer = Transformer(cfg.depformer)
         self._compiled: dict = {}
 
-    def _frame_fn(self, n_slices: int, temperature: float, top_k: int):
-        """Uncompiled frame: (temporal_out [1,1,D], first token [1], forced [dep_q], mask [dep_q], key)
-        -> (tokens [n], logits [n, card]). Attention within the frame needs no cache object: position k
-        attends to positions 0..k, whose keys/values are the ones computed just before."""
+    def _frame_fn(self, n_slices: int, sampling: tuple[tuple[float, int], ...]):
+        """Uncompiled frame of m streams: (temporal_out [m,1,D], first tokens [m], forced [m, dep_q],
+        forced masks [m, dep_q], keys [m, n_slices, 2]) -> (tokens [m, n], logits [m, n, card]); row j
+        samples with `sampling[j]` (temperature, top_k) and its own keys. Attention within the frame needs
+        no cache object: position k attends to positions 0..k, whose keys/values were just computed."""
         tcfg = self.transformer.cfg
         heads, head_dim = tcfg.num_heads, tcfg.head_dim
         layers = self.transformer.layers
+        rows = len(sampling)
+        same = len(set(sampling)) == 1
 
-        def frame(temporal_out, first, forced, forced_mask, key):
-            keys = [[] for _ in layers]
-            values = [[] for _ in layers]
-            subkeys = mx.random.split(key, n_slices)
+        def frame(temporal_out, first, forced, forced_mask, keys):
+            cache_k = [[] for _ in layers]
+            cache_v = [[] for _ in layers]
             prev, tokens, all_logits = first, [], []
             for k in range(n_slices):
                 s = self.slices[k]
-                x = s.linear_in(temporal_out) + s.emb(prev.reshape(1, 1))
+                x = s.linear_in(temporal_out) + s.emb(prev.reshape(rows, 1))
                 for i, layer in enumerate(layers):
                     attn = layer.self_attn
-                    qkv = attn.in_projs[k](layer.norm1(x)).reshape(1, 1, 3, heads, head_dim)
+                    qkv = attn.in_projs[k](layer.norm1(x)).reshape(rows, 1, 3, heads, head_dim)
                     qkv = qkv.transpose(2, 0, 3, 1, 4)
-                    keys[i].append(qkv[1])
-                    values[i].append(qkv[2])
+                    cache_k[i].append(qkv[1])
+                    cache_v[i].append(qkv[2])
                     y = mx.fast.scaled_dot_product_attention(
-                        qkv[0], mx.concatenate(keys[i], axis=2), mx.concatenate(values[i], axis=2),
+                        qkv[0], mx.concatenate(cache_k[i], axis=2), mx.concatenate(cache_v[i], axis=2),
                         scale=attn.scale)
-                    x = x + attn.out_projs[k](y.transpose(0, 2, 1, 3).reshape(1, 1, tcfg.d_model))
+                    x = x + attn.out_projs[k](y.transpose(0, 2, 1, 3).reshape(rows, 1, tcfg.d_model))
                     x = x + layer.gating[k](layer.norm2(x))
                 logits = s.linear_out(x)[:, 0]
-                token = sample(logits, temperature, top_k, subkeys[k])
+                if same and sampling[0][0] <= 0:  # greedy rows: one argmax (no key drawn)
+                    token = sample(logits, 0.0, 0, None)
+                else:
+                    # each row its own key, drawn exactly as a single stream draws it (MLX's categorical
+                    # over [1, V] and over [m, V] draw different noise for the same key)
+                    token = mx.concatenate([sample(logits[j:j + 1], t, top_k, keys[j, k])
+                                            for j, (t, top_k) in enumerate(sampling)])
                 tokens.append(token)
                 all_logits.append(logits)
-                prev = mx.where(forced_mask[k], forced[k:k + 1], token)
-            return mx.concatenate(tokens), mx.concatenate(all_logits)
+                prev = mx.where(forced_mask[:, k], forced[:, k], token)
+            return mx.stack(tokens, axis=1), mx.stack(all_logits, axis=1)
 
         return frame
 
     def frame(self, temporal_out: mx.array, first_token: mx.array, forced: mx.array, forced_mask: mx.array,
               n_slices: int, temperature: float, top_k: int, key: mx.array) -> tuple[mx.array, mx.array]:
         """Sample codebooks 0..n_slices-1 of one frame (lazy arrays: tokens [n] int32, logits [n, card])."""
-        sig = (n_slices, float(temperature), int(top_k))
+        keys = mx.random.split(key, n_slices)[None]
+        tokens, logits = self.frame_rows(temporal_out, first_token, forced[None], forced_mask[None], n_slices,
+                                         ((float(temperature), int(top_k)),), keys)
+        return tokens[0], logits[0]
+
+    def frame_rows(self, temporal_out: mx.array, first_tokens: mx.array, forced: mx.array, forced_mask: mx.array,
+                   n_slices: int, sampling: tuple[tuple[float, int], ...], keys: mx.array,
+                   ) -> tuple[mx.array, mx.array]:
+        """`frame` for m streams at once (a batch of calls): temporal_out [m,1,D], first_tokens [m],
+        forced and forced_mask [m, dep_q], `sampling` one (temperature, top_k) per row, keys [m, n_slices, 2]
+        (row j's key for slice k; a single stream's are `mx.random.split(its key, n_slices)`). Lazy:
+        (tokens [m, n_slices] int32, logits [m, n_slices, card]). A row's results depend on its own inputs
+        only, so a stream that needs fewer slices reads its first ones and ignores the rest."""
+        sig = (n_slices, tuple(sampling))
         first, last = self.slices[0], self.transformer.layers[-1].self_attn
         identity = tuple(id(o) for o in (first.linear_in, first.linear_in.weight, last.in_projs[-1],
                                          last.in_projs[-1].weight))
@@ -103,7 +124,7 @@ class Depformer(nn.Module):
         fn = self._compiled.get(sig)
         if fn is None:
             fn = self._compiled[sig] = mx.compile(self._frame_fn(*sig))
-        return fn(temporal_out, first_token, forced, forced_mask, key)
+        return fn(temporal_out, first_tokens, forced, forced_mask, keys)
 
 
 @dataclass(frozen=True)
@@ -222,30 +243,35 @@ class LM(nn.Module):
     def new_state(self, sampling: SamplingConfig = SamplingConfig(), seed: int = 0) -> LmState:
         return LmState(self, sampling, seed)
 
-    def warmup(self, sampling: SamplingConfig = SamplingConfig()) -> None:
+    def warmup(self, sampling: SamplingConfig = SamplingConfig(), rows: tuple[int, ...] = (1,)) -> None:
         """Compile, on a scratch state, every graph a call will need, so that no live frame waits for
         a compilation: the temporal step for each span the filling ring reads (32, 64, ... frames, then
         the full ring) and the depformer frame for the first live frame (1 slice) and the others
-        (the agent's codebooks) with `sampling`'s audio settings. Call it once after loading, on the
-        thread that will step the model (MLX caches compiled graphs per stream, and streams per thread)."""
+        (the agent's codebooks) with `sampling`'s audio settings. `rows`: the batch sizes to compile
+        for (`step_slots`; 1 = a single call). Call it once after loading, on the thread that will step
+        the model (MLX caches compiled graphs per stream, and streams per thread)."""
         cfg = self.cfg
-        cache = self.transformer.make_cache()
-        cap = cache.layers[0].capacity
+        cap = self.transformer.make_cache().layers[0].capacity
         spans = [1 << b for b in range(5, cap.bit_length()) if (1 << b) < cap] + [cap]
-        x = mx.zeros((1, 1, cfg.dim), dtype=self.out_norm.weight.dtype)
-        out = None
-        for span in spans:
-            for layer in cache.layers:
-                layer.offset = span - 1  # a position whose step reads exactly `span` slots
-            out = self.temporal(x, cache)
-            mx.eval(out)
-        sampler = TokenSampler(sampling)
         forced = mx.zeros((cfg.dep_q,), dtype=mx.int32)
-        for n in sorted({1, cfg.agent_codebooks}):
-            mask = mx.array(np.arange(cfg.dep_q) >= n)
-            key = sampler.next_key() if sampling.audio_temperature > 0 else _NO_KEY
-            mx.eval(self.depformer.frame(out, mx.array([0], dtype=mx.int32), forced, mask, n,
-                                         sampling.audio_temperature, sampling.audio_top_k, key))
+        for n in rows:
+            caches = [self.transformer.make_cache() for _ in range(n)]
+            x = mx.zeros((n, 1, cfg.dim), dtype=self.out_norm.weight.dtype)
+            out = None
+            for span in spans:
+                for cache in caches:
+                    for layer in cache.layers:
+                        layer.offset = span - 1  # a position whose step reads exactly `span` slots
+                out = self.out_norm(self.transformer.step_slots(x, caches))
+                mx.eval(out)
+            sampler = TokenSampler(sampling)
+            for k in sorted({1, cfg.agent_codebooks}):
+                mask = mx.array(np.arange(cfg.dep_q) >= k)
+                key = sampler.next_key() if sampling.audio_temperature > 0 else _NO_KEY
+                keys = mx.stack([mx.random.split(key, k)] * n)
+                mx.eval(self.depformer.frame_rows(
+                    out, mx.zeros((n,), dtype=mx.int32), mx.stack([forced] * n), mx.stack([mask] * n), k,
+                    ((float(sampling.audio_temperature), int(sampling.audio_top_k)),) * n, keys))
 
     # -- the streaming step ---------------------------------------------------------------------------
 
@@ -257,11 +283,10 @@ class LM(nn.Module):
             raise ValueError(f"{name} must lie in [0, {high}], got {arr.tolist()}")
         return arr.astype(np.int64)
 
-    def _provide(self, state: LmState, user_codes, agent_codes, text_token) -> None:
-        """Write forced tokens where their stream will read them: frame `offset` + the stream's delay."""
+    def _forced_tokens(self, user_codes, agent_codes, text_token) -> list[tuple[int, int]]:
+        """(stream, token) pairs a step forces; ValueError for codes outside the model's vocabularies."""
         cfg = self.cfg
         n = cfg.agent_codebooks
-        ring = state.tokens.shape[1]
         forced: list[tuple[int, int]] = []
         if user_codes is not None:
             codes = self._check_codes("user_codes", user_codes, n, cfg.card)
@@ -272,6 +297,11 @@ class LM(nn.Module):
         if text_token is not None:
             token = self._check_codes("text_token", [text_token], 1, cfg.text_card)[0]
             forced.append((0, int(token)))
+        return forced
+
+    def _provide(self, state: LmState, forced: list[tuple[int, int]]) -> None:
+        """Write forced tokens where their stream will read them: frame `offset` + the stream's delay."""
+        ring = state.tokens.shape[1]
         for stream, token in forced:
             pos = (state.offset + self._delays[stream]) % ring
             state.tokens[stream, pos] = token
@@ -300,6 +330,24 @@ class LM(nn.Module):
         else only up to the last slice whose token is not forced (as `step` does)."""
         return self._step(state, user_codes, agent_codes, text_token, None, "all" if all_slices else "text")
 
+    def step_slots(self, states: list[LmState], user_codes, agent_codes=None, text_tokens=None,
+                   ) -> list[tuple[int, np.ndarray] | None]:
+        """`step` for several conversations in one forward (a batch of calls): one entry per state in
+        each of `user_codes`, `agent_codes`, `text_tokens` (None: nothing forced for anyone). The states
+        may sit at any positions, with any sampling and seed; each result equals what `step` gives for
+        that state alone. The weight-bound work (embeddings, temporal projections and FFN, text head,
+        depformer) runs over all rows at once; a state whose text or audio is forced skips that part."""
+        n = len(states)
+        agent_codes = [None] * n if agent_codes is None else list(agent_codes)
+        text_tokens = [None] * n if text_tokens is None else list(text_tokens)
+        user_codes = list(user_codes)
+        if not len(user_codes) == len(agent_codes) == len(text_tokens) == n:
+            raise ValueError(f"step_slots: {n} states need {n} user_codes, agent_codes and text_tokens, got "
+                             f"{len(user_codes)}, {len(agent_codes)}, {len(text_tokens)}")
+        if len({id(s) for s in states}) != n:
+            raise ValueError("step_slots: a state appears twice in one step")
+        return [r[0] for r in self._step_slots(states, user_codes, agent_codes, text_tokens, [None] * n, None)]
+
     def step_embedding(self, state: LmState, embedding) -> None:
         """Replay one frame of a saved voice prompt: its summed input embedding [dim] replaces the
         embedded tokens; the streams advance as NVIDIA's `step_embeddings` does (text PAD, the other
@@ -315,63 +363,117 @@ class LM(nn.Module):
 
     def _step(self, state: LmState, user_codes, agent_codes, text_token, embedding, want_logits: str | None):
         """`want_logits`: None (just tokens), "text" (text logits too) or "all" (every depformer slice)."""
+        return self._step_slots([state], [user_codes], [agent_codes], [text_token], [embedding], want_logits)[0]
+
+    def _step_slots(self, states: list[LmState], user_codes, agent_codes, text_tokens, embeddings,
+                    want_logits: str | None) -> list[tuple]:
+        """One frame of every state: [(frame or None, StepLogits or None)], one per state."""
         cfg = self.cfg
-        self._provide(state, user_codes, agent_codes, text_token)
-        ring = state.tokens.shape[1]
-        o = state.offset
-        if o == 0:
-            # The priming frame (as in NVIDIA's LMGen): every stream starts from its initial token.
-            state.tokens[:, 0] = self._initial
-            state.offset = 1
-            return None, None
-        inp_pos, tgt_pos = (o - 1) % ring, o % ring
-        inp = state.tokens[:, inp_pos]
-        if (inp < 0).any():
-            raise RuntimeError(f"LM stream ring holds ungenerated tokens at frame {o}: {inp.tolist()}")
-        target = state.tokens[:, tgt_pos].copy()
-        provided = state.provided[:, tgt_pos].copy()
+        forced = [self._forced_tokens(u, a, t) for u, a, t in zip(user_codes, agent_codes, text_tokens)]
+        results: list[tuple] = [(None, None)] * len(states)
+        live: list[int] = []
+        for i, state in enumerate(states):
+            self._provide(state, forced[i])
+            if state.offset == 0:
+                # The priming frame (as in NVIDIA's LMGen): every stream starts from its initial token.
+                state.tokens[:, 0] = self._initial
+                state.offset = 1
+            else:
+                live.append(i)
+        if not live:
+            return results
+        ring = states[0].tokens.shape[1]
+        inputs, targets, provided = [], [], []
+        for i in live:
+            state, o = states[i], states[i].offset
+            inp = state.tokens[:, (o - 1) % ring]
+            if (inp < 0).any():
+                raise RuntimeError(f"LM stream ring holds ungenerated tokens at frame {o}: {inp.tolist()}")
+            inputs.append(inp)
+            targets.append(state.tokens[:, o % ring].copy())
+            provided.append(state.provided[:, o % ring].copy())
 
-        x = embedding if embedding is not None else self.embed(mx.array(inp.reshape(1, -1, 1).astype(np.int32)))
-        out = self.temporal(x.astype(self.out_norm.weight.dtype), state.cache)
+        # the temporal transformer, every live state's row at once (a replayed prompt embedding in place
+        # of the embedded tokens where given)
+        rows = []
+        tokens = [j for j, i in enumerate(live) if embeddings[i] is None]
+        embedded = (self.embed(mx.array(np.stack([inputs[j] for j in tokens]).astype(np.int32)[:, :, None]))
+                    if tokens else None)
+        if len(tokens) == len(live):
+            x = embedded
+        else:
+            for j, i in enumerate(live):
+                rows.append(embedded[tokens.index(j):tokens.index(j) + 1] if embeddings[i] is None
+                            else embeddings[i])
+            x = rows[0] if len(rows) == 1 else mx.concatenate(rows, axis=0)
+        dtype = self.out_norm.weight.dtype
+        out = self.out_norm(self.transformer.step_slots(x.astype(dtype), [states[i].cache for i in live]))
 
-        sampled: list[mx.array] = []  # text, then slice 0..n-1
-        text_logits = None
-        if want_logits or not provided[0]:
-            text_logits = self.text_linear(out)[:, 0]
-            sampled.append(state.sampler.text(text_logits))
-        audio_forced = provided[1:cfg.dep_q + 1]
-        n_slices = cfg.dep_q if want_logits == "all" else (
-            0 if audio_forced.all() else int(np.flatnonzero(~audio_forced)[-1]) + 1)
+        # the text token: sampled for the rows that do not force it (or want its logits)
+        text_rows = [j for j in range(len(live)) if want_logits or not provided[j][0]]
+        text_logits: dict[int, mx.array] = {}
+        sampled_text: dict[int, mx.array] = {}
+        if text_rows:
+            head = self.text_linear(out if len(text_rows) == len(live) else out[mx.array(text_rows)])[:, 0]
+            for r, j in enumerate(text_rows):
+                text_logits[j] = head if len(text_rows) == 1 else head[r:r + 1]
+                sampled_text[j] = states[live[j]].sampler.text(text_logits[j])
+
+        # the depformer: every row that samples a codebook, up to its last unforced slice
+        n_slices = []
+        for j in range(len(live)):
+            audio_forced = provided[j][1:cfg.dep_q + 1]
+            n_slices.append(cfg.dep_q if want_logits == "all" else (
+                0 if audio_forced.all() else int(np.flatnonzero(~audio_forced)[-1]) + 1))
+        dep_rows = [j for j in range(len(live)) if n_slices[j]]
         audio_tokens = audio_logits = None
-        if n_slices:
-            first = mx.array([int(target[0])], dtype=mx.int32) if provided[0] else sampled[0]
-            forced = mx.array(np.where(provided, target, 0)[1:cfg.dep_q + 1].astype(np.int32))
-            c = state.sampler.config
-            key = state.sampler.next_key() if c.audio_temperature > 0 else _NO_KEY
-            audio_tokens, audio_logits = self.depformer.frame(
-                out, first, forced, mx.array(audio_forced), n_slices, c.audio_temperature, c.audio_top_k, key)
-            sampled.append(audio_tokens)
-        extra = [text_logits] + ([audio_logits] if audio_logits is not None else []) if want_logits else []
-        mx.eval(sampled + extra + state.arrays())
-
-        if text_logits is not None and not provided[0]:
-            state.tokens[0, tgt_pos] = int(sampled[0].item())
-        if n_slices:
-            codes = np.array(audio_tokens)
-            sampled_rows = np.flatnonzero(~provided[1:n_slices + 1])
-            state.tokens[1 + sampled_rows, tgt_pos] = codes[sampled_rows]
-        state.provided[:, inp_pos] = False
-
-        logits = None
+        if dep_rows:
+            most = max(n_slices[j] for j in dep_rows)
+            firsts, keys, sampling = [], [], []
+            for j in dep_rows:
+                c = states[live[j]].sampler.config
+                firsts.append(mx.array([int(targets[j][0])], dtype=mx.int32) if provided[j][0] else sampled_text[j])
+                key = states[live[j]].sampler.next_key() if c.audio_temperature > 0 else _NO_KEY
+                row_keys = mx.random.split(key, n_slices[j])
+                if n_slices[j] < most:  # slices this row does not need (never drawn from)
+                    row_keys = mx.concatenate([row_keys, mx.zeros((most - n_slices[j], 2), dtype=row_keys.dtype)])
+                keys.append(row_keys)
+                sampling.append((float(c.audio_temperature), int(c.audio_top_k)))
+            forced_codes = np.stack([np.where(provided[j], targets[j], 0)[1:cfg.dep_q + 1] for j in dep_rows])
+            forced_mask = np.stack([provided[j][1:cfg.dep_q + 1] for j in dep_rows])
+            temporal = out if len(dep_rows) == len(live) else out[mx.array(dep_rows)]
+            audio_tokens, audio_logits = self.depformer.frame_rows(
+                temporal, firsts[0] if len(firsts) == 1 else mx.concatenate(firsts),
+                mx.array(forced_codes.astype(np.int32)), mx.array(forced_mask), most, tuple(sampling),
+                keys[0][None] if len(keys) == 1 else mx.stack(keys))
+        pending = list(sampled_text.values()) + ([audio_tokens] if audio_tokens is not None else [])
         if want_logits:
-            # numpy has no bfloat16: widen on the MLX side first (the GPU dtype).
-            audio = (np.array(audio_logits.astype(mx.float32)) if audio_logits is not None
-                     else np.zeros((0, cfg.card), np.float32))
-            logits = StepLogits(np.array(text_logits[0].astype(mx.float32)), audio)
-        state.offset = o + 1
-        if o <= cfg.max_delay:
-            return None, logits
-        # The frame now complete in every stream: `max_delay` frames back, shifted by each delay.
-        agent = range(cfg.agent_codebooks + 1)
-        frame = np.array([state.tokens[k, (o - cfg.max_delay + self._delays[k]) % ring] for k in agent])
-        return (int(frame[0]), frame[1:].copy()), logits
+            pending += list(text_logits.values()) + ([audio_logits] if audio_logits is not None else [])
+        mx.eval(pending + [a for i in live for a in states[i].arrays()])
+
+        codes = np.array(audio_tokens) if audio_tokens is not None else None
+        for j, i in enumerate(live):
+            state, o = states[i], states[i].offset
+            tgt_pos = o % ring
+            if j in sampled_text and not provided[j][0]:
+                state.tokens[0, tgt_pos] = int(sampled_text[j].item())
+            if n_slices[j]:
+                row = codes[dep_rows.index(j)]
+                sampled_rows = np.flatnonzero(~provided[j][1:n_slices[j] + 1])
+                state.tokens[1 + sampled_rows, tgt_pos] = row[sampled_rows]
+            state.provided[:, (o - 1) % ring] = False
+            logits = None
+            if want_logits:
+                # numpy has no bfloat16: widen on the MLX side first (the GPU dtype).
+                audio = (np.array(audio_logits[dep_rows.index(j), :n_slices[j]].astype(mx.float32))
+                         if n_slices[j] else np.zeros((0, cfg.card), np.float32))
+                logits = StepLogits(np.array(text_logits[j][0].astype(mx.float32)), audio)
+            state.offset = o + 1
+            if o <= cfg.max_delay:
+                results[i] = (None, logits)
+                continue
+            # The frame now complete in every stream: `max_delay` frames back, shifted by each delay.
+            agent = range(cfg.agent_codebooks + 1)
+            frame = np.array([state.tokens[k, (o - cfg.max_delay + self._delays[k]) % ring] for k in agent])
+            results[i] = ((int(frame[0]), frame[1:].copy()), logits)
+        return results

@@ -261,6 +261,60 @@ class Mimi(nn.Module):
                                                                          state.decoder, c.shape[0]))
         return (pcm[0] if single else pcm), replace(state, decoder=half)
 
+    def encode_slots(self, pcm, states: list[MimiState]) -> tuple[mx.array, list[MimiState]]:
+        """`encode_step` for several streams in one forward (a batch of calls): `pcm` [n, 1920], one
+        single-stream `MimiState` per row (fresh or not, at any position). Returns (codes [n, num_codebooks],
+        the states after): each row's codes and state equal what `encode_step` gives that stream alone."""
+        x, rows = self._slots_input(pcm, states, "encode_slots")
+        if x.shape[1] != self.frame_size:
+            raise ValueError(f"encode_slots takes frames of {self.frame_size} samples, got {x.shape[1]}")
+        halves = [s.encoder for s in states]
+        h, seanet = self.encoder.step_slots(x[:, :, None], [half.seanet for half in halves], rows)
+        caches = [self._streaming_cache(self.encoder_transformer, half, 1) for half in halves]
+        h = self.encoder_transformer.step_slots(h, caches)
+        h, resample = self.downsample.step_slots(h, [half.resample or ConvState() for half in halves], rows)
+        codes = self.quantizer.encode(h.astype(mx.float32))
+        return codes[:, :, 0], [replace(s, encoder=_HalfState(seanet[i], resample[i], caches[i].snapshot(), 1))
+                                for i, s in enumerate(states)]
+
+    def decode_slots(self, codes, states: list[MimiState]) -> tuple[mx.array, list[MimiState]]:
+        """`decode_step` for several streams in one forward: codes [n, num_codebooks], one single-stream
+        `MimiState` per row. Returns (pcm [n, 1920] float32, the states after), row by row equal to
+        `decode_step` on each stream alone."""
+        for s in states:
+            _check_state(s, "decode_slots")
+        c, single = self._codes(codes, "decode_slots", 1)
+        if single or c.shape[0] != len(states):
+            raise ValueError(f"decode_slots: {len(states)} streams need codes [{len(states)}, "
+                             f"{self.cfg.num_codebooks}], got {tuple(codes.shape)}")
+        rows = [1] * len(states)
+        halves = [s.decoder for s in states]
+        for half in halves:
+            self._check_single(half, "decode_slots")
+        h = self.quantizer.decode(c).astype(self.dtype)
+        h, resample = self.upsample.step_slots(h, [half.resample or ConvTransposeState() for half in halves], rows)
+        caches = [self._streaming_cache(self.decoder_transformer, half, 1) for half in halves]
+        h = self.decoder_transformer.step_slots(h, caches)
+        pcm, seanet = self.decoder.step_slots(h, [half.seanet for half in halves], rows)
+        return pcm[:, :, 0].astype(mx.float32), [
+            replace(s, decoder=_HalfState(seanet[i], resample[i], caches[i].snapshot(), 1))
+            for i, s in enumerate(states)]
+
+    def _slots_input(self, pcm, states: list[MimiState], what: str) -> tuple[mx.array, list[int]]:
+        for s in states:
+            _check_state(s, what)
+            self._check_single(s.encoder, what)
+        x, single = self._pcm(pcm, what)
+        if single or x.shape[0] != len(states):
+            raise ValueError(f"{what}: {len(states)} streams need PCM [{len(states)}, {self.frame_size}], "
+                             f"got {tuple(x.shape)}")
+        return x, [1] * len(states)
+
+    @staticmethod
+    def _check_single(half: _HalfState, what: str) -> None:
+        if half.batch_size not in (None, 1):
+            raise ValueError(f"{what} takes single-stream states, got one of batch size {half.batch_size}")
+
     def _streaming_cache(self, transformer: Transformer, half: _HalfState, batch: int) -> TransformerCache:
         if half.batch_size is not None and half.batch_size != batch:
             raise ValueError(f"this stream has batch size {half.batch_size}, got a frame of batch {batch}; "

@@ -55,6 +55,11 @@ class ResidualBlock(nn.Module):
         h, s2 = self.conv2.step(nn.elu(h), state[1])
         return x + h, (s1, s2)
 
+    def step_slots(self, x: mx.array, states: list[tuple[ConvState, ConvState]], rows: list[int]):
+        h, s1 = self.conv1.step_slots(nn.elu(x), [s[0] for s in states], rows)
+        h, s2 = self.conv2.step_slots(nn.elu(h), [s[1] for s in states], rows)
+        return x + h, list(zip(s1, s2))
+
 
 def _fresh(layer: nn.Module):
     if isinstance(layer, ResidualBlock):
@@ -83,6 +88,19 @@ class _Stack(nn.Module):
             x, layer_state = layer.step(x, layer_state)
             new_states.append(layer_state)
         return x, SeanetState(tuple(new_states))
+
+    def step_slots(self, x: mx.array, states: list[SeanetState], rows: list[int]) -> tuple[mx.array, list[SeanetState]]:
+        """`step` for several streams at once: stream i owns the next `rows[i]` rows of `x` and its own
+        state (fresh or not); each layer runs once over all rows (ConvState.step_slots)."""
+        per_stream = [s.layers or tuple(_fresh(layer) for layer in self.layers) for s in states]
+        new_states: list[list] = [[] for _ in states]
+        for index, layer in enumerate(self.layers):
+            if index > 0 and not isinstance(layer, ResidualBlock):
+                x = nn.elu(x)
+            x, layer_states = layer.step_slots(x, [p[index] for p in per_stream], rows)
+            for mine, layer_state in zip(new_states, layer_states):
+                mine.append(layer_state)
+        return x, [SeanetState(tuple(s)) for s in new_states]
 
 
 class SeanetEncoder(_Stack):

@@ -301,6 +301,8 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, cache: KVCache | None) -> mx.array:
         cfg = self.cfg
+        if cache is not None and not cfg.weights_per_step:
+            return self.attend_slots(x, [cache])
         b, t, _ = x.shape
         offset = cache.offset if cache is not None else 0
         qkv = self._project(x, offset, out=False).reshape(b, t, 3, cfg.num_heads, cfg.head_dim)
@@ -319,28 +321,63 @@ class Attention(nn.Module):
         return self._project(y, offset, out=True)
 
 
-    def step_one(self, x: mx.array, keys: mx.array, values: mx.array, slot: mx.array, offset: mx.array,
-                 mask: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-        """One position [B, 1, d] against a ring (pure: returns the updated keys and values).
-        `slot` is where the position goes, `offset` its absolute position, `mask` [span] which of the
-        first `span` slots it may see: the ring fills from slot 0, so until it is full only a prefix
-        (rounded up to a power of two, few compiled shapes) needs reading."""
+    def attend_slots(self, x: mx.array, caches: list[KVCache]) -> mx.array:
+        """The next T positions of several streams at once: x [rows, T, d], the rows of stream i are the
+        next `caches[i].shape[0]` ones. The projections run on all rows together (one read of the
+        weights); RoPE positions, ring writes and the attention window are each stream's own."""
+        cfg = self.cfg
+        b, t, _ = x.shape
+        qkv = self.in_proj(x).reshape(b, t, 3, cfg.num_heads, cfg.head_dim).transpose(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        ys, row = [], 0
+        for cache in caches:
+            n = cache.shape[0]
+            qi, ki, vi = (q, k, v) if n == b else (q[row:row + n], k[row:row + n], v[row:row + n])
+            if cfg.positional_embedding == "rope":
+                qi = mx.fast.rope(qi, cfg.head_dim, traditional=cfg.rope_interleave, base=cfg.max_period,
+                                  scale=1.0, offset=cache.offset)
+                ki = mx.fast.rope(ki, cfg.head_dim, traditional=cfg.rope_interleave, base=cfg.max_period,
+                                  scale=1.0, offset=cache.offset)
+            ys.append(cache.update_and_attend(qi, ki, vi, cfg.context, self.scale))
+            row += n
+        if row != b:
+            raise ValueError(f"the caches hold {row} streams, the input {b}")
+        y = ys[0] if len(ys) == 1 else mx.concatenate(ys, axis=0)
+        y = y.transpose(0, 2, 1, 3).reshape(b, t, cfg.d_model)
+        return self.out_proj(y)
+
+    def step_one(self, x: mx.array, keys: list[mx.array], values: list[mx.array], slots: mx.array,
+                 offsets: mx.array, masks: list[mx.array]) -> tuple[mx.array, list[mx.array], list[mx.array]]:
+        """One position of several streams against their own rings (pure: returns the updated keys and
+        values). x [rows, 1, d]; stream i owns the next `keys[i].shape[0]` rows, writes its position at
+        ring slot `slots[i]` and may see the first `masks[i].shape[0]` slots where `masks[i]` is true;
+        `offsets` [rows] are the rows' absolute positions (RoPE). The ring fills from slot 0, so until it
+        is full only a prefix (rounded up to a power of two, few compiled shapes) needs reading. The
+        projections and the FFN see every row at once: a batch reads the weights once."""
         cfg = self.cfg
         b = x.shape[0]
         qkv = self.in_proj(x).reshape(b, 1, 3, cfg.num_heads, cfg.head_dim).transpose(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
         if cfg.positional_embedding == "rope":
             q = mx.fast.rope(q, cfg.head_dim, traditional=cfg.rope_interleave, base=cfg.max_period,
-                             scale=1.0, offset=offset)
+                             scale=1.0, offset=offsets)
             k = mx.fast.rope(k, cfg.head_dim, traditional=cfg.rope_interleave, base=cfg.max_period,
-                             scale=1.0, offset=offset)
-        keys = mx.slice_update(keys, k, slot, axes=(2,))
-        values = mx.slice_update(values, v, slot, axes=(2,))
-        span = mask.shape[0]
-        seen_k = keys if span == keys.shape[2] else keys[:, :, :span]
-        seen_v = values if span == values.shape[2] else values[:, :, :span]
-        y = mx.fast.scaled_dot_product_attention(q, seen_k, seen_v, scale=self.scale, mask=mask)
-        return self.out_proj(y.transpose(0, 2, 1, 3).reshape(b, 1, cfg.d_model)), keys, values
+                             scale=1.0, offset=offsets)
+        ys, new_keys, new_values, row = [], [], [], 0
+        for i, (ck, cv, mask) in enumerate(zip(keys, values, masks)):
+            n = ck.shape[0]
+            qi, ki, vi = (q, k, v) if n == b else (q[row:row + n], k[row:row + n], v[row:row + n])
+            ck = mx.slice_update(ck, ki, slots[i:i + 1], axes=(2,))
+            cv = mx.slice_update(cv, vi, slots[i:i + 1], axes=(2,))
+            span = mask.shape[0]
+            seen_k = ck if span == ck.shape[2] else ck[:, :, :span]
+            seen_v = cv if span == cv.shape[2] else cv[:, :, :span]
+            ys.append(mx.fast.scaled_dot_product_attention(qi, seen_k, seen_v, scale=self.scale, mask=mask))
+            new_keys.append(ck)
+            new_values.append(cv)
+            row += n
+        y = ys[0] if len(ys) == 1 else mx.concatenate(ys, axis=0)
+        return self.out_proj(y.transpose(0, 2, 1, 3).reshape(b, 1, cfg.d_model)), new_keys, new_values
 
 
 def _full_mask(t: int, context: int | None) -> mx.array | str:
@@ -397,15 +434,22 @@ class TransformerLayer(nn.Module):
         return x + update
 
 
-    def step_one(self, x, keys, values, slot, offset, mask):
-        update, keys, values = self.self_attn.step_one(self.norm1(x), keys, values, slot, offset, mask)
+    def step_one(self, x, keys, values, slots, offsets, masks):
+        update, keys, values = self.self_attn.step_one(self.norm1(x), keys, values, slots, offsets, masks)
+        return self._residual_ffn(x, update), keys, values
+
+    def step_slots(self, x: mx.array, caches: list[KVCache]) -> mx.array:
+        """The next T positions of several streams (`Attention.attend_slots`); no per-step weights."""
+        return self._residual_ffn(x, self.self_attn.attend_slots(self.norm1(x), caches))
+
+    def _residual_ffn(self, x: mx.array, update: mx.array) -> mx.array:
         if self.cfg.layer_scale:
             update = self.layer_scale_1(update)
         x = x + update
         update = self._ffn(self.norm2(x), 0)
         if self.cfg.layer_scale:
             update = self.layer_scale_2(update)
-        return x + update, keys, values
+        return x + update
 
 
 class Transformer(nn.Module):
@@ -433,50 +477,93 @@ class Transformer(nn.Module):
 
     def step(self, x: mx.array, cache: TransformerCache) -> mx.array:
         """The next T >= 1 positions [B, T, d] of a stream whose state is `cache` (updated)."""
-        if len(cache.layers) != len(self.layers):
-            raise ValueError(f"cache has {len(cache.layers)} layers, the transformer {len(self.layers)}")
-        if x.shape[1] == 1 and not self.cfg.weights_per_step and self.layers and \
-                (self.cfg.context is None or self.cfg.context >= cache.layers[0].capacity):
-            return self._step_one(x, cache)
+        self._check_caches([cache])
+        if self._compiled_path(x, [cache]):
+            return self._step_one(x, [cache])
         for layer, c in zip(self.layers, cache.layers):
             x = layer(x, c)
         return x
+
+    def step_slots(self, x: mx.array, caches: list[TransformerCache]) -> mx.array:
+        """The next T >= 1 positions of several streams in one forward (a batch of calls): x [rows, T, d],
+        stream i owns the next `batch_size` rows of its cache (1 for a call), and each stream keeps its
+        own position, ring, window and RoPE offset. Every stream's rows equal what `step` gives for that
+        stream alone: the same operations on the same values, with the weight-bound ones (projections,
+        norms, FFN) run over all rows at once."""
+        if not caches:
+            raise ValueError("step_slots needs at least one stream")
+        if self.cfg.weights_per_step:
+            raise ValueError("step_slots: per-step weights (the depformer) have no streaming batch")
+        self._check_caches(caches)
+        rows = sum(c.layers[0].shape[0] if c.layers else 0 for c in caches)
+        if rows != x.shape[0]:
+            raise ValueError(f"the caches hold {rows} streams, the input {x.shape[0]}")
+        if self._compiled_path(x, caches):
+            return self._step_one(x, caches)
+        for i, layer in enumerate(self.layers):
+            x = layer.step_slots(x, [c.layers[i] for c in caches])
+        return x
+
+    def _check_caches(self, caches: list[TransformerCache]) -> None:
+        for cache in caches:
+            if len(cache.layers) != len(self.layers):
+                raise ValueError(f"cache has {len(cache.layers)} layers, the transformer {len(self.layers)}")
+
+    def _compiled_path(self, x: mx.array, caches: list[TransformerCache]) -> bool:
+        if x.shape[1] != 1 or self.cfg.weights_per_step or not self.layers:
+            return False
+        caps = {c.layers[0].capacity for c in caches}
+        return len(caps) == 1 and (self.cfg.context is None or self.cfg.context >= caps.pop())
 
     def _layers_identity(self) -> tuple:
         ends = (self.layers[0], self.layers[-1])
         return tuple(id(o) for layer in ends for o in (layer.self_attn.in_proj, layer.self_attn.in_proj.weight,
                                                         layer.norm2.weight))
 
-    def _step_one(self, x: mx.array, cache: TransformerCache) -> mx.array:
+    def _step_one(self, x: mx.array, caches: list[TransformerCache]) -> mx.array:
+        """One position of each stream as one compiled function. Every stream reads the same span of its
+        ring (the largest any of them needs, masked per stream), so the compiled shapes depend on the
+        number of streams and that span only: at most streams x ~log2(capacity) graphs."""
         identity = self._layers_identity()
         if self._compiled_step is None or self._compiled_for != identity:
             layers = list(self.layers)
 
-            def step_all(x, keys, values, slot, offset, mask):
+            def step_all(x, keys, values, slots, offsets, masks):
                 new_keys, new_values = [], []
                 for layer, k, v in zip(layers, keys, values):
-                    x, k, v = layer.step_one(x, k, v, slot, offset, mask)
+                    x, k, v = layer.step_one(x, k, v, slots, offsets, masks)
                     new_keys.append(k)
                     new_values.append(v)
                 return x, new_keys, new_values
 
-            # One compiled graph per mask length (the span read), so at most ~log2(capacity) of them.
+            # mx.compile traces once per input structure and shapes (streams, span read)
             self._compiled_step, self._compiled_for = mx.compile(step_all), identity
-        first = cache.layers[0]
-        cap, offset = first.capacity, first.offset
-        if offset + 1 >= cap:
-            mask = _ALL_VISIBLE.get(cap)
-            if mask is None:
-                mask = _ALL_VISIBLE[cap] = mx.ones((cap,), dtype=mx.bool_)
+        cap = caches[0].layers[0].capacity
+        offsets = [c.layers[0].offset for c in caches]
+        if max(offsets) + 1 >= cap:
+            span = cap
         else:
             # Still filling: read only a power-of-two prefix holding positions 0..offset.
-            span = min(cap, max(32, 1 << offset.bit_length()))
-            mask = mx.array(np.arange(span) <= offset)
+            span = min(cap, max(32, 1 << max(offsets).bit_length()))
+        masks = []
+        for offset in offsets:
+            if offset + 1 >= cap:
+                mask = _ALL_VISIBLE.get(cap)
+                if mask is None:
+                    mask = _ALL_VISIBLE[cap] = mx.ones((cap,), dtype=mx.bool_)
+            else:
+                mask = mx.array(np.arange(span) <= offset)
+            masks.append(mask)
+        rows = [c.layers[0].shape[0] for c in caches]
+        row_offsets = np.repeat(np.array(offsets, dtype=np.int32), rows)
         x, keys, values = self._compiled_step(
-            x, [c.keys for c in cache.layers], [c.values for c in cache.layers],
-            mx.array([offset % cap], dtype=mx.int32), mx.array(offset, dtype=mx.int32), mask)
-        for c, k, v in zip(cache.layers, keys, values):
-            c.keys, c.values, c.offset = k, v, c.offset + 1
+            x, [[c.layers[i].keys for c in caches] for i in range(len(self.layers))],
+            [[c.layers[i].values for c in caches] for i in range(len(self.layers))],
+            mx.array([o % cap for o in offsets], dtype=mx.int32), mx.array(row_offsets), masks)
+        for i, (lk, lv) in enumerate(zip(keys, values)):
+            for c, k, v in zip(caches, lk, lv):
+                layer = c.layers[i]
+                layer.keys, layer.values, layer.offset = k, v, layer.offset + 1
         return x
 
     def make_cache(self, batch_size: int = 1, dtype: mx.Dtype | None = None) -> TransformerCache:
