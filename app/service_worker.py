@@ -13,8 +13,10 @@ from __future__ import annotations
 import os
 from typing import Callable
 
+from callbot.app.errors import StartupError
 from callbot.app.metrics import Metrics
 from callbot.app.settings import Settings
+from callbot.engine.serving.inference_service import ServiceError, check_socket_path
 from callbot.engine.serving.service_client import ServiceEngine
 from callbot.sip.call_record import CallRecord
 
@@ -24,7 +26,12 @@ Screen = Callable[[CallRecord], "tuple[int, str] | tuple[int, str, int] | None"]
 
 
 def build_service_engine(settings: Settings) -> ServiceEngine:
-    """The worker's engine: the model service at `[model] service` (connected, or being waited for)."""
+    """The worker's engine: the model service at `[model] service` (connected, or being waited for); a
+    path no socket can have is a StartupError."""
+    try:
+        check_socket_path(settings.model.service)
+    except ServiceError as err:
+        raise StartupError(str(err)) from None
     transports = settings.sip.transports
     where = f"{transports[0].bind}:{transports[0].port}" if transports else "serve"
     return ServiceEngine(settings.model.service, name=f"serve {where} pid {os.getpid()}")

@@ -439,3 +439,10 @@ def test_the_config_names_the_socket_relative_to_its_file(tmp_path):
     cfg.write_text('[model]\nservice = "run/m.sock"\nmax_calls = 3\n')
     s = load_settings(cfg)
     assert s.model.service == str(tmp_path / "run" / "m.sock") and s.model.max_calls == 3
+
+
+def test_a_worker_whose_socket_path_cannot_be_is_told_in_one_line(tmp_path):
+    cfg = tmp_path / "w.toml"
+    cfg.write_text(f'[metrics]\nenabled = false\n[model]\nservice = "/tmp/{"x" * 120}.sock"\n')
+    out = subprocess.run([*CALLBOT, "serve", "--config", str(cfg)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "too long for a Unix socket" in out.stderr and "Traceback" not in out.stderr
