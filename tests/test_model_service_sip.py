@@ -161,6 +161,9 @@ def test_admission_refuses_the_call_a_slow_step_cannot_take_and_takes_it_once_th
     try:
         line = next(ln for ln in service.err_lines.lines if "model service listening" in ln)
         assert "up to 1 calls a round within 72 ms" in line, line
+        if pathlib.Path(f"/proc/{service.pid}/maps").exists():  # the model's process, never a SIP stack's
+            maps = pathlib.Path(f"/proc/{service.pid}/maps").read_text()
+            assert "mlx" in maps and "pjsua2" not in maps
         workers = [Worker(tmp_path / "w1", path, "w1"), Worker(tmp_path / "w2", path, "w2")]
         with PjsuaPeer(user="first", log_dir=tmp_path) as first:
             c1 = first.call(workers[0].uri)
