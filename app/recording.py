@@ -249,6 +249,10 @@ class CallRecording:
                 k = min(n, ring.readable)
                 if k:
                     frames[:k, ch] = ring.read(k)
+            if getattr(self.record, "redact_dtmf", False):
+                # a secret is being gathered (a call flow's sensitive gather): neither the file nor the
+                # recognizer keeps the caller, who may read it out or send it as in-band tones
+                frames[:, 0] = 0
             self._wav.write(frames)
             if self.listener is not None:
                 self.listener.heard(self.call_id, np.ascontiguousarray(frames[:, 0]))
@@ -395,8 +399,11 @@ class Recorder:
         rec = CallRecording(directory, record, rate, self.sync_interval_s, self.sidecar_interval_s,
                             self.events_max_bytes)
         if self.listener is not None:
-            self.listener.opened(record, rate)
-            rec.listener = self.listener
+            try:
+                self.listener.opened(record, rate)
+                rec.listener = self.listener
+            except Exception as err:  # the call is recorded all the same, only not transcribed
+                log.warning("call %s: the caller recognizer did not take it (%s)", rec.call_id, err)
         with self._lock:
             self._active.append(rec)
         return rec
@@ -471,6 +478,7 @@ class Recorder:
             active, self._active = self._active, []
             for rec in active:
                 rec._finish(rec.record)
-                if rec.listener is not None:
-                    rec.listener.closed(rec.call_id)
             self._finish_closing(None)
+        for rec in active:  # outside the lock: a listener may call transcript_done, which takes it
+            if rec.listener is not None:
+                rec.listener.closed(rec.call_id)

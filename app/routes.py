@@ -188,8 +188,9 @@ class CallRoutes:
             caller, called = uri_user(record.local_uri), uri_user(record.remote_uri)
         variables = dict(chosen.variables)
         variables.update(caller=caller, called=called, call_id=record.call_id, account=record.account,
-                         tenant=chosen.tenant or "", bot=chosen.bot, language=self._language(chosen.bot),
-                         caller_language=caller_language(record))
+                         tenant=chosen.tenant or "", bot=chosen.bot, language=self._language(chosen.bot))
+        # the INVITE's Accept-Language when it has one, else what the route says (a Spanish DID), else ""
+        variables["caller_language"] = caller_language(record) or variables.get("caller_language", "")
         return chosen.bot, variables
 
     def _language(self, bot: str) -> str:

@@ -36,7 +36,7 @@ def call_webhook(spec: Webhook, variables: dict[str, str], client: httpx.Client 
     """POST `variables` to spec.url; the reply's JSON object, or WebhookError."""
     headers = webhook_headers(spec)
     own = client is None
-    http = client if client is not None else httpx.Client()
+    http = client if client is not None else httpx.Client(trust_env=False)
     try:
         response = http.post(spec.url, json=variables, headers=headers, timeout=spec.timeout_s)
     except httpx.TimeoutException:

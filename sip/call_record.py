@@ -28,8 +28,8 @@ import urllib.parse
 from dataclasses import dataclass, field
 
 REDACTED = "x"  # a digit the record does not keep (not a DTMF symbol, so never mistaken for one)
-DTMF_KEPT = 1000
-CALLER_TEXT_KEPT = 2000  # utterances a record keeps (hours of talk)  # digits a record keeps; later ones are counted in dtmf_dropped (a flood: 1,800 -> 208 KB)
+DTMF_KEPT = 1000  # digits a record keeps; later ones are counted in dtmf_dropped (a flood: 1,800 -> 208 KB)
+CALLER_TEXT_KEPT = 2000  # utterances a record keeps (hours of talk)
 # headers of an INVITE a record keeps for routing and for the sidecar: every X-* header and these
 KEPT_HEADERS = ("p-asserted-identity", "diversion", "accept-language")
 HEADERS_KEPT = 32  # headers at most; later ones are left out

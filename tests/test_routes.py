@@ -185,6 +185,11 @@ def test_the_callers_language_comes_from_accept_language(tmp_path):
                              ("Accept-Language: *\r\n", ""), ("", "")):
         _, variables = r.start_for(record(headers=header), None)
         assert variables["caller_language"] == expected, header
+    # a route can say it for a number (a Spanish DID); the caller's own header still wins
+    r = routes('[[routes]]\ndid = "15550002"\nbot = "support"\nvariables = { caller_language = "es" }\n', tmp_path)
+    assert r.start_for(record(uri="sip:+15550002@h"), None)[1]["caller_language"] == "es"
+    assert r.start_for(record(uri="sip:+15550002@h", headers="Accept-Language: fr\r\n"), None)[1][
+        "caller_language"] == "fr"
 
 
 # ---- the recorder files each call in its tenant's folder ---------------------------------------------
