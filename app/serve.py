@@ -105,7 +105,7 @@ def running_server(settings: Settings, engine_kind: str, log: EventLog | None = 
         # on a shared model service the screen also asks the model for room (503 + Retry-After when none)
         endpoint = Endpoint(settings.endpoint_config(), sessions=router, recorder=recorder,
                             screen=worker_screen(engine, routes.screen))
-        attach_worker(engine, endpoint, metrics)  # app/service_worker.py: a lost service's calls hung up
+        attach_worker(engine, endpoint, metrics, bus)  # app/service_worker.py: a lost service's calls hung up
         router.ops = endpoint
         flows = start_flows(settings, bus)  # app/flow_host.py: None when no bot has a flow
         if flows is not None:

@@ -18,6 +18,7 @@ from callbot.app.metrics import Metrics
 from callbot.app.settings import Settings
 from callbot.engine.serving.inference_service import ServiceError, check_socket_path
 from callbot.engine.serving.service_client import ServiceEngine
+from callbot.sip import events as ev
 from callbot.sip.call_record import CallRecord
 
 REFUSAL_CODE = 503  # Service Unavailable: with Retry-After, the answer RFC 3261 21.5.4 gives an overload
@@ -55,8 +56,12 @@ def worker_screen(engine, routes_screen: Screen | None) -> Screen | None:
     return screen
 
 
-def attach_worker(engine, endpoint, metrics: Metrics) -> None:
-    """Calls whose service went away are hung up by the endpoint; refusals show in the metrics."""
+def attach_worker(engine, endpoint, metrics: Metrics, bus=None) -> None:
+    """Calls whose service went away are hung up by the endpoint; refusals show in the metrics; a call's
+    end gives its slot back if its INVITE was admitted but its call never opened."""
     if isinstance(engine, ServiceEngine):
         engine.hangup = endpoint.hangup
         metrics.watch_admission(engine)
+        if bus is not None:
+            bus.attach("service-release", lambda e: engine.release(e.call_id),
+                       accept=lambda e: isinstance(e, ev.CallEnded))

@@ -350,6 +350,24 @@ def test_a_promised_slot_lapses_when_its_call_never_opens(sock_dir):
         engine.close()
 
 
+def test_a_released_slot_goes_back_at_once(sock_dir):
+    """INVITE + CANCEL: the worker releases the slot its INVITE was given; it need not wait RESERVE_S."""
+    engine = EchoEngine()
+    service = InferenceService(engine, str(sock_dir / "s.sock"), bots=["x"], admission=Admission(None, max_calls=1),
+                               tx_max_ms=engine.tx_policy()[0], tx_settle=engine.tx_policy()[1]).start()
+    worker = ServiceEngine(str(sock_dir / "s.sock"))
+    try:
+        assert worker.admit("cancelled") is None
+        assert worker.admit("next").reason == MAX_CALLS
+        worker.release("cancelled")
+        eventually(lambda: service.stats().reserved == 0, 5, "the slot back")
+        assert worker.admit("next") is None
+    finally:
+        worker.close()
+        service.close()
+        engine.close()
+
+
 def test_the_socket_path_is_checked_and_a_live_service_is_not_replaced(sock_dir, tmp_path):
     with pytest.raises(ServiceError, match="too long for a Unix socket"):
         listen(str(sock_dir / ("x" * 120)))

@@ -279,6 +279,9 @@ class InferenceService:
                     continue
                 if isinstance(msg, sm.Admit):
                     w.outbox.put(self._admit(w, msg))
+                elif isinstance(msg, sm.Release):
+                    with self._lock:
+                        w.reserved.pop(msg.call_id, None)
                 elif isinstance(msg, pm.OpenCall):
                     self._open(w, msg)
                 elif isinstance(msg, pm.ControlCall):

@@ -183,6 +183,17 @@ class ServiceEngine:
             return None
         return self._refuse(answer.reason, answer.text, answer.retry_after_s)
 
+    def release(self, call_id: str) -> None:
+        """The call's INVITE ended before its call opened (or the call ended): any slot it holds goes back.
+        Best effort: without a connection there is no slot to give back."""
+        link = self._link
+        if link is None or not link.alive or self._closed.is_set():
+            return
+        try:
+            self._send(link, sm.Release(call_id=call_id))
+        except (OSError, ValueError):
+            pass
+
     def _refuse(self, reason: str, text: str, retry_after_s: int) -> Refusal:
         with self._lock:
             self._refusals[reason] = self._refusals.get(reason, 0) + 1
@@ -337,7 +348,10 @@ class ServiceEngine:
                 if isinstance(msg, pm.CallEvent):
                     sink = self.on_event
                     if sink is not None:
-                        sink(msg.event)
+                        try:
+                            sink(msg.event)
+                        except Exception as err:  # a subscriber's bug must not hang up every call here
+                            _log(self.path, f"an event sink failed on {type(msg.event).__name__}: {err!r}")
                 elif isinstance(msg, pm.CallClosed):
                     with self._lock:
                         s = self._sessions.get(msg.sid)

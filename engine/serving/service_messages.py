@@ -9,7 +9,7 @@ INVITE (Admit -> Admission, a slot held for a while), and hears when a call it o
 could not be taken (OpenRefused). Both ends are one machine and one user: framing is
 multiprocessing's Connection (length-prefixed bytes), the payload msgpack, never pickle.
 
-    worker -> service   Hello  Admit  OpenCall  ControlCall  CloseCall
+    worker -> service   Hello  Admit  Release  OpenCall  ControlCall  CloseCall
     service -> worker   Ready  Admission  OpenRefused  CallEvent  CallClosed  ChildFailed
 """
 from __future__ import annotations
@@ -36,6 +36,13 @@ class Admit(Message, tag="admit"):
     call_id: str
 
 
+class Release(Message, tag="release"):
+    """The admitted INVITE ended without its call opening (a CANCEL, no ACK, refused later): its slot
+    goes back now rather than after RESERVE_S, so INVITE + CANCEL in a loop cannot hold the model."""
+
+    call_id: str
+
+
 class Admission(Message, tag="admission"):
     req: int
     ok: bool
@@ -53,7 +60,7 @@ class OpenRefused(Message, tag="open_refused"):
     text: str
 
 
-ToService = Union[Hello, Admit, OpenCall, ControlCall, CloseCall]
+ToService = Union[Hello, Admit, Release, OpenCall, ControlCall, CloseCall]
 ToWorker = Union[Ready, Admission, OpenRefused, CallEvent, CallClosed, ChildFailed]
 
 _encoder = msgspec.msgpack.Encoder()
