@@ -1,5 +1,6 @@
-"""The `callbot` command: `serve` answers calls, `call` places one, `edge` runs the SIP edge, `model-service`
-serves one model to several `serve` workers, `flows check` checks call flow files.
+"""The `callbot` command: `serve` answers calls (`serve --edge --workers N`: N of them behind the edge, under
+a supervisor: app/workers.py), `call` places one, `edge` runs the SIP edge, `model-service` serves one
+model to several `serve` workers, `flows check` checks call flow files.
 
 It lives in callbot.app, the top of the arrows: a command may use the SIP side and the engine both.
 Every problem a user can cause (config, weights, ports) ends as one line on stderr and exit status 2,
@@ -33,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     common(serve)
     serve.add_argument("--edge", action="store_true",
                        help="run kamailio on the public port in front of serve (config [edge]; serve on loopback)")
+    serve.add_argument("--workers", type=int, metavar="N",
+                       help="with --edge: N serve processes (4 calls each) on one model service, kamailio dispatching "
+                            "to them, a drained stop on SIGTERM (default: [edge] serve_workers)")
+    serve.add_argument("--supervised", metavar="JSON", help=argparse.SUPPRESS)  # app/workers.py: a worker's part
     call = sub.add_parser("call", help="place one call; the exit status says how it ended")
     call.add_argument("uri", metavar="SIP_URI")
     call.add_argument("--bot", metavar="NAME", help="bot to call with (default: the first)")
@@ -51,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     service.add_argument("--metrics", metavar="HOST:PORT", help="its Prometheus address (default: [metrics] address)")
     service.add_argument("--step-delay-ms", type=float, metavar="MS",
                          help="test and diagnosis only: every step takes MS longer (to see admission refuse calls)")
+    service.add_argument("--supervised", metavar="JSON", help=argparse.SUPPRESS)  # app/workers.py: its socket
     flows = sub.add_parser("flows", help="call flow files: check one before a bot uses it")
     flows_sub = flows.add_subparsers(dest="flows_command", metavar="ACTION", required=True)
     check = flows_sub.add_parser("check", help="check a flow file: one line per problem, exit 2; `ok` and exit 0")
@@ -68,18 +74,28 @@ def _settings(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from callbot.app.settings import ConfigError
+
     if args.command == "flows":
         return _flows_check(args.files)
+    settings = _settings(args)
+    if getattr(args, "supervised", None):  # started by `serve --edge --workers` (app/workers.py): its part
+        from callbot.app.workers import parse_supervised, supervised_settings
+
+        settings = supervised_settings(settings, parse_supervised(args.supervised))
     if args.command == "model-service":  # before serve is imported: this process never loads pjsua2
         from callbot.app.model_service import run_model_service
 
-        return run_model_service(_settings(args), args.engine, metrics_address=args.metrics,
+        return run_model_service(settings, args.engine, metrics_address=args.metrics,
                                  step_delay_ms=args.step_delay_ms)
+    if args.command == "serve" and args.workers is not None and not args.edge:
+        raise ConfigError("--workers runs serve's workers behind the edge: add --edge")
+    if args.command == "edge" or (args.command == "serve" and args.edge):
+        return _edge(args, settings)  # the supervisor of --workers loads no pjsua2 either (app/workers.py)
     from callbot.app import serve
 
-    settings = _settings(args)
-    if args.command == "edge" or (args.command == "serve" and args.edge):
-        return _edge(args, settings)
+    if args.command == "serve" and args.supervised:
+        return serve.serve(settings, args.engine)
     if args.command == "serve":
         from callbot.app.edge import public_exposure_warning
 
@@ -104,6 +120,11 @@ def _edge(args: argparse.Namespace, settings, **call) -> int:
         return edge.run_edge(settings, source=args.config or "the default config", print_only=args.print_only,
                              check_only=args.check)
     source = args.config or "the default config"
+    if args.command == "serve" and (args.workers is not None or settings.edge.serve_workers > 1):
+        from callbot.app.workers import supervise
+
+        workers = args.workers if args.workers is not None else settings.edge.serve_workers
+        return supervise(settings, args.engine, workers, config=args.config, model=args.model, source=source)
     if args.command == "call":
         return edge.call_with_edge(settings, args.engine, args.uri, source=source, **call)
     return edge.serve_with_edge(settings, args.engine, source=source)

@@ -8,9 +8,15 @@ rate, malformed requests (sanity), scanners, methods we do not serve, REGISTER, 
 it did not set up, and TLS (the system's OpenSSL 3). Serve, bound to 127.0.0.1, sees the calls that
 passed.
 
-`callbot edge` runs kamailio alone (serve started separately on the loopback port its config names);
-`callbot serve --edge` runs both, kamailio as a child that stops with serve; `callbot call --edge` places
-one call out through it. The kamailio configuration is generated from `[edge]` and serve's transport
+`callbot edge` runs kamailio alone (serve started separately on the loopback port its config names, or
+the `[edge] nodes` it lists); `callbot serve --edge` runs both, kamailio as a child that stops with serve;
+`callbot serve --edge --workers N` runs N serve processes behind it (app/workers.py); `callbot call
+--edge` places one call out through it.
+
+One destination gets a fixed route. Several (workers, nodes) get kamailio's dispatcher module: one set,
+round robin among those that answer their OPTIONS pings, a destination that does not answer an INVITE
+taken out until it answers a ping again, a 486/503 (a full worker, a model with no room) tried on the
+next, and a call's requests after the INVITE sent to the destination that took it (kept with the dialog). The kamailio configuration is generated from `[edge]` and serve's transport
 each time, written to read like one written by hand (short route blocks, comments saying why), and
 checked with `kamailio -c` before it runs. Serve's own settings behind the edge (RTP on the public side,
 the edge exempt from its per-source limits, its outbound proxy) are derived from the same `[edge]`
@@ -36,7 +42,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import msgspec
 
@@ -55,11 +61,19 @@ _MODULE_DIRS = ("lib/{multiarch}/kamailio/modules", "lib64/kamailio/modules", "l
 # the methods serve answers; everything else gets 405 at the edge
 ALLOWED = "INVITE, ACK, BYE, CANCEL, OPTIONS, REFER, INFO, NOTIFY, UPDATE, PRACK"
 # counters the configuration keeps (kamcmd ... cnt.get script NAME; `Edge.counters()`)
-COUNTERS = ("flood_sources", "flood_dropped", "malformed", "refused", "calls_limited", "calls_passed")
+COUNTERS = ("flood_sources", "flood_dropped", "malformed", "refused", "calls_limited", "calls_passed",
+            "calls_drained")
 READY_TIMEOUT_S = 15.0
 # TCP/TLS connections one source may hold at the edge (kamailio 5.8+): a phone holds one, a trunk a few, an
 # office behind one NAT address one per phone
 TCP_CONNECTIONS_PER_SOURCE = 64
+# the dispatcher's health checks: an OPTIONS to every destination each PING_INTERVAL_S; PING_FAILURES
+# unanswered in a row take it out, one answer brings it back
+PING_INTERVAL_S = 1
+PING_FAILURES = 2
+PING_TIMEOUT_S = 5  # tm's fr_timer in a dispatching edge: a request with no answer at all fails after this
+DISPATCH_SET = 1  # the dispatcher's set (group) of serve destinations
+DRAIN_RETRY_AFTER_S = 30  # what a caller refused during a drain is told (this edge is going away)
 
 
 @dataclass(frozen=True)
@@ -76,6 +90,19 @@ class Backend:
     def __str__(self) -> str:
         return f"{self.uri_host}:{self.port}"
 
+    @property
+    def uri(self) -> str:
+        return f"sip:{self}"
+
+    @property
+    def is_loopback(self) -> bool:
+        return _is_loopback(self.host)
+
+
+def node_backends(edge: EdgeSettings) -> list[Backend]:
+    """`[edge] nodes`: serve on other machines (or other ports), each a destination beside the local ones."""
+    return [Backend(host, port) for host, port in edge.node_addresses]
+
 
 def _is_loopback(host: str) -> bool:
     try:
@@ -91,9 +118,22 @@ def _serve_transport(settings: Settings) -> tuple[int, TransportConfig]:
     return sip.transports.index(transport), transport
 
 
+def check_edge(edge: EdgeSettings, serve_host: str = "127.0.0.1") -> None:
+    """What must hold in [edge] alone."""
+    if edge.address == "0.0.0.0" and edge.advertise:
+        # kamailio writes the receiving socket's own address into Record-Route, not advertised_address:
+        # callers behind the NAT would send their ACK and BYE to the private address
+        raise StartupError("$.edge.address: with advertise, name the local address callers' packets arrive on "
+                           "(behind NAT: the private IP, e.g. \"10.0.0.5\"), not 0.0.0.0")
+    for i, node in enumerate(node_backends(edge)):
+        if node.is_loopback and node.port == edge.port:
+            raise StartupError(f"$.edge.nodes[{i}]: {node} is the edge's own port on loopback")
+
+
 def check_settings(settings: Settings) -> None:
     """What must hold between serve's transport and the edge; each error names the field to change."""
     edge = settings.edge
+    check_edge(edge)
     i, t = _serve_transport(settings)
     where = f"$.sip.transports[{i}]"
     if t.kind != "udp":
@@ -105,11 +145,6 @@ def check_settings(settings: Settings) -> None:
         # the edge listens on loopback at its own port too (its side facing serve)
         raise StartupError(f"{where}.port: serve and the edge both want port {t.port} on loopback: give serve "
                            "another (e.g. 5070)")
-    if edge.address == "0.0.0.0" and edge.advertise:
-        # kamailio writes the receiving socket's own address into Record-Route, not advertised_address:
-        # callers behind the NAT would send their ACK and BYE to the private address
-        raise StartupError("$.edge.address: with advertise, name the local address callers' packets arrive on "
-                           "(behind NAT: the private IP, e.g. \"10.0.0.5\"), not 0.0.0.0")
     if edge.address == "0.0.0.0" and ":" in t.bind:
         raise StartupError(f"{where}.bind: with [edge] address 0.0.0.0 the edge binds IPv4 only: set bind = "
                            "\"127.0.0.1\"")
@@ -237,19 +272,39 @@ def has_module(modules_dir: str, name: str) -> bool:
 # the configuration
 
 
-def render(edge: EdgeSettings, backend: Backend, *, modules_dir: str, run_dir: str,
-           source: str = "callbot's config", version: tuple[int, ...] | None = None) -> str:
-    """The kamailio configuration for `edge` in front of `backend`, as text; `version` is kamailio's
-    (kamailio_version), for what only newer ones have (None: what 5.6 takes)."""
+def destinations(edge: EdgeSettings, local: Backend | Sequence[Backend]) -> list[Backend]:
+    """Where the edge sends calls: `local` (serve, or serve's workers, on this machine), then `[edge] nodes`."""
+    found: list[Backend] = []
+    for b in ([local] if isinstance(local, Backend) else list(local)) + node_backends(edge):
+        if b not in found:
+            found.append(b)
+    if not found:
+        raise StartupError("$.edge.nodes: the edge has nowhere to send calls: list serve's nodes (\"HOST:PORT\")")
+    return found
+
+
+def render(edge: EdgeSettings, backend: Backend | Sequence[Backend], *, modules_dir: str, run_dir: str,
+           source: str = "callbot's config", version: tuple[int, ...] | None = None,
+           dispatch: bool | None = None) -> str:
+    """The kamailio configuration for `edge` in front of `backend` (one serve, or several workers) and
+    `[edge] nodes`, as text; `version` is kamailio's (kamailio_version), for what only newer ones have
+    (None: what 5.6 takes). `dispatch`: the dispatcher module even for one destination (the supervisor
+    marks its workers up and down); None: when there are several. The dispatcher reads its list from
+    `run_dir`/dispatcher.list (dispatcher_list: the file's text)."""
+    dests = destinations(edge, backend)
+    dispatch = len(dests) > 1 if dispatch is None else dispatch
+    first = dests[0]
     v = {
-        "source": source, "backend": str(backend), "bhost": backend.host, "buri": backend.uri_host,
-        "bport": backend.port,
+        "source": source, "backend": ", ".join(map(str, dests)), "bhost": first.host, "buri": first.uri_host,
+        "bport": first.port, "set": DISPATCH_SET, "ping": PING_INTERVAL_S, "ping_failures": PING_FAILURES,
+        "ping_timeout": PING_TIMEOUT_S, "ping_timeout_ms": 1000 * PING_TIMEOUT_S,
+        "drain_retry": DRAIN_RETRY_AFTER_S,
         "workers": edge.workers, "modules": modules_dir, "run_dir": run_dir,
         "port": edge.port, "tls_port": edge.tls_port, "idle": edge.tcp_idle_s,
         "max_conn": edge.tcp_max_connections, "unit": 2, "density": edge.requests_per_s * 2,
         "rps": edge.requests_per_s, "ban": edge.ban_s, "cps": edge.calls_per_s,
         "total": edge.total_calls_per_s, "open": edge.open_calls_per_source,
-        "allowed": ALLOWED, "inside": _uri_host(inside_address(edge, backend)),
+        "allowed": ALLOWED, "inside": _uri_host(inside_address(edge, first)),
         "trusted": ",".join(str(ipaddress.ip_network(s, strict=False)) for s in edge.trusted_sources),
         "outbound_socket": _outbound_socket(edge),
     }
@@ -257,9 +312,58 @@ def render(edge: EdgeSettings, backend: Backend, *, modules_dir: str, run_dir: s
     if edge.tls:
         parts.append(_tls_params(edge))
     parts.append(_PARAMS % v)
-    parts += [_MAIN % v, (_FLOOD_TRUSTED if edge.trusted_sources else _FLOOD) % v, _DIALOG % v, _NEW % v,
-              _limits(edge, v), _TO_SERVE % v, _FROM_SERVE % v]
+    if dispatch:
+        v["from_serve"] = f'ds_is_from_list("{DISPATCH_SET}", "2")'  # address and port, any transport
+        parts.append(_DISPATCHER_PARAMS % v + "".join(f"#   {line}\n" for line in dispatcher_list(edge, dests)
+                                                     .splitlines() if not line.startswith("#")))
+        parts += [_MAIN % v, (_FLOOD_TRUSTED if edge.trusted_sources else _FLOOD) % v, _DIALOG_HEAD % v,
+                  _DISPATCH_IN_DIALOG % v, _NEW % v, _limits(edge, v), _DISPATCH % v, _serve_socket(edge, dests, v),
+                  _SIPS_REPLY, _DISPATCH_FAILED % v, _FROM_SERVE % v]
+    else:
+        v["from_serve"] = f'$si == "{first.host}" && $sp == {first.port}'
+        parts += [_MAIN % v, (_FLOOD_TRUSTED if edge.trusted_sources else _FLOOD) % v, _DIALOG_HEAD % v,
+                  _FIXED_IN_DIALOG % v, _NEW % v, _limits(edge, v), _TO_SERVE % v, _SIPS_REPLY, _SERVE_FAILED,
+                  _FROM_SERVE % v]
     return "\n".join(parts)
+
+
+def _socket_to(edge: EdgeSettings, dest: Backend) -> str | None:
+    """The edge's socket that requests to `dest` leave from: its inside one for serve on this machine, its
+    public one for another machine (none on every address: the kernel's route picks, mhomed)."""
+    if dest.is_loopback:
+        return f"udp:{_uri_host(inside_address(edge, dest))}:{edge.port}"
+    if edge.address == "0.0.0.0":
+        return None
+    return f"udp:{_uri_host(edge.address)}:{edge.port}"
+
+
+def dispatcher_list(edge: EdgeSettings, dests: Sequence[Backend]) -> str:
+    """The dispatcher's list file: set, URI, flags (8: pinged), priority, attributes (the socket its
+    requests and pings leave from)."""
+    lines = ["# serve's destinations, generated by callbot with the configuration beside it",
+             "# set  destination  flags  priority  attributes"]
+    for d in dests:
+        sock = _socket_to(edge, d)
+        lines.append(f"{DISPATCH_SET} {d.uri} 8 0" + (f" socket={sock}" if sock else ""))
+    return "\n".join(lines) + "\n"
+
+
+def _serve_socket(edge: EdgeSettings, dests: Sequence[Backend], v: dict) -> str:
+    """route[SERVE_SOCKET]: the socket towards the destination in $du (_socket_to, decided here by its
+    address, since a call's later requests set $du from the dialog, not through the dispatcher)."""
+    inside = f"udp:{v['inside']}:{edge.port}"
+    remote = None if edge.address == "0.0.0.0" else f"udp:{_uri_host(edge.address)}:{edge.port}"
+    head = ("# Requests to serve leave from the edge's side facing it: its loopback socket for serve on this machine"
+            + (", its public one\n# for other machines" if any(not d.is_loopback for d in dests) else "") + "\n"
+            + "route[SERVE_SOCKET] {\n")
+    if all(d.is_loopback for d in dests):
+        return head + f"\tforce_send_socket({inside});\n}}\n"
+    body = (f'\tif (is_in_subnet("$dd", "127.0.0.0/8,::1/128")) {{\n\t\tforce_send_socket({inside});\n\t}}')
+    if remote is not None:
+        body += f" else {{\n\t\tforce_send_socket({remote});\n\t}}"
+    else:
+        body += "\n\t# other machines: from the address the kernel routes from (mhomed)"
+    return head + body + "\n}\n"
 
 
 _HEAD = """\
@@ -414,6 +518,7 @@ modparam("counters", "script_counter", "malformed")        # refused by sanity c
 modparam("counters", "script_counter", "refused")          # methods we do not serve (405)
 modparam("counters", "script_counter", "calls_limited")    # new calls above a rate (503)
 modparam("counters", "script_counter", "calls_passed")     # new calls sent on to serve
+modparam("counters", "script_counter", "calls_drained")    # new calls refused while shutting down (503)
 
 # ----- pike and htable: a source sending more than %(density)d requests in %(unit)d s is banned; the ban
 # (htable "banned") lasts until it has been quiet for %(ban)d s - pike alone would lift it after one
@@ -426,6 +531,8 @@ modparam("htable", "htable", "banned=>size=10;autoexpire=%(ban)d;initval=0;")
 modparam("htable", "timer_interval", 2)  # s between sweeps of expired entries (20 would add up to 20 s to a ban)
 # new calls per source and second ("<ip>::<second>"), and from everyone ("all::<second>")
 modparam("htable", "htable", "calls=>size=10;autoexpire=3;initval=0;")
+# "on" set to 1 while the edge drains before a shutdown (app/workers.py): new calls get 503
+modparam("htable", "htable", "drain=>size=1;initval=0;")
 
 # ----- sanity: answer 400 and hand the failure back to the script, which counts it
 modparam("sanity", "autodrop", 0)
@@ -445,7 +552,7 @@ _MAIN = """\
 
 request_route {
 	# serve's own requests in its calls (BYE, re-INVITE, REFER, NOTIFY) go out unchecked
-	if ($si == "%(bhost)s" && $sp == %(bport)d) {
+	if (%(from_serve)s) {
 		route(FROM_SERVE);
 	}
 	route(REQINIT);
@@ -523,7 +630,7 @@ _FLOOD_TRUSTED = _FLOOD.replace("route[FLOOD] {\n", """route[FLOOD] {
 	}
 """)
 
-_DIALOG = """\
+_DIALOG_HEAD = """\
 # Inside a dialog: only dialogs we set up (our Record-Route, known to the dialog module) are followed
 route[WITHINDLG] {
 	if (!loose_route()) {
@@ -546,7 +653,9 @@ route[WITHINDLG] {
 	}
 	route(TO_SERVE_IN_DIALOG);
 }
+"""
 
+_FIXED_IN_DIALOG = """\
 # A caller's requests in its call go to serve, whatever their Request-URI says: the edge relays for
 # nobody else. A sips: caller's name the edge itself (onreply_route[SIPS]), and the socket rr chose
 # for the other leg is not serve's.
@@ -576,6 +685,9 @@ route[NEW] {
 	if (!is_method("INVITE")) {
 		route(REFUSE);
 	}
+	if ($sht(drain=>on) > 0) {
+		route(DRAINING);
+	}
 	route(LIMITS);
 	dlg_manage();
 	set_dlg_profile("caller", "$si");
@@ -584,6 +696,14 @@ route[NEW] {
 	}
 	cnt_inc("calls_passed");
 	route(TO_SERVE);
+}
+
+# shutting down (`kamcmd htable.seti drain on 1`): the calls in progress go on, new ones go elsewhere
+route[DRAINING] {
+	cnt_inc("calls_drained");
+	append_to_reply("Retry-After: %(drain_retry)d\\r\\n");
+	sl_send_reply("503", "Shutting Down");
+	exit;
 }
 
 # 405 naming what we take (RFC 3261 wants the Allow header in it)
@@ -636,12 +756,8 @@ route[BUSY] {
 """
 
 _TO_SERVE = """\
-# Where calls go. One serve process today: a fixed destination. Several workers behind this edge
-# (docs/architecture.md, Scale): load dispatcher.so with their list (modparam "list_file"), replace
-# the $du line by
-#	if (!ds_select_dst("1", "4")) { sl_send_reply("503", "No Worker"); exit; }
-# try the next one with ds_next_dst() in failure_route[SERVE_FAILED], and let
-# route[TO_SERVE_IN_DIALOG] send to the worker its Request-URI names (serve's Contact).
+# Where calls go: one serve, a fixed destination (several - `serve --workers`, [edge] nodes - are
+# dispatched: that configuration loads the dispatcher module and picks one with ds_select_dst)
 route[TO_SERVE] {
 	if ($rz == "sips") {
 		# the edge's own sips: address, for the Contact of serve's answers (onreply_route[SIPS])
@@ -667,7 +783,9 @@ route[TO_SERVE] {
 	t_on_failure("SERVE_FAILED");
 	route(RELAY);
 }
+"""
 
+_SIPS_REPLY = """\
 # serve's Contact is a sip: URI on loopback; a sips: caller requires a sips: one (RFC 5630: pjsua
 # hangs up with "480 SIPS Required") and should learn no address but the edge's. The same for our
 # Record-Route (both entries: pjsua wants its whole route set sips:): rr wrote sip:, as serve needs.
@@ -678,11 +796,119 @@ onreply_route[SIPS] {
 	}
 	subst_hf("Record-Route", "/<sip:/<sips:/g", "a");
 }
+"""
 
+_SERVE_FAILED = """\
 # serve did not answer at all: the caller hears the service is down, not 408
 failure_route[SERVE_FAILED] {
 	if (t_is_canceled()) {
 		exit;
+	}
+	if (t_branch_timeout() && !t_branch_replied()) {
+		t_reply("503", "Service Unavailable");
+	}
+}
+"""
+
+_DISPATCHER_PARAMS = """\
+loadmodule "dispatcher.so"
+
+# ----- dispatcher: serve's destinations, set %(set)d in %(run_dir)s/dispatcher.list (below), each asked
+# OPTIONS every %(ping)d s: %(ping_failures)d unanswered in a row take it out, one answer brings it back
+modparam("dispatcher", "list_file", "%(run_dir)s/dispatcher.list")
+modparam("dispatcher", "flags", 2)  # the rest of the set kept for ds_next_dst()
+modparam("dispatcher", "ds_ping_method", "OPTIONS")
+modparam("dispatcher", "ds_ping_from", "sip:edge@localhost")
+modparam("dispatcher", "ds_ping_interval", %(ping)d)
+modparam("dispatcher", "ds_probing_mode", 1)  # ping all of them, the active ones too
+modparam("dispatcher", "ds_probing_threshold", %(ping_failures)d)
+modparam("dispatcher", "ds_inactive_threshold", 1)
+modparam("dispatcher", "reload_delta", 1)
+# a ping (like any request but an INVITE) with no answer fails after %(ping_timeout)d s, not tm's 30: a
+# destination that went quiet is out in about %(ping_timeout)d + %(ping_failures)d x %(ping)d s
+modparam("tm", "fr_timer", %(ping_timeout_ms)d)
+# dispatcher.list:
+"""
+
+_DISPATCH_IN_DIALOG = """\
+# A caller's requests in its call go to the destination that took it (kept with the dialog), whatever
+# their Request-URI says: the edge relays for nobody else. A sips: caller's name the edge itself
+# (onreply_route[SIPS]), and the socket rr chose for the other leg is not serve's.
+route[TO_SERVE_IN_DIALOG] {
+	if ($dlg_var(serve) == $null) {
+		sl_send_reply("481", "Call/Transaction Does Not Exist");
+		exit;
+	}
+	$du = $dlg_var(serve);
+	route(SERVE_RURI);
+	route(SERVE_SOCKET);
+	route(RELAY);
+}
+
+# serve takes sip: over UDP at the destination's address: a sips: call's TLS ended here
+route[SERVE_RURI] {
+	if ($rU != $null) {
+		$ru = "sip:" + $rU + "@" + $dd + ":" + $dp;
+	} else {
+		$ru = "sip:" + $dd + ":" + $dp;
+	}
+}
+"""
+
+_DISPATCH = """\
+# Where calls go: one of %(backend)s (dispatcher set %(set)d), in turn among those that answer their
+# pings; none: 503 and a time to come back
+route[TO_SERVE] {
+	if ($rz == "sips") {
+		# the edge's own sips: address, for the Contact of serve's answers (onreply_route[SIPS])
+		if ($rU != $null) {
+			$avp(sips_contact) = "sips:" + $rU + "@" + $RAi + ":" + $RAp;
+		} else {
+			$avp(sips_contact) = "sips:" + $RAi + ":" + $RAp;
+		}
+		t_on_reply("SIPS");
+	}
+	if (!ds_select_dst("%(set)d", "4")) {
+		append_to_reply("Retry-After: 5\\r\\n");
+		sl_send_reply("503", "No Serve Available");
+		exit;
+	}
+	route(TO_DESTINATION);
+	# after the sip: Request-URI: rr takes our Record-Route's scheme from it, and serve has no TLS to
+	# follow a sips: one
+	record_route();
+	t_on_failure("SERVE_FAILED");
+	route(RELAY);
+}
+
+# The destination chosen ($du): its socket and Request-URI, and the dialog remembers it for the call's
+# later requests (the last one tried is the one that answered)
+route[TO_DESTINATION] {
+	route(SERVE_SOCKET);
+	route(SERVE_RURI);
+	$dlg_var(serve) = $du;
+	t_set_fr(0, 4000);  # ms without any answer: serve answers 100 Trying at once, silence means it is down
+}
+"""
+
+_DISPATCH_FAILED = """\
+# serve refused (486: its 4 lines are taken; 503: its model has no room) or did not answer at all
+# (out of the set until it answers a ping): the next destination; none left, the caller gets the
+# refusal, or 503 rather than 408
+failure_route[SERVE_FAILED] {
+	if (t_is_canceled()) {
+		exit;
+	}
+	if (t_branch_timeout() && !t_branch_replied()) {
+		xlog("L_WARN", "edge: $xavp(_dsdst_=>uri) did not answer an INVITE: out until it answers a ping\\n");
+		ds_mark_dst("ip");
+	} else if (!t_check_status("486|503")) {
+		exit;
+	}
+	if (ds_next_dst()) {
+		route(TO_DESTINATION);
+		t_on_failure("SERVE_FAILED");
+		route(RELAY);
 	}
 	if (t_branch_timeout() && !t_branch_replied()) {
 		t_reply("503", "Service Unavailable");
@@ -829,10 +1055,13 @@ def preflight(edge: EdgeSettings) -> tuple[str, str]:
 class Edge:
     """kamailio running the generated configuration, a child of this process."""
 
-    def __init__(self, settings: Settings, backend: Backend, *, source: str = "callbot's config"):
+    def __init__(self, settings: Settings, backend: Backend | Sequence[Backend], *, source: str = "callbot's config",
+                 dispatch: bool | None = None):
         self.settings = settings
         self.edge = settings.edge
-        self.backend = backend
+        self.destinations = destinations(self.edge, backend)
+        self.backend = self.destinations[0]
+        self.dispatch = len(self.destinations) > 1 if dispatch is None else dispatch
         self.kamailio, self.modules_dir = preflight(self.edge)
         self._tmp: tempfile.TemporaryDirectory | None = None
         if self.edge.run_dir:
@@ -845,9 +1074,11 @@ class Edge:
             self._tmp = tempfile.TemporaryDirectory(prefix="callbot-edge-")
             self.run_dir = pathlib.Path(self._tmp.name)
         self.config_path = self.run_dir / "kamailio.cfg"
-        self.config_path.write_text(render(self.edge, backend, modules_dir=self.modules_dir,
+        if self.dispatch:
+            (self.run_dir / "dispatcher.list").write_text(dispatcher_list(self.edge, self.destinations))
+        self.config_path.write_text(render(self.edge, self.destinations, modules_dir=self.modules_dir,
                                            run_dir=os.fspath(self.run_dir), source=source,
-                                           version=kamailio_version(self.kamailio)))
+                                           version=kamailio_version(self.kamailio), dispatch=self.dispatch))
         self.proc: subprocess.Popen | None = None
         self._watcher: subprocess.Popen | None = None
 
@@ -859,7 +1090,8 @@ class Edge:
         """The one line `callbot edge` and `serve --edge` print at start."""
         e = self.edge
         public = f"udp/tcp {e.address}:{e.port}" + (f", tls {e.address}:{e.tls_port}" if e.tls else "")
-        return f"edge: kamailio on {public} -> serve at {self.backend} (config {self.config_path})"
+        to = ", ".join(map(str, self.destinations))
+        return f"edge: kamailio on {public} -> serve at {to} (config {self.config_path})"
 
     def start(self) -> Edge:
         check_config(self.kamailio, self.config_path)
@@ -905,19 +1137,56 @@ class Edge:
     def counters(self) -> dict[str, int]:
         return read_counters(self.ctl_socket, self.kamailio)
 
+    def rpc(self, *args: str) -> str:
+        """One kamcmd command over the control socket; its output. RuntimeError when it fails."""
+        return kamcmd(self.ctl_socket, self.kamailio, *args)
+
+    def set_state(self, dest: Backend | str, state: str) -> None:
+        """A destination's dispatcher state: "ap" in, "ip" out until it answers a ping, "d" out for good;
+        `dest` "all": every one."""
+        self.rpc("dispatcher.set_state", state, str(DISPATCH_SET), dest if isinstance(dest, str) else dest.uri)
+
+    def states(self) -> dict[str, str]:
+        """Each destination's dispatcher flags by URI ("AP": in and pinged, "IP": out until it answers)."""
+        found, uri = {}, None
+        for line in self.rpc("dispatcher.list").splitlines():
+            key, _, value = line.strip().partition(": ")
+            if key == "URI":
+                uri = value
+            elif key == "FLAGS" and uri is not None:
+                found[uri] = value
+                uri = None
+        return found
+
+    def drain(self) -> None:
+        """New calls get 503 (Retry-After) from now on; the calls in progress and their requests go on."""
+        self.rpc("htable.seti", "drain", "on", "1")
+
+    def active_calls(self) -> int:
+        """The calls passing through the edge now, ringing or answered (the dialog module's count)."""
+        for line in self.rpc("dlg.stats_active").splitlines():
+            key, _, value = line.strip().partition(":")
+            if key == "all":
+                return int(value)
+        raise RuntimeError("kamcmd dlg.stats_active: no 'all' count")
+
+
+def kamcmd(ctl_socket: str, kamailio: str | None, *args: str) -> str:
+    """kamcmd (installed with kamailio) ARGS over `ctl_socket`; its output. RuntimeError when it fails."""
+    search = os.pathsep.join(p for p in (os.path.dirname(kamailio or ""), os.environ.get("PATH", "")) if p)
+    program = shutil.which("kamcmd", path=search)
+    if program is None:
+        raise RuntimeError("kamcmd (kamailio's control client) is not installed")
+    out = subprocess.run([program, "-s", ctl_socket, *args], capture_output=True, text=True, timeout=10)
+    if out.returncode != 0 or out.stdout.startswith("error:"):
+        raise RuntimeError(f"kamcmd {' '.join(args)} failed: {out.stderr.strip() or out.stdout.strip()}")
+    return out.stdout
+
 
 def read_counters(ctl_socket: str, kamailio: str | None = None) -> dict[str, int]:
     """The configuration's COUNTERS, read over kamailio's control socket with kamcmd (installed with it)."""
-    search = os.pathsep.join(p for p in (os.path.dirname(kamailio or ""), os.environ.get("PATH", "")) if p)
-    kamcmd = shutil.which("kamcmd", path=search)
-    if kamcmd is None:
-        raise RuntimeError("kamcmd (kamailio's control client) is not installed")
-    out = subprocess.run([kamcmd, "-s", ctl_socket, "cnt.grp_get_all", "script"], capture_output=True, text=True,
-                         timeout=10)
-    if out.returncode != 0:
-        raise RuntimeError(f"kamcmd failed: {out.stderr.strip() or out.stdout.strip()}")
     values = {}
-    for line in out.stdout.splitlines():
+    for line in kamcmd(ctl_socket, kamailio, "cnt.grp_get_all", "script").splitlines():
         name, _, value = line.strip().partition(":")
         if name.strip() in COUNTERS:
             values[name.strip()] = int(value)
@@ -925,8 +1194,9 @@ def read_counters(ctl_socket: str, kamailio: str | None = None) -> dict[str, int
 
 
 @contextlib.contextmanager
-def running_edge(settings: Settings, backend: Backend, *, source: str = "callbot's config") -> Iterator[Edge]:
-    edge = Edge(settings, backend, source=source)
+def running_edge(settings: Settings, backend: Backend | Sequence[Backend], *, source: str = "callbot's config",
+                 dispatch: bool | None = None) -> Iterator[Edge]:
+    edge = Edge(settings, backend, source=source, dispatch=dispatch)
     try:
         yield edge.start()
     finally:
@@ -937,7 +1207,12 @@ def run_edge(settings: Settings, *, source: str, print_only: bool = False, check
     """`callbot edge`: kamailio alone in front of a serve started separately; until SIGTERM/SIGINT."""
     from callbot.app.serve import stop_on_signals
 
-    backend = backend_of(settings)
+    # with [edge] nodes they are where calls go; else serve on loopback, as its config says
+    if settings.edge.nodes:
+        check_edge(settings.edge)
+        backend: list[Backend] = []
+    else:
+        backend = [backend_of(settings)]
     if print_only:
         # text only: kamailio need not be installed here (the config may be meant for another machine)
         installed = shutil.which(settings.edge.kamailio)

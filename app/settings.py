@@ -100,6 +100,22 @@ PublicPort = Annotated[int, Meta(ge=1, le=65535)]
 Positive = Annotated[int, Meta(ge=1)]
 
 
+_NODE = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9][A-Za-z0-9.-]*)):(?P<port>\d{1,5})$")
+
+
+def _parse_node(node: str) -> tuple[str, int] | None:
+    """("host", port) of an [edge] nodes entry, None when it is not HOST:PORT."""
+    m = _NODE.match(node)
+    if m is None or not 1 <= int(m.group("port")) <= 65535:
+        return None
+    if m.group("v6") is not None:
+        try:
+            ipaddress.IPv6Address(m.group("v6"))
+        except ValueError:
+            return None
+    return m.group("v6") or m.group("host"), int(m.group("port"))
+
+
 class EdgeSettings(_Settings):
     """kamailio on the public SIP port in front of `callbot serve` on loopback (app/edge.py, `callbot
     edge`, `callbot serve --edge`): floods, strangers and TLS end there; serve sees what passed."""
@@ -126,6 +142,15 @@ class EdgeSettings(_Settings):
     tcp_idle_s: Positive = 300  # a TCP/TLS connection silent this long is closed
     tcp_max_connections: Positive = 2048
     workers: Annotated[int, Meta(ge=1, le=64)] = 4  # kamailio processes per UDP socket, and for TCP/TLS
+    # `callbot serve --edge` as a supervisor (app/workers.py; `--workers` overrides): this many `callbot serve`
+    # processes on loopback, ports from serve's transport port up (4 calls each: the pjsua2 wheel's cap),
+    # one model service for all of them, kamailio dispatching calls across them
+    serve_workers: Annotated[int, Meta(ge=1, le=64)] = 1
+    # other machines' serve nodes ("10.0.0.2:5070", "[2001:db8::2]:5070"), dispatched to beside the local
+    # ones; `callbot edge` alone dispatches to these only
+    nodes: tuple[str, ...] = ()
+    # on SIGTERM the supervisor has the edge refuse new calls (503) and lets running ones go on this long
+    drain_s: Annotated[float, Meta(ge=0, le=86400)] = 60.0
     kamailio: str = "kamailio"  # the program, found on PATH unless a path
     modules_dir: str | None = None  # kamailio's modules (':' between several); None = found beside it
     run_dir: str | None = None  # the generated config, pid file, control socket; None = a temporary folder
@@ -137,6 +162,10 @@ class EdgeSettings(_Settings):
             raise ValueError("ca_file verifies callers over TLS: give cert_file and key_file too")
         if self.cert_file and self.tls_port == self.port:
             raise ValueError(f"tls_port {self.tls_port} is the port of SIP over TCP: pick another (5061)")
+        for node in self.nodes:
+            if _parse_node(node) is None:
+                raise ValueError(f"nodes: {node!r} is not HOST:PORT (an IP address or name, a port 1-65535; "
+                                 "IPv6 in brackets: \"[2001:db8::2]:5070\")")
         for source in self.trusted_sources:
             try:
                 ipaddress.ip_network(source, strict=False)
@@ -146,6 +175,11 @@ class EdgeSettings(_Settings):
     @property
     def tls(self) -> bool:
         return self.cert_file is not None
+
+    @property
+    def node_addresses(self) -> tuple[tuple[str, int], ...]:
+        """`nodes` as (host, port) pairs."""
+        return tuple(_parse_node(n) for n in self.nodes)  # type: ignore[misc]  (checked in __post_init__)
 
 
 class TenantSettings(_Settings):
