@@ -30,7 +30,8 @@ MARKS: dict[str, frozenset[str]] = {
         "test_batch_step": "model",  # 9 s
         "test_edge": "sip slow",  # 35 s: kamailio before `callbot serve`, a SIPp flood, held TCP connections
         "test_edge_netns": "sip slow",  # 25 s: calls in and out through the edge, the peer in a network namespace
-        "test_edge_workers": "sip slow",  # 32 s: `serve --edge --workers`, 8 pjsua2 calls, a killed worker, a drain, nodes
+        "test_edge_workers": "sip slow",  # 40 s: `serve --edge --workers`, 8 pjsua2 calls, a killed worker, a drain, nodes
+        "test_edge_workers::test_the_model_engine_gets_one_model_service_for_all_workers": "model",  # the tiny model
         "test_flows_call": "sip slow",  # call flows on real calls: menus, DTMF, a REFER, webhooks
         "test_flows_model": "sip model slow",  # a flow on the tiny model in its own process
         "test_flows_speech": "sip slow",  # 30 s: the README's example line, espeak-ng prompts, the caller recognizer
