@@ -187,7 +187,7 @@ class Deployment:
     """`callbot serve --edge --workers N --engine echo` on loopback: workers from `sip_port` up, their
     metrics from `metrics_port` + 1 up, the edge on `edge_port`."""
 
-    def __init__(self, tmp_path: pathlib.Path, n: int, *, drain_s: float = 30):
+    def __init__(self, tmp_path: pathlib.Path, n: int, *, drain_s: float = 30, engine: str = "echo", tail: str = ""):
         self.sip_port, self.metrics_port, self.edge_port = _free_run(n), _free_run(n + 1), free_port()
         self.run_dir = tmp_path / "edge"
         cfg = serve_config(tmp_path, self.sip_port, self.metrics_port, tail=f"""[recognizer]
@@ -199,9 +199,9 @@ run_dir = "edge"
 trusted_sources = ["127.0.0.0/8"]
 total_calls_per_s = 50
 drain_s = {drain_s}
-""")
+{tail}""")
         self.events = open(tmp_path / "events.jsonl", "w")
-        self.proc = subprocess.Popen([*CALLBOT, "serve", "--edge", "--workers", str(n), "--engine", "echo",
+        self.proc = subprocess.Popen([*CALLBOT, "serve", "--edge", "--workers", str(n), "--engine", engine,
                                       "--config", str(cfg)], stdout=self.events, stderr=subprocess.PIPE, text=True)
         self.err = _Lines(self.proc.stderr, tmp_path / "supervisor.log")
         self.uri = f"sip:echo@{LOCALHOST}:{self.edge_port}"
@@ -300,6 +300,9 @@ def test_two_workers_take_eight_calls_without_cross_talk_and_survive_a_killed_wo
                        "1.5 s of the new calls")
             assert {f: _hears(_samples(tmp_path / f"again-{f}.wav")[RATE // 2:], f) for _, _, f in again} == {
                 f: "own" for _, _, f in again}
+            for peer, cid, f in again:  # the BYE finds the worker that took the call, after a failover too
+                peer.send("hangup", call_id=cid)
+                assert peer.expect("disconnected", call_id=cid, timeout=10)["code"] == 200
         assert dep.close() == 0
         assert _kamailio_gone(dep.run_dir)
     finally:
@@ -400,3 +403,34 @@ def test_callbot_edge_with_nodes_spreads_calls_and_skips_a_node_that_is_down(tmp
             stop_process(kamailio, 10, signal.SIGKILL)
         for node in nodes:
             node.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from tests.tiny_assets import write_tiny_model_for_serve
+
+    return write_tiny_model_for_serve(tmp_path_factory.mktemp("personaplex"))
+
+
+def test_the_model_engine_gets_one_model_service_for_all_workers(tmp_path, tiny_model):
+    """`--engine model`: the supervisor starts `callbot model-service` (the tiny model, on a socket in its
+    own folder) before the workers, both workers attach to it, and a call through the edge hears it."""
+    model_dir, arch = tiny_model
+    dep = Deployment(tmp_path, 2, engine="model", tail=f'[model]\npath = "{model_dir}"\narchitecture = "{arch}"\n'
+                     'quantization = "none"\ndownload = false\n[[bots]]\npersona = "You answer the phone."\n')
+    try:
+        dep.err.wait_line("model service: model service listening on /tmp/callbot-", 5)
+        eventually(lambda: sum("model service: worker" in line and "connected" in line for line in dep.err.lines) == 2,
+                   20, "both workers attached to the service")
+        with PjsuaPeer(user="a", log_dir=tmp_path) as a:
+            cid = a.call(dep.uri)
+            a.expect("media", call_id=cid, timeout=20)
+            heard = tmp_path / "heard.wav"
+            a.send("record", path=str(heard), call_id=cid)
+            eventually(lambda: len(_samples(heard)) > RATE, 20, "1 s of the call")
+            assert np.abs(_samples(heard)).max() > 0, "the model was never heard"
+            a.send("hangup", call_id=cid)
+            assert a.expect("disconnected", call_id=cid, timeout=10)["code"] == 200
+        assert dep.close() == 0
+    finally:
+        dep.close(signal.SIGKILL)
