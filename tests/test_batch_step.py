@@ -1,4 +1,5 @@
-"""The batched forward pieces, each against the same stream stepped alone, bit for bit: the transformer's
+"""The batched forward pieces, each against the same stream stepped alone, bit for bit (within float32
+rounding where MLX's matmul is not row-exact: tests/batch_compare.py): the transformer's
 `step_slots` (one position per stream: the compiled LM path; two: Mimi's), `LM.step_slots` (streams at
 different positions, past the context, with their own sampling, seeds and forcing), Mimi's
 `encode_slots`/`decode_slots` (fresh and running streams, past the codec's window). test_batch_parity.py
@@ -16,6 +17,7 @@ from callbot.engine.model.mimi import MimiState, load_mimi
 from callbot.engine.model.sampling import GREEDY, SamplingConfig
 from callbot.engine.model.transformer import Transformer, TransformerConfig
 from callbot.engine.model.weights import load_lm
+from tests.batch_compare import ROW_EXACT, bundled_reference_blas, same
 from tests.tiny_lm import TINY_LM, write_tiny_lm
 from tests.tiny_mimi import tiny_mimi_config, write_tiny_mimi
 
@@ -25,7 +27,14 @@ CFG = dataclasses.replace(TINY_LM, context=16)  # a short context: every stream 
 
 
 def _same(a: mx.array, b: mx.array) -> bool:
-    return np.array(a).tobytes() == np.array(b).tobytes()
+    return same(np.array(a), np.array(b))
+
+
+def test_mlx_cpu_compares_bit_for_bit():
+    """On the mlx-cpu wheel's own BLAS (CI) every comparison here is bit for bit (tests/batch_compare.py)."""
+    if not bundled_reference_blas():
+        pytest.skip("MLX runs on another BLAS here: comparisons are within float32 rounding")
+    assert ROW_EXACT
 
 
 @pytest.mark.parametrize("positions, context", [(1, 16), (2, 12)], ids=["one-position", "two-positions"])

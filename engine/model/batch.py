@@ -7,16 +7,22 @@ Mimi's encoder (the callers' frames and any played clip frames), the temporal tr
 head and the depformer, then Mimi's decoder, each as one batched forward (`Mimi.encode_slots`,
 `LM.step_slots`, `Mimi.decode_slots`). Everything per call stays per call: position, rotating KV cache
 (its own arrays: a call joined from a prompt snapshot shares the snapshot's until its first write, as
-a Session does), attention window and mask, RoPE offset, sampling settings and random key chain, codec
+a Session does; joining a held slot replaces its call at once), attention window and mask, RoPE offset, sampling settings and random key chain, codec
 history, played-clip stream, persona swap.
 
 Design: the KV caches are not one [B, ...] tensor but one array per slot, and attention runs per slot
 inside the one compiled forward, while the weight-bound work (projections, norms, FFNs, embeddings,
 heads, convolutions) runs over all rows at once. So an empty or idle slot costs nothing at all (it is
 not in the batch), a join or leave is a reference swap (no copy of a cache), and each slot's results
-are the same operations on the same values as its Session stepped alone: bit-identical on this CPU
-(tests/test_batch_*). The price: attention kernels grow with the number of slots (one per slot and
-layer) instead of one masked kernel per layer; fine on a CPU, to be measured on a GPU.
+are the same operations on the same values as its Session stepped alone: bit-identical on this CPU,
+whose MLX matmul (the mlx-cpu wheel's bundled reference BLAS) computes each row alone
+(tests/test_batch_*); an optimized BLAS or a GPU may block rows together, and then a slot equals its
+call alone within float rounding (~1e-6 relative per matmul). The price: attention kernels grow with
+the number of slots (one per slot and layer) instead of one masked kernel per layer; fine on a CPU, to
+be measured on a GPU. What batching saves depends on the backend's matmul: the reference BLAS is
+compute-bound (B rows cost B times one row), so on this CPU the gain is in the per-step overheads
+only; with a bandwidth-bound matmul (OpenBLAS here, Metal, CUDA) B rows cost about one (BENCHMARKS.md,
+"Batched step").
 
 `step` is `Session.step` for many sessions: it reads and writes the sessions' own state (`_lm_state`,
 `_codec`, `_played`, `_forced`, `_swap`), so a change there must be mirrored here; the parity tests
@@ -78,17 +84,14 @@ class BatchedSessions:
     def join(self, slot: int, snapshot: PromptSnapshot, seed: int = 0, sampling: SamplingConfig | None = None) -> None:
         """A call takes `slot`, starting right after `snapshot`'s prompt (any bot's: slots may hold
         different voices and personas) with its own seed and sampling (default: the model's). A slot
-        that holds a call is reset in place to the new one."""
+        that holds a call is taken over by the new one at once (the old call's Session object is left
+        as it was, for whoever still reads it). Milliseconds: the state is the snapshot's arrays by
+        reference, copied layer by layer as the call writes them."""
         self._check_slot(slot)
         if not isinstance(snapshot, PromptSnapshot):
             raise ValueError(f"snapshot must be a PromptSnapshot from Model.prepare, got {type(snapshot).__name__}")
-        sampling = sampling if sampling is not None else self.model.sampling
-        session = self._slots[slot]
-        if session is None:
-            self._slots[slot] = Session(self.model, snapshot, seed, sampling)
-            return
-        session.snapshot, session.seed, session.sampling = snapshot, seed, sampling
-        session.reset()
+        self._slots[slot] = Session(self.model, snapshot, seed,
+                                    sampling if sampling is not None else self.model.sampling)
 
     def leave(self, slot: int) -> None:
         """The call in `slot` ends; its state goes (the slot costs nothing until a call joins it)."""
