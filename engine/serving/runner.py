@@ -1,8 +1,23 @@
 """The inference runner: one dedicated thread per loaded model steps every open call every 80 ms.
 
-Why one thread: the model is one set of weights; each call's session holds its own LM and codec state
-(functional, no lock), so the calls' steps take turns on the weights now and can be batched later. The
-thread runs at real-time priority where the OS allows (ext/ rtthread).
+Why one thread: the model is one set of weights; each call holds its own LM and codec state (functional,
+no lock). The thread runs at real-time priority where the OS allows (ext/ rtthread).
+
+Batched (the default with a loaded Model): each call holds a slot of one `BatchedSessions`
+(engine/model/batch.py; `slots` = the most calls the engine takes), joined on the inference thread when
+the call is first seen and left when it has closed, and every call whose frame is due is stepped in one
+forward (Mimi encode, LM, Mimi decode over all of them): the 7B step reads its weights once for B calls
+instead of B times (BENCHMARKS.md, "Batched step"). Each slot's output equals its call stepped alone.
+Calls whose frames are not due at the same moment: the round steps the ones that are due now (the
+active mask) and the others in a round of their own when theirs is - no gathering window. Why: a window
+would hold every call's frame back by up to its width on every frame, while stepping now costs a call
+only the round already in flight when its frame completed (at most one round, the same wait a call has
+behind the others' steps when stepping one by one). The calls of one SIP process complete their frames
+on pjmedia's 20 ms ticks, so they fall into at most 4 phases per 80 ms frame: at most 4 rounds, each
+with the calls of its phase; calls opened in phase (issue 13, point 5) share one round. After each round
+`on_round(calls stepped, seconds)` is told (the model service feeds admission's StepTimes with it).
+`batch=False` steps the calls one after another, each through its own `Session` (the model may then be
+a wrapper such as a test's tap or `--step-delay-ms`'s SlowModel; a batch needs the loaded Model).
 
 Control operations (engine/contract.py) take effect at a call's next step: a played clip's frame is
 given to the model as its own audio (`agent_pcm`) and, one step later - when the model's output is that
@@ -38,7 +53,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import mlx.core as mx
 import numpy as np
@@ -53,6 +68,7 @@ from callbot.engine.serving.clips import Clip, cut_clips
 from callbot.engine.serving.frame_stats import STAGES, FrameStats
 from callbot.engine.serving.speech_activity import SpeechActivity
 from callbot.engine.serving.tx_policy import MODEL_TX_MAX_MS, MODEL_TX_SETTLE_PUSHES
+from callbot.engine.model.batch import BatchedSessions
 from callbot.engine.model.session import FRAME_SIZE, Model, PromptSnapshot, Session
 from callbot.engine.model.sampling import SamplingConfig
 
@@ -63,6 +79,10 @@ _INT16_SCALE = 32768.0
 # a frame's last stage (rtp_out, known once the media side has read it) is in its row when it is sent
 STAGES_EVERY = 12
 STAGES_LAG = 6
+# calls one engine steps together at most (batched): an empty slot costs a row of zeros in the round's
+# input and nothing in the model (it is not in the batch); admission (step_budget.py) keeps the real
+# number of calls where the frame allows
+DEFAULT_SLOTS = 64
 
 
 @dataclass(frozen=True)
@@ -88,6 +108,7 @@ class ModelCallSession:
     seed: int
     engine: "ModelEngine"
     session: Session | None = None  # opened on the inference thread
+    slot: int | None = None  # batched: the call's slot in the engine's BatchedSessions
     pending: deque = field(default_factory=deque)  # Control operations not yet taken up
     playing: deque = field(default_factory=deque)  # Clips for the caller (and forced into the agent stream)
     # the clip frame given to the model last step: (clip, call-rate frame, was its last), sent to the
@@ -160,11 +181,25 @@ class ModelEngine:
     def __init__(self, model: Model, prompt_for: Callable[[CallStart], BotPrompt], *, realtime: bool = True,
                  grace_ms: float = 40.0, max_backlog: int = 2, poll_ms: float = 1.0,
                  on_closed: Callable[[ModelCallSession], None] | None = None, on_event: EventSink | None = None,
-                 warmup: Callable[[], None] | None = None, switch_interval_s: float | None = 0.001):
+                 warmup: Callable[[], None] | None = None, switch_interval_s: float | None = 0.001,
+                 batch: bool | None = None, slots: int = DEFAULT_SLOTS,
+                 on_round: Callable[[int, float], None] | None = None):
         if not 0 <= grace_ms <= 1000:
             raise ValueError(f"grace_ms must be 0..1000 ms, got {grace_ms!r}")
         if isinstance(max_backlog, bool) or not isinstance(max_backlog, int) or max_backlog < 1:
             raise ValueError(f"max_backlog must be an int >= 1 (frames), got {max_backlog!r}")
+        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+            raise ValueError(f"slots must be an int >= 1 (calls), got {slots!r}")
+        if batch and not isinstance(model, Model):
+            raise ValueError(f"a batched step needs a loaded Model, got {type(model).__name__}: pass batch=False")
+        self.batched = isinstance(model, Model) if batch is None else bool(batch)
+        self.slots = slots
+        self.on_round = on_round
+        self._batch: BatchedSessions | None = None  # made on the inference thread
+        self._held: list[ModelCallSession | None] = [None] * slots  # the call in each slot (inference thread)
+        self._pcm = np.zeros((slots, FRAME_SIZE), np.float32)  # a round's inputs, reused
+        self._active = np.zeros(slots, np.bool_)
+        self._agents: list[np.ndarray | None] = [None] * slots
         self.model = model
         self.prompt_for = prompt_for
         self.grace_ns = int(grace_ms * 1e6)
@@ -207,11 +242,18 @@ class ModelEngine:
             raise ValueError(f"the call's audio runs at {audio.call_rate} Hz, its CallStart says {start.rate} Hz")
         bot = self.prompt_for(start)
         seed = bot.seed if bot.seed is not None else time.monotonic_ns() & 0x7FFFFFFF
+        given = audio
         if audio is None:
             audio = CallAudio(start.rate, tx_max_ms=MODEL_TX_MAX_MS, tx_settle=MODEL_TX_SETTLE_PUSHES)
         s = ModelCallSession(start, audio, bot, seed, self)
         with self._lock:
-            self._sessions.append(s)
+            full = self.batched and len(self._sessions) >= self.slots
+            if not full:
+                self._sessions.append(s)
+        if full:
+            if given is None:
+                audio.close()
+            raise RuntimeError(f"the model engine is full: all {self.slots} slots hold a call")
         return s
 
     def close_session(self, s: ModelCallSession) -> CallSummary | None:
@@ -265,6 +307,8 @@ class ModelEngine:
             # MLX keeps a stream per thread (0.3x) and caches compiled graphs per stream: this thread
             # needs its own before it evaluates anything, and the warm-up must run on it
             mx.set_default_stream(mx.new_stream(mx.default_device()))
+            if self.batched:
+                self._batch = BatchedSessions(self.model, self.slots)
             if self._warmup is not None:
                 self._warmup()
             self._ready.set()
@@ -273,6 +317,9 @@ class ModelEngine:
                 clock.wait()
                 with self._lock:
                     sessions = list(self._sessions)
+                if self._batch is not None:
+                    self._batched_rounds(sessions)
+                    continue
                 for s in sessions:
                     with s.lock:
                         if not s.closed:
@@ -291,35 +338,86 @@ class ModelEngine:
                 self.realtime_result.restore()
 
     def _service(self, s: ModelCallSession) -> None:
-        """Step `s` for every frame that is due: a complete frame, or silence past the watchdog deadline."""
+        """Step `s` alone for every frame that is due: a complete frame, or silence past the watchdog deadline."""
         if s.session is None:
             # MLX arrays belong to the stream of the thread that made them: the session's own state is
             # made here, where it will be stepped (a restore from the snapshot: milliseconds)
             s.session = self.model.open_session(snapshot=s.bot.snapshot, seed=s.seed, sampling=s.bot.sampling)
-        audio = s.audio
         self._note_departures(s)
+        while (due := self._due_frame(s)) is not None:
+            self._step(s, *due)
+
+    def _due_frame(self, s: ModelCallSession) -> tuple | None:
+        """(pcm float32 [1920], ready ns, silence, arrival ns, resampled ns) of `s`'s next step: its next
+        complete frame (a burst after a stall keeps the newest `max_backlog` frames), else silence when the
+        watchdog's deadline has passed; None when nothing is due."""
+        audio = s.audio
+        frame = audio.pull(FRAME_SIZE)
+        now = now_ns()
+        if frame is not None:
+            while audio.pending_in >= FRAME_SIZE * self.max_backlog:
+                newer = audio.pull(FRAME_SIZE)
+                if newer is None:
+                    break
+                frame = newer
+                s.frames_dropped += 1
+            return frame.astype(np.float32) / _INT16_SCALE, now, False, audio.last_arrival_ns, audio.last_resampled_ns
+        if s.next_deadline_ns and now > s.next_deadline_ns + self.grace_ns:
+            s.silence_fed += 1
+            return np.zeros(FRAME_SIZE, dtype=np.float32), now, True, 0, 0
+        return None
+
+    # ---- batched: every call whose frame is due, in one forward -------------------------------------
+
+    def _batched_rounds(self, sessions: list[ModelCallSession]) -> None:
+        """Rounds of one `BatchedSessions.step` over every call with a frame due, until none has one."""
+        batch = self._batch
+        held = self._held
+        alive = {id(s) for s in sessions if not s.closed}
+        for slot, s in enumerate(held):  # calls closed since the last poll give their slots back
+            if s is not None and id(s) not in alive:
+                batch.leave(slot)
+                held[slot] = None
+        for s in sessions:
+            if s.session is None and not s.closed:
+                slot = held.index(None)  # open_session admits no more calls than slots
+                batch.join(slot, s.bot.snapshot, seed=s.seed, sampling=s.bot.sampling)
+                held[slot] = s
+                s.slot, s.session = slot, batch.session(slot)
         while True:
-            frame = audio.pull(FRAME_SIZE)
-            now = now_ns()
-            if frame is not None:
-                # a burst after a stall: keep the newest `max_backlog` frames, drop the rest
-                while audio.pending_in >= FRAME_SIZE * self.max_backlog:
-                    newer = audio.pull(FRAME_SIZE)
-                    if newer is None:
-                        break
-                    frame = newer
-                    s.frames_dropped += 1
-                pcm = frame.astype(np.float32) / _INT16_SCALE
-            elif s.next_deadline_ns and now > s.next_deadline_ns + self.grace_ns:
-                pcm = np.zeros(FRAME_SIZE, dtype=np.float32)
-                s.silence_fed += 1
-            else:
-                return
-            if frame is not None:
-                self._step(s, pcm, now, silence=False, arrival_ns=audio.last_arrival_ns,
-                           resampled_ns=audio.last_resampled_ns)
-            else:
-                self._step(s, pcm, now, silence=True)
+            stepped: list[tuple[ModelCallSession, _Prepared]] = []
+            locked: list[ModelCallSession] = []
+            try:
+                for s in held:
+                    if s is None:
+                        continue
+                    s.lock.acquire()  # a close waits for the round in flight; none follows once `closed` is set
+                    locked.append(s)
+                    if s.closed:
+                        continue
+                    self._note_departures(s)
+                    due = self._due_frame(s)
+                    if due is not None:
+                        stepped.append((s, self._before_step(s, *due)))
+                if not stepped:
+                    return
+                pcm, active, agents = self._pcm, self._active, self._agents
+                active[:] = False
+                for s, prep in stepped:
+                    pcm[s.slot] = prep.heard
+                    active[s.slot] = True
+                    agents[s.slot] = prep.agent
+                start = now_ns()
+                out, pieces = batch.step(pcm, active, agents)
+                end = now_ns()
+                for s, prep in stepped:
+                    agents[s.slot] = None
+                    self._after_step(s, prep, out[s.slot], pieces[s.slot], start, end)
+            finally:
+                for s in locked:
+                    s.lock.release()
+            if self.on_round is not None:
+                self.on_round(len(stepped), (end - start) / 1e9)
 
     def _emit(self, event: LiveEvent) -> None:
         sink = self.on_event
@@ -375,8 +473,17 @@ class ModelEngine:
 
     def _step(self, s: ModelCallSession, pcm: np.ndarray, ready_ns: int, silence: bool, arrival_ns: int = 0,
               resampled_ns: int = 0) -> None:
-        """One step of `s` on `pcm`, found ready at `ready_ns` (a real frame: its last sample entered rx
-        at `arrival_ns` and was resampled at `resampled_ns`; 0 where unknown)."""
+        """One step of `s` alone on `pcm`, found ready at `ready_ns` (a real frame: its last sample entered
+        rx at `arrival_ns` and was resampled at `resampled_ns`; 0 where unknown)."""
+        prep = self._before_step(s, pcm, ready_ns, silence, arrival_ns, resampled_ns)
+        start = now_ns()
+        out, piece = s.session.step(prep.heard, agent_pcm=prep.agent)
+        self._after_step(s, prep, out, piece, start, now_ns())
+
+    def _before_step(self, s: ModelCallSession, pcm: np.ndarray, ready_ns: int, silence: bool, arrival_ns: int,
+                     resampled_ns: int) -> "_Prepared":
+        """Everything of a call's step before the model runs: its stamps, the app's controls taken up, what
+        the model hears (`heard`) and is given as its own audio (`agent`)."""
         frame_no = s.stats.count
         row = s.stats.row(silence)
         row[_RING_IN] = arrival_ns
@@ -410,15 +517,20 @@ class ModelEngine:
             # held: a silent frame forced into the agent stream, and silence (not its decode) to the caller
             agent = np.zeros(FRAME_SIZE, np.float32)
             fed = (None, np.zeros(s.audio.call_rate * 80 // 1000, np.int16), False)
-        row[_STEP_START] = start = now_ns()
-        out, piece = s.session.step(heard, agent_pcm=agent)
-        row[_DECODED] = end = now_ns()
+        return _Prepared(frame_no, row, t_ms, heard, agent, fed)
+
+    def _after_step(self, s: ModelCallSession, prep: "_Prepared", out: np.ndarray, piece: str | None, start: int,
+                    end: int) -> None:
+        """Everything of a call's step after the model ran from `start` to `end` (ns): the audio to tx (a
+        played frame sent exact), the events, the persona reports, the stage stamps."""
+        row, t_ms, call_id = prep.row, prep.t_ms, s.start.call_id
+        row[_STEP_START], row[_DECODED] = start, end
         row[_ENCODED], row[_LM_STEPPED] = s.session.last_encoded_ns, s.session.last_stepped_ns
-        sent, s.in_flight = (s.in_flight if s.session.last_output_played else None), fed
+        sent, s.in_flight = (s.in_flight if s.session.last_output_played else None), prep.fed
         exact = sent[1] if sent is not None else None  # in place of the decode of the played frame
         pcm16 = np.clip(np.rint(out * _INT16_SCALE), -32768, 32767).astype(np.int16)
         if s.audio.push(pcm16, exact=exact):
-            s.departing.append((frame_no, s.audio.last_push_pos))
+            s.departing.append((prep.frame_no, s.audio.last_push_pos))
         # taken as the audio was handed to tx (before the media side could read it): ring_out <= rtp_out
         row[_RING_OUT] = s.audio.last_push_ns
         s.steps += 1
@@ -442,3 +554,14 @@ class ModelEngine:
                 if text == swap.persona:
                     break
         self._send_stages(s)
+
+
+class _Prepared(NamedTuple):
+    """A call's step between `_before_step` and `_after_step`."""
+
+    frame_no: int
+    row: np.ndarray  # the frame's stats row
+    t_ms: float
+    heard: np.ndarray  # float32 [1920]: what the model hears
+    agent: np.ndarray | None  # float32 [1920] forced into its agent stream, or None
+    fed: tuple | None  # (clip or None, call-rate frame, its last) sent to the caller next step
