@@ -6,6 +6,14 @@ call's audio comes up it picks the call's bot and variables, opens an engine ses
 one call: `play`, `inform`, `set_persona`, `mute_caller` go to the engine (typed control operations),
 `hangup` and `transfer` to the endpoint. Everything here runs on the app's threads (the SIP thread for
 open/close, any thread for control) and returns quickly.
+
+An attended transfer's consultation leg (`LiveCall.transfer_attended`) is a call of ours like any other:
+its record is labelled `transfer_of` (the call being transferred) before its audio comes up, and the
+router opens it held (HoldBot and MuteCaller on, before any watcher sees it), so the bot never talks
+with the transfer target and never hears it: the leg only carries the clips played to it (an
+announcement). Why a held engine session rather than none: the endpoint serves a call's audio only
+through a session, the announcement then plays (and is recorded) by the same path as every prompt, and
+a session costs nothing the model does not already do for a silent call.
 """
 from __future__ import annotations
 
@@ -25,6 +33,8 @@ from callbot.sip.call_record import CallRecord
 # a clip: a WAV file, or (samples, rate) from a text-to-speech engine (int16, or float in [-1, 1]; mono)
 Audio = str | os.PathLike | tuple[np.ndarray, int]
 
+TRANSFER_OF = "transfer_of"  # the label of a consultation leg's record: the Call-ID it transfers
+
 
 class CallControlError(Exception):
     """A control operation that cannot be done; the text says why (one line for the user)."""
@@ -36,6 +46,14 @@ class CallOps(Protocol):
     def hangup(self, call_id: str, code: int = 0) -> None: ...
 
     def transfer(self, call_id: str, target: str) -> None: ...
+
+    def transfer_attended(self, call_id: str, target: str, *, account: str | None = None,
+                          answer_timeout_s: float | None = None, refer_after_s: float | None = 0.0,
+                          labels: dict[str, str] | None = None) -> str: ...
+
+    def complete_transfer(self, call_id: str) -> bool: ...
+
+    def cancel_transfer(self, call_id: str) -> bool: ...
 
 
 class CallWatcher(Protocol):
@@ -60,6 +78,11 @@ class LiveCall:
     @property
     def call_id(self) -> str:
         return self.start.call_id
+
+    @property
+    def transfer_of(self) -> str | None:
+        """The call this one is the consultation leg of (an attended transfer), else None."""
+        return self.record.labels.get(TRANSFER_OF)
 
     def play(self, audio: Audio, id: str | None = None) -> str:
         """Plays a clip to the caller (with the model, also into the agent's stream); returns its id
@@ -95,6 +118,25 @@ class LiveCall:
     def transfer(self, uri: str) -> None:
         """Blind transfer (REFER) to `uri`; TransferProgress events follow."""
         self._sip().transfer(self.call_id, uri)
+
+    def transfer_attended(self, uri: str, answer_timeout_s: float | None = None,
+                          refer_after_s: float | None = 0.0) -> str:
+        """Attended transfer to `uri` (sip/endpoint.py transfer_attended): the target is called on a
+        consultation leg, held (see above), and `refer_after_s` after it answers (None: at
+        `complete_transfer`) the caller is sent to it by a REFER with Replaces. Returns the leg's Call-ID;
+        TransferProgress events of this call follow, the last one final."""
+        return self._sip().transfer_attended(self.call_id, uri, answer_timeout_s=answer_timeout_s,
+                                             refer_after_s=refer_after_s, labels={TRANSFER_OF: self.call_id})
+
+    def complete_transfer(self) -> bool:
+        """Sends the REFER with Replaces of this call's attended transfer now (its leg is answered); False
+        when there was nothing to send (sent already, failed, cancelled)."""
+        return self._sip().complete_transfer(self.call_id)
+
+    def cancel_transfer(self) -> bool:
+        """Drops this call's attended transfer before its REFER (the leg hung up, nothing reported); False
+        when there was none to drop."""
+        return self._sip().cancel_transfer(self.call_id)
 
     def _sip(self) -> CallOps:
         if self.ops is None:
@@ -177,6 +219,9 @@ class CallRouter:
         start = CallStart(call_id=record.call_id, rate=record.clock_rate, bot=bot, variables=variables)
         session = self.engine.open_session(start)
         live = self.calls[record.call_id] = LiveCall(record, start, session, self.ops)
+        if live.transfer_of is not None:  # a consultation leg: the bot holds its tongue and ears (see above)
+            live.hold_bot(True)
+            live.mute_caller(True)
         for watcher in self.watchers:
             watcher.call_opened(live)
         return session

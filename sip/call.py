@@ -32,6 +32,9 @@ INBOUND, OUTBOUND = "inbound", "outbound"
 _MEDIA_CHECK_S = 0.5  # how often an active call's stream statistics are read (RTP timeout, the record)
 _DTMF_IS_END = 2  # PJMEDIA_STREAM_DTMF_IS_END, not exported by the SWIG module
 _NOTIFY_KEPT = 100  # a transfer's NOTIFYs a record keeps (a few are normal: 100 Trying, 180, 200)
+# attended transfer: how long a replaced consultation leg may stay up after the transfer succeeded (the
+# target's UA drops it when the caller's INVITE with Replaces arrives; this is for one that does not)
+_REPLACED_GRACE_S = 2.0
 _SRTP_PROTOS = {pj.PJMEDIA_TP_PROTO_RTP_SAVP, pj.PJMEDIA_TP_PROTO_RTP_SAVPF,
                 pj.PJMEDIA_TP_PROTO_DTLS_SRTP, pj.PJMEDIA_TP_PROTO_DTLS_SRTPF}
 
@@ -112,6 +115,14 @@ class SipCall(pj.Call):
         # while audio flows: (media index, packets seen, when they last grew)
         self._media_watch: tuple[int, int, float] | None = None
         self._watch_chain = 0  # the timer chain that owns the watch (a hold/unhold within one period starts a new one)
+        self.dial_limit_s: float | None = None  # outbound: how long it may ring before it is cancelled
+        # attended transfer, kept as Call-IDs (a reference would keep a forgotten Call alive: see `weakly`).
+        # On the call being transferred: its consultation leg. On that leg: the call it is for, when the REFER
+        # with Replaces goes after the answer (None: when the app says), and whether it went.
+        self.consult_id: str | None = None
+        self.transfer_of: str | None = None
+        self.refer_after_s: float | None = None
+        self.referred = False
 
     @property
     def call_id(self) -> str:
@@ -200,11 +211,16 @@ class SipCall(pj.Call):
             limit = self.account.cfg.max_call_duration_s
             if limit is not None:
                 self.hub._after(limit, weakly(self, "end", "max_duration"))
+            if self.transfer_of is not None and self.refer_after_s is not None:
+                # not from inside this callback: pjsua is still updating the dialog that the REFER names
+                self.hub._after(self.refer_after_s, weakly(self, "refer_replacing"))
         elif ci.state == pj.PJSIP_INV_STATE_DISCONNECTED and not self.ended:
             self.ended = True
             code, reason = int(ci.lastStatusCode), peer_text(str(ci.lastReason))
             if self._local_cause is not None:
                 cause = self._local_cause
+            elif self.referred:
+                cause = "transfer"  # the target dropped the consultation leg it replaced
             elif self.direction == OUTBOUND and not self.confirmed:
                 cause = "failed"
             else:
@@ -217,6 +233,10 @@ class SipCall(pj.Call):
             self._detach()
             self.hub._emit(CallEnded(at=now, call_id=self.call_id, code=code, reason=reason, cause=cause,
                                      stream=rec.stream))
+            if self.transfer_of is not None:
+                self._consultation_ended(cause, code, reason)
+            if self.consult_id is not None:
+                self._transferred_call_ended()
             self.hub._soon(lambda: self.hub._forget(self))
 
     @guarded
@@ -242,6 +262,9 @@ class SipCall(pj.Call):
         self._last_progress = code
         self._progress_done = code >= 200
         self.hub._emit(CallProgress(at=time.monotonic(), call_id=self.call_id, code=code, reason=reason))
+        if self.transfer_of is not None and code < 200:  # the target ringing is the transfer's progress
+            self.hub._emit(TransferProgress(at=time.monotonic(), call_id=self.transfer_of, code=code,
+                                            reason=peer_text(reason), final=False))
 
     @guarded
     def onCallRxOffer(self, prm):
@@ -366,11 +389,18 @@ class SipCall(pj.Call):
             self.record.changed()
         self.hub._emit(TransferProgress(at=time.monotonic(), call_id=self.call_id, code=code, reason=reason,
                                         final=final or code >= 200))
+        leg = self._consultation()
         if 200 <= code < 300:
             prm.cont = False  # no further NOTIFYs wanted: the transfer is done, and so is this call
             self.hub._soon(weakly(self, "end", "transfer"))
+            if leg is not None:  # replaced: its target drops it; if it does not, we do
+                self.hub._after(_REPLACED_GRACE_S, weakly(leg, "end", "transfer"))
         elif code >= 300:
             prm.cont = False
+            if leg is not None:  # the caller could not reach the target: the target's leg has no use now
+                log.info("call %s: attended transfer failed (%d %s); hanging up leg %s", self.call_id, code,
+                         reason, leg.call_id)
+                self.hub._soon(weakly(leg, "end", "local"))
 
     @guarded
     def onCallTransferRequest(self, prm):
@@ -394,6 +424,71 @@ class SipCall(pj.Call):
         self.record.transfer = TransferRecord(target=target)
         self.record.changed()
         self.xfer(target, call_op())
+
+    # ---- attended transfer (Endpoint.transfer_attended): this call is the consultation leg ----
+
+    def _consultation(self) -> SipCall | None:
+        """This call's consultation leg while it is up (on the call being transferred)."""
+        leg = self.hub._calls.get(self.consult_id) if self.consult_id is not None else None
+        return leg if leg is not None and not leg.ended else None
+
+    def _transferred(self) -> SipCall | None:
+        """The call this consultation leg is for, while it is up."""
+        call = self.hub._calls.get(self.transfer_of) if self.transfer_of is not None else None
+        return call if call is not None and not call.ended else None
+
+    def refer_replacing(self) -> None:
+        """REFER with Replaces to the caller of the call being transferred: call the target, replacing this
+        leg (pjsua builds Refer-To from this leg's dialog: the target's URI, `Replaces` with its Call-ID and
+        tags, `Require: replaces`). Once only; the caller's NOTIFYs then come to that call."""
+        if self.referred or self.ended:
+            return
+        if not self.confirmed:
+            raise ValueError(f"consultation leg {self.call_id} is not answered yet")
+        call = self._transferred()
+        if call is None:
+            self.end("local")  # the caller is gone: nobody to connect the target to
+            return
+        self.referred = True
+        try:
+            call.xferReplaces(self, call_op())
+        except pj.Error as exc:  # the call's dialog cannot send it (being re-INVITEd, going away)
+            self.referred = False
+            info = peer_text(exc.info())
+            log.warning("call %s: REFER with Replaces failed: %s", call.call_id, info)
+            self._transfer_failed(call, 500, f"REFER failed: {info}"[:200])
+            self.end("local")
+            return
+        log.info("call %s: REFER with Replaces sent (consultation leg %s)", call.call_id, self.call_id)
+
+    def _consultation_ended(self, cause: str, code: int, reason: str) -> None:
+        """This leg is gone before its REFER went: the transfer failed, the call it is for goes on."""
+        call = self._transferred()
+        if call is None or self.referred or call.consult_id != self.call_id:
+            return  # after the REFER the caller's NOTIFYs say how it went; a failure is reported once
+        if cause == "timeout":
+            code, reason = 408, f"no answer within {self.dial_limit_s:g} s"
+        elif cause == "local":
+            code, reason = 487, "consultation ended by us"
+        elif self.confirmed or code < 300:
+            code, reason = 480, "the transfer target hung up"
+        self._transfer_failed(call, code, reason)
+
+    @staticmethod
+    def _transfer_failed(call: SipCall, code: int, reason: str) -> None:
+        call.consult_id = None
+        if call.record.transfer is not None:
+            call.record.transfer.succeeded = False
+            call.record.changed()
+        call.hub._emit(TransferProgress(at=time.monotonic(), call_id=call.call_id, code=code, reason=reason,
+                                        final=True))
+
+    def _transferred_call_ended(self) -> None:
+        """The call being transferred is gone: a leg still ringing or talking to the target is hung up (the
+        caller left); one already referred is left to the target, which drops it on the INVITE/Replaces."""
+        leg = self._consultation()
+        if leg is not None and not leg.referred:
+            self.hub._soon(weakly(leg, "end", "local"))
 
     def send_digits(self, digits: str, method: str) -> None:
         prm = pj.CallSendDtmfParam()

@@ -33,7 +33,7 @@ import pjsua2 as pj
 from . import admission as adm
 from .account import AccountState, SipAccount
 from .call import INBOUND, OUTBOUND, SipCall, call_op, weakly
-from .call_record import CallRecord, peer_text
+from .call_record import CallRecord, TransferRecord, peer_text
 from .callbacks import forget_printed_errors, guarded
 from .codecs import apply_codec_priorities
 from .config import WHEEL_MAX_CALLS, EndpointConfig
@@ -264,6 +264,54 @@ class Endpoint:
     def transfer(self, call_id: str, target: str) -> None:
         """Blind transfer (REFER) to `target`; TransferProgress events follow, the call ends on success."""
         self._submit(lambda: self._call(call_id).blind_transfer(target))
+
+    def transfer_attended(self, call_id: str, target: str, *, account: str | None = None,
+                          answer_timeout_s: float | None = None, refer_after_s: float | None = 0.0,
+                          labels: dict[str, str] | None = None) -> str:
+        """Attended (consultative) transfer of `call_id` to `target`; returns the consultation leg's Call-ID.
+
+        The target is dialled as a call of ours (from `account`, default the call's own) with `labels` on
+        its record before its audio comes up (the app's: how it knows what the leg is for). Answered, and
+        `refer_after_s` later (0: at once; None: only at `complete_transfer`), the caller gets a REFER with
+        Replaces: its UA calls the target with an INVITE that replaces our consultation leg, the target
+        drops that leg, and the call ends with cause "transfer" on the caller's NOTIFY 200.
+
+        TransferProgress events for `call_id` follow it: the leg's provisional answers (180), then the
+        REFER's NOTIFYs. A leg that fails (busy, declined, unanswered within `answer_timeout_s` (default
+        dial_timeout_s): 408, hung up before the REFER: 480) ends in a final TransferProgress with that code,
+        and the call goes on; so does a REFER the caller refuses (its code), and the leg is then hung up.
+        """
+        return self._submit(lambda: self._transfer_attended(call_id, target, account, answer_timeout_s,
+                                                            refer_after_s, labels))
+
+    def complete_transfer(self, call_id: str) -> bool:
+        """The REFER with Replaces of `call_id`'s attended transfer, now (its leg answered: after an
+        announcement to the target). False when there is nothing to send: it went already, or the transfer
+        failed or was cancelled. ValueError while the leg still rings, or when the call is gone."""
+        def op() -> bool:
+            call = self._call(call_id)
+            leg = call._consultation()
+            if leg is None or leg.referred:
+                return False
+            leg.refer_replacing()
+            return leg.referred
+        return self._submit(op)
+
+    def cancel_transfer(self, call_id: str) -> bool:
+        """Drops `call_id`'s attended transfer before its REFER: the consultation leg is hung up and no
+        TransferProgress follows (whoever cancels knows); False when there is none or its REFER went."""
+        def op() -> bool:
+            call = self._calls.get(call_id)
+            leg = call._consultation() if call is not None else None
+            if leg is None or leg.referred:
+                return False
+            call.consult_id = None  # so the leg's end reports nothing
+            if call.record.transfer is not None:
+                call.record.transfer.succeeded = False
+                call.record.changed()
+            leg.end("local")
+            return True
+        return self._submit(op)
 
     def calls(self) -> list[str]:
         return self._submit(lambda: [cid for cid, c in self._calls.items() if not c.ended])
@@ -537,7 +585,30 @@ class Endpoint:
             self._rejected.remove(call)
 
     def _dial(self, uri: str, account: str | None, timeout_s: float | None) -> str:
-        acc = self._account(account)
+        return self._place(uri, self._account(account), timeout_s).call_id
+
+    def _transfer_attended(self, call_id: str, target: str, account: str | None, answer_timeout_s: float | None,
+                           refer_after_s: float | None, labels: dict[str, str] | None) -> str:
+        call = self._call(call_id)
+        if call.transfer_of is not None:
+            raise ValueError(f"call {call_id!r} is itself the consultation leg of a transfer")
+        if not call.confirmed:
+            raise ValueError(f"call {call_id!r} is not answered yet: nothing to transfer")
+        leg = self._calls.get(call.consult_id) if call.consult_id is not None else None
+        if leg is not None and not leg.ended:
+            raise ValueError(f"call {call_id!r} is already being transferred (to {leg.record.remote_uri})")
+        if refer_after_s is not None and not 0 <= refer_after_s <= 3600:
+            raise ValueError(f"refer_after_s must be within 0..3600 s, got {refer_after_s}")
+        leg = self._place(target, self._account(account) if account is not None else call.account, answer_timeout_s)
+        leg.record.labels.update(labels or {})
+        leg.transfer_of, leg.refer_after_s = call_id, refer_after_s
+        call.consult_id = leg.call_id
+        call.record.transfer = TransferRecord(target=target)
+        call.record.changed()
+        log.info("call %s: attended transfer to %s, consultation leg %s", call_id, target, leg.call_id)
+        return leg.call_id
+
+    def _place(self, uri: str, acc: SipAccount, timeout_s: float | None) -> SipCall:
         if self._closing:
             raise RuntimeError("the SIP endpoint is shutting down")
         if self._active() >= self.config.max_calls:
@@ -555,8 +626,9 @@ class Endpoint:
         self._calls[rec.call_id] = call
         self._keep_record(rec)
         limit = self.config.dial_timeout_s if timeout_s is None else timeout_s
+        call.dial_limit_s = limit
         self._after(limit, weakly(call, "_dial_timeout"))
-        return rec.call_id
+        return call
 
     def _keep_record(self, rec: CallRecord) -> None:
         self.records[rec.call_id] = rec
