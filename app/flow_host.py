@@ -7,7 +7,11 @@ webhook, a SIP operation that goes through the endpoint's thread - runs on a sma
 as an input to the runner, so a slow backend delays its own call's next state and nothing else.
 
 It acts on calls only through their LiveCall (app/calls.py): play, inform, set_persona, mute_caller,
-transfer, hangup. Secrets typed into a sensitive gather are redacted at the source: the call's record
+transfer, hangup. An attended transfer with an announcement is steered here too: the text is spoken
+(TTS) before the target is dialled, played on the consultation leg once that leg is answered (the
+router opened it held: the bot never talks to the target), and its PlayFinished sends the REFER with
+Replaces; the endpoint sends it anyway ANNOUNCE_SLACK_S after the clip's length, should the clip
+never play (no audio on the leg). Secrets typed into a sensitive gather are redacted at the source: the call's record
 is told (CallRecord.redact_dtmf), so the SIP side files those digits masked and flags their events,
 and the caller recognizer is not fed while the caller may read the secret out.
 """
@@ -40,6 +44,11 @@ TICK_S = 0.05  # timer resolution of every flow (gather timeouts, silence, max_s
 WORKERS = 8  # text to speech and webhooks in flight at once, across all calls
 GONE_AFTER_CLOSE_S = 30.0  # a flow whose call's audio went ends this long after if no CallEnded came
 INBOX = 8192
+ANNOUNCE_SLACK_S = 3.0  # attended transfer: the REFER goes at most this long after the announcement's length
+# silence after an announcement: PlayFinished comes when its last frame is queued for the target, and the
+# REFER ends the leg soon after; this covers what is still queued (the engine's tx ring, up to 120 ms with
+# the model) and the target's jitter buffer
+ANNOUNCE_TAIL_S = 0.25
 FLOW_PATH_KEPT = 200  # states a call record lists (a menu a caller loops in is bounded)  # inputs waiting for the flow thread; beyond, an input is dropped and counted
 
 
@@ -55,6 +64,7 @@ class _HostedCall:
     def __init__(self, host: FlowHost, live: LiveCall):
         self.host = host
         self.live = live
+        self._transfers = 0  # attended transfers cancelled so far: one started before a cancel is dropped
 
     @property
     def call_id(self) -> str:
@@ -136,6 +146,41 @@ class _HostedCall:
                 self._back(TransferDone(ok=False, reason=str(err)))
         self.host.submit(run)
 
+    def transfer_attended(self, uri: str, announce: str | None, timeout_s: float | None) -> None:
+        started = self._transfers
+
+        def run() -> None:
+            refer_after_s = 0.0
+            if announce:
+                try:
+                    samples, rate = self.host.synthesize(announce)
+                    tail = np.zeros(int(rate * ANNOUNCE_TAIL_S), dtype=np.asarray(samples).dtype)
+                    audio = (np.concatenate([np.asarray(samples), tail]), rate)
+                    self.host.announce_on_answer(self.live, audio)
+                    refer_after_s = len(audio[0]) / audio[1] + ANNOUNCE_SLACK_S
+                except Exception as err:  # no announcement: the caller is put through all the same
+                    log.warning("call %s: announce %r: %s; transferring without it", self.call_id, announce[:60], err)
+            try:
+                self.live.transfer_attended(uri, answer_timeout_s=timeout_s, refer_after_s=refer_after_s)
+            except (CallControlError, RuntimeError, ValueError, TimeoutError) as err:
+                self.host.announce_on_answer(self.live, None)
+                self._back(TransferDone(ok=False, reason=str(err)))
+                return
+            if self._transfers != started:  # the flow left the state while the target was being dialled
+                self._cancel()
+        self.host.submit(run)
+
+    def cancel_transfer(self) -> None:
+        self._transfers += 1
+        self.host.announce_on_answer(self.live, None)
+        self.host.submit(self._cancel)
+
+    def _cancel(self) -> None:
+        try:
+            self.live.cancel_transfer()
+        except (CallControlError, RuntimeError, ValueError, TimeoutError) as err:
+            log.info("call %s: cancel_transfer: %s", self.call_id, err)
+
     def hangup(self) -> None:
         def run() -> None:
             try:
@@ -174,6 +219,12 @@ class FlowHost:
         self.cancelled: set[str] = set()  # prompts stopped before their speech was ready
         self._flow_calls: set[str] = set()  # calls with a flow, from call_opened on (their events are wanted)
         self._closed_at: dict[str, float] = {}  # calls whose audio went, by when (their CallEnded is due)
+        # attended transfers: announcements to play, by the call being transferred (its LiveCall and the
+        # clip), until its consultation leg's audio comes up; then legs opened but not yet answered (early
+        # media), and legs whose announcement plays (their PlayFinished sends the REFER), by the leg's Call-ID
+        self._announcements: dict[str, tuple[LiveCall, tuple[np.ndarray, int]]] = {}
+        self._early_legs: dict[str, LiveCall] = {}
+        self._announcing: dict[str, LiveCall] = {}  # leg's Call-ID -> the call being transferred
         self._inbox: queue.Queue = queue.Queue(INBOX)
         self._pool = concurrent.futures.ThreadPoolExecutor(WORKERS, thread_name_prefix="flow-io")
         self._stop = threading.Event()
@@ -184,6 +235,10 @@ class FlowHost:
     # ---- from other threads ------------------------------------------------------------------------
 
     def call_opened(self, live: LiveCall) -> None:
+        if live.transfer_of is not None:  # a consultation leg: no flow of its own, maybe an announcement
+            if live.transfer_of in self._announcements:
+                self._put(("leg", live))
+            return
         if live.start.bot in self.flows:
             self._flow_calls.add(live.call_id)
             self._put(("open", live))
@@ -193,6 +248,13 @@ class FlowHost:
         events before it (a transfer's last NOTIFY); this is the fallback if that never comes."""
         if live.call_id in self._flow_calls:
             self._put(("closed", live.call_id, self.clock()))
+
+    def announce_on_answer(self, live: LiveCall, audio: tuple[np.ndarray, int] | None) -> None:
+        """Plays `audio` on `live`'s consultation leg once it is answered (None: forget it)."""
+        if audio is None:
+            self._announcements.pop(live.call_id, None)
+        else:
+            self._announcements[live.call_id] = (live, audio)
 
     def post(self, call_id: str, inp: Input) -> None:
         self._put(("input", call_id, inp))
@@ -228,6 +290,14 @@ class FlowHost:
             self.dropped += 1
 
     def _from_bus(self, event) -> None:
+        if isinstance(event, ev.CallConfirmed):
+            # every call we dial: its leg may not be in _early_legs yet (the flow thread files it)
+            if event.direction == "outbound" and (self._announcements or self._early_legs):
+                self._put(("answered", event.call_id))
+            return
+        if isinstance(event, PlayFinished) and event.call_id in self._announcing:
+            self._put(("announced", event.call_id))
+            return
         if isinstance(event, ev.CallEnded):
             if event.call_id in self._flow_calls:
                 self._put(("gone", event.call_id, CallGone(event.cause)))
@@ -246,7 +316,7 @@ class FlowHost:
             except queue.Empty:
                 item = None
             if item is not None:
-                self._guarded(item[1].call_id if item[0] == "open" else item[1], lambda: self._take(item))
+                self._guarded(item[1].call_id if item[0] in ("open", "leg") else item[1], lambda: self._take(item))
             now = self.clock()
             if now >= next_tick:
                 next_tick = now + TICK_S
@@ -267,6 +337,20 @@ class FlowHost:
             runner = FlowRunner(flow, _HostedCall(self, live), live.call_id, variables, now=now, name=name)
             self.runners[live.call_id] = runner
             runner.start()
+        elif item[0] == "leg":
+            leg: LiveCall = item[1]
+            if leg.record.answered is None:  # early media: the target is not listening yet
+                self._early_legs[leg.call_id] = leg
+            else:
+                self._announce(leg)
+        elif item[0] == "answered":
+            leg = self._early_legs.pop(item[1], None)
+            if leg is not None:
+                self._announce(leg)
+        elif item[0] == "announced":
+            transferred = self._announcing.pop(item[1], None)
+            if transferred is not None:
+                self._complete(transferred)
         elif item[0] == "closed":
             self._closed_at[item[1]] = item[2]
         elif item[0] == "gone":
@@ -276,7 +360,35 @@ class FlowHost:
             if runner is not None:
                 runner.handle(item[2], now)
 
+    def _announce(self, leg: LiveCall) -> None:
+        """The consultation leg is answered: its announcement plays to the target (flow thread)."""
+        found = self._announcements.pop(leg.transfer_of or "", None)
+        if found is None or leg.ended:
+            return  # cancelled meanwhile, or the leg is gone already
+        transferred, audio = found
+        self._announcing[leg.call_id] = transferred
+        try:
+            leg.play(audio, id=f"{leg.call_id}#announce")
+        except CallControlError as err:
+            log.warning("call %s: announcement to the transfer target: %s", transferred.call_id, err)
+            self._announcing.pop(leg.call_id, None)
+            self._complete(transferred)
+
+    def _complete(self, transferred: LiveCall) -> None:
+        """The REFER with Replaces of `transferred`'s attended transfer (its announcement was said)."""
+        def run() -> None:
+            try:
+                transferred.complete_transfer()
+            except (CallControlError, RuntimeError, ValueError, TimeoutError) as err:  # it failed or went already
+                log.info("call %s: complete_transfer: %s", transferred.call_id, err)
+        self.submit(run)
+
     def _gone(self, call_id: str, gone: CallGone, now: float) -> None:
+        self._announcements.pop(call_id, None)
+        for leg_id in [k for k, leg in self._early_legs.items() if leg.transfer_of == call_id]:
+            del self._early_legs[leg_id]
+        for leg_id in [k for k, live in self._announcing.items() if live.call_id == call_id]:
+            del self._announcing[leg_id]
         self._flow_calls.discard(call_id)
         self._redacting.discard(call_id)
         self._closed_at.pop(call_id, None)
@@ -304,7 +416,7 @@ def start_flows(settings: Settings, bus: EventBus) -> FlowHost | None:
     flows = {bot.name: (pathlib.Path(bot.flow).stem, load_flow(bot.flow)) for bot in settings.bots if bot.flow}
     if not flows:
         return None
-    speaks = any(s.say or s.inform for _, flow in flows.values() for s in flow.states.values())
+    speaks = any(s.say or s.inform or s.announce for _, flow in flows.values() for s in flow.states.values())
     return FlowHost(bus, flows, speaker=speaker_for(settings) if speaks else None)
 
 
@@ -318,7 +430,7 @@ def speaker_for(settings: Settings) -> Speaker:
         raise StartupError(f"text to speech for the flows' `say`: {err}") from None
 
 
-_WANTED = (ev.CallEnded, ev.DtmfReceived, ev.TransferProgress, CallerWords, BotText, BotSpeech, CallerSpeech, PlayFinished)
+_WANTED = (ev.CallEnded, ev.CallConfirmed, ev.DtmfReceived, ev.TransferProgress, CallerWords, BotText, BotSpeech, CallerSpeech, PlayFinished)
 
 
 def _wanted(event) -> bool:

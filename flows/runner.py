@@ -15,6 +15,11 @@ the model; set its persona; inform the model; play its prompt (clip or `say`); t
 is done: transfer, hang up, gather digits (timers start when the prompt ends, but digits typed during
 the prompt count), go `next`, or stay listening (persona states: until a rule fires). `max_s`,
 `on_silence_s`, `on_caller_said` and `on_bot_said` hold from entry.
+
+A transfer waits in the "transferring" phase for TransferDone: blind, the REFER's last NOTIFY; attended,
+the same after a consultation leg to the target (its failure - busy, no answer - is a TransferDone too).
+The caller meanwhile stays in the state as its prompt left it (the bot held unless the state has a
+persona). A rule that leaves the state mid-transfer (max_s, on_caller_said) cancels an attended one.
 """
 from __future__ import annotations
 
@@ -53,6 +58,16 @@ class FlowCall(Protocol):
     def webhook(self, spec: Webhook, variables: dict[str, str], id: str) -> None: ...
 
     def transfer(self, uri: str) -> None: ...
+
+    def transfer_attended(self, uri: str, announce: str | None, timeout_s: float | None) -> None:
+        """Call `uri` first (the bot held on that leg), say `announce` to it when it answers, then REFER
+        the caller with Replaces; the outcome comes back as TransferDone."""
+        ...
+
+    def cancel_transfer(self) -> None:
+        """The flow left the state before its attended transfer went through: drop the consultation leg
+        (no TransferDone follows)."""
+        ...
 
     def hangup(self) -> None: ...
 
@@ -193,6 +208,7 @@ class FlowRunner:
                     self._end("transfer", v.state.transfer or "")
                 else:
                     detail = f"{inp.code} {inp.reason}".strip()
+                    v.phase = "listening"  # over: nothing left to cancel
                     self._exit(v.state.on_transfer_failed or v.state.next, "transfer_failed", detail)
         elif isinstance(inp, Digit):
             self._digit(v, inp.digit)
@@ -249,6 +265,8 @@ class FlowRunner:
         v = self._visit
         if v is not None and v.phase == "prompt":
             self.call.stop_prompt(v.pending)  # leaving mid-prompt (a rule fired): the caller hears the next state
+        if v is not None and v.phase == "transferring" and v.state.transfer_mode == "attended":
+            self.call.cancel_transfer()  # the REFER must not take the caller away from the next state
         if self._redacting:
             self._redacting = False
             self.call.redact_digits(False)
@@ -371,7 +389,11 @@ class FlowRunner:
         if s.transfer:
             v.phase = "transferring"
             self._report(v.name, v.name, "transfer", s.transfer)
-            self.call.transfer(s.transfer)
+            if s.transfer_mode == "attended":
+                announce = render(s.announce, self.variables) if s.announce else None
+                self.call.transfer_attended(s.transfer, announce, s.consult_timeout_s)
+            else:
+                self.call.transfer(s.transfer)
         elif s.hangup:
             self._hangup("hangup", "")
         elif s.gather is not None:

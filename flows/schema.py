@@ -10,7 +10,8 @@ Every error is one `FlowError` line; `callbot flows check FILE` prints it and ex
 The shape is the contract of issue 12 (start, states, play/say, gather, reprompts, on_digits,
 on_no_input, on_no_match, persona, webhook, on_caller_said, on_bot_said, on_silence_s, max_s, transfer,
 hangup), extended with what a production flow needs and the issue left open: what to do when a
-webhook fails (`on_failure`), when a transfer fails (`on_transfer_failed`), when `max_s` passes
+webhook fails (`on_failure`), when a transfer fails (`on_transfer_failed`), attended transfer
+(`transfer_mode`, `announce`, `consult_timeout_s`), when `max_s` passes
 (`on_max_s`), a logic split on variables (`branch`), PCI gathering (`gather.sensitive`), an explicit
 `mute_caller`, and secrets for webhook headers from the environment (`headers_env`).
 """
@@ -109,7 +110,12 @@ class State(_Flow):
     on_silence_s: SilenceRule | None = None
     max_s: Seconds | None = None
     on_max_s: StateName | None = None  # where max_s leads (default: `next`, else hang up)
-    transfer: Annotated[str, Meta(pattern=r"^(sips?|tel):")] | None = None  # blind REFER to this URI
+    transfer: Annotated[str, Meta(pattern=r"^(sips?|tel):")] | None = None  # REFER the caller to this URI
+    # blind: REFER at once; attended: call the target first (a consultation leg), then REFER with Replaces
+    transfer_mode: Literal["blind", "attended"] = "blind"
+    # attended: said to the target (TTS) once it answers, before the caller is put through
+    announce: Annotated[str, Meta(min_length=1, max_length=2000)] | None = None
+    consult_timeout_s: Annotated[float, Meta(gt=0, le=600)] | None = None  # attended: ringing at most (default: dial_timeout_s)
     on_transfer_failed: StateName | None = None
     hangup: bool = False
     mute_caller: bool | None = None  # default: muted in states without a persona, heard in persona states
@@ -229,7 +235,7 @@ def check_flow(flow: Flow, base_dir: pathlib.Path) -> None:
                 raise FlowError(f"{at}.play: clip {os.fspath(clip)!r} does not exist")
             if not s.play.lower().endswith(".wav"):
                 raise FlowError(f"{at}.play: {s.play!r} is not a .wav file")
-        for field in ("say", "persona", "inform"):
+        for field in ("say", "persona", "inform", "announce"):
             text = getattr(s, field)
             if text:
                 _check_template(f"{at}.{field}", text)
@@ -262,6 +268,13 @@ def check_flow(flow: Flow, base_dir: pathlib.Path) -> None:
             target(where, goto)
         if s.gather is None and (s.on_no_input or s.on_no_match):
             raise FlowError(f"{at}: on_no_input / on_no_match need a gather")
+        for field in ("announce", "consult_timeout_s"):
+            if getattr(s, field) is not None and s.transfer_mode != "attended":
+                raise FlowError(f'{at}.{field}: only for an attended transfer (transfer_mode = "attended")')
+        if s.transfer_mode != "blind" and not s.transfer:
+            raise FlowError(f"{at}.transfer_mode: no transfer in this state")
+        if s.transfer_mode == "attended" and s.transfer and not s.transfer.startswith("sip"):
+            raise FlowError(f"{at}.transfer: an attended transfer calls the target: it needs a sip: or sips: URI")
         if s.transfer and s.hangup:
             raise FlowError(f"{at}: transfer and hangup both set: a transfer ends the call when it succeeds")
         ends = s.hangup or s.transfer or s.persona or s.gather or s.next or (

@@ -73,6 +73,12 @@ class Recorded:
     def transfer(self, uri):
         self.ops.append(("transfer", uri))
 
+    def transfer_attended(self, uri, announce, timeout_s):
+        self.ops.append(("transfer_attended", uri, announce, timeout_s))
+
+    def cancel_transfer(self):
+        self.ops.append(("cancel_transfer",))
+
     def hangup(self):
         self.ops.append(("hangup",))
 
@@ -328,3 +334,57 @@ transfer = "sip:spanish-queue@pbx.example.com"
 
 def test_render_leaves_unknown_variables_empty_and_literal_braces():
     assert render("Hi {name}{missing}, {{x}}", {"name": "Ana"}) == "Hi Ana, {x}"
+
+
+ATTENDED = MENU.replace('transfer = "sip:queue@pbx.example.com"', '''say = "Please hold."
+transfer = "sip:queue@pbx.example.com"
+transfer_mode = "attended"
+announce = "A caller about billing, account {account}."
+consult_timeout_s = 20
+on_caller_said = [{ match = "(?i)never mind", goto = "goodbye" }]''')
+
+
+def _to_agent(text=ATTENDED):
+    r, call = runner(text)
+    finish_prompt(r, call, 101.0)
+    r.handle(Digit("2"), 101.5)
+    assert r.state == "agent" and call.last("say")[1] == "Please hold."
+    assert not any(op[0].startswith("transfer") for op in call.ops)  # the prompt first
+    finish_prompt(r, call, 102.0)
+    return r, call
+
+
+def test_an_attended_transfer_announces_the_caller_then_ends_the_flow_when_it_succeeds():
+    r, call = _to_agent()
+    assert call.last("transfer_attended") == ("transfer_attended", "sip:queue@pbx.example.com",
+                                              "A caller about billing, account 42.", 20.0)
+    assert ("hold_bot", True) in call.ops and call.last("hold_bot") == ("hold_bot", True)  # the caller waits quietly
+    r.handle(TransferDone(ok=True, code=200, reason="OK"), 110.0)
+    assert r.ended and call.moves()[-2:] == [("agent", "agent", "transfer"), ("agent", "", "transfer")]
+    assert not any(op[0] == "cancel_transfer" for op in call.ops)
+
+
+def test_a_failed_attended_transfer_takes_its_exit_without_cancelling():
+    r, call = _to_agent()
+    r.handle(TransferDone(ok=False, code=408, reason="no answer within 20 s"), 122.0)
+    assert r.state == "goodbye" and call.events[-1].reason == "transfer_failed"
+    assert call.events[-1].detail == "408 no answer within 20 s"
+    assert not any(op[0] == "cancel_transfer" for op in call.ops)
+
+
+def test_leaving_a_state_while_its_attended_transfer_consults_cancels_it():
+    r, call = _to_agent()
+    r.handle(Said("caller", "oh never mind"), 105.0)
+    assert r.state == "goodbye" and call.ops.index(("cancel_transfer",)) > call.ops.index(call.last("transfer_attended"))
+    r.handle(TransferDone(ok=True), 106.0)  # too late: the flow moved on
+    assert r.state == "goodbye"
+
+
+def test_a_blind_transfer_stays_blind_and_is_never_cancelled():
+    text = MENU.replace('on_transfer_failed = "goodbye"', 'on_transfer_failed = "goodbye"\nmax_s = 30\non_max_s = "goodbye"')
+    r, call = runner(text)
+    finish_prompt(r, call, 101.0)
+    r.handle(Digit("2"), 101.5)
+    assert call.last("transfer") == ("transfer", "sip:queue@pbx.example.com")
+    r.tick(140.0)
+    assert r.state == "goodbye" and not any(op[0] in ("cancel_transfer", "transfer_attended") for op in call.ops)

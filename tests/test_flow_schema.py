@@ -138,3 +138,27 @@ def test_the_examples_flow_and_config_load():
     assert flow.start == "greet" and flow.states["menu"].on_digits == {"1": "account", "2": "agent"}
     settings = load_settings(root / "callbot.toml")
     assert settings.bots[0].flow == str(root / "support.toml")
+
+
+def test_attended_transfer_fields():
+    base = 'start = "a"\n[states.a]\ntransfer = "sip:queue@pbx.example.com"\n'
+    flow = parse_flow(base)
+    s = flow.states["a"]
+    assert (s.transfer_mode, s.announce, s.consult_timeout_s) == ("blind", None, None)  # the default: blind REFER
+    flow = parse_flow(base + 'transfer_mode = "attended"\nannounce = "A caller about {topic}"\nconsult_timeout_s = 15\n')
+    s = flow.states["a"]
+    assert (s.transfer_mode, s.announce, s.consult_timeout_s) == ("attended", "A caller about {topic}", 15.0)
+    for extra, message in [
+        ('transfer_mode = "warm"\n', r"\$.states.a.transfer_mode: Invalid enum value 'warm'"),
+        ('announce = "Hi"\n', r'\$.states.a.announce: only for an attended transfer \(transfer_mode = "attended"\)'),
+        ('consult_timeout_s = 10\n', r"\$.states.a.consult_timeout_s: only for an attended transfer"),
+        ('transfer_mode = "attended"\nconsult_timeout_s = 0\n', r"\$.states.a.consult_timeout_s: Expected `float` > 0"),
+        ('transfer_mode = "attended"\nannounce = "{topic.x}"\n', r"\$.states.a.announce: \{topic.x\} is not a variable"),
+        ('transfer_mode = "attended"\nannounce = ""\n', r"\$.states.a.announce: Expected `str` of length >= 1"),
+    ]:
+        with pytest.raises(FlowError, match=message):
+            parse_flow(base + extra)
+    with pytest.raises(FlowError, match=r"\$.states.a.transfer_mode: no transfer in this state"):
+        parse_flow('start = "a"\n[states.a]\ntransfer_mode = "attended"\nhangup = true\n')
+    with pytest.raises(FlowError, match=r"\$.states.a.transfer: an attended transfer calls the target: it needs a sip"):
+        parse_flow('start = "a"\n[states.a]\ntransfer = "tel:+15551234"\ntransfer_mode = "attended"\n')
