@@ -166,8 +166,9 @@ class LmState:
         if seed is not None:
             self.sampler = TokenSampler(self.sampler.config, seed)
 
-    def snapshot(self) -> LmSnapshot:
-        return LmSnapshot(self.cache.snapshot(), self.tokens.copy(), self.provided.copy(), self.offset,
+    def snapshot(self, compact: bool = False) -> LmSnapshot:
+        """`compact`: the KV cache copied down to the frames written (a prompt kept for many calls)."""
+        return LmSnapshot(self.cache.snapshot(compact), self.tokens.copy(), self.provided.copy(), self.offset,
                           self.sampler.key, self.sampler.config)
 
     def restore(self, snapshot: LmSnapshot) -> None:

@@ -38,11 +38,25 @@ from callbot.engine.model.voices import VoiceEmbeddings, VoiceLibrary, VoiceReco
 from callbot.engine.model.weights import (MIMI_FILE, TEXT_TOKENIZER_FILE, default_dtype, find_weights, load_lm,
                                     require_file)
 
-__all__ = ["Model", "Session", "PromptSnapshot", "PersonaSwap", "SAMPLE_RATE", "FRAME_SIZE"]
+__all__ = ["Model", "Session", "PromptSnapshot", "PersonaSwap", "SAMPLE_RATE", "FRAME_SIZE", "bound_buffer_cache"]
 
 SAMPLE_RATE = 24000
 FRAME_SIZE = 1920  # samples per 80 ms model frame
 _SNAPSHOT_CACHE_SIZE = 8  # (voice, persona) pairs kept prepared
+# MLX keeps freed buffers for reuse, unbounded by default: growing KV caches and the prompt's scratch
+# arrays would stay held by the process. 512 MiB is ~20 full-context 7B layer rings of bf16 keys, enough
+# that a step's temporaries are reused rather than reallocated.
+BUFFER_CACHE_LIMIT = 512 * 1024 * 1024  # bytes
+
+
+def bound_buffer_cache(limit: int = BUFFER_CACHE_LIMIT) -> int:
+    """Bound MLX's cache of freed buffers to `limit` bytes; returns the previous limit. `mx.set_cache_limit`
+    on MLX >= 0.19 (every backend: CPU, Metal, CUDA); its macOS twin on older MLX is
+    `mx.metal.set_cache_limit` (the Metal allocator's)."""
+    setter = getattr(mx, "set_cache_limit", None)
+    if setter is None:  # older MLX: the Metal allocator only
+        setter = mx.metal.set_cache_limit
+    return setter(limit)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +109,7 @@ class Model:
         lm = load_lm(directory, lm_config, quantize=quantize, dtype=dtype, cache_dir=cache_dir, progress=progress)
         mimi = load_mimi(require_file(directory, MIMI_FILE), mimi_config, dtype=dtype)
         tokenizer = TextTokenizer(require_file(directory, TEXT_TOKENIZER_FILE))
+        bound_buffer_cache()
         return cls(lm, mimi, tokenizer, VoiceLibrary(directory), sampling)
 
     # -- prompts --------------------------------------------------------------------------------------
@@ -133,7 +148,11 @@ class Model:
         state = self.lm.new_state(self.sampling)
         run_prompt(self.lm, state, plan)
         # NVIDIA resets the codec after the prompt: a call starts with fresh codec streams.
-        snapshot = PromptSnapshot(loaded.name, persona, len(plan.frames), state.snapshot(), MimiState())
+        # the snapshot keeps the prompt's frames only (not the span the last prompt step read): a call
+        # copies them at its first step and grows its own cache from there
+        lm_snapshot = state.snapshot(compact=True)
+        mx.eval(lm_snapshot.cache.arrays())
+        snapshot = PromptSnapshot(loaded.name, persona, len(plan.frames), lm_snapshot, MimiState())
         if use_cache:
             with self._prepared_lock:
                 self._prepared[key] = (snapshot, voice)  # the voice object too: an id() key must stay valid

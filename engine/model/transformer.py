@@ -151,12 +151,27 @@ class GatedFFN(nn.Module):
         return self.linear_out(nn.silu(gate) * value)
 
 
+def ring_span(offset: int, capacity: int) -> int:
+    """Ring slots a one-position step at absolute position `offset` reads: the whole ring once it has
+    filled, else a power-of-two prefix (>= 32) holding positions 0..offset. A cache's arrays grow to
+    exactly these sizes (few compiled shapes, and the same values read as with a full-size ring)."""
+    if offset + 1 >= capacity:
+        return capacity
+    return min(capacity, max(32, 1 << offset.bit_length()))
+
+
 class KVCache:
     """Keys and values of one attention layer over the last `capacity` positions (a ring).
 
     `offset` is the absolute position of the next entry; the entry of position p lives in slot
     p % capacity. Updates build new arrays (never write into the old ones), so holding a reference
     is a snapshot.
+
+    The arrays grow with the stream instead of holding `capacity` slots from the start: their length
+    (`allocated`) is 0 when fresh, then the span the next step reads (`ring_span`: 32, 64, ... slots,
+    then `capacity`), so a short call or a prompt snapshot holds only what it has written (on the 7B a
+    full 3000-frame ring is 1.5 GB of bf16 per call). Slots past `offset` hold zeros and are never
+    read unmasked, so outputs are the same as with a full-size ring. `shape` is the full ring's.
     """
 
     def __init__(self, batch_size: int, num_heads: int, head_dim: int, capacity: int, dtype: mx.Dtype,
@@ -165,18 +180,45 @@ class KVCache:
         self.kyutai_ring = kyutai_ring
         self.shape = (batch_size, num_heads, capacity, head_dim)
         self.dtype = dtype
-        self.keys = mx.zeros(self.shape, dtype=dtype)
-        self.values = mx.zeros(self.shape, dtype=dtype)
+        self.keys = mx.zeros((batch_size, num_heads, 0, head_dim), dtype=dtype)
+        self.values = mx.zeros((batch_size, num_heads, 0, head_dim), dtype=dtype)
         self.offset = 0
+
+    @property
+    def allocated(self) -> int:
+        """Ring slots the arrays hold now (<= capacity)."""
+        return self.keys.shape[2]
 
     def reset(self) -> None:
         # Slots at or past `offset` are never read, so the old contents can stay.
         self.offset = 0
 
+    def fit(self, length: int) -> None:
+        """Make the arrays exactly `length` slots long: zeros appended, or unwritten slots cut off (only
+        slots at or past `offset` of a ring that has not wrapped, which hold nothing)."""
+        have = self.keys.shape[2]
+        if length == have:
+            return
+        if length < have:
+            if self.offset > length:
+                raise ValueError(f"cannot cut a ring holding {self.offset} positions to {length} slots")
+            self.keys, self.values = self.keys[:, :, :length], self.values[:, :, :length]
+            return
+        b, h, _, d = self.shape
+        pad = mx.zeros((b, h, length - have, d), dtype=self.keys.dtype)
+        self.keys = mx.concatenate([self.keys, pad], axis=2) if have else pad
+        self.values = mx.concatenate([self.values, pad], axis=2) if have else pad
+
+    def _reserve(self, positions: int) -> None:
+        """Room for absolute positions 0..positions-1 (all of the ring once they reach its capacity)."""
+        need = self.capacity if positions >= self.capacity else ring_span(positions - 1, self.capacity)
+        if need > self.keys.shape[2]:
+            self.fit(need)
+
     def slot_positions(self) -> np.ndarray:
-        """Absolute position held by each slot now (-1: empty)."""
+        """Absolute position held by each allocated slot now (-1: empty)."""
         cap, end = self.capacity, self.offset
-        slots = np.arange(cap)
+        slots = np.arange(self.keys.shape[2])
         if end <= cap:
             return np.where(slots < end, slots, -1)
         return end - 1 - ((end - 1 - slots) % cap)
@@ -191,6 +233,7 @@ class KVCache:
             self.keys = mx.concatenate([k[:, :, cut:], k[:, :, :cut]], axis=2) if first else k
             self.values = mx.concatenate([v[:, :, cut:], v[:, :, :cut]], axis=2) if first else v
         else:
+            self._reserve(self.offset + t)
             start = self.offset % cap
             head = min(t, cap - start)
             self.keys = mx.slice_update(self.keys, k[:, :, :head], mx.array([start]), axes=(2,))
@@ -208,8 +251,8 @@ class KVCache:
             # Hot path (one LM step): after the write the ring holds exactly the window.
             self._write(k, v)
             n = min(self.offset, self.capacity)
-            keys = self.keys if n == self.capacity else self.keys[:, :, :n]
-            values = self.values if n == self.capacity else self.values[:, :, :n]
+            keys = self.keys if n == self.keys.shape[2] else self.keys[:, :, :n]
+            values = self.values if n == self.values.shape[2] else self.values[:, :, :n]
             return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale)
         q_pos = self.offset + np.arange(t)
         if self.kyutai_ring:
@@ -232,13 +275,19 @@ class KVCache:
 
 @dataclass(frozen=True)
 class CacheSnapshot:
-    """Frozen state of a `TransformerCache`: per layer (keys, values, offset). Cheap: references only."""
+    """Frozen state of a `TransformerCache`: per layer (keys, values, offset), and the ring's capacity
+    (a cache restored from it takes that capacity: a bot's context travels with its prompt). Cheap:
+    references only."""
 
     layers: tuple[tuple[mx.array, mx.array, int], ...]
+    capacity: int | None = None
 
     @property
     def offset(self) -> int:
         return self.layers[0][2] if self.layers else 0
+
+    def arrays(self) -> list[mx.array]:
+        return [a for keys, values, _ in self.layers for a in (keys, values)]
 
 
 class TransformerCache:
@@ -252,20 +301,38 @@ class TransformerCache:
         """Positions consumed since the last reset."""
         return self.layers[0].offset if self.layers else 0
 
+    @property
+    def capacity(self) -> int:
+        return self.layers[0].capacity if self.layers else 0
+
     def reset(self) -> None:
         for layer in self.layers:
             layer.reset()
 
-    def snapshot(self) -> CacheSnapshot:
-        return CacheSnapshot(tuple((c.keys, c.values, c.offset) for c in self.layers))
+    def snapshot(self, compact: bool = False) -> CacheSnapshot:
+        """References to the arrays (milliseconds). `compact`: copies holding only the written slots
+        when the ring has not wrapped (a prompt snapshot: its prompt's frames, not the span read)."""
+        layers = []
+        for c in self.layers:
+            keys, values = c.keys, c.values
+            if compact and c.offset < keys.shape[2]:
+                # a slice shares its parent's buffer: a contiguous copy lets the longer arrays go
+                keys, values = mx.contiguous(keys[:, :, :c.offset]), mx.contiguous(values[:, :, :c.offset])
+            layers.append((keys, values, c.offset))
+        return CacheSnapshot(tuple(layers), self.capacity if self.layers else None)
 
     def restore(self, snapshot: CacheSnapshot) -> None:
         if len(snapshot.layers) != len(self.layers):
             raise ValueError(
                 f"cache snapshot has {len(snapshot.layers)} layers, this cache has {len(self.layers)}")
+        capacity = snapshot.capacity
         for c, (keys, values, offset) in zip(self.layers, snapshot.layers):
-            if tuple(keys.shape) != c.shape:
-                raise ValueError(f"cache snapshot holds keys of shape {tuple(keys.shape)}, expected {c.shape}")
+            cap = capacity if capacity is not None else c.capacity
+            b, h, _, d = c.shape
+            if (keys.shape[0], keys.shape[1], keys.shape[3]) != (b, h, d) or keys.shape[2] > cap:
+                raise ValueError(f"cache snapshot holds keys of shape {tuple(keys.shape)}, expected "
+                                 f"({b}, {h}, <= {cap}, {d})")
+            c.capacity, c.shape = cap, (b, h, cap, d)
             c.keys, c.values, c.offset = keys, values, offset
 
     def arrays(self) -> list[mx.array]:
@@ -540,11 +607,13 @@ class Transformer(nn.Module):
             self._compiled_step, self._compiled_for = mx.compile(step_all), identity
         cap = caches[0].layers[0].capacity
         offsets = [c.layers[0].offset for c in caches]
-        if max(offsets) + 1 >= cap:
-            span = cap
-        else:
-            # Still filling: read only a power-of-two prefix holding positions 0..offset.
-            span = min(cap, max(32, 1 << max(offsets).bit_length()))
+        # Still filling: read only a power-of-two prefix holding positions 0..offset.
+        span = ring_span(max(offsets), cap)
+        for c in caches:
+            # every ring passed in holds exactly `span` slots (grown, or cut where nothing is written),
+            # so the compiled shapes depend on (streams, span) only
+            for layer in c.layers:
+                layer.fit(span)
         masks = []
         for offset in offsets:
             if offset + 1 >= cap:
