@@ -37,7 +37,7 @@ def build_model_engine(settings: Settings) -> CallEngine:
         return build_service_engine(settings)
     try:
         if settings.model.process:
-            return InferenceProcess(functools.partial(prepare_in_child, settings))
+            return InferenceProcess(functools.partial(prepare_in_child, settings), batch=settings.model.batch)
         model, prompts, warmup = prepare_in_child(settings)
     except InferenceStartupError as err:
         raise StartupError(str(err)) from None
@@ -48,4 +48,4 @@ def build_model_engine(settings: Settings) -> CallEngine:
     def prompt_for(start: CallStart):
         return prompts.get(start.bot, default) if start.bot is not None else default
 
-    return ModelEngine(model, prompt_for, warmup=warmup)
+    return ModelEngine(model, prompt_for, warmup=warmup, batch=None if settings.model.batch else False)

@@ -8,9 +8,10 @@ on, `max_calls`), `[[bots]]` (each bot's prompt is prepared at start; a call nam
 name gets the first) and `[metrics]` (its own Prometheus endpoint; `--metrics` gives another address
 when workers share the file).
 
-Admission control is measured (engine/serving/step_budget.py): at warm-up one session is stepped B times
-back to back for B = 1, 2, ... until a round misses the budget, and while running the calls' own step
-times keep the table current. `--step-delay-ms` (test and diagnosis only) makes every step that much
+Admission control is measured (engine/serving/step_budget.py): at warm-up B calls are stepped in one
+batched round for B = 1, 2, ... until a round misses the budget (with `[model] batch = false`: one
+session stepped B times back to back), and while running the engine's own rounds (batched) or the calls'
+step times (one by one) keep the table current. `--step-delay-ms` (test and diagnosis only) makes every step that much
 slower, to see admission refuse on a fast machine. `--engine echo` serves the echo line behind the same
 socket, for trying the worker topology without weights.
 
@@ -92,7 +93,8 @@ def _build_engine(settings: Settings, kind: str, times: StepTimes | None, step_d
     from callbot.app.model_setup import prepare_model
     from callbot.engine.model.session import FRAME_SIZE
     from callbot.engine.serving.inference_process import InferenceStartupError
-    from callbot.engine.serving.runner import ModelEngine
+    from callbot.engine.model.session import Model
+    from callbot.engine.serving.runner import DEFAULT_SLOTS, ModelEngine, measure_batched_rounds
     from callbot.engine.serving.step_budget import measure_rounds
     from callbot.engine.serving.tx_policy import MODEL_TX_MAX_MS, MODEL_TX_SETTLE_PUSHES
 
@@ -109,14 +111,21 @@ def _build_engine(settings: Settings, kind: str, times: StepTimes | None, step_d
     def prompt_for(start):
         return prompts.get(start.bot, default) if start.bot is not None else default
 
+    # batched unless [model] batch = false, or the model is wrapped (--step-delay-ms) and so steps one by one
+    batched = settings.model.batch and isinstance(model, Model)
+
     def warm_and_measure() -> None:  # on the inference thread: MLX's graphs and streams are per thread
         if warmup is not None:
             warmup()
+        if batched:  # B calls in one forward per round
+            measure_batched_rounds(model, default, times)
+            return
         session = model.open_session(snapshot=default.snapshot, seed=0, sampling=default.sampling)
         silence = np.zeros(FRAME_SIZE, dtype=np.float32)
         measure_rounds(lambda: session.step(silence), times)
 
-    engine = ModelEngine(model, prompt_for, warmup=warm_and_measure)
+    engine = ModelEngine(model, prompt_for, warmup=warm_and_measure, batch=batched,
+                         slots=settings.model.max_calls or DEFAULT_SLOTS)
     rt = engine.realtime_result
     return engine, (MODEL_TX_MAX_MS, MODEL_TX_SETTLE_PUSHES), rt.policy if rt is not None else "unchanged", list(prompts)
 

@@ -87,6 +87,9 @@ class ModelSettings(_Settings):
     # calls the model takes at once (`callbot model-service`); None = as many as its measured step time fits
     # into the 80 ms frame (engine/serving/step_budget.py). Set, it replaces the measured limit
     max_calls: Annotated[int, Meta(ge=1, le=4096)] | None = None
+    # step every call whose frame is due in one forward of the model (engine/serving/runner.py): B calls
+    # read the weights once; false steps them one after another (as before; each call its own Session)
+    batch: bool = True
 
 
 class MetricsSettings(_Settings):

@@ -188,3 +188,32 @@ def test_batch_settings(model, bots):
         ModelEngine(model, lambda start: bots["pizza"], realtime=False, slots=0)
     with pytest.raises(ValueError, match="loaded Model"):
         ModelEngine(object(), lambda start: bots["pizza"], realtime=False, batch=True)
+
+
+def test_admission_learns_batched_rounds(model, bots):
+    """The warm-up measures rounds of B calls in one step, and a running engine reports each round."""
+    from callbot.engine.serving.runner import measure_batched_rounds
+    from callbot.engine.serving.step_budget import StepTimes
+
+    times = StepTimes()
+    measure_batched_rounds(model, bots["pizza"], times, max_batch=3, repeats=1, budget_s=60.0)
+    assert sorted(times.measured) == [1, 2, 3] and all(s > 0 for s in times.measured.values())
+
+    live = StepTimes()
+    calls = [Plan(c, "pizza", 0, 6, hz) for c, hz in (("x", 200.0), ("y", 300.0))]
+    engine = ModelEngine(model, lambda start: bots[start.bot], realtime=False, grace_ms=1000, slots=2,
+                         on_round=live.observe)
+    try:
+        drive(engine, calls)
+    finally:
+        engine.close()
+    assert set(live.measured) <= {1, 2} and 2 in live.measured  # the two calls' frames, due together, shared rounds
+
+
+def test_model_batch_setting():
+    import msgspec
+
+    from callbot.app.settings import ModelSettings
+
+    assert ModelSettings().batch is True
+    assert msgspec.convert({"batch": False}, ModelSettings).batch is False

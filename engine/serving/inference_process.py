@@ -91,12 +91,13 @@ class InferenceProcess:
     warmed up, and raises InferenceStartupError with the child's message if it could not. As with any
     "spawn" child, a script that builds one must do so under `if __name__ == "__main__":` (the child
     imports the script's module again). `on_event` receives the calls' live events on the control
-    channel's reader thread; `on_closed` each closed session (with its summary and frames).
+    channel's reader thread; `on_closed` each closed session (with its summary and frames). `batch`:
+    the child's runner steps the calls due together (engine/serving/runner.py); False, one by one.
     """
 
     def __init__(self, setup: Callable[[], InferenceSetup], *,
                  ready_timeout_s: float = READY_TIMEOUT_S, close_timeout_s: float = CLOSE_TIMEOUT_S,
-                 ring_seconds: float = RING_SECONDS, realtime: bool = True,
+                 ring_seconds: float = RING_SECONDS, realtime: bool = True, batch: bool = True,
                  on_closed: Callable[[ProcessCallSession], None] | None = None, on_event: EventSink | None = None):
         if not ready_timeout_s > 0 or not close_timeout_s > 0:
             raise ValueError(f"timeouts must be > 0 s, got ready {ready_timeout_s!r}, close {close_timeout_s!r}")
@@ -113,7 +114,7 @@ class InferenceProcess:
         self._stopping = False
         ctx = multiprocessing.get_context("spawn")
         self._conn, child_conn = ctx.Pipe(duplex=True)
-        self._proc = ctx.Process(target=_child_main, args=(child_conn, setup, ring_seconds, realtime),
+        self._proc = ctx.Process(target=_child_main, args=(child_conn, setup, ring_seconds, realtime, batch),
                                  name="callbot-inference", daemon=True)
         self._proc.start()
         child_conn.close()  # ours is closed so that the child's exit reads as EOF here
@@ -278,7 +279,8 @@ class InferenceProcess:
 # ---- the child -------------------------------------------------------------------------------------
 
 
-def _child_main(conn, setup: Callable[[], InferenceSetup], ring_seconds: float, realtime: bool) -> None:
+def _child_main(conn, setup: Callable[[], InferenceSetup], ring_seconds: float, realtime: bool,
+                batch: bool = True) -> None:
     # Ctrl-C in a terminal, or a service manager's SIGTERM, reaches the whole process group: the SIP
     # process decides when we stop ("stop", or EOF when it is gone), after it has hung up its calls.
     # Our stdout would land in serve's JSON log: anything a loader prints goes to stderr instead.
@@ -293,7 +295,9 @@ def _child_main(conn, setup: Callable[[], InferenceSetup], ring_seconds: float, 
         if not prompts:
             raise InferenceStartupError("no bot to answer calls with (the setup prepared none)")
         default = next(iter(prompts.values()))
-        engine = ModelEngine(model, lambda start: prompts.get(start.bot, default), realtime=realtime, warmup=warmup)
+        # batched unless told not to (or the setup wrapped its model: then one by one, see the runner)
+        engine = ModelEngine(model, lambda start: prompts.get(start.bot, default), realtime=realtime, warmup=warmup,
+                             batch=None if batch else False)
     except InferenceStartupError as err:
         _send_quietly(conn, pm.StartupFailed(text=str(err)))
         return

@@ -157,7 +157,8 @@ class InferenceService:
     `engine` is a CallEngine whose `open_session(start, audio=...)` takes the call's CallAudio attached
     to the worker's block (ModelEngine; EchoEngine for tests and the echo line). `bots` are its bots'
     names (the first answers calls that name none or another). `admission` decides whether one more call
-    fits; `step_times` gets the live step times from the calls' FrameStages. `tx_max_ms`/`tx_settle` are
+    fits; `step_times` gets the live rounds: a batched ModelEngine's own (`on_round`: calls stepped
+    together, seconds), else the calls' step times from their FrameStages, summed. `tx_max_ms`/`tx_settle` are
     the engine's tx policy for the attached rings. `start()` begins accepting; `close()` stops.
     """
 
@@ -188,6 +189,11 @@ class InferenceService:
         self._inode = os.stat(path).st_ino
         self._acceptor = threading.Thread(target=self._accept, name="service-accept", daemon=True)
         engine.on_event = self._on_event
+        # a batched engine (ModelEngine, batched) reports each round's calls and seconds itself; the calls'
+        # step times summed are the law of one-by-one stepping, and would overstate a batch's round
+        self._rounds_from_engine = step_times is not None and getattr(engine, "batched", False)
+        if self._rounds_from_engine:
+            engine.on_round = step_times.observe
 
     def start(self) -> InferenceService:
         self._acceptor.start()
@@ -422,7 +428,7 @@ class InferenceService:
             call = self._by_key.get(event.call_id)
         if call is None:
             return
-        if isinstance(event, FrameStages) and self.step_times is not None:
+        if isinstance(event, FrameStages) and self.step_times is not None and not self._rounds_from_engine:
             steps = [(r[_DECODED] - r[_STEP_START]) / 1e9 for r in event.rows if r[_DECODED] and r[_STEP_START]]
             self.step_times.observe_live(call.key, steps)
         elif isinstance(event, SessionClosed) and self.step_times is not None:

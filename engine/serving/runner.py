@@ -67,6 +67,7 @@ from callbot.engine.contract import (ENGINE_RATE, BotSpeech, BotText, CallerSpee
 from callbot.engine.serving.clips import Clip, cut_clips
 from callbot.engine.serving.frame_stats import STAGES, FrameStats
 from callbot.engine.serving.speech_activity import SpeechActivity
+from callbot.engine.serving.step_budget import FRAME_S, HEADROOM, WARMUP_MAX_BATCH, WARMUP_REPEATS
 from callbot.engine.serving.tx_policy import MODEL_TX_MAX_MS, MODEL_TX_SETTLE_PUSHES
 from callbot.engine.model.batch import BatchedSessions
 from callbot.engine.model.session import FRAME_SIZE, Model, PromptSnapshot, Session
@@ -554,6 +555,30 @@ class ModelEngine:
                 if text == swap.persona:
                     break
         self._send_stages(s)
+
+
+def measure_batched_rounds(model: Model, prompt: BotPrompt, times, *, max_batch: int = WARMUP_MAX_BATCH,
+                           repeats: int = WARMUP_REPEATS, budget_s: float = FRAME_S * HEADROOM) -> None:
+    """Admission's warm-up for the batched runner: rounds of B = 1, 2, ... calls in one
+    `BatchedSessions.step` (B slots joined on `prompt`, silence heard), the slowest of `repeats` per B
+    into `times` (StepTimes.observe); stops after the first B over `budget_s` or at `max_batch`. Runs on
+    the inference thread before the first call (it also compiles each size's graphs). The slots share
+    the prompt's cache until they write, so B calls' memory is not taken up front."""
+    batch = BatchedSessions(model, max_batch)
+    for slot in range(max_batch):
+        batch.join(slot, prompt.snapshot, seed=slot, sampling=prompt.sampling)
+    pcm = np.zeros((max_batch, FRAME_SIZE), np.float32)
+    active = np.zeros(max_batch, np.bool_)
+    for size in range(1, max_batch + 1):
+        active[:size] = True
+        worst = 0.0
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            batch.step(pcm, active)
+            worst = max(worst, time.perf_counter() - t0)
+        times.observe(size, worst)
+        if worst > budget_s:
+            return
 
 
 class _Prepared(NamedTuple):
