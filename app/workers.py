@@ -159,7 +159,7 @@ class Supervisor:
         self._lock = threading.Lock()  # lines from several reader threads
         edge_mod.check_settings(settings)
         edge_mod.preflight(settings.edge)  # a missing kamailio is one line before anything starts
-        self._tmp = tempfile.mkdtemp(prefix="callbot-")  # short: a Unix socket's path holds ~104 bytes
+        self._tmp: str | None = None  # the model service's socket when the config names none
         base = [sys.executable, "-m", "callbot.app.cli"]
         common = ["--engine", engine_kind] + (["--config", config] if config else []) + (["--model", model] if model else [])
         metrics = parse_address(settings.metrics.address) if settings.metrics.enabled else None
@@ -173,25 +173,43 @@ class Supervisor:
         self.service: Child | None = None
         socket_path = None
         if engine_kind == "model":
+            if not settings.model.service:
+                self._tmp = tempfile.mkdtemp(prefix="callbot-")  # short: a Unix socket's path holds ~104 bytes
             socket_path = settings.model.service or os.path.join(self._tmp, "model.sock")
             spec = Supervised(role="service", service=socket_path, metrics=metrics_at(0))
             self.service = Child("model service", [*base, "model-service", *common, "--supervised",
                                                    msgspec.json.encode(spec).decode()], "model service listening")
+        try:
+            self.workers = self._workers(settings, workers, base + ["serve", *common], socket_path, metrics_at)
+        except BaseException:
+            self._remove_tmp()
+            raise
+        self.edge: Edge | None = None
+        self.stopping = False
+
+    def _workers(self, settings: Settings, count: int, argv: list[str], socket_path: str | None,
+                 metrics_at) -> list[Child]:
         i, t = edge_mod._serve_transport(settings)
         host = _loopback_host(t.bind)
-        self.workers: list[Child] = []
-        for n, port in enumerate(worker_ports(settings, workers), start=1):
+        workers = []
+        for n, port in enumerate(worker_ports(settings, count), start=1):
             spec = Supervised(role="worker", index=n, sip_port=port, service=socket_path, metrics=metrics_at(n),
                               rtp_port=t.rtp_port + (n - 1) * RTP_PORTS_PER_WORKER if t.rtp_port else None)
             if spec.rtp_port is not None and spec.rtp_port > 65535 - 8:
-                raise StartupError(f"$.sip.transports[{i}].rtp_port: {workers} workers need RTP ports up to "
+                raise StartupError(f"$.sip.transports[{i}].rtp_port: {count} workers need RTP ports up to "
                                    f"{spec.rtp_port + 8}: pick a lower rtp_port")
             supervised_settings(settings, spec)  # its problems now, as one line, not in N children
-            self.workers.append(Child(f"worker {n}", [*base, "serve", *common, "--supervised",
-                                                      msgspec.json.encode(spec).decode()], "listening ",
-                                      backend=Backend(host, port)))
-        self.edge: Edge | None = None
-        self.stopping = False
+            workers.append(Child(f"worker {n}", [*argv, "--supervised", msgspec.json.encode(spec).decode()],
+                                 "listening ", backend=Backend(host, port)))
+        return workers
+
+    def _remove_tmp(self) -> None:
+        if self._tmp is not None:
+            with contextlib.suppress(OSError):
+                for name in os.listdir(self._tmp):
+                    os.unlink(os.path.join(self._tmp, name))
+                os.rmdir(self._tmp)
+            self._tmp = None
 
     # -- the children ----------------------------------------------------------------------------------
 
@@ -280,10 +298,7 @@ class Supervisor:
                     self._stop_child(self.service)
                 if self.edge is not None:
                     self.edge.stop()
-                with contextlib.suppress(OSError):
-                    for name in os.listdir(self._tmp):
-                        os.unlink(os.path.join(self._tmp, name))
-                    os.rmdir(self._tmp)
+                self._remove_tmp()
 
     def _run(self, sig: "_Signals") -> int:
         if self.service is not None:
@@ -294,6 +309,8 @@ class Supervisor:
         self._wait_ready(self.workers, sig.stop, READY_TIMEOUT_S)
         self.edge = Edge(self.settings, [w.backend for w in self.workers], source=self.source, dispatch=True)
         self.edge.start()
+        if self.service is not None:
+            self._say(f"{self.service.name}: pid {self.service.proc.pid}")
         for w in self.workers:
             self._say(f"{w.name}: pid {w.proc.pid}, sip:{w.backend}")
         self._say(self.edge.describe())

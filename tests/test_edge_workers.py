@@ -187,8 +187,10 @@ class Deployment:
     """`callbot serve --edge --workers N --engine echo` on loopback: workers from `sip_port` up, their
     metrics from `metrics_port` + 1 up, the edge on `edge_port`."""
 
-    def __init__(self, tmp_path: pathlib.Path, n: int, *, drain_s: float = 30, engine: str = "echo", tail: str = ""):
-        self.sip_port, self.metrics_port, self.edge_port = _free_run(n), _free_run(n + 1), free_port()
+    def __init__(self, tmp_path: pathlib.Path, n: int, *, drain_s: float = 30, engine: str = "echo", tail: str = "",
+                 metrics: bool = True):
+        self.sip_port, self.edge_port = _free_run(n), free_port()
+        self.metrics_port = _free_run(n + 1) if metrics else None
         self.run_dir = tmp_path / "edge"
         cfg = serve_config(tmp_path, self.sip_port, self.metrics_port, tail=f"""[recognizer]
 engine = "none"
@@ -205,8 +207,10 @@ drain_s = {drain_s}
                                       "--config", str(cfg)], stdout=self.events, stderr=subprocess.PIPE, text=True)
         self.err = _Lines(self.proc.stderr, tmp_path / "supervisor.log")
         self.uri = f"sip:echo@{LOCALHOST}:{self.edge_port}"
-        try:
-            self.err.wait_line("edge: kamailio on", 60)
+        try:  # a supervisor that could not start exits: said at once, not after the wait
+            eventually(lambda: self.proc.poll() is not None or any("edge: kamailio on" in l for l in self.err.lines),
+                       90, "the supervisor up")
+            assert self.proc.poll() is None, "".join(self.err.lines[-30:])
         except BaseException:
             self.close(signal.SIGKILL)
             raise
@@ -309,6 +313,11 @@ def test_two_workers_take_eight_calls_without_cross_talk_and_survive_a_killed_wo
         dep.close(signal.SIGKILL)
     log = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines() if line.startswith("{")]
     assert len([e for e in log if e["event"] == "IncomingCall"]) == 12  # every call reached a worker once
+    ended = {e["call_id"]: e["cause"] for e in log if e["event"] == "CallEnded"}
+    assert all(ended.get(cid) == "remote" for _, cid, _ in again), ended  # each caller's BYE reached its call
+    # round robin sent some of the 4 to the full worker: its 486 went on to the restarted one (2 measured)
+    refused = [e for e in log if e["event"] == "CallRejected"]
+    assert refused and all(e["code"] == 486 and e["by"] == "pjsip" for e in refused), refused
 
 
 def test_sigterm_drains_a_running_call_finishes_a_new_one_gets_503(tmp_path):
@@ -397,6 +406,10 @@ def test_callbot_edge_with_nodes_spreads_calls_and_skips_a_node_that_is_down(tmp
             for cid in ids:
                 a.expect("media", call_id=cid, timeout=20)
             assert (nodes[0].incoming(), nodes[1].incoming()) == (4, 2)
+
+            nodes[1] = Serve(tmp_path / "b-again", port_b)  # answers its pings again: back in
+            eventually(lambda: _dispatcher_states(tmp_path / "edge")[f"sip:{LOCALHOST}:{port_b}"] == "AP", 20,
+                       "the node back once it answers")
         assert stop_process(kamailio, 20) == 0
     finally:
         if kamailio is not None:
@@ -414,12 +427,14 @@ def tiny_model(tmp_path_factory):
 
 def test_the_model_engine_gets_one_model_service_for_all_workers(tmp_path, tiny_model):
     """`--engine model`: the supervisor starts `callbot model-service` (the tiny model, on a socket in its
-    own folder) before the workers, both workers attach to it, and a call through the edge hears it."""
+    own folder) before the workers, both workers attach to it, and a call through the edge hears it. The
+    supervisor killed (SIGKILL: no drain, no stop in order), its children go with it."""
     model_dir, arch = tiny_model
-    dep = Deployment(tmp_path, 2, engine="model", tail=f'[model]\npath = "{model_dir}"\narchitecture = "{arch}"\n'
+    dep = Deployment(tmp_path, 2, engine="model", metrics=False, tail=f'[model]\npath = "{model_dir}"\narchitecture = "{arch}"\n'
                      'quantization = "none"\ndownload = false\n[[bots]]\npersona = "You answer the phone."\n')
     try:
-        dep.err.wait_line("model service: model service listening on /tmp/callbot-", 5)
+        listening = dep.err.wait_line("model service: model service listening on /tmp/callbot-", 5)
+        folder = pathlib.Path(listening.split(" on ", 1)[1].split()[0]).parent  # the supervisor's
         eventually(lambda: sum("model service: worker" in line and "connected" in line for line in dep.err.lines) == 2,
                    20, "both workers attached to the service")
         with PjsuaPeer(user="a", log_dir=tmp_path) as a:
@@ -431,6 +446,19 @@ def test_the_model_engine_gets_one_model_service_for_all_workers(tmp_path, tiny_
             assert np.abs(_samples(heard)).max() > 0, "the model was never heard"
             a.send("hangup", call_id=cid)
             assert a.expect("disconnected", call_id=cid, timeout=10)["code"] == 200
-        assert dep.close() == 0
+        children = [int(dep.err.wait_line("model service: pid ", 5).split()[-1]), dep.pid(1), dep.pid(2)]
+        dep.proc.kill()
+        dep.proc.wait(10)
+        eventually(lambda: all(_gone(pid) for pid in children) and _kamailio_gone(dep.run_dir), 15,
+                   "the service, the workers and kamailio gone with the supervisor")
+        eventually(lambda: not (folder / "model.sock").exists(), 5, "the service's socket removed as it stopped")
+        folder.rmdir()  # the supervisor, killed, could not
     finally:
         dep.close(signal.SIGKILL)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
