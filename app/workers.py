@@ -185,7 +185,6 @@ class Supervisor:
             self._remove_tmp()
             raise
         self.edge: Edge | None = None
-        self.stopping = False
 
     def _workers(self, settings: Settings, count: int, argv: list[str], socket_path: str | None,
                  metrics_at) -> list[Child]:
@@ -292,7 +291,6 @@ class Supervisor:
             except _Interrupted:
                 return 0
             finally:
-                self.stopping = True
                 self._stop_all(self.workers)
                 if self.service is not None:
                     self._stop_child(self.service)
