@@ -120,18 +120,20 @@ def prepare_model(settings: Settings) -> InferenceSetup:
     for bot in settings.bots:
         print(f"preparing bot {bot.name!r} (voice {os.path.basename(bot.voice)})", file=sys.stderr, flush=True)
         try:
-            snapshot = model.prepare(bot.voice, bot.persona)
+            snapshot = model.prepare(bot.voice, bot.persona, context=bot.context)
         except ValueError as err:
             raise ModelSetupError(f"bot {bot.name!r}: {err}") from None
         prompts[bot.name] = BotPrompt(snapshot, _sampling(bot), bot.sampling.seed)
-    return InferenceSetup(model, prompts, lambda: warm_up(model, list(prompts.values())))
+    contexts = tuple(dict.fromkeys(bot.context for bot in settings.bots))
+    return InferenceSetup(model, prompts, lambda: warm_up(model, list(prompts.values()), contexts))
 
 
-def warm_up(model: Model, prompts: list[BotPrompt]) -> None:
-    """Compile every graph a call will use (each KV span, each bot's sampling), then step a session.
-    Runs on the inference thread: MLX caches compiled graphs per stream, and streams per thread."""
+def warm_up(model: Model, prompts: list[BotPrompt], contexts: tuple[int | None, ...] = (None,)) -> None:
+    """Compile every graph a call will use (each KV span of each bot's context, each bot's sampling), then
+    step a session. Runs on the inference thread: MLX caches compiled graphs per stream, and streams per
+    thread."""
     for sampling in {p.sampling for p in prompts}:
-        model.lm.warmup(sampling)
+        model.lm.warmup(sampling, contexts=contexts)
     session = model.open_session(snapshot=prompts[0].snapshot, seed=0, sampling=prompts[0].sampling)
     silence = np.zeros(FRAME_SIZE, dtype=np.float32)
     for _ in range(WARMUP_FRAMES):

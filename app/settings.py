@@ -65,6 +65,10 @@ class BotSettings(_Settings):
     tenant: str | None = None  # a [[tenants]] name: its calls' records go to that tenant's folder
     flow: str | None = None  # a flow file, relative to the config file (flows/)
     language: str = "en"  # what the bot speaks: a BCP 47 tag ("en", "de-CH"), given to the call as {language}
+    # frames (80 ms each) of the conversation a call attends to; None = the model's (3000 = 4 min for
+    # PersonaPlex-7B). Fewer = less memory per call (0.5 MiB per frame on the 7B in bf16) and fewer
+    # bytes read per step; at most the model's, and at least the bot's prompt (checked at load)
+    context: Annotated[int, Meta(ge=1)] | None = None
 
 
 class ModelSettings(_Settings):
@@ -72,6 +76,9 @@ class ModelSettings(_Settings):
 
     path: str | None = None
     quantization: Literal["none", "q8", "q4"] = "q4"
+    # the calls' KV cache quantized to 8 or 4 bits (groups of 64 values, as mlx-lm's QuantizedKVCache);
+    # None = the model's dtype. 8 bits: 0.53x the bf16 bytes; 4 bits: 0.28x (BENCHMARKS.md "Memory per call")
+    kv_bits: Literal[8, 4] | None = None
     download: bool = True  # allow a huggingface_hub download when neither path nor cache has the files
     # a JSON file {"lm": {...LmConfig}, "mimi": {...MimiConfig}} for a model of another size built the
     # same way (Kyutai's Moshiko, a small test model); None = PersonaPlex-7B and the released Mimi

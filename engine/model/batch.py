@@ -109,12 +109,14 @@ class BatchedSessions:
             raise ValueError(f"slot {slot} holds no call")
         return session
 
-    def warmup(self, sizes: Sequence[int] | None = None) -> None:
+    def warmup(self, sizes: Sequence[int] | None = None, contexts: Sequence[int | None] = (None,)) -> None:
         """Compile, on scratch states, what a batch of each size in `sizes` (default 1..slots) needs:
-        the temporal step for every span the rings read and the depformer frame (the model's sampling).
-        Call it on the stepping thread; a mix of sampling settings in one batch compiles on first use."""
+        the temporal step for every span the rings read (rings of each of `contexts`: the bots'
+        contexts, None = the model's) and the depformer frame (the model's sampling). Call it on the
+        stepping thread; a mix of sampling settings in one batch compiles on first use. A batch whose
+        slots have different contexts steps through the uncompiled path (slower per step)."""
         sizes = range(1, len(self._slots) + 1) if sizes is None else sizes
-        self.model.lm.warmup(self.model.sampling, rows=tuple(sizes))
+        self.model.lm.warmup(self.model.sampling, rows=tuple(sizes), contexts=tuple(contexts))
 
     def _active(self, active) -> list[int]:
         if active is None:

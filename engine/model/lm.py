@@ -147,10 +147,10 @@ class LmState:
     frames, the first of which only primes the streams.
     """
 
-    def __init__(self, lm: "LM", sampling: SamplingConfig, seed: int):
+    def __init__(self, lm: "LM", sampling: SamplingConfig, seed: int, context: int | None = None):
         cfg = lm.cfg
         self.cfg = cfg
-        self.cache = lm.transformer.make_cache()
+        self.cache = lm.transformer.make_cache(context=context)
         self.sampler = TokenSampler(sampling, seed)
         ring = cfg.max_delay + 3
         self.tokens = np.full((cfg.num_streams, ring), -2, dtype=np.int64)  # -2: not generated yet
@@ -241,30 +241,36 @@ class LM(nn.Module):
         out = self.out_norm(self.transformer(self.embed(tokens)))
         return out, self.text_linear(out)
 
-    def new_state(self, sampling: SamplingConfig = SamplingConfig(), seed: int = 0) -> LmState:
-        return LmState(self, sampling, seed)
+    def new_state(self, sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
+                  context: int | None = None) -> LmState:
+        """A fresh conversation; `context` (frames) a window shorter than the model's (see make_cache)."""
+        return LmState(self, sampling, seed, context)
 
-    def warmup(self, sampling: SamplingConfig = SamplingConfig(), rows: tuple[int, ...] = (1,)) -> None:
+    def warmup(self, sampling: SamplingConfig = SamplingConfig(), rows: tuple[int, ...] = (1,),
+               contexts: tuple[int | None, ...] = (None,)) -> None:
         """Compile, on a scratch state, every graph a call will need, so that no live frame waits for
         a compilation: the temporal step for each span the filling ring reads (32, 64, ... frames, then
         the full ring) and the depformer frame for the first live frame (1 slice) and the others
         (the agent's codebooks) with `sampling`'s audio settings. `rows`: the batch sizes to compile
-        for (`step_slots`; 1 = a single call). Call it once after loading, on the thread that will step
+        for (`step_slots`; 1 = a single call); `contexts`: the rings' sizes (bots' contexts, None = the
+        model's). Call it once after loading, on the thread that will step
         the model (MLX caches compiled graphs per stream, and streams per thread)."""
         cfg = self.cfg
-        cap = self.transformer.make_cache().layers[0].capacity
-        spans = [1 << b for b in range(5, cap.bit_length()) if (1 << b) < cap] + [cap]
         forced = mx.zeros((cfg.dep_q,), dtype=mx.int32)
         for n in rows:
-            caches = [self.transformer.make_cache() for _ in range(n)]
             x = mx.zeros((n, 1, cfg.dim), dtype=self.out_norm.weight.dtype)
             out = None
-            for span in spans:
-                for cache in caches:
-                    for layer in cache.layers:
-                        layer.offset = span - 1  # a position whose step reads exactly `span` slots
-                out = self.out_norm(self.transformer.step_slots(x, caches))
-                mx.eval(out)
+            for context in dict.fromkeys(contexts):
+                caches = [self.transformer.make_cache(context=context) for _ in range(n)]
+                cap = caches[0].capacity
+                spans = [1 << b for b in range(5, cap.bit_length()) if (1 << b) < cap] + [cap]
+                for span in spans:
+                    for cache in caches:
+                        for layer in cache.layers:
+                            layer.offset = span - 1  # a position whose step reads exactly `span` slots
+                    out = self.out_norm(self.transformer.step_slots(x, caches))
+                    mx.eval(out)
+                del caches  # the full rings of the last span: not kept past the warm-up
             sampler = TokenSampler(sampling)
             for k in sorted({1, cfg.agent_codebooks}):
                 mask = mx.array(np.arange(cfg.dep_q) >= k)

@@ -157,8 +157,9 @@ def plan_prompt(voice: VoiceEmbeddings | np.ndarray, persona_ids: list[int], fil
                       stream_tokens)
 
 
-def check_plan(lm: LM, plan: PromptPlan, voice_name: str) -> None:
-    """ValueError when the prompt does not fit this model (a voice made for another size, ids out of range)."""
+def check_plan(lm: LM, plan: PromptPlan, voice_name: str, context: int | None = None) -> None:
+    """ValueError when the prompt does not fit this model (a voice made for another size, ids out of range)
+    or its context (`context` frames, default the model's)."""
     cfg = lm.cfg
     for f in plan.frames:
         if f.embedding is not None and f.embedding.shape != (cfg.dim,):
@@ -176,9 +177,12 @@ def check_plan(lm: LM, plan: PromptPlan, voice_name: str) -> None:
         # -2 marks a slot NVIDIA's ring had not written yet; anything else must be a token of its stream
         if t.min() < -2 or t[0].max() > cfg.text_card or t[1:].max() > cfg.card:
             raise ValueError(f"voice {voice_name}: its token cache holds ids outside this model's vocabularies")
-    if len(plan.frames) > cfg.context:
-        raise ValueError(f"the prompt is {len(plan.frames)} frames, longer than the model's context of "
-                         f"{cfg.context} frames: its start would be forgotten (shorten the voice or persona)")
+    window = cfg.context if context is None else context
+    if len(plan.frames) > window:
+        whose = "the model's" if context is None or context == cfg.context else "the"
+        raise ValueError(f"the prompt is {len(plan.frames)} frames, longer than {whose} context of "
+                         f"{window} frames: its start would be forgotten (shorten the voice or persona"
+                         f"{'' if context is None else ', or raise the context'})")
 
 
 def run_prompt(lm: LM, state: LmState, plan: PromptPlan) -> None:

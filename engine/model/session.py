@@ -127,13 +127,16 @@ class Model:
         return ("name", text)
 
     def prepare(self, voice: str | os.PathLike | VoiceEmbeddings | VoiceRecording = "NATF0", persona: str = "",
-                *, use_cache: bool = True) -> PromptSnapshot:
+                *, context: int | None = None, use_cache: bool = True) -> PromptSnapshot:
         """The state after prompting with `voice` (a name such as "NATF2", a `.pt`/`.wav` path, or a loaded
-        voice) and `persona` (plain text, wrapped in `<system>` tags here). Computed once per pair and
-        kept (the last few pairs); `use_cache=False` computes it afresh."""
+        voice) and `persona` (plain text, wrapped in `<system>` tags here). `context`: the frames a call
+        from this prompt attends to (a bot's `context`, at most the model's; fewer = less memory per call
+        and fewer bytes read per step), None = the model's. Computed once per (voice, persona, context)
+        and kept (the last few); `use_cache=False` computes it afresh."""
         if not isinstance(persona, str):
             raise ValueError(f"persona must be a string, got {type(persona).__name__}")
-        key = (self._voice_key(voice), persona)
+        state = self.lm.new_state(self.sampling, context=context)  # ValueError for a context out of range
+        key = (self._voice_key(voice), persona, state.cache.capacity)
         if use_cache:
             with self._prepared_lock:
                 if key in self._prepared:
@@ -144,8 +147,7 @@ class Model:
         # a prompt writes only its own codec stream and LM state: live sessions keep stepping meanwhile
         source = loaded if isinstance(loaded, VoiceEmbeddings) else voice_codes(self.mimi, loaded)
         plan = plan_prompt(source, ids, self.filler)
-        check_plan(self.lm, plan, loaded.name)
-        state = self.lm.new_state(self.sampling)
+        check_plan(self.lm, plan, loaded.name, state.cache.capacity)
         run_prompt(self.lm, state, plan)
         # NVIDIA resets the codec after the prompt: a call starts with fresh codec streams.
         # the snapshot keeps the prompt's frames only (not the span the last prompt step read): a call
@@ -242,7 +244,7 @@ class Session:
         if not persona.strip():
             raise ValueError("set_persona needs a persona text, got an empty one")
         plan = plan_persona(ids, self.model.filler)
-        check_plan(self.model.lm, plan, "set_persona")
+        check_plan(self.model.lm, plan, "set_persona", self._lm_state.cache.capacity)
         self._swap.request(persona, plan, self.frames)
 
     @property

@@ -635,12 +635,21 @@ class Transformer(nn.Module):
                 layer.keys, layer.values, layer.offset = k, v, layer.offset + 1
         return x
 
-    def make_cache(self, batch_size: int = 1, dtype: mx.Dtype | None = None) -> TransformerCache:
-        """A fresh streaming state; `dtype` defaults to the dtype of the model's norms."""
+    def make_cache(self, batch_size: int = 1, dtype: mx.Dtype | None = None, context: int | None = None,
+                   ) -> TransformerCache:
+        """A fresh streaming state; `dtype` defaults to the dtype of the model's norms. `context`: a ring
+        shorter than the model's (a bot's `context`: attention sees that many positions; less memory and
+        fewer bytes read per step); None = the model's."""
         cfg = self.cfg
         if dtype is None:
             dtype = self.layers[0].norm1.weight.dtype if self.layers else mx.float32
+        capacity = cfg.cache_capacity
+        if context is not None:
+            if not isinstance(context, int) or isinstance(context, bool) or not 1 <= context <= capacity:
+                raise ValueError(f"context must be a whole number of frames from 1 to the model's {capacity}, "
+                                 f"got {context!r}")
+            capacity = context
         return TransformerCache([
-            KVCache(batch_size, cfg.num_heads, cfg.head_dim, cfg.cache_capacity, dtype, cfg.kyutai_ring)
+            KVCache(batch_size, cfg.num_heads, cfg.head_dim, capacity, dtype, cfg.kyutai_ring)
             for _ in self.layers
         ])
