@@ -36,7 +36,7 @@ MARKS: dict[str, frozenset[str]] = {
         "test_edge_workers::test_the_model_engine_gets_one_model_service_for_all_workers": "model",  # the tiny model
         "test_flows_call": "sip slow",  # call flows on real calls: menus, DTMF, a REFER, webhooks
         "test_flows_model": "sip model slow",  # a flow on the tiny model in its own process
-        "test_flows_transfer": "sip slow",  # 12 s: attended transfer from a flow, pjsua2 caller and agents
+        "test_flows_transfer": "sip slow",  # 20 s: attended transfer from a flow, pjsua2 caller and agents
         "test_flows_speech": "sip slow",  # 30 s: the README's example line, espeak-ng prompts, the caller recognizer
         "test_import_contracts": "slow",  # 11 s: lint-imports runs 27 times
         "test_inference_process": "sip model slow",  # 90 s

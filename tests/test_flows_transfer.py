@@ -31,7 +31,7 @@ variables = {{ topic = "billing", ref = "42" }}
 [states.menu]
 play = "menu.wav"
 gather = {{ max_digits = 1, timeout_s = 10 }}
-on_digits = {{ "1" = "agent", "2" = "busy" }}
+on_digits = {{ "1" = "agent", "2" = "busy", "3" = "queue" }}
 [states.agent]
 transfer = "{agent}"
 transfer_mode = "attended"
@@ -40,6 +40,11 @@ consult_timeout_s = 10
 on_transfer_failed = "sorry"
 [states.busy]
 transfer = "{busy}"
+transfer_mode = "attended"
+announce = "{announce}"
+on_transfer_failed = "sorry"
+[states.queue]
+transfer = "{queue}"
 transfer_mode = "attended"
 announce = "{announce}"
 on_transfer_failed = "sorry"
@@ -76,8 +81,9 @@ def line(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("transfer")
     for name, clip in CLIPS.items():
         _write_wav(tmp / f"{name}.wav", clip)
-    with PjsuaPeer(user="agent", log_dir=tmp) as agent, PjsuaPeer(user="busy", answer="busy", log_dir=tmp) as busy:
-        (tmp / "desk.toml").write_text(FLOW.format(agent=agent.uri, busy=busy.uri, announce=ANNOUNCE))
+    with PjsuaPeer(user="agent", log_dir=tmp) as agent, PjsuaPeer(user="busy", answer="busy", log_dir=tmp) as busy, \
+            PjsuaPeer(user="queue", answer="early", ring_ms=1500, log_dir=tmp) as queue:
+        (tmp / "desk.toml").write_text(FLOW.format(agent=agent.uri, busy=busy.uri, queue=queue.uri, announce=ANNOUNCE))
         (tmp / "callbot.toml").write_text(CONFIG)
         settings = parse_settings((tmp / "callbot.toml").read_bytes(), base_dir=tmp)
         with running_server(settings, "echo") as server:
@@ -85,7 +91,7 @@ def line(tmp_path_factory):
             pump = threading.Thread(target=server.pump, kwargs={"stop": stop}, daemon=True)
             pump.start()
             try:
-                yield server, agent, busy, tmp
+                yield server, agent, busy, queue, tmp
             finally:
                 stop.set()
                 pump.join(10)
@@ -137,7 +143,7 @@ def _channels(path) -> list[np.ndarray]:
 
 
 def test_the_agent_hears_the_announcement_then_gets_the_caller_in_place_of_our_leg(line, tmp_path):
-    server, agent, _, tmp = line
+    server, agent, _, _, tmp = line
     watch = Watch(server.bus, "test-attended")
     with PjsuaPeer(user="alice", log_dir=tmp_path) as alice:
         call_id = _to_menu(watch, alice, server)
@@ -190,7 +196,7 @@ def test_the_agent_hears_the_announcement_then_gets_the_caller_in_place_of_our_l
 
 
 def test_a_busy_agent_takes_the_flow_to_on_transfer_failed_and_the_call_goes_on(line, tmp_path):
-    server, _, busy, _ = line
+    server, _, busy, _, _ = line
     watch = Watch(server.bus, "test-busy")
     with PjsuaPeer(user="bob", log_dir=tmp_path) as bob:
         call_id = _to_menu(watch, bob, server)
@@ -216,4 +222,26 @@ def test_a_busy_agent_takes_the_flow_to_on_transfer_failed_and_the_call_goes_on(
     flows = server.flows
     assert flows is not None and flows.errors == 0
     eventually(lambda: not flows._announcements, what="the announcement dropped")
+    watch.close()
+
+
+def test_a_target_with_early_media_hears_the_announcement_only_once_it_answers(line, tmp_path):
+    """A queue that plays ringback as early media (183 with SDP, 200 1.5 s later): our leg's audio comes up
+    at the 183, but the announcement waits for the answer, or the target would never hear it."""
+    server, _, _, queue, _ = line
+    watch = Watch(server.bus, "test-early")
+    with PjsuaPeer(user="carol", log_dir=tmp_path) as carol:
+        call_id = _to_menu(watch, carol, server)
+        carol.send("dtmf", digits="3", method="rfc4733")
+        leg = queue.expect("incoming", timeout=15)["call_id"]
+        said = watch.until(lambda e: isinstance(e, PlayFinished) and e.call_id == leg, what="the announcement")
+        answered = next(i for i, e in enumerate(watch.seen) if isinstance(e, ev.CallConfirmed) and e.call_id == leg)
+        assert watch.seen.index(said) > answered and not said.interrupted
+        media = next(i for i, e in enumerate(watch.seen) if isinstance(e, ev.CallMedia) and e.call_id == leg)
+        assert media < answered  # the premise: audio (and the leg's session) came with the 183
+        # the leg's session opened at the 183: the clip ended no sooner than the ring plus its own length
+        assert said.t_ms >= 1500 + said.ms - 100, (said.t_ms, said.ms)
+        assert watch.ended(call_id).cause == "transfer"
+        moves = watch.moves(call_id, lambda m: m.to_state == "")
+        assert _path(moves)[-2:] == [("queue", "transfer"), ("", "transfer")]
     watch.close()
