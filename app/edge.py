@@ -1147,16 +1147,7 @@ class Edge:
         self.rpc("dispatcher.set_state", state, str(DISPATCH_SET), dest if isinstance(dest, str) else dest.uri)
 
     def states(self) -> dict[str, str]:
-        """Each destination's dispatcher flags by URI ("AP": in and pinged, "IP": out until it answers)."""
-        found, uri = {}, None
-        for line in self.rpc("dispatcher.list").splitlines():
-            key, _, value = line.strip().partition(": ")
-            if key == "URI":
-                uri = value
-            elif key == "FLAGS" and uri is not None:
-                found[uri] = value
-                uri = None
-        return found
+        return dispatcher_states(self.ctl_socket, self.kamailio)
 
     def drain(self) -> None:
         """New calls get 503 (Retry-After) from now on; the calls in progress and their requests go on."""
@@ -1169,6 +1160,20 @@ class Edge:
             if key == "all":
                 return int(value)
         raise RuntimeError("kamcmd dlg.stats_active: no 'all' count")
+
+
+def dispatcher_states(ctl_socket: str, kamailio: str | None = None) -> dict[str, str]:
+    """Each destination's dispatcher flags by URI ("AP": in and pinged, "TP": a ping missed, "IP": out
+    until it answers one, "DX": disabled), from kamcmd dispatcher.list."""
+    found, uri = {}, None
+    for line in kamcmd(ctl_socket, kamailio, "dispatcher.list").splitlines():
+        key, _, value = line.strip().partition(": ")
+        if key == "URI":
+            uri = value
+        elif key == "FLAGS" and uri is not None:
+            found[uri] = value
+            uri = None
+    return found
 
 
 def kamcmd(ctl_socket: str, kamailio: str | None, *args: str) -> str:

@@ -235,15 +235,7 @@ drain_s = {drain_s}
 
 
 def _dispatcher_states(run_dir: pathlib.Path) -> dict[str, str]:
-    out = edge.kamcmd(f"unix:{run_dir / 'kamailio_ctl'}", None, "dispatcher.list")
-    states, uri = {}, None
-    for line in out.splitlines():
-        key, _, value = line.strip().partition(": ")
-        if key == "URI":
-            uri = value
-        elif key == "FLAGS":
-            states[uri] = value
-    return states
+    return edge.dispatcher_states(f"unix:{run_dir / 'kamailio_ctl'}")
 
 
 def _kamailio_gone(run_dir: pathlib.Path) -> bool:
