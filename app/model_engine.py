@@ -41,11 +41,12 @@ def build_model_engine(settings: Settings) -> CallEngine:
         model, prompts, warmup = prepare_in_child(settings)
     except InferenceStartupError as err:
         raise StartupError(str(err)) from None
-    from callbot.engine.serving.runner import ModelEngine
+    from callbot.engine.serving.runner import SERVE_BATCHES, ModelEngine
 
     default = next(iter(prompts.values()))
 
     def prompt_for(start: CallStart):
         return prompts.get(start.bot, default) if start.bot is not None else default
 
-    return ModelEngine(model, prompt_for, warmup=warmup, batch=None if settings.model.batch else False)
+    return ModelEngine(model, prompt_for, warmup=warmup, batch=None if settings.model.batch else False,
+                       warm_batches=SERVE_BATCHES)

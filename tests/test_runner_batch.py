@@ -217,3 +217,15 @@ def test_model_batch_setting():
 
     assert ModelSettings().batch is True
     assert msgspec.convert({"batch": False}, ModelSettings).batch is False
+
+
+def test_warm_batches_compiles_the_round_sizes_before_the_first_call(model, bots):
+    # compiled at start on the inference thread (the first round of a size not compiled would be late)
+    engine = ModelEngine(model, lambda start: bots["pizza"], realtime=False, slots=2, warm_batches=3)
+    try:
+        assert engine.batched and engine._warm_batches == 2  # no more sizes than slots
+    finally:
+        engine.close()
+    one_by_one = ModelEngine(model, lambda start: bots["pizza"], realtime=False, batch=False, warm_batches=3)
+    one_by_one.close()
+    assert one_by_one._warm_batches == 0

@@ -289,7 +289,7 @@ def _child_main(conn, setup: Callable[[], InferenceSetup], ring_seconds: float, 
     sys.stdout.flush()
     os.dup2(2, 1)
     try:
-        from callbot.engine.serving.runner import ModelEngine
+        from callbot.engine.serving.runner import SERVE_BATCHES, ModelEngine
 
         model, prompts, warmup = setup()
         if not prompts:
@@ -297,7 +297,7 @@ def _child_main(conn, setup: Callable[[], InferenceSetup], ring_seconds: float, 
         default = next(iter(prompts.values()))
         # batched unless told not to (or the setup wrapped its model: then one by one, see the runner)
         engine = ModelEngine(model, lambda start: prompts.get(start.bot, default), realtime=realtime, warmup=warmup,
-                             batch=None if batch else False)
+                             batch=None if batch else False, warm_batches=SERVE_BATCHES)
     except InferenceStartupError as err:
         _send_quietly(conn, pm.StartupFailed(text=str(err)))
         return

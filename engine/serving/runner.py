@@ -84,6 +84,7 @@ STAGES_LAG = 6
 # input and nothing in the model (it is not in the batch); admission (step_budget.py) keeps the real
 # number of calls where the frame allows
 DEFAULT_SLOTS = 64
+SERVE_BATCHES = 4  # calls one `callbot serve` process takes at most (pjsua2's PJSUA_MAX_CALLS): the round sizes it warms
 
 
 @dataclass(frozen=True)
@@ -177,13 +178,19 @@ class ModelEngine:
     `warmup`, if given, runs on the inference thread before the first call (MLX compiles and caches its
     graphs per stream, and the stream is the thread's own); the constructor returns once it is done and
     raises what it raised.
+
+    Batching (the module's docstring): `batch` None = batched when `model` is a loaded Model, True = must
+    be, False = one by one; `slots` = the most calls open at once (batched; open_session refuses more);
+    `warm_batches` = rounds of 1..n calls compiled before the first call (the tiny model: 0.1 s for 1..4;
+    a first round of a size not compiled pays for it, late); `on_round(calls, seconds)` after each
+    batched round, on the inference thread (it must only record).
     """
 
     def __init__(self, model: Model, prompt_for: Callable[[CallStart], BotPrompt], *, realtime: bool = True,
                  grace_ms: float = 40.0, max_backlog: int = 2, poll_ms: float = 1.0,
                  on_closed: Callable[[ModelCallSession], None] | None = None, on_event: EventSink | None = None,
                  warmup: Callable[[], None] | None = None, switch_interval_s: float | None = 0.001,
-                 batch: bool | None = None, slots: int = DEFAULT_SLOTS,
+                 batch: bool | None = None, slots: int = DEFAULT_SLOTS, warm_batches: int = 0,
                  on_round: Callable[[int, float], None] | None = None):
         if not 0 <= grace_ms <= 1000:
             raise ValueError(f"grace_ms must be 0..1000 ms, got {grace_ms!r}")
@@ -195,6 +202,7 @@ class ModelEngine:
             raise ValueError(f"a batched step needs a loaded Model, got {type(model).__name__}: pass batch=False")
         self.batched = isinstance(model, Model) if batch is None else bool(batch)
         self.slots = slots
+        self._warm_batches = min(max(warm_batches, 0), slots) if self.batched else 0
         self.on_round = on_round
         self._batch: BatchedSessions | None = None  # made on the inference thread
         self._held: list[ModelCallSession | None] = [None] * slots  # the call in each slot (inference thread)
@@ -312,6 +320,8 @@ class ModelEngine:
                 self._batch = BatchedSessions(self.model, self.slots)
             if self._warmup is not None:
                 self._warmup()
+            if self._warm_batches:  # a round of a new size compiles its graphs: before a caller waits on it
+                self._batch.warmup(range(1, self._warm_batches + 1))
             self._ready.set()
             clock = PeriodicClock(self.poll_ms)
             while not self._stop.is_set():
