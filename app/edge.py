@@ -856,8 +856,8 @@ route[SERVE_RURI] {
 """
 
 _DISPATCH = """\
-# Where calls go: one of %(backend)s (dispatcher set %(set)d), in turn among those that answer their
-# pings; none: 503 and a time to come back
+# Where calls go: one of dispatcher set %(set)d (dispatcher.list above), in turn among those that answer
+# their pings; none: 503 and a time to come back
 route[TO_SERVE] {
 	if ($rz == "sips") {
 		# the edge's own sips: address, for the Contact of serve's answers (onreply_route[SIPS])
