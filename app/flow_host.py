@@ -29,6 +29,7 @@ import numpy as np
 
 from callbot.app.calls import CallControlError, LiveCall
 from callbot.app.errors import StartupError
+from callbot.engine.audio.wavfile import read_wav
 from callbot.app.event_bus import EventBus
 from callbot.app.settings import Settings
 from callbot.engine.contract import (BotSpeech, BotText, CallerSpeech, CallerWords, FlowTransition, PlayFinished)
@@ -75,37 +76,42 @@ class _HostedCall:
 
     def play(self, clip: str, id: str) -> None:
         try:
-            self.live.play(clip, id=id)
+            self.live.play(self.host.clips.get(clip, clip), id=id)  # decoded once, when the flows loaded
         except CallControlError as err:
             self._back(PromptDone(id, error=str(err)))
 
     def stop_prompt(self, id: str) -> None:
-        self.host.cancelled.add(id)  # a `say` still being synthesized must not play after all
+        with self.host.speaking_lock:  # a `say` still being synthesized must not play after all
+            if id in self.host.speaking:
+                self.host.speaking[id] = False
         try:
             self.live.stop_play(id)
         except CallControlError as err:
             log.info("call %s: stop_play: %s", self.call_id, err)
 
-    def say(self, text: str, id: str) -> None:
-        self.host.submit(lambda: self._speak(text, id))
+    def say(self, text: str, id: str, cache: bool = True) -> None:
+        with self.host.speaking_lock:
+            self.host.speaking[id] = True
+        self.host.submit(lambda: self._speak(text, id, cache))
 
-    def _speak(self, text: str, id: str) -> None:
+    def _speak(self, text: str, id: str, cache: bool) -> None:
         try:
-            audio = self.host.synthesize(text)
-            if id in self.host.cancelled:
-                self.host.cancelled.discard(id)
-                return
-            self.live.play(audio, id=id)
+            audio = self.host.synthesize(text, cache)
+            with self.host.speaking_lock:  # held across the play: a stop lands before it or cuts it
+                if self.host.speaking.pop(id, False):
+                    self.live.play(audio, id=id)
         except Exception as err:  # TTS or the call: the prompt is lost, the flow goes on
-            log.warning("call %s: say %r: %s", self.call_id, text[:60], err)
+            with self.host.speaking_lock:
+                self.host.speaking.pop(id, None)
+            log.warning("call %s: a `say` prompt failed: %s", self.call_id, err)  # not the text: it may be personal
             self._back(PromptDone(id, error=str(err)))
 
-    def inform(self, text: str, id: str) -> None:
+    def inform(self, text: str, id: str, cache: bool = True) -> None:
         def run() -> None:
             try:
-                self.live.inform(self.host.synthesize(text), id=id)
+                self.live.inform(self.host.synthesize(text, cache), id=id)
             except Exception as err:
-                log.warning("call %s: inform %r: %s", self.call_id, text[:60], err)
+                log.warning("call %s: an `inform` failed: %s", self.call_id, err)
         self.host.submit(run)
 
     def set_persona(self, text: str, id: str) -> None:
@@ -211,12 +217,16 @@ class FlowHost:
         self.flows = flows
         self.speaker = speaker
         self.clock = clock
-        self.http = httpx.Client()
+        # trust_env=False: a card number never follows an HTTPS_PROXY or .netrc from the environment
+        self.http = httpx.Client(trust_env=False)
         self.dropped = 0
         self.errors = 0
         self.runners: dict[str, FlowRunner] = {}
         self._redacting: set[str] = set()
-        self.cancelled: set[str] = set()  # prompts stopped before their speech was ready
+        # `say` prompts being synthesized -> still wanted (False: stopped before their speech was ready)
+        self.speaking: dict[str, bool] = {}
+        self.speaking_lock = threading.Lock()
+        self.clips: dict[str, tuple[np.ndarray, int]] = {}  # the flows' WAV clips, decoded once
         self._flow_calls: set[str] = set()  # calls with a flow, from call_opened on (their events are wanted)
         self._closed_at: dict[str, float] = {}  # calls whose audio went, by when (their CallEnded is due)
         # attended transfers: announcements to play, by the call being transferred (its LiveCall and the
@@ -265,9 +275,13 @@ class FlowHost:
         except RuntimeError:  # shutting down
             pass
 
-    def synthesize(self, text: str) -> tuple[np.ndarray, int]:
+    def synthesize(self, text: str, cache: bool = True) -> tuple[np.ndarray, int]:
+        """Speech for `text`; `cache` False (a text with the call's variables) bypasses the clip cache."""
         if self.speaker is None:
             raise CallControlError("no text-to-speech engine is configured for `say`")
+        inner = getattr(self.speaker, "inner", None)
+        if not cache and inner is not None:
+            return inner.synthesize(text)
         return self.speaker.synthesize(text)
 
     def set_redacting(self, call_id: str, on: bool) -> None:
@@ -405,9 +419,17 @@ class FlowHost:
             log.exception("flow of call %s failed", call_id)
             runner = self.runners.pop(call_id, None)
             if runner is not None:
-                self.bus.publish(FlowTransition(call_id=call_id, t_ms=0.0, flow=runner.name,
-                                                from_state=runner.state or "", to_state="", reason="error",
-                                                detail=f"{type(err).__name__}: {err}"[:200]))
+                call = runner.call
+                if isinstance(call, _HostedCall):  # no dead air: the bot converses freely, as without a flow
+                    for release in (lambda: call.live.hold_bot(False), lambda: call.live.mute_caller(False)):
+                        try:
+                            release()
+                        except CallControlError:
+                            pass
+                    call.redact_digits(False)
+                    call.report(FlowTransition(call_id=call_id, t_ms=0.0, flow=runner.name,
+                                               from_state=runner.state or "", to_state="", reason="error",
+                                               detail=f"{type(err).__name__}: {err}"[:200]))
 
 
 def start_flows(settings: Settings, bus: EventBus) -> FlowHost | None:
@@ -417,7 +439,17 @@ def start_flows(settings: Settings, bus: EventBus) -> FlowHost | None:
     if not flows:
         return None
     speaks = any(s.say or s.inform or s.announce for _, flow in flows.values() for s in flow.states.values())
-    return FlowHost(bus, flows, speaker=speaker_for(settings) if speaks else None)
+    host = FlowHost(bus, flows, speaker=speaker_for(settings) if speaks else None)
+    for _, flow in flows.values():
+        for state in flow.states.values():
+            if state.play and state.play not in host.clips:
+                try:
+                    data, rate = read_wav(state.play)
+                except (OSError, ValueError) as err:
+                    host.close()
+                    raise StartupError(f"flow clip {state.play!r}: {err}") from None
+                host.clips[state.play] = (data.mean(axis=0) if data.ndim == 2 else data, rate)
+    return host
 
 
 def speaker_for(settings: Settings) -> Speaker:

@@ -31,7 +31,9 @@ from typing import Literal, Protocol
 from callbot.engine.contract import FlowTransition
 from callbot.flows.schema import Flow, State, Webhook
 
-REPLY_TEXT_MAX = 256  # chars of a webhook reply's value kept as a variable
+REPLY_TEXT_MAX = 256
+MAX_HOPS = 32  # states entered in a row without waiting for an input: more is a loop in the flow
+WEBHOOK_GRACE_S = 0.5  # past a webhook's timeout_s, the runner stops waiting even if httpx has not  # chars of a webhook reply's value kept as a variable
 BOT_TEXT_WINDOW = 400  # chars of the bot's recent words that on_bot_said rules see
 
 
@@ -43,9 +45,12 @@ class FlowCall(Protocol):
 
     def stop_prompt(self, id: str) -> None: ...
 
-    def say(self, text: str, id: str) -> None: ...
+    def say(self, text: str, id: str, cache: bool = True) -> None:
+        """`cache`: the text is the flow's own (no variables), so its speech may be kept and reused; a
+        text filled with a call's variables is never cached (a balance, a name: personal data)."""
+        ...
 
-    def inform(self, text: str, id: str) -> None: ...
+    def inform(self, text: str, id: str, cache: bool = True) -> None: ...
 
     def set_persona(self, text: str, id: str) -> None: ...
 
@@ -127,9 +132,18 @@ class CallGone:
 Input = Digit | Said | Speech | PromptDone | WebhookDone | TransferDone | CallGone
 
 
+class FlowLoop(RuntimeError):
+    """The flow went round states that wait for nothing (the file check refuses the plain cases)."""
+
+
 class _Vars(dict):
     def __missing__(self, key: str) -> str:
         return ""  # a variable nobody set reads as empty: a persona is never refused mid-call
+
+
+def has_fields(template: str) -> bool:
+    """Whether `template` fills any {variable}."""
+    return any(field is not None for _, field, _, _ in string.Formatter().parse(template))
 
 
 def render(template: str, variables: dict[str, str]) -> str:
@@ -172,6 +186,9 @@ class FlowRunner:
     _muted: bool | None = None
     _held: bool | None = None
     _redacting: bool = False
+    _redact_until: float | None = None  # redaction goes on this long after a sensitive gather is left
+    _secrets: set[str] = field(default_factory=set)  # variables gathered sensitively, until their webhook
+    _hops: int = 0  # states entered since the runner last had an input or a tick: a loop of them is a bug
 
     def __post_init__(self) -> None:
         self._t0 = self.now
@@ -188,6 +205,7 @@ class FlowRunner:
 
     def handle(self, inp: Input, now: float) -> None:
         self.now = now
+        self._hops = 0
         if self.ended or self._visit is None:
             return
         v = self._visit
@@ -219,12 +237,21 @@ class FlowRunner:
             self._said(v, inp)
 
     def tick(self, now: float) -> None:
-        """Fires the timers that are due at `now` (gather timeouts, silence, max_s)."""
+        """Fires the timers that are due at `now` (gather timeouts, silence, max_s, a webhook's answer)."""
         self.now = now
+        self._hops = 0
         v = self._visit
         if self.ended or v is None or v.phase == "done":
             return
+        if self._redact_until is not None and now >= self._redact_until:
+            self._stop_redacting()
         s = v.state
+        if v.phase == "webhook" and v.deadline is not None and now >= v.deadline:
+            # the backend holds the call no longer than its timeout (a late reply is ignored by its id)
+            assert s.webhook is not None
+            self._webhook_done(v, WebhookDone(v.pending, error=f"{s.webhook.url}: no answer within "
+                                                                 f"{s.webhook.timeout_s:g} s"))
+            return
         if s.max_s is not None and now - v.entered >= s.max_s:
             self._exit(s.on_max_s or s.next, "max_s", f"{s.max_s:g} s")
             return
@@ -251,6 +278,9 @@ class FlowRunner:
                                         reason=reason, detail=detail[:200]))
 
     def _enter(self, name: str, reason: str, detail: str) -> None:
+        self._hops += 1
+        if self._hops > MAX_HOPS:
+            raise FlowLoop(f"{MAX_HOPS} states entered without waiting for anything (a loop through {name!r})")
         previous = self._visit.name if self._visit is not None else ""
         state = self.flow.states[name]
         self._visit = v = _Visit(name=name, state=state, entered=self.now, quiet_since=self.now)
@@ -267,10 +297,13 @@ class FlowRunner:
             self.call.stop_prompt(v.pending)  # leaving mid-prompt (a rule fired): the caller hears the next state
         if v is not None and v.phase == "transferring" and v.state.transfer_mode == "attended":
             self.call.cancel_transfer()  # the REFER must not take the caller away from the next state
-        if self._redacting:
-            self._redacting = False
-            self.call.redact_digits(False)
+        if self._redacting and self._redact_until is None:
+            # digits typed just after the gather ended (the rest of a long card, a CVV) stay masked a while
+            g = v.state.gather if v is not None else None
+            self._redact_until = self.now + (g.interdigit_timeout_s if g is not None else 0.0)
         self._enter(name, reason, detail)
+        if self._secrets and not (self._visit is not None and self._visit.state.webhook is not None):
+            self._forget_secrets()  # the state after a sensitive gather is the only one whose webhook gets it
 
     def _exit(self, name: str | None, reason: str, detail: str = "") -> None:
         """Leave for `name`, or hang up when the flow names no state for this exit."""
@@ -292,16 +325,34 @@ class FlowRunner:
         self._report(v.name if v is not None else "", "", reason, detail)
         self.ended = True
 
+    def _stop_redacting(self) -> None:
+        self._redact_until = None
+        v = self._visit
+        if self._redacting and not (v is not None and v.state.gather is not None and v.state.gather.sensitive):
+            self._redacting = False
+            self.call.redact_digits(False)
+
+    def _forget_secrets(self) -> None:
+        for name in self._secrets:
+            self.variables.pop(name, None)
+        self._secrets.clear()
+
+    def _public(self) -> dict[str, str]:
+        """The variables texts may show: never a secret (the schema refuses them in texts too)."""
+        return {k: v for k, v in self.variables.items() if k not in self._secrets}
+
     def _call_webhook(self, v: _Visit) -> None:
         assert v.state.webhook is not None
         v.phase = "webhook"
         v.pending = self._next_id("webhook")
         v.webhook_tries += 1
+        v.deadline = self.now + v.state.webhook.timeout_s + WEBHOOK_GRACE_S
         self.call.webhook(v.state.webhook, dict(self.variables), v.pending)
 
     def _webhook_done(self, v: _Visit, done: WebhookDone) -> None:
         spec = v.state.webhook
         assert spec is not None
+        v.deadline = None
         error = done.error
         reply = done.reply
         goto = None
@@ -312,10 +363,11 @@ class FlowRunner:
                 goto = reply.get("next")
                 if goto is not None and goto not in self.flow.states:
                     error = f"the reply names no state of the flow: next = {str(goto)[:60]!r}"
+        if error is not None and v.webhook_tries <= spec.retries:
+            self._call_webhook(v)
+            return
+        self._forget_secrets()  # this webhook (the state after a sensitive gather) had them: no other will
         if error is not None:
-            if v.webhook_tries <= spec.retries:
-                self._call_webhook(v)
-                return
             if spec.on_failure is not None:
                 self._go(spec.on_failure, "webhook_failed", error)
                 return
@@ -362,9 +414,9 @@ class FlowRunner:
             self._redacting = True
             self.call.redact_digits(True)
         if s.persona:
-            self.call.set_persona(render(s.persona, self.variables), self._next_id("persona"))
+            self.call.set_persona(render(s.persona, self._public()), self._next_id("persona"))
         if s.inform:
-            self.call.inform(render(s.inform, self.variables), self._next_id("inform"))
+            self.call.inform(render(s.inform, self._public()), self._next_id("inform"), cache=not has_fields(s.inform))
         self._prompt(v)
 
     def _prompt(self, v: _Visit) -> None:
@@ -376,7 +428,7 @@ class FlowRunner:
                 self.call.play(s.play, v.pending)
             else:
                 assert s.say is not None
-                self.call.say(render(s.say, self.variables), v.pending)
+                self.call.say(render(s.say, self._public()), v.pending, cache=not has_fields(s.say))
         else:
             self._prompt_done(v)
 
@@ -390,7 +442,7 @@ class FlowRunner:
             v.phase = "transferring"
             self._report(v.name, v.name, "transfer", s.transfer)
             if s.transfer_mode == "attended":
-                announce = render(s.announce, self.variables) if s.announce else None
+                announce = render(s.announce, self._public()) if s.announce else None
                 self.call.transfer_attended(s.transfer, announce, s.consult_timeout_s)
             else:
                 self.call.transfer(s.transfer)
@@ -444,6 +496,8 @@ class FlowRunner:
         assert g is not None
         digits, v.digits, v.deadline, v.finished = v.digits, "", None, False
         self.variables[g.variable] = digits
+        if g.sensitive:
+            self._secrets.add(g.variable)
         shown = "x" * len(digits) if g.sensitive else digits  # x: not a DTMF key, so clearly a mask
         if s.on_digits:
             goto = s.on_digits.get(digits)

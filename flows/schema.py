@@ -215,8 +215,59 @@ def _check_template(where: str, text: str) -> None:
         raise FlowError(f"{where}: {err} (write {{{{ and }}}} for literal braces)") from None
 
 
+def _fields(text: str) -> set[str]:
+    return {f for _, f, _, _ in string.Formatter().parse(text) if f}
+
+
+def _check_secrets(flow: Flow) -> None:
+    """A sensitive gather's variable goes only to a webhook: a text that shows it would speak a card
+    number to the caller or the model, or leave it in a log or the speech cache."""
+    secrets = {s.gather.variable for s in flow.states.values() if s.gather is not None and s.gather.sensitive}
+    for name, s in flow.states.items():
+        for field in ("say", "persona", "inform", "announce"):
+            text = getattr(s, field, None)
+            shown = _fields(text) & secrets if text else set()
+            if shown:
+                raise FlowError(f"$.states.{name}.{field}: {{{sorted(shown)[0]}}} is gathered as sensitive: "
+                                "it goes only to a webhook, never into a text")
+
+
+def _waits(s: State) -> bool:
+    """Whether a state waits for something (a prompt, digits, a reply, the caller, a timer) before it can
+    move on: a cycle of states that do not is a loop that never yields."""
+    return bool(s.play or s.say or s.persona or s.gather or s.webhook or s.transfer or s.hangup
+                or s.on_caller_said or s.on_bot_said or s.on_silence_s or s.max_s)
+
+
+def _check_loops(flow: Flow) -> None:
+    instant = {n: s for n, s in flow.states.items() if not _waits(s)}
+    edges = {n: {t for t in (s.next, *(r.goto for r in s.branch)) if t in instant} for n, s in instant.items()}
+    done: set[str] = set()
+    for start in instant:
+        path: list[str] = []
+        stack = [(start, iter(sorted(edges[start])))]
+        on_path = {start}
+        path.append(start)
+        while stack:
+            node, it = stack[-1]
+            nxt = next(it, None)
+            if nxt is None:
+                stack.pop()
+                on_path.discard(node)
+                path.pop()
+                done.add(node)
+            elif nxt in on_path:
+                loop = path[path.index(nxt):] + [nxt]
+                raise FlowError(f"$.states.{nxt}: a loop that waits for nothing: {' -> '.join(loop)}")
+            elif nxt not in done:
+                stack.append((nxt, iter(sorted(edges[nxt]))))
+                on_path.add(nxt)
+                path.append(nxt)
+
+
 def check_flow(flow: Flow, base_dir: pathlib.Path) -> None:
-    """What the types cannot say: every target exists, regexes compile, clips exist, no dead ends."""
+    """What the types cannot say: every target exists, regexes compile, clips exist, no dead ends, no
+    loop that never waits, no secret shown in a text."""
     names = set(flow.states)
 
     def target(where: str, name: str | None) -> None:
@@ -284,3 +335,5 @@ def check_flow(flow: Flow, base_dir: pathlib.Path) -> None:
                             + (" (next is where it goes when no branch matches)" if s.branch else ""))
         if s.gather and not (s.on_digits or s.next):
             raise FlowError(f"{at}.gather: where do the digits lead? give on_digits or next")
+    _check_secrets(flow)
+    _check_loops(flow)

@@ -3,8 +3,10 @@ the transition it reports for each move. The call is a recorder of the runner's 
 FlowCall protocol), the clock a number: nothing here waits."""
 from __future__ import annotations
 
+import pytest
+
 from callbot.engine.contract import FlowTransition
-from callbot.flows.runner import (CallGone, Digit, FlowRunner, PromptDone, Said, Speech, TransferDone,
+from callbot.flows.runner import (CallGone, Digit, FlowLoop, FlowRunner, PromptDone, Said, Speech, TransferDone,
                                   WebhookDone, render)
 from callbot.flows.schema import parse_flow
 
@@ -42,6 +44,7 @@ class Recorded:
     def __init__(self):
         self.ops: list[tuple] = []
         self.events: list[FlowTransition] = []
+        self.cached: dict[str, bool] = {}
 
     def play(self, clip, id):
         self.ops.append(("play", clip, id))
@@ -49,10 +52,11 @@ class Recorded:
     def stop_prompt(self, id):
         self.ops.append(("stop_prompt", id))
 
-    def say(self, text, id):
+    def say(self, text, id, cache=True):
         self.ops.append(("say", text, id))
+        self.cached[id] = cache
 
-    def inform(self, text, id):
+    def inform(self, text, id, cache=True):
         self.ops.append(("inform", text, id))
 
     def set_persona(self, text, id):
@@ -193,12 +197,18 @@ def test_a_sensitive_gather_masks_mutes_and_a_webhook_reply_steers_the_branch():
     r.handle(Digit("#"), 106.0)
     assert r.variables["card"] == "411111"
     assert call.events[-1].detail == "xxxxxx"
-    assert ("redact_digits", False) in call.ops  # left the sensitive state
+    assert ("redact_digits", False) not in call.ops  # a digit typed just after is still masked ...
     hook = call.last("webhook")
-    assert hook[2]["card"] == "411111" and hook[2]["name"] == "Ana"
+    assert hook[2]["card"] == "411111" and hook[2]["name"] == "Ana"  # the payment webhook gets the card
     r.handle(WebhookDone(hook[3], reply={"status": "ok", "variables": {"ref": "A7"}}), 106.2)
+    assert "card" not in r.variables  # ... and no later webhook or text can have it
     assert r.state == "thanks"
     assert call.last("say")[1] == "Paid, Ana. Reference A7."
+    assert call.cached[call.last("say")[2]] is False  # filled with the call's variables: never cached
+    r.tick(108.9)
+    assert ("redact_digits", False) not in call.ops
+    r.tick(109.0)  # the gather's interdigit_timeout_s (3 s) after it ended
+    assert call.last("redact_digits") == ("redact_digits", False)
     assert [m[2] for m in call.moves()] == ["start", "digits", "branch"]
 
 
@@ -330,6 +340,32 @@ transfer = "sip:spanish-queue@pbx.example.com"
     assert r.state == "bot"
     r, call = runner(text, caller_language="")
     assert r.state == "bot"
+
+
+def test_a_webhook_that_never_answers_is_a_failure_at_its_timeout():
+    r, call = runner(FORM.replace("retries = 1", "retries = 0, timeout_s = 2"))
+    finish_prompt(r, call, 101.0)
+    r.handle(Digit("7"), 101.5)
+    r.handle(Digit("#"), 101.6)
+    hook = call.last("webhook")[3]
+    r.tick(104.0)  # 2 s + the 0.5 s grace: still waiting
+    assert r.state == "check"
+    r.tick(104.1)
+    assert r.state == "sorry" and "no answer within 2 s" in call.events[-1].detail
+    r.handle(WebhookDone(hook, reply={"status": "ok"}), 105.0)  # late: ignored
+    assert r.state == "sorry"
+
+
+def test_a_loop_of_states_that_wait_for_nothing_is_stopped_at_run_time_too():
+    """The file check refuses such loops (test_flow_schema); a flow built without it is cut at run time."""
+    import msgspec
+
+    from callbot.flows.schema import Flow
+
+    flow = msgspec.convert({"start": "a", "states": {"a": {"next": "b"}, "b": {"next": "a"}}}, Flow)
+    r = FlowRunner(flow, Recorded(), "c1", {}, now=0.0)
+    with pytest.raises(FlowLoop, match="32 states entered without waiting"):
+        r.start()
 
 
 def test_render_leaves_unknown_variables_empty_and_literal_braces():

@@ -109,6 +109,12 @@ def test_structural_rules(tmp_path):
         parse_flow(base + '[states.a]\nbranch = [{ var = "x", match = "y", goto = "a" }]\n')
     with pytest.raises(FlowError, match="transfer and hangup both set"):
         parse_flow(base + '[states.a]\ntransfer = "sip:x@y"\nhangup = true\n')
+    with pytest.raises(FlowError, match=r"\$.states.b: a loop that waits for nothing: b -> c -> b"):
+        parse_flow(base + '[states.a]\nsay = "x"\nnext = "b"\n[states.b]\nnext = "c"\n'
+                          '[states.c]\nbranch = [{ var = "v", match = "1", goto = "a" }]\nnext = "b"\n')
+    with pytest.raises(FlowError, match=r"\$.states.b.say: \{card\} is gathered as sensitive"):
+        parse_flow(base + '[states.a]\ngather = { max_digits = 4, sensitive = true, variable = "card" }\n'
+                          'next = "b"\n[states.b]\nsay = "You typed {card}"\nhangup = true\n')
     flow = parse_flow(base + '[states.a]\nsay = "Hello {{literal}} {name}"\nhangup = true\n')
     assert flow.states["a"].say == "Hello {{literal}} {name}"
 

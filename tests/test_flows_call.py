@@ -333,11 +333,12 @@ def test_card_digits_in_a_sensitive_gather_reach_only_the_webhook(line, tmp_path
     assert "4111" not in files and not any("4111" in x for x in mine)
     digits = [json.loads(x) for x in mine if '"DtmfReceived"' in x]
     assert [d["digit"] for d in digits] == ["4"] + ["x"] * 16 and all(d["redacted"] for d in digits[1:])
-    # the recording kept the caller before and after, and nothing of them while the card was gathered
+    # the recording kept the caller before, and nothing of them from the card on (redaction lasts the
+    # gather's interdigit timeout past it, longer than this call)
     rate, frames = read_recording(sidecar.parent / record["recording"]["wav"])
     caller = frames[:, 0]
     loud = np.flatnonzero(np.abs(caller) > 1000)
-    inside = caller[loud[0]:loud[-1]]
+    inside = caller[loud[0]:]
     zeros = np.diff(np.flatnonzero(np.concatenate([[1], inside != 0, [1]])))  # runs of exact zeros, +1
-    assert loud.size and zeros.max() - 1 > rate // 2, "no stretch of the call's middle with the caller blanked"
+    assert loud.size and zeros.max() - 1 > rate // 2, "no stretch of the call with the caller blanked"
     watch.close()
