@@ -41,6 +41,7 @@ from callbot.sip import events as ev
 
 log = logging.getLogger(__name__)
 
+HANGUP_AFTER_PROMPT_S = 0.25  # the tx buffer and the bridge's tick: a goodbye is heard to its end
 TICK_S = 0.05  # timer resolution of every flow (gather timeouts, silence, max_s): 50 ms
 WORKERS = 8  # text to speech and webhooks in flight at once, across all calls
 GONE_AFTER_CLOSE_S = 30.0  # a flow whose call's audio went ends this long after if no CallEnded came
@@ -193,7 +194,10 @@ class _HostedCall:
                 self.live.hangup()
             except (CallControlError, RuntimeError, ValueError, TimeoutError) as err:
                 log.info("call %s: hangup: %s", self.call_id, err)
-        self.host.submit(run)
+        # PlayFinished comes when a prompt's last frame is queued, not heard: the BYE waits for it to leave
+        timer = threading.Timer(HANGUP_AFTER_PROMPT_S, lambda: self.host.submit(run))
+        timer.daemon = True
+        timer.start()
 
     def report(self, event: FlowTransition) -> None:
         record = self.live.record

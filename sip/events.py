@@ -98,7 +98,9 @@ class DtmfReceived(Event, frozen=True, kw_only=True):
 
 
 class TransferProgress(Event, frozen=True, kw_only=True):
-    """A NOTIFY about our REFER: the transfer target's answer so far; `final` when it is the last."""
+    """How a transfer goes: a NOTIFY about our REFER (the target's answer so far), or, for an attended
+    transfer, the consultation leg's provisional answers and its failure (its own code, 408 unanswered,
+    480 the target hung up before the REFER, 487 cancelled); `final` when it is the last."""
 
     call_id: str
     code: int
