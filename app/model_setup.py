@@ -108,7 +108,7 @@ def load_model(settings: Settings) -> Model:
     quantize = None if m.quantization == "none" else m.quantization
     directory = find_model_files(m)
     try:
-        return Model.load(directory, quantize, lm_config=lm_cfg, mimi_config=mimi_cfg)
+        return Model.load(directory, quantize, lm_config=lm_cfg, mimi_config=mimi_cfg, kv_bits=m.kv_bits)
     except WeightsError as err:  # there but unusable: truncated, another model's
         raise ModelSetupError(f"model weights: {err}") from None
 

@@ -150,7 +150,7 @@ class LmState:
     def __init__(self, lm: "LM", sampling: SamplingConfig, seed: int, context: int | None = None):
         cfg = lm.cfg
         self.cfg = cfg
-        self.cache = lm.transformer.make_cache(context=context)
+        self.cache = lm.transformer.make_cache(context=context, kv_bits=lm.kv_bits)
         self.sampler = TokenSampler(sampling, seed)
         ring = cfg.max_delay + 3
         self.tokens = np.full((cfg.num_streams, ring), -2, dtype=np.int64)  # -2: not generated yet
@@ -222,6 +222,8 @@ class LM(nn.Module):
         self.depformer = Depformer(cfg)
         self._initial = np.array([cfg.text_initial_token] + [cfg.audio_initial_token] * cfg.n_q, dtype=np.int64)
         self._delays = np.array(cfg.delays, dtype=np.int64)
+        # 8 or 4: the conversations' KV caches are quantized (transformer.KVCache); None = the model's dtype
+        self.kv_bits: int | None = None
 
     # -- the network ----------------------------------------------------------------------------------
 
@@ -261,7 +263,7 @@ class LM(nn.Module):
             x = mx.zeros((n, 1, cfg.dim), dtype=self.out_norm.weight.dtype)
             out = None
             for context in dict.fromkeys(contexts):
-                caches = [self.transformer.make_cache(context=context) for _ in range(n)]
+                caches = [self.transformer.make_cache(context=context, kv_bits=self.kv_bits) for _ in range(n)]
                 cap = caches[0].capacity
                 spans = [1 << b for b in range(5, cap.bit_length()) if (1 << b) < cap] + [cap]
                 for span in spans:

@@ -34,6 +34,7 @@ from callbot.engine.model.prompt import (FillerCodes, check_plan, filler_codes, 
                                          plan_prompt, run_prompt, voice_codes)
 from callbot.engine.model.sampling import SamplingConfig, TokenSampler
 from callbot.engine.model.tokenizer import PAD_ID, TextTokenizer
+from callbot.engine.model.transformer import KV_BITS
 from callbot.engine.model.voices import VoiceEmbeddings, VoiceLibrary, VoiceRecording
 from callbot.engine.model.weights import (MIMI_FILE, TEXT_TOKENIZER_FILE, default_dtype, find_weights, load_lm,
                                     require_file)
@@ -75,7 +76,7 @@ class Model:
     sessions; it holds weights, never a session's state, so sessions step from any thread."""
 
     def __init__(self, lm: LM, mimi: Mimi, tokenizer: TextTokenizer, voices: VoiceLibrary,
-                 sampling: SamplingConfig = SamplingConfig()):
+                 sampling: SamplingConfig = SamplingConfig(), kv_bits: int | None = None):
         cfg = lm.cfg
         if mimi.num_codebooks != cfg.agent_codebooks or mimi.cfg.quantizer_bins != cfg.card:
             raise ValueError(
@@ -87,6 +88,9 @@ class Model:
         if tokenizer.vocab_size > cfg.text_card:
             raise ValueError(f"{tokenizer.path}: {tokenizer.vocab_size} pieces, more than the LM's text "
                              f"vocabulary of {cfg.text_card}: tokenizer and model do not match")
+        if kv_bits not in (None, *KV_BITS):
+            raise ValueError(f"kv_bits must be one of {KV_BITS} or None, got {kv_bits!r}")
+        lm.kv_bits = kv_bits  # every prompt prepared from here on, and its calls, quantize their KV cache
         self.lm = lm
         self.mimi = mimi
         self.tokenizer = tokenizer
@@ -100,9 +104,11 @@ class Model:
     def load(cls, path: str | os.PathLike | None = None, quantize: str | None = None, *,
              lm_config: LmConfig | None = None, mimi_config: MimiConfig | None = None,
              download: bool = False, cache_dir: str | os.PathLike | None | bool = None,
-             sampling: SamplingConfig = SamplingConfig(), progress: bool = True) -> "Model":
+             sampling: SamplingConfig = SamplingConfig(), progress: bool = True,
+             kv_bits: int | None = None) -> "Model":
         """Load from a directory of the HF repo's files (`path`), else the Hugging Face cache, else (only
         with `download=True`) the hub. `quantize` None, "q4" or "q8" (the LM; cached converted on disk).
+        `kv_bits` 8 or 4: the calls' KV caches quantized (memory per call 0.53x / 0.28x of bf16).
         `lm_config`/`mimi_config` default to PersonaPlex-7B and the released Mimi."""
         directory = find_weights(path, download=download)
         dtype = default_dtype()
@@ -110,7 +116,7 @@ class Model:
         mimi = load_mimi(require_file(directory, MIMI_FILE), mimi_config, dtype=dtype)
         tokenizer = TextTokenizer(require_file(directory, TEXT_TOKENIZER_FILE))
         bound_buffer_cache()
-        return cls(lm, mimi, tokenizer, VoiceLibrary(directory), sampling)
+        return cls(lm, mimi, tokenizer, VoiceLibrary(directory), sampling, kv_bits)
 
     # -- prompts --------------------------------------------------------------------------------------
 

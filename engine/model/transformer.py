@@ -151,6 +151,63 @@ class GatedFFN(nn.Module):
         return self.linear_out(nn.silu(gate) * value)
 
 
+KV_BITS = (8, 4)
+KV_GROUP_SIZE = 64  # values per quantization group (mlx-lm's QuantizedKVCache default)
+
+
+def kv_encode(x: mx.array, bits: int | None, group_size: int = KV_GROUP_SIZE):
+    """Keys or values [B, heads, T, head_dim] as a ring stores them: the array itself, or with `bits` a
+    tuple (packed uint32 [B, T, heads*head_dim*bits/32], scales, biases [B, T, heads*head_dim/group]),
+    slots on axis 1. The groups run over heads x head_dim of one position (a head narrower than a
+    group shares its scale with its neighbours: the tiny test model's 16)."""
+    if not bits:
+        return x
+    b, h, t, d = x.shape
+    return tuple(mx.quantize(x.transpose(0, 2, 1, 3).reshape(b, t, h * d), group_size=group_size, bits=bits))
+
+
+def kv_decode(stored, heads: int, head_dim: int) -> mx.array:
+    """`kv_encode`'s inverse: [B, heads, T, head_dim] in the dtype the values were quantized from."""
+    if not isinstance(stored, tuple):
+        return stored
+    packed, scales, biases = stored
+    hd = heads * head_dim
+    bits, group_size = packed.shape[-1] * 32 // hd, hd // scales.shape[-1]
+    b, t = packed.shape[0], packed.shape[1]
+    x = mx.dequantize(packed, scales, biases, group_size=group_size, bits=bits)
+    return x.reshape(b, t, heads, head_dim).transpose(0, 2, 1, 3)
+
+
+def _slots(stored) -> int:
+    return stored[0].shape[1] if isinstance(stored, tuple) else stored.shape[2]
+
+
+def _cut(stored, start: int, stop: int):
+    if isinstance(stored, tuple):
+        return tuple(a[:, start:stop] for a in stored)
+    return stored[:, :, start:stop]
+
+
+def _cat(parts: list):
+    if isinstance(parts[0], tuple):
+        return tuple(mx.concatenate([p[i] for p in parts], axis=1) for i in range(3))
+    return mx.concatenate(parts, axis=2)
+
+
+def _put(stored, new, start: mx.array):
+    if isinstance(stored, tuple):
+        return tuple(mx.slice_update(a, n, start, axes=(1,)) for a, n in zip(stored, new))
+    return mx.slice_update(stored, new, start, axes=(2,))
+
+
+def _copy(stored):
+    return tuple(mx.contiguous(a) for a in stored) if isinstance(stored, tuple) else mx.contiguous(stored)
+
+
+def _arrays(stored) -> list[mx.array]:
+    return list(stored) if isinstance(stored, tuple) else [stored]
+
+
 def ring_span(offset: int, capacity: int) -> int:
     """Ring slots a one-position step at absolute position `offset` reads: the whole ring once it has
     filled, else a power-of-two prefix (>= 32) holding positions 0..offset. A cache's arrays grow to
@@ -172,22 +229,36 @@ class KVCache:
     then `capacity`), so a short call or a prompt snapshot holds only what it has written (on the 7B a
     full 3000-frame ring is 1.5 GB of bf16 per call). Slots past `offset` hold zeros and are never
     read unmasked, so outputs are the same as with a full-size ring. `shape` is the full ring's.
+
+    With `bits` (8 or 4) the ring holds keys and values quantized as mlx-lm's QuantizedKVCache does
+    (`kv_encode`: groups of `group_size` values, a scale and a bias each), and attention reads them
+    dequantized; a position is quantized once, when it is written, and every read sees the same values.
     """
 
     def __init__(self, batch_size: int, num_heads: int, head_dim: int, capacity: int, dtype: mx.Dtype,
-                 kyutai_ring: bool = False):
+                 kyutai_ring: bool = False, bits: int | None = None, group_size: int = KV_GROUP_SIZE):
+        if bits is not None and bits not in KV_BITS:
+            raise ValueError(f"kv_bits must be one of {KV_BITS} or None, got {bits!r}")
+        if bits and (num_heads * head_dim) % group_size:
+            raise ValueError(f"a quantized KV cache needs heads x head_dim ({num_heads * head_dim}) divisible "
+                             f"by its group size {group_size}")
         self.capacity = capacity
         self.kyutai_ring = kyutai_ring
         self.shape = (batch_size, num_heads, capacity, head_dim)
         self.dtype = dtype
-        self.keys = mx.zeros((batch_size, num_heads, 0, head_dim), dtype=dtype)
-        self.values = mx.zeros((batch_size, num_heads, 0, head_dim), dtype=dtype)
+        self.bits, self.group_size = bits, group_size
+        self.keys = self._zeros(0)
+        self.values = self._zeros(0)
         self.offset = 0
+
+    def _zeros(self, slots: int):
+        b, h, _, d = self.shape
+        return kv_encode(mx.zeros((b, h, slots, d), dtype=self.dtype), self.bits, self.group_size)
 
     @property
     def allocated(self) -> int:
         """Ring slots the arrays hold now (<= capacity)."""
-        return self.keys.shape[2]
+        return _slots(self.keys)
 
     def reset(self) -> None:
         # Slots at or past `offset` are never read, so the old contents can stay.
@@ -196,80 +267,86 @@ class KVCache:
     def fit(self, length: int) -> None:
         """Make the arrays exactly `length` slots long: zeros appended, or unwritten slots cut off (only
         slots at or past `offset` of a ring that has not wrapped, which hold nothing)."""
-        have = self.keys.shape[2]
+        have = self.allocated
         if length == have:
             return
         if length < have:
             if self.offset > length:
                 raise ValueError(f"cannot cut a ring holding {self.offset} positions to {length} slots")
-            self.keys, self.values = self.keys[:, :, :length], self.values[:, :, :length]
+            self.keys, self.values = _cut(self.keys, 0, length), _cut(self.values, 0, length)
             return
-        b, h, _, d = self.shape
-        pad = mx.zeros((b, h, length - have, d), dtype=self.keys.dtype)
-        self.keys = mx.concatenate([self.keys, pad], axis=2) if have else pad
-        self.values = mx.concatenate([self.values, pad], axis=2) if have else pad
+        pad = self._zeros(length - have)
+        self.keys = _cat([self.keys, pad]) if have else pad
+        self.values = _cat([self.values, pad]) if have else pad
 
     def _reserve(self, positions: int) -> None:
         """Room for absolute positions 0..positions-1 (all of the ring once they reach its capacity)."""
         need = self.capacity if positions >= self.capacity else ring_span(positions - 1, self.capacity)
-        if need > self.keys.shape[2]:
+        if need > self.allocated:
             self.fit(need)
 
     def slot_positions(self) -> np.ndarray:
         """Absolute position held by each allocated slot now (-1: empty)."""
         cap, end = self.capacity, self.offset
-        slots = np.arange(self.keys.shape[2])
+        slots = np.arange(self.allocated)
         if end <= cap:
             return np.where(slots < end, slots, -1)
         return end - 1 - ((end - 1 - slots) % cap)
 
-    def _write(self, k: mx.array, v: mx.array) -> None:
-        cap, t = self.capacity, k.shape[2]
+    def _read(self, stored) -> mx.array:
+        return kv_decode(stored, self.shape[1], self.shape[3])
+
+    def _write(self, k, v) -> None:
+        """Store T new positions, given as the ring stores them (`kv_encode`d)."""
+        cap, t = self.capacity, _slots(k)
         if t >= cap:
             # Only the last `cap` entries survive; lay them out so position p sits in slot p % cap.
-            k, v = k[:, :, t - cap:], v[:, :, t - cap:]
+            k, v = _cut(k, t - cap, t), _cut(v, t - cap, t)
             first = (self.offset + t - cap) % cap
             cut = cap - first
-            self.keys = mx.concatenate([k[:, :, cut:], k[:, :, :cut]], axis=2) if first else k
-            self.values = mx.concatenate([v[:, :, cut:], v[:, :, :cut]], axis=2) if first else v
+            self.keys = _cat([_cut(k, cut, cap), _cut(k, 0, cut)]) if first else k
+            self.values = _cat([_cut(v, cut, cap), _cut(v, 0, cut)]) if first else v
         else:
             self._reserve(self.offset + t)
             start = self.offset % cap
             head = min(t, cap - start)
-            self.keys = mx.slice_update(self.keys, k[:, :, :head], mx.array([start]), axes=(2,))
-            self.values = mx.slice_update(self.values, v[:, :, :head], mx.array([start]), axes=(2,))
+            self.keys = _put(self.keys, _cut(k, 0, head), mx.array([start]))
+            self.values = _put(self.values, _cut(v, 0, head), mx.array([start]))
             if head < t:
-                self.keys = mx.slice_update(self.keys, k[:, :, head:], mx.array([0]), axes=(2,))
-                self.values = mx.slice_update(self.values, v[:, :, head:], mx.array([0]), axes=(2,))
+                self.keys = _put(self.keys, _cut(k, head, t), mx.array([0]))
+                self.values = _put(self.values, _cut(v, head, t), mx.array([0]))
         self.offset += t
 
     def update_and_attend(self, q: mx.array, k: mx.array, v: mx.array, window: int | None,
                           scale: float) -> mx.array:
         """Store the new keys/values and attend the new queries to their window (causal)."""
         t = q.shape[2]
+        sk, sv = kv_encode(k, self.bits, self.group_size), kv_encode(v, self.bits, self.group_size)
+        if self.bits:  # attend to the values the ring will hold
+            k, v = self._read(sk), self._read(sv)
         if t == 1 and (window is None or window >= self.capacity):
             # Hot path (one LM step): after the write the ring holds exactly the window.
-            self._write(k, v)
+            self._write(sk, sv)
             n = min(self.offset, self.capacity)
-            keys = self.keys if n == self.keys.shape[2] else self.keys[:, :, :n]
-            values = self.values if n == self.values.shape[2] else self.values[:, :, :n]
-            return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale)
+            keys = self.keys if n == self.allocated else _cut(self.keys, 0, n)
+            values = self.values if n == self.allocated else _cut(self.values, 0, n)
+            return mx.fast.scaled_dot_product_attention(q, self._read(keys), self._read(values), scale=scale)
         q_pos = self.offset + np.arange(t)
         if self.kyutai_ring:
             # Kyutai's order: write, then read what the ring still holds.
-            self._write(k, v)
-            k_pos, keys, values = self.slot_positions(), self.keys, self.values
+            self._write(sk, sv)
+            k_pos, keys, values = self.slot_positions(), self._read(self.keys), self._read(self.values)
         else:
             # Exact window: old ring + new entries, masked by absolute position.
             k_pos = np.concatenate([self.slot_positions(), q_pos])
-            keys = mx.concatenate([self.keys, k], axis=2)
-            values = mx.concatenate([self.values, v], axis=2)
+            keys = mx.concatenate([self._read(self.keys), k], axis=2)
+            values = mx.concatenate([self._read(self.values), v], axis=2)
         mask = (k_pos[None, :] >= 0) & (k_pos[None, :] <= q_pos[:, None])
         if window is not None:
             mask &= (q_pos[:, None] - k_pos[None, :]) < window
         out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mx.array(mask))
         if not self.kyutai_ring:
-            self._write(k, v)
+            self._write(sk, sv)
         return out
 
 
@@ -279,15 +356,17 @@ class CacheSnapshot:
     (a cache restored from it takes that capacity: a bot's context travels with its prompt). Cheap:
     references only."""
 
-    layers: tuple[tuple[mx.array, mx.array, int], ...]
+    layers: tuple[tuple[object, object, int], ...]  # keys, values (arrays, or kv_encode's tuples), offset
     capacity: int | None = None
+    kv_bits: int | None = None
+    kv_group_size: int = KV_GROUP_SIZE
 
     @property
     def offset(self) -> int:
         return self.layers[0][2] if self.layers else 0
 
     def arrays(self) -> list[mx.array]:
-        return [a for keys, values, _ in self.layers for a in (keys, values)]
+        return [a for keys, values, _ in self.layers for a in _arrays(keys) + _arrays(values)]
 
 
 class TransformerCache:
@@ -315,11 +394,13 @@ class TransformerCache:
         layers = []
         for c in self.layers:
             keys, values = c.keys, c.values
-            if compact and c.offset < keys.shape[2]:
+            if compact and c.offset < _slots(keys):
                 # a slice shares its parent's buffer: a contiguous copy lets the longer arrays go
-                keys, values = mx.contiguous(keys[:, :, :c.offset]), mx.contiguous(values[:, :, :c.offset])
+                keys, values = _copy(_cut(keys, 0, c.offset)), _copy(_cut(values, 0, c.offset))
             layers.append((keys, values, c.offset))
-        return CacheSnapshot(tuple(layers), self.capacity if self.layers else None)
+        first = self.layers[0] if self.layers else None
+        return CacheSnapshot(tuple(layers), first.capacity if first else None, first.bits if first else None,
+                             first.group_size if first else KV_GROUP_SIZE)
 
     def restore(self, snapshot: CacheSnapshot) -> None:
         if len(snapshot.layers) != len(self.layers):
@@ -329,15 +410,24 @@ class TransformerCache:
         for c, (keys, values, offset) in zip(self.layers, snapshot.layers):
             cap = capacity if capacity is not None else c.capacity
             b, h, _, d = c.shape
-            if (keys.shape[0], keys.shape[1], keys.shape[3]) != (b, h, d) or keys.shape[2] > cap:
-                raise ValueError(f"cache snapshot holds keys of shape {tuple(keys.shape)}, expected "
-                                 f"({b}, {h}, <= {cap}, {d})")
+            if isinstance(keys, tuple):
+                hd = h * d
+                ok = (keys[0].shape[0] == b and keys[0].shape[-1] * 32 == hd * snapshot.kv_bits
+                      and keys[1].shape[-1] * snapshot.kv_group_size == hd)
+                shape = tuple(keys[0].shape)
+            else:
+                ok = (keys.shape[0], keys.shape[1], keys.shape[3]) == (b, h, d)
+                shape = tuple(keys.shape)
+            if not ok or _slots(keys) > cap:
+                raise ValueError(f"cache snapshot holds keys of shape {shape}, expected ({b}, {h}, <= {cap}, {d})"
+                                 f"{'' if not isinstance(keys, tuple) else ' quantized'}")
             c.capacity, c.shape = cap, (b, h, cap, d)
+            c.bits, c.group_size = snapshot.kv_bits, snapshot.kv_group_size
             c.keys, c.values, c.offset = keys, values, offset
 
     def arrays(self) -> list[mx.array]:
         """Every array of the cache, e.g. for `mx.eval` after a long prompt."""
-        return [a for c in self.layers for a in (c.keys, c.values)]
+        return [a for c in self.layers for a in _arrays(c.keys) + _arrays(c.values)]
 
 
 class Attention(nn.Module):
@@ -432,13 +522,19 @@ class Attention(nn.Module):
                              scale=1.0, offset=offsets)
         ys, new_keys, new_values, row = [], [], [], 0
         for i, (ck, cv, mask) in enumerate(zip(keys, values, masks)):
-            n = ck.shape[0]
+            n = _arrays(ck)[0].shape[0]
             qi, ki, vi = (q, k, v) if n == b else (q[row:row + n], k[row:row + n], v[row:row + n])
-            ck = mx.slice_update(ck, ki, slots[i:i + 1], axes=(2,))
-            cv = mx.slice_update(cv, vi, slots[i:i + 1], axes=(2,))
+            if isinstance(ck, tuple):  # a quantized ring (kv_encode's layout): bits and groups from its shapes
+                hd = cfg.num_heads * cfg.head_dim
+                bits, group = ck[0].shape[-1] * 32 // hd, hd // ck[1].shape[-1]
+                ki, vi = kv_encode(ki, bits, group), kv_encode(vi, bits, group)
+            ck = _put(ck, ki, slots[i:i + 1])
+            cv = _put(cv, vi, slots[i:i + 1])
             span = mask.shape[0]
-            seen_k = ck if span == ck.shape[2] else ck[:, :, :span]
-            seen_v = cv if span == cv.shape[2] else cv[:, :, :span]
+            seen_k = ck if span == _slots(ck) else _cut(ck, 0, span)
+            seen_v = cv if span == _slots(cv) else _cut(cv, 0, span)
+            seen_k = kv_decode(seen_k, cfg.num_heads, cfg.head_dim)
+            seen_v = kv_decode(seen_v, cfg.num_heads, cfg.head_dim)
             ys.append(mx.fast.scaled_dot_product_attention(qi, seen_k, seen_v, scale=self.scale, mask=mask))
             new_keys.append(ck)
             new_values.append(cv)
@@ -636,10 +732,10 @@ class Transformer(nn.Module):
         return x
 
     def make_cache(self, batch_size: int = 1, dtype: mx.Dtype | None = None, context: int | None = None,
-                   ) -> TransformerCache:
+                   kv_bits: int | None = None) -> TransformerCache:
         """A fresh streaming state; `dtype` defaults to the dtype of the model's norms. `context`: a ring
         shorter than the model's (a bot's `context`: attention sees that many positions; less memory and
-        fewer bytes read per step); None = the model's."""
+        fewer bytes read per step); None = the model's. `kv_bits`: 8 or 4 for a quantized ring (KVCache)."""
         cfg = self.cfg
         if dtype is None:
             dtype = self.layers[0].norm1.weight.dtype if self.layers else mx.float32
@@ -650,6 +746,6 @@ class Transformer(nn.Module):
                                  f"got {context!r}")
             capacity = context
         return TransformerCache([
-            KVCache(batch_size, cfg.num_heads, cfg.head_dim, capacity, dtype, cfg.kyutai_ring)
+            KVCache(batch_size, cfg.num_heads, cfg.head_dim, capacity, dtype, cfg.kyutai_ring, kv_bits)
             for _ in self.layers
         ])
