@@ -139,7 +139,7 @@ class ModelCallSession:
     closed: bool = False
     final_summary: CallSummary | None = None  # the summary taken as the session closed
     # held by the runner while it steps this call, by close_session while it closes it: closing waits
-    # for at most this call's one step in flight, never for the other calls' steps
+    # for at most this call's one step in flight (batched: the round it is in), never for later ones
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def control(self, op: Control) -> None:
