@@ -229,3 +229,21 @@ def test_warm_batches_compiles_the_round_sizes_before_the_first_call(model, bots
     one_by_one = ModelEngine(model, lambda start: bots["pizza"], realtime=False, batch=False, warm_batches=3)
     one_by_one.close()
     assert one_by_one._warm_batches == 0
+
+
+def test_the_model_service_takes_a_batched_engines_rounds(model, bots, tmp_path):
+    """The service feeds admission from the engine's own rounds when it batches, else from the calls'
+    step times (the one-by-one law)."""
+    from callbot.engine.serving.inference_service import InferenceService
+    from callbot.engine.serving.step_budget import StepTimes
+
+    for batch in (True, False):
+        times = StepTimes()
+        engine = ModelEngine(model, lambda start: bots["pizza"], realtime=False, batch=batch)
+        service = InferenceService(engine, str(tmp_path / f"m{int(batch)}.sock"), bots=["pizza"], step_times=times)
+        try:
+            assert (engine.on_round == times.observe) is batch
+            assert service._rounds_from_engine is batch
+        finally:
+            service.close()
+            engine.close()
