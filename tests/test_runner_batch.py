@@ -1,6 +1,6 @@
 """The batched runner (engine/serving/runner.py with BatchedSessions): four calls on the tiny model in one
 engine, one of them joining and leaving mid-run, each with its own bot, seed and live control (a played
-clip, a persona change, the bot held, the caller muted and informed), and each call's audio to the caller
+clip, a clip cut short, a persona change, the bot held, the caller muted and informed), and each call's audio to the caller
 and text equal to that call run alone in a one-by-one engine with the same seed and inputs.
 
 How it stays deterministic with real threads: a driver plays the media side frame by frame (80 ms of
@@ -20,7 +20,7 @@ import pytest
 
 from callbot.engine import Model
 from callbot.engine.contract import (CallStart, HoldBot, Inform, MuteCaller, PersonaChanged, Play, PlayFinished,
-                                     SetPersona)
+                                     SetPersona, StopPlay)
 from callbot.engine.serving.call_audio import CallAudio
 from callbot.engine.serving.runner import BotPrompt, ModelEngine
 from tests.batch_compare import ROW_EXACT
@@ -77,7 +77,9 @@ def plans() -> list[Plan]:
         Plan("b", "bank", 0, 100, 330.0, {3: [SetPersona(text="You now take refunds.", id="refunds")]}),
         Plan("c", "pizza", 0, 40, 440.0, {1: [HoldBot(on=True), Play(pcm=tone(160, 500.0).tobytes(), rate=RATE,
                                                                           id="beep")],
-                                          9: [HoldBot(on=False)]}),
+                                          9: [HoldBot(on=False)],
+                                          12: [Play(pcm=tone(2000, 600.0).tobytes(), rate=RATE, id="menu")],
+                                          16: [StopPlay(id="menu")]}),
         # joins mid-run and leaves before the others
         Plan("d", "bank", 12, 30, 550.0, {4: [MuteCaller(on=True)], 8: [MuteCaller(on=False)]}),
     ]
@@ -159,7 +161,7 @@ def test_each_call_in_a_batch_equals_that_call_alone(model, bots):
         assert [x.piece for x in ts.text] == [x.piece for x in as_.text], p.call_id
 
         def mine(events):
-            return [(type(e).__name__, getattr(e, "id", None)) for e in events
+            return [(type(e).__name__, e.id, getattr(e, "ms", None), getattr(e, "interrupted", None)) for e in events
                     if e.call_id == p.call_id and isinstance(e, (PlayFinished, PersonaChanged))]
 
         assert mine(together_events) == mine(alone_events), p.call_id
@@ -169,6 +171,8 @@ def test_each_call_in_a_batch_equals_that_call_alone(model, bots):
     assert any(np.array_equal(a[i:i + len(clip)], clip) for i in np.flatnonzero(a == clip[0]))
     assert together["b"].session.session.persona == "You now take refunds."
     assert [e.id for e in together_events if isinstance(e, PersonaChanged)] == ["refunds"]
+    assert [(e.id, e.interrupted) for e in together_events if isinstance(e, PlayFinished) and e.call_id == "c"] == [
+        ("beep", False), ("menu", True)]
 
 
 def test_a_full_engine_refuses_the_next_call(model, bots):
