@@ -1153,6 +1153,33 @@ class Edge:
         """New calls get 503 (Retry-After) from now on; the calls in progress and their requests go on."""
         self.rpc("htable.seti", "drain", "on", "1")
 
+    def drain_calls(self, limit_s: float, cut_short: Callable[[], bool], say: Callable[[str], None],
+                    tend: Callable[[], None] = lambda: None, wake: threading.Event | None = None) -> int:
+        """A drained stop's wait: new calls get 503 from now on, and this returns once no call is left or
+        `limit_s` has passed or `cut_short()` (a second signal); the calls still in progress. `tend` runs
+        between looks (the supervisor keeps its workers), `wake` ends a look early."""
+        try:
+            self.drain()
+            calls = self.active_calls()
+        except (RuntimeError, OSError, subprocess.SubprocessError) as err:
+            say(f"callbot: the edge could not be drained ({err}): stopping now")
+            return 0
+        say(f"callbot: draining: new calls get 503; {calls} in progress, waiting up to {limit_s:g} s "
+            "(a second SIGTERM/SIGINT stops now)")
+        deadline = time.monotonic() + limit_s
+        wake = wake or threading.Event()
+        while calls > 0 and time.monotonic() < deadline and not cut_short():
+            tend()
+            wake.wait(0.2)
+            wake.clear()
+            try:
+                calls = self.active_calls()
+            except (RuntimeError, OSError, subprocess.SubprocessError):
+                break
+        say("callbot: drained: stopping" if calls == 0 else
+            f"callbot: {calls} calls still in progress after {limit_s:g} s: they are hung up")
+        return calls
+
     def active_calls(self) -> int:
         """The calls passing through the edge now, ringing or answered (the dialog module's count)."""
         for line in self.rpc("dlg.stats_active").splitlines():
@@ -1198,6 +1225,33 @@ def read_counters(ctl_socket: str, kamailio: str | None = None) -> dict[str, int
     return values
 
 
+@dataclass
+class Signals:
+    """SIGTERM/SIGINT for a drained stop: the first sets `stop`, a second cuts the drain short."""
+
+    stop: threading.Event
+    wake: threading.Event
+    count: int = 0
+
+
+@contextlib.contextmanager
+def drain_signals() -> Iterator[Signals]:
+    """Signals while inside (the handlers run on the main thread between bytecodes)."""
+    sig = Signals(threading.Event(), threading.Event())
+
+    def handler(*_) -> None:
+        sig.count += 1
+        sig.stop.set()
+        sig.wake.set()
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield sig
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 @contextlib.contextmanager
 def running_edge(settings: Settings, backend: Backend | Sequence[Backend], *, source: str = "callbot's config",
                  dispatch: bool | None = None) -> Iterator[Edge]:
@@ -1209,9 +1263,9 @@ def running_edge(settings: Settings, backend: Backend | Sequence[Backend], *, so
 
 
 def run_edge(settings: Settings, *, source: str, print_only: bool = False, check_only: bool = False) -> int:
-    """`callbot edge`: kamailio alone in front of a serve started separately; until SIGTERM/SIGINT."""
-    from callbot.app.serve import stop_on_signals
-
+    """`callbot edge`: kamailio alone in front of a serve started separately (or `[edge] nodes`); until
+    SIGTERM/SIGINT, then a drain: new calls get 503 while those in progress go on, up to `[edge] drain_s`
+    (a second signal stops at once)."""
     # with [edge] nodes they are where calls go; else serve on loopback, as its config says
     if settings.edge.nodes:
         check_edge(settings.edge)
@@ -1237,15 +1291,18 @@ def run_edge(settings: Settings, *, source: str, print_only: bool = False, check
             edge.stop()
         print("edge: kamailio -c accepts the generated configuration", file=sys.stderr)
         return 0
-    with stop_on_signals() as stop:
+    with drain_signals() as sig:
         try:
             edge.start()
             print(edge.describe(), file=sys.stderr, flush=True)
-            while not stop.is_set():
+            while not sig.stop.is_set():
                 if edge.proc.poll() is not None:
                     print(f"callbot: error: kamailio exited with status {edge.proc.returncode}", file=sys.stderr)
                     return 1
-                stop.wait(0.2)
+                sig.stop.wait(0.2)
+            edge.drain_calls(settings.edge.drain_s, lambda: sig.count >= 2, lambda line: print(line, file=sys.stderr,
+                                                                                                 flush=True),
+                             wake=sig.wake)
         finally:
             edge.stop()
     return 0

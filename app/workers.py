@@ -42,7 +42,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import IO, Iterator, Literal
+from typing import IO, Literal
 
 import msgspec
 
@@ -285,7 +285,7 @@ class Supervisor:
 
     def run(self) -> int:
         """Start everything, tend it until SIGTERM/SIGINT, drain, stop; the exit status."""
-        with _signals() as sig:
+        with edge_mod.drain_signals() as sig:
             try:
                 return self._run(sig)
             except _Interrupted:
@@ -298,7 +298,7 @@ class Supervisor:
                     self.edge.stop()
                 self._remove_tmp()
 
-    def _run(self, sig: "_Signals") -> int:
+    def _run(self, sig: edge_mod.Signals) -> int:
         if self.service is not None:
             self._spawn(self.service)
             self._wait_ready([self.service], sig.stop, None)  # loading weights takes what it takes
@@ -356,58 +356,16 @@ class Supervisor:
             self._say(f"callbot: warning: the edge was not told that {child.name} is "
                       f"{'back' if state.startswith('a') else 'gone'}: {err}")
 
-    def _drain(self, sig: "_Signals") -> None:
-        """New calls refused at the edge; the running ones go on until they end or drain_s has passed."""
-        limit = self.settings.edge.drain_s
-        try:
-            self.edge.drain()
-            calls = self.edge.active_calls()
-        except (RuntimeError, OSError, subprocess.SubprocessError) as err:
-            self._say(f"callbot: the edge could not be drained ({err}): stopping now")
-            return
-        self._say(f"callbot: draining: new calls get 503; {calls} in progress, waiting up to {limit:g} s "
-                  "(a second SIGTERM/SIGINT stops now)")
-        deadline = time.monotonic() + limit
-        while calls > 0 and time.monotonic() < deadline and sig.count < 2:
-            self._tend()  # a worker that dies now is still restarted: its calls are gone, others may come
-            sig.wake.wait(0.2)
-            sig.wake.clear()
-            try:
-                calls = self.edge.active_calls()
-            except (RuntimeError, OSError, subprocess.SubprocessError):
-                break
-        self._say("callbot: drained: stopping" if calls == 0 else
-                  f"callbot: {calls} calls still in progress after {limit:g} s: they are hung up")
+    def _drain(self, sig: edge_mod.Signals) -> None:
+        """New calls refused at the edge; the running ones go on until they end or drain_s has passed (a
+        worker that dies meanwhile is still restarted: its calls are gone, others may come)."""
+        assert self.edge is not None
+        self.edge.drain_calls(self.settings.edge.drain_s, lambda: sig.count >= 2, self._say, tend=self._tend,
+                              wake=sig.wake)
 
 
 class _Interrupted(Exception):
     """A signal arrived before everything had started."""
-
-
-@dataclass
-class _Signals:
-    stop: threading.Event = field(default_factory=threading.Event)
-    wake: threading.Event = field(default_factory=threading.Event)
-    count: int = 0
-
-
-@contextlib.contextmanager
-def _signals() -> Iterator[_Signals]:
-    """SIGTERM/SIGINT: the first starts the drain, a second cuts it short (app/serve.py's handler would
-    load pjsua2 here)."""
-    sig = _Signals()
-
-    def handler(*_) -> None:
-        sig.count += 1
-        sig.stop.set()
-        sig.wake.set()
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield sig
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 def supervise(settings: Settings, engine_kind: str, workers: int, *, config: str | None, model: str | None,

@@ -5,7 +5,8 @@ wheel's cap) each playing a tone of its own and recording what comes back, and `
 `[edge] nodes` in front of two separate `callbot serve` processes.
 
 Cross-talk is checked by frequency: caller k plays f_k and must hear f_k, with every other caller's tone
-at least 40 dB (10^4 in power) below it. Which worker has a call is read from each worker's
+at least 30 dB (10^3 in power) below it (measured: 64-65 dB; a call mixed into another would be ~0 dB,
+and 30 leaves room for a late packet's concealment on a loaded machine). Which worker has a call is read from each worker's
 `callbot_calls_active` (their metrics ports follow the configured one). Mid-call audio is read from the
 callers' WAV files while pjmedia still writes them (raw PCM after the 44-byte header).
 """
@@ -163,7 +164,7 @@ def _samples(path: pathlib.Path) -> np.ndarray:
 
 
 def _hears(x: np.ndarray, own: float) -> str:
-    """"own": `own` dominates and every other caller's tone is >= 40 dB below it; "silence"; else what."""
+    """"own": `own` dominates and every other caller's tone is >= 30 dB below it; "silence"; else what."""
     if len(x) < RATE or np.abs(x).max() < 500:
         return "silence"
     spectrum = np.abs(np.fft.rfft(x * np.hanning(len(x)))) ** 2  # windowed: a tone leaks into no other's band
@@ -173,7 +174,7 @@ def _hears(x: np.ndarray, own: float) -> str:
         return float(spectrum[(freqs > f - 15) & (freqs < f + 15)].sum())
 
     mine, loudest_other = power(own), max(power(f) for f in TONES if f != own)
-    if freqs[np.argmax(spectrum)] != pytest.approx(own, abs=15) or mine < 1e4 * loudest_other:
+    if freqs[np.argmax(spectrum)] != pytest.approx(own, abs=15) or mine < 1e3 * loudest_other:
         return f"not its own: dominant {freqs[np.argmax(spectrum)]:.0f} Hz, others {loudest_other / mine:.1e} of it"
     return "own"
 
@@ -367,7 +368,8 @@ class Serve:
 
 def test_callbot_edge_with_nodes_spreads_calls_and_skips_a_node_that_is_down(tmp_path):
     """`callbot edge` whose [edge] nodes are two serve processes on different ports: 4 calls go 2 and 2;
-    one serve stopped is taken out after its pings go unanswered, and the next calls all reach the other."""
+    one serve stopped is taken out after its pings go unanswered, and the next calls all reach the other;
+    started again, it is back once it answers. SIGTERM drains the edge as it does the supervisor's."""
     port_a, port_b, edge_port = free_port(), free_port(), free_port()
     nodes = [Serve(tmp_path / "a", port_a), Serve(tmp_path / "b", port_b)]
     kamailio = None
@@ -402,7 +404,21 @@ def test_callbot_edge_with_nodes_spreads_calls_and_skips_a_node_that_is_down(tmp
             nodes[1] = Serve(tmp_path / "b-again", port_b)  # answers its pings again: back in
             eventually(lambda: _dispatcher_states(tmp_path / "edge")[f"sip:{LOCALHOST}:{port_b}"] == "AP", 20,
                        "the node back once it answers")
-        assert stop_process(kamailio, 20) == 0
+
+            # `callbot edge` drains too: SIGTERM, a new INVITE refused, the call in progress ended by its caller
+            for cid in ids:
+                a.send("hangup", call_id=cid)
+                a.expect("disconnected", call_id=cid, timeout=10)
+            cid = a.call(uri)
+            a.expect("media", call_id=cid, timeout=20)
+            kamailio.send_signal(signal.SIGTERM)
+            kamailio_err.wait_line("callbot: draining: new calls get 503; 1 in progress", 10)
+            with RawUac(edge_port) as uac:
+                assert uac.invite("drained-at-the-front", user="echo")["status"] == "SIP/2.0 503 Shutting Down"
+            a.send("hangup", call_id=cid)
+            assert a.expect("disconnected", call_id=cid, timeout=10)["code"] == 200
+        assert kamailio.wait(20) == 0
+        kamailio_err.wait_line("callbot: drained: stopping", 5)
     finally:
         if kamailio is not None:
             stop_process(kamailio, 10, signal.SIGKILL)
