@@ -159,7 +159,8 @@ class EdgeSettings(_Settings):
     # other machines' serve nodes ("10.0.0.2:5070", "[2001:db8::2]:5070"), dispatched to beside the local
     # ones; `callbot edge` alone dispatches to these only
     nodes: tuple[str, ...] = ()
-    # on SIGTERM the supervisor has the edge refuse new calls (503) and lets running ones go on this long
+    # on SIGTERM the edge refuses new calls (503) and the running ones go on this long (`serve --edge --workers`,
+    # `callbot edge`; a second signal stops at once)
     drain_s: Annotated[float, Meta(ge=0, le=86400)] = 60.0
     kamailio: str = "kamailio"  # the program, found on PATH unless a path
     modules_dir: str | None = None  # kamailio's modules (':' between several); None = found beside it
