@@ -99,3 +99,26 @@ def test_settings_take_a_bot_context_and_kv_bits():
         parse_settings('[[bots]]\nname = "a"\ncontext = 0\n')
     with pytest.raises(ConfigError, match=r"\$\.model\.kv_bits"):
         parse_settings("[model]\nkv_bits = 2\n")
+
+
+def test_serve_setup_prepares_each_bot_with_its_context_and_the_model_kv_bits(tmp_path):
+    """app/model_setup.py: [[bots]] context and [model] kv_bits reach the prepared prompts (and the
+    warm-up compiles each context); a context the model cannot take is the user's one line."""
+    from callbot.app.model_setup import ModelSetupError, prepare_model
+    from callbot.app.settings import BotSettings, ModelSettings, Settings
+    from tests.tiny_assets import write_tiny_model_for_serve
+
+    directory, arch = write_tiny_model_for_serve(tmp_path / "personaplex")
+    model = ModelSettings(path=str(directory), architecture=str(arch), quantization="none", download=False,
+                          kv_bits=8)
+    bots = (BotSettings(name="short", voice="NATM1", persona="You take orders.", context=SHORT),
+            BotSettings(name="long", voice="NATF1", persona="You take orders."))
+    setup = prepare_model(Settings(model=model, bots=bots))
+    short, long = setup.prompts["short"].snapshot.lm.cache, setup.prompts["long"].snapshot.lm.cache
+    assert (short.capacity, long.capacity) == (SHORT, 128)
+    assert short.kv_bits == long.kv_bits == 8
+    setup.warmup()
+    too_long = (BotSettings(name="big", voice="NATM1", persona="You take orders.", context=4000),)
+    with pytest.raises(ModelSetupError, match=r"^bot 'big': context must be a whole number of frames from 1 to "
+                                              r"the model's 128, got 4000$"):
+        prepare_model(Settings(model=model, bots=too_long))
