@@ -269,6 +269,8 @@ class PocketsphinxStream:
         self._finished = True
         rest, self._pending = self._pending, np.zeros(0, np.int16)
         if self._endpointer.in_speech:
+            if not len(rest):  # pocketsphinx 5's end_stream indexes its buffer's first sample: never empty
+                rest = np.zeros(1, np.int16)
             speech = self._endpointer.end_stream(rest.tobytes())
             if speech is not None:
                 self._speech(speech)

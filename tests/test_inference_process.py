@@ -182,7 +182,9 @@ def test_serve_runs_the_model_in_a_child_and_ends_with_status_1_when_it_dies(tmp
 
     sip_port, metrics_port = free_port(), free_port()
     cfg = _config(tmp_path, sip_port, metrics_port)
-    cfg.write_text(cfg.read_text() + _model_toml(settings.model.path, settings.model.architecture))
+    # the caller recognizer is serve's other spawn child: off here, the model's child is the one
+    cfg.write_text(cfg.read_text() + _model_toml(settings.model.path, settings.model.architecture)
+                   + '\n[recognizer]\nengine = "none"\n')
     proc = _serve("--config", str(cfg))
     try:
         _wait_line(proc, "listening", timeout=90)

@@ -201,3 +201,18 @@ def test_vosk_errors_say_what_to_do(tmp_path):
     else:
         with pytest.raises(RecognizerError, match="could not load"):
             build_recognizer(RecognizerSettings(engine="vosk", model=str(tmp_path)))
+
+
+def test_a_stream_ending_in_speech_on_a_frame_boundary_finishes(transcriber):
+    """A stream whose audio ends mid-utterance exactly on a frame boundary (nothing pending) finishes
+    cleanly: pocketsphinx's end_stream fails on an empty buffer (seen on a caller's steady tone)."""
+    rate = 16000
+    t = np.arange(rate * 3) / rate
+    tone = (8000 * np.sin(2 * np.pi * 1000 * t)).astype(np.int16)
+    stream = transcriber.open_stream(rate)
+    frame = stream._frame
+    cut = len(tone) - len(tone) % frame
+    for i in range(0, cut, frame):
+        stream.feed(tone[i:i + frame])
+    assert stream._endpointer.in_speech and not len(stream._pending)
+    stream.finish()  # no IndexError
