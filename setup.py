@@ -39,6 +39,8 @@ PACKAGES: dict[str, str] = {
     "callbot.app": "app",
     "callbot.flows": "flows",
     "callbot.speech": "speech",
+    "callbot.analytics": "analytics",
+    "callbot.store": "store",
 }
 
 # typing for the compiled modules: their stubs and the PEP 561 marker, installed beside them
