@@ -278,7 +278,11 @@ class Settings(_Settings):
             if acc.max_call_duration_s is None and bot is not None and bot.max_call_s is not None:
                 acc = msgspec.structs.replace(acc, max_call_duration_s=bot.max_call_s)
             accounts.append(acc)
-        return msgspec.structs.replace(self.sip, accounts=tuple(accounts))
+        # the metrics port beside the SIP ports: no caller's offer may aim our RTP at it
+        protected = self.sip.protected_ports
+        if self.metrics.enabled and self.metrics.address.rpartition(":")[2].isdigit():
+            protected = (*protected, int(self.metrics.address.rpartition(":")[2]))
+        return msgspec.structs.replace(self.sip, accounts=tuple(accounts), protected_ports=protected)
 
     def bot(self, name: str) -> BotSettings:
         for bot in self.bots:

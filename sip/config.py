@@ -134,6 +134,10 @@ class AdmissionConfig(_Config):
     # an INVITE we answered 200 whose ACK has not come after this long is hung up, freeing its call slot
     # (pjsip itself would wait 32 s for the ACK)
     ack_timeout_s: Seconds = 4.0
+    # a call we hang up whose BYE is still unanswered after this long is dropped (no more retransmissions
+    # waited for): pjsua keeps the call slot until the BYE's transaction ends, 32 s for a peer that is gone
+    # (an RTP timeout, a caller whose network dropped), so 4 such calls locked the line for half a minute
+    bye_timeout_s: Seconds = 2.0
     unacked_limit: Annotated[int, Meta(ge=1)] = 3
     unacked_window_s: Seconds = 60.0
     block_s: Seconds = 60.0
@@ -179,6 +183,9 @@ class EndpointConfig(_Config):
     log_file: str | None = None
     # per-source and process-wide limits on INVITEs, and the ACK timeout (AdmissionConfig)
     admission: AdmissionConfig = AdmissionConfig()
+    # this machine's service ports besides the SIP transports' (which are always in): an offer aiming its
+    # audio at one of them on a local address is refused 488 (our RTP would land in our own parser)
+    protected_ports: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.transports:

@@ -171,6 +171,8 @@ class Endpoint:
         self.records: dict[str, CallRecord] = {}
         self.codecs: list[str] = []
         self._accepted: tuple[str, ...] = ()
+        self._protected_ports: frozenset[int] = frozenset()
+        self._local_hosts: frozenset[str] = frozenset()
         self._gate: Gate | None = None  # our pjsip module in front of pjsua (sip/gate.py), once started
 
     # ---------------------------------------------------------------- lifecycle
@@ -413,6 +415,10 @@ class Endpoint:
         self.codecs = apply_codec_priorities(self._ep, cfg.codecs)
         names = [c.split("/", 1)[0].upper() for c in self.codecs]
         self._accepted = tuple(n for n in dict.fromkeys(names) if n in _OFFER_CODECS)
+        self._protected_ports = frozenset({t.port for t in self.transports.values()} | set(cfg.protected_ports))
+        self._local_hosts = frozenset(h for t in cfg.transports
+                                      for h in (t.bind, t.public_address, t.rtp_bind, t.rtp_public_address)
+                                      if h and h not in ("0.0.0.0", "::"))
         for acfg in cfg.accounts:
             acc = SipAccount(self, acfg, self.transports[cfg.transport_of(acfg).name])
             acc.create(acc.pj_config(), True)
@@ -637,7 +643,9 @@ class Endpoint:
 
     def _offer_problem(self, sdp: str) -> str | None:
         """Why an SDP offer (first INVITE, re-INVITE, UPDATE) cannot be answered, or None."""
-        return validate_offer(sdp, self._accepted) if self._accepted else None
+        if not self._accepted:
+            return None
+        return validate_offer(sdp, self._accepted, protected=self._protected_ports, local_hosts=self._local_hosts)
 
     def admission_stats(self) -> dict:
         """What the gate in front of pjsua refused since start, by reason (sip/admission.py), and whether it
@@ -665,6 +673,24 @@ class Endpoint:
         except pj.Error:
             return False
         return self._gate.terminate(call_id, call.local_tag, call.remote_tag, code)
+
+    def _drop_if_lingering(self, call: SipCall, code: int) -> None:
+        """After our BYE: if pjsip still has the call's INVITE session `bye_timeout_s` later (the BYE is
+        unanswered: the peer is gone), drop it (sip/gate.py terminate), which frees pjsua's call slot that
+        the BYE's 32 s of retransmissions would otherwise hold. Inbound calls only (the tags we know)."""
+        if self._gate is None or not (call.local_tag and call.remote_tag):
+            return
+        try:
+            call_id = str(call.getInfo().callIdString)
+        except pj.Error:
+            return
+        tags, shown = (call.local_tag, call.remote_tag), call.call_id
+
+        def drop() -> None:
+            if self._gate is not None and self._gate.terminate(call_id, *tags, code):
+                log.info("call %s: no answer to our BYE within %.1f s, its session dropped", shown,
+                         self.config.admission.bye_timeout_s)
+        self._after(self.config.admission.bye_timeout_s, drop)
 
     def _unacked(self, call: SipCall) -> None:
         """An INVITE we answered was never ACKed (sip/call.py hangs it up): counted against its source."""

@@ -7,12 +7,17 @@ calls from `onIncomingCall`: it
 returns None for an offer we can answer, else a one-line reason for the 488 and the log.
 
 An empty body is a late offer (RFC 3261 13.2.1: we make the offer in the 200) and is accepted.
+
+Offers that would make us a reflector are refused too: audio aimed at a broadcast or reserved address,
+or at one of this machine's own service ports (SIP, metrics: `protected`), where our RTP would land in
+our own parsers; and a packet time no codec frames at (a=ptime 0, negative, 2^32).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Collection
 
 # Codecs this endpoint answers with: name -> (static payload type, RTP clock rate). G.722's RTP clock
 # is 8000 Hz for historical reasons (RFC 3551 4.5.2) although it carries 16 kHz audio.
@@ -24,16 +29,31 @@ _DYNAMIC_PT = range(96, 128)
 _HOSTNAME = re.compile(r"^(?=.*[A-Za-z])[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
 _RTPMAP = re.compile(r"^(\d+)\s+([^/\s]+)/(\d+)(?:/\d+)?$")
 
+# a=ptime / a=maxptime in ms: pjmedia's codecs frame at 10-60 ms, trunks ask up to 120; RFC 3551 4.2's
+# packets stay under 200 ms. Outside this the offer is nonsense (0, negative, 2^32 seen in scans)
+PTIME_MS = (1, 200)
+
+# m-lines an offer may have: a phone sends 1-3 (audio, video, T.38), one or two of them audio. pjsua
+# opens sockets for the audio streams of an offer it takes up: 5 INVITEs of 12 audio m-lines (or 8 of 10)
+# used up the wheel's 64 ioqueue handles and aborted the process (pj_ioqueue_register_sock2 assertion;
+# found by tests/test_sip_torture.py); 12 of 8 were survived (4 taken up, 8 refused 486). Over 16 pjmedia's
+# own parser answers 400.
+MAX_MEDIA = 8
+MAX_AUDIO = 2
+
 NOT_SDP = "body is not SDP (no v=0 line)"
 NO_AUDIO = "offer has no audio m-line"
 NO_ACTIVE_AUDIO = "offer's audio streams are all disabled (port 0)"
 NO_CODEC = "offer has no codec we take (PCMU 0, PCMA 8, G722 9, or a dynamic type mapped to one)"
 
 
-def validate_offer(sdp_text: str, accepted: tuple[str, ...] = ("G722", "PCMU", "PCMA")) -> str | None:
+def validate_offer(sdp_text: str, accepted: tuple[str, ...] = ("G722", "PCMU", "PCMA"), *,
+                   protected: Collection[int] = (), local_hosts: Collection[str] = ()) -> str | None:
     """None when the offer is answerable, else the reason to reject it with 488 Not Acceptable Here.
 
-    `accepted` names the codecs enabled on the endpoint (a subset of CODECS).
+    `accepted` names the codecs enabled on the endpoint (a subset of CODECS). `protected`: this
+    machine's service ports (SIP transports, metrics) that audio must not be aimed at, on a loopback
+    address or one of `local_hosts` (the addresses this endpoint binds and announces).
     """
     unknown = [c for c in accepted if c not in CODECS]
     if unknown:
@@ -62,10 +82,18 @@ def validate_offer(sdp_text: str, accepted: tuple[str, ...] = ("G722", "PCMU", "
         reason = _check_connection(ln)
         if reason:
             return reason
+    for ln in session:
+        reason = _check_ptime(ln)
+        if reason:
+            return reason
 
+    if len(media) > MAX_MEDIA:
+        return f"offer has {len(media)} media streams (at most {MAX_MEDIA})"
     audio = [block for block in media if block[0].startswith("m=audio")]
     if not audio:
         return NO_AUDIO
+    if len(audio) > MAX_AUDIO:
+        return f"offer has {len(audio)} audio streams (at most {MAX_AUDIO})"
     active = 0
     for block in audio:
         reason, port, codecs = _check_audio(block, accepted)
@@ -80,6 +108,13 @@ def validate_offer(sdp_text: str, accepted: tuple[str, ...] = ("G722", "PCMU", "
                 return reason
         if not media_c and not session_c:
             return "audio stream has no connection address (c= line)"
+        for ln in block[1:]:
+            reason = _check_ptime(ln)
+            if reason:
+                return reason
+        address = (media_c or session_c)[-1][2:].split()[2]
+        if port in protected and _is_local(address, local_hosts):
+            return f"audio aimed at this machine's own service port {address}:{port}"
         active += 1
         if codecs:
             return None
@@ -102,7 +137,33 @@ def _check_connection(line: str) -> str | None:
         return f"connection address {addr} is not {parts[1]}"
     if ip.is_multicast:
         return f"connection address {addr} is multicast"
+    if ip.version == 4 and ip.is_reserved:  # 240.0.0.0/4, the limited broadcast 255.255.255.255 among them
+        return f"connection address {addr} is broadcast or reserved"
     return None
+
+
+def _check_ptime(line: str) -> str | None:
+    for attr in ("a=ptime:", "a=maxptime:"):
+        if line.startswith(attr):
+            value = line[len(attr):].strip()
+            try:
+                ms = float(value)
+            except ValueError:
+                return f"bad {attr[2:-1]} {value[:20]!r}"
+            if not PTIME_MS[0] <= ms <= PTIME_MS[1]:
+                return f"{attr[2:-1]} {value[:20]} ms out of range {PTIME_MS[0]}-{PTIME_MS[1]}"
+    return None
+
+
+def _is_local(address: str, local_hosts: Collection[str]) -> bool:
+    """The address is this machine's: loopback, unspecified, or one it binds or announces."""
+    if address in local_hosts:
+        return True
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address.lower() == "localhost"
+    return ip.is_loopback or ip.is_unspecified or any(h == str(ip) for h in local_hosts)
 
 
 def _check_audio(block: list[str], accepted: tuple[str, ...]) -> tuple[str | None, int, list[str]]:

@@ -36,6 +36,10 @@ ACCEPT = [
     ("port count", sdp(m="m=audio 4000/2 RTP/AVP 0")),
     ("late offer (no body)", ""),
     ("LF line ends", sdp().replace("\r\n", "\n")),
+    ("ptime 20 and maxptime 120", sdp(extra=["a=ptime:20", "a=maxptime:120"])),
+    ("fractional ptime", sdp(extra=["a=ptime:22.5"])),
+    ("eight m-lines, two audio", sdp(m="m=audio 4000 RTP/AVP 0",
+                                     extra=[f"m=video {5000 + 2 * i} RTP/AVP 96" for i in range(6)] + ["m=audio 4002 RTP/AVP 8"])),
 ]
 
 
@@ -71,6 +75,16 @@ REJECT = [
     ("truncated at v", "v=", NOT_SDP),
     ("line without =", sdp(extra=["garbage"]), "malformed SDP line"),
     ("binary junk", "v=0\r\n\x00\x01\x02\r\n", "malformed SDP line"),
+    ("limited broadcast", sdp(c="c=IN IP4 255.255.255.255"), "broadcast or reserved"),
+    ("reserved 240/4", sdp(c=None, media_c="c=IN IP4 240.1.2.3"), "broadcast or reserved"),
+    ("ptime 0", sdp(extra=["a=ptime:0"]), "ptime 0 ms out of range"),
+    ("ptime negative", sdp(extra=["a=ptime:-20"]), "out of range"),
+    ("ptime 2^32", sdp(extra=["a=ptime:4294967296"]), "out of range"),
+    ("ptime not a number", sdp(extra=["a=ptime:twenty"]), "bad ptime"),
+    ("maxptime 0", sdp(extra=["a=maxptime:0"]), "maxptime 0 ms"),
+    ("hundreds of m-lines", sdp(extra=[f"m=audio {5000 + 2 * i} RTP/AVP 0" for i in range(300)]),
+     "301 media streams (at most 8)"),
+    ("three audio m-lines", sdp(extra=["m=audio 4002 RTP/AVP 0", "m=audio 4004 RTP/AVP 0"]), "3 audio streams (at most 2)"),
 ]
 
 
@@ -88,3 +102,17 @@ def test_accepted_codecs_narrow_the_choice():
 def test_unknown_accepted_codec_is_a_value_error():
     with pytest.raises(ValueError, match="opus"):
         validate_offer(sdp(), accepted=("opus",))
+
+
+@pytest.mark.parametrize("address, port, local, refused", [
+    ("127.0.0.1", 5060, (), True),            # loopback: ours whatever we bind
+    ("127.0.0.1", 4000, (), False),           # not a service port
+    ("0.0.0.0", 9464, (), True),
+    ("203.0.113.7", 5060, ("203.0.113.7",), True),   # the address we announce
+    ("203.0.113.8", 5060, ("203.0.113.7",), False),  # someone else's SIP port: their business
+])
+def test_audio_aimed_at_our_own_service_ports_is_refused(address, port, local, refused):
+    """A caller must not make us send RTP into our own SIP or metrics port (a reflection)."""
+    got = validate_offer(sdp(m=f"m=audio {port} RTP/AVP 0", c=f"c=IN IP4 {address}"),
+                         protected={5060, 9464}, local_hosts=local)
+    assert (got is not None and "own service port" in got) == refused, got
