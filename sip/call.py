@@ -103,6 +103,7 @@ class SipCall(pj.Call):
         self.recording = None  # recording.CallRecording while the call is recorded
         self.ended = False
         self.rejected = False  # answered with an error by our policy: never a call of ours
+        self.ok_sent = False  # we answered 200 (inbound): until its ACK, pjsua's own hangup holds the slot
         self.confirmed = False
         self.source: str | None = None  # inbound: where the INVITE came from ("host:port")
         # inbound: the dialog's tags (the INVITE's From tag, our answers' To tag), by which pjsip finds the
@@ -146,6 +147,9 @@ class SipCall(pj.Call):
             return
         if self._local_cause is None:
             self._local_cause = cause
+        # answered, not yet ACKed (e.g. the RTP timeout came first): pjsua would send its BYE only after an
+        # ACK and keep the call slot meanwhile (up to 64 s), as at the ACK timeout
+        force = force or (self.ok_sent and not self.confirmed)
         if self.attachment is not None:
             # our port leaves the bridge while the call's media is still there to disconnect from (by the
             # DISCONNECTED callback pjsua has removed the call's slot already); the recording and the
@@ -160,6 +164,9 @@ class SipCall(pj.Call):
             self.hangup(call_op(code, reason))
         except pj.Error as exc:  # already going away: the DISCONNECTED callback still comes
             log.debug("hangup of %s: %s", self.record.call_id if self.record else "?", exc.info())
+            return
+        if self.confirmed:
+            self.hub._drop_if_lingering(self, code or 408)
 
     def _dial_timeout(self) -> None:
         if not self.confirmed:
@@ -172,6 +179,7 @@ class SipCall(pj.Call):
             except pj.Error as exc:
                 log.warning("answer of %s failed: %s", self.call_id, exc.info())
                 return
+            self.ok_sent = self.direction == INBOUND
             if self.direction == INBOUND:
                 self.hub._after(self.hub.config.admission.ack_timeout_s, weakly(self, "_ack_timeout"))
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 import ctypes
 import ipaddress
 import logging
+import re
 import time
 from typing import TYPE_CHECKING
 
@@ -185,7 +186,10 @@ def _tag_of(value: str) -> str | None:
 def dialog_tags(message: str) -> tuple[str | None, str | None]:
     """(From tag, To tag) of a SIP message's text (pjsua2's wholeMsg); None for a tag it lacks."""
     found: dict[str, str] = {}
-    for line in message.split("\r\n\r\n", 1)[0].split("\r\n")[1:]:
+    # a header may be folded onto continuation lines (RFC 3261 7.3.1; RFC 4475's wsinv): unfolded first,
+    # else a folded From loses its tag and the call cannot be dropped by its dialog
+    head = re.sub(r"\r\n[ \t]+", " ", message.split("\r\n\r\n", 1)[0])
+    for line in head.split("\r\n")[1:]:
         key, colon, value = line.partition(":")
         name = _COMPACT.get(key.strip().lower(), key.strip().lower())
         if colon and name in ("from", "to") and name not in found:

@@ -6,7 +6,7 @@ import pytest
 
 from callbot.sip import admission as adm
 from callbot.sip.config import AdmissionConfig
-from callbot.sip.gate import parse_request
+from callbot.sip.gate import dialog_tags, parse_request
 
 CFG = AdmissionConfig(invite_rate_per_source=2.0, invite_burst_per_source=4, invite_rate_total=10.0,
                       invite_burst_total=5, unacked_limit=3, unacked_window_s=60.0, block_s=30.0)
@@ -157,3 +157,13 @@ def test_sources_that_carry_many_callers_have_no_rate_and_are_never_blocked():
 def test_exempt_sources_must_be_addresses():
     with pytest.raises(ValueError, match="exempt_sources: 'edge.example.com' is not an IP address"):
         AdmissionConfig(exempt_sources=("edge.example.com",))
+
+
+@pytest.mark.parametrize("head, tags", [
+    ("From: <sip:a@h>;tag=f1\r\nTo: <sip:b@h>;tag=t1", ("f1", "t1")),
+    ("f: <sip:a@h>;tag=f1\r\nt: <sip:b@h>", ("f1", None)),
+    # folded onto a continuation line with spaces around '=' (RFC 4475 wsinv): the call's dialog is found
+    ('From   :   "W S"\r\n <sip:ws@127.0.0.1> ; tag = ws1\r\nTo :\r\n\t<sip:b@h>;tag=x', ("ws1", "x")),
+])
+def test_dialog_tags_read_folded_and_compact_headers(head, tags):
+    assert dialog_tags(f"INVITE sip:b@h SIP/2.0\r\n{head}\r\nCall-ID: c\r\n\r\nv=0\r\nFrom: <x>;tag=body") == tags

@@ -7,7 +7,7 @@ import pathlib
 import socket
 
 import pytest
-from tests.sip_peers import PjsuaPeer, final_response, sip_header
+from tests.sip_peers import PjsuaPeer, eventually, final_response, sip_header
 
 from callbot.sip.config import WHEEL_MAX_CALLS, AccountConfig, EndpointConfig, TransportConfig
 from callbot.sip.endpoint import Endpoint
@@ -112,6 +112,43 @@ def test_peer_vanishing_mid_call_ends_by_rtp_timeout(bot, tmp_path: pathlib.Path
         assert live_call in bot.calls()
         bot.hangup(live_call)
         bot.wait_for(CallEnded, call_id=live_call)
+
+
+def test_callers_that_vanish_free_their_slots_soon_after_the_rtp_timeout(bot, tmp_path: pathlib.Path):
+    """Four callers killed mid-call (no BYE, no RTP, their port closed): each ends by RTP timeout, our BYE
+    to it goes unanswered, and pjsua would keep its slot for the BYE's 32 s of retransmissions; dropped
+    after bye_timeout_s (2 s), the four slots take four new calls well within that. First all four
+    slots are shown free (the previous test's vanished caller holds one for those 2 s)."""
+    with PjsuaPeer(user="next", log_dir=tmp_path) as peer:
+        eventually(lambda: _four_calls_in(bot, peer), 12, "four slots free at the start", interval=0.5)
+        with PjsuaPeer(user="doomed", log_dir=tmp_path) as doomed:
+            ids = [doomed.call(bot.account_uri()) for _ in range(WHEEL_MAX_CALLS)]
+            for cid in ids:
+                bot.wait_for(CallConfirmed, call_id=cid)
+            doomed.proc.kill()
+            for cid in ids:
+                assert bot.wait_for(CallEnded, call_id=cid, timeout=20).cause == "rtp_timeout"
+        eventually(lambda: _four_calls_in(bot, peer), 12,
+                   "four new calls within 12 s of the RTP timeouts (the BYEs' 32 s not waited)", interval=0.5)
+
+
+def _four_calls_in(bot: Endpoint, peer: PjsuaPeer) -> bool:
+    """`peer` places four calls at once; True when all four were answered (each then hung up)."""
+    fresh = [peer.call(bot.account_uri()) for _ in range(WHEEL_MAX_CALLS)]
+    _, confirmed = eventually(lambda: _settled(peer, fresh), 10, "new calls answered or refused")
+    for cid in confirmed:
+        bot.hangup(cid)
+        bot.wait_for(CallEnded, call_id=cid)
+    return len(confirmed) == WHEEL_MAX_CALLS
+
+
+def _settled(peer: PjsuaPeer, ids: list[str]) -> tuple[bool, list[str]] | None:
+    """(True, the calls of `ids` that got media) once each got media or was refused; None before that."""
+    media = {e["call_id"] for e in peer.all("media")}
+    gone = {e["call_id"] for e in peer.all("disconnected")}
+    if not all(cid in media or cid in gone for cid in ids):
+        return None
+    return True, [cid for cid in ids if cid in media]
 
 
 def test_a_nonsense_reinvite_is_refused_and_the_call_goes_on(bot):
