@@ -186,7 +186,8 @@ def serve_settings(settings: Settings) -> Settings:
       exempt_sources`: every call arrives from there, and serve's per-source limits must not count the
       whole internet as one source (the edge applies its own per caller);
     - direct accounts on that transport send their requests outside a call (`callbot call`'s INVITE)
-      through the edge (`proxy`): serve, bound to loopback, cannot reach a callee itself.
+      through the edge (`proxy`): serve, bound to loopback, cannot reach a callee itself;
+    - the edge's ports are among `protected_ports`: no caller's offer may aim serve's RTP at kamailio.
     """
     check_settings(settings)
     edge = settings.edge
@@ -206,7 +207,8 @@ def serve_settings(settings: Settings) -> Settings:
     exempt = admission.exempt_sources
     if not any(ipaddress.ip_address(inside) in ipaddress.ip_network(e, strict=False) for e in exempt):
         exempt = (*exempt, inside)
-    sip = msgspec.structs.replace(settings.sip, transports=transports, accounts=accounts,
+    protected = tuple(dict.fromkeys((*settings.sip.protected_ports, edge.port, edge.tls_port)))
+    sip = msgspec.structs.replace(settings.sip, transports=transports, accounts=accounts, protected_ports=protected,
                                   admission=msgspec.structs.replace(admission, exempt_sources=exempt))
     return msgspec.structs.replace(settings, sip=sip)
 
