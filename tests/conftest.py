@@ -79,7 +79,7 @@ MARKS: dict[str, frozenset[str]] = {
         "test_sip_routes": "sip",  # 7 s: `running_server` with tenants and routes, pjsua2 and raw callers
         "test_sip_registrar": "sip slow",  # 16 s
         "test_sip_robustness": "sip slow",  # 13 s: vanished callers, their slots back after the BYE timeout
-        "test_sip_torture": "sip slow",  # 25 s: RFC 4475-style messages over UDP and TCP to `callbot serve`
+        "test_sip_torture": "sip slow",  # 50 s: RFC 4475-style messages over UDP and TCP to `callbot serve`, direct and behind the edge
         "test_sip_secure": "sip slow",  # 12 s
         "test_sip_transfer": "sip slow",  # 10 s
         "test_sip_attended_transfer": "sip slow",  # 14 s
