@@ -55,7 +55,8 @@ def run_model_service(settings: Settings, engine_kind: str = "model", *, metrics
         admission = Admission(times, settings.model.max_calls)
         try:
             service = InferenceService(engine, path, bots=bots, realtime=realtime, admission=admission,
-                                       step_times=times, tx_max_ms=tx[0], tx_settle=tx[1])
+                                       step_times=times, tx_max_ms=tx[0], tx_settle=tx[1],
+                                       heartbeat_misses=settings.model.heartbeat_misses)
         except ServiceError as err:
             raise StartupError(str(err)) from None
         failed: list[str] = []

@@ -35,7 +35,8 @@ def build_service_engine(settings: Settings) -> ServiceEngine:
         raise StartupError(str(err)) from None
     transports = settings.sip.transports
     where = f"{transports[0].bind}:{transports[0].port}" if transports else "serve"
-    return ServiceEngine(settings.model.service, name=f"serve {where} pid {os.getpid()}")
+    return ServiceEngine(settings.model.service, name=f"serve {where} pid {os.getpid()}",
+                         heartbeat_s=settings.model.heartbeat_s, heartbeat_misses=settings.model.heartbeat_misses)
 
 
 def worker_screen(engine, routes_screen: Screen | None) -> Screen | None:
