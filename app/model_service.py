@@ -4,9 +4,10 @@ serve` workers on this machine (engine/serving/inference_service.py; docs/capaci
 Why a command of its own: a model outlives its workers. Workers crash, restart or are added without
 reloading 7B of weights or preparing the bots' prompts again; the service stays up, with the prompts
 ready. It reads the same config as serve: `[model]` (weights, `service` = the Unix socket it listens
-on, `max_calls`), `[[bots]]` (each bot's prompt is prepared at start; a call names its bot, an unknown
-name gets the first) and `[metrics]` (its own Prometheus endpoint; `--metrics` gives another address
-when workers share the file).
+on, `max_calls`, `heartbeat_misses`: how many of a worker's announced heartbeat intervals it may
+stay silent before it counts as stalled and its calls are closed), `[[bots]]` (each bot's prompt is
+prepared at start; a call names its bot, an unknown name gets the first) and `[metrics]` (its own
+Prometheus endpoint; `--metrics` gives another address when workers share the file).
 
 Admission control is measured (engine/serving/step_budget.py): at warm-up B calls are stepped in one
 batched round for B = 1, 2, ... until a round misses the budget (with `[model] batch = false`: one

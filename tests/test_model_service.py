@@ -619,6 +619,7 @@ def test_a_stalled_service_hangs_up_its_calls_refuses_and_is_found_again_after_s
         assert refusal is not None and refusal.reason == UNAVAILABLE and refusal.text == "model service unavailable"
         media.end()
         assert engine.close_session(s) is None and _gone(s.audio.shm_name)
+        _give_up_a_connection(str(sock_dir / "m.sock"))  # as a reconnect that waited for Ready in vain does
         proc.send_signal(signal.SIGCONT)
         # resumed, the service ends the connection the worker gave up (closing its call), and the worker
         # finds it again
@@ -631,11 +632,29 @@ def test_a_stalled_service_hangs_up_its_calls_refuses_and_is_found_again_after_s
         eventually(lambda: _hears(media, 0, 1000), 15, "served again")
         media.end()
         assert engine.close_session(s).steps > 0
+        # the connection given up while the service was stopped is dropped without a word in its log
+        assert not [line for line in proc.err_lines.lines if "(gave-up pid" in line]
+        assert sum(line.endswith("(w pid %d) connected\n" % os.getpid()) for line in proc.err_lines.lines) == 2
     finally:
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGCONT)
         stop_process(proc, 10, signal.SIGKILL)
         engine.close()
+
+
+def _give_up_a_connection(path: str) -> None:
+    """Connects, says Hello and leaves: what a worker's attempt that had no Ready in time leaves behind."""
+    import socket as socket_mod
+    from multiprocessing.connection import Connection
+
+    from callbot.engine.serving import service_messages as sm
+
+    sock = socket_mod.socket(socket_mod.AF_UNIX, socket_mod.SOCK_STREAM)
+    sock.connect(path)
+    conn = Connection(os.dup(sock.fileno()))
+    sm.send(conn, sm.Hello(pid=os.getpid(), name="gave-up", heartbeat_s=0.2))
+    conn.close()
+    sock.close()
 
 
 def test_a_send_to_a_service_that_stopped_reading_times_out_instead_of_blocking(sock_dir):

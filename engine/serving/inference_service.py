@@ -135,6 +135,7 @@ class _Worker:
     outbox: Outbox = field(default_factory=Outbox)
     liveness: Liveness | None = None  # once its Hello says how often it pings
     why: str = ""  # set when the service ends the connection: what its log line says
+    quiet: bool = False  # a connection its worker had given up before it was accepted: not worth a log line
     calls: dict = field(default_factory=dict)  # the worker's sid -> _Call
     reserved: dict = field(default_factory=dict)  # call_id -> when the slot lapses (monotonic s)
     sender: threading.Thread | None = None
@@ -326,6 +327,9 @@ class InferenceService:
                     w.name = f"worker {w.no} ({msg.name or 'pid'} pid {msg.pid})"
                     if msg.heartbeat_s > 0:
                         w.liveness = Liveness(msg.heartbeat_s, self.heartbeat_misses, self._clock)
+                    if _peer_gone(w.sock):  # it gave up waiting for our Ready (we were stopped): forget it
+                        w.quiet = True
+                        return
                     _log(f"{w.name} connected")
         except BaseException as err:  # a bug here must cost this worker its calls, not the service
             why = f"failed: {err!r}"
@@ -349,7 +353,7 @@ class InferenceService:
         with self._lock:
             for kind, n in w.outbox.dropped.items():
                 self._dropped[kind] = self._dropped.get(kind, 0) + n
-        if not self._stopping.is_set():
+        if not self._stopping.is_set() and not (w.quiet and not calls):
             closed = f": its {len(calls)} open calls closed, the other workers' go on" if calls else ""
             dropped = (f" ({w.outbox.dropped_total()} events it did not read in time were dropped)"
                        if w.outbox.dropped else "")
@@ -482,6 +486,16 @@ class InferenceService:
         worth = LOW if isinstance(event, FrameStages) else ESSENTIAL if isinstance(event, SessionClosed) else EVENT
         call.worker.outbox.put(pm.CallEvent(event=msgspec.structs.replace(event, call_id=call.call_id)), worth,
                                type(event).__name__)
+
+
+def _peer_gone(sock: socket.socket) -> bool:
+    """Whether all that is left to read is the end: the other side closed (a peek that never blocks)."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
 
 
 def _shutdown(sock: socket.socket) -> None:
