@@ -657,7 +657,7 @@ def _give_up_a_connection(path: str) -> None:
     sock.close()
 
 
-def test_a_send_to_a_service_that_stopped_reading_times_out_instead_of_blocking(sock_dir):
+def test_a_send_to_a_service_that_stopped_reading_times_out_instead_of_blocking(sock_dir, capsys):
     """The service stopped with the socket's buffer full: each send gives up after send_timeout_s, the
     connection is given up, and admissions are refused as unavailable (the heartbeat is slowed here so
     that the send, not the silence, is what notices)."""
@@ -673,6 +673,9 @@ def test_a_send_to_a_service_that_stopped_reading_times_out_instead_of_blocking(
                 break
         eventually(lambda: not engine.connected, 5, "the connection given up")
         assert engine.admit("after").reason == UNAVAILABLE
+        said: list[str] = []
+        eventually(lambda: said.append(capsys.readouterr().err) or "lost (a send timed out after 0.2 s: it stopped "
+                   "reading)" in "".join(said), 5, "the reason said")
     finally:
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGCONT)
