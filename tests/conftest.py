@@ -33,7 +33,7 @@ MARKS: dict[str, frozenset[str]] = {
         "test_kv_quantized": "model slow",  # 20 s: 8- and 4-bit KV caches against float32, a batch
         "test_edge": "sip slow",  # 35 s: kamailio before `callbot serve`, a SIPp flood, held TCP connections
         "test_edge_netns": "sip slow",  # 25 s: calls in and out through the edge, the peer in a network namespace
-        "test_edge_nodes": "sip slow",  # 25-30 s: a front edge over two `serve --edge --workers 2` nodes, each with its echo service, 8 pjsua2 calls, a node stopped
+        "test_edge_nodes": "sip slow",  # 35 s: a front edge over two `serve --edge --workers 2` nodes with echo services, 8 pjsua2 calls, a node stopped, a service stalled
         "test_edge_workers": "sip slow",  # 40 s: `serve --edge --workers`, 8 pjsua2 calls, a killed worker, a drain, nodes
         "test_edge_workers::test_the_model_engine_gets_one_model_service_for_all_workers": "model",  # the tiny model
         "test_flows_call": "sip slow",  # call flows on real calls: menus, DTMF, a REFER, webhooks

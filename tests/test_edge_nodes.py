@@ -132,3 +132,75 @@ def test_a_front_edge_spreads_calls_over_two_nodes_and_a_stopped_node_loses_only
             stop_process(front, 10, signal.SIGKILL)
         for node in nodes:
             node.close(signal.SIGKILL)
+
+
+def _metric(port: int, name: str) -> float:
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://{LOCALHOST}:{port}/metrics", timeout=5).read().decode()
+    return float(next(line.split()[1] for line in text.splitlines() if line.startswith(name + " ")))
+
+
+def test_a_stalled_model_service_on_one_node_sends_its_calls_to_the_other(tmp_path):
+    """Node 1's model service stopped (SIGSTOP: alive, silent): its workers see the stall, hang up its call
+    and answer 503, which the node's edge relays as a 503 (not tm's default 500) and the front then
+    tries on node 2; SIGCONT: node 1's workers reconnect and it takes calls again."""
+    nodes: list[Node] = []
+    front = None
+    service_pid = None
+    try:
+        nodes = [Node(tmp_path / "node1"), Node(tmp_path / "node2")]
+        for node in nodes:
+            eventually(lambda: sum("model service: callbot: model service: worker" in line and " connected" in line
+                                   for line in node.dep.err.lines) == 2, 20, "both workers attached to the service")
+        service_pid = int(nodes[0].dep.err.wait_line("model service: pid ", 5).split()[-1])
+        front_port = free_port()
+        cfg = tmp_path / "front.toml"
+        cfg.write_text(f'[edge]\naddress = "127.0.0.1"\nport = {front_port}\nrun_dir = "front"\n'
+                       f'trusted_sources = ["127.0.0.0/8"]\ntotal_calls_per_s = 50\n'
+                       f'nodes = ["{nodes[0].address}", "{nodes[1].address}"]\n')
+        front = subprocess.Popen([*CALLBOT, "edge", "--config", str(cfg)], stderr=subprocess.PIPE, text=True)
+        _Lines(front.stderr, tmp_path / "front.log").wait_line("edge: kamailio on", 30)
+        uri = f"sip:echo@{LOCALHOST}:{front_port}"
+        with PjsuaPeer(user="a", log_dir=tmp_path) as a:
+            first = [_call(a, uri, f, tmp_path, "heard") for f in TONES[:2]]
+            on_1 = [cid for _, cid, _ in first if cid in nodes[0].incoming()]
+            assert len(on_1) == 1, (on_1, nodes[0].incoming(), nodes[1].incoming())
+
+            os.kill(service_pid, signal.SIGSTOP)
+            assert a.expect("disconnected", call_id=on_1[0], timeout=20)["code"] == 200  # hung up by its worker
+            for w in (1, 2):
+                eventually(lambda: _metric(nodes[0].dep.metrics_port + w, "callbot_model_service_up") == 0, 10,
+                           f"node 1's worker {w} without its service")
+            before = len(nodes[1].incoming())
+            again = [_call(a, uri, f, tmp_path, "again") for f in TONES[2:4]]
+            assert len(nodes[1].incoming()) == before + 2  # both on node 2: node 1's workers said 503
+            assert not {cid for _, cid, _ in again} & nodes[0].incoming()
+            refused = [line for line in nodes[0].events.read_text().splitlines() if '"event":"CallRejected"' in line]
+            assert refused and all('"code":503' in r and "model service unavailable" in r for r in refused), refused
+
+            os.kill(service_pid, signal.SIGCONT)
+            for w in (1, 2):
+                eventually(lambda: _metric(nodes[0].dep.metrics_port + w, "callbot_model_service_up") == 1, 20,
+                           f"node 1's worker {w} reconnected")
+            for _, cid, _ in first + again:
+                if cid != on_1[0]:
+                    a.send("hangup", call_id=cid)
+                    a.expect("disconnected", call_id=cid, timeout=10)
+            back = [_call(a, uri, f, tmp_path, "back") for f in TONES[4:6]]
+            assert {cid for _, cid, _ in back} & nodes[0].incoming()  # round robin reaches node 1 again
+            eventually(lambda: all(len(_samples(tmp_path / f"back-{f}.wav")) > 1.5 * RATE for _, _, f in back), 30,
+                       "1.5 s of the calls after SIGCONT")
+            assert {f: _hears(_samples(tmp_path / f"back-{f}.wav")[RATE // 2:], f) for _, _, f in back} == {
+                f: "own" for _, _, f in back}
+            for _, cid, _ in back:
+                a.send("hangup", call_id=cid)
+                assert a.expect("disconnected", call_id=cid, timeout=10)["code"] == 200
+    finally:
+        if service_pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(service_pid, signal.SIGCONT)
+        if front is not None:
+            stop_process(front, 10, signal.SIGKILL)
+        for node in nodes:
+            node.close(signal.SIGKILL)

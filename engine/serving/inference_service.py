@@ -363,9 +363,9 @@ class InferenceService:
         """Shuts the connection of a worker whose heartbeat stopped: its reader sees the end and drops it."""
         while not self._stopping.wait(WATCH_TICK_S):
             with self._lock:
-                workers = [w for w in self._workers if w.liveness is not None and not w.why]
-            for w in workers:
-                silent = w.liveness.check()
+                watched = [(w, w.liveness) for w in self._workers if w.liveness is not None and not w.why]
+            for w, liveness in watched:
+                silent = liveness.check()
                 if silent is not None:
                     w.why = f"stalled (not a word for {silent:.1f} s)"
                     _shutdown(w.sock)
