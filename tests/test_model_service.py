@@ -487,7 +487,11 @@ def test_liveness_counts_silent_intervals_and_restarts_after_a_stall_of_its_own(
     # this process was stopped for 10 s: its first check after that cannot judge the other end
     now[0] += 10
     assert live.check() is None
-    for _ in range(3):
+    now[0] += 1.2  # nor after a gap of more than two intervals (this side was starved)
+    assert live.check() is None
+    now[0] += 0.5
+    assert live.check() is None and live.silent_s() == pytest.approx(0.5)  # counted from the gap's end
+    for _ in range(2):
         now[0] += 0.5
         assert live.check() is None
     now[0] += 0.5

@@ -9,8 +9,10 @@ service closes that worker's calls, the worker hangs up the calls the service se
 
 The rule is kept apart from the sockets so that it can be tested on an injected clock. One subtlety is
 our own stall: when this process is the one that was stopped, every peer looks silent the moment it
-resumes. A check that finds its own previous check older than the limit therefore restarts the count
-instead of judging: after a gap of its own it knows nothing of the other end.
+resumes, before its reading thread has caught up with what the other end said meanwhile. A check that
+finds its own previous check more than two intervals old therefore restarts the count instead of
+judging: after a gap of its own it knows nothing of the other end. (Its checks come every interval,
+or more often.)
 """
 from __future__ import annotations
 
@@ -50,9 +52,9 @@ class Liveness:
 
     def check(self) -> float | None:
         """The seconds of silence when the other end counts as stalled, else None. A gap in our own checks
-        longer than the limit (this process was stopped or starved) restarts the count from now."""
+        of more than two intervals (this process was stopped or starved) restarts the count from now."""
         now = self._clock()
-        if now - self._checked > self.limit_s:
+        if now - self._checked > 2 * self.interval_s:
             self._heard = now
         self._checked = now
         silent = now - self._heard
