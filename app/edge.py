@@ -513,6 +513,12 @@ loadmodule "nathelper.so"
 # ----- ctl: the control socket, for kamcmd -s unix:%(run_dir)s/kamailio_ctl
 modparam("ctl", "binrpc", "unix:%(run_dir)s/kamailio_ctl")
 
+# ----- tm: a 503 from serve (its model has no room, or no model service) is relayed as it is, with its
+# Retry-After. tm's default turns a relayed 503 into a 500 (RFC 3261 16.7: nobody upstream should take
+# this proxy for unavailable), and then an edge in front of this one (its [edge] nodes) would not try
+# its next node, nor would a caller learn when to call again
+modparam("tm", "remap_503_500", 0)
+
 # ----- counters: what the edge stopped and passed (kamcmd ... cnt.get script <name>)
 modparam("counters", "script_counter", "flood_sources")    # sources banned
 modparam("counters", "script_counter", "flood_dropped")    # requests dropped from banned sources

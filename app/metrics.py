@@ -199,6 +199,7 @@ class ServiceStatsLike(Protocol):
     limit: int | None
     refused: dict[str, int]
     round_s: dict[int, float]
+    dropped: dict[str, int]
 
 
 class ServiceMetrics:
@@ -246,7 +247,11 @@ class _ServiceCollector(Collector):
                                    labels=["batch"])
         for batch, seconds in sorted(st.round_s.items()):
             rounds.add_metric([str(batch)], seconds)
-        yield from (used, calls, workers, refused, rounds)
+        dropped = CounterMetricFamily("callbot_service_events_dropped", "Live events dropped for workers that did "
+                                      "not read them in time, by kind (FrameStages first)", labels=["kind"])
+        for kind, n in sorted(st.dropped.items()):
+            dropped.add_metric([kind], n)
+        yield from (used, calls, workers, refused, rounds, dropped)
         if st.limit is not None:  # unbounded (nothing measured, no max_calls): no number to show
             limit = GaugeMetricFamily("callbot_service_slots_limit", "Calls the model takes at once now "
                                       "(max_calls, else what its measured round time fits into the frame)")

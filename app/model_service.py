@@ -4,9 +4,10 @@ serve` workers on this machine (engine/serving/inference_service.py; docs/capaci
 Why a command of its own: a model outlives its workers. Workers crash, restart or are added without
 reloading 7B of weights or preparing the bots' prompts again; the service stays up, with the prompts
 ready. It reads the same config as serve: `[model]` (weights, `service` = the Unix socket it listens
-on, `max_calls`), `[[bots]]` (each bot's prompt is prepared at start; a call names its bot, an unknown
-name gets the first) and `[metrics]` (its own Prometheus endpoint; `--metrics` gives another address
-when workers share the file).
+on, `max_calls`, `heartbeat_misses`: how many of a worker's announced heartbeat intervals it may
+stay silent before it counts as stalled and its calls are closed), `[[bots]]` (each bot's prompt is
+prepared at start; a call names its bot, an unknown name gets the first) and `[metrics]` (its own
+Prometheus endpoint; `--metrics` gives another address when workers share the file).
 
 Admission control is measured (engine/serving/step_budget.py): at warm-up B calls are stepped in one
 batched round for B = 1, 2, ... until a round misses the budget (with `[model] batch = false`: one
@@ -55,7 +56,8 @@ def run_model_service(settings: Settings, engine_kind: str = "model", *, metrics
         admission = Admission(times, settings.model.max_calls)
         try:
             service = InferenceService(engine, path, bots=bots, realtime=realtime, admission=admission,
-                                       step_times=times, tx_max_ms=tx[0], tx_settle=tx[1])
+                                       step_times=times, tx_max_ms=tx[0], tx_settle=tx[1],
+                                       heartbeat_misses=settings.model.heartbeat_misses)
         except ServiceError as err:
             raise StartupError(str(err)) from None
         failed: list[str] = []

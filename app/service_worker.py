@@ -10,7 +10,6 @@ worker process never imports MLX.
 """
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 from callbot.app.errors import StartupError
@@ -35,7 +34,8 @@ def build_service_engine(settings: Settings) -> ServiceEngine:
         raise StartupError(str(err)) from None
     transports = settings.sip.transports
     where = f"{transports[0].bind}:{transports[0].port}" if transports else "serve"
-    return ServiceEngine(settings.model.service, name=f"serve {where} pid {os.getpid()}")
+    return ServiceEngine(settings.model.service, name=f"serve {where}",  # the service adds the pid
+                         heartbeat_s=settings.model.heartbeat_s, heartbeat_misses=settings.model.heartbeat_misses)
 
 
 def worker_screen(engine, routes_screen: Screen | None) -> Screen | None:

@@ -94,6 +94,12 @@ class ModelSettings(_Settings):
     # calls the model takes at once (`callbot model-service`); None = as many as its measured step time fits
     # into the 80 ms frame (engine/serving/step_budget.py). Set, it replaces the measured limit
     max_calls: Annotated[int, Meta(ge=1, le=4096)] | None = None
+    # the service and its workers watch each other (docs/capacity.md): a worker pings every heartbeat_s, the
+    # service answers; heartbeat_misses intervals without a word and the other end counts as stalled (a
+    # stopped process keeps its socket open): the service closes that worker's calls, a worker hangs up the
+    # calls its service served and refuses new ones with 503 until it is back
+    heartbeat_s: Annotated[float, Meta(gt=0, le=60)] = 1.0
+    heartbeat_misses: Annotated[int, Meta(ge=2, le=100)] = 3
     # step every call whose frame is due in one forward of the model (engine/serving/runner.py): B calls
     # read the weights once; false steps them one after another (as before; each call its own Session)
     batch: bool = True

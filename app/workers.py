@@ -7,7 +7,9 @@ supervisor (this process, which loads neither pjsua2 nor the model) starts:
 
 - one `callbot model-service` when the engine is the model: the weights are loaded and the bots' prompts
   prepared once, for every worker (engine/serving/inference_service.py), and a worker that dies costs
-  only its calls. With `--engine echo` every worker has its own echo line and there is no service;
+  only its calls. With `--engine echo` every worker has its own echo line and there is no service,
+  unless the config names one (`[model] service`): then the service serves the echo line and the
+  workers are its clients, the whole topology without weights (what tests/test_edge_nodes.py runs);
 - N `callbot serve` workers on loopback, worker i on serve's transport port + i - 1 (4 calls each), RTP
   from `rtp_port` + (i - 1) * RTP_PORTS_PER_WORKER, metrics (when on) on the `[metrics]` port + i (the
   model service keeps that port itself), each behind the edge as `serve --edge` would be
@@ -161,7 +163,8 @@ class Supervisor:
         edge_mod.preflight(settings.edge)  # a missing kamailio is one line before anything starts
         self._tmp: str | None = None  # the model service's socket when the config names none
         base = [sys.executable, "-m", "callbot.app.cli"]
-        common = ["--engine", engine_kind] + (["--config", config] if config else []) + (["--model", model] if model else [])
+        rest = (["--config", config] if config else []) + (["--model", model] if model else [])
+        common = ["--engine", engine_kind, *rest]
         metrics = parse_address(settings.metrics.address) if settings.metrics.enabled else None
 
         def metrics_at(offset: int) -> str | None:
@@ -172,7 +175,7 @@ class Supervisor:
 
         self.service: Child | None = None
         socket_path = None
-        if engine_kind == "model":
+        if engine_kind == "model" or settings.model.service:
             if not settings.model.service:
                 self._tmp = tempfile.mkdtemp(prefix="callbot-")  # short: a Unix socket's path holds ~104 bytes
             socket_path = settings.model.service or os.path.join(self._tmp, "model.sock")
@@ -180,7 +183,10 @@ class Supervisor:
             self.service = Child("model service", [*base, "model-service", *common, "--supervised",
                                                    msgspec.json.encode(spec).decode()], "model service listening")
         try:
-            self.workers = self._workers(settings, workers, base + ["serve", *common], socket_path, metrics_at)
+            # with a service the workers are its clients ([model] service), whatever engine it runs
+            worker_engine = "model" if self.service is not None else engine_kind
+            self.workers = self._workers(settings, workers, base + ["serve", "--engine", worker_engine, *rest],
+                                         socket_path, metrics_at)
         except BaseException:
             self._remove_tmp()
             raise

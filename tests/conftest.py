@@ -33,6 +33,7 @@ MARKS: dict[str, frozenset[str]] = {
         "test_kv_quantized": "model slow",  # 20 s: 8- and 4-bit KV caches against float32, a batch
         "test_edge": "sip slow",  # 35 s: kamailio before `callbot serve`, a SIPp flood, held TCP connections
         "test_edge_netns": "sip slow",  # 25 s: calls in and out through the edge, the peer in a network namespace
+        "test_edge_nodes": "sip slow",  # 35 s: a front edge over two `serve --edge --workers 2` nodes with echo services, 8 pjsua2 calls, a node stopped, a service stalled
         "test_edge_workers": "sip slow",  # 40 s: `serve --edge --workers`, 8 pjsua2 calls, a killed worker, a drain, nodes
         "test_edge_workers::test_the_model_engine_gets_one_model_service_for_all_workers": "model",  # the tiny model
         "test_flows_call": "sip slow",  # call flows on real calls: menus, DTMF, a REFER, webhooks
@@ -51,8 +52,8 @@ MARKS: dict[str, frozenset[str]] = {
         "test_media_port": "sip",  # a pjsua2 endpoint and a loopback call
         "test_mimi": "model",
         "test_mimi_conv": "model",
-        "test_model_service_sip": "sip model slow",  # 22 s: two `callbot serve` workers on one model service, pjsua2 callers
-        "test_model_service": "slow",  # 10 s: `callbot model-service --engine echo` processes, workers on its socket
+        "test_model_service_sip": "sip model slow",  # 34 s: two `callbot serve` workers on one model service, pjsua2 callers
+        "test_model_service": "slow",  # 20 s: `callbot model-service --engine echo` processes, workers on its socket
         "test_mimi_parity": "model slow",  # 27 s
         "test_newcomer::test_endpoint_start_prints_nothing_and_logs_to_the_file": "sip",
         "test_newcomer::test_the_readmes_baresip_line_calls_the_echo_line_from_nothing": "sip slow",  # 6 s

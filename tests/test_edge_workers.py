@@ -67,7 +67,7 @@ def test_the_dispatcher_configuration_is_accepted_by_kamailio(tmp_path, edge_tom
     (tmp_path / "dispatcher.list").write_text(listing)
     for needle in ('loadmodule "dispatcher.so"', 'ds_select_dst("1", "4")', "ds_next_dst()", 'ds_mark_dst("ip")',
                    't_check_status("486|503")', "$dlg_var(serve) = $du", "$du = $dlg_var(serve)",
-                   'ds_is_from_list("1", "2")', "route(DRAINING)"):
+                   'ds_is_from_list("1", "2")', "route(DRAINING)", 'modparam("tm", "remap_503_500", 0)'):
         assert needle in text, needle
     if settings.edge.address == "127.0.0.1":
         assert "1 sip:127.0.0.1:5080 8 0 socket=udp:127.0.0.1:5060" in listing

@@ -5,6 +5,7 @@ in shared memory) and in a process of their own that is killed mid-call. The sam
 `callbot serve` workers and the tiny model: tests/test_model_service_sip.py."""
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import signal
@@ -408,11 +409,12 @@ def test_a_worker_started_before_its_service_connects_when_it_comes(sock_dir):
 
 def test_metrics_of_the_service_and_of_a_worker():
     stats = ServiceStats(workers=2, calls=3, reserved=1, limit=4, refused={FRAME_BUDGET: 5},
-                         round_s={1: 0.011, 2: 0.023})
+                         round_s={1: 0.011, 2: 0.023}, dropped={"FrameStages": 7})
     text = ServiceMetrics(lambda: stats).text()
     for line in ("callbot_service_slots_used 4.0", "callbot_service_calls 3.0", "callbot_service_slots_limit 4.0",
                  'callbot_service_refused_total{reason="frame_budget"} 5.0',
-                 'callbot_service_round_seconds{batch="2"} 0.023', "callbot_service_workers 2.0"):
+                 'callbot_service_round_seconds{batch="2"} 0.023', "callbot_service_workers 2.0",
+                 'callbot_service_events_dropped_total{kind="FrameStages"} 7.0'):
         assert line in text, line
 
     class Client:
@@ -464,3 +466,222 @@ def test_a_worker_whose_socket_path_cannot_be_is_told_in_one_line(tmp_path):
     cfg.write_text(f'[metrics]\nenabled = false\n[model]\nservice = "/tmp/{"x" * 120}.sock"\n')
     out = subprocess.run([*CALLBOT, "serve", "--config", str(cfg)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "too long for a Unix socket" in out.stderr and "Traceback" not in out.stderr
+
+
+# ---- a stalled end (SIGSTOP, not dead), bounded queues and sends ---------------------------------------------
+
+
+def test_liveness_counts_silent_intervals_and_restarts_after_a_stall_of_its_own():
+    from callbot.engine.serving.heartbeat import Liveness
+
+    now = [10.0]
+    live = Liveness(0.5, 3, clock=lambda: now[0])  # stalled after 1.5 s without a word
+    for _ in range(3):  # checked every interval: silent 0.5, 1.0, 1.5 s: not yet more than the limit
+        now[0] += 0.5
+        assert live.check() is None
+    now[0] += 0.5
+    assert live.check() == pytest.approx(2.0)
+    live.heard()
+    now[0] += 0.5
+    assert live.check() is None and live.silent_s() == pytest.approx(0.5)
+    # this process was stopped for 10 s: its first check after that cannot judge the other end
+    now[0] += 10
+    assert live.check() is None
+    now[0] += 1.2  # nor after a gap of more than two intervals (this side was starved)
+    assert live.check() is None
+    now[0] += 0.5
+    assert live.check() is None and live.silent_s() == pytest.approx(0.5)  # counted from the gap's end
+    for _ in range(2):
+        now[0] += 0.5
+        assert live.check() is None
+    now[0] += 0.5
+    assert live.check() == pytest.approx(2.0)  # then the other end's silence counts again
+    with pytest.raises(ValueError):
+        Liveness(0, 3)
+
+
+def test_a_full_outbox_drops_frame_stages_first_then_events_never_an_answer():
+    from callbot.engine.serving.outbox import ESSENTIAL, EVENT, LOW, Outbox
+
+    box = Outbox(limit=4)
+    box.put("stages-1", LOW, "FrameStages")
+    box.put("text-1", EVENT, "BotText")
+    box.put("stages-2", LOW, "FrameStages")
+    box.put("closed", ESSENTIAL, "CallClosed")
+    box.put("text-2", EVENT, "BotText")  # full: the oldest FrameStages goes
+    box.put("text-3", EVENT, "BotText")  # then the next one
+    assert box.dropped == {"FrameStages": 2}
+    box.put("text-4", EVENT, "BotText")  # no FrameStages left: the oldest event goes
+    assert box.dropped == {"FrameStages": 2, "BotText": 1}
+    box.put("stages-3", LOW, "FrameStages")  # nothing cheaper queued: the newcomer itself is dropped
+    box.put("admission", ESSENTIAL, "Admission")  # an answer is never dropped: the queue holds one more
+    assert box.dropped == {"FrameStages": 3, "BotText": 1} and box.dropped_total() == 4 and len(box) == 5
+    box.close()
+    box.put("late", ESSENTIAL)
+    assert [box.get() for _ in range(6)] == ["closed", "text-2", "text-3", "text-4", "admission", None]
+
+
+def test_the_inference_thread_never_waits_on_a_worker_that_stopped_reading(sock_dir):
+    """A worker that reads nothing: the service's words for it pile up to the outbox's limit, then the
+    cheapest are dropped and counted; putting never blocks, and the service answers the others."""
+    import socket as socket_mod
+    from multiprocessing.connection import Connection
+
+    from callbot.engine.contract import FrameStages
+    from callbot.engine.serving import service_messages as sm
+    from callbot.engine.serving.frame_stats import STAGES
+    from callbot.engine.serving.inference_service import _Call
+
+    engine = EchoEngine()
+    service = InferenceService(engine, str(sock_dir / "s.sock"), bots=["x"], tx_max_ms=engine.tx_policy()[0],
+                               tx_settle=engine.tx_policy()[1], outbox_limit=50).start()
+    mute = socket_mod.socket(socket_mod.AF_UNIX, socket_mod.SOCK_STREAM)
+    other = None
+    try:
+        mute.connect(str(sock_dir / "s.sock"))
+        sm.send(Connection(os.dup(mute.fileno())), sm.Hello(pid=1, name="mute"))
+        eventually(lambda: service.stats().workers == 1, 5, "the mute worker connected")
+        with service._lock:
+            [w] = service._workers
+            service._by_key["mute/c"] = _Call(w, 1, "c", "mute/c")  # a call of its, as _open registers one
+        rows = [[1] * len(STAGES)] * 50  # a fat FrameStages: the socket's buffer fills after a few hundred
+        for _ in range(3000):  # as the inference thread emits them; each put returns at once
+            engine.on_event(FrameStages(call_id="mute/c", t_ms=0, first_frame=0, rows=rows))
+        assert len(w.outbox) <= 50 and service.stats().dropped["FrameStages"] > 0
+        other = ServiceEngine(str(sock_dir / "s.sock"), name="other")
+        assert other.admit("still-answered") is None
+    finally:
+        if other is not None:
+            other.close()
+        mute.close()
+        service.close()
+        engine.close()
+
+
+STALLING_WORKER = r"""
+import sys, threading
+sys.path.insert(0, sys.argv[2])
+from callbot.engine.contract import CallStart
+from callbot.engine.serving.service_client import ServiceEngine
+from tests.test_model_service import MediaSide
+engine = ServiceEngine(sys.argv[1], name="sleepy", heartbeat_s=0.2, backoff_s=(0.05, 0.2))
+engine.hangup = lambda call_id: print("hung up", call_id, flush=True)
+assert engine.admit("sleepy-call") is None
+s = engine.open_session(CallStart(call_id="sleepy-call", rate=8000))
+MediaSide(s.audio, 700).start()
+print("open", flush=True)
+threading.Event().wait()
+"""
+
+
+def test_a_stalled_worker_loses_its_calls_the_others_go_on_and_it_comes_back_after_sigcont(sock_dir):
+    proc = _start_service(_service_config(sock_dir, "heartbeat_misses = 3"), "--engine", "echo")
+    path = str(sock_dir / "m.sock")
+    mine = ServiceEngine(path, name="awake", heartbeat_s=0.2)
+    sleepy = subprocess.Popen([sys.executable, "-c", STALLING_WORKER, path, str(pathlib.Path(__file__).parents[1])],
+                              stdout=subprocess.PIPE, text=True)
+    out = _Lines(sleepy.stdout, None)
+    try:
+        out.wait_line("open", 30)
+        s = mine.open_session(CallStart(call_id="mine", rate=RATE))
+        media = MediaSide(s.audio, 440)
+        media.start()
+        eventually(lambda: _hears(media, 0, 440), 15, "our call echoed")
+        sleepy.send_signal(signal.SIGSTOP)  # alive, its socket open, silent
+        line = proc.err_lines.wait_line("stalled (not a word for", 15)
+        assert "(sleepy pid" in line and "its 1 open calls closed" in line, line
+        at_stall = len(media.heard)
+        eventually(lambda: _hears(media, at_stall, 440), 15, "our call still echoed after the other worker stalled")
+        assert mine.connected and proc.poll() is None
+        sleepy.send_signal(signal.SIGCONT)  # it finds its connection ended, hangs its call up, reconnects
+        out.wait_line("hung up sleepy-call", 15)
+        eventually(lambda: sum("(sleepy pid" in ln and "connected" in ln for ln in proc.err_lines.lines) == 2, 15,
+                   "the resumed worker connected again")
+        media.end()
+        assert mine.close_session(s).steps > 0
+    finally:
+        stop_process(sleepy, 5, signal.SIGKILL)
+        mine.close()
+        stop_process(proc, 10)
+
+
+def test_a_stalled_service_hangs_up_its_calls_refuses_and_is_found_again_after_sigcont(sock_dir):
+    proc = _start_service(_service_config(sock_dir), "--engine", "echo")
+    hung_up: list[str] = []
+    engine = ServiceEngine(str(sock_dir / "m.sock"), name="w", heartbeat_s=0.2, heartbeat_misses=3,
+                           backoff_s=(0.05, 0.2))
+    engine.hangup = hung_up.append
+    try:
+        s = engine.open_session(CallStart(call_id="c1", rate=RATE))
+        media = MediaSide(s.audio, 440)
+        media.start()
+        eventually(lambda: _hears(media, 0, 440), 15, "the call echoed")
+        proc.send_signal(signal.SIGSTOP)
+        eventually(lambda: hung_up == ["c1"], 10, "the stalled service's call hung up")
+        assert not engine.connected
+        refusal = engine.admit("c2")  # at once, not after the admission's timeout
+        assert refusal is not None and refusal.reason == UNAVAILABLE and refusal.text == "model service unavailable"
+        media.end()
+        assert engine.close_session(s) is None and _gone(s.audio.shm_name)
+        _give_up_a_connection(str(sock_dir / "m.sock"))  # as a reconnect that waited for Ready in vain does
+        proc.send_signal(signal.SIGCONT)
+        # resumed, the service ends the connection the worker gave up (closing its call), and the worker
+        # finds it again
+        proc.err_lines.wait_line("its 1 open calls closed", 15)
+        eventually(lambda: engine.connected, 15, "reconnected after SIGCONT")
+        assert engine.admit("c3") is None
+        s = engine.open_session(CallStart(call_id="c3", rate=RATE))
+        media = MediaSide(s.audio, 1000)
+        media.start()
+        eventually(lambda: _hears(media, 0, 1000), 15, "served again")
+        media.end()
+        assert engine.close_session(s).steps > 0
+        # the connection given up while the service was stopped is dropped without a word in its log
+        assert not [line for line in proc.err_lines.lines if "(gave-up pid" in line]
+        assert sum(line.endswith("(w pid %d) connected\n" % os.getpid()) for line in proc.err_lines.lines) == 2
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGCONT)
+        stop_process(proc, 10, signal.SIGKILL)
+        engine.close()
+
+
+def _give_up_a_connection(path: str) -> None:
+    """Connects, says Hello and leaves: what a worker's attempt that had no Ready in time leaves behind."""
+    import socket as socket_mod
+    from multiprocessing.connection import Connection
+
+    from callbot.engine.serving import service_messages as sm
+
+    sock = socket_mod.socket(socket_mod.AF_UNIX, socket_mod.SOCK_STREAM)
+    sock.connect(path)
+    conn = Connection(os.dup(sock.fileno()))
+    sm.send(conn, sm.Hello(pid=os.getpid(), name="gave-up", heartbeat_s=0.2))
+    conn.close()
+    sock.close()
+
+
+def test_a_send_to_a_service_that_stopped_reading_times_out_instead_of_blocking(sock_dir, capsys):
+    """The service stopped with the socket's buffer full: each send gives up after send_timeout_s, the
+    connection is given up, and admissions are refused as unavailable (the heartbeat is slowed here so
+    that the send, not the silence, is what notices)."""
+    proc = _start_service(_service_config(sock_dir), "--engine", "echo")
+    engine = ServiceEngine(str(sock_dir / "m.sock"), name="w", heartbeat_s=30, send_timeout_s=0.2)
+    try:
+        assert engine.connected
+        proc.send_signal(signal.SIGSTOP)
+        big = "x" * 65536
+        for _ in range(200):  # a few megabytes at most: far past any socket buffer
+            engine.release(big)
+            if not engine.connected:
+                break
+        eventually(lambda: not engine.connected, 5, "the connection given up")
+        assert engine.admit("after").reason == UNAVAILABLE
+        said: list[str] = []
+        eventually(lambda: said.append(capsys.readouterr().err) or "lost (a send timed out after 0.2 s: it stopped "
+                   "reading)" in "".join(said), 5, "the reason said")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGCONT)
+        stop_process(proc, 10, signal.SIGKILL)
+        engine.close()

@@ -4,6 +4,7 @@ the tiny model behind it with a deliberately slow step, where admission refuses 
 miss the frame (503 with Retry-After) and takes it again once a call has ended."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -44,11 +45,12 @@ def _dominant_hz(x: np.ndarray, rate: int) -> float:
 class Worker:
     """`callbot serve` attached to the model service at `socket_path`, its JSON log in a file."""
 
-    def __init__(self, directory: pathlib.Path, socket_path: str, name: str):
+    def __init__(self, directory: pathlib.Path, socket_path: str, name: str, model: str = ""):
         directory.mkdir()
         self.dir = directory
         self.port, self.metrics_port = free_port(), free_port()
-        cfg = serve_config(directory, self.port, self.metrics_port, tail=f'[model]\nservice = "{socket_path}"\n')
+        cfg = serve_config(directory, self.port, self.metrics_port,
+                           tail=f'[model]\nservice = "{socket_path}"\n{model}\n')
         self.log = open(directory / "events.jsonl", "w")
         self.proc = subprocess.Popen([*CALLBOT, "serve", "--config", str(cfg)], stdout=self.log,
                                      stderr=subprocess.PIPE, text=True)
@@ -135,6 +137,45 @@ def test_a_killed_worker_costs_only_its_calls_a_killed_service_ends_them_and_503
     finally:
         for w in workers:
             w.close()
+        stop_process(service, 10, signal.SIGKILL)
+
+
+def test_a_stalled_service_ends_the_workers_calls_503s_and_serves_again_after_sigcont(sock_dir, tmp_path):
+    """SIGSTOP: the service is alive to the kernel (its socket open), silent to its workers. After
+    heartbeat_misses silent intervals the worker hangs up the call it served (recorded, cause local) and
+    answers an INVITE 503 with Retry-After; SIGCONT: it reconnects and answers again."""
+    service = _start_service(_service_config(sock_dir), "--engine", "echo")
+    path = str(sock_dir / "m.sock")
+    worker = None
+    try:
+        worker = Worker(tmp_path / "w", path, "w", model="heartbeat_s = 0.2\nheartbeat_misses = 3")
+        service.err_lines.wait_line("worker 1", 10)
+        with PjsuaPeer(user="alice", log_dir=tmp_path) as alice:
+            ca = alice.call(worker.uri)
+            alice.expect("media", call_id=ca, timeout=15)
+            eventually(lambda: "callbot_model_service_up 1.0" in _scrape(worker.metrics_port), 5, "attached")
+            service.send_signal(signal.SIGSTOP)
+            alice.expect("disconnected", call_id=ca, timeout=15)
+            line = worker.err.wait_line("lost (", 10)
+            assert "stalled: not a word for" in line and "1 calls hung up" in line, line
+        record = eventually(lambda: worker.record(ca), 15, "alice's call record, complete")
+        assert record["hangup_cause"] == "local"
+        answer = _refused(worker, "while-stalled")
+        assert answer.startswith(b"SIP/2.0 503") and sip_header(answer, b"Retry-After") == b"5"
+        assert "callbot_model_service_up 0.0" in _scrape(worker.metrics_port)
+
+        service.send_signal(signal.SIGCONT)
+        eventually(lambda: "callbot_model_service_up 1.0" in _scrape(worker.metrics_port), 15, "reconnected")
+        with PjsuaPeer(user="bob", log_dir=tmp_path) as bob:
+            cb = bob.call(worker.uri)
+            bob.expect("media", call_id=cb, timeout=15)
+            bob.send("hangup", call_id=cb)
+            assert bob.expect("disconnected", call_id=cb, timeout=15)["code"] == 200
+    finally:
+        if worker is not None:
+            worker.close()
+        with contextlib.suppress(ProcessLookupError):
+            service.send_signal(signal.SIGCONT)
         stop_process(service, 10, signal.SIGKILL)
 
 

@@ -14,10 +14,18 @@ worker side, or its resource tracker when it was killed, unlinks the blocks), th
 the model stays loaded and the other workers' calls go on. The service that stops or dies: every worker
 sees its socket close, hangs up its calls and answers new INVITEs 503 until it can connect again.
 
+A worker that stalls (stopped, not dead: its socket stays open) is seen by its silence: it pings every
+`heartbeat_s` it announced, and `heartbeat_misses` of those intervals without a word from it count as
+a stall (engine/serving/heartbeat.py): its connection is shut, which closes its calls as a disconnect
+does, and the other workers' calls go on. Every Ping is answered with a Pong, so the workers see a
+stalled service the same way.
+
 Threads: one accepts connections; per worker one reads (and does what it asks: opens, controls,
 closes, admits) and one sends, so that neither the inference thread nor another worker ever waits on a
-slow worker's socket. The engine's events are routed on the inference thread by a dictionary lookup
-and an enqueue only. `_lock` guards the tables and is never held while calling into the engine (whose
+slow worker's socket; one watches the workers' heartbeats. The engine's events are routed on the
+inference thread by a dictionary lookup and an enqueue only, into the worker's bounded outbox
+(engine/serving/outbox.py: a worker that stops reading loses its FrameStages first, counted, and never
+holds up the inference thread). `_lock` guards the tables and is never held while calling into the engine (whose
 close emits events that take it).
 
 Admission (engine/serving/step_budget.py): before answering an INVITE a worker asks (Admit); the answer
@@ -28,7 +36,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import queue
 import socket
 import stat
 import sys
@@ -46,12 +53,15 @@ from callbot.engine.serving import process_messages as pm
 from callbot.engine.serving import service_messages as sm
 from callbot.engine.serving.call_audio import RING_SECONDS, CallAudio
 from callbot.engine.serving.frame_stats import STAGES, FrameStats
+from callbot.engine.serving.heartbeat import HEARTBEAT_MISSES, Liveness
+from callbot.engine.serving.outbox import ESSENTIAL, EVENT, LOW, OUTBOX_LIMIT, Outbox
 from callbot.engine.serving.step_budget import FRAME_BUDGET, MAX_CALLS, Admission, StepTimes
 
 RESERVE_S = 30.0  # a slot promised to an INVITE waits this long for its call to open (ringing, answering)
 RETRY_AFTER_S = 10  # what a full model tells callers: calls last minutes, a retry within seconds is wasted
 STOP_TIMEOUT_S = 5.0
 ACCEPT_POLL_S = 0.2  # how often the accepting thread looks at the stop flag
+WATCH_TICK_S = 0.05  # how often the heartbeat watcher looks at the workers (their intervals are longer)
 _STEP_START, _DECODED = STAGES.index("step_start"), STAGES.index("decoded")
 # Linux's sun_path holds 108 bytes, macOS's 104, the terminating NUL included
 MAX_SOCKET_PATH = 103 if sys.platform == "darwin" else 107
@@ -122,7 +132,10 @@ class _Worker:
     sock: socket.socket
     conn: Connection
     name: str = ""
-    outbox: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    outbox: Outbox = field(default_factory=Outbox)
+    liveness: Liveness | None = None  # once its Hello says how often it pings
+    why: str = ""  # set when the service ends the connection: what its log line says
+    quiet: bool = False  # a connection its worker had given up before it was accepted: not worth a log line
     calls: dict = field(default_factory=dict)  # the worker's sid -> _Call
     reserved: dict = field(default_factory=dict)  # call_id -> when the slot lapses (monotonic s)
     sender: threading.Thread | None = None
@@ -149,6 +162,7 @@ class ServiceStats:
     limit: int | None
     refused: dict[str, int]
     round_s: dict[int, float]
+    dropped: dict[str, int] = field(default_factory=dict)  # events dropped from outboxes of slow workers, by kind
 
 
 class InferenceService:
@@ -166,6 +180,7 @@ class InferenceService:
                  admission: Admission | None = None, step_times: StepTimes | None = None,
                  tx_max_ms: float | None = None, tx_settle: int | None = None, ring_seconds: float = RING_SECONDS,
                  reserve_s: float = RESERVE_S, retry_after_s: int = RETRY_AFTER_S,
+                 heartbeat_misses: int = HEARTBEAT_MISSES, outbox_limit: int = OUTBOX_LIMIT,
                  clock: Callable[[], float] = time.monotonic):
         self.engine = engine
         self.path = path
@@ -178,16 +193,20 @@ class InferenceService:
         self.ring_seconds = ring_seconds
         self.reserve_s = reserve_s
         self.retry_after_s = retry_after_s
+        self.heartbeat_misses = heartbeat_misses
+        self.outbox_limit = outbox_limit
         self._clock = clock
         self._lock = threading.Lock()
         self._workers: list[_Worker] = []
         self._by_key: dict[str, _Call] = {}
         self._refused: dict[str, int] = {}
+        self._dropped: dict[str, int] = {}  # of workers gone, by kind (the live ones keep their own)
         self._numbers = itertools.count(1)
         self._stopping = threading.Event()
         self._sock = listen(path)
         self._inode = os.stat(path).st_ino
         self._acceptor = threading.Thread(target=self._accept, name="service-accept", daemon=True)
+        self._watcher = threading.Thread(target=self._watch, name="service-heartbeat", daemon=True)
         engine.on_event = self._on_event
         # a batched engine (ModelEngine, batched) reports each round's calls and seconds itself; the calls'
         # step times summed are the law of one-by-one stepping, and would overstate a batch's round
@@ -197,6 +216,7 @@ class InferenceService:
 
     def start(self) -> InferenceService:
         self._acceptor.start()
+        self._watcher.start()
         return self
 
     # ---- what the metrics read -----------------------------------------------------------------------
@@ -208,9 +228,13 @@ class InferenceService:
             calls = sum(len(w.calls) for w in self._workers)
             reserved = sum(len(w.reserved) for w in self._workers)
             workers, refused = len(self._workers), dict(self._refused)
+            dropped = dict(self._dropped)
+            for w in self._workers:
+                for kind, n in dict(w.outbox.dropped).items():
+                    dropped[kind] = dropped.get(kind, 0) + n
         limit = self.admission.limit() if self.admission is not None else None
         rounds = self.step_times.measured if self.step_times is not None else {}
-        return ServiceStats(workers, calls, reserved, limit, refused, rounds)
+        return ServiceStats(workers, calls, reserved, limit, refused, rounds, dropped)
 
     # ---- stopping -------------------------------------------------------------------------------------
 
@@ -220,8 +244,9 @@ class InferenceService:
         if self._stopping.is_set():
             return
         self._stopping.set()
-        if self._acceptor.is_alive():
-            self._acceptor.join(STOP_TIMEOUT_S)
+        for thread in (self._acceptor, self._watcher):
+            if thread.is_alive():
+                thread.join(STOP_TIMEOUT_S)
         self._sock.close()
         try:
             if os.stat(self.path).st_ino == self._inode:  # ours still, not a newer service's
@@ -232,7 +257,7 @@ class InferenceService:
             workers = list(self._workers)
         for w in workers:
             w.outbox.put(pm.ChildFailed(text=text))
-            w.outbox.put(None)
+            w.outbox.close()
         for w in workers:
             if w.sender is not None:
                 w.sender.join(STOP_TIMEOUT_S)
@@ -254,7 +279,7 @@ class InferenceService:
                     return
                 raise
             sock.setblocking(True)
-            w = _Worker(next(self._numbers), sock, Connection(os.dup(sock.fileno())))
+            w = _Worker(next(self._numbers), sock, Connection(os.dup(sock.fileno())), outbox=Outbox(self.outbox_limit))
             w.name = f"worker {w.no}"
             with self._lock:
                 if self._stopping.is_set():
@@ -283,7 +308,11 @@ class InferenceService:
                 except msgspec.DecodeError as err:  # a bug on one side, or a stranger: say it, go on
                     _log(f"{w.name}: a message did not decode: {err}")
                     continue
-                if isinstance(msg, sm.Admit):
+                if w.liveness is not None:
+                    w.liveness.heard()
+                if isinstance(msg, sm.Ping):
+                    w.outbox.put(sm.Pong())
+                elif isinstance(msg, sm.Admit):
                     w.outbox.put(self._admit(w, msg))
                 elif isinstance(msg, sm.Release):
                     with self._lock:
@@ -296,12 +325,17 @@ class InferenceService:
                     self._close_call(w, msg.sid)
                 elif isinstance(msg, sm.Hello):
                     w.name = f"worker {w.no} ({msg.name or 'pid'} pid {msg.pid})"
+                    if msg.heartbeat_s > 0:
+                        w.liveness = Liveness(msg.heartbeat_s, self.heartbeat_misses, self._clock)
+                    if _peer_gone(w.sock):  # it gave up waiting for our Ready (we were stopped): forget it
+                        w.quiet = True
+                        return
                     _log(f"{w.name} connected")
         except BaseException as err:  # a bug here must cost this worker its calls, not the service
             why = f"failed: {err!r}"
             raise
         finally:
-            self._drop(w, why)
+            self._drop(w, w.why or why)
 
     def _drop(self, w: _Worker, why: str) -> None:
         """The worker is gone (or we stop): its calls close, its slots go back."""
@@ -312,13 +346,29 @@ class InferenceService:
             w.reserved.clear()
         for call in calls:
             self._end(call)
-        w.outbox.put(None)
+        w.outbox.close()
         _shutdown(w.sock)
         w.conn.close()
         w.sock.close()
-        if not self._stopping.is_set():
+        with self._lock:
+            for kind, n in w.outbox.dropped.items():
+                self._dropped[kind] = self._dropped.get(kind, 0) + n
+        if not self._stopping.is_set() and not (w.quiet and not calls):
             closed = f": its {len(calls)} open calls closed, the other workers' go on" if calls else ""
-            _log(f"{w.name} {why}{closed}")
+            dropped = (f" ({w.outbox.dropped_total()} events it did not read in time were dropped)"
+                       if w.outbox.dropped else "")
+            _log(f"{w.name} {why}{closed}{dropped}")
+
+    def _watch(self) -> None:
+        """Shuts the connection of a worker whose heartbeat stopped: its reader sees the end and drops it."""
+        while not self._stopping.wait(WATCH_TICK_S):
+            with self._lock:
+                watched = [(w, w.liveness) for w in self._workers if w.liveness is not None and not w.why]
+            for w, liveness in watched:
+                silent = liveness.check()
+                if silent is not None:
+                    w.why = f"stalled (not a word for {silent:.1f} s)"
+                    _shutdown(w.sock)
 
     # ---- a worker's requests (its reader thread) ---------------------------------------------------------
 
@@ -433,7 +483,19 @@ class InferenceService:
             self.step_times.observe_live(call.key, steps)
         elif isinstance(event, SessionClosed) and self.step_times is not None:
             self.step_times.call_ended(call.key)
-        call.worker.outbox.put(pm.CallEvent(event=msgspec.structs.replace(event, call_id=call.call_id)))
+        worth = LOW if isinstance(event, FrameStages) else ESSENTIAL if isinstance(event, SessionClosed) else EVENT
+        call.worker.outbox.put(pm.CallEvent(event=msgspec.structs.replace(event, call_id=call.call_id)), worth,
+                               type(event).__name__)
+
+
+def _peer_gone(sock: socket.socket) -> bool:
+    """Whether all that is left to read is the end: the other side closed (a peek that never blocks)."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
 
 
 def _shutdown(sock: socket.socket) -> None:
@@ -443,8 +505,8 @@ def _shutdown(sock: socket.socket) -> None:
         pass
 
 
-def _forward(conn: Connection, outbox: queue.SimpleQueue) -> None:
-    """A worker's only writer; None ends it."""
+def _forward(conn: Connection, outbox: Outbox) -> None:
+    """A worker's only writer, until its outbox closes."""
     while (msg := outbox.get()) is not None:
         try:
             sm.send(conn, msg)

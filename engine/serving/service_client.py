@@ -14,10 +14,17 @@ What differs from a child of our own is that the service comes and goes on its o
   endpoint: the calls end and are recorded as usual), `admit` answers "unavailable" (503) at once, and
   a thread reconnects with back-off (0.2 s doubling to 5 s); `error` stays None, because the worker
   is fine and will serve again;
+- the service stalled (stopped, not dead: its socket stays open, nothing reads EOF): the worker pings
+  every `heartbeat_s` and the service answers; `heartbeat_misses` intervals without a word from it
+  (engine/serving/heartbeat.py) and the connection is given up as if the service had died (its calls
+  hung up, 503 meanwhile, reconnecting: a resumed service is found again);
 - a call the service cannot take after all (OpenRefused) is hung up rather than left silent.
 
 Never on the media path: the media callback touches only the rings. The SIP thread waits at most
-`admit_timeout_s` for an admission and `close_timeout_s` for a summary; the reader thread only hands
+`admit_timeout_s` for an admission and `close_timeout_s` for a summary, and a send at most
+`send_timeout_s` (the socket's SO_SNDTIMEO, so a service that stopped reading with the socket's buffer
+full cannot hold the SIP thread; a send that times out gives the connection up: part of a word may
+have gone, and a stream cut mid-word cannot be resumed); the reader thread only hands
 words on and never calls into the endpoint (hang-ups run on a thread of their own, because the
 endpoint's hangup waits for the SIP thread, which may be waiting for this reader).
 """
@@ -26,8 +33,10 @@ from __future__ import annotations
 import itertools
 import os
 import socket
+import struct
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Callable
@@ -39,6 +48,7 @@ from callbot.engine.serving import process_messages as pm
 from callbot.engine.serving import service_messages as sm
 from callbot.engine.serving.call_audio import RING_SECONDS, CallAudio
 from callbot.engine.serving.frame_stats import FrameStats
+from callbot.engine.serving.heartbeat import HEARTBEAT_MISSES, HEARTBEAT_S, Liveness
 from callbot.engine.serving.shared_block import SharedCallRings
 from callbot.engine.serving.step_budget import UNAVAILABLE
 
@@ -47,6 +57,7 @@ CONNECT_TIMEOUT_S = 2.0  # to connect and hear Ready
 CLOSE_TIMEOUT_S = 5.0  # a close waits for at most the call's one step in flight, then its summary
 BACKOFF_S = (0.2, 5.0)  # reconnect: first wait, doubling up to the last
 RETRY_AFTER_DOWN_S = 5  # Retry-After while no service is connected: about one reconnect attempt
+SEND_TIMEOUT_S = 0.5  # a send to the service (its socket's buffer full: it stopped reading) gives up after this
 
 
 @dataclass(frozen=True)
@@ -65,8 +76,9 @@ class _Link:
     sock: socket.socket
     conn: Connection
     ready: pm.Ready
+    liveness: Liveness | None = None
     alive: bool = True
-    why: str = ""  # what the service said as it went (ChildFailed)
+    why: str = ""  # what the service said as it went (ChildFailed), or why we gave it up
 
 
 @dataclass(eq=False)
@@ -104,7 +116,9 @@ class ServiceEngine:
     def __init__(self, path: str, *, name: str = "", on_event: EventSink | None = None,
                  ring_seconds: float = RING_SECONDS, admit_timeout_s: float = ADMIT_TIMEOUT_S,
                  close_timeout_s: float = CLOSE_TIMEOUT_S, backoff_s: tuple[float, float] = BACKOFF_S,
-                 retry_after_s: int = RETRY_AFTER_DOWN_S,
+                 retry_after_s: int = RETRY_AFTER_DOWN_S, heartbeat_s: float = HEARTBEAT_S,
+                 heartbeat_misses: int = HEARTBEAT_MISSES, send_timeout_s: float = SEND_TIMEOUT_S,
+                 clock: Callable[[], float] = time.monotonic,
                  on_closed: Callable[[ServiceCallSession], None] | None = None):
         self.path = path
         self.name = name
@@ -116,6 +130,10 @@ class ServiceEngine:
         self.close_timeout_s = close_timeout_s
         self.backoff_s = backoff_s
         self.retry_after_s = retry_after_s
+        self.heartbeat_s = heartbeat_s
+        self.heartbeat_misses = heartbeat_misses
+        self.send_timeout_s = send_timeout_s
+        self._clock = clock
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
@@ -130,6 +148,8 @@ class ServiceEngine:
         self._connect()
         self._connector = threading.Thread(target=self._keep_connected, name="service-connect", daemon=True)
         self._connector.start()
+        self._beater = threading.Thread(target=self._beat, name="service-heartbeat", daemon=True)
+        self._beater.start()
 
     # ---- state ----------------------------------------------------------------------------------------
 
@@ -266,6 +286,7 @@ class ServiceEngine:
         if link is not None:
             _shutdown(link.sock)
         self._connector.join(timeout)
+        self._beater.join(timeout)
         for reader in list(self._readers):
             reader.join(timeout)
         with self._lock:
@@ -278,8 +299,38 @@ class ServiceEngine:
     # ---- the connection ---------------------------------------------------------------------------------
 
     def _send(self, link: _Link, msg) -> None:
-        with self._send_lock:
+        """One word to the service, within send_timeout_s (OSError otherwise: the link is given up when the
+        socket itself timed out)."""
+        if not self._send_lock.acquire(timeout=self.send_timeout_s):
+            raise TimeoutError("another send to the model service is stuck")
+        try:
             sm.send(link.conn, msg)
+        except OSError as err:
+            self._give_up(link, f"a send failed ({err.strerror or err})" if not isinstance(err, BlockingIOError)
+                          else f"a send timed out after {self.send_timeout_s:g} s: it stopped reading")
+            raise
+        finally:
+            self._send_lock.release()
+
+    def _give_up(self, link: _Link, why: str) -> None:
+        """Ends the connection from our side: its reader sees the end and does what a lost service needs."""
+        if link.alive and not link.why:
+            link.why = why
+        _shutdown(link.sock)
+
+    def _beat(self) -> None:
+        """Every heartbeat_s: a Ping to the service, and a look at how long it has said nothing."""
+        while not self._closed.wait(self.heartbeat_s):
+            link = self._link
+            if link is None or not link.alive or link.liveness is None:
+                continue
+            try:
+                self._send(link, sm.Ping())
+            except (OSError, ValueError):
+                continue
+            silent = link.liveness.check()
+            if silent is not None:
+                self._give_up(link, f"stalled: not a word for {silent:.1f} s")
 
     def _keep_connected(self) -> None:
         delay = self.backoff_s[0]
@@ -301,8 +352,9 @@ class ServiceEngine:
             sock.settimeout(CONNECT_TIMEOUT_S)
             sock.connect(self.path)
             sock.setblocking(True)
+            _set_send_timeout(sock, self.send_timeout_s)
             conn = Connection(os.dup(sock.fileno()))
-            sm.send(conn, sm.Hello(pid=os.getpid(), name=self.name))
+            sm.send(conn, sm.Hello(pid=os.getpid(), name=self.name, heartbeat_s=self.heartbeat_s))
             if not conn.poll(CONNECT_TIMEOUT_S):
                 raise OSError(f"no answer within {CONNECT_TIMEOUT_S:g} s")
             ready = sm.recv_in_worker(conn)
@@ -317,7 +369,7 @@ class ServiceEngine:
                 _log(self.path, f"not reachable ({getattr(err, 'strerror', None) or err}); new calls are "
                      "refused with 503 until it is, retrying")
             return False
-        link = _Link(sock, conn, ready)
+        link = _Link(sock, conn, ready, Liveness(self.heartbeat_s, self.heartbeat_misses, self._clock))
         with self._lock:
             if self._closed.is_set():
                 link.alive = False
@@ -345,6 +397,8 @@ class ServiceEngine:
                 except msgspec.DecodeError as err:  # a bug on one side: say it, keep serving the calls
                     _log(self.path, f"a message did not decode: {err}")
                     continue
+                if link.liveness is not None:
+                    link.liveness.heard()
                 if isinstance(msg, pm.CallEvent):
                     sink = self.on_event
                     if sink is not None:
@@ -424,6 +478,13 @@ class ServiceEngine:
 
 def _log(path: str, text: str) -> None:
     print(f"callbot: model service {path}: {text}", file=sys.stderr, flush=True)
+
+
+def _set_send_timeout(sock: socket.socket, seconds: float) -> None:
+    """SO_SNDTIMEO: a blocking write to this socket returns (partly written, or EAGAIN) after `seconds`.
+    A struct timeval of two longs: Linux and macOS on 64-bit (macOS's int tv_usec is padded to 8 bytes)."""
+    whole = int(seconds)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("@ll", whole, int((seconds - whole) * 1e6)))
 
 
 def _shutdown(sock: socket.socket) -> None:

@@ -6,11 +6,13 @@ pipe, so it speaks the same words for a call (OpenCall with the rings' shared-me
 CloseCall; CallEvent, CallClosed; Ready once connected; ChildFailed before it goes) and adds only what
 several workers on one model need: a worker says who it is (Hello), asks for room before it answers an
 INVITE (Admit -> Admission, a slot held for a while), and hears when a call it opened without asking
-could not be taken (OpenRefused). Both ends are one machine and one user: framing is
+could not be taken (OpenRefused). A worker pings (Ping) every `heartbeat_s` it announced in its Hello,
+and the service answers each (Pong): a stopped process keeps its socket open, so silence is how either
+end sees the other stalled (engine/serving/heartbeat.py). Both ends are one machine and one user: framing is
 multiprocessing's Connection (length-prefixed bytes), the payload msgpack, never pickle.
 
-    worker -> service   Hello  Admit  Release  OpenCall  ControlCall  CloseCall
-    service -> worker   Ready  Admission  OpenRefused  CallEvent  CallClosed  ChildFailed
+    worker -> service   Hello  Admit  Release  OpenCall  ControlCall  CloseCall  Ping
+    service -> worker   Ready  Admission  OpenRefused  CallEvent  CallClosed  ChildFailed  Pong
 """
 from __future__ import annotations
 
@@ -26,6 +28,15 @@ from callbot.engine.serving.process_messages import (CallClosed, CallEvent, Chil
 class Hello(Message, tag="hello"):
     pid: int
     name: str = ""  # how the service's log names this worker (its SIP address)
+    heartbeat_s: float = 0.0  # it pings at least this often (0: it never does, and is not watched)
+
+
+class Ping(Message, tag="ping"):
+    """The worker is alive and wants to hear that the service is (a Pong)."""
+
+
+class Pong(Message, tag="pong"):
+    """The service is alive (the answer to a Ping)."""
 
 
 class Admit(Message, tag="admit"):
@@ -60,8 +71,8 @@ class OpenRefused(Message, tag="open_refused"):
     text: str
 
 
-ToService = Union[Hello, Admit, Release, OpenCall, ControlCall, CloseCall]
-ToWorker = Union[Ready, Admission, OpenRefused, CallEvent, CallClosed, ChildFailed]
+ToService = Union[Hello, Admit, Release, OpenCall, ControlCall, CloseCall, Ping]
+ToWorker = Union[Ready, Admission, OpenRefused, CallEvent, CallClosed, ChildFailed, Pong]
 
 _encoder = msgspec.msgpack.Encoder()
 _to_service = msgspec.msgpack.Decoder(ToService)
