@@ -24,6 +24,8 @@ from callbot.app.recording import Recorder
 #   slow:  the file takes over ~10 s, or one of its tests over ~5 s
 MARKS: dict[str, frozenset[str]] = {
     name: frozenset(marks.split()) for name, marks in {
+        "test_analytics_metrics": "",  # hand-placed segments, pure functions
+        "test_analytics_vad": "",  # 2 s: Silero's VAD on a scripted 16 s espeak-ng call
         "test_app_control": "sip slow",  # 32 s: `running_server` and a pjsua2 caller
         "test_batch_parity": "model slow",  # 13 s: batched LM streams against Kyutai's PyTorch LMModel
         "test_batch_sessions": "model",  # 7 s
