@@ -56,6 +56,7 @@ class LegMetrics(msgspec.Struct, frozen=True, kw_only=True):
     words_per_minute: float = 0.0      # words / talk time in minutes
     loudness_dbfs: float | None = None  # RMS over the leg's speech, dBFS; None when it never spoke
     sentiment: float | None = None     # mean of its turns' sentiment
+    sentiment_by_quarter: list[float | None] = []  # mean of its turns' sentiment in each quarter of the call
 
 
 class CallMetrics(msgspec.Struct, frozen=True, kw_only=True):
