@@ -25,6 +25,7 @@ from callbot.app.recording import Recorder
 MARKS: dict[str, frozenset[str]] = {
     name: frozenset(marks.split()) for name, marks in {
         "test_analytics_metrics": "",  # hand-placed segments, pure functions
+        "test_analytics_rules": "",  # rules files and their evaluation on hand-built analyses
         "test_analytics_transcript": "",  # words, turns, PII, VADER: no audio model
         "test_analytics_vad": "",  # 2 s: Silero's VAD on a scripted 16 s espeak-ng call
         "test_app_control": "sip slow",  # 32 s: `running_server` and a pjsua2 caller
