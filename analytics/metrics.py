@@ -162,7 +162,7 @@ def loudness_dbfs(leg: np.ndarray, rate: int, spans: Sequence[Span]) -> float | 
         return None
     y = np.concatenate(parts).astype(np.float64) / 32768.0
     rms = float(np.sqrt(np.mean(y * y)))
-    return round(20.0 * np.log10(rms), 2) if rms > 0 else -120.0
+    return round(20.0 * float(np.log10(rms)), 2) if rms > 0 else -120.0
 
 
 def compute_metrics(segments: Sequence[Segment], duration_ms: float, words: Sequence[Word] = (),

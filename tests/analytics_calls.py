@@ -130,3 +130,45 @@ def agent_call(disclosure_at_ms: float = 500.0) -> ScriptedCall:
     c.end(1500)
     assert thanks.speech_end < c.duration_ms
     return c
+
+
+def bot_text_events(call: ScriptedCall, call_id: str = "scripted") -> list[dict]:
+    """The BotText events a model would have sent for the bot's sentences: each word's piece at the 80 ms
+    frame where it falls, the words spread evenly over the sentence's speech."""
+    out = []
+    for p in call.placed:
+        if p.leg != "bot":
+            continue
+        parts = p.text.split()
+        span = p.speech_end - p.speech_start
+        for i, part in enumerate(parts):
+            t = p.speech_start + span * i / len(parts)
+            out.append({"event": "BotText", "call_id": call_id, "t_ms": round(t // 80 * 80, 1), "piece": " " + part})
+    return sorted(out, key=lambda e: e["t_ms"])
+
+
+def write_call(call: ScriptedCall, folder, name: str = "call", record: dict | None = None,
+               events: list[dict] | None = None) -> tuple[str, str, str]:
+    """The call as the recorder leaves it: <name>.wav, <name>.json (its record), <name>.events.jsonl."""
+    import json
+
+    folder = os.fspath(folder)
+    wav = call.write(os.path.join(folder, name + ".wav"))
+    rec = {"call_id": name, "recording": {"seconds": call.duration_ms / 1000.0, "complete": True}, **(record or {})}
+    side = os.path.join(folder, name + ".json")
+    with open(side, "w") as f:
+        json.dump(rec, f)
+    ev = os.path.join(folder, name + ".events.jsonl")
+    with open(ev, "w") as f:
+        for e in (events if events is not None else bot_text_events(call, name)):
+            f.write(json.dumps(e) + "\n")
+    return wav, side, ev
+
+
+def pocketsphinx_transcriber():
+    """The post-call engine the app would pass: callbot.speech's pocketsphinx behind the analytics protocol
+    (module-level, so that a pool's spawned worker can build its own)."""
+    from callbot.analytics.transcript import StreamTranscriber
+    from callbot.speech.recognizer import PocketsphinxRecognizer
+
+    return StreamTranscriber(PocketsphinxRecognizer(), name="pocketsphinx")

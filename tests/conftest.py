@@ -24,6 +24,7 @@ from callbot.app.recording import Recorder
 #   slow:  the file takes over ~10 s, or one of its tests over ~5 s
 MARKS: dict[str, frozenset[str]] = {
     name: frozenset(marks.split()) for name, marks in {
+        "test_analytics_call": "slow",  # 13 s: analyze_call with pocketsphinx on 6 scripted calls, a spawned pool
         "test_analytics_metrics": "",  # hand-placed segments, pure functions
         "test_analytics_rules": "",  # rules files and their evaluation on hand-built analyses
         "test_analytics_transcript": "",  # words, turns, PII, VADER: no audio model
