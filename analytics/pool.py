@@ -55,7 +55,8 @@ Callback = Callable[[str, CallAnalysis | None, BaseException | None], None]
 
 class AnalysisPool:
     """`submit(key, wav, record, events)` -> the analysis, later, as `on_result(key, analysis, None)`, or
-    `on_result(key, None, error)` when the worker died. Called on a pool thread: must not block long."""
+    `on_result(key, None, error)` when the worker died (or `close(wait=False)` dropped it: CancelledError).
+    Called on a pool thread: must not block long."""
 
     def __init__(self, on_result: Callback, options: AnalysisOptions = AnalysisOptions(), workers: int = 1,
                  max_pending: int = 64, nice: int = DEFAULT_NICE,
@@ -99,7 +100,7 @@ class AnalysisPool:
         with self._lock:
             self._pending -= 1
             self.done += 1
-        err = future.exception()
+        err = cf.CancelledError(f"{key}: dropped at close") if future.cancelled() else future.exception()
         try:
             self.on_result(key, None if err is not None else future.result(), err)
         except Exception:  # noqa: BLE001 - a callback's bug must not stop the pool's thread

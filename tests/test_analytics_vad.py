@@ -38,6 +38,20 @@ def test_the_packaged_model_is_found_without_importing_its_package(vad):
     assert vad.path == packaged_model_path()
 
 
+def test_analytics_imports_nothing_of_speech_app_store_or_sip():
+    """The arrows: the analysis runs in its own processes and takes a recognizer handed in; importing all
+    of it loads nothing of callbot.speech, .app, .store or .sip (nor pjsua2, nor MLX)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, callbot.analytics.analyze, callbot.analytics.pool; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pjsua2', 'mlx') or "
+            "m.startswith(('callbot.speech', 'callbot.app', 'callbot.store', 'callbot.sip'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
 def test_segments_match_the_placed_speech_within_50_ms(call, vad):
     c, rate, samples = call
     found = detect_segments(samples, rate, vad=vad)
