@@ -4,7 +4,9 @@ Each part (the recording, the VAD, loudness, the transcripts, redaction, sentime
 redacted copy, the rules) runs on its own: a part that fails adds one line to `errors` ("vad: ...") and
 the others go on with what there is (no recording: the words from the events still give a transcript,
 sentiment and phrase categories; no events: segments and metrics still come from the audio). Nothing
-here raises for a bad input, so a batch over past calls never stops at one broken call.
+here raises for a bad input, so a batch over past calls never stops at one broken call. Without a
+usable recording, the segments come from the engine's live BotSpeech/CallerSpeech events (energy,
+reported late: coarse; `segments_source` says which).
 
 The caller's words come from the live recognizer (`caller_transcript = "live"`: the events file's
 final CallerWords) or from a post-call `Transcriber` run on the caller's leg ("post"; the app passes one,
@@ -27,7 +29,7 @@ from callbot.analytics.result import CallAnalysis, CallMetrics, Segment, Turn, W
 from callbot.analytics.rules import RulesFile, call_facts, evaluate, load_rules
 from callbot.analytics.sentiment import SentimentScorer, by_quarter, score_turns
 from callbot.analytics.transcript import (Transcriber, bot_pieces, bot_words, build_turns, live_caller_words,
-                                          read_events, transcribe_leg)
+                                          read_events, speech_event_segments, transcribe_leg)
 from callbot.analytics.vad import SileroVad, VadParams, detect_segments
 from callbot.analytics.wavfile import read_wav, write_wav
 
@@ -137,10 +139,12 @@ def analyze_call(wav_path: str | os.PathLike | None, record: str | os.PathLike |
         duration_ms = float(seconds) * 1000.0 if isinstance(seconds, (int, float)) else 0.0
 
     segments: list[Segment] = []
+    segments_source = ""
     loudness: dict[str, float | None] = {}
     if samples is not None:
         try:
             segments = detect_segments(samples, rate, LEGS, options.vad, tools.vad)
+            segments_source = "vad"
         except Exception as err:  # noqa: BLE001 - one part fails alone
             errors.append(_line("vad", err))
         try:
@@ -148,6 +152,10 @@ def analyze_call(wav_path: str | os.PathLike | None, record: str | os.PathLike |
                         for i, leg in enumerate(LEGS)}
         except Exception as err:  # noqa: BLE001
             errors.append(_line("loudness", err))
+
+    if not segments_source and events:  # no recording (or no VAD): the engine's live speech events
+        segments = speech_event_segments(events, duration_ms)
+        segments_source = "events" if segments else ""
 
     words: list[Word] = []
     try:
@@ -213,7 +221,8 @@ def analyze_call(wav_path: str | os.PathLike | None, record: str | os.PathLike |
             redacted_path = None
 
     analysis = CallAnalysis(call_id=call_id, segments=segments, words=words, turns=turns, metrics=metrics,
-                            transcript_engine=engine, redacted_recording=redacted_path)
+                            transcript_engine=engine, redacted_recording=redacted_path,
+                            segments_source=segments_source)
     categories, scores = [], []
     try:
         rules = tools.rules

@@ -112,5 +112,7 @@ class CallAnalysis(msgspec.Struct, frozen=True, kw_only=True):
     categories: list[CategoryHit] = []
     scores: list[Score] = []
     transcript_engine: str = ""               # which recognizer gave the caller's words ("live", "pocketsphinx", ...)
+    segments_source: str = ""                 # "vad" (the recording), "events" (the engine's live speech events,
+                                              # coarse: the recording was lost), "" (none)
     redacted_recording: str | None = None     # path of the recording with PII silenced, when made
     errors: list[str] = []                    # one line per part that could not be analysed

@@ -36,6 +36,7 @@ import msgspec
 
 from callbot.analytics.metrics import gaps, interruptions, leg_spans, union
 from callbot.analytics.result import CallAnalysis, CategoryHit, Score, ScoreItem, Word
+from callbot.analytics.transcript import flow_transitions
 
 LegOrAny = Literal["caller", "bot", "any"]
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=100)]
@@ -262,16 +263,15 @@ def call_facts(record: dict | None, events: Sequence[dict] = ()) -> CallFacts:
         if isinstance(state, str):
             facts.flow_states.add(state)
             facts.flow_states_by_flow.add((str(name), state))
-    for e in events:
-        if e.get("event") == "FlowTransition":
-            for key in ("from_state", "to_state"):
-                if isinstance(e.get(key), str) and e[key]:
-                    facts.flow_states.add(e[key])
-                    facts.flow_states_by_flow.add((str(e.get("flow")), e[key]))
-            if e.get("reason") == "transfer":
-                facts.transferred = True
-        if e.get("event") == "TransferProgress":
+    for t in flow_transitions(events):
+        for state in (t.from_state, t.to_state):
+            if state:
+                facts.flow_states.add(state)
+                facts.flow_states_by_flow.add((t.flow, state))
+        if t.reason == "transfer":
             facts.transferred = True
+    if any(e.get("event") == "TransferProgress" for e in events):  # the SIP side's REFER progress
+        facts.transferred = True
     if record.get("transfer"):
         facts.transferred = True
     cause = record.get("hangup_cause")

@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterable, Protocol, Sequence
+from typing import Any, Iterable, Protocol, Sequence, TypeVar
 
 import msgspec
 import numpy as np
 
-from callbot.analytics.result import Leg, Turn, Word
+from callbot.analytics.result import Leg, Segment, Turn, Word
+from callbot.engine.contract import BotSpeech, BotText, CallerSpeech, CallerWords, FlowTransition
 
+E = TypeVar("E", bound=msgspec.Struct)
 FRAME_MS = 80.0  # the model's text frame
 TURN_GAP_MS = 1500.0  # a silence this long inside one leg's words starts a new turn
 
@@ -75,6 +77,41 @@ def read_events(path: str | os.PathLike) -> tuple[list[dict], int]:
     return events, bad
 
 
+def typed_events(events: Sequence[dict], cls: type[E]) -> list[E]:
+    """The events file's lines of one contract type (engine/contract.py), decoded and checked by msgspec
+    (`event` names the type; `ts` is the log's own): a line whose fields do not fit is skipped."""
+    out: list[E] = []
+    for e in events:
+        if e.get("event") != cls.__name__:
+            continue
+        try:
+            out.append(msgspec.convert({k: v for k, v in e.items() if k not in ("event", "ts")}, type=cls))
+        except msgspec.ValidationError:
+            continue
+    return out
+
+
+def speech_event_segments(events: Sequence[dict], duration_ms: float) -> list[Segment]:
+    """Segments from the engine's live BotSpeech/CallerSpeech events (energy with hysteresis, reported
+    late: a start ~160 ms, a stop ~480 ms after the sound): coarse, for a call whose recording is lost."""
+    out: list[Segment] = []
+    for cls, leg in ((CallerSpeech, "caller"), (BotSpeech, "bot")):
+        since: float | None = None
+        for e in sorted(typed_events(events, cls), key=lambda e: e.t_ms):
+            if e.speaking and since is None:
+                since = e.t_ms
+            elif not e.speaking and since is not None:
+                out.append(Segment(leg=leg, start_ms=round(since, 1), end_ms=round(e.t_ms, 1)))
+                since = None
+        if since is not None and duration_ms > since:
+            out.append(Segment(leg=leg, start_ms=round(since, 1), end_ms=round(duration_ms, 1)))
+    return sorted(out, key=lambda s: (s.start_ms, s.leg))
+
+
+def flow_transitions(events: Sequence[dict]) -> list[FlowTransition]:
+    return typed_events(events, FlowTransition)
+
+
 def _num(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
@@ -99,8 +136,7 @@ def bot_words(pieces: Iterable[tuple[float, str]]) -> list[Word]:
 
 
 def bot_pieces(events: Sequence[dict], record: dict | None = None) -> list[tuple[float, str]]:
-    pieces = [(t, e["piece"]) for e in events if e.get("event") == "BotText"
-              and (t := _num(e.get("t_ms"))) is not None and isinstance(e.get("piece"), str)]
+    pieces = [(e.t_ms, e.piece) for e in typed_events(events, BotText)]
     if pieces or not record:
         return pieces
     text = (record.get("engine") or {}).get("text") or []
@@ -122,12 +158,7 @@ def spread_words(text: str, start_ms: float, end_ms: float, leg: Leg) -> list[Wo
 
 def caller_utterances(events: Sequence[dict], record: dict | None = None) -> list[tuple[float, float, str]]:
     """(start_ms, end_ms, text) of the live recognizer's final utterances; from the record without events."""
-    out = []
-    for e in events:
-        if e.get("event") == "CallerWords" and e.get("final") is True and isinstance(e.get("text"), str):
-            a, b = _num(e.get("start_ms")), _num(e.get("end_ms"))
-            if a is not None and b is not None:
-                out.append((a, b, e["text"]))
+    out = [(e.start_ms, e.end_ms, e.text) for e in typed_events(events, CallerWords) if e.final]
     if not out and record:
         for u in record.get("caller_text") or []:
             if isinstance(u, dict) and isinstance(u.get("text"), str):

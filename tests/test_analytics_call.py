@@ -19,7 +19,8 @@ from callbot.analytics.metrics import compute_metrics
 from callbot.analytics.pool import AnalysisPool
 from callbot.analytics.result import CallAnalysis
 from callbot.analytics.wavfile import read_wav
-from tests.analytics_calls import ScriptedCall, agent_call, pocketsphinx_transcriber, write_call
+from tests.analytics_calls import (ScriptedCall, agent_call, bot_text_events, pocketsphinx_transcriber,
+                                   write_call)
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -159,7 +160,11 @@ def test_a_negative_and_a_positive_caller_differ_in_sentiment_sign(tmp_path, tra
 
 def test_each_part_fails_alone_into_errors(tmp_path):
     call = agent_call()
-    wav, side, events = write_call(call, tmp_path, "c")
+    speech = [{"event": "BotSpeech", "call_id": "c", "t_ms": 600.0, "speaking": True},
+              {"event": "CallerSpeech", "call_id": "c", "t_ms": 2000.0, "speaking": True},
+              {"event": "BotSpeech", "call_id": "c", "t_ms": 3000.0, "speaking": False},
+              {"event": "CallerSpeech", "call_id": "c", "t_ms": 4000.0, "speaking": False}]
+    wav, side, events = write_call(call, tmp_path, "c", events=bot_text_events(call, "c") + speech)
     pathlib.Path(wav).write_bytes(b"RIFF....WAVEjunk")  # a corrupt recording
     with open(events, "a") as f:
         f.write('{"event": "BotText", "t_')  # cut short by a crash
@@ -169,14 +174,17 @@ def test_each_part_fails_alone_into_errors(tmp_path):
     assert [e.split(":")[0] for e in a.errors] == ["events", "recording", "rules"], a.errors
     assert all("\n" not in e for e in a.errors)
     assert "$.categories[0].rules[0].first_s" in a.errors[2]
-    # what did not need the audio is still there: the bot's words, its turns, the duration from the record
+    # what did not need the audio is still there: the bot's words, its turns, the duration from the record,
+    # coarse segments from the engine's live speech events
     assert any(w.leg == "bot" for w in a.words) and a.turns
     assert a.metrics.duration_ms == pytest.approx(call.duration_ms, abs=1)
+    assert a.segments_source == "events" and [s.leg for s in a.segments] == ["bot", "caller"]
+    assert a.metrics.overtalk_count == 1
     # no record, no events, "post" without a transcriber: still an analysis, each lack one line
     b = analyze_call(call.write(tmp_path / "d.wav"), str(tmp_path / "none.json"), None,
                      AnalysisOptions(caller_transcript="post"))
     assert [e.split(":")[0] for e in b.errors] == ["record", "caller transcript"], b.errors
-    assert b.call_id == "d" and b.segments and b.transcript_engine == "live"
+    assert b.call_id == "d" and b.segments and b.transcript_engine == "live" and b.segments_source == "vad"
 
 
 @pytest.mark.skipif(not SAMPLES.is_dir(), reason="no /work/samples here (test_analytics_sip makes its own call)")

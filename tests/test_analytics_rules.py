@@ -85,8 +85,8 @@ def test_flow_transfer_and_hangup_from_the_record_and_events():
     assert holds("kind = 'flow_state'\nstate = 'lookup'\nflow = 'support'")
     assert not holds("kind = 'flow_state'\nstate = 'lookup'\nflow = 'sales'")
     assert not holds("kind = 'flow_state'\nstate = 'agent'")
-    events = [{"event": "FlowTransition", "flow": "support", "from_state": "menu", "to_state": "agent",
-               "reason": "transfer"}]
+    events = [{"event": "FlowTransition", "call_id": "c", "t_ms": 5000.0, "flow": "support", "from_state": "menu",
+               "to_state": "agent", "reason": "transfer", "detail": "sip:queue@pbx"}]
     assert holds("kind = 'flow_state'\nstate = 'agent'", events=events)
     assert not holds("kind = 'transferred'")
     assert holds("kind = 'transferred'", events=events)

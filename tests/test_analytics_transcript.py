@@ -14,7 +14,8 @@ from callbot.analytics.redact import find_pii, luhn_ok, redact_words, silence_sp
 from callbot.analytics.result import Turn, Word
 from callbot.analytics.sentiment import SentimentScorer, by_quarter, score_turns
 from callbot.analytics.transcript import (StreamTranscriber, TranscriptError, WhisperTranscriber, bot_pieces,
-                                          bot_words, build_turns, live_caller_words, read_events, spread_words)
+                                          bot_words, build_turns, live_caller_words, read_events, speech_event_segments,
+                                          spread_words)
 from callbot.analytics.wavfile import WavError, read_wav, write_wav
 
 
@@ -34,7 +35,10 @@ def test_bot_words_join_pieces_into_words_with_frame_times():
 
 
 def test_bot_pieces_come_from_events_or_else_from_the_records_summary():
-    events = [{"event": "BotText", "t_ms": 80.0, "piece": " hi"}, {"event": "BotSpeech", "t_ms": 0, "speaking": True}]
+    events = [{"ts": "2026-12-03T05:34:33.361+00:00", "event": "BotText", "call_id": "c", "t_ms": 80.0, "piece": " hi"},
+              {"event": "BotSpeech", "call_id": "c", "t_ms": 0, "speaking": True},
+              {"event": "BotText", "call_id": "c", "t_ms": "soon", "piece": " no"},  # does not fit the contract
+              {"event": "BotText", "call_id": "c", "t_ms": 90.0}]
     assert bot_pieces(events) == [(80.0, " hi")]
     record = {"engine": {"text": [{"t_ms": 160.0, "piece": " there"}]}}
     assert bot_pieces([], record) == [(160.0, " there")]
@@ -43,9 +47,10 @@ def test_bot_pieces_come_from_events_or_else_from_the_records_summary():
 
 def test_caller_words_from_the_live_recognizers_finals_spread_by_length():
     events = [
-        {"event": "CallerWords", "t_ms": 900, "text": "i want", "final": False, "start_ms": 0.0, "end_ms": 900.0},
-        {"event": "CallerWords", "t_ms": 1000, "text": "i want an agent", "final": True, "start_ms": 0.0,
-         "end_ms": 1600.0},
+        {"event": "CallerWords", "call_id": "c", "t_ms": 900, "text": "i want", "final": False, "start_ms": 0.0,
+         "end_ms": 900.0},
+        {"event": "CallerWords", "call_id": "c", "t_ms": 1000, "text": "i want an agent", "final": True,
+         "start_ms": 0.0, "end_ms": 1600.0},
     ]
     got = live_caller_words(events)
     assert [w.text for w in got] == ["i", "want", "an", "agent"]
@@ -54,6 +59,17 @@ def test_caller_words_from_the_live_recognizers_finals_spread_by_length():
     record = {"caller_text": [{"start_ms": 100.0, "end_ms": 500.0, "text": "yes"}]}
     assert [(w.text, w.start_ms, w.end_ms) for w in live_caller_words([], record)] == [("yes", 100.0, 500.0)]
     assert spread_words("  ", 0, 100, "caller") == []
+
+
+def test_segments_from_the_engines_speech_events_when_the_recording_is_lost():
+    events = [{"event": "BotSpeech", "call_id": "c", "t_ms": 100.0, "speaking": True},
+              {"event": "CallerSpeech", "call_id": "c", "t_ms": 900.0, "speaking": True},
+              {"event": "BotSpeech", "call_id": "c", "t_ms": 1500.0, "speaking": False},
+              {"event": "CallerSpeech", "call_id": "c", "t_ms": 2500.0, "speaking": False},
+              {"event": "BotSpeech", "call_id": "c", "t_ms": 3000.0, "speaking": True}]
+    got = speech_event_segments(events, 4000.0)
+    assert [(s.leg, s.start_ms, s.end_ms) for s in got] == [("bot", 100.0, 1500.0), ("caller", 900.0, 2500.0),
+                                                            ("bot", 3000.0, 4000.0)]
 
 
 def test_an_events_file_cut_short_by_a_crash_reads_up_to_the_cut(tmp_path):
