@@ -179,7 +179,7 @@ def analyze_call(wav_path: str | os.PathLike | None, record: str | os.PathLike |
                 errors.append(_line("caller transcript", err) + " (the live recognizer's words are used)")
     if caller_words is None:
         try:
-            caller_words = live_caller_words(events, rec)
+            caller_words = live_caller_words(events, rec, leg_spans(segments, "caller"))
         except Exception as err:  # noqa: BLE001
             errors.append(_line("caller transcript", err))
             caller_words = []

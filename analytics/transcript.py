@@ -9,8 +9,9 @@ events (a crash before the file was written), the record's `engine.text` (the su
 
 Caller, live: the final `CallerWords` events (the live recognizer's utterances, times since the caller
 stream's first sample = the recording's), or the record's `caller_text`. They carry an utterance's text
-and its start and end, not each word's: the words are spread over the utterance by their length in
-letters (an estimate; a post-call engine gives real word times).
+and its start and end, not each word's: the utterance is moved onto the caller's VAD segments it
+overlaps (the endpointer reports its edges ~0.3 s late) and the words are spread over it by their
+length in letters (an estimate; a post-call engine gives real word times).
 
 Caller, post-call: any `Transcriber` (`transcribe(int16 mono, rate) -> [TimedWord]`). `StreamTranscriber`
 wraps a streaming recognizer with `open_stream(rate)` -> `feed(pcm)` / `finish()` returning hypotheses
@@ -168,8 +169,28 @@ def caller_utterances(events: Sequence[dict], record: dict | None = None) -> lis
     return sorted(set(out))
 
 
-def live_caller_words(events: Sequence[dict], record: dict | None = None) -> list[Word]:
-    return [w for a, b, text in caller_utterances(events, record) for w in spread_words(text, a, b, "caller")]
+ALIGN_SLACK_MS = 400.0  # how far the live recognizer's utterance edges may lie from the caller's speech
+
+
+def align_utterance(start_ms: float, end_ms: float, speech: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    """An utterance's span moved onto the caller's speech segments (the VAD's, sorted) it overlaps within
+    ALIGN_SLACK_MS: the live recognizer's endpointer reports utterances ~0.3 s late at each edge and its
+    words carry no times of their own, so the VAD's edges are the better estimate. Unchanged without any."""
+    hits = [(a, b) for a, b in speech if a < end_ms + ALIGN_SLACK_MS and b > start_ms - ALIGN_SLACK_MS]
+    if not hits:
+        return start_ms, end_ms
+    return hits[0][0], hits[-1][1]
+
+
+def live_caller_words(events: Sequence[dict], record: dict | None = None,
+                      speech: Sequence[tuple[float, float]] = ()) -> list[Word]:
+    """The live recognizer's words, spread over each utterance (aligned to `speech`, the caller's segments,
+    when given)."""
+    out = []
+    for a, b, text in caller_utterances(events, record):
+        a, b = align_utterance(a, b, speech) if speech else (a, b)
+        out += spread_words(text, a, b, "caller")
+    return out
 
 
 def transcribe_leg(transcriber: Transcriber, pcm: np.ndarray, rate: int, leg: Leg) -> list[Word]:

@@ -145,6 +145,28 @@ def test_pii_is_redacted_in_the_words_and_silenced_in_a_copy(tmp_path, transcrib
     assert np.abs(copy[before:before + rate // 2, 0]).max() > 1000  # "my phone number is" still heard
 
 
+def test_live_words_redact_about_where_the_digits_were_said(tmp_path, transcriber):
+    """The live recognizer gives an utterance, not word times: its span is moved onto the caller's speech and
+    its words spread by length; the digits' estimated span still covers most of where pocketsphinx, post-call,
+    places them."""
+    call = pii_call()
+    said = next(p for p in call.placed if p.leg == "caller")
+    live = {"event": "CallerWords", "call_id": "live", "t_ms": said.speech_end + 300, "text": said.text.lower(),
+            "final": True, "start_ms": said.speech_start + 300, "end_ms": said.speech_end + 300}  # endpointer lag
+    from tests.analytics_calls import bot_text_events
+
+    files = write_call(call, tmp_path, "live", events=bot_text_events(call, "live") + [live])
+    a = analyze_call(*files, AnalysisOptions(caller_transcript="live", redacted_recording=True))
+    post = analyze_call(*files, AnalysisOptions(caller_transcript="post"), transcriber)
+    [est] = [w for w in a.words if w.redacted]
+    [ref] = [w for w in post.words if w.redacted]
+    assert est.text == ref.text == "[phone]"
+    overlap = min(est.end_ms, ref.end_ms) - max(est.start_ms, ref.start_ms)
+    assert overlap >= 0.7 * (ref.end_ms - ref.start_ms), (est, ref)
+    rate, copy = read_wav(a.redacted_recording)
+    assert not copy[int(est.start_ms * rate / 1000):int(est.end_ms * rate / 1000), 0].any()
+
+
 def test_a_negative_and_a_positive_caller_differ_in_sentiment_sign(tmp_path, transcriber):
     opts = AnalysisOptions(caller_transcript="post")
     bad = analyze_call(*write_call(mood_call("this is awful, I hate this, terrible"), tmp_path, "bad"), opts,

@@ -13,9 +13,9 @@ import pytest
 from callbot.analytics.redact import find_pii, luhn_ok, redact_words, silence_spans
 from callbot.analytics.result import Turn, Word
 from callbot.analytics.sentiment import SentimentScorer, by_quarter, score_turns
-from callbot.analytics.transcript import (StreamTranscriber, TranscriptError, WhisperTranscriber, bot_pieces,
-                                          bot_words, build_turns, live_caller_words, read_events, speech_event_segments,
-                                          spread_words)
+from callbot.analytics.transcript import (StreamTranscriber, TranscriptError, WhisperTranscriber, align_utterance,
+                                          bot_pieces, bot_words, build_turns, live_caller_words, read_events,
+                                          speech_event_segments, spread_words)
 from callbot.analytics.wavfile import WavError, read_wav, write_wav
 
 
@@ -59,6 +59,15 @@ def test_caller_words_from_the_live_recognizers_finals_spread_by_length():
     record = {"caller_text": [{"start_ms": 100.0, "end_ms": 500.0, "text": "yes"}]}
     assert [(w.text, w.start_ms, w.end_ms) for w in live_caller_words([], record)] == [("yes", 100.0, 500.0)]
     assert spread_words("  ", 0, 100, "caller") == []
+
+
+def test_live_utterances_are_moved_onto_the_callers_speech():
+    events = [{"event": "CallerWords", "call_id": "c", "t_ms": 2300, "text": "i want an agent", "final": True,
+               "start_ms": 1300.0, "end_ms": 2300.0}]
+    speech = [(0.0, 500.0), (1000.0, 1500.0), (1700.0, 2000.0), (5000.0, 6000.0)]
+    got = live_caller_words(events, None, speech)
+    assert (got[0].start_ms, got[-1].end_ms) == (1000.0, 2000.0)
+    assert align_utterance(3000.0, 4000.0, speech) == (3000.0, 4000.0)  # no speech near: as reported
 
 
 def test_segments_from_the_engines_speech_events_when_the_recording_is_lost():
