@@ -24,7 +24,7 @@ from callbot.app.recording import Recorder
 #   slow:  the file takes over ~10 s, or one of its tests over ~5 s
 MARKS: dict[str, frozenset[str]] = {
     name: frozenset(marks.split()) for name, marks in {
-        "test_analytics_call": "slow",  # 13 s: analyze_call with pocketsphinx on 6 scripted calls, a spawned pool
+        "test_analytics_call": "slow",  # 20 s: analyze_call with pocketsphinx on 8 scripted calls, a spawned pool
         "test_analytics_metrics": "",
         "test_analytics_sip": "sip slow",  # 16 s: the example line called by pjsua2, its recording analysed  # hand-placed segments, pure functions
         "test_analytics_rules": "",  # rules files and their evaluation on hand-built analyses
