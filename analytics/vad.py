@@ -129,7 +129,9 @@ class SileroVad:
         windows = -(-n // WINDOW)
         padded = np.zeros((n_legs, CONTEXT + windows * WINDOW), np.float32)
         padded[:, CONTEXT:CONTEXT + n] = legs
-        per = max(1, round(chunk_s * RATE / WINDOW)) if chunk_s > 0 else windows
+        if windows == 0:
+            return np.zeros((n_legs, 0), np.float32)
+        per = min(windows, max(1, round(chunk_s * RATE / WINDOW))) if chunk_s > 0 else windows
         warm = round(warmup_s * RATE / WINDOW)
         starts = list(range(0, windows, per)) or [0]
         # rows: (leg, first window of the chunk); each row runs from max(0, first - warm) for warm + per windows

@@ -113,6 +113,13 @@ def test_silence_and_noise_have_no_speech(vad):
     assert detect_segments(quiet, 16000, vad=vad) == []
 
 
+def test_empty_and_tiny_recordings(vad):
+    assert detect_segments(np.zeros((0, 2), np.int16), 16000, vad=vad) == []
+    assert detect_segments(np.zeros((100, 2), np.int16), 8000, vad=vad) == []
+    assert vad.probabilities(np.zeros((2, 0), np.float32), 30.0).shape == (2, 0)
+    assert vad.probabilities(np.zeros((2, 600), np.float32), 30.0).shape == (2, 2)
+
+
 def test_hysteresis_minimum_speech_and_silence_and_padding():
     w = 32.0  # ms per window
     p = np.array([0, .6, .4, .4, .1, .1, 0, .9, .9, .9, .9, .9, .9, .9, .9, .2, .9, .9, 0, 0], np.float32)
