@@ -132,6 +132,7 @@ class SileroVad:
         if windows == 0:
             return np.zeros((n_legs, 0), np.float32)
         per = min(windows, max(1, round(chunk_s * RATE / WINDOW))) if chunk_s > 0 else windows
+        per = -(-windows // -(-windows // per))  # chunks of equal length: the batch's last one is not mostly padding
         warm = round(warmup_s * RATE / WINDOW)
         starts = list(range(0, windows, per)) or [0]
         # rows: (leg, first window of the chunk); each row runs from max(0, first - warm) for warm + per windows
