@@ -6,9 +6,10 @@ compound score in [-1, 1] is a number a contact center can threshold (VADER's ow
 positive, <= -0.05 negative).
 
 Other languages, Spanish among them: no sentiment (None), said plainly. VADER's lexicon is English;
-the Spanish ports found on PyPI either translate each text through an online service or ship no
-lexicon of their own, and the multilingual models that work need torch and a download. A call whose
-language is not English gets None for every turn and leg, never a number from the wrong lexicon.
+the one Spanish lexicon found inside a PyPI wheel (SentiLeak 0.1.4) pins numpy < 1.22 and spaCy < 3.5
+and is GPLv3, and the multilingual models that work need torch and a download (docs/analytics.md). A
+call whose language is not English gets None for every turn and leg, never a number from the wrong
+lexicon.
 
 Over time: each turn keeps its own score at its time (Turn.sentiment), and each leg gets its mean and
 the mean of its turns in each quarter of the call (LegMetrics.sentiment_by_quarter, None where the leg
