@@ -56,6 +56,7 @@ class LegMetrics(msgspec.Struct, frozen=True, kw_only=True):
     words_per_minute: float = 0.0      # words / talk time in minutes
     loudness_dbfs: float | None = None  # RMS over the leg's speech, dBFS; None when it never spoke
     sentiment: float | None = None     # mean of its turns' sentiment
+    sentiment_by_quarter: list[float | None] = []  # mean of its turns' sentiment in each quarter of the call
 
 
 class CallMetrics(msgspec.Struct, frozen=True, kw_only=True):
@@ -111,5 +112,7 @@ class CallAnalysis(msgspec.Struct, frozen=True, kw_only=True):
     categories: list[CategoryHit] = []
     scores: list[Score] = []
     transcript_engine: str = ""               # which recognizer gave the caller's words ("live", "pocketsphinx", ...)
+    segments_source: str = ""                 # "vad" (the recording), "events" (the engine's live speech events,
+                                              # coarse: the recording was lost), "" (none)
     redacted_recording: str | None = None     # path of the recording with PII silenced, when made
     errors: list[str] = []                    # one line per part that could not be analysed

@@ -24,6 +24,12 @@ from callbot.app.recording import Recorder
 #   slow:  the file takes over ~10 s, or one of its tests over ~5 s
 MARKS: dict[str, frozenset[str]] = {
     name: frozenset(marks.split()) for name, marks in {
+        "test_analytics_call": "slow",  # 20 s: analyze_call with pocketsphinx on 8 scripted calls, a spawned pool
+        "test_analytics_metrics": "",  # hand-placed segments, pure functions
+        "test_analytics_sip": "sip slow",  # 16 s: the example line called by pjsua2, its recording analysed
+        "test_analytics_rules": "",  # rules files and their evaluation on hand-built analyses
+        "test_analytics_transcript": "",  # words, turns, PII, VADER: no audio model
+        "test_analytics_vad": "",  # 2 s: Silero's VAD on a scripted 16 s espeak-ng call
         "test_app_control": "sip slow",  # 32 s: `running_server` and a pjsua2 caller
         "test_batch_parity": "model slow",  # 13 s: batched LM streams against Kyutai's PyTorch LMModel
         "test_batch_sessions": "model",  # 7 s
