@@ -97,9 +97,9 @@ def create_app(store: CallStore) -> Starlette:
 
     return Starlette(routes=[
         Route("/api/calls", answer(list_calls)),
-        Route("/api/calls/{call_id:str}/events", answer(call_events)),
-        Route("/api/calls/{call_id:str}/transcript", answer(call_transcript)),
-        Route("/api/calls/{call_id:str}", answer(one_call)),
+        Route("/api/calls/{call_id:path}/events", answer(call_events)),
+        Route("/api/calls/{call_id:path}/transcript", answer(call_transcript)),
+        Route("/api/calls/{call_id:path}", answer(one_call)),
         Route("/api/stats", answer(stats)),
     ])
 

@@ -9,7 +9,8 @@ its recording is complete). `writes()` groups several writes in one transaction:
 not one per event.
 
 Updates never erase what is known: a later record's missing field leaves the stored one (a call first
-seen through its events, then through its record), and `complete` never goes back to false.
+seen through its events, then through its record), `complete` never goes back to false, and a finished
+call is changed only by another final record or an import, never by a live update that came late.
 """
 from __future__ import annotations
 
@@ -158,9 +159,15 @@ class Writes:
                     changes[c] = x[c]
                 else:
                     changes[c] = func.coalesce(x[c], calls.c[c])
-        self.conn.execute(stmt.on_conflict_do_update(index_elements=["call_id"], set_=changes))
-        self.added.add(row["call_id"])
+        # a finished call is changed only by its final record (or an import): a live snapshot late in a
+        # queue must not undo what its end wrote
+        only = None if complete or replace else calls.c.complete.is_(False)
+        written = self.conn.execute(stmt.on_conflict_do_update(index_elements=["call_id"], set_=changes, where=only)
+                                    .returning(calls.c.call_id)).first()
         call_id = row["call_id"]
+        self.added.add(call_id)
+        if written is None:  # finished already: this late update is left out, legs included
+            return
         self.conn.execute(delete(legs).where(legs.c.call_id == call_id, legs.c.kind == "transfer"))
         for leg in leg_rows(record):
             self.conn.execute(insert(legs).values(**leg))
