@@ -15,8 +15,10 @@ call is changed only by another final record or an import, never by a live updat
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 import time
+from collections import Counter
 from typing import Any, Iterable, Iterator
 
 import msgspec
@@ -97,19 +99,22 @@ class CallStore:
             w.save_analysis(call_id, analysis)
 
     def import_call(self, record: dict, lines: Iterable[dict] | None, *, directory: str | None = None) -> str:
-        """Puts a past call (its sidecar's content and its events file's lines) into the store, replacing
-        what the store has of it unless that is already complete: "imported", "replaced" or "skipped"."""
+        """Puts a past call (its sidecar's content and its events file's lines) into the store: "imported"
+        (new), "replaced" (the store had it incomplete: its row is written from the sidecar, and the
+        file's events the store lacks are added; the store may hold more, e.g. those from before the
+        recording began) or "skipped" (the store has it complete)."""
         call_id = str(record["call_id"])
         complete = bool((record.get("recording") or {}).get("complete"))
         with self.writes() as w:
             was = w.conn.execute(select(calls.c.complete).where(calls.c.call_id == call_id)).first()
             if was is not None and was.complete:
                 return "skipped"
-            if was is not None and lines is not None:
-                for table in (events, flow_transitions):
-                    w.conn.execute(delete(table).where(table.c.call_id == call_id))
-            w.put_record(record, complete=complete, directory=directory, replace=True)
+            w.put_record(record, complete=complete, directory=directory, replace=was is None)
             if lines is not None:
+                if was is not None:
+                    have = Counter(_event_key(d) for d in w.conn.execute(
+                        select(events.c.data).where(events.c.call_id == call_id)).scalars())
+                    lines = _missing(lines, have)
                 w.events_of(call_id, lines)
         return "imported" if was is None else "replaced"
 
@@ -260,6 +265,21 @@ class Writes:
                                                        max_score=s.max_score).returning(scores.c.id)).scalar_one()
             _many(c, score_items, [dict(score_id=score_id, rule=i.rule, weight=i.weight, passed=i.passed)
                                    for i in s.items])
+
+
+def _event_key(line: dict) -> str:
+    """An event without the time it was logged: the store's writer and the recorder log the same event
+    a few milliseconds apart."""
+    return json.dumps({k: v for k, v in line.items() if k != "ts"}, sort_keys=True)
+
+
+def _missing(lines: Iterable[dict], have: Counter) -> Iterator[dict]:
+    for line in lines:
+        key = _event_key(line)
+        if have[key] > 0:
+            have[key] -= 1
+        else:
+            yield line
 
 
 def metric_rows(m: CallMetrics) -> list[tuple[str, str, float]]:

@@ -179,11 +179,12 @@ def call_detail(conn: Connection, call_id: str) -> dict | None:
 
 
 def call_events(conn: Connection, call_id: str, limit: int = EVENTS_LIMIT) -> list[dict] | None:
-    """The call's events in the order they were written (each its events-file line); None: no such call."""
+    """The call's events in the order they were logged (each its events-file line; events imported later
+    from the file fall into their place by time); None: no such call."""
     if conn.execute(select(calls.c.call_id).where(calls.c.call_id == call_id)).first() is None:
         return None
     return [r.data for r in conn.execute(select(events.c.data).where(events.c.call_id == call_id)
-                                         .order_by(events.c.id).limit(limit))]
+                                         .order_by(events.c.t, events.c.id).limit(limit))]
 
 
 def call_transcript(conn: Connection, call_id: str) -> dict:
