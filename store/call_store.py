@@ -73,6 +73,7 @@ class CallStore:
         with self.engine.begin() as conn:
             w = Writes(self, conn)
             yield w
+            w.flush()
         with self._known_lock:  # only once committed: a rolled-back call row is not there
             if len(self._known) > KNOWN_CALLS_KEPT:
                 self._known.clear()
@@ -130,6 +131,7 @@ class Writes:
         self.store = store
         self.conn = conn
         self.added: set[str] = set()  # call rows this transaction made sure of
+        self._events: list[tuple[str, dict]] = []  # (call_id, line) to insert at once (flush)
 
     # ---- calls -------------------------------------------------------------------------------------
 
@@ -145,30 +147,12 @@ class Writes:
     def put_record(self, record: dict, *, complete: bool, directory: str | None = None, replace: bool = False) -> None:
         """Writes the call's row (and its tenant, its legs) from its record. `replace`: every column from
         this record (an import), else fields it lacks keep their stored values."""
+        self.flush()  # the events before it first: their flow transitions, then the record
         row = call_row(record, complete=complete, directory=directory)
         if row["tenant"] is not None:
-            self.conn.execute(_insert(self.conn, tenants).values(name=row["tenant"], created_at=time.time())
-                              .on_conflict_do_nothing(index_elements=["name"]))
-        stmt = _insert(self.conn, calls).values(**row)
-        x = stmt.excluded
-        if replace:
-            changes = {c: x[c] for c in row if c not in _CALL_KEY}
-        else:
-            changes = {}
-            for c in row:
-                if c in _CALL_KEY:
-                    continue
-                if c in _OR_COLUMNS:
-                    changes[c] = or_(calls.c[c], x[c])
-                elif c in _NEW_COLUMNS:
-                    changes[c] = x[c]
-                else:
-                    changes[c] = func.coalesce(x[c], calls.c[c])
-        # a finished call is changed only by its final record (or an import): a live snapshot late in a
-        # queue must not undo what its end wrote
-        only = None if complete or replace else calls.c.complete.is_(False)
-        written = self.conn.execute(stmt.on_conflict_do_update(index_elements=["call_id"], set_=changes, where=only)
-                                    .returning(calls.c.call_id)).first()
+            self.conn.execute(_statement(self.conn, "tenant"), {"name": row["tenant"], "created_at": time.time()})
+        mode = "replace" if replace else "final" if complete else "live"
+        written = self.conn.execute(_statement(self.conn, mode), row).first()
         call_id = row["call_id"]
         self.added.add(call_id)
         if written is None:  # finished already: this late update is left out, legs included
@@ -196,7 +180,14 @@ class Writes:
     def event(self, call_id: str, line: dict) -> None:
         """One event of a call, as its events-file line (`event`, `ts` and its fields)."""
         self.ensure_call(call_id, line.get("direction") if isinstance(line.get("direction"), str) else None)
-        self.events_of(call_id, (line,))
+        self._events.append((call_id, line))
+
+    def flush(self) -> None:
+        """Inserts the events `event` gathered, in one statement per table (the transaction's end does it)."""
+        pending, self._events = self._events, []
+        rows = [event_row(call_id, line) for call_id, line in pending]
+        moves = [m for m in (transition_row(call_id, line) for call_id, line in pending) if m is not None]
+        self._insert_events(rows, moves)
 
     def events_of(self, call_id: str, lines: Iterable[dict], chunk: int = 500) -> int:
         """Inserts lines of one call's events (its row must exist), their flow transitions too; the call's
@@ -221,11 +212,12 @@ class Writes:
             self.conn.execute(insert(events), batch)
         if moves:
             self.conn.execute(insert(flow_transitions), moves)
-            last = moves[-1]
-            state = last["to_state"] or last["from_state"]  # "" = the flow ended: the state it ended in
-            self.conn.execute(update(calls).where(calls.c.call_id == last["call_id"]).values(
-                flow_name=last["flow"] or None, flow_state=state or None, flow_reason=last["reason"] or None,
-                updated_at=time.time()))
+            last = {m["call_id"]: m for m in moves}  # each call's flow columns follow its last transition
+            for call_id, m in last.items():
+                state = m["to_state"] or m["from_state"]  # "" = the flow ended: the state it ended in
+                self.conn.execute(update(calls).where(calls.c.call_id == call_id).values(
+                    flow_name=m["flow"] or None, flow_state=state or None, flow_reason=m["reason"] or None,
+                    updated_at=time.time()))
 
     # ---- the analysis -------------------------------------------------------------------------------
 
@@ -237,6 +229,7 @@ class Writes:
                 analysis = msgspec.convert(analysis, CallAnalysis)
             except msgspec.ValidationError as err:
                 raise StoreError(f"call {call_id}: not an analysis: {err}") from None
+        self.flush()
         if self.conn.execute(select(calls.c.call_id).where(calls.c.call_id == call_id)).first() is None:
             raise StoreError(f"no call {call_id!r} in the store: its analysis cannot be kept")
         c = self.conn
@@ -303,6 +296,36 @@ def metric_rows(m: CallMetrics) -> list[tuple[str, str, float]]:
 def _many(conn: Connection, table, rows: list[dict]) -> None:
     if rows:
         conn.execute(insert(table), rows)
+
+
+_STATEMENTS: dict[tuple[str, str], Any] = {}
+
+
+def _statement(conn: Connection, kind: str):
+    """The upserts, built once per dialect (a statement of 30 columns costs milliseconds to build, and is
+    the same every time; the values come as parameters)."""
+    key = (conn.dialect.name, kind)
+    stmt = _STATEMENTS.get(key)
+    if stmt is not None:
+        return stmt
+    if kind == "tenant":
+        stmt = _insert(conn, tenants).on_conflict_do_nothing(index_elements=["name"])
+    else:
+        stmt = _insert(conn, calls)
+        x = stmt.excluded
+        columns = [c.name for c in calls.columns if c.name not in _CALL_KEY]
+        if kind == "replace":
+            changes = {c: x[c] for c in columns}
+        else:
+            changes = {c: or_(calls.c[c], x[c]) if c in _OR_COLUMNS else x[c] if c in _NEW_COLUMNS
+                       else func.coalesce(x[c], calls.c[c]) for c in columns}
+        # a finished call is changed only by its final record (or an import): a live snapshot late in a
+        # queue must not undo what its end wrote
+        only = calls.c.complete.is_(False) if kind == "live" else None
+        stmt = stmt.on_conflict_do_update(index_elements=["call_id"], set_=changes, where=only) \
+            .returning(calls.c.call_id)
+    _STATEMENTS[key] = stmt
+    return stmt
 
 
 def _insert(conn: Connection, table):

@@ -97,6 +97,7 @@ def call_row(record: dict, *, complete: bool, directory: str | None = None) -> d
         "events_path": beside(record.get("events")),
         "record": record,
         "updated_at": time.time(),
+        "flow_name": None, "flow_state": None, "flow_reason": None,
     }
     row.update(flow_columns(record.get("flow")))
     return row

@@ -41,7 +41,8 @@ def find_bindir() -> pathlib.Path | None:
 
 
 class PostgresServer:
-    def __init__(self, bindir: pathlib.Path):
+    def __init__(self, bindir: pathlib.Path, *, durable: bool = False):
+        self.durable = durable  # fsync on (a benchmark's realistic commits); off for tests
         self.bindir = bindir
         self.root = pathlib.Path(tempfile.mkdtemp(prefix="callbot-pg-"))
         self.data = self.root / "data"
@@ -66,7 +67,9 @@ class PostgresServer:
     def start(self) -> PostgresServer:
         self._run(str(self.bindir / "initdb"), "-D", str(self.data), "-U", USER, "-A", "trust", "-E", "UTF8",
                   "--no-sync", "--no-instructions")
-        options = f"-h {HOST} -p {self.port} -k {self.root} -F -c fsync=off -c full_page_writes=off"
+        options = f"-h {HOST} -p {self.port} -k {self.root}"
+        if not self.durable:
+            options += " -F -c fsync=off -c full_page_writes=off"
         self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60",
                   "-o", options, "start")
         return self
