@@ -178,6 +178,7 @@ class StoreWriter:
             store = self._open()
             if store is None:
                 self.dropped += len(batch)
+                self._forget_finished()
                 return
             try:
                 with store.writes() as w:
@@ -196,6 +197,13 @@ class StoreWriter:
         finally:
             for mark in marks:
                 mark.set()
+
+    def _forget_finished(self) -> None:
+        """While the store cannot be opened: finished calls are let go (their files hold them)."""
+        now = self.clock()
+        for call_id, live in list(self._live.items()):
+            if live.finished_at is not None and now - live.finished_at >= self.final_refresh_s:
+                del self._live[call_id]
 
     def _refresh_due(self, final: bool) -> bool:
         now = self.clock()

@@ -89,6 +89,7 @@ MARKS: dict[str, frozenset[str]] = {
         "test_store": "",  # 25 s: every test on SQLite and on PostgreSQL (one server, tests/pg_server.py)
         "test_store::test_callbot_calls_import_list_show_export": "slow",  # 35 s: `callbot calls` processes
         "test_store::test_the_cli_says_one_line_for_a_store_it_cannot_use": "slow",  # 4 s: three processes
+        "test_store::test_callbot_calls_api_serves_until_sigterm": "slow",  # 2 s: a `callbot calls api` process
         "test_store_calls": "sip slow",  # `callbot serve` into the store: a flow call, a SIGKILL mid-call
     }.items()
 }

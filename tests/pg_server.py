@@ -67,12 +67,22 @@ class PostgresServer:
     def start(self) -> PostgresServer:
         self._run(str(self.bindir / "initdb"), "-D", str(self.data), "-U", USER, "-A", "trust", "-E", "UTF8",
                   "--no-sync", "--no-instructions")
+        self._pg_ctl_start()
+        return self
+
+    def _pg_ctl_start(self) -> None:
         options = f"-h {HOST} -p {self.port} -k {self.root}"
         if not self.durable:
             options += " -F -c fsync=off -c full_page_writes=off"
         self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60",
                   "-o", options, "start")
-        return self
+
+    def pause(self) -> None:
+        """Stops the server, keeping its data (`resume` starts it again on the same port)."""
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def resume(self) -> None:
+        self._pg_ctl_start()
 
     def stop(self) -> None:
         try:

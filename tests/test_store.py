@@ -487,3 +487,57 @@ def test_a_dead_database_costs_counted_drops_and_one_log_line(dead, tmp_path, ca
     finally:
         bus.close()
         writer.close()
+
+
+def test_postgresql_going_away_costs_the_writes_meanwhile_and_writing_resumes(tmp_path, caplog):
+    from tests.pg_server import PostgresServer, find_bindir
+
+    bindir = find_bindir()
+    if bindir is None:
+        pytest.skip("no PostgreSQL server programs (initdb, pg_ctl, postgres) on this machine")
+    server = PostgresServer(bindir).start()  # its own: this test stops it
+    bus: EventBus = EventBus()
+    writer = None
+    try:
+        url = server.new_database()
+        writer = StoreWriter(url)
+        writer.attach(bus)
+        with caplog.at_level(logging.WARNING, logger="callbot.app.store_writer"):
+            bus.publish(ev.CallConfirmed(at=1.0, call_id="before", direction="inbound"))
+            assert writer.flush(20) and writer.written == 1
+            server.pause()
+            for i in range(20):
+                bus.publish(ev.CallConfirmed(at=2.0, call_id=f"during-{i}", direction="inbound"))
+            assert writer.flush(20)
+            eventually(lambda: writer.dropped == 20, timeout=20, what="the writes while it was down, dropped")
+            server.resume()
+            bus.publish(ev.CallConfirmed(at=3.0, call_id="after", direction="inbound"))
+            assert writer.flush(20)
+            eventually(lambda: writer.written == 2, timeout=20, what="writing again")
+        said = [r.getMessage() for r in caplog.records if r.name == "callbot.app.store_writer"]
+        assert len(said) == 2 and "20 items dropped" in said[0] and "writing again" in said[1], said
+        with CallStore(url) as store, store.reading() as conn:
+            assert sorted(r["call_id"] for r in queries.list_calls(conn)) == ["after", "before"]
+    finally:
+        bus.close()
+        if writer is not None:
+            writer.close()
+        server.stop()
+
+
+def test_callbot_calls_api_serves_until_sigterm(tmp_path):
+    url = sqlite_url(tmp_path / "calls.db")
+    with CallStore(url) as store:
+        store.call_finished(_record("a", end=T0 + 60, hangup_cause="remote"))
+    port = free_port(1)
+    proc = subprocess.Popen([*CALLBOT, "calls", "api", "--store", url, "--listen", f"127.0.0.1:{port}"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert f"listening http://127.0.0.1:{port}/api/calls" in proc.stderr.readline()
+        assert httpx.get(f"http://127.0.0.1:{port}/api/stats", timeout=10).json()["by_outcome"] == {"caller_hangup": 1}
+        proc.send_signal(__import__("signal").SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)

@@ -169,3 +169,31 @@ def test_sigkill_mid_call_leaves_a_consistent_store_with_the_call_incomplete(tmp
     assert not imported["call"]["complete"]
     assert [e["digit"] for e in imported["event_list"] if e["event"] == "DtmfReceived"] == ["7"]
     assert len(imported["event_list"]) >= len(after["event_list"])
+
+
+def test_a_dead_store_costs_one_line_and_the_call_and_its_files_go_on(tmp_path):
+    dead = f"postgresql+psycopg://nobody@127.0.0.1:{free_port(1)}/calls"  # nothing listens there
+    with Serve(tmp_path, dead) as serve, PjsuaPeer(user="carol", log_dir=tmp_path) as peer:
+        call_id = peer.call(serve.uri)
+        peer.expect("media", call_id=call_id, timeout=15)
+
+        def sidecar(state: str | None = None) -> dict | None:
+            for path in serve.calls.glob("*.json"):
+                try:
+                    data = json.loads(path.read_text())
+                except (FileNotFoundError, ValueError):
+                    continue  # replaced between the listing and the read
+                if data["call_id"] == call_id and (data["recording"]["complete"] if state is None
+                                                   else (data["flow"] or {}).get("state") == state):
+                    return data
+            return None
+
+        eventually(lambda: sidecar("menu"), timeout=20, what="the JSON record at the menu")
+        peer.send("dtmf", call_id=call_id, digits="1", method="info")
+        peer.expect("disconnected", call_id=call_id, timeout=20)  # the flow ran to its hang-up
+        record = eventually(sidecar, timeout=20, what="the call's finished JSON record")
+        assert record["flow"]["path"] == ["greet", "menu", "bye"]
+        stop_process(serve.proc, 15)
+        assert serve.proc.returncode == 0
+    said = [line for line in serve.err.lines if "call store" in line]
+    assert len(said) == 1 and "cannot be opened" in said[0] and "calls go on" in said[0], serve.err.lines
