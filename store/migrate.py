@@ -11,12 +11,13 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from callbot.store.database import StoreError, open_engine
 
 SCRIPT_LOCATION = "callbot.store:migrations"
+MIGRATION_LOCK = 0x63616C6C  # PostgreSQL advisory lock key held while migrating ("call")
 
 
 def _config() -> Config:
@@ -48,6 +49,10 @@ def upgrade(target: str | Engine, revision: str = "head") -> str:
             raise StoreError(f"the store's schema is at revision {at}, newer than this callbot knows "
                              f"(up to {scripts.get_current_head()}): upgrade callbot, or use another store")
         with engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                # several serve workers starting on one database: one migrates, the others wait and find
+                # it done (SQLite's BEGIN IMMEDIATE does the same there)
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, revision)
         return current(engine) or ""

@@ -541,3 +541,64 @@ def test_callbot_calls_api_serves_until_sigterm(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_two_writers_on_one_database_wait_for_each_other(url, tmp_path):
+    """serve's writer committing while `callbot calls import` writes the same database (and, on start,
+    several serve workers migrating it at once): neither fails, nothing is lost."""
+    import threading
+
+    folder = tmp_path / "calls"
+    folder.mkdir()
+    for i in range(5):
+        _recorded_call(folder, f"rec-{i}", finish=True, start=T0 + i)
+    errors: list[BaseException] = []
+
+    def opener() -> None:
+        try:
+            CallStore(url).close()
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    openers = [threading.Thread(target=opener) for _ in range(3)]
+    for t in openers:
+        t.start()
+    for t in openers:
+        t.join(60)
+    assert not errors and migrate.upgrade(url) == "0002"
+    bus: EventBus = EventBus()
+    writer = StoreWriter(url)
+    writer.attach(bus)
+    try:
+        for i in range(300):
+            bus.publish(ev.CallConfirmed(at=float(i), call_id=f"live-{i % 30}", direction="inbound"))
+        with CallStore(url) as store:
+            report = import_dir(store, folder)
+        assert report.imported == 5 and not report.problems
+        assert writer.flush(30)
+        eventually(lambda: writer.written == 300, timeout=30, what="every live event written")
+        assert writer.dropped == 0 and writer.failures == 0
+        with CallStore(url) as store, store.reading() as conn:
+            assert queries.count_calls(conn) == 35
+    finally:
+        bus.close()
+        writer.close()
+
+
+def test_store_settings_are_checked_at_load(tmp_path):
+    from callbot.app.serve import _store_writer
+    from callbot.app.settings import ConfigError, parse_settings
+
+    settings = parse_settings('recordings_dir = "rec"\n[store]\nurl = "sqlite:///db/calls.db"\napi = "127.0.0.1:8091"',
+                              base_dir=tmp_path)
+    assert settings.store_url() == sqlite_url(tmp_path / "db" / "calls.db")
+    assert settings.store.api_address == ("127.0.0.1", 8091)
+    assert parse_settings('recordings_dir = "rec"', base_dir=tmp_path).store_url() == sqlite_url(
+        tmp_path / "rec" / "calls.db")
+    assert _store_writer(parse_settings("[store]\nenabled = false")) is None
+    for bad, said in (('url = "mysql://h/db"', "$.store: url: 'mysql://h/db' is not a store URL"),
+                      ('api = "everywhere"', "$.store: api: 'everywhere' is not HOST:PORT"),
+                      ('path = "x"', "$.store: Object contains unknown field `path`")):
+        with pytest.raises(ConfigError) as err:
+            parse_settings(f"[store]\n{bad}")
+        assert str(err.value).startswith(said)
