@@ -17,7 +17,8 @@ killed process leaves the call in the store with what was known a second before,
 call is marked complete only when its recording is finished; its record is read once more
 FINAL_REFRESH_S later (the caller recognizer's last words, the flow's last step reach the record
 after the hang-up, as they reach the sidecar). Calls that never had audio (refused, unanswered) are
-kept from their events: IncomingCall opens them, CallEnded finishes them.
+kept from their events: IncomingCall opens them, CallEnded finishes them. A call's analysis
+(`save_analysis`) goes through the same queue, so one thread writes the store.
 """
 from __future__ import annotations
 
@@ -123,6 +124,11 @@ class StoreWriter:
     def finished(self, record: Any) -> None:
         """A call's recording finished (the SIP thread, through RecorderTap)."""
         self._put(("finish", record))
+
+    def save_analysis(self, call_id: str, analysis: Any) -> None:
+        """A call's analysis (analytics/result.py CallAnalysis), written with the next batch (any thread).
+        One for a call the store does not have is dropped alone, with a log line."""
+        self._put(("analysis", call_id, analysis))
 
     def attach(self, bus: EventBus) -> None:
         bus.attach("store", self.on_event, maxsize=QUEUE_MAX,
@@ -231,9 +237,16 @@ class StoreWriter:
                 w.call_started(data)
                 live.revision = getattr(record, "revision", 0)
                 live.written_at = self.clock()
+        elif kind == "analysis":
+            try:
+                with w.conn.begin_nested():  # a savepoint: a refused analysis takes nothing else with it
+                    w.save_analysis(item[1], item[2])
+            except StoreError as err:
+                self.dropped += 1
+                log.warning("call store: the analysis of call %s is not kept: %s", item[1], err)
         elif kind == "finish":
             record = item[1]
-            call_id = str(getattr(record, "call_id", None) or _record_dict(record).get("call_id"))
+            call_id = str(getattr(record, "call_id", None) or (_record_dict(record) or {}).get("call_id"))
             live = self._live.get(call_id) or _Live(record, {})
             self._live[call_id] = live
             data = live.snapshot()

@@ -19,6 +19,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 BUSY_TIMEOUT_MS = 10_000
+CONNECT_TIMEOUT_S = 5
 DEFAULT_FILE = "calls.db"  # the default store: beside the recordings (<recordings_dir>/calls.db)
 BACKENDS = ("sqlite", "postgresql")
 
@@ -69,7 +70,9 @@ def open_engine(url: str, *, create_dir: bool = True) -> Engine:
         return engine
     if parsed.drivername == "postgresql":  # psycopg 3, not psycopg2 (SQLAlchemy's default for a bare URL)
         parsed = parsed.set(drivername="postgresql+psycopg")
-    return create_engine(parsed, pool_pre_ping=True)
+    # a server that does not answer (a host gone, a firewall dropping packets) is given up after
+    # CONNECT_TIMEOUT_S, not after the TCP stack's minutes: serve's writer says so and goes on
+    return create_engine(parsed, pool_pre_ping=True, connect_args={"connect_timeout": CONNECT_TIMEOUT_S})
 
 
 def _explicit_sqlite_transactions(engine: Engine) -> None:

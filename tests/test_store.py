@@ -460,6 +460,15 @@ def test_the_writer_follows_a_call_from_the_bus_and_the_recorder(url, tmp_path):
         assert w2["complete"] and w2["outcome"] == "unanswered" and w2["hangup_code"] == 486
         assert w2["remote_uri"] == "<sip:eve@h>"
         assert writer.dropped == 0 and writer.failures == 0
+        # the analysis comes through the same queue; one for a call the store lacks is dropped alone
+        writer.save_analysis("nowhere", _analysis("nowhere", said="x", score=1, category=None))
+        writer.save_analysis("w1", _analysis("w1", said="hello there", score=9, category="greeting"))
+        bus.publish(ev.CallConfirmed(at=5.0, call_id="w3", direction="inbound"))
+        assert writer.flush()
+        with CallStore(url, migrate_schema=False) as s, s.reading() as conn:
+            assert [r["call_id"] for r in queries.list_calls(conn, CallFilter(category="greeting"))] == ["w1"]
+            assert queries.call_events(conn, "w3") is not None
+        assert writer.dropped == 1
     finally:
         bus.close()
         writer.close()
