@@ -86,7 +86,8 @@ MARKS: dict[str, frozenset[str]] = {
         "test_speech_recognizer": "",  # 7 s: pocketsphinx on espeak-ng sentences
         "test_speech_settings": "",
         "test_speech_tts": "",  # 1 s: espeak-ng runs
-        "test_store": "",  # 25 s: every test on SQLite and on PostgreSQL (one server, tests/pg_server.py)
+        "test_store": "",  # 15 s: every test on SQLite and on PostgreSQL (one server, tests/pg_server.py)
+        "test_store::test_postgresql_going_away_costs_the_writes_meanwhile_and_writing_resumes": "slow",  # 4 s: a server of its own, stopped and started
         "test_store::test_callbot_calls_import_list_show_export": "slow",  # 35 s: `callbot calls` processes
         "test_store::test_the_cli_says_one_line_for_a_store_it_cannot_use": "slow",  # 4 s: three processes
         "test_store::test_callbot_calls_api_serves_until_sigterm": "slow",  # 2 s: a `callbot calls api` process
