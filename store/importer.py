@@ -16,6 +16,8 @@ import pathlib
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
+
 from callbot.store.call_store import CallStore
 
 SIDECAR_MAX_BYTES = 64 * 1024 * 1024  # a sidecar is kilobytes; anything far larger is not one
@@ -84,7 +86,13 @@ def import_sidecar(store: CallStore, path: pathlib.Path, report: ImportReport) -
     events_name = record.get("events")
     events_path = path.parent / events_name if isinstance(events_name, str) and events_name else None
     lines = _events(events_path, report) if events_path is not None and events_path.is_file() else None
-    outcome = store.import_call(record, lines, directory=os.fspath(path.parent.resolve()))
+    try:
+        outcome = store.import_call(record, lines, directory=os.fspath(path.parent.resolve()))
+    except (OperationalError, InterfaceError):
+        raise  # the database itself: the whole import stops with one line (app/cli.py)
+    except (SQLAlchemyError, ValueError, TypeError) as err:  # this file's content: the next file goes on
+        text = str(getattr(err, "orig", None) or err).strip()
+        return f"not imported: {text.splitlines()[0] if text else type(err).__name__}"
     if outcome == "imported":
         report.imported += 1
     elif outcome == "replaced":

@@ -298,11 +298,14 @@ def test_importing_recorded_calls_is_idempotent_and_completes_a_crashed_one(url,
     _recorded_call(folder / "acme", "cut-1", finish=False, start=T0 + 10)
     (folder / "notes.json").write_text('{"not": "a record"}')
     (folder / "broken.json").write_text("{")
+    # a lone surrogate, as a JSON escape: no database takes it; that file is named, the others go in
+    (folder / "odd.json").write_text('{"call_id": "odd-\\udcff", "caller": "\\udcff", "recording": {}}')
     with CallStore(url) as store:
         store.call_started(_record("cut-1", start=T0 + 10))  # what a live writer had before the crash
         first = import_dir(store, folder)
         assert (first.imported, first.replaced, first.skipped) == (1, 1, 0)
-        assert first.events == 10 and len(first.problems) == 2
+        assert first.events == 10 and len(first.problems) == 3
+        assert any("odd.json: not imported" in p for p in first.problems), first.problems
         again = import_dir(store, folder)
         assert (again.imported, again.replaced, again.skipped) == (0, 1, 1)  # the cut call: its files again
         with store.reading() as conn:
