@@ -91,6 +91,10 @@ def running_server(settings: Settings, engine_kind: str, log: EventLog | None = 
         bus.attach("log", log.write, accept=lambda e: not isinstance(e, FrameStages))
         bus.attach("metrics", metrics.on_event)
         metrics.watch_bus(bus)
+        if writer is not None:
+            from callbot.app.store_writer import StoreCollector
+
+            metrics.registry.register(StoreCollector(writer))  # callbot_store_written/dropped/failures, queue
         engine = build_engine(engine_kind, settings)
         stack.callback(engine.close)
         engine.on_event = bus.publish

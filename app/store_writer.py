@@ -308,6 +308,10 @@ class StoreWriter:
 
     # ---- control -------------------------------------------------------------------------------------
 
+    @property
+    def pending(self) -> int:
+        return self._queue.qsize()
+
     def flush(self, timeout: float = 10.0) -> bool:
         """Waits until what was queued before this call is written (or dropped); True if it was."""
         done = threading.Event()
@@ -320,6 +324,26 @@ class StoreWriter:
         self._thread.join(timeout)
         if self.store is not None:
             self.store.close()
+
+
+class StoreCollector:
+    """The writer's counters for Prometheus (read when scraped): items written and dropped, failed
+    batches, the queue's backlog. Register it on the app's registry: Metrics.registry.register(...)."""
+
+    def __init__(self, writer: StoreWriter):
+        self.writer = writer
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        w = self.writer
+        yield CounterMetricFamily("callbot_store_written", "Items (events, records, analyses) committed to the "
+                                  "call store", value=w.written)
+        yield CounterMetricFamily("callbot_store_dropped", "Items the call store did not get (its queue full, "
+                                  "or the database failing)", value=w.dropped)
+        yield CounterMetricFamily("callbot_store_failures", "Call store batches (or openings) that failed",
+                                  value=w.failures)
+        yield GaugeMetricFamily("callbot_store_queue", "Items waiting for the call store", value=w.pending)
 
 
 class RecorderTap:

@@ -60,9 +60,9 @@ class Serve:
     def __init__(self, directory: pathlib.Path, store_url: str | None):
         _tone(directory / "tone.wav")
         (directory / "support.toml").write_text(FLOW)
-        self.sip_port, self.api_port = free_port(), free_port(1)
+        self.sip_port, self.api_port, self.metrics_port = free_port(), free_port(1), free_port(1)
         url = f'url = "{store_url}"\n' if store_url else ""
-        cfg = serve_config(directory, self.sip_port, None, tail=f"""
+        cfg = serve_config(directory, self.sip_port, self.metrics_port, tail=f"""
 [[bots]]
 name = "support"
 flow = "support.toml"
@@ -91,6 +91,13 @@ flow = "support.toml"
                 return found
         except SQLAlchemyError:
             return None
+
+    def metric(self, name: str) -> float | None:
+        text = httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).text
+        for line in text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[-1])
+        return None
 
     def __enter__(self) -> Serve:
         return self
@@ -122,6 +129,8 @@ def test_a_flow_call_lands_in_the_store_with_its_events_and_transitions(tmp_path
         peer.expect("disconnected", call_id=call_id, timeout=20)  # the flow hangs up after its goodbye
         done = eventually(lambda: (lambda c: c if c and c["call"]["complete"] else None)(serve.call(call_id)),
                           timeout=20, what="the call complete in the store")
+        assert serve.metric("callbot_store_written_total") >= len(done["event_list"])
+        assert serve.metric("callbot_store_dropped_total") == 0
     call = done["call"]
     assert call["outcome"] == "bot_hangup" and call["hangup_cause"] == "local" and call["caller"] == "bob"
     assert (call["flow_name"], call["flow_state"], call["flow_reason"]) == ("support", "bye", "hangup")
@@ -193,6 +202,7 @@ def test_a_dead_store_costs_one_line_and_the_call_and_its_files_go_on(tmp_path):
         peer.expect("disconnected", call_id=call_id, timeout=20)  # the flow ran to its hang-up
         record = eventually(sidecar, timeout=20, what="the call's finished JSON record")
         assert record["flow"]["path"] == ["greet", "menu", "bye"]
+        assert serve.metric("callbot_store_dropped_total") > 0 and serve.metric("callbot_store_written_total") == 0
         stop_process(serve.proc, 15)
         assert serve.proc.returncode == 0
     said = [line for line in serve.err.lines if "call store" in line]
