@@ -18,9 +18,16 @@ temporary folder; PostgreSQL a server this bench starts (tests/pg_server.py) wit
 durable, as in production), on 127.0.0.1. Wall time per call, median over ROUNDS; the CPU time of this
 process beside it (PostgreSQL's own work is in its server processes, which wall time includes).
 
-Run (about 1 min):
+Beside the media clock: the writer is a Python thread in serve's SIP process, where a thread busy in
+Python can make pjmedia's callbacks late (BENCHMARKS.md, "Media callback"). So the last test runs 4 calls
+on a real pjmedia bridge (bench/bench_media.py's run_call) in turns with nothing else and with the store
+writer (SQLite) fed the bus events of 4 calls talking (one serve process's load) and of 100 (a stress):
+the callbacks' p99 lateness against the 20 ms grid, writer over idle.
+
+Run (about 2.5 min; the [bench] extra: pytest-benchmark, which bench/bench_media.py uses):
     .venv/bin/python -m pytest bench/bench_store.py -p no:cacheprovider -q -s
     CALLBOT_BENCH_STORE_ROUNDS=15 ...   rounds (default 9; each writes CALLS calls per side)
+    CALLBOT_BENCH_STORE_TURNS=8 ...     idle / writer turns of the lateness run (default 4, 4 s each)
 """
 from __future__ import annotations
 
@@ -39,6 +46,8 @@ from callbot.engine.contract import BotSpeech, BotText, CallerSpeech, CallerWord
 from callbot.sip import events as ev
 from callbot.store.call_store import CallStore
 from callbot.store.database import sqlite_url
+
+from bench_media import endpoint  # noqa: F401  (a pytest fixture: one pjsua2 endpoint for the lateness run)
 
 ROUNDS = int(os.environ.get("CALLBOT_BENCH_STORE_ROUNDS", "9"))
 CALLS = 5  # calls per side and round
@@ -200,3 +209,86 @@ def test_store_write_cost_postgresql():
             _run("postgresql", store, pathlib.Path(d))
     finally:
         server.stop()
+
+
+# ---- the writer beside the media clock -------------------------------------------------------------------
+
+LATENCY_CALLS = 4  # timed calls on the bridge (the pjsua2 wheel's limit per serve process)
+LATENCY_TURNS = int(os.environ.get("CALLBOT_BENCH_STORE_TURNS", "4"))  # idle / writer alternations
+LATENCY_S = 4.0  # per turn
+
+
+class _Feed:
+    """What serve's bus hands the writer for `calls` calls talking at once: each call's BotText every
+    80 ms, a speech start/stop every 3 s, the caller's words every 6 s (about 14 events a second per call)."""
+
+    def __init__(self, url: str, calls: int):
+        import threading
+
+        from callbot.app.event_bus import EventBus
+        from callbot.app.store_writer import StoreWriter
+
+        self.bus: EventBus = EventBus()
+        self.writer = StoreWriter(url)
+        self.writer.attach(self.bus)
+        self.calls = calls
+        self.on = threading.Event()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        tick = 0
+        while not self.stop.is_set():
+            if not self.on.wait(0.05):
+                continue
+            t_ms = tick * 80.0
+            for c in range(self.calls):
+                call_id = f"feed-{c}"
+                self.bus.publish(BotText(call_id=call_id, t_ms=t_ms, piece=" word"))
+                if tick % 37 == 0:
+                    self.bus.publish(BotSpeech(call_id=call_id, t_ms=t_ms, speaking=bool(tick % 74)))
+                if tick % 75 == 0:
+                    self.bus.publish(CallerWords(call_id=call_id, t_ms=t_ms, text="yes the second one please",
+                                                 final=True, start_ms=t_ms - 2000, end_ms=t_ms))
+            tick += 1
+            time.sleep(0.08)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.bus.close()
+        self.writer.close()
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("calls", [4, 100])
+def test_media_callback_lateness_beside_the_store_writer(endpoint, calls, tmp_path):
+    """4 calls on a real pjmedia bridge (bench/bench_media.py's run_call: its callbacks' lateness against
+    the 20 ms grid), in turns: nothing else, then serve's store writer (SQLite) fed the events of `calls`
+    calls talking (4: what one serve process carries; 100: a stress far past it). p99 lateness with the
+    writer over p99 idle, the same calls in the same run."""
+    from bench_media import run_call
+
+    feed = _Feed(sqlite_url(tmp_path / "calls.db"), calls)
+    got: dict[str, list[dict]] = {"idle": [], "writer": []}
+    try:
+        for turn in range(LATENCY_TURNS * 2):
+            case = "writer" if turn % 2 else "idle"
+            if case == "writer":
+                feed.on.set()
+            try:
+                got[case].append(run_call(LATENCY_S, LATENCY_CALLS, scenarios=[(case, None, 0.005)])[case])
+            finally:
+                feed.on.clear()
+                assert feed.writer.flush(60)
+    finally:
+        written, dropped = feed.writer.written, feed.writer.dropped
+        feed.close()
+    p99 = {k: statistics.median(r["late_p99_ms"] for r in v) for k, v in got.items()}
+    worst = {k: max(r["late_max_ms"] for r in v) for k, v in got.items()}
+    print(f"\nmedia callback lateness, {LATENCY_CALLS} calls on the bridge, {LATENCY_TURNS} turns of "
+          f"{LATENCY_S:.0f} s each; the writer fed {calls} calls' events ({written} written, {dropped} dropped):"
+          f" p99 idle {p99['idle']:.2f} ms, with the writer {p99['writer']:.2f} ms "
+          f"({p99['writer'] / max(p99['idle'], 1e-3):.2f}x); max {worst['idle']:.2f} / {worst['writer']:.2f} ms")
+    assert dropped == 0
