@@ -41,12 +41,15 @@ PACKAGES: dict[str, str] = {
     "callbot.speech": "speech",
     "callbot.analytics": "analytics",
     "callbot.store": "store",
+    "callbot.store.migrations": "store/migrations",  # Alembic's env.py and its template
+    "callbot.store.migrations.versions": "store/migrations/versions",  # the schema's revisions
 }
 
 # typing for the compiled modules: their stubs and the PEP 561 marker, installed beside them
 PACKAGE_DATA: dict[str, list[str]] = {
     "callbot.engine.audio": ["*.pyi", "py.typed"],
     "callbot.sip": ["*.pyi", "py.typed"],
+    "callbot.store.migrations": ["script.py.mako"],
 }
 
 # extension name -> C files compiled into it (paths relative to the repository root)

@@ -1,6 +1,7 @@
 """The `callbot` command: `serve` answers calls (`serve --edge --workers N`: N of them behind the edge, under
 a supervisor: app/workers.py), `call` places one, `edge` runs the SIP edge, `model-service` serves one
-model to several `serve` workers, `flows check` checks call flow files.
+model to several `serve` workers, `flows check` checks call flow files, `calls` imports, lists, shows and
+exports the calls kept in the call store (and serves them as a JSON API).
 
 It lives in callbot.app, the top of the arrows: a command may use the SIP side and the engine both.
 Every problem a user can cause (config, weights, ports) ends as one line on stderr and exit status 2,
@@ -61,7 +62,59 @@ def build_parser() -> argparse.ArgumentParser:
     flows_sub = flows.add_subparsers(dest="flows_command", metavar="ACTION", required=True)
     check = flows_sub.add_parser("check", help="check a flow file: one line per problem, exit 2; `ok` and exit 0")
     check.add_argument("files", metavar="FILE", nargs="+")
+    _calls_parser(sub)
     return parser
+
+
+def _calls_parser(sub) -> None:
+    """`callbot calls ...`: the call store (store/; docs/store.md)."""
+    calls = sub.add_parser("calls", help="the call store: import, list, show, export calls; serve them as JSON")
+    calls_sub = calls.add_subparsers(dest="calls_command", metavar="ACTION", required=True)
+
+    def store(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", metavar="FILE", help="TOML config: its [store] url (default: the embedded "
+                       "default's, calls.db in the recordings folder)")
+        p.add_argument("--store", metavar="URL", help="the store's database URL (sqlite:///FILE, "
+                       "postgresql+psycopg://...), instead of the config's")
+
+    def filters(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--since", metavar="TIME", help="calls started at or after TIME (unix s, 2026-12-03, "
+                       "2026-12-03T05:34; UTC unless an offset is given)")
+        p.add_argument("--until", metavar="TIME", help="calls started before TIME")
+        p.add_argument("--bot", metavar="NAME")
+        p.add_argument("--tenant", metavar="NAME")
+        p.add_argument("--outcome", metavar="WORD", help="open, unanswered, transferred, caller_hangup, "
+                       "bot_hangup, max_duration, ...")
+        p.add_argument("--category", metavar="NAME", help="calls where this category matched")
+        p.add_argument("--min-score", type=float, metavar="N", help="a scorecard's score at least N")
+        p.add_argument("--max-score", type=float, metavar="N", help="a scorecard's score at most N")
+        p.add_argument("--text", metavar="WORDS", help="words said on the call (its transcript, any leg)")
+        p.add_argument("--incomplete", action="store_true", help="only calls not finished (going on, or cut)")
+
+    imp = calls_sub.add_parser("import", help="put calls recorded in folders (their JSON records and events "
+                               "files) into the store; a call the store holds complete is left as it is")
+    imp.add_argument("dirs", metavar="DIR", nargs="+")
+    store(imp)
+    lst = calls_sub.add_parser("list", help="the calls the filters take, newest first, as a table")
+    store(lst)
+    filters(lst)
+    lst.add_argument("--limit", type=int, default=100, metavar="N", help="at most N calls (default 100)")
+    lst.add_argument("--json", action="store_true", help="JSON instead of a table")
+    show = calls_sub.add_parser("show", help="one call: record, flow path, events, transcript, metrics, "
+                                "categories, scores")
+    show.add_argument("call_id", metavar="CALL_ID")
+    store(show)
+    show.add_argument("--json", action="store_true", help="the whole call as JSON (its events included)")
+    exp = calls_sub.add_parser("export", help="the calls the filters take as CSV or JSON, to stdout or a file")
+    store(exp)
+    filters(exp)
+    exp.add_argument("--format", choices=["csv", "json"], default="csv")
+    exp.add_argument("--output", "-o", metavar="FILE", help="write here instead of stdout")
+    api = calls_sub.add_parser("api", help="serve the store's JSON HTTP API (GET /api/calls, /api/stats, ...) "
+                               "until SIGTERM/SIGINT")
+    store(api)
+    api.add_argument("--listen", metavar="HOST:PORT", default="127.0.0.1:8091",
+                     help="where (default 127.0.0.1:8091: this machine only)")
 
 
 def _settings(args: argparse.Namespace):
@@ -78,6 +131,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.command == "flows":
         return _flows_check(args.files)
+    if args.command == "calls":
+        return _calls(args)
     settings = _settings(args)
     if getattr(args, "supervised", None):  # started by `serve --edge --workers` (app/workers.py): its part
         from callbot.app.workers import parse_supervised, supervised_settings
@@ -144,6 +199,234 @@ def _flows_check(files: list[str]) -> int:
         else:
             print(f"{path}: ok ({len(flow.states)} states, starts at {flow.start!r})")
     return status
+
+
+def _calls(args: argparse.Namespace) -> int:
+    """`callbot calls ACTION`: the store at --store, else the config's [store] url (store/queries.py answers).
+    A store that cannot be reached or read, a bad filter: one line, exit 2."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from callbot.app.settings import ConfigError, load_settings
+    from callbot.store.database import StoreError
+    from callbot.store.queries import QueryError
+
+    url = args.store or load_settings(args.config).store_url()
+    try:
+        if args.calls_command == "import":
+            return _calls_import(url, args.dirs)
+        if args.calls_command == "api":
+            return _calls_api(url, args.listen)
+        return _calls_read(url, args)
+    except (StoreError, QueryError) as err:
+        print(f"callbot: error: {err}", file=sys.stderr)
+    except SQLAlchemyError as err:
+        text = str(getattr(err, "orig", None) or err).strip()
+        print(f"callbot: error: store {_shown(url)}: {text.splitlines()[0] if text else type(err).__name__}",
+              file=sys.stderr)
+    except ConfigError:
+        raise
+    return EXIT_USAGE
+
+
+def _shown(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _existing_store(url: str):
+    """The store at `url` for reading: an SQLite file that is not there is an error, not a new store."""
+    import os
+
+    from sqlalchemy.engine import make_url
+
+    from callbot.store.call_store import CallStore
+    from callbot.store.database import StoreError, check_url
+
+    problem = check_url(url)
+    if problem is not None:
+        raise StoreError(problem)
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and not os.path.isfile(parsed.database):
+        raise StoreError(f"no call store at {parsed.database} (`callbot serve` writes it; "
+                         "`callbot calls import DIR` fills it from recorded calls)")
+    return CallStore(url)
+
+
+def _calls_import(url: str, dirs: list[str]) -> int:
+    from callbot.store.call_store import CallStore
+    from callbot.store.importer import import_dir
+
+    status = 0
+    with CallStore(url) as store:
+        for directory in dirs:
+            report = import_dir(store, directory)
+            for problem in report.problems:
+                print(f"callbot: skipped {problem}", file=sys.stderr)
+            print(f"{directory}: {report.imported} imported, {report.replaced} replaced, {report.skipped} "
+                  f"already complete, {report.events} events" + (f", {report.bad_lines} bad event lines"
+                                                                 if report.bad_lines else ""))
+            if report.problems and not (report.imported or report.replaced or report.skipped):
+                status = EXIT_USAGE
+    return status
+
+
+def _call_filter(args: argparse.Namespace, limit: int | None):
+    from callbot.store.queries import CallFilter, parse_time
+
+    return CallFilter(since=parse_time(args.since) if args.since else None,
+                      until=parse_time(args.until) if args.until else None,
+                      bot=args.bot, tenant=args.tenant, outcome=args.outcome, category=args.category,
+                      min_score=args.min_score, max_score=args.max_score, text=args.text,
+                      complete=False if args.incomplete else None, limit=limit)
+
+
+def _calls_read(url: str, args: argparse.Namespace) -> int:
+    import json
+
+    from callbot.store import queries
+
+    with _existing_store(url) as store, store.reading() as conn:
+        if args.calls_command == "list":
+            rows = queries.list_calls(conn, _call_filter(args, args.limit))
+            if args.json:
+                print(json.dumps(rows, indent=2))
+            else:
+                _print_calls(rows)
+            return 0
+        if args.calls_command == "export":
+            rows = queries.list_calls(conn, _call_filter(args, None))
+            out = open(args.output, "w", newline="") if args.output else sys.stdout
+            try:
+                _export(rows, args.format, out)
+            finally:
+                if args.output:
+                    out.close()
+            return 0
+        detail = queries.call_detail(conn, args.call_id)
+        if detail is None:
+            print(f"callbot: error: no call {args.call_id!r} in the store", file=sys.stderr)
+            return 1
+        detail["events"] = queries.call_events(conn, args.call_id)
+    if args.json:
+        print(json.dumps(detail, indent=2))
+    else:
+        _print_call(detail)
+    return 0
+
+
+_TABLE = (("start (UTC)", lambda r: _iso(r["start_at"])), ("call_id", lambda r: r["call_id"]),
+          ("dur s", lambda r: "" if r["duration_s"] is None else f"{r['duration_s']:.1f}"),
+          ("bot", lambda r: r["bot"] or ""), ("tenant", lambda r: r["tenant"] or ""),
+          ("caller", lambda r: r["caller"] or ""), ("outcome", lambda r: r["outcome"] or ""),
+          ("flow state", lambda r: r["flow_state"] or ""), ("done", lambda r: "yes" if r["complete"] else "no"),
+          ("categories", lambda r: ",".join(r["categories"])),
+          ("scores", lambda r: ",".join(f"{k}={v:g}" for k, v in r["scores"].items())))
+
+
+def _iso(t) -> str:
+    from callbot.store.queries import iso
+
+    return (iso(t) or "").replace("+00:00", "")
+
+
+def _print_calls(rows: list[dict]) -> None:
+    table = [[name for name, _ in _TABLE]] + [[cell(r) for _, cell in _TABLE] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(_TABLE))]
+    for row in table:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    print(f"({len(rows)} call{'s' if len(rows) != 1 else ''})")
+
+
+def _export(rows: list[dict], fmt: str, out) -> None:
+    import csv
+    import json
+
+    from callbot.store.queries import LIST_COLUMNS
+
+    if fmt == "json":
+        json.dump(rows, out, indent=2)
+        out.write("\n")
+        return
+    writer = csv.writer(out)
+    writer.writerow([*LIST_COLUMNS, "start", "categories", "scores"])
+    for r in rows:
+        writer.writerow([*(r[c] for c in LIST_COLUMNS), _iso(r["start_at"]), ";".join(r["categories"]),
+                         ";".join(f"{k}={v:g}" for k, v in r["scores"].items())])
+
+
+def _print_call(d: dict) -> None:
+    c = d["call"]
+    print(f"call {c['call_id']}  ({'complete' if c['complete'] else 'not complete'})")
+    for label, key in (("direction", "direction"), ("tenant", "tenant"), ("bot", "bot"), ("route", "route"),
+                       ("account", "account"), ("caller", "caller"), ("called", "called"), ("codec", "codec"),
+                       ("outcome", "outcome"), ("hangup", "hangup_cause"), ("recording", "recording_path")):
+        if c.get(key) is not None:
+            print(f"  {label:<10} {c[key]}")
+    print(f"  {'start':<10} {_iso(c['start_at'])}  answered {_iso(c['answered_at']) or '-'}  "
+          f"end {_iso(c['end_at']) or '-'}  ({'-' if c['duration_s'] is None else c['duration_s']} s)")
+    if c.get("hangup_code") is not None:
+        print(f"  {'sip':<10} {c['hangup_code']} {c.get('hangup_reason') or ''}")
+    for leg in d["legs"]:
+        print(f"  leg        {leg['kind']} -> {leg['target']} succeeded={leg['succeeded']} "
+              f"{leg['code'] or ''} {leg['reason'] or ''}".rstrip())
+    if d["flow"]["transitions"]:
+        print(f"flow {d['flow']['name']}: {' -> '.join(d['flow']['path']) or '-'}")
+        for m in d["flow"]["transitions"]:
+            print(f"  {m['t_ms'] or 0:9.1f} ms  {m['from_state'] or '(start)'} -> {m['to_state'] or '(end)'}  "
+                  f"{m['reason']} {m['detail']}".rstrip())
+    transcript = d["transcript"]
+    if transcript["turns"] or transcript["live"]:
+        print("transcript" + (" (analysis)" if transcript["turns"] else " (live)"))
+        for t in transcript["turns"]:
+            sentiment = "" if t["sentiment"] is None else f"  [{t['sentiment']:+.2f}]"
+            print(f"  {t['start_ms'] / 1000:7.2f} s  {t['leg']:<6} {t['text']}{sentiment}")
+        if not transcript["turns"]:
+            for t in transcript["live"]:
+                print(f"  {(t['t_ms'] or 0) / 1000:7.2f} s  {t['leg']:<6} {t['text']}")
+    for leg, values in d["metrics"].items():
+        print(f"metrics {leg}: " + ", ".join(f"{k}={v:g}" for k, v in values.items()))
+    for cat in d["categories"]:
+        print(f"category {cat['category']}: {'matched' if cat['matched'] else 'not matched'}"
+              + (f"  ({'; '.join(cat['evidence'])})" if cat["evidence"] else ""))
+    for card in d["scores"]:
+        print(f"score {card['scorecard']}: {card['score']:g} / {card['max_score']:g}")
+        for item in card["items"]:
+            print(f"  {'pass' if item['passed'] else 'fail'}  {item['rule']} (weight {item['weight']:g})")
+    print(f"events ({len(d['events'])})")
+    for e in d["events"]:
+        fields = {k: v for k, v in e.items() if k not in ("ts", "event", "call_id")}
+        print(f"  {e.get('ts', '')}  {e.get('event')}  {json_line(fields)}")
+
+
+def json_line(value) -> str:
+    import json
+
+    text = json.dumps(value, separators=(",", ":"))
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _calls_api(url: str, listen: str) -> int:
+    """`callbot calls api`: the JSON API until SIGTERM/SIGINT."""
+    from callbot.app.serve import stop_on_signals
+    from callbot.app.settings import ConfigError, _parse_node
+    from callbot.store.api import ApiServer
+
+    address = _parse_node(listen)
+    if address is None:
+        raise ConfigError(f"--listen {listen!r}: not HOST:PORT (127.0.0.1:8091)")
+    with stop_on_signals() as stop:
+        try:
+            api = ApiServer.start(url, *address)
+        except OSError as err:
+            print(f"callbot: error: --listen {listen}: {err.strerror or err}", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"listening http://{listen}/api/calls ({_shown(url)})", file=sys.stderr, flush=True)
+        try:
+            stop.wait()
+        finally:
+            api.stop()
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -74,6 +74,9 @@ def running_server(settings: Settings, engine_kind: str, log: EventLog | None = 
             os.makedirs(settings.recordings_dir, exist_ok=True)
         except OSError as err:
             raise StartupError(f"recordings_dir {settings.recordings_dir!r}: cannot create it ({err.strerror})") from None
+        writer = _store_writer(settings)  # app/store_writer.py: None with [store] enabled = false
+        if writer is not None:
+            stack.callback(writer.close)  # last of all: after the bus has handed it the calls' last events
         metrics = Metrics()
         if settings.metrics.enabled:
             try:
@@ -88,6 +91,10 @@ def running_server(settings: Settings, engine_kind: str, log: EventLog | None = 
         bus.attach("log", log.write, accept=lambda e: not isinstance(e, FrameStages))
         bus.attach("metrics", metrics.on_event)
         metrics.watch_bus(bus)
+        if writer is not None:
+            from callbot.app.store_writer import StoreCollector
+
+            metrics.registry.register(StoreCollector(writer))  # callbot_store_written/dropped/failures, queue
         engine = build_engine(engine_kind, settings)
         stack.callback(engine.close)
         engine.on_event = bus.publish
@@ -101,9 +108,12 @@ def running_server(settings: Settings, engine_kind: str, log: EventLog | None = 
             # before the recorder closes, after the endpoint has ended every call: the last words get flushed
             stack.callback(caller_speech[1].stop)
         bus.attach("recorder", recorder.on_event)
+        if writer is not None:
+            writer.attach(bus)
         router = CallRouter(engine, start_for=routes.start_for)
         # on a shared model service the screen also asks the model for room (503 + Retry-After when none)
-        endpoint = Endpoint(settings.endpoint_config(), sessions=router, recorder=recorder,
+        endpoint = Endpoint(settings.endpoint_config(), sessions=router,
+                            recorder=writer.tap(recorder) if writer is not None else recorder,
                             screen=worker_screen(engine, routes.screen))
         attach_worker(engine, endpoint, metrics, bus)  # app/service_worker.py: a lost service's calls hung up
         router.ops = endpoint
@@ -115,6 +125,10 @@ def running_server(settings: Settings, engine_kind: str, log: EventLog | None = 
                 listener.redacting = flows.redacting  # a secret being typed or read out is never transcribed
         server = Server(settings, endpoint, engine, router, recorder, metrics, bus)
         server.flows = flows
+        server.store_writer = writer
+        if settings.store.enabled and settings.store.api:
+            server.store_api = _store_api(settings)
+            stack.callback(server.store_api.stop)
         stack.callback(server.drain)  # runs after the stop below: hang-ups and un-REGISTERs get logged
         stack.callback(endpoint.stop)  # also when start times out with the SIP thread still running
         try:
@@ -123,6 +137,27 @@ def running_server(settings: Settings, engine_kind: str, log: EventLog | None = 
         except (OSError, RuntimeError, ValueError, TimeoutError) as err:
             raise StartupError(f"SIP endpoint did not start: {err}") from None
         yield server
+
+
+def _store_writer(settings: Settings):
+    """The call store's writer, or None when [store] is off (the store's modules are then never loaded)."""
+    if not settings.store.enabled:
+        return None
+    from callbot.app.store_writer import StoreWriter
+
+    return StoreWriter(settings.store_url())
+
+
+def _store_api(settings: Settings):
+    """The store's JSON HTTP API on [store] api, on a thread of its own (store/api.py)."""
+    from callbot.store.api import ApiServer
+    from callbot.store.database import StoreError
+
+    host, port = settings.store.api_address
+    try:
+        return ApiServer.start(settings.store_url(), host, port)
+    except (OSError, StoreError) as err:
+        raise StartupError(f"[store] api {settings.store.api!r}: {err}") from None
 
 
 @contextlib.contextmanager
@@ -153,6 +188,8 @@ class Server:
         self.metrics = metrics
         self.bus = bus
         self.flows: FlowHost | None = None  # the call flows of bots that have one
+        self.store_writer = None  # app/store_writer.py: the call store's writer ([store] enabled)
+        self.store_api = None  # store/api.py: the store's JSON API ([store] api)
 
     @property
     def calls(self) -> dict[str, LiveCall]:

@@ -112,6 +112,33 @@ class MetricsSettings(_Settings):
     address: str = "127.0.0.1:9464"
 
 
+_STORE_URL = re.compile(r"^(sqlite|postgresql)(\+\w+)?://")
+
+
+class StoreSettings(_Settings):
+    """The call store (store/, docs/store.md): every call, its events and analysis in a database, written
+    off the media path by app/store_writer.py. `url`: an SQLAlchemy URL, sqlite:///FILE (a relative FILE
+    is taken from the config file's folder) or postgresql+psycopg://USER:PASSWORD@HOST/DB; None = an
+    SQLite file beside the recordings (<recordings_dir>/calls.db). `api`: HOST:PORT of the store's JSON
+    HTTP API served by `callbot serve` (None: not served; `callbot calls api` serves it alone)."""
+
+    enabled: bool = True
+    url: str | None = None
+    api: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.url is not None and not _STORE_URL.match(self.url):
+            raise ValueError(f"url: {self.url!r} is not a store URL: sqlite:///FILE or "
+                             "postgresql+psycopg://USER:PASSWORD@HOST/DB")
+        if self.api is not None and _parse_node(self.api) is None:
+            raise ValueError(f"api: {self.api!r} is not HOST:PORT (\"127.0.0.1:8091\")")
+
+    @property
+    def api_address(self) -> tuple[str, int] | None:
+        """`api` as (host, port)."""
+        return None if self.api is None else _parse_node(self.api)
+
+
 PublicPort = Annotated[int, Meta(ge=1, le=65535)]
 Positive = Annotated[int, Meta(ge=1)]
 
@@ -252,6 +279,13 @@ class Settings(_Settings):
     routing: RoutingSettings = RoutingSettings()
     tts: TtsSettings = TtsSettings()  # text to speech for flows' `say` (speech/tts.py)
     recognizer: RecognizerSettings = RecognizerSettings()  # the caller leg's words (speech/live.py)
+    store: StoreSettings = StoreSettings()  # the call store (store/, app/store_writer.py)
+
+    def store_url(self) -> str:
+        """The call store's URL: [store] url, else an SQLite file beside the recordings."""
+        if self.store.url is not None:
+            return self.store.url
+        return "sqlite:///" + os.path.abspath(os.path.join(self.recordings_dir, "calls.db"))
 
     def tenant_dir(self, name: str) -> str:
         """Where a tenant's calls are recorded: its own recordings_dir, else <recordings_dir>/<name>."""
@@ -474,7 +508,16 @@ def _resolve_paths(settings: Settings, base_dir: pathlib.Path) -> Settings:
         tts=msgspec.structs.replace(settings.tts, model=resolve(settings.tts.model),
                                     cache_dir=resolve(settings.tts.cache_dir)),
         recognizer=msgspec.structs.replace(settings.recognizer, model=resolve(settings.recognizer.model)),
+        store=msgspec.structs.replace(settings.store, url=_resolve_sqlite(settings.store.url, base_dir)),
     )
+
+
+def _resolve_sqlite(url: str | None, base_dir: pathlib.Path) -> str | None:
+    """sqlite:///calls.db (a relative file) -> sqlite:////the/config/folder/calls.db."""
+    prefix = "sqlite:///"
+    if url is None or not url.startswith(prefix) or url.startswith(prefix + "/"):
+        return url
+    return prefix + os.path.abspath(base_dir / os.path.expanduser(url[len(prefix):]))
 
 
 def load_settings(path: str | os.PathLike | None) -> Settings:

@@ -94,6 +94,12 @@ MARKS: dict[str, frozenset[str]] = {
         "test_speech_recognizer": "",  # 7 s: pocketsphinx on espeak-ng sentences
         "test_speech_settings": "",
         "test_speech_tts": "",  # 1 s: espeak-ng runs
+        "test_store": "",  # 15 s: every test on SQLite and on PostgreSQL (one server, tests/pg_server.py)
+        "test_store::test_postgresql_going_away_costs_the_writes_meanwhile_and_writing_resumes": "slow",  # 4 s: a server of its own, stopped and started
+        "test_store::test_callbot_calls_import_list_show_export": "slow",  # 35 s: `callbot calls` processes
+        "test_store::test_the_cli_says_one_line_for_a_store_it_cannot_use": "slow",  # 4 s: three processes
+        "test_store::test_callbot_calls_api_serves_until_sigterm": "slow",  # 2 s: a `callbot calls api` process
+        "test_store_calls": "sip slow",  # `callbot serve` into the store: a flow call, a SIGKILL mid-call
     }.items()
 }
 # fixtures that start a real SIP stack: a test that uses one is `sip` wherever it lives
@@ -131,3 +137,19 @@ def echo_line(tmp_path):
         ep.stop()
         engine.close()
         recorder.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One real PostgreSQL server for the session (tests/pg_server.py), stopped at its end; skipped, with
+    the reason, where no PostgreSQL is installed (.ci/run installs Debian's `postgresql`)."""
+    from tests.pg_server import PostgresServer, find_bindir
+
+    bindir = find_bindir()
+    if bindir is None:
+        pytest.skip("no PostgreSQL server programs (initdb, pg_ctl, postgres) on this machine")
+    server = PostgresServer(bindir).start()
+    try:
+        yield server
+    finally:
+        server.stop()
