@@ -8,16 +8,21 @@ Batched (the default with a loaded Model): each call holds a slot of one `Batche
 the call is first seen and left when it has closed, and every call whose frame is due is stepped in one
 forward (Mimi encode, LM, Mimi decode over all of them): the 7B step reads its weights once for B calls
 instead of B times (BENCHMARKS.md, "Batched step"). Each slot's output equals its call stepped alone.
-Calls whose frames are not due at the same moment: the round steps the ones that are due now (the
-active mask) and the others in a round of their own when theirs is - no gathering window. Why: a window
-would hold every call's frame back by up to its width on every frame, while stepping now costs a call
-only the round already in flight when its frame completed (at most one round, the same wait a call has
-behind the others' steps when stepping one by one). The calls of one SIP process complete their frames
-on pjmedia's 20 ms ticks, so they fall into at most 4 phases per 80 ms frame: at most 4 rounds, each
-with the calls of its phase; calls opened in phase (issue 13, point 5) share one round. After each round
+Rounds are scheduled against the media clock (engine/serving/round_schedule.py; `align=False` turns
+it off). A round starts late enough to end `margin_ms` before the media tick its audio leaves on (the
+tick grid and the frames' due times come from the rx stamps of the frames' last samples; its length
+from this engine's own recent rounds of that size, `round_times`), not at once: the audio leaves on the
+same tick either way, and the thread stays free until then for calls that fall due in between (the
+model service's workers run their own clocks: the round aims at the tick of most of its calls, the
+others wait for their own next tick). And a call's frames are put in phase with the calls already
+running before its first frame: silence in front of its 24 kHz stream, under 80 ms, once, so that its
+frames complete on their tick and it shares their rounds (without it, the calls of one SIP process fall
+into up to 4 phases of the 80 ms frame and as many rounds). After each batched round
 `on_round(calls stepped, seconds)` is told (the model service feeds admission's StepTimes with it).
 `batch=False` steps the calls one after another, each through its own `Session` (the model may then be
-a wrapper such as a test's tap or `--step-delay-ms`'s SlowModel; a batch needs the loaded Model).
+a wrapper such as a test's tap or `--step-delay-ms`'s SlowModel; a batch needs the loaded Model), in
+the same scheduled rounds. The model line's resamplers are minimum phase (`resampler_phase`,
+MODEL_RESAMPLER_PHASE; BENCHMARKS.md, "Resampler").
 
 Control operations (engine/contract.py) take effect at a call's next step: a played clip's frame is
 given to the model as its own audio (`agent_pcm`) and, one step later - when the model's output is that
@@ -58,8 +63,11 @@ from typing import Callable, NamedTuple
 import mlx.core as mx
 import numpy as np
 
-from callbot.engine.audio import PeriodicClock, make_realtime, now_ns
+from callbot.engine.audio import PeriodicClock, make_realtime, now_ns, sleep_until
 from callbot.engine.serving.call_audio import CallAudio
+from callbot.engine.serving.round_schedule import (MARGIN_NS, SAME_TICK_NS, TICK_NS, Due,
+                                                   RoundPlan, RoundTimes, first_frame_pad, first_frame_tick,
+                                                   majority_phase, plan_round)
 from callbot.engine.contract import (ENGINE_RATE, BotSpeech, BotText, CallerSpeech, CallStart, CallSummary, Control,
                                      ControlNotSupported, EventSink, FrameStages, Inform, InformFinished, LiveEvent,
                                      HoldBot, MuteCaller, PersonaChanged, Play, PlayFinished, SessionClosed,
@@ -85,6 +93,10 @@ STAGES_LAG = 6
 # number of calls where the frame allows
 DEFAULT_SLOTS = 64
 SERVE_BATCHES = 4  # calls one `callbot serve` process takes at most (pjsua2's PJSUA_MAX_CALLS): the round sizes it warms
+# the model line's resamplers (CallAudio): minimum phase, 0.25 / 0.13 ms per direction at 8 / 16 kHz instead
+# of linear phase's 1.75 / 1.0 ms, with the same rejection (BENCHMARKS.md, "Resampler"); "linear" returns
+# to the exact, frequency-independent delay
+MODEL_RESAMPLER_PHASE = "minimum"
 
 
 @dataclass(frozen=True)
@@ -129,6 +141,11 @@ class ModelCallSession:
     stats: FrameStats = field(default_factory=FrameStats)
     text: list[tuple[float, str]] = field(default_factory=list)
     next_deadline_ns: int = 0  # watchdog: silence is fed after this (+ grace); 0 until the first frame
+    # the frame taken from the call's audio and waiting for its round: _due_frame's tuple, or None
+    waiting: tuple | None = None
+    frame_tick_ns: int = 0  # the media tick that completed the call's last real frame (its frames' grid)
+    aligned: bool = False  # its first frame was put in phase with the other calls' (or needed not be)
+    pad_samples: int = 0  # 24 kHz silence put before its first sample to do so (< one frame)
     first_frame_ns: int = 0
     steps: int = 0
     steps_late: int = 0
@@ -184,6 +201,11 @@ class ModelEngine:
     `warm_batches` = rounds of 1..n calls compiled before the first call (the tiny model: 0.1 s for 1..4;
     a first round of a size not compiled pays for it, late); `on_round(calls, seconds)` after each
     batched round, on the inference thread (it must only record).
+
+    Schedule (the module's docstring): `align` = rounds planned to end `margin_ms` before a media tick
+    and new calls' frames put in phase with the others' (False: every due frame stepped at once, each
+    call in its own phase); `resampler_phase` = the phase of the resamplers of the calls' CallAudio
+    ("minimum" by default, "linear" for the exact, frequency-independent delay).
     """
 
     def __init__(self, model: Model, prompt_for: Callable[[CallStart], BotPrompt], *, realtime: bool = True,
@@ -191,7 +213,8 @@ class ModelEngine:
                  on_closed: Callable[[ModelCallSession], None] | None = None, on_event: EventSink | None = None,
                  warmup: Callable[[], None] | None = None, switch_interval_s: float | None = 0.001,
                  batch: bool | None = None, slots: int = DEFAULT_SLOTS, warm_batches: int = 0,
-                 on_round: Callable[[int, float], None] | None = None):
+                 on_round: Callable[[int, float], None] | None = None, align: bool = True,
+                 margin_ms: float = MARGIN_NS / 1e6, resampler_phase: str = MODEL_RESAMPLER_PHASE):
         if not 0 <= grace_ms <= 1000:
             raise ValueError(f"grace_ms must be 0..1000 ms, got {grace_ms!r}")
         if isinstance(max_backlog, bool) or not isinstance(max_backlog, int) or max_backlog < 1:
@@ -200,6 +223,14 @@ class ModelEngine:
             raise ValueError(f"slots must be an int >= 1 (calls), got {slots!r}")
         if batch and not isinstance(model, Model):
             raise ValueError(f"a batched step needs a loaded Model, got {type(model).__name__}: pass batch=False")
+        if not 0 <= margin_ms <= 20:
+            raise ValueError(f"margin_ms must be 0..20 ms (a tick), got {margin_ms!r}")
+        if resampler_phase not in ("linear", "minimum"):
+            raise ValueError(f"resampler_phase must be 'linear' or 'minimum', got {resampler_phase!r}")
+        self.align = bool(align)
+        self.margin_ns = int(margin_ms * 1e6)
+        self.resampler_phase = resampler_phase
+        self.round_times = RoundTimes()  # rounds by size, what the schedule expects (inference thread)
         self.batched = isinstance(model, Model) if batch is None else bool(batch)
         self.slots = slots
         self._warm_batches = min(max(warm_batches, 0), slots) if self.batched else 0
@@ -253,7 +284,10 @@ class ModelEngine:
         seed = bot.seed if bot.seed is not None else time.monotonic_ns() & 0x7FFFFFFF
         given = audio
         if audio is None:
-            audio = CallAudio(start.rate, tx_max_ms=MODEL_TX_MAX_MS, tx_settle=MODEL_TX_SETTLE_PUSHES)
+            audio = CallAudio(start.rate, tx_max_ms=MODEL_TX_MAX_MS, tx_settle=MODEL_TX_SETTLE_PUSHES,
+                              resampler_phase=self.resampler_phase)
+        else:
+            audio.use_resampler_phase(self.resampler_phase)  # before the inference thread sees the call
         s = ModelCallSession(start, audio, bot, seed, self)
         with self._lock:
             full = self.batched and len(self._sessions) >= self.slots
@@ -328,13 +362,7 @@ class ModelEngine:
                 clock.wait()
                 with self._lock:
                     sessions = list(self._sessions)
-                if self._batch is not None:
-                    self._batched_rounds(sessions)
-                    continue
-                for s in sessions:
-                    with s.lock:
-                        if not s.closed:
-                            self._service(s)
+                self._rounds(sessions)
         except BaseException as exc:  # surfaced: a dead runner must fail calls loudly, not go quiet
             self.error = exc
             if self._ready.is_set():
@@ -347,16 +375,6 @@ class ModelEngine:
             mx.clear_streams()
             if self.realtime_result is not None:
                 self.realtime_result.restore()
-
-    def _service(self, s: ModelCallSession) -> None:
-        """Step `s` alone for every frame that is due: a complete frame, or silence past the watchdog deadline."""
-        if s.session is None:
-            # MLX arrays belong to the stream of the thread that made them: the session's own state is
-            # made here, where it will be stepped (a restore from the snapshot: milliseconds)
-            s.session = self.model.open_session(snapshot=s.bot.snapshot, seed=s.seed, sampling=s.bot.sampling)
-        self._note_departures(s)
-        while (due := self._due_frame(s)) is not None:
-            self._step(s, *due)
 
     def _due_frame(self, s: ModelCallSession) -> tuple | None:
         """(pcm float32 [1920], ready ns, silence, arrival ns, resampled ns) of `s`'s next step: its next
@@ -378,11 +396,25 @@ class ModelEngine:
             return np.zeros(FRAME_SIZE, dtype=np.float32), now, True, 0, 0
         return None
 
-    # ---- batched: every call whose frame is due, in one forward -------------------------------------
+    # ---- rounds: the calls whose frames are due, ending just before a media tick -------------------
 
-    def _batched_rounds(self, sessions: list[ModelCallSession]) -> None:
-        """Rounds of one `BatchedSessions.step` over every call with a frame due, until none has one."""
+    def _seat(self, sessions: list[ModelCallSession]) -> list[ModelCallSession]:
+        """The calls to step from now: new ones get their state (batched: a slot, joined), closed ones
+        give their slots back."""
         batch = self._batch
+        if batch is None:
+            live = []
+            for s in sessions:
+                with s.lock:
+                    if s.closed:
+                        continue
+                    if s.session is None:
+                        # MLX arrays belong to the stream of the thread that made them: the session's own
+                        # state is made here, where it will be stepped (a restore from the snapshot: ms)
+                        s.session = self.model.open_session(snapshot=s.bot.snapshot, seed=s.seed,
+                                                            sampling=s.bot.sampling)
+                    live.append(s)
+            return live
         held = self._held
         alive = {id(s) for s in sessions if not s.closed}
         for slot, s in enumerate(held):  # calls closed since the last poll give their slots back
@@ -395,40 +427,113 @@ class ModelEngine:
                 batch.join(slot, s.bot.snapshot, seed=s.seed, sampling=s.bot.sampling)
                 held[slot] = s
                 s.slot, s.session = slot, batch.session(slot)
+        return [s for s in held if s is not None]
+
+    def _rounds(self, sessions: list[ModelCallSession]) -> None:
+        """Rounds over the calls with a frame due (engine/serving/round_schedule.py plans each: when it
+        starts, which calls it takes), until none has one or the next round starts after the next poll."""
+        calls = self._seat(sessions)
+        poll_ns = int(self.poll_ms * 1e6)
         while True:
-            stepped: list[tuple[ModelCallSession, _Prepared]] = []
-            locked: list[ModelCallSession] = []
-            try:
-                for s in held:
-                    if s is None:
-                        continue
-                    s.lock.acquire()  # a close waits for the round in flight; none follows once `closed` is set
-                    locked.append(s)
+            waiting: list[ModelCallSession] = []
+            for s in calls:
+                with s.lock:
                     if s.closed:
+                        s.waiting = None
                         continue
                     self._note_departures(s)
-                    due = self._due_frame(s)
-                    if due is not None:
-                        stepped.append((s, self._before_step(s, *due)))
-                if not stepped:
-                    return
+                    if s.waiting is None:
+                        if not s.aligned:
+                            self._align_first_frame(s, calls)
+                        s.waiting = due = self._due_frame(s)
+                        if due is not None and not due[2] and due[3]:
+                            s.frame_tick_ns = due[3]  # the media tick that brought its last sample
+                    if s.waiting is not None:
+                        waiting.append(s)
+            if not waiting:
+                return
+            plan = self._plan(waiting)
+            now = now_ns()
+            if plan.start_ns > now:
+                if plan.start_ns - now > poll_ns:
+                    return  # polled again before then: a call falling due meanwhile may still join
+                sleep_until(plan.start_ns)
+            self._round([waiting[i] for i in plan.members])
+
+    def _plan(self, waiting: list[ModelCallSession]) -> RoundPlan:
+        if not self.align:
+            return RoundPlan(0, tuple(range(len(waiting))))
+        # due: the media tick that completed the frame (the rx stamp of its last sample), else when the
+        # runner found it (no stamps, or silence fed by the watchdog)
+        dues = [Due(s.waiting[3] or s.waiting[1], s.frame_tick_ns) for s in waiting]
+        return plan_round(now_ns(), dues, self.round_times.expected_ns, self.margin_ns)
+
+    def _align_first_frame(self, s: ModelCallSession, calls: list[ModelCallSession]) -> None:
+        """Before a call's first audio is pulled: silence before it (< one frame, once) so that its
+        frames complete on the tick the other calls' frames complete on (round_schedule.py,
+        `first_frame_pad`). Nothing to do while no audio came, or with no other call or no stamps."""
+        audio = s.audio
+        written, tick = audio.rx_tick()
+        if not written and not audio.rx.readable:
+            return  # no audio yet: the call's phase is still open
+        s.aligned = True
+        if not self.align or not tick or not audio.untouched:
+            return
+        others = [c.frame_tick_ns for c in calls if c is not s and c.frame_tick_ns and not c.closed]
+        made = written * ENGINE_RATE // audio.call_rate
+        per_tick = ENGINE_RATE * TICK_NS // 1_000_000_000
+        pad = 0
+        if others:  # else the first call sets the phase
+            pad = first_frame_pad(made, tick, majority_phase(others, FRAME_NS, SAME_TICK_NS), per_tick=per_tick,
+                                  frame=FRAME_SIZE)
+        if pad:
+            audio.pad_start(pad)
+            s.pad_samples = pad
+        # where its frames will complete, for the calls that join before its first frame does
+        s.frame_tick_ns = first_frame_tick(made, pad, tick, per_tick=per_tick, frame=FRAME_SIZE)
+
+    def _round(self, members: list[ModelCallSession]) -> None:
+        """One round: every member's waiting frame stepped, in one `BatchedSessions.step` (batched) or
+        one after another; its length (to the last push) goes to `round_times`."""
+        stepped: list[tuple[ModelCallSession, _Prepared]] = []
+        locked: list[ModelCallSession] = []
+        batch = self._batch
+        try:
+            for s in members:
+                s.lock.acquire()  # a close waits for the round in flight; none follows once `closed` is set
+                locked.append(s)
+                due, s.waiting = s.waiting, None
+                if s.closed or due is None:
+                    continue
+                stepped.append((s, self._before_step(s, *due)))
+            if not stepped:
+                return
+            first = now_ns()
+            if batch is not None:
                 pcm, active, agents = self._pcm, self._active, self._agents
                 active[:] = False
                 for s, prep in stepped:
                     pcm[s.slot] = prep.heard
                     active[s.slot] = True
                     agents[s.slot] = prep.agent
-                start = now_ns()
+                start = first
                 out, pieces = batch.step(pcm, active, agents)
                 end = now_ns()
                 for s, prep in stepped:
                     agents[s.slot] = None
                     self._after_step(s, prep, out[s.slot], pieces[s.slot], start, end)
-            finally:
-                for s in locked:
-                    s.lock.release()
-            if self.on_round is not None:
-                self.on_round(len(stepped), (end - start) / 1e9)
+            else:
+                for s, prep in stepped:
+                    start = now_ns()
+                    out, piece = s.session.step(prep.heard, agent_pcm=prep.agent)
+                    self._after_step(s, prep, out, piece, start, now_ns())
+            last = now_ns()
+        finally:
+            for s in locked:
+                s.lock.release()
+        self.round_times.observe(len(stepped), last - first)
+        if batch is not None and self.on_round is not None:
+            self.on_round(len(stepped), (end - start) / 1e9)
 
     def _emit(self, event: LiveEvent) -> None:
         sink = self.on_event
@@ -481,15 +586,6 @@ class ModelEngine:
             if ns > 0:
                 s.stats.fill(frame, _RTP_OUT, ns)
             s.departing.popleft()
-
-    def _step(self, s: ModelCallSession, pcm: np.ndarray, ready_ns: int, silence: bool, arrival_ns: int = 0,
-              resampled_ns: int = 0) -> None:
-        """One step of `s` alone on `pcm`, found ready at `ready_ns` (a real frame: its last sample entered
-        rx at `arrival_ns` and was resampled at `resampled_ns`; 0 where unknown)."""
-        prep = self._before_step(s, pcm, ready_ns, silence, arrival_ns, resampled_ns)
-        start = now_ns()
-        out, piece = s.session.step(prep.heard, agent_pcm=prep.agent)
-        self._after_step(s, prep, out, piece, start, now_ns())
 
     def _before_step(self, s: ModelCallSession, pcm: np.ndarray, ready_ns: int, silence: bool, arrival_ns: int,
                      resampled_ns: int) -> "_Prepared":
