@@ -171,6 +171,24 @@ class CallAudio:
         """The next `n` samples of the caller at 24 kHz (int16), or None until that many have come in."""
         if n <= 0:
             raise ValueError(f"pull() takes a sample count > 0, got {n!r}")
+        self._take_rx()
+        if self._in24.readable < n:
+            return None
+        self.frames_pulled += 1
+        self._pulled24 += n
+        self.last_arrival_ns, self.last_resampled_ns = self._arrival_ns(self._pulled24)
+        return self._in24.read(n)
+
+    def frame_due(self, n: int) -> int | None:
+        """None until the next `n` samples at 24 kHz are in; else when the last of them entered rx
+        (monotonic ns; 0 if unknown). Resamples what came, pulls nothing: `pull(n)` takes that frame."""
+        self._take_rx()
+        if self._in24.readable < n:
+            return None
+        return self._arrival_ns(self._pulled24 + n)[0]
+
+    def _take_rx(self) -> None:
+        """Everything in rx, resampled into the 24 kHz ring (with its position and time, for the stamps)."""
         have = self.rx.readable
         if have:
             chunk = self.rx.read(have)  # all of it: `have` were readable and only we read
@@ -181,12 +199,6 @@ class CallAudio:
                                      self._clock()))
                 self._made24 += made
             self._rx_read += have
-        if self._in24.readable < n:
-            return None
-        self.frames_pulled += 1
-        self._pulled24 += n
-        self.last_arrival_ns, self.last_resampled_ns = self._arrival_ns(self._pulled24)
-        return self._in24.read(n)
 
     def _arrival_ns(self, end24: int) -> tuple[int, int]:
         """(when the rx samples that completed 24 kHz sample `end24 - 1` entered rx, when the resampler

@@ -50,11 +50,14 @@ ROUND_QUANTILE = 90.0  # the percentile of them a plan expects: a round rarely t
 
 
 class Due(NamedTuple):
-    """A call waiting with a complete frame: when it fell due, and a tick of its media clock (0:
-    unknown, e.g. audio with no stamps, or a frame of silence fed by the watchdog)."""
+    """A call waiting with a complete frame: when it fell due, a tick of its media clock (0: unknown,
+    e.g. audio with no stamps), and when the media side will first read this frame's audio (0: on the
+    first tick the round can reach; later when the call's tx still holds audio of earlier frames: the
+    tick that empties it)."""
 
     due_ns: int
     tick_ns: int = 0
+    need_ns: int = 0
 
 
 class RoundPlan(NamedTuple):
@@ -96,8 +99,8 @@ def plan_round(now_ns: int, calls: Sequence[Due], expected_ns: Callable[[int], i
 
     The calls that fell due first (on one tick, within `tolerance_ns`) define it: it aims at the
     first tick of the majority grid at or after their due time + the round's expected length
-    (`expected_ns(B)`, None when unknown: start at once) + `margin_ns`, and starts that long before
-    it. Calls due later join, in due order, as long as the round with them still ends before that
+    (`expected_ns(B)`, None when unknown: start at once) + `margin_ns`, and not before the earliest
+    of their `need_ns` (audio still queued plays first), and starts `expected + margin` before it. Calls due later join, in due order, as long as the round with them still ends before that
     tick; the others wait for the next round. A start in the past means: at once."""
     if not calls:
         return None
@@ -110,7 +113,8 @@ def plan_round(now_ns: int, calls: Sequence[Due], expected_ns: Callable[[int], i
         return RoundPlan(now_ns, tuple(sorted(order)), 0)
     grid = majority_phase(ticks, period_ns, tolerance_ns)
     latest = max(calls[i].due_ns for i in members)
-    end_tick = next_tick(grid, latest + expected + margin_ns, period_ns)
+    need = min((calls[i].need_ns for i in members if calls[i].need_ns), default=0)
+    end_tick = next_tick(grid, max(latest + expected + margin_ns, need), period_ns)
     for i in order[len(members):]:
         longer = expected_ns(len(members) + 1)
         if longer is None or max(latest, calls[i].due_ns) + longer + margin_ns > end_tick:

@@ -67,13 +67,13 @@ from callbot.engine.audio import PeriodicClock, make_realtime, now_ns, sleep_unt
 from callbot.engine.serving.call_audio import CallAudio
 from callbot.engine.serving.round_schedule import (MARGIN_NS, SAME_TICK_NS, TICK_NS, Due,
                                                    RoundPlan, RoundTimes, first_frame_pad, first_frame_tick,
-                                                   majority_phase, plan_round)
+                                                   majority_phase, next_tick, plan_round)
 from callbot.engine.contract import (ENGINE_RATE, BotSpeech, BotText, CallerSpeech, CallStart, CallSummary, Control,
                                      ControlNotSupported, EventSink, FrameStages, Inform, InformFinished, LiveEvent,
                                      HoldBot, MuteCaller, PersonaChanged, Play, PlayFinished, SessionClosed,
                                      SetPersona, StopPlay, TextPiece)
 from callbot.engine.serving.clips import Clip, cut_clips
-from callbot.engine.serving.frame_stats import STAGES, FrameStats
+from callbot.engine.serving.frame_stats import STAGES, STATS_FRAMES, FrameStats
 from callbot.engine.serving.speech_activity import SpeechActivity
 from callbot.engine.serving.step_budget import FRAME_S, HEADROOM, WARMUP_MAX_BATCH, WARMUP_REPEATS
 from callbot.engine.serving.tx_policy import MODEL_TX_MAX_MS, MODEL_TX_SETTLE_PUSHES
@@ -141,11 +141,15 @@ class ModelCallSession:
     stats: FrameStats = field(default_factory=FrameStats)
     text: list[tuple[float, str]] = field(default_factory=list)
     next_deadline_ns: int = 0  # watchdog: silence is fed after this (+ grace); 0 until the first frame
-    # the frame taken from the call's audio and waiting for its round: _due_frame's tuple, or None
+    # a step due and waiting for its round: (due ns, silence), or None; the frame stays in the call's
+    # audio until the round pulls it (a call that closes meanwhile loses nothing it had taken)
     waiting: tuple | None = None
     frame_tick_ns: int = 0  # the media tick that completed the call's last real frame (its frames' grid)
     aligned: bool = False  # its first frame was put in phase with the other calls' (or needed not be)
     pad_samples: int = 0  # 24 kHz silence put before its first sample to do so (< one frame)
+    # per frame (frame number modulo its length): how long the schedule kept it after it was resampled,
+    # so that its round ends just before the tick its audio leaves on (ns; 0: stepped at once)
+    holds: np.ndarray = field(default_factory=lambda: np.zeros(STATS_FRAMES, np.int64))
     first_frame_ns: int = 0
     steps: int = 0
     steps_late: int = 0
@@ -376,6 +380,20 @@ class ModelEngine:
             if self.realtime_result is not None:
                 self.realtime_result.restore()
 
+    def _step_due(self, s: ModelCallSession) -> tuple | None:
+        """(due ns, silence) when `s` has a step due - a complete frame (due: the media tick that brought
+        its last sample, else now) or silence past the watchdog's deadline - else None. Takes nothing:
+        `_due_frame` does, when the round starts."""
+        arrival = s.audio.frame_due(FRAME_SIZE)
+        now = now_ns()
+        if arrival is not None:
+            if arrival:
+                s.frame_tick_ns = arrival  # the call's frames complete on this tick's grid
+            return (arrival or now, False)
+        if s.next_deadline_ns and now > s.next_deadline_ns + self.grace_ns:
+            return (now, True)
+        return None
+
     def _due_frame(self, s: ModelCallSession) -> tuple | None:
         """(pcm float32 [1920], ready ns, silence, arrival ns, resampled ns) of `s`'s next step: its next
         complete frame (a burst after a stall keeps the newest `max_backlog` frames), else silence when the
@@ -445,9 +463,7 @@ class ModelEngine:
                     if s.waiting is None:
                         if not s.aligned:
                             self._align_first_frame(s, calls)
-                        s.waiting = due = self._due_frame(s)
-                        if due is not None and not due[2] and due[3]:
-                            s.frame_tick_ns = due[3]  # the media tick that brought its last sample
+                        s.waiting = self._step_due(s)
                     if s.waiting is not None:
                         waiting.append(s)
             if not waiting:
@@ -458,15 +474,26 @@ class ModelEngine:
                 if plan.start_ns - now > poll_ns:
                     return  # polled again before then: a call falling due meanwhile may still join
                 sleep_until(plan.start_ns)
-            self._round([waiting[i] for i in plan.members])
+            self._round([waiting[i] for i in plan.members], plan.start_ns if plan.end_tick_ns else 0)
 
     def _plan(self, waiting: list[ModelCallSession]) -> RoundPlan:
         if not self.align:
             return RoundPlan(0, tuple(range(len(waiting))))
         # due: the media tick that completed the frame (the rx stamp of its last sample), else when the
         # runner found it (no stamps, or silence fed by the watchdog)
-        dues = [Due(s.waiting[3] or s.waiting[1], s.frame_tick_ns) for s in waiting]
-        return plan_round(now_ns(), dues, self.round_times.expected_ns, self.margin_ns)
+        now = now_ns()
+        dues = [Due(s.waiting[0], s.frame_tick_ns, self._need_ns(s, now)) for s in waiting]
+        return plan_round(now, dues, self.round_times.expected_ns, self.margin_ns)
+
+    @staticmethod
+    def _need_ns(s: ModelCallSession, now: int) -> int:
+        """The tick on which the media side will first read the audio of `s`'s waiting frame: the next
+        tick, or later by every whole tick of audio its tx still holds (0: no tick known). pjmedia's
+        bridge reads every port before it writes them, so a tick whose rx write we saw has read tx."""
+        if not s.frame_tick_ns:
+            return 0
+        queued_ticks = s.audio.tx.readable // s.audio.frame_samples
+        return next_tick(s.frame_tick_ns, now + 1) + queued_ticks * TICK_NS
 
     def _align_first_frame(self, s: ModelCallSession, calls: list[ModelCallSession]) -> None:
         """Before a call's first audio is pulled: silence before it (< one frame, once) so that its
@@ -492,9 +519,10 @@ class ModelEngine:
         # where its frames will complete, for the calls that join before its first frame does
         s.frame_tick_ns = first_frame_tick(made, pad, tick, per_tick=per_tick, frame=FRAME_SIZE)
 
-    def _round(self, members: list[ModelCallSession]) -> None:
-        """One round: every member's waiting frame stepped, in one `BatchedSessions.step` (batched) or
-        one after another; its length (to the last push) goes to `round_times`."""
+    def _round(self, members: list[ModelCallSession], planned_ns: int = 0) -> None:
+        """One round, planned to start at `planned_ns` (0: at once): every member's waiting frame
+        stepped, in one `BatchedSessions.step` (batched) or one after another; its length (to the
+        last push) goes to `round_times`."""
         stepped: list[tuple[ModelCallSession, _Prepared]] = []
         locked: list[ModelCallSession] = []
         batch = self._batch
@@ -502,10 +530,13 @@ class ModelEngine:
             for s in members:
                 s.lock.acquire()  # a close waits for the round in flight; none follows once `closed` is set
                 locked.append(s)
-                due, s.waiting = s.waiting, None
-                if s.closed or due is None:
+                s.waiting = None
+                if s.closed or (due := self._due_frame(s)) is None:
                     continue
-                stepped.append((s, self._before_step(s, *due)))
+                prep = self._before_step(s, *due)
+                if planned_ns:
+                    s.holds[prep.frame_no % len(s.holds)] = max(0, planned_ns - int(prep.row[_RESAMPLED]))
+                stepped.append((s, prep))
             if not stepped:
                 return
             first = now_ns()
