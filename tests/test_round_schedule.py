@@ -43,21 +43,6 @@ def test_a_round_ends_on_the_first_tick_it_can_reach_and_starts_as_late_as_that_
         assert end - (start + expected * MS) == margin * MS
 
 
-def test_audio_still_queued_for_the_caller_moves_the_round_to_the_tick_that_needs_the_new_audio():
-    for phase, expected, queued_ticks, late in itertools.product(range(0, 20, 5), range(0, 50, 4), range(0, 6),
-                                                                 (0, 3)):
-        grid = T0 + phase * MS
-        now = grid + late * MS
-        need = next_tick(grid, now + 1) + queued_ticks * TICK_NS  # the tick that reads past the queued audio
-        plan = plan_round(now, [Due(grid, grid, need)], fixed(expected * MS), 2 * MS)
-        reach = next_tick(grid, grid + (expected + 2) * MS)
-        assert plan.end_tick_ns == max(reach, need)
-        assert plan.start_ns == plan.end_tick_ns - (expected + 2) * MS >= grid
-    # several calls: the one that needs its audio first sets the tick
-    calls = [Due(T0, T0, T0 + 60 * MS), Due(T0, T0, T0 + 20 * MS), Due(T0, T0, 0)]
-    assert plan_round(T0, calls, fixed(5 * MS), 2 * MS).end_tick_ns == T0 + 20 * MS
-
-
 def test_without_a_tick_or_a_round_length_every_waiting_call_goes_at_once():
     calls = [Due(T0 + 5 * MS, 0), Due(T0, 0), Due(T0 + 30 * MS, 0)]
     for plan in (plan_round(T0 + 40 * MS, calls, fixed(10 * MS)),
@@ -153,6 +138,15 @@ def test_pad_for_a_count_off_the_tick_still_ends_its_frames_on_a_tick():
         pad = first_frame_pad(made, T0, T0 + 40 * MS)
         assert (made + pad + 2 * 480) % 1920 == 0
         assert first_frame_tick(made, pad, T0) == T0 + 40 * MS
+
+
+def test_round_times_expects_the_longest_recent_round_by_default():
+    times = RoundTimes(window=4)
+    for ns in (9, 5, 6, 7):
+        times.observe(1, ns * MS)
+    assert times.expected_ns(1) == 9 * MS
+    times.observe(1, 6 * MS)  # the 9 ms round leaves the window
+    assert times.expected_ns(1) == 7 * MS
 
 
 def test_round_times_expects_a_high_percentile_of_the_recent_rounds_and_scales_unseen_sizes():

@@ -67,7 +67,7 @@ from callbot.engine.audio import PeriodicClock, make_realtime, now_ns, sleep_unt
 from callbot.engine.serving.call_audio import CallAudio
 from callbot.engine.serving.round_schedule import (MARGIN_NS, SAME_TICK_NS, TICK_NS, Due,
                                                    RoundPlan, RoundTimes, first_frame_pad, first_frame_tick,
-                                                   majority_phase, next_tick, plan_round)
+                                                   majority_phase, plan_round)
 from callbot.engine.contract import (ENGINE_RATE, BotSpeech, BotText, CallerSpeech, CallStart, CallSummary, Control,
                                      ControlNotSupported, EventSink, FrameStages, Inform, InformFinished, LiveEvent,
                                      HoldBot, MuteCaller, PersonaChanged, Play, PlayFinished, SessionClosed,
@@ -464,6 +464,8 @@ class ModelEngine:
                         if not s.aligned:
                             self._align_first_frame(s, calls)
                         s.waiting = self._step_due(s)
+                    else:
+                        s.audio.frame_due(FRAME_SIZE)  # resampled as it comes: its stamps stay true
                     if s.waiting is not None:
                         waiting.append(s)
             if not waiting:
@@ -481,19 +483,8 @@ class ModelEngine:
             return RoundPlan(0, tuple(range(len(waiting))))
         # due: the media tick that completed the frame (the rx stamp of its last sample), else when the
         # runner found it (no stamps, or silence fed by the watchdog)
-        now = now_ns()
-        dues = [Due(s.waiting[0], s.frame_tick_ns, self._need_ns(s, now)) for s in waiting]
-        return plan_round(now, dues, self.round_times.expected_ns, self.margin_ns)
-
-    @staticmethod
-    def _need_ns(s: ModelCallSession, now: int) -> int:
-        """The tick on which the media side will first read the audio of `s`'s waiting frame: the next
-        tick, or later by every whole tick of audio its tx still holds (0: no tick known). pjmedia's
-        bridge reads every port before it writes them, so a tick whose rx write we saw has read tx."""
-        if not s.frame_tick_ns:
-            return 0
-        queued_ticks = s.audio.tx.readable // s.audio.frame_samples
-        return next_tick(s.frame_tick_ns, now + 1) + queued_ticks * TICK_NS
+        dues = [Due(s.waiting[0], s.frame_tick_ns) for s in waiting]
+        return plan_round(now_ns(), dues, self.round_times.expected_ns, self.margin_ns)
 
     def _align_first_frame(self, s: ModelCallSession, calls: list[ModelCallSession]) -> None:
         """Before a call's first audio is pulled: silence before it (< one frame, once) so that its
