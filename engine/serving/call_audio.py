@@ -211,12 +211,13 @@ class CallAudio:
                 break
         return 0, 0
 
-    def push(self, frame: np.ndarray, exact: np.ndarray | None = None) -> int:
+    def push(self, frame: np.ndarray, exact: np.ndarray | None = None, skip: int = 0) -> int:
         """Queues 24 kHz int16 audio for the caller; returns the call-rate samples accepted into tx.
 
         `exact`: call-rate int16 samples sent instead of what the frame resamples to (a clip the app
         plays, sample for sample). The frame still goes through the resampler, so that its history
-        stays continuous for the frames after the clip."""
+        stays continuous for the frames after the clip. `skip`: call-rate samples dropped from the
+        start of what goes to tx (counted in `tx_trimmed`): the part whose media ticks have passed."""
         frame = np.asarray(frame)
         if frame.dtype != np.int16 or frame.ndim != 1:
             raise ValueError(f"push() takes a 1-D int16 array of 24 kHz samples, got {frame.dtype} {frame.shape}")
@@ -227,6 +228,9 @@ class CallAudio:
                 raise ValueError(f"exact takes a 1-D int16 array of call-rate samples, got {exact.dtype} {exact.shape}")
             out = exact
         self.frames_pushed += 1
+        if skip > 0:
+            self._tx_policy.trimmed += min(skip, len(out))
+            out = out[skip:]
         out, backlog = self._tx_policy.admit(out, self.tx, self.departure_ns)
         # stamped before tx holds it: the media side cannot have read it any earlier
         self.last_push_ns = self._clock()

@@ -150,6 +150,7 @@ class ModelCallSession:
     # per frame (frame number modulo its length): how long the schedule kept it after it was resampled,
     # so that its round ends just before the tick its audio leaves on (ns; 0: stepped at once)
     holds: np.ndarray = field(default_factory=lambda: np.zeros(STATS_FRAMES, np.int64))
+    underruns_seen: int = 0  # the tx ring's underrun count at the call's last push
     first_frame_ns: int = 0
     steps: int = 0
     steps_late: int = 0
@@ -476,7 +477,7 @@ class ModelEngine:
                 if plan.start_ns - now > poll_ns:
                     return  # polled again before then: a call falling due meanwhile may still join
                 sleep_until(plan.start_ns)
-            self._round([waiting[i] for i in plan.members], plan.start_ns if plan.end_tick_ns else 0)
+            self._round([waiting[i] for i in plan.members], plan.start_ns if plan.end_tick_ns else 0, plan.end_tick_ns)
 
     def _plan(self, waiting: list[ModelCallSession]) -> RoundPlan:
         if not self.align:
@@ -510,7 +511,21 @@ class ModelEngine:
         # where its frames will complete, for the calls that join before its first frame does
         s.frame_tick_ns = first_frame_tick(made, pad, tick, per_tick=per_tick, frame=FRAME_SIZE)
 
-    def _round(self, members: list[ModelCallSession], planned_ns: int = 0) -> None:
+    @staticmethod
+    def _missed_samples(s: ModelCallSession, end_tick: int) -> int:
+        """Call-rate samples to drop from the front of this push: with a planned round (`end_tick`),
+        one media tick's worth for every tick that found the call's tx empty since its last push (the
+        tx ring counts them: the round overran its tick, and the media side played silence there).
+        Sent anyway, that audio would move the call's audio a tick later for the rest of the call (the
+        backlog every later push finds); dropped, the call keeps the phase the schedule plans for.
+        Without a planned round (align=False), the tx policy alone decides, as before."""
+        underruns = s.audio.underruns
+        missed, s.underruns_seen = underruns - s.underruns_seen, underruns
+        if not end_tick or missed <= 0 or s.audio.tx.readable:
+            return 0
+        return missed * s.audio.frame_samples
+
+    def _round(self, members: list[ModelCallSession], planned_ns: int = 0, end_tick: int = 0) -> None:
         """One round, planned to start at `planned_ns` (0: at once): every member's waiting frame
         stepped, in one `BatchedSessions.step` (batched) or one after another; its length (to the
         last push) goes to `round_times`."""
@@ -543,12 +558,12 @@ class ModelEngine:
                 end = now_ns()
                 for s, prep in stepped:
                     agents[s.slot] = None
-                    self._after_step(s, prep, out[s.slot], pieces[s.slot], start, end)
+                    self._after_step(s, prep, out[s.slot], pieces[s.slot], start, end, end_tick)
             else:
                 for s, prep in stepped:
                     start = now_ns()
                     out, piece = s.session.step(prep.heard, agent_pcm=prep.agent)
-                    self._after_step(s, prep, out, piece, start, now_ns())
+                    self._after_step(s, prep, out, piece, start, now_ns(), end_tick)
             last = now_ns()
         finally:
             for s in locked:
@@ -649,16 +664,18 @@ class ModelEngine:
         return _Prepared(frame_no, row, t_ms, heard, agent, fed)
 
     def _after_step(self, s: ModelCallSession, prep: "_Prepared", out: np.ndarray, piece: str | None, start: int,
-                    end: int) -> None:
+                    end: int, end_tick: int = 0) -> None:
         """Everything of a call's step after the model ran from `start` to `end` (ns): the audio to tx (a
-        played frame sent exact), the events, the persona reports, the stage stamps."""
+        played frame sent exact), the events, the persona reports, the stage stamps. `end_tick`: the
+        tick its round aimed to end before (0: none); a round that overran it drops the ticks it
+        missed from the front of the call's audio (_missed_samples)."""
         row, t_ms, call_id = prep.row, prep.t_ms, s.start.call_id
         row[_STEP_START], row[_DECODED] = start, end
         row[_ENCODED], row[_LM_STEPPED] = s.session.last_encoded_ns, s.session.last_stepped_ns
         sent, s.in_flight = (s.in_flight if s.session.last_output_played else None), prep.fed
         exact = sent[1] if sent is not None else None  # in place of the decode of the played frame
         pcm16 = np.clip(np.rint(out * _INT16_SCALE), -32768, 32767).astype(np.int16)
-        if s.audio.push(pcm16, exact=exact):
+        if s.audio.push(pcm16, exact=exact, skip=self._missed_samples(s, end_tick)):
             s.departing.append((prep.frame_no, s.audio.last_push_pos))
         # taken as the audio was handed to tx (before the media side could read it): ring_out <= rtp_out
         row[_RING_OUT] = s.audio.last_push_ns
