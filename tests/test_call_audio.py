@@ -88,3 +88,48 @@ def test_pad_start_puts_silence_before_the_first_sample_and_keeps_the_stamps_rig
             CallAudio(16000).pad_start(-1)
     finally:
         audio.close()
+
+
+def test_push_can_skip_the_front_of_its_audio_and_counts_it_trimmed():
+    audio = CallAudio(16000)
+    try:
+        assert audio.push(np.full(1920, 1000, np.int16), skip=320) == 960
+        assert audio.tx_trimmed == 320 and audio.tx.readable == 960
+    finally:
+        audio.close()
+
+
+def test_a_planned_round_drops_one_tick_per_tick_the_media_side_found_tx_empty():
+    """ModelEngine._missed_samples: the ticks that played silence since the call's last push."""
+    from types import SimpleNamespace
+
+    from callbot.engine.audio import now_ns
+    from callbot.engine.serving.runner import ModelEngine
+
+    audio = CallAudio(16000)
+    try:
+        s = SimpleNamespace(audio=audio, underruns_seen=0, frame_tick_ns=0)
+        audio.frames_pushed = 1  # the call has spoken: the media side reads its tx every tick
+        audio.tx.write(np.zeros(320, np.int16))
+        audio.tx.read(320)
+        audio.tx_stamps.note(320)
+        assert ModelEngine._missed_samples(s, end_tick=1) == 0  # nothing missed
+        assert audio.tx.read(320) is None and audio.tx.read(320) is None  # two ticks found tx empty
+        future = now_ns() + 10**9
+        assert ModelEngine._missed_samples(s, end_tick=future) == 0  # the round is on time: not its ticks
+        assert audio.tx.read(320) is None and audio.tx.read(320) is None
+        assert ModelEngine._missed_samples(s, end_tick=now_ns() - 10_000_000) == 320  # one tick past it
+        assert audio.tx.read(320) is None and audio.tx.read(320) is None
+        assert ModelEngine._missed_samples(s, end_tick=1) == 640
+        assert ModelEngine._missed_samples(s, end_tick=1) == 0  # counted once
+        assert audio.tx.read(320) is None
+        assert ModelEngine._missed_samples(s, end_tick=0) == 0  # no planned round: as before
+        assert ModelEngine._missed_samples(s, end_tick=1) == 0  # and that tick is not counted later
+        assert audio.tx.read(320) is None
+        audio.tx.write(np.zeros(400, np.int16))  # audio still queued covers the missed tick
+        assert ModelEngine._missed_samples(s, end_tick=1) == 0
+        # on time with earlier audio queued: its whole ticks go, once
+        assert ModelEngine._missed_samples(s, end_tick=future) == 320
+        assert ModelEngine._missed_samples(s, end_tick=0) == 0  # no planned round: nothing
+    finally:
+        audio.close()

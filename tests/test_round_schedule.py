@@ -128,9 +128,19 @@ def test_a_new_calls_first_frame_pad_puts_its_frames_on_the_groups_tick_or_one_t
         assert first_frame_tick(made, pad, last) == (last if made + pad and (made + pad) % 1920 == 0 else ticks[0])
         for t in ticks:
             lead = (group - t) % FRAME_NS  # how long before the group's next frame tick it completes
-            assert lead < TICK_NS or lead > FRAME_NS - 2 * MS, (made, own_phase, group_offset, pad)
+            assert lead < TICK_NS or lead >= FRAME_NS - 2 * MS, (made, own_phase, group_offset, pad)
         if group_offset % 20 == 0:  # one clock: exactly on the group's tick
             assert all((group - t) % FRAME_NS == 0 for t in frame_ticks(made, pad, last))
+
+
+def test_stamps_of_one_tick_a_little_apart_count_as_that_tick():
+    # one process: the group's frame tick and the new call's tick are the same ticks, stamped
+    # microseconds apart in either order
+    for made_ticks, ticks_ahead, jitter_us in itertools.product(range(0, 5), range(0, 4), (-1500, -3, 0, 3, 1500)):
+        made = made_ticks * 480
+        group = T0 + ticks_ahead * TICK_NS + jitter_us * 1000
+        pad = first_frame_pad(made, T0, group)
+        assert (made + pad + ticks_ahead * 480) % 1920 == 0, (made_ticks, ticks_ahead, jitter_us)
 
 
 def test_pad_for_a_count_off_the_tick_still_ends_its_frames_on_a_tick():
@@ -146,6 +156,8 @@ def test_round_times_expects_the_longest_recent_round_by_default():
         times.observe(1, ns * MS)
     assert times.expected_ns(1) == 9 * MS
     times.observe(1, 6 * MS)  # the 9 ms round leaves the window
+    assert times.expected_ns(1) == 7 * MS
+    times.observe(1, FRAME_NS + 1)  # a stall, not a round length to plan by
     assert times.expected_ns(1) == 7 * MS
 
 

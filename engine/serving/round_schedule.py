@@ -45,7 +45,7 @@ MARGIN_NS = 2_000_000  # a round aims to end this long before its tick (wake-up 
 # ticks closer than this are one tick: the calls of one process share pjmedia's clock, their stamps
 # in one tick lie microseconds apart
 SAME_TICK_NS = 2_000_000
-ROUND_WINDOW = 20  # recent rounds per batch size that the expected length is taken from
+ROUND_WINDOW = 10  # recent rounds per batch size that the expected length is taken from (0.8 s)
 # the percentile of them a plan expects: the longest. A round that ends after its tick leaves that
 # tick without the call's audio (an underrun, 20 ms of silence) and moves the call's audio a tick
 # later until the tx policy cuts it; the 90th percentile did that every ten rounds or so on the CI machine
@@ -137,9 +137,9 @@ def first_frame_pad(made: int, last_tick_ns: int, group_frame_tick_ns: int, *, p
     it (a call on another clock), so they are due when the group's round plans. Under one frame."""
     frame_ns = period_ns * frame // per_tick
     ahead = (group_frame_tick_ns - last_tick_ns) % frame_ns
-    if ahead > frame_ns - tolerance_ns:  # the group's tick is this one, seen a little earlier
-        ahead = 0
-    ticks = ahead // period_ns  # the call's own tick on or before the group's
+    # the call's own tick on or before the group's; a group tick a little (< tolerance) before one of
+    # the call's ticks is that tick (one clock: stamps of one tick lie microseconds apart)
+    ticks = (ahead + tolerance_ns) // period_ns % (frame // per_tick)
     return (-(made + ticks * per_tick)) % frame
 
 
@@ -164,14 +164,18 @@ class RoundTimes:
     def __init__(self, window: int = ROUND_WINDOW, quantile: float = ROUND_QUANTILE):
         if window < 1 or not 0 <= quantile <= 100:
             raise ValueError(f"window must be >= 1 and quantile in 0..100, got {window!r}, {quantile!r}")
-        self.window, self.quantile = window, quantile
+        self.window, self.quantile = window, quantile  # a window of 0.8 s at one round per frame
         self._ns: dict[int, deque] = {}
         self._expected: dict[int, int] = {}
 
     def observe(self, batch: int, ns: int) -> None:
-        """A round of `batch` calls took `ns`."""
+        """A round of `batch` calls took `ns`. A round longer than a frame is not kept: that is a stall
+        (a first round compiling its graphs, the machine taken away), counted late by the runner; planned
+        by, it would start the next rounds at odd places between ticks for the whole window."""
         if batch < 1 or ns < 0:
             raise ValueError(f"a round has >= 1 calls and takes >= 0 ns, got {batch!r}, {ns!r}")
+        if ns > FRAME_NS:
+            return
         seen = self._ns.setdefault(batch, deque(maxlen=self.window))
         seen.append(ns)
         self._expected[batch] = int(np.percentile(np.fromiter(seen, np.int64), self.quantile))

@@ -17,7 +17,9 @@ model service's workers run their own clocks: the round aims at the tick of most
 others wait for their own next tick). And a call's frames are put in phase with the calls already
 running before its first frame: silence in front of its 24 kHz stream, under 80 ms, once, so that its
 frames complete on their tick and it shares their rounds (without it, the calls of one SIP process fall
-into up to 4 phases of the 80 ms frame and as many rounds). After each batched round
+into up to 4 phases of the 80 ms frame and as many rounds). A planned round that overran its tick
+drops from the front of each call's push the ticks that found its tx empty (they played silence),
+so that one late round does not move the call's audio a tick later for good. After each batched round
 `on_round(calls stepped, seconds)` is told (the model service feeds admission's StepTimes with it).
 `batch=False` steps the calls one after another, each through its own `Session` (the model may then be
 a wrapper such as a test's tap or `--step-delay-ms`'s SlowModel; a batch needs the loaded Model), in
@@ -473,19 +475,30 @@ class ModelEngine:
                 return
             plan = self._plan(waiting)
             now = now_ns()
-            if plan.start_ns > now:
+            held = plan.start_ns > now
+            if held:
                 if plan.start_ns - now > poll_ns:
                     return  # polled again before then: a call falling due meanwhile may still join
                 sleep_until(plan.start_ns)
-            self._round([waiting[i] for i in plan.members], plan.start_ns if plan.end_tick_ns else 0, plan.end_tick_ns)
+            self._round([waiting[i] for i in plan.members], plan.start_ns if held else 0,
+                        plan.end_tick_ns, plan.start_ns if held else now)
 
     def _plan(self, waiting: list[ModelCallSession]) -> RoundPlan:
         if not self.align:
             return RoundPlan(0, tuple(range(len(waiting))))
         # due: the media tick that completed the frame (the rx stamp of its last sample), else when the
         # runner found it (no stamps, or silence fed by the watchdog)
-        dues = [Due(s.waiting[0], s.frame_tick_ns) for s in waiting]
+        dues = [Due(s.waiting[0], self._read_tick_ns(s) or s.frame_tick_ns) for s in waiting]
         return plan_round(now_ns(), dues, self.round_times.expected_ns, self.margin_ns)
+
+    @staticmethod
+    def _read_tick_ns(s: ModelCallSession) -> int:
+        """When the media side last read the call's tx (its stamp log; 0 before it has): the ticks a
+        round must end before. pjmedia's bridge reads a port before it writes it, so these come a
+        little (0.5-1 ms measured) before the rx stamps of the same tick."""
+        stamps = s.audio.tx_stamps
+        reached = stamps.reached()
+        return stamps.find(reached) if reached else 0
 
     def _align_first_frame(self, s: ModelCallSession, calls: list[ModelCallSession]) -> None:
         """Before a call's first audio is pulled: silence before it (< one frame, once) so that its
@@ -513,22 +526,41 @@ class ModelEngine:
 
     @staticmethod
     def _missed_samples(s: ModelCallSession, end_tick: int) -> int:
-        """Call-rate samples to drop from the front of this push: with a planned round (`end_tick`),
-        one media tick's worth for every tick that found the call's tx empty since its last push (the
-        tx ring counts them: the round overran its tick, and the media side played silence there).
-        Sent anyway, that audio would move the call's audio a tick later for the rest of the call (the
-        backlog every later push finds); dropped, the call keeps the phase the schedule plans for.
-        Without a planned round (align=False), the tx policy alone decides, as before."""
-        underruns = s.audio.underruns
+        """Call-rate samples to drop from the front of this push so that a planned round's audio
+        starts on the tick it was planned for (`end_tick`; 0: no planned round, drop nothing: the tx
+        policy alone decides, as before), for a call on that tick's clock:
+        - the round overran its tick (the media side found tx empty there and played silence): one
+          tick's worth for each such tick (the tx ring counts them since the call's last push), as far
+          as the round is past its tick; sent anyway, that audio would leave a tick late and every
+          later frame with it;
+        - on time, with whole ticks of earlier audio still queued in tx (left by a start without a plan
+          or an overrun the media side covered): that many ticks, once; the schedule, which ends every
+          round before its tick, does not need them to absorb a late step.
+        What the caller loses is audio the tick had already replaced by silence, or one tick of the
+        new frame in place of a delay for the rest of the call."""
+        audio = s.audio
+        underruns = audio.underruns
         missed, s.underruns_seen = underruns - s.underruns_seen, underruns
-        if not end_tick or missed <= 0 or s.audio.tx.readable:
-            return 0
-        return missed * s.audio.frame_samples
+        if not end_tick or not audio.frames_pushed or not audio.tx_stamps.reached():
+            return 0  # no plan, or nothing has read tx on a media clock yet
+        off = (s.frame_tick_ns - end_tick) % TICK_NS
+        if s.frame_tick_ns and min(off, TICK_NS - off) > SAME_TICK_NS:
+            return 0  # another clock: its own ticks, not this one, read its audio
+        per_tick = audio.frame_samples
+        queued = audio.tx.readable
+        late = now_ns() - end_tick
+        if queued == 0 and missed > 0 and late > 0:
+            return min(missed, 1 + late // TICK_NS) * per_tick
+        if late <= 0:
+            return queued // per_tick * per_tick
+        return 0
 
-    def _round(self, members: list[ModelCallSession], planned_ns: int = 0, end_tick: int = 0) -> None:
-        """One round, planned to start at `planned_ns` (0: at once): every member's waiting frame
-        stepped, in one `BatchedSessions.step` (batched) or one after another; its length (to the
-        last push) goes to `round_times`."""
+    def _round(self, members: list[ModelCallSession], planned_ns: int = 0, end_tick: int = 0,
+               origin_ns: int = 0) -> None:
+        """One round, held until `planned_ns` (0: started at once) to end before `end_tick` (0: no
+        tick): every member's waiting frame stepped, in one `BatchedSessions.step` (batched) or one
+        after another; its length, from `origin_ns` (when it began, prepared calls included) to the
+        last push, goes to `round_times`."""
         stepped: list[tuple[ModelCallSession, _Prepared]] = []
         locked: list[ModelCallSession] = []
         batch = self._batch
@@ -568,7 +600,9 @@ class ModelEngine:
         finally:
             for s in locked:
                 s.lock.release()
-        self.round_times.observe(len(stepped), last - first)
+        # a planned round's length counts from its planned start: the wake, the pulls and the app's
+        # controls before the step are part of what must end before the tick
+        self.round_times.observe(len(stepped), last - (origin_ns or first))
         if batch is not None and self.on_round is not None:
             self.on_round(len(stepped), (end - start) / 1e9)
 
