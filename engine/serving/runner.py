@@ -537,7 +537,8 @@ class ModelEngine:
           or an overrun the media side covered): that many ticks, once; the schedule, which ends every
           round before its tick, does not need them to absorb a late step.
         What the caller loses is audio the tick had already replaced by silence, or one tick of the
-        new frame in place of a delay for the rest of the call."""
+        new frame in place of a delay for the rest of the call. (A frame of a played clip is sent
+        whole all the same: _after_step.)"""
         audio = s.audio
         underruns = audio.underruns
         missed, s.underruns_seen = underruns - s.underruns_seen, underruns
@@ -709,7 +710,10 @@ class ModelEngine:
         sent, s.in_flight = (s.in_flight if s.session.last_output_played else None), prep.fed
         exact = sent[1] if sent is not None else None  # in place of the decode of the played frame
         pcm16 = np.clip(np.rint(out * _INT16_SCALE), -32768, 32767).astype(np.int16)
-        if s.audio.push(pcm16, exact=exact, skip=self._missed_samples(s, end_tick)):
+        skip = self._missed_samples(s, end_tick)
+        if exact is not None:
+            skip = 0  # a clip the app plays reaches the caller whole: late by a tick rather than cut
+        if s.audio.push(pcm16, exact=exact, skip=skip):
             s.departing.append((prep.frame_no, s.audio.last_push_pos))
         # taken as the audio was handed to tx (before the media side could read it): ring_out <= rtp_out
         row[_RING_OUT] = s.audio.last_push_ns
