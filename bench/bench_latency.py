@@ -157,7 +157,10 @@ def model_call(source, codec: str, clicks: int, interval_ms: float, kind: str, t
         model = L.MarkedModel(L._load(directory, how))
         snapshot = L._prepare(model)
         L._warm_up(model._model, snapshot)
-        engine = ModelEngine(model, lambda ci: BotPrompt(snapshot, seed=1), on_closed=closed.append)
+        # "baseline": the runner as it was before its rounds met the tick (issue 13, point 5): every due
+        # frame stepped at once, linear-phase resamplers
+        before = {"align": False, "resampler_phase": "linear"} if kind == "baseline" else {}
+        engine = ModelEngine(model, lambda ci: BotPrompt(snapshot, seed=1), on_closed=closed.append, **before)
     try:
         peer, stats = L.sip_call_with_clicks(engine, codec, clicks, interval_ms, loop="beside")
     finally:
@@ -168,7 +171,7 @@ def model_call(source, codec: str, clicks: int, interval_ms: float, kind: str, t
     return peer, marks, closed[0] if closed else None, stats
 
 
-@pytest.mark.parametrize("kind", ["process", "thread"])
+@pytest.mark.parametrize("kind", ["process", "thread", "baseline"])
 @pytest.mark.parametrize("codec", CODECS)
 def test_model(benchmark, model_source, codec, kind, tmp_path):
     label = model_source[2]
@@ -199,9 +202,15 @@ def test_model(benchmark, model_source, codec, kind, tmp_path):
     def ms(a, b):
         return (b - a) / 1e6
 
-    resamplers = _resamplers_ms(16000)  # the bridge's rate <-> 24 kHz: every call's port runs at it
-    ours = (ms(col["ring_in"], col["resampled"]) + ms(col["resampled"], col["step_start"])
+    # the bridge's rate <-> 24 kHz (every call's port runs at it), in the phase the call's CallAudio used
+    resamplers = _resamplers_ms(16000, "linear" if kind == "baseline" else "minimum")
+    # the schedule's hold: how long a frame was kept after it was resampled so that its round ends just
+    # before the tick its audio leaves on (the tick's wait, moved before the step); known in this process
+    # (the child's sessions stay in the child): 0 for "process", where it is inside resampled->step_start
+    holds = np.array([s.holds[k % len(s.holds)] / 1e6 if hasattr(s, "holds") else 0.0 for k, _ in rows])
+    ours = (ms(col["ring_in"], col["resampled"]) + ms(col["resampled"], col["step_start"]) - holds
             + ms(col["decoded"], col["ring_out"]) + resamplers)
+    tick_wait = holds + ms(col["ring_out"], col["rtp_out"])
     step = ms(col["step_start"], col["decoded"])
     # rtp_out is unknown (0) for a frame whose first samples were cut from tx (tx_settled): left out
     out = col["rtp_out"] > 0
@@ -216,8 +225,9 @@ def test_model(benchmark, model_source, codec, kind, tmp_path):
         "mimi_decode": L.stats_ms(ms(col["lm_stepped"], col["decoded"])),
         "decoded_to_ring_out": L.stats_ms(ms(col["decoded"], col["ring_out"])),
         "ring_out_to_rtp_out": L.stats_ms(ms(col["ring_out"], col["rtp_out"])[out]),
+        "hold": L.stats_ms(holds), "tick_wait": L.stats_ms(tick_wait[out]),
         "rtp_out_to_phone": L.stats_ms(ms(col["rtp_out"], heard)[out]),
-        "own_stages": L.stats_ms(ours), "own_stages_and_tick": L.stats_ms((ours + ms(col["ring_out"], col["rtp_out"]))[out]),
+        "own_stages": L.stats_ms(ours), "own_stages_and_tick": L.stats_ms((ours + tick_wait)[out]),
         "resamplers_ms": resamplers,
         # the loop's copy carries the peer's packetization (20 ms: a sample waits for its packet's end);
         # the marker's carries it inside `fill` (the frame's last packet leaves as the frame ends)
@@ -231,11 +241,12 @@ def test_model(benchmark, model_source, codec, kind, tmp_path):
     assert good.sum() >= MODEL_CLICKS // 2, (lat, marks)
 
 
-def _resamplers_ms(call_rate: int) -> float:
-    """The delay CallAudio's two resamplers add (filter delay: in the audio, not in any timestamp)."""
+def _resamplers_ms(call_rate: int, phase: str = "linear") -> float:
+    """The delay CallAudio's two resamplers add (filter delay: in the audio, not in any timestamp; for
+    minimum phase its largest in the band)."""
     from callbot.engine import Resampler
 
-    return float(Resampler(call_rate, 24000).delay_ms + Resampler(24000, call_rate).delay_ms)
+    return float(Resampler(call_rate, 24000, phase).delay_ms + Resampler(24000, call_rate, phase).delay_ms)
 
 
 # ---- the report -------------------------------------------------------------------------------------
@@ -243,6 +254,11 @@ def _resamplers_ms(call_rate: int) -> float:
 
 def _fmt(st):
     return f"{st['p50']:7.1f} {st['p99']:7.1f}"
+
+
+def _ratio(new, old, key):
+    return (f"{new[key]['p50']:.1f}/{old[key]['p50']:.1f} = {new[key]['p50'] / old[key]['p50']:.2f}x, "
+            f"{new[key]['p99']:.1f}/{old[key]['p99']:.1f} = {new[key]['p99'] / old[key]['p99']:.2f}x")
 
 
 def test_report(capsys):
@@ -275,18 +291,28 @@ def test_report(capsys):
         if r:
             lines.append(f"echo {codec}: CallAudio resamplers {r['resampler_ms']:.2f} ms, port at {r['port_rate']} Hz, "
                          f"own over the first quarter of the call p50/p99 {_fmt(r['own_first'])}; media {r['media']}")
-    for codec, kind in ((c, k) for k in ("process", "thread") for c in CODECS):
+    where = {"process": "a child process (as serve runs it)", "thread": "a thread of the SIP process",
+             "baseline": "a thread, BASELINE: rounds at once, linear-phase resamplers"}
+    for codec, kind in ((c, k) for k in ("process", "thread", "baseline") for c in CODECS):
         m = RESULTS.get(("model", codec, kind))
         if not m:
             continue
-        lines += ["", f"model {m['label']}, {codec}, inference in {'a child process (as serve runs it)' if kind == 'process' else 'a thread of the SIP process'}: clicks {m['total']['n']}, lost {m['lost']}, steps {m['steps']}, "
+        lines += ["", f"model {m['label']}, {codec}, inference in {where[kind]}: clicks {m['total']['n']}, lost {m['lost']}, steps {m['steps']}, "
                   f"late {m['steps_late']}, underruns {m['underruns']}, overruns {m['overruns']}, "
                   f"silence fed {m['silence_fed']}, dropped {m['frames_dropped']}, tx settled {m['tx_settled']}; "
                   f"load {m['loadavg']:.1f}"]
         for name in ("loop", "total", "fill", "arrival_to_out", "phone_to_ring_in", "ring_in_to_resampled",
                      "resampled_to_start", "step", "mimi_encode", "lm_step", "mimi_decode", "decoded_to_ring_out",
-                     "ring_out_to_rtp_out", "rtp_out_to_phone", "own_stages", "own_stages_and_tick", "own"):
+                     "ring_out_to_rtp_out", "rtp_out_to_phone", "hold", "tick_wait", "own_stages",
+                     "own_stages_and_tick", "own"):
             lines.append(f"  {name:<20}{_fmt(m[name])}")
+        lines.append(f"  resamplers (in own_stages) {m['resamplers_ms']:.2f} ms")
+    for codec in CODECS:  # the same run: the schedule and minimum phase against the runner before them
+        new, old = RESULTS.get(("model", codec, "thread")), RESULTS.get(("model", codec, "baseline"))
+        if new and old:
+            lines.append(f"model {codec}, thread / baseline (p50, p99): wait for the tick after the push "
+                         f"{_ratio(new, old, 'ring_out_to_rtp_out')}; own stages beyond the tick "
+                         f"{_ratio(new, old, 'own_stages')}; total {_ratio(new, old, 'total')}")
     lines += projection_lines()
     with capsys.disabled():
         print("\n" + "\n".join(lines))

@@ -5,8 +5,9 @@ Why: BENCHMARKS.md "Batched step" measures `BatchedSessions.step` alone; this me
 pays around it (polls, rings, resamplers, events, controls) with calls fed in real time, as pjmedia
 feeds them: every 20 ms one 20 ms frame per call into rx, tx drained. "in phase": all calls' frames
 complete on the same tick (one round of 4); "out of phase": call i starts one tick after call i-1, so
-their 80 ms frames complete on 4 different ticks and the runner steps each alone (it does not gather,
-see the runner's docstring). CPU is the process's (user + system, the feeding thread included) over
+their 80 ms frames would complete on 4 different ticks: with `align=False` the runner steps each alone,
+with the schedule (the default) it pads each new call's first frame so that its frames complete on the
+others' tick (engine/serving/round_schedule.py) and they share rounds. CPU is the process's (user + system, the feeding thread included) over
 `SECONDS` after a 1 s warm-up. Run (about 1 min):
 
     python bench/bench_runner_batch.py
@@ -34,10 +35,10 @@ TICK = RATE // 50  # call-rate samples per 20 ms media tick
 SECONDS = 8.0
 
 
-def run(model, prompt, calls: int, batch: bool, in_phase: bool) -> str:
+def run(model, prompt, calls: int, batch: bool, in_phase: bool, align: bool = True) -> str:
     rounds: list[tuple[int, float]] = []
     engine = ModelEngine(model, lambda start: prompt, realtime=False, batch=batch, slots=8, warm_batches=calls,
-                         on_round=lambda n, s: rounds.append((n, s)))
+                         on_round=lambda n, s: rounds.append((n, s)), align=align)
     sessions = [engine.open_session(CallStart(call_id=f"c{i}", rate=RATE), audio=CallAudio(RATE))
                 for i in range(calls)]
     frame = (3000 * np.sin(np.arange(TICK) / 5)).astype(np.int16)
@@ -68,8 +69,8 @@ def run(model, prompt, calls: int, batch: bool, in_phase: bool) -> str:
         sizes.setdefault(n, []).append(sec)
     shown = ", ".join(f"{len(v)} of {n} ({1000 * float(np.median(v)):.1f} ms)" for n, v in sorted(sizes.items()))
     mode = "batched" if batch else "one by one"
-    phase = "in phase" if in_phase else "out of phase"
-    return (f"{calls} calls {phase:12s} {mode:10s}: CPU {100 * cpu / wall:4.0f}% of a core, "
+    phase = ("in phase" if in_phase else "out of phase") + ("" if align else " (align=False)")
+    return (f"{calls} calls {phase:26s} {mode:10s}: CPU {100 * cpu / wall:4.0f}% of a core, "
             f"{100 * cpu / wall / calls:5.1f}% per call, {1000 * cpu / steps:5.1f} ms per step; steps {steps}, "
             f"late {late}, silence {silence}; rounds {shown or '-'}")
 
@@ -79,9 +80,9 @@ def main() -> None:
     lm_cfg, mimi_cfg = tiny_model_configs()
     model = Model.load(model_dir, lm_config=lm_cfg, mimi_config=mimi_cfg, cache_dir=False, progress=False)
     prompt = BotPrompt(model.prepare("NATF2", "You take orders for a pizza shop."), seed=1)
-    for calls, in_phase in ((1, True), (4, True), (4, False)):
+    for calls, in_phase, align in ((1, True, True), (4, True, True), (4, False, False), (4, False, True)):
         for batch in (False, True):
-            print(run(model, prompt, calls, batch, in_phase), flush=True)
+            print(run(model, prompt, calls, batch, in_phase, align), flush=True)
 
 
 if __name__ == "__main__":

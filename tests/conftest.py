@@ -71,6 +71,8 @@ MARKS: dict[str, frozenset[str]] = {
         "test_recording::test_kill_9_mid_call_leaves_a_playable_recording": "slow",  # 4 s of real time
         "test_runner": "model",
         "test_runner_batch": "model",  # 8 s: 4 calls in one batched engine against each call alone
+        "test_runner_phase": "model",  # 4 s: calls joining on different ticks put in phase, against each alone
+        "test_round_schedule": "",  # pure functions of times
         "test_serve": "sip model slow",  # 200 s
         "test_session": "model slow",  # 17 s
         "test_session_control": "model slow",  # 36 s

@@ -22,6 +22,14 @@ too), to which the media callback appends (samples so far, monotonic ns) once pe
 resampler made it (`last_resampled_ns`), `push` notes
 where its audio starts in tx (`last_push_pos`), and `departure_ns(pos)` answers, once the media side has
 read that far, when that sample left tx: the first and last stages of the runner's FrameStats.
+
+The resamplers' phase: linear by default (the delay is the same at every frequency, `delay_ms` exact,
+which the echo line's end-to-end tests rely on); the model line asks for "minimum" (engine/serving/
+runner.py, MODEL_RESAMPLER_PHASE), 0.25 / 0.13 ms per direction at 8 / 16 kHz instead of 1.75 / 1.0 ms,
+with the same band rejection (BENCHMARKS.md, "Resampler"). `use_resampler_phase` switches a CallAudio
+made elsewhere (attached to shared memory) before its first audio passes. `pad_start` puts silence
+before the first 24 kHz sample, once: the runner uses it to put a new call's frames in phase with
+the others' (engine/serving/round_schedule.py).
 """
 
 from __future__ import annotations
@@ -64,7 +72,7 @@ class CallAudio:
 
     def __init__(self, call_rate: int, ring_seconds: float = RING_SECONDS, tx_max_ms: float | None = None,
                  *, tx_settle: int | None = None, block: SharedCallRings | None = None,
-                 clock: Callable[[], int] = now_ns):
+                 clock: Callable[[], int] = now_ns, resampler_phase: str = "linear"):
         _check_rate(call_rate)
         capacity = _ring_capacity(call_rate, ring_seconds)
         self._tx_policy = TxPolicy(call_rate, tx_max_ms, tx_settle, ring_seconds * 1000)
@@ -84,8 +92,9 @@ class CallAudio:
             self.tx_stamps = StampLog.create_in(self._stamp_words[STAMP_LOG_SPAN // 8:])
         # 24 kHz side of the inbound path: resampled audio waiting to make up whole engine frames
         self._in24 = Ring(_ring_capacity(ENGINE_RATE, ring_seconds), "int16")
-        self._up = Resampler(call_rate, ENGINE_RATE)
-        self._down = Resampler(ENGINE_RATE, call_rate)
+        self._up = Resampler(call_rate, ENGINE_RATE, resampler_phase)
+        self._down = Resampler(ENGINE_RATE, call_rate, resampler_phase)
+        self.resampler_phase = resampler_phase
         self._clock = clock
         self.frames_pulled = 0
         self.frames_pushed = 0
@@ -126,10 +135,60 @@ class CallAudio:
 
     # ---- engine side (one engine thread) -------------------------------------------------------------
 
+    def use_resampler_phase(self, phase: str) -> None:
+        """Resamples with `phase` ("linear" or "minimum") from now on; only before any audio passed
+        through the engine side (ValueError after, or for another phase name)."""
+        if phase == self.resampler_phase:
+            return
+        if not self.untouched:
+            raise ValueError("the resamplers' phase can only change before the call's first audio")
+        self._up = Resampler(self.call_rate, ENGINE_RATE, phase)
+        self._down = Resampler(ENGINE_RATE, self.call_rate, phase)
+        self.resampler_phase = phase
+
+    def pad_start(self, samples: int) -> None:
+        """Puts `samples` (0 <= samples < 2 s) of 24 kHz silence before the caller's first sample;
+        only before any audio was pulled (ValueError after)."""
+        if isinstance(samples, bool) or not isinstance(samples, int) or not 0 <= samples < 2 * ENGINE_RATE:
+            raise ValueError(f"pad_start takes 0 <= samples < {2 * ENGINE_RATE}, got {samples!r}")
+        if not self.untouched:
+            raise ValueError("pad_start only goes before the call's first audio")
+        if samples:
+            self._made24 += self._in24.write(np.zeros(samples, np.int16))
+
+    @property
+    def untouched(self) -> bool:
+        """No audio has passed the engine side yet (the resamplers' phase and `pad_start` still apply)."""
+        return not (self._rx_read or self._made24 or self.frames_pulled or self.frames_pushed)
+
+    def rx_tick(self) -> tuple[int, int]:
+        """(call-rate samples the media side has written to rx so far, monotonic ns of the media tick
+        that wrote the last of them), from rx's stamp log; (0, 0) before the first stamped write."""
+        reached = self.rx_stamps.reached()
+        return (reached, self.rx_stamps.find(reached)) if reached else (0, 0)
+
     def pull(self, n: int) -> np.ndarray | None:
         """The next `n` samples of the caller at 24 kHz (int16), or None until that many have come in."""
         if n <= 0:
             raise ValueError(f"pull() takes a sample count > 0, got {n!r}")
+        self._take_rx()
+        if self._in24.readable < n:
+            return None
+        self.frames_pulled += 1
+        self._pulled24 += n
+        self.last_arrival_ns, self.last_resampled_ns = self._arrival_ns(self._pulled24)
+        return self._in24.read(n)
+
+    def frame_due(self, n: int) -> int | None:
+        """None until the next `n` samples at 24 kHz are in; else when the last of them entered rx
+        (monotonic ns; 0 if unknown). Resamples what came, pulls nothing: `pull(n)` takes that frame."""
+        self._take_rx()
+        if self._in24.readable < n:
+            return None
+        return self._arrival_ns(self._pulled24 + n)[0]
+
+    def _take_rx(self) -> None:
+        """Everything in rx, resampled into the 24 kHz ring (with its position and time, for the stamps)."""
         have = self.rx.readable
         if have:
             chunk = self.rx.read(have)  # all of it: `have` were readable and only we read
@@ -140,12 +199,6 @@ class CallAudio:
                                      self._clock()))
                 self._made24 += made
             self._rx_read += have
-        if self._in24.readable < n:
-            return None
-        self.frames_pulled += 1
-        self._pulled24 += n
-        self.last_arrival_ns, self.last_resampled_ns = self._arrival_ns(self._pulled24)
-        return self._in24.read(n)
 
     def _arrival_ns(self, end24: int) -> tuple[int, int]:
         """(when the rx samples that completed 24 kHz sample `end24 - 1` entered rx, when the resampler
@@ -158,12 +211,13 @@ class CallAudio:
                 break
         return 0, 0
 
-    def push(self, frame: np.ndarray, exact: np.ndarray | None = None) -> int:
+    def push(self, frame: np.ndarray, exact: np.ndarray | None = None, skip: int = 0) -> int:
         """Queues 24 kHz int16 audio for the caller; returns the call-rate samples accepted into tx.
 
         `exact`: call-rate int16 samples sent instead of what the frame resamples to (a clip the app
         plays, sample for sample). The frame still goes through the resampler, so that its history
-        stays continuous for the frames after the clip."""
+        stays continuous for the frames after the clip. `skip`: call-rate samples dropped from the
+        start of what goes to tx (counted in `tx_trimmed`): the part whose media ticks have passed."""
         frame = np.asarray(frame)
         if frame.dtype != np.int16 or frame.ndim != 1:
             raise ValueError(f"push() takes a 1-D int16 array of 24 kHz samples, got {frame.dtype} {frame.shape}")
@@ -174,6 +228,9 @@ class CallAudio:
                 raise ValueError(f"exact takes a 1-D int16 array of call-rate samples, got {exact.dtype} {exact.shape}")
             out = exact
         self.frames_pushed += 1
+        if skip > 0:
+            self._tx_policy.trimmed += min(skip, len(out))
+            out = out[skip:]
         out, backlog = self._tx_policy.admit(out, self.tx, self.departure_ns)
         # stamped before tx holds it: the media side cannot have read it any earlier
         self.last_push_ns = self._clock()

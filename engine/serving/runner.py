@@ -8,16 +8,23 @@ Batched (the default with a loaded Model): each call holds a slot of one `Batche
 the call is first seen and left when it has closed, and every call whose frame is due is stepped in one
 forward (Mimi encode, LM, Mimi decode over all of them): the 7B step reads its weights once for B calls
 instead of B times (BENCHMARKS.md, "Batched step"). Each slot's output equals its call stepped alone.
-Calls whose frames are not due at the same moment: the round steps the ones that are due now (the
-active mask) and the others in a round of their own when theirs is - no gathering window. Why: a window
-would hold every call's frame back by up to its width on every frame, while stepping now costs a call
-only the round already in flight when its frame completed (at most one round, the same wait a call has
-behind the others' steps when stepping one by one). The calls of one SIP process complete their frames
-on pjmedia's 20 ms ticks, so they fall into at most 4 phases per 80 ms frame: at most 4 rounds, each
-with the calls of its phase; calls opened in phase (issue 13, point 5) share one round. After each round
+Rounds are scheduled against the media clock (engine/serving/round_schedule.py; `align=False` turns
+it off). A round starts late enough to end `margin_ms` before the media tick its audio leaves on (the
+tick grid and the frames' due times come from the rx stamps of the frames' last samples; its length
+from this engine's own recent rounds of that size, `round_times`), not at once: the audio leaves on the
+same tick either way, and the thread stays free until then for calls that fall due in between (the
+model service's workers run their own clocks: the round aims at the tick of most of its calls, the
+others wait for their own next tick). And a call's frames are put in phase with the calls already
+running before its first frame: silence in front of its 24 kHz stream, under 80 ms, once, so that its
+frames complete on their tick and it shares their rounds (without it, the calls of one SIP process fall
+into up to 4 phases of the 80 ms frame and as many rounds). A planned round that overran its tick
+drops from the front of each call's push the ticks that found its tx empty (they played silence),
+so that one late round does not move the call's audio a tick later for good. After each batched round
 `on_round(calls stepped, seconds)` is told (the model service feeds admission's StepTimes with it).
 `batch=False` steps the calls one after another, each through its own `Session` (the model may then be
-a wrapper such as a test's tap or `--step-delay-ms`'s SlowModel; a batch needs the loaded Model).
+a wrapper such as a test's tap or `--step-delay-ms`'s SlowModel; a batch needs the loaded Model), in
+the same scheduled rounds. The model line's resamplers are minimum phase (`resampler_phase`,
+MODEL_RESAMPLER_PHASE; BENCHMARKS.md, "Resampler").
 
 Control operations (engine/contract.py) take effect at a call's next step: a played clip's frame is
 given to the model as its own audio (`agent_pcm`) and, one step later - when the model's output is that
@@ -58,14 +65,17 @@ from typing import Callable, NamedTuple
 import mlx.core as mx
 import numpy as np
 
-from callbot.engine.audio import PeriodicClock, make_realtime, now_ns
+from callbot.engine.audio import PeriodicClock, make_realtime, now_ns, sleep_until
 from callbot.engine.serving.call_audio import CallAudio
+from callbot.engine.serving.round_schedule import (MARGIN_NS, SAME_TICK_NS, TICK_NS, Due,
+                                                   RoundPlan, RoundTimes, first_frame_pad, first_frame_tick,
+                                                   majority_phase, plan_round)
 from callbot.engine.contract import (ENGINE_RATE, BotSpeech, BotText, CallerSpeech, CallStart, CallSummary, Control,
                                      ControlNotSupported, EventSink, FrameStages, Inform, InformFinished, LiveEvent,
                                      HoldBot, MuteCaller, PersonaChanged, Play, PlayFinished, SessionClosed,
                                      SetPersona, StopPlay, TextPiece)
 from callbot.engine.serving.clips import Clip, cut_clips
-from callbot.engine.serving.frame_stats import STAGES, FrameStats
+from callbot.engine.serving.frame_stats import STAGES, STATS_FRAMES, FrameStats
 from callbot.engine.serving.speech_activity import SpeechActivity
 from callbot.engine.serving.step_budget import FRAME_S, HEADROOM, WARMUP_MAX_BATCH, WARMUP_REPEATS
 from callbot.engine.serving.tx_policy import MODEL_TX_MAX_MS, MODEL_TX_SETTLE_PUSHES
@@ -85,6 +95,10 @@ STAGES_LAG = 6
 # number of calls where the frame allows
 DEFAULT_SLOTS = 64
 SERVE_BATCHES = 4  # calls one `callbot serve` process takes at most (pjsua2's PJSUA_MAX_CALLS): the round sizes it warms
+# the model line's resamplers (CallAudio): minimum phase, 0.25 / 0.13 ms per direction at 8 / 16 kHz instead
+# of linear phase's 1.75 / 1.0 ms, with the same rejection (BENCHMARKS.md, "Resampler"); "linear" returns
+# to the exact, frequency-independent delay
+MODEL_RESAMPLER_PHASE = "minimum"
 
 
 @dataclass(frozen=True)
@@ -129,6 +143,16 @@ class ModelCallSession:
     stats: FrameStats = field(default_factory=FrameStats)
     text: list[tuple[float, str]] = field(default_factory=list)
     next_deadline_ns: int = 0  # watchdog: silence is fed after this (+ grace); 0 until the first frame
+    # a step due and waiting for its round: (due ns, silence), or None; the frame stays in the call's
+    # audio until the round pulls it (a call that closes meanwhile loses nothing it had taken)
+    waiting: tuple | None = None
+    frame_tick_ns: int = 0  # the media tick that completed the call's last real frame (its frames' grid)
+    aligned: bool = False  # its first frame was put in phase with the other calls' (or needed not be)
+    pad_samples: int = 0  # 24 kHz silence put before its first sample to do so (< one frame)
+    # per frame (frame number modulo its length): how long the schedule kept it after it was resampled,
+    # so that its round ends just before the tick its audio leaves on (ns; 0: stepped at once)
+    holds: np.ndarray = field(default_factory=lambda: np.zeros(STATS_FRAMES, np.int64))
+    underruns_seen: int = 0  # the tx ring's underrun count at the call's last push
     first_frame_ns: int = 0
     steps: int = 0
     steps_late: int = 0
@@ -184,6 +208,11 @@ class ModelEngine:
     `warm_batches` = rounds of 1..n calls compiled before the first call (the tiny model: 0.1 s for 1..4;
     a first round of a size not compiled pays for it, late); `on_round(calls, seconds)` after each
     batched round, on the inference thread (it must only record).
+
+    Schedule (the module's docstring): `align` = rounds planned to end `margin_ms` before a media tick
+    and new calls' frames put in phase with the others' (False: every due frame stepped at once, each
+    call in its own phase); `resampler_phase` = the phase of the resamplers of the calls' CallAudio
+    ("minimum" by default, "linear" for the exact, frequency-independent delay).
     """
 
     def __init__(self, model: Model, prompt_for: Callable[[CallStart], BotPrompt], *, realtime: bool = True,
@@ -191,7 +220,8 @@ class ModelEngine:
                  on_closed: Callable[[ModelCallSession], None] | None = None, on_event: EventSink | None = None,
                  warmup: Callable[[], None] | None = None, switch_interval_s: float | None = 0.001,
                  batch: bool | None = None, slots: int = DEFAULT_SLOTS, warm_batches: int = 0,
-                 on_round: Callable[[int, float], None] | None = None):
+                 on_round: Callable[[int, float], None] | None = None, align: bool = True,
+                 margin_ms: float = MARGIN_NS / 1e6, resampler_phase: str = MODEL_RESAMPLER_PHASE):
         if not 0 <= grace_ms <= 1000:
             raise ValueError(f"grace_ms must be 0..1000 ms, got {grace_ms!r}")
         if isinstance(max_backlog, bool) or not isinstance(max_backlog, int) or max_backlog < 1:
@@ -200,6 +230,14 @@ class ModelEngine:
             raise ValueError(f"slots must be an int >= 1 (calls), got {slots!r}")
         if batch and not isinstance(model, Model):
             raise ValueError(f"a batched step needs a loaded Model, got {type(model).__name__}: pass batch=False")
+        if not 0 <= margin_ms <= 20:
+            raise ValueError(f"margin_ms must be 0..20 ms (a tick), got {margin_ms!r}")
+        if resampler_phase not in ("linear", "minimum"):
+            raise ValueError(f"resampler_phase must be 'linear' or 'minimum', got {resampler_phase!r}")
+        self.align = bool(align)
+        self.margin_ns = int(margin_ms * 1e6)
+        self.resampler_phase = resampler_phase
+        self.round_times = RoundTimes()  # rounds by size, what the schedule expects (inference thread)
         self.batched = isinstance(model, Model) if batch is None else bool(batch)
         self.slots = slots
         self._warm_batches = min(max(warm_batches, 0), slots) if self.batched else 0
@@ -253,7 +291,10 @@ class ModelEngine:
         seed = bot.seed if bot.seed is not None else time.monotonic_ns() & 0x7FFFFFFF
         given = audio
         if audio is None:
-            audio = CallAudio(start.rate, tx_max_ms=MODEL_TX_MAX_MS, tx_settle=MODEL_TX_SETTLE_PUSHES)
+            audio = CallAudio(start.rate, tx_max_ms=MODEL_TX_MAX_MS, tx_settle=MODEL_TX_SETTLE_PUSHES,
+                              resampler_phase=self.resampler_phase)
+        else:
+            audio.use_resampler_phase(self.resampler_phase)  # before the inference thread sees the call
         s = ModelCallSession(start, audio, bot, seed, self)
         with self._lock:
             full = self.batched and len(self._sessions) >= self.slots
@@ -328,13 +369,7 @@ class ModelEngine:
                 clock.wait()
                 with self._lock:
                     sessions = list(self._sessions)
-                if self._batch is not None:
-                    self._batched_rounds(sessions)
-                    continue
-                for s in sessions:
-                    with s.lock:
-                        if not s.closed:
-                            self._service(s)
+                self._rounds(sessions)
         except BaseException as exc:  # surfaced: a dead runner must fail calls loudly, not go quiet
             self.error = exc
             if self._ready.is_set():
@@ -348,15 +383,19 @@ class ModelEngine:
             if self.realtime_result is not None:
                 self.realtime_result.restore()
 
-    def _service(self, s: ModelCallSession) -> None:
-        """Step `s` alone for every frame that is due: a complete frame, or silence past the watchdog deadline."""
-        if s.session is None:
-            # MLX arrays belong to the stream of the thread that made them: the session's own state is
-            # made here, where it will be stepped (a restore from the snapshot: milliseconds)
-            s.session = self.model.open_session(snapshot=s.bot.snapshot, seed=s.seed, sampling=s.bot.sampling)
-        self._note_departures(s)
-        while (due := self._due_frame(s)) is not None:
-            self._step(s, *due)
+    def _step_due(self, s: ModelCallSession) -> tuple | None:
+        """(due ns, silence) when `s` has a step due - a complete frame (due: the media tick that brought
+        its last sample, else now) or silence past the watchdog's deadline - else None. Takes nothing:
+        `_due_frame` does, when the round starts."""
+        arrival = s.audio.frame_due(FRAME_SIZE)
+        now = now_ns()
+        if arrival is not None:
+            if arrival:
+                s.frame_tick_ns = arrival  # the call's frames complete on this tick's grid
+            return (arrival or now, False)
+        if s.next_deadline_ns and now > s.next_deadline_ns + self.grace_ns:
+            return (now, True)
+        return None
 
     def _due_frame(self, s: ModelCallSession) -> tuple | None:
         """(pcm float32 [1920], ready ns, silence, arrival ns, resampled ns) of `s`'s next step: its next
@@ -378,11 +417,25 @@ class ModelEngine:
             return np.zeros(FRAME_SIZE, dtype=np.float32), now, True, 0, 0
         return None
 
-    # ---- batched: every call whose frame is due, in one forward -------------------------------------
+    # ---- rounds: the calls whose frames are due, ending just before a media tick -------------------
 
-    def _batched_rounds(self, sessions: list[ModelCallSession]) -> None:
-        """Rounds of one `BatchedSessions.step` over every call with a frame due, until none has one."""
+    def _seat(self, sessions: list[ModelCallSession]) -> list[ModelCallSession]:
+        """The calls to step from now: new ones get their state (batched: a slot, joined), closed ones
+        give their slots back."""
         batch = self._batch
+        if batch is None:
+            live = []
+            for s in sessions:
+                with s.lock:
+                    if s.closed:
+                        continue
+                    if s.session is None:
+                        # MLX arrays belong to the stream of the thread that made them: the session's own
+                        # state is made here, where it will be stepped (a restore from the snapshot: ms)
+                        s.session = self.model.open_session(snapshot=s.bot.snapshot, seed=s.seed,
+                                                            sampling=s.bot.sampling)
+                    live.append(s)
+            return live
         held = self._held
         alive = {id(s) for s in sessions if not s.closed}
         for slot, s in enumerate(held):  # calls closed since the last poll give their slots back
@@ -395,40 +448,164 @@ class ModelEngine:
                 batch.join(slot, s.bot.snapshot, seed=s.seed, sampling=s.bot.sampling)
                 held[slot] = s
                 s.slot, s.session = slot, batch.session(slot)
+        return [s for s in held if s is not None]
+
+    def _rounds(self, sessions: list[ModelCallSession]) -> None:
+        """Rounds over the calls with a frame due (engine/serving/round_schedule.py plans each: when it
+        starts, which calls it takes), until none has one or the next round starts after the next poll."""
+        calls = self._seat(sessions)
+        poll_ns = int(self.poll_ms * 1e6)
         while True:
-            stepped: list[tuple[ModelCallSession, _Prepared]] = []
-            locked: list[ModelCallSession] = []
-            try:
-                for s in held:
-                    if s is None:
-                        continue
-                    s.lock.acquire()  # a close waits for the round in flight; none follows once `closed` is set
-                    locked.append(s)
+            waiting: list[ModelCallSession] = []
+            for s in calls:
+                with s.lock:
                     if s.closed:
+                        s.waiting = None
                         continue
                     self._note_departures(s)
-                    due = self._due_frame(s)
-                    if due is not None:
-                        stepped.append((s, self._before_step(s, *due)))
-                if not stepped:
-                    return
+                    if s.waiting is None:
+                        if not s.aligned:
+                            self._align_first_frame(s, calls)
+                        s.waiting = self._step_due(s)
+                    else:
+                        s.audio.frame_due(FRAME_SIZE)  # resampled as it comes: its stamps stay true
+                    if s.waiting is not None:
+                        waiting.append(s)
+            if not waiting:
+                return
+            plan = self._plan(waiting)
+            now = now_ns()
+            held = plan.start_ns > now
+            if held:
+                if plan.start_ns - now > poll_ns:
+                    return  # polled again before then: a call falling due meanwhile may still join
+                sleep_until(plan.start_ns)
+            self._round([waiting[i] for i in plan.members], plan.start_ns if held else 0,
+                        plan.end_tick_ns, plan.start_ns if held else now)
+
+    def _plan(self, waiting: list[ModelCallSession]) -> RoundPlan:
+        if not self.align:
+            return RoundPlan(0, tuple(range(len(waiting))))
+        # due: the media tick that completed the frame (the rx stamp of its last sample), else when the
+        # runner found it (no stamps, or silence fed by the watchdog)
+        dues = [Due(s.waiting[0], self._read_tick_ns(s) or s.frame_tick_ns) for s in waiting]
+        return plan_round(now_ns(), dues, self.round_times.expected_ns, self.margin_ns)
+
+    @staticmethod
+    def _read_tick_ns(s: ModelCallSession) -> int:
+        """When the media side last read the call's tx (its stamp log; 0 before it has): the ticks a
+        round must end before. pjmedia's bridge reads a port before it writes it, so these come a
+        little (0.5-1 ms measured) before the rx stamps of the same tick."""
+        stamps = s.audio.tx_stamps
+        reached = stamps.reached()
+        return stamps.find(reached) if reached else 0
+
+    def _align_first_frame(self, s: ModelCallSession, calls: list[ModelCallSession]) -> None:
+        """Before a call's first audio is pulled: silence before it (< one frame, once) so that its
+        frames complete on the tick the other calls' frames complete on (round_schedule.py,
+        `first_frame_pad`). Nothing to do while no audio came, or with no other call or no stamps."""
+        audio = s.audio
+        written, tick = audio.rx_tick()
+        if not written and not audio.rx.readable:
+            return  # no audio yet: the call's phase is still open
+        s.aligned = True
+        if not self.align or not tick or not audio.untouched:
+            return
+        others = [c.frame_tick_ns for c in calls if c is not s and c.frame_tick_ns and not c.closed]
+        made = written * ENGINE_RATE // audio.call_rate
+        per_tick = ENGINE_RATE * TICK_NS // 1_000_000_000
+        pad = 0
+        if others:  # else the first call sets the phase
+            pad = first_frame_pad(made, tick, majority_phase(others, FRAME_NS, SAME_TICK_NS), per_tick=per_tick,
+                                  frame=FRAME_SIZE)
+        if pad:
+            audio.pad_start(pad)
+            s.pad_samples = pad
+        # where its frames will complete, for the calls that join before its first frame does
+        s.frame_tick_ns = first_frame_tick(made, pad, tick, per_tick=per_tick, frame=FRAME_SIZE)
+
+    @staticmethod
+    def _missed_samples(s: ModelCallSession, end_tick: int) -> int:
+        """Call-rate samples to drop from the front of this push so that a planned round's audio
+        starts on the tick it was planned for (`end_tick`; 0: no planned round, drop nothing: the tx
+        policy alone decides, as before), for a call on that tick's clock:
+        - the round overran its tick (the media side found tx empty there and played silence): one
+          tick's worth for each such tick (the tx ring counts them since the call's last push), as far
+          as the round is past its tick; sent anyway, that audio would leave a tick late and every
+          later frame with it;
+        - on time, with whole ticks of earlier audio still queued in tx (left by a start without a plan
+          or an overrun the media side covered): that many ticks, once; the schedule, which ends every
+          round before its tick, does not need them to absorb a late step.
+        What the caller loses is audio the tick had already replaced by silence, or one tick of the
+        new frame in place of a delay for the rest of the call. (A frame of a played clip is sent
+        whole all the same: _after_step.)"""
+        audio = s.audio
+        underruns = audio.underruns
+        missed, s.underruns_seen = underruns - s.underruns_seen, underruns
+        if not end_tick or not audio.frames_pushed or not audio.tx_stamps.reached():
+            return 0  # no plan, or nothing has read tx on a media clock yet
+        off = (s.frame_tick_ns - end_tick) % TICK_NS
+        if s.frame_tick_ns and min(off, TICK_NS - off) > SAME_TICK_NS:
+            return 0  # another clock: its own ticks, not this one, read its audio
+        per_tick = audio.frame_samples
+        queued = audio.tx.readable
+        late = now_ns() - end_tick
+        if queued == 0 and missed > 0 and late > 0:
+            return min(missed, 1 + late // TICK_NS) * per_tick
+        if late <= 0:
+            return queued // per_tick * per_tick
+        return 0
+
+    def _round(self, members: list[ModelCallSession], planned_ns: int = 0, end_tick: int = 0,
+               origin_ns: int = 0) -> None:
+        """One round, held until `planned_ns` (0: started at once) to end before `end_tick` (0: no
+        tick): every member's waiting frame stepped, in one `BatchedSessions.step` (batched) or one
+        after another; its length, from `origin_ns` (when it began, prepared calls included) to the
+        last push, goes to `round_times`."""
+        stepped: list[tuple[ModelCallSession, _Prepared]] = []
+        locked: list[ModelCallSession] = []
+        batch = self._batch
+        try:
+            for s in members:
+                s.lock.acquire()  # a close waits for the round in flight; none follows once `closed` is set
+                locked.append(s)
+                s.waiting = None
+                if s.closed or (due := self._due_frame(s)) is None:
+                    continue
+                prep = self._before_step(s, *due)
+                if planned_ns:
+                    s.holds[prep.frame_no % len(s.holds)] = max(0, planned_ns - int(prep.row[_RESAMPLED]))
+                stepped.append((s, prep))
+            if not stepped:
+                return
+            first = now_ns()
+            if batch is not None:
                 pcm, active, agents = self._pcm, self._active, self._agents
                 active[:] = False
                 for s, prep in stepped:
                     pcm[s.slot] = prep.heard
                     active[s.slot] = True
                     agents[s.slot] = prep.agent
-                start = now_ns()
+                start = first
                 out, pieces = batch.step(pcm, active, agents)
                 end = now_ns()
                 for s, prep in stepped:
                     agents[s.slot] = None
-                    self._after_step(s, prep, out[s.slot], pieces[s.slot], start, end)
-            finally:
-                for s in locked:
-                    s.lock.release()
-            if self.on_round is not None:
-                self.on_round(len(stepped), (end - start) / 1e9)
+                    self._after_step(s, prep, out[s.slot], pieces[s.slot], start, end, end_tick)
+            else:
+                for s, prep in stepped:
+                    start = now_ns()
+                    out, piece = s.session.step(prep.heard, agent_pcm=prep.agent)
+                    self._after_step(s, prep, out, piece, start, now_ns(), end_tick)
+            last = now_ns()
+        finally:
+            for s in locked:
+                s.lock.release()
+        # a planned round's length counts from its planned start: the wake, the pulls and the app's
+        # controls before the step are part of what must end before the tick
+        self.round_times.observe(len(stepped), last - (origin_ns or first))
+        if batch is not None and self.on_round is not None:
+            self.on_round(len(stepped), (end - start) / 1e9)
 
     def _emit(self, event: LiveEvent) -> None:
         sink = self.on_event
@@ -482,15 +659,6 @@ class ModelEngine:
                 s.stats.fill(frame, _RTP_OUT, ns)
             s.departing.popleft()
 
-    def _step(self, s: ModelCallSession, pcm: np.ndarray, ready_ns: int, silence: bool, arrival_ns: int = 0,
-              resampled_ns: int = 0) -> None:
-        """One step of `s` alone on `pcm`, found ready at `ready_ns` (a real frame: its last sample entered
-        rx at `arrival_ns` and was resampled at `resampled_ns`; 0 where unknown)."""
-        prep = self._before_step(s, pcm, ready_ns, silence, arrival_ns, resampled_ns)
-        start = now_ns()
-        out, piece = s.session.step(prep.heard, agent_pcm=prep.agent)
-        self._after_step(s, prep, out, piece, start, now_ns())
-
     def _before_step(self, s: ModelCallSession, pcm: np.ndarray, ready_ns: int, silence: bool, arrival_ns: int,
                      resampled_ns: int) -> "_Prepared":
         """Everything of a call's step before the model runs: its stamps, the app's controls taken up, what
@@ -531,16 +699,21 @@ class ModelEngine:
         return _Prepared(frame_no, row, t_ms, heard, agent, fed)
 
     def _after_step(self, s: ModelCallSession, prep: "_Prepared", out: np.ndarray, piece: str | None, start: int,
-                    end: int) -> None:
+                    end: int, end_tick: int = 0) -> None:
         """Everything of a call's step after the model ran from `start` to `end` (ns): the audio to tx (a
-        played frame sent exact), the events, the persona reports, the stage stamps."""
+        played frame sent exact), the events, the persona reports, the stage stamps. `end_tick`: the
+        tick its round aimed to end before (0: none); a round that overran it drops the ticks it
+        missed from the front of the call's audio (_missed_samples)."""
         row, t_ms, call_id = prep.row, prep.t_ms, s.start.call_id
         row[_STEP_START], row[_DECODED] = start, end
         row[_ENCODED], row[_LM_STEPPED] = s.session.last_encoded_ns, s.session.last_stepped_ns
         sent, s.in_flight = (s.in_flight if s.session.last_output_played else None), prep.fed
         exact = sent[1] if sent is not None else None  # in place of the decode of the played frame
         pcm16 = np.clip(np.rint(out * _INT16_SCALE), -32768, 32767).astype(np.int16)
-        if s.audio.push(pcm16, exact=exact):
+        skip = self._missed_samples(s, end_tick)
+        if exact is not None:
+            skip = 0  # a clip the app plays reaches the caller whole: late by a tick rather than cut
+        if s.audio.push(pcm16, exact=exact, skip=skip):
             s.departing.append((prep.frame_no, s.audio.last_push_pos))
         # taken as the audio was handed to tx (before the media side could read it): ring_out <= rtp_out
         row[_RING_OUT] = s.audio.last_push_ns
