@@ -234,18 +234,3 @@ def test_a_served_call_is_analysed_after_hang_up_and_found_by_its_category_and_s
     assert {c["category"] for c in after["categories"] if c["matched"]} == {
         "asked for an agent", "reached the menu", "said goodbye"}
 
-
-def test_a_broken_rules_file_stops_serve_at_load_with_one_line(tmp_path):
-    (tmp_path / "rules").mkdir()
-    (tmp_path / "rules" / "acme.toml").write_text('[[categories]]\nname = "x"\n[[categories.rules]]\nkind = "keyword"\n')
-    cfg = serve_config(tmp_path, free_port(), None, tail="""
-[[tenants]]
-name = "acme"
-rules = "rules/acme.toml"
-""")
-    out = subprocess.run([*CALLBOT, "serve", "--engine", "echo", "--config", str(cfg)], capture_output=True,
-                         text=True, timeout=60)
-    assert out.returncode == 2
-    [line] = out.stderr.strip().splitlines()
-    assert line.startswith(f"callbot: error: {cfg}: $.tenants[0].rules: {tmp_path / 'rules' / 'acme.toml'}: "
-                           "$.categories[0].rules[0].kind: Invalid value 'keyword'"), line
