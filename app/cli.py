@@ -313,7 +313,7 @@ def _calls_import(url: str, dirs: list[str]) -> int:
 def _calls_analyze(url: str, args: argparse.Namespace, settings) -> int:
     """`callbot calls analyze`: the calls named, or those the filters take, analysed again (app/reanalyze.py)."""
     from callbot.analytics.rules import check_rules_file
-    from callbot.app.reanalyze import Reanalysis, calls_to_analyze, summary
+    from callbot.app.reanalyze import Reanalysis, ReanalysisError, calls_to_analyze, summary
     from callbot.store import queries
 
     if args.rules is not None:
@@ -328,8 +328,12 @@ def _calls_analyze(url: str, args: argparse.Namespace, settings) -> int:
             with store.reading() as conn:
                 ids = [r["call_id"] for r in queries.list_calls(conn, _call_filter(args, args.limit))]
         rows = calls_to_analyze(store, ids, args.missing)
-        done, skipped = Reanalysis(store, settings, rules=args.rules).run(
-            rows, args.rules_only, lambda outcome: print(summary(outcome), flush=True))
+        try:
+            done, skipped = Reanalysis(store, settings, rules=args.rules).run(
+                rows, args.rules_only, lambda outcome: print(summary(outcome), flush=True))
+        except ReanalysisError as err:
+            print(f"callbot: error: {err}", file=sys.stderr)
+            return EXIT_USAGE
     print(f"{done} analysed, {skipped} skipped" + (" (rules only)" if args.rules_only else ""))
     return 0 if done or not skipped else 1
 

@@ -30,6 +30,10 @@ from callbot.store.call_store import CallStore
 from callbot.store.schema import analysis_runs, calls, events
 
 
+class ReanalysisError(Exception):
+    """What stops every analysis of the command (the post-call recognizer cannot load): one line."""
+
+
 class Outcome(msgspec.Struct):
     call_id: str
     analysis: CallAnalysis | None = None
@@ -61,9 +65,7 @@ class Reanalysis:
         self.store = store
         self.settings = settings
         self.rules = rules
-        transcriber = (post_call_transcriber(settings.recognizer)
-                       if settings.analytics.caller_transcript == "post" else None)
-        self._base = Tools(analysis_options(settings), transcriber)
+        self._base: Tools | None = None  # built by the first whole analysis (--rules-only needs none)
         self._tools: dict[Any, Tools] = {}
         self._rules: dict[str, RulesFile] = {}
 
@@ -84,6 +86,15 @@ class Reanalysis:
         if wav is None and sidecar is None:
             return Outcome(call_id, skipped=f"its recording is not there ({row.get('recording_path') or 'none kept'})")
         options = analysis_options(self.settings, self._rules_path(row), self._language(row))
+        if self._base is None:
+            transcriber = None
+            if self.settings.analytics.caller_transcript == "post":
+                try:
+                    transcriber = post_call_transcriber(self.settings.recognizer)
+                except Exception as err:  # noqa: BLE001 - the recognizer's own errors (RecognizerError, ...)
+                    raise ReanalysisError(f"the post-call recognizer ([recognizer], caller_transcript = \"post\") "
+                                          f"cannot load: {err}") from None
+            self._base = Tools(analysis_options(self.settings), transcriber)
         tools = self._tools.get(options)
         if tools is None:
             tools = self._tools[options] = self._base.with_options(options)
