@@ -28,6 +28,7 @@ import os
 import queue
 import threading
 import time
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable
 
 import msgspec
@@ -123,12 +124,18 @@ class AnalysisHost:
         self._lock = threading.Lock()
         self._complained_at = -COMPLAIN_S
         self._queue: queue.Queue = queue.Queue(queue_max)
-        self.pool = AnalysisPool(self._on_result, analysis_options(settings, settings.analytics.rules),
-                                 workers=settings.analytics.workers, max_pending=settings.analytics.max_pending,
-                                 nice=nice, transcriber_factory=transcriber_factory(settings))
+        self._nice = nice
+        self._broken = False  # a worker died: the pool is made anew before the next call
+        self.pool = self._new_pool()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="analysis-host", daemon=True)
         self._thread.start()
+
+    def _new_pool(self) -> AnalysisPool:
+        a = self.settings.analytics
+        return AnalysisPool(self._on_result, analysis_options(self.settings, a.rules), workers=a.workers,
+                            max_pending=a.max_pending, nice=self._nice,
+                            transcriber_factory=transcriber_factory(self.settings))
 
     # ---- the recorder's side: never waits ------------------------------------------------------------
 
@@ -156,6 +163,13 @@ class AnalysisHost:
             self._submit(item)
 
     def _submit(self, item: _Call) -> None:
+        if self._broken:
+            # a worker died (a crash in a native library on one call): the executor refuses everything
+            # after that, so the next call gets a new pool; the old one's calls were counted as failed
+            self._broken = False
+            old, self.pool = self.pool, self._new_pool()
+            old.close(wait=False)
+            log.warning("analysis: a worker died; its pool is replaced")
         try:
             record = _read_record(item.sidecar)
             labels = record.get("labels") if isinstance(record.get("labels"), dict) else {}
@@ -170,6 +184,8 @@ class AnalysisHost:
             taken = self.pool.submit(key, item.wav if os.path.exists(item.wav) else None, item.sidecar,
                                      item.events if os.path.exists(item.events) else None, options)
         except Exception as err:  # noqa: BLE001 - a broken pool: the call is left for `callbot calls analyze`
+            if isinstance(err, BrokenProcessPool):
+                self._broken = True
             taken = False
             with self._lock:
                 self._calls.pop(key, None)
@@ -197,6 +213,8 @@ class AnalysisHost:
             item = self._calls.pop(key, None)
         call_id = item.call_id if item is not None else key.split("\n", 1)[0]
         if analysis is None:
+            if isinstance(error, BrokenProcessPool):
+                self._broken = True
             if self._stop.is_set():
                 self._not_analysed("left", call_id, "serve stopped before its analysis finished")
             else:

@@ -234,3 +234,26 @@ def test_the_host_analyses_a_final_call_into_the_store_and_beside_it(acme_call):
     beside = json.loads(open(recording.wav_path[:-4] + ".analysis.json").read())
     assert beside["transcript_engine"] == "pocketsphinx" and beside["scores"][0]["score"] == 2
     assert any(w["leg"] == "caller" for w in beside["words"])
+
+
+def test_a_worker_killed_mid_analysis_costs_that_call_only(acme_call):
+    """A worker that dies (a crash in a native library) breaks its executor for good: that call counts as
+    failed, and the next call gets a new pool."""
+    import signal
+
+    from callbot.app.analysis_host import AnalysisHost
+
+    settings, url, recording = acme_call
+    host = AnalysisHost(settings, None)
+    try:
+        host.call_final(recording)
+        eventually(lambda: host.pool.pending == 1 and host.pool.worker_pids(), timeout=20, what="a worker at work")
+        [pid] = host.pool.worker_pids()
+        os.kill(pid, signal.SIGKILL)
+        eventually(lambda: host.failed == 1, timeout=30, what="the call counted as failed")
+        host.call_final(recording)
+        eventually(lambda: host.done == 1, timeout=120, what="the next call analysed by a new pool")
+        assert host.pool.worker_pids() and pid not in host.pool.worker_pids()
+    finally:
+        host.close(wait_s=10)
+    assert (host.done, host.failed, host.left, host.dropped) == (1, 1, 0, 0)
