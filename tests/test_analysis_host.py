@@ -238,16 +238,21 @@ def test_the_host_analyses_a_final_call_into_the_store_and_beside_it(acme_call):
 
 def test_a_worker_killed_mid_analysis_costs_that_call_only(acme_call):
     """A worker that dies (a crash in a native library) breaks its executor for good: that call counts as
-    failed, and the next call gets a new pool."""
+    failed, and the next call gets a new pool. A call beyond max_pending is dropped, counted."""
     import signal
+
+    import msgspec
 
     from callbot.app.analysis_host import AnalysisHost
 
     settings, url, recording = acme_call
+    settings = msgspec.structs.replace(settings, analytics=msgspec.structs.replace(settings.analytics, max_pending=1))
     host = AnalysisHost(settings, None)
     try:
         host.call_final(recording)
         eventually(lambda: host.pool.pending == 1 and host.pool.worker_pids(), timeout=20, what="a worker at work")
+        host.call_final(recording)  # the pool holds max_pending (1) already: refused, never waited for
+        eventually(lambda: host.dropped == 1, timeout=20, what="the second call dropped")
         [pid] = host.pool.worker_pids()
         os.kill(pid, signal.SIGKILL)
         eventually(lambda: host.failed == 1, timeout=30, what="the call counted as failed")
@@ -256,4 +261,4 @@ def test_a_worker_killed_mid_analysis_costs_that_call_only(acme_call):
         assert host.pool.worker_pids() and pid not in host.pool.worker_pids()
     finally:
         host.close(wait_s=10)
-    assert (host.done, host.failed, host.left, host.dropped) == (1, 1, 0, 0)
+    assert (host.done, host.failed, host.left, host.dropped) == (1, 1, 0, 1)
