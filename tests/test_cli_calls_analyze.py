@@ -120,6 +120,9 @@ def test_past_calls_analysed_with_their_tenants_rules_then_rules_only(past_calls
     assert (card["score"], card["max_score"]) == (3, 4)
     beside = json.loads((tmp_path / "calls" / "acme" / "call-a.analysis.json").read_text())
     assert beside["call_id"] == "call-a" and beside["scores"][0]["score"] == 3
+    # the analysis files beside the recordings are no call records to import
+    again = _cli("calls", "import", str(tmp_path / "calls"), "--config", str(cfg))
+    assert again.returncode == 0 and again.stderr == "" and "0 imported, 0 replaced, 2 already complete" in again.stdout
     # a rule changed: the stored analyses evaluated again, no audio read
     (tmp_path / "acme.toml").write_text(ACME.replace("first_s = 15", "first_s = 30"))
     (tmp_path / "default.toml").write_text(ACME.replace("first_s = 15", "first_s = 30"))
