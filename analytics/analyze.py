@@ -60,6 +60,18 @@ class Tools:
         self._vad: SileroVad | None = None
         self._scorer: SentimentScorer | None = None
 
+    def with_options(self, options: AnalysisOptions) -> Tools:
+        """Tools for other options (a tenant's rules, another language) sharing VADER, the transcriber
+        and, for the same model file, the VAD session."""
+        other = Tools(options, self.transcriber)
+        try:  # built once for both; one that cannot be built fails in the analysis, as one error line
+            other._scorer = self.scorer
+            if options.vad.model_path == self.options.vad.model_path:
+                other._vad = self.vad
+        except Exception:  # noqa: BLE001
+            pass
+        return other
+
     @property
     def vad(self) -> SileroVad:
         if self._vad is None:

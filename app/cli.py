@@ -1,7 +1,8 @@
 """The `callbot` command: `serve` answers calls (`serve --edge --workers N`: N of them behind the edge, under
 a supervisor: app/workers.py), `call` places one, `edge` runs the SIP edge, `model-service` serves one
-model to several `serve` workers, `flows check` checks call flow files, `calls` imports, lists, shows and
-exports the calls kept in the call store (and serves them as a JSON API).
+model to several `serve` workers, `flows check` checks call flow files, `rules check` the analytics' rules
+files, `calls` imports, lists, shows, exports and analyses again the calls kept in the call store (and
+serves them as a JSON API).
 
 It lives in callbot.app, the top of the arrows: a command may use the SIP side and the engine both.
 Every problem a user can cause (config, weights, ports) ends as one line on stderr and exit status 2,
@@ -62,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     flows_sub = flows.add_subparsers(dest="flows_command", metavar="ACTION", required=True)
     check = flows_sub.add_parser("check", help="check a flow file: one line per problem, exit 2; `ok` and exit 0")
     check.add_argument("files", metavar="FILE", nargs="+")
+    rules = sub.add_parser("rules", help="speech analytics' rules files (categories, scorecards): check one")
+    rules_sub = rules.add_subparsers(dest="rules_command", metavar="ACTION", required=True)
+    rcheck = rules_sub.add_parser("check", help="check rules files: one line per problem, exit 2; `ok` and exit 0")
+    rcheck.add_argument("files", metavar="FILE", nargs="+")
     _calls_parser(sub)
     return parser
 
@@ -110,6 +115,18 @@ def _calls_parser(sub) -> None:
     filters(exp)
     exp.add_argument("--format", choices=["csv", "json"], default="csv")
     exp.add_argument("--output", "-o", metavar="FILE", help="write here instead of stdout")
+    ana = calls_sub.add_parser("analyze", help="analyse past calls again (from their files, or only their "
+                               "rules from the stored analysis) and keep the result in the store")
+    ana.add_argument("call_ids", metavar="CALL_ID", nargs="*", help="these calls (default: those the filters take)")
+    store(ana)
+    filters(ana)
+    ana.add_argument("--missing", action="store_true", help="only calls with no analysis stored (refused by a "
+                     "full pool, or left when serve stopped)")
+    ana.add_argument("--rules", metavar="FILE", help="this rules file for every call, instead of their tenant's "
+                     "([[tenants]] rules) or [analytics] rules")
+    ana.add_argument("--rules-only", action="store_true", help="evaluate only the categories and scorecards "
+                     "again, on the stored analysis (no audio is read)")
+    ana.add_argument("--limit", type=int, metavar="N", help="at most N calls (newest first)")
     api = calls_sub.add_parser("api", help="serve the store's JSON HTTP API (GET /api/calls, /api/stats, ...) "
                                "until SIGTERM/SIGINT")
     store(api)
@@ -131,6 +148,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.command == "flows":
         return _flows_check(args.files)
+    if args.command == "rules":
+        return _rules_check(args.files)
     if args.command == "calls":
         return _calls(args)
     settings = _settings(args)
@@ -201,6 +220,23 @@ def _flows_check(files: list[str]) -> int:
     return status
 
 
+def _rules_check(files: list[str]) -> int:
+    """`callbot rules check FILE...`: the checks serve gives [analytics] and tenants' rules at load."""
+    from callbot.analytics.rules import RulesError, load_rules
+
+    status = 0
+    for path in files:
+        try:
+            rules = load_rules(path)
+        except RulesError as err:
+            for line in err.lines:
+                print(f"callbot: error: {line}", file=sys.stderr)
+            status = EXIT_USAGE
+        else:
+            print(f"{path}: ok ({len(rules.categories)} categories, {len(rules.scorecards)} scorecards)")
+    return status
+
+
 def _calls(args: argparse.Namespace) -> int:
     """`callbot calls ACTION`: the store at --store, else the config's [store] url (store/queries.py answers).
     A store that cannot be reached or read, a bad filter: one line, exit 2."""
@@ -210,10 +246,13 @@ def _calls(args: argparse.Namespace) -> int:
     from callbot.store.database import StoreError
     from callbot.store.queries import QueryError
 
-    url = args.store or load_settings(args.config).store_url()
+    settings = load_settings(args.config)
+    url = args.store or settings.store_url()
     try:
         if args.calls_command == "import":
             return _calls_import(url, args.dirs)
+        if args.calls_command == "analyze":
+            return _calls_analyze(url, args, settings)
         if args.calls_command == "api":
             return _calls_api(url, args.listen)
         return _calls_read(url, args)
@@ -269,6 +308,34 @@ def _calls_import(url: str, dirs: list[str]) -> int:
             if report.problems and not (report.imported or report.replaced or report.skipped):
                 status = EXIT_USAGE
     return status
+
+
+def _calls_analyze(url: str, args: argparse.Namespace, settings) -> int:
+    """`callbot calls analyze`: the calls named, or those the filters take, analysed again (app/reanalyze.py)."""
+    from callbot.analytics.rules import check_rules_file
+    from callbot.app.reanalyze import Reanalysis, ReanalysisError, calls_to_analyze, summary
+    from callbot.store import queries
+
+    if args.rules is not None:
+        problems = check_rules_file(args.rules)
+        for line in problems:
+            print(f"callbot: error: {line}", file=sys.stderr)
+        if problems:
+            return EXIT_USAGE
+    with _existing_store(url) as store:
+        ids = list(args.call_ids)
+        if not ids:
+            with store.reading() as conn:
+                ids = [r["call_id"] for r in queries.list_calls(conn, _call_filter(args, args.limit))]
+        rows = calls_to_analyze(store, ids, args.missing)
+        try:
+            done, skipped = Reanalysis(store, settings, rules=args.rules).run(
+                rows, args.rules_only, lambda outcome: print(summary(outcome), flush=True))
+        except ReanalysisError as err:
+            print(f"callbot: error: {err}", file=sys.stderr)
+            return EXIT_USAGE
+    print(f"{done} analysed, {skipped} skipped" + (" (rules only)" if args.rules_only else ""))
+    return 0 if done or not skipped else 1
 
 
 def _call_filter(args: argparse.Namespace, limit: int | None):

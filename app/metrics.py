@@ -24,6 +24,10 @@ from callbot.sip import events as ev
 LATENCY_BUCKETS_S = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.16, 0.25, 0.5, 1.0)
 
 
+# an analysis takes ~0.5 s for a short call with the live caller words, a minute or more for a long call
+# transcribed again post-call (BENCHMARKS.md "Speech analytics")
+ANALYSIS_BUCKETS_S = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
 _TRANSITIONS = tuple(f"{a}->{b}" for a, b in zip(STAGES, STAGES[1:]))
 
 
@@ -33,6 +37,20 @@ def parse_address(address: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not int(port) < 65536:
         raise ValueError(f"metrics address {address!r} must be host:port with a port in 0..65535")
     return host.strip("[]"), int(port)
+
+
+class AnalysisHostLike(Protocol):
+    @property
+    def pending(self) -> int: ...
+
+
+class _AnalysisCollector(Collector):
+    def __init__(self, host: AnalysisHostLike):
+        self.host = host
+
+    def collect(self) -> Iterator:
+        yield GaugeMetricFamily("callbot_analysis_pending", "Finished calls waiting for their analysis or being "
+                                "analysed", value=self.host.pending)
 
 
 class Metrics:
@@ -66,8 +84,24 @@ class Metrics:
         # call flows (flows/): every move by the state it went to ("end" when the flow ended) and why
         self.flow_transitions = Counter("callbot_flow_transitions_total", "Call flow transitions, by flow, the "
                                         "state entered and the reason", ["flow", "state", "reason"], registry=r)
+        # speech analytics of finished calls (app/analysis_host.py): done, failed (a worker died), dropped
+        # (the pool was full), left (serve stopped first); the last three wait for `callbot calls analyze`
+        self.analyses = Counter("callbot_analyses_total", "Calls analysed after hang-up, by result (done, "
+                                "failed, dropped, left)", ["result"], registry=r)
+        self.analysis_seconds = Histogram("callbot_analysis_seconds", "Time one call's analysis took in its "
+                                          "worker", buckets=ANALYSIS_BUCKETS_S, registry=r)
         self._direction: dict[str, str] = {}
         self._server: MetricsServer | None = None
+
+    def on_analysis(self, result: str, seconds: float | None = None) -> None:
+        """One call's analysis ended (app/analysis_host.py; a pool thread)."""
+        self.analyses.labels(result).inc()
+        if seconds is not None:
+            self.analysis_seconds.observe(seconds)
+
+    def watch_analysis(self, host: "AnalysisHostLike") -> None:
+        """callbot_analysis_pending: calls waiting for the analysis or being analysed."""
+        self.registry.register(_AnalysisCollector(host))
 
     # ---- inputs -----------------------------------------------------------------------------------
 

@@ -356,6 +356,10 @@ class Recorder:
         self.directory = os.fspath(directory)
         self.directory_for = directory_for
         self.listener = listener  # the caller recognizer (app/caller_speech.py), fed off the media clock
+        # told of each call whose files are final (WAV closed, events file closed, sidecar complete): the
+        # analysis (app/analysis_host.py). Called on the recorder's thread or the one that finished the
+        # call, under the recorder's lock: must only hand the call on, never block
+        self.on_final: list[Callable[[CallRecording], None]] = []
         if not os.path.isdir(self.directory):
             raise ValueError(f"recording directory {self.directory!r} does not exist")
         if not 0 < sync_interval_s <= 60:
@@ -419,6 +423,7 @@ class Recorder:
             self._active.remove(rec)
             if rec.listener is None:
                 rec._finish(record)
+                self._final(rec)
                 return
             rec._finish_audio()
             rec.final_record = record
@@ -440,6 +445,14 @@ class Recorder:
         for rec in due:
             self._closing.remove(rec)
             rec._finish_files(rec.final_record)
+            self._final(rec)
+
+    def _final(self, rec: CallRecording) -> None:
+        for watcher in self.on_final:
+            try:
+                watcher(rec)
+            except Exception as err:  # noqa: BLE001 - a watcher's bug costs its own work, not the recording
+                log.warning("call %s: told its files are final, %r failed: %s", rec.call_id, watcher, err)
 
     @property
     def active(self) -> int:
@@ -478,6 +491,7 @@ class Recorder:
             active, self._active = self._active, []
             for rec in active:
                 rec._finish(rec.record)
+                self._final(rec)
             self._finish_closing(None)
         for rec in active:  # outside the lock: a listener may call transcript_done, which takes it
             if rec.listener is not None:

@@ -78,6 +78,12 @@ def running_server(settings: Settings, engine_kind: str, log: EventLog | None = 
         if writer is not None:
             stack.callback(writer.close)  # last of all: after the bus has handed it the calls' last events
         metrics = Metrics()
+        analysis = _analysis_host(settings, writer, metrics)  # app/analysis_host.py: None with [analytics] off
+        if analysis is not None:
+            # after the recorder has finished every call's files, before the writer stops: the last calls'
+            # analyses (within [analytics] shutdown_wait_s) reach the store
+            stack.callback(analysis.close)
+            metrics.watch_analysis(analysis)
         if settings.metrics.enabled:
             try:
                 metrics.serve(settings.metrics.address)
@@ -103,6 +109,8 @@ def running_server(settings: Settings, engine_kind: str, log: EventLog | None = 
         listener = caller_speech[0] if caller_speech is not None else None
         recorder = Recorder(settings.recordings_dir, directory_for=routes.recordings_dir_for, listener=listener)
         stack.callback(recorder.close)
+        if analysis is not None:
+            analysis.watch(recorder)  # each call analysed once its files are final
         if caller_speech is not None:
             caller_speech[0].recorder = recorder
             # before the recorder closes, after the endpoint has ended every call: the last words get flushed
@@ -126,6 +134,7 @@ def running_server(settings: Settings, engine_kind: str, log: EventLog | None = 
         server = Server(settings, endpoint, engine, router, recorder, metrics, bus)
         server.flows = flows
         server.store_writer = writer
+        server.analysis = analysis
         if settings.store.enabled and settings.store.api:
             server.store_api = _store_api(settings)
             stack.callback(server.store_api.stop)
@@ -146,6 +155,16 @@ def _store_writer(settings: Settings):
     from callbot.app.store_writer import StoreWriter
 
     return StoreWriter(settings.store_url())
+
+
+def _analysis_host(settings: Settings, writer, metrics: Metrics):
+    """Every recorded call analysed after hang-up (app/analysis_host.py), or None with [analytics] off (its
+    modules are then never loaded)."""
+    if not settings.analytics.enabled:
+        return None
+    from callbot.app.analysis_host import AnalysisHost
+
+    return AnalysisHost(settings, writer, observe=metrics.on_analysis)
 
 
 def _store_api(settings: Settings):
@@ -190,6 +209,7 @@ class Server:
         self.flows: FlowHost | None = None  # the call flows of bots that have one
         self.store_writer = None  # app/store_writer.py: the call store's writer ([store] enabled)
         self.store_api = None  # store/api.py: the store's JSON API ([store] api)
+        self.analysis = None  # app/analysis_host.py: every call analysed after hang-up ([analytics] enabled)
 
     @property
     def calls(self) -> dict[str, LiveCall]:

@@ -227,10 +227,36 @@ class EdgeSettings(_Settings):
 
 
 class TenantSettings(_Settings):
-    """A customer of the service: its bots' calls are recorded in its own folder."""
+    """A customer of the service: its bots' calls are recorded in its own folder, and analysed with its
+    own rules (categories and scorecards, analytics/rules.py)."""
 
     name: str
     recordings_dir: str | None = None  # relative to the config file; None = <recordings_dir>/<name>
+    rules: str | None = None  # a rules file (TOML), relative to the config file; None = [analytics] rules
+
+
+class AnalyticsSettings(_Settings):
+    """Speech analytics of every call `callbot serve` records (analytics/, app/analysis_host.py): once a
+    call's files are final, an analysis in a pool of low-priority processes, kept in the call store and
+    beside the recording (`<name>.analysis.json`).
+
+    workers: the pool's processes; max_pending: calls waiting or being analysed at most (beyond, a call is
+    not analysed now, counted, and left for `callbot calls analyze`); dead_air_s: both legs silent longer
+    than this is dead air; caller_transcript: the caller's words from the live recognizer ("live") or
+    from pocketsphinx run on the caller's leg after the call ("post": slower, usually better);
+    redacted_recording: also write `<name>.redacted.wav` with the PII silenced; rules: the categories and
+    scorecards of calls that have no tenant, or whose tenant names none (relative to the config file);
+    shutdown_wait_s: at shutdown, how long serve waits for the analyses still going (the rest are left
+    for `callbot calls analyze`)."""
+
+    enabled: bool = True
+    workers: Annotated[int, Meta(ge=1, le=64)] = 1
+    max_pending: Annotated[int, Meta(ge=1, le=100_000)] = 64
+    dead_air_s: Annotated[float, Meta(ge=0)] = 3.0
+    caller_transcript: Literal["live", "post"] = "live"
+    redacted_recording: bool = False
+    rules: str | None = None
+    shutdown_wait_s: Annotated[float, Meta(ge=0, le=3600)] = 30.0
 
 
 class HeaderMatch(_Settings):
@@ -280,12 +306,18 @@ class Settings(_Settings):
     tts: TtsSettings = TtsSettings()  # text to speech for flows' `say` (speech/tts.py)
     recognizer: RecognizerSettings = RecognizerSettings()  # the caller leg's words (speech/live.py)
     store: StoreSettings = StoreSettings()  # the call store (store/, app/store_writer.py)
+    analytics: AnalyticsSettings = AnalyticsSettings()  # every call analysed (analytics/, app/analysis_host.py)
 
     def store_url(self) -> str:
         """The call store's URL: [store] url, else an SQLite file beside the recordings."""
         if self.store.url is not None:
             return self.store.url
         return "sqlite:///" + os.path.abspath(os.path.join(self.recordings_dir, "calls.db"))
+
+    def rules_for(self, tenant: str | None) -> str | None:
+        """The rules file a call of `tenant` is analysed with: the tenant's own, else [analytics] rules."""
+        own = next((t.rules for t in self.tenants if t.name == tenant), None) if tenant else None
+        return own or self.analytics.rules
 
     def tenant_dir(self, name: str) -> str:
         """Where a tenant's calls are recorded: its own recordings_dir, else <recordings_dir>/<name>."""
@@ -467,7 +499,27 @@ def parse_settings(text: str | bytes, *, base_dir: str | os.PathLike = ".") -> S
     _check_bots(settings, pathlib.Path(base_dir))
     _check_routes(settings, pathlib.Path(base_dir))
     settings = _resolve_passwords(settings)
-    return _resolve_paths(settings, pathlib.Path(base_dir))
+    settings = _resolve_paths(settings, pathlib.Path(base_dir))
+    _check_rules(settings)
+    return settings
+
+
+def _check_rules(settings: Settings) -> None:
+    """Every rules file ([analytics] rules, each tenant's) read and checked now, as the analysis will read
+    it (analytics/rules.py): a call must never meet a broken one. Its first problem is the error."""
+    if not settings.analytics.enabled:
+        return
+    from callbot.analytics.rules import check_rules_file
+
+    places = [("$.analytics.rules", settings.analytics.rules)]
+    places += [(f"$.tenants[{i}].rules", t.rules) for i, t in enumerate(settings.tenants)]
+    for where, path in places:
+        if path is None:
+            continue
+        problems = check_rules_file(path)
+        if problems:
+            more = f" (and {len(problems) - 1} more: `callbot rules check {path}`)" if len(problems) > 1 else ""
+            raise ConfigError(f"{where}: {problems[0]}{more}")
 
 
 def _resolve_passwords(settings: Settings) -> Settings:
@@ -495,7 +547,8 @@ def _resolve_paths(settings: Settings, base_dir: pathlib.Path) -> Settings:
         for b in settings.bots
     )
     bots = tuple(msgspec.structs.replace(b, flow=resolve(b.flow)) for b in bots)
-    tenants = tuple(msgspec.structs.replace(t, recordings_dir=resolve(t.recordings_dir)) for t in settings.tenants)
+    tenants = tuple(msgspec.structs.replace(t, recordings_dir=resolve(t.recordings_dir), rules=resolve(t.rules))
+                    for t in settings.tenants)
     return msgspec.structs.replace(
         settings,
         bots=bots,
@@ -509,6 +562,7 @@ def _resolve_paths(settings: Settings, base_dir: pathlib.Path) -> Settings:
                                     cache_dir=resolve(settings.tts.cache_dir)),
         recognizer=msgspec.structs.replace(settings.recognizer, model=resolve(settings.recognizer.model)),
         store=msgspec.structs.replace(settings.store, url=_resolve_sqlite(settings.store.url, base_dir)),
+        analytics=msgspec.structs.replace(settings.analytics, rules=resolve(settings.analytics.rules)),
     )
 
 

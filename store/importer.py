@@ -23,6 +23,9 @@ from callbot.store.call_store import CallStore
 SIDECAR_MAX_BYTES = 64 * 1024 * 1024  # a sidecar is kilobytes; anything far larger is not one
 
 
+ANALYSIS_SUFFIX = ".analysis.json"  # a call's analysis file beside its recording (app/analysis_host.py)
+
+
 @dataclass
 class ImportReport:
     imported: int = 0
@@ -35,9 +38,10 @@ class ImportReport:
 
 def sidecars(directory: str | os.PathLike) -> Iterator[pathlib.Path]:
     """The JSON files under `directory` that may be sidecars, oldest name first (names start with the
-    call's UTC start)."""
+    call's UTC start); a call's analysis beside them (`<name>.analysis.json`, app/analysis_host.py) is
+    not one."""
     for path in sorted(pathlib.Path(directory).rglob("*.json")):
-        if path.is_file():
+        if path.is_file() and not path.name.endswith(ANALYSIS_SUFFIX):
             yield path
 
 

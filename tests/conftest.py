@@ -24,6 +24,11 @@ from callbot.app.recording import Recorder
 #   slow:  the file takes over ~10 s, or one of its tests over ~5 s
 MARKS: dict[str, frozenset[str]] = {
     name: frozenset(marks.split()) for name, marks in {
+        "test_analysis_host": "",  # 3 s: [analytics] settings, `callbot rules check`, serve refusing a broken rules file, the recorder's hook
+        "test_analysis_host::test_the_host_analyses_a_final_call_into_the_store_and_beside_it": "slow",  # 4 s: a spawned pool, pocketsphinx post-call
+        "test_analysis_host::test_a_worker_killed_mid_analysis_costs_that_call_only": "slow",  # 5 s: two spawned pools
+        "test_analysis_host_serve": "sip slow",  # 25 s: `callbot serve` analysing a pjsua2 call, `callbot calls show/list/analyze`
+        "test_cli_calls_analyze": "slow",  # 35 s: `callbot calls analyze` processes over two scripted calls
         "test_analytics_call": "slow",  # 20 s: analyze_call with pocketsphinx on 8 scripted calls, a spawned pool
         "test_analytics_metrics": "",  # hand-placed segments, pure functions
         "test_analytics_sip": "sip slow",  # 16 s: the example line called by pjsua2, its recording analysed

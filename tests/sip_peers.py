@@ -508,6 +508,12 @@ def final_response(s: socket.socket, cseq: bytes) -> bytes:
             return data
 
 
+def sidecars(folder) -> list[pathlib.Path]:
+    """The call records (`<name>.json`) in a recordings folder: a call's analysis beside them
+    (`<name>.analysis.json`, written by serve after the hang-up: app/analysis_host.py) is not one."""
+    return sorted(p for p in pathlib.Path(folder).glob("*.json") if not p.name.endswith(".analysis.json"))
+
+
 def eventually(condition, timeout: float = 10.0, what: str = "condition", interval: float = 0.02):
     """Polls `condition()` until it returns something true, which it returns; fails after `timeout` s
     (a bound, not a measurement: tests wait for conditions, never for durations)."""

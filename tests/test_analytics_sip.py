@@ -13,7 +13,7 @@ import pytest
 from callbot.analytics.analyze import AnalysisOptions, analyze_call, recording_files
 from callbot.engine.contract import CallerWords, PlayFinished
 from tests.analytics_calls import speech_spans
-from tests.sip_peers import PjsuaPeer, eventually
+from tests.sip_peers import PjsuaPeer, eventually, sidecars
 from tests.test_flows_call import Watch, _write_wav
 from tests.test_flows_speech import _speech, example_line, human  # noqa: F401 - fixtures
 
@@ -65,7 +65,7 @@ def test_a_real_calls_recording_analysed(example_line, human, tmp_path):  # noqa
             assert watch.ended(call_id).cause == "transfer"
     finally:
         watch.close()
-    [sidecar] = (tmp_path / "calls").glob("*.json")
+    [sidecar] = sidecars(tmp_path / "calls")
     eventually(lambda: json.loads(sidecar.read_text())["recording"]["complete"], 10, "the finished sidecar")
     wav, side, events = recording_files(sidecar)
     assert wav is not None and events is not None

@@ -22,7 +22,7 @@ from callbot.app.settings import MetricsSettings, Settings
 from callbot.engine.contract import BotSpeech, PlayFinished, SessionClosed
 from callbot.sip import events as ev
 from callbot.sip.config import AccountConfig, EndpointConfig, TransportConfig
-from tests.sip_peers import MEDIA_PEER, stop_process
+from tests.sip_peers import MEDIA_PEER, stop_process, sidecars
 from tests.test_live_control import found_exactly
 
 pytestmark = pytest.mark.timeout(120)
@@ -113,7 +113,7 @@ def test_play_and_hangup_steer_a_real_call_and_its_events_reach_every_subscriber
         np.convolve(heard ** 2, np.ones(len(ref)), "valid")) + 1e-9)
     assert corr.max() > 0.9
     # the bot's channel of the recording holds it too, and the record has the engine's summary
-    [sidecar] = [p for p in (tmp_path / "calls").glob("*.json")]
+    [sidecar] = [p for p in sidecars(tmp_path / "calls")]
     record = json.loads(sidecar.read_text())
     assert record["engine"]["steps"] == closed.summary.steps > 0
     rate, frames = read_recording(tmp_path / "calls" / record["recording"]["wav"])

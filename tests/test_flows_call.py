@@ -21,7 +21,7 @@ from callbot.app.serve import running_server
 from callbot.app.settings import parse_settings
 from callbot.engine.contract import FlowTransition, PlayFinished
 from callbot.sip import events as ev
-from tests.sip_peers import PjsuaPeer, free_port
+from tests.sip_peers import PjsuaPeer, free_port, sidecars
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -225,7 +225,7 @@ def test_a_digit_by_rfc4733_takes_the_menu_to_a_transfer_the_caller_hears_the_gr
         assert watch.ended(call_id).cause == "transfer"
         moves = watch.moves(call_id, lambda m: m.to_state == "")
         assert moves[-1].reason == "transfer" and moves[-1].from_state == "agent"
-    [sidecar] = [p for p in (tmp / "calls").glob("*.json") if json.loads(p.read_text())["call_id"] == call_id]
+    [sidecar] = [p for p in sidecars(tmp / "calls") if json.loads(p.read_text())["call_id"] == call_id]
     flow = json.loads(sidecar.read_text())["flow"]
     assert flow["name"] == "support" and flow["path"] == ["greet", "menu", "agent"]
     assert _correlation(tmp_path / "heard.wav", CLIPS["greet"]) > 0.9
@@ -325,7 +325,7 @@ def test_card_digits_in_a_sensitive_gather_reach_only_the_webhook(line, tmp_path
         watch.ended(call_id)
     [(path, _, body)] = Backend.bodies
     assert path == "/pay" and body["card"] == card
-    [sidecar] = [p for p in (tmp / "calls").glob("*.json") if json.loads(p.read_text())["call_id"] == call_id]
+    [sidecar] = [p for p in sidecars(tmp / "calls") if json.loads(p.read_text())["call_id"] == call_id]
     record = json.loads(sidecar.read_text())
     assert [d["digit"] for d in record["dtmf"]] == ["4"] + ["x"] * 16  # the menu choice kept, the card masked
     files = sidecar.read_text() + (tmp / "calls" / record["events"]).read_text()

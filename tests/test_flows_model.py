@@ -14,7 +14,7 @@ import pytest
 from callbot.app.serve import running_server
 from callbot.app.settings import parse_settings
 from callbot.engine.contract import PersonaChanged, PlayFinished
-from tests.sip_peers import PjsuaPeer
+from tests.sip_peers import PjsuaPeer, sidecars
 from tests.test_flows_call import Watch, _correlation, _path, _tone, _write_wav
 from tests.tiny_assets import write_tiny_model_for_serve
 
@@ -98,7 +98,7 @@ persona = "Pizza orders."
             pump.join(10)
     # the menu prompt (the greeting starts with the call, before the caller's recorder is attached)
     assert _correlation(tmp_path / "heard.wav", menu) > 0.9
-    [sidecar] = (tmp_path / "calls").glob("*.json")
+    [sidecar] = sidecars(tmp_path / "calls")
     record = json.loads(sidecar.read_text())
     assert record["flow"]["path"] == ["greet", "menu", "pizza", "goodbye"]
     assert record["engine"]["steps"] > 0

@@ -19,7 +19,7 @@ from callbot.app.serve import running_server
 from callbot.app.settings import parse_settings
 from callbot.engine.contract import CallerWords, PlayFinished
 from callbot.speech.tts import EspeakTts
-from tests.sip_peers import PjsuaPeer, eventually, free_port
+from tests.sip_peers import PjsuaPeer, eventually, free_port, sidecars
 from tests.test_flows_call import RATE, Watch, _correlation, _path, _write_wav
 
 pytestmark = pytest.mark.timeout(240)
@@ -97,7 +97,7 @@ def test_the_example_line_speaks_prompts_takes_keys_and_hears_the_caller_ask_for
     words = [e for e in watch.seen if isinstance(e, CallerWords) and e.call_id == call_id]
     assert any(w.final and "agent" in w.text.lower() for w in words)
     # the caller's words are in the call's record, once the recognizer has flushed them
-    [sidecar] = (tmp_path / "calls").glob("*.json")
+    [sidecar] = sidecars(tmp_path / "calls")
     record = eventually(lambda: (r := json.loads(sidecar.read_text()))["recording"]["complete"] and r, 10,
                         "the finished sidecar")
     assert any("agent" in u["text"].lower() for u in record["caller_text"])

@@ -18,7 +18,7 @@ from callbot.app.serve import running_server
 from callbot.app.settings import parse_settings
 from callbot.engine.contract import FlowTransition, PlayFinished
 from callbot.sip import events as ev
-from tests.sip_peers import PjsuaPeer, eventually
+from tests.sip_peers import PjsuaPeer, eventually, sidecars
 from tests.test_flows_call import RATE, Watch, _correlation, _path, _tone, _write_wav
 
 pytestmark = pytest.mark.timeout(180)
@@ -105,7 +105,7 @@ def _to_menu(watch: Watch, caller: PjsuaPeer, server) -> str:
 
 
 def _sidecar(tmp, call_id: str) -> dict:
-    return eventually(lambda: next((json.loads(p.read_text()) for p in (tmp / "calls").glob("*.json")
+    return eventually(lambda: next((json.loads(p.read_text()) for p in sidecars(tmp / "calls")
                                     if json.loads(p.read_text())["call_id"] == call_id), None),
                       what=f"the sidecar of {call_id}")
 
@@ -175,7 +175,7 @@ def test_the_agent_hears_the_announcement_then_gets_the_caller_in_place_of_our_l
     assert _sidecar(tmp, call_id)["transfer"]["succeeded"] is True
     # what reached us on the leg: the agent's voice (the recording's caller channel); what the agent heard:
     # the announcement, and not its own voice
-    [ours] = [p.with_suffix(".wav") for p in (tmp / "calls").glob("*.json")
+    [ours] = [p.with_suffix(".wav") for p in sidecars(tmp / "calls")
               if json.loads(p.read_text())["call_id"] == leg]
     heard_by_us, sent_by_us = _channels(ours)
     _write_wav(tmp_path / "leg_in.wav", heard_by_us)

@@ -15,7 +15,7 @@ import wave
 
 import numpy as np
 import pytest
-from tests.sip_peers import MEDIA_PEER, free_port, serve_config, stop_process
+from tests.sip_peers import MEDIA_PEER, free_port, serve_config, stop_process, sidecars
 
 from callbot.sip.events import CallEnded
 from callbot.app.recording import read_recording
@@ -107,7 +107,7 @@ def test_echo_call_returns_the_callers_signal(echo_line, tmp_path, codec):
 
     # our recording: the caller's signal on the left, the echo on the right, after it
     ended = echo_line.wait_for(CallEnded, timeout=15)
-    [sidecar] = [json.loads(p.read_text()) for p in tmp_path.glob("*.json") if p.name != "peer.json"]
+    [sidecar] = [json.loads(p.read_text()) for p in sidecars(tmp_path) if p.name != "peer.json"]
     assert sidecar["call_id"] == ended.call_id and sidecar["codec"] == codec
     rate, rec = read_recording(tmp_path / sidecar["recording"]["wav"])
     left, right = rec[:, 0], rec[:, 1]
@@ -171,7 +171,7 @@ def test_kill_9_mid_call_leaves_a_playable_recording(tmp_path):
     sent = signal_[:: RATE // rate] if rate != RATE else signal_
     # the caller's first two seconds are on the left channel
     assert mostly_found(found_everywhere(sent[: 2 * rate], rec[:, 0]))
-    [sidecar] = [json.loads(p.read_text()) for p in (tmp_path / "calls").glob("*.json")]
+    [sidecar] = [json.loads(p.read_text()) for p in sidecars(tmp_path / "calls")]
     assert sidecar["recording"]["complete"] is False and sidecar["end"] is None
     out = subprocess.run(["soxi", "-D", str(wav)], capture_output=True, text=True, timeout=10)
     assert out.returncode == 0 and float(out.stdout) >= 3.0

@@ -16,7 +16,7 @@ import wave
 import numpy as np
 import pytest
 
-from tests.sip_peers import PjsuaPeer, RawUac, _Lines, eventually, free_port, serve_config, sip_header, stop_process
+from tests.sip_peers import PjsuaPeer, RawUac, _Lines, eventually, free_port, serve_config, sip_header, stop_process, sidecars
 from tests.test_model_service import _scrape, _service_config, _start_service, sock_dir  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.timeout(240)
@@ -63,7 +63,7 @@ class Worker:
             raise
 
     def record(self, call_id: str) -> dict | None:
-        for path in (self.dir / "calls").glob("*.json"):
+        for path in sidecars(self.dir / "calls"):
             try:
                 record = json.loads(path.read_text())
             except ValueError:

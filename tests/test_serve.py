@@ -12,7 +12,7 @@ import urllib.request
 import wave
 
 import pytest
-from tests.sip_peers import MEDIA_PEER, PjsuaPeer, _Lines, free_port, serve_config, stop_process
+from tests.sip_peers import MEDIA_PEER, PjsuaPeer, _Lines, free_port, serve_config, stop_process, sidecars
 
 pytestmark = pytest.mark.timeout(120)
 CALLBOT = [sys.executable, "-m", "callbot.app.cli"]
@@ -92,7 +92,7 @@ def test_serve_echo_answers_records_and_counts(tmp_path):
         stop_process(proc, timeout=10, sig=signal.SIGKILL)
     ended = [e for e in log if e["event"] == "CallEnded" and e["call_id"] == call_id]
     assert ended and ended[0]["cause"] == "remote"
-    [sidecar] = [json.loads(p.read_text()) for p in (tmp_path / "calls").glob("*.json")]
+    [sidecar] = [json.loads(p.read_text()) for p in sidecars(tmp_path / "calls")]
     assert sidecar["call_id"] == call_id and sidecar["recording"]["complete"] is True
     assert (tmp_path / "calls" / sidecar["recording"]["wav"]).stat().st_size > 44
 
@@ -184,7 +184,7 @@ def test_serve_model_answers_with_the_tiny_model(tmp_path, tiny_model):
         heard = np.frombuffer(w.readframes(w.getnframes()), "<i2")
     assert np.abs(heard).max() > 0, "the model's audio never reached the caller"
     assert steps and steps >= 1
-    [sidecar] = [json.loads(p.read_text()) for p in (tmp_path / "calls").glob("*.json")]
+    [sidecar] = [json.loads(p.read_text()) for p in sidecars(tmp_path / "calls")]
     assert sidecar["recording"]["complete"] is True
     engine = sidecar["engine"]
     assert engine["steps"] >= 1 and len(engine["step_s"]) == engine["steps"]
@@ -282,5 +282,5 @@ def test_model_server_survives_silent_callers_and_hangups_mid_call(tmp_path, tin
         assert stop_process(proc, timeout=30, sig=signal.SIGTERM) == 0
     finally:
         stop_process(proc, timeout=10, sig=signal.SIGKILL)
-    sidecars = [json.loads(p.read_text()) for p in (tmp_path / "calls").glob("*.json")]
+    sidecars = [json.loads(p.read_text()) for p in sidecars(tmp_path / "calls")]
     assert len(sidecars) == 3 and all(s["recording"]["complete"] for s in sidecars)

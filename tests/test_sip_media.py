@@ -11,7 +11,7 @@ import pathlib
 import time
 
 import pytest
-from tests.sip_peers import PjsuaPeer
+from tests.sip_peers import PjsuaPeer, sidecars
 
 from callbot.app.calls import CallRouter
 from callbot.engine.serving.echo import EchoEngine
@@ -35,7 +35,7 @@ def _wait_frames(ep: Endpoint, call_id: str, timeout: float = 10.0) -> dict:
 
 
 def _sidecar(directory: pathlib.Path, call_id: str) -> dict:
-    [path] = [p for p in directory.glob("*.json") if json.loads(p.read_text())["call_id"] == call_id]
+    [path] = [p for p in sidecars(directory) if json.loads(p.read_text())["call_id"] == call_id]
     return json.loads(path.read_text())
 
 

@@ -17,7 +17,7 @@ import urllib.request
 import wave
 
 import pytest
-from tests.sip_peers import (PjsuaPeer, _Lines, eventually, final_response, free_port, serve_config, sip_header,
+from tests.sip_peers import (PjsuaPeer, _Lines, eventually, final_response, free_port, serve_config, sip_header, sidecars,
                              stop_process)
 
 from callbot.sip import call_record
@@ -84,7 +84,7 @@ class Serve:
         return None
 
     def sidecar(self, call_id: str) -> dict | None:
-        for path in self.calls.glob("*.json"):
+        for path in sidecars(self.calls):
             try:
                 data = json.loads(path.read_bytes())
             except (FileNotFoundError, ValueError):
@@ -227,6 +227,6 @@ def test_a_digit_flood_keeps_the_record_bounded(echo_line, tmp_path, monkeypatch
     record = echo_line.records[call_id]
     assert [d.digit for d in record.dtmf] == ["1", "2", "3"] and record.dtmf_dropped == 2
     assert all(isinstance(d, DtmfRecord) for d in record.dtmf)
-    sidecar = _eventually(lambda: [json.loads(p.read_text()) for p in tmp_path.glob("*.json")],
+    sidecar = _eventually(lambda: [json.loads(p.read_text()) for p in sidecars(tmp_path)],
                           what="the sidecar")[0]
     assert [d["digit"] for d in sidecar["dtmf"]] == ["1", "2", "3"] and sidecar["dtmf_dropped"] == 2

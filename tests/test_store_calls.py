@@ -25,7 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from callbot.store import queries
 from callbot.store.call_store import CallStore
 from callbot.store.database import sqlite_url
-from tests.sip_peers import PjsuaPeer, _Lines, eventually, free_port, serve_config, stop_process
+from tests.sip_peers import PjsuaPeer, _Lines, eventually, free_port, serve_config, stop_process, sidecars
 
 pytestmark = pytest.mark.timeout(150)
 CALLBOT = [sys.executable, "-m", "callbot.app.cli"]
@@ -187,7 +187,7 @@ def test_a_dead_store_costs_one_line_and_the_call_and_its_files_go_on(tmp_path):
         peer.expect("media", call_id=call_id, timeout=15)
 
         def sidecar(state: str | None = None) -> dict | None:
-            for path in serve.calls.glob("*.json"):
+            for path in sidecars(serve.calls):
                 try:
                     data = json.loads(path.read_text())
                 except (FileNotFoundError, ValueError):
