@@ -282,5 +282,5 @@ def test_model_server_survives_silent_callers_and_hangups_mid_call(tmp_path, tin
         assert stop_process(proc, timeout=30, sig=signal.SIGTERM) == 0
     finally:
         stop_process(proc, timeout=10, sig=signal.SIGKILL)
-    sidecars = [json.loads(p.read_text()) for p in sidecars(tmp_path / "calls")]
-    assert len(sidecars) == 3 and all(s["recording"]["complete"] for s in sidecars)
+    records = [json.loads(p.read_text()) for p in sidecars(tmp_path / "calls")]
+    assert len(records) == 3 and all(s["recording"]["complete"] for s in records)
