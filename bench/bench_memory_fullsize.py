@@ -17,12 +17,13 @@ the step itself does, `KVCache.fit`) and positioned there, then the call takes o
 3000-frame context (the largest growth a call makes) and the peak shows what growing costs. The bytes per
 frame come from those measurements; the full-context figure is a measured ring, not an extrapolation.
 
-Skipped unless CALLBOT_FULLSIZE_CKPT names the folder (never in CI: 17 GB of disk, ~6 GB of memory per
-process, ~20 minutes on 2 cores):
+Skipped unless CALLBOT_FULLSIZE_CKPT names the folder (never in CI: 17 GB of disk, 6-13 GB of memory per
+process, about an hour on 2 shared cores, 19 minutes of it the 4-row warm-up):
 
     python -m bench.fullsize_checkpoint /work/fullsize-ckpt
     CALLBOT_FULLSIZE_CKPT=/work/fullsize-ckpt python -m pytest bench/bench_memory_fullsize.py -p no:cacheprovider -q -s
-    python -m bench.bench_memory_fullsize /work/fullsize-ckpt SCENARIO   # one scenario, JSON lines out
+    python -m bench.bench_memory_fullsize /work/fullsize-ckpt SCENARIO > S.jsonl   # one scenario, JSON lines
+    python -m bench.bench_memory_fullsize mac calls-f32=F.jsonl calls-kv8=E.jsonl calls-kv4=Q.jsonl  # the Mac
 """
 
 from __future__ import annotations
@@ -253,8 +254,8 @@ def test_mac_figure(capsys):
 
 
 if __name__ == "__main__":
-    if sys.argv[2] == "mac":  # the Mac figure from saved runs: mac SCENARIO=FILE.jsonl ...
-        saved = {a.split("=")[0]: [json.loads(x) for x in open(a.split("=")[1])] for a in sys.argv[3:]}
+    if sys.argv[1] == "mac":  # the Mac figure from saved runs: mac SCENARIO=FILE.jsonl ...
+        saved = {a.split("=")[0]: [json.loads(x) for x in open(a.split("=")[1])] for a in sys.argv[2:]}
         print("\n".join(mac_figure(saved)))
     else:
         run(sys.argv[1], sys.argv[2])
