@@ -42,6 +42,8 @@ MARKS: dict[str, frozenset[str]] = {
         "test_kv_cache": "model",  # 2 s: the tiny model prepares and steps
         "test_kv_context": "model slow",  # 16 s: calls past a bot's context, alone and batched
         "test_kv_quantized": "model slow",  # 20 s: 8- and 4-bit KV caches against float32, a batch
+        "test_fullsize_checkpoint": "model",  # 3 s: the full-size writer at the tiny size, loaded and prompted
+        "test_bytes_per_step": "model slow",  # 20 s: the 7B byte count's code against the tiny model's arrays
         "test_edge": "sip slow",  # 35 s: kamailio before `callbot serve`, a SIPp flood, held TCP connections
         "test_edge_netns": "sip slow",  # 25 s: calls in and out through the edge, the peer in a network namespace
         "test_edge_nodes": "sip slow",  # 35 s: a front edge over two `serve --edge --workers 2` nodes with echo services, 8 pjsua2 calls, a node stopped, a service stalled

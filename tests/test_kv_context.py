@@ -89,6 +89,19 @@ def test_warmup_compiles_for_each_context(model):
     BatchedSessions(model, slots=2).warmup([2], contexts=[SHORT])
 
 
+def test_a_batch_warmup_compiles_each_prepared_bot_with_its_own_context(model_dir):
+    """The serving runner warms its rounds with `BatchedSessions.warmup(sizes)` and no contexts: the
+    spans compiled are those of every bot prepared on the model, each with its own ring."""
+    fresh = _load(model_dir)
+    assert {cap for _, cap, _ in BatchedSessions(fresh, slots=2).warmup([1])} == {128}  # no bot yet: the model's
+    fresh.prepare("NATF0", "You are Jane.", context=SHORT)
+    fresh.prepare("NATF2", "You are Bob.")
+    assert fresh.prepared_contexts() == (SHORT, None)
+    compiled = BatchedSessions(fresh, slots=2).warmup([2])
+    assert [(cap, span) for rows, cap, span in compiled if rows == 2] == [
+        (SHORT, 32), (SHORT, SHORT), (128, 32), (128, 64), (128, 128)]
+
+
 def test_settings_take_a_bot_context_and_kv_bits():
     from callbot.app.settings import ConfigError, parse_settings
 

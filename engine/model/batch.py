@@ -109,14 +109,19 @@ class BatchedSessions:
             raise ValueError(f"slot {slot} holds no call")
         return session
 
-    def warmup(self, sizes: Sequence[int] | None = None, contexts: Sequence[int | None] = (None,)) -> None:
+    def warmup(self, sizes: Sequence[int] | None = None, contexts: Sequence[int | None] | None = None,
+               ) -> list[tuple[int, int, int]]:
         """Compile, on scratch states, what a batch of each size in `sizes` (default 1..slots) needs:
         the temporal step for every span the rings read (rings of each of `contexts`: the bots'
-        contexts, None = the model's) and the depformer frame (the model's sampling). Call it on the
-        stepping thread; a mix of sampling settings in one batch compiles on first use. A batch whose
-        slots have different contexts steps through the uncompiled path (slower per step)."""
+        contexts, None = the model's; by default the contexts of the prompts prepared on the model, so
+        each bot's spans are compiled with its own context) and the depformer frame (the model's
+        sampling). Call it on the stepping thread, after the bots are prepared; a mix of sampling
+        settings in one batch compiles on first use. A batch whose slots have different contexts steps
+        through the uncompiled path (slower per step). Returns what was compiled: (rows, ring, span)."""
         sizes = range(1, len(self._slots) + 1) if sizes is None else sizes
-        self.model.lm.warmup(self.model.sampling, rows=tuple(sizes), contexts=tuple(contexts))
+        if contexts is None:
+            contexts = self.model.prepared_contexts() or (None,)
+        return self.model.lm.warmup(self.model.sampling, rows=tuple(sizes), contexts=tuple(contexts))
 
     def _active(self, active) -> list[int]:
         if active is None:

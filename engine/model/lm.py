@@ -249,15 +249,20 @@ class LM(nn.Module):
         return LmState(self, sampling, seed, context)
 
     def warmup(self, sampling: SamplingConfig = SamplingConfig(), rows: tuple[int, ...] = (1,),
-               contexts: tuple[int | None, ...] = (None,)) -> None:
+               contexts: tuple[int | None, ...] = (None,)) -> list[tuple[int, int, int]]:
         """Compile, on a scratch state, every graph a call will need, so that no live frame waits for
         a compilation: the temporal step for each span the filling ring reads (32, 64, ... frames, then
         the full ring) and the depformer frame for the first live frame (1 slice) and the others
         (the agent's codebooks) with `sampling`'s audio settings. `rows`: the batch sizes to compile
         for (`step_slots`; 1 = a single call); `contexts`: the rings' sizes (bots' contexts, None = the
         model's). Call it once after loading, on the thread that will step
-        the model (MLX caches compiled graphs per stream, and streams per thread)."""
+        the model (MLX caches compiled graphs per stream, and streams per thread). Returns the temporal
+        steps compiled: (rows, ring capacity, span read).
+
+        Memory: the last span of each context is the whole ring, for `n` rows at once (what n calls at
+        full context hold), freed when the warm-up returns."""
         cfg = self.cfg
+        compiled: list[tuple[int, int, int]] = []
         forced = mx.zeros((cfg.dep_q,), dtype=mx.int32)
         for n in rows:
             x = mx.zeros((n, 1, cfg.dim), dtype=self.out_norm.weight.dtype)
@@ -272,6 +277,7 @@ class LM(nn.Module):
                             layer.offset = span - 1  # a position whose step reads exactly `span` slots
                     out = self.out_norm(self.transformer.step_slots(x, caches))
                     mx.eval(out)
+                    compiled.append((n, cap, span))
                 del caches  # the full rings of the last span: not kept past the warm-up
             sampler = TokenSampler(sampling)
             for k in sorted({1, cfg.agent_codebooks}):
@@ -281,6 +287,7 @@ class LM(nn.Module):
                 mx.eval(self.depformer.frame_rows(
                     out, mx.zeros((n,), dtype=mx.int32), mx.stack([forced] * n), mx.stack([mask] * n), k,
                     ((float(sampling.audio_temperature), int(sampling.audio_top_k)),) * n, keys))
+        return compiled
 
     # -- the streaming step ---------------------------------------------------------------------------
 

@@ -168,6 +168,14 @@ class Model:
                     self._prepared.popitem(last=False)
         return snapshot
 
+    def prepared_contexts(self) -> tuple[int | None, ...]:
+        """The contexts of the prompts prepared and kept (each bot's `context`; None: the model's own),
+        oldest first: what a warm-up compiles the rings' spans for."""
+        with self._prepared_lock:
+            capacities = [snapshot.lm.cache.capacity for snapshot, _ in self._prepared.values()]
+        full = self.lm.cfg.context
+        return tuple(dict.fromkeys(None if c == full else c for c in capacities))
+
     def open_session(self, voice: str | os.PathLike | VoiceEmbeddings | VoiceRecording = "NATF0",
                      persona: str = "", *, snapshot: PromptSnapshot | None = None, seed: int = 0,
                      sampling: SamplingConfig | None = None, sample_rate: int = SAMPLE_RATE) -> "Session":
