@@ -142,8 +142,22 @@ class HoldUntilVerdict:
         pass
 
 
-def load_message(campaign: Campaign):
-    """The machine message as a clip for LiveCall.play: the WAV's path, or espeak-ng's (samples, rate)."""
+class _Blank(dict):
+    def __missing__(self, key: str) -> str:
+        return ""
+
+
+def message_text(template: str, variables: dict[str, str]) -> str:
+    """message_text with the row's {variables} filled in (an unknown one: nothing)."""
+    try:
+        return template.format_map(_Blank(variables))
+    except (ValueError, IndexError, AttributeError):  # stray braces: the text as written
+        return template
+
+
+def load_message(campaign: Campaign, variables: dict[str, str] | None = None):
+    """The machine message as a clip for LiveCall.play: the WAV's path, or espeak-ng's (samples, rate) of
+    message_text with the row's variables in it."""
     amd = campaign.amd
     if not amd.enabled or amd.on_machine != "message":
         return None
@@ -158,7 +172,7 @@ def load_message(campaign: Campaign):
     from callbot.speech.tts import EspeakTts, TtsError
 
     try:
-        return EspeakTts(voice=amd.voice).synthesize(amd.message_text)
+        return EspeakTts(voice=amd.voice).synthesize(message_text(amd.message_text, variables or {}))
     except (TtsError, ValueError) as err:
         raise CampaignError(f"amd.message_text: {err}") from None
 
@@ -402,7 +416,13 @@ class CampaignRunner:
                 elif time.monotonic() < live.beep_deadline:
                     continue
                 live.message_sent = True
-                if self._control(live, lambda call: call.play(self.message, id=MESSAGE_ID)) is None:
+                clip = self.message
+                if amd.message_text is not None and "{" in amd.message_text:
+                    try:
+                        clip = load_message(self.campaign, live.contact.variables)
+                    except CampaignError as err:
+                        self._say(f"campaign: row {live.contact.row}: {err}; the message as checked at the start")
+                if self._control(live, lambda call: call.play(clip, id=MESSAGE_ID)) is None:
                     self._hangup(live)
 
     def _notes_step(self) -> None:

@@ -105,3 +105,12 @@ def test_callbot_campaign_run_says_one_line_and_exits_2_for_a_bad_file(tmp_path)
                           "--campaign", str(tmp_path / "c.toml"), "--engine", "echo"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "give --host" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_the_machine_message_takes_the_rows_variables():
+    from callbot.app.campaign_runner import message_text
+
+    assert message_text("Hello {name}, you owe {amount_due}.", {"name": "Ann", "amount_due": "12"}) == \
+        "Hello Ann, you owe 12."
+    assert message_text("Hello {name}{missing}.", {"name": "Ann"}) == "Hello Ann."
+    assert message_text("Stray { brace", {}) == "Stray { brace"

@@ -155,7 +155,7 @@ dial_timeout_s = 5
 max_call_s = 20
 [amd]
 on_machine = "message"
-message_text = "Hello, this is a reminder from your clinic about your appointment tomorrow. Goodbye."
+message_text = "Hello {name}, this is a reminder from your clinic about your appointment tomorrow. Goodbye."
 beep_wait_ms = 8000
 """)
 
