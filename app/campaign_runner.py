@@ -177,6 +177,60 @@ def load_message(campaign: Campaign, variables: dict[str, str] | None = None):
         raise CampaignError(f"amd.message_text: {err}") from None
 
 
+class AttemptStore:
+    """Each finished attempt into the call store's campaign_attempts (migration 0003), on a thread of its
+    own: a slow or dead database never holds up the dialer. The campaign's state file stays the truth
+    (campaigns/state.py); a row the store missed costs one line on stderr, nothing else."""
+
+    def __init__(self, url: str, campaign: str, say: Callable[[str], None]):
+        self.url = url
+        self.campaign = campaign
+        self.say = say
+        self.queue: queue.Queue = queue.Queue(maxsize=10_000)
+        self.written = 0
+        self.failed = 0
+        self.thread = threading.Thread(target=self._run, name="campaign-store", daemon=True)
+        self.thread.start()
+
+    def put(self, row: dict) -> None:
+        try:
+            self.queue.put_nowait(row)
+        except queue.Full:
+            self.failed += 1
+
+    def _run(self) -> None:
+        from sqlalchemy import insert
+        from sqlalchemy.exc import SQLAlchemyError
+
+        from callbot.store.call_store import CallStore
+        from callbot.store.database import StoreError
+        from callbot.store.schema import campaign_attempts
+
+        store = None
+        while True:
+            row = self.queue.get()
+            if row is None:
+                break
+            try:
+                if store is None:
+                    store = CallStore(self.url)
+                with store.engine.begin() as conn:
+                    conn.execute(insert(campaign_attempts).values(campaign=self.campaign, **row))
+                self.written += 1
+            except (SQLAlchemyError, StoreError) as err:
+                self.failed += 1
+                if self.failed == 1:
+                    text = str(getattr(err, "orig", None) or err).strip().splitlines()
+                    self.say(f"campaign: the call store did not take an attempt ({text[0] if text else err}); "
+                             "the campaign's state file has it")
+        if store is not None:
+            store.close()
+
+    def close(self, timeout: float = 10.0) -> None:
+        self.queue.put(None)
+        self.thread.join(timeout)
+
+
 class Control:
     """pause / resume / stop: from signals (SIGUSR1, SIGUSR2, SIGTERM/SIGINT) and a control file."""
 
@@ -262,6 +316,7 @@ class CampaignRunner:
             if st.done and st.disposition:
                 self.counts[st.disposition] = self.counts.get(st.disposition, 0) + 1
         self.max_active = 0
+        self.store: AttemptStore | None = None  # the call store's campaign_attempts, when [store] is on
         self.waiting_until: float | None = None  # nothing up, the next row due then (a window, a back-off)
         self._last_progress = ""
         self._progress_at = 0.0
@@ -275,6 +330,8 @@ class CampaignRunner:
             self._say(f"campaign: row {r['row']} attempt {r['attempt']} was in progress when the dialer "
                       f"stopped: {r['disposition']}")
         restore = self.control.install()
+        if self.settings.store.enabled:
+            self.store = AttemptStore(self.settings.store_url(), os.path.basename(self.list_path), self._say)
         try:
             with running_server(self.settings, self.engine_kind) as server:
                 self.server = server
@@ -292,6 +349,8 @@ class CampaignRunner:
                     return EXIT_FAILED
         finally:
             restore()
+            if self.store is not None:
+                self.store.close()
             self._write_report()
             self.state.close()
         self._progress(force=True)
@@ -324,6 +383,7 @@ class CampaignRunner:
                     self.state.close_row(decision.contact.row, decision.disposition,
                                          self.scheduler.states[decision.contact.row])
                     self._count(decision.disposition)
+                    self._stored(decision.contact.row, 0, decision.contact, decision.disposition)
                     continue
                 elif isinstance(decision, sch.Dial):
                     self._dial(decision)
@@ -470,6 +530,14 @@ class CampaignRunner:
                        amd=live.amd, amd_ms=live.amd_ms, beep_ms=live.beep_ms)
         self.wanted.discard(live.call_id)
         self._count(disposition)
+        self._stored(row, live.attempt.attempt, live.contact, disposition, call_id=live.call_id, sip_code=code,
+                     reason=reason, amd=live.amd, amd_ms=live.amd_ms, beep_ms=live.beep_ms,
+                     started_at=live.attempt.started_at, answered_at=live.attempt.answered_at)
+
+    def _stored(self, row: int, attempt: int, contact: Contact, disposition: str, **facts) -> None:
+        if self.store is not None:
+            self.store.put({"row": row, "attempt": attempt, "target": contact.target, "disposition": disposition,
+                            "variables": dict(contact.variables), "ended_at": self.clock(), **facts})
 
     # ---- output ------------------------------------------------------------------------------------
 

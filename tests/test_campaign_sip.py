@@ -142,6 +142,23 @@ max_attempts = 3
         eventually(lambda: sipp.invites() == 3, 5, "SIPp saw 3 INVITEs")
         assert concurrency(answer) == 2  # the cap, reached and never passed
         assert "answered-human 4" in (tmp_path / "campaign.log").read_text()
+        # the call store (on by default, beside the recordings): every attempt, and the answered calls as
+        # outbound calls labelled with their row
+        from sqlalchemy import select
+
+        from callbot.store.call_store import CallStore
+        from callbot.store.schema import calls, campaign_attempts
+
+        with CallStore(f"sqlite:///{tmp_path / 'calls' / 'calls.db'}") as store, store.reading() as conn:
+            stored = conn.execute(select(campaign_attempts.c.row, campaign_attempts.c.disposition,
+                                         campaign_attempts.c.sip_code, campaign_attempts.c.call_id)).all()
+            answered = conn.execute(select(calls.c.call_id, calls.c.direction, calls.c.record)).all()
+        assert sorted((r.row, r.disposition, r.sip_code) for r in stored) == sorted(
+            (a["row"], a["disposition"], a["sip_code"]) for a in report)
+        human_calls = {r.call_id for r in stored if r.disposition == "answered-human"}
+        outbound = {c.call_id: c for c in answered if c.call_id in human_calls}
+        assert len(outbound) == 4 and {c.direction for c in outbound.values()} == {"outbound"}
+        assert sorted(c.record["labels"]["campaign_row"] for c in outbound.values()) == ["1", "2", "3", "4"]
     finally:
         sipp.close()
         for p in (answer, busy, never):
