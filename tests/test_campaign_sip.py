@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from callbot.app.recording import read_recording
-from tests.campaign_calls import human, machine
+from tests.campaign_calls import Callee, human, machine, silence, speech
 from tests.sip_peers import LOCALHOST, PjsuaPeer, eventually, free_port, serve_config, stop_process
 
 SIPP_503 = """<?xml version="1.0" encoding="ISO-8859-1" ?>
@@ -216,23 +216,81 @@ def test_a_machine_gets_its_message_after_the_beep_and_a_person_the_bot(tmp_path
 
 
 def test_a_person_saying_hello_is_human_and_the_bot_is_released(tmp_path):
-    callee = human("hello?", tail_ms=3000)
+    # "hello?", silence (the verdict), then "is anyone there?" at 2.6 s: the echo line, held until the
+    # verdict, must not send back the hello, and must send back the second phrase
+    first = human("hello?", tail_ms=2000)
+    callee = Callee("human", np.concatenate([first.samples, speech("is anyone there?"), silence(2000)]))
+    second_at_s = len(first.samples) / 16000
     wav = callee.write(tmp_path / "hello.wav")
+    heard = str(tmp_path / "heard.wav")
     with PjsuaPeer(user="person", answer="auto", log_dir=tmp_path) as peer:
         lst, camp, cfg = write_campaign(tmp_path, [f"{peer.uri},Ann"], """
 max_concurrent = 1
 dial_timeout_s = 5
-max_call_s = 4
+max_call_s = 5.5
 """)
         proc = start_campaign(tmp_path, lst, camp, cfg)
         try:
-            _play_on_answer(peer, wav, str(tmp_path / "heard.wav"))
+            times = _play_on_answer(peer, wav, heard)
             report = finish(proc, tmp_path)
         finally:
             stop_process(proc)
     [a] = report
     assert (a["disposition"], a["amd"]) == ("answered-human", "human"), a
     assert 1000 <= a["amd_ms"] <= 2600
+    rate, audio = read_recording(heard)
+    x = np.abs((audio[:, 0] if audio.ndim == 2 else audio).astype(np.int32))
+    offset = times["play_t"] - times["record_t"]  # the callee's clip time 0, in the recording
+    held = x[: int((offset + 1.2) * rate)]  # the hello and its echo time: nothing comes back
+    assert held.max(initial=0) < 1000, "the bot was not held before the verdict"
+    assert x[int((offset + second_at_s) * rate):].max(initial=0) > 3000, "the bot was not released"
+
+
+def test_a_silent_callee_is_a_machine_by_initial_silence_hung_up_and_retried_as_configured(tmp_path):
+    with PjsuaPeer(user="silent", answer="auto", log_dir=tmp_path) as peer:
+        lst, camp, cfg = write_campaign(tmp_path, [f"{peer.uri},Ann"], """
+dial_timeout_s = 5
+[amd]
+on_machine = "hangup"
+[retries.machine]
+backoff_s = 0.2
+max_attempts = 2
+""")
+        report = finish(start_campaign(tmp_path, lst, camp, cfg), tmp_path)
+        assert len(peer.all("incoming")) == 2
+    assert [(a["disposition"], a["amd"]) for a in report] == [("answered-machine", "machine")] * 2
+    assert all(2400 <= a["amd_ms"] <= 2700 for a in report)  # initial_silence_ms 2500, 100 ms chunks
+
+
+def test_pause_resume_and_stop_and_a_stopped_campaign_resumes_where_it_stopped(tmp_path):
+    with PjsuaPeer(user="people", answer="auto", log_dir=tmp_path) as peer:
+        user = peer.uri.split(":")[1].split("@")[0]
+        rows = [f"{peer.uri.replace(f'sip:{user}@', f'sip:p{i}@')},P{i}" for i in range(4)]
+        lst, camp, cfg = write_campaign(tmp_path, rows, """
+max_call_s = 1.0
+[amd]
+enabled = false
+""")
+        control = tmp_path / "control"
+        control.write_text("pause\n")
+        proc = start_campaign(tmp_path, lst, camp, cfg, "--control", str(control))
+        log = tmp_path / "campaign.log"
+        try:
+            eventually(lambda: "(paused)" in log.read_text(), 30, "the campaign says it is paused")
+            assert peer.all("incoming") == []  # paused before its first dial
+            proc.send_signal(signal.SIGUSR2)  # resume
+            eventually(lambda: len(peer.all("incoming")) >= 1, 20, "a call after the resume")
+            proc.send_signal(signal.SIGTERM)  # stop: no new call, the one up ends by itself
+            assert proc.wait(30) == 0
+        finally:
+            stop_process(proc)
+        assert "stopping: no new calls" in log.read_text()
+        first_run = len(peer.all("incoming"))
+        assert 1 <= first_run < 4
+        report = finish(start_campaign(tmp_path, lst, camp, cfg), tmp_path)
+        assert len(peer.all("incoming")) == 4  # the rest, and nothing twice
+    assert sorted(a["row"] for a in report) == [1, 2, 3, 4]
+    assert {a["disposition"] for a in report} == {"answered-human"}
 
 
 def test_a_campaign_killed_mid_way_and_restarted_calls_every_row_exactly_once(tmp_path):
