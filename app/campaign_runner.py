@@ -13,8 +13,8 @@ machine: the call is hung up, or (on_machine = "message") the dialer waits for t
 beep_wait_ms), plays the message (a WAV, or espeak-ng's reading of message_text) and hangs up when it
 has been played.
 
-Dispositions: answered-human, answered-machine, busy (486/600), no-answer (dial timeout, 408/480), failed
-(any other code: the report keeps it), refused-by-admission (our own endpoint or engine had no room: not
+Dispositions: answered-human, answered-machine, busy (486/600), no-answer (dial timeout, 408/480 after
+the callee was reached), failed (any other code: the report keeps it; no SIP response at all), refused-by-admission (our own endpoint or engine had no room: not
 counted as an attempt), do-not-call, outside-window, interrupted (see the restart rule).
 
 Control: SIGUSR1 pauses (no new dials; calls up go on), SIGUSR2 resumes, SIGTERM/SIGINT stop (no new
@@ -64,6 +64,7 @@ class Live:
     contact: Contact
     call_id: str | None = None
     answered: bool = False
+    responded: bool = False  # a provisional response came back (100 Trying, 180 Ringing): someone is there
     code: int | None = None
     reason: str = ""
     detector: AmdDetector | None = None
@@ -277,6 +278,9 @@ def disposition_of(live: Live, ended: ev.CallEnded) -> tuple[str, int | None]:
     if live.answered:
         return (sch.MACHINE if live.machine else sch.HUMAN), None
     code = ended.code or live.code
+    if not live.responded and code in (None, 0, 408, 487):
+        # nothing came back at all (pjsip's own timeout, the 487 of our CANCEL): not a phone left ringing
+        return sch.FAILED, None
     if code in (486, 600) or ended.cause == "busy":
         return sch.BUSY, code
     if ended.cause == "timeout" or code in (408, 480, 487):
@@ -411,6 +415,8 @@ class CampaignRunner:
         if live is None:
             return
         if isinstance(event, ev.CallProgress):
+            if event.code < 200:
+                live.responded = True
             if event.code >= 300:
                 live.code, live.reason = event.code, event.reason
         elif isinstance(event, ev.CallConfirmed):

@@ -41,7 +41,7 @@ MARKS: dict[str, frozenset[str]] = {
         "test_campaign_config": "",  # 3 s: campaign, list and DNC files; two `callbot campaign run` refusals
         "test_campaign_scheduler": "",  # the scheduler on an injected clock
         "test_campaign_state": "",  # SQLite state files, the restart rule
-        "test_campaign_sip": "sip slow",  # 80 s: `callbot campaign run` against pjsua2 and SIPp callees, a SIGKILL
+        "test_campaign_sip": "sip slow",  # 90 s: `callbot campaign run` against pjsua2 and SIPp callees, a SIGKILL
         "test_edge": "sip slow",  # 35 s: kamailio before `callbot serve`, a SIPp flood, held TCP connections
         "test_edge_netns": "sip slow",  # 25 s: calls in and out through the edge, the peer in a network namespace
         "test_edge_nodes": "sip slow",  # 35 s: a front edge over two `serve --edge --workers 2` nodes with echo services, 8 pjsua2 calls, a node stopped, a service stalled

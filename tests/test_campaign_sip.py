@@ -327,3 +327,15 @@ enabled = false
     assert len(invited) == 6, invited
     assert len(placed_before) >= 3
     assert set(sum(by_row.values(), [])) <= {"answered-human", "interrupted"}
+
+
+def test_a_target_where_nothing_listens_is_failed_not_no_answer(tmp_path):
+    lst, camp, cfg = write_campaign(tmp_path, [f"sip:nobody@{LOCALHOST}:{free_port()},Nia"], """
+dial_timeout_s = 2
+[amd]
+enabled = false
+[retries.failed]
+max_attempts = 1
+""")
+    report = finish(start_campaign(tmp_path, lst, camp, cfg), tmp_path)
+    assert [a["disposition"] for a in report] == ["failed"]
