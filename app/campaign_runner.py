@@ -53,7 +53,9 @@ EXIT_USAGE = 2
 EXIT_FAILED = 1
 MESSAGE_ID = "campaign-message"
 PROGRESS_S = 1.0
-STOP_GRACE_S = 30.0  # after a stop, calls still up this long are hung up
+STOP_GRACE_S = 30.0
+TRUNK_REFUSED = (401, 403, 407)  # the trunk will not take our calls: credentials, caller ID, account
+TRUNK_REFUSALS = 3  # in a row: the campaign stops instead of burning through its list  # after a stop, calls still up this long are hung up
 
 
 @dataclass
@@ -320,6 +322,8 @@ class CampaignRunner:
             if st.done and st.disposition:
                 self.counts[st.disposition] = self.counts.get(st.disposition, 0) + 1
         self.max_active = 0
+        self.refusals: list[tuple[int, str]] = []  # the trunk's refusals in a row
+        self.error: str | None = None  # why the campaign stopped on its own (exit status 1)
         self.store: AttemptStore | None = None  # the call store's campaign_attempts, when [store] is on
         self.waiting_until: float | None = None  # nothing up, the next row due then (a window, a back-off)
         self._last_progress = ""
@@ -358,6 +362,9 @@ class CampaignRunner:
             self._write_report()
             self.state.close()
         self._progress(force=True)
+        if self.error is not None:
+            self._say(f"callbot: error: {self.error}")
+            return EXIT_FAILED
         return EXIT_OK
 
     def _loop(self, server) -> None:
@@ -527,7 +534,17 @@ class CampaignRunner:
     def _ended(self, live: Live, ended: ev.CallEnded) -> None:
         self.live.pop(live.call_id, None)
         disposition, code = disposition_of(live, ended)
-        self._finish(live, disposition, code, ended.reason or live.reason)
+        reason = ended.reason or live.reason
+        self._finish(live, disposition, code, reason)
+        if disposition == sch.FAILED and code in TRUNK_REFUSED:
+            self.refusals.append((code, reason))
+            if len(self.refusals) >= TRUNK_REFUSALS and self.error is None:
+                self.error = (f"the trunk refuses the campaign's calls: {len(self.refusals)} attempts in a row "
+                              f"answered {code} {reason} (account {self.account or 'the first'!r}: check its "
+                              "credentials and caller ID); campaign stopped, run it again once fixed")
+                self.control.stops = max(self.control.stops, 1)
+        elif live.responded or live.answered or disposition in (sch.BUSY, sch.NO_ANSWER):
+            self.refusals.clear()
 
     def _finish(self, live: Live, disposition: str, code: int | None, reason: str | None) -> None:
         row = live.contact.row
@@ -602,7 +619,8 @@ def run_campaign(settings: Settings, engine_kind: str, list_path: str, campaign_
         name = bot or campaign.bot
         chosen = settings.bot(name) if name else settings.bots[0]
         settings = msgspec.structs.replace(settings, bots=(chosen, *(b for b in settings.bots if b is not chosen)))
-        account = campaign.account or chosen.account
+        account = campaign.account or chosen.account or (settings.sip.accounts[0].name if settings.sip.accounts
+                                                          else None)
         if account is not None and account not in {a.name for a in settings.sip.accounts}:
             raise ConfigError(f"{campaign_path}: account {account!r}: no such [[sip.accounts]] name "
                               f"({', '.join(a.name for a in settings.sip.accounts)})")

@@ -17,11 +17,11 @@ from callbot.app.recording import read_recording
 from tests.campaign_calls import Callee, human, machine, silence, speech
 from tests.sip_peers import LOCALHOST, PjsuaPeer, eventually, free_port, serve_config, stop_process
 
-SIPP_503 = """<?xml version="1.0" encoding="ISO-8859-1" ?>
-<scenario name="refuse with 503">
+SIPP_REFUSE = """<?xml version="1.0" encoding="ISO-8859-1" ?>
+<scenario name="refuse">
   <recv request="INVITE" />
   <send><![CDATA[
-SIP/2.0 503 Service Unavailable
+SIP/2.0 {code} {reason}
 [last_Via:]
 [last_From:]
 [last_To:];tag=[pid]SIPpTag01[call_number]
@@ -35,16 +35,16 @@ Content-Length: 0
 """
 
 
-class Sipp503:
-    """SIPp answering every INVITE with 503; `invites()` counts the INVITEs it got (its message trace)."""
+class SippRefusing:
+    """SIPp answering every INVITE with `code`; `invites()` counts the INVITEs it got (its message trace)."""
 
-    def __init__(self, workdir: pathlib.Path):
+    def __init__(self, workdir: pathlib.Path, code: int = 503, reason: str = "Service Unavailable"):
         self.port = free_port()
         self.uri = f"sip:busyline@{LOCALHOST}:{self.port}"
-        scenario = workdir / "uas503.xml"
-        scenario.write_text(SIPP_503)
-        self.trace = workdir / "sipp503-messages.log"
-        self._log = open(workdir / "sipp503.log", "w")
+        scenario = workdir / f"uas{code}.xml"
+        scenario.write_text(SIPP_REFUSE.replace("{code}", str(code)).replace("{reason}", reason))
+        self.trace = workdir / f"sipp{code}-messages.log"
+        self._log = open(workdir / f"sipp{code}.log", "w")
         self.proc = subprocess.Popen(
             ["sipp", "-sf", str(scenario), "-i", LOCALHOST, "-p", str(self.port), "-mp", str(free_port()),
              "-nostdin", "-trace_msg", "-message_file", str(self.trace), "-timeout", "120"],
@@ -103,7 +103,7 @@ def test_each_callee_gets_its_disposition_and_its_retries_and_the_cap_holds(tmp_
     answer = PjsuaPeer(user="answer", answer="auto", log_dir=tmp_path)
     busy = PjsuaPeer(user="busy", answer="busy", log_dir=tmp_path)
     never = PjsuaPeer(user="never", answer="manual", log_dir=tmp_path)
-    sipp = Sipp503(tmp_path)
+    sipp = SippRefusing(tmp_path)
     try:
         host = lambda peer, user: peer.uri.replace(f"sip:{peer.uri.split(':')[1].split('@')[0]}@", f"sip:{user}@")
         rows = [f"{host(answer, f'a{i}')},Ann{i}" for i in range(4)]
@@ -339,3 +339,28 @@ max_attempts = 1
 """)
     report = finish(start_campaign(tmp_path, lst, camp, cfg), tmp_path)
     assert [a["disposition"] for a in report] == ["failed"]
+
+
+def test_a_trunk_that_refuses_every_call_stops_the_campaign_with_one_clear_line(tmp_path):
+    sipp = SippRefusing(tmp_path, 403, "Forbidden")
+    try:
+        rows = [f"sip:{1000 + i}@{LOCALHOST}:{sipp.port},R{i}" for i in range(6)]
+        lst, camp, cfg = write_campaign(tmp_path, rows, """
+calls_per_second = 20
+[amd]
+enabled = false
+""")
+        proc = start_campaign(tmp_path, lst, camp, cfg)
+        try:
+            rc = proc.wait(60)
+        finally:
+            stop_process(proc)
+        log = (tmp_path / "campaign.log").read_text()
+        assert rc == 1, log
+        assert "callbot: error: the trunk refuses the campaign's calls: 3 attempts in a row answered 403 " \
+               "Forbidden (account 'out'" in log
+        eventually(lambda: sipp.invites() == 3, 5, "SIPp saw 3 INVITEs")
+        report = json.loads((tmp_path / "report.json").read_text())
+        assert [(a["disposition"], a["sip_code"]) for a in report] == [("failed", 403)] * 3
+    finally:
+        sipp.close()
