@@ -7,7 +7,8 @@ one SIP endpoint. For each attempt: the state file gets `dialing` before the INV
 call's record is labelled with the campaign, row and attempt (they reach the call store with the record).
 
 Answering-machine detection: when a call's audio comes up, the bot is held silent (HoldBot: the model
-hears the callee, its own audio is forced silent) and the callee's leg goes, as the recorder drains it
+hears the callee, its own audio is forced silent; [amd] hold_bot = false lets it greet at once and holds
+it only on a machine verdict) and the callee's leg goes, as the recorder drains it
 every 100 ms, to an AmdDetector (campaigns/amd.py). Human or unknown: the bot is released and talks. A
 machine: the call is hung up, or (on_machine = "message") the dialer waits for the beep (at most
 beep_wait_ms), plays the message (a WAV, or espeak-ng's reading of message_text) and hangs up when it
@@ -347,7 +348,8 @@ class CampaignRunner:
                 self.tap.wanted = self.wanted
                 if self.campaign.amd.enabled:
                     server.recorder.listener = self.tap
-                    server.router.watchers.append(HoldUntilVerdict(self.wanted))
+                    if self.campaign.amd.hold_bot:
+                        server.router.watchers.append(HoldUntilVerdict(self.wanted))
                 server.bus.attach("campaign", self.notes.put,
                                   accept=lambda e: isinstance(e, PlayFinished) and call_id_of(e) in self.wanted)
                 try:
@@ -475,8 +477,11 @@ class CampaignRunner:
                 live.verdict_seen = True
                 live.amd, live.amd_ms = d.verdict.kind, d.verdict.at_ms
                 if d.verdict.kind != MACHINE:
-                    self._control(live, lambda call: call.hold_bot(False))
+                    if amd.hold_bot:
+                        self._control(live, lambda call: call.hold_bot(False))
                     continue
+                if not amd.hold_bot:  # the bot greeted at once: it stops talking to a machine
+                    self._control(live, lambda call: call.hold_bot(True))
                 live.machine = True
                 if amd.on_machine == "hangup":
                     self._hangup(live)

@@ -80,6 +80,7 @@ class Amd(_Struct):
     after the verdict), then play `message_wav` or speak `message_text` (espeak-ng), then hang up."""
 
     enabled: bool = True
+    hold_bot: bool = True  # the bot listens but says nothing until the verdict (false: it greets at once)
     initial_silence_ms: Annotated[int, msgspec.Meta(ge=100, le=60000)] = 2500
     greeting_ms: Annotated[int, msgspec.Meta(ge=100, le=60000)] = 1500
     after_greeting_silence_ms: Annotated[int, msgspec.Meta(ge=100, le=60000)] = 800
