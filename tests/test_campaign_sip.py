@@ -364,3 +364,45 @@ enabled = false
         assert [(a["disposition"], a["sip_code"]) for a in report] == [("failed", 403)] * 3
     finally:
         sipp.close()
+
+
+def _gmt_zone_with_local_hour(hour: int) -> str:
+    """An Etc/GMT zone whose local time is now `hour`:xx (POSIX signs: Etc/GMT-3 is UTC+3)."""
+    import datetime as dt
+
+    utc_hour = dt.datetime.now(dt.timezone.utc).hour
+    offset = (hour - utc_hour) % 24
+    if offset > 14:
+        offset -= 24
+    return "Etc/GMT" + (f"-{offset}" if offset > 0 else f"+{-offset}" if offset < 0 else "")
+
+
+def test_rows_outside_their_windows_are_skipped_and_end_outside_window_with_a_csv_report(tmp_path):
+    import csv
+    import datetime as dt
+
+    with PjsuaPeer(user="people", answer="auto", log_dir=tmp_path) as peer:
+        user = peer.uri.split(":")[1].split("@")[0]
+        open_tz, closed_tz = _gmt_zone_with_local_hour(12), _gmt_zone_with_local_hour(1)
+        rows = [f"{peer.uri.replace(f'sip:{user}@', 'sip:night@')},Owl,{closed_tz}",
+                f"{peer.uri.replace(f'sip:{user}@', 'sip:noon@')},Lark,{open_tz}"]
+        ends = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=8)).isoformat(timespec="seconds")
+        lst, camp, cfg = write_campaign(tmp_path, rows, f"""
+max_call_s = 1.0
+ends_at = "{ends}"
+[window]
+hours = "10:00-14:00"
+[amd]
+enabled = false
+""", extra_columns=",tz")
+        proc = start_campaign(tmp_path, lst, camp, cfg, "--report", str(tmp_path / "report.csv"))
+        try:
+            assert proc.wait(60) == 0, (tmp_path / "campaign.log").read_text()
+        finally:
+            stop_process(proc)
+        assert len(peer.all("incoming")) == 1  # only the row inside its window was called
+    with open(tmp_path / "report.csv", newline="") as f:
+        report = list(csv.DictReader(f))
+    assert [(r["row"], r["target"].split("@")[0], r["tz"], r["disposition"]) for r in report] == [
+        ("2", "sip:noon", open_tz, "answered-human"), ("1", "sip:night", closed_tz, "outside-window")]
+    assert json.loads(report[0]["variables"]) == {"name": "Lark"}
