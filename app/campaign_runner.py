@@ -98,7 +98,7 @@ class AmdTap:
     def opened(self, record: Any, rate: int) -> None:
         call_id = record.call_id
         with self.lock:
-            if call_id in self.wanted:
+            if _ours(record, self.wanted):
                 amd = self.campaign.amd
                 self.detectors[call_id] = AmdDetector(amd, rate, listen_for_beep=(
                     amd.on_machine == "message" and amd.wait_for_beep))
@@ -129,6 +129,14 @@ class AmdTap:
             return self.detectors.get(call_id)
 
 
+def _ours(record: Any, wanted: set[str]) -> bool:
+    """A campaign call: one we dialled. Every outbound call of this process is (a consultation leg is not);
+    by direction too, because a callee on loopback can answer before dial() has returned its Call-ID."""
+    labels = getattr(record, "labels", {}) or {}
+    return record.call_id in wanted or (getattr(record, "direction", "") == "outbound"
+                                        and "transfer_of" not in labels)
+
+
 class HoldUntilVerdict:
     """A CallRouter watcher: a campaign call's bot is held silent from its first frame (SIP thread)."""
 
@@ -136,7 +144,7 @@ class HoldUntilVerdict:
         self.wanted = wanted
 
     def call_opened(self, live) -> None:
-        if live.call_id in self.wanted:
+        if _ours(live.record, self.wanted):
             try:
                 live.hold_bot(True)
             except Exception:  # noqa: BLE001 - the call goes on; the verdict's release is then a no-op
