@@ -43,6 +43,7 @@ PACKAGES: dict[str, str] = {
     "callbot.store": "store",
     "callbot.store.migrations": "store/migrations",  # Alembic's env.py and its template
     "callbot.store.migrations.versions": "store/migrations/versions",  # the schema's revisions
+    "callbot.campaigns": "campaigns",
 }
 
 # typing for the compiled modules: their stubs and the PEP 561 marker, installed beside them

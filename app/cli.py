@@ -68,7 +68,37 @@ def build_parser() -> argparse.ArgumentParser:
     rcheck = rules_sub.add_parser("check", help="check rules files: one line per problem, exit 2; `ok` and exit 0")
     rcheck.add_argument("files", metavar="FILE", nargs="+")
     _calls_parser(sub)
+    _campaign_parser(sub, common)
     return parser
+
+
+# ---- `callbot campaign` (app/campaign_runner.py) ---------------------------------------------------------
+
+
+def _campaign_parser(sub, common) -> None:
+    """`callbot campaign run LIST.csv --campaign FILE.toml`: an outbound campaign (README, "Campaigns")."""
+    campaign = sub.add_parser("campaign", help="outbound campaigns: dial a CSV list with pacing, windows, "
+                              "retries, a do-not-call list and answering-machine detection")
+    campaign_sub = campaign.add_subparsers(dest="campaign_command", metavar="ACTION", required=True)
+    run_p = campaign_sub.add_parser("run", help="dial the list until every row is done (state kept in "
+                                    "LIST.csv.campaign.db: run it again to resume)")
+    run_p.add_argument("list", metavar="LIST.csv")
+    run_p.add_argument("--campaign", required=True, metavar="FILE", help="the campaign file (TOML)")
+    run_p.add_argument("--bot", metavar="NAME", help="the bot that talks (default: the campaign's, else the first)")
+    run_p.add_argument("--host", metavar="HOST[:PORT]", help="where numbers are dialled: sip:NUMBER@HOST")
+    run_p.add_argument("--report", metavar="FILE", help="every attempt at the end, as .csv or .json")
+    run_p.add_argument("--control", metavar="FILE", help="a file whose word (pause, resume, stop) steers the run")
+    common(run_p)
+
+
+def _campaign(args: argparse.Namespace, settings) -> int:
+    from callbot.app.campaign_runner import run_campaign
+
+    return run_campaign(settings, args.engine, args.list, args.campaign, args.bot, args.host, args.report,
+                        args.control)
+
+
+# ---- end of `callbot campaign` ----------------------------------------------------------------------------
 
 
 def _calls_parser(sub) -> None:
@@ -157,6 +187,8 @@ def run(args: argparse.Namespace) -> int:
         from callbot.app.workers import parse_supervised, supervised_settings
 
         settings = supervised_settings(settings, parse_supervised(args.supervised))
+    if args.command == "campaign":
+        return _campaign(args, settings)
     if args.command == "model-service":  # before serve is imported: this process never loads pjsua2
         from callbot.app.model_service import run_model_service
 

@@ -218,3 +218,28 @@ score_items = Table(
 
 # what save_analysis replaces, children before parents
 ANALYSIS_TABLES = (transcript_words, segments, metrics, turns, category_hits, scores)
+
+# ---- outbound campaigns (migration 0003) ---------------------------------------------------------------
+
+campaign_attempts = Table(
+    "campaign_attempts", metadata,
+    Column("id", RowId, primary_key=True, autoincrement=True),
+    Column("campaign", String(256), nullable=False),  # the list's file name
+    Column("row", Integer, nullable=False),  # 1-based, in the list's order
+    Column("attempt", Integer, nullable=False),  # 0: the row ended without a call (do-not-call, outside-window)
+    Column("target", Text, nullable=False),
+    Column("call_id", CallId),  # no foreign key: an unanswered attempt may have no call row
+    Column("disposition", String(32), nullable=False),
+    Column("sip_code", Integer),
+    Column("reason", Text),
+    Column("amd", String(32)),  # human | machine | machine_end_beep | unknown
+    Column("amd_ms", Float),
+    Column("beep_ms", Float),
+    Column("started_at", Float),
+    Column("answered_at", Float),
+    Column("ended_at", Float),
+    Column("variables", Json, nullable=False),
+    Index(None, "campaign", "row"),
+    Index(None, "call_id"),
+    Index(None, "disposition"),
+)

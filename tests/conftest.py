@@ -44,6 +44,11 @@ MARKS: dict[str, frozenset[str]] = {
         "test_kv_quantized": "model slow",  # 20 s: 8- and 4-bit KV caches against float32, a batch
         "test_fullsize_checkpoint": "model",  # 3 s: the full-size writer at the tiny size, loaded and prompted
         "test_bytes_per_step": "model slow",  # 20 s: the 7B byte count's code against the tiny model's arrays
+        "test_campaign_amd": "",  # 1 s: answering-machine detection on 33 scripted espeak-ng callees
+        "test_campaign_config": "",  # 3 s: campaign, list and DNC files; two `callbot campaign run` refusals
+        "test_campaign_scheduler": "",  # the scheduler on an injected clock
+        "test_campaign_state": "",  # SQLite state files, the restart rule
+        "test_campaign_sip": "sip slow",  # 90 s: `callbot campaign run` against pjsua2 and SIPp callees, a SIGKILL
         "test_edge": "sip slow",  # 35 s: kamailio before `callbot serve`, a SIPp flood, held TCP connections
         "test_edge_netns": "sip slow",  # 25 s: calls in and out through the edge, the peer in a network namespace
         "test_edge_nodes": "sip slow",  # 35 s: a front edge over two `serve --edge --workers 2` nodes with echo services, 8 pjsua2 calls, a node stopped, a service stalled

@@ -1,0 +1,645 @@
+"""`callbot campaign run LIST.csv --campaign campaign.toml`: the dialer of an outbound campaign.
+
+One serve-like process (app/serve.py's running_server: the engine, the recorder, the event bus, the call
+store's writer when it is on) dials the rows the scheduler (campaigns/scheduler.py) hands out, through
+one SIP endpoint. For each attempt: the state file gets `dialing` before the INVITE leaves
+(campaigns/state.py, the restart rule), the row's variables go to the bot (CallRouter.expect), and the
+call's record is labelled with the campaign, row and attempt (they reach the call store with the record).
+
+Answering-machine detection: when a call's audio comes up, the bot is held silent (HoldBot: the model
+hears the callee, its own audio is forced silent; [amd] hold_bot = false lets it greet at once and holds
+it only on a machine verdict) and the callee's leg goes, as the recorder drains it
+every 100 ms, to an AmdDetector (campaigns/amd.py). Human or unknown: the bot is released and talks. A
+machine: the call is hung up, or (on_machine = "message") the dialer waits for the beep (at most
+beep_wait_ms), plays the message (a WAV, or espeak-ng's reading of message_text) and hangs up when it
+has been played.
+
+Dispositions: answered-human, answered-machine, busy (486/600), no-answer (dial timeout, 408/480 after
+the callee was reached), failed (any other code: the report keeps it; no SIP response at all), refused-by-admission (our own endpoint or engine had no room: not
+counted as an attempt), do-not-call, outside-window, interrupted (see the restart rule).
+
+Control: SIGUSR1 pauses (no new dials; calls up go on), SIGUSR2 resumes, SIGTERM/SIGINT stop (no new
+dials, the calls up end by themselves; a second one hangs them up); or the words pause / resume / stop
+written into --control FILE. A progress line on stderr (counts by outcome), and --report FILE (.csv or
+.json) at the end: every attempt with its row's target and variables.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import msgspec
+import numpy as np
+
+from callbot.app.event_bus import call_id_of
+from callbot.app.settings import ConfigError, Settings
+from callbot.campaigns import scheduler as sch
+from callbot.campaigns.amd import HUMAN, MACHINE, AmdDetector
+from callbot.campaigns.config import Campaign, CampaignError, load_campaign
+from callbot.campaigns.contacts import Contact, load_contacts, load_dnc
+from callbot.campaigns.state import Attempt, CampaignState, state_path
+from callbot.engine.contract import PlayFinished
+from callbot.sip import events as ev
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+MESSAGE_ID = "campaign-message"
+PROGRESS_S = 1.0
+STOP_GRACE_S = 30.0
+TRUNK_REFUSED = (401, 403, 407)  # the trunk will not take our calls: credentials, caller ID, account
+TRUNK_REFUSALS = 3  # in a row: the campaign stops instead of burning through its list  # after a stop, calls still up this long are hung up
+
+
+@dataclass
+class Live:
+    """One attempt in progress."""
+
+    attempt: Attempt
+    contact: Contact
+    call_id: str | None = None
+    answered: bool = False
+    responded: bool = False  # a provisional response came back (100 Trying, 180 Ringing): someone is there
+    code: int | None = None
+    reason: str = ""
+    detector: AmdDetector | None = None
+    verdict_seen: bool = False
+    beep_deadline: float | None = None  # monotonic s
+    message_sent: bool = False
+    hangup_sent: bool = False
+    answered_mono: float | None = None
+    machine: bool = False
+    amd: str | None = None
+    amd_ms: float | None = None
+    beep_ms: float | None = None
+
+
+class AmdTap:
+    """The Recorder's caller listener in front of the one it had (the caller recognizer, or none): each
+    campaign call's callee leg goes to its AmdDetector; the recognizer still gets every call."""
+
+    def __init__(self, recorder: Any, inner: Any, campaign: Campaign, wake: Callable[[], None]):
+        self.recorder = recorder
+        self.inner = inner
+        self.campaign = campaign
+        self.wake = wake
+        self.lock = threading.Lock()
+        self.detectors: dict[str, AmdDetector] = {}
+        self.wanted: set[str] = set()
+
+    def opened(self, record: Any, rate: int) -> None:
+        call_id = record.call_id
+        with self.lock:
+            if _ours(record, self.wanted):
+                amd = self.campaign.amd
+                self.detectors[call_id] = AmdDetector(amd, rate, listen_for_beep=(
+                    amd.on_machine == "message" and amd.wait_for_beep))
+        if self.inner is not None:
+            self.inner.opened(record, rate)
+
+    def heard(self, call_id: str, samples: np.ndarray) -> None:
+        with self.lock:
+            d = self.detectors.get(call_id)
+            if d is not None and not d.done:
+                before = (d.verdict, d.beep_done)
+                d.feed(samples)
+                if (d.verdict, d.beep_done) != before:
+                    self.wake()
+        if self.inner is not None:
+            self.inner.heard(call_id, samples)
+
+    def closed(self, call_id: str) -> None:
+        with self.lock:
+            self.detectors.pop(call_id, None)
+        if self.inner is not None:
+            self.inner.closed(call_id)
+        else:
+            self.recorder.transcript_done(call_id)
+
+    def detector(self, call_id: str) -> AmdDetector | None:
+        with self.lock:
+            return self.detectors.get(call_id)
+
+
+def _ours(record: Any, wanted: set[str]) -> bool:
+    """A campaign call: one we dialled. Every outbound call of this process is (a consultation leg is not);
+    by direction too, because a callee on loopback can answer before dial() has returned its Call-ID."""
+    labels = getattr(record, "labels", {}) or {}
+    return record.call_id in wanted or (getattr(record, "direction", "") == "outbound"
+                                        and "transfer_of" not in labels)
+
+
+class HoldUntilVerdict:
+    """A CallRouter watcher: a campaign call's bot is held silent from its first frame (SIP thread)."""
+
+    def __init__(self, wanted: set[str]):
+        self.wanted = wanted
+
+    def call_opened(self, live) -> None:
+        if _ours(live.record, self.wanted):
+            try:
+                live.hold_bot(True)
+            except Exception:  # noqa: BLE001 - the call goes on; the verdict's release is then a no-op
+                pass
+
+    def call_closed(self, live) -> None:
+        pass
+
+
+class _Blank(dict):
+    def __missing__(self, key: str) -> str:
+        return ""
+
+
+def message_text(template: str, variables: dict[str, str]) -> str:
+    """message_text with the row's {variables} filled in (an unknown one: nothing)."""
+    try:
+        return template.format_map(_Blank(variables))
+    except (ValueError, IndexError, AttributeError):  # stray braces: the text as written
+        return template
+
+
+def load_message(campaign: Campaign, variables: dict[str, str] | None = None):
+    """The machine message as a clip for LiveCall.play: the WAV's path, or espeak-ng's (samples, rate) of
+    message_text with the row's variables in it."""
+    amd = campaign.amd
+    if not amd.enabled or amd.on_machine != "message":
+        return None
+    if amd.message_wav is not None:
+        from callbot.engine.audio.wavfile import read_wav
+
+        try:
+            read_wav(amd.message_wav)
+        except (OSError, ValueError) as err:
+            raise CampaignError(f"amd.message_wav {amd.message_wav}: {err}") from None
+        return amd.message_wav
+    from callbot.speech.tts import EspeakTts, TtsError
+
+    try:
+        return EspeakTts(voice=amd.voice).synthesize(message_text(amd.message_text, variables or {}))
+    except (TtsError, ValueError) as err:
+        raise CampaignError(f"amd.message_text: {err}") from None
+
+
+class AttemptStore:
+    """Each finished attempt into the call store's campaign_attempts (migration 0003), on a thread of its
+    own: a slow or dead database never holds up the dialer. The campaign's state file stays the truth
+    (campaigns/state.py); a row the store missed costs one line on stderr, nothing else."""
+
+    def __init__(self, url: str, campaign: str, say: Callable[[str], None]):
+        self.url = url
+        self.campaign = campaign
+        self.say = say
+        self.queue: queue.Queue = queue.Queue(maxsize=10_000)
+        self.written = 0
+        self.failed = 0
+        self.thread = threading.Thread(target=self._run, name="campaign-store", daemon=True)
+        self.thread.start()
+
+    def put(self, row: dict) -> None:
+        try:
+            self.queue.put_nowait(row)
+        except queue.Full:
+            self.failed += 1
+
+    def _run(self) -> None:
+        from sqlalchemy import insert
+        from sqlalchemy.exc import SQLAlchemyError
+
+        from callbot.store.call_store import CallStore
+        from callbot.store.database import StoreError
+        from callbot.store.schema import campaign_attempts
+
+        store = None
+        while True:
+            row = self.queue.get()
+            if row is None:
+                break
+            try:
+                if store is None:
+                    store = CallStore(self.url)
+                with store.engine.begin() as conn:
+                    conn.execute(insert(campaign_attempts).values(campaign=self.campaign, **row))
+                self.written += 1
+            except (SQLAlchemyError, StoreError) as err:
+                self.failed += 1
+                if self.failed == 1:
+                    text = str(getattr(err, "orig", None) or err).strip().splitlines()
+                    self.say(f"campaign: the call store did not take an attempt ({text[0] if text else err}); "
+                             "the campaign's state file has it")
+        if store is not None:
+            store.close()
+
+    def close(self, timeout: float = 10.0) -> None:
+        self.queue.put(None)
+        self.thread.join(timeout)
+
+
+class Control:
+    """pause / resume / stop: from signals (SIGUSR1, SIGUSR2, SIGTERM/SIGINT) and a control file."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+        self.paused = False
+        self.stops = 0
+        self._mtime: float | None = None
+        self.wake = threading.Event()
+
+    def install(self) -> Callable[[], None]:
+        def on(sig, _frame):
+            if sig == signal.SIGUSR1:
+                self.paused = True
+            elif sig == signal.SIGUSR2:
+                self.paused = False
+            else:
+                self.stops += 1
+            self.wake.set()
+        sigs = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
+        old = {s: signal.signal(s, on) for s in sigs}
+        return lambda: [signal.signal(s, h) for s, h in old.items()]
+
+    def poll_file(self) -> None:
+        if self.path is None:
+            return
+        try:
+            mtime = os.stat(self.path).st_mtime_ns
+            if mtime == self._mtime:
+                return
+            self._mtime = mtime
+            word = open(self.path, encoding="utf-8").read().strip().lower()
+        except (OSError, UnicodeDecodeError):
+            return
+        if word == "pause":
+            self.paused = True
+        elif word == "resume":
+            self.paused = False
+        elif word == "stop":
+            self.stops = max(self.stops, 1)
+
+
+def disposition_of(live: Live, ended: ev.CallEnded) -> tuple[str, int | None]:
+    if live.answered:
+        return (sch.MACHINE if live.machine else sch.HUMAN), None
+    code = ended.code or live.code
+    if not live.responded and code in (None, 0, 408, 487):
+        # nothing came back at all (pjsip's own timeout, the 487 of our CANCEL): not a phone left ringing
+        return sch.FAILED, None
+    if code in (486, 600) or ended.cause == "busy":
+        return sch.BUSY, code
+    if ended.cause == "timeout" or code in (408, 480, 487):
+        return sch.NO_ANSWER, code
+    return sch.FAILED, code
+
+
+class CampaignRunner:
+    def __init__(self, settings: Settings, engine_kind: str, list_path: str, campaign: Campaign, bot: str,
+                 account: str | None, host: str | None, report: str | None = None, control: str | None = None,
+                 clock: Callable[[], float] = time.time, out=sys.stderr):
+        self.settings = settings
+        self.engine_kind = engine_kind
+        self.list_path = list_path
+        self.campaign = campaign
+        self.bot = bot
+        self.account = account
+        self.host = host
+        self.report_path = report
+        self.control = Control(control)
+        self.clock = clock
+        self.out = out
+        self.contacts, digest = load_contacts(list_path, campaign.timezone)
+        self.dnc = load_dnc(campaign.dnc)
+        for c in self.contacts:
+            c.uri(host)  # every number dialable before anything is dialled
+        self.message = load_message(campaign)
+        self.state = CampaignState(state_path(list_path), digest, clock)
+        states, self.recovered = self.state.load()
+        self.scheduler = sch.Scheduler(campaign, self.contacts, self.dnc, states)
+        self.by_row = {c.row: c for c in self.contacts}
+        self.live: dict[str, Live] = {}
+        self.wanted: set[str] = set()
+        self.notes: queue.SimpleQueue = queue.SimpleQueue()  # engine events of our calls (PlayFinished)
+        self.counts: dict[str, int] = {}  # by disposition, rows done before a restart included
+        for st in states.values():
+            if st.done and st.disposition:
+                self.counts[st.disposition] = self.counts.get(st.disposition, 0) + 1
+        self.max_active = 0
+        self.refusals: list[tuple[int, str]] = []  # the trunk's refusals in a row
+        self.error: str | None = None  # why the campaign stopped on its own (exit status 1)
+        self.store: AttemptStore | None = None  # the call store's campaign_attempts, when [store] is on
+        self.waiting_until: float | None = None  # nothing up, the next row due then (a window, a back-off)
+        self._last_progress = ""
+        self._progress_at = 0.0
+
+    # ---- the loop ----------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        from callbot.app.serve import ServerFailure, running_server
+
+        for r in self.recovered:
+            self._say(f"campaign: row {r['row']} attempt {r['attempt']} was in progress when the dialer "
+                      f"stopped: {r['disposition']}")
+        restore = self.control.install()
+        if self.settings.store.enabled:
+            self.store = AttemptStore(self.settings.store_url(), os.path.basename(self.list_path), self._say)
+        try:
+            with running_server(self.settings, self.engine_kind) as server:
+                self.server = server
+                self.tap = AmdTap(server.recorder, server.recorder.listener, self.campaign, self.control.wake.set)
+                self.tap.wanted = self.wanted
+                if self.campaign.amd.enabled:
+                    server.recorder.listener = self.tap
+                    if self.campaign.amd.hold_bot:
+                        server.router.watchers.append(HoldUntilVerdict(self.wanted))
+                server.bus.attach("campaign", self.notes.put,
+                                  accept=lambda e: isinstance(e, PlayFinished) and call_id_of(e) in self.wanted)
+                try:
+                    self._loop(server)
+                except ServerFailure as err:
+                    self._say(f"callbot: error: {err}")
+                    return EXIT_FAILED
+        finally:
+            restore()
+            if self.store is not None:
+                self.store.close()
+            self._write_report()
+            self.state.close()
+        self._progress(force=True)
+        if self.error is not None:
+            self._say(f"callbot: error: {self.error}")
+            return EXIT_FAILED
+        return EXIT_OK
+
+    def _loop(self, server) -> None:
+        stop_at: float | None = None
+        hung_all = False
+        while True:
+            self.control.poll_file()
+            now = self.clock()
+            if self.control.stops and stop_at is None:
+                stop_at = time.monotonic() + STOP_GRACE_S
+                self._say("campaign: stopping: no new calls; the calls up end by themselves")
+            if stop_at is not None and not hung_all and (self.control.stops > 1 or time.monotonic() >= stop_at):
+                hung_all = True
+                for live in list(self.live.values()):
+                    self._hangup(live)
+            self._amd_step()
+            self._notes_step()
+            self._limits_step()
+            wait_until = None
+            if stop_at is None and not self.control.paused:
+                decision = self.scheduler.next(now)
+                if isinstance(decision, sch.Done):
+                    if not self.live:
+                        return
+                elif isinstance(decision, sch.Close):
+                    self.scheduler.closed(decision.contact.row, decision.disposition)
+                    self.state.close_row(decision.contact.row, decision.disposition,
+                                         self.scheduler.states[decision.contact.row])
+                    self._count(decision.disposition)
+                    self._stored(decision.contact.row, 0, decision.contact, decision.disposition)
+                    continue
+                elif isinstance(decision, sch.Dial):
+                    self._dial(decision)
+                    continue
+                else:
+                    wait_until = decision.until
+                    self.waiting_until = wait_until if not self.live else None
+            elif stop_at is not None and not self.live:
+                return
+            self._progress()
+            timeout = 0.05
+            if wait_until is not None:
+                timeout = max(0.0, min(timeout, wait_until - self.clock()))
+            self._pump(server, timeout)
+
+    def _pump(self, server, timeout: float) -> None:
+        server._check_health()
+        try:
+            event = server.endpoint.events.get(timeout=timeout) if timeout > 0 else server.endpoint.events.get_nowait()
+        except queue.Empty:
+            return
+        server.bus.publish(event)
+        call_id = getattr(event, "call_id", None)
+        live = self.live.get(call_id) if call_id is not None else None
+        if live is None:
+            return
+        if isinstance(event, ev.CallProgress):
+            if event.code < 200:
+                live.responded = True
+            if event.code >= 300:
+                live.code, live.reason = event.code, event.reason
+        elif isinstance(event, ev.CallConfirmed):
+            live.answered = True
+            live.answered_mono = time.monotonic()
+            self.state.answered(live.attempt)
+            if not self.campaign.amd.enabled:
+                live.amd = None
+        elif isinstance(event, ev.CallEnded):
+            self._ended(live, event)
+
+    def _dial(self, decision: sch.Dial) -> None:
+        c = decision.contact
+        uri = c.uri(self.host)
+        now = self.clock()
+        self.scheduler.started(c.row, now)
+        attempt = self.state.begin(c.row, decision.attempt, uri, self.scheduler.states[c.row])  # before the INVITE
+        try:
+            call_id = self.server.endpoint.dial(uri, account=self.account, timeout_s=self.campaign.dial_timeout_s)
+        except RuntimeError as err:  # at capacity, shutting down: our side had no room
+            self._finish(Live(attempt, c), sch.REFUSED, None, str(err))
+            return
+        except ValueError as err:  # not a SIP URI, no transport for it
+            self._finish(Live(attempt, c), sch.FAILED, None, str(err))
+            return
+        live = Live(attempt, c, call_id)
+        self.live[call_id] = live
+        self.wanted.add(call_id)
+        self.state.dialled(attempt, call_id)
+        variables = {**c.variables, "campaign_row": str(c.row)}
+        self.server.router.expect(call_id, bot=self.bot, variables=variables)
+        record = self.server.endpoint.records.get(call_id)
+        if record is not None:
+            record.labels.update({"campaign": os.path.basename(self.list_path), "campaign_row": str(c.row),
+                                  "campaign_attempt": str(decision.attempt)})
+        self.max_active = max(self.max_active, len(self.live))
+
+    def _amd_step(self) -> None:
+        if not self.campaign.amd.enabled:
+            return
+        amd = self.campaign.amd
+        for live in list(self.live.values()):
+            if not live.answered or live.hangup_sent:
+                continue
+            d = self.tap.detector(live.call_id)
+            if d is None or d.verdict is None:
+                continue
+            if not live.verdict_seen:
+                live.verdict_seen = True
+                live.amd, live.amd_ms = d.verdict.kind, d.verdict.at_ms
+                if d.verdict.kind != MACHINE:
+                    if amd.hold_bot:
+                        self._control(live, lambda call: call.hold_bot(False))
+                    continue
+                if not amd.hold_bot:  # the bot greeted at once: it stops talking to a machine
+                    self._control(live, lambda call: call.hold_bot(True))
+                live.machine = True
+                if amd.on_machine == "hangup":
+                    self._hangup(live)
+                    continue
+                live.beep_deadline = time.monotonic() + (amd.beep_wait_ms / 1000 if amd.wait_for_beep else 0)
+            if live.machine and not live.message_sent:
+                if d.beep is not None and d.beep_done:
+                    live.beep_ms = d.beep.start_ms
+                    live.amd = d.answered_by
+                elif time.monotonic() < live.beep_deadline:
+                    continue
+                live.message_sent = True
+                clip = self.message
+                if amd.message_text is not None and "{" in amd.message_text:
+                    try:
+                        clip = load_message(self.campaign, live.contact.variables)
+                    except CampaignError as err:
+                        self._say(f"campaign: row {live.contact.row}: {err}; the message as checked at the start")
+                if self._control(live, lambda call: call.play(clip, id=MESSAGE_ID)) is None:
+                    self._hangup(live)
+
+    def _notes_step(self) -> None:
+        while True:
+            try:
+                note = self.notes.get_nowait()
+            except queue.Empty:
+                return
+            live = self.live.get(note.call_id)
+            if live is not None and isinstance(note, PlayFinished) and note.id == MESSAGE_ID:
+                self._hangup(live)
+
+    def _limits_step(self) -> None:
+        now = time.monotonic()
+        for live in list(self.live.values()):
+            if live.answered_mono is not None and now - live.answered_mono >= self.campaign.max_call_s:
+                self._hangup(live)
+
+    def _control(self, live: Live, op):
+        from callbot.app.calls import CallControlError
+
+        try:
+            return op(self.server.router.call(live.call_id)) or True
+        except CallControlError:
+            return None
+
+    def _hangup(self, live: Live) -> None:
+        if live.hangup_sent or live.call_id is None:
+            return
+        live.hangup_sent = True
+        try:
+            self.server.endpoint.hangup(live.call_id)
+        except (ValueError, RuntimeError):
+            pass  # ended meanwhile: its CallEnded is on the way
+
+    def _ended(self, live: Live, ended: ev.CallEnded) -> None:
+        self.live.pop(live.call_id, None)
+        disposition, code = disposition_of(live, ended)
+        reason = ended.reason or live.reason
+        self._finish(live, disposition, code, reason)
+        if disposition == sch.FAILED and code in TRUNK_REFUSED:
+            self.refusals.append((code, reason))
+            if len(self.refusals) >= TRUNK_REFUSALS and self.error is None:
+                self.error = (f"the trunk refuses the campaign's calls: {len(self.refusals)} attempts in a row "
+                              f"answered {code} {reason} (account {self.account or 'the first'!r}: check its "
+                              "credentials and caller ID); campaign stopped, run it again once fixed")
+                self.control.stops = max(self.control.stops, 1)
+        elif live.responded or live.answered or disposition in (sch.BUSY, sch.NO_ANSWER):
+            self.refusals.clear()
+
+    def _finish(self, live: Live, disposition: str, code: int | None, reason: str | None) -> None:
+        row = live.contact.row
+        self.scheduler.finished(row, disposition, self.clock())
+        self.state.end(live.attempt, disposition, self.scheduler.states[row], sip_code=code, reason=reason,
+                       amd=live.amd, amd_ms=live.amd_ms, beep_ms=live.beep_ms)
+        self.wanted.discard(live.call_id)
+        self._count(disposition)
+        self._stored(row, live.attempt.attempt, live.contact, disposition, call_id=live.call_id, sip_code=code,
+                     reason=reason, amd=live.amd, amd_ms=live.amd_ms, beep_ms=live.beep_ms,
+                     started_at=live.attempt.started_at, answered_at=live.attempt.answered_at)
+
+    def _stored(self, row: int, attempt: int, contact: Contact, disposition: str, **facts) -> None:
+        if self.store is not None:
+            self.store.put({"row": row, "attempt": attempt, "target": contact.target, "disposition": disposition,
+                            "variables": dict(contact.variables), "ended_at": self.clock(), **facts})
+
+    # ---- output ------------------------------------------------------------------------------------
+
+    def _count(self, disposition: str) -> None:
+        self.counts[disposition] = self.counts.get(disposition, 0) + 1
+        self._progress(force=True)
+
+    def _progress(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._progress_at < PROGRESS_S:
+            return
+        done = sum(s.done for s in self.scheduler.states.values())
+        by = ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items())) or "-"
+        line = (f"campaign: {done}/{len(self.contacts)} rows done, {len(self.live)} up"
+                f"{' (paused)' if self.control.paused else ''} | {by}")
+        if self.waiting_until is not None and self.waiting_until - self.clock() > 5 and not self.live:
+            line += " | next call " + time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.waiting_until))
+        if line != self._last_progress:
+            self._say(line)
+            self._last_progress = line
+        self._progress_at = now
+
+    def _say(self, line: str) -> None:
+        print(line, file=self.out, flush=True)
+
+    def _write_report(self) -> None:
+        if self.report_path is None:
+            return
+        rows = []
+        for a in self.state.all_attempts():
+            c = self.by_row.get(a["row"])
+            rows.append({**a, "target": c.target if c else "", "tz": c.tz if c else "",
+                         "variables": dict(c.variables) if c else {}})
+        try:
+            with open(self.report_path, "w", newline="", encoding="utf-8") as f:
+                if self.report_path.endswith(".json"):
+                    json.dump(rows, f, indent=2)
+                    f.write("\n")
+                    return
+                names = ["row", "attempt", "target", "tz", "disposition", "sip_code", "reason", "amd", "amd_ms",
+                         "beep_ms", "call_id", "uri", "started_at", "answered_at", "ended_at", "variables"]
+                w = csv.writer(f)
+                w.writerow(names)
+                for r in rows:
+                    w.writerow([json.dumps(r[n]) if n == "variables" else ("" if r[n] is None else r[n])
+                                for n in names])
+        except OSError as err:
+            self._say(f"callbot: error: report {self.report_path}: {err.strerror or err}")
+
+
+def run_campaign(settings: Settings, engine_kind: str, list_path: str, campaign_path: str, bot: str | None,
+                 host: str | None, report: str | None, control: str | None) -> int:
+    """`callbot campaign run`: a problem with the campaign, list or DNC file is one line and exit 2."""
+    try:
+        campaign = load_campaign(campaign_path)
+        name = bot or campaign.bot
+        chosen = settings.bot(name) if name else settings.bots[0]
+        settings = msgspec.structs.replace(settings, bots=(chosen, *(b for b in settings.bots if b is not chosen)))
+        account = campaign.account or chosen.account or (settings.sip.accounts[0].name if settings.sip.accounts
+                                                          else None)
+        if account is not None and account not in {a.name for a in settings.sip.accounts}:
+            raise ConfigError(f"{campaign_path}: account {account!r}: no such [[sip.accounts]] name "
+                              f"({', '.join(a.name for a in settings.sip.accounts)})")
+        runner = CampaignRunner(settings, engine_kind, list_path, campaign, chosen.name, account, host,
+                                report=report, control=control)
+    except CampaignError as err:
+        print(f"callbot: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    return runner.run()
