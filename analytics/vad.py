@@ -26,6 +26,11 @@ overtalk and response latency are measured from the edges, so each edge is refin
 own sound: within `edge_refine_ms` of the VAD's edge, the segment starts at the first and ends after the
 last 10 ms frame whose RMS comes within `edge_floor_db` of the segment's loudest frame. The VAD decides
 where speech is; the energy only places its edges, so hum or noise cannot make speech of its own.
+Because the VAD's ends are late, its pauses look shorter than they are: with edges refined, pauses are
+first joined only below `min_silence_ms - edge_refine_ms`, the edges then refined, and only then are the
+pauses still under `min_silence_ms` joined and the segments under `min_speech_ms` dropped, so the rule
+applies to the pauses as heard (a real 360 ms pause between a prompt's sentences was once joined, once
+not, by the VAD's own edges; tests/test_analytics_placed.py).
 
 Speed: one run of the model costs ~180 us for one leg and ~55 us per leg in batches of 32 (this 2-core
 machine), so a leg is cut into `chunk_s` chunks run as one batch; each chunk starts `warmup_s` earlier
@@ -220,9 +225,26 @@ def detect_segments(samples: np.ndarray, rate: int, legs: tuple[Leg, ...] = ("ca
     prob = vad.probabilities(x, params.chunk_s, params.warmup_s)
     segs = []
     for i, leg in enumerate(legs):
-        found = segments_from_probabilities(prob[i], leg, params, total_ms)
-        segs += refine_edges(found, x[i], params) if params.edge_refine_ms > 0 else found
+        if params.edge_refine_ms <= 0:
+            segs += segments_from_probabilities(prob[i], leg, params, total_ms)
+            continue
+        loose = msgspec.structs.replace(params, min_speech_ms=0.0,
+                                        min_silence_ms=max(0.0, params.min_silence_ms - params.edge_refine_ms))
+        refined = refine_edges(segments_from_probabilities(prob[i], leg, loose, total_ms), x[i], params)
+        segs += _join_and_drop(refined, params)
     return sorted(segs, key=lambda s: (s.start_ms, s.leg))
+
+
+def _join_and_drop(segments: list[Segment], params: VadParams) -> list[Segment]:
+    """One leg's refined segments with pauses under `min_silence_ms` joined, then those under
+    `min_speech_ms` dropped."""
+    joined: list[Segment] = []
+    for seg in segments:
+        if joined and seg.start_ms - joined[-1].end_ms < params.min_silence_ms:
+            joined[-1] = msgspec.structs.replace(joined[-1], end_ms=max(joined[-1].end_ms, seg.end_ms))
+        else:
+            joined.append(seg)
+    return [s for s in joined if s.end_ms - s.start_ms >= params.min_speech_ms]
 
 
 FRAME = RATE // 100  # 10 ms: the grain of the edge refinement

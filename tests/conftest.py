@@ -32,6 +32,7 @@ MARKS: dict[str, frozenset[str]] = {
         "test_analytics_call": "slow",  # 20 s: analyze_call with pocketsphinx on 8 scripted calls, a spawned pool
         "test_analytics_metrics": "",  # hand-placed segments, pure functions
         "test_analytics_sip": "sip slow",  # 16 s: the example line called by pjsua2, its recording analysed
+        "test_analytics_placed": "sip slow",  # 22 s: the example line, a scripted caller, every metric against what was placed
         "test_analytics_rules": "",  # rules files and their evaluation on hand-built analyses
         "test_analytics_transcript": "",  # words, turns, PII, VADER: no audio model
         "test_analytics_vad": "",  # 2 s: Silero's VAD on a scripted 16 s espeak-ng call
