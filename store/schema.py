@@ -243,3 +243,27 @@ campaign_attempts = Table(
     Index(None, "call_id"),
     Index(None, "disposition"),
 )
+
+# ---- the web panel's users and audit log (migration 0004) ----------------------------------------------
+
+users = Table(
+    "users", metadata,
+    Column("name", String(64), primary_key=True),
+    Column("password_hash", Text, nullable=False),  # argon2id (web/users.py); never a password
+    Column("role", String(16), nullable=False),  # admin | supervisor | viewer
+    Column("tenant", String(64)),  # None: every tenant; else only that tenant's bots, calls and recordings
+    Column("created_at", Float, nullable=False),
+    Column("disabled", Boolean, nullable=False, default=False),
+)
+
+audit_log = Table(
+    "audit_log", metadata,
+    Column("id", RowId, primary_key=True, autoincrement=True),
+    Column("t", Float, nullable=False),
+    Column("user", String(64)),  # who (None: the command line, or a sign-in of an unknown name)
+    Column("source", String(64)),  # the client's address, or "cli"
+    Column("action", String(64), nullable=False),  # user.add, login, login.failed, logout, ...
+    Column("target", Text),  # what it acted on (a user's name, a call)
+    Column("detail", Json, nullable=False),
+    Index(None, "t"),
+)

@@ -95,13 +95,13 @@ def _analysis(call_id: str, *, said: str, score: float, category: str | None) ->
 # ---- migrations -----------------------------------------------------------------------------------------
 
 def test_an_empty_database_gets_the_schema_that_schema_py_declares(url):
-    assert migrate.upgrade(url) == migrate.head() == "0003"
+    assert migrate.upgrade(url) == migrate.head() == "0004"
     engine = open_engine(url)
     try:
         with engine.connect() as conn:
             diff = compare_metadata(MigrationContext.configure(conn), metadata)
         assert diff == []
-        assert migrate.upgrade(url) == "0003"  # again: nothing to do
+        assert migrate.upgrade(url) == "0004"  # again: nothing to do
     finally:
         engine.dispose()
 
@@ -119,7 +119,7 @@ def test_a_0001_database_with_calls_is_upgraded_and_keeps_them(url):
     finally:
         engine.dispose()
     with CallStore(url) as store:  # opening it migrates
-        assert migrate.current(store.engine) == "0003"
+        assert migrate.current(store.engine) == "0004"
         store.save_analysis("old-1", _analysis("old-1", said="hello there", score=7, category="greeting"))
         with store.reading() as conn:
             assert queries.list_calls(conn)[0]["call_id"] == "old-1"
@@ -137,7 +137,7 @@ def test_a_newer_schema_is_refused_in_one_line(url):
         engine.dispose()
     with pytest.raises(StoreError) as err:
         CallStore(url)
-    assert "revision 0099, newer than this callbot knows (up to 0003)" in str(err.value)
+    assert "revision 0099, newer than this callbot knows (up to 0004)" in str(err.value)
     assert "\n" not in str(err.value)
 
 
@@ -577,7 +577,7 @@ def test_two_writers_on_one_database_wait_for_each_other(url, tmp_path):
         t.start()
     for t in openers:
         t.join(60)
-    assert not errors and migrate.upgrade(url) == "0003"
+    assert not errors and migrate.upgrade(url) == "0004"
     bus: EventBus = EventBus()
     writer = StoreWriter(url)
     writer.attach(bus)
