@@ -44,6 +44,7 @@ PACKAGES: dict[str, str] = {
     "callbot.store.migrations": "store/migrations",  # Alembic's env.py and its template
     "callbot.store.migrations.versions": "store/migrations/versions",  # the schema's revisions
     "callbot.campaigns": "campaigns",
+    "callbot.web": "web",
 }
 
 # typing for the compiled modules: their stubs and the PEP 561 marker, installed beside them
@@ -51,6 +52,7 @@ PACKAGE_DATA: dict[str, list[str]] = {
     "callbot.engine.audio": ["*.pyi", "py.typed"],
     "callbot.sip": ["*.pyi", "py.typed"],
     "callbot.store.migrations": ["script.py.mako"],
+    "callbot.web": ["templates/*.html", "static/*"],  # the panel's pages, script and stylesheet
 }
 
 # extension name -> C files compiled into it (paths relative to the repository root)

@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     rcheck.add_argument("files", metavar="FILE", nargs="+")
     _calls_parser(sub)
     _campaign_parser(sub, common)
+    _web_parser(sub)
     return parser
 
 
@@ -99,6 +100,107 @@ def _campaign(args: argparse.Namespace, settings) -> int:
 
 
 # ---- end of `callbot campaign` ----------------------------------------------------------------------------
+
+
+# ---- `callbot web` and `callbot users` (callbot.web: the panel, its users) ------------------------------------
+
+
+def _web_parser(sub) -> None:
+    """`callbot web`: the panel over the store alone; `callbot users add`: the panel's users (docs/web.md)."""
+    def store(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", metavar="FILE", help="TOML config: its [store] url (and [web] listen)")
+        p.add_argument("--store", metavar="URL", help="the store's database URL, instead of the config's")
+
+    web = sub.add_parser("web", help="serve the web panel over the call store until SIGTERM/SIGINT")
+    store(web)
+    web.add_argument("--listen", metavar="HOST:PORT", help="where (default: [web] listen, else 127.0.0.1:8088)")
+    users = sub.add_parser("users", help="the web panel's users: add one, list them")
+    users_sub = users.add_subparsers(dest="users_command", metavar="ACTION", required=True)
+    add = users_sub.add_parser("add", help="add a user (the password from a prompt, or --password-env)")
+    add.add_argument("name", metavar="NAME")
+    add.add_argument("--role", required=True, choices=["admin", "supervisor", "viewer"])
+    add.add_argument("--tenant", metavar="NAME", help="only this tenant's calls (default: every tenant)")
+    add.add_argument("--password-env", metavar="VAR", help="read the password from this environment variable")
+    store(add)
+    lst = users_sub.add_parser("list", help="the users, their roles and tenants")
+    store(lst)
+
+
+def _web_commands(args: argparse.Namespace) -> int:
+    """`callbot web` / `callbot users ...`: a store that cannot be used or a bad user is one line, exit 2."""
+    from callbot.app.settings import ConfigError, _parse_node, load_settings
+    from callbot.store.database import StoreError
+
+    settings = load_settings(args.config)
+    url = args.store or settings.store_url()
+    try:
+        if args.command == "users":
+            return _users(url, args)
+        listen = args.listen or settings.web.listen or "127.0.0.1:8088"
+        address = _parse_node(listen)
+        if address is None:
+            raise ConfigError(f"--listen {listen!r}: not HOST:PORT (127.0.0.1:8088)")
+        return _web_serve(url, listen, address)
+    except StoreError as err:
+        print(f"callbot: error: {err}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _users(url: str, args: argparse.Namespace) -> int:
+    import getpass
+    import os
+
+    from callbot.store.call_store import CallStore
+    from callbot.web.users import UserError, Users
+
+    with CallStore(url) as store:
+        users = Users(store)
+        if args.users_command == "list":
+            for u in users.all():
+                print(f"{u.name}  {u.role}  {u.tenant or '(all tenants)'}{'  disabled' if u.disabled else ''}")
+            return 0
+        if args.password_env:
+            password = os.environ.get(args.password_env)
+            if not password:
+                print(f"callbot: error: --password-env: {args.password_env} is not set", file=sys.stderr)
+                return EXIT_USAGE
+        else:
+            try:
+                password = getpass.getpass(f"password for {args.name}: ")
+                if getpass.getpass("again: ") != password:
+                    print("callbot: error: the passwords differ", file=sys.stderr)
+                    return EXIT_USAGE
+            except (EOFError, KeyboardInterrupt):
+                print("callbot: error: no password given (a prompt, or --password-env VAR)", file=sys.stderr)
+                return EXIT_USAGE
+        try:
+            user = users.add(args.name, args.role, password, tenant=args.tenant, by=None, source="cli")
+        except UserError as err:
+            print(f"callbot: error: {err}", file=sys.stderr)
+            return EXIT_USAGE
+    print(f"user {user.name} added: {user.role}, {('tenant ' + user.tenant) if user.tenant else 'every tenant'}")
+    return 0
+
+
+def _web_serve(url: str, listen: str, address: tuple[str, int]) -> int:
+    from callbot.app.serve import stop_on_signals
+    from callbot.web.server import WebServer
+
+    with stop_on_signals() as stop:
+        try:
+            web = WebServer.start(url, *address)
+        except OSError as err:
+            print(f"callbot: error: --listen {listen}: {err.strerror or err}", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"listening http://{listen}/ ({_shown(url)})", file=sys.stderr, flush=True)
+        try:
+            stop.wait()
+        finally:
+            web.stop()
+    return 0
+
+
+# ---- end of `callbot web` and `callbot users` -----------------------------------------------------------------
 
 
 def _calls_parser(sub) -> None:
@@ -182,6 +284,8 @@ def run(args: argparse.Namespace) -> int:
         return _rules_check(args.files)
     if args.command == "calls":
         return _calls(args)
+    if args.command in ("web", "users"):
+        return _web_commands(args)
     settings = _settings(args)
     if getattr(args, "supervised", None):  # started by `serve --edge --workers` (app/workers.py): its part
         from callbot.app.workers import parse_supervised, supervised_settings

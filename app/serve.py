@@ -138,6 +138,11 @@ def running_server(settings: Settings, engine_kind: str, log: EventLog | None = 
         if settings.store.enabled and settings.store.api:
             server.store_api = _store_api(settings)
             stack.callback(server.store_api.stop)
+        from callbot.app.web_host import start_web
+
+        server.web = start_web(settings)  # app/web_host.py: the panel on [web] listen, else None
+        if server.web is not None:
+            stack.callback(server.web.stop)
         stack.callback(server.drain)  # runs after the stop below: hang-ups and un-REGISTERs get logged
         stack.callback(endpoint.stop)  # also when start times out with the SIP thread still running
         try:
@@ -209,6 +214,7 @@ class Server:
         self.flows: FlowHost | None = None  # the call flows of bots that have one
         self.store_writer = None  # app/store_writer.py: the call store's writer ([store] enabled)
         self.store_api = None  # store/api.py: the store's JSON API ([store] api)
+        self.web = None  # web/server.py: the web panel ([web] listen)
         self.analysis = None  # app/analysis_host.py: every call analysed after hang-up ([analytics] enabled)
 
     @property

@@ -139,6 +139,21 @@ class StoreSettings(_Settings):
         return None if self.api is None else _parse_node(self.api)
 
 
+class WebSettings(_Settings):
+    """The web panel (web/, `callbot web`): `listen` = HOST:PORT where `callbot serve` serves it too (None:
+    not served; 127.0.0.1 keeps it on this machine)."""
+
+    listen: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.listen is not None and _parse_node(self.listen) is None:
+            raise ValueError(f"listen: {self.listen!r} is not HOST:PORT (\"127.0.0.1:8088\")")
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        return None if self.listen is None else _parse_node(self.listen)
+
+
 PublicPort = Annotated[int, Meta(ge=1, le=65535)]
 Positive = Annotated[int, Meta(ge=1)]
 
@@ -307,6 +322,7 @@ class Settings(_Settings):
     recognizer: RecognizerSettings = RecognizerSettings()  # the caller leg's words (speech/live.py)
     store: StoreSettings = StoreSettings()  # the call store (store/, app/store_writer.py)
     analytics: AnalyticsSettings = AnalyticsSettings()  # every call analysed (analytics/, app/analysis_host.py)
+    web: WebSettings = WebSettings()  # the web panel (web/, app/web_host.py)
 
     def store_url(self) -> str:
         """The call store's URL: [store] url, else an SQLite file beside the recordings."""

@@ -114,7 +114,8 @@ MARKS: dict[str, frozenset[str]] = {
         "test_store::test_callbot_calls_import_list_show_export": "slow",  # 35 s: `callbot calls` processes
         "test_store::test_the_cli_says_one_line_for_a_store_it_cannot_use": "slow",  # 4 s: three processes
         "test_store::test_callbot_calls_api_serves_until_sigterm": "slow",  # 2 s: a `callbot calls api` process
-        "test_store_calls": "sip slow",  # `callbot serve` into the store: a flow call, a SIGKILL mid-call
+        "test_store_calls": "sip slow",
+        "test_web": "slow",  # 15 s: `callbot web` over two imported, analysed calls; headless chromium via selenium  # `callbot serve` into the store: a flow call, a SIGKILL mid-call
     }.items()
 }
 # fixtures that start a real SIP stack: a test that uses one is `sip` wherever it lives

@@ -1,0 +1,227 @@
+"""The web panel (issue 16, first slice) in a real headless browser: Debian's chromium driven by selenium,
+against `callbot web` as a user runs it, over a store filled the way a user fills it.
+
+Two scripted calls (tests/analytics_calls.py: espeak-ng sentences at known times in a stereo WAV, the
+bot's words as BotText events), one of tenant acme and one of tenant beta, are imported with `callbot
+calls import` and analysed with `callbot calls analyze`; users are made with `callbot users add`. Then:
+signing in, the call list, the call page (its audio element loads and reports the recording's duration;
+clicking a word seeks there), the dashboard counting the calls; a viewer of acme gets 404 for beta's
+call and recording by crafted URL; no page without a session; POSTs without the CSRF token get 403;
+failed sign-ins are limited. Screenshots of each page go to the test's tmp dir (two are kept in docs/).
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import shutil
+import socket
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from tests.analytics_calls import agent_call, bot_text_events, write_call
+from tests.sip_peers import _Lines, eventually, free_port, stop_process
+
+pytestmark = pytest.mark.timeout(300)
+CALLBOT = [sys.executable, "-m", "callbot.app.cli"]
+ADMIN_PW, VIEWER_PW = "admin-password-1", "viewer-password-1"
+DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs"
+
+
+def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*CALLBOT, *args], capture_output=True, text=True, timeout=240,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def panel(tmp_path_factory):
+    """`callbot web` over a store holding two analysed calls (acme's call-a, beta's call-b) and two users
+    (admin: every tenant; viewer: acme only); yields (base URL, tmp dir)."""
+    tmp = tmp_path_factory.mktemp("web")
+    calls = tmp / "calls"
+    for tenant, name, t0 in (("acme", "call-a", 1796270000.0), ("beta", "call-b", 1796273600.0)):
+        (calls / tenant).mkdir(parents=True)
+        call = agent_call()
+        write_call(call, calls / tenant, name,
+                   record={"start": t0, "answered": t0 + 0.5, "end": t0 + 30.0,
+                           "labels": {"bot": "support", "tenant": tenant}, "events": f"{name}.events.jsonl",
+                           "recording": {"wav": f"{name}.wav", "seconds": call.duration_ms / 1000, "complete": True}},
+                   events=bot_text_events(call, name))
+    (tmp / "rules.toml").write_text('[[categories]]\nname = "disclosure"\n[[categories.rules]]\nkind = "phrase"\n'
+                                    'leg = "bot"\nphrases = ["this call may be recorded"]\n')
+    cfg = tmp / "callbot.toml"
+    cfg.write_text('recordings_dir = "calls"\n[[bots]]\nname = "support"\n[[tenants]]\nname = "acme"\n'
+                   '[[tenants]]\nname = "beta"\n[analytics]\nrules = "rules.toml"\n')
+    out = _cli("calls", "import", str(calls), "--config", str(cfg))
+    assert out.returncode == 0 and "2 imported" in out.stdout, out.stdout + out.stderr
+    out = _cli("calls", "analyze", "--config", str(cfg))
+    assert out.returncode == 0 and "2 analysed" in out.stdout, out.stdout + out.stderr
+    for name, role, tenant, pw in (("ada", "admin", None, ADMIN_PW), ("vic", "viewer", "acme", VIEWER_PW)):
+        out = _cli("users", "add", name, "--role", role, *(["--tenant", tenant] if tenant else []),
+                   "--password-env", "PW", "--config", str(cfg), env={"PW": pw})
+        assert out.returncode == 0, out.stderr
+    port = free_port(socket.SOCK_STREAM)
+    proc = subprocess.Popen([*CALLBOT, "web", "--listen", f"127.0.0.1:{port}", "--config", str(cfg)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = _Lines(proc.stderr, tmp / "web.stderr")
+    try:
+        err.wait_line("listening", 30)
+        yield f"http://127.0.0.1:{port}", tmp
+    finally:
+        stop_process(proc)
+
+
+def _signed_in(base: str, name: str, password: str) -> httpx.Client:
+    client = httpx.Client(base_url=base, timeout=10, follow_redirects=False)
+    page = client.get("/login")
+    token = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+    r = client.post("/login", data={"csrf": token, "name": name, "password": password, "next": "/calls"})
+    assert r.status_code == 303 and r.headers["location"] == "/calls", r.text
+    return client
+
+
+def test_no_page_without_a_session_and_no_post_without_csrf(panel):
+    base, _ = panel
+    with httpx.Client(base_url=base, timeout=10) as anon:
+        for path in ("/", "/calls", "/dashboard", "/calls/call-a", "/calls/call-a/recording", "/calls/call-a/record",
+                     "/users", "/audit"):
+            r = anon.get(path)
+            assert r.status_code == 303 and r.headers["location"].startswith("/login"), path
+        assert anon.get("/login").status_code == 200
+        assert anon.post("/login", data={"name": "ada", "password": ADMIN_PW}).status_code == 403
+        assert anon.post("/logout").status_code == 403
+    client = _signed_in(base, "ada", ADMIN_PW)
+    cookie = next(c for c in client.cookies.jar if c.name == "callbot_panel")
+    assert cookie.has_nonstandard_attr("HttpOnly") or "httponly" in str(cookie._rest).lower()
+    assert client.post("/users", data={"name": "eve", "role": "admin", "password": "x" * 12}).status_code == 403
+    assert client.post("/logout", data={"csrf": "wrong"}).status_code == 403
+    assert "eve" not in client.get("/users").text
+    client.close()
+
+
+def test_a_viewer_of_one_tenant_gets_404_for_another_tenants_call_and_recording(panel):
+    base, _ = panel
+    vic = _signed_in(base, "vic", VIEWER_PW)
+    listing = vic.get("/calls").text
+    assert 'data-call-id="call-a"' in listing and 'data-call-id="call-b"' not in listing
+    assert 'data-call-id="call-b"' not in vic.get("/calls?tenant=beta").text
+    assert vic.get("/calls/call-a").status_code == 200
+    assert vic.get("/calls/call-a/recording").headers["content-type"] == "audio/wav"
+    for path in ("/calls/call-b", "/calls/call-b/recording", "/calls/call-b/record", "/calls/call-b/recording?download=1",
+                 "/calls/no-such-call"):
+        assert vic.get(path).status_code == 404, path
+    assert ">1<" in vic.get("/dashboard").text.replace(" ", "")  # only acme's one call counted
+    assert vic.get("/users").status_code == 403 and vic.get("/audit").status_code == 403
+    vic.close()
+    ada = _signed_in(base, "ada", ADMIN_PW)
+    assert ada.get("/calls/call-b").status_code == 200
+    assert ada.get("/calls/call-b/record").json()["call"]["tenant"] == "beta"
+    audit = ada.get("/audit").text
+    assert "download.record" in audit and "user.add" in audit and "login" in audit
+    ada.close()
+
+
+def test_failed_sign_ins_are_limited_per_user(panel):
+    base, _ = panel
+    with httpx.Client(base_url=base, timeout=10) as c:
+        token = re.search(r'name="csrf" value="([^"]+)"', c.get("/login").text).group(1)
+        codes = [c.post("/login", data={"csrf": token, "name": "nobody-" + base[-5:], "password": "wrong-wrong"}).status_code
+                 for _ in range(6)]
+    assert codes == [401] * 5 + [429]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    if chromium is None or driver_path is None:
+        pytest.skip("no chromium + chromedriver on this machine (.ci/run installs Debian's chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--autoplay-policy=no-user-gesture-required", "--window-size=1400,1000", "--mute-audio"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(driver_path), options=opts)
+    driver.set_page_load_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _sign_in(driver, base: str, name: str, password: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver.delete_all_cookies()
+    driver.get(base + "/calls")
+    assert "/login" in driver.current_url  # no page without a session
+    driver.find_element(By.ID, "name").send_keys(name)
+    driver.find_element(By.ID, "password").send_keys(password)
+    driver.find_element(By.ID, "sign-in").click()
+    eventually(lambda: driver.current_url.endswith("/calls"), 15, "the call list after sign-in")
+
+
+def test_the_panel_in_a_browser(panel, browser):
+    from selenium.webdriver.common.by import By
+
+    base, tmp = panel
+    shots = tmp / "screenshots"
+    shots.mkdir(exist_ok=True)
+    d = browser
+    d.get(base + "/login")
+    d.save_screenshot(str(shots / "login.png"))
+    _sign_in(d, base, "ada", ADMIN_PW)
+    rows = d.find_elements(By.CSS_SELECTOR, "#calls tbody tr[data-call-id]")
+    assert sorted(r.get_attribute("data-call-id") for r in rows) == ["call-a", "call-b"]
+    d.save_screenshot(str(shots / "calls.png"))
+    # search over the transcripts (the analysis' words of the bot's sentences)
+    d.find_element(By.ID, "text").send_keys("quality")
+    d.find_element(By.ID, "filter").click()
+    eventually(lambda: "text=quality" in d.current_url, 10, "the filtered list")
+    assert len(d.find_elements(By.CSS_SELECTOR, "#calls tbody tr[data-call-id]")) == 2
+    d.get(base + "/calls?text=no+such+words+said")
+    assert d.find_elements(By.CSS_SELECTOR, "#calls tbody tr[data-call-id]") == []
+
+    d.get(base + "/calls/call-a")
+    duration = eventually(lambda: d.execute_script(
+        "var a = document.getElementById('audio'); return a.readyState >= 1 && a.duration;"), 15,
+        "the audio element's duration")
+    expected = agent_call().duration_ms / 1000
+    assert abs(duration - expected) < 0.05, (duration, expected)
+    words = d.find_elements(By.CSS_SELECTOR, "#transcript .w")
+    assert words, "no words in the transcript"
+    word = words[len(words) // 2]
+    t = float(word.get_attribute("data-t")) / 1000
+    assert t > 1.0
+    d.execute_script("arguments[0].scrollIntoView({block: 'center'});", word)
+    word.click()
+    now = eventually(lambda: d.execute_script("return document.getElementById('audio').currentTime;") or None, 10,
+                     "a seek")
+    assert t - 0.05 <= now <= t + 1.0, (now, t)  # where the word is (plus what played since the click)
+    d.execute_script("document.getElementById('audio').pause();")
+    assert "disclosure" in d.find_element(By.TAG_NAME, "main").text
+    d.save_screenshot(str(shots / "call.png"))
+
+    d.get(base + "/dashboard")
+    assert d.find_element(By.ID, "n-calls").text == "2"
+    assert d.find_element(By.ID, "n-answered").text == "2"
+    assert d.find_elements(By.CSS_SELECTOR, "svg.chart rect")
+    d.save_screenshot(str(shots / "dashboard.png"))
+    d.get(base + "/audit")
+    d.save_screenshot(str(shots / "audit.png"))
+
+    _sign_in(d, base, "vic", VIEWER_PW)
+    rows = d.find_elements(By.CSS_SELECTOR, "#calls tbody tr[data-call-id]")
+    assert [r.get_attribute("data-call-id") for r in rows] == ["call-a"]
+    d.get(base + "/calls/call-b")
+    assert "no such call" in d.find_element(By.TAG_NAME, "main").text
+    d.save_screenshot(str(shots / "viewer-404.png"))
+    if os.environ.get("CALLBOT_UPDATE_SCREENSHOTS"):  # the README's two (docs/)
+        shutil.copy(shots / "calls.png", DOCS / "panel-calls.png")
+        shutil.copy(shots / "call.png", DOCS / "panel-call.png")

@@ -1,0 +1,310 @@
+"""The panel's pages as one Starlette app: sign-in, the call list, a call's page with its recording,
+transcript, flow path, events, metrics, categories and scores, the dashboard, and (admins) users and the
+audit log.
+
+Every page but the sign-in needs a session (else a redirect to /login); the session cookie is signed
+(itsdangerous via Starlette's SessionMiddleware), HttpOnly and SameSite=Lax; every POST carries the
+session's CSRF token (web/security.py) or gets 403. Tenant scope is applied in one place per kind of
+answer: listings and the dashboard get the user's tenant forced into their filter, and one call (its
+page, recording and record) goes through `_call_for`, which answers 404 - not 403 - for a call of
+another tenant, so a crafted URL cannot even learn that the call exists.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from typing import Callable
+from urllib.parse import urlencode
+
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.sessions import SessionMiddleware
+from starlette.requests import Request
+from starlette.responses import FileResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+
+from callbot.store import queries
+from callbot.store.api import filter_of
+from callbot.store.call_store import CallStore
+from callbot.store.database import StoreError
+from callbot.store.queries import QueryError
+from callbot.store.schema import calls
+from callbot.web import charts
+from callbot.web.dashboard import dashboard
+from callbot.web.security import LoginLimiter, csrf_ok, csrf_token
+from callbot.web.users import ROLES, User, UserError, Users
+from callbot.web.waveform import waveform_svg
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PAGE_SIZE = 50
+SESSION_COOKIE = "callbot_panel"
+SESSION_MAX_AGE_S = 8 * 3600
+EVENTS_SHOWN = 500
+LINE_GAP_MS = 1500.0  # a pause this long on a leg starts a new line of its transcript
+
+
+class PanelError(Exception):
+    def __init__(self, status: int, text: str):
+        super().__init__(text)
+        self.status = status
+
+
+def create_app(store: CallStore, *, secret: str | None = None, limiter: LoginLimiter | None = None,
+               clock: Callable[[], float] = time.time) -> Starlette:
+    """The panel over `store`. `secret` signs the session cookies (None: a random one, so sessions end
+    when the process does)."""
+    users = Users(store, clock=clock)
+    limiter = limiter or LoginLimiter()
+    templates = Jinja2Templates(directory=os.path.join(HERE, "templates"))
+    templates.env.filters["iso"] = lambda t: (queries.iso(t) or "").replace("+00:00", "").replace("T", " ")
+    templates.env.filters["num"] = _num
+    templates.env.filters["clock"] = _clock
+
+    def render(request: Request, name: str, user: User | None, status: int = 200, **context) -> Response:
+        context.update(request=request, user=user, csrf=csrf_token(request.session))
+        return templates.TemplateResponse(request, name, context, status_code=status)
+
+    def page(fn, *, admin: bool = False):
+        """A page that needs a signed-in user (an admin with `admin`); POSTs need the CSRF token."""
+        async def endpoint(request: Request) -> Response:
+            if request.method == "POST":
+                form = await request.form()
+                if not csrf_ok(request.session, form.get("csrf")):
+                    return PlainTextResponse("refused: missing or wrong CSRF token", status_code=403)
+                request.state.form = form
+            user = _signed_in(request, users)
+            if user is None:
+                if request.method == "GET":
+                    return RedirectResponse("/login?" + urlencode({"next": request.url.path}), status_code=303)
+                return PlainTextResponse("sign in first", status_code=401)
+            if admin and not user.is_admin:
+                return PlainTextResponse("admins only", status_code=403)
+            try:
+                return await _run(fn, request, user)
+            except PanelError as err:
+                return render(request, "error.html", user, status=err.status, message=str(err))
+            except QueryError as err:
+                return render(request, "error.html", user, status=400, message=str(err))
+            except (SQLAlchemyError, StoreError) as err:
+                return render(request, "error.html", user, status=503, message=f"the store cannot be read: {err}")
+        return endpoint
+
+    async def login(request: Request) -> Response:
+        if request.method == "GET":
+            return render(request, "login.html", None, next=_safe_next(request.query_params.get("next")))
+        form = await request.form()
+        if not csrf_ok(request.session, form.get("csrf")):
+            return PlainTextResponse("refused: missing or wrong CSRF token", status_code=403)
+        name, password = str(form.get("name", "")), str(form.get("password", ""))
+        source = request.client.host if request.client else "?"
+        nxt = _safe_next(form.get("next"))
+        if limiter.blocked(source, name):
+            users.audit(None, source, "login.limited", name)
+            return render(request, "login.html", None, status=429, next=nxt,
+                          error="too many failed sign-ins: wait a few minutes")
+        user = users.authenticate(name, password, source=source)
+        if user is None:
+            limiter.failed(source, name)
+            return render(request, "login.html", None, status=401, next=nxt, error="wrong name or password")
+        limiter.succeeded(name)
+        request.session.clear()  # a new session (and CSRF token) at sign-in: no fixation
+        request.session.update(user=user.name, csrf=secrets.token_urlsafe(32))
+        return RedirectResponse(nxt, status_code=303)
+
+    def logout(request: Request, user: User) -> Response:
+        users.audit(user.name, _source(request), "logout")
+        request.session.clear()
+        return RedirectResponse("/login", status_code=303)
+
+    def call_list(request: Request, user: User) -> Response:
+        params = request.query_params
+        f = _scoped(filter_of(params, limit=PAGE_SIZE), user)
+        with store.reading() as conn:
+            rows = queries.list_calls(conn, f)
+            total = queries.count_calls(conn, f)
+            bots = sorted(b for b in queries.stats(conn, _scoped(filter_of({}, limit=None), user))["by_bot"] if b)
+        keep = {k: v for k, v in params.items() if k != "offset" and v}
+        pages = {"prev": f.offset - PAGE_SIZE if f.offset > 0 else None,
+                 "next": f.offset + PAGE_SIZE if f.offset + PAGE_SIZE < total else None}
+        return render(request, "calls.html", user, calls=rows, total=total, f=f, params=params, bots=bots,
+                      query=lambda off: "?" + urlencode({**keep, "offset": max(0, off)}), pages=pages)
+
+    def call_page(request: Request, user: User) -> Response:
+        call_id = request.path_params["call_id"]
+        with store.reading() as conn:
+            _call_for(conn, call_id, user)
+            detail = queries.call_detail(conn, call_id)
+            events = queries.call_events(conn, call_id, limit=EVENTS_SHOWN) or []
+        c = detail["call"]
+        recording = c.get("recording_path")
+        has_audio = bool(recording) and os.path.isfile(recording)
+        return render(request, "call.html", user, d=detail, c=c, events=events, has_audio=has_audio,
+                      wave=waveform_svg(recording) if has_audio else None,
+                      lines=_transcript_lines(detail["transcript"]), start_at=c.get("start_at") or 0,
+                      quote=_quote)
+
+    def recording(request: Request, user: User) -> Response:
+        call_id = request.path_params["call_id"]
+        with store.reading() as conn:
+            c = _call_for(conn, call_id, user)
+        path = c.recording_path
+        if not path or not os.path.isfile(path):
+            raise PanelError(404, "this call's recording is not on this machine")
+        users.audit(user.name, _source(request), "download.recording", call_id) if "download" in \
+            request.query_params else None
+        return FileResponse(path, media_type="audio/wav", filename=os.path.basename(path),
+                            content_disposition_type="attachment" if "download" in request.query_params else "inline")
+
+    def record(request: Request, user: User) -> Response:
+        call_id = request.path_params["call_id"]
+        with store.reading() as conn:
+            _call_for(conn, call_id, user)
+            detail = queries.call_detail(conn, call_id)
+            detail["events"] = queries.call_events(conn, call_id)
+        users.audit(user.name, _source(request), "download.record", call_id)
+        name = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in call_id)[:100] + ".json"
+        return Response(json.dumps(detail, indent=2), media_type="application/json",
+                        headers={"content-disposition": f'attachment; filename="{name}"'})
+
+    def dash(request: Request, user: User) -> Response:
+        params = request.query_params
+        f = _scoped(filter_of(params, limit=None), user)
+        with store.reading() as conn:
+            d = dashboard(conn, f)
+            bots = sorted(b for b in queries.stats(conn, _scoped(filter_of({}, limit=None), user))["by_bot"] if b)
+        hours = [(h["hour"][11:13] + "h", h["calls"]) for h in d["per_hour"]][-48:]
+        return render(request, "dashboard.html", user, d=d, params=params, bots=bots,
+                      per_hour=charts.bars(hours, label_every=max(1, len(hours) // 12)),
+                      outcomes=charts.hbars(sorted(((k or "-"), v) for k, v in d["by_outcome"].items())),
+                      categories=charts.hbars([(c["category"], c["calls"]) for c in d["categories"]]))
+
+    def users_page(request: Request, user: User) -> Response:
+        message = error = None
+        if request.method == "POST":
+            form = request.state.form
+            try:
+                added = users.add(str(form.get("name", "")), str(form.get("role", "")), str(form.get("password", "")),
+                                  tenant=str(form.get("tenant") or "") or None, by=user.name, source=_source(request))
+                message = f"user {added.name} added ({added.role}, tenant {added.tenant or 'all'})"
+            except UserError as err:
+                error = str(err)
+        return render(request, "users.html", user, status=400 if error else 200, users=users.all(), roles=ROLES,
+                      message=message, error=error)
+
+    def audit_page(request: Request, user: User) -> Response:
+        return render(request, "audit.html", user, entries=users.audit_entries())
+
+    def home(request: Request, user: User) -> Response:
+        return RedirectResponse("/calls", status_code=303)
+
+    routes = [
+        Route("/login", login, methods=["GET", "POST"]),
+        Route("/logout", page(logout), methods=["POST"]),
+        Route("/", page(home)),
+        Route("/calls", page(call_list)),
+        Route("/calls/{call_id:path}/recording", page(recording)),
+        Route("/calls/{call_id:path}/record", page(record)),
+        Route("/calls/{call_id:path}", page(call_page)),
+        Route("/dashboard", page(dash)),
+        Route("/users", page(users_page, admin=True), methods=["GET", "POST"]),
+        Route("/audit", page(audit_page, admin=True)),
+        Mount("/static", StaticFiles(directory=os.path.join(HERE, "static")), name="static"),
+    ]
+    middleware = [Middleware(SessionMiddleware, secret_key=secret or secrets.token_urlsafe(32),
+                             session_cookie=SESSION_COOKIE, max_age=SESSION_MAX_AGE_S, same_site="lax",
+                             https_only=False)]
+    return Starlette(routes=routes, middleware=middleware)
+
+
+async def _run(fn, request: Request, user: User) -> Response:
+    from starlette.concurrency import run_in_threadpool
+
+    return await run_in_threadpool(fn, request, user)  # the store's queries block: off the event loop
+
+
+def _signed_in(request: Request, users: Users) -> User | None:
+    name = request.session.get("user")
+    if not name:
+        return None
+    user = users.get(name)  # read each time: a disabled user is out at the next click
+    return None if user is None or user.disabled else user
+
+
+def _scoped(f: queries.CallFilter, user: User) -> queries.CallFilter:
+    """The filter with the user's tenant forced in (a scoped user asking for another tenant gets none)."""
+    if user.tenant is None:
+        return f
+    fields = {k: getattr(f, k) for k in f.__struct_fields__}
+    if fields["tenant"] not in (None, user.tenant):
+        fields["tenant"] = "\x00no tenant\x00"
+    else:
+        fields["tenant"] = user.tenant
+    return queries.CallFilter(**fields)
+
+
+def _call_for(conn, call_id: str, user: User):
+    """The call's row if the user may see it; PanelError 404 alike for no such call and another tenant's."""
+    row = conn.execute(select(calls.c.call_id, calls.c.tenant, calls.c.recording_path)
+                       .where(calls.c.call_id == call_id)).first()
+    if row is None or not user.sees_tenant(row.tenant):
+        raise PanelError(404, "no such call")
+    return row
+
+
+def _transcript_lines(t: dict) -> list[dict]:
+    """Lines of the transcript in time order: the analysis's words (each clickable to its time), a new
+    line where the leg changes or pauses LINE_GAP_MS; without an analysis, the live words and bot text."""
+    lines: list[dict] = []
+    if t["words"]:
+        for w in sorted(t["words"], key=lambda w: w["start_ms"]):
+            last = lines[-1] if lines else None
+            if last is None or last["leg"] != w["leg"] or w["start_ms"] - last["end_ms"] > LINE_GAP_MS:
+                last = {"leg": w["leg"], "start_ms": w["start_ms"], "end_ms": w["end_ms"], "words": []}
+                lines.append(last)
+            last["words"].append({"t_ms": w["start_ms"], "text": w["text"], "redacted": w.get("redacted")})
+            last["end_ms"] = max(last["end_ms"], w["end_ms"])
+        return lines
+    for piece in t["live"]:
+        t_ms = piece.get("t_ms") or 0.0
+        last = lines[-1] if lines else None
+        if last is None or last["leg"] != piece["leg"] or t_ms - last["end_ms"] > LINE_GAP_MS:
+            last = {"leg": piece["leg"], "start_ms": t_ms, "end_ms": t_ms, "words": []}
+            lines.append(last)
+        last["words"].append({"t_ms": t_ms, "text": piece["text"].strip(), "redacted": False})
+        last["end_ms"] = t_ms
+    return lines
+
+
+def _safe_next(value) -> str:
+    """Where to go after sign-in: a path of this site only (no open redirect)."""
+    value = str(value or "")
+    return value if value.startswith("/") and not value.startswith("//") and "\\" not in value else "/calls"
+
+
+def _source(request: Request) -> str:
+    return request.client.host if request.client else "?"
+
+
+def _num(value, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and not value.is_integer():
+        return f"{value:.{digits}f}"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _clock(ms) -> str:
+    s = (ms or 0) / 1000.0
+    return f"{int(s // 60)}:{s % 60:04.1f}"
+
+
+def _quote(value: str) -> str:
+    from urllib.parse import quote
+
+    return quote(value, safe="")
