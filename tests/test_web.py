@@ -42,19 +42,24 @@ def panel(tmp_path_factory):
     (admin: every tenant; viewer: acme only); yields (base URL, tmp dir)."""
     tmp = tmp_path_factory.mktemp("web")
     calls = tmp / "calls"
-    for tenant, name, t0 in (("acme", "call-a", 1796270000.0), ("beta", "call-b", 1796273600.0)):
+    for tenant, name, t0, caller, ending in (
+            ("acme", "call-a", 1796270000.0, "+15550100", {"hangup_cause": "remote"}),
+            ("beta", "call-b", 1796273600.0, "+15550142",
+             {"hangup_cause": "transfer", "transfer": {"target": "sip:agent@127.0.0.1", "succeeded": True}})):
         (calls / tenant).mkdir(parents=True)
         call = agent_call()
+        seconds = call.duration_ms / 1000
         write_call(call, calls / tenant, name,
-                   record={"start": t0, "answered": t0 + 0.5, "end": t0 + 30.0,
+                   record={"start": t0, "answered": t0 + 0.5, "end": t0 + 0.5 + seconds, "direction": "inbound",
+                           "caller": caller, "called": "+15550000", "codec": "PCMU", **ending,
                            "labels": {"bot": "support", "tenant": tenant}, "events": f"{name}.events.jsonl",
-                           "recording": {"wav": f"{name}.wav", "seconds": call.duration_ms / 1000, "complete": True}},
+                           "recording": {"wav": f"{name}.wav", "seconds": seconds, "complete": True}},
                    events=bot_text_events(call, name))
     (tmp / "rules.toml").write_text('[[categories]]\nname = "disclosure"\n[[categories.rules]]\nkind = "phrase"\n'
                                     'leg = "bot"\nphrases = ["this call may be recorded"]\n')
     cfg = tmp / "callbot.toml"
     cfg.write_text('recordings_dir = "calls"\n[[bots]]\nname = "support"\n[[tenants]]\nname = "acme"\n'
-                   '[[tenants]]\nname = "beta"\n[analytics]\nrules = "rules.toml"\n')
+                   '[[tenants]]\nname = "beta"\n[analytics]\nrules = "rules.toml"\ncaller_transcript = "post"\n')
     out = _cli("calls", "import", str(calls), "--config", str(cfg))
     assert out.returncode == 0 and "2 imported" in out.stdout, out.stdout + out.stderr
     out = _cli("calls", "analyze", "--config", str(cfg))
@@ -122,6 +127,26 @@ def test_a_viewer_of_one_tenant_gets_404_for_another_tenants_call_and_recording(
     audit = ada.get("/audit").text
     assert "download.record" in audit and "user.add" in audit and "login" in audit
     ada.close()
+
+
+def test_serve_wiring_starts_the_panel_on_web_listen(tmp_path):
+    """app/web_host.py: [web] listen read from the config, the panel served over its store, stopped; a bad
+    address is the config's one line."""
+    from callbot.app.settings import ConfigError, parse_settings
+    from callbot.app.web_host import start_web
+
+    port = free_port(socket.SOCK_STREAM)
+    settings = parse_settings(f'recordings_dir = "calls"\n[web]\nlisten = "127.0.0.1:{port}"\n', base_dir=tmp_path)
+    assert start_web(parse_settings("", base_dir=tmp_path)) is None
+    web = start_web(settings)
+    try:
+        r = httpx.get(f"http://127.0.0.1:{port}/calls", timeout=10)
+        assert r.status_code == 303 and r.headers["location"].startswith("/login")
+        assert 'name="csrf"' in httpx.get(f"http://127.0.0.1:{port}/login", timeout=10).text
+    finally:
+        web.stop()
+    with pytest.raises(ConfigError, match=r"\$.web: listen: 'nowhere' is not HOST:PORT"):
+        parse_settings('[web]\nlisten = "nowhere"\n')
 
 
 def test_failed_sign_ins_are_limited_per_user(panel):
@@ -206,11 +231,16 @@ def test_the_panel_in_a_browser(panel, browser):
     assert t - 0.05 <= now <= t + 1.0, (now, t)  # where the word is (plus what played since the click)
     d.execute_script("document.getElementById('audio').pause();")
     assert "disclosure" in d.find_element(By.TAG_NAME, "main").text
+    legs = {e.get_attribute("class").split()[-1] for e in d.find_elements(By.CSS_SELECTOR, "#transcript .line")}
+    assert legs == {"caller", "bot"}  # both legs' words (the caller's by pocketsphinx after the call)
+    d.execute_script("window.scrollTo(0, 0);")
     d.save_screenshot(str(shots / "call.png"))
 
     d.get(base + "/dashboard")
     assert d.find_element(By.ID, "n-calls").text == "2"
     assert d.find_element(By.ID, "n-answered").text == "2"
+    assert d.find_element(By.ID, "n-transferred").text == "1"
+    assert "50%" in d.find_element(By.ID, "cards").text  # containment: one of two answered calls kept
     assert d.find_elements(By.CSS_SELECTOR, "svg.chart rect")
     d.save_screenshot(str(shots / "dashboard.png"))
     d.get(base + "/audit")

@@ -11,6 +11,7 @@ another tenant, so a crafted URL cannot even learn that the call exists.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import secrets
@@ -141,6 +142,8 @@ def create_app(store: CallStore, *, secret: str | None = None, limiter: LoginLim
             _call_for(conn, call_id, user)
             detail = queries.call_detail(conn, call_id)
             events = queries.call_events(conn, call_id, limit=EVENTS_SHOWN) or []
+        order = {"call": 0, "caller": 1, "bot": 2}
+        detail["metrics"] = dict(sorted(detail["metrics"].items(), key=lambda kv: order.get(kv[0], 3)))
         c = detail["call"]
         recording = c.get("recording_path")
         has_audio = bool(recording) and os.path.isfile(recording)
@@ -178,7 +181,7 @@ def create_app(store: CallStore, *, secret: str | None = None, limiter: LoginLim
         with store.reading() as conn:
             d = dashboard(conn, f)
             bots = sorted(b for b in queries.stats(conn, _scoped(filter_of({}, limit=None), user))["by_bot"] if b)
-        hours = [(h["hour"][11:13] + "h", h["calls"]) for h in d["per_hour"]][-48:]
+        hours = _hours(d["per_hour"])
         return render(request, "dashboard.html", user, d=d, params=params, bots=bots,
                       per_hour=charts.bars(hours, label_every=max(1, len(hours) // 12)),
                       outcomes=charts.hbars(sorted(((k or "-"), v) for k, v in d["by_outcome"].items())),
@@ -255,6 +258,23 @@ def _call_for(conn, call_id: str, user: User):
     if row is None or not user.sees_tenant(row.tenant):
         raise PanelError(404, "no such call")
     return row
+
+
+def _hours(per_hour: list[dict], most: int = 48) -> list[tuple[str, float]]:
+    """The last `most` hours up to the newest with calls, hours without calls as 0 (the store lists only
+    hours with calls)."""
+    if not per_hour:
+        return []
+    counts = {datetime.datetime.fromisoformat(h["hour"]).timestamp(): h["calls"] for h in per_hour}
+    last = max(counts)
+    first = max(min(counts), last - (most - 1) * 3600)
+    out = []
+    t = first
+    while t <= last:
+        label = datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%H") + "h"
+        out.append((label, counts.get(t, 0)))
+        t += 3600
+    return out
 
 
 def _transcript_lines(t: dict) -> list[dict]:

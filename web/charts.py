@@ -13,7 +13,7 @@ def bars(items: list[tuple[str, float]], *, width: int = 640, height: int = 180,
         return Markup('<p class="empty">no calls</p>')
     top = max(v for _, v in items) or 1.0
     pad_bottom, pad_top = 28, 16
-    slot = width / len(items)
+    slot = min(width / len(items), 48.0)  # few bars stay bars, not walls
     bar_w = max(2.0, slot * 0.7)
     parts = [f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" width="100%">']
     for i, (label, value) in enumerate(items):

@@ -1,0 +1,66 @@
+"""The web panel's small rules, without a browser: the sign-in limit's window on an injected clock, where
+a sign-in may send the user next, a scoped user's filter, users' names, roles and password length."""
+from __future__ import annotations
+
+import pytest
+
+from callbot.store.call_store import CallStore
+from callbot.store.database import sqlite_url
+from callbot.store.queries import CallFilter
+from callbot.web.app import _safe_next, _scoped
+from callbot.web.security import LoginLimiter, csrf_ok, csrf_token
+from callbot.web.users import User, UserError, Users
+
+
+def test_the_sign_in_limit_counts_failures_per_name_and_source_within_its_window():
+    now = [1000.0]
+    limiter = LoginLimiter(failures=3, source_failures=5, window_s=60, clock=lambda: now[0])
+    for _ in range(3):
+        assert not limiter.blocked("10.0.0.1", "ada")
+        limiter.failed("10.0.0.1", "ada")
+    assert limiter.blocked("10.0.0.1", "ada") and limiter.blocked("10.0.0.9", "ada")  # the name, from anywhere
+    assert not limiter.blocked("10.0.0.1", "bob")  # 3 of the source's 5
+    limiter.failed("10.0.0.1", "bob"), limiter.failed("10.0.0.1", "cy")
+    assert limiter.blocked("10.0.0.1", "dan") and not limiter.blocked("10.0.0.2", "dan")
+    now[0] += 61  # the window has passed
+    assert not limiter.blocked("10.0.0.1", "ada")
+
+
+def test_csrf_tokens_and_next_paths():
+    session: dict = {}
+    token = csrf_token(session)
+    assert csrf_token(session) == token and csrf_ok(session, token)
+    assert not csrf_ok(session, None) and not csrf_ok(session, token + "x") and not csrf_ok({}, token)
+    assert _safe_next("/calls/x?y=1") == "/calls/x?y=1"
+    for bad in ("https://evil.example/", "//evil.example/", "/\\evil", "", None, "calls"):
+        assert _safe_next(bad) == "/calls"
+
+
+def test_a_scoped_users_filter_holds_its_tenant():
+    vic = User(name="vic", role="viewer", tenant="acme")
+    assert _scoped(CallFilter(), vic).tenant == "acme"
+    assert _scoped(CallFilter(tenant="beta"), vic).tenant not in ("beta", None)
+    assert _scoped(CallFilter(tenant="beta"), User(name="ada", role="admin")).tenant == "beta"
+    assert not vic.sees_tenant("beta") and not vic.sees_tenant(None) and vic.sees_tenant("acme")
+
+
+def test_users_are_checked_hashed_and_audited(tmp_path):
+    with CallStore(sqlite_url(tmp_path / "calls.db")) as store:
+        users = Users(store, clock=lambda: 1796270000.0)
+        for name, role, pw in (("", "admin", "x" * 12), ("a b", "admin", "x" * 12), ("ada", "root", "x" * 12),
+                               ("ada", "admin", "short")):
+            with pytest.raises(UserError):
+                users.add(name, role, pw)
+        users.add("ada", "admin", "long-enough-1")
+        with pytest.raises(UserError, match="exists already"):
+            users.add("ada", "viewer", "long-enough-2")
+        with store.reading() as conn:
+            stored = conn.exec_driver_sql("SELECT password_hash FROM users").scalar_one()
+        assert stored.startswith("$argon2id$") and "long-enough-1" not in stored
+        assert users.authenticate("ada", "long-enough-1", source="t") == User(name="ada", role="admin")
+        assert users.authenticate("ada", "wrong", source="t") is None
+        assert users.authenticate("nobody", "wrong", source="t") is None
+        users.set_disabled("ada", True, by=None, source="t")
+        assert users.authenticate("ada", "long-enough-1", source="t") is None
+        actions = [e["action"] for e in users.audit_entries()][::-1]
+        assert actions == ["user.add", "login", "login.failed", "login.failed", "user.disable", "login.failed"]
