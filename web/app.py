@@ -129,7 +129,7 @@ def create_app(store: CallStore, *, secret: str | None = None, limiter: LoginLim
         with store.reading() as conn:
             rows = queries.list_calls(conn, f)
             total = queries.count_calls(conn, f)
-            bots = sorted(b for b in queries.stats(conn, _scoped(filter_of({}, limit=None), user))["by_bot"] if b)
+            bots = _bots(conn, user)
         keep = {k: v for k, v in params.items() if k != "offset" and v}
         pages = {"prev": f.offset - PAGE_SIZE if f.offset > 0 else None,
                  "next": f.offset + PAGE_SIZE if f.offset + PAGE_SIZE < total else None}
@@ -180,7 +180,7 @@ def create_app(store: CallStore, *, secret: str | None = None, limiter: LoginLim
         f = _scoped(filter_of(params, limit=None), user)
         with store.reading() as conn:
             d = dashboard(conn, f)
-            bots = sorted(b for b in queries.stats(conn, _scoped(filter_of({}, limit=None), user))["by_bot"] if b)
+            bots = _bots(conn, user)
         hours = _hours(d["per_hour"])
         return render(request, "dashboard.html", user, d=d, params=params, bots=bots,
                       per_hour=charts.bars(hours, label_every=max(1, len(hours) // 12)),
@@ -249,6 +249,14 @@ def _scoped(f: queries.CallFilter, user: User) -> queries.CallFilter:
     else:
         fields["tenant"] = user.tenant
     return queries.CallFilter(**fields)
+
+
+def _bots(conn, user: User) -> list[str]:
+    """The bots of the calls the user may see (the filters' choices)."""
+    q = select(calls.c.bot).where(calls.c.bot.is_not(None)).distinct().order_by(calls.c.bot)
+    if user.tenant is not None:
+        q = q.where(calls.c.tenant == user.tenant)
+    return list(conn.execute(q).scalars())
 
 
 def _call_for(conn, call_id: str, user: User):
