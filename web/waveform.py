@@ -24,7 +24,11 @@ def waveform_svg(path: str, columns: int = COLUMNS, height: int = 120) -> Markup
         return None
     n = max(1, len(pcm) // columns)
     k = len(pcm) // n
-    peaks = np.abs(pcm[:k * n].astype(np.int32)).reshape(k, n, channels).max(axis=1) / 32768.0
+    # |sample| in 16 bits (abs(-32768) wraps to -32768, which reads as 32768 unsigned); one channel at a time
+    # made contiguous, so the per-column max runs over rows of memory
+    mags = np.abs(pcm[:k * n]).view(np.uint16)
+    peaks = np.stack([np.ascontiguousarray(mags[:, ch]).reshape(k, n).max(axis=1) for ch in range(channels)],
+                     axis=1) / 32768.0
     lane = height / 2
     parts = [f'<svg class="wave" viewBox="0 0 {k} {height}" preserveAspectRatio="none" width="100%" '
              f'height="{height}" role="img" aria-label="waveform: caller above, bot below">']
