@@ -3,7 +3,7 @@ ratio to the store's JSON API answering the same query in the same process (stor
 queries without the panel's sign-in, scope, templates and charts).
 
 The store: 10,000 analysed calls over 10 days on SQLite (the default store; WAL, the store's settings),
-3 bots, 2 tenants, 5 outcomes; each with its metrics (the analysis' long rows), 2 categories, a score
+3 bots, 2 tenants, 5 outcomes; each with its metrics (the analysis' long rows, sentiment included), 2 categories, a score
 and 40 transcript words. Written straight into the tables (the writer's path is bench/bench_store.py's).
 Both apps run in this process through Starlette's TestClient (no network); wall time per request,
 median over ROUNDS, alternating page and API request by request. The panel's user is an admin (every
@@ -62,6 +62,7 @@ def _fill(store: CallStore, n: int) -> None:
                 for leg in ("caller", "bot"):
                     for name in ("talk_ms", "words", "interruptions", "segments"):
                         mrows.append({"call_id": cid, "leg": leg, "name": name, "value": rng.uniform(0, 100)})
+                    mrows.append({"call_id": cid, "leg": leg, "name": "sentiment", "value": rng.uniform(-1, 1)})
                 crows += [{"call_id": cid, "category": c, "matched": rng.random() < 0.5, "evidence": []}
                           for c in ("disclosure", "cancellation")]
                 srows.append({"call_id": cid, "scorecard": "qa", "score": float(rng.randint(0, 4)), "max_score": 4.0})

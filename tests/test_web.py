@@ -56,7 +56,9 @@ def panel(tmp_path_factory):
                            "recording": {"wav": f"{name}.wav", "seconds": seconds, "complete": True}},
                    events=bot_text_events(call, name))
     (tmp / "rules.toml").write_text('[[categories]]\nname = "disclosure"\n[[categories.rules]]\nkind = "phrase"\n'
-                                    'leg = "bot"\nphrases = ["this call may be recorded"]\n')
+                                    'leg = "bot"\nphrases = ["this call may be recorded"]\n'
+                                    '[[scorecards]]\nname = "qa"\n[[scorecards.items]]\nname = "disclosure"\n'
+                                    'weight = 3\ncategory = "disclosure"\n')
     cfg = tmp / "callbot.toml"
     cfg.write_text('recordings_dir = "calls"\n[[bots]]\nname = "support"\n[[tenants]]\nname = "acme"\n'
                    '[[tenants]]\nname = "beta"\n[analytics]\nrules = "rules.toml"\ncaller_transcript = "post"\n')
@@ -242,6 +244,7 @@ def test_the_panel_in_a_browser(panel, browser):
     assert d.find_element(By.ID, "n-transferred").text == "1"
     assert "50%" in d.find_element(By.ID, "cards").text  # containment: one of two answered calls kept
     assert d.find_elements(By.CSS_SELECTOR, "svg.chart rect")
+    assert "qa 3 3 2" in d.find_element(By.ID, "scores").text.replace("\n", " ")  # both calls disclosed: 3 of 3
     d.save_screenshot(str(shots / "dashboard.png"))
     d.get(base + "/audit")
     d.save_screenshot(str(shots / "audit.png"))

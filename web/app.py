@@ -185,7 +185,8 @@ def create_app(store: CallStore, *, secret: str | None = None, limiter: LoginLim
         return render(request, "dashboard.html", user, d=d, params=params, bots=bots,
                       per_hour=charts.bars(hours, label_every=max(1, len(hours) // 12)),
                       outcomes=charts.hbars(sorted(((k or "-"), v) for k, v in d["by_outcome"].items())),
-                      categories=charts.hbars([(c["category"], c["calls"]) for c in d["categories"]]))
+                      categories=charts.hbars([(c["category"], c["calls"]) for c in d["categories"]]),
+                      sentiment=charts.signed_bars([(s["day"], s["sentiment"]) for s in d["sentiment_by_day"]]))
 
     def users_page(request: Request, user: User) -> Response:
         message = error = None

@@ -46,3 +46,23 @@ def hbars(items: list[tuple[str, float]], *, width: int = 640, row: int = 22) ->
         parts.append(f'<text x="{label_w + w + 4:.1f}" y="{y + row * 0.7:.1f}" class="value-l">{value:g}</text>')
     parts.append("</svg>")
     return Markup("".join(parts))
+
+
+def signed_bars(items: list[tuple[str, float]], *, width: int = 640, height: int = 160) -> Markup:
+    """Bars up or down from a middle line, for values in [-1, 1] (sentiment)."""
+    if not items:
+        return Markup('<p class="empty">no analysed calls</p>')
+    mid = height / 2
+    slot = min(width / len(items), 48.0)
+    bar_w = max(2.0, slot * 0.7)
+    parts = [f'<svg class="chart" viewBox="0 0 {width} {height + 16}" role="img" width="100%">',
+             f'<line x1="0" x2="{width}" y1="{mid}" y2="{mid}" class="axis"/>']
+    for i, (label, value) in enumerate(items):
+        h = (mid - 14) * max(-1.0, min(1.0, value))
+        x = i * slot + (slot - bar_w) / 2
+        y = mid - h if h >= 0 else mid
+        parts.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{bar_w:.1f}" height="{abs(h):.1f}" '
+                     f'class="{"pos" if value >= 0 else "neg"}"><title>{escape(label)}: {value:+.2f}</title></rect>')
+        parts.append(f'<text x="{x + bar_w / 2:.1f}" y="{height + 12}" class="label">{escape(label[5:])}</text>')
+    parts.append("</svg>")
+    return Markup("".join(parts))

@@ -1,6 +1,6 @@
 """The dashboard's numbers for the calls a filter takes: counts per hour and by outcome, answered /
 transferred / abandoned, containment, average handle time, the bot's response latency, overtalk and
-barge-ins, category hits. Counted by the database (a few aggregate queries), so the page costs the
+barge-ins, category hits, scorecards' mean scores, the caller's sentiment by day. Counted by the database (a few aggregate queries), so the page costs the
 same with ten calls as with ten thousand.
 
 Definitions (docs/web.md): answered = the call has an answer time; abandoned = not answered (outcome
@@ -15,7 +15,7 @@ from sqlalchemy import Connection, func, select
 
 from callbot.store import queries
 from callbot.store.queries import CallFilter
-from callbot.store.schema import calls, category_hits, metrics
+from callbot.store.schema import calls, category_hits, metrics, scores
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -49,7 +49,21 @@ def dashboard(conn: Connection, f: CallFilter) -> dict:
         select(category_hits.c.category, func.count()).where(category_hits.c.call_id.in_(taken),
                                                              category_hits.c.matched.is_(True))
         .group_by(category_hits.c.category).order_by(func.count().desc(), category_hits.c.category))]
+    cards = [{"scorecard": name, "mean": mean, "max": top, "calls": n} for name, mean, top, n in conn.execute(
+        select(scores.c.scorecard, func.avg(scores.c.score), func.max(scores.c.max_score), func.count())
+        .where(scores.c.call_id.in_(taken)).group_by(scores.c.scorecard).order_by(scores.c.scorecard))]
+    # the caller's mean sentiment per day (UTC): days, not hours, so that a day's few calls make a point
+    by_day: dict[int, list[float]] = {}
+    for start, value in conn.execute(select(calls.c.start_at, metrics.c.value).join(
+            metrics, metrics.c.call_id == calls.c.call_id).where(
+            calls.c.call_id.in_(taken), metrics.c.leg == "caller", metrics.c.name == "sentiment",
+            calls.c.start_at.is_not(None))):
+        by_day.setdefault(int(start // 86400) * 86400, []).append(value)
+    sentiment = [{"day": (queries.iso(d) or "")[:10], "sentiment": sum(v) / len(v), "calls": len(v)}
+                 for d, v in sorted(by_day.items())]
     return {
+        "scores": cards,
+        "sentiment_by_day": sentiment,
         "calls": stats["calls"],
         "per_hour": stats["per_hour"],
         "by_outcome": stats["by_outcome"],
