@@ -124,6 +124,11 @@ def _web_parser(sub) -> None:
     store(add)
     lst = users_sub.add_parser("list", help="the users, their roles and tenants")
     store(lst)
+    for action, what in (("disable", "sign a user out at their next click and refuse their sign-ins"),
+                         ("enable", "let a disabled user sign in again")):
+        p = users_sub.add_parser(action, help=what)
+        p.add_argument("name", metavar="NAME")
+        store(p)
 
 
 def _web_commands(args: argparse.Namespace) -> int:
@@ -158,6 +163,14 @@ def _users(url: str, args: argparse.Namespace) -> int:
         if args.users_command == "list":
             for u in users.all():
                 print(f"{u.name}  {u.role}  {u.tenant or '(all tenants)'}{'  disabled' if u.disabled else ''}")
+            return 0
+        if args.users_command in ("disable", "enable"):
+            try:
+                users.set_disabled(args.name, args.users_command == "disable", by=None, source="cli")
+            except UserError as err:
+                print(f"callbot: error: {err}", file=sys.stderr)
+                return EXIT_USAGE
+            print(f"user {args.name} {args.users_command}d")
             return 0
         if args.password_env:
             password = os.environ.get(args.password_env)

@@ -1,5 +1,5 @@
 """The web panel's small rules, without a browser: the sign-in limit's window on an injected clock, where
-a sign-in may send the user next, a scoped user's filter, users' names, roles and password length."""
+a sign-in may send the user next, a scoped user's filter, users' names, roles and password length (on SQLite and PostgreSQL)."""
 from __future__ import annotations
 
 import pytest
@@ -44,8 +44,15 @@ def test_a_scoped_users_filter_holds_its_tenant():
     assert not vic.sees_tenant("beta") and not vic.sees_tenant(None) and vic.sees_tenant("acme")
 
 
-def test_users_are_checked_hashed_and_audited(tmp_path):
-    with CallStore(sqlite_url(tmp_path / "calls.db")) as store:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        return sqlite_url(tmp_path / "calls.db")
+    return request.getfixturevalue("postgres_server").new_database()
+
+
+def test_users_are_checked_hashed_and_audited(store_url):
+    with CallStore(store_url) as store:
         users = Users(store, clock=lambda: 1796270000.0)
         for name, role, pw in (("", "admin", "x" * 12), ("a b", "admin", "x" * 12), ("ada", "root", "x" * 12),
                                ("ada", "admin", "short")):
@@ -64,3 +71,21 @@ def test_users_are_checked_hashed_and_audited(tmp_path):
         assert users.authenticate("ada", "long-enough-1", source="t") is None
         actions = [e["action"] for e in users.audit_entries()][::-1]
         assert actions == ["user.add", "login", "login.failed", "login.failed", "user.disable", "login.failed"]
+
+
+def test_callbot_users_add_list_disable(tmp_path, capsys, monkeypatch):
+    from callbot.app.cli import main
+
+    url = sqlite_url(tmp_path / "calls.db")
+    monkeypatch.setenv("PW", "long-enough-1")
+    assert main(["users", "add", "vic", "--role", "viewer", "--tenant", "acme", "--password-env", "PW",
+                 "--store", url]) == 0
+    assert main(["users", "add", "vic", "--role", "viewer", "--password-env", "PW", "--store", url]) == 2
+    assert "user 'vic' exists already" in capsys.readouterr().err
+    assert main(["users", "add", "bob", "--role", "viewer", "--password-env", "UNSET_VAR", "--store", url]) == 2
+    assert "UNSET_VAR is not set" in capsys.readouterr().err
+    assert main(["users", "disable", "vic", "--store", url]) == 0
+    assert main(["users", "disable", "nobody", "--store", url]) == 2
+    capsys.readouterr()
+    assert main(["users", "list", "--store", url]) == 0
+    assert capsys.readouterr().out.strip() == "vic  viewer  acme  disabled"
