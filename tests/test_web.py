@@ -126,7 +126,12 @@ def test_a_viewer_of_one_tenant_gets_404_for_another_tenants_call_and_recording(
     ada = _signed_in(base, "ada", ADMIN_PW)
     assert ada.get("/calls/call-b").status_code == 200
     assert ada.get("/calls/call-b/record").json()["call"]["tenant"] == "beta"
+    got = ada.get("/calls/call-b/recording?download=1")
+    assert got.headers["content-disposition"].startswith("attachment") and got.content[:4] == b"RIFF"
+    ranged = ada.get("/calls/call-b/recording", headers={"range": "bytes=44-1043"})  # the player seeking
+    assert ranged.status_code == 206 and len(ranged.content) == 1000
     audit = ada.get("/audit").text
+    assert "download.recording" in audit and audit.count("download.recording") == 1
     assert "download.record" in audit and "user.add" in audit and "login" in audit
     ada.close()
 

@@ -159,8 +159,8 @@ def create_app(store: CallStore, *, secret: str | None = None, limiter: LoginLim
         path = c.recording_path
         if not path or not os.path.isfile(path):
             raise PanelError(404, "this call's recording is not on this machine")
-        users.audit(user.name, _source(request), "download.recording", call_id) if "download" in \
-            request.query_params else None
+        if "download" in request.query_params:  # the player's own range requests are not downloads
+            users.audit(user.name, _source(request), "download.recording", call_id)
         return FileResponse(path, media_type="audio/wav", filename=os.path.basename(path),
                             content_disposition_type="attachment" if "download" in request.query_params else "inline")
 
