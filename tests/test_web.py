@@ -97,7 +97,9 @@ def test_no_page_without_a_session_and_no_post_without_csrf(panel):
                      "/users", "/audit"):
             r = anon.get(path)
             assert r.status_code == 303 and r.headers["location"].startswith("/login"), path
-        assert anon.get("/login").status_code == 200
+        login = anon.get("/login")
+        assert login.status_code == 200 and "script-src" not in login.headers["content-security-policy"]
+        assert login.headers["content-security-policy"].startswith("default-src 'self'")
         assert anon.post("/login", data={"name": "ada", "password": ADMIN_PW}).status_code == 403
         assert anon.post("/logout").status_code == 403
     client = _signed_in(base, "ada", ADMIN_PW)
@@ -179,6 +181,7 @@ def browser():
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                 "--autoplay-policy=no-user-gesture-required", "--window-size=1400,1000", "--mute-audio"):
         opts.add_argument(arg)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console, for CSP refusals
     driver = webdriver.Chrome(service=Service(driver_path), options=opts)
     driver.set_page_load_timeout(30)
     try:
@@ -254,6 +257,13 @@ def test_the_panel_in_a_browser(panel, browser):
     d.get(base + "/audit")
     d.save_screenshot(str(shots / "audit.png"))
 
+    # the content security policy refused nothing the panel itself serves
+    d.execute_script("var s = document.createElement('script'); s.textContent = 'window.injected = 1';"
+                     "document.body.appendChild(s);")  # what the policy is for: an inline script refused
+    log = d.get_log("browser")
+    refused = [e["message"] for e in log if "Content Security Policy" in e.get("message", "")]
+    assert len(refused) == 1 and "inline script" in refused[0], refused
+    assert d.execute_script("return window.injected === undefined;")
     _sign_in(d, base, "vic", VIEWER_PW)
     rows = d.find_elements(By.CSS_SELECTOR, "#calls tbody tr[data-call-id]")
     assert [r.get_attribute("data-call-id") for r in rows] == ["call-a"]

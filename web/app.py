@@ -47,6 +47,14 @@ PAGE_SIZE = 50
 SESSION_COOKIE = "callbot_panel"
 SESSION_MAX_AGE_S = 8 * 3600
 EVENTS_SHOWN = 500
+# every script, style, image and sound from the panel itself (nothing inline, nothing from elsewhere): an
+# injected <script> in a call's data would not run; no page of the panel inside another site's frame
+SECURITY_HEADERS = {
+    "content-security-policy": "default-src 'self'; img-src 'self' data:; media-src 'self'; object-src 'none'; "
+                               "base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "same-origin",
+}
 LINE_GAP_MS = 1500.0  # a pause this long on a leg starts a new line of its transcript
 
 
@@ -223,7 +231,27 @@ def create_app(store: CallStore, *, secret: str | None = None, limiter: LoginLim
     middleware = [Middleware(SessionMiddleware, secret_key=secret or secrets.token_urlsafe(32),
                              session_cookie=SESSION_COOKIE, max_age=SESSION_MAX_AGE_S, same_site="lax",
                              https_only=False)]
-    return Starlette(routes=routes, middleware=middleware)
+    return Starlette(routes=routes, middleware=[Middleware(_SecurityHeaders), *middleware])
+
+
+class _SecurityHeaders:
+    """SECURITY_HEADERS on every response (plain ASGI: no buffering of the recordings' bodies)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def with_headers(message):
+            if message["type"] == "http.response.start":
+                have = {k.lower() for k, _ in message.get("headers", [])}
+                extra = [(k.encode(), v.encode()) for k, v in SECURITY_HEADERS.items() if k.encode() not in have]
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
 
 
 async def _run(fn, request: Request, user: User) -> Response:
