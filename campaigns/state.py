@@ -139,14 +139,15 @@ class CampaignState:
 
     # ---- an attempt --------------------------------------------------------------------------------
 
-    def begin(self, row: int, attempt: int, uri: str, state: RowState) -> Attempt:
-        """Committed before the INVITE leaves (status dialing), with the row's attempt count."""
+    def begin(self, row: int, attempt: int, uri: str, state: RowState, call_id: str | None = None) -> Attempt:
+        """Committed before the INVITE leaves (status dialing), with the row's attempt count and, when the
+        dialer chose it, the Call-ID the INVITE will carry (what a restart looks the call up by)."""
         now = self.clock()
         with self.engine.begin() as conn:
             rid = conn.execute(insert(attempts).values(row=row, attempt=attempt, status="dialing", uri=uri,
-                                                       started_at=now)).inserted_primary_key[0]
+                                                       call_id=call_id, started_at=now)).inserted_primary_key[0]
             self._save_row(conn, row, state)
-        return Attempt(id=rid, row=row, attempt=attempt, uri=uri, started_at=now)
+        return Attempt(id=rid, row=row, attempt=attempt, uri=uri, started_at=now, call_id=call_id)
 
     def dialled(self, a: Attempt, call_id: str) -> None:
         a.call_id = call_id
