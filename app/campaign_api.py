@@ -59,9 +59,11 @@ class CampaignApiError(Exception):
 class CampaignRegistry:
     """The campaigns under `folder` (one sub-folder each) and the processes this registry started."""
 
-    def __init__(self, folder: str, config: str | None = None, python: str = sys.executable):
+    def __init__(self, folder: str, config: str | None = None, python: str = sys.executable,
+                 config_required: bool = False):
         self.folder = os.path.abspath(folder)
         self.config = os.path.abspath(config) if config else None
+        self.config_required = config_required  # `callbot serve`: a dialer with the server's config would clash
         self.python = python
         self.procs: dict[str, subprocess.Popen] = {}
         self.lock = threading.Lock()
@@ -89,6 +91,9 @@ class CampaignRegistry:
             for key, value in (("bot", bot), ("config", config)):
                 if value is not None and not isinstance(value, str):
                     raise CampaignApiError(f"{key}: a string")
+            if config is None and self.config_required:
+                raise CampaignApiError("config: the dialer's own config file on this machine (the server's SIP "
+                                       "port and API address are taken by the server itself)")
             if config is not None and not os.path.isfile(config):
                 raise CampaignApiError(f"config {config!r}: no such file")
         except CampaignApiError:

@@ -777,7 +777,9 @@ def run_campaign(settings: Settings, engine_kind: str, list_path: str, campaign_
         campaign = load_campaign(campaign_path)
         name = bot or campaign.bot
         chosen = settings.bot(name) if name else settings.bots[0]
-        settings = msgspec.structs.replace(settings, bots=(chosen, *(b for b in settings.bots if b is not chosen)))
+        settings = msgspec.structs.replace(settings, bots=(chosen, *(b for b in settings.bots if b is not chosen)),
+                                           # a dialer serves no API: `callbot serve` or `calls api` does
+                                           store=msgspec.structs.replace(settings.store, api=None))
         account = campaign.account or chosen.account or (settings.sip.accounts[0].name if settings.sip.accounts
                                                           else None)
         if account is not None and account not in {a.name for a in settings.sip.accounts}:

@@ -86,3 +86,32 @@ def test_campaigns_are_started_read_and_controlled_over_http(tmp_path):
             assert len(peer.all("incoming")) == 3  # the second campaign called nobody
     finally:
         assert stop_process(api, 40) == 0, (tmp_path / "api.log").read_text()
+
+
+def test_callbot_serve_mounts_the_campaigns_and_wants_a_dialer_config_of_their_own(tmp_path):
+    port = free_port()
+    cfg = serve_config(tmp_path, free_port(), account="line", user="echo",
+                       tail=f'[store]\napi = "{LOCALHOST}:{port}"\n')
+    log = open(tmp_path / "serve.log", "w")
+    serve = subprocess.Popen([sys.executable, "-m", "callbot.app.cli", "serve", "--config", str(cfg), "--engine",
+                              "echo"], cwd=tmp_path, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+    try:
+        base = f"http://{LOCALHOST}:{port}"
+
+        def up() -> bool:
+            try:
+                return httpx.get(base + "/api/campaigns", timeout=1).status_code == 200
+            except httpx.TransportError:
+                return serve.poll() is not None
+        eventually(up, 40, "serve's API answering")
+        assert serve.poll() is None, (tmp_path / "serve.log").read_text()
+        assert httpx.get(base + "/api/campaigns").json() == {"campaigns": []}
+        r = httpx.post(base + "/api/campaigns", json={"list_csv": f"uri\nsip:a@{LOCALHOST}:5\n",
+                                                      "campaign_toml": CAMPAIGN, "engine": "echo"})
+        assert r.status_code == 400 and r.json()["error"].startswith("config: the dialer's own config file"), r.text
+        # the store's routes beside them (before the first call the writer has made no tables yet: a 503 of
+        # its own, not a 404)
+        calls = httpx.get(base + "/api/calls")
+        assert calls.status_code in (200, 503) and ("calls" in calls.json() or "error" in calls.json())
+    finally:
+        assert stop_process(serve, 30) == 0, (tmp_path / "serve.log").read_text()
