@@ -183,3 +183,35 @@ hangup = true
     offset = play["t"] - rec["t"]
     assert len(x) > int((offset + len(first.samples) / 16000 + 1.0) * rate), "the call ended too early"
     assert x[int(max(offset, 0) * rate):].max(initial=0) < 1000, "the verdict released the flow's hold"
+
+
+def test_endpoint_dial_takes_a_call_id_a_caller_id_and_labels_and_refuses_bad_ones(tmp_path):
+    import pytest
+
+    from callbot.sip.config import AccountConfig, EndpointConfig, TransportConfig
+    from callbot.sip.endpoint import Endpoint, caller_identity
+    from callbot.sip.events import CallConfirmed, CallEnded
+
+    cfg = EndpointConfig(transports=(TransportConfig(bind=LOCALHOST, port=0, rtp_port=0),),
+                         accounts=(AccountConfig(name="out", user="bot"),), dial_timeout_s=5.0)
+    with Endpoint(cfg) as ep, PjsuaPeer(user="carol", answer="auto", log_dir=tmp_path) as carol:
+        call_id = ep.dial(carol.uri, call_id="c0ffee-1@campaign", caller_id="+15551234567", caller_name="Acme",
+                          headers=[("X-Campaign", "reminders")], labels={"campaign_row": "7"})
+        assert call_id == "c0ffee-1@campaign"
+        assert ep.records[call_id].labels == {"campaign_row": "7"}
+        incoming = carol.expect("incoming", timeout=10)
+        assert incoming["call_id"] == call_id
+        assert incoming["remote"].startswith('"Acme" <sip:+15551234567@127.0.0.1'), incoming
+        ep.wait_for(CallConfirmed, call_id=call_id)
+        with pytest.raises(ValueError, match="in use"):
+            ep.dial(carol.uri, call_id=call_id)
+        for bad in ({"call_id": "two words"}, {"caller_id": "555 123"}, {"caller_name": 'A "B"'},
+                    {"headers": [("X-A", "1\r\nX-Injected: 2")]}, {"headers": [("Bad Name", "1")]}):
+            with pytest.raises(ValueError):
+                ep.dial(carol.uri, **bad)
+        ep.hangup(call_id)
+        ep.wait_for(CallEnded, call_id=call_id)
+        assert len(carol.all("incoming")) == 1  # none of the refused ones left
+    # the account's own identity when only a display name is given; a URI caller ID as it is
+    assert caller_identity(None, "Acme", "sip:bot@10.0.0.1:5060") == '"Acme" <sip:bot@10.0.0.1:5060>'
+    assert caller_identity("sip:sales@example.com", None, "sip:bot@x") == "<sip:sales@example.com>"
