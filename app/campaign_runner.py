@@ -7,6 +7,8 @@ one SIP endpoint. For each attempt: the state file gets `dialing` before the INV
 to the bot (CallRouter.expect) under that Call-ID, and the INVITE leaves with it (Endpoint.dial call_id=,
 the campaign's caller_id/caller_name as From and P-Asserted-Identity, the record's labels: campaign, row,
 attempt, there before any answer is handled). So a callee that answers at once finds everything ready.
+On a restart, an attempt the killed dialer left open is looked up by that Call-ID (CallLookup: the call
+store, else the call's JSON record): answered, it gets its disposition; otherwise it stays interrupted.
 
 Answering-machine detection: when a call's audio comes up, the bot is held silent (HoldBot: the model
 hears the callee, its own audio is forced silent; [amd] hold_bot = false lets it greet at once and holds
@@ -670,7 +672,9 @@ class CampaignRunner:
     def _label(self, live: Live, **labels: str) -> None:
         record = self.server.endpoint.records.get(live.call_id)
         if record is not None:
-            record.labels.update(labels)
+            # a new dict, not an update in place: the recorder's and the store writer's threads may be
+            # copying the old one this instant
+            record.labels = {**record.labels, **labels}
             record.changed()
 
     def _control(self, live: Live, op):
