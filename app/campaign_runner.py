@@ -51,7 +51,7 @@ from callbot.campaigns.amd import HUMAN, MACHINE, AmdDetector
 from callbot.campaigns.config import Campaign, CampaignError, load_campaign
 from callbot.campaigns.contacts import Contact, load_contacts, load_dnc
 from callbot.campaigns.state import Attempt, CampaignState, state_path
-from callbot.engine.contract import PlayFinished
+from callbot.engine.contract import FlowTransition, PlayFinished
 from callbot.sip import events as ev
 
 EXIT_OK = 0
@@ -455,7 +455,9 @@ class CampaignRunner:
         self.by_row = {c.row: c for c in self.contacts}
         self.live: dict[str, Live] = {}
         self.wanted: set[str] = set()
-        self.notes: queue.SimpleQueue = queue.SimpleQueue()  # engine events of our calls (PlayFinished)
+        self.notes: queue.SimpleQueue = queue.SimpleQueue()  # events of our calls (PlayFinished, FlowTransition)
+        self.placed: set[str] = set()  # every Call-ID this run dialled: a flow's last moves come after its call ends
+        self.flows: dict[str, dict] = {}  # Call-ID -> the flow's course, for the attempt's record and the report
         self.counts: dict[str, int] = {}  # by disposition, rows done before a restart included
         for st in states.values():
             if st.done and st.disposition:
@@ -496,7 +498,8 @@ class CampaignRunner:
                     server.recorder.listener = self.tap
                     server.router.watchers.insert(0, self.holds)
                 server.bus.attach("campaign", self.notes.put,
-                                  accept=lambda e: isinstance(e, PlayFinished) and call_id_of(e) in self.wanted)
+                                  accept=lambda e: (isinstance(e, PlayFinished) and call_id_of(e) in self.wanted)
+                                  or (isinstance(e, FlowTransition) and call_id_of(e) in self.placed))
                 try:
                     self._loop(server)
                 except ServerFailure as err:
@@ -506,6 +509,7 @@ class CampaignRunner:
             restore()
             if self.store is not None:
                 self.store.close()
+            self._last_flow_moves()
             self._write_report()
             self.state.close()
         self._progress(force=True)
@@ -595,6 +599,7 @@ class CampaignRunner:
         variables = {**c.variables, "campaign_row": str(c.row)}
         self.server.router.expect(call_id, bot=self.bot, variables=variables)
         self.wanted.add(call_id)
+        self.placed.add(call_id)
         labels = {"campaign": self.name, "campaign_row": str(c.row), "campaign_attempt": str(decision.attempt)}
         try:
             self.server.endpoint.dial(uri, account=self.account, timeout_s=self.campaign.dial_timeout_s,
@@ -659,9 +664,32 @@ class CampaignRunner:
                 note = self.notes.get_nowait()
             except queue.Empty:
                 return
+            if isinstance(note, FlowTransition):
+                self._flow_moved(note)
+                continue
             live = self.live.get(note.call_id)
             if live is not None and isinstance(note, PlayFinished) and note.id == MESSAGE_ID:
                 self._hangup(live)
+
+    def _last_flow_moves(self) -> None:
+        """The flows' moves the bus delivered while the server closed, into the state file before the
+        report is written from it."""
+        while True:
+            try:
+                note = self.notes.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(note, FlowTransition):
+                self._flow_moved(note)
+
+    def _flow_moved(self, move: FlowTransition) -> None:
+        """The call's flow result for its attempt (issue 15, point 3): its states entered, where it ended
+        and why, kept in the state file (the report) as the flow moves."""
+        flow = self.flows.setdefault(move.call_id, {"name": move.flow, "path": [], "state": "", "reason": ""})
+        if move.to_state:
+            flow["path"].append(move.to_state)
+        flow["state"], flow["reason"] = move.to_state, move.reason
+        self.state.set_flow(move.call_id, flow)
 
     def _limits_step(self) -> None:
         now = time.monotonic()
@@ -756,7 +784,8 @@ class CampaignRunner:
         for a in self.state.all_attempts():
             c = self.by_row.get(a["row"])
             rows.append({**a, "target": c.target if c else "", "tz": c.tz if c else "",
-                         "variables": dict(c.variables) if c else {}})
+                         "variables": dict(c.variables) if c else {},
+                         "flow": json.loads(a["flow"]) if a.get("flow") else None})
         try:
             with open(self.report_path, "w", newline="", encoding="utf-8") as f:
                 if self.report_path.endswith(".json"):
@@ -764,10 +793,14 @@ class CampaignRunner:
                     f.write("\n")
                     return
                 names = ["row", "attempt", "target", "tz", "disposition", "sip_code", "reason", "amd", "amd_ms",
-                         "beep_ms", "call_id", "uri", "started_at", "answered_at", "ended_at", "variables"]
+                         "beep_ms", "call_id", "uri", "started_at", "answered_at", "ended_at", "flow_state",
+                         "flow_path", "flow_reason", "variables"]
                 w = csv.writer(f)
                 w.writerow(names)
                 for r in rows:
+                    flow = r["flow"] or {}
+                    r = {**r, "flow_state": flow.get("state"), "flow_path": " > ".join(flow.get("path", [])),
+                         "flow_reason": flow.get("reason")}
                     w.writerow([json.dumps(r[n]) if n == "variables" else ("" if r[n] is None else r[n])
                                 for n in names])
         except OSError as err:

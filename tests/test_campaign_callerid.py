@@ -140,6 +140,8 @@ hangup = true
     assert len(Hook.bodies) == 1, Hook.bodies
     body = Hook.bodies[0]
     assert (body.get("name"), body.get("amount_due"), body.get("campaign_row")) == ("Ann", "42.50", "1"), body
+    # the flow's result is the attempt's (issue 15, point 3): its states, where it ended and why
+    assert a["flow"]["name"] and a["flow"]["path"] == ["lookup", "bye"] and a["flow"]["state"] == "", a["flow"]
 
 
 def test_the_amd_verdict_does_not_release_a_bot_its_flow_holds(tmp_path):
