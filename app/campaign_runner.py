@@ -3,12 +3,16 @@
 One serve-like process (app/serve.py's running_server: the engine, the recorder, the event bus, the call
 store's writer when it is on) dials the rows the scheduler (campaigns/scheduler.py) hands out, through
 one SIP endpoint. For each attempt: the state file gets `dialing` before the INVITE leaves
-(campaigns/state.py, the restart rule), the row's variables go to the bot (CallRouter.expect), and the
-call's record is labelled with the campaign, row and attempt (they reach the call store with the record).
+(campaigns/state.py, the restart rule) with the Call-ID the dialer chose for it, the row's variables go
+to the bot (CallRouter.expect) under that Call-ID, and the INVITE leaves with it (Endpoint.dial call_id=,
+the campaign's caller_id/caller_name as From and P-Asserted-Identity, the record's labels: campaign, row,
+attempt, there before any answer is handled). So a callee that answers at once finds everything ready.
+On a restart, an attempt the killed dialer left open is looked up by that Call-ID (CallLookup: the call
+store, else the call's JSON record): answered, it gets its disposition; otherwise it stays interrupted.
 
 Answering-machine detection: when a call's audio comes up, the bot is held silent (HoldBot: the model
 hears the callee, its own audio is forced silent; [amd] hold_bot = false lets it greet at once and holds
-it only on a machine verdict) and the callee's leg goes, as the recorder drains it
+it only on a machine verdict; the verdict lifts only the campaign's hold, never a flow's: HoldVotes) and the callee's leg goes, as the recorder drains it
 every 100 ms, to an AmdDetector (campaigns/amd.py). Human or unknown: the bot is released and talks. A
 machine: the call is hung up, or (on_machine = "message") the dialer waits for the beep (at most
 beep_wait_ms), plays the message (a WAV, or espeak-ng's reading of message_text) and hangs up when it
@@ -33,6 +37,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -46,7 +51,7 @@ from callbot.campaigns.amd import HUMAN, MACHINE, AmdDetector
 from callbot.campaigns.config import Campaign, CampaignError, load_campaign
 from callbot.campaigns.contacts import Contact, load_contacts, load_dnc
 from callbot.campaigns.state import Attempt, CampaignState, state_path
-from callbot.engine.contract import PlayFinished
+from callbot.engine.contract import FlowTransition, PlayFinished
 from callbot.sip import events as ev
 
 EXIT_OK = 0
@@ -130,28 +135,70 @@ class AmdTap:
 
 
 def _ours(record: Any, wanted: set[str]) -> bool:
-    """A campaign call: one we dialled. Every outbound call of this process is (a consultation leg is not);
-    by direction too, because a callee on loopback can answer before dial() has returned its Call-ID."""
-    labels = getattr(record, "labels", {}) or {}
-    return record.call_id in wanted or (getattr(record, "direction", "") == "outbound"
-                                        and "transfer_of" not in labels)
+    """A campaign call: one we dialled (its Call-ID is ours and in `wanted` before its INVITE leaves)."""
+    return record.call_id in wanted
 
 
-class HoldUntilVerdict:
-    """A CallRouter watcher: a campaign call's bot is held silent from its first frame (SIP thread)."""
+class HoldVotes:
+    """The bot of one campaign call is held while the campaign holds it (until the verdict; on a machine)
+    or anyone else does (the call's flow: its states without a persona). The engine has one HoldBot switch
+    per call; each holder setting it alone would let the verdict's release undo a flow's hold (the bot
+    talking over a flow's menu), so the switch gets the OR of both."""
 
-    def __init__(self, wanted: set[str]):
+    def __init__(self, send: Callable[[bool], None]):
+        self.send = send
+        self.lock = threading.Lock()
+        self.campaign = False
+        self.others = False
+
+    def set_campaign(self, on: bool) -> None:
+        with self.lock:
+            self.campaign = bool(on)
+            self.send(self.campaign or self.others)
+
+    def set_others(self, on: bool = True) -> None:
+        with self.lock:
+            self.others = bool(on)
+            self.send(self.campaign or self.others)
+
+
+class CampaignHolds:
+    """A CallRouter watcher, first in line (before the flow host sees the call): each campaign call's
+    LiveCall.hold_bot goes through its HoldVotes from then on (the flow's own holds are votes), and, with
+    [amd] hold_bot, the campaign holds the bot from its first frame until the verdict (SIP thread)."""
+
+    def __init__(self, wanted: set[str], hold_at_once: bool):
         self.wanted = wanted
+        self.hold_at_once = hold_at_once
+        self.votes: dict[str, HoldVotes] = {}
 
     def call_opened(self, live) -> None:
-        if _ours(live.record, self.wanted):
+        if not _ours(live.record, self.wanted):
+            return
+        votes = HoldVotes(live.hold_bot)
+        live.hold_bot = votes.set_others  # this call's other holders (the flow) vote from now on
+        self.votes[live.call_id] = votes
+        if self.hold_at_once:
             try:
-                live.hold_bot(True)
+                votes.set_campaign(True)
             except Exception:  # noqa: BLE001 - the call goes on; the verdict's release is then a no-op
                 pass
 
     def call_closed(self, live) -> None:
-        pass
+        self.votes.pop(live.call_id, None)
+
+    def hold(self, call_id: str, on: bool) -> bool:
+        """The campaign's vote on one call; False when the call is not up (any more)."""
+        from callbot.app.calls import CallControlError
+
+        votes = self.votes.get(call_id)
+        if votes is None:
+            return False
+        try:
+            votes.set_campaign(on)
+        except CallControlError:
+            return False
+        return True
 
 
 class _Blank(dict):
@@ -187,6 +234,80 @@ def load_message(campaign: Campaign, variables: dict[str, str] | None = None):
         return EspeakTts(voice=amd.voice).synthesize(message_text(amd.message_text, variables or {}))
     except (TtsError, ValueError) as err:
         raise CampaignError(f"amd.message_text: {err}") from None
+
+
+def disposition_of_record(record: dict) -> str | None:
+    """How a call ended, from its record (a sidecar or the call store's copy), as a campaign disposition; None
+    when the record does not say (a call not answered whose end is not written: it may still have rung).
+    Answered: a machine when the verdict the dialer put in its labels says so, else a person."""
+    labels = record.get("labels") or {}
+    if record.get("answered"):
+        return sch.MACHINE if str(labels.get("amd", "")).startswith("machine") else sch.HUMAN
+    if record.get("end") is None:
+        return None
+    code = record.get("hangup_code")
+    if code in (486, 600) or record.get("hangup_cause") == "busy":
+        return sch.BUSY
+    if record.get("hangup_cause") == "timeout" or code in (408, 480, 487):
+        return sch.NO_ANSWER
+    return sch.FAILED
+
+
+class CallLookup:
+    """What became of a call a killed dialer left open, by its Call-ID (the restart rule, campaigns/state.py):
+    the call store's record when the store is on, else the call's JSON record in the recordings folder.
+    A call found in neither stays `interrupted` (it may have rung: it is never dialled again)."""
+
+    def __init__(self, recordings_dir: str, store_url: str | None):
+        self.recordings_dir = recordings_dir
+        self.store_url = store_url
+        self.store = None
+
+    def __call__(self, call_id: str) -> str | None:
+        record = self._stored(call_id) or self._sidecar(call_id)
+        return disposition_of_record(record) if record else None
+
+    def _stored(self, call_id: str) -> dict | None:
+        if self.store_url is None:
+            return None
+        from sqlalchemy import select
+        from sqlalchemy.exc import SQLAlchemyError
+
+        from callbot.store.call_store import CallStore
+        from callbot.store.database import StoreError
+        from callbot.store.schema import calls
+
+        try:
+            if self.store is None:
+                self.store = CallStore(self.store_url)
+            with self.store.reading() as conn:
+                record = conn.execute(select(calls.c.record).where(calls.c.call_id == call_id)).scalar()
+        except (SQLAlchemyError, StoreError):
+            return None  # the sidecar may still tell
+        return record if isinstance(record, dict) else None
+
+    def _sidecar(self, call_id: str) -> dict | None:
+        from callbot.app.recording import recording_name
+
+        suffix = "-" + recording_name(call_id, 0).split("-", 1)[1] + ".json"
+        try:
+            names = [n for n in os.listdir(self.recordings_dir) if n.endswith(suffix)]
+        except OSError:
+            return None
+        for name in sorted(names, reverse=True):
+            try:
+                with open(os.path.join(self.recordings_dir, name), "rb") as f:
+                    record = msgspec.json.decode(f.read())
+            except (OSError, msgspec.DecodeError):
+                continue  # a torn or unreadable file: the next one, or interrupted
+            if isinstance(record, dict) and record.get("call_id") == call_id:
+                return record
+        return None
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+            self.store = None
 
 
 class AttemptStore:
@@ -306,6 +427,7 @@ class CampaignRunner:
         self.settings = settings
         self.engine_kind = engine_kind
         self.list_path = list_path
+        self.name = os.path.basename(list_path)
         self.campaign = campaign
         self.bot = bot
         self.account = account
@@ -320,12 +442,22 @@ class CampaignRunner:
             c.uri(host)  # every number dialable before anything is dialled
         self.message = load_message(campaign)
         self.state = CampaignState(state_path(list_path), digest, clock)
-        states, self.recovered = self.state.load()
+        lookup = CallLookup(settings.recordings_dir, settings.store_url() if settings.store.enabled else None)
+        try:
+            states, self.recovered = self.state.load(resolve=lookup)
+        finally:
+            lookup.close()
         self.scheduler = sch.Scheduler(campaign, self.contacts, self.dnc, states)
+        for r in self.recovered:  # a call found: its disposition goes through the retry rules as usual
+            if r["resolved"] and r["row"] in self.scheduler.states:
+                self.scheduler.finished(r["row"], r["disposition"], clock())
+                self.state.save_row(r["row"], self.scheduler.states[r["row"]])
         self.by_row = {c.row: c for c in self.contacts}
         self.live: dict[str, Live] = {}
         self.wanted: set[str] = set()
-        self.notes: queue.SimpleQueue = queue.SimpleQueue()  # engine events of our calls (PlayFinished)
+        self.notes: queue.SimpleQueue = queue.SimpleQueue()  # events of our calls (PlayFinished, FlowTransition)
+        self.placed: set[str] = set()  # every Call-ID this run dialled: a flow's last moves come after its call ends
+        self.flows: dict[str, dict] = {}  # Call-ID -> the flow's course, for the attempt's record and the report
         self.counts: dict[str, int] = {}  # by disposition, rows done before a restart included
         for st in states.values():
             if st.done and st.disposition:
@@ -344,22 +476,30 @@ class CampaignRunner:
         from callbot.app.serve import ServerFailure, running_server
 
         for r in self.recovered:
+            how = "its call found" if r["resolved"] else "no record of its call: never dialled again"
             self._say(f"campaign: row {r['row']} attempt {r['attempt']} was in progress when the dialer "
-                      f"stopped: {r['disposition']}")
+                      f"stopped: {r['disposition']} ({how})")
         restore = self.control.install()
         if self.settings.store.enabled:
-            self.store = AttemptStore(self.settings.store_url(), os.path.basename(self.list_path), self._say)
+            self.store = AttemptStore(self.settings.store_url(), self.name, self._say)
+            for r in self.recovered:  # the killed dialer never wrote these
+                c = self.by_row.get(r["row"])
+                if c is not None:
+                    self._stored(r["row"], r["attempt"], c, r["disposition"], call_id=r["call_id"],
+                                 reason="resolved after a restart" if r["resolved"] else
+                                 "the dialer stopped during this attempt")
         try:
             with running_server(self.settings, self.engine_kind) as server:
                 self.server = server
                 self.tap = AmdTap(server.recorder, server.recorder.listener, self.campaign, self.control.wake.set)
                 self.tap.wanted = self.wanted
+                self.holds = CampaignHolds(self.wanted, self.campaign.amd.enabled and self.campaign.amd.hold_bot)
                 if self.campaign.amd.enabled:
                     server.recorder.listener = self.tap
-                    if self.campaign.amd.hold_bot:
-                        server.router.watchers.append(HoldUntilVerdict(self.wanted))
+                    server.router.watchers.insert(0, self.holds)
                 server.bus.attach("campaign", self.notes.put,
-                                  accept=lambda e: isinstance(e, PlayFinished) and call_id_of(e) in self.wanted)
+                                  accept=lambda e: (isinstance(e, PlayFinished) and call_id_of(e) in self.wanted)
+                                  or (isinstance(e, FlowTransition) and call_id_of(e) in self.placed))
                 try:
                     self._loop(server)
                 except ServerFailure as err:
@@ -369,6 +509,7 @@ class CampaignRunner:
             restore()
             if self.store is not None:
                 self.store.close()
+            self._last_flow_moves()
             self._write_report()
             self.state.close()
         self._progress(force=True)
@@ -450,25 +591,30 @@ class CampaignRunner:
         uri = c.uri(self.host)
         now = self.clock()
         self.scheduler.started(c.row, now)
-        attempt = self.state.begin(c.row, decision.attempt, uri, self.scheduler.states[c.row])  # before the INVITE
+        # the Call-ID is ours: committed with the attempt before the INVITE leaves (a restart finds the call by
+        # it), and the bot's variables are with the router before then (a callee that answers at once finds
+        # them when its audio comes up)
+        call_id = f"{uuid.uuid4().hex}@campaign"
+        attempt = self.state.begin(c.row, decision.attempt, uri, self.scheduler.states[c.row], call_id=call_id)
+        variables = {**c.variables, "campaign_row": str(c.row)}
+        self.server.router.expect(call_id, bot=self.bot, variables=variables)
+        self.wanted.add(call_id)
+        self.placed.add(call_id)
+        labels = {"campaign": self.name, "campaign_row": str(c.row), "campaign_attempt": str(decision.attempt)}
         try:
-            call_id = self.server.endpoint.dial(uri, account=self.account, timeout_s=self.campaign.dial_timeout_s)
+            self.server.endpoint.dial(uri, account=self.account, timeout_s=self.campaign.dial_timeout_s,
+                                      call_id=call_id, caller_id=self.campaign.caller_id,
+                                      caller_name=self.campaign.caller_name, labels=labels)
         except RuntimeError as err:  # at capacity, shutting down: our side had no room
+            self.wanted.discard(call_id)
             self._finish(Live(attempt, c), sch.REFUSED, None, str(err))
             return
         except ValueError as err:  # not a SIP URI, no transport for it
+            self.wanted.discard(call_id)
             self._finish(Live(attempt, c), sch.FAILED, None, str(err))
             return
         live = Live(attempt, c, call_id)
         self.live[call_id] = live
-        self.wanted.add(call_id)
-        self.state.dialled(attempt, call_id)
-        variables = {**c.variables, "campaign_row": str(c.row)}
-        self.server.router.expect(call_id, bot=self.bot, variables=variables)
-        record = self.server.endpoint.records.get(call_id)
-        if record is not None:
-            record.labels.update({"campaign": os.path.basename(self.list_path), "campaign_row": str(c.row),
-                                  "campaign_attempt": str(decision.attempt)})
         self.max_active = max(self.max_active, len(self.live))
 
     def _amd_step(self) -> None:
@@ -484,12 +630,13 @@ class CampaignRunner:
             if not live.verdict_seen:
                 live.verdict_seen = True
                 live.amd, live.amd_ms = d.verdict.kind, d.verdict.at_ms
+                self._label(live, amd=d.verdict.kind)  # in the call's record: what a restart reads
                 if d.verdict.kind != MACHINE:
                     if amd.hold_bot:
-                        self._control(live, lambda call: call.hold_bot(False))
+                        self.holds.hold(live.call_id, False)  # the campaign's hold only: a flow's stays
                     continue
                 if not amd.hold_bot:  # the bot greeted at once: it stops talking to a machine
-                    self._control(live, lambda call: call.hold_bot(True))
+                    self.holds.hold(live.call_id, True)
                 live.machine = True
                 if amd.on_machine == "hangup":
                     self._hangup(live)
@@ -517,15 +664,46 @@ class CampaignRunner:
                 note = self.notes.get_nowait()
             except queue.Empty:
                 return
+            if isinstance(note, FlowTransition):
+                self._flow_moved(note)
+                continue
             live = self.live.get(note.call_id)
             if live is not None and isinstance(note, PlayFinished) and note.id == MESSAGE_ID:
                 self._hangup(live)
+
+    def _last_flow_moves(self) -> None:
+        """The flows' moves the bus delivered while the server closed, into the state file before the
+        report is written from it."""
+        while True:
+            try:
+                note = self.notes.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(note, FlowTransition):
+                self._flow_moved(note)
+
+    def _flow_moved(self, move: FlowTransition) -> None:
+        """The call's flow result for its attempt (issue 15, point 3): its states entered, where it ended
+        and why, kept in the state file (the report) as the flow moves."""
+        flow = self.flows.setdefault(move.call_id, {"name": move.flow, "path": [], "state": "", "reason": ""})
+        if move.to_state:
+            flow["path"].append(move.to_state)
+        flow["state"], flow["reason"] = move.to_state, move.reason
+        self.state.set_flow(move.call_id, flow)
 
     def _limits_step(self) -> None:
         now = time.monotonic()
         for live in list(self.live.values()):
             if live.answered_mono is not None and now - live.answered_mono >= self.campaign.max_call_s:
                 self._hangup(live)
+
+    def _label(self, live: Live, **labels: str) -> None:
+        record = self.server.endpoint.records.get(live.call_id)
+        if record is not None:
+            # a new dict, not an update in place: the recorder's and the store writer's threads may be
+            # copying the old one this instant
+            record.labels = {**record.labels, **labels}
+            record.changed()
 
     def _control(self, live: Live, op):
         from callbot.app.calls import CallControlError
@@ -606,7 +784,8 @@ class CampaignRunner:
         for a in self.state.all_attempts():
             c = self.by_row.get(a["row"])
             rows.append({**a, "target": c.target if c else "", "tz": c.tz if c else "",
-                         "variables": dict(c.variables) if c else {}})
+                         "variables": dict(c.variables) if c else {},
+                         "flow": json.loads(a["flow"]) if a.get("flow") else None})
         try:
             with open(self.report_path, "w", newline="", encoding="utf-8") as f:
                 if self.report_path.endswith(".json"):
@@ -614,10 +793,14 @@ class CampaignRunner:
                     f.write("\n")
                     return
                 names = ["row", "attempt", "target", "tz", "disposition", "sip_code", "reason", "amd", "amd_ms",
-                         "beep_ms", "call_id", "uri", "started_at", "answered_at", "ended_at", "variables"]
+                         "beep_ms", "call_id", "uri", "started_at", "answered_at", "ended_at", "flow_state",
+                         "flow_path", "flow_reason", "variables"]
                 w = csv.writer(f)
                 w.writerow(names)
                 for r in rows:
+                    flow = r["flow"] or {}
+                    r = {**r, "flow_state": flow.get("state"), "flow_path": " > ".join(flow.get("path", [])),
+                         "flow_reason": flow.get("reason")}
                     w.writerow([json.dumps(r[n]) if n == "variables" else ("" if r[n] is None else r[n])
                                 for n in names])
         except OSError as err:
@@ -631,7 +814,9 @@ def run_campaign(settings: Settings, engine_kind: str, list_path: str, campaign_
         campaign = load_campaign(campaign_path)
         name = bot or campaign.bot
         chosen = settings.bot(name) if name else settings.bots[0]
-        settings = msgspec.structs.replace(settings, bots=(chosen, *(b for b in settings.bots if b is not chosen)))
+        settings = msgspec.structs.replace(settings, bots=(chosen, *(b for b in settings.bots if b is not chosen)),
+                                           # a dialer serves no API: `callbot serve` or `calls api` does
+                                           store=msgspec.structs.replace(settings.store, api=None))
         account = campaign.account or chosen.account or (settings.sip.accounts[0].name if settings.sip.accounts
                                                           else None)
         if account is not None and account not in {a.name for a in settings.sip.accounts}:

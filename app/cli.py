@@ -403,7 +403,7 @@ def _calls(args: argparse.Namespace) -> int:
         if args.calls_command == "analyze":
             return _calls_analyze(url, args, settings)
         if args.calls_command == "api":
-            return _calls_api(url, args.listen)
+            return _calls_api(url, args.listen, settings, args.config)
         return _calls_read(url, args)
     except (StoreError, QueryError) as err:
         print(f"callbot: error: {err}", file=sys.stderr)
@@ -622,8 +622,10 @@ def json_line(value) -> str:
     return text if len(text) <= 160 else text[:157] + "..."
 
 
-def _calls_api(url: str, listen: str) -> int:
-    """`callbot calls api`: the JSON API until SIGTERM/SIGINT."""
+def _calls_api(url: str, listen: str, settings=None, config: str | None = None) -> int:
+    """`callbot calls api`: the JSON API until SIGTERM/SIGINT, with the campaigns (app/campaign_api.py) in
+    <recordings_dir>/campaigns; the dialers it started are stopped with it."""
+    from callbot.app.campaign_api import CampaignRegistry, routes
     from callbot.app.serve import stop_on_signals
     from callbot.app.settings import ConfigError, _parse_node
     from callbot.store.api import ApiServer
@@ -631,9 +633,12 @@ def _calls_api(url: str, listen: str) -> int:
     address = _parse_node(listen)
     if address is None:
         raise ConfigError(f"--listen {listen!r}: not HOST:PORT (127.0.0.1:8091)")
+    import os
+
+    registry = CampaignRegistry(os.path.join(settings.recordings_dir if settings else ".", "campaigns"), config)
     with stop_on_signals() as stop:
         try:
-            api = ApiServer.start(url, *address)
+            api = ApiServer.start(url, *address, routes=routes(registry))
         except OSError as err:
             print(f"callbot: error: --listen {listen}: {err.strerror or err}", file=sys.stderr)
             return EXIT_USAGE
@@ -642,6 +647,7 @@ def _calls_api(url: str, listen: str) -> int:
             stop.wait()
         finally:
             api.stop()
+            registry.close()
     return 0
 
 

@@ -37,7 +37,8 @@ def build_model_engine(settings: Settings) -> CallEngine:
         return build_service_engine(settings)
     try:
         if settings.model.process:
-            return InferenceProcess(functools.partial(prepare_in_child, settings), batch=settings.model.batch)
+            return InferenceProcess(functools.partial(prepare_in_child, settings), batch=settings.model.batch,
+                                    align=settings.model.align, resampler_phase=settings.model.resampler_phase)
         model, prompts, warmup = prepare_in_child(settings)
     except InferenceStartupError as err:
         raise StartupError(str(err)) from None
@@ -49,4 +50,5 @@ def build_model_engine(settings: Settings) -> CallEngine:
         return prompts.get(start.bot, default) if start.bot is not None else default
 
     return ModelEngine(model, prompt_for, warmup=warmup, batch=None if settings.model.batch else False,
-                       warm_batches=SERVE_BATCHES)
+                       warm_batches=SERVE_BATCHES, align=settings.model.align,
+                       resampler_phase=settings.model.resampler_phase)

@@ -136,7 +136,14 @@ def running_server(settings: Settings, engine_kind: str, log: EventLog | None = 
         server.store_writer = writer
         server.analysis = analysis
         if settings.store.enabled and settings.store.api:
-            server.store_api = _store_api(settings)
+            from callbot.app.campaign_api import CampaignRegistry
+
+            # campaigns started from this API dial from their own config ("config" in the POST): this
+            # process holds the SIP port and the API address of its own
+            campaigns = CampaignRegistry(os.path.join(settings.recordings_dir, "campaigns"), None,
+                                         config_required=True)
+            stack.callback(campaigns.close)
+            server.store_api = _store_api(settings, campaigns)
             stack.callback(server.store_api.stop)
         from callbot.app.web_host import start_web
 
@@ -172,14 +179,20 @@ def _analysis_host(settings: Settings, writer, metrics: Metrics):
     return AnalysisHost(settings, writer, observe=metrics.on_analysis)
 
 
-def _store_api(settings: Settings):
-    """The store's JSON HTTP API on [store] api, on a thread of its own (store/api.py)."""
+def _store_api(settings: Settings, campaigns=None):
+    """The store's JSON HTTP API on [store] api, on a thread of its own (store/api.py), with the campaign
+    routes of `campaigns` (app/campaign_api.py CampaignRegistry) when given."""
     from callbot.store.api import ApiServer
     from callbot.store.database import StoreError
 
     host, port = settings.store.api_address
+    extra = ()
+    if campaigns is not None:
+        from callbot.app.campaign_api import routes
+
+        extra = routes(campaigns)
     try:
-        return ApiServer.start(settings.store_url(), host, port)
+        return ApiServer.start(settings.store_url(), host, port, routes=extra)
     except (OSError, StoreError) as err:
         raise StartupError(f"[store] api {settings.store.api!r}: {err}") from None
 

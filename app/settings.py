@@ -103,6 +103,13 @@ class ModelSettings(_Settings):
     # step every call whose frame is due in one forward of the model (engine/serving/runner.py): B calls
     # read the weights once; false steps them one after another (as before; each call its own Session)
     batch: bool = True
+    # rounds planned to end just before the media tick their audio leaves on, joining calls padded into the
+    # running calls' phase (engine/serving/round_schedule.py, docs/latency.md); false: a round starts when a
+    # frame is due (docs/capacity.md, "Rounds and the workers' clocks")
+    align: bool = True
+    # the model line's resamplers: "minimum" phase (0.13-0.30 ms a direction) or "linear" (1.0-1.75 ms, a
+    # delay the same at every frequency): BENCHMARKS.md, "Resampler"
+    resampler_phase: Literal["minimum", "linear"] = "minimum"
 
 
 class MetricsSettings(_Settings):

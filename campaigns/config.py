@@ -27,6 +27,8 @@ class _Struct(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=T
     pass
 
 
+_NUMBER = re.compile(r"^\+?[0-9*#]{1,32}$")
+_URI = re.compile(r"^(sips?|tel):[^\s<>\"]{1,200}$", re.I)
 _HOURS = re.compile(r"^(\d{2}):(\d{2})-(\d{2}):(\d{2})$")
 
 
@@ -118,9 +120,19 @@ class Campaign(_Struct):
     dnc: str | None = None  # a do-not-call file: one number per line, # comments
     amd: Amd = Amd()
     ends_at: str | None = None  # ISO time (with offset): rows not done by then end as outside-window
+    # the number the callees see, per campaign (not the account's): the INVITE's From user and a
+    # P-Asserted-Identity, with `caller_name` as their display name (sip/endpoint.py Endpoint.dial)
+    caller_id: str | None = None
+    caller_name: str | None = None
 
     def __post_init__(self) -> None:
         zone(self.timezone)
+        if self.caller_id is not None and not (_NUMBER.match(self.caller_id) or _URI.match(self.caller_id)):
+            raise ValueError(f"caller_id {self.caller_id!r}: a number (+15551234567) or a sip:/tel: URI")
+        if self.caller_name is not None and (len(self.caller_name) > 64 or any(
+                c in '"\\' or ord(c) < 32 or ord(c) == 127 for c in self.caller_name)):
+            raise ValueError(f"caller_name {self.caller_name!r}: at most 64 characters, no quotes, backslashes "
+                             "or control characters")
         if self.ends_at is not None:
             parse_instant(self.ends_at)
 

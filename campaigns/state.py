@@ -19,6 +19,7 @@ the report so that a person can decide.
 from __future__ import annotations
 
 import os
+import json
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -60,6 +61,7 @@ attempts = Table(
     Column("started_at", Float, nullable=False),
     Column("answered_at", Float),
     Column("ended_at", Float),
+    Column("flow", Text),  # JSON: the call's flow, its states entered and how it ended (FlowTransition events)
 )
 
 
@@ -93,6 +95,9 @@ class CampaignState:
         try:
             metadata.create_all(self.engine)
             with self.engine.begin() as conn:
+                columns = {r[1] for r in conn.exec_driver_sql("PRAGMA table_info(attempts)")}
+                if "flow" not in columns:  # a state file written before attempts kept their flow
+                    conn.exec_driver_sql("ALTER TABLE attempts ADD COLUMN flow TEXT")
                 known = conn.execute(select(meta.c.value).where(meta.c.key == "list_sha256")).scalar()
                 if known is None:
                     conn.execute(insert(meta).values(key="list_sha256", value=digest))
@@ -139,14 +144,15 @@ class CampaignState:
 
     # ---- an attempt --------------------------------------------------------------------------------
 
-    def begin(self, row: int, attempt: int, uri: str, state: RowState) -> Attempt:
-        """Committed before the INVITE leaves (status dialing), with the row's attempt count."""
+    def begin(self, row: int, attempt: int, uri: str, state: RowState, call_id: str | None = None) -> Attempt:
+        """Committed before the INVITE leaves (status dialing), with the row's attempt count and, when the
+        dialer chose it, the Call-ID the INVITE will carry (what a restart looks the call up by)."""
         now = self.clock()
         with self.engine.begin() as conn:
             rid = conn.execute(insert(attempts).values(row=row, attempt=attempt, status="dialing", uri=uri,
-                                                       started_at=now)).inserted_primary_key[0]
+                                                       call_id=call_id, started_at=now)).inserted_primary_key[0]
             self._save_row(conn, row, state)
-        return Attempt(id=rid, row=row, attempt=attempt, uri=uri, started_at=now)
+        return Attempt(id=rid, row=row, attempt=attempt, uri=uri, started_at=now, call_id=call_id)
 
     def dialled(self, a: Attempt, call_id: str) -> None:
         a.call_id = call_id
@@ -167,6 +173,12 @@ class CampaignState:
                 status="ended", disposition=disposition, sip_code=sip_code, reason=reason, amd=amd, amd_ms=amd_ms,
                 beep_ms=beep_ms, ended_at=self.clock()))
             self._save_row(conn, a.row, state)
+
+    def set_flow(self, call_id: str, flow: dict) -> None:
+        """The flow's course so far for the attempt that placed `call_id` (its last moves may come after
+        the call ended)."""
+        with self.engine.begin() as conn:
+            conn.execute(update(attempts).where(attempts.c.call_id == call_id).values(flow=json.dumps(flow)))
 
     def close_row(self, row: int, disposition: str, state: RowState) -> None:
         """A row that ends without a call (do-not-call, outside-window): an attempt row of its own, with

@@ -114,6 +114,45 @@ class _PjEndpoint(pj.Endpoint):
 
 
 RECORDS_KEPT = 1000  # CallRecords an Endpoint keeps for inspection; each call's sidecar has its own
+# a Call-ID we are asked to use (RFC 3261 25.1 word, '@' word): pjsip sends it as it is
+_CALL_ID = re.compile(r"^[A-Za-z0-9.!%*+_'~()-]{1,120}(@[A-Za-z0-9.!%*+_'~()-]{1,120})?$")
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9!%*+.`'~_-]{1,64}$")
+_NUMBER = re.compile(r"^\+?[0-9*#]{1,32}$")
+_URI = re.compile(r"^(sips?|tel):[^\s<>\"]{1,200}$", re.I)
+
+
+def caller_identity(caller_id: str | None, name: str | None, account_uri: str | None) -> str:
+    """The From (and P-Asserted-Identity) of a call with its own caller ID: `"name" <sip:caller_id@host>`,
+    the host the account's (its domain, or its transport's address in direct mode); a caller ID that is a
+    URI already is kept as it is. ValueError for anything that is neither a number nor a URI, or a display
+    name that would break the header."""
+    if caller_id is None:
+        if account_uri is None:
+            raise ValueError("no account to take the caller ID from")
+        uri = account_uri
+    elif _URI.match(caller_id):
+        uri = caller_id
+    elif _NUMBER.match(caller_id):
+        if account_uri is None:
+            raise ValueError("no account to take the caller ID's host from")
+        host = account_uri.split(":", 1)[1].rsplit("@", 1)[-1]
+        uri = f"sip:{caller_id}@{host}"
+    else:
+        raise ValueError(f"caller ID {caller_id!r}: a number (+15551234567) or a sip:/tel: URI")
+    if name is None:
+        return f"<{uri}>"
+    if len(name) > 64 or any(c in name for c in '"\\') or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise ValueError(f"caller name {name!r}: at most 64 characters, no quotes, backslashes or control characters")
+    return f'"{name}" <{uri}>'
+
+
+def check_header(name: str, value: str) -> None:
+    """ValueError for a header that would not be one header: a name that is not a token, a value with a line
+    break in it (it would smuggle headers of its own)."""
+    if not _HEADER_NAME.match(name):
+        raise ValueError(f"header name {name!r} is not a SIP token")
+    if "\r" in value or "\n" in value or len(value) > 1024:
+        raise ValueError(f"header {name}: the value has a line break or is over 1024 characters")
 
 
 class Endpoint:
@@ -239,13 +278,31 @@ class Endpoint:
 
     # ---------------------------------------------------------------- public operations (thread-safe)
 
-    def dial(self, uri: str, account: str | None = None, timeout_s: float | None = None) -> str:
+    def dial(self, uri: str, account: str | None = None, timeout_s: float | None = None, *,
+             call_id: str | None = None, caller_id: str | None = None, caller_name: str | None = None,
+             headers: tuple[tuple[str, str], ...] | list[tuple[str, str]] = (),
+             labels: dict[str, str] | None = None) -> str:
         """Place a call to `uri` from `account` (default: the first); returns its SIP Call-ID.
 
         Progress arrives as CallProgress events; unanswered after `timeout_s` (default: the
         configured dial_timeout_s) the call is cancelled and ends with cause "timeout".
+
+        Per call, without touching the account: `call_id` is the INVITE's Call-ID (one the caller chose,
+        so it can tell the app about the call before the INVITE leaves: a callee that answers at once
+        finds it ready); `caller_id` (a number or a SIP URI) and `caller_name` make the From (user and
+        display name) and a P-Asserted-Identity with the same identity; `headers` are added to the
+        INVITE as they are; `labels` are on the call's record before any answer can be handled.
+
+        Why pjsua's per-request local URI (SipTxOption.localUri, pjsua_msg_data.local_uri) and not an
+        account per caller ID: the call keeps the account's registration, transport, proxy and digest
+        credentials (a trunk's 401/407 challenge is answered as for any call of the account), and a
+        caller ID is one string, not a pjsua2 Account to create, keep and destroy for every number.
         """
-        return self._submit(lambda: self._dial(uri, account, timeout_s))
+        for name, value in headers:
+            check_header(name, value)
+        identity = (caller_id, caller_name) if caller_id is not None or caller_name is not None else None
+        return self._submit(lambda: self._dial(uri, account, timeout_s, call_id=call_id, identity=identity,
+                                               headers=tuple(headers), labels=labels))
 
     def answer(self, call_id: str, code: int = 200) -> None:
         def op():
@@ -590,8 +647,18 @@ class Endpoint:
         if call in self._rejected:
             self._rejected.remove(call)
 
-    def _dial(self, uri: str, account: str | None, timeout_s: float | None) -> str:
-        return self._place(uri, self._account(account), timeout_s).call_id
+    def _dial(self, uri: str, account: str | None, timeout_s: float | None, call_id: str | None = None,
+              identity: tuple[str | None, str | None] | None = None, headers: tuple[tuple[str, str], ...] = (),
+              labels: dict[str, str] | None = None) -> str:
+        acc = self._account(account)
+        from_uri = None
+        if identity is not None:
+            from_uri = caller_identity(*identity, acc.uri)
+            headers = (("P-Asserted-Identity", from_uri), *headers)
+        call = self._place(uri, acc, timeout_s, call_id=call_id, from_uri=from_uri, headers=headers)
+        # on the SIP thread, in the same step as the INVITE: no answer is handled before the labels are there
+        call.record.labels.update(labels or {})
+        return call.call_id
 
     def _transfer_attended(self, call_id: str, target: str, account: str | None, answer_timeout_s: float | None,
                            refer_after_s: float | None, labels: dict[str, str] | None) -> str:
@@ -614,16 +681,24 @@ class Endpoint:
         log.info("call %s: attended transfer to %s, consultation leg %s", call_id, target, leg.call_id)
         return leg.call_id
 
-    def _place(self, uri: str, acc: SipAccount, timeout_s: float | None) -> SipCall:
+    def _place(self, uri: str, acc: SipAccount, timeout_s: float | None, call_id: str | None = None,
+               from_uri: str | None = None, headers: tuple[tuple[str, str], ...] = ()) -> SipCall:
         if self._closing:
             raise RuntimeError("the SIP endpoint is shutting down")
         if self._active() >= self.config.max_calls:
             raise RuntimeError(f"at capacity: {self.config.max_calls} calls already up")
         if self._ep.utilVerifySipUri(uri) != 0:
             raise ValueError(f"{uri!r} is not a valid SIP URI")
+        if call_id is not None and (call_id in self._calls or not _CALL_ID.match(call_id)):
+            raise ValueError(f"Call-ID {call_id!r} is in use or not a Call-ID (word characters, . - ! % * + ' ~ @)")
+        op = call_op(headers=headers)
+        if call_id is not None:
+            op.opt.customCallId = call_id
+        if from_uri is not None:
+            op.txOption.localUri = from_uri
         call = SipCall(self, acc, OUTBOUND)
         try:
-            call.makeCall(uri, call_op())
+            call.makeCall(uri, op)
         except pj.Error as exc:
             info = exc.info()
             del call  # not in the traceback the caller's thread gets: Calls die on this thread

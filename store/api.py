@@ -16,12 +16,13 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Sequence
 
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from callbot.store import queries
 from callbot.store.call_store import CallStore
@@ -59,8 +60,10 @@ def filter_of(params, *, limit: int | None = queries.LIST_LIMIT) -> CallFilter:
     return CallFilter(**args)
 
 
-def create_app(store: CallStore) -> Starlette:
-    """The API over `store` (its own connections; sync handlers run on Starlette's thread pool)."""
+def create_app(store: CallStore, routes: Sequence[BaseRoute] = ()) -> Starlette:
+    """The API over `store` (its own connections; sync handlers run on Starlette's thread pool). `routes`:
+    more routes the app mounts beside the store's (the app's campaigns, app/campaign_api.py: the store
+    knows nothing of them)."""
 
     def answer(fn):
         def endpoint(request: Request):
@@ -101,6 +104,7 @@ def create_app(store: CallStore) -> Starlette:
         Route("/api/calls/{call_id:path}/transcript", answer(call_transcript)),
         Route("/api/calls/{call_id:path}", answer(one_call)),
         Route("/api/stats", answer(stats)),
+        *routes,
     ])
 
 
@@ -115,20 +119,22 @@ class ApiServer:
     so a port in use is an OSError at `start`, not a log line later. (uvicorn leaves the signals alone
     off the main thread: `callbot serve` keeps its own.)"""
 
-    def __init__(self, store: CallStore, sock: socket.socket):
+    def __init__(self, store: CallStore, sock: socket.socket, routes: Sequence[BaseRoute] = ()):
         import uvicorn
 
         self.store = store
         self.sock = sock
         self.host, self.port = sock.getsockname()[:2]
-        self.server = uvicorn.Server(uvicorn.Config(create_app(store), log_level="warning", lifespan="off",
+        self.server = uvicorn.Server(uvicorn.Config(create_app(store, routes), log_level="warning", lifespan="off",
                                                     access_log=False))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, name="store-api",
                                        daemon=True)
 
     @classmethod
-    def start(cls, url: str, host: str = "127.0.0.1", port: int = 8091, timeout: float = 10.0) -> ApiServer:
-        """Binds host:port and serves the store at `url` (opened without migrating: the writer does that)."""
+    def start(cls, url: str, host: str = "127.0.0.1", port: int = 8091, timeout: float = 10.0,
+              routes: Sequence[BaseRoute] = ()) -> ApiServer:
+        """Binds host:port and serves the store at `url` (opened without migrating: the writer does that),
+        with `routes` beside the store's."""
         store = CallStore(url, migrate_schema=False)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -140,7 +146,7 @@ class ApiServer:
             sock.close()
             store.close()
             raise
-        api = cls(store, sock)
+        api = cls(store, sock, routes)
         api.thread.start()
         deadline = time.monotonic() + timeout
         while not api.server.started:

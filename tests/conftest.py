@@ -46,7 +46,10 @@ MARKS: dict[str, frozenset[str]] = {
         "test_fullsize_checkpoint": "model",  # 3 s: the full-size writer at the tiny size, loaded and prompted
         "test_bytes_per_step": "model slow",  # 20 s: the 7B byte count's code against the tiny model's arrays
         "test_campaign_amd": "",  # 1 s: answering-machine detection on 33 scripted espeak-ng callees
+        "test_campaign_api": "sip slow",  # 25 s: campaigns started, read, paused/resumed/stopped over HTTP (callbot calls api)
+        "test_campaign_callerid": "sip slow",  # 20 s: caller ID in the INVITE (SIPp), variables at answer, a flow's hold
         "test_campaign_config": "",  # 3 s: campaign, list and DNC files; two `callbot campaign run` refusals
+        "test_campaign_restart": "sip slow",  # 15 s: a dialer SIGKILLed mid-call, its attempts resolved from the call records
         "test_campaign_scheduler": "",  # the scheduler on an injected clock
         "test_campaign_state": "",  # SQLite state files, the restart rule
         "test_campaign_sip": "sip slow",  # 90 s: `callbot campaign run` against pjsua2 and SIPp callees, a SIGKILL

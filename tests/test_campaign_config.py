@@ -48,6 +48,8 @@ message_wav = "msg.wav"
     ("[retries.busy]\nbackoff = 3", "$.retries.busy: Object contains unknown field `backoff`"),
     ("ends_at = \"2026-12-24T18:00\"", "give its UTC offset"),
     ("bot = ", "not valid TOML"),
+    ("caller_id = \"555 123\"", "caller_id '555 123': a number (+15551234567) or a sip:/tel: URI"),
+    ("caller_id = \"+15551234567\"\ncaller_name = 'A \"B\"'", "caller_name 'A \"B\"': at most 64 characters"),
 ])
 def test_a_bad_campaign_file_is_one_line_naming_the_key(tmp_path, text, expected):
     (tmp_path / "c.toml").write_text(text)

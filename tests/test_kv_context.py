@@ -135,3 +135,25 @@ def test_serve_setup_prepares_each_bot_with_its_context_and_the_model_kv_bits(tm
     with pytest.raises(ModelSetupError, match=r"^bot 'big': context must be a whole number of frames from 1 to "
                                               r"the model's 128, got 4000$"):
         prepare_model(Settings(model=model, bots=too_long))
+
+
+def test_serve_builds_its_engine_with_the_model_settings_align_and_resampler_phase(tmp_path):
+    """[model] align and resampler_phase reach the engine serve builds (in process here; the inference
+    process and the model service take the same two from the same settings)."""
+    from callbot.app.model_engine import build_model_engine
+    from callbot.app.settings import BotSettings, ConfigError, ModelSettings, Settings, parse_settings
+    from tests.tiny_assets import write_tiny_model_for_serve
+
+    assert (parse_settings("").model.align, parse_settings("").model.resampler_phase) == (True, "minimum")
+    with pytest.raises(ConfigError, match=r"\$\.model\.resampler_phase"):
+        parse_settings('[model]\nresampler_phase = "zero"\n')
+    directory, arch = write_tiny_model_for_serve(tmp_path / "personaplex")
+    bots = (BotSettings(name="a", voice="NATM1", persona="You take orders."),)
+    for align, phase in ((False, "linear"), (True, "minimum")):
+        model = ModelSettings(path=str(directory), architecture=str(arch), quantization="none", download=False,
+                              process=False, align=align, resampler_phase=phase)
+        engine = build_model_engine(Settings(model=model, bots=bots))
+        try:
+            assert (engine.align, engine.resampler_phase) == (align, phase)
+        finally:
+            engine.close()

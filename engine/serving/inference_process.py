@@ -93,11 +93,13 @@ class InferenceProcess:
     imports the script's module again). `on_event` receives the calls' live events on the control
     channel's reader thread; `on_closed` each closed session (with its summary and frames). `batch`:
     the child's runner steps the calls due together (engine/serving/runner.py); False, one by one.
+    `align` and `resampler_phase`: the runner's round schedule and the model line's resamplers (ModelEngine).
     """
 
     def __init__(self, setup: Callable[[], InferenceSetup], *,
                  ready_timeout_s: float = READY_TIMEOUT_S, close_timeout_s: float = CLOSE_TIMEOUT_S,
                  ring_seconds: float = RING_SECONDS, realtime: bool = True, batch: bool = True,
+                 align: bool = True, resampler_phase: str = "minimum",
                  on_closed: Callable[[ProcessCallSession], None] | None = None, on_event: EventSink | None = None):
         if not ready_timeout_s > 0 or not close_timeout_s > 0:
             raise ValueError(f"timeouts must be > 0 s, got ready {ready_timeout_s!r}, close {close_timeout_s!r}")
@@ -114,7 +116,8 @@ class InferenceProcess:
         self._stopping = False
         ctx = multiprocessing.get_context("spawn")
         self._conn, child_conn = ctx.Pipe(duplex=True)
-        self._proc = ctx.Process(target=_child_main, args=(child_conn, setup, ring_seconds, realtime, batch),
+        self._proc = ctx.Process(target=_child_main, args=(child_conn, setup, ring_seconds, realtime, batch, align,
+                                                             resampler_phase),
                                  name="callbot-inference", daemon=True)
         self._proc.start()
         child_conn.close()  # ours is closed so that the child's exit reads as EOF here
@@ -280,7 +283,7 @@ class InferenceProcess:
 
 
 def _child_main(conn, setup: Callable[[], InferenceSetup], ring_seconds: float, realtime: bool,
-                batch: bool = True) -> None:
+                batch: bool = True, align: bool = True, resampler_phase: str = "minimum") -> None:
     # Ctrl-C in a terminal, or a service manager's SIGTERM, reaches the whole process group: the SIP
     # process decides when we stop ("stop", or EOF when it is gone), after it has hung up its calls.
     # Our stdout would land in serve's JSON log: anything a loader prints goes to stderr instead.
@@ -297,7 +300,8 @@ def _child_main(conn, setup: Callable[[], InferenceSetup], ring_seconds: float, 
         default = next(iter(prompts.values()))
         # batched unless told not to (or the setup wrapped its model: then one by one, see the runner)
         engine = ModelEngine(model, lambda start: prompts.get(start.bot, default), realtime=realtime, warmup=warmup,
-                             batch=None if batch else False, warm_batches=SERVE_BATCHES)
+                             batch=None if batch else False, warm_batches=SERVE_BATCHES, align=align,
+                             resampler_phase=resampler_phase)
     except InferenceStartupError as err:
         _send_quietly(conn, pm.StartupFailed(text=str(err)))
         return
