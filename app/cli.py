@@ -11,6 +11,7 @@ never a traceback.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import sys
 
@@ -660,6 +661,9 @@ def main(argv: list[str] | None = None) -> int:
     from callbot.app.errors import StartupError
     from callbot.app.settings import ConfigError
 
+    # a crash in native code (pjsip, MLX) prints every Python thread's stack to stderr before the process
+    # dies, so that a segfault seen once (in CI, in the field) says where it was
+    faulthandler.enable()
     # pjsip's own log goes to `[sip] log_file` when one is set; without it, nowhere (not stderr, where
     # Python's last-resort handler would print its warnings): the user reads our lines, not pjlib's
     pjsip_log = logging.getLogger("callbot.sip.pjsip")

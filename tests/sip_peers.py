@@ -475,8 +475,12 @@ def serve_config(directory: pathlib.Path, sip_port: int, metrics_port: int | Non
                  tail: str = "") -> pathlib.Path:
     """`directory`/callbot.toml for `callbot serve` on loopback: one UDP transport on `sip_port`, one
     account (`user`; `extra` adds to its table), metrics on `metrics_port` (None: off); `tail` adds
-    tables after it ([model], [[bots]])."""
+    tables after it ([model], [[bots]]). The analysis of each call after hang-up is off unless `tail`
+    has an [analytics] table: its processes (spawned, nice +10) compete on a 2-core CI machine with the
+    next call's audio, which tests of calls measure; the analysis has its own tests."""
     metrics = f'address = "127.0.0.1:{metrics_port}"' if metrics_port is not None else "enabled = false"
+    if "[analytics]" not in tail:
+        tail += "\n[analytics]\nenabled = false\n"
     cfg = directory / "callbot.toml"
     cfg.write_text(f"""
 recordings_dir = "{recordings_dir}"

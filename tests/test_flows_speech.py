@@ -48,7 +48,7 @@ def example_line(tmp_path, human):
     flow = flow.replace("sip:queue@pbx.example.com", human.uri)
     (tmp_path / "support.toml").write_text(flow)
     config = (EXAMPLE / "callbot.toml").read_text().replace("port = 5060", "port = 0\nrtp_port = 0")
-    config += '\n[metrics]\nenabled = false\n[sip]\ncodecs = ["G722/16000"]\n'
+    config += '\n[metrics]\nenabled = false\n[sip]\ncodecs = ["G722/16000"]\n[analytics]\nenabled = false\n'
     (tmp_path / "callbot.toml").write_text(config)
     settings = parse_settings(config, base_dir=tmp_path)
     with running_server(settings, "echo") as server:
