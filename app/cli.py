@@ -663,7 +663,10 @@ def main(argv: list[str] | None = None) -> int:
 
     # a crash in native code (pjsip, MLX) prints every Python thread's stack to stderr before the process
     # dies, so that a segfault seen once (in CI, in the field) says where it was
-    faulthandler.enable()
+    try:
+        faulthandler.enable()
+    except (AttributeError, ValueError, OSError):  # a stderr with no file descriptor (embedded, captured)
+        pass
     # pjsip's own log goes to `[sip] log_file` when one is set; without it, nowhere (not stderr, where
     # Python's last-resort handler would print its warnings): the user reads our lines, not pjlib's
     pjsip_log = logging.getLogger("callbot.sip.pjsip")

@@ -100,7 +100,8 @@ def test_rules_are_not_read_with_analytics_off(tmp_path):
 def test_a_broken_rules_file_stops_serve_at_load_with_one_line(tmp_path):
     (tmp_path / "rules").mkdir()
     (tmp_path / "rules" / "acme.toml").write_text(BROKEN)
-    cfg = serve_config(tmp_path, free_port(), None, tail='[[tenants]]\nname = "acme"\nrules = "rules/acme.toml"\n')
+    cfg = serve_config(tmp_path, free_port(), None, tail='[[tenants]]\nname = "acme"\nrules = "rules/acme.toml"\n'
+                                                         '[analytics]\nenabled = true\n')
     out = subprocess.run([*CALLBOT, "serve", "--engine", "echo", "--config", str(cfg)], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 2
