@@ -104,6 +104,7 @@ class SipCall(pj.Call):
         self.ended = False
         self.rejected = False  # answered with an error by our policy: never a call of ours
         self.ok_sent = False  # we answered 200 (inbound): until its ACK, pjsua's own hangup holds the slot
+        self._hanging_up = False  # end() called pjsua's hangup: the stream is being torn down
         self.confirmed = False
         self.source: str | None = None  # inbound: where the INVITE came from ("host:port")
         # inbound: the dialog's tags (the INVITE's From tag, our answers' To tag), by which pjsip finds the
@@ -158,6 +159,12 @@ class SipCall(pj.Call):
                 self.attachment.detach()
             except Exception:
                 log.exception("call %s: detaching media failed", self.call_id)
+        if self._media_watch is not None and self.record is not None and not self.rejected:
+            # the stream's final numbers now, while it is whole: read from inside our own hangup (its
+            # onStreamDestroyed callback) the stream is being torn down, and the read crashed the process
+            # once (SIGSEGV in stream_summary, a campaign dialer's hangup, CI 2026-12-03)
+            self._read_stream(self._media_watch[0])
+        self._hanging_up = True
         if force and self.hub._terminate(self, code or 408):
             return  # DISCONNECTED has come already
         try:
@@ -356,8 +363,9 @@ class SipCall(pj.Call):
 
     @guarded
     def onStreamDestroyed(self, prm):
-        # the last reading of the stream's statistics, as it goes (hang-up, hold, re-INVITE)
-        if self.record is not None and not self.rejected:
+        # the last reading of the stream's statistics, as it goes (hold, re-INVITE, the peer's hang-up);
+        # not during our own hangup, which read them just before (end)
+        if self.record is not None and not self.rejected and not self._hanging_up:
             self._read_stream(int(prm.streamIdx))
 
     @guarded
