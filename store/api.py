@@ -13,9 +13,6 @@ a 400 with {"error": "..."}; an unknown call a 404; a store that cannot be read 
 """
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Sequence
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -25,6 +22,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Route
 
 from callbot.store import queries
+from callbot.store.asgi_thread import ThreadedAsgi
 from callbot.store.call_store import CallStore
 from callbot.store.database import StoreError
 from callbot.store.queries import CallFilter, QueryError
@@ -114,21 +112,8 @@ def _found(data: dict | None) -> JSONResponse:
     return JSONResponse(data)
 
 
-class ApiServer:
-    """uvicorn serving the API on a thread; `stop` ends it. The socket is bound before the thread starts,
-    so a port in use is an OSError at `start`, not a log line later. (uvicorn leaves the signals alone
-    off the main thread: `callbot serve` keeps its own.)"""
-
-    def __init__(self, store: CallStore, sock: socket.socket, routes: Sequence[BaseRoute] = ()):
-        import uvicorn
-
-        self.store = store
-        self.sock = sock
-        self.host, self.port = sock.getsockname()[:2]
-        self.server = uvicorn.Server(uvicorn.Config(create_app(store, routes), log_level="warning", lifespan="off",
-                                                    access_log=False))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, name="store-api",
-                                       daemon=True)
+class ApiServer(ThreadedAsgi):
+    """uvicorn serving the API on a thread (store/asgi_thread.py); `stop` ends it."""
 
     @classmethod
     def start(cls, url: str, host: str = "127.0.0.1", port: int = 8091, timeout: float = 10.0,
@@ -136,32 +121,9 @@ class ApiServer:
         """Binds host:port and serves the store at `url` (opened without migrating: the writer does that),
         with `routes` beside the store's."""
         store = CallStore(url, migrate_schema=False)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port))
-            sock.listen(128)
-        except OSError:
-            sock.close()
-            store.close()
-            raise
-        api = cls(store, sock, routes)
-        api.thread.start()
-        deadline = time.monotonic() + timeout
-        while not api.server.started:
-            if not api.thread.is_alive() or time.monotonic() > deadline:
-                api.stop()
-                raise OSError(f"the API did not start on {host}:{port}")
-            time.sleep(0.01)
+        api = cls(store, cls.bind(store, host, port), create_app(store, routes), "store-api")
+        api.run("the API", timeout)
         return api
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        if self.thread.is_alive():
-            self.thread.join(10)
-        self.sock.close()
-        self.store.close()
 
 
 def _one_line(err: BaseException) -> str:
