@@ -160,9 +160,9 @@ class SipCall(pj.Call):
             except Exception:
                 log.exception("call %s: detaching media failed", self.call_id)
         if self._media_watch is not None and self.record is not None and not self.rejected:
-            # the stream's final numbers now, while it is whole: read from inside our own hangup (its
-            # onStreamDestroyed callback) the stream is being torn down, and the read crashed the process
-            # once (SIGSEGV in stream_summary, a campaign dialer's hangup, CI 2026-12-03)
+            # the stream's final numbers now, while it is whole (from inside our own hangup, its
+            # onStreamDestroyed callback, the stream is being torn down). The two SIGSEGVs once blamed
+            # on this read were heap corruption from the media port's teardown (sip/media_port.py).
             self._read_stream(self._media_watch[0])
         self._hanging_up = True
         if force and self.hub._terminate(self, code or 408):

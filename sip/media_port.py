@@ -85,16 +85,18 @@ class _RingPort(pj.AudioMediaPort):
         self.onFrameReceived = pump.received
         self.onFrameRequested = pump.requested
 
-    # Reached only while the port is being destroyed (kept for SWIG's override check): Python clears the
-    # instance - the bound methods and `pump` with it - before SWIG's destructor, which releases the GIL,
-    # takes the port off the bridge, and the clock thread may tick in between. An exception here would
-    # be printed by SWIG and keep this port alive in sys.last_traceback until libDestroy, where its late
-    # destruction crashed the process (seen in tests: "'_RingPort' object has no attribute 'pump'",
-    # then a segfault in Endpoint teardown). The port is going: nothing to do.
-    def onFrameReceived(self, frame):  # noqa: F811
+    # SWIG's override check needs these; the instance's bound pump methods above shadow them. They are
+    # reached only if a port is dropped while the bridge may still tick it (detach() destroys the C++
+    # port first, so they should not be): static, so that a call from the clock thread takes no
+    # reference to a Python object being deallocated. A plain method would: its `self` goes from 0 to 1
+    # and back to 0 references, the object is freed twice, and the heap is corrupt (the SIGSEGVs in
+    # pymalloc_alloc seen twice in CI, 2026-12-03, each in the first allocations after a hangup).
+    @staticmethod
+    def onFrameReceived(frame):  # noqa: F811
         return
 
-    def onFrameRequested(self, frame):  # noqa: F811
+    @staticmethod
+    def onFrameRequested(frame):  # noqa: F811
         return
 
 
@@ -133,7 +135,12 @@ class MediaAttachment:
             except pj.Error:
                 pass  # the call's media is gone already: the bridge has dropped the link itself
         self.call_audio_media = None
-        del port  # the C++ destructor removes the port from the bridge
+        # The C++ destructor takes the port off the bridge, waiting for a clock tick that is inside its
+        # callback; it runs here, explicitly, while the Python object is whole (its pump methods still
+        # bound), not from the object's deallocation, where a tick arriving meanwhile called back into
+        # a half-freed object (tests/test_media_port_teardown.py runs that race on purpose).
+        type(port).__swig_destroy__(port)  # SWIG disowns it: the Python object's end deletes nothing
+        del port
 
 
 def attach_media(call_audio_media, clock_rate: int, session: MediaSession,

@@ -72,6 +72,7 @@ MARKS: dict[str, frozenset[str]] = {
         "test_lm_weights": "model",
         "test_media_call": "sip slow",  # 87 s
         "test_media_port": "sip",  # a pjsua2 endpoint and a loopback call
+        "test_media_port_teardown": "sip",  # 10 s: 300 ports destroyed while the bridge ticks them (a child process)
         "test_mimi": "model",
         "test_mimi_conv": "model",
         "test_model_service_sip": "sip model slow",  # 34 s: two `callbot serve` workers on one model service, pjsua2 callers
