@@ -254,13 +254,7 @@ def _start(tmp: pathlib.Path, cfg: pathlib.Path, *args: str, ready: str) -> subp
     return proc
 
 
-# Behind the edge, serve died once by SIGSEGV during the UDP batch (CI on 2026-12-03, no stack: faulthandler
-# now prints one); not reproduced in 3 local runs. Kept running, marked until the crash is understood.
-EDGE_SEGFAULT = pytest.mark.xfail(reason="serve behind the edge segfaulted once under the torture (issue 11 "
-                                         "follow-up); faulthandler's stack will say where", strict=False)
-
-
-@pytest.fixture(scope="module", params=["direct", pytest.param("edge", marks=EDGE_SEGFAULT)])
+@pytest.fixture(scope="module", params=["direct", "edge"])
 def serve(request, tmp_path_factory):
     """`callbot serve --engine echo` on loopback, its output in files: "direct" with a UDP and a TCP
     transport of its own; "edge" behind `callbot serve --edge`'s kamailio (UDP and TCP on the edge's
