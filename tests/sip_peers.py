@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -429,6 +430,95 @@ class Sipp:
 
 LATE_SDP = ("v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
             "m=audio {port} RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n")
+
+
+# A callee that answers at once (no 180 first) with PCMU and echoes RTP; its 200 copies the INVITE's
+# Record-Route (RFC 3261 12.1.1: SIPp's built-in UAS drops it, so the caller's ACK and BYE would skip every
+# proxy on the way; with none, SIPp leaves the line out).
+_SIPP_CALLEE_XML = """<?xml version="1.0" encoding="ISO-8859-1" ?>
+<scenario name="callee that answers at once and keeps the route set">
+  <recv request="INVITE" crlf="true"/>
+  <send><![CDATA[
+SIP/2.0 200 OK
+[last_Via:]
+[last_From:]
+[last_To:];tag=[pid]SIPpTag01[call_number]
+[last_Call-ID:]
+[last_CSeq:]
+[last_Record-Route:]
+Contact: <sip:[local_ip]:[local_port];transport=[transport]>
+Content-Type: application/sdp
+Content-Length: [len]
+
+v=0
+o=user1 53655765 2353687637 IN IP[local_ip_type] [local_ip]
+s=-
+c=IN IP[media_ip_type] [media_ip]
+t=0 0
+m=audio [media_port] RTP/AVP 0
+a=rtpmap:0 PCMU/8000
+]]></send>
+  <recv request="ACK" crlf="true"/>
+  <recv request="BYE"/>
+  <send><![CDATA[
+SIP/2.0 200 OK
+[last_Via:]
+[last_From:]
+[last_To:]
+[last_Call-ID:]
+[last_CSeq:]
+Content-Length: 0
+]]></send>
+</scenario>
+"""
+
+
+class SippCallee:
+    """SIPp as a callee on 127.0.0.1 for one call (_SIPP_CALLEE_XML), tracing every message it sees:
+    what a trunk or a phone received (From, P-Asserted-Identity, Via, Record-Route) is read back with
+    `received(method)`. `uri` is where to call it; `wait()` gives its exit status (0: the call went
+    INVITE to BYE; at `timeout_s` it gives up with an error)."""
+
+    def __init__(self, workdir: pathlib.Path, *, timeout_s: int = 30):
+        self.port = free_port()
+        self.uri = f"sip:service@{LOCALHOST}:{self.port}"
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.trace = workdir / "sipp-messages.log"
+        scenario = workdir / "callee.xml"
+        scenario.write_text(_SIPP_CALLEE_XML)
+        self.proc = subprocess.Popen(
+            ["sipp", "-sf", str(scenario), "-i", LOCALHOST, "-p", str(self.port), "-mp", str(free_port()), "-m", "1",
+             "-rtp_echo", "-timeout", str(timeout_s), "-timeout_error", "-nostdin", "-trace_msg",
+             "-message_file", str(self.trace)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            eventually(lambda: self.proc.poll() is not None or _udp_port_taken(self.port), 10, "SIPp listening")
+        except BaseException:
+            self.close()
+            raise
+
+    def received(self, method: str) -> str:
+        """The first `method` request SIPp logged as received, as text (AssertionError if none)."""
+        for block in self.trace.read_text(errors="replace").split("----------------------------------------------- "):
+            if re.search(r"message received \[\d+\] bytes :\s+" + method + " ", block):
+                return block
+        raise AssertionError(f"SIPp received no {method}:" + self.tail())
+
+    def tail(self) -> str:
+        """The end of SIPp's message trace, for a failure's message."""
+        return "\n" + self.trace.read_text(errors="replace")[-3000:] if self.trace.exists() else "\n(no SIPp trace)"
+
+    def wait(self, timeout: float = 45) -> int:
+        return self.proc.wait(timeout)
+
+    def close(self) -> int:
+        return stop_process(self.proc, 10)
+
+    def __enter__(self) -> SippCallee:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class RawUac:

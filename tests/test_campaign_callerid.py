@@ -7,53 +7,14 @@ from __future__ import annotations
 import http.server
 import json
 import pathlib
-import re
-import subprocess
 import threading
 
 import numpy as np
 
 from callbot.app.recording import read_recording
 from tests.campaign_calls import Callee, human, silence, speech
-from tests.sip_peers import LOCALHOST, PjsuaPeer, eventually, free_port, serve_config, stop_process
+from tests.sip_peers import LOCALHOST, PjsuaPeer, SippCallee, free_port, serve_config, stop_process
 from tests.test_campaign_sip import finish, start_campaign
-
-UAS_AT_ONCE = """<?xml version="1.0" encoding="ISO-8859-1" ?>
-<scenario name="answers at once">
-  <recv request="INVITE" crlf="true"/>
-  <send><![CDATA[
-SIP/2.0 200 OK
-[last_Via:]
-[last_From:]
-[last_To:];tag=[pid]SIPpTag01[call_number]
-[last_Call-ID:]
-[last_CSeq:]
-Contact: <sip:[local_ip]:[local_port];transport=[transport]>
-Content-Type: application/sdp
-Content-Length: [len]
-
-v=0
-o=user1 53655765 2353687637 IN IP[local_ip_type] [local_ip]
-s=-
-c=IN IP[media_ip_type] [media_ip]
-t=0 0
-m=audio [media_port] RTP/AVP 0
-a=rtpmap:0 PCMU/8000
-]]></send>
-  <recv request="ACK" crlf="true"/>
-  <recv request="BYE"/>
-  <send><![CDATA[
-SIP/2.0 200 OK
-[last_Via:]
-[last_From:]
-[last_To:]
-[last_Call-ID:]
-[last_CSeq:]
-Content-Length: 0
-]]></send>
-</scenario>
-"""
-
 
 class Hook(http.server.BaseHTTPRequestHandler):
     bodies: list[dict] = []
@@ -83,13 +44,6 @@ def _write(d: pathlib.Path, target: str, campaign: str, flow: str) -> tuple[str,
     return str(lst), str(camp), str(cfg)
 
 
-def _request(trace: pathlib.Path, method: str) -> str:
-    for block in trace.read_text(errors="replace").split("----------------------------------------------- "):
-        if re.search(r"message received \[\d+\] bytes :\s+" + method + " ", block):
-            return block
-    raise AssertionError(f"SIPp received no {method}:\n" + trace.read_text(errors="replace")[-2000:])
-
-
 def _header(message: str, name: str) -> str:
     return next(line.split(":", 1)[1].strip() for line in message.splitlines()
                 if line.lower().startswith(name.lower() + ":"))
@@ -99,14 +53,9 @@ def test_the_invite_carries_the_campaigns_caller_id_and_the_flow_gets_the_rows_v
     Hook.bodies = []
     backend = http.server.ThreadingHTTPServer((LOCALHOST, 0), Hook)
     threading.Thread(target=backend.serve_forever, daemon=True).start()
-    port, trace = free_port(), tmp_path / "sipp-messages.log"
-    (tmp_path / "uas.xml").write_text(UAS_AT_ONCE)
-    sipp = subprocess.Popen(["sipp", "-sf", str(tmp_path / "uas.xml"), "-i", LOCALHOST, "-p", str(port),
-                             "-mp", str(free_port()), "-m", "1", "-rtp_echo", "-timeout", "60", "-nostdin",
-                             "-trace_msg", "-message_file", str(trace)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    sipp = SippCallee(tmp_path / "sipp", timeout_s=60)
     try:
-        lst, camp, cfg = _write(tmp_path, f"sip:+33612345678@{LOCALHOST}:{port}", """
+        lst, camp, cfg = _write(tmp_path, f"sip:+33612345678@{LOCALHOST}:{sipp.port}", """
 bot = "collect"
 caller_id = "+15551234567"
 caller_name = "Clinic Reminders"
@@ -123,9 +72,9 @@ next = "bye"
 hangup = true
 """)
         report = finish(start_campaign(tmp_path, lst, camp, cfg), tmp_path, timeout=60)
-        invite = _request(trace, "INVITE")
+        invite = sipp.received("INVITE")
     finally:
-        stop_process(sipp, 10)
+        sipp.close()
         backend.shutdown()
         backend.server_close()
     [a] = report

@@ -27,8 +27,8 @@ from callbot.app import edge
 from callbot.app.errors import StartupError
 from callbot.app.settings import ConfigError, parse_settings
 from tests.flood_peers import can_bind
-from tests.sip_peers import (KAMAILIO_MODULES, LOCALHOST, MEDIA_PEER, PjsuaPeer, _Lines, _udp_port_taken, eventually,
-                              free_port, serve_config, stop_process)
+from tests.sip_peers import (KAMAILIO_MODULES, LOCALHOST, MEDIA_PEER, PjsuaPeer, SippCallee, _Lines, free_port,
+                              serve_config, stop_process)
 
 pytestmark = pytest.mark.timeout(120)
 CALLBOT = [sys.executable, "-m", "callbot.app.cli"]
@@ -575,72 +575,6 @@ modules_dir = "{MODULES}"
     assert call_end["cause"] == "max_duration"
 
 
-# SIPp's built-in UAS, but its 200 copies the Record-Route (RFC 3261 12.1.1; the built-in one drops it, so
-# that the caller's ACK and BYE would skip every proxy)
-_UAS_XML = """<?xml version="1.0" encoding="ISO-8859-1" ?>
-<scenario name="uas that keeps the route set">
-  <recv request="INVITE" crlf="true"/>
-  <send><![CDATA[
-SIP/2.0 200 OK
-[last_Via:]
-[last_From:]
-[last_To:];tag=[pid]SIPpTag01[call_number]
-[last_Call-ID:]
-[last_CSeq:]
-[last_Record-Route:]
-Contact: <sip:[local_ip]:[local_port];transport=[transport]>
-Content-Type: application/sdp
-Content-Length: [len]
-
-v=0
-o=user1 53655765 2353687637 IN IP[local_ip_type] [local_ip]
-s=-
-c=IN IP[media_ip_type] [media_ip]
-t=0 0
-m=audio [media_port] RTP/AVP 0
-a=rtpmap:0 PCMU/8000
-]]></send>
-  <recv request="ACK" crlf="true"/>
-  <recv request="BYE"/>
-  <send><![CDATA[
-SIP/2.0 200 OK
-[last_Via:]
-[last_From:]
-[last_To:]
-[last_Call-ID:]
-[last_CSeq:]
-Content-Length: 0
-]]></send>
-</scenario>
-"""
-
-
-def _sipp_callee(workdir: pathlib.Path) -> tuple[subprocess.Popen, str, pathlib.Path]:
-    """SIPp as a callee on 127.0.0.1 (_UAS_XML), echoing RTP, for one call, tracing every message it
-    sees; returns (process, its URI, the trace file)."""
-    port, trace, scenario = free_port(), workdir / "sipp-messages.log", workdir / "uas.xml"
-    workdir.mkdir(parents=True, exist_ok=True)
-    scenario.write_text(_UAS_XML)
-    proc = subprocess.Popen(["sipp", "-sf", str(scenario), "-i", LOCALHOST, "-p", str(port), "-mp", str(free_port()),
-                             "-m", "1", "-rtp_echo", "-timeout", "30", "-timeout_error", "-nostdin", "-trace_msg",
-                             "-message_file", str(trace)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    eventually(lambda: proc.poll() is not None or _udp_port_taken(port), 10, "SIPp listening")
-    return proc, f"sip:service@{LOCALHOST}:{port}", trace
-
-
-def _tail(trace: pathlib.Path) -> str:
-    """The end of SIPp's message trace, for a failure's message."""
-    return "\n" + trace.read_text(errors="replace")[-3000:] if trace.exists() else "\n(no SIPp trace)"
-
-
-def _received(trace: pathlib.Path, method: str) -> str:
-    """The first `method` request SIPp logged as received, as text."""
-    for block in trace.read_text(errors="replace").split("----------------------------------------------- "):
-        if re.search(r"message received \[\d+\] bytes :\s+" + method + " ", block):
-            return block
-    raise AssertionError(f"SIPp received no {method}")
-
-
 @needs_kamailio
 @pytest.mark.skipif(shutil.which("sipp") is None, reason="SIPp is not installed (Debian: sip-tester)")
 def test_call_out_through_the_edge(tmp_path):
@@ -650,22 +584,19 @@ def test_call_out_through_the_edge(tmp_path):
     edge_port = free_port()
     cfg = serve_config(tmp_path, 0, tail=f'[edge]\naddress = "127.0.0.1"\nport = {edge_port}\nrun_dir = "edge"\n'
                                          "[[bots]]\nname = 'short'\nmax_call_s = 2\n")
-    callee, uri, trace = _sipp_callee(tmp_path / "sipp")
-    try:
-        out = subprocess.run([*CALLBOT, "call", "--edge", uri, "--engine", "echo", "--config", str(cfg)],
+    with SippCallee(tmp_path / "sipp") as callee:
+        out = subprocess.run([*CALLBOT, "call", "--edge", callee.uri, "--engine", "echo", "--config", str(cfg)],
                              capture_output=True, text=True, timeout=60)
-        assert out.returncode == 0, out.stderr + _tail(trace)
+        assert out.returncode == 0, out.stderr + callee.tail()
         # SIPp ends by itself on the BYE, or at its own -timeout (30 s) when the call went wrong.
         try:
             sipp_rc = callee.wait(45)
         except subprocess.TimeoutExpired:
-            raise AssertionError("SIPp did not end:\n" + out.stderr + _tail(trace)) from None
-        assert sipp_rc == 0, out.stderr + _tail(trace)
-    finally:
-        stop_process(callee, 10)
+            raise AssertionError("SIPp did not end:\n" + out.stderr + callee.tail()) from None
+        assert sipp_rc == 0, out.stderr + callee.tail()
     assert "edge: kamailio on" in out.stderr and "call ended: max_duration" in out.stderr, out.stderr
     edge_via = f"Via: SIP/2.0/UDP {LOCALHOST}:{edge_port};branch="
-    invite = _received(trace, "INVITE")
+    invite = callee.received("INVITE")
     assert edge_via in invite and f"Record-Route: <sip:{LOCALHOST}:{edge_port};lr" in invite, invite
     for method in ("ACK", "BYE"):
-        assert edge_via in _received(trace, method), _received(trace, method)
+        assert edge_via in callee.received(method), callee.received(method)
