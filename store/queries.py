@@ -78,7 +78,8 @@ def iso(t: float | None) -> str | None:
     return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def _where(f: CallFilter) -> list:
+def conditions(f: CallFilter) -> list:
+    """The WHERE conditions of a filter on `calls` (the listing, the count, the stats, the dashboard)."""
     conds: list = []
     if f.since is not None:
         conds.append(calls.c.start_at >= f.since)
@@ -112,7 +113,7 @@ def _where(f: CallFilter) -> list:
 def list_calls(conn: Connection, f: CallFilter = CallFilter()) -> list[dict]:
     """The calls the filter takes, newest first, each with LIST_COLUMNS, its matched categories and its
     scores ({scorecard: score})."""
-    q = select(*(calls.c[c] for c in LIST_COLUMNS)).where(*_where(f)) \
+    q = select(*(calls.c[c] for c in LIST_COLUMNS)).where(*conditions(f)) \
         .order_by(calls.c.start_at.desc().nulls_last(), calls.c.call_id).offset(f.offset or None)
     if f.limit is not None:
         q = q.limit(f.limit)
@@ -136,7 +137,7 @@ def list_calls(conn: Connection, f: CallFilter = CallFilter()) -> list[dict]:
 
 
 def count_calls(conn: Connection, f: CallFilter = CallFilter()) -> int:
-    return conn.execute(select(func.count()).select_from(calls).where(*_where(f))).scalar_one()
+    return conn.execute(select(func.count()).select_from(calls).where(*conditions(f))).scalar_one()
 
 
 def call_detail(conn: Connection, call_id: str) -> dict | None:
@@ -209,7 +210,7 @@ def call_transcript(conn: Connection, call_id: str) -> dict:
 def stats(conn: Connection, f: CallFilter = CallFilter(limit=None)) -> dict:
     """Counts of the calls the filter takes (its limit ignored): in all, by outcome, by bot, per hour
     (UTC, hours with calls only)."""
-    where = _where(f)
+    where = conditions(f)
     total = conn.execute(select(func.count()).select_from(calls).where(*where)).scalar_one()
     by: dict[str, dict[str, int]] = {}
     for column in ("outcome", "bot"):

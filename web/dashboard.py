@@ -29,7 +29,7 @@ def _percentile(values: list[float], q: float) -> float | None:
 def dashboard(conn: Connection, f: CallFilter) -> dict:
     f = CallFilter(**{**{k: getattr(f, k) for k in f.__struct_fields__}, "limit": None, "offset": 0})
     stats = queries.stats(conn, f)
-    taken = select(calls.c.call_id).where(*queries._where(f)).scalar_subquery()  # the filter's calls
+    taken = select(calls.c.call_id).where(*queries.conditions(f)).scalar_subquery()  # the filter's calls
     answered, aht = conn.execute(select(func.count(calls.c.answered_at), func.avg(calls.c.duration_s))
                                  .where(calls.c.call_id.in_(taken), calls.c.answered_at.is_not(None))).one()
     transferred = stats["by_outcome"].get("transferred", 0)
