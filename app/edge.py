@@ -309,11 +309,18 @@ def render(edge: EdgeSettings, backend: Backend | Sequence[Backend], *, modules_
         "allowed": ALLOWED, "inside": _uri_host(inside_address(edge, first)),
         "trusted": ",".join(str(ipaddress.ip_network(s, strict=False)) for s in edge.trusted_sources),
         "outbound_socket": _outbound_socket(edge),
+        "keepalive": edge.dialog_keepalive_s,
+        "keepalive_on": ('dlg_set_property("ka-src");  # [edge] dialog_keepalive_s: both sides asked in turn\n'
+                         '\tdlg_set_property("ka-dst");\n\t') if edge.dialog_keepalive_s else "",
     }
     parts = [_HEAD % v, _listen(edge, v), _TCP % v, _tcp_per_source(version), _MODULES % v]
     if edge.tls:
         parts.append(_tls_params(edge))
     parts.append(_PARAMS % v)
+    if edge.dialog_keepalive_s:
+        parts.append(_KEEPALIVE_PARAMS % v)
+    if not dispatch:
+        parts.append(_TM_TIMEOUT % v)  # a dispatching edge sets it with the dispatcher's pings
     if dispatch:
         v["from_serve"] = f'ds_is_from_list("{DISPATCH_SET}", "2")'  # address and port, any transport
         parts.append(_DISPATCHER_PARAMS % v + "".join(f"#   {line}\n" for line in dispatcher_list(edge, dests)
@@ -698,7 +705,7 @@ route[NEW] {
 	}
 	route(LIMITS);
 	dlg_manage();
-	set_dlg_profile("caller", "$si");
+	%(keepalive_on)sset_dlg_profile("caller", "$si");
 	if (nat_uac_test("19")) {
 		fix_nated_contact();  # the caller's Contact names a private address: use where it came from
 	}
@@ -838,6 +845,23 @@ modparam("tm", "fr_timer", %(ping_timeout_ms)d)
 # dispatcher.list:
 """
 
+_TM_TIMEOUT = """\
+# ----- tm: a request other than an INVITE with no answer at all fails after %(ping_timeout)d s, not tm's 30 (a
+# dialog keep-alive to a serve that stopped fails that soon; serve and trunks answer within milliseconds)
+modparam("tm", "fr_timer", %(ping_timeout_ms)d)
+"""
+
+_KEEPALIVE_PARAMS = """\
+# ----- dialog keep-alive ([edge] dialog_keepalive_s): every %(keepalive)d s each side of a call through us gets an
+# OPTIONS in its dialog; unanswered (408, after tm's fr_timer) or unknown (481) once, the dialog's lifetime
+# becomes 10 s and at its end the edge sends BYE to both sides: a caller whose serve, worker or machine
+# stopped dead is hung up (no BYE can come from a stopped process), one that vanished frees its slot
+modparam("dialog", "ka_timer", 1)
+modparam("dialog", "ka_interval", %(keepalive)d)
+modparam("dialog", "ka_failed_limit", 1)
+modparam("dialog", "send_bye", 1)
+"""
+
 _DISPATCH_IN_DIALOG = """\
 # A caller's requests in its call go to the destination that took it (kept with the dialog), whatever
 # their Request-URI says: the edge relays for nobody else. A sips: caller's name the edge itself
@@ -956,6 +980,7 @@ route[OUTBOUND] {
 		exit;
 	}
 	dlg_manage();
+	%(keepalive_on)s
 %(outbound_socket)s	record_route();
 	route(RELAY);
 }

@@ -217,11 +217,20 @@ class EdgeSettings(_Settings):
     # on SIGTERM the edge refuses new calls (503) and the running ones go on this long (`serve --edge --workers`,
     # `callbot edge`; a second signal stops at once)
     drain_s: Annotated[float, Meta(ge=0, le=86400)] = 60.0
+    # every call through the edge is asked every dialog_keepalive_s whether both sides still hold it (an
+    # OPTIONS in its dialog, kamailio's dialog keep-alive): one left unanswered (408) or unknown (481) ends
+    # the call 10 s later with a BYE to both sides. A caller whose serve or machine stopped dead is hung up
+    # instead of hearing silence until they give up; a caller that vanished frees its call slot. 0 = off;
+    # kamailio takes no less than 30 s
+    dialog_keepalive_s: Annotated[int, Meta(ge=0, le=3600)] = 30
     kamailio: str = "kamailio"  # the program, found on PATH unless a path
     modules_dir: str | None = None  # kamailio's modules (':' between several); None = found beside it
     run_dir: str | None = None  # the generated config, pid file, control socket; None = a temporary folder
 
     def __post_init__(self) -> None:
+        if 0 < self.dialog_keepalive_s < 30:
+            raise ValueError(f"dialog_keepalive_s: kamailio asks no more often than every 30 s (0 turns it off), "
+                             f"got {self.dialog_keepalive_s}")
         if bool(self.cert_file) != bool(self.key_file):
             raise ValueError("TLS at the edge needs both cert_file and key_file (PEM paths)")
         if self.ca_file and not self.cert_file:

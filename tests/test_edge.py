@@ -27,7 +27,7 @@ from callbot.app import edge
 from callbot.app.errors import StartupError
 from callbot.app.settings import ConfigError, parse_settings
 from tests.flood_peers import can_bind
-from tests.sip_peers import (KAMAILIO_MODULES, LOCALHOST, MEDIA_PEER, PjsuaPeer, SippCallee, _Lines, free_port,
+from tests.sip_peers import (KAMAILIO_MODULES, LOCALHOST, MEDIA_PEER, PjsuaPeer, SippCallee, _Lines, eventually, free_port,
                               serve_config, stop_process)
 
 pytestmark = pytest.mark.timeout(120)
@@ -150,6 +150,7 @@ def test_edge_print_and_check_commands(tmp_path):
     ('trusted_sources = ["trunk"]', "$.edge: trusted_sources: 'trunk' is not an IP address or CIDR network"),
     ("calls_per_s = 0", "$.edge.calls_per_s: Expected `int` >= 1"),
     ('cert_file = "c.pem"\nkey_file = "k.pem"\ntls_port = 5060', "$.edge: tls_port 5060 is the port of SIP over TCP"),
+    ("dialog_keepalive_s = 5", "$.edge: dialog_keepalive_s: kamailio asks no more often than every 30 s"),
 ])
 def test_edge_settings_errors_name_the_field(toml, message):
     with pytest.raises(ConfigError) as err:
@@ -447,6 +448,42 @@ def test_call_through_the_edge_connects_and_has_audio(tmp_path):
     [incoming] = [e for e in log if e["event"] == "IncomingCall"]
     ended = [e for e in log if e["event"] == "CallEnded" and e["call_id"] == incoming["call_id"]]
     assert ended and ended[0]["cause"] == "remote"  # the caller's BYE came through the edge
+
+
+@needs_kamailio
+@pytest.mark.timeout(200)
+def test_a_call_whose_serve_stopped_dead_is_hung_up_by_the_edge(tmp_path):
+    """[edge] dialog_keepalive_s: a stopped serve (SIGSTOP: a hung process, or a machine gone) can send no
+    BYE, and its caller would hear silence until they gave up. The edge asks both sides of the call in
+    its dialog (OPTIONS) every 30 s (kamailio's shortest); answered while serve runs, the call stays;
+    unanswered once serve is stopped, the edge ends the call with a BYE to the caller: within 30 s + tm's
+    5 s + the dialog's last 10 s. (About 80 s: kamailio's dialog timers are whole seconds and 30 s apart.)"""
+    sip_port, edge_port = free_port(), free_port()
+    cfg = serve_config(tmp_path, sip_port, tail=f'[edge]\naddress = "127.0.0.1"\nport = {edge_port}\nrun_dir = "edge"\n'
+                                                 "dialog_keepalive_s = 30\n")
+    proc = _serve_edge(cfg, tmp_path / "serve.log")
+    ctl = f"unix:{tmp_path / 'edge' / 'kamailio_ctl'}"
+
+    def keepalives_sent() -> int:  # tm's count of requests the edge sent itself (only keep-alives here)
+        out = edge.kamcmd(ctl, None, "cnt.get", "tmx", "UAC_transactions")
+        return int(out.strip() or 0)
+
+    try:
+        with PjsuaPeer(user="alice", log_dir=tmp_path) as peer:
+            call_id = peer.call(f"sip:echo@{LOCALHOST}:{edge_port}")
+            peer.expect("media", call_id=call_id, timeout=15)
+            # both sides answered the first round (one OPTIONS each): the call is still up
+            eventually(lambda: keepalives_sent() >= 2, 50, "the edge's keep-alives", interval=0.5)
+            assert peer.all("disconnected", call_id=call_id) == []
+            proc.send_signal(signal.SIGSTOP)
+            try:
+                ended = peer.expect("disconnected", call_id=call_id, timeout=60)
+            finally:
+                proc.send_signal(signal.SIGCONT)
+            assert ended["code"] == 200, ended  # a BYE (from the edge: serve was stopped)
+        assert stop_process(proc, 30) == 0
+    finally:
+        stop_process(proc, 10, signal.SIGKILL)
 
 
 @needs_kamailio
