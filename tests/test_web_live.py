@@ -1,0 +1,194 @@
+"""The live calls page and the system page of the panel served by `callbot serve` ([web] listen): a real
+pjsua2 caller calls a flow on the echo engine (tenant acme), says "I want to talk to an agent"
+(espeak-ng) which the live recognizer (pocketsphinx) hears, and headless chromium shows the call on
+/live with its flow state and the caller's words pushed by server-sent events (no reload), then hangs it
+up with the page's button: the caller gets the BYE and the call leaves the page.
+
+Around it, over plain HTTP: a viewer of acme sees the call but no buttons, and its POST is a 403; a
+supervisor of another tenant neither sees the call (page and stream) nor acts on it (404, as for a call
+that is not there); a POST without the CSRF token is a 403; the hang-up is in the audit log; the system
+page shows the SIP account, the slots and the Prometheus link; a stream open at SIGTERM ends, and serve
+exits on its own. Screenshots go to the test's tmp dir.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+
+import httpx
+import numpy as np
+import pytest
+import soxr
+
+from callbot.speech.tts import EspeakTts
+from tests.sip_peers import PjsuaPeer, _Lines, eventually, free_port, serve_config, stop_process
+from tests.test_flows_call import RATE, _write_wav
+from tests.test_store_calls import _tone
+from tests.test_web import _sign_in, browser  # noqa: F401  (the browser fixture)
+
+pytestmark = pytest.mark.timeout(240)
+CALLBOT = [sys.executable, "-m", "callbot.app.cli"]
+PW = "live-password-1"
+USERS = (("ada", "admin", None), ("sue", "supervisor", "acme"), ("vic", "viewer", "acme"),
+         ("bea", "supervisor", "beta"))
+FLOW = """
+start = "greet"
+[states.greet]
+play = "tone.wav"
+next = "talk"
+[states.talk]
+persona = "You are the live test line."
+max_s = 120
+"""
+
+
+def _client(base: str, name: str) -> httpx.Client:
+    client = httpx.Client(base_url=base, timeout=10, follow_redirects=False)
+    token = re.search(r'name="csrf" value="([^"]+)"', client.get("/login").text).group(1)
+    r = client.post("/login", data={"csrf": token, "name": name, "password": PW, "next": "/live"})
+    assert r.status_code == 303, r.text
+    return client
+
+
+def _csrf(client: httpx.Client) -> str:
+    return re.search(r'name="csrf" value="([^"]+)"', client.get("/live").text).group(1)
+
+
+class Stream:
+    """A user's /live/events read on a thread: the updates as they come, and whether the stream ended."""
+
+    def __init__(self, client: httpx.Client):
+        self.updates: list[dict] = []
+        self.ended = threading.Event()
+        self.status: int | None = None
+        self._client = client
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            with self._client.stream("GET", "/live/events", timeout=httpx.Timeout(10, read=60)) as r:
+                self.status = r.status_code
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        self.updates.append(json.loads(line[6:]))
+        except httpx.HTTPError:
+            pass
+        finally:
+            self.ended.set()
+
+    def of(self, kind: str, call_id: str | None = None) -> list[dict]:
+        return [u for u in list(self.updates) if u["type"] == kind and (call_id is None or u.get("call_id") == call_id)]
+
+
+def _speech(text: str) -> np.ndarray:
+    samples, rate = EspeakTts(voice="en-us+klatt2").synthesize(text)  # the voice pocketsphinx hears best
+    speech = soxr.resample(samples.astype(np.float32), rate, RATE)
+    return np.clip(np.concatenate([speech, np.zeros(RATE, np.float32)]), -32768, 32767).astype(np.int16)
+
+
+def test_live_calls_in_the_browser_hang_up_scopes_and_roles(tmp_path, browser):  # noqa: F811
+    from selenium.webdriver.common.by import By
+
+    _tone(tmp_path / "tone.wav")
+    (tmp_path / "support.toml").write_text(FLOW)
+    _write_wav(tmp_path / "ask.wav", _speech("I want to talk to an agent"))
+    sip_port, web_port, metrics_port = free_port(), free_port(socket.SOCK_STREAM), free_port(socket.SOCK_STREAM)
+    cfg = serve_config(tmp_path, sip_port, metrics_port, tail=f"""
+[[tenants]]
+name = "acme"
+[[tenants]]
+name = "beta"
+[[bots]]
+name = "support"
+tenant = "acme"
+flow = "support.toml"
+[web]
+listen = "127.0.0.1:{web_port}"
+""")
+    for name, role, tenant in USERS:
+        added = subprocess.run([*CALLBOT, "users", "add", name, "--role", role, *(["--tenant", tenant] if tenant else []),
+                                "--password-env", "PW", "--config", str(cfg)],
+                               capture_output=True, text=True, timeout=60, env={**os.environ, "PW": PW})
+        assert added.returncode == 0, added.stderr
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    proc = subprocess.Popen([*CALLBOT, "serve", "--engine", "echo", "--config", str(cfg)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = _Lines(proc.stderr, tmp_path / "serve.stderr")
+    clients: list[httpx.Client] = []
+    try:
+        err.wait_line("listening", 60)
+        base = f"http://127.0.0.1:{web_port}"
+        sue, vic, bea, ada = (_client(base, n) for n in ("sue", "vic", "bea", "ada"))
+        clients += [sue, vic, bea, ada]
+        sue_stream, bea_stream = Stream(sue), Stream(bea)
+        eventually(lambda: sue_stream.of("snapshot") and bea_stream.of("snapshot"), 10, "both streams' snapshots")
+        assert sue_stream.status == 200 and sue_stream.of("snapshot")[0]["calls"] == []
+
+        _sign_in(browser, base, "sue", PW)
+        browser.get(base + "/live")
+        assert "No call in progress" in browser.find_element(By.ID, "live").text
+        with PjsuaPeer(user="caller", log_dir=tmp_path) as peer:
+            call_id = peer.call(f"sip:echo@127.0.0.1:{sip_port}")
+            peer.expect("state", call_id=call_id, state="CONFIRMED", timeout=15)
+            # pushed to the open page: no reload
+            section = f'section.live-call[data-call-id="{call_id}"]'
+            found = eventually(lambda: browser.find_elements(By.CSS_SELECTOR, section), 15, "the call on /live")[0]
+            assert "support" in found.text and "acme" in found.text
+            eventually(lambda: "state talk" in browser.find_element(By.CSS_SELECTOR, section).text, 15,
+                       "the flow state on the page")
+            peer.send("play", path=str(tmp_path / "ask.wav"))
+            eventually(lambda: [e for e in browser.find_elements(By.CSS_SELECTOR, section + " .live-line.caller")
+                                if "agent" in e.text], 40, "the caller's words on the page")
+            assert eventually(lambda: sue_stream.of("speaking", call_id), 10, "who speaks, on the stream")
+            browser.save_screenshot(str(shots / "live.png"))
+
+            # a viewer of acme reads, and cannot act
+            page = vic.get("/live").text
+            assert f'data-call-id="{call_id}"' in page and "Hang up" not in page and "agent" in page
+            hangup = f"/live/{call_id}/hangup"
+            assert vic.post(hangup, data={"csrf": _csrf(vic)}).status_code == 403
+            # another tenant's supervisor: not on its page nor its stream, 404 on its actions
+            assert call_id not in bea.get("/live").text
+            assert bea.post(hangup, data={"csrf": _csrf(bea)}).status_code == 404
+            assert bea.post(f"/live/{call_id}/transfer", data={"csrf": _csrf(bea), "target": "sip:x@127.0.0.1"}
+                            ).status_code == 404
+            assert not [u for u in bea_stream.updates if call_id in json.dumps(u)]
+            # no CSRF token, no action; a target that is no URI is refused before anything is sent
+            assert sue.post(hangup).status_code == 403 and sue.post(hangup, data={"csrf": "wrong"}).status_code == 403
+            bad = sue.post(f"/live/{call_id}/transfer", data={"csrf": _csrf(sue), "target": "agent\r\nX-Evil: 1"})
+            assert bad.status_code == 400
+            system = ada.get("/system")
+            assert system.status_code == 200 and 'data-account="line"' in system.text
+            assert f"http://127.0.0.1:{metrics_port}/metrics" in system.text
+            assert re.search(r'id="slots">slots used<b>1 / \d+', system.text)
+            assert vic.get("/system").status_code == 403
+
+            # the page's own button hangs up
+            browser.find_element(By.CSS_SELECTOR, section + " form.hangup button").click()
+            peer.expect("disconnected", call_id=call_id, timeout=15)
+            eventually(lambda: browser.current_url.endswith("/live") and not browser.find_elements(
+                By.CSS_SELECTOR, section), 15, "the call gone from the page")
+            browser.save_screenshot(str(shots / "live-after-hangup.png"))
+        assert eventually(lambda: sue_stream.of("ended", call_id), 10, "the hang-up on the stream")
+        audit = ada.get("/audit").text
+        assert "call.hangup" in audit and call_id in audit and audit.count("call.hangup") == 1
+        browser.get(base + "/system")
+        browser.save_screenshot(str(shots / "system.png"))
+        assert "line" in browser.find_element(By.ID, "sip").text
+
+        # serve stops with streams open: they end, and serve does not wait on them
+        proc.send_signal(signal.SIGTERM)
+        assert sue_stream.ended.wait(20) and sue_stream.of("closed")
+        assert proc.wait(30) == 0
+    finally:
+        for c in clients:
+            c.close()
+        stop_process(proc, 15, signal.SIGKILL)
