@@ -21,6 +21,8 @@ import threading
 import time
 from typing import Any, Callable
 
+import msgspec
+
 from callbot.app.calls import CallControlError, LiveCall
 from callbot.engine.contract import (BotSpeech, BotText, CallerSpeech, CallerWords, FlowTransition, FrameStages)
 from callbot.engine.serving.frame_stats import STAGES
@@ -44,6 +46,7 @@ class _Call:
         self.lines: list[TranscriptLine] = []
         self.first_line = 0  # index of lines[0] since the call began (older ones dropped past MAX_LINES)
         self.transfer: str | None = None
+        self.transfer_target: str | None = None  # asked from the panel
 
     @property
     def tenant(self) -> str | None:
@@ -109,9 +112,12 @@ class ServeWebLink:
         self._control(call_id, lambda live: live.transfer(target))
         with self._lock:
             c = self._calls.get(call_id)
-            if c is not None:
-                c.transfer = f"to {target}: asked"
-        self._publish({"type": "call", "call": _builtins(self._view_of(call_id))} if c is not None else None)
+            if c is None or c.live is None:
+                return  # gone meanwhile
+            c.transfer_target = target
+            c.transfer = f"to {target}: asked"
+            view = self._view(c)
+        self._publish({"type": "call", "call": _builtins(view)})
 
     def system(self) -> dict[str, Any]:
         s = self.server
@@ -200,7 +206,8 @@ class ServeWebLink:
                 c.state = e.to_state or "(ended)"
                 update = {"type": "state", "call_id": c.call_id, "tenant": c.tenant, "state": c.state}
             elif isinstance(e, ev.TransferProgress):
-                c.transfer = f"{e.code} {e.reason}" + ("" if not e.final else " (final)")
+                to = f"to {c.transfer_target}: " if c.transfer_target else ""
+                c.transfer = f"{to}{e.code} {e.reason}" + (" (final)" if e.final else "")
                 update = {"type": "call", "call": _builtins(self._view(c))} if c.live is not None else None
             if c.live is None:
                 update = None  # not on the page yet: its header comes with call_opened, the rest with it
@@ -271,11 +278,6 @@ class ServeWebLink:
         except (CallControlError, ValueError, RuntimeError, TimeoutError) as err:
             raise LinkError(str(err) or type(err).__name__) from None
 
-    def _view_of(self, call_id: str) -> LiveCallView | None:
-        with self._lock:
-            c = self._calls.get(call_id)
-            return self._view(c) if c is not None and c.live is not None else None
-
     @staticmethod
     def _view(c: _Call) -> LiveCallView:
         live = c.live
@@ -307,10 +309,8 @@ def _tell(feed: _Feed, update: Update | None) -> None:
         feed.close()
 
 
-def _builtins(view: LiveCallView | None) -> dict | None:
-    import msgspec
-
-    return None if view is None else msgspec.to_builtins(view)
+def _builtins(view: LiveCallView) -> dict:
+    return msgspec.to_builtins(view)
 
 
 def _engine_state(engine) -> str:

@@ -6,7 +6,8 @@ up with the page's button: the caller gets the BYE and the call leaves the page.
 
 Around it, over plain HTTP: a viewer of acme sees the call but no buttons, and its POST is a 403; a
 supervisor of another tenant neither sees the call (page and stream) nor acts on it (404, as for a call
-that is not there); a POST without the CSRF token is a 403; the hang-up is in the audit log; the system
+that is not there); a POST without the CSRF token is a 403; a second call is transferred (blind) from the
+page to a URI typed in, and reaches that peer; both actions are in the audit log; the system
 page shows the SIP account, the slots and the Prometheus link; a stream open at SIGTERM ends, and serve
 exits on its own. Screenshots go to the test's tmp dir.
 """
@@ -178,8 +179,22 @@ listen = "127.0.0.1:{web_port}"
                 By.CSS_SELECTOR, section), 15, "the call gone from the page")
             browser.save_screenshot(str(shots / "live-after-hangup.png"))
         assert eventually(lambda: sue_stream.of("ended", call_id), 10, "the hang-up on the stream")
+
+        # a blind transfer to a URI typed into the page: the caller gets the REFER and reaches the person
+        with PjsuaPeer(user="human", log_dir=tmp_path) as human, PjsuaPeer(user="caller2", log_dir=tmp_path) as peer:
+            second = peer.call(f"sip:echo@127.0.0.1:{sip_port}")
+            peer.expect("state", call_id=second, state="CONFIRMED", timeout=15)
+            section = f'section.live-call[data-call-id="{second}"]'
+            eventually(lambda: browser.find_elements(By.CSS_SELECTOR, section), 15, "the second call on /live")
+            browser.find_element(By.CSS_SELECTOR, section + ' form.transfer input[name="target"]').send_keys(human.uri)
+            browser.find_element(By.CSS_SELECTOR, section + " form.transfer button").click()
+            assert peer.expect("transfer_request", call_id=second, timeout=15)["dest"].strip("<>") == human.uri
+            human.expect("incoming", timeout=15)
+            eventually(lambda: browser.current_url.endswith("/live") and not browser.find_elements(
+                By.CSS_SELECTOR, section), 15, "the transferred call gone from the page")
         audit = ada.get("/audit").text
         assert "call.hangup" in audit and call_id in audit and audit.count("call.hangup") == 1
+        assert "call.transfer" in audit and second in audit and human.uri in audit
         browser.get(base + "/system")
         browser.save_screenshot(str(shots / "system.png"))
         assert "line" in browser.find_element(By.ID, "sip").text
