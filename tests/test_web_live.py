@@ -207,3 +207,61 @@ listen = "127.0.0.1:{web_port}"
         for c in clients:
             c.close()
         stop_process(proc, 15, signal.SIGKILL)
+
+
+def test_the_models_words_and_step_times_in_the_browser(tmp_path, browser):  # noqa: F811
+    """The bot's leg on the model: `callbot serve --engine model` with the tiny random-weight PersonaPlex in
+    its own process; the model's text pieces (BotText) make the bot's line on /live as they come, and the
+    system page shows the model's settings and its measured step time for one call."""
+    from selenium.webdriver.common.by import By
+
+    from tests.tiny_assets import write_tiny_model_for_serve
+
+    directory, arch = write_tiny_model_for_serve(tmp_path / "personaplex")
+    sip_port, web_port = free_port(), free_port(socket.SOCK_STREAM)
+    cfg = serve_config(tmp_path, sip_port, None, tail=f"""
+[model]
+path = "{directory}"
+architecture = "{arch}"
+quantization = "none"
+download = false
+[[bots]]
+name = "tiny"
+voice = "NATM1"
+persona = "Talk."
+[recognizer]
+engine = "none"
+[web]
+listen = "127.0.0.1:{web_port}"
+""")
+    added = subprocess.run([*CALLBOT, "users", "add", "ada", "--role", "admin", "--password-env", "PW", "--config",
+                            str(cfg)], capture_output=True, text=True, timeout=60, env={**os.environ, "PW": PW})
+    assert added.returncode == 0, added.stderr
+    proc = subprocess.Popen([*CALLBOT, "serve", "--engine", "model", "--config", str(cfg)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = _Lines(proc.stderr, tmp_path / "serve.stderr")
+    try:
+        err.wait_line("listening", 120)
+        base = f"http://127.0.0.1:{web_port}"
+        _sign_in(browser, base, "ada", PW)
+        browser.get(base + "/live")
+        with PjsuaPeer(user="caller", log_dir=tmp_path) as peer:
+            call_id = peer.call(f"sip:echo@127.0.0.1:{sip_port}")
+            peer.expect("state", call_id=call_id, state="CONFIRMED", timeout=30)
+            section = f'section.live-call[data-call-id="{call_id}"]'
+            eventually(lambda: browser.find_elements(By.CSS_SELECTOR, section), 15, "the call on /live")
+            bot = eventually(lambda: [e.text for e in browser.find_elements(By.CSS_SELECTOR, section + " .live-line.bot")
+                                      if e.text.strip() != "bot"], 60, "the model's words on the page")
+            assert bot[0].startswith("bot")
+            browser.save_screenshot(str(tmp_path / "live-model.png"))
+            def measured():  # the stage stamps come about once a second
+                browser.get(base + "/system")
+                return browser.find_elements(By.CSS_SELECTOR, "table#steps")
+            steps = eventually(measured, 30, "a step time on the system page")[0].text
+            model = browser.find_element(By.ID, "model").text
+            assert "quantization none" in model and str(directory) in model
+            assert re.search(r"^1 \d+ [\d.]+ [\d.]+$", steps.splitlines()[1]), steps  # one call: frames, mean, max
+            assert "1 / " in browser.find_element(By.ID, "slots").text
+            browser.save_screenshot(str(tmp_path / "system-model.png"))
+    finally:
+        stop_process(proc, 30)

@@ -112,6 +112,7 @@
     });
     sections().forEach(function (s) { if (!keep[s.getAttribute("data-call-id")]) s.remove(); });
     counted();
+    tick();
   }
   function tick() {
     var now = Date.now() / 1000 + skew;
@@ -124,7 +125,7 @@
   source.onmessage = function (m) {
     var u = JSON.parse(m.data), s = u.call_id ? find(u.call_id) : null;
     if (u.type === "snapshot") snapshot(u);
-    else if (u.type === "call") { upsert(u.call); counted(); }
+    else if (u.type === "call") { upsert(u.call); counted(); tick(); }
     else if (u.type === "ended") { if (s) s.remove(); counted(); }
     else if (u.type === "line" && s) line(s, u.index, u.leg, u.text, u.final);
     else if (u.type === "speaking" && s) speaking(s, u);
