@@ -143,8 +143,8 @@ class ServeWebLink:
         if s.flows is not None:
             workers.append({"name": "flows", "what": "call flows", "state": "on"})
         metrics_url = None
-        if settings.metrics.enabled and s.metrics._server is not None:
-            host, port = s.metrics._server.address[:2]
+        if s.metrics.address is not None:
+            host, port = s.metrics.address[:2]
             metrics_url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/metrics"
         return {
             "serve": True,

@@ -8,7 +8,8 @@ Around it, over plain HTTP: a viewer of acme sees the call but no buttons, and i
 supervisor of another tenant neither sees the call (page and stream) nor acts on it (404, as for a call
 that is not there); a POST without the CSRF token is a 403; a second call is transferred (blind) from the
 page to a URI typed in, and reaches that peer; both actions are in the audit log; the system
-page shows the SIP account, the slots and the Prometheus link; a stream open at SIGTERM ends, and serve
+page shows the slots, the Prometheus link and the SIP accounts (a direct one, one registered at kamailio,
+one kamailio refuses); a stream open at SIGTERM ends, and serve
 exits on its own. Screenshots go to the test's tmp dir.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ import pytest
 import soxr
 
 from callbot.speech.tts import EspeakTts
-from tests.sip_peers import PjsuaPeer, _Lines, eventually, free_port, serve_config, stop_process
+from tests.sip_peers import Kamailio, PjsuaPeer, _Lines, eventually, free_port, serve_config, stop_process
 from tests.test_flows_call import RATE, _write_wav
 from tests.test_store_calls import _tone
 from tests.test_web import _sign_in, browser  # noqa: F401  (the browser fixture)
@@ -94,14 +95,27 @@ def _speech(text: str) -> np.ndarray:
     return np.clip(np.concatenate([speech, np.zeros(RATE, np.float32)]), -32768, 32767).astype(np.int16)
 
 
-def test_live_calls_in_the_browser_hang_up_scopes_and_roles(tmp_path, browser):  # noqa: F811
+def test_live_calls_in_the_browser_hang_up_scopes_and_roles(tmp_path, browser, request):  # noqa: F811
     from selenium.webdriver.common.by import By
 
     _tone(tmp_path / "tone.wav")
     (tmp_path / "support.toml").write_text(FLOW)
     _write_wav(tmp_path / "ask.wav", _speech("I want to talk to an agent"))
     sip_port, web_port, metrics_port = free_port(), free_port(socket.SOCK_STREAM), free_port(socket.SOCK_STREAM)
+    kamailio = Kamailio({"pbxline": "pbx-password", "mallory": "the-right-one"}, tmp_path)
+    request.addfinalizer(kamailio.close)
+    env = {**os.environ, "LIVE_PBX_PASSWORD": "pbx-password", "LIVE_REFUSED_PASSWORD": "wrong"}
     cfg = serve_config(tmp_path, sip_port, metrics_port, tail=f"""
+[[sip.accounts]]
+name = "pbx"
+user = "pbxline"
+registrar = "{kamailio.uri}"
+password_env = "LIVE_PBX_PASSWORD"
+[[sip.accounts]]
+name = "refused"
+user = "mallory"
+registrar = "{kamailio.uri}"
+password_env = "LIVE_REFUSED_PASSWORD"
 [[tenants]]
 name = "acme"
 [[tenants]]
@@ -116,12 +130,12 @@ listen = "127.0.0.1:{web_port}"
     for name, role, tenant in USERS:
         added = subprocess.run([*CALLBOT, "users", "add", name, "--role", role, *(["--tenant", tenant] if tenant else []),
                                 "--password-env", "PW", "--config", str(cfg)],
-                               capture_output=True, text=True, timeout=60, env={**os.environ, "PW": PW})
+                               capture_output=True, text=True, timeout=60, env={**env, "PW": PW})
         assert added.returncode == 0, added.stderr
     shots = tmp_path / "screenshots"
     shots.mkdir()
     proc = subprocess.Popen([*CALLBOT, "serve", "--engine", "echo", "--config", str(cfg)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     err = _Lines(proc.stderr, tmp_path / "serve.stderr")
     clients: list[httpx.Client] = []
     try:
@@ -195,9 +209,16 @@ listen = "127.0.0.1:{web_port}"
         audit = ada.get("/audit").text
         assert "call.hangup" in audit and call_id in audit and audit.count("call.hangup") == 1
         assert "call.transfer" in audit and second in audit and human.uri in audit
-        browser.get(base + "/system")
+        # the SIP accounts as the registrar sees them: one registered, one refused (wrong password)
+        def registrations():
+            browser.get(base + "/system")
+            rows = {r.get_attribute("data-account"): r.find_element(By.CLASS_NAME, "reg").text
+                    for r in browser.find_elements(By.CSS_SELECTOR, "#sip tr[data-account]")}
+            return rows if rows.get("pbx") == "registered" and rows.get("refused", "").startswith(
+                "not registered:") else None
+        rows = eventually(registrations, 40, "both registrations' outcomes on /system")
+        assert rows["line"] == "direct (no registrar)"
         browser.save_screenshot(str(shots / "system.png"))
-        assert "line" in browser.find_element(By.ID, "sip").text
 
         # serve stops with streams open: they end, and serve does not wait on them
         proc.send_signal(signal.SIGTERM)
