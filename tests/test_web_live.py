@@ -164,6 +164,8 @@ listen = "127.0.0.1:{web_port}"
                                 if "agent" in e.text], 40, "the caller's words on the page")
             assert eventually(lambda: sue_stream.of("speaking", call_id), 10, "who speaks, on the stream")
             browser.save_screenshot(str(shots / "live.png"))
+            refused = [e["message"] for e in browser.get_log("browser") if "Content Security Policy" in e["message"]]
+            assert refused == []  # live.js and the stream run under the panel's strict policy
 
             # a viewer of acme reads, and cannot act
             page = vic.get("/live").text

@@ -6,6 +6,7 @@ says none), the recognizer's guesses replaced by its final words, a stream's cap
 away, `callbot web` alone."""
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import socket
@@ -22,10 +23,10 @@ from callbot.engine.contract import BotText, CallerWords, FlowTransition
 from callbot.engine.serving.echo import EchoEngine
 from callbot.sip.call_record import CallRecord
 from callbot.store.call_store import CallStore
-from callbot.web.live import MAX_STREAMS_PER_USER, Streams
+from callbot.web.live import MAX_STREAMS_PER_USER, LiveStream, Streams
 from callbot.web.serve_link import sse
 from callbot.web.server import WebServer
-from callbot.web.users import Users
+from callbot.web.users import User, Users
 from tests.sip_peers import eventually, free_port
 
 pytestmark = pytest.mark.timeout(60)
@@ -217,3 +218,83 @@ def test_server_sent_event_lines():
     assert streams.reserve("b") and not streams.reserve("c")  # the process's cap
     streams.release("a")
     assert streams.reserve("c") and streams.count() == 3 and streams.count("a") == 1
+
+
+class Browser:
+    """The ASGI side of one /live/events request, driven by the test: `send` records what the stream
+    writes and, while `hold` is clear, waits (a browser that does not read); `go` is the browser leaving."""
+
+    def __init__(self):
+        self.messages: list[dict] = []
+        self.hold = asyncio.Event()
+        self.hold.set()
+        self.gone = asyncio.Event()
+
+    async def receive(self):
+        await self.gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message):
+        self.messages.append(message)
+        await self.hold.wait()
+
+    def updates(self) -> list[dict]:
+        out = []
+        for m in self.messages:
+            body = m.get("body", b"")
+            out += [json.loads(line[6:]) for line in body.decode().splitlines() if line.startswith("data: ")]
+        return out
+
+
+def test_a_browser_that_falls_behind_gets_a_snapshot_and_a_disabled_user_is_cut_off(serve_side):
+    """LiveStream under asyncio with the test as the ASGI server: a queue of 2 updates overflows while the
+    browser does not read, and what it lost comes back as one fresh snapshot; a user no longer allowed
+    is cut off at the next keep-alive."""
+    link = ServeWebLink(serve_side).start()
+    user = User(name="sue", role="supervisor", tenant="acme")
+    session, record = _open(serve_side.router, "call-2@acme", "acme")
+    allowed = {"yes": True}
+
+    async def still_allowed() -> bool:
+        return allowed["yes"]
+
+    async def run() -> tuple[list[dict], list[dict]]:
+        slow = Browser()
+        stream = LiveStream(link, user, Streams(), still_allowed, keepalive_s=3600, queue=2)
+        task = asyncio.ensure_future(stream(HTTP_SCOPE, slow.receive, slow.send))
+        while len(slow.messages) < 2:  # the headers, the first snapshot
+            await asyncio.sleep(0.01)
+        slow.hold.clear()  # the browser stops reading: the stream waits on its next write
+        # a feed subscribed after the stream's is told after it: once it has all five, so has the stream
+        after: list[dict] = []
+        feed = link.subscribe(after.append)
+        for piece in ("one", " two", " three", " four", " five"):
+            serve_side.bus.publish(BotText(call_id="call-2@acme", t_ms=1.0, piece=piece))
+        while len(after) < 5:
+            await asyncio.sleep(0.01)
+        feed.close()
+        slow.hold.set()
+        while not [u for u in slow.updates() if u["type"] == "snapshot"][1:]:
+            await asyncio.sleep(0.01)
+        slow.gone.set()
+        await asyncio.wait_for(task, 10)
+        # a user disabled meanwhile: cut off at the next keep-alive
+        cut = Browser()
+        allowed["yes"] = False
+        quick = LiveStream(link, user, Streams(), still_allowed, keepalive_s=0.05)
+        await asyncio.wait_for(quick(HTTP_SCOPE, cut.receive, cut.send), 10)
+        return slow.updates(), cut.updates()
+
+    try:
+        slow, cut = asyncio.run(run())
+    finally:
+        serve_side.router.close_session(session, record)
+        link.close()
+    snapshots = [u for u in slow if u["type"] == "snapshot"]
+    assert len(snapshots) == 2
+    [call] = snapshots[1]["calls"]
+    assert call["lines"] == [{"leg": "bot", "text": "one two three four five", "final": True}]
+    assert [u["type"] for u in cut] == ["snapshot", "closed"]
+
+
+HTTP_SCOPE = {"type": "http", "method": "GET", "path": "/live/events", "headers": []}

@@ -87,12 +87,13 @@ class LiveStream:
     waits for the next update, which a StreamingResponse notices only when it writes)."""
 
     def __init__(self, link: ServeLink, user: User, streams: Streams,
-                 still_allowed: Callable[[], Awaitable[bool]], keepalive_s: float = KEEPALIVE_S):
+                 still_allowed: Callable[[], Awaitable[bool]], keepalive_s: float = KEEPALIVE_S, queue: int = QUEUE):
         self.link = link
         self.user = user
         self.streams = streams
         self.still_allowed = still_allowed
         self.keepalive_s = keepalive_s
+        self.queue = queue
 
     async def __call__(self, scope, receive, send) -> None:
         if not self.streams.reserve(self.user.name):
@@ -106,7 +107,7 @@ class LiveStream:
 
     async def _stream(self, receive, send) -> None:
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue(QUEUE)
+        queue: asyncio.Queue = asyncio.Queue(self.queue)
         lost = False
 
         def put(update: Update | None) -> None:  # on the loop
