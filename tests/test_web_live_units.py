@@ -249,7 +249,7 @@ class Browser:
 def test_a_browser_that_falls_behind_gets_a_snapshot_and_a_disabled_user_is_cut_off(serve_side):
     """LiveStream under asyncio with the test as the ASGI server: a queue of 2 updates overflows while the
     browser does not read, and what it lost comes back as one fresh snapshot; a user no longer allowed
-    is cut off at the next keep-alive."""
+    is cut off at the next keep-alive; serve stopping while a browser's queue is full still ends its stream."""
     link = ServeWebLink(serve_side).start()
     user = User(name="sue", role="supervisor", tenant="acme")
     session, record = _open(serve_side.router, "call-2@acme", "acme")
@@ -283,6 +283,27 @@ def test_a_browser_that_falls_behind_gets_a_snapshot_and_a_disabled_user_is_cut_
         allowed["yes"] = False
         quick = LiveStream(link, user, Streams(), still_allowed, keepalive_s=0.05)
         await asyncio.wait_for(quick(HTTP_SCOPE, cut.receive, cut.send), 10)
+        # serve stopping while a browser's queue is full: the stream still ends
+        full = Browser()
+        last = LiveStream(link, user, Streams(), still_allowed, keepalive_s=3600, queue=1)
+        task = asyncio.ensure_future(last(HTTP_SCOPE, full.receive, full.send))
+        while len(full.messages) < 2:
+            await asyncio.sleep(0.01)
+        full.hold.clear()
+        after.clear()
+        feed = link.subscribe(after.append)
+        for piece in (" six", " seven", " eight"):  # one taken (its write waits), one queued, one lost
+            serve_side.bus.publish(BotText(call_id="call-2@acme", t_ms=2.0, piece=piece))
+        while len(full.messages) < 3:  # the stream waits on a write: what comes now stays queued
+            await asyncio.sleep(0.01)
+        for piece in (" nine", " ten"):  # the queue full again
+            serve_side.bus.publish(BotText(call_id="call-2@acme", t_ms=3.0, piece=piece))
+        while len(after) < 5:
+            await asyncio.sleep(0.01)
+        link.close()
+        full.hold.set()
+        await asyncio.wait_for(task, 10)
+        assert full.updates()[-1] == {"type": "closed"}
         return slow.updates(), cut.updates()
 
     try:

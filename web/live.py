@@ -112,6 +112,9 @@ class LiveStream:
 
         def put(update: Update | None) -> None:  # on the loop
             nonlocal lost
+            if update is None:  # serve is stopping: this one gets through, whatever else is waiting
+                while queue.full():
+                    queue.get_nowait()
             try:
                 queue.put_nowait(update)
             except asyncio.QueueFull:
@@ -158,8 +161,11 @@ class LiveStream:
 
 
 async def _disconnected(receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
+    try:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+    except Exception:  # the server could not say: take it as gone
+        return
 
 
 async def _body(send, data: bytes) -> None:
@@ -190,7 +196,10 @@ def live_routes(link: ServeLink | None, *, page, render, users, error) -> list[R
         async def still_allowed() -> bool:
             from starlette.concurrency import run_in_threadpool
 
-            now = await run_in_threadpool(users.get, user.name)
+            try:
+                now = await run_in_threadpool(users.get, user.name)
+            except Exception:  # the store cannot say (gone, locked): end; the browser reconnects and is asked again
+                return False
             return now is not None and not now.disabled and now.role == user.role and now.tenant == user.tenant
 
         return LiveStream(link, user, streams, still_allowed)
