@@ -70,7 +70,9 @@ class ServeWebLink:
         self.server = server
         self.clock = clock
         self.started_at = clock()
-        self._lock = threading.Lock()
+        # one lock for the state and the order of updates: each is handed to the subscribers under it, so a
+        # call's end never overtakes an update about it from another thread (notify only enqueues)
+        self._lock = threading.RLock()
         self._calls: dict[str, _Call] = {}
         self._ended: collections.deque[str] = collections.deque(maxlen=ENDED_KEPT)
         self._feeds: tuple[_Feed, ...] = ()
@@ -116,8 +118,7 @@ class ServeWebLink:
                 return  # gone meanwhile
             c.transfer_target = target
             c.transfer = f"to {target}: asked"
-            view = self._view(c)
-        self._publish({"type": "call", "call": _builtins(view)})
+            self._publish({"type": "call", "call": _builtins(self._view(c))})
 
     def system(self) -> dict[str, Any]:
         s = self.server
@@ -171,8 +172,7 @@ class ServeWebLink:
         with self._lock:
             c = self._calls.get(live.call_id) or self._calls.setdefault(live.call_id, _Call(live.call_id))
             c.live = live
-            view = self._view(c)
-        self._publish({"type": "call", "call": _builtins(view)})
+            self._publish({"type": "call", "call": _builtins(self._view(c))})
 
     def call_closed(self, live: LiveCall) -> None:
         self._end(live.call_id)
@@ -211,7 +211,7 @@ class ServeWebLink:
                 update = {"type": "call", "call": _builtins(self._view(c))} if c.live is not None else None
             if c.live is None:
                 update = None  # not on the page yet: its header comes with call_opened, the rest with it
-        self._publish(update)
+            self._publish(update)
 
     def _text(self, c: _Call, leg: str, text: str, final: bool, *, append: bool) -> Update | None:
         """The line `text` lands in: a bot piece extends the bot's open line; the recognizer's guess
@@ -262,10 +262,8 @@ class ServeWebLink:
             if c is None:
                 return
             self._ended.append(call_id)
-            shown = c.live is not None
-            tenant = c.tenant
-        if shown:
-            self._publish({"type": "ended", "call_id": call_id, "tenant": tenant})
+            if c.live is not None:
+                self._publish({"type": "ended", "call_id": call_id, "tenant": c.tenant})
 
     def _control(self, call_id: str, op: Callable[[LiveCall], None]) -> None:
         with self._lock:
