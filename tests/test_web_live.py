@@ -32,7 +32,7 @@ from callbot.speech.tts import EspeakTts
 from tests.sip_peers import Kamailio, PjsuaPeer, _Lines, eventually, free_port, serve_config, stop_process
 from tests.test_flows_call import RATE, _write_wav
 from tests.test_store_calls import _tone
-from tests.test_web import _sign_in, browser  # noqa: F401  (the browser fixture)
+from tests.test_web import DOCS, _sign_in, browser  # noqa: F401  (the browser fixture)
 
 pytestmark = pytest.mark.timeout(240)
 CALLBOT = [sys.executable, "-m", "callbot.app.cli"]
@@ -221,6 +221,12 @@ listen = "127.0.0.1:{web_port}"
         rows = eventually(registrations, 40, "both registrations' outcomes on /system")
         assert rows["line"] == "direct (no registrar)"
         browser.save_screenshot(str(shots / "system.png"))
+
+        if os.environ.get("CALLBOT_UPDATE_SCREENSHOTS"):  # docs/web.md's
+            import shutil
+
+            shutil.copy(shots / "live.png", DOCS / "panel-live.png")
+            shutil.copy(shots / "system.png", DOCS / "panel-system.png")
 
         # serve stops with streams open: they end, and serve does not wait on them
         proc.send_signal(signal.SIGTERM)
