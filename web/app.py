@@ -70,8 +70,7 @@ class PanelError(Exception):
 def create_app(store: CallStore, *, secret: str | None = None, limiter: LoginLimiter | None = None,
                clock: Callable[[], float] = time.time, link: ServeLink | None = None) -> Starlette:
     """The panel over `store`. `secret` signs the session cookies (None: a random one, so sessions end
-    when the process does). `link`: the running `callbot serve` (web/serve_link.py), for the live calls
-    and system pages; None (`callbot web`): those pages say serve is not attached."""
+    when the process does)."""
     users = Users(store, clock=clock)
     limiter = limiter or LoginLimiter()
     templates = Jinja2Templates(directory=os.path.join(HERE, "templates"))
@@ -228,10 +227,12 @@ def create_app(store: CallStore, *, secret: str | None = None, limiter: LoginLim
         Route("/calls/{call_id:path}/record", page(record)),
         Route("/calls/{call_id:path}", page(call_page)),
         Route("/dashboard", page(dash)),
+        # `link`: the running `callbot serve` (web/serve_link.py), for the live calls and system pages; None
+        # (`callbot web`): those pages say that serve is not attached
+        *live_routes(link, page=page, render=render, users=users, error=PanelError),  # web/live.py
+        *system_routes(link, store, page=page, render=render, error=PanelError),  # web/system.py
         Route("/users", page(users_page, admin=True), methods=["GET", "POST"]),
         Route("/audit", page(audit_page, admin=True)),
-        *live_routes(link, page=page, render=render, users=users, error=PanelError),
-        *system_routes(link, store, page=page, render=render, error=PanelError),
         Mount("/static", StaticFiles(directory=os.path.join(HERE, "static")), name="static"),
     ]
     middleware = [Middleware(SessionMiddleware, secret_key=secret or secrets.token_urlsafe(32),
