@@ -175,6 +175,11 @@ class Metrics:
         self._server = MetricsServer(self.registry, host, port)
         return self._server.address
 
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """Where /metrics is served (the bound port, also when asked for port 0); None when not served."""
+        return self._server.address if self._server is not None else None
+
     def close(self) -> None:
         if self._server is not None:
             self._server.close()

@@ -147,7 +147,7 @@ def running_server(settings: Settings, engine_kind: str, log: EventLog | None = 
             stack.callback(server.store_api.stop)
         from callbot.app.web_host import start_web
 
-        server.web = start_web(settings)  # app/web_host.py: the panel on [web] listen, else None
+        server.web = start_web(settings, server)  # app/web_host.py: the panel on [web] listen, else None
         if server.web is not None:
             stack.callback(server.web.stop)
         stack.callback(server.drain)  # runs after the stop below: hang-ups and un-REGISTERs get logged

@@ -1,13 +1,31 @@
 """`callbot serve` with [web] listen: the web panel (callbot.web) over serve's call store, on a thread of
-its own beside the SIP side (the panel only reads the store, and writes its own users and audit log)."""
+its own beside the SIP side, linked to the running server (app/web_link.py) for the live calls and
+system pages (the panel reads the store, writes its own users and audit log, and controls live calls
+only through the link)."""
 from __future__ import annotations
 
 from callbot.app.errors import StartupError
 from callbot.app.settings import Settings
 
 
-def start_web(settings: Settings):
-    """The running panel (web/server.py WebServer), or None without [web] listen."""
+class ServeWeb:
+    """The panel and its link to serve; `stop` ends the live streams first, so that uvicorn's graceful
+    shutdown has no endless response to wait for."""
+
+    def __init__(self, web, link):
+        self.web = web
+        self.link = link
+        self.host, self.port = web.host, web.port
+
+    def stop(self) -> None:
+        if self.link is not None:
+            self.link.close()
+        self.web.stop()
+
+
+def start_web(settings: Settings, server=None) -> ServeWeb | None:
+    """The running panel (web/server.py WebServer, linked to `server`: app/serve.py Server), or None
+    without [web] listen."""
     if settings.web.listen is None:
         return None
     if not settings.store.enabled:
@@ -15,8 +33,15 @@ def start_web(settings: Settings):
     from callbot.store.database import StoreError
     from callbot.web.server import WebServer
 
+    link = None
+    if server is not None:
+        from callbot.app.web_link import ServeWebLink
+
+        link = ServeWebLink(server).start()
     host, port = settings.web.address
     try:
-        return WebServer.start(settings.store_url(), host, port)
+        return ServeWeb(WebServer.start(settings.store_url(), host, port, link=link), link)
     except (OSError, StoreError) as err:
+        if link is not None:
+            link.close()
         raise StartupError(f"[web] listen {settings.web.listen!r}: {err}") from None

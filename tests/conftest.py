@@ -121,6 +121,9 @@ MARKS: dict[str, frozenset[str]] = {
         "test_store_calls": "sip slow",
         "test_web_units": "",  # 2 s: the limiter, CSRF, scopes, users on SQLite and PostgreSQL
         "test_web_serve": "sip slow",  # 15 s: `callbot serve` with [web] listen, a pjsua2 call seen in chromium
+        "test_web_live_units": "",  # 5 s: app/web_link.py on a real bus and echo CallRouter, the SSE stream over HTTP
+        "test_web_live": "sip slow",
+        "test_web_live::test_the_models_words_and_step_times_in_the_browser": "model",  # the tiny model in serve  # 30 s: serve's /live and /system; a pjsua2 call heard, shown by SSE in chromium, hung up from the page
         "test_web": "slow",  # 15 s: `callbot web` over two imported, analysed calls; headless chromium via selenium  # `callbot serve` into the store: a flow call, a SIGKILL mid-call
     }.items()
 }

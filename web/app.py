@@ -38,7 +38,10 @@ from callbot.store.queries import QueryError
 from callbot.store.schema import calls
 from callbot.web import charts
 from callbot.web.dashboard import dashboard
+from callbot.web.live import live_routes
 from callbot.web.security import LoginLimiter, csrf_ok, csrf_token
+from callbot.web.serve_link import ServeLink
+from callbot.web.system import system_routes
 from callbot.web.users import ROLES, User, UserError, Users
 from callbot.web.waveform import waveform_svg
 
@@ -65,7 +68,7 @@ class PanelError(Exception):
 
 
 def create_app(store: CallStore, *, secret: str | None = None, limiter: LoginLimiter | None = None,
-               clock: Callable[[], float] = time.time) -> Starlette:
+               clock: Callable[[], float] = time.time, link: ServeLink | None = None) -> Starlette:
     """The panel over `store`. `secret` signs the session cookies (None: a random one, so sessions end
     when the process does)."""
     users = Users(store, clock=clock)
@@ -224,6 +227,10 @@ def create_app(store: CallStore, *, secret: str | None = None, limiter: LoginLim
         Route("/calls/{call_id:path}/record", page(record)),
         Route("/calls/{call_id:path}", page(call_page)),
         Route("/dashboard", page(dash)),
+        # `link`: the running `callbot serve` (web/serve_link.py), for the live calls and system pages; None
+        # (`callbot web`): those pages say that serve is not attached
+        *live_routes(link, page=page, render=render, users=users, error=PanelError),  # web/live.py
+        *system_routes(link, store, page=page, render=render, error=PanelError),  # web/system.py
         Route("/users", page(users_page, admin=True), methods=["GET", "POST"]),
         Route("/audit", page(audit_page, admin=True)),
         Mount("/static", StaticFiles(directory=os.path.join(HERE, "static")), name="static"),

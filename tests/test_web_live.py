@@ -1,0 +1,296 @@
+"""The live calls page and the system page of the panel served by `callbot serve` ([web] listen): a real
+pjsua2 caller calls a flow on the echo engine (tenant acme), says "I want to talk to an agent"
+(espeak-ng) which the live recognizer (pocketsphinx) hears, and headless chromium shows the call on
+/live with its flow state and the caller's words pushed by server-sent events (no reload), then hangs it
+up with the page's button: the caller gets the BYE and the call leaves the page.
+
+Around it, over plain HTTP: a viewer of acme sees the call but no buttons, and its POST is a 403; a
+supervisor of another tenant neither sees the call (page and stream) nor acts on it (404, as for a call
+that is not there); a POST without the CSRF token is a 403; a second call is transferred (blind) from the
+page to a URI typed in, and reaches that peer; both actions are in the audit log; the system
+page shows the slots, the Prometheus link and the SIP accounts (a direct one, one registered at kamailio,
+one kamailio refuses); a stream open at SIGTERM ends, and serve
+exits on its own. Screenshots go to the test's tmp dir.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+
+import httpx
+import numpy as np
+import pytest
+import soxr
+
+from callbot.speech.tts import EspeakTts
+from tests.sip_peers import Kamailio, PjsuaPeer, _Lines, eventually, free_port, serve_config, stop_process
+from tests.test_flows_call import RATE, _write_wav
+from tests.test_store_calls import _tone
+from tests.test_web import DOCS, _sign_in, browser  # noqa: F401  (the browser fixture)
+
+pytestmark = pytest.mark.timeout(240)
+CALLBOT = [sys.executable, "-m", "callbot.app.cli"]
+PW = "live-password-1"
+USERS = (("ada", "admin", None), ("sue", "supervisor", "acme"), ("vic", "viewer", "acme"),
+         ("bea", "supervisor", "beta"))
+FLOW = """
+start = "greet"
+[states.greet]
+play = "tone.wav"
+next = "talk"
+[states.talk]
+persona = "You are the live test line."
+max_s = 120
+"""
+
+
+def _client(base: str, name: str) -> httpx.Client:
+    client = httpx.Client(base_url=base, timeout=10, follow_redirects=False)
+    token = re.search(r'name="csrf" value="([^"]+)"', client.get("/login").text).group(1)
+    r = client.post("/login", data={"csrf": token, "name": name, "password": PW, "next": "/live"})
+    assert r.status_code == 303, r.text
+    return client
+
+
+def _csrf(client: httpx.Client) -> str:
+    return re.search(r'name="csrf" value="([^"]+)"', client.get("/live").text).group(1)
+
+
+class Stream:
+    """A user's /live/events read on a thread: the updates as they come, and whether the stream ended."""
+
+    def __init__(self, client: httpx.Client):
+        self.updates: list[dict] = []
+        self.ended = threading.Event()
+        self.status: int | None = None
+        self._client = client
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            with self._client.stream("GET", "/live/events", timeout=httpx.Timeout(10, read=60)) as r:
+                self.status = r.status_code
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        self.updates.append(json.loads(line[6:]))
+        except httpx.HTTPError:
+            pass
+        finally:
+            self.ended.set()
+
+    def of(self, kind: str, call_id: str | None = None) -> list[dict]:
+        return [u for u in list(self.updates) if u["type"] == kind and (call_id is None or u.get("call_id") == call_id)]
+
+
+def _speech(text: str) -> np.ndarray:
+    samples, rate = EspeakTts(voice="en-us+klatt2").synthesize(text)  # the voice pocketsphinx hears best
+    speech = soxr.resample(samples.astype(np.float32), rate, RATE)
+    return np.clip(np.concatenate([speech, np.zeros(RATE, np.float32)]), -32768, 32767).astype(np.int16)
+
+
+def test_live_calls_in_the_browser_hang_up_scopes_and_roles(tmp_path, browser, request):  # noqa: F811
+    from selenium.webdriver.common.by import By
+
+    _tone(tmp_path / "tone.wav")
+    (tmp_path / "support.toml").write_text(FLOW)
+    _write_wav(tmp_path / "ask.wav", _speech("I want to talk to an agent"))
+    sip_port, web_port, metrics_port = free_port(), free_port(socket.SOCK_STREAM), free_port(socket.SOCK_STREAM)
+    kamailio = Kamailio({"pbxline": "pbx-password", "mallory": "the-right-one"}, tmp_path)
+    request.addfinalizer(kamailio.close)
+    env = {**os.environ, "LIVE_PBX_PASSWORD": "pbx-password", "LIVE_REFUSED_PASSWORD": "wrong"}
+    cfg = serve_config(tmp_path, sip_port, metrics_port, tail=f"""
+[[sip.accounts]]
+name = "pbx"
+user = "pbxline"
+registrar = "{kamailio.uri}"
+password_env = "LIVE_PBX_PASSWORD"
+[[sip.accounts]]
+name = "refused"
+user = "mallory"
+registrar = "{kamailio.uri}"
+password_env = "LIVE_REFUSED_PASSWORD"
+[[tenants]]
+name = "acme"
+[[tenants]]
+name = "beta"
+[[bots]]
+name = "support"
+tenant = "acme"
+flow = "support.toml"
+[web]
+listen = "127.0.0.1:{web_port}"
+""")
+    for name, role, tenant in USERS:
+        added = subprocess.run([*CALLBOT, "users", "add", name, "--role", role, *(["--tenant", tenant] if tenant else []),
+                                "--password-env", "PW", "--config", str(cfg)],
+                               capture_output=True, text=True, timeout=60, env={**env, "PW": PW})
+        assert added.returncode == 0, added.stderr
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    proc = subprocess.Popen([*CALLBOT, "serve", "--engine", "echo", "--config", str(cfg)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    err = _Lines(proc.stderr, tmp_path / "serve.stderr")
+    clients: list[httpx.Client] = []
+    try:
+        err.wait_line("listening", 60)
+        base = f"http://127.0.0.1:{web_port}"
+        sue, vic, bea, ada = (_client(base, n) for n in ("sue", "vic", "bea", "ada"))
+        clients += [sue, vic, bea, ada]
+        sue_stream, bea_stream = Stream(sue), Stream(bea)
+        eventually(lambda: sue_stream.of("snapshot") and bea_stream.of("snapshot"), 10, "both streams' snapshots")
+        assert sue_stream.status == 200 and sue_stream.of("snapshot")[0]["calls"] == []
+
+        _sign_in(browser, base, "sue", PW)
+        browser.get(base + "/live")
+        assert "No call in progress" in browser.find_element(By.ID, "live").text
+        with PjsuaPeer(user="caller", log_dir=tmp_path) as peer:
+            call_id = peer.call(f"sip:echo@127.0.0.1:{sip_port}")
+            peer.expect("state", call_id=call_id, state="CONFIRMED", timeout=15)
+            # pushed to the open page: no reload
+            section = f'section.live-call[data-call-id="{call_id}"]'
+            found = eventually(lambda: browser.find_elements(By.CSS_SELECTOR, section), 15, "the call on /live")[0]
+            assert "support" in found.text and "acme" in found.text
+            eventually(lambda: "state talk" in browser.find_element(By.CSS_SELECTOR, section).text, 15,
+                       "the flow state on the page")
+            peer.send("play", path=str(tmp_path / "ask.wav"))
+            eventually(lambda: [e for e in browser.find_elements(By.CSS_SELECTOR, section + " .live-line.caller")
+                                if "agent" in e.text], 40, "the caller's words on the page")
+            assert eventually(lambda: sue_stream.of("speaking", call_id), 10, "who speaks, on the stream")
+            browser.save_screenshot(str(shots / "live.png"))
+            refused = [e["message"] for e in browser.get_log("browser") if "Content Security Policy" in e["message"]]
+            assert refused == []  # live.js and the stream run under the panel's strict policy
+
+            # a viewer of acme reads, and cannot act
+            page = vic.get("/live").text
+            assert f'data-call-id="{call_id}"' in page and "Hang up" not in page and "agent" in page
+            hangup = f"/live/{call_id}/hangup"
+            assert vic.post(hangup, data={"csrf": _csrf(vic)}).status_code == 403
+            # another tenant's supervisor: not on its page nor its stream, 404 on its actions
+            assert call_id not in bea.get("/live").text
+            assert bea.post(hangup, data={"csrf": _csrf(bea)}).status_code == 404
+            assert bea.post(f"/live/{call_id}/transfer", data={"csrf": _csrf(bea), "target": "sip:x@127.0.0.1"}
+                            ).status_code == 404
+            assert not [u for u in bea_stream.updates if call_id in json.dumps(u)]
+            # no CSRF token, no action; a target that is no URI is refused before anything is sent
+            assert sue.post(hangup).status_code == 403 and sue.post(hangup, data={"csrf": "wrong"}).status_code == 403
+            bad = sue.post(f"/live/{call_id}/transfer", data={"csrf": _csrf(sue), "target": "agent\r\nX-Evil: 1"})
+            assert bad.status_code == 400
+            system = ada.get("/system")
+            assert system.status_code == 200 and 'data-account="line"' in system.text
+            assert f"http://127.0.0.1:{metrics_port}/metrics" in system.text
+            assert re.search(r'id="slots">slots used<b>1 / \d+', system.text)
+            assert vic.get("/system").status_code == 403
+
+            # the page's own button hangs up
+            browser.find_element(By.CSS_SELECTOR, section + " form.hangup button").click()
+            peer.expect("disconnected", call_id=call_id, timeout=15)
+            eventually(lambda: browser.current_url.endswith("/live") and not browser.find_elements(
+                By.CSS_SELECTOR, section), 15, "the call gone from the page")
+            browser.save_screenshot(str(shots / "live-after-hangup.png"))
+        assert eventually(lambda: sue_stream.of("ended", call_id), 10, "the hang-up on the stream")
+
+        # a blind transfer to a URI typed into the page: the caller gets the REFER and reaches the person
+        with PjsuaPeer(user="human", log_dir=tmp_path) as human, PjsuaPeer(user="caller2", log_dir=tmp_path) as peer:
+            second = peer.call(f"sip:echo@127.0.0.1:{sip_port}")
+            peer.expect("state", call_id=second, state="CONFIRMED", timeout=15)
+            section = f'section.live-call[data-call-id="{second}"]'
+            eventually(lambda: browser.find_elements(By.CSS_SELECTOR, section), 15, "the second call on /live")
+            browser.find_element(By.CSS_SELECTOR, section + ' form.transfer input[name="target"]').send_keys(human.uri)
+            browser.find_element(By.CSS_SELECTOR, section + " form.transfer button").click()
+            assert peer.expect("transfer_request", call_id=second, timeout=15)["dest"].strip("<>") == human.uri
+            human.expect("incoming", timeout=15)
+            eventually(lambda: browser.current_url.endswith("/live") and not browser.find_elements(
+                By.CSS_SELECTOR, section), 15, "the transferred call gone from the page")
+        audit = ada.get("/audit").text
+        assert "call.hangup" in audit and call_id in audit and audit.count("call.hangup") == 1
+        assert "call.transfer" in audit and second in audit and human.uri in audit
+        # the SIP accounts as the registrar sees them: one registered, one refused (wrong password)
+        def registrations():
+            browser.get(base + "/system")
+            rows = {r.get_attribute("data-account"): r.find_element(By.CLASS_NAME, "reg").text
+                    for r in browser.find_elements(By.CSS_SELECTOR, "#sip tr[data-account]")}
+            return rows if rows.get("pbx") == "registered" and rows.get("refused", "").startswith(
+                "not registered:") else None
+        rows = eventually(registrations, 40, "both registrations' outcomes on /system")
+        assert rows["line"] == "direct (no registrar)"
+        browser.save_screenshot(str(shots / "system.png"))
+
+        if os.environ.get("CALLBOT_UPDATE_SCREENSHOTS"):  # docs/web.md's
+            import shutil
+
+            shutil.copy(shots / "live.png", DOCS / "panel-live.png")
+            shutil.copy(shots / "system.png", DOCS / "panel-system.png")
+
+        # serve stops with streams open: they end, and serve does not wait on them
+        proc.send_signal(signal.SIGTERM)
+        assert sue_stream.ended.wait(20) and sue_stream.of("closed")
+        assert proc.wait(30) == 0
+    finally:
+        for c in clients:
+            c.close()
+        stop_process(proc, 15, signal.SIGKILL)
+
+
+def test_the_models_words_and_step_times_in_the_browser(tmp_path, browser):  # noqa: F811
+    """The bot's leg on the model: `callbot serve --engine model` with the tiny random-weight PersonaPlex in
+    its own process; the model's text pieces (BotText) make the bot's line on /live as they come, and the
+    system page shows the model's settings and its measured step time for one call."""
+    from selenium.webdriver.common.by import By
+
+    from tests.tiny_assets import write_tiny_model_for_serve
+
+    directory, arch = write_tiny_model_for_serve(tmp_path / "personaplex")
+    sip_port, web_port = free_port(), free_port(socket.SOCK_STREAM)
+    cfg = serve_config(tmp_path, sip_port, None, tail=f"""
+[model]
+path = "{directory}"
+architecture = "{arch}"
+quantization = "none"
+download = false
+[[bots]]
+name = "tiny"
+voice = "NATM1"
+persona = "Talk."
+[recognizer]
+engine = "none"
+[web]
+listen = "127.0.0.1:{web_port}"
+""")
+    added = subprocess.run([*CALLBOT, "users", "add", "ada", "--role", "admin", "--password-env", "PW", "--config",
+                            str(cfg)], capture_output=True, text=True, timeout=60, env={**os.environ, "PW": PW})
+    assert added.returncode == 0, added.stderr
+    proc = subprocess.Popen([*CALLBOT, "serve", "--engine", "model", "--config", str(cfg)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = _Lines(proc.stderr, tmp_path / "serve.stderr")
+    try:
+        err.wait_line("listening", 120)
+        base = f"http://127.0.0.1:{web_port}"
+        _sign_in(browser, base, "ada", PW)
+        browser.get(base + "/live")
+        with PjsuaPeer(user="caller", log_dir=tmp_path) as peer:
+            call_id = peer.call(f"sip:echo@127.0.0.1:{sip_port}")
+            peer.expect("state", call_id=call_id, state="CONFIRMED", timeout=30)
+            section = f'section.live-call[data-call-id="{call_id}"]'
+            eventually(lambda: browser.find_elements(By.CSS_SELECTOR, section), 15, "the call on /live")
+            bot = eventually(lambda: [e.text for e in browser.find_elements(By.CSS_SELECTOR, section + " .live-line.bot")
+                                      if e.text.strip() != "bot"], 60, "the model's words on the page")
+            assert bot[0].startswith("bot")
+            browser.save_screenshot(str(tmp_path / "live-model.png"))
+            def measured():  # the stage stamps come about once a second
+                browser.get(base + "/system")
+                return browser.find_elements(By.CSS_SELECTOR, "table#steps")
+            steps = eventually(measured, 30, "a step time on the system page")[0].text
+            model = browser.find_element(By.ID, "model").text
+            assert "quantization none" in model and str(directory) in model
+            assert re.search(r"^1 \d+ [\d.]+ [\d.]+$", steps.splitlines()[1]), steps  # one call: frames, mean, max
+            assert "1 / " in browser.find_element(By.ID, "slots").text
+            browser.save_screenshot(str(tmp_path / "system-model.png"))
+    finally:
+        stop_process(proc, 30)
