@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from callbot.engine import Model
+from callbot.engine import Model, now_ns
 from callbot.engine.contract import (CallStart, HoldBot, Inform, MuteCaller, PersonaChanged, Play, PlayFinished,
                                      SetPersona, StopPlay)
 from callbot.engine.serving.call_audio import CallAudio
@@ -107,9 +107,14 @@ def drive(engine: ModelEngine, calls: list[Plan], timeout: float = 120.0) -> dic
                                                 audio=CallAudio(RATE))
             for op in p.controls.get(k - p.first, []):
                 h.session.control(op)
-        for p in now:  # every call's frame at once: whatever the polls catch, each call's inputs are the same
+        # every call's frame at once: whatever the polls catch, each call's inputs are the same. One
+        # arrival time for all of them, as a media tick gives: stamped one by one, a driver preempted
+        # between two writes (a loaded CI machine) put a joining call's frames out of the others'
+        # phase, and the runner rightly padded its first frame (round_schedule.first_frame_pad)
+        arrival = now_ns()
+        for p in now:
             a = heard[p.call_id].session.audio
-            a.rx_stamps.note(STEP)
+            a.rx_stamps.note(STEP, arrival)
             a.rx.write(p.frame(k - p.first))
         for p in now:
             s = heard[p.call_id].session
