@@ -212,6 +212,8 @@ class SippFlood:
             row = dict(zip(names, last))
             out["successful"] = int(row.get("SuccessfulCall(C)", 0))
             out["failed"] = int(row.get("FailedCall(C)", 0))
+            # requests sent again after 500 ms without an answer (a loaded machine): each is one more request
+            out["retransmissions"] = int(row.get("Retransmissions(C)", 0))
         except (OSError, IndexError, ValueError):
             pass
         return out

@@ -39,7 +39,9 @@ def test_floods_of_requests_we_answer_statelessly(scenario, tmp_path: pathlib.Pa
         assert sipp_call(target.port, tmp_path / "after")
         if scenario != "options":
             stats = target.wait_stats(lambda s: s.get("refused", {}).get("not_served", 0) >= 2 * RATE)
-            assert stats["refused"]["not_served"] == 2 * RATE
+            # every request refused and counted; a retransmitted one (the first answer late on a loaded
+            # machine: 33 of 4000 once in CI) is refused and counted again
+            assert 2 * RATE <= stats["refused"]["not_served"] <= 2 * RATE + result["retransmissions"], (stats, result)
 
 
 def test_a_flood_of_refused_offers_is_survived_and_a_real_call_connects_during_it(tmp_path: pathlib.Path):
