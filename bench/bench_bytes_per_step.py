@@ -18,8 +18,10 @@ what decides how many calls one model steps within the 80 ms frame. Counted here
   transformer caches (250 positions each, read every step once a call is 20 s old);
 - the KV cache read per call: the ring span our step reads (`transformer.ring_span`: a power-of-two
   prefix while the ring fills, the whole context after), as bf16 or quantized (`kv_bits` 8 / 4, a bf16
-  scale and bias per 64 values). Our attention dequantizes the span before `scaled_dot_product_attention`,
-  which writes and reads a bf16 copy of it again: shown as a separate "as implemented" figure.
+  scale and bias per 64 values). The 7B's heads (128) hold whole quantization groups, so its ring is
+  head-major and a step attends to it packed (`transformer.kv_fused_attention`: two quantized matmuls),
+  reading exactly those bytes. The dequantizing path (before the fused attention; still the path of
+  heads narrower than a group) also writes and reads a bf16 copy of the span: shown for comparison.
 
 Quantized matrices: `bits` per value plus a scale and a bias per group of 64 values in the model's
 float dtype (bf16 on Metal/CUDA), exactly as `weights.quantize_lm` stores them. The counting code is
@@ -37,7 +39,7 @@ from dataclasses import dataclass
 
 from callbot.engine.model.lm_config import LmConfig, personaplex_7b
 from callbot.engine.model.mimi import MimiConfig, mimi_202407
-from callbot.engine.model.transformer import KV_GROUP_SIZE, ring_span
+from callbot.engine.model.transformer import KV_GROUP_SIZE, kv_head_major, ring_span
 from callbot.engine.model.weights import Q4_GROUP_SIZE, Q8_GROUP_SIZE
 
 # memory bandwidth, bytes per second (vendors' figures)
@@ -131,16 +133,22 @@ def kv_value_bytes(kv_bits: int | None, float_bytes: int = 2) -> float:
     return kv_bits / 8 + 2 * float_bytes / KV_GROUP_SIZE
 
 
+def kv_dequantizes(cfg: LmConfig) -> bool:
+    """Whether a quantized ring of this model is read through a dequantized copy (heads narrower than a
+    quantization group: position-major layout) rather than attended packed (the fused path)."""
+    return not kv_head_major(cfg.transformer.head_dim, KV_GROUP_SIZE)
+
+
 def kv_read_bytes(cfg: LmConfig, fill: int, kv_bits: int | None, float_bytes: int = 2,
-                  as_implemented: bool = False) -> float:
+                  dequantized: bool = False) -> float:
     """One call's KV cache read by one step at `fill` frames: the span the step reads (ring_span) x
-    layers x keys and values x heads x head_dim. `as_implemented`: plus the dequantized float copy of a
-    quantized span, written and read back (our attention path)."""
+    layers x keys and values x heads x head_dim. `dequantized`: plus the float copy of a quantized span,
+    written and read back (the dequantize-then-SDPA path: `fused_kv = False`, or narrow heads)."""
     t = cfg.transformer
     span = ring_span(fill, cfg.context)
     values = cfg.num_layers * 2 * t.num_heads * t.head_dim * span
     total = values * kv_value_bytes(kv_bits, float_bytes)
-    if as_implemented and kv_bits is not None:
+    if dequantized and kv_bits is not None:
         total += 2 * values * float_bytes
     return total
 
@@ -161,8 +169,11 @@ class StepBytes:
 
 
 def step_bytes(cfg: LmConfig, mimi: MimiConfig, p: Precision, fill: int, kv_bits: int | None,
-               slices: int | None = None, as_implemented: bool = False) -> StepBytes:
-    """What one live step of B calls reads (B calls at the same `fill`)."""
+               slices: int | None = None, dequantized: bool | None = None) -> StepBytes:
+    """What one live step of B calls reads (B calls at the same `fill`). `dequantized`: whether a
+    quantized ring is read through a float copy; None = as implemented for this model (`kv_dequantizes`)."""
+    if dequantized is None:
+        dequantized = kv_dequantizes(cfg)
     resident = lm_resident_bytes(cfg, p)
     n = live_slices(cfg) if slices is None else slices
     dd = cfg.depformer_dim
@@ -175,7 +186,7 @@ def step_bytes(cfg: LmConfig, mimi: MimiConfig, p: Precision, fill: int, kv_bits
     }
     per_call = {
         "embedding rows": cfg.num_streams * row_bytes(cfg.dim, p) + n * row_bytes(dd, p),
-        "KV cache": kv_read_bytes(cfg, fill, kv_bits, p.float_bytes, as_implemented),
+        "KV cache": kv_read_bytes(cfg, fill, kv_bits, p.float_bytes, dequantized),
         "Mimi caches": mimi_kv_bytes(mimi, p.float_bytes),
     }
     return StepBytes(shared, per_call)
@@ -218,14 +229,19 @@ def report(cfg: LmConfig | None = None, mimi: MimiConfig | None = None) -> list[
                 lines.append(f"{p.name:7} {kv_name:5} {fill:5} {span:5} "
                              + " ".join(f"{sb.total(b) / GB:7.2f}" for b in BATCHES))
     lines.append("")
-    lines.append("as implemented, a quantized KV span is also dequantized to a bf16 copy (written, then read by "
-                 "the attention): GB per step at B = 1 / 16 / 64")
+    lines.append(f"quantized KV read {'through a dequantized copy' if kv_dequantizes(cfg) else 'packed (fused attention)'} "
+                 "above; the dequantize-then-SDPA path (fused_kv = False) also writes and reads a bf16 copy of "
+                 "the span: GB per step at B = 1 / 16 / 64, fused vs dequantizing, and bf16 KV for reference")
     for p in (Q4,):
         for kv_bits, kv_name in kvs[1:]:
             for fill in (1500, 3000):
-                sb = step_bytes(cfg, mimi, p, fill, kv_bits, as_implemented=True)
-                lines.append(f"{p.name:7} {kv_name:5} {fill:5}: "
-                             + " / ".join(f"{sb.total(b) / GB:.2f}" for b in (1, 16, 64)))
+                fused = step_bytes(cfg, mimi, p, fill, kv_bits, dequantized=False)
+                deq = step_bytes(cfg, mimi, p, fill, kv_bits, dequantized=True)
+                ref = step_bytes(cfg, mimi, p, fill, None)
+                lines.append(f"{p.name:7} {kv_name:5} {fill:5}: fused "
+                             + " / ".join(f"{fused.total(b) / GB:.2f}" for b in (1, 16, 64))
+                             + "   dequantizing " + " / ".join(f"{deq.total(b) / GB:.2f}" for b in (1, 16, 64))
+                             + "   bf16 KV " + " / ".join(f"{ref.total(b) / GB:.2f}" for b in (1, 16, 64)))
     lines.append("")
     lines.append("step floor, ms (bytes / bandwidth: M4 120 GB/s, M4 Pro 273 GB/s, H100 3.35 TB/s, "
                  "H200 4.8 TB/s); 'calls' = most calls whose floor fits the 80 ms frame")

@@ -43,6 +43,8 @@ MARKS: dict[str, frozenset[str]] = {
         "test_kv_cache": "model",  # 2 s: the tiny model prepares and steps
         "test_kv_context": "model slow",  # 16 s: calls past a bot's context, alone and batched
         "test_kv_quantized": "model slow",  # 20 s: 8- and 4-bit KV caches against float32, a batch
+        "test_kv_fused": "",  # 1 s: fused quantized attention against dequantize-then-SDPA, layouts
+        "test_kv_fused_model": "model slow",  # 90 s: fused KV attention in a head_dim-64 tiny model, batched
         "test_fullsize_checkpoint": "model",  # 3 s: the full-size writer at the tiny size, loaded and prompted
         "test_bytes_per_step": "model slow",  # 20 s: the 7B byte count's code against the tiny model's arrays
         "test_campaign_amd": "",  # 1 s: answering-machine detection on 33 scripted espeak-ng callees

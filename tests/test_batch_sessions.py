@@ -2,7 +2,8 @@
 stepped alone as a `Session` (same snapshot, seed, sampling), bit for bit in audio and text (audio within
 float32 rounding where MLX's matmul is not row-exact: tests/batch_compare.py), through
 joins and leaves at arbitrary steps, a held slot taken over by another bot's call, idle slots, played clips,
-a persona change, and rotation past a 48-frame context; and the errors a caller gets."""
+a persona change, and rotation past a 48-frame context (also on a model whose 4-bit KV cache is
+attended fused: heads of 64); and the errors a caller gets."""
 
 import dataclasses
 
@@ -13,7 +14,7 @@ from callbot.engine import Model
 from callbot.engine.model.batch import BatchedSessions
 from callbot.engine.model.sampling import GREEDY, SamplingConfig
 from tests.batch_compare import same
-from tests.tiny_assets import tiny_model_configs, write_tiny_model_dir
+from tests.tiny_assets import tiny_model_configs, wide_model_configs, write_tiny_model_dir
 
 CONTEXT = 48  # frames: prompts of 17-41 frames, runs of up to 90 steps: the rings rotate
 HOT = SamplingConfig(text_temperature=1.2, text_top_k=10, audio_temperature=1.0, audio_top_k=12)
@@ -29,8 +30,23 @@ def model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bots(model):
+    return _bots(model)
+
+
+def _bots(model):
     return [model.prepare("NATF1", "You are Jane."), model.prepare("VARM2", "Sell pizza."),
             model.prepare("NATM0", "")]
+
+
+@pytest.fixture(scope="module")
+def wide_kv4(tmp_path_factory):
+    """The tiny model with heads of 64 and a 4-bit KV cache: its calls attend to the packed ring
+    (fused quantized attention, tests/test_kv_fused_model.py), the 7B's hot path."""
+    model_dir = write_tiny_model_dir(tmp_path_factory.mktemp("personaplex-wide"), wide=True)
+    lm_cfg, mimi_cfg = wide_model_configs()
+    model = Model.load(model_dir, lm_config=dataclasses.replace(lm_cfg, context=CONTEXT), mimi_config=mimi_cfg,
+                       cache_dir=False, progress=False, kv_bits=4)
+    return model, _bots(model)
 
 
 def _clip(frames, seed):
@@ -85,7 +101,10 @@ def _run_alone(model, bots, call: Call, pcm):
     return out, session
 
 
-def test_every_slot_equals_its_call_stepped_alone(model, bots):
+@pytest.mark.parametrize("kind", ["tiny", "wide-kv4"])
+def test_every_slot_equals_its_call_stepped_alone(request, kind):
+    model, bots = ((request.getfixturevalue("model"), request.getfixturevalue("bots")) if kind == "tiny"
+                   else request.getfixturevalue("wide_kv4"))
     pcm = _caller(np.random.default_rng(1))
     batch = BatchedSessions(model, slots=4)
     got = {i: [] for i in range(len(CALLS))}

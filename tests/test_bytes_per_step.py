@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from bench.bench_bytes_per_step import (Precision, kv_read_bytes, lm_resident_bytes, mimi_resident_bytes,
-                                        mimi_kv_bytes, step_bytes)
+from bench.bench_bytes_per_step import (Precision, kv_dequantizes, kv_read_bytes, lm_resident_bytes,
+                                        mimi_resident_bytes, mimi_kv_bytes, step_bytes)
 from callbot.engine.model.mimi import MimiState, load_mimi
 from callbot.engine.model.sampling import SamplingConfig
 from callbot.engine.model.weights import load_lm
-from tests.tiny_assets import tiny_model_configs
+from tests.tiny_assets import tiny_model_configs, wide_model_configs
 from tests.tiny_lm import write_tiny_lm
 from tests.tiny_mimi import write_tiny_mimi
 
@@ -55,11 +55,24 @@ def test_the_codec_count_equals_the_loaded_arrays(tiny_files):
     assert mimi_resident_bytes(mimi_cfg, float_bytes=2) == sum(a.nbytes for _, a in tree_flatten(mimi16.parameters()))
 
 
+@pytest.fixture(scope="module")
+def wide_lm_file(tmp_path_factory):
+    lm_cfg, _ = wide_model_configs()
+    return lm_cfg, write_tiny_lm(tmp_path_factory.mktemp("wide"), lm_cfg)
+
+
 @pytest.mark.parametrize("kv_bits", [None, 8, 4])
-def test_the_kv_read_count_equals_what_a_stepped_call_holds(tiny_files, kv_bits):
+@pytest.mark.parametrize("heads", ["narrow", "wide"])
+def test_the_kv_read_count_equals_what_a_stepped_call_holds(request, heads, kv_bits):
     """After each step a call's rings hold exactly the span that step read: their bytes are what the
-    bench counts for that fill (a power-of-two prefix while filling, the whole context after)."""
-    lm_cfg, _, lm_path, _ = tiny_files
+    bench counts for that fill (a power-of-two prefix while filling, the whole context after). Both
+    quantized layouts: heads of 16 (position-major, read dequantized) and of 64 (head-major, the 7B's,
+    attended packed: the count is then all a step reads of the ring)."""
+    if heads == "narrow":
+        lm_cfg, _, lm_path, _ = request.getfixturevalue("tiny_files")
+    else:
+        lm_cfg, lm_path = request.getfixturevalue("wide_lm_file")
+    assert kv_dequantizes(lm_cfg) == (heads == "narrow")
     lm = load_lm(lm_path, lm_cfg, dtype=mx.float32, cache_dir=False, progress=False)
     lm.kv_bits = kv_bits
     state = lm.new_state(GREEDY)
@@ -100,4 +113,11 @@ def test_a_batch_reads_the_weights_once_and_each_call_its_own_state():
     assert sb.total(4) - sb.total(1) == pytest.approx(3 * sum(sb.per_call.values()))
     # the full 3000-frame bf16 ring of one call: 32 layers x 2 x 4096 values x 2 bytes x 3000
     assert sb.per_call["KV cache"] == 32 * 2 * 4096 * 2 * 3000
+    # 8 bits, attended packed (heads of 128): a byte per value and a bf16 scale and bias per 64 values;
+    # dequantizing added a bf16 copy written and read (4 bytes per value)
+    assert not kv_dequantizes(personaplex_7b())
+    kv8 = step_bytes(personaplex_7b(), mimi_202407(), Q4, 3000, 8).per_call["KV cache"]
+    assert kv8 == 32 * 2 * 4096 * (1 + 4 / 64) * 3000
+    deq = step_bytes(personaplex_7b(), mimi_202407(), Q4, 3000, 8, dequantized=True).per_call["KV cache"]
+    assert deq == kv8 + 32 * 2 * 4096 * 4 * 3000
     assert "depformer (8 slices)" in sb.shared

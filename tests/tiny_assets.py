@@ -176,15 +176,28 @@ def tiny_model_configs():
     return lm, mimi
 
 
-def write_tiny_model_dir(directory: pathlib.Path, seed: int = 0, voice_frames: int = 5) -> pathlib.Path:
+def wide_model_configs():
+    """(LmConfig, MimiConfig) of the tiny model with a temporal transformer of 2 heads of 64 (dim 128):
+    heads as wide as a KV quantization group, as the 7B's 128, so a quantized KV cache takes the 7B's
+    head-major layout and fused attention (engine/model/transformer.py `kv_encode`); the tiny model's
+    heads of 16 cannot."""
+    import dataclasses
+
+    lm, mimi = tiny_model_configs()
+    return dataclasses.replace(lm, dim=128, num_heads=2), mimi
+
+
+def write_tiny_model_dir(directory: pathlib.Path, seed: int = 0, voice_frames: int = 5,
+                         wide: bool = False) -> pathlib.Path:
     """A folder laid out as the HF repo nvidia/personaplex-7b-v1 (same file names, PyTorch key names),
-    holding the tiny model: model.safetensors, the Mimi file, the SentencePiece model, voices.tgz."""
+    holding the tiny model: model.safetensors, the Mimi file, the SentencePiece model, voices.tgz.
+    `wide`: the model of `wide_model_configs` (load it with those configs)."""
     from callbot.engine.model.voices import VOICES
     from callbot.engine.model.weights import MIMI_FILE, TEXT_TOKENIZER_FILE, VOICES_FILE
     from tests.tiny_lm import write_tiny_lm
     from tests.tiny_mimi import write_tiny_mimi
 
-    lm, mimi = tiny_model_configs()
+    lm, mimi = wide_model_configs() if wide else tiny_model_configs()
     directory.mkdir(parents=True, exist_ok=True)
     write_tiny_lm(directory, lm, seed=seed)
     write_tiny_mimi(directory, mimi, seed=seed, filename=MIMI_FILE)

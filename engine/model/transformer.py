@@ -155,15 +155,41 @@ KV_BITS = (8, 4)
 KV_GROUP_SIZE = 64  # values per quantization group (mlx-lm's QuantizedKVCache default)
 
 
+def kv_head_major(head_dim: int, group_size: int = KV_GROUP_SIZE) -> bool:
+    """Whether a quantized ring of heads this wide is stored head-major (groups inside one head), which
+    the fused attention (`kv_fused_attention`) reads; else position-major (groups across heads)."""
+    return head_dim % group_size == 0
+
+
 def kv_encode(x: mx.array, bits: int | None, group_size: int = KV_GROUP_SIZE):
     """Keys or values [B, heads, T, head_dim] as a ring stores them: the array itself, or with `bits` a
-    tuple (packed uint32 [B, T, heads*head_dim*bits/32], scales, biases [B, T, heads*head_dim/group]),
-    slots on axis 1. The groups run over heads x head_dim of one position (a head narrower than a
-    group shares its scale with its neighbours: the tiny test model's 16)."""
+    tuple (packed uint32, scales, biases) in one of two layouts, slots on axis 2 in both (as in the float
+    ring, so cutting, joining and writing slots is the same code for all three forms):
+
+    - head-major, when head_dim is a multiple of the group (the 7B: 128 and 64): packed
+      [B, heads, T, head_dim*bits/32], scales and biases [B, heads, T, head_dim/group], mlx-lm's
+      QuantizedKVCache layout. `mx.quantized_matmul` takes it batched over [B, heads], so attention
+      reads the packed ring itself (`kv_fused_attention`), never a dequantized copy;
+    - position-major, for heads narrower than a group (the tiny test model's 16): one row of
+      heads*head_dim values per position, [B, 1, T, heads*head_dim*bits/32] and [B, 1, T, heads*head_dim/group]
+      (a head shares its group's scale with its neighbours), read dequantized (`kv_decode`).
+
+    A group of the position-major row never straddles two heads when head_dim is a multiple of the
+    group, so both layouts quantize the same values to the same codes, scales and biases: the layout
+    changes, the numbers do not (tests/test_kv_fused.py checks it)."""
     if not bits:
         return x
+    if kv_head_major(x.shape[3], group_size):
+        return tuple(mx.quantize(x, group_size=group_size, bits=bits))
     b, h, t, d = x.shape
-    return tuple(mx.quantize(x.transpose(0, 2, 1, 3).reshape(b, t, h * d), group_size=group_size, bits=bits))
+    return tuple(mx.quantize(x.transpose(0, 2, 1, 3).reshape(b, 1, t, h * d), group_size=group_size, bits=bits))
+
+
+def kv_format(stored, heads: int, head_dim: int) -> tuple[int, int]:
+    """(bits, group size) of a quantized ring, read off its arrays' shapes."""
+    packed, scales = stored[0], stored[1]
+    width = heads * head_dim // packed.shape[1]  # values per row: head_dim (head-major) or heads*head_dim
+    return packed.shape[-1] * 32 // width, width // scales.shape[-1]
 
 
 def kv_decode(stored, heads: int, head_dim: int) -> mx.array:
@@ -171,32 +197,60 @@ def kv_decode(stored, heads: int, head_dim: int) -> mx.array:
     if not isinstance(stored, tuple):
         return stored
     packed, scales, biases = stored
-    hd = heads * head_dim
-    bits, group_size = packed.shape[-1] * 32 // hd, hd // scales.shape[-1]
-    b, t = packed.shape[0], packed.shape[1]
+    if packed.shape[2] == 0:  # mx.dequantize cannot reshape an empty array
+        return mx.zeros((packed.shape[0], heads, 0, head_dim), dtype=scales.dtype)
+    bits, group_size = kv_format(stored, heads, head_dim)
     x = mx.dequantize(packed, scales, biases, group_size=group_size, bits=bits)
+    if packed.shape[1] == heads:  # head-major (or one head: both layouts are the same)
+        return x
+    b, t = packed.shape[0], packed.shape[2]
     return x.reshape(b, t, heads, head_dim).transpose(0, 2, 1, 3)
 
 
+def kv_fusable(stored, heads: int) -> bool:
+    """Whether `kv_fused_attention` can read this ring: quantized and head-major."""
+    return isinstance(stored, tuple) and stored[0].shape[1] == heads
+
+
+def kv_fused_attention(q: mx.array, keys: tuple, values: tuple, scale: float,
+                       mask: mx.array | None = None) -> mx.array:
+    """Attention of queries q [B, heads, T, head_dim] over a head-major quantized ring without
+    dequantizing it: scores = quantized_matmul(q * scale, keys^T), softmax in float32 over the slots
+    where `mask` (broadcast to [B, heads, T, slots]) is true (all when None), then
+    quantized_matmul(probs, values). Each matmul reads the packed codes, scales and biases once, so a
+    step reads bits/16 + 2/group of the bf16 ring's bytes (kv8: 0.53x) instead of that plus a float copy
+    written and read again (kv8 dequantized: 2.53x). The result is in q's dtype; it equals the
+    dequantize-then-SDPA path within float rounding (scores and probabilities are rounded to q's dtype
+    between the two matmuls, as in mlx-lm's quantized attention; tests/test_kv_fused.py states the
+    tolerance)."""
+    bits, group = kv_format(keys, q.shape[1], q.shape[3])
+    scores = mx.quantized_matmul(q * scale, *keys, transpose=True, group_size=group, bits=bits)
+    scores = scores.astype(mx.float32)
+    if mask is not None:
+        scores = mx.where(mask, scores, -mx.inf)
+    probs = mx.softmax(scores, axis=-1).astype(q.dtype)
+    return mx.quantized_matmul(probs, *values, transpose=False, group_size=group, bits=bits)
+
+
 def _slots(stored) -> int:
-    return stored[0].shape[1] if isinstance(stored, tuple) else stored.shape[2]
+    return stored[0].shape[2] if isinstance(stored, tuple) else stored.shape[2]
 
 
 def _cut(stored, start: int, stop: int):
     if isinstance(stored, tuple):
-        return tuple(a[:, start:stop] for a in stored)
+        return tuple(a[:, :, start:stop] for a in stored)
     return stored[:, :, start:stop]
 
 
 def _cat(parts: list):
     if isinstance(parts[0], tuple):
-        return tuple(mx.concatenate([p[i] for p in parts], axis=1) for i in range(3))
+        return tuple(mx.concatenate([p[i] for p in parts], axis=2) for i in range(3))
     return mx.concatenate(parts, axis=2)
 
 
 def _put(stored, new, start: mx.array):
     if isinstance(stored, tuple):
-        return tuple(mx.slice_update(a, n, start, axes=(1,)) for a, n in zip(stored, new))
+        return tuple(mx.slice_update(a, n, start, axes=(2,)) for a, n in zip(stored, new))
     return mx.slice_update(stored, new, start, axes=(2,))
 
 
@@ -231,8 +285,11 @@ class KVCache:
     read unmasked, so outputs are the same as with a full-size ring. `shape` is the full ring's.
 
     With `bits` (8 or 4) the ring holds keys and values quantized as mlx-lm's QuantizedKVCache does
-    (`kv_encode`: groups of `group_size` values, a scale and a bias each), and attention reads them
-    dequantized; a position is quantized once, when it is written, and every read sees the same values.
+    (`kv_encode`: groups of `group_size` values, a scale and a bias each); a position is quantized once,
+    when it is written, and every read sees the same values. A one-position step over a head-major ring
+    (head_dim a multiple of the group: the 7B) attends to it with `kv_fused_attention`, reading the
+    packed ring itself; the other steps (a prompt of T > 1 positions, a ring with a mask of absolute
+    positions, heads narrower than a group, `fused=False`) read it dequantized (`kv_decode`).
     """
 
     def __init__(self, batch_size: int, num_heads: int, head_dim: int, capacity: int, dtype: mx.Dtype,
@@ -318,19 +375,23 @@ class KVCache:
         self.offset += t
 
     def update_and_attend(self, q: mx.array, k: mx.array, v: mx.array, window: int | None,
-                          scale: float) -> mx.array:
-        """Store the new keys/values and attend the new queries to their window (causal)."""
+                          scale: float, fused: bool = True) -> mx.array:
+        """Store the new keys/values and attend the new queries to their window (causal). `fused`: a
+        one-position step over a head-major quantized ring reads it packed (`kv_fused_attention`);
+        False reads it dequantized (the reference the fused path is tested against)."""
         t = q.shape[2]
         sk, sv = kv_encode(k, self.bits, self.group_size), kv_encode(v, self.bits, self.group_size)
-        if self.bits:  # attend to the values the ring will hold
-            k, v = self._read(sk), self._read(sv)
         if t == 1 and (window is None or window >= self.capacity):
             # Hot path (one LM step): after the write the ring holds exactly the window.
             self._write(sk, sv)
             n = min(self.offset, self.capacity)
             keys = self.keys if n == self.allocated else _cut(self.keys, 0, n)
             values = self.values if n == self.allocated else _cut(self.values, 0, n)
+            if fused and kv_fusable(keys, self.shape[1]):
+                return kv_fused_attention(q, keys, values, scale)
             return mx.fast.scaled_dot_product_attention(q, self._read(keys), self._read(values), scale=scale)
+        if self.bits:  # attend to the values the ring will hold
+            k, v = self._read(sk), self._read(sv)
         q_pos = self.offset + np.arange(t)
         if self.kyutai_ring:
             # Kyutai's order: write, then read what the ring still holds.
@@ -410,17 +471,19 @@ class TransformerCache:
         for c, (keys, values, offset) in zip(self.layers, snapshot.layers):
             cap = capacity if capacity is not None else c.capacity
             b, h, _, d = c.shape
-            if isinstance(keys, tuple):
-                hd = h * d
-                ok = (keys[0].shape[0] == b and keys[0].shape[-1] * 32 == hd * snapshot.kv_bits
-                      and keys[1].shape[-1] * snapshot.kv_group_size == hd)
-                shape = tuple(keys[0].shape)
-            else:
-                ok = (keys.shape[0], keys.shape[1], keys.shape[3]) == (b, h, d)
-                shape = tuple(keys.shape)
+            # what this cache would store for no position, in the snapshot's format: every axis but
+            # the slots' must match (the layout, packing and groups follow from bits and group size)
+            expected = _arrays(kv_encode(mx.zeros((b, h, 0, d), dtype=c.dtype), snapshot.kv_bits,
+                                         snapshot.kv_group_size))
+            held = _arrays(keys) + _arrays(values)
+            ok = len(held) == 2 * len(expected) and all(
+                a.shape[:2] + a.shape[3:] == e.shape[:2] + e.shape[3:] and a.shape[2] == held[0].shape[2]
+                for a, e in zip(held, expected + expected))
             if not ok or _slots(keys) > cap:
-                raise ValueError(f"cache snapshot holds keys of shape {shape}, expected ({b}, {h}, <= {cap}, {d})"
-                                 f"{'' if not isinstance(keys, tuple) else ' quantized'}")
+                shape = tuple(held[0].shape)
+                want = tuple(expected[0].shape[:2]) + (f"<= {cap}",) + tuple(expected[0].shape[3:])
+                raise ValueError(f"cache snapshot holds keys of shape {shape}, expected "
+                                 f"({', '.join(map(str, want))}){'' if not snapshot.kv_bits else ' quantized'}")
             c.capacity, c.shape = cap, (b, h, cap, d)
             c.bits, c.group_size = snapshot.kv_bits, snapshot.kv_group_size
             c.keys, c.values, c.offset = keys, values, offset
@@ -456,10 +519,10 @@ class Attention(nn.Module):
             return projs[offset](x)
         return mx.concatenate([projs[offset + i](x[:, i:i + 1]) for i in range(x.shape[1])], axis=1)
 
-    def __call__(self, x: mx.array, cache: KVCache | None) -> mx.array:
+    def __call__(self, x: mx.array, cache: KVCache | None, fused: bool = True) -> mx.array:
         cfg = self.cfg
         if cache is not None and not cfg.weights_per_step:
-            return self.attend_slots(x, [cache])
+            return self.attend_slots(x, [cache], fused)
         b, t, _ = x.shape
         offset = cache.offset if cache is not None else 0
         qkv = self._project(x, offset, out=False).reshape(b, t, 3, cfg.num_heads, cfg.head_dim)
@@ -478,10 +541,11 @@ class Attention(nn.Module):
         return self._project(y, offset, out=True)
 
 
-    def attend_slots(self, x: mx.array, caches: list[KVCache]) -> mx.array:
+    def attend_slots(self, x: mx.array, caches: list[KVCache], fused: bool = True) -> mx.array:
         """The next T positions of several streams at once: x [rows, T, d], the rows of stream i are the
         next `caches[i].shape[0]` ones. The projections run on all rows together (one read of the
-        weights); RoPE positions, ring writes and the attention window are each stream's own."""
+        weights); RoPE positions, ring writes and the attention window are each stream's own. `fused`:
+        see `KVCache.update_and_attend`."""
         cfg = self.cfg
         b, t, _ = x.shape
         qkv = self.in_proj(x).reshape(b, t, 3, cfg.num_heads, cfg.head_dim).transpose(2, 0, 3, 1, 4)
@@ -495,7 +559,7 @@ class Attention(nn.Module):
                                   scale=1.0, offset=cache.offset)
                 ki = mx.fast.rope(ki, cfg.head_dim, traditional=cfg.rope_interleave, base=cfg.max_period,
                                   scale=1.0, offset=cache.offset)
-            ys.append(cache.update_and_attend(qi, ki, vi, cfg.context, self.scale))
+            ys.append(cache.update_and_attend(qi, ki, vi, cfg.context, self.scale, fused))
             row += n
         if row != b:
             raise ValueError(f"the caches hold {row} streams, the input {b}")
@@ -504,13 +568,15 @@ class Attention(nn.Module):
         return self.out_proj(y)
 
     def step_one(self, x: mx.array, keys: list[mx.array], values: list[mx.array], slots: mx.array,
-                 offsets: mx.array, masks: list[mx.array]) -> tuple[mx.array, list[mx.array], list[mx.array]]:
+                 offsets: mx.array, masks: list[mx.array], fused: bool = True,
+                 ) -> tuple[mx.array, list[mx.array], list[mx.array]]:
         """One position of several streams against their own rings (pure: returns the updated keys and
         values). x [rows, 1, d]; stream i owns the next `keys[i].shape[0]` rows, writes its position at
         ring slot `slots[i]` and may see the first `masks[i].shape[0]` slots where `masks[i]` is true;
         `offsets` [rows] are the rows' absolute positions (RoPE). The ring fills from slot 0, so until it
         is full only a prefix (rounded up to a power of two, few compiled shapes) needs reading. The
-        projections and the FFN see every row at once: a batch reads the weights once."""
+        projections and the FFN see every row at once: a batch reads the weights once. A head-major
+        quantized ring is attended packed (`kv_fused_attention`) unless `fused` is False."""
         cfg = self.cfg
         b = x.shape[0]
         qkv = self.in_proj(x).reshape(b, 1, 3, cfg.num_heads, cfg.head_dim).transpose(2, 0, 3, 1, 4)
@@ -525,17 +591,19 @@ class Attention(nn.Module):
             n = _arrays(ck)[0].shape[0]
             qi, ki, vi = (q, k, v) if n == b else (q[row:row + n], k[row:row + n], v[row:row + n])
             if isinstance(ck, tuple):  # a quantized ring (kv_encode's layout): bits and groups from its shapes
-                hd = cfg.num_heads * cfg.head_dim
-                bits, group = ck[0].shape[-1] * 32 // hd, hd // ck[1].shape[-1]
+                bits, group = kv_format(ck, cfg.num_heads, cfg.head_dim)
                 ki, vi = kv_encode(ki, bits, group), kv_encode(vi, bits, group)
             ck = _put(ck, ki, slots[i:i + 1])
             cv = _put(cv, vi, slots[i:i + 1])
             span = mask.shape[0]
             seen_k = ck if span == _slots(ck) else _cut(ck, 0, span)
             seen_v = cv if span == _slots(cv) else _cut(cv, 0, span)
-            seen_k = kv_decode(seen_k, cfg.num_heads, cfg.head_dim)
-            seen_v = kv_decode(seen_v, cfg.num_heads, cfg.head_dim)
-            ys.append(mx.fast.scaled_dot_product_attention(qi, seen_k, seen_v, scale=self.scale, mask=mask))
+            if fused and kv_fusable(seen_k, cfg.num_heads):
+                ys.append(kv_fused_attention(qi, seen_k, seen_v, self.scale, mask))
+            else:
+                seen_k = kv_decode(seen_k, cfg.num_heads, cfg.head_dim)
+                seen_v = kv_decode(seen_v, cfg.num_heads, cfg.head_dim)
+                ys.append(mx.fast.scaled_dot_product_attention(qi, seen_k, seen_v, scale=self.scale, mask=mask))
             new_keys.append(ck)
             new_values.append(cv)
             row += n
@@ -585,9 +653,9 @@ class TransformerLayer(nn.Module):
             return self.gating[offset](x)
         return mx.concatenate([self.gating[offset + i](x[:, i:i + 1]) for i in range(x.shape[1])], axis=1)
 
-    def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
+    def __call__(self, x: mx.array, cache: KVCache | None = None, fused: bool = True) -> mx.array:
         offset = cache.offset if cache is not None else 0
-        update = self.self_attn(self.norm1(x), cache)
+        update = self.self_attn(self.norm1(x), cache, fused)
         if self.cfg.layer_scale:
             update = self.layer_scale_1(update)
         x = x + update
@@ -597,13 +665,13 @@ class TransformerLayer(nn.Module):
         return x + update
 
 
-    def step_one(self, x, keys, values, slots, offsets, masks):
-        update, keys, values = self.self_attn.step_one(self.norm1(x), keys, values, slots, offsets, masks)
+    def step_one(self, x, keys, values, slots, offsets, masks, fused: bool = True):
+        update, keys, values = self.self_attn.step_one(self.norm1(x), keys, values, slots, offsets, masks, fused)
         return self._residual_ffn(x, update), keys, values
 
-    def step_slots(self, x: mx.array, caches: list[KVCache]) -> mx.array:
+    def step_slots(self, x: mx.array, caches: list[KVCache], fused: bool = True) -> mx.array:
         """The next T positions of several streams (`Attention.attend_slots`); no per-step weights."""
-        return self._residual_ffn(x, self.self_attn.attend_slots(self.norm1(x), caches))
+        return self._residual_ffn(x, self.self_attn.attend_slots(self.norm1(x), caches, fused))
 
     def _residual_ffn(self, x: mx.array, update: mx.array) -> mx.array:
         if self.cfg.layer_scale:
@@ -622,7 +690,12 @@ class Transformer(nn.Module):
     validity mask, which removes most of the Python/graph overhead of ~20 ops per layer; while the ring
     fills it reads only a power-of-two prefix (on the 7B a full ring is 1.5 GB of bf16 per frame). The compiled
     function captures the layers as they are at the first step: it is rebuilt when the layers' modules
-    or weights are replaced (load_weights, nn.quantize), checked by identity on the first and last layer.
+    or weights are replaced (load_weights, nn.quantize), checked by identity on the first and last layer,
+    and when `fused_kv` changes.
+
+    `fused_kv` (default True): one-position steps over a head-major quantized ring attend to it packed
+    (`kv_fused_attention`); False dequantizes it first, as before (kept as the reference for tests and
+    benches). It changes nothing for float rings or heads narrower than a quantization group.
     """
 
     def __init__(self, cfg: TransformerConfig):
@@ -631,6 +704,7 @@ class Transformer(nn.Module):
         self.layers = [TransformerLayer(cfg) for _ in range(cfg.num_layers)]
         self._compiled_step = None
         self._compiled_for: tuple = ()
+        self.fused_kv = True
 
     def __call__(self, x: mx.array) -> mx.array:
         """Whole sequence [B, T, d] from position 0, no state kept."""
@@ -644,7 +718,7 @@ class Transformer(nn.Module):
         if self._compiled_path(x, [cache]):
             return self._step_one(x, [cache])
         for layer, c in zip(self.layers, cache.layers):
-            x = layer(x, c)
+            x = layer(x, c, self.fused_kv)
         return x
 
     def step_slots(self, x: mx.array, caches: list[TransformerCache]) -> mx.array:
@@ -664,7 +738,7 @@ class Transformer(nn.Module):
         if self._compiled_path(x, caches):
             return self._step_one(x, caches)
         for i, layer in enumerate(self.layers):
-            x = layer.step_slots(x, [c.layers[i] for c in caches])
+            x = layer.step_slots(x, [c.layers[i] for c in caches], self.fused_kv)
         return x
 
     def _check_caches(self, caches: list[TransformerCache]) -> None:
@@ -681,7 +755,7 @@ class Transformer(nn.Module):
     def _layers_identity(self) -> tuple:
         ends = (self.layers[0], self.layers[-1])
         return tuple(id(o) for layer in ends for o in (layer.self_attn.in_proj, layer.self_attn.in_proj.weight,
-                                                        layer.norm2.weight))
+                                                        layer.norm2.weight)) + (bool(self.fused_kv),)
 
     def _step_one(self, x: mx.array, caches: list[TransformerCache]) -> mx.array:
         """One position of each stream as one compiled function. Every stream reads the same span of its
@@ -689,12 +763,12 @@ class Transformer(nn.Module):
         number of streams and that span only: at most streams x ~log2(capacity) graphs."""
         identity = self._layers_identity()
         if self._compiled_step is None or self._compiled_for != identity:
-            layers = list(self.layers)
+            layers, fused = list(self.layers), bool(self.fused_kv)
 
             def step_all(x, keys, values, slots, offsets, masks):
                 new_keys, new_values = [], []
                 for layer, k, v in zip(layers, keys, values):
-                    x, k, v = layer.step_one(x, k, v, slots, offsets, masks)
+                    x, k, v = layer.step_one(x, k, v, slots, offsets, masks, fused)
                     new_keys.append(k)
                     new_values.append(v)
                 return x, new_keys, new_values
