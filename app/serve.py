@@ -67,8 +67,10 @@ def build_engine(kind: str, settings: Settings) -> CallEngine:
 
 
 @contextlib.contextmanager
-def running_server(settings: Settings, engine_kind: str, log: EventLog | None = None) -> Iterator["Server"]:
-    """Start everything; on exit, stop it in reverse order, whatever happened inside."""
+def running_server(settings: Settings, engine_kind: str, log: EventLog | None = None,
+                   config: str | None = None) -> Iterator["Server"]:
+    """Start everything; on exit, stop it in reverse order, whatever happened inside. `config`: the file
+    `settings` came from (the panel's bot editor edits it)."""
     with contextlib.ExitStack() as stack:
         try:
             os.makedirs(settings.recordings_dir, exist_ok=True)
@@ -147,7 +149,7 @@ def running_server(settings: Settings, engine_kind: str, log: EventLog | None = 
             stack.callback(server.store_api.stop)
         from callbot.app.web_host import start_web
 
-        server.web = start_web(settings)  # app/web_host.py: the panel on [web] listen, else None
+        server.web = start_web(settings, config=config)  # app/web_host.py: the panel on [web] listen, else None
         if server.web is not None:
             stack.callback(server.web.stop)
         stack.callback(server.drain)  # runs after the stop below: hang-ups and un-REGISTERs get logged
@@ -285,9 +287,9 @@ def stop_on_signals() -> Iterator[threading.Event]:
             signal.signal(s, h)
 
 
-def serve(settings: Settings, engine_kind: str, warning: str | None = None) -> int:
+def serve(settings: Settings, engine_kind: str, warning: str | None = None, config: str | None = None) -> int:
     """Answer calls until SIGTERM/SIGINT; `warning`, if any, is printed once the line is up."""
-    with stop_on_signals() as stop, running_server(settings, engine_kind) as server:
+    with stop_on_signals() as stop, running_server(settings, engine_kind, config=config) as server:
         for name in server.endpoint.accounts:
             print(f"listening {server.endpoint.account_uri(name)} ({engine_kind})", file=sys.stderr, flush=True)
         if warning:

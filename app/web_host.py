@@ -6,8 +6,9 @@ from callbot.app.errors import StartupError
 from callbot.app.settings import Settings
 
 
-def start_web(settings: Settings):
-    """The running panel (web/server.py WebServer), or None without [web] listen."""
+def start_web(settings: Settings, config: str | None = None):
+    """The running panel (web/server.py WebServer), or None without [web] listen; `config` (the settings'
+    file) gives the panel's editor its bots (app/bot_config.py)."""
     if settings.web.listen is None:
         return None
     if not settings.store.enabled:
@@ -17,6 +18,8 @@ def start_web(settings: Settings):
 
     host, port = settings.web.address
     try:
-        return WebServer.start(settings.store_url(), host, port)
+        from callbot.app.bot_config import BotConfig
+
+        return WebServer.start(settings.store_url(), host, port, bots=BotConfig(config) if config else None)
     except (OSError, StoreError) as err:
         raise StartupError(f"[web] listen {settings.web.listen!r}: {err}") from None

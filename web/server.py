@@ -14,11 +14,11 @@ SECRET_ENV = "CALLBOT_WEB_SECRET"  # signs session cookies; unset: a random one 
 class WebServer(ThreadedAsgi):
     @classmethod
     def start(cls, url: str, host: str = "127.0.0.1", port: int = 8088, *, migrate_schema: bool = True,
-              timeout: float = 10.0) -> WebServer:
+              timeout: float = 10.0, bots=None) -> WebServer:
         """Binds host:port and serves the panel over the store at `url` (migrated first: the users'
-        tables are the panel's own)."""
+        tables are the panel's own). `bots`: the config's bots for the editor (app/bot_config.py)."""
         store = CallStore(url, migrate_schema=migrate_schema)
         sock = cls.bind(store, host, port)
-        web = cls(store, sock, create_app(store, secret=os.environ.get(SECRET_ENV) or None), "web-panel")
+        web = cls(store, sock, create_app(store, secret=os.environ.get(SECRET_ENV) or None, bots=bots), "web-panel")
         web.run("the web panel", timeout)
         return web
