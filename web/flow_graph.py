@@ -143,7 +143,7 @@ def flow_svg(flow: Flow, *, highlight: str | None = None) -> Markup:
             pos[name] = (PAD + col * (BOX_W + COL_GAP), PAD + row * (BOX_H + ROW_GAP))
     rows = max(len(n) for n in columns.values())
     width = PAD * 2 + (max(columns) + 1) * (BOX_W + COL_GAP) - COL_GAP
-    back = [e for e in edges if rank.get(e.target, 0) <= rank[e.source]]
+    back = [e for e in edges if rank.get(e.target, 0) < rank[e.source] or e.target == e.source]
     height = PAD * 2 + rows * (BOX_H + ROW_GAP) - ROW_GAP + (30 + 14 * len(back) if back else 0)
     parts = [f'<svg class="flow-graph" id="flow-graph" viewBox="0 0 {width:.0f} {height:.0f}" width="{width:.0f}" '
              f'height="{height:.0f}" role="img" aria-label="the flow\'s states and transitions">',
@@ -155,7 +155,18 @@ def flow_svg(flow: Flow, *, highlight: str | None = None) -> Markup:
             continue
         sx, sy = pos[e.source]
         tx, ty = pos[e.target]
-        if e in back:
+        same_column = rank.get(e.target) == rank[e.source] and e.target != e.source
+        label_anchor = "middle"
+        if same_column and ty > sy:  # straight down the column
+            x1, y1, x2, y2 = sx + BOX_W / 2, sy + BOX_H, tx + BOX_W / 2, ty
+            d = f"M{x1:.0f},{y1:.0f} L{x2:.0f},{y2:.0f}"
+            lx, ly, label_anchor = x1 + 6, (y1 + y2) / 2 + 4, "start"
+        elif same_column:  # up the column: an arc on its right
+            x1, y1, x2, y2 = sx + BOX_W, sy + BOX_H / 2, tx + BOX_W, ty + BOX_H / 2
+            bulge = x1 + COL_GAP * 0.45
+            d = f"M{x1:.0f},{y1:.0f} C{bulge:.0f},{y1:.0f} {bulge:.0f},{y2:.0f} {x2:.0f},{y2:.0f}"
+            lx, ly, label_anchor = x1 + COL_GAP * 0.35, (y1 + y2) / 2, "start"
+        elif e in back:
             depth = bottom + 22 + 14 * back.index(e)
             x1, y1 = sx + BOX_W * 0.6, sy + BOX_H
             x2, y2 = tx + BOX_W * 0.4, ty + BOX_H
@@ -169,7 +180,7 @@ def flow_svg(flow: Flow, *, highlight: str | None = None) -> Markup:
             lx, ly = mid, (y1 + y2) / 2 - 4
         parts.append(f'<g class="edge" data-from="{escape(e.source)}" data-to="{escape(e.target)}">'
                      f'<path d="{d}" fill="none" stroke="#8a93a6" stroke-width="1.4" marker-end="url(#arrow)"/>'
-                     f'<text x="{lx:.0f}" y="{ly:.0f}" text-anchor="middle" font-size="11" fill="#3b4252">'
+                     f'<text x="{lx:.0f}" y="{ly:.0f}" text-anchor="{label_anchor}" font-size="11" fill="#3b4252">'
                      f'{escape(e.label)}</text></g>')
     for name, s in flow.states.items():
         x, y = pos[name]
