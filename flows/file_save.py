@@ -19,8 +19,12 @@ import os
 import pathlib
 import shutil
 import tempfile
+import threading
 
 from callbot.flows.schema import Flow, FlowError, parse_flow_file
+
+
+_WRITING = threading.Lock()  # two saves in one process (two admins' clicks): the digest check and the rename as one
 
 
 class SaveError(Exception):
@@ -47,8 +51,11 @@ def file_digest(path: str | os.PathLike) -> str | None:
 def save_text(path: str | os.PathLike, text: str, *, loaded: str | None = None) -> str:
     """Write `text` to `path` atomically, the previous file kept as `<path>.bak`; returns the new digest.
     `loaded`: the digest of the file the text was edited from (None: no check)."""
-    p = pathlib.Path(path)
-    data = text.encode()
+    with _WRITING:
+        return _save(pathlib.Path(path), text.encode(), loaded)
+
+
+def _save(p: pathlib.Path, data: bytes, loaded: str | None) -> str:
     now = file_digest(p)
     if loaded is not None and now is not None and now != loaded:
         raise ChangedOnDisk(f"{os.fspath(p)}: changed on disk since it was opened: reload the page "
@@ -61,7 +68,7 @@ def save_text(path: str | os.PathLike, text: str, *, loaded: str | None = None) 
             f.flush()
             os.fsync(f.fileno())
         if p.exists():
-            shutil.copystat(p, tmp)  # the old file's mode: a config readable by serve's user stays so
+            shutil.copymode(p, tmp)  # the old file's mode: a config readable by serve's user stays so
             shutil.copy2(p, p.with_name(p.name + ".bak"))
         os.replace(tmp, p)
         tmp = None

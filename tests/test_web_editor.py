@@ -150,6 +150,7 @@ def test_a_flow_that_fails_is_never_written_and_a_good_one_replaces_it_atomicall
     _tone(tmp_path / "tone.wav")
     path = tmp_path / "support.toml"
     path.write_text(ISSUE_FLOW)
+    path.chmod(0o640)
     loaded = digest(ISSUE_FLOW)
     with pytest.raises(FlowError, match=r"support.toml: \$.states.menu.on_no_match: unknown state \"nowhere\""):
         save_flow(path, ISSUE_FLOW.replace('on_no_match = "menu"', 'on_no_match = "nowhere"'), loaded=loaded)
@@ -158,6 +159,7 @@ def test_a_flow_that_fails_is_never_written_and_a_good_one_replaces_it_atomicall
     flow, after = save_flow(path, fixed, loaded=loaded)
     assert flow.states["menu"].reprompts == 1 and after == digest(fixed)
     assert path.read_text() == fixed and (tmp_path / "support.toml.bak").read_text() == ISSUE_FLOW
+    assert path.stat().st_mode & 0o777 == 0o640  # the old file's mode kept
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
     with pytest.raises(ChangedOnDisk, match="changed on disk since it was opened"):  # loaded from the old one
         save_flow(path, ISSUE_FLOW, loaded=loaded)

@@ -1,0 +1,169 @@
+"""The flow editor in headless chromium against `callbot serve` itself ([web] listen), with real calls
+before and after a save: `callbot serve --engine echo` on loopback, a pjsua2 caller (tests/sip_peers.py).
+
+Call A is answered and waits in the menu of the flow as it was. Meanwhile an admin opens the bot's page,
+types a new flow with a mistake (key 1 goes to a state that does not exist), presses Save: the error is
+shown word for word as `callbot flows check` prints it, its line marked in the numbered copy, and the
+file is not written. The admin fixes it and saves. Call A then presses 1 and follows the flow it started
+with (its record's path ends in the old state) and ends by the bot's hang-up, not dropped; call B,
+placed after the save, presses 1 and follows the new flow. serve's stderr says once that it took the
+new file. Screenshots go to the test's tmp dir.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from tests.sip_peers import PjsuaPeer, _Lines, eventually, free_port, serve_config, stop_process
+from tests.test_store_calls import _tone
+from tests.test_web import _sign_in, browser  # noqa: F401  (the browser fixture)
+
+pytestmark = pytest.mark.timeout(240)
+CALLBOT = [sys.executable, "-m", "callbot.app.cli"]
+PASSWORD = "editor-password-1"
+
+OLD_FLOW = """start = "greet"
+[states.greet]
+play = "tone.wav"
+next = "menu"
+[states.menu]
+gather = { max_digits = 1, timeout_s = 60, interdigit_timeout_s = 2 }
+on_digits = { "1" = "bye_old" }
+on_no_input = "bye_old"
+[states.bye_old]
+play = "tone.wav"
+hangup = true
+"""
+NEW_FLOW = OLD_FLOW.replace('"1" = "bye_old"', '"1" = "bye_new"') + """[states.bye_new]
+play = "tone.wav"
+hangup = true
+"""
+MISTAKE = NEW_FLOW.replace('"1" = "bye_new"', '"1" = "bye_nwe"')
+
+
+def _record(calls_dir, call_id: str) -> dict | None:
+    """The call's record (its JSON sidecar, rewritten as the call goes), None until it is there."""
+    for path in calls_dir.rglob("*.json"):
+        if path.name.endswith(".analysis.json"):
+            continue
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # being replaced right now
+        if record.get("call_id") == call_id:
+            return record
+    return None
+
+
+def _flow_state(calls_dir, call_id: str, state: str):
+    record = _record(calls_dir, call_id)
+    return record if record and (record.get("flow") or {}).get("state") == state else None
+
+
+def _type_flow(browser, text: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    box = browser.find_element(By.ID, "flow-text")
+    box.clear()
+    box.send_keys(text)
+
+
+def test_an_admin_fixes_a_flow_in_the_browser_and_the_next_call_follows_it(tmp_path, browser):  # noqa: F811
+    from selenium.webdriver.common.by import By
+
+    _tone(tmp_path / "tone.wav")
+    flow_file = tmp_path / "support.toml"
+    flow_file.write_text(OLD_FLOW)
+    sip_port, web_port = free_port(), free_port(socket.SOCK_STREAM)
+    cfg = serve_config(tmp_path, sip_port, None, tail=f"""
+[[bots]]
+name = "support"
+flow = "support.toml"
+[analytics]
+enabled = false
+[web]
+listen = "127.0.0.1:{web_port}"
+""")
+    added = subprocess.run([*CALLBOT, "users", "add", "ada", "--role", "admin", "--password-env", "PW", "--config",
+                            str(cfg)], capture_output=True, text=True, timeout=60, env={**os.environ, "PW": PASSWORD})
+    assert added.returncode == 0, added.stderr
+    # what `callbot flows check` says of the mistake, to compare with the page
+    (tmp_path / "mistake").mkdir()
+    _tone(tmp_path / "mistake" / "tone.wav")
+    (tmp_path / "mistake" / "support.toml").write_text(MISTAKE)
+    check = subprocess.run([*CALLBOT, "flows", "check", str(tmp_path / "mistake" / "support.toml")],
+                           capture_output=True, text=True, timeout=60)
+    assert check.returncode == 2
+    expected = check.stderr.strip().removeprefix("callbot: error: ").replace(str(tmp_path / "mistake"), str(tmp_path))
+    mistake_line = next(i for i, line in enumerate(MISTAKE.split("\n"), 1) if "bye_nwe" in line)
+
+    proc = subprocess.Popen([*CALLBOT, "serve", "--engine", "echo", "--config", str(cfg)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = _Lines(proc.stderr, tmp_path / "serve.stderr")
+    calls = tmp_path / "calls"
+    base = f"http://127.0.0.1:{web_port}"
+    try:
+        err.wait_line("listening", 30)
+        with PjsuaPeer(user="bob", log_dir=tmp_path) as peer:
+            call_a = peer.call(f"sip:echo@127.0.0.1:{sip_port}")
+            peer.expect("media", call_id=call_a, timeout=15)
+            eventually(lambda: _flow_state(calls, call_a, "menu"), 20, "call A waiting in the old flow's menu")
+
+            _sign_in(browser, base, "ada", PASSWORD)
+            browser.get(base + "/bots")
+            browser.find_element(By.CSS_SELECTOR, 'tr[data-bot="support"] a').click()
+            eventually(lambda: browser.find_elements(By.ID, "flow-graph"), 10, "the bot's page with its graph")
+            assert browser.find_elements(By.CSS_SELECTOR, '#flow-graph g[data-state="bye_old"]')
+            browser.save_screenshot(str(tmp_path / "editor-before.png"))
+
+            _type_flow(browser, MISTAKE)
+            browser.find_element(By.ID, "flow-save").click()
+            error = eventually(lambda: browser.find_elements(By.ID, "flow-error"), 10, "the flow's error")[0]
+            assert error.find_element(By.CSS_SELECTOR, ".message").text == expected
+            assert error.get_attribute("data-line") == str(mistake_line)
+            bad = browser.find_elements(By.CSS_SELECTOR, "#flow-lines li.bad")
+            assert [li.get_attribute("data-line") for li in bad] == [str(mistake_line)]
+            assert "bye_nwe" in bad[0].text
+            # the script selected the bad line in the text box
+            selected = browser.execute_script(
+                "var b = document.getElementById('flow-text'); return b.value.substring(b.selectionStart, b.selectionEnd);")
+            assert "bye_nwe" in selected
+            assert flow_file.read_text() == OLD_FLOW  # never written
+            browser.save_screenshot(str(tmp_path / "editor-error.png"))
+
+            _type_flow(browser, NEW_FLOW)
+            browser.find_element(By.ID, "flow-save").click()
+            message = eventually(lambda: browser.find_elements(By.ID, "flow-message"), 10, "the save's message")[0]
+            assert "saved" in message.text and "the next call follows it" in message.text
+            assert flow_file.read_text() == NEW_FLOW and (tmp_path / "support.toml.bak").read_text() == OLD_FLOW
+            assert browser.find_elements(By.CSS_SELECTOR, '#flow-graph g[data-state="bye_new"]')
+            browser.save_screenshot(str(tmp_path / "editor-saved.png"))
+
+            # call A, up during the save, keeps its flow and is not dropped
+            peer.send("dtmf", call_id=call_a, digits="1", method="info")
+            peer.expect("disconnected", call_id=call_a, timeout=20)
+            a = eventually(lambda: (r := _record(calls, call_a)) and r.get("end") and r, 20, "call A's final record")
+            assert a["flow"]["path"] == ["greet", "menu", "bye_old"], a["flow"]
+            assert a["hangup_cause"] == "local", a["hangup_cause"]  # the flow hung up, not the caller nor a failure
+
+            # call B, after the save, follows the new flow
+            call_b = peer.call(f"sip:echo@127.0.0.1:{sip_port}")
+            peer.expect("media", call_id=call_b, timeout=15)
+            eventually(lambda: _flow_state(calls, call_b, "menu"), 20, "call B in the new flow's menu")
+            peer.send("dtmf", call_id=call_b, digits="1", method="info")
+            peer.expect("disconnected", call_id=call_b, timeout=20)
+            b = eventually(lambda: (r := _record(calls, call_b)) and r.get("end") and r, 20, "call B's final record")
+            assert b["flow"]["path"] == ["greet", "menu", "bye_new"], b["flow"]
+            assert b["hangup_cause"] == "local"
+        reloaded = eventually(lambda: [x for x in err.lines if "reloaded" in x], 10, "serve's reload line")
+        assert len(reloaded) == 1 and "bot support: flow" in reloaded[0]
+        browser.get(base + "/audit")
+        assert "flow.save" in browser.find_element(By.TAG_NAME, "main").text
+    finally:
+        stop_process(proc, 15, signal.SIGKILL)
