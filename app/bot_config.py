@@ -13,7 +13,8 @@ as `.bak` (flows/file_save.py). A change that fails the check is never written: 
 worded as serve would print it, with its line.
 
 What an edit changes for `callbot serve`: a bot's flow file is picked up by the next call
-(app/flow_reload.py); voice, persona, sampling, language and routes are read at serve's start (the
+(app/flow_reload.py), and so is the persona of a bot without a flow (app/bot_reload.py, through
+set_persona as the call starts); voice, sampling, language and routes are read at serve's start (the
 model prepares each bot's voice and persona prompt before the first call) and take effect at its next
 restart. The editor says so on the page.
 """
@@ -32,8 +33,9 @@ from callbot.flows.toml_lines import error_line
 
 SAMPLING_FIELDS = {"text_temperature": float, "text_top_k": int, "audio_temperature": float, "audio_top_k": int}
 TEXT_FIELDS = ("voice", "persona", "language")
-RESTART_NOTE = ("voice, persona, sampling, language and routes take effect when `callbot serve` starts "
-                "again; a saved flow file is taken by the next call")
+RESTART_NOTE = ("a saved flow file is taken by the next call; so is the persona of a bot without a flow (read "
+                "by the model as the call starts until serve restarts); voice, sampling, language and routes "
+                "take effect when `callbot serve` starts again")
 
 
 class BotConfig:

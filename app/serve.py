@@ -133,6 +133,12 @@ def running_server(settings: Settings, engine_kind: str, log: EventLog | None = 
             router.watchers.append(flows)
             if listener is not None:
                 listener.redacting = flows.redacting  # a secret being typed or read out is never transcribed
+        if config is not None:  # app/bot_reload.py: a persona changed in the file reaches the next calls
+            from callbot.app.bot_reload import BotReload
+
+            bot_reload = BotReload(config, settings)
+            stack.callback(bot_reload.close)
+            router.watchers.append(bot_reload)
         server = Server(settings, endpoint, engine, router, recorder, metrics, bus)
         server.flows = flows
         server.store_writer = writer

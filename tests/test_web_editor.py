@@ -429,3 +429,37 @@ def test_settings_are_saved_through_serves_checks_and_audited(editor):
     assert 'voice = "NATM1"' in (tmp / "callbot.toml").read_text() and "# acme's support bot" in (tmp / "callbot.toml").read_text()
     entry = next(e for e in users.audit_entries() if e["action"] == "bot.settings")
     assert entry["user"] == "acme-admin" and entry["detail"]["changed"] == ["voice"] and entry["detail"]["voice"] == "NATM1"
+
+
+def test_serve_reads_a_changed_config_once_and_keeps_the_last_good_one(tmp_path, caplog):
+    from callbot.app.bot_config import BotConfig
+    from callbot.app.bot_reload import BotReload
+    from callbot.app.settings import load_settings
+
+    cfg = _config(tmp_path)
+    reload = BotReload(cfg, load_settings(cfg))
+    try:
+        caplog.set_level(logging.WARNING)
+        reload.refresh()
+        assert reload.current == reload.prepared and not caplog.records  # nothing changed
+        bots = BotConfig(cfg)
+        changed, problem, _ = bots.update_bot("sales", {"persona": "You sell.", "voice": "NATM1"}, {1: "5550299"},
+                                              loaded=None)
+        assert problem is None, problem
+        reload.refresh()
+        assert reload.current["sales"].persona == "You sell." and reload.prepared["sales"].persona != "You sell."
+        said = [r.getMessage() for r in caplog.records]
+        assert any("bot sales: persona changed" in m for m in said)
+        assert any("bot sales: voice changed" in m and "starts again" in m for m in said)
+        assert any("routes changed" in m for m in said)
+        caplog.clear()
+        cfg.write_text(cfg.read_text().replace('name = "beta"', 'name = "beta"\nrecordings = 1'))
+        for _ in range(2):
+            reload.refresh()
+            st = cfg.stat()
+            os.utime(cfg, ns=(st.st_mtime_ns + 1000, st.st_mtime_ns + 1000))
+        errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(errors) == 1 and "$.tenants[1]: Object contains unknown field `recordings`" in errors[0]
+        assert reload.current["sales"].persona == "You sell."  # the last good one
+    finally:
+        reload.close()

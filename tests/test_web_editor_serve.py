@@ -1,5 +1,6 @@
-"""The flow editor in headless chromium against `callbot serve` itself ([web] listen), with real calls
-before and after a save: `callbot serve --engine echo` on loopback, a pjsua2 caller (tests/sip_peers.py).
+"""The flow editor in headless chromium, with real calls before and after a save: `callbot serve --engine
+echo` on loopback, a pjsua2 caller (tests/sip_peers.py), the panel served by serve itself ([web] listen)
+or by `callbot web --config` beside it (another process over the same files and store).
 
 Call A is answered and waits in the menu of the flow as it was. Meanwhile an admin opens the bot's page,
 types a new flow with a mistake (key 1 goes to a state that does not exist), presses Save: the error is
@@ -74,7 +75,10 @@ def _type_flow(browser, text: str) -> None:
     box.send_keys(text)
 
 
-def test_an_admin_fixes_a_flow_in_the_browser_and_the_next_call_follows_it(tmp_path, browser):  # noqa: F811
+@pytest.mark.parametrize("panel", ["in-serve", "beside-serve"])
+def test_an_admin_fixes_a_flow_in_the_browser_and_the_next_call_follows_it(tmp_path, browser, panel):  # noqa: F811
+    """`panel`: served by serve itself ([web] listen), or by `callbot web --config` in a process of its own
+    over the same config, flow file and store."""
     from selenium.webdriver.common.by import By
 
     _tone(tmp_path / "tone.wav")
@@ -87,9 +91,7 @@ name = "support"
 flow = "support.toml"
 [analytics]
 enabled = false
-[web]
-listen = "127.0.0.1:{web_port}"
-""")
+""" + (f'[web]\nlisten = "127.0.0.1:{web_port}"\n' if panel == "in-serve" else ""))
     added = subprocess.run([*CALLBOT, "users", "add", "ada", "--role", "admin", "--password-env", "PW", "--config",
                             str(cfg)], capture_output=True, text=True, timeout=60, env={**os.environ, "PW": PASSWORD})
     assert added.returncode == 0, added.stderr
@@ -106,10 +108,15 @@ listen = "127.0.0.1:{web_port}"
     proc = subprocess.Popen([*CALLBOT, "serve", "--engine", "echo", "--config", str(cfg)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     err = _Lines(proc.stderr, tmp_path / "serve.stderr")
+    web = None
     calls = tmp_path / "calls"
     base = f"http://127.0.0.1:{web_port}"
     try:
         err.wait_line("listening", 30)
+        if panel == "beside-serve":
+            web = subprocess.Popen([*CALLBOT, "web", "--listen", f"127.0.0.1:{web_port}", "--config", str(cfg)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            _Lines(web.stderr, tmp_path / "web.stderr").wait_line("listening", 30)
         with PjsuaPeer(user="bob", log_dir=tmp_path) as peer:
             call_a = peer.call(f"sip:echo@127.0.0.1:{sip_port}")
             peer.expect("media", call_id=call_a, timeout=15)
@@ -165,5 +172,76 @@ listen = "127.0.0.1:{web_port}"
         assert len(reloaded) == 1 and "bot support: flow" in reloaded[0]
         browser.get(base + "/audit")
         assert "flow.save" in browser.find_element(By.TAG_NAME, "main").text
+    finally:
+        if web is not None:
+            stop_process(web)
+        stop_process(proc, 15, signal.SIGKILL)
+
+
+def _events(calls_dir, record: dict) -> list[dict]:
+    """The call's events file (JSON lines), beside its record: the events written so far."""
+    path = next(calls_dir.rglob(os.path.basename(record.get("events") or "-")), None)
+    if path is None:
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip().endswith("}")]
+
+
+def test_a_persona_saved_in_the_panel_reaches_the_next_call_and_a_voice_waits_for_a_restart(tmp_path):
+    """A bot without a flow: its persona edited on its page (httpx, as the form posts it) is given to the
+    next call through set_persona (its PersonaChanged event, the echo engine reporting it), not to the call
+    before; the voice changed with it is logged once as needing a restart."""
+    import re
+
+    from tests.test_web import _signed_in
+
+    sip_port, web_port = free_port(), free_port(socket.SOCK_STREAM)
+    cfg = serve_config(tmp_path, sip_port, None, tail=f"""
+[[bots]]
+name = "free"   # converses freely
+persona = "You are Ana."
+[analytics]
+enabled = false
+[web]
+listen = "127.0.0.1:{web_port}"
+""")
+    added = subprocess.run([*CALLBOT, "users", "add", "ada", "--role", "admin", "--password-env", "PW", "--config",
+                            str(cfg)], capture_output=True, text=True, timeout=60, env={**os.environ, "PW": PASSWORD})
+    assert added.returncode == 0, added.stderr
+    proc = subprocess.Popen([*CALLBOT, "serve", "--engine", "echo", "--config", str(cfg)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = _Lines(proc.stderr, tmp_path / "serve.stderr")
+    calls = tmp_path / "calls"
+    try:
+        err.wait_line("listening", 30)
+        with PjsuaPeer(user="bob", log_dir=tmp_path) as peer:
+            def one_call(persona: bool) -> dict:
+                call_id = peer.call(f"sip:echo@127.0.0.1:{sip_port}")
+                peer.expect("media", call_id=call_id, timeout=15)
+                record = eventually(lambda: _record(calls, call_id), 10, "the call's record")
+                if persona:  # the call goes on until the model has the persona (the echo engine: at once)
+                    eventually(lambda: [e for e in _events(calls, record) if e["event"] == "PersonaChanged"], 10,
+                               "the new persona reaching the call")
+                else:  # as long as the call after takes to be given its persona
+                    eventually(lambda: [e for e in _events(calls, record) if e["event"] == "CallConfirmed"], 10,
+                               "the call confirmed")
+                peer.send("hangup", call_id=call_id)
+                peer.expect("disconnected", call_id=call_id, timeout=15)
+                return eventually(lambda: (r := _record(calls, call_id)) and r.get("end") and r, 20, "the final record")
+
+            before = one_call(persona=False)
+            ada = _signed_in(f"http://127.0.0.1:{web_port}", "ada", PASSWORD)
+            page = ada.get("/bots/free").text
+            token = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+            loaded = re.search(r'id="settings-form".*?name="loaded" value="([^"]*)"', page, re.S).group(1)
+            r = ada.post("/bots/free/settings", data={"csrf": token, "loaded": loaded, "voice": "NATM1",
+                                                      "persona": "You are Ben, from billing.", "language": "en"})
+            assert r.status_code == 200 and "saved: voice, persona" in r.text, r.text
+            assert "# converses freely" in cfg.read_text()
+            after = one_call(persona=True)
+        changed = [e for e in _events(calls, after) if e["event"] == "PersonaChanged"]
+        assert [e["id"] for e in changed] == [after["call_id"] + "#bot-persona"]
+        assert not [e for e in _events(calls, before) if e["event"] == "PersonaChanged"]
+        assert len([x for x in err.lines if "voice changed" in x and "starts again" in x]) == 1
+        assert len([x for x in err.lines if "persona changed" in x]) == 1
     finally:
         stop_process(proc, 15, signal.SIGKILL)
