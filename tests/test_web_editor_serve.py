@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,6 +30,7 @@ from tests.test_web import _sign_in, browser  # noqa: F401  (the browser fixture
 pytestmark = pytest.mark.timeout(240)
 CALLBOT = [sys.executable, "-m", "callbot.app.cli"]
 PASSWORD = "editor-password-1"
+DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs"
 
 OLD_FLOW = """start = "greet"
 [states.greet]
@@ -143,6 +146,8 @@ enabled = false
             assert "bye_nwe" in selected
             assert flow_file.read_text() == OLD_FLOW  # never written
             browser.save_screenshot(str(tmp_path / "editor-error.png"))
+            if os.environ.get("CALLBOT_UPDATE_SCREENSHOTS") and panel == "in-serve":  # docs/web.md's
+                shutil.copy(tmp_path / "editor-error.png", DOCS / "panel-editor.png")
 
             _type_flow(browser, NEW_FLOW)
             browser.find_element(By.ID, "flow-save").click()
