@@ -1,7 +1,7 @@
 """The bots and flows editor without a browser: the path -> line mapping of TOML errors (flows/toml_lines.py),
 the flow graph (web/flow_graph.py), atomic flow saving (flows/file_save.py), the config edits that keep
-comments (app/bot_config.py), serve's flow reload (app/flow_reload.py), and the editor's pages over a real
-SQLite store with real users (Starlette's TestClient): roles, tenant scoping, CSRF, the error at its line
+comments (app/bot_config.py), serve's flow reload (app/flow_reload.py), and the editor's pages served by uvicorn
+over a real SQLite store with real users (httpx): roles, tenant scoping, CSRF, the error at its line
 worded as `callbot flows check` words it, the audit log. The browser and a real call: test_web_editor_serve.py.
 """
 from __future__ import annotations
@@ -294,30 +294,40 @@ PW = "editor-password-1"
 
 @pytest.fixture()
 def editor(tmp_path):
-    from starlette.testclient import TestClient
+    """The panel (uvicorn on a thread, web/server.py) over a SQLite store with four users and the config
+    above; yields (a client maker: signed in as NAME, or not at all), the tmp dir, the store's Users."""
+    import httpx
 
     from callbot.app.bot_config import BotConfig
     from callbot.store.call_store import CallStore
-    from callbot.web.app import create_app
+    from callbot.web.server import WebServer
     from callbot.web.users import Users
 
     cfg = _config(tmp_path)
-    store = CallStore(f"sqlite:///{tmp_path / 'calls.db'}", migrate_schema=True)
+    url = f"sqlite:///{tmp_path / 'calls.db'}"
+    store = CallStore(url, migrate_schema=True)
     users = Users(store)
     for name, role, tenant in (("ada", "admin", None), ("acme-admin", "admin", "acme"),
                                ("sup", "supervisor", None), ("vic", "viewer", "acme")):
         users.add(name, role, PW, tenant=tenant)
-    app = create_app(store, bots=BotConfig(cfg))
+    web = WebServer.start(url, "127.0.0.1", 0, bots=BotConfig(cfg))
+    clients: list[httpx.Client] = []
 
     def client(name: str | None):
-        c = TestClient(app, base_url="http://127.0.0.1", follow_redirects=False)
+        c = httpx.Client(base_url=f"http://127.0.0.1:{web.port}", timeout=10, follow_redirects=False)
+        clients.append(c)
         if name is not None:
             token = _csrf(c.get("/login").text)
             r = c.post("/login", data={"csrf": token, "name": name, "password": PW, "next": "/bots"})
             assert r.status_code == 303, r.text
         return c
-    yield client, tmp_path, users
-    store.close()
+    try:
+        yield client, tmp_path, users
+    finally:
+        for c in clients:
+            c.close()
+        web.stop()
+        store.close()
 
 
 def _csrf(page: str) -> str:
