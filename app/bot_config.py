@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import pathlib
 
+import msgspec
 import tomlkit
 
 from callbot.app.routes import normalize_number
@@ -57,10 +58,30 @@ class BotConfig:
         except ConfigError as err:
             raise ConfigError(f"{self.path}: {err}") from None
 
+    def _read_leniently(self) -> tuple[str, Settings, str | None]:
+        """The config as `_read` gives it, or when it fails serve's checks (a flow file broken by hand, a
+        rules file missing), as its types alone decode it, with that failure: the editor must still open
+        the bots, or a broken flow file could not be fixed from the page. A file that does not even decode
+        is the ConfigError."""
+        try:
+            text, settings = self._read()
+            return text, settings, None
+        except ConfigError as err:
+            problem = str(err)
+        try:
+            text = self.path.read_text()
+            settings = msgspec.toml.decode(text, type=Settings)
+        except (OSError, msgspec.MsgspecError):
+            raise ConfigError(problem) from None
+        bots = tuple(msgspec.structs.replace(b, flow=os.fspath(self.path.parent / os.path.expanduser(b.flow)))
+                     if b.flow else b for b in settings.bots)
+        return text, msgspec.structs.replace(settings, bots=bots), problem
+
     def bots(self) -> list[dict]:
         """Every bot as a dict: name, tenant, voice, persona, language, sampling, flow (absolute path or
-        None), flow_shown (as the file writes it), routes (index, name, dids), digest (of the file)."""
-        text, settings = self._read()
+        None), flow_shown (as the file writes it), routes (index, name, dids), digest (of the file),
+        problem (why the config fails serve's checks now, else None)."""
+        text, settings, problem = self._read_leniently()
         raw = tomlkit.parse(text)
         raw_bots = raw.get("bots") or []
         out = []
@@ -73,7 +94,7 @@ class BotConfig:
                         "persona": bot.persona, "language": bot.language,
                         "sampling": {k: getattr(bot.sampling, k) for k in SAMPLING_FIELDS},
                         "flow": bot.flow, "flow_shown": str(shown) if shown is not None else None,
-                        "routes": routes, "digest": digest(text)})
+                        "routes": routes, "digest": digest(text), "problem": problem})
         return out
 
     def bot(self, name: str) -> dict | None:

@@ -473,3 +473,18 @@ def test_serve_reads_a_changed_config_once_and_keeps_the_last_good_one(tmp_path,
         assert reload.current["sales"].persona == "You sell."  # the last good one
     finally:
         reload.close()
+
+
+def test_a_flow_file_broken_on_disk_can_still_be_fixed_from_the_page(editor):
+    client, tmp, _ = editor
+    broken = ISSUE_FLOW.replace('next = "menu"', 'next = "menuu"')
+    (tmp / "support.toml").write_text(broken)  # by hand: serve's check of the config now fails
+    ada = client("ada")
+    page = ada.get("/bots/support")
+    assert page.status_code == 200 and 'id="config-problem"' in page.text
+    assert 'unknown state &#34;menuu&#34;' in page.text or "unknown state &quot;menuu&quot;" in page.text
+    assert 'id="config-problem"' in ada.get("/bots").text
+    r = ada.post("/bots/support/flow", data={"csrf": _csrf(page.text), "loaded": _loaded(page.text, "flow-form"),
+                                             "text": ISSUE_FLOW, "action": "save"})
+    assert r.status_code == 200 and "saved" in r.text and 'id="config-problem"' not in r.text
+    assert (tmp / "support.toml").read_text() == ISSUE_FLOW
