@@ -1,4 +1,4 @@
-"""A bot's persona changed in the config file while `callbot serve` runs, given to the next calls.
+"""A bot's persona and the routes changed in the config file while `callbot serve` runs, for the next calls.
 
 Why through `set_persona` and not a new prepared prompt: the model reads a bot's voice and persona once,
 before the first call (app/model_setup.py), into a snapshot every call of that bot starts from;
@@ -10,11 +10,16 @@ as it starts. The cost is honest and said in the log: each such call starts with
 new persona (about 1.3 s per 16 tokens, plus a 0.5 s spacer) before it listens; restarting serve
 prepares it once, at no cost per call.
 
+Routes ([[routes]], [routing]: which bot takes a called number) are looked up again for every INVITE:
+the endpoint's screen goes through `screen` here, which looks at the file first (a `stat`, microseconds;
+when it changed, reading and checking it costs 2-3 ms once, on the SIP thread) and hands new rules to
+the CallRoutes (app/routes.py `replace_rules`) before routing that INVITE. Routes that name a bot serve
+did not prepare at start are refused with one error line (restart to add bots).
+
 What is not applied here (the log says once, per change, that it needs a restart): voice (the prompt's
-audio), sampling and language (read when the bot's sessions are set up) and routes (app/routes.py reads
-them at start). A bot with a flow is left alone: its flow's persona states set the persona; the bot's
-own persona is only the prompt it starts from. A consultation leg (attended transfer) is held silent
-anyway.
+audio), sampling and language (read when the bot's sessions are set up), and bots added or removed. A
+bot with a flow is left alone: its flow's persona states set the persona; the bot's own persona is only
+the prompt it starts from. A consultation leg (attended transfer) is held silent anyway.
 
 How: the router tells this watcher of each call as its audio comes up (SIP thread: it only enqueues);
 one worker thread looks at the config file (`stat`; read and checked with serve's checks,
@@ -28,6 +33,7 @@ import hashlib
 import logging
 import os
 import pathlib
+import threading
 
 from callbot.app.settings import BotSettings, ConfigError, Settings, parse_settings
 
@@ -47,17 +53,20 @@ def _identity(path: pathlib.Path) -> tuple[int, int, int] | None:
 
 class BotReload:
     """A CallWatcher (app/calls.py) over the config file at `path`, which `settings` (what serve
-    prepared) came from."""
+    prepared) came from; `routes`: serve's CallRoutes, given the file's new routes (None: routes stay)."""
 
-    def __init__(self, path: str | os.PathLike, settings: Settings):
+    def __init__(self, path: str | os.PathLike, settings: Settings, routes=None):
         self.path = pathlib.Path(path)
         self.prepared: dict[str, BotSettings] = {b.name: b for b in settings.bots}
         self.current = dict(self.prepared)
         self.routes = settings.routes
+        self.routing = settings.routing
+        self.call_routes = routes
         self.applied = 0  # calls given a changed persona
         self._identity = _identity(self.path)
         self._digest = self._read_digest()
         self._bad: str | None = None
+        self._lock = threading.Lock()  # refresh from the SIP thread (screen) and the worker
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bot-reload")
 
     def _read_digest(self) -> str | None:
@@ -82,6 +91,15 @@ class BotReload:
     def call_closed(self, live) -> None:
         pass
 
+    def screen(self, record):
+        """The endpoint's screen (SIP thread): the routes of the file as it is now, then the CallRoutes'
+        verdict for this INVITE."""
+        try:
+            self.refresh()
+        except Exception as err:  # never the INVITE's problem: it is routed by the rules there are
+            log.error("%s: reading the config again failed: %s", self.path, err)
+        return self.call_routes.screen(record)
+
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
@@ -100,7 +118,11 @@ class BotReload:
             log.info("call %s: the bot's changed persona was not given: %s", live.call_id, err)
 
     def refresh(self) -> None:
-        """Read the config again if it changed since (worker thread, and tests)."""
+        """Read the config again if it changed since (the SIP thread, the worker, tests)."""
+        with self._lock:
+            self._refresh()
+
+    def _refresh(self) -> None:
         identity = _identity(self.path)
         if identity is None or identity == self._identity:
             return
@@ -133,6 +155,18 @@ class BotReload:
             if restart:
                 log.warning("bot %s: %s changed in %s: takes effect when serve starts again", name,
                             ", ".join(restart), self.path)
-        if settings.routes != self.routes:
-            self.routes = settings.routes
+        if (settings.routes, settings.routing) != (self.routes, self.routing):
+            self._new_routes(settings)
+
+    def _new_routes(self, settings: Settings) -> None:
+        if self.call_routes is None:
             log.warning("%s: routes changed: take effect when serve starts again", self.path)
+            return
+        try:
+            self.call_routes.replace_rules(settings.routes, settings.routing)
+        except ValueError as err:
+            log.error("%s: the routes changed but %s: restart serve to take them; calls are routed as before",
+                      self.path, err)
+            return
+        self.routes, self.routing = settings.routes, settings.routing
+        log.warning("%s: routes changed: the calls from now on are routed by them", self.path)

@@ -107,6 +107,12 @@ def running_server(settings: Settings, engine_kind: str, log: EventLog | None = 
         stack.callback(engine.close)
         engine.on_event = bus.publish
         routes = CallRoutes.from_settings(settings)  # which bot and tenant take a call (app/routes.py)
+        bot_reload = None
+        if config is not None:  # app/bot_reload.py: personas and routes changed in the file reach the next calls
+            from callbot.app.bot_reload import BotReload
+
+            bot_reload = BotReload(config, settings, routes)
+            stack.callback(bot_reload.close)
         caller_speech = start_caller_speech(settings, bus)  # app/caller_speech.py: None with [recognizer] "none"
         listener = caller_speech[0] if caller_speech is not None else None
         recorder = Recorder(settings.recordings_dir, directory_for=routes.recordings_dir_for, listener=listener)
@@ -124,7 +130,7 @@ def running_server(settings: Settings, engine_kind: str, log: EventLog | None = 
         # on a shared model service the screen also asks the model for room (503 + Retry-After when none)
         endpoint = Endpoint(settings.endpoint_config(), sessions=router,
                             recorder=writer.tap(recorder) if writer is not None else recorder,
-                            screen=worker_screen(engine, routes.screen))
+                            screen=worker_screen(engine, bot_reload.screen if bot_reload else routes.screen))
         attach_worker(engine, endpoint, metrics, bus)  # app/service_worker.py: a lost service's calls hung up
         router.ops = endpoint
         flows = start_flows(settings, bus)  # app/flow_host.py: None when no bot has a flow
@@ -133,11 +139,7 @@ def running_server(settings: Settings, engine_kind: str, log: EventLog | None = 
             router.watchers.append(flows)
             if listener is not None:
                 listener.redacting = flows.redacting  # a secret being typed or read out is never transcribed
-        if config is not None:  # app/bot_reload.py: a persona changed in the file reaches the next calls
-            from callbot.app.bot_reload import BotReload
-
-            bot_reload = BotReload(config, settings)
-            stack.callback(bot_reload.close)
+        if bot_reload is not None:
             router.watchers.append(bot_reload)
         server = Server(settings, endpoint, engine, router, recorder, metrics, bus)
         server.flows = flows

@@ -120,7 +120,7 @@ MARKS: dict[str, frozenset[str]] = {
         "test_store_calls": "sip slow",
         "test_web_units": "",  # 2 s: the limiter, CSRF, scopes, users on SQLite and PostgreSQL
         "test_web_editor": "",  # 8 s: TOML path -> line, the flow graph, saving, config edits, reloads, the editor's pages (uvicorn + httpx)
-        "test_web_editor_serve": "sip slow",  # 50 s: a flow edited in chromium (panel in serve, and beside it), pjsua2 calls before and after the save; a persona reaching the next call
+        "test_web_editor_serve": "sip slow",  # 50 s: a flow edited in chromium (panel in serve, and beside it), pjsua2 calls before and after the save; a persona and a route's number reaching the next call
         "test_web_serve": "sip slow",  # 15 s: `callbot serve` with [web] listen, a pjsua2 call seen in chromium
         "test_web": "slow",  # 15 s: `callbot web` over two imported, analysed calls; headless chromium via selenium  # `callbot serve` into the store: a flow call, a SIGKILL mid-call
     }.items()

@@ -444,11 +444,16 @@ def test_settings_are_saved_through_serves_checks_and_audited(editor):
 def test_serve_reads_a_changed_config_once_and_keeps_the_last_good_one(tmp_path, caplog):
     from callbot.app.bot_config import BotConfig
     from callbot.app.bot_reload import BotReload
+    from callbot.app.routes import CallRoutes, Refusal
     from callbot.app.settings import load_settings
+    from tests.test_routes import record
 
     cfg = _config(tmp_path)
-    reload = BotReload(cfg, load_settings(cfg))
+    settings = load_settings(cfg)
+    routes = CallRoutes(settings)
+    reload = BotReload(cfg, settings, routes)
     try:
+        assert reload.screen(record(uri="sip:5550299@127.0.0.1")) == Refusal(404, "Not Found")
         caplog.set_level(logging.WARNING)
         reload.refresh()
         assert reload.current == reload.prepared and not caplog.records  # nothing changed
@@ -461,7 +466,18 @@ def test_serve_reads_a_changed_config_once_and_keeps_the_last_good_one(tmp_path,
         said = [r.getMessage() for r in caplog.records]
         assert any("bot sales: persona changed" in m for m in said)
         assert any("bot sales: voice changed" in m and "starts again" in m for m in said)
-        assert any("routes changed" in m for m in said)
+        assert any("routes changed: the calls from now on are routed by them" in m for m in said)
+        rec = record(uri="sip:5550299@127.0.0.1")
+        assert reload.screen(rec) is None and rec.labels["bot"] == "sales" and rec.labels["tenant"] == "beta"
+        assert routes.route(record(uri="sip:5550200@127.0.0.1")) == Refusal(404, "Not Found")  # replaced, not added
+        caplog.clear()
+        # a route to a bot serve did not prepare: refused, the routes stay
+        cfg.write_text(cfg.read_text().replace("[analytics]", '[[bots]]\nname = "new"\n[[routes]]\nbot = "new"\n'
+                                               'did = "5550999"\n[analytics]'))
+        reload.refresh()
+        errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(errors) == 1 and "routes name bots this server has not prepared: new" in errors[0]
+        assert routes.route(record(uri="sip:5550999@127.0.0.1")) == Refusal(404, "Not Found")
         caplog.clear()
         cfg.write_text(cfg.read_text().replace('name = "beta"', 'name = "beta"\nrecordings = 1'))
         for _ in range(2):

@@ -191,10 +191,12 @@ def _events(calls_dir, record: dict) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip().endswith("}")]
 
 
-def test_a_persona_saved_in_the_panel_reaches_the_next_call_and_a_voice_waits_for_a_restart(tmp_path):
-    """A bot without a flow: its persona edited on its page (httpx, as the form posts it) is given to the
-    next call through set_persona (its PersonaChanged event, the echo engine reporting it), not to the call
-    before; the voice changed with it is logged once as needing a restart."""
+def test_a_persona_and_a_number_saved_in_the_panel_reach_the_next_call_and_a_voice_waits_for_a_restart(tmp_path):
+    """A bot without a flow, reached by the number its route names: its persona and its route's number edited
+    on its page (httpx, as the form posts it). The next call, to the new number, is answered and given the
+    persona through set_persona (its PersonaChanged event, the echo engine reporting it); the old number
+    is now refused (404); the call before the save had no PersonaChanged. The voice changed with them is
+    logged once as needing a restart."""
     import re
 
     from tests.test_web import _signed_in
@@ -204,6 +206,9 @@ def test_a_persona_saved_in_the_panel_reaches_the_next_call_and_a_voice_waits_fo
 [[bots]]
 name = "free"   # converses freely
 persona = "You are Ana."
+[[routes]]
+bot = "free"
+did = "5550100"
 [analytics]
 enabled = false
 [web]
@@ -219,8 +224,8 @@ listen = "127.0.0.1:{web_port}"
     try:
         err.wait_line("listening", 30)
         with PjsuaPeer(user="bob", log_dir=tmp_path) as peer:
-            def one_call(persona: bool) -> dict:
-                call_id = peer.call(f"sip:echo@127.0.0.1:{sip_port}")
+            def one_call(number: str, persona: bool) -> dict:
+                call_id = peer.call(f"sip:{number}@127.0.0.1:{sip_port}")
                 peer.expect("media", call_id=call_id, timeout=15)
                 record = eventually(lambda: _record(calls, call_id), 10, "the call's record")
                 if persona:  # the call goes on until the model has the persona (the echo engine: at once)
@@ -233,20 +238,25 @@ listen = "127.0.0.1:{web_port}"
                 peer.expect("disconnected", call_id=call_id, timeout=15)
                 return eventually(lambda: (r := _record(calls, call_id)) and r.get("end") and r, 20, "the final record")
 
-            before = one_call(persona=False)
+            before = one_call("5550100", persona=False)
             ada = _signed_in(f"http://127.0.0.1:{web_port}", "ada", PASSWORD)
             page = ada.get("/bots/free").text
             token = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
             loaded = re.search(r'id="settings-form".*?name="loaded" value="([^"]*)"', page, re.S).group(1)
             r = ada.post("/bots/free/settings", data={"csrf": token, "loaded": loaded, "voice": "NATM1",
-                                                      "persona": "You are Ben, from billing.", "language": "en"})
-            assert r.status_code == 200 and "saved: voice, persona" in r.text, r.text
+                                                      "persona": "You are Ben, from billing.", "language": "en",
+                                                      "did-0": "5550200"})
+            assert r.status_code == 200 and "saved: voice, persona, routes[0].did" in r.text, r.text
             assert "# converses freely" in cfg.read_text()
-            after = one_call(persona=True)
+            after = one_call("5550200", persona=True)
+            old_number = peer.call(f"sip:5550100@127.0.0.1:{sip_port}")
+            gone = peer.expect("disconnected", call_id=old_number, timeout=15)
+            assert gone["code"] == 404, gone
         changed = [e for e in _events(calls, after) if e["event"] == "PersonaChanged"]
         assert [e["id"] for e in changed] == [after["call_id"] + "#bot-persona"]
         assert not [e for e in _events(calls, before) if e["event"] == "PersonaChanged"]
         assert len([x for x in err.lines if "voice changed" in x and "starts again" in x]) == 1
         assert len([x for x in err.lines if "persona changed" in x]) == 1
+        assert len([x for x in err.lines if "routes changed: the calls from now on are routed by them" in x]) == 1
     finally:
         stop_process(proc, 15, signal.SIGKILL)
