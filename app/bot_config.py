@@ -133,7 +133,8 @@ class BotConfig:
             try:
                 value = kind(fields[key].strip())
             except ValueError:
-                return [], f"$.bots[{index}].sampling.{key}: {fields[key]!r} is not a{'n integer' if kind is int else ' number'}", None
+                what = "an integer" if kind is int else "a number"
+                return [], f"$.bots[{index}].sampling.{key}: {fields[key]!r} is not {what}", None
             if value != getattr(bot.sampling, key):
                 if "sampling" not in table:
                     table["sampling"] = tomlkit.inline_table()

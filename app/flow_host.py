@@ -352,9 +352,10 @@ class FlowHost:
         now = self.clock()
         if item[0] == "open":
             live: LiveCall = item[1]
-            bot = live.start.bot
+            bot: str = live.start.bot  # type: ignore[assignment]  (call_opened took only bots with a flow)
             # the file's flow when it changed since (app/flow_reload.py): this call and the next ones follow it
-            name, flow = self.files.current(bot) if self.files is not None and bot in self.files else self.flows[bot]  # type: ignore[index]
+            files = self.files
+            name, flow = files.current(bot) if files is not None and bot in files else self.flows[bot]
             variables = {"call_id": live.call_id, **live.start.variables}
             runner = FlowRunner(flow, _HostedCall(self, live), live.call_id, variables, now=now, name=name)
             self.runners[live.call_id] = runner

@@ -118,7 +118,8 @@ def routes(page: Callable, render: Callable, audit: Callable, bots: Bots | None,
             if action == "check":
                 flow = parse_flow_file(text, path)
                 return bot_page(request, user, flow_text=text, flow_loaded=loaded,
-                                flow_message=f"{path}: ok ({len(flow.states)} states, starts at {flow.start!r}); not saved")
+                                flow_message=f"{path}: ok ({len(flow.states)} states, starts at {flow.start!r}); "
+                                             "not saved")
             before = _read(path)
             flow, after = save_flow(path, text, loaded=loaded)
         except FlowError as err:
@@ -144,13 +145,14 @@ def routes(page: Callable, render: Callable, audit: Callable, bots: Bots | None,
                                             "audio_temperature", "audio_top_k") if k in form}
         if "voice" in fields and fields["voice"] not in _voice_choices(config(), bot):
             return bot_page(request, user, status=400, form=fields,
-                            settings_error=f"voice {fields['voice']!r}: one of the named voices (a voice file is set in the config)")
+                            settings_error=f"voice {fields['voice']!r}: one of the named voices (a voice file is "
+                                           "set in the config)")
         dids = {}
         for key in form.keys():
             if key.startswith("did-") and key[4:].isdigit():
                 dids[int(key[4:])] = str(form[key])
-        changed, problem, line = config().update_bot(bot["name"], fields, dids, loaded=str(form.get("loaded", "")) or None,
-                                                     tenant=user.tenant)
+        changed, problem, line = config().update_bot(bot["name"], fields, dids,
+                                                     loaded=str(form.get("loaded", "")) or None, tenant=user.tenant)
         if problem is not None:
             return bot_page(request, user, status=400, settings_error=problem, settings_line=line, form=fields)
         if changed:
