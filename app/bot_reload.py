@@ -7,14 +7,16 @@ the running calls share. The control contract already has a way to change the pe
 progress (`SetPersona`, engine/model/persona_swap.py: the persona's tokens read by the model one per
 80 ms step while the caller is not heard), so a call of a bot whose persona changed gets it that way
 as it starts. The cost is honest and said in the log: each such call starts with the model reading the
-new persona (about 1.3 s per 16 tokens, plus a 0.5 s spacer) before it listens; restarting serve
-prepares it once, at no cost per call.
+new persona before it listens to the caller, (W + N + 6) x 80 ms with N the persona's tokens and W the
+steps until the model pauses (BENCHMARKS.md, "Persona change": about 3 s for a 20-word persona when the
+model is silent, at most about 7 s); restarting serve prepares it once, at no cost per call.
 
 Routes ([[routes]], [routing]: which bot takes a called number) are looked up again for every INVITE:
 the endpoint's screen goes through `screen` here, which looks at the file first (a `stat`, microseconds;
-when it changed, reading and checking it costs 2-3 ms once, on the SIP thread) and hands new rules to
-the CallRoutes (app/routes.py `replace_rules`) before routing that INVITE. Routes that name a bot serve
-did not prepare at start are refused with one error line (restart to add bots).
+when it changed, reading and checking it costs a few ms once, on the SIP thread: BENCHMARKS.md, "Flow
+editor and reloads") and hands new rules to the CallRoutes (app/routes.py `replace_rules`) before
+routing that INVITE. Routes that name a bot serve did not prepare at start are refused with one error
+line (restart to add bots).
 
 What is not applied here (the log says once, per change, that it needs a restart): voice (the prompt's
 audio), sampling and language (read when the bot's sessions are set up), and bots added or removed. A
