@@ -78,6 +78,18 @@ def _type_flow(browser, text: str) -> None:
     box.send_keys(text)
 
 
+def _save(browser) -> None:
+    """Click Save and wait until the page it posted to has replaced this one (elements found while the
+    browser is between the two pages could be the old page's, or gone under the finder)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    old = browser.find_element(By.ID, "flow-text")
+    browser.find_element(By.ID, "flow-save").click()
+    WebDriverWait(browser, 20).until(expected_conditions.staleness_of(old))
+
+
 @pytest.mark.parametrize("panel", ["in-serve", "beside-serve"])
 def test_an_admin_fixes_a_flow_in_the_browser_and_the_next_call_follows_it(tmp_path, browser, panel):  # noqa: F811
     """`panel`: served by serve itself ([web] listen), or by `callbot web --config` in a process of its own
@@ -133,7 +145,7 @@ enabled = false
             browser.save_screenshot(str(tmp_path / "editor-before.png"))
 
             _type_flow(browser, MISTAKE)
-            browser.find_element(By.ID, "flow-save").click()
+            _save(browser)
             error = eventually(lambda: browser.find_elements(By.ID, "flow-error"), 10, "the flow's error")[0]
             assert error.find_element(By.CSS_SELECTOR, ".message").text == expected
             assert error.get_attribute("data-line") == str(mistake_line)
@@ -150,7 +162,7 @@ enabled = false
                 shutil.copy(tmp_path / "editor-error.png", DOCS / "panel-editor.png")
 
             _type_flow(browser, NEW_FLOW)
-            browser.find_element(By.ID, "flow-save").click()
+            _save(browser)
             message = eventually(lambda: browser.find_elements(By.ID, "flow-message"), 10, "the save's message")[0]
             assert "saved" in message.text and "the next call follows it" in message.text
             assert flow_file.read_text() == NEW_FLOW and (tmp_path / "support.toml.bak").read_text() == OLD_FLOW
