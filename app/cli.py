@@ -146,7 +146,7 @@ def _web_commands(args: argparse.Namespace) -> int:
         address = _parse_node(listen)
         if address is None:
             raise ConfigError(f"--listen {listen!r}: not HOST:PORT (127.0.0.1:8088)")
-        return _web_serve(url, listen, address)
+        return _web_serve(url, listen, address, args.config)
     except StoreError as err:
         print(f"callbot: error: {err}", file=sys.stderr)
     return EXIT_USAGE
@@ -196,13 +196,14 @@ def _users(url: str, args: argparse.Namespace) -> int:
     return 0
 
 
-def _web_serve(url: str, listen: str, address: tuple[str, int]) -> int:
+def _web_serve(url: str, listen: str, address: tuple[str, int], config: str | None = None) -> int:
+    from callbot.app.bot_config import BotConfig
     from callbot.app.serve import stop_on_signals
     from callbot.web.server import WebServer
 
     with stop_on_signals() as stop:
-        try:
-            web = WebServer.start(url, *address)
+        try:  # with --config, its bots and flows in the editor (app/bot_config.py)
+            web = WebServer.start(url, *address, bots=BotConfig(config) if config else None)
         except OSError as err:
             print(f"callbot: error: --listen {listen}: {err.strerror or err}", file=sys.stderr)
             return EXIT_USAGE
@@ -319,12 +320,12 @@ def run(args: argparse.Namespace) -> int:
     from callbot.app import serve
 
     if args.command == "serve" and args.supervised:
-        return serve.serve(settings, args.engine)
+        return serve.serve(settings, args.engine, config=args.config)
     if args.command == "serve":
         from callbot.app.edge import public_exposure_warning
 
         # said once the line is up, after the "listening" lines: a start that fails says only why it failed
-        return serve.serve(settings, args.engine, warning=public_exposure_warning(settings))
+        return serve.serve(settings, args.engine, warning=public_exposure_warning(settings), config=args.config)
     bot = settings.bot(args.bot) if args.bot else settings.bots[0]
     if args.bot:  # the chosen bot speaks first in the engine's list, so it is the one that calls
         settings = msgspec.structs.replace(settings, bots=(bot, *(b for b in settings.bots if b is not bot)))

@@ -31,6 +31,7 @@ from callbot.app.calls import CallControlError, LiveCall
 from callbot.app.errors import StartupError
 from callbot.engine.audio.wavfile import read_wav
 from callbot.app.event_bus import EventBus
+from callbot.app.flow_reload import FlowFiles
 from callbot.app.settings import Settings
 from callbot.engine.contract import (BotSpeech, BotText, CallerSpeech, CallerWords, FlowTransition, PlayFinished)
 from callbot.flows.runner import (CallGone, Digit, FlowRunner, Input, PromptDone, Said, Speech, TransferDone,
@@ -219,6 +220,7 @@ class FlowHost:
 
         self.bus = bus
         self.flows = flows
+        self.files: FlowFiles | None = None  # app/flow_reload.py: the flow files taken again when changed
         self.speaker = speaker
         self.clock = clock
         # trust_env=False: a card number never follows an HTTPS_PROXY or .netrc from the environment
@@ -350,7 +352,10 @@ class FlowHost:
         now = self.clock()
         if item[0] == "open":
             live: LiveCall = item[1]
-            name, flow = self.flows[live.start.bot]  # type: ignore[index]
+            bot: str = live.start.bot  # type: ignore[assignment]  (call_opened took only bots with a flow)
+            # the file's flow when it changed since (app/flow_reload.py): this call and the next ones follow it
+            files = self.files
+            name, flow = files.current(bot) if files is not None and bot in files else self.flows[bot]
             variables = {"call_id": live.call_id, **live.start.variables}
             runner = FlowRunner(flow, _HostedCall(self, live), live.call_id, variables, now=now, name=name)
             self.runners[live.call_id] = runner
@@ -448,12 +453,19 @@ def start_flows(settings: Settings, bus: EventBus) -> FlowHost | None:
         for state in flow.states.values():
             if state.play and state.play not in host.clips:
                 try:
-                    data, rate = read_wav(state.play)
+                    host.clips[state.play] = load_clip(state.play)
                 except (OSError, ValueError) as err:
                     host.close()
                     raise StartupError(f"flow clip {state.play!r}: {err}") from None
-                host.clips[state.play] = (data.mean(axis=0) if data.ndim == 2 else data, rate)
+    host.files = FlowFiles(flows, {bot.name: bot.flow for bot in settings.bots if bot.flow}, load_clip, host.clips,
+                           can_speak=lambda: host.speaker is not None)
     return host
+
+
+def load_clip(path: str) -> tuple[np.ndarray, int]:
+    """A flow's WAV clip decoded, mono."""
+    data, rate = read_wav(path)
+    return data.mean(axis=0) if data.ndim == 2 else data, rate
 
 
 def speaker_for(settings: Settings) -> Speaker:

@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from callbot.app.settings import RouteSettings, Settings
+from callbot.app.settings import RouteSettings, RoutingSettings, Settings
 from callbot.sip.call_record import KEPT_HEADERS, CallRecord, uri_user
 
 # the standard reason phrases of the codes [routing] no_route allows
@@ -98,19 +98,31 @@ def caller_language(record: CallRecord) -> str:
 
 
 class CallRoutes:
-    """The routes of one configuration; thread-safe (read-only after construction)."""
+    """The routes of one configuration; thread-safe (its rules are only ever replaced whole, by
+    `replace_rules`)."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
         self._bots = {b.name: b for b in settings.bots}
+        self.replace_rules(settings.routes, settings.routing)
+
+    def replace_rules(self, routes: tuple[RouteSettings, ...], routing: RoutingSettings) -> None:
+        """The [[routes]] and [routing] calls are routed by from now on (app/bot_reload.py: the config file
+        changed while serve runs; checked by parse_settings, and naming only bots of this configuration).
+        One assignment each: a call routed meanwhile sees the old rules or the new ones; a call screened by
+        the old ones whose audio comes up after the change is started (and labelled) by the new ones, or by
+        its account's bot when none of them takes it."""
+        unknown = sorted({r.bot for r in routes} - set(self._bots))
+        if unknown:
+            raise ValueError(f"routes name bots this server has not prepared: {', '.join(unknown)}")
         self._rules = tuple(
             _Rule(name=r.name or f"routes[{i}]", settings=r,
                   dids=None if _dids(r) is None else frozenset(normalize_number(d) for d in _dids(r)),
                   caller=None if r.caller is None else re.compile(r.caller),
                   header=None if r.header is None else (r.header.name.lower(), re.compile(r.header.match)))
-            for i, r in enumerate(settings.routes))
-        code = settings.routing.no_route
-        self.refusal = Refusal(code, settings.routing.reason or PHRASES.get(code, "No Route"))
+            for i, r in enumerate(routes))
+        code = routing.no_route
+        self.refusal = Refusal(code, routing.reason or PHRASES.get(code, "No Route"))
 
     @classmethod
     def from_settings(cls, settings: Settings) -> CallRoutes:

@@ -67,8 +67,10 @@ def build_engine(kind: str, settings: Settings) -> CallEngine:
 
 
 @contextlib.contextmanager
-def running_server(settings: Settings, engine_kind: str, log: EventLog | None = None) -> Iterator["Server"]:
-    """Start everything; on exit, stop it in reverse order, whatever happened inside."""
+def running_server(settings: Settings, engine_kind: str, log: EventLog | None = None,
+                   config: str | None = None) -> Iterator["Server"]:
+    """Start everything; on exit, stop it in reverse order, whatever happened inside. `config`: the file
+    `settings` came from (the panel's bot editor edits it)."""
     with contextlib.ExitStack() as stack:
         try:
             os.makedirs(settings.recordings_dir, exist_ok=True)
@@ -105,6 +107,12 @@ def running_server(settings: Settings, engine_kind: str, log: EventLog | None = 
         stack.callback(engine.close)
         engine.on_event = bus.publish
         routes = CallRoutes.from_settings(settings)  # which bot and tenant take a call (app/routes.py)
+        bot_reload = None
+        if config is not None:  # app/bot_reload.py: personas and routes changed in the file reach the next calls
+            from callbot.app.bot_reload import BotReload
+
+            bot_reload = BotReload(config, settings, routes)
+            stack.callback(bot_reload.close)
         caller_speech = start_caller_speech(settings, bus)  # app/caller_speech.py: None with [recognizer] "none"
         listener = caller_speech[0] if caller_speech is not None else None
         recorder = Recorder(settings.recordings_dir, directory_for=routes.recordings_dir_for, listener=listener)
@@ -122,7 +130,7 @@ def running_server(settings: Settings, engine_kind: str, log: EventLog | None = 
         # on a shared model service the screen also asks the model for room (503 + Retry-After when none)
         endpoint = Endpoint(settings.endpoint_config(), sessions=router,
                             recorder=writer.tap(recorder) if writer is not None else recorder,
-                            screen=worker_screen(engine, routes.screen))
+                            screen=worker_screen(engine, bot_reload.screen if bot_reload else routes.screen))
         attach_worker(engine, endpoint, metrics, bus)  # app/service_worker.py: a lost service's calls hung up
         router.ops = endpoint
         flows = start_flows(settings, bus)  # app/flow_host.py: None when no bot has a flow
@@ -131,6 +139,8 @@ def running_server(settings: Settings, engine_kind: str, log: EventLog | None = 
             router.watchers.append(flows)
             if listener is not None:
                 listener.redacting = flows.redacting  # a secret being typed or read out is never transcribed
+        if bot_reload is not None:
+            router.watchers.append(bot_reload)
         server = Server(settings, endpoint, engine, router, recorder, metrics, bus)
         server.flows = flows
         server.store_writer = writer
@@ -147,7 +157,7 @@ def running_server(settings: Settings, engine_kind: str, log: EventLog | None = 
             stack.callback(server.store_api.stop)
         from callbot.app.web_host import start_web
 
-        server.web = start_web(settings, server)  # app/web_host.py: the panel on [web] listen, else None
+        server.web = start_web(settings, server, config=config)  # app/web_host.py: the panel on [web] listen, else None
         if server.web is not None:
             stack.callback(server.web.stop)
         stack.callback(server.drain)  # runs after the stop below: hang-ups and un-REGISTERs get logged
@@ -285,9 +295,9 @@ def stop_on_signals() -> Iterator[threading.Event]:
             signal.signal(s, h)
 
 
-def serve(settings: Settings, engine_kind: str, warning: str | None = None) -> int:
+def serve(settings: Settings, engine_kind: str, warning: str | None = None, config: str | None = None) -> int:
     """Answer calls until SIGTERM/SIGINT; `warning`, if any, is printed once the line is up."""
-    with stop_on_signals() as stop, running_server(settings, engine_kind) as server:
+    with stop_on_signals() as stop, running_server(settings, engine_kind, config=config) as server:
         for name in server.endpoint.accounts:
             print(f"listening {server.endpoint.account_uri(name)} ({engine_kind})", file=sys.stderr, flush=True)
         if warning:

@@ -520,8 +520,10 @@ def _check_routes(settings: Settings, base_dir: pathlib.Path) -> None:
         raise ConfigError("$.routing.reason: a SIP reason phrase is one line of 1-128 printable characters")
 
 
-def parse_settings(text: str | bytes, *, base_dir: str | os.PathLike = ".") -> Settings:
-    """Decode TOML text into Settings; relative paths are taken from `base_dir` (the file's folder)."""
+def parse_settings(text: str | bytes, *, base_dir: str | os.PathLike = ".", resolve_secrets: bool = True) -> Settings:
+    """Decode TOML text into Settings; relative paths are taken from `base_dir` (the file's folder).
+    `resolve_secrets` False leaves `password_env` unread (the panel's editor checks a config in a
+    process that does not hold serve's environment)."""
     try:
         settings = msgspec.toml.decode(text, type=Settings)
     except msgspec.ValidationError as err:
@@ -530,7 +532,8 @@ def parse_settings(text: str | bytes, *, base_dir: str | os.PathLike = ".") -> S
         raise ConfigError(f"not valid TOML: {err}") from None
     _check_bots(settings, pathlib.Path(base_dir))
     _check_routes(settings, pathlib.Path(base_dir))
-    settings = _resolve_passwords(settings)
+    if resolve_secrets:
+        settings = _resolve_passwords(settings)
     settings = _resolve_paths(settings, pathlib.Path(base_dir))
     _check_rules(settings)
     return settings

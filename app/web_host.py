@@ -23,9 +23,9 @@ class ServeWeb:
         self.web.stop()
 
 
-def start_web(settings: Settings, server=None) -> ServeWeb | None:
+def start_web(settings: Settings, server=None, config: str | None = None) -> ServeWeb | None:
     """The running panel (web/server.py WebServer, linked to `server`: app/serve.py Server), or None
-    without [web] listen."""
+    without [web] listen; `config` (the settings' file) gives the panel's editor its bots (app/bot_config.py)."""
     if settings.web.listen is None:
         return None
     if not settings.store.enabled:
@@ -40,7 +40,10 @@ def start_web(settings: Settings, server=None) -> ServeWeb | None:
         link = ServeWebLink(server).start()
     host, port = settings.web.address
     try:
-        return ServeWeb(WebServer.start(settings.store_url(), host, port, link=link), link)
+        from callbot.app.bot_config import BotConfig
+
+        bots = BotConfig(config) if config else None
+        return ServeWeb(WebServer.start(settings.store_url(), host, port, link=link, bots=bots), link)
     except (OSError, StoreError) as err:
         if link is not None:
             link.close()

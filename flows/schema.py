@@ -181,6 +181,13 @@ def load_flow(path: str | os.PathLike) -> Flow:
         text = p.read_bytes()
     except OSError as err:
         raise FlowError(f"{os.fspath(p)}: cannot read the flow file ({err.strerror})") from None
+    return parse_flow_file(text, p)
+
+
+def parse_flow_file(text: str | bytes, path: str | os.PathLike) -> Flow:
+    """Check `text` as the content of the flow file at `path` (its clips found beside it), errors worded
+    as `load_flow` words them: what `callbot flows check` prints, and the panel's editor shows."""
+    p = pathlib.Path(path)
     try:
         return parse_flow(text, base_dir=p.parent)
     except FlowError as err:

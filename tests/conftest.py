@@ -122,6 +122,8 @@ MARKS: dict[str, frozenset[str]] = {
         "test_store::test_callbot_calls_api_serves_until_sigterm": "slow",  # 2 s: a `callbot calls api` process
         "test_store_calls": "sip slow",
         "test_web_units": "",  # 2 s: the limiter, CSRF, scopes, users on SQLite and PostgreSQL
+        "test_web_editor": "",  # 8 s: TOML path -> line, the flow graph, saving, config edits, reloads, the editor's pages (uvicorn + httpx)
+        "test_web_editor_serve": "sip slow",  # 50 s: a flow edited in chromium (panel in serve, and beside it), pjsua2 calls before and after the save; a persona and a route's number reaching the next call
         "test_web_serve": "sip slow",  # 15 s: `callbot serve` with [web] listen, a pjsua2 call seen in chromium
         "test_web_live_units": "",  # 5 s: app/web_link.py on a real bus and echo CallRouter, the SSE stream over HTTP
         "test_web_live": "sip slow",

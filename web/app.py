@@ -36,7 +36,7 @@ from callbot.store.call_store import CallStore
 from callbot.store.database import StoreError
 from callbot.store.queries import QueryError
 from callbot.store.schema import calls
-from callbot.web import charts
+from callbot.web import charts, editor
 from callbot.web.dashboard import dashboard
 from callbot.web.live import live_routes
 from callbot.web.security import LoginLimiter, csrf_ok, csrf_token
@@ -68,9 +68,10 @@ class PanelError(Exception):
 
 
 def create_app(store: CallStore, *, secret: str | None = None, limiter: LoginLimiter | None = None,
-               clock: Callable[[], float] = time.time, link: ServeLink | None = None) -> Starlette:
+               clock: Callable[[], float] = time.time, link: ServeLink | None = None,
+               bots: editor.Bots | None = None) -> Starlette:
     """The panel over `store`. `secret` signs the session cookies (None: a random one, so sessions end
-    when the process does)."""
+    when the process does). `bots`: the config's bots for the editor (app/bot_config.py; None: no editor)."""
     users = Users(store, clock=clock)
     limiter = limiter or LoginLimiter()
     templates = Jinja2Templates(directory=os.path.join(HERE, "templates"))
@@ -233,6 +234,7 @@ def create_app(store: CallStore, *, secret: str | None = None, limiter: LoginLim
         *system_routes(link, store, page=page, render=render, error=PanelError),  # web/system.py
         Route("/users", page(users_page, admin=True), methods=["GET", "POST"]),
         Route("/audit", page(audit_page, admin=True)),
+        *editor.routes(page, render, users.audit, bots, PanelError),  # web/editor.py: admins' bots and flows
         Mount("/static", StaticFiles(directory=os.path.join(HERE, "static")), name="static"),
     ]
     middleware = [Middleware(SessionMiddleware, secret_key=secret or secrets.token_urlsafe(32),
