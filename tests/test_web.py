@@ -36,6 +36,14 @@ def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
                           env={**os.environ, **(env or {})})
 
 
+def add_user(config, name: str, role: str, password: str, tenant: str | None = None,
+             env: dict | None = None) -> None:
+    """`callbot users add` as an admin runs it (the password from the environment, never argv)."""
+    out = _cli("users", "add", name, "--role", role, *(["--tenant", tenant] if tenant else []),
+               "--password-env", "PW", "--config", str(config), env={**(env or {}), "PW": password})
+    assert out.returncode == 0, out.stderr
+
+
 @pytest.fixture(scope="module")
 def panel(tmp_path_factory):
     """`callbot web` over a store holding two analysed calls (acme's call-a, beta's call-b) and two users
@@ -67,9 +75,7 @@ def panel(tmp_path_factory):
     out = _cli("calls", "analyze", "--config", str(cfg))
     assert out.returncode == 0 and "2 analysed" in out.stdout, out.stdout + out.stderr
     for name, role, tenant, pw in (("ada", "admin", None, ADMIN_PW), ("vic", "viewer", "acme", VIEWER_PW)):
-        out = _cli("users", "add", name, "--role", role, *(["--tenant", tenant] if tenant else []),
-                   "--password-env", "PW", "--config", str(cfg), env={"PW": pw})
-        assert out.returncode == 0, out.stderr
+        add_user(cfg, name, role, pw, tenant)
     port = free_port(socket.SOCK_STREAM)
     proc = subprocess.Popen([*CALLBOT, "web", "--listen", f"127.0.0.1:{port}", "--config", str(cfg)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

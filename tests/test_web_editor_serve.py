@@ -25,7 +25,7 @@ import pytest
 
 from tests.sip_peers import PjsuaPeer, _Lines, eventually, free_port, serve_config, stop_process
 from tests.test_store_calls import _tone
-from tests.test_web import _sign_in, browser  # noqa: F401  (the browser fixture)
+from tests.test_web import _sign_in, add_user, browser  # noqa: F401  (the browser fixture)
 
 pytestmark = pytest.mark.timeout(240)
 CALLBOT = [sys.executable, "-m", "callbot.app.cli"]
@@ -107,9 +107,7 @@ flow = "support.toml"
 [analytics]
 enabled = false
 """ + (f'[web]\nlisten = "127.0.0.1:{web_port}"\n' if panel == "in-serve" else ""))
-    added = subprocess.run([*CALLBOT, "users", "add", "ada", "--role", "admin", "--password-env", "PW", "--config",
-                            str(cfg)], capture_output=True, text=True, timeout=60, env={**os.environ, "PW": PASSWORD})
-    assert added.returncode == 0, added.stderr
+    add_user(cfg, "ada", "admin", PASSWORD)
     # what `callbot flows check` says of the mistake, to compare with the page
     (tmp_path / "mistake").mkdir()
     _tone(tmp_path / "mistake" / "tone.wav")
@@ -226,9 +224,7 @@ enabled = false
 [web]
 listen = "127.0.0.1:{web_port}"
 """)
-    added = subprocess.run([*CALLBOT, "users", "add", "ada", "--role", "admin", "--password-env", "PW", "--config",
-                            str(cfg)], capture_output=True, text=True, timeout=60, env={**os.environ, "PW": PASSWORD})
-    assert added.returncode == 0, added.stderr
+    add_user(cfg, "ada", "admin", PASSWORD)
     proc = subprocess.Popen([*CALLBOT, "serve", "--engine", "echo", "--config", str(cfg)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     err = _Lines(proc.stderr, tmp_path / "serve.stderr")

@@ -32,7 +32,7 @@ from callbot.speech.tts import EspeakTts
 from tests.sip_peers import Kamailio, PjsuaPeer, _Lines, eventually, free_port, serve_config, stop_process
 from tests.test_flows_call import RATE, _write_wav
 from tests.test_store_calls import _tone
-from tests.test_web import DOCS, _sign_in, browser  # noqa: F401  (the browser fixture)
+from tests.test_web import DOCS, _sign_in, add_user, browser  # noqa: F401  (the browser fixture)
 
 pytestmark = pytest.mark.timeout(240)
 CALLBOT = [sys.executable, "-m", "callbot.app.cli"]
@@ -128,10 +128,7 @@ flow = "support.toml"
 listen = "127.0.0.1:{web_port}"
 """)
     for name, role, tenant in USERS:
-        added = subprocess.run([*CALLBOT, "users", "add", name, "--role", role, *(["--tenant", tenant] if tenant else []),
-                                "--password-env", "PW", "--config", str(cfg)],
-                               capture_output=True, text=True, timeout=60, env={**env, "PW": PW})
-        assert added.returncode == 0, added.stderr
+        add_user(cfg, name, role, PW, tenant, env=env)
     shots = tmp_path / "screenshots"
     shots.mkdir()
     proc = subprocess.Popen([*CALLBOT, "serve", "--engine", "echo", "--config", str(cfg)],
@@ -263,9 +260,7 @@ engine = "none"
 [web]
 listen = "127.0.0.1:{web_port}"
 """)
-    added = subprocess.run([*CALLBOT, "users", "add", "ada", "--role", "admin", "--password-env", "PW", "--config",
-                            str(cfg)], capture_output=True, text=True, timeout=60, env={**os.environ, "PW": PW})
-    assert added.returncode == 0, added.stderr
+    add_user(cfg, "ada", "admin", PW)
     proc = subprocess.Popen([*CALLBOT, "serve", "--engine", "model", "--config", str(cfg)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     err = _Lines(proc.stderr, tmp_path / "serve.stderr")

@@ -4,7 +4,6 @@ the panel's list, its page with the flow path the call took, and its recording p
 chromium (the audio element's duration is the recording's)."""
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -15,7 +14,7 @@ import pytest
 
 from tests.sip_peers import PjsuaPeer, _Lines, eventually, free_port, serve_config, stop_process
 from tests.test_store_calls import FLOW, _tone
-from tests.test_web import _sign_in, browser  # noqa: F401  (the browser fixture)
+from tests.test_web import _sign_in, add_user, browser  # noqa: F401  (the browser fixture)
 
 pytestmark = pytest.mark.timeout(180)
 CALLBOT = [sys.executable, "-m", "callbot.app.cli"]
@@ -37,9 +36,7 @@ enabled = false
 [web]
 listen = "127.0.0.1:{web_port}"
 """)
-    added = subprocess.run([*CALLBOT, "users", "add", "ada", "--role", "admin", "--password-env", "PW", "--config",
-                            str(cfg)], capture_output=True, text=True, timeout=60, env={**os.environ, "PW": PASSWORD})
-    assert added.returncode == 0, added.stderr
+    add_user(cfg, "ada", "admin", PASSWORD)
     proc = subprocess.Popen([*CALLBOT, "serve", "--engine", "echo", "--config", str(cfg)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     err = _Lines(proc.stderr, tmp_path / "serve.stderr")
