@@ -239,7 +239,7 @@ def test_serve_without_the_edge_on_a_public_address_warns_once(tmp_path, monkeyp
     from callbot.app import cli, serve
 
     given = []  # serve prints the warning once its "listening" lines are out: a failed start says only why
-    monkeypatch.setattr(serve, "serve", lambda settings, engine, warning=None: given.append(warning) or 0)
+    monkeypatch.setattr(serve, "serve", lambda settings, engine, warning=None, config=None: given.append(warning) or 0)
     for bind, warned in (("0.0.0.0", True), ("127.0.0.1", False)):
         cfg = tmp_path / f"{bind}.toml"
         cfg.write_text(f'[[sip.transports]]\nbind = "{bind}"\nport = 5060\n')
