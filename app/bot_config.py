@@ -13,10 +13,10 @@ as `.bak` (flows/file_save.py). A change that fails the check is never written: 
 worded as serve would print it, with its line.
 
 What an edit changes for `callbot serve`: a bot's flow file is picked up by the next call
-(app/flow_reload.py), and so are the routes and the persona of a bot without a flow (app/bot_reload.py:
-the routes at the next INVITE, the persona through set_persona as the call starts); voice, sampling
-and language are read at serve's start (the model prepares each bot's voice and persona prompt before
-the first call) and take effect at its next restart. The editor says so on the page.
+(app/flow_reload.py), the routes by the next INVITE, and a changed voice, persona or sampling has the
+model prepare the bot again, once, for the calls that start after it is ready (app/bot_reload.py);
+language and context are read at serve's start and take effect at its next restart. The editor says
+so on the page.
 """
 from __future__ import annotations
 
@@ -34,9 +34,10 @@ from callbot.flows.toml_lines import error_line
 
 SAMPLING_FIELDS = {"text_temperature": float, "text_top_k": int, "audio_temperature": float, "audio_top_k": int}
 TEXT_FIELDS = ("voice", "persona", "language")
-RESTART_NOTE = ("a saved flow file and the routes' numbers are taken by the next call; so is the persona of a "
-                "bot without a flow (read by the model as the call starts until serve restarts); voice, "
-                "sampling and language take effect when `callbot serve` starts again")
+RESTART_NOTE = ("a saved flow file and the routes' numbers are taken by the next call; a new voice, persona or "
+                "sampling is prepared once by the model, in the background, and taken by the calls that start "
+                "after it is ready (calls in progress keep theirs); language takes effect when `callbot serve` "
+                "starts again")
 
 
 class BotConfig:

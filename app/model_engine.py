@@ -8,7 +8,8 @@ a debugger. `[model] service` attaches to a model that `callbot model-service` l
 serve processes (app/service_worker.py). Otherwise the model is loaded, every bot prepared and a step
 warmed up before the first call (app/model_setup.py), and a problem there is a StartupError: one line,
 exit status 2. A call's bot is named in its CallStart (the app's CallRouter picks it); an unknown name
-gets the first bot.
+gets the first bot. In every hosting the engine can prepare a bot again while it runs (the contract's
+PrepareBot; app/bot_reload.py asks when the config changes).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import functools
 
 from callbot.app.errors import StartupError
 from callbot.app.settings import Settings
-from callbot.engine.contract import CallEngine, CallStart
+from callbot.engine.contract import CallEngine
 from callbot.engine.serving.inference_process import InferenceProcess, InferenceSetup, InferenceStartupError
 
 
@@ -42,13 +43,9 @@ def build_model_engine(settings: Settings) -> CallEngine:
         model, prompts, warmup = prepare_in_child(settings)
     except InferenceStartupError as err:
         raise StartupError(str(err)) from None
-    from callbot.engine.serving.runner import SERVE_BATCHES, ModelEngine
+    from callbot.engine.serving.runner import SERVE_BATCHES, BotPrompts, ModelEngine
 
-    default = next(iter(prompts.values()))
-
-    def prompt_for(start: CallStart):
-        return prompts.get(start.bot, default) if start.bot is not None else default
-
-    return ModelEngine(model, prompt_for, warmup=warmup, batch=None if settings.model.batch else False,
+    # BotPrompts: a bot prepared again while serve runs (app/bot_reload.py) is swapped in there
+    return ModelEngine(model, BotPrompts(prompts), warmup=warmup, batch=None if settings.model.batch else False,
                        warm_batches=SERVE_BATCHES, align=settings.model.align,
                        resampler_phase=settings.model.resampler_phase)

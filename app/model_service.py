@@ -96,7 +96,7 @@ def _build_engine(settings: Settings, kind: str, times: StepTimes | None, step_d
     from callbot.engine.model.session import FRAME_SIZE
     from callbot.engine.serving.inference_process import InferenceStartupError
     from callbot.engine.model.session import Model
-    from callbot.engine.serving.runner import DEFAULT_SLOTS, ModelEngine, measure_batched_rounds
+    from callbot.engine.serving.runner import DEFAULT_SLOTS, BotPrompts, ModelEngine, measure_batched_rounds
     from callbot.engine.serving.step_budget import measure_rounds
     from callbot.engine.serving.tx_policy import MODEL_TX_MAX_MS, MODEL_TX_SETTLE_PUSHES
 
@@ -109,9 +109,7 @@ def _build_engine(settings: Settings, kind: str, times: StepTimes | None, step_d
 
         model = SlowModel(model, step_delay_ms / 1000)
     default = next(iter(prompts.values()))
-
-    def prompt_for(start):
-        return prompts.get(start.bot, default) if start.bot is not None else default
+    prompt_for = BotPrompts(prompts)  # a worker's PrepareBot swaps a bot there, for every worker's next calls
 
     # batched unless [model] batch = false, or the model is wrapped (--step-delay-ms) and so steps one by one
     batched = settings.model.batch and isinstance(model, Model)

@@ -108,10 +108,10 @@ def running_server(settings: Settings, engine_kind: str, log: EventLog | None = 
         engine.on_event = bus.publish
         routes = CallRoutes.from_settings(settings)  # which bot and tenant take a call (app/routes.py)
         bot_reload = None
-        if config is not None:  # app/bot_reload.py: personas and routes changed in the file reach the next calls
+        if config is not None:  # app/bot_reload.py: bots and routes changed in the file reach the next calls
             from callbot.app.bot_reload import BotReload
 
-            bot_reload = BotReload(config, settings, routes)
+            bot_reload = BotReload(config, settings, routes, engine=engine)  # a changed bot is prepared again
             stack.callback(bot_reload.close)
         caller_speech = start_caller_speech(settings, bus)  # app/caller_speech.py: None with [recognizer] "none"
         listener = caller_speech[0] if caller_speech is not None else None

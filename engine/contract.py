@@ -6,7 +6,7 @@ Structs give one schema for all three, encode to msgpack without copies of the P
 does not fit (`msgspec.ValidationError` names the field). Nothing here imports MLX or pjsua2, so
 every process and every later subsystem (flows, analytics, web) may import it.
 
-Four families:
+Five families:
 - `CallStart`: what an engine needs to open a call (its id, the media port's rate, the bot, the call's
   variables);
 - control operations (`Control`): what the app asks of a running call: `Play`, `StopPlay`, `Inform`,
@@ -15,6 +15,8 @@ Four families:
 - engine events (`EngineEvent`): what a running call tells the app as it happens: the bot's text
   pieces with their frame times, bot and caller speech start/stop, a clip played, a persona changed,
   per-frame stage stamps, and the call's summary when it closes;
+- a bot prepared again while calls run (`PrepareBot` -> `BotPrepared`): a bot's voice, persona or
+  sampling changed in the config reaches its next calls without a restart (app/bot_reload.py);
 - app events (`AppEvent`): what the app's own parts report about a call, for every later subsystem
   (analytics, the panel) to read off the event bus: the caller recognizer's words (`CallerWords`) and
   each step of a call flow (`FlowTransition`).
@@ -114,6 +116,45 @@ class HoldBot(Message, tag="hold_bot"):
 
 
 Control = Union[Play, Inform, SetPersona, MuteCaller, StopPlay, HoldBot]
+
+
+# ---- a bot prepared again while calls run (app -> engine -> app) ------------------------------------
+
+
+class BotSampling(Message):
+    """How a bot's calls sample (PersonaPlex's defaults; temperature 0 = greedy, top_k 0 = the whole
+    vocabulary) and their seed (None: each call its own)."""
+
+    text_temperature: Annotated[float, msgspec.Meta(ge=0)] = 0.7
+    text_top_k: Annotated[int, msgspec.Meta(ge=0)] = 25
+    audio_temperature: Annotated[float, msgspec.Meta(ge=0)] = 0.8
+    audio_top_k: Annotated[int, msgspec.Meta(ge=0)] = 250
+    seed: int | None = None
+
+
+class PrepareBot(Message, tag="prepare_bot"):
+    """Prepare bot `name`'s prompt again from `voice` and `persona` (what the engine does for every bot
+    before the first call) and answer calls of that bot from it once it is ready; `sampling` takes
+    effect with it (a change of sampling alone prepares nothing). Calls in progress keep the prompt
+    they started from; calls that start before it is ready get the old one. The engine answers with
+    one `BotPrepared`. `context`: the frames a call attends to (None: the model's)."""
+
+    name: str
+    voice: str  # a voice name ("NATF2") or an absolute path to a .pt / .wav voice
+    persona: str
+    sampling: BotSampling = BotSampling()
+    context: int | None = None
+
+
+class BotPrepared(Message, tag="bot_prepared"):
+    """The answer to a PrepareBot: `ok` (the next calls of `name` start from the new prompt) or not
+    (`error`, one line: the bot goes on as it was); `seconds` the preparation took, wall clock, while
+    the running calls kept stepping."""
+
+    name: str
+    ok: bool
+    error: str = ""
+    seconds: float = 0.0
 
 
 # ---- engine events (engine -> app) ----------------------------------------------------------------
@@ -281,6 +322,20 @@ class CallEngine(Protocol):
 
     def close(self) -> None:
         """Stops the engine; its open sessions end."""
+        ...
+
+
+@runtime_checkable
+class BotPreparer(Protocol):
+    """An engine that can prepare a bot again while it runs (the model, in each of its hostings);
+    `prepares_bots` may be False where this one cannot (a model service that answers the echo line)."""
+
+    @property
+    def prepares_bots(self) -> bool: ...
+
+    def prepare_bot(self, request: PrepareBot, done: Callable[[BotPrepared], None] | None = None) -> None:
+        """Queue `request`; `done` gets its BotPrepared on one of the engine's threads (it must only
+        record or enqueue). Returns at once."""
         ...
 
 

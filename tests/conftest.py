@@ -39,6 +39,8 @@ MARKS: dict[str, frozenset[str]] = {
         "test_app_control": "sip slow",  # 32 s: `running_server` and a pjsua2 caller
         "test_batch_parity": "model slow",  # 13 s: batched LM streams against Kyutai's PyTorch LMModel
         "test_batch_sessions": "model",  # 7 s
+        "test_bot_prepare": "model slow",  # 9 s: a bot prepared again while a call runs: on a thread, in the inference process, through the model service
+        "test_bot_prepare_serve": "sip model slow",  # 21 s: `running_server` on the tiny model (thread, inference process): a persona and voice saved reach the next call, a broken voice kept out
         "test_batch_step": "model",  # 9 s
         "test_kv_cache": "model",  # 2 s: the tiny model prepares and steps
         "test_kv_context": "model slow",  # 16 s: calls past a bot's context, alone and batched

@@ -74,9 +74,10 @@ def filler_codes(mimi: Mimi) -> FillerCodes:
     return FillerCodes(silence=found[0], sine=found[1])
 
 
-def voice_codes(mimi: Mimi, recording: VoiceRecording) -> np.ndarray:
+def voice_codes(mimi: Mimi, recording: VoiceRecording, between=None) -> np.ndarray:
     """The recording's codes, int64 [frames, codebooks], from a fresh codec stream of its own (the last
-    frame zero-padded); live sessions on the same codec keep stepping meanwhile."""
+    frame zero-padded); live sessions on the same codec keep stepping meanwhile. `between()`, if given,
+    is called before each frame (a runner serves its calls there: run_prompt)."""
     pcm = np.asarray(recording.pcm, dtype=np.float32)
     n = mimi.frame_size
     frames = -(-len(pcm) // n)
@@ -87,6 +88,8 @@ def voice_codes(mimi: Mimi, recording: VoiceRecording) -> np.ndarray:
     state = MimiState()
     out = []
     for i in range(frames):
+        if between is not None:
+            between()
         codes, state = mimi.encode_step(padded[i * n:(i + 1) * n], state)
         out.append(np.array(codes, dtype=np.int64))
     return np.stack(out)
@@ -185,12 +188,17 @@ def check_plan(lm: LM, plan: PromptPlan, voice_name: str, context: int | None = 
                          f"{'' if context is None else ', or raise the context'})")
 
 
-def run_prompt(lm: LM, state: LmState, plan: PromptPlan) -> None:
+def run_prompt(lm: LM, state: LmState, plan: PromptPlan, between=None) -> None:
     """Feed the whole prompt into `state` (which should be fresh) and evaluate its caches.
 
-    `state` is the only thing written: live sessions on the same `lm` keep stepping meanwhile."""
+    `state` is the only thing written: live sessions on the same `lm` keep stepping meanwhile.
+    `between()`, if given, is called before each frame (each frame is evaluated as it is stepped): a
+    runner preparing a bot on its own inference thread steps its calls' due rounds there
+    (engine/serving/runner.py), so that the prompt never holds a call's frame for more than one step."""
     replayed = False
     for f in plan.frames:
+        if between is not None:
+            between()
         if f.embedding is not None:
             lm.step_embedding(state, f.embedding)
             replayed = True

@@ -133,12 +133,14 @@ class Model:
         return ("name", text)
 
     def prepare(self, voice: str | os.PathLike | VoiceEmbeddings | VoiceRecording = "NATF0", persona: str = "",
-                *, context: int | None = None, use_cache: bool = True) -> PromptSnapshot:
+                *, context: int | None = None, use_cache: bool = True, between=None) -> PromptSnapshot:
         """The state after prompting with `voice` (a name such as "NATF2", a `.pt`/`.wav` path, or a loaded
         voice) and `persona` (plain text, wrapped in `<system>` tags here). `context`: the frames a call
         from this prompt attends to (a bot's `context`, at most the model's; fewer = less memory per call
         and fewer bytes read per step), None = the model's. Computed once per (voice, persona, context)
-        and kept (the last few); `use_cache=False` computes it afresh."""
+        and kept (the last few); `use_cache=False` computes it afresh. `between()`, if given, is called
+        before each prompt frame (run_prompt): the runner serves its calls there when it prepares a bot
+        while they run (engine/serving/runner.py, `prepare_bot`)."""
         if not isinstance(persona, str):
             raise ValueError(f"persona must be a string, got {type(persona).__name__}")
         state = self.lm.new_state(self.sampling, context=context)  # ValueError for a context out of range
@@ -151,10 +153,10 @@ class Model:
         loaded = voice if isinstance(voice, (VoiceEmbeddings, VoiceRecording)) else self.voices.resolve(voice)
         ids = persona_tokens(self.tokenizer, persona)
         # a prompt writes only its own codec stream and LM state: live sessions keep stepping meanwhile
-        source = loaded if isinstance(loaded, VoiceEmbeddings) else voice_codes(self.mimi, loaded)
+        source = loaded if isinstance(loaded, VoiceEmbeddings) else voice_codes(self.mimi, loaded, between)
         plan = plan_prompt(source, ids, self.filler)
         check_plan(self.lm, plan, loaded.name, state.cache.capacity)
-        run_prompt(self.lm, state, plan)
+        run_prompt(self.lm, state, plan, between)
         # NVIDIA resets the codec after the prompt: a call starts with fresh codec streams.
         # the snapshot keeps the prompt's frames only (not the span the last prompt step read): a call
         # copies them at its first step and grows its own cache from there

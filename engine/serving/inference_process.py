@@ -6,8 +6,10 @@ Python thread, and the bridge falls behind for good (p99 lateness 312-987 ms). S
 runner's inference thread (engine/serving/runner.py) and the 24 kHz resamplers run in a child process; each
 call's rx and tx rings live in a shared_memory block (CallAudio.shared / CallAudio.attach_engine_side),
 and the two processes talk over one Pipe, never per audio frame: a call's start and end, the app's
-control operations (play, inform, set_persona, mute), and the call's live events (text pieces, speech
-start/stop, stage stamps about once a second). The words are typed (engine/serving/process_messages.py).
+control operations (play, inform, set_persona, mute), the call's live events (text pieces, speech
+start/stop, stage stamps about once a second), and a bot prepared again while calls run (PrepareBot,
+answered by BotPrepared: the child's runner prepares it between rounds and swaps it in for the next
+calls, engine/serving/runner.py). The words are typed (engine/serving/process_messages.py).
 In the child, the inference thread never writes to the pipe: it queues its events, and a sender
 thread forwards them, so a slow parent can never delay a step.
 
@@ -19,6 +21,7 @@ context: a fresh interpreter that imports the engine and the module of `setup`, 
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import multiprocessing
 import os
@@ -33,7 +36,7 @@ from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import msgspec
 
-from callbot.engine.contract import CallStart, CallSummary, Control, EventSink
+from callbot.engine.contract import BotPrepared, CallStart, CallSummary, Control, EventSink, PrepareBot
 from callbot.engine.serving import process_messages as pm
 from callbot.engine.serving.call_audio import RING_SECONDS, CallAudio
 from callbot.engine.serving.frame_stats import FrameStats
@@ -113,6 +116,7 @@ class InferenceProcess:
         self._lock = threading.Lock()  # the session table
         self._send_lock = threading.Lock()
         self._sessions: dict[int, ProcessCallSession] = {}
+        self._preparing: dict[int, tuple] = {}  # req -> (bot name, done), under _lock
         self._stopping = False
         ctx = multiprocessing.get_context("spawn")
         self._conn, child_conn = ctx.Pipe(duplex=True)
@@ -170,6 +174,39 @@ class InferenceProcess:
             self._send(pm.ControlCall(sid=s.sid, op=op))
         except (OSError, ValueError) as err:
             raise RuntimeError(f"the inference process is not reachable: {err}") from None
+
+    @property
+    def prepares_bots(self) -> bool:
+        return self.info is not None and self.info.prepares_bots
+
+    def prepare_bot(self, request: PrepareBot, done: Callable[[BotPrepared], None] | None = None) -> None:
+        """Asks the child to prepare a bot again (engine/serving/runner.py `prepare_bot`); `done` gets its
+        BotPrepared on the control channel's reader thread (a dead child: ok False at once)."""
+        if not isinstance(request, PrepareBot):
+            raise TypeError(f"prepare_bot takes a PrepareBot, got {type(request).__name__}")
+        req = next(self._ids)
+        with self._lock:
+            self._preparing[req] = (request.name, done)
+        try:
+            if self._stopping or self.error is not None:
+                raise OSError("the inference process has stopped")
+            self._send(pm.PrepareBotCall(req=req, request=request))
+        except (OSError, ValueError) as err:
+            self._prepared(req, BotPrepared(name=request.name, ok=False, error=f"the inference process: {err}"))
+
+    def _prepared(self, req: int, result: BotPrepared) -> None:
+        with self._lock:
+            if req not in self._preparing:
+                return
+            name, done = self._preparing.pop(req)
+        if not result.name:
+            result = msgspec.structs.replace(result, name=name)
+        if done is not None:
+            try:
+                done(result)
+            except Exception as err:
+                print(f"callbot: bot {result.name}: the answer to its preparation was not taken: {err!r}",
+                      file=sys.stderr, flush=True)
 
     def close_session(self, s: ProcessCallSession) -> CallSummary | None:
         with self._lock:
@@ -260,6 +297,8 @@ class InferenceProcess:
                     s.final_summary = msg.summary
                     s.stats = msg.stats()
                     s.answered.set()
+            elif isinstance(msg, pm.BotReady):
+                self._prepared(msg.req, msg.result)
             elif isinstance(msg, pm.ChildFailed):
                 self._failed(msg.text)
 
@@ -269,8 +308,11 @@ class InferenceProcess:
             print(f"callbot: inference process: {text}", file=sys.stderr, flush=True)
         with self._lock:
             waiting = list(self._sessions.values())
+            preparing = list(self._preparing)
         for s in waiting:
             s.answered.set()  # a close in progress returns now; the rings stay until it frees them
+        for req in preparing:  # never answered now: the bots stay as they were
+            self._prepared(req, BotPrepared(name="", ok=False, error=f"the inference process stopped: {text}"))
 
     def _end_child(self, timeout: float) -> None:
         self._proc.join(timeout)
@@ -292,14 +334,13 @@ def _child_main(conn, setup: Callable[[], InferenceSetup], ring_seconds: float, 
     sys.stdout.flush()
     os.dup2(2, 1)
     try:
-        from callbot.engine.serving.runner import SERVE_BATCHES, ModelEngine
+        from callbot.engine.serving.runner import SERVE_BATCHES, BotPrompts, ModelEngine
 
         model, prompts, warmup = setup()
         if not prompts:
             raise InferenceStartupError("no bot to answer calls with (the setup prepared none)")
-        default = next(iter(prompts.values()))
         # batched unless told not to (or the setup wrapped its model: then one by one, see the runner)
-        engine = ModelEngine(model, lambda start: prompts.get(start.bot, default), realtime=realtime, warmup=warmup,
+        engine = ModelEngine(model, BotPrompts(prompts), realtime=realtime, warmup=warmup,
                              batch=None if batch else False, warm_batches=SERVE_BATCHES, align=align,
                              resampler_phase=resampler_phase)
     except InferenceStartupError as err:
@@ -318,7 +359,8 @@ def _child_main(conn, setup: Callable[[], InferenceSetup], ring_seconds: float, 
     try:
         rt = engine.realtime_result
         pm.send(conn, pm.Ready(pid=os.getpid(), bots=list(prompts), pjsua2_loaded="pjsua2" in sys.modules,
-                               realtime=rt.policy if rt is not None else "unchanged"))
+                               realtime=rt.policy if rt is not None else "unchanged",
+                               prepares_bots=engine.prepares_bots))
         sender.start()
         while True:
             if engine.error is not None:
@@ -357,6 +399,12 @@ def _child_main(conn, setup: Callable[[], InferenceSetup], ring_seconds: float, 
                     continue
                 summary = engine.close_session(s)
                 outbox.put(pm.CallClosed.of(msg.sid, summary, s.stats))
+            elif isinstance(msg, pm.PrepareBotCall):
+                try:  # answered on the inference thread, through the outbox like the calls' events
+                    engine.prepare_bot(msg.request, functools.partial(_bot_ready, outbox, msg.req))
+                except RuntimeError as err:
+                    outbox.put(pm.BotReady(req=msg.req, result=BotPrepared(name=msg.request.name, ok=False,
+                                                                           error=str(err))))
             elif isinstance(msg, pm.StopChild):
                 return
     except (OSError, ValueError):
@@ -366,6 +414,10 @@ def _child_main(conn, setup: Callable[[], InferenceSetup], ring_seconds: float, 
         outbox.put(None)
         if sender.is_alive():
             sender.join(STOP_TIMEOUT_S)
+
+
+def _bot_ready(outbox: queue.SimpleQueue, req: int, result: BotPrepared) -> None:
+    outbox.put(pm.BotReady(req=req, result=result))
 
 
 def _forward(conn, outbox: queue.SimpleQueue) -> None:

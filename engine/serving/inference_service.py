@@ -28,6 +28,11 @@ inference thread by a dictionary lookup and an enqueue only, into the worker's b
 holds up the inference thread). `_lock` guards the tables and is never held while calling into the engine (whose
 close emits events that take it).
 
+A bot prepared again (PrepareBotCall, a worker saw its bot's voice, persona or sampling change in the
+config) is handed to the engine, which prepares it between rounds and swaps it in for every worker's
+next calls; the worker that asked gets the BotReady. Several workers watching one config each ask:
+the engine's prompt cache (Model.prepare) makes every request after the first cost nothing.
+
 Admission (engine/serving/step_budget.py): before answering an INVITE a worker asks (Admit); the answer
 holds a slot for `reserve_s` until the call's OpenCall consumes it. A call opened without a slot (an
 outbound call, or one that waited too long) is admitted by the same rule or refused (OpenRefused).
@@ -48,7 +53,7 @@ from typing import Callable
 
 import msgspec
 
-from callbot.engine.contract import FrameStages, LiveEvent, SessionClosed
+from callbot.engine.contract import BotPrepared, FrameStages, LiveEvent, SessionClosed
 from callbot.engine.serving import process_messages as pm
 from callbot.engine.serving import service_messages as sm
 from callbot.engine.serving.call_audio import RING_SECONDS, CallAudio
@@ -289,7 +294,8 @@ class InferenceService:
                     return
                 self._workers.append(w)
             w.outbox.put(pm.Ready(pid=os.getpid(), bots=self.bots, pjsua2_loaded="pjsua2" in sys.modules,
-                                  realtime=self.realtime))
+                                  realtime=self.realtime, prepares_bots=bool(getattr(self.engine, "prepares_bots",
+                                                                                      False))))
             w.sender = threading.Thread(target=_forward, args=(w.conn, w.outbox), name=f"service-send-{w.no}",
                                         daemon=True)
             w.reader = threading.Thread(target=self._serve_worker, args=(w,), name=f"service-read-{w.no}",
@@ -323,6 +329,8 @@ class InferenceService:
                     self._control(w, msg)
                 elif isinstance(msg, pm.CloseCall):
                     self._close_call(w, msg.sid)
+                elif isinstance(msg, pm.PrepareBotCall):
+                    self._prepare_bot(w, msg)
                 elif isinstance(msg, sm.Hello):
                     w.name = f"worker {w.no} ({msg.name or 'pid'} pid {msg.pid})"
                     if msg.heartbeat_s > 0:
@@ -447,6 +455,24 @@ class InferenceService:
             call.session.control(msg.op)
         except (ValueError, RuntimeError) as err:
             _log(f"{w.name}: call {call.call_id}: {err}")
+
+    def _prepare_bot(self, w: _Worker, msg: pm.PrepareBotCall) -> None:
+        """The engine prepares the bot between rounds; its answer goes to the worker that asked."""
+        request = msg.request
+
+        def answer(result: BotPrepared) -> None:  # the inference thread: enqueue only
+            w.outbox.put(pm.BotReady(req=msg.req, result=result), ESSENTIAL, "BotReady")
+
+        prepare = getattr(self.engine, "prepare_bot", None)
+        if prepare is None or not getattr(self.engine, "prepares_bots", False):
+            answer(BotPrepared(name=request.name, ok=False, error="this model service prepares no bots (echo)"))
+            return
+        try:
+            prepare(request, answer)
+        except RuntimeError as err:
+            answer(BotPrepared(name=request.name, ok=False, error=str(err)))
+            return
+        _log(f"{w.name}: preparing bot {request.name!r} again (voice {os.path.basename(request.voice)})")
 
     def _close_call(self, w: _Worker, sid: int) -> None:
         with self._lock:

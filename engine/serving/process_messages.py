@@ -5,8 +5,12 @@ every word, and a decoder built from one Union refuses anything else with one cl
 tuple unpacked wrong. The payloads themselves are the contract's (CallStart, Control, LiveEvent,
 CallSummary); only the envelope (which call, which way) is said here.
 
-    parent -> child   OpenCall  CloseCall  ControlCall  StopChild
-    child -> parent   Ready  StartupFailed  CallEvent  CallClosed  ChildFailed
+    parent -> child   OpenCall  CloseCall  ControlCall  StopChild  PrepareBotCall
+    child -> parent   Ready  StartupFailed  CallEvent  CallClosed  ChildFailed  BotReady
+
+A bot prepared again while calls run (the contract's PrepareBot) is asked with PrepareBotCall and
+answered by one BotReady, matched by `req`: a request the child refuses at once may be answered
+before one still preparing.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from typing import Union
 import msgspec
 import numpy as np
 
-from callbot.engine.contract import CallStart, CallSummary, Control, LiveEvent, Message
+from callbot.engine.contract import BotPrepared, CallStart, CallSummary, Control, LiveEvent, Message, PrepareBot
 from callbot.engine.serving.frame_stats import STAGES, FrameStats
 
 
@@ -38,11 +42,17 @@ class StopChild(Message, tag="stop"):
     pass
 
 
+class PrepareBotCall(Message, tag="prepare_bot"):
+    req: int
+    request: PrepareBot
+
+
 class Ready(Message, tag="ready"):
     pid: int
     bots: list[str]
     pjsua2_loaded: bool  # evidence for the tests: the child must never load pjsua2
     realtime: str  # the inference thread's scheduling policy, or "unchanged"
+    prepares_bots: bool = False  # whether a PrepareBotCall can swap a bot (the model; not the echo line)
 
 
 class StartupFailed(Message, tag="startup_error"):
@@ -77,8 +87,13 @@ class ChildFailed(Message, tag="error"):
     text: str
 
 
-ToChild = Union[OpenCall, CloseCall, ControlCall, StopChild]
-ToParent = Union[Ready, StartupFailed, CallEvent, CallClosed, ChildFailed]
+class BotReady(Message, tag="bot_prepared"):
+    req: int
+    result: BotPrepared
+
+
+ToChild = Union[OpenCall, CloseCall, ControlCall, StopChild, PrepareBotCall]
+ToParent = Union[Ready, StartupFailed, CallEvent, CallClosed, ChildFailed, BotReady]
 
 _encoder = msgspec.msgpack.Encoder()
 _to_child = msgspec.msgpack.Decoder(ToChild)

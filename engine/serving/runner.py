@@ -32,6 +32,21 @@ frame's decode, its one-frame acoustic delay - the caller gets the clip's frame 
 an informed clip is mixed into what the model hears; a muted caller is heard as silence; a persona
 change runs inside the session's steps. Live events go to `on_event` as they happen.
 
+A bot prepared again while calls run (`prepare_bot`, the contract's PrepareBot: its voice, persona or
+sampling changed in the config) is prepared here, on the inference thread, once, by the same
+`Model.prepare` the host ran at start, and swapped into the engine's `BotPrompts` when it is ready: the
+calls that open from then on start from it, the calls open before hold the BotPrompt they started from
+(a snapshot is the prompt's arrays by reference; a call copies a layer as it first writes it, so a
+snapshot nobody can reach any more is freed with its last call), and until it is ready new calls get
+the old one. The prompt is stepped one frame at a time, and before each frame (`_between`) the calls'
+due rounds run as they would in the main loop; the next frame is taken only when no round is due for at
+least as long as the slowest of the last prompt frames took (the first is assumed to take a round of
+one call), so a preparation costs a running call at most the wait of its round behind one prompt frame
+that was misjudged (BENCHMARKS.md, "Bot prepared while calls run"). Requests run one after another in
+the order they came; a sampling change alone finds the snapshot in Model.prepare's cache and costs
+nothing. A new sampling's depformer graph compiles in the first round that steps it, as a batch mixing
+two bots' samplings does today.
+
 Cadence is data-driven and clock-guarded (docs/latency.md, "Cadence"). A call's step starts as soon
 as its 1920-sample 24 kHz frame is complete in its ring, not on a free-running clock that would add up
 to a frame of waiting. The absolute-deadline clock is the watchdog: a call's next deadline is 80 ms after its last
@@ -73,7 +88,7 @@ from callbot.engine.serving.round_schedule import (MARGIN_NS, SAME_TICK_NS, TICK
 from callbot.engine.contract import (ENGINE_RATE, BotSpeech, BotText, CallerSpeech, CallStart, CallSummary, Control,
                                      ControlNotSupported, EventSink, FrameStages, Inform, InformFinished, LiveEvent,
                                      HoldBot, MuteCaller, PersonaChanged, Play, PlayFinished, SessionClosed,
-                                     SetPersona, StopPlay, TextPiece)
+                                     SetPersona, StopPlay, TextPiece, BotPrepared, PrepareBot)
 from callbot.engine.serving.clips import Clip, cut_clips
 from callbot.engine.serving.frame_stats import STAGES, STATS_FRAMES, FrameStats
 from callbot.engine.serving.speech_activity import SpeechActivity
@@ -108,6 +123,42 @@ class BotPrompt:
     snapshot: PromptSnapshot
     sampling: SamplingConfig = SamplingConfig()
     seed: int | None = None
+
+
+class BotPrompts:
+    """Each bot's prompt by name, the first answering calls that name none or an unknown bot: a
+    ModelEngine's `prompt_for` that `prepare_bot` can update. `replace` swaps one bot's BotPrompt whole
+    (one dict store: atomic under the GIL, so the app's thread reading it at a call's start sees the old
+    or the new one, never a mix)."""
+
+    def __init__(self, prompts: dict[str, BotPrompt]):
+        if not prompts:
+            raise ValueError("no bot to answer calls with")
+        self._prompts = dict(prompts)
+        self.default = next(iter(self._prompts))
+
+    def __call__(self, start: CallStart) -> BotPrompt:
+        prompts = self._prompts
+        default = prompts[self.default]
+        return prompts.get(start.bot, default) if start.bot is not None else default
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._prompts
+
+    def __getitem__(self, name: str) -> BotPrompt:
+        return self._prompts[name]
+
+    def names(self) -> list[str]:
+        return list(self._prompts)
+
+    def replace(self, name: str, prompt: BotPrompt) -> None:
+        if name not in self._prompts:
+            raise KeyError(name)
+        self._prompts[name] = prompt
+
+
+class _Stopping(Exception):
+    """The engine closes while a bot is being prepared: the preparation is abandoned."""
 
 
 @dataclass(eq=False)
@@ -209,6 +260,10 @@ class ModelEngine:
     a first round of a size not compiled pays for it, late); `on_round(calls, seconds)` after each
     batched round, on the inference thread (it must only record).
 
+    Bots prepared while calls run (the module's docstring): with `prompt_for` a BotPrompts,
+    `prepare_bot(PrepareBot, done)` prepares a bot again on the inference thread between rounds and
+    swaps it in for the next calls; `done(BotPrepared)` is called on the inference thread.
+
     Schedule (the module's docstring): `align` = rounds planned to end `margin_ms` before a media tick
     and new calls' frames put in phase with the others' (False: every due frame stepped at once, each
     call in its own phase); `resampler_phase` = the phase of the resamplers of the calls' CallAudio
@@ -263,6 +318,12 @@ class ModelEngine:
             sys.setswitchinterval(switch_interval_s)
         self._lock = threading.Lock()  # guards the session list only: held for a copy, never for a step
         self._sessions: list[ModelCallSession] = []
+        self._to_prepare: deque = deque()  # (PrepareBot, done) for the inference thread, in order
+        self._prompt_frames_ns: deque = deque(maxlen=8)  # the last prompt frames' lengths (bot preparation)
+        self._prompt_frame_start = 0  # when the prompt frame in progress began (0: none)
+        self._next_round_ns = 0  # set by _rounds: when the round it left planned starts (0: none held)
+        self._round_failure: BaseException | None = None  # a round failed inside a preparation
+        self.prompt_waits = 0  # polls a preparation waited for a round to pass before its next frame
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._warmup = warmup
@@ -336,6 +397,24 @@ class ModelEngine:
     def sessions(self) -> int:
         return len(self._sessions)
 
+    @property
+    def prepares_bots(self) -> bool:
+        """Whether `prepare_bot` can swap a bot: the bots are a BotPrompts and the model prepares prompts."""
+        return isinstance(self.prompt_for, BotPrompts) and callable(getattr(self.model, "prepare", None))
+
+    def prepare_bot(self, request: PrepareBot, done: Callable[[BotPrepared], None] | None = None) -> None:
+        """Queues `request` for the inference thread (the module's docstring); `done` gets its
+        BotPrepared there (it must only record or enqueue). Returns at once."""
+        if not isinstance(request, PrepareBot):
+            raise TypeError(f"prepare_bot takes a PrepareBot, got {type(request).__name__}")
+        if self._stop.is_set() or self.error is not None:
+            raise RuntimeError("the model engine is closed")
+        if not self.prepares_bots:
+            _answer(done, BotPrepared(name=request.name, ok=False,
+                                      error="this engine's bots are fixed: restart to prepare them again"))
+            return
+        self._to_prepare.append((request, done))
+
     def close(self, timeout: float = 10.0) -> None:
         self._stop.set()
         self._thread.join(timeout)
@@ -370,6 +449,10 @@ class ModelEngine:
                 with self._lock:
                     sessions = list(self._sessions)
                 self._rounds(sessions)
+                if self._to_prepare:
+                    self._prepare_next(clock)
+        except _Stopping:
+            pass
         except BaseException as exc:  # surfaced: a dead runner must fail calls loudly, not go quiet
             self.error = exc
             if self._ready.is_set():
@@ -382,6 +465,93 @@ class ModelEngine:
             mx.clear_streams()
             if self.realtime_result is not None:
                 self.realtime_result.restore()
+
+    # ---- bots prepared while calls run (the inference thread) ----------------------------------------
+
+    def _prepare_next(self, clock: PeriodicClock) -> None:
+        """The oldest PrepareBot: prepared between rounds, swapped in, answered (always, once)."""
+        request, done = self._to_prepare.popleft()
+        started = time.perf_counter()
+        try:
+            prompt = self._prepared_prompt(request, clock)
+        except _Stopping:
+            _answer(done, BotPrepared(name=request.name, ok=False, error="the engine closed before it was ready"))
+            raise
+        except Exception as err:  # a bad voice, a persona too long for the context, a broken file: this bot only
+            if self._round_failure is not None:  # a round run between two prompt frames failed: as in _run
+                _answer(done, BotPrepared(name=request.name, ok=False, error="the engine failed"))
+                raise self._round_failure
+            text = str(err).strip().splitlines()
+            _answer(done, BotPrepared(name=request.name, ok=False, error=text[0] if text else type(err).__name__,
+                                      seconds=time.perf_counter() - started))
+            return
+        finally:
+            self._prompt_frame_start = 0
+        self.prompt_for.replace(request.name, prompt)
+        _answer(done, BotPrepared(name=request.name, ok=True, seconds=time.perf_counter() - started))
+
+    def _prepared_prompt(self, request: PrepareBot, clock: PeriodicClock) -> BotPrompt:
+        prompts = self.prompt_for
+        if request.name not in prompts:
+            raise ValueError(f"bot {request.name!r} was not prepared when the engine started: restart to add bots")
+        s = request.sampling
+        sampling = SamplingConfig(text_temperature=s.text_temperature, text_top_k=s.text_top_k,
+                                  audio_temperature=s.audio_temperature, audio_top_k=s.audio_top_k)
+        snapshot = self.model.prepare(request.voice, request.persona, context=request.context,
+                                      between=lambda: self._between(clock))
+        return BotPrompt(snapshot, sampling, s.seed)
+
+    def _between(self, clock: PeriodicClock) -> None:
+        """Before each prompt frame: the calls' due rounds run; returns once the next round is far enough
+        away for one more prompt frame (the slowest of the last few), or when no call is open."""
+        now = now_ns()
+        if self._prompt_frame_start:
+            self._prompt_frames_ns.append(now - self._prompt_frame_start)
+        first = True
+        while True:
+            if self._stop.is_set():
+                raise _Stopping()
+            if not first:
+                clock.wait()
+                self.prompt_waits += 1
+            first = False
+            with self._lock:
+                sessions = list(self._sessions)
+            try:
+                calls = self._rounds(sessions)
+            except BaseException as err:  # the calls' failure, not the bot's: it ends the engine (_prepare_next)
+                self._round_failure = err
+                raise
+            room = self._room_ns(calls)
+            if room is None:
+                break
+            need = max(self._prompt_frames_ns, default=0) or self.round_times.expected_ns(1) or FRAME_NS // 4
+            if room >= need:
+                break
+        self._prompt_frame_start = now_ns()
+
+    def _room_ns(self, calls: list[ModelCallSession]) -> int | None:
+        """How long until the next round must start (ns, <= 0: now), None when no open call has a
+        frame to expect (none open, or none has sent its first frame)."""
+        now = now_ns()
+        soonest = None
+        for s in calls:
+            if s.closed:
+                continue
+            if s.waiting is not None:  # due, its round planned for later (or to be taken at the next poll)
+                due = self._next_round_ns or now
+            elif s.frame_tick_ns or s.next_deadline_ns:
+                # its next frame completes one frame after its last (the tick grid, else the step's grid);
+                # a frame past that is late or not coming: the watchdog feeds silence at deadline + grace
+                due = (s.frame_tick_ns or (s.next_deadline_ns - FRAME_NS)) + FRAME_NS
+                if due <= now - FRAME_NS:  # frames stepped since the tick was noted: the grid point before now
+                    due += (now - due) // FRAME_NS * FRAME_NS
+                if due <= now:
+                    due = max(now, s.next_deadline_ns + self.grace_ns) if s.next_deadline_ns else now
+            else:
+                continue  # no audio yet: its first frame may wait for one prompt frame
+            soonest = due if soonest is None else min(soonest, due)
+        return None if soonest is None else soonest - now
 
     def _step_due(self, s: ModelCallSession) -> tuple | None:
         """(due ns, silence) when `s` has a step due - a complete frame (due: the media tick that brought
@@ -450,11 +620,13 @@ class ModelEngine:
                 s.slot, s.session = slot, batch.session(slot)
         return [s for s in held if s is not None]
 
-    def _rounds(self, sessions: list[ModelCallSession]) -> None:
+    def _rounds(self, sessions: list[ModelCallSession]) -> list[ModelCallSession]:
         """Rounds over the calls with a frame due (engine/serving/round_schedule.py plans each: when it
-        starts, which calls it takes), until none has one or the next round starts after the next poll."""
+        starts, which calls it takes), until none has one or the next round starts after the next poll
+        (`_next_round_ns`: when). Returns the calls seated."""
         calls = self._seat(sessions)
         poll_ns = int(self.poll_ms * 1e6)
+        self._next_round_ns = 0
         while True:
             waiting: list[ModelCallSession] = []
             for s in calls:
@@ -472,13 +644,14 @@ class ModelEngine:
                     if s.waiting is not None:
                         waiting.append(s)
             if not waiting:
-                return
+                return calls
             plan = self._plan(waiting)
             now = now_ns()
             held = plan.start_ns > now
             if held:
                 if plan.start_ns - now > poll_ns:
-                    return  # polled again before then: a call falling due meanwhile may still join
+                    self._next_round_ns = plan.start_ns
+                    return calls  # polled again before then: a call falling due meanwhile may still join
                 sleep_until(plan.start_ns)
             self._round([waiting[i] for i in plan.members], plan.start_ns if held else 0,
                         plan.end_tick_ns, plan.start_ns if held else now)
@@ -773,3 +946,14 @@ class _Prepared(NamedTuple):
     heard: np.ndarray  # float32 [1920]: what the model hears
     agent: np.ndarray | None  # float32 [1920] forced into its agent stream, or None
     fed: tuple | None  # (clip or None, call-rate frame, its last) sent to the caller next step
+
+
+def _answer(done: Callable[[BotPrepared], None] | None, result: BotPrepared) -> None:
+    """A PrepareBot's answer to whoever asked; their failure is said, never the engine's."""
+    if done is None:
+        return
+    try:
+        done(result)
+    except Exception as err:
+        print(f"callbot: bot {result.name}: the answer to its preparation was not taken: {err!r}", file=sys.stderr,
+              flush=True)

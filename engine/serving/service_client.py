@@ -18,7 +18,9 @@ What differs from a child of our own is that the service comes and goes on its o
   every `heartbeat_s` and the service answers; `heartbeat_misses` intervals without a word from it
   (engine/serving/heartbeat.py) and the connection is given up as if the service had died (its calls
   hung up, 503 meanwhile, reconnecting: a resumed service is found again);
-- a call the service cannot take after all (OpenRefused) is hung up rather than left silent.
+- a call the service cannot take after all (OpenRefused) is hung up rather than left silent;
+- a bot prepared again (`prepare_bot`, the contract's PrepareBot) is asked of the service, whose
+  engine swaps it for every worker's next calls; a service lost before it answered answers ok False.
 
 Never on the media path: the media callback touches only the rings. The SIP thread waits at most
 `admit_timeout_s` for an admission and `close_timeout_s` for a summary, and a send at most
@@ -43,7 +45,7 @@ from typing import Callable
 
 import msgspec
 
-from callbot.engine.contract import CallStart, CallSummary, Control, EventSink
+from callbot.engine.contract import BotPrepared, CallStart, CallSummary, Control, EventSink, PrepareBot
 from callbot.engine.serving import process_messages as pm
 from callbot.engine.serving import service_messages as sm
 from callbot.engine.serving.call_audio import RING_SECONDS, CallAudio
@@ -139,6 +141,7 @@ class ServiceEngine:
         self._send_lock = threading.Lock()
         self._sessions: dict[int, ServiceCallSession] = {}
         self._admits: dict[int, _Waiter] = {}
+        self._preparing: dict[int, tuple] = {}  # req -> (link, bot name, done)
         self._refusals: dict[str, int] = {}
         self._link: _Link | None = None
         self._down_said = False
@@ -218,6 +221,40 @@ class ServiceEngine:
         with self._lock:
             self._refusals[reason] = self._refusals.get(reason, 0) + 1
         return Refusal(reason, text, retry_after_s)
+
+    # ---- bots prepared again (the app's threads) ---------------------------------------------------------
+
+    @property
+    def prepares_bots(self) -> bool:
+        """Whether the service connected now can prepare a bot again (a model; not the echo line)."""
+        link = self._link
+        return link is not None and link.alive and link.ready.prepares_bots
+
+    def prepare_bot(self, request: PrepareBot, done: Callable[[BotPrepared], None] | None = None) -> None:
+        """Asks the service to prepare a bot again; `done` gets its BotPrepared on the reader thread, or
+        ok False at once without a connection (or when it is lost before it answers)."""
+        if not isinstance(request, PrepareBot):
+            raise TypeError(f"prepare_bot takes a PrepareBot, got {type(request).__name__}")
+        link = self._link
+        req = next(self._ids)
+        with self._lock:
+            self._preparing[req] = (link, request.name, done)
+        try:
+            if self._closed.is_set() or link is None or not link.alive:
+                raise OSError("the model service is not connected")
+            self._send(link, pm.PrepareBotCall(req=req, request=request))
+        except (OSError, ValueError) as err:
+            self._prepared(req, BotPrepared(name=request.name, ok=False, error=f"{err}"))
+
+    def _prepared(self, req: int, result: BotPrepared) -> None:
+        with self._lock:
+            entry = self._preparing.pop(req, None)
+        if entry is None or entry[2] is None:
+            return
+        try:
+            entry[2](result)
+        except Exception as err:
+            _log(self.path, f"bot {result.name}: the answer to its preparation was not taken: {err!r}")
 
     # ---- CallEngine (the SIP side's threads) ------------------------------------------------------------
 
@@ -421,6 +458,8 @@ class ServiceEngine:
                         waiter.done.set()
                 elif isinstance(msg, sm.OpenRefused):
                     self._open_refused(msg)
+                elif isinstance(msg, pm.BotReady):
+                    self._prepared(msg.req, msg.result)
                 elif isinstance(msg, pm.ChildFailed):
                     link.why = msg.text
         finally:
@@ -447,6 +486,9 @@ class ServiceEngine:
             for s in lost:
                 s.lost = True
             waiters = list(self._admits.values())
+            unanswered = [(req, name) for req, (owner, name, _) in self._preparing.items() if owner is link]
+        for req, name in unanswered:
+            self._prepared(req, BotPrepared(name=name, ok=False, error="the model service was lost before it answered"))
         for s in lost:
             s.answered.set()
         for waiter in waiters:

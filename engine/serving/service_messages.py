@@ -11,8 +11,11 @@ and the service answers each (Pong): a stopped process keeps its socket open, so
 end sees the other stalled (engine/serving/heartbeat.py). Both ends are one machine and one user: framing is
 multiprocessing's Connection (length-prefixed bytes), the payload msgpack, never pickle.
 
-    worker -> service   Hello  Admit  Release  OpenCall  ControlCall  CloseCall  Ping
-    service -> worker   Ready  Admission  OpenRefused  CallEvent  CallClosed  ChildFailed  Pong
+    worker -> service   Hello  Admit  Release  OpenCall  ControlCall  CloseCall  Ping  PrepareBotCall
+    service -> worker   Ready  Admission  OpenRefused  CallEvent  CallClosed  ChildFailed  Pong  BotReady
+
+A bot prepared again (PrepareBotCall -> BotReady, the inference process's words) changes it for every
+worker's next calls: the bots are the service's, one table for all.
 """
 from __future__ import annotations
 
@@ -21,8 +24,8 @@ from typing import Union
 import msgspec
 
 from callbot.engine.contract import Message
-from callbot.engine.serving.process_messages import (CallClosed, CallEvent, ChildFailed, CloseCall, ControlCall,
-                                                     OpenCall, Ready)
+from callbot.engine.serving.process_messages import (BotReady, CallClosed, CallEvent, ChildFailed, CloseCall,
+                                                     ControlCall, OpenCall, PrepareBotCall, Ready)
 
 
 class Hello(Message, tag="hello"):
@@ -71,8 +74,8 @@ class OpenRefused(Message, tag="open_refused"):
     text: str
 
 
-ToService = Union[Hello, Admit, Release, OpenCall, ControlCall, CloseCall, Ping]
-ToWorker = Union[Ready, Admission, OpenRefused, CallEvent, CallClosed, ChildFailed, Pong]
+ToService = Union[Hello, Admit, Release, OpenCall, ControlCall, CloseCall, Ping, PrepareBotCall]
+ToWorker = Union[Ready, Admission, OpenRefused, CallEvent, CallClosed, ChildFailed, Pong, BotReady]
 
 _encoder = msgspec.msgpack.Encoder()
 _to_service = msgspec.msgpack.Decoder(ToService)
