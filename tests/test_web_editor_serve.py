@@ -85,9 +85,20 @@ def _save(browser) -> None:
     from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
 
+    from selenium.common.exceptions import WebDriverException
+
     old = browser.find_element(By.ID, "flow-text")
     browser.find_element(By.ID, "flow-save").click()
-    WebDriverWait(browser, 20).until(expected_conditions.staleness_of(old))
+
+    def old_page_gone(driver) -> bool:
+        try:
+            return expected_conditions.staleness_of(old)(driver)
+        except WebDriverException as err:  # chromedriver asked about a node of a page being replaced
+            if "does not belong to the document" in str(err):
+                return True
+            raise
+
+    WebDriverWait(browser, 20).until(old_page_gone)
 
 
 @pytest.mark.parametrize("panel", ["in-serve", "beside-serve"])
