@@ -61,6 +61,7 @@ class MediaSide:
         self.audio = audio
         self.caller = caller
         self.received: list[np.ndarray] = []
+        self.taken: list[np.ndarray] = []  # what was read out of tx, without an underrun's silence
         self._stop = threading.Event()
         self._clock = PeriodicClock(20.0)
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -82,10 +83,16 @@ class MediaSide:
             if have:
                 out[:have] = a.tx.read(have)
                 a.tx_stamps.note(have)
+                self.taken.append(out[:have].copy())
             self.received.append(out)
 
     def heard(self) -> np.ndarray:
         return np.concatenate(self.received) if self.received else np.zeros(0, np.int16)
+
+    def sent(self) -> np.ndarray:
+        """What the engine sent, in order, without the silence of the ticks it was late for (a loaded
+        machine's underruns would split a clip in what is heard)."""
+        return np.concatenate(self.taken) if self.taken else np.zeros(0, np.int16)
 
     def stop(self):
         self._stop.set()
@@ -238,7 +245,7 @@ def test_hold_bot_forces_a_silent_agent_and_silence_to_the_caller_between_clips(
     held = agents[2:n - 1]
     assert held and all(a is not None and not a.any() for a in held)  # then a silent agent, forced
     assert all(a is None for a in agents[n + 1:])  # released: the model speaks for itself again
-    heard, beep = media.heard(), clip16(160)
+    heard, beep = media.sent(), clip16(160)
     at = next(i for i in range(len(heard) - len(beep)) if np.array_equal(heard[i:i + len(beep)], beep))
     after = heard[at + len(beep):at + len(beep) + 4 * STEP]
     assert len(after) == 4 * STEP and not after.any()  # silence, not the decode of the forced silence
