@@ -56,8 +56,9 @@ conference bridge feeds the rx ring on its own steady 20 ms clock (the jitter bu
 packets), so a stall means hold or a dead peer, not network jitter; re-anchoring on every real frame
 keeps the two clocks from drifting apart. When stalled audio then arrives in a burst, frames beyond
 `max_backlog` are dropped (counted), and CallAudio's tx limit trims what the extra steps would queue,
-so a stall never turns into a lasting delay. The thread polls its calls every `poll_ms` (1 ms): the
-media callback never signals anyone, because nothing on the hot path may block or take a lock.
+so a stall never turns into a lasting delay. The thread polls its calls every `poll_ms` (1 ms), and
+every 0.1 ms around the tick where a call's next frame is expected (engine/serving/arrival_watch.py):
+the media callback never signals anyone, because nothing on the hot path may block or take a lock.
 
 Every frame leaves timestamps (`STAGES`: its last sample entering rx, resampled to 24 kHz, step start,
 Mimi encoded, LM stepped, Mimi decoded, resampled into tx, its first sample leaving tx) in a
@@ -81,6 +82,7 @@ import mlx.core as mx
 import numpy as np
 
 from callbot.engine.audio import PeriodicClock, make_realtime, now_ns, sleep_until
+from callbot.engine.serving.arrival_watch import expected_arrival_ns, next_look_ns
 from callbot.engine.serving.call_audio import CallAudio
 from callbot.engine.serving.round_schedule import (MARGIN_NS, SAME_TICK_NS, TICK_NS, Due,
                                                    RoundPlan, RoundTimes, first_frame_pad, first_frame_tick,
@@ -445,7 +447,7 @@ class ModelEngine:
             self._ready.set()
             clock = PeriodicClock(self.poll_ms)
             while not self._stop.is_set():
-                clock.wait()
+                self._wait_to_look(clock)
                 with self._lock:
                     sessions = list(self._sessions)
                 self._rounds(sessions)
@@ -465,6 +467,28 @@ class ModelEngine:
             mx.clear_streams()
             if self.realtime_result is not None:
                 self.realtime_result.restore()
+
+    def _wait_to_look(self, clock: PeriodicClock) -> None:
+        """Returns at the coarse poll's next deadline, or earlier when a call whose frame is expected
+        about now (engine/serving/arrival_watch.py) has new audio in rx: looked at every 0.1 ms around
+        the tick its frame should complete on, so that the frame is resampled and planned within
+        0.1-0.2 ms of its arrival instead of up to a poll later."""
+        with self._lock:
+            sessions = list(self._sessions)
+        # the inference thread's own fields: calls with no frame waiting whose frames' grid is known
+        watched = [s for s in sessions if s.waiting is None and s.frame_tick_ns and not s.closed]
+        while True:
+            now = now_ns()
+            look = next_look_ns(now, clock.deadline_ns, [expected_arrival_ns(s.frame_tick_ns, now)
+                                                         for s in watched])
+            if look >= clock.deadline_ns or self._stop.is_set():
+                clock.wait()
+                return
+            sleep_until(look)
+            for s in watched:
+                with s.lock:  # an open call's rings stay mapped while its lock is held (close_session)
+                    if not s.closed and s.audio.rx.readable:
+                        return
 
     # ---- bots prepared while calls run (the inference thread) ----------------------------------------
 
