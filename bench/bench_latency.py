@@ -16,7 +16,9 @@ buffer on the far side. Cases (BENCHMARKS.md, "## Latency (mouth-to-ear)"):
            splitting the round trip into inbound (peer -> engine) and outbound (engine -> peer).
 - `ws`:    the path this product replaces, Twilio Media Streams' shape: JSON messages with base64 mu-law
            8 kHz, 20 ms each, over a WebSocket on loopback served with uvloop, into the same EchoEngine.
-- `model`: the tiny model (same code as the 7B) behind the ModelEngine runner. Its audio is replaced,
+- `model`: the tiny model (same code as the 7B) behind the ModelEngine runner (kinds: in a child
+           process as serve runs it, in a thread, the runner before its rounds met the tick, and
+           "steady": each step padded to a fixed length, the schedule without this CPU's spread). Its audio is replaced,
            after each real step, by a marker click at the first sample of the output frame computed from
            the input frame holding the peer's click: the first output that could depend on it. Stages come
            from the runner's FrameStats (ready, step start, step end, pushed); "own" there is the marker's
@@ -40,6 +42,7 @@ import numpy as np
 import pytest
 
 import latency_lab as L
+from callbot.engine.serving.step_delay import SteadyModel
 
 CLICKS = int(L.env_float("CALLBOT_BENCH_CLICKS", 80))
 ECHO_INTERVAL_MS = 217.0  # not a multiple of 20 ms: clicks land at every phase of a frame
@@ -49,6 +52,9 @@ MODEL_CLICKS = int(L.env_float("CALLBOT_BENCH_MODEL_CLICKS", 40))
 MODEL_INTERVAL_MS = 610.0
 CODECS = ("PCMU", "G722")
 PTIME_MS = 20.0
+# the "steady" case's step: longer than the tiny model's slowest here (p99 21-34 ms on the loaded CI
+# machine), so that the pad, not the CPU, sets its length
+STEADY_STEP_MS = L.env_float("CALLBOT_BENCH_STEADY_STEP_MS", 36.0)
 RESULTS: dict[tuple[str, str], dict] = {}
 
 pytestmark = pytest.mark.timeout(900)
@@ -154,9 +160,12 @@ def model_call(source, codec: str, clicks: int, interval_ms: float, kind: str, t
     else:
         from callbot.engine.serving.runner import BotPrompt, ModelEngine
 
-        model = L.MarkedModel(L._load(directory, how))
+        loaded = L._load(directory, how)
+        # "steady": every step padded to STEADY_STEP_MS, as steady as a dedicated accelerator's
+        # (engine/serving/step_delay.py): the schedule's own wait for the tick, without this CPU's spread
+        model = L.MarkedModel(SteadyModel(loaded, STEADY_STEP_MS / 1e3) if kind == "steady" else loaded)
         snapshot = L._prepare(model)
-        L._warm_up(model._model, snapshot)
+        L._warm_up(loaded, snapshot)
         # "baseline": the runner as it was before its rounds met the tick (issue 13, point 5): every due
         # frame stepped at once, linear-phase resamplers
         before = {"align": False, "resampler_phase": "linear"} if kind == "baseline" else {}
@@ -171,7 +180,7 @@ def model_call(source, codec: str, clicks: int, interval_ms: float, kind: str, t
     return peer, marks, closed[0] if closed else None, stats
 
 
-@pytest.mark.parametrize("kind", ["process", "thread", "baseline"])
+@pytest.mark.parametrize("kind", ["process", "thread", "baseline", "steady"])
 @pytest.mark.parametrize("codec", CODECS)
 def test_model(benchmark, model_source, codec, kind, tmp_path):
     label = model_source[2]
@@ -211,6 +220,12 @@ def test_model(benchmark, model_source, codec, kind, tmp_path):
     ours = (ms(col["ring_in"], col["resampled"]) + ms(col["resampled"], col["step_start"]) - holds
             + ms(col["decoded"], col["ring_out"]) + resamplers)
     tick_wait = holds + ms(col["ring_out"], col["rtp_out"])
+    # the same on the audio's path: a frame found and resampled before its round's planned start was
+    # found inside the wait for the tick (the start depends on the tick grid, not on when the frame was
+    # found), so finding it sooner would not have moved its audio; only a frame found after its planned
+    # start (hold 0) waited for us
+    inside_hold = np.where(holds > 0, ms(col["ring_in"], col["resampled"]), 0.0)
+    on_path = ours - inside_hold
     step = ms(col["step_start"], col["decoded"])
     # rtp_out is unknown (0) for a frame whose first samples were cut from tx (tx_settled): left out
     out = col["rtp_out"] > 0
@@ -228,6 +243,7 @@ def test_model(benchmark, model_source, codec, kind, tmp_path):
         "hold": L.stats_ms(holds), "tick_wait": L.stats_ms(tick_wait[out]),
         "rtp_out_to_phone": L.stats_ms(ms(col["rtp_out"], heard)[out]),
         "own_stages": L.stats_ms(ours), "own_stages_and_tick": L.stats_ms((ours + tick_wait)[out]),
+        "own_on_path": L.stats_ms(on_path),
         "resamplers_ms": resamplers,
         # the loop's copy carries the peer's packetization (20 ms: a sample waits for its packet's end);
         # the marker's carries it inside `fill` (the frame's last packet leaves as the frame ends)
@@ -292,8 +308,9 @@ def test_report(capsys):
             lines.append(f"echo {codec}: CallAudio resamplers {r['resampler_ms']:.2f} ms, port at {r['port_rate']} Hz, "
                          f"own over the first quarter of the call p50/p99 {_fmt(r['own_first'])}; media {r['media']}")
     where = {"process": "a child process (as serve runs it)", "thread": "a thread of the SIP process",
-             "baseline": "a thread, BASELINE: rounds at once, linear-phase resamplers"}
-    for codec, kind in ((c, k) for k in ("process", "thread", "baseline") for c in CODECS):
+             "baseline": "a thread, BASELINE: rounds at once, linear-phase resamplers",
+             "steady": f"a thread, every step padded to a steady {STEADY_STEP_MS:g} ms"}
+    for codec, kind in ((c, k) for k in ("process", "thread", "baseline", "steady") for c in CODECS):
         m = RESULTS.get(("model", codec, kind))
         if not m:
             continue
@@ -304,7 +321,7 @@ def test_report(capsys):
         for name in ("loop", "total", "fill", "arrival_to_out", "phone_to_ring_in", "ring_in_to_resampled",
                      "resampled_to_start", "step", "mimi_encode", "lm_step", "mimi_decode", "decoded_to_ring_out",
                      "ring_out_to_rtp_out", "rtp_out_to_phone", "hold", "tick_wait", "own_stages",
-                     "own_stages_and_tick", "own"):
+                     "own_on_path", "own_stages_and_tick", "own"):
             lines.append(f"  {name:<20}{_fmt(m[name])}")
         lines.append(f"  resamplers (in own_stages) {m['resamplers_ms']:.2f} ms")
     for codec in CODECS:  # the same run: the schedule and minimum phase against the runner before them
@@ -312,7 +329,17 @@ def test_report(capsys):
         if new and old:
             lines.append(f"model {codec}, thread / baseline (p50, p99): wait for the tick after the push "
                          f"{_ratio(new, old, 'ring_out_to_rtp_out')}; own stages beyond the tick "
-                         f"{_ratio(new, old, 'own_stages')}; total {_ratio(new, old, 'total')}")
+                         f"{_ratio(new, old, 'own_stages')} (on the audio's path {_ratio(new, old, 'own_on_path')}); "
+                         f"total {_ratio(new, old, 'total')}")
+    for codec in CODECS:  # the schedule with a steady step, against the loaded CPU's own step, same run
+        steady, new = RESULTS.get(("model", codec, "steady")), RESULTS.get(("model", codec, "thread"))
+        if steady and new:
+            lines.append(f"model {codec}, steady / thread (p50, p99): wait for the tick after the push "
+                         f"{_ratio(steady, new, 'ring_out_to_rtp_out')}; own stages beyond the tick "
+                         f"{_fmt(steady['own_stages'])}, on the audio's path {_fmt(steady['own_on_path'])}; "
+                         f"step spread (p99 - p50) "
+                         f"{steady['step']['p99'] - steady['step']['p50']:.1f} / "
+                         f"{new['step']['p99'] - new['step']['p50']:.1f} ms")
     lines += projection_lines()
     with capsys.disabled():
         print("\n" + "\n".join(lines))

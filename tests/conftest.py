@@ -94,6 +94,7 @@ MARKS: dict[str, frozenset[str]] = {
         "test_runner_batch": "model",  # 8 s: 4 calls in one batched engine against each call alone
         "test_runner_phase": "model",  # 4 s: calls joining on different ticks put in phase, against each alone
         "test_round_schedule": "",  # pure functions of times
+        "test_arrival_watch": "",  # pure functions of times
         "test_serve": "sip model slow",  # 200 s
         "test_session": "model slow",  # 17 s
         "test_session_control": "model slow",  # 36 s

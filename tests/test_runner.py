@@ -151,3 +151,51 @@ def test_frame_stats_rebuilt_from_held_rows_summarise_the_same():
     assert (rebuilt.held()[1] == [False, True, False, False]).all()
     with pytest.raises(ValueError, match="stages"):
         FrameStats.of(np.zeros((3, 5), np.int64), np.zeros(3, bool))
+
+
+def test_the_watch_finds_frames_before_the_coarse_poll(model, prompt):
+    """Around the tick a call's next frame is expected on, the runner looks every 0.1 ms
+    (arrival_watch.py): with a media side writing every 20 ms, frames are found by those looks, not only
+    by the 1 ms poll, and every frame is still stepped."""
+    engine = ModelEngine(model, lambda start: prompt, realtime=False)
+    try:
+        s = engine.open_session(_Call("watched", 16000))
+        stop, received = threading.Event(), []
+        media = threading.Thread(target=play_media_side, args=(s.audio, 60, stop, received))
+        media.start()
+        media.join(30)
+        _wait(engine, lambda: s.steps >= 12)
+        engine.close_session(s)
+    finally:
+        engine.close()
+    summary = msgspec.to_builtins(s.final_summary)
+    assert summary["steps"] == s.audio.frames_pulled - summary["frames_dropped"] + summary["silence_fed"]
+    assert engine.early_looks >= 1
+
+
+def test_a_steady_model_steps_as_the_model_does_and_takes_its_fixed_time(model, prompt):
+    """SteadyModel (engine/serving/step_delay.py), the latency bench's stand-in for a steady accelerator:
+    the same outputs as the model's own session, each step at least its fixed length."""
+    from callbot.engine.audio import now_ns
+    from callbot.engine.serving.step_delay import SteadyModel
+
+    steady = SteadyModel(model, 0.05)
+    plain = model.open_session(snapshot=prompt.snapshot, seed=5)
+    wrapped = steady.open_session(snapshot=prompt.snapshot, seed=5)
+    tone = (0.2 * np.sin(2 * np.pi * 440 * np.arange(1920) / 24000)).astype(np.float32)
+    for _ in range(4):
+        started = now_ns()
+        out, piece = wrapped.step(tone)
+        took = now_ns() - started
+        want, want_piece = plain.step(tone)
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(want))
+        assert piece == want_piece
+        assert took >= 50_000_000
+    assert steady.sessions == [wrapped]
+    # a step longer than the fixed length keeps its own and is counted
+    short = SteadyModel(model, 1e-6).open_session(snapshot=prompt.snapshot, seed=5)
+    for _ in range(3):
+        short.step(tone)
+    assert short.overran == 3
+    with pytest.raises(ValueError, match="steady step"):
+        SteadyModel(model, 0)

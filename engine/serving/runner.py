@@ -326,6 +326,7 @@ class ModelEngine:
         self._next_round_ns = 0  # set by _rounds: when the round it left planned starts (0: none held)
         self._round_failure: BaseException | None = None  # a round failed inside a preparation
         self.prompt_waits = 0  # polls a preparation waited for a round to pass before its next frame
+        self.early_looks = 0  # looks around an expected arrival that found new audio before the coarse poll
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._warmup = warmup
@@ -488,6 +489,7 @@ class ModelEngine:
             for s in watched:
                 with s.lock:  # an open call's rings stay mapped while its lock is held (close_session)
                     if not s.closed and s.audio.rx.readable:
+                        self.early_looks += 1
                         return
 
     # ---- bots prepared while calls run (the inference thread) ----------------------------------------
