@@ -20,9 +20,9 @@ from callbot.app.bot_config import BotConfig
 from callbot.app.serve import running_server
 from callbot.app.settings import parse_settings
 from callbot.engine.contract import FrameStages, PersonaChanged
-from tests.sip_peers import PjsuaPeer, eventually
+from tests.sip_peers import PjsuaPeer, eventually, serve_config
 from tests.test_flows_call import Watch
-from tests.tiny_assets import write_tiny_model_for_serve
+from tests.tiny_assets import tiny_model_toml, write_tiny_model_for_serve
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -43,28 +43,8 @@ def _said(caplog, words: str) -> list[str]:
 def test_a_persona_and_voice_saved_reach_the_next_call_prepared_once_and_the_open_call_keeps_its_own(tmp_path,
                                                                                                        caplog, process):
     directory, arch = write_tiny_model_for_serve(tmp_path / "personaplex")
-    cfg = tmp_path / "callbot.toml"
-    cfg.write_text(f"""
-recordings_dir = "calls"
-[metrics]
-enabled = false
-[analytics]
-enabled = false
-[model]
-path = "{directory}"
-architecture = "{arch}"
-quantization = "none"
-download = false
-process = {"true" if process else "false"}
-[sip]
-codecs = ["G722/16000"]
-[[sip.transports]]
-bind = "127.0.0.1"
-port = 0
-rtp_port = 0
-[[sip.accounts]]
-name = "line"
-user = "free"
+    cfg = serve_config(tmp_path, 0, user="free", codecs=("G722/16000",),
+                       tail=tiny_model_toml(directory, arch, process=process) + f"""
 [[bots]]
 name = "free"
 voice = "NATM1"
