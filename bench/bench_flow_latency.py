@@ -57,7 +57,7 @@ from callbot.app.settings import parse_settings
 from callbot.engine.contract import FlowTransition, Play, PlayFinished
 from callbot.engine.serving.call_audio import CallAudio
 from callbot.sip import events as ev
-from tests.sip_peers import PjsuaPeer, serve_config
+from tests.sip_peers import PjsuaPeer, pumping, serve_config
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -426,16 +426,9 @@ def line(tmp_path_factory):
     cfg = serve_config(tmp, 0, user="menu", codecs=("G722/16000", "PCMU/8000"), analytics=True, tail=BOT)
     settings = parse_settings(cfg.read_bytes(), base_dir=tmp)
     try:
-        with running_server(settings, "echo", log=EventLog(io.StringIO())) as server:
-            stop = threading.Event()
-            pump = threading.Thread(target=server.pump, kwargs={"stop": stop}, daemon=True)
-            pump.start()
+        with running_server(settings, "echo", log=EventLog(io.StringIO())) as server, pumping(server):
             taps = tap_engine(server.engine)
-            try:
-                yield server, taps, tmp
-            finally:
-                stop.set()
-                pump.join(10)
+            yield server, taps, tmp
     finally:
         app.shutdown()
 

@@ -590,6 +590,20 @@ user = "{user}"
     return cfg
 
 
+@contextlib.contextmanager
+def pumping(server):
+    """`server.pump` (app/serve.py: the endpoint's events onto the bus) on a thread of its own while the
+    block runs, for a `running_server` in the test's process; stopped and joined (10 s at most) after."""
+    stop = threading.Event()
+    pump = threading.Thread(target=server.pump, kwargs={"stop": stop}, daemon=True)
+    pump.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        pump.join(10)
+
+
 def sip_header(msg: bytes, name: bytes) -> bytes:
     """The value of header `name` in a raw SIP message."""
     return next(h for h in msg.split(b"\r\n") if h.lower().startswith(name.lower() + b":")).split(b":", 1)[1].strip()

@@ -5,7 +5,6 @@ caller's ear, and the model's text kept in the record."""
 from __future__ import annotations
 
 import json
-import threading
 import wave
 
 import numpy as np
@@ -14,7 +13,7 @@ import pytest
 from callbot.app.serve import running_server
 from callbot.app.settings import parse_settings
 from callbot.engine.contract import PersonaChanged, PlayFinished
-from tests.sip_peers import PjsuaPeer, serve_config, sidecars
+from tests.sip_peers import PjsuaPeer, pumping, serve_config, sidecars
 from tests.test_flows_call import Watch, _correlation, _path, _tone, _write_wav
 from tests.tiny_assets import tiny_model_toml, write_tiny_model_for_serve
 
@@ -54,10 +53,7 @@ voice = "NATM1"
 persona = "Pizza orders."
 """)
     settings = parse_settings(cfg.read_bytes(), base_dir=tmp_path)
-    with running_server(settings, "model") as server:
-        stop = threading.Event()
-        pump = threading.Thread(target=server.pump, kwargs={"stop": stop}, daemon=True)
-        pump.start()
+    with running_server(settings, "model") as server, pumping(server):
         watch = Watch(server.bus, "test")
         try:
             with PjsuaPeer(user="ana", log_dir=tmp_path) as ana:
@@ -78,8 +74,6 @@ persona = "Pizza orders."
                 watch.ended(call_id)
         finally:
             watch.close()
-            stop.set()
-            pump.join(10)
     # the menu prompt (the greeting starts with the call, before the caller's recorder is attached)
     assert _correlation(tmp_path / "heard.wav", menu) > 0.9
     [sidecar] = sidecars(tmp_path / "calls")
