@@ -57,7 +57,7 @@ from callbot.app.settings import parse_settings
 from callbot.engine.contract import FlowTransition, Play, PlayFinished
 from callbot.engine.serving.call_audio import CallAudio
 from callbot.sip import events as ev
-from tests.sip_peers import PjsuaPeer
+from tests.sip_peers import PjsuaPeer, pumping, serve_config
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -118,19 +118,7 @@ next = "menu_a"
 hangup = true
 """
 
-CONFIG = """
-recordings_dir = "calls"
-[metrics]
-enabled = false
-[sip]
-codecs = ["G722/16000", "PCMU/8000"]
-[[sip.transports]]
-bind = "127.0.0.1"
-port = 0
-rtp_port = 0
-[[sip.accounts]]
-name = "line"
-user = "menu"
+BOT = """
 [[bots]]
 name = "ivr"
 flow = "ivr.toml"
@@ -435,19 +423,12 @@ def line(tmp_path_factory):
     app = http.server.ThreadingHTTPServer(("127.0.0.1", 0), App)
     threading.Thread(target=app.serve_forever, daemon=True).start()
     (tmp / "ivr.toml").write_text(FLOW.format(port=app.server_address[1]))
-    (tmp / "callbot.toml").write_text(CONFIG)
-    settings = parse_settings((tmp / "callbot.toml").read_bytes(), base_dir=tmp)
+    cfg = serve_config(tmp, 0, user="menu", codecs=("G722/16000", "PCMU/8000"), analytics=True, tail=BOT)
+    settings = parse_settings(cfg.read_bytes(), base_dir=tmp)
     try:
-        with running_server(settings, "echo", log=EventLog(io.StringIO())) as server:
-            stop = threading.Event()
-            pump = threading.Thread(target=server.pump, kwargs={"stop": stop}, daemon=True)
-            pump.start()
+        with running_server(settings, "echo", log=EventLog(io.StringIO())) as server, pumping(server):
             taps = tap_engine(server.engine)
-            try:
-                yield server, taps, tmp
-            finally:
-                stop.set()
-                pump.join(10)
+            yield server, taps, tmp
     finally:
         app.shutdown()
 

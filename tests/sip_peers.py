@@ -562,21 +562,23 @@ class RawUac:
 
 def serve_config(directory: pathlib.Path, sip_port: int, metrics_port: int | None = None, *,
                  account: str = "line", user: str = "echo", extra: str = "", recordings_dir: str = "calls",
-                 tail: str = "") -> pathlib.Path:
-    """`directory`/callbot.toml for `callbot serve` on loopback: one UDP transport on `sip_port`, one
-    account (`user`; `extra` adds to its table), metrics on `metrics_port` (None: off); `tail` adds
-    tables after it ([model], [[bots]]). The analysis of each call after hang-up is off unless `tail`
-    has an [analytics] table: its processes (spawned, nice +10) compete on a 2-core CI machine with the
-    next call's audio, which tests of calls measure; the analysis has its own tests."""
+                 tail: str = "", codecs: tuple[str, ...] | None = None, analytics: bool = False) -> pathlib.Path:
+    """`directory`/callbot.toml for `callbot serve` on loopback: one UDP transport on `sip_port` (0: any
+    free port), one account (`user`; `extra` adds to its table), metrics on `metrics_port` (None: off),
+    `codecs` offered (None: the product's default); `tail` adds tables after it ([model], [[bots]]).
+    The analysis of each call after hang-up is off unless `tail` has an [analytics] table or `analytics`
+    leaves it at the product's default (on): its processes (spawned, nice +10) compete on a 2-core CI
+    machine with the next call's audio, which tests of calls measure; the analysis has its own tests."""
     metrics = f'address = "127.0.0.1:{metrics_port}"' if metrics_port is not None else "enabled = false"
-    if "[analytics]" not in tail:
+    if not analytics and "[analytics]" not in tail:
         tail += "\n[analytics]\nenabled = false\n"
+    sip = "[sip]\ncodecs = [{}]\n".format(", ".join(f'"{c}"' for c in codecs)) if codecs is not None else ""
     cfg = directory / "callbot.toml"
     cfg.write_text(f"""
 recordings_dir = "{recordings_dir}"
 [metrics]
 {metrics}
-[[sip.transports]]
+{sip}[[sip.transports]]
 bind = "127.0.0.1"
 port = {sip_port}
 rtp_port = 0
@@ -586,6 +588,20 @@ user = "{user}"
 {extra}
 {tail}""")
     return cfg
+
+
+@contextlib.contextmanager
+def pumping(server):
+    """`server.pump` (app/serve.py: the endpoint's events onto the bus) on a thread of its own while the
+    block runs, for a `running_server` in the test's process; stopped and joined (10 s at most) after."""
+    stop = threading.Event()
+    pump = threading.Thread(target=server.pump, kwargs={"stop": stop}, daemon=True)
+    pump.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        pump.join(10)
 
 
 def sip_header(msg: bytes, name: bytes) -> bytes:

@@ -12,7 +12,6 @@ default) the same PrepareBot crosses its pipe, and the open call is seen steppin
 from __future__ import annotations
 
 import logging
-import threading
 
 import pytest
 
@@ -20,9 +19,9 @@ from callbot.app.bot_config import BotConfig
 from callbot.app.serve import running_server
 from callbot.app.settings import parse_settings
 from callbot.engine.contract import FrameStages, PersonaChanged
-from tests.sip_peers import PjsuaPeer, eventually
+from tests.sip_peers import PjsuaPeer, eventually, pumping, serve_config
 from tests.test_flows_call import Watch
-from tests.tiny_assets import write_tiny_model_for_serve
+from tests.tiny_assets import tiny_model_toml, write_tiny_model_for_serve
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -43,28 +42,8 @@ def _said(caplog, words: str) -> list[str]:
 def test_a_persona_and_voice_saved_reach_the_next_call_prepared_once_and_the_open_call_keeps_its_own(tmp_path,
                                                                                                        caplog, process):
     directory, arch = write_tiny_model_for_serve(tmp_path / "personaplex")
-    cfg = tmp_path / "callbot.toml"
-    cfg.write_text(f"""
-recordings_dir = "calls"
-[metrics]
-enabled = false
-[analytics]
-enabled = false
-[model]
-path = "{directory}"
-architecture = "{arch}"
-quantization = "none"
-download = false
-process = {"true" if process else "false"}
-[sip]
-codecs = ["G722/16000"]
-[[sip.transports]]
-bind = "127.0.0.1"
-port = 0
-rtp_port = 0
-[[sip.accounts]]
-name = "line"
-user = "free"
+    cfg = serve_config(tmp_path, 0, user="free", codecs=("G722/16000",),
+                       tail=tiny_model_toml(directory, arch, process=process) + f"""
 [[bots]]
 name = "free"
 voice = "NATM1"
@@ -73,10 +52,7 @@ persona = "{OLD}"
     (tmp_path / "broken.pt").write_bytes(b"not a voice prompt at all")
     caplog.set_level(logging.WARNING, logger="callbot.app.bot_reload")
     settings = parse_settings(cfg.read_bytes(), base_dir=tmp_path)
-    with running_server(settings, "model", config=str(cfg)) as server:
-        stop = threading.Event()
-        pump = threading.Thread(target=server.pump, kwargs={"stop": stop}, daemon=True)
-        pump.start()
+    with running_server(settings, "model", config=str(cfg)) as server, pumping(server):
         watch = Watch(server.bus, "test")
         try:
             with PjsuaPeer(user="ana", log_dir=tmp_path) as ana:
@@ -121,8 +97,6 @@ persona = "{OLD}"
                     assert ended.cause == "remote", ended  # the caller hung up: nothing dropped it
         finally:
             watch.close()
-            stop.set()
-            pump.join(10)
     assert not [e for e in watch.seen if isinstance(e, PersonaChanged)]
     assert len(_said(caplog, "prepared again")) == 1
     [failed] = _said(caplog, "could not be prepared")

@@ -21,7 +21,7 @@ from callbot.app.serve import running_server
 from callbot.app.settings import parse_settings
 from callbot.engine.contract import FlowTransition, PlayFinished
 from callbot.sip import events as ev
-from tests.sip_peers import PjsuaPeer, free_port, sidecars
+from tests.sip_peers import PjsuaPeer, free_port, pumping, serve_config, sidecars
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -119,19 +119,7 @@ play = "bye.wav"
 hangup = true
 """
 
-CONFIG = """
-recordings_dir = "calls"
-[metrics]
-enabled = false
-[sip]
-codecs = ["G722/16000"]
-[[sip.transports]]
-bind = "127.0.0.1"
-port = 0
-rtp_port = 0
-[[sip.accounts]]
-name = "line"
-user = "menu"
+BOT = """
 [[bots]]
 name = "support"
 flow = "support.toml"
@@ -152,17 +140,10 @@ def line(tmp_path_factory):
     log = io.StringIO()
     with PjsuaPeer(user="agent", log_dir=tmp) as agent:
         (tmp / "support.toml").write_text(FLOW.format(hook=backend.server_address[1], dead=dead, agent=agent.uri))
-        (tmp / "callbot.toml").write_text(CONFIG)
-        settings = parse_settings((tmp / "callbot.toml").read_bytes(), base_dir=tmp)
-        with running_server(settings, "echo", log=EventLog(log)) as server:
-            stop = threading.Event()
-            pump = threading.Thread(target=server.pump, kwargs={"stop": stop}, daemon=True)
-            pump.start()
-            try:
-                yield server, agent, tmp, log
-            finally:
-                stop.set()
-                pump.join(10)
+        cfg = serve_config(tmp, 0, user="menu", codecs=("G722/16000",), analytics=True, tail=BOT)
+        settings = parse_settings(cfg.read_bytes(), base_dir=tmp)
+        with running_server(settings, "echo", log=EventLog(log)) as server, pumping(server):
+            yield server, agent, tmp, log
     backend.shutdown()
 
 

@@ -5,7 +5,6 @@ caller's ear, and the model's text kept in the record."""
 from __future__ import annotations
 
 import json
-import threading
 import wave
 
 import numpy as np
@@ -14,9 +13,9 @@ import pytest
 from callbot.app.serve import running_server
 from callbot.app.settings import parse_settings
 from callbot.engine.contract import PersonaChanged, PlayFinished
-from tests.sip_peers import PjsuaPeer, sidecars
+from tests.sip_peers import PjsuaPeer, pumping, serve_config, sidecars
 from tests.test_flows_call import Watch, _correlation, _path, _tone, _write_wav
-from tests.tiny_assets import write_tiny_model_for_serve
+from tests.tiny_assets import tiny_model_toml, write_tiny_model_for_serve
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -45,35 +44,16 @@ def test_a_flow_steers_the_model_through_a_menu_into_a_persona_and_out(tmp_path)
     _write_wav(tmp_path / "greet.wav", greet)
     _write_wav(tmp_path / "menu.wav", menu)
     (tmp_path / "pizza.toml").write_text(FLOW)
-    (tmp_path / "callbot.toml").write_text(f"""
-recordings_dir = "calls"
-[metrics]
-enabled = false
-[model]
-path = "{directory}"
-architecture = "{arch}"
-quantization = "none"
-download = false
-[sip]
-codecs = ["G722/16000"]
-[[sip.transports]]
-bind = "127.0.0.1"
-port = 0
-rtp_port = 0
-[[sip.accounts]]
-name = "line"
-user = "pizza"
+    cfg = serve_config(tmp_path, 0, user="pizza", codecs=("G722/16000",), analytics=True,
+                       tail=tiny_model_toml(directory, arch) + """
 [[bots]]
 name = "pizza"
 flow = "pizza.toml"
 voice = "NATM1"
 persona = "Pizza orders."
 """)
-    settings = parse_settings((tmp_path / "callbot.toml").read_bytes(), base_dir=tmp_path)
-    with running_server(settings, "model") as server:
-        stop = threading.Event()
-        pump = threading.Thread(target=server.pump, kwargs={"stop": stop}, daemon=True)
-        pump.start()
+    settings = parse_settings(cfg.read_bytes(), base_dir=tmp_path)
+    with running_server(settings, "model") as server, pumping(server):
         watch = Watch(server.bus, "test")
         try:
             with PjsuaPeer(user="ana", log_dir=tmp_path) as ana:
@@ -94,8 +74,6 @@ persona = "Pizza orders."
                 watch.ended(call_id)
         finally:
             watch.close()
-            stop.set()
-            pump.join(10)
     # the menu prompt (the greeting starts with the call, before the caller's recorder is attached)
     assert _correlation(tmp_path / "heard.wav", menu) > 0.9
     [sidecar] = sidecars(tmp_path / "calls")

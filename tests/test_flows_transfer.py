@@ -7,7 +7,6 @@ then gets the caller's INVITE with Replaces in place of our leg. A busy agent se
 from __future__ import annotations
 
 import json
-import threading
 import wave
 
 import numpy as np
@@ -18,7 +17,7 @@ from callbot.app.serve import running_server
 from callbot.app.settings import parse_settings
 from callbot.engine.contract import FlowTransition, PlayFinished
 from callbot.sip import events as ev
-from tests.sip_peers import PjsuaPeer, eventually, sidecars
+from tests.sip_peers import PjsuaPeer, eventually, pumping, serve_config, sidecars
 from tests.test_flows_call import RATE, Watch, _correlation, _path, _tone, _write_wav
 
 pytestmark = pytest.mark.timeout(180)
@@ -53,19 +52,7 @@ play = "sorry.wav"
 next = "menu"
 """
 
-CONFIG = """
-recordings_dir = "calls"
-[metrics]
-enabled = false
-[sip]
-codecs = ["G722/16000"]
-[[sip.transports]]
-bind = "127.0.0.1"
-port = 0
-rtp_port = 0
-[[sip.accounts]]
-name = "line"
-user = "desk"
+BOT = """
 [[bots]]
 name = "desk"
 flow = "desk.toml"
@@ -84,17 +71,10 @@ def line(tmp_path_factory):
     with PjsuaPeer(user="agent", log_dir=tmp) as agent, PjsuaPeer(user="busy", answer="busy", log_dir=tmp) as busy, \
             PjsuaPeer(user="queue", answer="early", ring_ms=1500, log_dir=tmp) as queue:
         (tmp / "desk.toml").write_text(FLOW.format(agent=agent.uri, busy=busy.uri, queue=queue.uri, announce=ANNOUNCE))
-        (tmp / "callbot.toml").write_text(CONFIG)
-        settings = parse_settings((tmp / "callbot.toml").read_bytes(), base_dir=tmp)
-        with running_server(settings, "echo") as server:
-            stop = threading.Event()
-            pump = threading.Thread(target=server.pump, kwargs={"stop": stop}, daemon=True)
-            pump.start()
-            try:
-                yield server, agent, busy, queue, tmp
-            finally:
-                stop.set()
-                pump.join(10)
+        cfg = serve_config(tmp, 0, user="desk", codecs=("G722/16000",), analytics=True, tail=BOT)
+        settings = parse_settings(cfg.read_bytes(), base_dir=tmp)
+        with running_server(settings, "echo") as server, pumping(server):
+            yield server, agent, busy, queue, tmp
 
 
 def _to_menu(watch: Watch, caller: PjsuaPeer, server) -> str:

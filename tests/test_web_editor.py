@@ -11,14 +11,13 @@ import os
 import re
 import subprocess
 import sys
-import wave
 
-import numpy as np
 import pytest
 
 from callbot.flows.file_save import ChangedOnDisk, digest, save_flow
 from callbot.flows.schema import FlowError, parse_flow, parse_flow_file
 from callbot.flows.toml_lines import error_line, line_map, line_of, path_steps
+from tests.test_store_calls import _tone
 
 ISSUE_FLOW = '''# the flow of issue 12
 start = "greet"
@@ -56,13 +55,6 @@ goto = "agent"
 '''
 
 
-def _tone(path, seconds: float = 0.3, rate: int = 16000) -> None:
-    t = np.arange(int(rate * seconds)) / rate
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1), w.setsampwidth(2), w.setframerate(rate)
-        w.writeframes((6000 * np.sin(2 * np.pi * 440 * t)).astype("<i2").tobytes())
-
-
 def _line(text: str, needle: str) -> int:
     return next(i for i, line in enumerate(text.split("\n"), 1) if needle in line)
 
@@ -96,7 +88,7 @@ def test_paths_map_to_the_line_that_writes_them():
     (("next = \"menu\"", "next = \"menu"), "next = \"menu"),  # TOML syntax: its own line number
 ])
 def test_the_errors_of_the_flow_check_point_at_their_line(tmp_path, change, needle):
-    _tone(tmp_path / "tone.wav")
+    _tone(tmp_path / "tone.wav", 0.3)
     text = ISSUE_FLOW.replace(*change)
     with pytest.raises(FlowError) as err:
         parse_flow_file(text, tmp_path / "support.toml")
@@ -109,7 +101,7 @@ def test_the_errors_of_the_flow_check_point_at_their_line(tmp_path, change, need
 def test_the_graph_draws_every_state_and_labels_each_transition(tmp_path):
     from callbot.web.flow_graph import flow_edges, flow_svg, ranks
 
-    _tone(tmp_path / "tone.wav")
+    _tone(tmp_path / "tone.wav", 0.3)
     text = ISSUE_FLOW + '\n[states.orphan]\nsay = "<script>x</script>"\nnext = "goodbye"\n'
     flow = parse_flow(text, base_dir=tmp_path)
     edges = {(e.source, e.target): e.label for e in flow_edges(flow)}
@@ -147,7 +139,7 @@ def test_graph_text_is_escaped(tmp_path):
 
 
 def test_a_flow_that_fails_is_never_written_and_a_good_one_replaces_it_atomically(tmp_path):
-    _tone(tmp_path / "tone.wav")
+    _tone(tmp_path / "tone.wav", 0.3)
     path = tmp_path / "support.toml"
     path.write_text(ISSUE_FLOW)
     path.chmod(0o640)
@@ -200,7 +192,7 @@ enabled = false
 
 
 def _config(tmp_path):
-    _tone(tmp_path / "tone.wav")
+    _tone(tmp_path / "tone.wav", 0.3)
     (tmp_path / "support.toml").write_text(ISSUE_FLOW)
     cfg = tmp_path / "callbot.toml"
     cfg.write_text(CONFIG)
@@ -261,7 +253,7 @@ def test_a_changed_flow_file_is_taken_for_the_next_call_and_a_broken_one_keeps_t
     from callbot.app.flow_reload import FlowFiles
     from callbot.flows.schema import load_flow
 
-    _tone(tmp_path / "tone.wav")
+    _tone(tmp_path / "tone.wav", 0.3)
     path = tmp_path / "support.toml"
     path.write_text(ISSUE_FLOW)
     first = load_flow(path)

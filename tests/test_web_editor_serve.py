@@ -16,19 +16,16 @@ import json
 import os
 import pathlib
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 
 import pytest
 
-from tests.sip_peers import PjsuaPeer, _Lines, eventually, free_port, serve_config, stop_process
+from tests.sip_peers import PjsuaPeer, eventually
 from tests.test_store_calls import _tone
-from tests.test_web import _sign_in, add_user, browser  # noqa: F401  (the browser fixture)
+from tests.test_web import _sign_in, browser  # noqa: F401  (the browser fixture)
+from tests.web_serve_harness import CALLBOT, panel_serve
 
 pytestmark = pytest.mark.timeout(240)
-CALLBOT = [sys.executable, "-m", "callbot.app.cli"]
 PASSWORD = "editor-password-1"
 DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs"
 
@@ -110,15 +107,6 @@ def test_an_admin_fixes_a_flow_in_the_browser_and_the_next_call_follows_it(tmp_p
     _tone(tmp_path / "tone.wav")
     flow_file = tmp_path / "support.toml"
     flow_file.write_text(OLD_FLOW)
-    sip_port, web_port = free_port(), free_port(socket.SOCK_STREAM)
-    cfg = serve_config(tmp_path, sip_port, None, tail=f"""
-[[bots]]
-name = "support"
-flow = "support.toml"
-[analytics]
-enabled = false
-""" + (f'[web]\nlisten = "127.0.0.1:{web_port}"\n' if panel == "in-serve" else ""))
-    add_user(cfg, "ada", "admin", PASSWORD)
     # what `callbot flows check` says of the mistake, to compare with the page
     (tmp_path / "mistake").mkdir()
     _tone(tmp_path / "mistake" / "tone.wav")
@@ -129,18 +117,13 @@ enabled = false
     expected = check.stderr.strip().removeprefix("callbot: error: ").replace(str(tmp_path / "mistake"), str(tmp_path))
     mistake_line = next(i for i, line in enumerate(MISTAKE.split("\n"), 1) if "bye_nwe" in line)
 
-    proc = subprocess.Popen([*CALLBOT, "serve", "--engine", "echo", "--config", str(cfg)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    err = _Lines(proc.stderr, tmp_path / "serve.stderr")
-    web = None
     calls = tmp_path / "calls"
-    base = f"http://127.0.0.1:{web_port}"
-    try:
-        err.wait_line("listening", 30)
-        if panel == "beside-serve":
-            web = subprocess.Popen([*CALLBOT, "web", "--listen", f"127.0.0.1:{web_port}", "--config", str(cfg)],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            _Lines(web.stderr, tmp_path / "web.stderr").wait_line("listening", 30)
+    with panel_serve(tmp_path, """
+[[bots]]
+name = "support"
+flow = "support.toml"
+""", PASSWORD, panel=panel) as serve:
+        sip_port, base, err = serve.sip_port, serve.base, serve.err
         with PjsuaPeer(user="bob", log_dir=tmp_path) as peer:
             call_a = peer.call(f"sip:echo@127.0.0.1:{sip_port}")
             peer.expect("media", call_id=call_a, timeout=15)
@@ -198,10 +181,6 @@ enabled = false
         assert len(reloaded) == 1 and "bot support: flow" in reloaded[0]
         browser.get(base + "/audit")
         assert "flow.save" in browser.find_element(By.TAG_NAME, "main").text
-    finally:
-        if web is not None:
-            stop_process(web)
-        stop_process(proc, 15, signal.SIGKILL)
 
 
 def _events(calls_dir, record: dict) -> list[dict]:
@@ -222,26 +201,16 @@ def test_a_persona_and_a_number_saved_in_the_panel_reach_the_next_call_and_a_voi
 
     from tests.test_web import _signed_in
 
-    sip_port, web_port = free_port(), free_port(socket.SOCK_STREAM)
-    cfg = serve_config(tmp_path, sip_port, None, tail=f"""
+    calls = tmp_path / "calls"
+    with panel_serve(tmp_path, """
 [[bots]]
 name = "free"   # converses freely
 persona = "You are Ana."
 [[routes]]
 bot = "free"
 did = "5550100"
-[analytics]
-enabled = false
-[web]
-listen = "127.0.0.1:{web_port}"
-""")
-    add_user(cfg, "ada", "admin", PASSWORD)
-    proc = subprocess.Popen([*CALLBOT, "serve", "--engine", "echo", "--config", str(cfg)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    err = _Lines(proc.stderr, tmp_path / "serve.stderr")
-    calls = tmp_path / "calls"
-    try:
-        err.wait_line("listening", 30)
+""", PASSWORD) as serve:
+        cfg, sip_port, err = serve.cfg, serve.sip_port, serve.err
         with PjsuaPeer(user="bob", log_dir=tmp_path) as peer:
             def one_call(number: str, persona: bool) -> dict:
                 call_id = peer.call(f"sip:{number}@127.0.0.1:{sip_port}")
@@ -258,7 +227,7 @@ listen = "127.0.0.1:{web_port}"
                 return eventually(lambda: (r := _record(calls, call_id)) and r.get("end") and r, 20, "the final record")
 
             before = one_call("5550100", persona=False)
-            ada = _signed_in(f"http://127.0.0.1:{web_port}", "ada", PASSWORD)
+            ada = _signed_in(serve.base, "ada", PASSWORD)
             page = ada.get("/bots/free").text
             token = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
             loaded = re.search(r'id="settings-form".*?name="loaded" value="([^"]*)"', page, re.S).group(1)
@@ -277,5 +246,3 @@ listen = "127.0.0.1:{web_port}"
         assert len([x for x in err.lines if "voice changed" in x and "starts again" in x]) == 1
         assert len([x for x in err.lines if "persona changed" in x]) == 1
         assert len([x for x in err.lines if "routes changed: the calls from now on are routed by them" in x]) == 1
-    finally:
-        stop_process(proc, 15, signal.SIGKILL)

@@ -14,13 +14,11 @@ exits on its own. Screenshots go to the test's tmp dir.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
-import socket
-import subprocess
-import sys
 import threading
 
 import httpx
@@ -29,13 +27,13 @@ import pytest
 import soxr
 
 from callbot.speech.tts import EspeakTts
-from tests.sip_peers import Kamailio, PjsuaPeer, _Lines, eventually, free_port, serve_config, stop_process
+from tests.sip_peers import Kamailio, PjsuaPeer, eventually
 from tests.test_flows_call import RATE, _write_wav
 from tests.test_store_calls import _tone
-from tests.test_web import DOCS, _sign_in, add_user, browser  # noqa: F401  (the browser fixture)
+from tests.test_web import DOCS, _sign_in, browser  # noqa: F401  (the browser fixture)
+from tests.web_serve_harness import panel_serve
 
 pytestmark = pytest.mark.timeout(240)
-CALLBOT = [sys.executable, "-m", "callbot.app.cli"]
 PW = "live-password-1"
 USERS = (("ada", "admin", None), ("sue", "supervisor", "acme"), ("vic", "viewer", "acme"),
          ("bea", "supervisor", "beta"))
@@ -101,11 +99,12 @@ def test_live_calls_in_the_browser_hang_up_scopes_and_roles(tmp_path, browser, r
     _tone(tmp_path / "tone.wav")
     (tmp_path / "support.toml").write_text(FLOW)
     _write_wav(tmp_path / "ask.wav", _speech("I want to talk to an agent"))
-    sip_port, web_port, metrics_port = free_port(), free_port(socket.SOCK_STREAM), free_port(socket.SOCK_STREAM)
     kamailio = Kamailio({"pbxline": "pbx-password", "mallory": "the-right-one"}, tmp_path)
     request.addfinalizer(kamailio.close)
     env = {**os.environ, "LIVE_PBX_PASSWORD": "pbx-password", "LIVE_REFUSED_PASSWORD": "wrong"}
-    cfg = serve_config(tmp_path, sip_port, metrics_port, tail=f"""
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    with panel_serve(tmp_path, f"""
 [[sip.accounts]]
 name = "pbx"
 user = "pbxline"
@@ -124,22 +123,11 @@ name = "beta"
 name = "support"
 tenant = "acme"
 flow = "support.toml"
-[web]
-listen = "127.0.0.1:{web_port}"
-""")
-    for name, role, tenant in USERS:
-        add_user(cfg, name, role, PW, tenant, env=env)
-    shots = tmp_path / "screenshots"
-    shots.mkdir()
-    proc = subprocess.Popen([*CALLBOT, "serve", "--engine", "echo", "--config", str(cfg)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    err = _Lines(proc.stderr, tmp_path / "serve.stderr")
-    clients: list[httpx.Client] = []
-    try:
-        err.wait_line("listening", 60)
-        base = f"http://127.0.0.1:{web_port}"
+""", PW, users=USERS, metrics=True, env=env, ready_s=60) as serve, contextlib.ExitStack() as clients:
+        proc, base, sip_port, metrics_port = serve.proc, serve.base, serve.sip_port, serve.metrics_port
         sue, vic, bea, ada = (_client(base, n) for n in ("sue", "vic", "bea", "ada"))
-        clients += [sue, vic, bea, ada]
+        for client in (sue, vic, bea, ada):
+            clients.callback(client.close)
         sue_stream, bea_stream = Stream(sue), Stream(bea)
         eventually(lambda: sue_stream.of("snapshot") and bea_stream.of("snapshot"), 10, "both streams' snapshots")
         assert sue_stream.status == 200 and sue_stream.of("snapshot")[0]["calls"] == []
@@ -229,10 +217,6 @@ listen = "127.0.0.1:{web_port}"
         proc.send_signal(signal.SIGTERM)
         assert sue_stream.ended.wait(20) and sue_stream.of("closed")
         assert proc.wait(30) == 0
-    finally:
-        for c in clients:
-            c.close()
-        stop_process(proc, 15, signal.SIGKILL)
 
 
 def test_the_models_words_and_step_times_in_the_browser(tmp_path, browser):  # noqa: F811
@@ -241,32 +225,17 @@ def test_the_models_words_and_step_times_in_the_browser(tmp_path, browser):  # n
     system page shows the model's settings and its measured step time for one call."""
     from selenium.webdriver.common.by import By
 
-    from tests.tiny_assets import write_tiny_model_for_serve
+    from tests.tiny_assets import tiny_model_toml, write_tiny_model_for_serve
 
     directory, arch = write_tiny_model_for_serve(tmp_path / "personaplex")
-    sip_port, web_port = free_port(), free_port(socket.SOCK_STREAM)
-    cfg = serve_config(tmp_path, sip_port, None, tail=f"""
-[model]
-path = "{directory}"
-architecture = "{arch}"
-quantization = "none"
-download = false
-[[bots]]
+    with panel_serve(tmp_path, tiny_model_toml(directory, arch) + """[[bots]]
 name = "tiny"
 voice = "NATM1"
 persona = "Talk."
 [recognizer]
 engine = "none"
-[web]
-listen = "127.0.0.1:{web_port}"
-""")
-    add_user(cfg, "ada", "admin", PW)
-    proc = subprocess.Popen([*CALLBOT, "serve", "--engine", "model", "--config", str(cfg)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    err = _Lines(proc.stderr, tmp_path / "serve.stderr")
-    try:
-        err.wait_line("listening", 120)
-        base = f"http://127.0.0.1:{web_port}"
+""", PW, engine="model", ready_s=120, stop_s=30, stop_sig=signal.SIGTERM) as serve:
+        base, sip_port = serve.base, serve.sip_port
         _sign_in(browser, base, "ada", PW)
         browser.get(base + "/live")
         with PjsuaPeer(user="caller", log_dir=tmp_path) as peer:
@@ -287,5 +256,3 @@ listen = "127.0.0.1:{web_port}"
             assert re.search(r"^1 \d+ [\d.]+ [\d.]+$", steps.splitlines()[1]), steps  # one call: frames, mean, max
             assert "1 / " in browser.find_element(By.ID, "slots").text
             browser.save_screenshot(str(tmp_path / "system-model.png"))
-    finally:
-        stop_process(proc, 30)

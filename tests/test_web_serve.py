@@ -4,20 +4,16 @@ the panel's list, its page with the flow path the call took, and its recording p
 chromium (the audio element's duration is the recording's)."""
 from __future__ import annotations
 
-import signal
-import socket
-import subprocess
-import sys
 import wave
 
 import pytest
 
-from tests.sip_peers import PjsuaPeer, _Lines, eventually, free_port, serve_config, stop_process
+from tests.sip_peers import PjsuaPeer, eventually
 from tests.test_store_calls import FLOW, _tone
-from tests.test_web import _sign_in, add_user, browser  # noqa: F401  (the browser fixture)
+from tests.test_web import _sign_in, browser  # noqa: F401  (the browser fixture)
+from tests.web_serve_harness import panel_serve
 
 pytestmark = pytest.mark.timeout(180)
-CALLBOT = [sys.executable, "-m", "callbot.app.cli"]
 PASSWORD = "serve-password-1"
 
 
@@ -26,23 +22,12 @@ def test_serve_shows_a_real_call_in_its_panel(tmp_path, browser):  # noqa: F811
 
     _tone(tmp_path / "tone.wav")
     (tmp_path / "support.toml").write_text(FLOW)
-    sip_port, web_port = free_port(), free_port(socket.SOCK_STREAM)
-    cfg = serve_config(tmp_path, sip_port, None, tail=f"""
+    with panel_serve(tmp_path, """
 [[bots]]
 name = "support"
 flow = "support.toml"
-[analytics]
-enabled = false
-[web]
-listen = "127.0.0.1:{web_port}"
-""")
-    add_user(cfg, "ada", "admin", PASSWORD)
-    proc = subprocess.Popen([*CALLBOT, "serve", "--engine", "echo", "--config", str(cfg)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    err = _Lines(proc.stderr, tmp_path / "serve.stderr")
-    try:
-        err.wait_line("listening", 30)
-        base = f"http://127.0.0.1:{web_port}"
+""", PASSWORD) as serve:
+        base, sip_port = serve.base, serve.sip_port
         with PjsuaPeer(user="bob", log_dir=tmp_path) as peer:
             call_id = peer.call(f"sip:echo@127.0.0.1:{sip_port}")
             peer.expect("media", call_id=call_id, timeout=15)
@@ -71,5 +56,3 @@ listen = "127.0.0.1:{web_port}"
             seconds = w.getnframes() / w.getframerate()
         assert abs(duration - seconds) < 0.05, (duration, seconds)
         browser.save_screenshot(str(tmp_path / "serve-call.png"))
-    finally:
-        stop_process(proc, 15, signal.SIGKILL)

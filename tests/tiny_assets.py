@@ -217,3 +217,17 @@ def write_tiny_model_for_serve(directory: pathlib.Path) -> tuple[pathlib.Path, p
     arch = directory / "architecture.json"
     arch.write_bytes(msgspec.json.encode({"lm": lm_cfg, "mimi": mimi_cfg}))
     return directory, arch
+
+
+def tiny_model_toml(directory: pathlib.Path, arch: pathlib.Path, process: bool | None = None) -> str:
+    """The [model] table of a `callbot serve` config that loads the folder of `write_tiny_model_for_serve`
+    through the real loader: its architecture file, no quantization, never a download; `process` says
+    whether the engine runs in the inference process (None: serve's default)."""
+    hosting = "" if process is None else f"process = {'true' if process else 'false'}\n"
+    return f"""
+[model]
+path = "{directory}"
+architecture = "{arch}"
+quantization = "none"
+download = false
+{hosting}"""
