@@ -19,6 +19,22 @@ def test_push_beyond_the_limit_drops_the_oldest_of_what_it_brings():
     assert audio.tx.readable == 480
 
 
+def test_a_played_clip_frame_goes_in_whole_and_the_next_push_is_held_to_the_limit_again():
+    """A round that caught up after a stall finds tx still full: the clip's frame is not cut (late by
+    what is queued rather than cut), the model's next frame is trimmed back to the limit."""
+    audio = CallAudio(8000, tx_max_ms=120.0)  # 960 samples at 8 kHz
+    audio.push(np.zeros(1920, dtype=np.int16))  # 640 queued
+    clip = np.arange(1, 641, dtype=np.int16)
+    assert audio.push(np.zeros(1920, dtype=np.int16), exact=clip) == 640
+    assert audio.tx_trimmed == 0 and audio.tx.readable == 1280  # over the limit, whole
+    audio.push(np.zeros(1920, dtype=np.int16))
+    assert audio.tx.readable == 1280 and audio.tx_trimmed == 640  # the limit drops what the push brings
+    sent = audio.tx.read(1280)
+    assert np.array_equal(sent[640:], clip)  # the clip, in one piece
+    audio.push(np.zeros(1920, dtype=np.int16))
+    assert audio.tx.readable == 640  # and the limit holds again
+
+
 def test_without_a_limit_everything_queues():
     audio = CallAudio(8000)
     audio.push(np.zeros(1920, dtype=np.int16))

@@ -215,7 +215,7 @@ class CallAudio:
         """Queues 24 kHz int16 audio for the caller; returns the call-rate samples accepted into tx.
 
         `exact`: call-rate int16 samples sent instead of what the frame resamples to (a clip the app
-        plays, sample for sample). The frame still goes through the resampler, so that its history
+        plays, sample for sample), never trimmed by the tx limit (TxPolicy.admit's `whole`). The frame still goes through the resampler, so that its history
         stays continuous for the frames after the clip. `skip`: call-rate samples dropped from the
         start of what goes to tx (counted in `tx_trimmed`): the part whose media ticks have passed."""
         frame = np.asarray(frame)
@@ -231,7 +231,7 @@ class CallAudio:
         if skip > 0:
             self._tx_policy.trimmed += min(skip, len(out))
             out = out[skip:]
-        out, backlog = self._tx_policy.admit(out, self.tx, self.departure_ns)
+        out, backlog = self._tx_policy.admit(out, self.tx, self.departure_ns, whole=exact is not None)
         # stamped before tx holds it: the media side cannot have read it any earlier
         self.last_push_ns = self._clock()
         written = self.tx.write(out) if len(out) else 0

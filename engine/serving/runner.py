@@ -737,7 +737,7 @@ class ModelEngine:
           round before its tick, does not need them to absorb a late step.
         What the caller loses is audio the tick had already replaced by silence, or one tick of the
         new frame in place of a delay for the rest of the call. (A frame of a played clip is sent
-        whole all the same: _after_step.)"""
+        whole all the same: _push_out.)"""
         audio = s.audio
         underruns = audio.underruns
         missed, s.underruns_seen = underruns - s.underruns_seen, underruns
@@ -788,9 +788,11 @@ class ModelEngine:
                 start = first
                 out, pieces = batch.step(pcm, active, agents)
                 end = now_ns()
-                for s, prep in stepped:
+                # every call's audio to tx first: the last call's does not wait for the others' events
+                sents = [self._push_out(s, prep, out[s.slot], end_tick) for s, prep in stepped]
+                for (s, prep), sent in zip(stepped, sents):
                     agents[s.slot] = None
-                    self._after_step(s, prep, out[s.slot], pieces[s.slot], start, end, end_tick)
+                    self._after_push(s, prep, out[s.slot], pieces[s.slot], start, end, sent)
             else:
                 for s, prep in stepped:
                     start = now_ns()
@@ -899,13 +901,14 @@ class ModelEngine:
 
     def _after_step(self, s: ModelCallSession, prep: "_Prepared", out: np.ndarray, piece: str | None, start: int,
                     end: int, end_tick: int = 0) -> None:
-        """Everything of a call's step after the model ran from `start` to `end` (ns): the audio to tx (a
-        played frame sent exact), the events, the persona reports, the stage stamps. `end_tick`: the
-        tick its round aimed to end before (0: none); a round that overran it drops the ticks it
-        missed from the front of the call's audio (_missed_samples)."""
-        row, t_ms, call_id = prep.row, prep.t_ms, s.start.call_id
-        row[_STEP_START], row[_DECODED] = start, end
-        row[_ENCODED], row[_LM_STEPPED] = s.session.last_encoded_ns, s.session.last_stepped_ns
+        """Everything of a call's step after the model ran from `start` to `end` (ns): its audio to tx
+        (_push_out), then the rest (_after_push)."""
+        self._after_push(s, prep, out, piece, start, end, self._push_out(s, prep, out, end_tick))
+
+    def _push_out(self, s: ModelCallSession, prep: "_Prepared", out: np.ndarray, end_tick: int) -> tuple | None:
+        """A step's audio to the call's tx (a played frame sent exact); returns the played frame it sent
+        (its `fed` tuple) or None. `end_tick`: the tick its round aimed to end before (0: none); a round
+        that overran it drops the ticks it missed from the front of the call's audio (_missed_samples)."""
         sent, s.in_flight = (s.in_flight if s.session.last_output_played else None), prep.fed
         exact = sent[1] if sent is not None else None  # in place of the decode of the played frame
         pcm16 = np.clip(np.rint(out * _INT16_SCALE), -32768, 32767).astype(np.int16)
@@ -915,7 +918,17 @@ class ModelEngine:
         if s.audio.push(pcm16, exact=exact, skip=skip):
             s.departing.append((prep.frame_no, s.audio.last_push_pos))
         # taken as the audio was handed to tx (before the media side could read it): ring_out <= rtp_out
-        row[_RING_OUT] = s.audio.last_push_ns
+        prep.row[_RING_OUT] = s.audio.last_push_ns
+        return sent
+
+    def _after_push(self, s: ModelCallSession, prep: "_Prepared", out: np.ndarray, piece: str | None, start: int,
+                    end: int, sent: tuple | None) -> None:
+        """The rest of a call's step once its audio is in tx: the events, the persona reports, the stage
+        stamps."""
+        row, t_ms, call_id = prep.row, prep.t_ms, s.start.call_id
+        row[_STEP_START], row[_DECODED] = start, end
+        row[_ENCODED], row[_LM_STEPPED] = s.session.last_encoded_ns, s.session.last_stepped_ns
+        exact = sent[1] if sent is not None else None
         s.steps += 1
         if end - start > FRAME_NS:
             s.steps_late += 1

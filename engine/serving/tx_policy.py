@@ -77,10 +77,16 @@ class TxPolicy:
         # known)]
         self._recent: deque = deque(maxlen=settle_pushes or 1)
 
-    def admit(self, out: np.ndarray, tx: Ring, departure_ns: Callable[[int], int]) -> tuple[np.ndarray, int]:
+    def admit(self, out: np.ndarray, tx: Ring, departure_ns: Callable[[int], int],
+              whole: bool = False) -> tuple[np.ndarray, int]:
         """(what of `out`, call-rate samples about to enter `tx`, may go in; the backlog it found).
-        `departure_ns` is CallAudio's: when the media side read a tx position."""
+        `departure_ns` is CallAudio's: when the media side read a tx position. `whole`: `out` is a
+        frame of a clip the app plays, which reaches the caller whole, late rather than cut (a round
+        that caught up after a stall would otherwise cut the clip); the next push that is not whole is
+        held to the limit again, so the delay does not stay."""
         backlog = tx.readable  # a snapshot: the media side only lowers it
+        if whole:
+            return out, backlog
         if self.settle_pushes is not None and len(out):
             drop = min(self._settle_cut(backlog, departure_ns), len(out))
             if drop:
