@@ -215,8 +215,9 @@ class CallAudio:
         """Queues 24 kHz int16 audio for the caller; returns the call-rate samples accepted into tx.
 
         `exact`: call-rate int16 samples sent instead of what the frame resamples to (a clip the app
-        plays, sample for sample), never trimmed by the tx limit (TxPolicy.admit's `whole`). The frame still goes through the resampler, so that its history
-        stays continuous for the frames after the clip. `skip`: call-rate samples dropped from the
+        plays, sample for sample), never trimmed by the tx limit (TxPolicy.admit's `whole`). The frame
+        still goes through the resampler, so that its history stays continuous for the frames after
+        the clip. `skip`: call-rate samples dropped from the
         start of what goes to tx (counted in `tx_trimmed`): the part whose media ticks have passed."""
         frame = np.asarray(frame)
         if frame.dtype != np.int16 or frame.ndim != 1:
