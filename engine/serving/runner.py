@@ -567,11 +567,10 @@ class ModelEngine:
             if s.waiting is not None:  # due, its round planned for later (or to be taken at the next poll)
                 due = self._next_round_ns or now
             elif s.frame_tick_ns or s.next_deadline_ns:
-                # its next frame completes one frame after its last (the tick grid, else the step's grid);
+                # its next frame completes one frame after its last (the tick grid, else the step's grid),
+                # or, frames stepped since the tick was noted, at the grid point in the last frame before now;
                 # a frame past that is late or not coming: the watchdog feeds silence at deadline + grace
-                due = (s.frame_tick_ns or (s.next_deadline_ns - FRAME_NS)) + FRAME_NS
-                if due <= now - FRAME_NS:  # frames stepped since the tick was noted: the grid point before now
-                    due += (now - due) // FRAME_NS * FRAME_NS
+                due = expected_arrival_ns(s.frame_tick_ns or (s.next_deadline_ns - FRAME_NS), now, span_ns=FRAME_NS)
                 if due <= now:
                     due = max(now, s.next_deadline_ns + self.grace_ns) if s.next_deadline_ns else now
             else:
