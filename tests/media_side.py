@@ -37,3 +37,16 @@ def play_media_side(audio, frames: int, stop: threading.Event, received: list, p
             out[:have] = audio.tx.read(have)
             audio.tx_stamps.note(have)
         received.append(out)
+
+
+def play_through(audio, frames: int, pause_after: int | None = None, pause_frames: int = 0,
+                 marks: dict | None = None, timeout_s: float = 30.0) -> list:
+    """`play_media_side` for all its `frames`, on a thread of its own as pjmedia's clock thread is, and
+    waited for (at most `timeout_s`); returns what it read out of tx, a frame per tick."""
+    stop, received = threading.Event(), []
+    media = threading.Thread(target=play_media_side, args=(audio, frames, stop, received, pause_after,
+                                                           pause_frames, marks))
+    media.start()
+    media.join(timeout_s)
+    stop.set()
+    return received

@@ -17,7 +17,7 @@ from callbot.engine.serving.inference_process import InferenceProcess, Inference
 from callbot.app.model_setup import prepare_model
 from callbot.engine.contract import CallStart
 from callbot.app.settings import BotSettings, ModelSettings, Settings
-from tests.media_side import play_media_side
+from tests.media_side import play_media_side, play_through
 from tests.tiny_assets import write_tiny_model_for_serve
 
 pytestmark = pytest.mark.timeout(180)
@@ -99,10 +99,7 @@ def test_the_media_sides_stamps_give_each_frame_its_arrival_and_departure(settin
     engine = _start(settings)
     try:
         s = engine.open_session(_Call("c4", 16000))
-        stop, received = threading.Event(), []
-        media = threading.Thread(target=play_media_side, args=(s.audio, 50, stop, received))
-        media.start()
-        media.join(30)
+        play_through(s.audio, 50)
         engine.close_session(s)
     finally:
         engine.close()

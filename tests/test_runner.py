@@ -13,7 +13,7 @@ from callbot.engine import Model
 from callbot.engine.contract import CallStart
 from callbot.engine.serving.frame_stats import FrameStats
 from callbot.engine.serving.runner import FRAME_NS, STAGES, BotPrompt, ModelEngine
-from tests.media_side import play_media_side
+from tests.media_side import play_through
 from tests.tiny_assets import tiny_model_configs, write_tiny_model_dir
 
 pytestmark = pytest.mark.timeout(120)
@@ -51,10 +51,7 @@ def test_runner_steps_a_call_from_its_rings(model, prompt, rate):
     engine = ModelEngine(model, lambda call: prompt, realtime=False, on_closed=closed.append)
     try:
         s = engine.open_session(_Call("c1", rate))
-        stop, received = threading.Event(), []
-        media = threading.Thread(target=play_media_side, args=(s.audio, 50, stop, received))
-        media.start()
-        media.join(30)
+        received = play_through(s.audio, 50)
         _wait(engine, lambda: s.steps >= 10)  # 50 frames of 20 ms = 12.5 model frames, minus what is still in flight
         engine.close_session(s)
         # under load a frame may be fed as silence or dropped; what matters is that it is counted
@@ -90,11 +87,9 @@ def test_watchdog_feeds_silence_when_the_caller_stalls(model, prompt):
     engine = ModelEngine(model, lambda call: prompt, realtime=False)
     try:
         s = engine.open_session(_Call("c2", 16000))
-        stop, received, marks = threading.Event(), [], {}
+        marks = {}
         # 40 frames (0.8 s), of which frames 10..29 (400 ms) bring no audio: a hold
-        media = threading.Thread(target=play_media_side, args=(s.audio, 40, stop, received, 10, 20, marks))
-        media.start()
-        media.join(30)
+        play_through(s.audio, 40, pause_after=10, pause_frames=20, marks=marks)
         engine.close_session(s)  # at once: silence after the caller's last frame is not the hold's
     finally:
         engine.close()
@@ -160,10 +155,7 @@ def test_the_watch_finds_frames_before_the_coarse_poll(model, prompt):
     engine = ModelEngine(model, lambda start: prompt, realtime=False)
     try:
         s = engine.open_session(_Call("watched", 16000))
-        stop, received = threading.Event(), []
-        media = threading.Thread(target=play_media_side, args=(s.audio, 60, stop, received))
-        media.start()
-        media.join(30)
+        play_through(s.audio, 60)
         _wait(engine, lambda: s.steps >= 12)
         engine.close_session(s)
     finally:
