@@ -29,6 +29,8 @@ enqueues).
 
 from __future__ import annotations
 
+import sys
+
 from typing import Annotated, Callable, Literal, Protocol, Union, runtime_checkable
 
 import msgspec
@@ -337,6 +339,22 @@ class BotPreparer(Protocol):
         """Queue `request`; `done` gets its BotPrepared on one of the engine's threads (it must only
         record or enqueue). Returns at once."""
         ...
+
+
+def answer_prepared(done: Callable[[BotPrepared], None] | None, result: BotPrepared,
+                    say: Callable[[str], None] | None = None) -> None:
+    """Gives a PrepareBot's answer to whoever asked (`done`; None: nobody did). Their failure is said in
+    one line (`say`, default stderr), never raised into the engine's thread that answers."""
+    if done is None:
+        return
+    try:
+        done(result)
+    except Exception as err:
+        line = f"bot {result.name}: the answer to its preparation was not taken: {err!r}"
+        if say is not None:
+            say(line)
+        else:
+            print(f"callbot: {line}", file=sys.stderr, flush=True)
 
 
 def _check_clip(pcm: bytes, rate: int) -> None:

@@ -259,3 +259,25 @@ def test_through_a_model_service_process_for_a_worker(settings):
             f.unlink()
         os.rmdir(directory)
     assert not answers(client, request()).ok  # closed: answered at once
+
+
+def test_an_answer_nobody_can_take_is_said_in_one_line_and_never_raised(capsys):
+    """answer_prepared, how every hosting gives a BotPrepared back: a `done` that fails costs the engine
+    nothing but a line (stderr, or the hosting's own `say`)."""
+    from callbot.engine.contract import answer_prepared
+
+    result = BotPrepared(name="a", ok=True)
+
+    def broken(_):
+        raise RuntimeError("queue closed")
+
+    got: list = []
+    answer_prepared(got.append, result)
+    answer_prepared(None, result)  # nobody asked
+    answer_prepared(broken, result)
+    said: list = []
+    answer_prepared(broken, result, say=said.append)
+    assert got == [result]
+    assert capsys.readouterr().err == ("callbot: bot a: the answer to its preparation was not taken: "
+                                       "RuntimeError('queue closed')\n")
+    assert said == ["bot a: the answer to its preparation was not taken: RuntimeError('queue closed')"]

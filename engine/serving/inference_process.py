@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import msgspec
 
-from callbot.engine.contract import BotPrepared, CallStart, CallSummary, Control, EventSink, PrepareBot
+from callbot.engine.contract import (BotPrepared, CallStart, CallSummary, Control, EventSink, PrepareBot,
+                                     answer_prepared)
 from callbot.engine.serving import process_messages as pm
 from callbot.engine.serving.call_audio import RING_SECONDS, CallAudio
 from callbot.engine.serving.frame_stats import FrameStats
@@ -201,12 +202,7 @@ class InferenceProcess:
             name, done = self._preparing.pop(req)
         if not result.name:
             result = msgspec.structs.replace(result, name=name)
-        if done is not None:
-            try:
-                done(result)
-            except Exception as err:
-                print(f"callbot: bot {result.name}: the answer to its preparation was not taken: {err!r}",
-                      file=sys.stderr, flush=True)
+        answer_prepared(done, result)
 
     def close_session(self, s: ProcessCallSession) -> CallSummary | None:
         with self._lock:

@@ -90,7 +90,8 @@ from callbot.engine.serving.round_schedule import (MARGIN_NS, SAME_TICK_NS, TICK
 from callbot.engine.contract import (ENGINE_RATE, BotSpeech, BotText, CallerSpeech, CallStart, CallSummary, Control,
                                      ControlNotSupported, EventSink, FrameStages, Inform, InformFinished, LiveEvent,
                                      HoldBot, MuteCaller, PersonaChanged, Play, PlayFinished, SessionClosed,
-                                     SetPersona, StopPlay, TextPiece, BotPrepared, PrepareBot)
+                                     SetPersona, StopPlay, TextPiece, BotPrepared, PrepareBot,
+                                     answer_prepared)
 from callbot.engine.serving.clips import Clip, cut_clips
 from callbot.engine.serving.frame_stats import STAGES, STATS_FRAMES, FrameStats
 from callbot.engine.serving.speech_activity import SpeechActivity
@@ -413,8 +414,8 @@ class ModelEngine:
         if self._stop.is_set() or self.error is not None:
             raise RuntimeError("the model engine is closed")
         if not self.prepares_bots:
-            _answer(done, BotPrepared(name=request.name, ok=False,
-                                      error="this engine's bots are fixed: restart to prepare them again"))
+            answer_prepared(done, BotPrepared(name=request.name, ok=False,
+                                              error="this engine's bots are fixed: restart to prepare them again"))
             return
         self._to_prepare.append((request, done))
 
@@ -501,20 +502,22 @@ class ModelEngine:
         try:
             prompt = self._prepared_prompt(request, clock)
         except _Stopping:
-            _answer(done, BotPrepared(name=request.name, ok=False, error="the engine closed before it was ready"))
+            answer_prepared(done, BotPrepared(name=request.name, ok=False,
+                                              error="the engine closed before it was ready"))
             raise
         except Exception as err:  # a bad voice, a persona too long for the context, a broken file: this bot only
             if self._round_failure is not None:  # a round run between two prompt frames failed: as in _run
-                _answer(done, BotPrepared(name=request.name, ok=False, error="the engine failed"))
+                answer_prepared(done, BotPrepared(name=request.name, ok=False, error="the engine failed"))
                 raise self._round_failure
             text = str(err).strip().splitlines()
-            _answer(done, BotPrepared(name=request.name, ok=False, error=text[0] if text else type(err).__name__,
-                                      seconds=time.perf_counter() - started))
+            answer_prepared(done, BotPrepared(name=request.name, ok=False,
+                                              error=text[0] if text else type(err).__name__,
+                                              seconds=time.perf_counter() - started))
             return
         finally:
             self._prompt_frame_start = 0
         self.prompt_for.replace(request.name, prompt)
-        _answer(done, BotPrepared(name=request.name, ok=True, seconds=time.perf_counter() - started))
+        answer_prepared(done, BotPrepared(name=request.name, ok=True, seconds=time.perf_counter() - started))
 
     def _prepared_prompt(self, request: PrepareBot, clock: PeriodicClock) -> BotPrompt:
         prompts = self.prompt_for
@@ -985,13 +988,3 @@ class _Prepared(NamedTuple):
     agent: np.ndarray | None  # float32 [1920] forced into its agent stream, or None
     fed: tuple | None  # (clip or None, call-rate frame, its last) sent to the caller next step
 
-
-def _answer(done: Callable[[BotPrepared], None] | None, result: BotPrepared) -> None:
-    """A PrepareBot's answer to whoever asked; their failure is said, never the engine's."""
-    if done is None:
-        return
-    try:
-        done(result)
-    except Exception as err:
-        print(f"callbot: bot {result.name}: the answer to its preparation was not taken: {err!r}", file=sys.stderr,
-              flush=True)

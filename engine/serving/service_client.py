@@ -45,7 +45,8 @@ from typing import Callable
 
 import msgspec
 
-from callbot.engine.contract import BotPrepared, CallStart, CallSummary, Control, EventSink, PrepareBot
+from callbot.engine.contract import (BotPrepared, CallStart, CallSummary, Control, EventSink, PrepareBot,
+                                     answer_prepared)
 from callbot.engine.serving import process_messages as pm
 from callbot.engine.serving import service_messages as sm
 from callbot.engine.serving.call_audio import RING_SECONDS, CallAudio
@@ -249,12 +250,8 @@ class ServiceEngine:
     def _prepared(self, req: int, result: BotPrepared) -> None:
         with self._lock:
             entry = self._preparing.pop(req, None)
-        if entry is None or entry[2] is None:
-            return
-        try:
-            entry[2](result)
-        except Exception as err:
-            _log(self.path, f"bot {result.name}: the answer to its preparation was not taken: {err!r}")
+        if entry is not None:
+            answer_prepared(entry[2], result, say=lambda line: _log(self.path, line))
 
     # ---- CallEngine (the SIP side's threads) ------------------------------------------------------------
 
