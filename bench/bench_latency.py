@@ -16,16 +16,17 @@ buffer on the far side. Cases (BENCHMARKS.md, "## Latency (mouth-to-ear)"):
            splitting the round trip into inbound (peer -> engine) and outbound (engine -> peer).
 - `ws`:    the path this product replaces, Twilio Media Streams' shape: JSON messages with base64 mu-law
            8 kHz, 20 ms each, over a WebSocket on loopback served with uvloop, into the same EchoEngine.
-- `model`: the tiny model (same code as the 7B) behind the ModelEngine runner (kinds: in a child
+- `model`: the tiny model (same code as the 7B) behind the ModelEngine runner (KINDS: in a child
            process as serve runs it, in a thread, the runner before its rounds met the tick, and
-           "steady": each step padded to a fixed length, the schedule without this CPU's spread). Its audio is replaced,
-           after each real step, by a marker click at the first sample of the output frame computed from
-           the input frame holding the peer's click: the first output that could depend on it. Stages come
-           from the runner's FrameStats (ready, step start, step end, pushed); "own" there is the marker's
-           time minus the loop's, the frame fill (click to frame end) and the step, plus the 20 ms of
-           packetization that the loop's copy carries and the marker's carries inside the fill.
+           "steady": each step padded to a fixed length, the schedule without this CPU's spread). Its
+           audio is replaced, after each real step, by a marker click at the first sample of the output
+           frame computed from the input frame holding the peer's click: the first output that could
+           depend on it. Stages come from the runner's FrameStats (ready, step start, step end,
+           pushed); "own" there is the marker's time minus the loop's, the frame fill (click to frame
+           end) and the step, plus the 20 ms of packetization that the loop's copy carries and the
+           marker's carries inside the fill.
 
-Run (about 2.5 min):
+Run (about 3.5 min):
     python -m pytest bench/bench_latency.py -p no:cacheprovider -q -s
     CALLBOT_BENCH_CLICKS=300 CALLBOT_BENCH_MODEL_CLICKS=100 ...   more clicks (default 80 echo, 40 model)
     CALLBOT_BENCH_MODEL=/path/to/personaplex-7b-v1 CALLBOT_BENCH_QUANT=q4 ...   the real weights (Mac)
@@ -51,6 +52,7 @@ MODEL_CLICKS = int(L.env_float("CALLBOT_BENCH_MODEL_CLICKS", 40))
 # marker seen under load (460 ms), so that no marker lands in the next click's window
 MODEL_INTERVAL_MS = 610.0
 CODECS = ("PCMU", "G722")
+KINDS = ("process", "thread", "baseline", "steady")  # the model's hostings measured (the docstring)
 PTIME_MS = 20.0
 # the "steady" case's step: longer than the tiny model's slowest here (p99 21-34 ms on the loaded CI
 # machine), so that the pad, not the CPU, sets its length
@@ -180,7 +182,7 @@ def model_call(source, codec: str, clicks: int, interval_ms: float, kind: str, t
     return peer, marks, closed[0] if closed else None, stats
 
 
-@pytest.mark.parametrize("kind", ["process", "thread", "baseline", "steady"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("codec", CODECS)
 def test_model(benchmark, model_source, codec, kind, tmp_path):
     label = model_source[2]
@@ -310,7 +312,7 @@ def test_report(capsys):
     where = {"process": "a child process (as serve runs it)", "thread": "a thread of the SIP process",
              "baseline": "a thread, BASELINE: rounds at once, linear-phase resamplers",
              "steady": f"a thread, every step padded to a steady {STEADY_STEP_MS:g} ms"}
-    for codec, kind in ((c, k) for k in ("process", "thread", "baseline", "steady") for c in CODECS):
+    for codec, kind in ((c, k) for k in KINDS for c in CODECS):
         m = RESULTS.get(("model", codec, kind))
         if not m:
             continue
