@@ -71,6 +71,7 @@ TCP_CONNECTIONS_PER_SOURCE = 64
 # unanswered in a row take it out, one answer brings it back
 PING_INTERVAL_S = 1
 PING_FAILURES = 2
+DIALOG_ANSWERED = ("3", "4")  # kamailio's dialog states: confirmed without ACK, confirmed
 PING_TIMEOUT_S = 5  # tm's fr_timer in a dispatching edge: a request with no answer at all fails after this
 DISPATCH_SET = 1  # the dispatcher's set (group) of serve destinations
 DRAIN_RETRY_AFTER_S = 30  # what a caller refused during a drain is told (this edge is going away)
@@ -1213,6 +1214,49 @@ class Edge:
             f"callbot: {calls} calls still in progress after {limit_s:g} s: they are hung up")
         return calls
 
+    def hang_up_leftovers(self, say: Callable[[str], None], wait_s: float = PING_TIMEOUT_S + 1.0) -> int:
+        """After what served the calls has stopped, before kamailio does: any answered call still passing
+        through the edge (a worker killed before its BYE, a BYE lost) is ended by the edge itself (kamailio's
+        dlg.end_dlg: a BYE to both sides); then up to `wait_s` until the dialog module holds no dialog, so
+        that the BYEs in flight, ours and serve's, get their answers (tm retransmits until then: stopped
+        sooner, a BYE lost on the way is never sent again and that caller hears silence). The calls ended
+        here."""
+        try:
+            left = [(entry, ident) for entry, ident, state in self._dialogs() if state in DIALOG_ANSWERED]
+            for entry, ident in left:
+                with contextlib.suppress(RuntimeError):  # one that ended meanwhile
+                    self.rpc("dlg.end_dlg", entry, ident)
+        except (RuntimeError, OSError, subprocess.SubprocessError) as err:
+            say(f"callbot: the edge could not hang up the calls left ({err})")
+            return 0
+        if left:
+            say(f"callbot: {len(left)} calls left at the edge after their server stopped: hung up by the edge")
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            try:
+                if not self._dialogs():
+                    break
+            except (RuntimeError, OSError, subprocess.SubprocessError):
+                break
+            time.sleep(0.1)
+        return len(left)
+
+    def _dialogs(self) -> list[tuple[str, str, str]]:
+        """(h_entry, h_id, state) of each dialog the dialog module holds, in any state."""
+        found: list[tuple[str, str, str]] = []
+        entry = ident = None
+        for line in self.rpc("dlg.list").splitlines():
+            key, _, value = line.strip().partition(":")
+            key, value = key.strip(), value.strip()
+            if key == "h_entry":
+                entry, ident = value, None
+            elif key == "h_id":
+                ident = value
+            elif key == "state" and entry is not None and ident is not None:
+                found.append((entry, ident, value))
+                entry = ident = None
+        return found
+
     def active_calls(self) -> int:
         """The calls passing through the edge now, ringing or answered (the dialog module's count)."""
         for line in self.rpc("dlg.stats_active").splitlines():
@@ -1336,13 +1380,16 @@ def run_edge(settings: Settings, *, source: str, print_only: bool = False, check
             edge.drain_calls(settings.edge.drain_s, lambda: sig.count >= 2, lambda line: print(line, file=sys.stderr,
                                                                                                  flush=True),
                              wake=sig.wake)
+            edge.hang_up_leftovers(lambda line: print(line, file=sys.stderr, flush=True))  # past drain_s
         finally:
             edge.stop()
     return 0
 
 
 def serve_with_edge(settings: Settings, engine_kind: str, *, source: str = "callbot's config") -> int:
-    """`callbot serve --edge`: serve on loopback, then kamailio in front of it; kamailio stops first."""
+    """`callbot serve --edge`: serve on loopback, then kamailio in front of it. At the stop the edge refuses
+    new calls first, serve hangs up its calls through it, the edge hangs up any it still holds, and then
+    kamailio stops (stopped first, serve's BYEs would have no way to the callers)."""
     from callbot.app.serve import EXIT_SERVER_FAILURE, ServerFailure, running_server, stop_on_signals
 
     settings = serve_settings(settings)
@@ -1367,11 +1414,29 @@ def serve_with_edge(settings: Settings, engine_kind: str, *, source: str = "call
             except ServerFailure as err:
                 print(f"callbot: error: {err}; shutting down", file=sys.stderr, flush=True)
                 return EXIT_SERVER_FAILURE
+            finally:
+                if not died:
+                    _hang_up_through(edge, server.endpoint)
             if died:  # kamailio runs in its own session: no signal of ours stopped it
                 print(f"callbot: error: kamailio (the edge) exited with status {died[0]}; shutting down",
                       file=sys.stderr, flush=True)
                 return EXIT_SERVER_FAILURE
     return 0
+
+
+def _hang_up_through(edge: Edge, endpoint) -> None:
+    """serve's calls hung up while its edge still relays their BYEs: new calls refused (503), the endpoint
+    stopped (its BYEs), then whatever the edge still holds ended by the edge."""
+    say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    try:
+        edge.drain()
+    except (RuntimeError, OSError, subprocess.SubprocessError) as err:
+        say(f"callbot: the edge could not refuse new calls ({err})")
+    try:
+        endpoint.stop()
+    except (RuntimeError, TimeoutError) as err:
+        say(f"callbot: the SIP endpoint did not stop cleanly: {err}")
+    edge.hang_up_leftovers(say)
 
 
 def call_with_edge(settings: Settings, engine_kind: str, uri: str, *, account: str | None, bot: str | None,

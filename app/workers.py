@@ -301,6 +301,8 @@ class Supervisor:
                 if self.service is not None:
                     self._stop_child(self.service)
                 if self.edge is not None:
+                    if self.edge.proc is not None and self.edge.proc.poll() is None:
+                        self.edge.hang_up_leftovers(self._say)
                     self.edge.stop()
                 self._remove_tmp()
 

@@ -6,7 +6,10 @@ purpose), a silence, a second sentence - and hangs up.
 What was placed is known without the analysis: the bot channel of the recording is the prompts as sent
 (clean TTS, digital silence between), whose speech is read off by energy; the caller's channel is the
 scripted recording after G.722 and the jitter buffer, found in the call by cross-correlation, so its
-placed speech is known in call time. The analysis (Silero VAD on both legs) must find every segment
+placed speech is known in call time. Each edge is found on its own (the piece of the script around it,
+searched near where the whole script lies): a jitter buffer that runs dry once under a loaded machine
+moves what follows by a frame or two, which lowers one correlation over the whole script (0.54 seen in
+CI) without moving any edge by more than that. The analysis (Silero VAD on both legs) must find every segment
 within 50 ms of those edges, and its metrics must equal the metrics of the placed segments
 (analytics.metrics.compute_metrics, tested by hand-worked values in test_analytics_metrics.py)."""
 from __future__ import annotations
@@ -29,6 +32,8 @@ from tests.test_flows_speech import _speech, example_line, human  # noqa: F401 -
 pytestmark = pytest.mark.timeout(240)
 RATE = 16000
 EDGE_MS = 50.0
+PIECE_MS = 400.0   # the script around one edge: 100 ms on the silent side, 300 ms on the speech side
+SEARCH_MS = 300.0  # how far from the whole script's place an edge may have moved
 
 
 def _script() -> tuple[np.ndarray, list[tuple[float, float]]]:
@@ -45,15 +50,46 @@ def _script() -> tuple[np.ndarray, list[tuple[float, float]]]:
     return pcm, spans
 
 
-def _offset_ms(heard: np.ndarray, sent: np.ndarray) -> tuple[float, float]:
-    """Where `sent` starts in `heard` (ms) and the normalised correlation there (FFT cross-correlation)."""
+def _offset_ms(heard: np.ndarray, sent: np.ndarray) -> float:
+    """Where `sent` starts in `heard` (ms), roughly: the peak of the FFT cross-correlation."""
     n = 1 << int(np.ceil(np.log2(len(heard) + len(sent))))
     h, s = heard.astype(np.float64), sent.astype(np.float64)
     xc = np.fft.irfft(np.fft.rfft(h, n) * np.conj(np.fft.rfft(s, n)), n)[:len(heard)]
-    lag = int(np.argmax(xc))
-    part = h[lag:lag + len(s)]
-    corr = float(xc[lag] / (np.linalg.norm(part) * np.linalg.norm(s[:len(part)]) + 1e-9))
-    return lag * 1000.0 / RATE, corr
+    return int(np.argmax(xc)) * 1000.0 / RATE
+
+
+def _find(heard: np.ndarray, piece: np.ndarray, near_ms: float, reach_ms: float = SEARCH_MS) -> tuple[float, float]:
+    """Where `piece` starts in `heard` within reach_ms of near_ms, and the normalised correlation there."""
+    h, p = heard.astype(np.float64), piece.astype(np.float64)
+    lo = max(0, int((near_ms - reach_ms) * RATE / 1000))
+    hi = min(len(h) - len(p), int((near_ms + reach_ms) * RATE / 1000))
+    assert hi > lo, ("the piece lies outside the recording", near_ms)
+    region = h[lo:hi + len(p)]
+    dots = np.correlate(region, p, mode="valid")
+    energy = np.concatenate(([0.0], np.cumsum(region ** 2)))
+    norms = np.sqrt(energy[len(p):] - energy[:-len(p)]) * np.linalg.norm(p) + 1e-9
+    corr = dots / norms
+    best = int(np.argmax(corr))
+    return (lo + best) * 1000.0 / RATE, float(corr[best])
+
+
+def _placed_edges(heard: np.ndarray, script: np.ndarray, spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Each placed span's edges in call time: the script's PIECE_MS around each edge found near where
+    the whole script lies, each well correlated."""
+    offset = _offset_ms(heard, script)
+    before, after = int(0.1 * RATE), int((PIECE_MS / 1000 - 0.1) * RATE)
+    placed = []
+    for a, b in spans:
+        edges = []
+        for edge_ms, (pre, post) in ((a, (before, after)), (b, (after, before))):
+            i = int(edge_ms * RATE / 1000)
+            piece = script[max(0, i - pre):i + post]
+            start_ms = max(0, i - pre) * 1000.0 / RATE
+            at, corr = _find(heard, piece, offset + start_ms)
+            assert corr > 0.8, f"the script around {edge_ms:.0f} ms is not in the recording (correlation {corr:.2f})"
+            edges.append(at + edge_ms - start_ms)
+        placed.append((edges[0], edges[1]))
+    return placed
 
 
 def _close(found: list[Segment], placed: list[tuple[float, float]], leg: str) -> None:
@@ -89,9 +125,7 @@ def test_every_metric_of_a_real_call_equals_the_value_placed(example_line, human
     duration_ms = len(stereo) * 1000.0 / RATE
 
     # what was placed, in call time
-    offset, corr = _offset_ms(caller_leg, script)
-    assert corr > 0.8, f"the caller's script is not in the recording as played (correlation {corr:.2f})"
-    caller_placed = [(a + offset, b + offset) for a, b in script_spans]
+    caller_placed = _placed_edges(caller_leg, script, script_spans)
     bot_placed = speech_spans(bot_leg)
     assert len(bot_placed) >= 3 and caller_placed[0][0] < bot_placed[0][1]  # the overlap is there
 

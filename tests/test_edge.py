@@ -451,6 +451,29 @@ def test_call_through_the_edge_connects_and_has_audio(tmp_path):
 
 
 @needs_kamailio
+def test_serve_stopped_hangs_up_its_calls_through_its_edge(tmp_path):
+    """`callbot serve --edge` stopped (SIGTERM) with a call up: serve's BYE reaches the caller through the
+    edge (kamailio stops after serve's calls have ended, not before: its Record-Route is their only way)."""
+    sip_port, edge_port = free_port(), free_port()
+    cfg = serve_config(tmp_path, sip_port,
+                       tail=f'[edge]\naddress = "127.0.0.1"\nport = {edge_port}\nrun_dir = "edge"\n')
+    proc = _serve_edge(cfg, tmp_path / "serve.log")
+    try:
+        kamailio = _edge_pid(tmp_path / "edge")
+        with PjsuaPeer(user="alice", log_dir=tmp_path) as peer:
+            call_id = peer.call(f"sip:echo@{LOCALHOST}:{edge_port}")
+            peer.expect("media", call_id=call_id, timeout=15)
+            proc.send_signal(signal.SIGTERM)
+            assert peer.expect("disconnected", call_id=call_id, timeout=15)["code"] == 200
+        assert stop_process(proc, 30) == 0
+        assert _gone(kamailio), "kamailio outlived serve"
+    finally:
+        stop_process(proc, 10, signal.SIGKILL)
+    [ended] = [e for e in _log_events(proc) if e["event"] == "CallEnded"]
+    assert ended["cause"] == "shutdown", ended  # serve's own hang-up, not the edge's
+
+
+@needs_kamailio
 @pytest.mark.timeout(200)
 def test_a_call_whose_serve_stopped_dead_is_hung_up_by_the_edge(tmp_path):
     """[edge] dialog_keepalive_s: a stopped serve (SIGSTOP: a hung process, or a machine gone) can send no

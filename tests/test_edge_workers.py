@@ -426,6 +426,38 @@ def test_callbot_edge_with_nodes_spreads_calls_and_skips_a_node_that_is_down(tmp
             node.close()
 
 
+def test_a_call_whose_node_died_is_hung_up_by_the_edge_when_it_stops(tmp_path):
+    """A node killed mid-call (SIGKILL: no BYE) leaves its caller's call at `callbot edge`. Stopped
+    (SIGTERM, drain_s 1 s), the edge ends that call itself with a BYE before kamailio goes: the caller is
+    hung up then, not left in silence (the dialog keep-alive, 30 s or more, dies with kamailio)."""
+    port, edge_port = free_port(), free_port()
+    node = Serve(tmp_path / "a", port)
+    kamailio = None
+    try:
+        node.err.wait_line("listening", 60)
+        cfg = tmp_path / "edge.toml"
+        cfg.write_text(f'[edge]\naddress = "127.0.0.1"\nport = {edge_port}\nrun_dir = "edge"\ndrain_s = 1\n'
+                       f'trusted_sources = ["127.0.0.0/8"]\nnodes = ["127.0.0.1:{port}"]\n')
+        kamailio = subprocess.Popen([*CALLBOT, "edge", "--config", str(cfg)], stderr=subprocess.PIPE, text=True)
+        kamailio_err = _Lines(kamailio.stderr, tmp_path / "edge.log")
+        kamailio_err.wait_line("edge: kamailio on", 30)
+        with PjsuaPeer(user="a", log_dir=tmp_path) as a:
+            cid = a.call(f"sip:echo@{LOCALHOST}:{edge_port}")
+            a.expect("media", call_id=cid, timeout=20)
+            node.proc.kill()
+            node.proc.wait(10)
+            kamailio.send_signal(signal.SIGTERM)
+            kamailio_err.wait_line("callbot: 1 calls still in progress after 1 s", 15)
+            assert a.expect("disconnected", call_id=cid, timeout=15)["code"] == 200  # the edge's BYE
+        kamailio_err.wait_line("callbot: 1 calls left at the edge after their server stopped: hung up by the edge", 5)
+        assert kamailio.wait(20) == 0
+        assert _kamailio_gone(tmp_path / "edge")
+    finally:
+        if kamailio is not None:
+            stop_process(kamailio, 10, signal.SIGKILL)
+        node.close()
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     from tests.tiny_assets import write_tiny_model_for_serve
