@@ -9,14 +9,15 @@ cimport numpy as cnp
 from libc.stdint cimport int16_t
 
 from includes.resampler cimport (
-    rs_create, rs_destroy, rs_flush_count, rs_flush_f32, rs_flush_s16, rs_output_count, rs_process_f32,
-    rs_process_s16, rs_reset, rs_t,
+    rs_create, rs_destroy, rs_f32_to_s16, rs_flush_count, rs_flush_f32, rs_flush_s16, rs_output_count,
+    rs_process_f32, rs_process_s16, rs_reset, rs_s16_to_f32, rs_t,
 )
 
 cnp.import_array()
 
 ERR_OUT_TOO_SMALL = "output buffer holds {have} samples, this call writes {need}"
 ERR_ARRAY = "{name} must be a 1-D C-contiguous {dtype} numpy array"
+ERR_LENGTHS = "out holds {m} samples, x has {n}: they must match"
 
 
 cdef inline void _check(object a, int typenum, bint writable, str name) except *:
@@ -28,6 +29,35 @@ cdef inline void _check(object a, int typenum, bint writable, str name) except *
         or (writable and not cnp.PyArray_ISWRITEABLE(a))
     ):
         raise ValueError(ERR_ARRAY.format(name=name, dtype="float32" if typenum == cnp.NPY_FLOAT32 else "int16"))
+
+
+cdef inline void _same_length(object x, object out) except *:
+    if cnp.PyArray_DIM(out, 0) != cnp.PyArray_DIM(x, 0):
+        raise ValueError(ERR_LENGTHS.format(n=cnp.PyArray_DIM(x, 0), m=cnp.PyArray_DIM(out, 0)))
+
+
+def f32_to_s16(x, float scale, out):
+    """out[i] = x[i] * scale, rounded to nearest (ties to even) and saturated to int16; NaN -> 0."""
+    _check(x, cnp.NPY_FLOAT32, False, "x")
+    _check(out, cnp.NPY_INT16, True, "out")
+    _same_length(x, out)
+    cdef size_t n = <size_t>cnp.PyArray_DIM(x, 0)
+    cdef const float *src = <const float *>cnp.PyArray_DATA(x)
+    cdef int16_t *dst = <int16_t *>cnp.PyArray_DATA(out)
+    with nogil:
+        rs_f32_to_s16(src, n, scale, dst)
+
+
+def s16_to_f32(x, float scale, out):
+    """out[i] = x[i] * scale."""
+    _check(x, cnp.NPY_INT16, False, "x")
+    _check(out, cnp.NPY_FLOAT32, True, "out")
+    _same_length(x, out)
+    cdef size_t n = <size_t>cnp.PyArray_DIM(x, 0)
+    cdef const int16_t *src = <const int16_t *>cnp.PyArray_DATA(x)
+    cdef float *dst = <float *>cnp.PyArray_DATA(out)
+    with nogil:
+        rs_s16_to_f32(src, n, scale, dst)
 
 
 cdef class PolyphaseFir:

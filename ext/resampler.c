@@ -221,3 +221,17 @@ static size_t flush(rs_t *rs, float *of, int16_t *os)
 
 size_t rs_flush_f32(rs_t *rs, float *out) { return flush(rs, out, NULL); }
 size_t rs_flush_s16(rs_t *rs, int16_t *out) { return flush(rs, NULL, out); }
+
+void rs_f32_to_s16(const float *in, size_t n, float scale, int16_t *out)
+{
+    for (size_t i = 0; i < n; i++) {
+        float v = in[i] * scale;
+        out[i] = v == v ? to_s16(v) : 0; /* NaN != NaN */
+    }
+}
+
+void rs_s16_to_f32(const int16_t *in, size_t n, float scale, float *out)
+{
+    for (size_t i = 0; i < n; i++)
+        out[i] = (float)in[i] * scale;
+}

@@ -9,6 +9,13 @@ from typing_extensions import disjoint_base
 ERR_OUT_TOO_SMALL: str
 ERR_ARRAY: str
 
+ERR_LENGTHS: str
+
+def f32_to_s16(x: npt.NDArray[np.float32], scale: float, out: npt.NDArray[np.int16]) -> None:
+    """out[i] = x[i] * scale, rounded to nearest (ties to even) and saturated to int16; NaN -> 0."""
+def s16_to_f32(x: npt.NDArray[np.int16], scale: float, out: npt.NDArray[np.float32]) -> None:
+    """out[i] = x[i] * scale."""
+
 @disjoint_base
 class PolyphaseFir:
     """Streaming resampler by up/down with the low-pass prototype `taps` (at input rate * up)."""

@@ -81,7 +81,7 @@ from typing import Callable, NamedTuple
 import mlx.core as mx
 import numpy as np
 
-from callbot.engine.audio import PeriodicClock, make_realtime, now_ns, sleep_until
+from callbot.engine.audio import PeriodicClock, make_realtime, now_ns, sleep_until, to_float32, to_int16
 from callbot.engine.serving.arrival_watch import expected_arrival_ns, next_look_ns
 from callbot.engine.serving.call_audio import CallAudio
 from callbot.engine.serving.round_schedule import (MARGIN_NS, SAME_TICK_NS, TICK_NS, Due,
@@ -609,7 +609,7 @@ class ModelEngine:
                     break
                 frame = newer
                 s.frames_dropped += 1
-            return frame.astype(np.float32) / _INT16_SCALE, now, False, audio.last_arrival_ns, audio.last_resampled_ns
+            return to_float32(frame, 1.0 / _INT16_SCALE), now, False, audio.last_arrival_ns, audio.last_resampled_ns
         if s.next_deadline_ns and now > s.next_deadline_ns + self.grace_ns:
             s.silence_fed += 1
             return np.zeros(FRAME_SIZE, dtype=np.float32), now, True, 0, 0
@@ -676,11 +676,9 @@ class ModelEngine:
             plan = self._plan(waiting)
             now = now_ns()
             held = plan.start_ns > now
-            if held:
-                if plan.start_ns - now > poll_ns:
-                    self._next_round_ns = plan.start_ns
-                    return calls  # polled again before then: a call falling due meanwhile may still join
-                sleep_until(plan.start_ns)
+            if held and plan.start_ns - now > poll_ns:
+                self._next_round_ns = plan.start_ns
+                return calls  # polled again before then: a call falling due meanwhile may still join
             self._round([waiting[i] for i in plan.members], plan.start_ns if held else 0,
                         plan.end_tick_ns, plan.start_ns if held else now)
 
@@ -762,7 +760,9 @@ class ModelEngine:
         """One round, held until `planned_ns` (0: started at once) to end before `end_tick` (0: no
         tick): every member's waiting frame stepped, in one `BatchedSessions.step` (batched) or one
         after another; its length, from `origin_ns` (when it began, prepared calls included) to the
-        last push, goes to `round_times`."""
+        last push, goes to `round_times`. The frames are pulled and the app's controls taken up before
+        the hold, not after it: that work then runs inside a wait that was coming anyway, and the step
+        starts at the planned time instead of that much later."""
         stepped: list[tuple[ModelCallSession, _Prepared]] = []
         locked: list[ModelCallSession] = []
         batch = self._batch
@@ -779,6 +779,8 @@ class ModelEngine:
                 stepped.append((s, prep))
             if not stepped:
                 return
+            if planned_ns:
+                sleep_until(planned_ns)
             first = now_ns()
             if batch is not None:
                 pcm, active, agents = self._pcm, self._active, self._agents
@@ -913,7 +915,7 @@ class ModelEngine:
         that overran it drops the ticks it missed from the front of the call's audio (_missed_samples)."""
         sent, s.in_flight = (s.in_flight if s.session.last_output_played else None), prep.fed
         exact = sent[1] if sent is not None else None  # in place of the decode of the played frame
-        pcm16 = np.clip(np.rint(out * _INT16_SCALE), -32768, 32767).astype(np.int16)
+        pcm16 = to_int16(out, _INT16_SCALE)
         skip = self._missed_samples(s, end_tick)
         if exact is not None:
             skip = 0  # a clip the app plays reaches the caller whole: late by a tick rather than cut

@@ -17,3 +17,5 @@ cdef extern from "resampler.h" nogil:
     size_t rs_flush_f32(rs_t* rs, float* out)
     size_t rs_flush_s16(rs_t* rs, int16_t* out)
     void rs_reset(rs_t* rs)
+    void rs_f32_to_s16(const float* inp, size_t n, float scale, int16_t* out)
+    void rs_s16_to_f32(const int16_t* inp, size_t n, float scale, float* out)
