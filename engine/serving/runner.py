@@ -541,7 +541,7 @@ class ModelEngine:
             if self._stop.is_set():
                 raise _Stopping()
             if not first:
-                clock.wait()
+                self._wait_to_look(clock)  # the poll, or sooner when a call's frame arrives about its tick
                 self.prompt_waits += 1
             first = False
             with self._lock:
