@@ -366,6 +366,22 @@ class Serve:
         return code
 
 
+def _front_edge(tmp_path: pathlib.Path, port: int, node_ports: list[int], extra: str = "") -> tuple[subprocess.Popen, _Lines]:
+    """`callbot edge` on 127.0.0.1:`port` with [edge] nodes on `node_ports`, started; it and its stderr."""
+    nodes = ", ".join(f'"127.0.0.1:{p}"' for p in node_ports)
+    cfg = tmp_path / "edge.toml"
+    cfg.write_text(f'[edge]\naddress = "127.0.0.1"\nport = {port}\nrun_dir = "edge"\n{extra}'
+                   f'trusted_sources = ["127.0.0.0/8"]\nnodes = [{nodes}]\n')
+    proc = subprocess.Popen([*CALLBOT, "edge", "--config", str(cfg)], stderr=subprocess.PIPE, text=True)
+    err = _Lines(proc.stderr, tmp_path / "edge.log")
+    try:
+        err.wait_line("edge: kamailio on", 30)
+    except BaseException:
+        stop_process(proc, 10, signal.SIGKILL)
+        raise
+    return proc, err
+
+
 def test_callbot_edge_with_nodes_spreads_calls_and_skips_a_node_that_is_down(tmp_path):
     """`callbot edge` whose [edge] nodes are two serve processes on different ports: 4 calls go 2 and 2;
     one serve stopped is taken out after its pings go unanswered, and the next calls all reach the other;
@@ -376,12 +392,7 @@ def test_callbot_edge_with_nodes_spreads_calls_and_skips_a_node_that_is_down(tmp
     try:
         for node in nodes:
             node.err.wait_line("listening", 60)
-        cfg = tmp_path / "edge.toml"
-        cfg.write_text(f'[edge]\naddress = "127.0.0.1"\nport = {edge_port}\nrun_dir = "edge"\n'
-                       f'trusted_sources = ["127.0.0.0/8"]\nnodes = ["127.0.0.1:{port_a}", "127.0.0.1:{port_b}"]\n')
-        kamailio = subprocess.Popen([*CALLBOT, "edge", "--config", str(cfg)], stderr=subprocess.PIPE, text=True)
-        kamailio_err = _Lines(kamailio.stderr, tmp_path / "edge.log")
-        kamailio_err.wait_line("edge: kamailio on", 30)
+        kamailio, kamailio_err = _front_edge(tmp_path, edge_port, [port_a, port_b])
         uri = f"sip:echo@{LOCALHOST}:{edge_port}"
         with PjsuaPeer(user="a", log_dir=tmp_path) as a:
             ids = [a.call(uri) for _ in range(4)]
@@ -435,12 +446,7 @@ def test_a_call_whose_node_died_is_hung_up_by_the_edge_when_it_stops(tmp_path):
     kamailio = None
     try:
         node.err.wait_line("listening", 60)
-        cfg = tmp_path / "edge.toml"
-        cfg.write_text(f'[edge]\naddress = "127.0.0.1"\nport = {edge_port}\nrun_dir = "edge"\ndrain_s = 1\n'
-                       f'trusted_sources = ["127.0.0.0/8"]\nnodes = ["127.0.0.1:{port}"]\n')
-        kamailio = subprocess.Popen([*CALLBOT, "edge", "--config", str(cfg)], stderr=subprocess.PIPE, text=True)
-        kamailio_err = _Lines(kamailio.stderr, tmp_path / "edge.log")
-        kamailio_err.wait_line("edge: kamailio on", 30)
+        kamailio, kamailio_err = _front_edge(tmp_path, edge_port, [port], "drain_s = 1\n")
         with PjsuaPeer(user="a", log_dir=tmp_path) as a:
             cid = a.call(f"sip:echo@{LOCALHOST}:{edge_port}")
             a.expect("media", call_id=cid, timeout=20)
