@@ -679,7 +679,9 @@ class ModelEngine:
             if held and plan.start_ns - now > poll_ns:
                 self._next_round_ns = plan.start_ns
                 return calls  # polled again before then: a call falling due meanwhile may still join
-            self._round([waiting[i] for i in plan.members], plan.start_ns if held else 0,
+            # a planned start already passed (this thread looked late) is still the start the schedule
+            # meant: the wait up to it is the schedule's hold, the lateness after it ours
+            self._round([waiting[i] for i in plan.members], plan.start_ns if plan.end_tick_ns else 0,
                         plan.end_tick_ns, plan.start_ns if held else now)
 
     def _plan(self, waiting: list[ModelCallSession]) -> RoundPlan:
@@ -757,8 +759,8 @@ class ModelEngine:
 
     def _round(self, members: list[ModelCallSession], planned_ns: int = 0, end_tick: int = 0,
                origin_ns: int = 0) -> None:
-        """One round, held until `planned_ns` (0: started at once) to end before `end_tick` (0: no
-        tick): every member's waiting frame stepped, in one `BatchedSessions.step` (batched) or one
+        """One round, held until `planned_ns` (0: no plan; passed: at once) to end before `end_tick` (0:
+        no tick): every member's waiting frame stepped, in one `BatchedSessions.step` (batched) or one
         after another; its length, from `origin_ns` (when it began, prepared calls included) to the
         last push, goes to `round_times`. The frames are pulled and the app's controls taken up before
         the hold, not after it: that work then runs inside a wait that was coming anyway, and the step
@@ -774,8 +776,8 @@ class ModelEngine:
                 if s.closed or (due := self._due_frame(s)) is None:
                     continue
                 prep = self._before_step(s, *due)
-                if planned_ns:
-                    s.holds[prep.frame_no % len(s.holds)] = max(0, planned_ns - int(prep.row[_RESAMPLED]))
+                hold = max(0, planned_ns - int(prep.row[_RESAMPLED])) if planned_ns else 0
+                s.holds[prep.frame_no % len(s.holds)] = hold
                 stepped.append((s, prep))
             if not stepped:
                 return
