@@ -216,10 +216,9 @@ def test_model(benchmark, model_source, codec, kind, tmp_path):
     # the bridge's rate <-> 24 kHz (every call's port runs at it), in the phase the call's CallAudio used
     resamplers = _resamplers_ms(16000, "linear" if kind == "baseline" else "minimum")
     # the schedule's hold: how long a frame was kept after it was resampled so that its round ends just
-    # before the tick its audio leaves on (the tick's wait, moved before the step); known in this process
-    # (the child's sessions stay in the child): 0 for "process", where it is inside resampled->step_start
-    holds = np.array([s.holds[k % len(s.holds)] / 1e6 if hasattr(s, "holds") else 0.0 for k, _ in rows])
-    ours = (ms(col["ring_in"], col["resampled"]) + ms(col["resampled"], col["step_start"]) - holds
+    # before the tick its audio leaves on (the tick's wait, moved before the step): resampled -> released
+    holds = ms(col["resampled"], col["released"])
+    ours = (ms(col["ring_in"], col["resampled"]) + ms(col["released"], col["step_start"])
             + ms(col["decoded"], col["ring_out"]) + resamplers)
     tick_wait = holds + ms(col["ring_out"], col["rtp_out"])
     # the same on the audio's path: a frame found and resampled before its round's planned start was

@@ -98,7 +98,7 @@ def test_the_engines_live_events_feed_the_audio_path_metrics():
 
     m = Metrics()
     # two frames: the first knows every stage, the second not yet its rtp_out (0)
-    rows = [[10, 20, 30, 40, 50, 60, 70, 80], [110, 120, 130, 140, 150, 160, 170, 0]]
+    rows = [[10, 20, 25, 30, 40, 50, 60, 70, 80], [110, 120, 125, 130, 140, 150, 160, 170, 0]]
     m.on_event(FrameStages(call_id="a", t_ms=160.0, first_frame=0, rows=rows))
     m.on_event(SessionClosed(call_id="a", t_ms=200.0, summary=CallSummary(steps=2, underruns=4, steps_late=1,
                                                                           step_s=[0.03, 0.04])))
@@ -106,5 +106,8 @@ def test_the_engines_live_events_feed_the_audio_path_metrics():
     assert _value(text, 'callbot_stage_latency_seconds_count{stage="ring_in->resampled"}') == 2
     assert _value(text, 'callbot_stage_latency_seconds_count{stage="ring_out->rtp_out"}') == 1
     assert _value(text, 'callbot_stage_latency_seconds_sum{stage="ring_in->resampled"}') == pytest.approx(20e-9)
+    # the schedule's wait and ours, apart
+    assert _value(text, 'callbot_stage_latency_seconds_sum{stage="resampled->released"}') == pytest.approx(10e-9)
+    assert _value(text, 'callbot_stage_latency_seconds_sum{stage="released->step_start"}') == pytest.approx(10e-9)
     assert _value(text, "callbot_underruns_total") == 4 and _value(text, "callbot_steps_late_total") == 1
     assert _value(text, "callbot_step_seconds_count") == 2

@@ -62,7 +62,8 @@ def test_runner_steps_a_call_from_its_rings(model, prompt, rate):
     summary = msgspec.to_builtins(s.final_summary)
     assert summary["steps"] == s.steps >= 10
     assert summary["steps"] == frames_in - summary["frames_dropped"] + summary["silence_fed"]
-    assert set(summary["stages_ms"]) == {"ring_in->resampled", "resampled->step_start", "step_start->encoded",
+    assert set(summary["stages_ms"]) == {"ring_in->resampled", "resampled->released", "released->step_start",
+                                         "step_start->encoded",
                                          "encoded->lm_stepped", "lm_stepped->decoded", "decoded->ring_out",
                                          "ring_out->rtp_out"}
     assert all(v["p50_ms"] >= 0 for v in summary["stages_ms"].values())
@@ -72,7 +73,9 @@ def test_runner_steps_a_call_from_its_rings(model, prompt, rate):
     col = {name: rows[:, i] for i, name in enumerate(STAGES)}
     assert (col["ring_in"][~silence] > 0).all() and (col["ring_in"][silence] == 0).all()
     assert (col["ring_in"][~silence] <= col["resampled"][~silence]).all()
-    assert (col["resampled"] > 0).all() and (col["resampled"] <= col["step_start"]).all()
+    # released: the round's planned start (the schedule's wait before it), at or before the step's
+    assert (col["resampled"] > 0).all() and (col["resampled"] <= col["released"]).all()
+    assert (col["released"] <= col["step_start"]).all()
     assert ((col["step_start"] <= col["encoded"]) & (col["encoded"] <= col["lm_stepped"])
             & (col["lm_stepped"] <= col["decoded"]) & (col["decoded"] <= col["ring_out"])).all()
     out = col["rtp_out"] > 0

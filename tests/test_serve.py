@@ -190,8 +190,8 @@ def test_serve_model_answers_with_the_tiny_model(tmp_path, tiny_model):
     assert engine["steps"] >= 1 and len(engine["step_s"]) == engine["steps"]
     assert all(isinstance(t["piece"], str) for t in engine["text"])
     # every stage of the audio path, per frame: ours from the engine, the network half from pjmedia
-    assert set(engine["stages_ms"]) >= {"ring_in->resampled", "resampled->step_start", "step_start->encoded",
-                                        "encoded->lm_stepped", "lm_stepped->decoded", "decoded->ring_out",
+    assert set(engine["stages_ms"]) >= {"ring_in->resampled", "resampled->released", "released->step_start",
+                                        "step_start->encoded", "encoded->lm_stepped", "lm_stepped->decoded", "decoded->ring_out",
                                         "ring_out->rtp_out"}, engine["stages_ms"]
     stream = sidecar["stream"]
     assert stream["rx_packets"] >= 0.9 * seconds * 50 and stream["tx_packets"] >= 0.9 * seconds * 50, stream

@@ -9,12 +9,16 @@ import numpy as np
 
 # ring_in: the frame's last sample entered rx (the media callback, in the bridge tick that took it from
 # pjmedia's jitter buffer) -> resampled: the up-resampler made that sample at 24 kHz, completing the frame
-# (a frame fed as silence: when the watchdog made it) -> step_start -> encoded (Mimi) -> lm_stepped ->
+# (a frame fed as silence: when the watchdog made it) -> released: when the schedule let it go, the
+# planned start of its round (so that the round ends just before the tick its audio leaves on; = resampled
+# when the round was not held), so resampled -> released is the schedule's wait and released ->
+# step_start our own (the wake, the thread's lateness) -> step_start -> encoded (Mimi) -> lm_stepped ->
 # decoded (Mimi; the step ends) -> ring_out: resampled down and written to tx -> rtp_out: its first
 # sample left tx (the media callback; pjmedia encodes and sends it as RTP in that same bridge tick).
 # 0: unknown. The network half before ring_in, pjmedia's jitter buffer, is reported per call by the SIP
 # side from pjmedia's own statistics (sip/call.py), not per frame.
-STAGES = ("ring_in", "resampled", "step_start", "encoded", "lm_stepped", "decoded", "ring_out", "rtp_out")
+STAGES = ("ring_in", "resampled", "released", "step_start", "encoded", "lm_stepped", "decoded", "ring_out",
+          "rtp_out")
 STATS_FRAMES = 1 << 14  # frames of timestamps kept per call: 22 minutes at 12.5 Hz, then the oldest go
 
 

@@ -93,7 +93,7 @@ from callbot.engine.contract import (ENGINE_RATE, BotSpeech, BotText, CallerSpee
                                      SetPersona, StopPlay, TextPiece, BotPrepared, PrepareBot,
                                      answer_prepared)
 from callbot.engine.serving.clips import Clip, cut_clips
-from callbot.engine.serving.frame_stats import STAGES, STATS_FRAMES, FrameStats
+from callbot.engine.serving.frame_stats import STAGES, FrameStats
 from callbot.engine.serving.speech_activity import SpeechActivity
 from callbot.engine.serving.step_budget import FRAME_S, HEADROOM, WARMUP_MAX_BATCH, WARMUP_REPEATS
 from callbot.engine.serving.tx_policy import MODEL_TX_MAX_MS, MODEL_TX_SETTLE_PUSHES
@@ -102,7 +102,8 @@ from callbot.engine.model.session import FRAME_SIZE, Model, PromptSnapshot, Sess
 from callbot.engine.model.sampling import SamplingConfig
 
 FRAME_NS = FRAME_SIZE * 1_000_000_000 // ENGINE_RATE  # 80 ms
-(_RING_IN, _RESAMPLED, _STEP_START, _ENCODED, _LM_STEPPED, _DECODED, _RING_OUT, _RTP_OUT) = range(len(STAGES))
+(_RING_IN, _RESAMPLED, _RELEASED, _STEP_START, _ENCODED, _LM_STEPPED, _DECODED, _RING_OUT,
+ _RTP_OUT) = range(len(STAGES))
 _INT16_SCALE = 32768.0
 # frames between FrameStages events (about 1 s), and how far behind the newest frame they stay, so that
 # a frame's last stage (rtp_out, known once the media side has read it) is in its row when it is sent
@@ -203,9 +204,6 @@ class ModelCallSession:
     frame_tick_ns: int = 0  # the media tick that completed the call's last real frame (its frames' grid)
     aligned: bool = False  # its first frame was put in phase with the other calls' (or needed not be)
     pad_samples: int = 0  # 24 kHz silence put before its first sample to do so (< one frame)
-    # per frame (frame number modulo its length): how long the schedule kept it after it was resampled,
-    # so that its round ends just before the tick its audio leaves on (ns; 0: stepped at once)
-    holds: np.ndarray = field(default_factory=lambda: np.zeros(STATS_FRAMES, np.int64))
     underruns_seen: int = 0  # the tx ring's underrun count at the call's last push
     first_frame_ns: int = 0
     steps: int = 0
@@ -776,8 +774,7 @@ class ModelEngine:
                 if s.closed or (due := self._due_frame(s)) is None:
                     continue
                 prep = self._before_step(s, *due)
-                hold = max(0, planned_ns - int(prep.row[_RESAMPLED])) if planned_ns else 0
-                s.holds[prep.frame_no % len(s.holds)] = hold
+                prep.row[_RELEASED] = max(planned_ns, int(prep.row[_RESAMPLED]))
                 stepped.append((s, prep))
             if not stepped:
                 return
