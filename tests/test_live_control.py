@@ -25,6 +25,7 @@ from callbot.engine.contract import (BotSpeech, BotText, CallerSpeech, CallStart
                                      MuteCaller, PersonaChanged, Play, PlayFinished, SessionClosed, SetPersona,
                                      StopPlay)
 from callbot.engine.serving.echo import EchoEngine
+from callbot.engine.serving.frame_stats import STAGES
 from callbot.engine.serving.inference_process import InferenceProcess
 from callbot.engine.serving.runner import BotPrompt, ModelEngine
 from tests.tiny_assets import tiny_model_configs, write_tiny_model_dir, write_tiny_model_for_serve
@@ -299,7 +300,7 @@ def test_live_events_while_the_call_runs(runner):
     from callbot.engine.contract import FrameStages
 
     stages = events.of(FrameStages)
-    assert stages and stages[0].first_frame == 0 and all(len(r) == 8 for st in stages for r in st.rows)
+    assert stages and stages[0].first_frame == 0 and all(len(r) == len(STAGES) for st in stages for r in st.rows)
     got = sum(len(st.rows) for st in stages)
     assert got == s.stats.count  # every frame's stamps went out, the last ones as the call closed
     bot = events.of(BotSpeech)
