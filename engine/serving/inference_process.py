@@ -43,6 +43,7 @@ from callbot.engine.serving.call_audio import RING_SECONDS, CallAudio
 from callbot.engine.serving.frame_stats import FrameStats
 from callbot.engine.serving.shared_block import SharedCallRings
 from callbot.engine.serving.tx_policy import MODEL_TX_MAX_MS, MODEL_TX_SETTLE_PUSHES
+from callbot.engine.serving.stderr_line import say
 
 if TYPE_CHECKING:  # the SIP process must not load MLX: these are for the reader, not imported there
     from callbot.engine.model.session import Model
@@ -280,7 +281,7 @@ class InferenceProcess:
                     self._failed(f"the inference process ended unexpectedly (exit status {self._proc.exitcode})")
                 return
             except msgspec.DecodeError as err:  # a bug on one side: say it, keep serving the calls
-                print(f"callbot: inference process: a message did not decode: {err}", file=sys.stderr, flush=True)
+                say(f"callbot: inference process: a message did not decode: {err}")
                 continue
             if isinstance(msg, pm.CallEvent):
                 sink = self.on_event
@@ -301,7 +302,7 @@ class InferenceProcess:
     def _failed(self, text: str) -> None:
         if self.error is None:  # the first word is the cause; an EOF after an "error" adds nothing
             self.error = RuntimeError(text)
-            print(f"callbot: inference process: {text}", file=sys.stderr, flush=True)
+            say(f"callbot: inference process: {text}")
         with self._lock:
             waiting = list(self._sessions.values())
             preparing = list(self._preparing)
@@ -371,7 +372,7 @@ def _child_main(conn, setup: Callable[[], InferenceSetup], ring_seconds: float, 
             except (EOFError, OSError):
                 return  # the SIP process is gone
             except msgspec.DecodeError as err:
-                print(f"callbot: inference process: a message did not decode: {err}", file=sys.stderr, flush=True)
+                say(f"callbot: inference process: a message did not decode: {err}")
                 continue
             if isinstance(msg, pm.OpenCall):
                 try:
@@ -379,15 +380,14 @@ def _child_main(conn, setup: Callable[[], InferenceSetup], ring_seconds: float, 
                                                          tx_max_ms=MODEL_TX_MAX_MS, tx_settle=MODEL_TX_SETTLE_PUSHES)
                     sessions[msg.sid] = engine.open_session(msg.start, audio=audio)
                 except Exception as err:  # this call stays silent; the others go on
-                    print(f"callbot: inference process: call {msg.start.call_id}: {err}", file=sys.stderr, flush=True)
+                    say(f"callbot: inference process: call {msg.start.call_id}: {err}")
             elif isinstance(msg, pm.ControlCall):
                 s = sessions.get(msg.sid)
                 if s is not None:
                     try:
                         s.control(msg.op)
                     except (ValueError, RuntimeError) as err:
-                        print(f"callbot: inference process: call {s.start.call_id}: {err}", file=sys.stderr,
-                              flush=True)
+                        say(f"callbot: inference process: call {s.start.call_id}: {err}")
             elif isinstance(msg, pm.CloseCall):
                 s = sessions.pop(msg.sid, None)
                 if s is None:

@@ -61,6 +61,7 @@ from callbot.engine.serving.frame_stats import STAGES, FrameStats
 from callbot.engine.serving.heartbeat import HEARTBEAT_MISSES, Liveness
 from callbot.engine.serving.outbox import ESSENTIAL, EVENT, LOW, OUTBOX_LIMIT, Outbox
 from callbot.engine.serving.step_budget import FRAME_BUDGET, MAX_CALLS, Admission, StepTimes
+from callbot.engine.serving.stderr_line import say
 
 RESERVE_S = 30.0  # a slot promised to an INVITE waits this long for its call to open (ringing, answering)
 RETRY_AFTER_S = 10  # what a full model tells callers: calls last minutes, a retry within seconds is wasted
@@ -77,7 +78,7 @@ class ServiceError(Exception):
 
 
 def _log(text: str) -> None:
-    print(f"callbot: model service: {text}", file=sys.stderr, flush=True)
+    say(f"callbot: model service: {text}")
 
 
 def check_socket_path(path: str) -> None:

@@ -100,6 +100,7 @@ from callbot.engine.serving.tx_policy import MODEL_TX_MAX_MS, MODEL_TX_SETTLE_PU
 from callbot.engine.model.batch import BatchedSessions
 from callbot.engine.model.session import FRAME_SIZE, Model, PromptSnapshot, Session
 from callbot.engine.model.sampling import SamplingConfig
+from callbot.engine.serving.stderr_line import say
 
 FRAME_NS = FRAME_SIZE * 1_000_000_000 // ENGINE_RATE  # 80 ms
 (_RING_IN, _RESAMPLED, _RELEASED, _STEP_START, _ENCODED, _LM_STEPPED, _DECODED, _RING_OUT,
@@ -837,7 +838,7 @@ class ModelEngine:
                 try:
                     s.session.set_persona(op.text)
                 except ValueError as err:  # this request goes; the call and the other calls go on
-                    print(f"callbot: call {s.start.call_id}: set_persona: {err}", file=sys.stderr, flush=True)
+                    say(f"callbot: call {s.start.call_id}: set_persona: {err}")
                     continue
                 s.persona_requests.append((op.id, op.text, now))
 

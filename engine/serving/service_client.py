@@ -36,7 +36,6 @@ import itertools
 import os
 import socket
 import struct
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -54,6 +53,7 @@ from callbot.engine.serving.frame_stats import FrameStats
 from callbot.engine.serving.heartbeat import HEARTBEAT_MISSES, HEARTBEAT_S, Liveness
 from callbot.engine.serving.shared_block import SharedCallRings
 from callbot.engine.serving.step_budget import UNAVAILABLE
+from callbot.engine.serving.stderr_line import say
 
 ADMIT_TIMEOUT_S = 0.5  # the SIP thread waits this long for room; a local round trip takes well under 1 ms
 CONNECT_TIMEOUT_S = 2.0  # to connect and hear Ready
@@ -516,7 +516,7 @@ class ServiceEngine:
 
 
 def _log(path: str, text: str) -> None:
-    print(f"callbot: model service {path}: {text}", file=sys.stderr, flush=True)
+    say(f"callbot: model service {path}: {text}")
 
 
 def _set_send_timeout(sock: socket.socket, seconds: float) -> None:
