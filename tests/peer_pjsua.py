@@ -221,12 +221,10 @@ class Peer:
         for call in self.calls:
             if call.isActive():
                 _safe(call.hangup, _op())
-        call = None  # the loop's last Call would otherwise outlive libDestroy and abort the process at exit
         end = self.time.monotonic() + 2
         while any(c.isActive() for c in self.calls) and self.time.monotonic() < end:
             ep.libHandleEvents(10)
         self.calls.clear()
-        self.timers.clear()  # their closures may hold calls too
         self.media_ports.clear()
         self.acc.shutdown()
         del self.acc
