@@ -1114,6 +1114,7 @@ class Edge:
                                            run_dir=os.fspath(self.run_dir), source=source,
                                            version=kamailio_version(self.kamailio), dispatch=self.dispatch))
         self.proc: subprocess.Popen | None = None
+        self._group_ended = False  # stop() has killed what was left of kamailio's process group
         self._watcher: subprocess.Popen | None = None
 
     @property
@@ -1163,9 +1164,11 @@ class Edge:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)  # its children too
                 self.proc.wait(timeout)
-        if self.proc is not None:
+        if self.proc is not None and not self._group_ended:
             # kamailio's own session: a child its main left behind on the way out (seen in a test run: three
-            # children outlived a main that had said goodbye, and ignored SIGTERM) must not keep the port
+            # children outlived a main that had said goodbye, and ignored SIGTERM) must not keep the port.
+            # Once only: a later stop() must not signal a group whose id a new process may have taken.
+            self._group_ended = True
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
         if self._tmp is not None:

@@ -264,6 +264,8 @@ class Kamailio:
         raise TimeoutError(f"kamailio did not answer on port {self.port} within {timeout} s")
 
     def close(self) -> None:
+        if self._log.closed:
+            return  # closed already: its group id may belong to another process by now
         stop_process(self.proc, 10)
         # children its main left behind (seen once in CI: three outlived a main that had exited, ignoring SIGTERM)
         with contextlib.suppress(ProcessLookupError):
