@@ -1385,10 +1385,8 @@ def run_edge(settings: Settings, *, source: str, print_only: bool = False, check
                     print(f"callbot: error: kamailio exited with status {edge.proc.returncode}", file=sys.stderr)
                     return 1
                 sig.stop.wait(0.2)
-            edge.drain_calls(settings.edge.drain_s, lambda: sig.count >= 2, lambda line: print(line, file=sys.stderr,
-                                                                                                 flush=True),
-                             wake=sig.wake)
-            edge.hang_up_leftovers(lambda line: print(line, file=sys.stderr, flush=True))  # past drain_s
+            edge.drain_calls(settings.edge.drain_s, lambda: sig.count >= 2, _say, wake=sig.wake)
+            edge.hang_up_leftovers(_say)  # past drain_s
         finally:
             edge.stop()
     return 0
@@ -1435,16 +1433,20 @@ def serve_with_edge(settings: Settings, engine_kind: str, *, source: str = "call
 def _hang_up_through(edge: Edge, endpoint) -> None:
     """serve's calls hung up while its edge still relays their BYEs: new calls refused (503), the endpoint
     stopped (its BYEs), then whatever the edge still holds ended by the edge."""
-    say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     try:
         edge.drain()
     except (RuntimeError, OSError, subprocess.SubprocessError) as err:
-        say(f"callbot: the edge could not refuse new calls ({err})")
+        _say(f"callbot: the edge could not refuse new calls ({err})")
     try:
         endpoint.stop()
     except (RuntimeError, TimeoutError) as err:
-        say(f"callbot: the SIP endpoint did not stop cleanly: {err}")
-    edge.hang_up_leftovers(say)
+        _say(f"callbot: the SIP endpoint did not stop cleanly: {err}")
+    edge.hang_up_leftovers(_say)
+
+
+def _say(line: str) -> None:
+    """A line for the user of `callbot edge` / `serve --edge`, on stderr."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def call_with_edge(settings: Settings, engine_kind: str, uri: str, *, account: str | None, bot: str | None,

@@ -368,6 +368,11 @@ def test_held_tcp_connections_neither_shut_the_edge_nor_stay(edge_alone):
             s.close()
 
 
+def _edge_toml(port: int, extra: str = "") -> str:
+    """The [edge] section of serve's config for an edge on 127.0.0.1:`port` (run folder "edge")."""
+    return f'[edge]\naddress = "127.0.0.1"\nport = {port}\nrun_dir = "edge"\n{extra}'
+
+
 def _serve_edge(cfg: pathlib.Path, log: pathlib.Path) -> subprocess.Popen:
     proc = subprocess.Popen([*CALLBOT, "serve", "--edge", "--engine", "echo", "--config", str(cfg)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -428,8 +433,7 @@ def _log_events(proc: subprocess.Popen) -> list[dict]:
 @needs_kamailio
 def test_call_through_the_edge_connects_and_has_audio(tmp_path):
     sip_port, edge_port = free_port(), free_port()
-    cfg = serve_config(tmp_path, sip_port,
-                       tail=f'[edge]\naddress = "127.0.0.1"\nport = {edge_port}\nrun_dir = "edge"\n')
+    cfg = serve_config(tmp_path, sip_port, tail=_edge_toml(edge_port))
     proc = _serve_edge(cfg, tmp_path / "serve.log")
     try:
         kamailio = _edge_pid(tmp_path / "edge")
@@ -455,8 +459,7 @@ def test_serve_stopped_hangs_up_its_calls_through_its_edge(tmp_path):
     """`callbot serve --edge` stopped (SIGTERM) with a call up: serve's BYE reaches the caller through the
     edge (kamailio stops after serve's calls have ended, not before: its Record-Route is their only way)."""
     sip_port, edge_port = free_port(), free_port()
-    cfg = serve_config(tmp_path, sip_port,
-                       tail=f'[edge]\naddress = "127.0.0.1"\nport = {edge_port}\nrun_dir = "edge"\n')
+    cfg = serve_config(tmp_path, sip_port, tail=_edge_toml(edge_port))
     proc = _serve_edge(cfg, tmp_path / "serve.log")
     try:
         kamailio = _edge_pid(tmp_path / "edge")
@@ -482,8 +485,7 @@ def test_a_call_whose_serve_stopped_dead_is_hung_up_by_the_edge(tmp_path):
     unanswered once serve is stopped, the edge ends the call with a BYE to the caller: within 30 s + tm's
     5 s + the dialog's last 10 s. (About 80 s: kamailio's dialog timers are whole seconds and 30 s apart.)"""
     sip_port, edge_port = free_port(), free_port()
-    cfg = serve_config(tmp_path, sip_port, tail=f'[edge]\naddress = "127.0.0.1"\nport = {edge_port}\nrun_dir = "edge"\n'
-                                                 "dialog_keepalive_s = 30\n")
+    cfg = serve_config(tmp_path, sip_port, tail=_edge_toml(edge_port, "dialog_keepalive_s = 30\n"))
     proc = _serve_edge(cfg, tmp_path / "serve.log")
     ctl = f"unix:{tmp_path / 'edge' / 'kamailio_ctl'}"
 
@@ -513,8 +515,7 @@ def test_a_call_whose_serve_stopped_dead_is_hung_up_by_the_edge(tmp_path):
 def test_a_killed_serve_takes_its_edge_with_it(tmp_path):
     """SIGKILL gives serve no chance to stop kamailio: the parent-death signal does (Linux; macOS: the
     orphan watcher), so nothing is left holding the public port."""
-    cfg = serve_config(tmp_path, free_port(),
-                       tail=f'[edge]\naddress = "127.0.0.1"\nport = {free_port()}\nrun_dir = "edge"\n')
+    cfg = serve_config(tmp_path, free_port(), tail=_edge_toml(free_port()))
     proc = _serve_edge(cfg, tmp_path / "serve.log")
     try:
         kamailio = _edge_pid(tmp_path / "edge")
@@ -560,8 +561,7 @@ def test_invite_flood_is_absorbed_and_a_call_connects_after(tmp_path):
     """SIPp sends 900 INVITEs at 300/s from 127.0.0.2 through the edge: pike bans it (logged once), the
     per-source rate lets a couple reach serve, serve lives, and a call from 127.0.0.1 connects after."""
     sip_port, edge_port = free_port(), free_port()
-    cfg = serve_config(tmp_path, sip_port,
-                       tail=f'[edge]\naddress = "127.0.0.1"\nport = {edge_port}\nrun_dir = "edge"\n')
+    cfg = serve_config(tmp_path, sip_port, tail=_edge_toml(edge_port))
     proc = _serve_edge(cfg, tmp_path / "serve.log")
     try:
         with open(tmp_path / "sipp.log", "w") as log:
