@@ -46,6 +46,7 @@ from typing import Callable, Iterator, Sequence
 
 import msgspec
 
+from callbot.engine.serving.stderr_line import say
 from callbot.app.errors import StartupError
 from callbot.app.settings import EdgeSettings, Settings
 from callbot.sip.config import TransportConfig
@@ -1374,19 +1375,19 @@ def run_edge(settings: Settings, *, source: str, print_only: bool = False, check
             check_config(edge.kamailio, edge.config_path)
         finally:
             edge.stop()
-        print("edge: kamailio -c accepts the generated configuration", file=sys.stderr)
+        say("edge: kamailio -c accepts the generated configuration")
         return 0
     with drain_signals() as sig:
         try:
             edge.start()
-            print(edge.describe(), file=sys.stderr, flush=True)
+            say(edge.describe())
             while not sig.stop.is_set():
                 if edge.proc.poll() is not None:
-                    print(f"callbot: error: kamailio exited with status {edge.proc.returncode}", file=sys.stderr)
+                    say(f"callbot: error: kamailio exited with status {edge.proc.returncode}")
                     return 1
                 sig.stop.wait(0.2)
-            edge.drain_calls(settings.edge.drain_s, lambda: sig.count >= 2, _say, wake=sig.wake)
-            edge.hang_up_leftovers(_say)  # past drain_s
+            edge.drain_calls(settings.edge.drain_s, lambda: sig.count >= 2, say, wake=sig.wake)
+            edge.hang_up_leftovers(say)  # past drain_s
         finally:
             edge.stop()
     return 0
@@ -1406,8 +1407,8 @@ def serve_with_edge(settings: Settings, engine_kind: str, *, source: str = "call
         backend = Backend("127.0.0.1" if t.bind == "localhost" else t.bind, bound.port)
         with running_edge(settings, backend, source=source) as edge:
             for name in server.endpoint.accounts:
-                print(f"listening {server.endpoint.account_uri(name)} ({engine_kind})", file=sys.stderr, flush=True)
-            print(edge.describe(), file=sys.stderr, flush=True)
+                say(f"listening {server.endpoint.account_uri(name)} ({engine_kind})")
+            say(edge.describe())
             died: list[int] = []
 
             def watch() -> None:
@@ -1418,14 +1419,13 @@ def serve_with_edge(settings: Settings, engine_kind: str, *, source: str = "call
             try:
                 server.pump(stop=stop)
             except ServerFailure as err:
-                print(f"callbot: error: {err}; shutting down", file=sys.stderr, flush=True)
+                say(f"callbot: error: {err}; shutting down")
                 return EXIT_SERVER_FAILURE
             finally:
                 if not died:
                     _hang_up_through(edge, server.endpoint)
             if died:  # kamailio runs in its own session: no signal of ours stopped it
-                print(f"callbot: error: kamailio (the edge) exited with status {died[0]}; shutting down",
-                      file=sys.stderr, flush=True)
+                say(f"callbot: error: kamailio (the edge) exited with status {died[0]}; shutting down")
                 return EXIT_SERVER_FAILURE
     return 0
 
@@ -1436,17 +1436,12 @@ def _hang_up_through(edge: Edge, endpoint) -> None:
     try:
         edge.drain()
     except (RuntimeError, OSError, subprocess.SubprocessError) as err:
-        _say(f"callbot: the edge could not refuse new calls ({err})")
+        say(f"callbot: the edge could not refuse new calls ({err})")
     try:
         endpoint.stop()
     except (RuntimeError, TimeoutError) as err:
-        _say(f"callbot: the SIP endpoint did not stop cleanly: {err}")
-    edge.hang_up_leftovers(_say)
-
-
-def _say(line: str) -> None:
-    """A line for the user of `callbot edge` / `serve --edge`, on stderr."""
-    print(line, file=sys.stderr, flush=True)
+        say(f"callbot: the SIP endpoint did not stop cleanly: {err}")
+    edge.hang_up_leftovers(say)
 
 
 def call_with_edge(settings: Settings, engine_kind: str, uri: str, *, account: str | None, bot: str | None,
@@ -1472,5 +1467,5 @@ def call_with_edge(settings: Settings, engine_kind: str, uri: str, *, account: s
                                                                                   transports=tuple(transports)))
     backend = backend_of(settings)
     with running_edge(settings, backend, source=source) as edge:
-        print(edge.describe(), file=sys.stderr, flush=True)
+        say(edge.describe())
         return call(settings, engine_kind, uri, account=account, bot=bot)

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import sys
 import threading
 from typing import Iterator
 
+from callbot.engine.serving.stderr_line import say
 from callbot.app.errors import StartupError
 from callbot.app.metrics import ServiceMetrics
 from callbot.app.settings import ConfigError, Settings
@@ -71,12 +71,11 @@ def run_model_service(settings: Settings, engine_kind: str = "model", *, metrics
                 raise StartupError(f"metrics address {address!r}: {err}") from None
             stack.callback(metrics.close)
         service.start()
-        print(f"model service listening on {path} ({engine_kind}; bots {', '.join(bots)}; {_capacity(admission)})",
-              file=sys.stderr, flush=True)
+        say(f"model service listening on {path} ({engine_kind}; bots {', '.join(bots)}; {_capacity(admission)})")
         while not stop.wait(0.2):
             if engine.error is not None:
                 failed.append(f"the inference thread failed: {engine.error!r}")
-                print(f"callbot: error: {failed[0]}; the model service stops", file=sys.stderr, flush=True)
+                say(f"callbot: error: {failed[0]}; the model service stops")
                 return 1
     return 0
 
@@ -141,8 +140,8 @@ def _capacity(admission: Admission) -> str:
     shown = ", ".join(f"{b}: {1000 * s:.1f} ms" for b, s in rounds.items())
     one = rounds.get(1)
     if one is not None and one > admission.budget_s:
-        print(f"callbot: warning: one step takes {1000 * one:.0f} ms, over the {1000 * admission.budget_s:.0f} ms a "
-              "round may take: even one call will fall behind on this machine", file=sys.stderr, flush=True)
+        say(f"callbot: warning: one step takes {1000 * one:.0f} ms, over the {1000 * admission.budget_s:.0f} ms a "
+            "round may take: even one call will fall behind on this machine")
     return f"up to {admission.limit()} calls a round within {1000 * admission.budget_s:.0f} ms; rounds {shown}"
 
 

@@ -13,11 +13,11 @@ else a huggingface_hub download where the user accepted the license and is logge
 from __future__ import annotations
 
 import os
-import sys
 
 import msgspec
 import numpy as np
 
+from callbot.engine.serving.stderr_line import say
 from callbot.engine.serving.inference_process import InferenceSetup, InferenceStartupError
 from callbot.engine.model.lm_config import LmConfig
 from callbot.engine.model.mimi import MimiConfig
@@ -118,7 +118,7 @@ def prepare_model(settings: Settings) -> InferenceSetup:
     model = load_model(settings)
     prompts: dict[str, BotPrompt] = {}
     for bot in settings.bots:
-        print(f"preparing bot {bot.name!r} (voice {os.path.basename(bot.voice)})", file=sys.stderr, flush=True)
+        say(f"preparing bot {bot.name!r} (voice {os.path.basename(bot.voice)})")
         try:
             snapshot = model.prepare(bot.voice, bot.persona, context=bot.context)
         except ValueError as err:

@@ -19,6 +19,7 @@ import threading
 from typing import Callable, Iterator
 
 
+from callbot.engine.serving.stderr_line import say
 from callbot.app.caller_speech import start_caller_speech
 from callbot.app.calls import CallRouter, LiveCall
 from callbot.app.dial_probe import NoResponseWatch, udp_target
@@ -299,13 +300,13 @@ def serve(settings: Settings, engine_kind: str, warning: str | None = None, conf
     """Answer calls until SIGTERM/SIGINT; `warning`, if any, is printed once the line is up."""
     with stop_on_signals() as stop, running_server(settings, engine_kind, config=config) as server:
         for name in server.endpoint.accounts:
-            print(f"listening {server.endpoint.account_uri(name)} ({engine_kind})", file=sys.stderr, flush=True)
+            say(f"listening {server.endpoint.account_uri(name)} ({engine_kind})")
         if warning:
-            print(warning, file=sys.stderr, flush=True)
+            say(warning)
         try:
             server.pump(stop=stop)
         except ServerFailure as err:
-            print(f"callbot: error: {err}; shutting down", file=sys.stderr, flush=True)
+            say(f"callbot: error: {err}; shutting down")
             return EXIT_SERVER_FAILURE
     return 0
 
@@ -337,7 +338,7 @@ def call(settings: Settings, engine_kind: str, uri: str, account: str | None, bo
         try:
             call_id = server.endpoint.dial(uri, account=account)
         except (ValueError, RuntimeError) as err:  # not a SIP URI, no transport for it, at capacity
-            print(f"callbot: error: {err}", file=sys.stderr, flush=True)
+            say(f"callbot: error: {err}")
             return EXIT_FAILED
         server.router.expect(call_id, bot=bot)
         watch = NoResponseWatch(uri, lambda: server.endpoint.hangup(call_id), _probe_target(settings, uri, account),
@@ -350,7 +351,7 @@ def call(settings: Settings, engine_kind: str, uri: str, account: str | None, bo
                 return False
             if isinstance(event, ev.CallProgress) and watch.heard():
                 responded = True
-                print(f"{event.code} {event.reason}", file=sys.stderr, flush=True)
+                say(f"{event.code} {event.reason}")
             if isinstance(event, ev.CallConfirmed):
                 answered = True
             return isinstance(event, ev.CallEnded)
@@ -358,14 +359,14 @@ def call(settings: Settings, engine_kind: str, uri: str, account: str | None, bo
         try:
             ended = server.pump(until=is_end, stop=stop)
         except ServerFailure as err:
-            print(f"callbot: error: {err}", file=sys.stderr, flush=True)
+            say(f"callbot: error: {err}")
             return EXIT_FAILED
         finally:
             watch.close()
         if ended is None:
             return EXIT_INTERRUPTED
         if watch.reason is not None:
-            print(f"callbot: error: {watch.reason}", file=sys.stderr, flush=True)
+            say(f"callbot: error: {watch.reason}")
             return EXIT_FAILED
-        print(f"call ended: {ended.cause} ({ended.code} {ended.reason})", file=sys.stderr, flush=True)
+        say(f"call ended: {ended.cause} ({ended.code} {ended.reason})")
         return exit_status_of(ended, answered, responded)
