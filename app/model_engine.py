@@ -39,7 +39,8 @@ def build_model_engine(settings: Settings) -> CallEngine:
     try:
         if settings.model.process:
             return InferenceProcess(functools.partial(prepare_in_child, settings), batch=settings.model.batch,
-                                    align=settings.model.align, resampler_phase=settings.model.resampler_phase)
+                                    align=settings.model.align, resampler_phase=settings.model.resampler_phase,
+                                    cpus=settings.model.cpus)
         model, prompts, warmup = prepare_in_child(settings)
     except InferenceStartupError as err:
         raise StartupError(str(err)) from None
@@ -48,4 +49,4 @@ def build_model_engine(settings: Settings) -> CallEngine:
     # BotPrompts: a bot prepared again while serve runs (app/bot_reload.py) is swapped in there
     return ModelEngine(model, BotPrompts(prompts), warmup=warmup, batch=None if settings.model.batch else False,
                        warm_batches=SERVE_BATCHES, align=settings.model.align,
-                       resampler_phase=settings.model.resampler_phase)
+                       resampler_phase=settings.model.resampler_phase, cpus=settings.model.cpus)

@@ -125,7 +125,7 @@ def _build_engine(settings: Settings, kind: str, times: StepTimes | None, step_d
 
     engine = ModelEngine(model, prompt_for, warmup=warm_and_measure, batch=batched,
                          slots=settings.model.max_calls or DEFAULT_SLOTS, align=settings.model.align,
-                         resampler_phase=settings.model.resampler_phase)
+                         resampler_phase=settings.model.resampler_phase, cpus=settings.model.cpus)
     rt = engine.realtime_result
     return engine, (MODEL_TX_MAX_MS, MODEL_TX_SETTLE_PUSHES), rt.policy if rt is not None else "unchanged", list(prompts)
 

@@ -110,6 +110,10 @@ class ModelSettings(_Settings):
     # the model line's resamplers: "minimum" phase (0.13-0.30 ms a direction) or "linear" (1.0-1.75 ms, a
     # delay the same at every frequency): BENCHMARKS.md, "Resampler"
     resampler_phase: Literal["minimum", "linear"] = "minimum"
+    # the CPUs the inference thread (and MLX's stream thread) stay on, e.g. [3]: a core of the model's own
+    # (engine/audio/cpu_affinity.py: on the 2-core CI machine the tiny model's CPU step 0.55-0.67x);
+    # Linux only, not available on macOS (a warning, the bot runs). None = where the OS puts them
+    cpus: Annotated[list[Annotated[int, Meta(ge=0)]], Meta(min_length=1)] | None = None
 
 
 class MetricsSettings(_Settings):

@@ -17,7 +17,8 @@ buffer on the far side. Cases (BENCHMARKS.md, "## Latency (mouth-to-ear)"):
 - `ws`:    the path this product replaces, Twilio Media Streams' shape: JSON messages with base64 mu-law
            8 kHz, 20 ms each, over a WebSocket on loopback served with uvloop, into the same EchoEngine.
 - `model`: the tiny model (same code as the 7B) behind the ModelEngine runner (KINDS: in a child
-           process as serve runs it, in a thread, the runner before its rounds met the tick, and
+           process as serve runs it, the same with its inference thread pinned to a CPU (`[model]
+           cpus`, engine/audio/cpu_affinity.py), in a thread, the runner before its rounds met the tick, and
            "steady": each step padded to a fixed length, the schedule without this CPU's spread). Its
            audio is replaced, after each real step, by a marker click at the first sample of the output
            frame computed from the input frame holding the peer's click: the first output that could
@@ -52,11 +53,15 @@ MODEL_CLICKS = int(L.env_float("CALLBOT_BENCH_MODEL_CLICKS", 40))
 # marker seen under load (460 ms), so that no marker lands in the next click's window
 MODEL_INTERVAL_MS = 610.0
 CODECS = ("PCMU", "G722")
-KINDS = ("process", "thread", "baseline", "steady")  # the model's hostings measured (the docstring)
+KINDS = ("process", "pinned", "thread", "baseline", "steady")  # the model's hostings measured (the docstring)
 PTIME_MS = 20.0
 # the "steady" case's step: longer than the tiny model's slowest here (p99 21-34 ms on the loaded CI
 # machine), so that the pad, not the CPU, sets its length
 STEADY_STEP_MS = L.env_float("CALLBOT_BENCH_STEADY_STEP_MS", 36.0)
+# the "pinned" case's CPU: the last this process may use, the inference thread's alone (the SIP side, the
+# peer and the rest of the inference process run on the others), as on a machine that gives the model its
+# own core
+PINNED_CPU = max(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
 RESULTS: dict[tuple[str, str], dict] = {}
 
 pytestmark = pytest.mark.timeout(900)
@@ -154,11 +159,22 @@ def model_call(source, codec: str, clicks: int, interval_ms: float, kind: str, t
     from callbot.engine.serving.inference_process import InferenceProcess
 
     directory, how, _ = source
+    if kind == "pinned":  # the model's core of its own: this process (the SIP side), the peer and the child
+        mask = os.sched_getaffinity(0)  # start on the others (they inherit it); only the inference
+        os.sched_setaffinity(0, mask - {PINNED_CPU})  # thread moves to PINNED_CPU
+        try:
+            return model_call(source, codec, clicks, interval_ms, "pinned-here", tmp_path)
+        finally:
+            os.sched_setaffinity(0, mask)
+    kind = "pinned" if kind == "pinned-here" else kind
     closed = []
-    if kind == "process":
+    if kind in ("process", "pinned"):
         marks_path = tmp_path / "marks.txt"
         engine = InferenceProcess(functools.partial(L.model_setup, directory, how, str(marks_path)),
-                                  on_closed=closed.append)
+                                  on_closed=closed.append, cpus=[PINNED_CPU] if kind == "pinned" else None)
+        if kind == "pinned" and engine.info.cpus != [PINNED_CPU]:
+            engine.close()
+            pytest.skip(f"the inference thread could not be pinned to CPU {PINNED_CPU} here")
     else:
         from callbot.engine.serving.runner import BotPrompt, ModelEngine
 
@@ -178,7 +194,7 @@ def model_call(source, codec: str, clicks: int, interval_ms: float, kind: str, t
         engine.close()
     if engine.error is not None:
         raise engine.error
-    marks = L.read_marks(marks_path) if kind == "process" else model.marks
+    marks = L.read_marks(marks_path) if kind in ("process", "pinned") else model.marks
     return peer, marks, closed[0] if closed else None, stats
 
 
@@ -309,6 +325,8 @@ def test_report(capsys):
             lines.append(f"echo {codec}: CallAudio resamplers {r['resampler_ms']:.2f} ms, port at {r['port_rate']} Hz, "
                          f"own over the first quarter of the call p50/p99 {_fmt(r['own_first'])}; media {r['media']}")
     where = {"process": "a child process (as serve runs it)", "thread": "a thread of the SIP process",
+             "pinned": f"a child process, its inference thread alone on CPU {PINNED_CPU} ([model] cpus; the rest "
+                       "on the other CPUs)",
              "baseline": "a thread, BASELINE: rounds at once, linear-phase resamplers",
              "steady": f"a thread, every step padded to a steady {STEADY_STEP_MS:g} ms"}
     for codec, kind in ((c, k) for k in KINDS for c in CODECS):
@@ -341,6 +359,13 @@ def test_report(capsys):
                          f"step spread (p99 - p50) "
                          f"{steady['step']['p99'] - steady['step']['p50']:.1f} / "
                          f"{new['step']['p99'] - new['step']['p50']:.1f} ms")
+    for codec in CODECS:  # the inference thread on a core of its own, against the same hosting unpinned
+        pinned, free = RESULTS.get(("model", codec, "pinned")), RESULTS.get(("model", codec, "process"))
+        if pinned and free:
+            lines.append(f"model {codec}, pinned / process (p50, p99): step {_ratio(pinned, free, 'step')}; wait for "
+                         f"the tick after the push {_ratio(pinned, free, 'ring_out_to_rtp_out')}; step spread "
+                         f"(p99 - p50) {pinned['step']['p99'] - pinned['step']['p50']:.1f} / "
+                         f"{free['step']['p99'] - free['step']['p50']:.1f} ms")
     lines += projection_lines()
     with capsys.disabled():
         print("\n" + "\n".join(lines))

@@ -95,6 +95,9 @@ MARKS: dict[str, frozenset[str]] = {
         "test_runner_phase": "model",  # 4 s: calls joining on different ticks put in phase, against each alone
         "test_round_schedule": "",  # pure functions of times
         "test_arrival_watch": "",  # pure functions of times
+        "test_cpu_affinity": "",  # threads pinned and asked where they may run
+        "test_cpu_affinity::test_the_runner_pins_its_inference_thread_and_mlx_stream_thread": "model",  # 2 s
+        "test_cpu_affinity::test_the_inference_process_reports_the_cpus_its_child_pinned": "model",  # 6 s: two children
         "test_serve": "sip model slow",  # 200 s
         "test_session": "model slow",  # 17 s
         "test_session_control": "model slow",  # 36 s

@@ -32,7 +32,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple, Sequence
 
 import msgspec
 
@@ -98,13 +98,14 @@ class InferenceProcess:
     imports the script's module again). `on_event` receives the calls' live events on the control
     channel's reader thread; `on_closed` each closed session (with its summary and frames). `batch`:
     the child's runner steps the calls due together (engine/serving/runner.py); False, one by one.
-    `align` and `resampler_phase`: the runner's round schedule and the model line's resamplers (ModelEngine).
+    `align` and `resampler_phase`: the runner's round schedule and the model line's resamplers; `cpus`: the
+    CPUs the child's inference thread stays on (ModelEngine).
     """
 
     def __init__(self, setup: Callable[[], InferenceSetup], *,
                  ready_timeout_s: float = READY_TIMEOUT_S, close_timeout_s: float = CLOSE_TIMEOUT_S,
                  ring_seconds: float = RING_SECONDS, realtime: bool = True, batch: bool = True,
-                 align: bool = True, resampler_phase: str = "minimum",
+                 align: bool = True, resampler_phase: str = "minimum", cpus: Sequence[int] | None = None,
                  on_closed: Callable[[ProcessCallSession], None] | None = None, on_event: EventSink | None = None):
         if not ready_timeout_s > 0 or not close_timeout_s > 0:
             raise ValueError(f"timeouts must be > 0 s, got ready {ready_timeout_s!r}, close {close_timeout_s!r}")
@@ -123,7 +124,7 @@ class InferenceProcess:
         ctx = multiprocessing.get_context("spawn")
         self._conn, child_conn = ctx.Pipe(duplex=True)
         self._proc = ctx.Process(target=_child_main, args=(child_conn, setup, ring_seconds, realtime, batch, align,
-                                                             resampler_phase),
+                                                             resampler_phase, None if cpus is None else list(cpus)),
                                  name="callbot-inference", daemon=True)
         self._proc.start()
         child_conn.close()  # ours is closed so that the child's exit reads as EOF here
@@ -322,7 +323,8 @@ class InferenceProcess:
 
 
 def _child_main(conn, setup: Callable[[], InferenceSetup], ring_seconds: float, realtime: bool,
-                batch: bool = True, align: bool = True, resampler_phase: str = "minimum") -> None:
+                batch: bool = True, align: bool = True, resampler_phase: str = "minimum",
+                cpus: list[int] | None = None) -> None:
     # Ctrl-C in a terminal, or a service manager's SIGTERM, reaches the whole process group: the SIP
     # process decides when we stop ("stop", or EOF when it is gone), after it has hung up its calls.
     # Our stdout would land in serve's JSON log: anything a loader prints goes to stderr instead.
@@ -339,7 +341,7 @@ def _child_main(conn, setup: Callable[[], InferenceSetup], ring_seconds: float, 
         # batched unless told not to (or the setup wrapped its model: then one by one, see the runner)
         engine = ModelEngine(model, BotPrompts(prompts), realtime=realtime, warmup=warmup,
                              batch=None if batch else False, warm_batches=SERVE_BATCHES, align=align,
-                             resampler_phase=resampler_phase)
+                             resampler_phase=resampler_phase, cpus=cpus)
     except InferenceStartupError as err:
         _send_quietly(conn, pm.StartupFailed(text=str(err)))
         return
@@ -357,7 +359,8 @@ def _child_main(conn, setup: Callable[[], InferenceSetup], ring_seconds: float, 
         rt = engine.realtime_result
         pm.send(conn, pm.Ready(pid=os.getpid(), bots=list(prompts), pjsua2_loaded="pjsua2" in sys.modules,
                                realtime=rt.policy if rt is not None else "unchanged",
-                               prepares_bots=engine.prepares_bots))
+                               prepares_bots=engine.prepares_bots,
+                               cpus=list(engine.pinned.cpus) if engine.pinned is not None else []))
         sender.start()
         while True:
             if engine.error is not None:

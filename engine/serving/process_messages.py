@@ -53,6 +53,7 @@ class Ready(Message, tag="ready"):
     pjsua2_loaded: bool  # evidence for the tests: the child must never load pjsua2
     realtime: str  # the inference thread's scheduling policy, or "unchanged"
     prepares_bots: bool = False  # whether a PrepareBotCall can swap a bot (the model; not the echo line)
+    cpus: list[int] = []  # the CPUs the inference thread is pinned to ([]: not pinned)
 
 
 class StartupFailed(Message, tag="startup_error"):

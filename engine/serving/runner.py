@@ -76,12 +76,13 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import mlx.core as mx
 import numpy as np
 
 from callbot.engine.audio import PeriodicClock, make_realtime, now_ns, sleep_until, to_float32, to_int16
+from callbot.engine.audio.cpu_affinity import PinResult, check_cpus, pin_thread
 from callbot.engine.serving.arrival_watch import expected_arrival_ns, next_look_ns
 from callbot.engine.serving.call_audio import CallAudio
 from callbot.engine.serving.round_schedule import (MARGIN_NS, SAME_TICK_NS, TICK_NS, Due,
@@ -270,6 +271,10 @@ class ModelEngine:
     and new calls' frames put in phase with the others' (False: every due frame stepped at once, each
     call in its own phase); `resampler_phase` = the phase of the resamplers of the calls' CallAudio
     ("minimum" by default, "linear" for the exact, frequency-independent delay).
+
+    `cpus`: the CPUs the inference thread and MLX's stream thread stay on (engine/audio/cpu_affinity.py:
+    one core makes their many hand-overs a step context switches, not cross-core wake-ups); None = where
+    the OS puts them. Not pinned (macOS, a CPU the process may not use): `pinned.reason`, one stderr line.
     """
 
     def __init__(self, model: Model, prompt_for: Callable[[CallStart], BotPrompt], *, realtime: bool = True,
@@ -278,7 +283,8 @@ class ModelEngine:
                  warmup: Callable[[], None] | None = None, switch_interval_s: float | None = 0.001,
                  batch: bool | None = None, slots: int = DEFAULT_SLOTS, warm_batches: int = 0,
                  on_round: Callable[[int, float], None] | None = None, align: bool = True,
-                 margin_ms: float = MARGIN_NS / 1e6, resampler_phase: str = MODEL_RESAMPLER_PHASE):
+                 margin_ms: float = MARGIN_NS / 1e6, resampler_phase: str = MODEL_RESAMPLER_PHASE,
+                 cpus: Sequence[int] | None = None):
         if not 0 <= grace_ms <= 1000:
             raise ValueError(f"grace_ms must be 0..1000 ms, got {grace_ms!r}")
         if isinstance(max_backlog, bool) or not isinstance(max_backlog, int) or max_backlog < 1:
@@ -313,6 +319,8 @@ class ModelEngine:
         self.on_event = on_event
         self.realtime_result = None
         self._want_realtime = realtime
+        self._cpus = None if cpus is None else check_cpus(cpus)
+        self.pinned: PinResult | None = None  # what pinning to `cpus` got (inference thread), None: not asked
         if switch_interval_s is not None:
             # Python hands the GIL over every 5 ms by default: a step's graph building would then delay
             # the media callbacks by up to 5 ms (docs/latency.md, "The GIL and the media clock": p99
@@ -431,6 +439,10 @@ class ModelEngine:
     # ---- the inference thread ----------------------------------------------------------------------
 
     def _run(self) -> None:
+        if self._cpus is not None:  # first: the threads this one starts (MLX's stream) inherit the mask
+            self.pinned = pin_thread(self._cpus)
+            if self.pinned.reason:
+                say(f"callbot: warning: the inference thread was {self.pinned.reason}")
         if self._want_realtime:
             # computation: what a q4 7B step needs on an M4 (docs/latency.md, "Latency budget"),
             # constraint: the frame period
