@@ -294,6 +294,19 @@ def _ratio(new, old, key):
             f"{new[key]['p99']:.1f}/{old[key]['p99']:.1f} = {new[key]['p99'] / old[key]['p99']:.2f}x")
 
 
+def _pairs(kind: str, against: str):
+    """(codec, the model case `kind`, the case `against`) for each codec both ran for."""
+    for codec in CODECS:
+        a, b = RESULTS.get(("model", codec, kind)), RESULTS.get(("model", codec, against))
+        if a and b:
+            yield codec, a, b
+
+
+def _spread(r) -> str:
+    """A case's step spread, p99 - p50, ms."""
+    return f"{r['step']['p99'] - r['step']['p50']:.1f}"
+
+
 def test_report(capsys):
     if not RESULTS:
         pytest.skip("run the whole file")
@@ -343,29 +356,23 @@ def test_report(capsys):
                      "own_on_path", "own_stages_and_tick", "own"):
             lines.append(f"  {name:<20}{_fmt(m[name])}")
         lines.append(f"  resamplers (in own_stages) {m['resamplers_ms']:.2f} ms")
-    for codec in CODECS:  # the same run: the schedule and minimum phase against the runner before them
-        new, old = RESULTS.get(("model", codec, "thread")), RESULTS.get(("model", codec, "baseline"))
-        if new and old:
-            lines.append(f"model {codec}, thread / baseline (p50, p99): wait for the tick after the push "
-                         f"{_ratio(new, old, 'ring_out_to_rtp_out')}; own stages beyond the tick "
-                         f"{_ratio(new, old, 'own_stages')} (on the audio's path {_ratio(new, old, 'own_on_path')}); "
-                         f"total {_ratio(new, old, 'total')}")
-    for codec in CODECS:  # the schedule with a steady step, against the loaded CPU's own step, same run
-        steady, new = RESULTS.get(("model", codec, "steady")), RESULTS.get(("model", codec, "thread"))
-        if steady and new:
-            lines.append(f"model {codec}, steady / thread (p50, p99): wait for the tick after the push "
-                         f"{_ratio(steady, new, 'ring_out_to_rtp_out')}; own stages beyond the tick "
-                         f"{_fmt(steady['own_stages'])}, on the audio's path {_fmt(steady['own_on_path'])}; "
-                         f"step spread (p99 - p50) "
-                         f"{steady['step']['p99'] - steady['step']['p50']:.1f} / "
-                         f"{new['step']['p99'] - new['step']['p50']:.1f} ms")
-    for codec in CODECS:  # the inference thread on a core of its own, against the same hosting unpinned
-        pinned, free = RESULTS.get(("model", codec, "pinned")), RESULTS.get(("model", codec, "process"))
-        if pinned and free:
-            lines.append(f"model {codec}, pinned / process (p50, p99): step {_ratio(pinned, free, 'step')}; wait for "
-                         f"the tick after the push {_ratio(pinned, free, 'ring_out_to_rtp_out')}; step spread "
-                         f"(p99 - p50) {pinned['step']['p99'] - pinned['step']['p50']:.1f} / "
-                         f"{free['step']['p99'] - free['step']['p50']:.1f} ms")
+    # the same run: the schedule and minimum phase against the runner before them
+    for codec, new, old in _pairs("thread", "baseline"):
+        lines.append(f"model {codec}, thread / baseline (p50, p99): wait for the tick after the push "
+                     f"{_ratio(new, old, 'ring_out_to_rtp_out')}; own stages beyond the tick "
+                     f"{_ratio(new, old, 'own_stages')} (on the audio's path {_ratio(new, old, 'own_on_path')}); "
+                     f"total {_ratio(new, old, 'total')}")
+    # the schedule with a steady step, against the loaded CPU's own step
+    for codec, steady, new in _pairs("steady", "thread"):
+        lines.append(f"model {codec}, steady / thread (p50, p99): wait for the tick after the push "
+                     f"{_ratio(steady, new, 'ring_out_to_rtp_out')}; own stages beyond the tick "
+                     f"{_fmt(steady['own_stages'])}, on the audio's path {_fmt(steady['own_on_path'])}; "
+                     f"step spread (p99 - p50) {_spread(steady)} / {_spread(new)} ms")
+    # the inference thread on a core of its own, against the same hosting free to move
+    for codec, pinned, free in _pairs("pinned", "process"):
+        lines.append(f"model {codec}, pinned / process (p50, p99): step {_ratio(pinned, free, 'step')}; wait for "
+                     f"the tick after the push {_ratio(pinned, free, 'ring_out_to_rtp_out')}; step spread "
+                     f"(p99 - p50) {_spread(pinned)} / {_spread(free)} ms")
     lines += projection_lines()
     with capsys.disabled():
         print("\n" + "\n".join(lines))
