@@ -33,7 +33,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from callbot.app.edge import read_counters  # noqa: E402
 from tests.flood_peers import ATTACKER, SippFlood, rss_kb  # noqa: E402
-from tests.sip_peers import LOCALHOST, _Lines, free_port, serve_config, stop_process  # noqa: E402
+from tests.sip_peers import LOCALHOST, _Lines, free_port, serve_config, sipp_ports, stop_process  # noqa: E402
 
 CASES = {
     "options": "OPTIONS (answered by the edge itself)",
@@ -105,8 +105,8 @@ def _call(port: int, workdir: pathlib.Path, source: str, timeout_s: int = 10) ->
     cleanly, else the final status that refused it (0: none came)."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "uac.xml").write_text(_UAC_XML)
-    args = ["sipp", f"{LOCALHOST}:{port}", "-sf", str(workdir / "uac.xml"), "-s", "echo", "-i", source, "-p", str(free_port()),
-            "-mp", str(free_port()), "-m", "1", "-d", "1000", "-timeout", f"{timeout_s}s", "-timeout_error",
+    args = ["sipp", f"{LOCALHOST}:{port}", "-sf", str(workdir / "uac.xml"), "-s", "echo", "-i", source, *sipp_ports(),
+            "-m", "1", "-d", "1000", "-timeout", f"{timeout_s}s", "-timeout_error",
             "-nostdin", "-trace_err", "-error_file", str(workdir / "call-errors.log")]
     with open(workdir / "call.log", "w") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

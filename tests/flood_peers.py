@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 
-from tests.sip_peers import LOCALHOST, free_port, stop_process
+from tests.sip_peers import LOCALHOST, free_port, sipp_ports, stop_process
 
 HERE = pathlib.Path(__file__).parent
 ROOT = HERE.parent
@@ -190,8 +190,8 @@ class SippFlood:
         self.stat = workdir / f"{name}-{int(rate)}-stat.csv"
         self.calls = max(1, int(rate * seconds))
         self.seconds = seconds
-        args = ["sipp", f"{LOCALHOST}:{port}", "-sf", str(xml), "-i", source, "-p", str(free_port()),
-                "-mp", str(free_port()), "-s", service, "-r", str(rate), "-rp", "1000", "-m", str(self.calls),
+        args = ["sipp", f"{LOCALHOST}:{port}", "-sf", str(xml), "-i", source, *sipp_ports(),
+                "-s", service, "-r", str(rate), "-rp", "1000", "-m", str(self.calls),
                 "-l", str(min(5000, max(100, int(rate * 5)))), "-timeout", f"{int(seconds) + 40}s", "-nostdin",
                 "-nd", "-recv_timeout", "5000", "-max_recv_loops", "10000", "-max_sched_loops", "10000",
                 "-trace_stat", "-stf", str(self.stat), "-fd", "1",
@@ -233,8 +233,8 @@ class SippFlood:
 def sipp_call(port: int, workdir: pathlib.Path, *, timeout_s: int = 10, service: str = "callbot") -> bool:
     """One real call (SIPp's built-in uac: INVITE with an offer, ACK, 1 s, BYE) from 127.0.0.1: connected?"""
     workdir.mkdir(parents=True, exist_ok=True)
-    args = ["sipp", f"{LOCALHOST}:{port}", "-sn", "uac", "-s", service, "-i", LOCALHOST, "-p", str(free_port()),
-            "-mp", str(free_port()), "-m", "1", "-d", "1000", "-timeout", f"{timeout_s}s", "-timeout_error",
+    args = ["sipp", f"{LOCALHOST}:{port}", "-sn", "uac", "-s", service, "-i", LOCALHOST, *sipp_ports(),
+            "-m", "1", "-d", "1000", "-timeout", f"{timeout_s}s", "-timeout_error",
             "-nostdin", "-trace_err", "-error_file", str(workdir / "call-errors.log")]
     with open(workdir / "call.log", "w") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

@@ -47,6 +47,26 @@ def free_port(kind: int = socket.SOCK_DGRAM) -> int:
     raise RuntimeError("no free port found")
 
 
+def sipp_ports(signalling: int | None = None) -> list[str]:
+    """SIPp's port arguments: `-p`, its SIP port (`signalling`, or a free one), and `-mp`, the first of its
+    media ports (SIPp binds it and the three after it: audio and video, RTP and RTCP), none of them the SIP
+    port. Two free_port() calls can hand back the same port: seen in CI, SIPp then could not bind its audio
+    socket ("Address already in use") and exited 254 before it sent a request."""
+    sip = free_port() if signalling is None else signalling
+    for _ in range(50):
+        base = free_port()
+        if base <= sip <= base + 3 or base + 3 > 65535:
+            continue
+        try:
+            for k in range(1, 4):
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                    s.bind((LOCALHOST, base + k))
+        except OSError:
+            continue
+        return ["-p", str(sip), "-mp", str(base)]
+    raise RuntimeError("no free media ports for SIPp")
+
+
 def stop_process(proc: subprocess.Popen, timeout: float = 10.0, sig: int = signal.SIGTERM) -> int:
     """Signal, wait up to `timeout`, then kill: a test never leaves a process behind."""
     if proc.poll() is None:
@@ -402,7 +422,7 @@ class Sipp:
         self.port = free_port()
         self.uri = f"sip:{service}@{LOCALHOST}:{self.port}"
         workdir.mkdir(parents=True, exist_ok=True)
-        args = ["sipp", "-sn", scenario, "-i", LOCALHOST, "-p", str(self.port), "-mp", str(free_port()),
+        args = ["sipp", "-sn", scenario, "-i", LOCALHOST, *sipp_ports(self.port),
                 "-m", str(calls), "-d", str(call_ms), "-timeout", str(timeout_s), "-timeout_error", "-nostdin",
                 "-trace_err", "-error_file", str(workdir / f"sipp-{scenario}-errors.log")]
         if target:
@@ -493,7 +513,7 @@ class SippCallee:
         scenario = workdir / "callee.xml"
         scenario.write_text(_SIPP_CALLEE_XML)
         self.proc = subprocess.Popen(
-            ["sipp", "-sf", str(scenario), "-i", LOCALHOST, "-p", str(self.port), "-mp", str(free_port()), "-m", "1",
+            ["sipp", "-sf", str(scenario), "-i", LOCALHOST, *sipp_ports(self.port), "-m", "1",
              "-rtp_echo", "-timeout", str(timeout_s), "-timeout_error", "-nostdin", "-trace_msg",
              "-message_file", str(self.trace)],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

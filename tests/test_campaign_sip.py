@@ -11,11 +11,10 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from callbot.app.recording import read_recording
 from tests.campaign_calls import Callee, human, machine, silence, speech
-from tests.sip_peers import LOCALHOST, PjsuaPeer, eventually, free_port, serve_config, stop_process
+from tests.sip_peers import LOCALHOST, PjsuaPeer, eventually, free_port, serve_config, sipp_ports, stop_process
 
 SIPP_REFUSE = """<?xml version="1.0" encoding="ISO-8859-1" ?>
 <scenario name="refuse">
@@ -46,7 +45,7 @@ class SippRefusing:
         self.trace = workdir / f"sipp{code}-messages.log"
         self._log = open(workdir / f"sipp{code}.log", "w")
         self.proc = subprocess.Popen(
-            ["sipp", "-sf", str(scenario), "-i", LOCALHOST, "-p", str(self.port), "-mp", str(free_port()),
+            ["sipp", "-sf", str(scenario), "-i", LOCALHOST, *sipp_ports(self.port),
              "-nostdin", "-trace_msg", "-message_file", str(self.trace), "-timeout", "120"],
             stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 

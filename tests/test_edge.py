@@ -28,7 +28,7 @@ from callbot.app.errors import StartupError
 from callbot.app.settings import ConfigError, parse_settings
 from tests.flood_peers import can_bind
 from tests.sip_peers import (KAMAILIO_MODULES, LOCALHOST, MEDIA_PEER, PjsuaPeer, SippCallee, _Lines, eventually, free_port,
-                              serve_config, stop_process)
+                              serve_config, sipp_ports, stop_process)
 
 pytestmark = pytest.mark.timeout(120)
 CALLBOT = [sys.executable, "-m", "callbot.app.cli"]
@@ -566,7 +566,7 @@ def test_invite_flood_is_absorbed_and_a_call_connects_after(tmp_path):
     try:
         with open(tmp_path / "sipp.log", "w") as log:
             sipp = subprocess.run(["sipp", f"{LOCALHOST}:{edge_port}", "-sn", "uac", "-s", "echo", "-i", FLOODER,
-                                   "-p", str(free_port()), "-mp", str(free_port()), "-r", "300", "-m", "900",
+                                   *sipp_ports(), "-r", "300", "-m", "900",
                                    "-d", "500", "-recv_timeout", "2000", "-timeout", "20", "-nostdin"],
                                   stdout=log, stderr=subprocess.STDOUT, timeout=60)
         screen = (tmp_path / "sipp.log").read_text()
