@@ -34,6 +34,7 @@ Run (about 3.5 min):
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import subprocess
@@ -156,17 +157,27 @@ def model_call(source, codec: str, clicks: int, interval_ms: float, kind: str, t
     """One SIP call to the model, served as `serve` serves it (kind "process": the InferenceProcess, the
     model in a spawned child) or by a ModelEngine in this process ("thread", the layout before the
     split). Returns (peer result, marks, the closed session: final_summary and stats, endpoint stats)."""
+    # "pinned": the model's core of its own, the rest (this process, the peer, the child) off it
+    with _off_cpu(PINNED_CPU) if kind == "pinned" else contextlib.nullcontext():
+        return _model_call(source, codec, clicks, interval_ms, kind, tmp_path)
+
+
+@contextlib.contextmanager
+def _off_cpu(cpu: int):
+    """This thread, and the threads and processes it starts meanwhile (they inherit its mask), kept off
+    `cpu`; only a thread that pins itself there (the inference thread, `[model] cpus`) runs on it."""
+    mask = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, mask - {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, mask)
+
+
+def _model_call(source, codec: str, clicks: int, interval_ms: float, kind: str, tmp_path):
     from callbot.engine.serving.inference_process import InferenceProcess
 
     directory, how, _ = source
-    if kind == "pinned":  # the model's core of its own: this process (the SIP side), the peer and the child
-        mask = os.sched_getaffinity(0)  # start on the others (they inherit it); only the inference
-        os.sched_setaffinity(0, mask - {PINNED_CPU})  # thread moves to PINNED_CPU
-        try:
-            return model_call(source, codec, clicks, interval_ms, "pinned-here", tmp_path)
-        finally:
-            os.sched_setaffinity(0, mask)
-    kind = "pinned" if kind == "pinned-here" else kind
     closed = []
     if kind in ("process", "pinned"):
         marks_path = tmp_path / "marks.txt"

@@ -39,11 +39,18 @@ def _write_wav(path, samples: np.ndarray) -> None:
 
 
 def _correlation(heard_path, clip: np.ndarray) -> float:
-    return _best_match(heard_path, clip)[0]
+    return _best_match(_heard(heard_path), clip)[0]
 
 
-def _best_match(heard_path, clip: np.ndarray) -> tuple[float, int]:
-    """The clip's best normalized correlation in the recording, and the sample (at RATE) where it lies."""
+def _without_dc(x: np.ndarray) -> np.ndarray:
+    """`x` less its 20 ms moving average: a DC offset elsewhere in the call (a random-weight model's output)
+    must not hide a clip that is there."""
+    x = x.astype(np.float64)
+    return x - np.convolve(x, np.ones(RATE // 50) / (RATE // 50), "same")
+
+
+def _heard(heard_path) -> np.ndarray:
+    """A recording at RATE, for _best_match (_without_dc)."""
     with wave.open(str(heard_path)) as w:
         heard = np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.float64)
         rate = w.getframerate()
@@ -51,12 +58,12 @@ def _best_match(heard_path, clip: np.ndarray) -> tuple[float, int]:
         import soxr
 
         heard = soxr.resample(heard, rate, RATE)
-    # a 20 ms moving average taken out of both: a DC offset elsewhere in the call (a random-weight model's
-    # output) must not hide a clip that is there
-    box = np.ones(RATE // 50) / (RATE // 50)
-    ref = clip.astype(np.float64)
-    ref = ref - np.convolve(ref, box, "same")
-    heard = heard - np.convolve(heard, box, "same")
+    return _without_dc(heard)
+
+
+def _best_match(heard: np.ndarray, clip: np.ndarray) -> tuple[float, int]:
+    """The clip's best normalized correlation in `heard` (from _heard), and the sample where it lies."""
+    ref = _without_dc(clip)
     if len(heard) < len(ref):
         return 0.0, 0
     norms = np.sqrt(np.convolve(heard ** 2, np.ones(len(ref)), "valid"))
@@ -70,8 +77,8 @@ def _heard_in_order(heard_path, clip: np.ndarray, pieces: int = 4) -> float:
     when out of order). Why not the whole clip at once: the phone's jitter buffer may drop or add a
     packet's worth while the clip plays (it adapts under load), and one correlation over the whole then
     falls (0.54, seen in CI, each quarter 0.94-1.0) although the caller heard all of it."""
-    n = len(clip)
-    found = [_best_match(heard_path, clip[k * n // pieces:(k + 1) * n // pieces]) for k in range(pieces)]
+    heard, n = _heard(heard_path), len(clip)
+    found = [_best_match(heard, clip[k * n // pieces:(k + 1) * n // pieces]) for k in range(pieces)]
     starts = [at for _, at in found]
     return min(score for score, _ in found) if starts == sorted(starts) else 0.0
 
