@@ -38,7 +38,7 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import msgspec
@@ -47,7 +47,7 @@ import numpy as np
 from callbot.app.event_bus import call_id_of
 from callbot.app.settings import ConfigError, Settings
 from callbot.campaigns import scheduler as sch
-from callbot.campaigns.amd import HUMAN, MACHINE, AmdDetector
+from callbot.campaigns.amd import MACHINE, AmdDetector
 from callbot.campaigns.config import Campaign, CampaignError, load_campaign
 from callbot.campaigns.contacts import Contact, load_contacts, load_dnc
 from callbot.campaigns.state import Attempt, CampaignState, state_path
@@ -567,7 +567,6 @@ class CampaignRunner:
             event = server.endpoint.events.get(timeout=timeout) if timeout > 0 else server.endpoint.events.get_nowait()
         except queue.Empty:
             return
-        server.bus.publish(event)
         call_id = getattr(event, "call_id", None)
         live = self.live.get(call_id) if call_id is not None else None
         if live is None:

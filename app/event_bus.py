@@ -80,6 +80,9 @@ class EventBus(Generic[E]):
 
     def __init__(self) -> None:
         self._lock = threading.Lock()  # the subscriber list: copied on change, read without the lock
+        # one publish at a time: an event a handler publishes in answer to another (a flow's start on its
+        # call's event) reaches every subscriber after that other, never between two of its offers
+        self._publishing = threading.Lock()
         self._subscriptions: tuple[Subscription[E], ...] = ()
         self._handlers: list[_Handler[E]] = []
 
@@ -106,8 +109,10 @@ class EventBus(Generic[E]):
         return sub
 
     def publish(self, event: E) -> None:
-        for sub in self._subscriptions:  # a tuple: a subscribe meanwhile does not disturb this loop
-            sub.offer(event)
+        """Offers `event` to every subscriber; held only for those non-blocking offers (microseconds)."""
+        with self._publishing:
+            for sub in self._subscriptions:  # a tuple: a subscribe meanwhile does not disturb this loop
+                sub.offer(event)
 
     @property
     def subscriptions(self) -> tuple[Subscription[E], ...]:

@@ -129,9 +129,11 @@ def running_server(settings: Settings, engine_kind: str, log: EventLog | None = 
             writer.attach(bus)
         router = CallRouter(engine, start_for=routes.start_for)
         # on a shared model service the screen also asks the model for room (503 + Retry-After when none)
+        # the endpoint's events reach the bus on the thread that emits them, in the order they happen
         endpoint = Endpoint(settings.endpoint_config(), sessions=router,
                             recorder=writer.tap(recorder) if writer is not None else recorder,
-                            screen=worker_screen(engine, bot_reload.screen if bot_reload else routes.screen))
+                            screen=worker_screen(engine, bot_reload.screen if bot_reload else routes.screen),
+                            on_event=bus.publish)
         attach_worker(engine, endpoint, metrics, bus)  # app/service_worker.py: a lost service's calls hung up
         router.ops = endpoint
         flows = start_flows(settings, bus)  # app/flow_host.py: None when no bot has a flow
@@ -250,8 +252,8 @@ class Server:
         return self.router.call(call_id)
 
     def pump(self, until: Callable[[ev.Event], bool] | None = None, stop: threading.Event | None = None) -> ev.Event | None:
-        """Publish the endpoint's events on the bus until `until(event)` is true (returns it) or `stop` is
-        set (returns None).
+        """Takes the endpoint's events off its queue (the bus has them already: the endpoint publishes each
+        as it emits it) until `until(event)` is true (returns it) or `stop` is set (returns None).
 
         Raises ServerFailure when a part has died: calls would go on silent or unrecorded otherwise."""
         while stop is None or not stop.is_set():
@@ -260,7 +262,6 @@ class Server:
                 event = self.endpoint.events.get(timeout=0.2)
             except queue.Empty:
                 continue
-            self._record(event)
             if until is not None and until(event):
                 return event
         return None
@@ -273,15 +274,12 @@ class Server:
                 raise ServerFailure(f"the {name} failed: {err!r}")
 
     def drain(self) -> None:
-        """Publish what is still queued (the events of a shutdown)."""
+        """Empties the endpoint's queue (its events are on the bus already)."""
         while True:
             try:
-                self._record(self.endpoint.events.get_nowait())
+                self.endpoint.events.get_nowait()
             except queue.Empty:
                 break
-
-    def _record(self, event: ev.Event) -> None:
-        self.bus.publish(event)
 
 
 @contextlib.contextmanager

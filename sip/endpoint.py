@@ -167,16 +167,22 @@ class Endpoint:
     endpoint's own checks, as its CallRecord (Request-URI, called, caller, kept headers), on the SIP
     thread before it is answered: None lets it through, (code, reason) refuses it with that final
     answer, (code, reason, retry_after_s) adds a Retry-After header (an overloaded model: 503); it may
-    set `record.labels`. An exception it raises refuses that INVITE with 500.
+    set `record.labels`. An exception it raises refuses that INVITE with 500. `on_event` (optional; the
+    app's bus publish) gets every event on the thread that emits it, before it is queued on `events`: the
+    SIP thread's events then come before whatever they cause elsewhere (a call's IncomingCall before the
+    flow that its audio starts), which a consumer of `events` on another thread cannot promise. It must
+    not wait; an exception it raises is logged and the event is still queued.
     """
 
     def __init__(self, config: EndpointConfig | None = None, sessions: MediaSessions | None = None,
                  recorder: CallRecorder | None = None,
-                 screen: Callable[[CallRecord], tuple[int, str] | tuple[int, str, int] | None] | None = None):
+                 screen: Callable[[CallRecord], tuple[int, str] | tuple[int, str, int] | None] | None = None,
+                 on_event: Callable[[Event], None] | None = None):
         self.config = config or EndpointConfig()
         self.sessions = sessions
         self.recorder = recorder
         self.screen = screen
+        self.on_event = on_event
         self._attach_media = None
         self._media_clock = None  # (make realtime, undo) when calls have media ports
         # what pjmedia's clock thread got when its first frame made it real-time (None until then)
@@ -618,6 +624,11 @@ class Endpoint:
         heapq.heappush(self._timers, (time.monotonic() + delay_s, next(self._timer_seq), fn))
 
     def _emit(self, event: Event) -> None:
+        if self.on_event is not None:
+            try:
+                self.on_event(event)
+            except Exception:
+                log.exception("SIP endpoint: the event sink failed on %s", type(event).__name__)
         self.events.put(event)
         with self._history_cond:
             self._history.append(event)

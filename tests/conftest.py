@@ -110,6 +110,7 @@ MARKS: dict[str, frozenset[str]] = {
         "test_sip_lifecycle": "sip slow",  # 30 s
         "test_sip_media": "sip slow",  # 15 s
         "test_sip_records": "",  # an Endpoint that is never started
+        "test_sip_event_sink": "",  # an Endpoint that is never started
         "test_sip_routes": "sip",  # 7 s: `running_server` with tenants and routes, pjsua2 and raw callers
         "test_sip_registrar": "sip slow",  # 16 s
         "test_sip_robustness": "sip slow",  # 13 s: vanished callers, their slots back after the BYE timeout

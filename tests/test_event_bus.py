@@ -77,3 +77,28 @@ def test_close_drains_what_was_queued_and_stops_the_handler_threads():
 def test_bad_queue_sizes_are_refused(size):
     with pytest.raises(ValueError, match="maxsize"):
         EventBus().subscribe("x", maxsize=size)
+
+
+def test_an_event_published_in_answer_to_another_reaches_every_subscriber_after_it():
+    """A handler that publishes on an event (the flow host starting a flow on its call's event) must not
+    overtake that event on its way to the subscribers after it (the call store would see the flow before
+    the call). The late subscriber's filter holds the first publish open while the answer is published."""
+    bus: EventBus[str] = EventBus()
+    answered = threading.Event()
+
+    def answer(e: str) -> None:
+        if e == "call":
+            bus.publish("flow")
+            answered.set()
+
+    def late(e: str) -> bool:
+        if e == "call":
+            answered.wait(0.3)  # without one publish at a time, "flow" reaches `watch` in this window
+        return True
+
+    bus.attach("flows", answer)
+    watch = bus.subscribe("store", accept=late)
+    bus.publish("call")
+    assert answered.wait(10)
+    assert [watch.get(10), watch.get(10)] == ["call", "flow"]
+    bus.close(timeout=10)
