@@ -17,6 +17,7 @@ import numpy as np
 
 from callbot.app.event_bus import EventBus
 from callbot.engine.contract import CallerWords
+from callbot.engine.serving.stderr_line import say
 from callbot.sip.call_record import CALLER_TEXT_KEPT
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ def start_caller_speech(settings: Any, bus: EventBus) -> tuple[CallerSpeech, Any
     if settings.recognizer.engine == "none":
         return None
     listener = CallerSpeech(bus)
-    service = RecognizerService(settings.recognizer, listener.on_result, on_closed=listener.on_closed)
+    service = RecognizerService(settings.recognizer, listener.on_result, on_closed=listener.on_closed, say=say)
     try:
         service.start()
     except RecognizerError as err:

@@ -160,12 +160,13 @@ class RecognizerService:
     then `open(call_id, rate)`, `feed(call_id, pcm)` (int16 mono bytes at that rate; never blocks),
     `close(call_id)` (flushes; `on_closed(call_id)` follows the call's last result), `stop()`.
     `on_result(call_id, hypothesis)` runs on a reader thread; it should not block for long (the results
-    of every call wait behind it). `error` says what stopped the recognizer, if anything.
+    of every call wait behind it). `error` says what stopped the recognizer, if anything. `say(line)`
+    writes its stderr lines (the app passes its own, which keeps one process's lines whole across threads).
     """
 
     def __init__(self, settings: RecognizerSettings, on_result: Callable[[str, Hypothesis], None], *,
                  on_closed: Callable[[str], None] | None = None, max_pending: int = MAX_PENDING_CHUNKS,
-                 ready_timeout_s: float = READY_TIMEOUT_S):
+                 ready_timeout_s: float = READY_TIMEOUT_S, say: Callable[[str], None] | None = None):
         if settings.engine == "none":
             raise ValueError("the recognizer engine is \"none\": there is nothing to run")
         if max_pending < 1:
@@ -173,6 +174,7 @@ class RecognizerService:
         self.settings = settings
         self.on_result = on_result
         self.on_closed = on_closed
+        self.say = say or _say
         self.max_pending = max_pending
         self.ready_timeout_s = ready_timeout_s
         self.error: str | None = None
@@ -402,7 +404,7 @@ class RecognizerService:
             try:
                 msg = _to_parent.decode(data)
             except msgspec.DecodeError as err:  # a bug on one side: say it, keep going
-                print(f"callbot: recognizer: a message did not decode: {err}", file=sys.stderr, flush=True)
+                self.say(f"callbot: recognizer: a message did not decode: {err}")
                 continue
             if isinstance(msg, Failed):
                 self._fail(msg.text)
@@ -418,16 +420,14 @@ class RecognizerService:
             elif isinstance(msg, Closed):
                 self._settle(msg.call_id)
             elif isinstance(msg, StreamFailed):
-                print(f"callbot: recognizer: call {msg.call_id}: {msg.text} (no more transcript for it)",
-                      file=sys.stderr, flush=True)
+                self.say(f"callbot: recognizer: call {msg.call_id}: {msg.text} (no more transcript for it)")
         except Exception:  # the app's callback: its bug must not end every call's recognition
             traceback.print_exc()
 
     def _fail(self, text: str) -> None:
         if self.error is None:  # the first word is the cause
             self.error = text
-            print(f"callbot: recognizer: {text}; calls go on without caller transcripts", file=sys.stderr,
-                  flush=True)
+            self.say(f"callbot: recognizer: {text}; calls go on without caller transcripts")
         self._dead = True
         with self._lock:
             waiting = sorted(self._closing)
@@ -449,6 +449,12 @@ class RecognizerService:
 
 
 # ---- the child ------------------------------------------------------------------------------------------
+
+
+def _say(line: str) -> None:
+    """A line to stderr in one write (print() makes two, between which another thread's line can land)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def _die_with_parent(parent_pid: int) -> bool:
@@ -494,7 +500,7 @@ def _child_main(conn, settings: RecognizerSettings, parent_pid: int) -> None:
             except (EOFError, OSError):
                 return  # the parent is gone (or closed the pipe)
             except msgspec.DecodeError as err:
-                print(f"callbot: recognizer process: a message did not decode: {err}", file=sys.stderr, flush=True)
+                _say(f"callbot: recognizer process: a message did not decode: {err}")
                 continue
             if not calls.handle(msg):
                 return
