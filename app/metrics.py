@@ -7,6 +7,7 @@ or tests in one process never mix their numbers.
 """
 from __future__ import annotations
 
+import shutil
 from typing import Callable, Iterator, Mapping, Protocol
 
 import msgspec
@@ -51,6 +52,52 @@ class _AnalysisCollector(Collector):
     def collect(self) -> Iterator:
         yield GaugeMetricFamily("callbot_analysis_pending", "Finished calls waiting for their analysis or being "
                                 "analysed", value=self.host.pending)
+
+
+class RecorderLike(Protocol):
+    directory: str
+
+    @property
+    def unwritten(self) -> int: ...
+
+    @property
+    def held_s(self) -> float: ...
+
+    @property
+    def trouble(self) -> "DiskTroubleLike": ...
+
+
+class DiskTroubleLike(Protocol):
+    errors: int
+    lost_s: float
+    failing: set
+
+
+class _RecorderCollector(Collector):
+    """What the recordings' disk refused, and the room left on it (read at each scrape: an alert on it
+    comes before the disk is full)."""
+
+    def __init__(self, recorder: RecorderLike):
+        self.recorder = recorder
+
+    def collect(self) -> Iterator:
+        trouble = self.recorder.trouble
+        yield CounterMetricFamily("callbot_recording_write_errors", "Writes of call recordings, records or "
+                                  "events the disk refused (full, failing)", value=trouble.errors)
+        yield CounterMetricFamily("callbot_recording_lost_seconds", "Seconds of call audio the disk did not take "
+                                  "(silence in the recording stands in for it)", value=trouble.lost_s)
+        yield GaugeMetricFamily("callbot_recording_failing_calls", "Calls whose files the disk refuses now",
+                                value=len(trouble.failing))
+        yield GaugeMetricFamily("callbot_recording_held_seconds", "Seconds of call audio held in memory for a "
+                                "disk that refuses it (written when it takes writes again)",
+                                value=self.recorder.held_s)
+        yield GaugeMetricFamily("callbot_recording_unwritten", "Finished calls whose final record waits for "
+                                "the disk", value=self.recorder.unwritten)
+        try:
+            free = shutil.disk_usage(self.recorder.directory).free
+        except OSError:
+            return  # the folder is gone: the write errors say so
+        yield GaugeMetricFamily("callbot_recordings_free_bytes", "Bytes free on the recordings' disk", value=free)
 
 
 class Metrics:
@@ -98,6 +145,11 @@ class Metrics:
         self.analyses.labels(result).inc()
         if seconds is not None:
             self.analysis_seconds.observe(seconds)
+
+    def watch_recorder(self, recorder: RecorderLike) -> None:
+        """callbot_recording_write_errors/lost_seconds/failing_calls/held_seconds/unwritten,
+        callbot_recordings_free_bytes."""
+        self.registry.register(_RecorderCollector(recorder))
 
     def watch_analysis(self, host: "AnalysisHostLike") -> None:
         """callbot_analysis_pending: calls waiting for the analysis or being analysed."""

@@ -57,6 +57,9 @@ EVENTS_MAX_BYTES = 16 * 1024 * 1024  # per call's events file; a talking bot wri
 POLL_MS = 100.0
 TRANSCRIPT_WAIT_S = 5.0  # a call's sidecar waits this long at most for the recognizer's last words
 TRANSCRIPT_GRACE_S = 0.3  # after them: time for the bus to carry them into the events file
+RETRY_S = 1.0  # after the disk refused a write, a call's files are tried again this often
+HOLD_S = 8.0  # a call's audio held in memory while the disk refuses (256 kB at 8 kHz, 512 kB at 16 kHz)
+COMPLAIN_S = 60.0  # a disk that keeps refusing is said again this often (one line for every call)
 _HEADER_BYTES = 44
 _SAFE = re.compile(r"[^A-Za-z0-9._@-]+")
 
@@ -74,8 +77,10 @@ def _wav_header(rate: int, channels: int, data_bytes: int) -> bytes:
 class WavStreamWriter:
     """A 16-bit PCM WAV file that grows while it is written and is a valid WAV at every sync.
 
-    `write` appends interleaved int16 frames; `sync` pushes them to the OS and then updates the two
-    size fields (RIFF at byte 4, data at byte 40) to cover exactly what is there.
+    `write` appends interleaved int16 frames straight to the OS (no buffer of ours: a write the disk
+    refuses, full or failing, raises OSError with the file cut back to what it held before, so no part
+    of a chunk is left and a later write continues it cleanly); `sync` then updates the two size fields
+    (RIFF at byte 4, data at byte 40) to cover exactly what is there.
     """
 
     def __init__(self, path: str | os.PathLike, rate: int, channels: int):
@@ -86,11 +91,18 @@ class WavStreamWriter:
         self.path = os.fspath(path)
         self.rate = rate
         self.channels = channels
-        self._f = open(self.path, "wb")
-        self._f.write(_wav_header(rate, channels, 0))
-        self._f.flush()
-        self._written = 0  # data bytes handed to write()
+        self._f = open(self.path, "wb", buffering=0)
+        self._written = 0  # data bytes in the file after the header
         self._synced = 0  # data bytes the header covers
+        try:
+            self._append(_wav_header(rate, channels, 0), at=0)
+        except BaseException:
+            self._f.close()
+            try:
+                os.unlink(self.path)  # a file without its header would be no WAV at all
+            except OSError:
+                pass
+            raise
 
     @property
     def frames_written(self) -> int:
@@ -106,23 +118,39 @@ class WavStreamWriter:
         if a.dtype != np.int16 or a.size % self.channels or (a.ndim == 2 and a.shape[1] != self.channels):
             raise ValueError(f"write() takes int16 frames of {self.channels} channel(s), got {a.dtype} {a.shape}")
         data = np.ascontiguousarray(a).astype("<i2", copy=False).tobytes()
-        self._f.write(data)
+        self._append(data, at=_HEADER_BYTES + self._written)
         self._written += len(data)
+
+    def _append(self, data: bytes, at: int) -> None:
+        """`data` at byte `at` (the file's end), whole; on OSError the file is cut back to `at`."""
+        fd, view, done = self._f.fileno(), memoryview(data), 0
+        try:
+            while done < len(view):
+                done += os.pwrite(fd, view[done:], at + done)  # the OS may take part of it
+        except OSError:
+            try:
+                os.ftruncate(fd, at)  # shrinking needs no space; the next write starts at `at` in any case
+            except OSError:
+                pass
+            raise
 
     def sync(self) -> None:
         if self._synced == self._written:
             return
-        # data first, then the sizes that describe it: a kill between the two leaves a shorter, valid file
-        self._f.flush()
+        # data first (already with the OS), then the sizes that describe it: a kill between the two
+        # leaves a shorter, valid file
         fd = self._f.fileno()
         os.pwrite(fd, struct.pack("<I", 36 + self._written), 4)
         os.pwrite(fd, struct.pack("<I", self._written), 40)
         self._synced = self._written
 
     def close(self) -> None:
+        """Syncs and closes; the file is closed even when the sync fails (the OSError is raised after)."""
         if not self._f.closed:
-            self.sync()
-            self._f.close()
+            try:
+                self.sync()
+            finally:
+                self._f.close()
 
     @property
     def closed(self) -> bool:
@@ -184,16 +212,72 @@ def _write_json_atomically(path: str, content: dict) -> None:
         raise
 
 
+class DiskTrouble:
+    """What the recordings' disk refused (full, failing, read-only), for the metrics and the log: said in
+    one line at first, again once a minute while it lasts, and once when writing works again.
+
+    Why not a line per failure: a full disk refuses every call's every write, ten times a second. Why the
+    calls go on: a full disk is the operator's to fix, and a call dropped for it loses the caller too;
+    what the disk did not take is counted (`lost_s`, per call in its sidecar) and the audio's time kept
+    (silence stands in for it in the WAV once the disk takes writes again)."""
+
+    def __init__(self, directory: str, clock: Callable[[], float] = time.monotonic):
+        self.directory = directory
+        self.clock = clock
+        self.errors = 0  # writes refused
+        self.lost_s = 0.0  # seconds of call audio the disk did not take
+        self.failing: set[str] = set()  # calls whose files the disk refuses now
+        self._said_at: float | None = None
+        self._lock = threading.Lock()
+
+    def refused(self, call_id: str, what: str, err: OSError) -> None:
+        with self._lock:
+            self.errors += 1
+            first = not self.failing
+            self.failing.add(call_id)
+            now = self.clock()
+            if first or self._said_at is None or now - self._said_at >= COMPLAIN_S:
+                self._said_at = now
+                log.warning("recordings: the disk under %s refused %s of call %s (%s); calls go on, %.1f s of "
+                            "their audio lost so far", self.directory, what, call_id, _why(err), self.lost_s)
+
+    def lost(self, seconds: float) -> None:
+        with self._lock:
+            self.lost_s += seconds
+
+    def wrote(self, call_id: str) -> None:
+        """A call's files are written again (or given up on: its call is over)."""
+        with self._lock:
+            if call_id not in self.failing:
+                return
+            self.failing.discard(call_id)
+            if not self.failing:
+                self._said_at = None
+                log.warning("recordings: the disk under %s takes writes again (%.1f s of call audio were lost "
+                            "in all)", self.directory, self.lost_s)
+
+
+def _why(err: OSError) -> str:
+    return err.strerror or repr(err)
+
+
 class CallRecording:
     """One call's recording: the two rings the media port fills, and the files they end up in.
 
     `caller` and `bot` hold int16 samples at `rate` Hz; the media port writes one frame to each per
     clock tick (producer), the recorder thread reads them (consumer). `record` is the call's live record
     (a CallRecord the SIP side keeps filling, or a dict): the sidecar is rewritten from it during the call.
+
+    A disk that refuses writes (full, failing) costs as little as it can: the audio drained meanwhile is
+    held in memory (`hold_s`, 8 s) and written once the disk takes writes again (tried every `retry_s`,
+    1 s); what did not fit is counted in `lost_frames` and becomes silence in the WAV, so the recording
+    keeps the call's time. A refused sidecar is written at the next try, a refused events line counted in
+    `events_dropped`. The rings are drained all the while (the caller recognizer still hears the caller).
     """
 
     def __init__(self, directory: str, record: Any, rate: int, sync_interval_s: float,
-                 sidecar_interval_s: float = SIDECAR_INTERVAL_S, events_max_bytes: int = EVENTS_MAX_BYTES):
+                 sidecar_interval_s: float = SIDECAR_INTERVAL_S, events_max_bytes: int = EVENTS_MAX_BYTES,
+                 trouble: DiskTrouble | None = None, retry_s: float = RETRY_S, hold_s: float = HOLD_S):
         meta = _record_dict(record)
         call_id = str(meta.get("call_id") or "call")
         start = float(meta.get("start") or time.time())
@@ -202,23 +286,35 @@ class CallRecording:
         self.wav_path = os.path.join(directory, self.name + ".wav")
         self.sidecar_path = os.path.join(directory, self.name + ".json")
         self.events_path = os.path.join(directory, self.name + ".events.jsonl")
+        self.trouble = trouble if trouble is not None else DiskTrouble(directory)
         self._events = None  # the events file, opened by the first event
         self._events_bytes = 0
         self.events_max_bytes = events_max_bytes
-        self.events_dropped = 0  # lines not written: the file had reached events_max_bytes
+        self.events_dropped = 0  # lines not written: past events_max_bytes, or refused by the disk
         self.record = record
         self.rate = rate
         capacity = capacity_for(rate * RING_SECONDS)
         self.caller = Ring(capacity, "int16")
         self.bot = Ring(capacity, "int16")
         self.sync_interval_s = sync_interval_s
-        self._wav = WavStreamWriter(self.wav_path, rate, 2)
+        self.lost_frames = 0  # frames the disk did not take
+        self.write_error: str | None = None  # what the disk said, while it refuses this call's files
+        self._gap = 0  # lost frames the WAV has yet to get as silence
+        self._held: list[np.ndarray] = []  # audio drained while the disk refused, oldest first
+        self._held_frames = 0
+        self.held_frames_max = int(rate * hold_s)
+        self._retry_at = 0.0  # monotonic s: the disk is tried again from then
+        self.retry_s = retry_s
+        self._wav: WavStreamWriter | None = None
         now = time.monotonic()
         self._next_sync = now + min(FIRST_SYNC_S, sync_interval_s)
         self.sidecar_interval_s = sidecar_interval_s
         self._sidecar_revision = getattr(record, "revision", 0)
         self._sidecar_frames = 0  # frames the last sidecar said were synced
         self._sidecar_at = now
+        self._sidecar_failed = False
+        self._dropped_at_close: int | None = None  # `dropped` once the rings are released
+        self._write_out(force=True)
         self._write_sidecar(meta, complete=False)
 
     listener: CallerListener | None = None  # set by the Recorder: who hears the caller leg as it is drained
@@ -227,16 +323,65 @@ class CallRecording:
 
     @property
     def frames_synced(self) -> int:
-        return self._wav.frames_synced
+        return self._wav.frames_synced if self._wav is not None else 0
 
     @property
     def frames_written(self) -> int:
-        return self._wav.frames_written
+        return self._wav.frames_written if self._wav is not None else 0
 
     @property
     def dropped(self) -> int:
         """Times a ring was full and audio was lost (the recorder thread fell behind)."""
+        if self._dropped_at_close is not None:
+            return self._dropped_at_close
         return self.caller.overruns + self.bot.overruns
+
+    @property
+    def held_frames(self) -> int:
+        """Frames of audio held in memory for a disk that refused them."""
+        return self._held_frames
+
+    @property
+    def retry_due(self) -> bool:
+        return time.monotonic() >= self._retry_at
+
+    def _refused(self, what: str, err: OSError) -> None:
+        self.write_error = _why(err)
+        self._retry_at = time.monotonic() + self.retry_s
+        self.trouble.refused(self.call_id, what, err)
+
+    def _wrote(self) -> None:
+        if self.write_error is not None:
+            self.write_error = None
+            self.trouble.wrote(self.call_id)
+
+    def _lose(self, frames: int) -> None:
+        self.lost_frames += frames
+        self._gap += frames
+        self.trouble.lost(frames / self.rate)
+
+    def _write_out(self, force: bool = False) -> bool:
+        """The WAV open, the audio the disk did not take written as silence, then the audio held for it;
+        False while the disk refuses (tried again once retry_s has passed, or now with `force`)."""
+        if self._wav is not None and not self._gap and not self._held:
+            return True
+        if not force and self.write_error is not None and not self.retry_due:
+            return False
+        try:
+            if self._wav is None:
+                self._wav = WavStreamWriter(self.wav_path, self.rate, 2)
+            while self._gap:
+                n = min(self._gap, self.rate)  # a second at a time: what the disk took stays taken
+                self._wav.write(np.zeros((n, 2), np.int16))
+                self._gap -= n
+            while self._held:
+                self._wav.write(self._held[0])
+                self._held_frames -= len(self._held.pop(0))
+        except OSError as err:
+            self._refused("its recording", err)
+            return False
+        self._wrote()
+        return True
 
     def _drain(self, final: bool) -> None:
         """Moves what both rings hold, in step, into the WAV (recorder thread, or finish())."""
@@ -253,25 +398,52 @@ class CallRecording:
                 # a secret is being gathered (a call flow's sensitive gather): neither the file nor the
                 # recognizer keeps the caller, who may read it out or send it as in-band tones
                 frames[:, 0] = 0
-            self._wav.write(frames)
+            self._keep(frames, final)
             if self.listener is not None:
                 self.listener.heard(self.call_id, np.ascontiguousarray(frames[:, 0]))
+        elif self._held or self._gap or self._wav is None:  # nothing new, audio still waiting for the disk
+            self._keep(np.zeros((0, 2), np.int16), final)
         now = time.monotonic()
-        if final or now >= self._next_sync:
-            self._wav.sync()
+        if self._wav is not None and (final or now >= self._next_sync):
+            try:
+                self._wav.sync()
+            except OSError as err:
+                self._refused("its recording's header", err)
             # until the header covers some audio, look again at the next poll
             self._next_sync = now + self.sync_interval_s if self._wav.frames_synced else now
 
+    def _keep(self, frames: np.ndarray, final: bool) -> None:
+        """`frames` into the WAV, or held while the disk refuses: a hiccup shorter than `hold_s` loses
+        nothing; past it the oldest held audio is lost (silence stands in for it), and all of it when the
+        call is over on a disk that still refuses."""
+        self._held.append(frames)
+        self._held_frames += len(frames)
+        over = self._held_frames > self.held_frames_max
+        if self._write_out(force=final or over):  # about to lose audio: the disk is asked once more first
+            return
+        excess = self._held_frames if final else self._held_frames - self.held_frames_max
+        while excess > 0:  # the oldest audio goes first, to the frame
+            oldest = self._held[0]
+            n = min(len(oldest), excess)
+            if n == len(oldest):
+                self._held.pop(0)
+            else:
+                self._held[0] = oldest[n:]
+            self._held_frames -= n
+            self._lose(n)
+            excess -= n
+
     def _refresh_sidecar(self) -> None:
         """Rewrites the sidecar from the live record when it is due (recorder thread): the first time the
-        WAV covers audio, a change the record reported (at most every SIDECAR_MIN_GAP_S), and every
-        sidecar_interval_s."""
+        WAV covers audio, a change the record reported (at most every SIDECAR_MIN_GAP_S), every
+        sidecar_interval_s, and after one the disk refused, at its next try."""
         now = time.monotonic()
         revision = getattr(self.record, "revision", 0)
         since = now - self._sidecar_at
         due = (since >= self.sidecar_interval_s
                or (revision != self._sidecar_revision and since >= SIDECAR_MIN_GAP_S)
-               or (self._wav.frames_synced and not self._sidecar_frames))
+               or (self.frames_synced and not self._sidecar_frames)
+               or (self._sidecar_failed and self.retry_due))
         if not due:
             return
         try:
@@ -282,50 +454,85 @@ class CallRecording:
         self._sidecar_revision = revision
         self._sidecar_at = now
 
-    def _write_sidecar(self, meta: dict, complete: bool) -> None:
+    def _write_sidecar(self, meta: dict, complete: bool) -> bool:
+        """False when the disk refused it (the previous sidecar, if any, stays as it was)."""
         meta = dict(meta)
         meta["recording"] = {
             "wav": os.path.basename(self.wav_path),
             "rate": self.rate,
             "channels": list(CHANNELS),
-            "frames": self._wav.frames_synced,
-            "seconds": round(self._wav.frames_synced / self.rate, 3),
+            "frames": self.frames_synced,
+            "seconds": round(self.frames_synced / self.rate, 3),
             "complete": complete,
             "dropped": self.dropped,
+            "lost_s": round(self.lost_frames / self.rate, 3),  # audio the disk did not take
+            "write_error": self.write_error,
             "updated": round(time.time(), 3),  # when this sidecar was written: how current it is
         }
         meta["events"] = os.path.basename(self.events_path)
         meta["events_dropped"] = self.events_dropped
-        _write_json_atomically(self.sidecar_path, meta)
-        self._sidecar_frames = self._wav.frames_synced
+        try:
+            _write_json_atomically(self.sidecar_path, meta)
+        except OSError as err:
+            self._sidecar_failed = True
+            self._refused("its record", err)
+            return False
+        self._sidecar_failed = False
+        self._sidecar_frames = self.frames_synced
+        return True
 
     def _note(self, line: bytes) -> None:
         size = len(line) + 1
         if self._events_bytes + size > self.events_max_bytes:
             self.events_dropped += 1
             return
-        if self._events is None:
-            self._events = open(self.events_path, "ab")
-        self._events.write(line + b"\n")
-        self._events.flush()  # to the OS at once: a crash of this process loses none of it
+        data, done = memoryview(line + b"\n"), 0
+        try:
+            if self._events is None:
+                self._events = open(self.events_path, "ab", buffering=0)
+            while done < len(data):
+                done += self._events.write(data[done:])  # the OS may take part of it
+        except OSError as err:
+            if self._events is not None and done:
+                try:
+                    os.ftruncate(self._events.fileno(), self._events_bytes)  # no half line left behind
+                except OSError:
+                    pass
+            self.events_dropped += 1
+            self._refused("its events", err)
+            return
         self._events_bytes += size
 
-    def _finish(self, record: Any) -> None:
+    def _finish(self, record: Any) -> bool:
         self._finish_audio()
-        self._finish_files(record)
+        return self._finish_files(record)
 
     def _finish_audio(self) -> None:
         """The WAV complete and closed: the call's audio is done (the media port no longer writes)."""
         self._drain(final=True)
-        self._wav.close()
+        if self._wav is not None:
+            try:
+                self._wav.close()
+            except OSError as err:
+                self._refused("its recording's header", err)
 
-    def _finish_files(self, record: Any) -> None:
-        """The events file closed, the sidecar written a last time (`complete`), the rings released."""
+    def _finish_files(self, record: Any) -> bool:
+        """The events file closed, the rings released, the sidecar written a last time (`complete`).
+        False when the disk refused that sidecar: `write_final` tries it again."""
         if self._events is not None:
             self._events.close()
-        self._write_sidecar(_record_dict(record), complete=True)
+        self._dropped_at_close = self.dropped
         self.caller.close()
         self.bot.close()
+        self.final_record = record
+        return self.write_final()
+
+    def write_final(self) -> bool:
+        """The final sidecar (from `final_record`); True once it is on disk."""
+        done = self._write_sidecar(_record_dict(self.final_record), complete=True)
+        if done:
+            self._wrote()
+        return done
 
 
 class CallerListener(Protocol):
@@ -352,7 +559,8 @@ class Recorder:
 
     def __init__(self, directory: str | os.PathLike, sync_interval_s: float = SYNC_INTERVAL_S, poll_ms: float = POLL_MS,
                  sidecar_interval_s: float = SIDECAR_INTERVAL_S, events_max_bytes: int = EVENTS_MAX_BYTES,
-                 directory_for: Callable[[Any], str | None] | None = None, listener: CallerListener | None = None):
+                 directory_for: Callable[[Any], str | None] | None = None, listener: CallerListener | None = None,
+                 retry_s: float = RETRY_S, hold_s: float = HOLD_S):
         self.directory = os.fspath(directory)
         self.directory_for = directory_for
         self.listener = listener  # the caller recognizer (app/caller_speech.py), fed off the media clock
@@ -370,7 +578,13 @@ class Recorder:
             raise ValueError(f"sidecar_interval_s must be in (0, 600] seconds, got {sidecar_interval_s!r}")
         if isinstance(events_max_bytes, bool) or not isinstance(events_max_bytes, int) or events_max_bytes < 0:
             raise ValueError(f"events_max_bytes must be an int >= 0 (bytes), got {events_max_bytes!r}")
+        if not 0 < retry_s <= 60:
+            raise ValueError(f"retry_s must be in (0, 60] seconds, got {retry_s!r}")
+        if not 0 <= hold_s <= 60:
+            raise ValueError(f"hold_s must be in [0, 60] seconds, got {hold_s!r}")
+        self.hold_s = hold_s
         self.sync_interval_s = sync_interval_s
+        self.retry_s = retry_s
         self.sidecar_interval_s = sidecar_interval_s
         self.events_max_bytes = events_max_bytes
         self.poll_s = poll_ms / 1000
@@ -378,6 +592,8 @@ class Recorder:
         self._lock = threading.Lock()
         self._active: list[CallRecording] = []
         self._closing: list[CallRecording] = []  # audio finished, files waiting for the caller's last words
+        self._unwritten: list[CallRecording] = []  # finished calls whose final sidecar the disk refused
+        self.trouble = DiskTrouble(self.directory)
         self._stop = threading.Event()
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="recorder", daemon=True)
@@ -385,7 +601,8 @@ class Recorder:
 
     def start(self, record: Any, rate: int) -> CallRecording | None:
         """Opens the call's WAV and writes its sidecar; returns the rings for the media port, or None (one
-        log line) when the call's own folder cannot be made: that call goes on unrecorded."""
+        log line) when the call's own folder cannot be made: that call goes on unrecorded. A disk that
+        refuses the files (full) does not stop it: they are written once the disk takes them."""
         if self._stop.is_set():
             raise RuntimeError("the recorder is closed")
         if self.error is not None:
@@ -401,7 +618,7 @@ class Recorder:
                             _record_dict(record).get("call_id"), directory, why)
                 return None
         rec = CallRecording(directory, record, rate, self.sync_interval_s, self.sidecar_interval_s,
-                            self.events_max_bytes)
+                            self.events_max_bytes, self.trouble, self.retry_s, self.hold_s)
         if self.listener is not None:
             try:
                 self.listener.opened(record, rate)
@@ -422,8 +639,7 @@ class Recorder:
                 return
             self._active.remove(rec)
             if rec.listener is None:
-                rec._finish(record)
-                self._final(rec)
+                self._finished(rec, rec._finish(record))
                 return
             rec._finish_audio()
             rec.final_record = record
@@ -444,8 +660,20 @@ class Recorder:
         due = [rec for rec in self._closing if now is None or now >= rec.finish_by]
         for rec in due:
             self._closing.remove(rec)
-            rec._finish_files(rec.final_record)
+            self._finished(rec, rec._finish_files(rec.final_record))
+
+    def _finished(self, rec: CallRecording, written: bool) -> None:
+        """A call's files are final (its watchers told), or wait for the disk (tried again each RETRY_S)."""
+        if written:
             self._final(rec)
+        else:
+            self._unwritten.append(rec)
+
+    def _write_unwritten(self, force: bool) -> None:
+        for rec in list(self._unwritten):
+            if (force or rec.retry_due) and rec.write_final():
+                self._unwritten.remove(rec)
+                self._final(rec)
 
     def _final(self, rec: CallRecording) -> None:
         for watcher in self.on_final:
@@ -457,6 +685,16 @@ class Recorder:
     @property
     def active(self) -> int:
         return len(self._active)
+
+    @property
+    def held_s(self) -> float:
+        """Seconds of call audio held in memory, all calls together, for a disk that refuses it."""
+        return sum(rec.held_frames / rec.rate for rec in list(self._active))
+
+    @property
+    def unwritten(self) -> int:
+        """Finished calls whose final sidecar waits for the disk to take it."""
+        return len(self._unwritten)
 
     def on_event(self, event: BusEvent) -> None:
         """An event bus subscriber: a live event of a call being recorded goes into its events file (the
@@ -479,8 +717,10 @@ class Recorder:
                         rec._refresh_sidecar()
                     if self._closing:
                         self._finish_closing(time.monotonic())
-        except BaseException as exc:  # a disk error must be visible, not a silent stop of all recordings
-            self.error = exc
+                    if self._unwritten:
+                        self._write_unwritten(force=False)
+        except BaseException as exc:  # a bug must be visible, not a silent stop of all recordings (a disk
+            self.error = exc  # that refuses writes is each call's own: DiskTrouble)
             raise
 
     def close(self) -> None:
@@ -490,9 +730,15 @@ class Recorder:
         with self._lock:  # held while finishing: a thread that outlived the join cannot drain the same ring
             active, self._active = self._active, []
             for rec in active:
-                rec._finish(rec.record)
-                self._final(rec)
+                self._finished(rec, rec._finish(rec.record))
             self._finish_closing(None)
+            self._write_unwritten(force=True)  # a last try
+            for rec in self._unwritten:
+                log.error("call %s: its final record could not be written to %s (%s); its WAV holds %.1f s, "
+                          "%.1f s of its audio were lost", rec.call_id, rec.sidecar_path, rec.write_error,
+                          rec.frames_synced / rec.rate, rec.lost_frames / rec.rate)
+                self.trouble.wrote(rec.call_id)  # given up on: no longer counted as failing
+            self._unwritten = []
         for rec in active:  # outside the lock: a listener may call transcript_done, which takes it
             if rec.listener is not None:
                 rec.listener.closed(rec.call_id)

@@ -118,6 +118,7 @@ def running_server(settings: Settings, engine_kind: str, log: EventLog | None = 
         listener = caller_speech[0] if caller_speech is not None else None
         recorder = Recorder(settings.recordings_dir, directory_for=routes.recordings_dir_for, listener=listener)
         stack.callback(recorder.close)
+        metrics.watch_recorder(recorder)  # what the disk refused, the room left on it
         if analysis is not None:
             analysis.watch(recorder)  # each call analysed once its files are final
         if caller_speech is not None:

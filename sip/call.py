@@ -523,7 +523,11 @@ class SipCall(pj.Call):
         try:
             self.session = sessions.open_session(self.record)
             if recorder is not None:
-                self.recording = recorder.start(self.record, clock_rate)
+                try:
+                    self.recording = recorder.start(self.record, clock_rate)
+                except Exception as err:  # the bot answers all the same: only the recording is lost
+                    log.error("call %s: its recording did not start (%s); the call goes on unrecorded",
+                              self.call_id, err)
             self.attachment = attach(audio, clock_rate, self.session, self.recording)
         except Exception:
             log.exception("call %s: attaching media failed; the call goes on silent", self.call_id)

@@ -618,7 +618,7 @@ user = "{user}"
 
 @contextlib.contextmanager
 def pumping(server):
-    """`server.pump` (app/serve.py: the endpoint's events onto the bus) on a thread of its own while the
+    """`server.pump` (app/serve.py: the endpoint's queue emptied, its parts watched) on a thread of its own while the
     block runs, for a `running_server` in the test's process; stopped and joined (10 s at most) after."""
     stop = threading.Event()
     pump = threading.Thread(target=server.pump, kwargs={"stop": stop}, daemon=True)

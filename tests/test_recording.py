@@ -109,7 +109,7 @@ def test_recorder_writes_both_channels_in_step_and_a_sidecar(tmp_path):
     assert final["events_dropped"] == 0
     assert final["recording"] == {"wav": os.path.basename(rec.wav_path), "rate": RATE, "channels": ["caller", "bot"],
                                   "frames": len(left) + 80, "seconds": round((len(left) + 80) / RATE, 3),
-                                  "complete": True, "dropped": 0}
+                                  "complete": True, "dropped": 0, "lost_s": 0.0, "write_error": None}
     assert not os.path.exists(rec.sidecar_path + ".tmp")
 
 
