@@ -6,8 +6,10 @@ a small item on a bounded queue and return; this thread commits what the queue h
 transaction at a time (a batch: at most BATCH_MAX items or BATCH_S of waiting). A full queue, or a
 database that cannot be reached, costs the items concerned (counted in `dropped`, said in one log line,
 then at most once a minute) and nothing else: calls go on, the recordings, the JSON sidecars and the
-events files are written as ever (app/recording.py), and `callbot calls import` can bring the missed
-calls in later from those files.
+events files are written as ever (app/recording.py). Once the database takes writes again, each recorded
+call that lost items meanwhile is brought in from those files as soon as they are final (its record,
+the events the store lacks, its analysis: `caught_up`), as `callbot calls import` would; a call that
+had no recording has only its events, and those are gone from the store (the events log has them).
 
 Where it hears from: the event bus (every call event; the per-frame stage stamps left out) and the
 recorder, through `RecorderTap`: the endpoint's recorder calls start(record) when a call's audio begins
@@ -22,7 +24,10 @@ kept from their events: IncomingCall opens them, CallEnded finishes them. A call
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
+import pathlib
 import queue
 import threading
 import time
@@ -36,6 +41,7 @@ from callbot.engine.contract import FrameStages
 from callbot.sip import events as ev
 from callbot.store.call_store import CallStore, Writes
 from callbot.store.database import StoreError
+from callbot.store.importer import ANALYSIS_SUFFIX, ImportReport, import_sidecar
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +52,9 @@ UPDATE_S = 1.0  # a live record that reported a change is written at most this o
 FINAL_REFRESH_S = 6.0  # after a call's finish, its record is read once more (app/recording.py TRANSCRIPT_WAIT_S + 1)
 REOPEN_S = 10.0  # a store that could not be opened is tried again this often
 COMPLAIN_S = 60.0  # at most one log line this often while writes keep failing
+MISSED_MAX = 10_000  # calls remembered for a catch-up from their files (past it: `callbot calls import`)
+CATCH_UP_S = 1.0  # how often the missed calls' files are looked at once the store takes writes again
+GIVE_UP_S = 3600.0  # a missed call whose files never became final is let go after this long
 
 
 def _record_dict(record: Any) -> dict | None:
@@ -95,6 +104,11 @@ class StoreWriter:
         self._complained_at = -COMPLAIN_S
         self._opened_at = -REOPEN_S
         self._failing = False
+        # calls that lost items to a refused write: call_id -> [sidecar path or None, since, analysis lost]
+        self._missed: dict[str, list] = {}
+        self.caught_up = 0  # missed calls brought in from their files
+        self.missed_untracked = 0  # missed calls past MISSED_MAX (or without files): the store lacks them
+        self._caught_up_at = -CATCH_UP_S
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
         self._thread.start()
@@ -179,11 +193,12 @@ class StoreWriter:
         marks = [item[1] for item in batch if item[0] == "mark"]
         batch = [item for item in batch if item[0] != "mark"]
         try:
-            if not batch and not self._refresh_due(final):
+            if not batch and not self._refresh_due(final) and not self._catch_up_due(final):
                 return
             store = self._open()
             if store is None:
                 self.dropped += len(batch)
+                self._miss(batch)
                 self._forget_finished()
                 return
             try:
@@ -194,15 +209,97 @@ class StoreWriter:
             except Exception as err:  # the batch is lost; the JSON records still hold it
                 self.failures += 1
                 self.dropped += len(batch)
+                self._miss(batch)
                 self._complain(f"a write failed, {len(batch)} items dropped ({_one_line(err)})")
                 return
             self.written += len(batch)
             if self._failing:
                 log.warning("call store %s: writing again (%d items dropped so far)", self._label(), self.dropped)
                 self._failing = False
+            if self._catch_up_due(final):
+                self._caught_up_at = self.clock()
+                self._catch_up(store)
         finally:
             for mark in marks:
                 mark.set()
+
+    # ---- calls whose writes were refused: brought in from their files ---------------------------------
+
+    def _catch_up_due(self, final: bool) -> bool:
+        return bool(self._missed) and (final or self.clock() - self._caught_up_at >= CATCH_UP_S)
+
+    def _miss(self, batch: list[tuple]) -> None:
+        for item in batch:
+            call_id, sidecar = self._call_of(item)
+            if call_id is None:
+                continue
+            missed = self._missed.get(call_id)
+            if missed is None:
+                if len(self._missed) >= MISSED_MAX:
+                    self.missed_untracked += 1
+                    continue
+                missed = self._missed[call_id] = [None, self.clock(), False]
+            missed[0] = missed[0] or sidecar
+            missed[2] = missed[2] or item[0] == "analysis"
+            live = self._live.get(call_id)
+            if item[0] == "finish" and live is not None and live.finished_at is None:
+                live.finished_at = self.clock()  # over (let go after its last refresh), though not written
+
+    def _call_of(self, item: tuple) -> tuple[str | None, str | None]:
+        """(call_id, its sidecar's path when known) of a queued item."""
+        kind, files = item[0], None
+        if kind == "event":
+            call_id = call_id_of(item[1])
+        elif kind in ("start", "finish"):
+            record = item[1]
+            call_id = str(getattr(record, "call_id", None) or (_record_dict(record) or {}).get("call_id"))
+            files = item[2] if kind == "start" else None
+        elif kind == "analysis":
+            call_id = item[1]
+        else:
+            return None, None
+        if files is None and call_id in self._live:
+            files = self._live[call_id].files
+        return call_id, _sidecar_of(files)
+
+    def _catch_up(self, store: CallStore) -> None:
+        """Brings in the missed calls whose files are final (the writer's thread, the store writing again)."""
+        now = self.clock()
+        for call_id, (sidecar, since, analysis) in list(self._missed.items()):
+            live = self._live.get(call_id)
+            sidecar = sidecar or _sidecar_of(live.files if live is not None else None)
+            if sidecar is None:
+                if live is None or live.finished_at is not None:  # no recording: its events were all there was
+                    del self._missed[call_id]
+                    self.missed_untracked += 1
+                continue
+            try:  # the recorder marks it complete once the call's files are final
+                record = json.loads(open(sidecar, "rb").read())
+                final = bool(record["recording"]["complete"])
+            except (OSError, ValueError, KeyError, TypeError):
+                final = False  # the call goes on, its record is not written yet (a disk that refuses it)
+            if not final:
+                if now - since >= GIVE_UP_S:
+                    del self._missed[call_id]
+                    self.missed_untracked += 1
+                    log.warning("call store: call %s lacks items and its record at %s never became final; "
+                                "`callbot calls import` brings it in once it does", call_id, sidecar)
+                continue
+            try:
+                why = import_sidecar(store, pathlib.Path(sidecar), ImportReport(), merge=True)
+                if why is None and analysis:
+                    kept = pathlib.Path(sidecar[:-len(".json")] + ANALYSIS_SUFFIX)
+                    if kept.is_file():
+                        store.save_analysis(call_id, json.loads(kept.read_bytes()))
+            except Exception as err:  # the database again: the next catch-up tries again
+                self._complain(f"bringing in call {call_id} from its files failed ({_one_line(err)})")
+                return
+            del self._missed[call_id]
+            if why is None:
+                self.caught_up += 1
+            else:
+                self.missed_untracked += 1
+                log.warning("call store: call %s lacks items the database refused and %s", call_id, why)
 
     def _forget_finished(self) -> None:
         """While the store cannot be opened: finished calls are let go (their files hold them)."""
@@ -312,6 +409,11 @@ class StoreWriter:
     def pending(self) -> int:
         return self._queue.qsize()
 
+    @property
+    def missed(self) -> int:
+        """Calls that lost items and wait for their files to be brought in."""
+        return len(self._missed)
+
     def flush(self, timeout: float = 10.0) -> bool:
         """Waits until what was queued before this call is written (or dropped); True if it was."""
         done = threading.Event()
@@ -344,6 +446,13 @@ class StoreCollector:
         yield CounterMetricFamily("callbot_store_failures", "Call store batches (or openings) that failed",
                                   value=w.failures)
         yield GaugeMetricFamily("callbot_store_queue", "Items waiting for the call store", value=w.pending)
+        yield GaugeMetricFamily("callbot_store_missed_calls", "Calls that lost items to a failing database, "
+                                "waiting for their files to be brought in", value=w.missed)
+        yield CounterMetricFamily("callbot_store_caught_up", "Calls brought in from their files after the "
+                                  "database had refused some of their items", value=w.caught_up)
+        yield CounterMetricFamily("callbot_store_missed_untracked", "Calls that lost items the store will not "
+                                  "get back by itself (no recording, too many, or files never final)",
+                                  value=w.missed_untracked)
 
 
 class RecorderTap:
@@ -365,6 +474,12 @@ class RecorderTap:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.recorder, name)
+
+
+def _sidecar_of(files: dict | None) -> str | None:
+    """The sidecar's path from a recording's files (the WAV's, .json for .wav)."""
+    wav = ((files or {}).get("recording") or {}).get("wav")
+    return os.path.splitext(wav)[0] + ".json" if isinstance(wav, str) and wav else None
 
 
 def _one_line(err: BaseException) -> str:

@@ -99,17 +99,26 @@ class CallStore:
         with self.writes() as w:
             w.save_analysis(call_id, analysis)
 
-    def import_call(self, record: dict, lines: Iterable[dict] | None, *, directory: str | None = None) -> str:
+    def import_call(self, record: dict, lines: Iterable[dict] | None, *, directory: str | None = None,
+                    merge: bool = False) -> str:
         """Puts a past call (its sidecar's content and its events file's lines) into the store: "imported"
         (new), "replaced" (the store had it incomplete: its row is written from the sidecar, and the
         file's events the store lacks are added; the store may hold more, e.g. those from before the
-        recording began) or "skipped" (the store has it complete)."""
+        recording began) or "skipped" (the store has it complete). With `merge`, a call the store has
+        complete still gets the file's events it lacks ("merged"): the writes of a running server that
+        the database refused for a while (app/store_writer.py)."""
         call_id = str(record["call_id"])
         complete = bool((record.get("recording") or {}).get("complete"))
         with self.writes() as w:
             was = w.conn.execute(select(calls.c.complete).where(calls.c.call_id == call_id)).first()
             if was is not None and was.complete:
-                return "skipped"
+                if not merge:
+                    return "skipped"
+                if lines is not None:
+                    have = Counter(_event_key(d) for d in w.conn.execute(
+                        select(events.c.data).where(events.c.call_id == call_id)).scalars())
+                    w.events_of(call_id, _missing(lines, have))
+                return "merged"
             w.put_record(record, complete=complete, directory=directory, replace=was is None)
             if lines is not None:
                 if was is not None:

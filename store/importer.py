@@ -75,8 +75,9 @@ def import_dir(store: CallStore, directory: str | os.PathLike) -> ImportReport:
     return report
 
 
-def import_sidecar(store: CallStore, path: pathlib.Path, report: ImportReport) -> str | None:
-    """One call from its sidecar and events file; None, or why it is not imported."""
+def import_sidecar(store: CallStore, path: pathlib.Path, report: ImportReport, merge: bool = False) -> str | None:
+    """One call from its sidecar and events file; None, or why it is not imported. `merge`: see
+    CallStore.import_call (counted in `replaced`)."""
     try:
         if path.stat().st_size > SIDECAR_MAX_BYTES:
             return "too large to be a call record"
@@ -91,7 +92,7 @@ def import_sidecar(store: CallStore, path: pathlib.Path, report: ImportReport) -
     events_path = path.parent / events_name if isinstance(events_name, str) and events_name else None
     lines = _events(events_path, report) if events_path is not None and events_path.is_file() else None
     try:
-        outcome = store.import_call(record, lines, directory=os.fspath(path.parent.resolve()))
+        outcome = store.import_call(record, lines, directory=os.fspath(path.parent.resolve()), merge=merge)
     except (OperationalError, InterfaceError):
         raise  # the database itself: the whole import stops with one line (app/cli.py)
     except (SQLAlchemyError, ValueError, TypeError) as err:  # this file's content: the next file goes on
@@ -99,7 +100,7 @@ def import_sidecar(store: CallStore, path: pathlib.Path, report: ImportReport) -
         return f"not imported: {text.splitlines()[0] if text else type(err).__name__}"
     if outcome == "imported":
         report.imported += 1
-    elif outcome == "replaced":
+    elif outcome in ("replaced", "merged"):
         report.replaced += 1
     else:
         report.skipped += 1

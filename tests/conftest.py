@@ -127,6 +127,7 @@ MARKS: dict[str, frozenset[str]] = {
         "test_store::test_callbot_calls_import_list_show_export": "slow",  # 35 s: `callbot calls` processes
         "test_store::test_the_cli_says_one_line_for_a_store_it_cannot_use": "slow",  # 4 s: three processes
         "test_store::test_callbot_calls_api_serves_until_sigterm": "slow",  # 2 s: a `callbot calls api` process
+        "test_store_catch_up": "slow",  # 4 s: SQLite on a tmpfs that fills, a PostgreSQL server of its own stopped and started
         "test_store_calls": "sip slow",
         "test_web_units": "",  # 2 s: the limiter, CSRF, scopes, users on SQLite and PostgreSQL
         "test_web_editor": "",  # 8 s: TOML path -> line, the flow graph, saving, config edits, reloads, the editor's pages (uvicorn + httpx)
