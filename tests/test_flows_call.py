@@ -38,8 +38,29 @@ def _write_wav(path, samples: np.ndarray) -> None:
         w.setnchannels(1), w.setsampwidth(2), w.setframerate(RATE), w.writeframes(samples.astype("<i2").tobytes())
 
 
-def _correlation(heard_path, clip: np.ndarray) -> float:
-    return _best_match(_heard(heard_path), clip)[0]
+def _tone_heard(heard_path, tone: np.ndarray) -> float:
+    """The share of a tone clip's audible 10 ms windows that the recording holds, in the stretch of the
+    clip's length that holds most: windows where the clip's frequency carries most of the energy. Why not
+    a correlation with the clip: a packet the phone's jitter buffer drops or adds mid-tone shifts the rest
+    of it by 20 ms, out of phase with the clip (0.77-0.89 seen for a 0.6 s tone the caller heard to its
+    end), and a tone's pieces match anywhere along it, so they cannot be placed one by one either."""
+    freq = int(np.argmax(np.abs(np.fft.rfft(tone.astype(np.float64))))) * RATE / len(tone)
+    win = RATE // 100
+
+    def toned(x: np.ndarray, floor: float) -> np.ndarray:
+        frames = x[:len(x) // win * win].astype(np.float64).reshape(-1, win)
+        energy = (frames ** 2).sum(axis=1)
+        at = np.exp(-2j * np.pi * freq * np.arange(win) / RATE)
+        part = 2 * np.abs(frames @ at) ** 2 / win  # the energy at `freq`
+        return (part > 0.7 * energy) & (energy > floor ** 2 * win)
+
+    audible = toned(tone, 300).sum()
+    heard = toned(_heard(heard_path), 100).astype(np.int64)
+    span = -(-len(tone) // win)
+    if len(heard) < span:
+        return 0.0
+    best = np.convolve(heard, np.ones(span, np.int64), "valid").max()
+    return float(min(best, audible) / audible)
 
 
 def _without_dc(x: np.ndarray) -> np.ndarray:
@@ -220,7 +241,7 @@ def test_a_digit_by_rfc4733_takes_the_menu_to_a_transfer_the_caller_hears_the_gr
         moves = watch.moves(call_id, lambda m: m.to_state == "menu")
         assert [(m.from_state, m.to_state, m.reason) for m in moves] == [("", "greet", "start"),
                                                                           ("greet", "menu", "next")]
-        # the menu prompt heard to its end, then a key
+        # the menu prompt played to its end, then a key
         watch.until(lambda e: isinstance(e, PlayFinished) and e.call_id == call_id and e.id.endswith("-2"),
                     what="the menu prompt's end")
         alice.send("dtmf", digits="2", method="rfc4733")
@@ -234,8 +255,11 @@ def test_a_digit_by_rfc4733_takes_the_menu_to_a_transfer_the_caller_hears_the_gr
     [sidecar] = [p for p in sidecars(tmp / "calls") if json.loads(p.read_text())["call_id"] == call_id]
     flow = json.loads(sidecar.read_text())["flow"]
     assert flow["name"] == "support" and flow["path"] == ["greet", "menu", "agent"]
-    assert _correlation(tmp_path / "heard.wav", CLIPS["greet"]) > 0.9
-    assert _correlation(tmp_path / "heard.wav", CLIPS["menu"]) > 0.9
+    assert _tone_heard(tmp_path / "heard.wav", CLIPS["greet"]) > 0.9
+    # the menu prompt, but for its last 100 ms: the key, pressed as our side finished the prompt, transfers
+    # the call while they may still be in the caller's jitter buffer (87 ms of it missing seen)
+    menu = CLIPS["menu"]
+    assert _tone_heard(tmp_path / "heard.wav", menu[:len(menu) * 3 // 4]) > 0.9
     logged = [json.loads(x) for x in log.getvalue().splitlines()]
     assert ("greet", "menu") in [(x["from_state"], x["to_state"]) for x in logged
                                  if x["event"] == "FlowTransition" and x["call_id"] == call_id]

@@ -14,7 +14,7 @@ from callbot.app.serve import running_server
 from callbot.app.settings import parse_settings
 from callbot.engine.contract import PersonaChanged, PlayFinished
 from tests.sip_peers import PjsuaPeer, pumping, serve_config, sidecars
-from tests.test_flows_call import Watch, _correlation, _path, _tone, _write_wav
+from tests.test_flows_call import Watch, _tone_heard, _path, _tone, _write_wav
 from tests.tiny_assets import tiny_model_toml, write_tiny_model_for_serve
 
 pytestmark = pytest.mark.timeout(300)
@@ -75,7 +75,7 @@ persona = "Pizza orders."
         finally:
             watch.close()
     # the menu prompt (the greeting starts with the call, before the caller's recorder is attached)
-    assert _correlation(tmp_path / "heard.wav", menu) > 0.9
+    assert _tone_heard(tmp_path / "heard.wav", menu) > 0.9
     [sidecar] = sidecars(tmp_path / "calls")
     record = json.loads(sidecar.read_text())
     assert record["flow"]["path"] == ["greet", "menu", "pizza", "goodbye"]

@@ -18,7 +18,7 @@ from callbot.app.settings import parse_settings
 from callbot.engine.contract import FlowTransition, PlayFinished
 from callbot.sip import events as ev
 from tests.sip_peers import PjsuaPeer, eventually, pumping, serve_config, sidecars
-from tests.test_flows_call import RATE, Watch, _best_match, _correlation, _heard, _path, _tone, _write_wav
+from tests.test_flows_call import RATE, Watch, _best_match, _tone_heard, _heard, _path, _tone, _write_wav
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -202,7 +202,7 @@ def test_a_busy_agent_takes_the_flow_to_on_transfer_failed_and_the_call_goes_on(
                     and e.id.endswith("flow-prompt-3"), what="the menu again")
         bob.send("hangup", call_id=call_id)
         assert watch.ended(call_id).cause == "remote"
-    assert _correlation(tmp_path / "heard.wav", CLIPS["sorry"]) > 0.9
+    assert _tone_heard(tmp_path / "heard.wav", CLIPS["sorry"]) > 0.9
     assert not [e for e in watch.seen if isinstance(e, PlayFinished) and e.call_id == leg]  # no audio, no announcement
     assert not [e for e in watch.seen if isinstance(e, ev.CallConfirmed) and e.call_id == leg]
     flows = server.flows
