@@ -30,6 +30,7 @@ written into --control FILE. A progress line on stderr (counts by outcome), and 
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 import queue
@@ -43,6 +44,7 @@ from typing import Any, Callable
 
 import msgspec
 import numpy as np
+from sqlalchemy.exc import SQLAlchemyError
 
 from callbot.app.event_bus import call_id_of
 from callbot.app.settings import ConfigError, Settings
@@ -61,6 +63,7 @@ MESSAGE_ID = "campaign-message"
 PROGRESS_S = 1.0
 STOP_GRACE_S = 30.0
 TRUNK_REFUSED = (401, 403, 407)  # the trunk will not take our calls: credentials, caller ID, account
+STATE_RETRY_S = 2.0  # a state file that refused a write is tried again this often (no new call meanwhile)
 TRUNK_REFUSALS = 3  # in a row: the campaign stops instead of burning through its list  # after a stop, calls still up this long are hung up
 
 
@@ -271,7 +274,6 @@ class CallLookup:
         if self.store_url is None:
             return None
         from sqlalchemy import select
-        from sqlalchemy.exc import SQLAlchemyError
 
         from callbot.store.call_store import CallStore
         from callbot.store.database import StoreError
@@ -333,7 +335,6 @@ class AttemptStore:
 
     def _run(self) -> None:
         from sqlalchemy import insert
-        from sqlalchemy.exc import SQLAlchemyError
 
         from callbot.store.call_store import CallStore
         from callbot.store.database import StoreError
@@ -406,6 +407,11 @@ class Control:
             self.stops = max(self.stops, 1)
 
 
+def _one_line(err: BaseException) -> str:
+    text = str(getattr(err, "orig", None) or err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def disposition_of(live: Live, ended: ev.CallEnded) -> tuple[str, int | None]:
     if live.answered:
         return (sch.MACHINE if live.machine else sch.HUMAN), None
@@ -442,6 +448,11 @@ class CampaignRunner:
             c.uri(host)  # every number dialable before anything is dialled
         self.message = load_message(campaign)
         self.state = CampaignState(state_path(list_path), digest, clock)
+        # writes the state file refused (a full disk), kept in order until it takes them; no new call
+        # meanwhile: an attempt is committed before its INVITE leaves
+        self._state_writes: list[Callable[[], None]] = []
+        self._state_down_at: float | None = None  # monotonic s of the last refusal, None while it writes
+        self._state_error = ""
         lookup = CallLookup(settings.recordings_dir, settings.store_url() if settings.store.enabled else None)
         try:
             states, self.recovered = self.state.load(resolve=lookup)
@@ -451,7 +462,7 @@ class CampaignRunner:
         for r in self.recovered:  # a call found: its disposition goes through the retry rules as usual
             if r["resolved"] and r["row"] in self.scheduler.states:
                 self.scheduler.finished(r["row"], r["disposition"], clock())
-                self.state.save_row(r["row"], self.scheduler.states[r["row"]])
+                self._write_state(functools.partial(self.state.save_row, r["row"], self.scheduler.states[r["row"]]))
         self.by_row = {c.row: c for c in self.contacts}
         self.live: dict[str, Live] = {}
         self.wanted: set[str] = set()
@@ -510,6 +521,10 @@ class CampaignRunner:
             if self.store is not None:
                 self.store.close()
             self._last_flow_moves()
+            if not self._flush_state():
+                self._say(f"campaign: {len(self._state_writes)} writes of the state file could not be made "
+                          f"({self._state_error}): the rows they concern are seen as interrupted when the "
+                          "campaign runs again (never called twice) and the report lacks their last state")
             self._write_report()
             self.state.close()
         self._progress(force=True)
@@ -535,15 +550,16 @@ class CampaignRunner:
             self._notes_step()
             self._limits_step()
             wait_until = None
-            if stop_at is None and not self.control.paused:
+            if stop_at is None and not self.control.paused and self._state_writes_taken():
                 decision = self.scheduler.next(now)
                 if isinstance(decision, sch.Done):
                     if not self.live:
                         return
                 elif isinstance(decision, sch.Close):
                     self.scheduler.closed(decision.contact.row, decision.disposition)
-                    self.state.close_row(decision.contact.row, decision.disposition,
-                                         self.scheduler.states[decision.contact.row])
+                    self._write_state(functools.partial(self.state.close_row, decision.contact.row,
+                                                        decision.disposition,
+                                                        self.scheduler.states[decision.contact.row], now))
                     self._count(decision.disposition)
                     self._stored(decision.contact.row, 0, decision.contact, decision.disposition)
                     continue
@@ -579,7 +595,8 @@ class CampaignRunner:
         elif isinstance(event, ev.CallConfirmed):
             live.answered = True
             live.answered_mono = time.monotonic()
-            self.state.answered(live.attempt)
+            live.attempt.answered_at = self.clock()
+            self._write_state(functools.partial(self.state.answered, live.attempt))
             if not self.campaign.amd.enabled:
                 live.amd = None
         elif isinstance(event, ev.CallEnded):
@@ -594,7 +611,13 @@ class CampaignRunner:
         # it), and the bot's variables are with the router before then (a callee that answers at once finds
         # them when its audio comes up)
         call_id = f"{uuid.uuid4().hex}@campaign"
-        attempt = self.state.begin(c.row, decision.attempt, uri, self.scheduler.states[c.row], call_id=call_id)
+        try:
+            attempt = self.state.begin(c.row, decision.attempt, uri, self.scheduler.states[c.row], call_id=call_id)
+        except SQLAlchemyError as err:  # not committed: the INVITE does not leave, the row waits
+            self.scheduler.unstarted(c.row)
+            self._state_refused(err)
+            return
+        self._state_writes_back()
         variables = {**c.variables, "campaign_row": str(c.row)}
         self.server.router.expect(call_id, bot=self.bot, variables=variables)
         self.wanted.add(call_id)
@@ -688,7 +711,7 @@ class CampaignRunner:
         if move.to_state:
             flow["path"].append(move.to_state)
         flow["state"], flow["reason"] = move.to_state, move.reason
-        self.state.set_flow(move.call_id, flow)
+        self._write_state(functools.partial(self.state.set_flow, move.call_id, dict(flow, path=list(flow["path"]))))
 
     def _limits_step(self) -> None:
         now = time.monotonic()
@@ -738,9 +761,11 @@ class CampaignRunner:
 
     def _finish(self, live: Live, disposition: str, code: int | None, reason: str | None) -> None:
         row = live.contact.row
-        self.scheduler.finished(row, disposition, self.clock())
-        self.state.end(live.attempt, disposition, self.scheduler.states[row], sip_code=code, reason=reason,
-                       amd=live.amd, amd_ms=live.amd_ms, beep_ms=live.beep_ms)
+        now = self.clock()
+        self.scheduler.finished(row, disposition, now)
+        self._write_state(functools.partial(self.state.end, live.attempt, disposition, self.scheduler.states[row],
+                                            sip_code=code, reason=reason, amd=live.amd, amd_ms=live.amd_ms,
+                                            beep_ms=live.beep_ms, at=now))
         self.wanted.discard(live.call_id)
         self._count(disposition)
         self._stored(row, live.attempt.attempt, live.contact, disposition, call_id=live.call_id, sip_code=code,
@@ -751,6 +776,47 @@ class CampaignRunner:
         if self.store is not None:
             self.store.put({"row": row, "attempt": attempt, "target": contact.target, "disposition": disposition,
                             "variables": dict(contact.variables), "ended_at": self.clock(), **facts})
+
+    # ---- the state file refusing writes (a full disk) -------------------------------------------------
+
+    def _write_state(self, write: Callable[[], None]) -> None:
+        """A write of the state file for a call in progress or a row closed: made now, or kept in order
+        until the file takes writes again."""
+        self._state_writes.append(write)
+        if self._state_down_at is None or time.monotonic() - self._state_down_at >= STATE_RETRY_S:
+            self._flush_state()
+
+    def _flush_state(self) -> bool:
+        while self._state_writes:
+            try:
+                self._state_writes[0]()
+            except SQLAlchemyError as err:
+                self._state_refused(err)
+                return False
+            self._state_writes.pop(0)
+        self._state_writes_back()
+        return True
+
+    def _state_writes_taken(self) -> bool:
+        """Whether a new call may be placed: the state file takes writes, or is due to be tried again (the
+        writes kept first, then the next attempt's own)."""
+        if self._state_down_at is None:
+            return True
+        if time.monotonic() - self._state_down_at < STATE_RETRY_S:
+            return False
+        return self._flush_state() if self._state_writes else True
+
+    def _state_refused(self, err: BaseException) -> None:
+        if self._state_down_at is None:
+            self._say(f"campaign: the state file {self.state.path} refused a write ({_one_line(err)}): no new "
+                      f"call until it takes writes again (tried every {STATE_RETRY_S:g} s); the calls up go on")
+        self._state_down_at = time.monotonic()
+        self._state_error = _one_line(err)
+
+    def _state_writes_back(self) -> None:
+        if self._state_down_at is not None and not self._state_writes:
+            self._state_down_at = None
+            self._say("campaign: the state file takes writes again")
 
     # ---- output ------------------------------------------------------------------------------------
 

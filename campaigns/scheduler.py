@@ -163,6 +163,13 @@ class Scheduler:
         s.attempts += 1
         self.last_dial_at = now
 
+    def unstarted(self, row: int) -> None:
+        """The attempt `started` did not begin after all (its state could not be committed, so no INVITE
+        left): the row is as it was before."""
+        s = self.states[row]
+        s.active = False
+        s.attempts -= 1
+
     def closed(self, row: int, disposition: str) -> None:
         """A row ended without a call (Close)."""
         s = self.states[row]

@@ -160,18 +160,22 @@ class CampaignState:
             conn.execute(update(attempts).where(attempts.c.id == a.id).values(call_id=call_id))
 
     def answered(self, a: Attempt) -> None:
-        a.answered_at = self.clock()
+        """The attempt answered (at `a.answered_at` when the caller set it: a write made again later keeps
+        the time the call was answered)."""
+        if a.answered_at is None:
+            a.answered_at = self.clock()
         with self.engine.begin() as conn:
             conn.execute(update(attempts).where(attempts.c.id == a.id).values(status="answered",
                                                                               answered_at=a.answered_at))
 
     def end(self, a: Attempt, disposition: str, state: RowState, *, sip_code: int | None = None,
             reason: str | None = None, amd: str | None = None, amd_ms: float | None = None,
-            beep_ms: float | None = None) -> None:
+            beep_ms: float | None = None, at: float | None = None) -> None:
+        """The attempt ended (`at`, default now: a write made again later passes the time it ended)."""
         with self.engine.begin() as conn:
             conn.execute(update(attempts).where(attempts.c.id == a.id).values(
                 status="ended", disposition=disposition, sip_code=sip_code, reason=reason, amd=amd, amd_ms=amd_ms,
-                beep_ms=beep_ms, ended_at=self.clock()))
+                beep_ms=beep_ms, ended_at=self.clock() if at is None else at))
             self._save_row(conn, a.row, state)
 
     def set_flow(self, call_id: str, flow: dict) -> None:
@@ -180,10 +184,10 @@ class CampaignState:
         with self.engine.begin() as conn:
             conn.execute(update(attempts).where(attempts.c.call_id == call_id).values(flow=json.dumps(flow)))
 
-    def close_row(self, row: int, disposition: str, state: RowState) -> None:
+    def close_row(self, row: int, disposition: str, state: RowState, at: float | None = None) -> None:
         """A row that ends without a call (do-not-call, outside-window): an attempt row of its own, with
-        no call, so that the report lists it."""
-        now = self.clock()
+        no call, so that the report lists it (`at`: when, default now)."""
+        now = self.clock() if at is None else at
         with self.engine.begin() as conn:
             conn.execute(insert(attempts).values(row=row, attempt=0, status="ended", uri="",
                                                  disposition=disposition, started_at=now, ended_at=now))

@@ -52,6 +52,7 @@ MARKS: dict[str, frozenset[str]] = {
         "test_campaign_amd": "",  # 1 s: answering-machine detection on 33 scripted espeak-ng callees
         "test_campaign_api": "sip slow",  # 25 s: campaigns started, read, paused/resumed/stopped over HTTP (callbot calls api)
         "test_campaign_callerid": "sip slow",  # 20 s: caller ID in the INVITE (SIPp), variables at answer, a flow's hold
+        "test_campaign_disk_full": "sip slow",  # 15 s: `callbot campaign run` with its state file on a tmpfs that fills
         "test_campaign_config": "",  # 3 s: campaign, list and DNC files; two `callbot campaign run` refusals
         "test_campaign_restart": "sip slow",  # 15 s: a dialer SIGKILLed mid-call, its attempts resolved from the call records
         "test_campaign_scheduler": "",  # the scheduler on an injected clock
