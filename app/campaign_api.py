@@ -75,7 +75,18 @@ class CampaignRegistry:
             raise CampaignApiError("the body must be a JSON object")
         cid = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
         home = os.path.join(self.folder, cid)
-        os.makedirs(home, exist_ok=False)
+        try:
+            os.makedirs(home, exist_ok=False)
+        except OSError as err:
+            raise CampaignApiError(f"campaign folder {home}: cannot make it ({err.strerror or err})", 507) from None
+        try:
+            return self._start(body, cid, home)
+        except OSError as err:  # a full disk, a folder that cannot be written: nothing of it is left
+            _remove_tree(home)
+            raise CampaignApiError(f"campaign files under {self.folder}: cannot write them "
+                                   f"({err.strerror or err})", 507) from None
+
+    def _start(self, body: dict, cid: str, home: str) -> dict:
         try:
             list_path = self._file(body, "list", "list_csv", os.path.join(home, "list.csv"))
             campaign_path = self._file(body, "campaign", "campaign_toml", os.path.join(home, "campaign.toml"))
@@ -113,7 +124,12 @@ class CampaignRegistry:
                                     start_new_session=True)  # a Ctrl-C of the API leaves the dialers alone
         meta = {"id": cid, "rows": rows, "list": list_path, "campaign": campaign_path, "bot": bot, "engine": engine,
                 "config": config, "pid": proc.pid, "started_at": time.time()}
-        _write_json(os.path.join(home, "campaign.json"), meta)
+        try:
+            _write_json(os.path.join(home, "campaign.json"), meta)
+        except OSError:
+            proc.terminate()  # still starting (seconds before its first call): it never dials
+            proc.wait(30)
+            raise
         with self.lock:
             self.procs[cid] = proc
         return self.show(cid)
@@ -186,7 +202,12 @@ class CampaignRegistry:
         status, _ = self._status(cid, meta)
         if status in ("finished", "failed", "ended"):
             raise CampaignApiError(f"campaign {cid} has {status}: nothing to {action}", 409)
-        _write_text(os.path.join(self.folder, cid, "control"), action + "\n")
+        try:
+            _write_text(os.path.join(self.folder, cid, "control"), action + "\n")
+        except OSError as err:
+            raise CampaignApiError(f"campaign {cid}: the control file cannot be written ({err.strerror or err}); "
+                                   f"the dialer also takes SIGUSR1 (pause), SIGUSR2 (resume), SIGTERM (stop)",
+                                   507) from None
         return self.show(cid)
 
     def close(self, timeout: float = 30.0) -> None:
@@ -297,9 +318,16 @@ def _read(path: str) -> str:
 
 def _write_text(path: str, text: str) -> None:
     tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)  # the dialer reads the old word or the new one
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)  # the dialer reads the old word or the new one
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def _write_json(path: str, data: dict) -> None:

@@ -45,3 +45,21 @@ def test_a_state_file_that_cannot_be_written_holds_new_calls_and_loses_no_attemp
     assert sorted(a["row"] for a in report) == [1, 2, 3]
     assert {a["disposition"] for a in report} == {"answered-human"}  # the first one's end too, written late
     assert all(a["ended_at"] and a["answered_at"] and a["ended_at"] >= a["answered_at"] for a in report)
+
+
+def test_the_api_answers_507_for_a_campaign_whose_files_do_not_fit_and_leaves_nothing(tmp_path):
+    from callbot.app.campaign_api import CampaignApiError, CampaignRegistry
+
+    with small_disk(tmp_path / "disk") as disk:
+        registry = CampaignRegistry(str(disk.path / "campaigns"))
+        (disk.path / "campaigns").mkdir()
+        disk.fill()
+        rows = "".join(f"sip:p{i}@127.0.0.1:5099,P{i}\n" for i in range(2000))  # some 60 kB: no room for it
+        try:
+            registry.start({"list_csv": "uri,name\n" + rows, "engine": "echo",
+                            "campaign_toml": '[amd]\nenabled = false\n[window]\nhours = "00:00-24:00"\n'})
+        except CampaignApiError as err:
+            assert err.status == 507 and "No space left on device" in str(err), err
+        else:
+            raise AssertionError("a campaign was started on a full disk")
+        assert sorted(p.name for p in (disk.path / "campaigns").iterdir()) == [] and registry.procs == {}
