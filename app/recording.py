@@ -213,10 +213,11 @@ def _write_json_atomically(path: str, content: dict) -> None:
 
 
 class DiskTrouble:
-    """What the recordings' disk refused (full, failing, read-only), for the metrics and the log: said in
-    one line at first, again once a minute while it lasts, and once when writing works again.
+    """What the recordings' disk refused (full, failing, read-only), for the metrics and the log: a line
+    when it starts refusing (at most one a minute), and one when it takes every call's writes again.
 
-    Why not a line per failure: a full disk refuses every call's every write, ten times a second. Why the
+    Why not a line per failure: a full disk refuses every call's every write, ten times a second (and a
+    nearly full one takes a write now and then, which must not make two lines of each). Why the
     calls go on: a full disk is the operator's to fix, and a call dropped for it loses the caller too;
     what the disk did not take is counted (`lost_s`, per call in its sidecar) and the audio's time kept
     (silence stands in for it in the WAV once the disk takes writes again)."""
@@ -227,17 +228,17 @@ class DiskTrouble:
         self.errors = 0  # writes refused
         self.lost_s = 0.0  # seconds of call audio the disk did not take
         self.failing: set[str] = set()  # calls whose files the disk refuses now
-        self._said_at: float | None = None
+        self._said_at: float | None = None  # when a refusal was last said
+        self._recovery_unsaid = False
         self._lock = threading.Lock()
 
     def refused(self, call_id: str, what: str, err: OSError) -> None:
         with self._lock:
             self.errors += 1
-            first = not self.failing
             self.failing.add(call_id)
             now = self.clock()
-            if first or self._said_at is None or now - self._said_at >= COMPLAIN_S:
-                self._said_at = now
+            if self._said_at is None or now - self._said_at >= COMPLAIN_S:
+                self._said_at, self._recovery_unsaid = now, True
                 log.warning("recordings: the disk under %s refused %s of call %s (%s); calls go on, %.1f s of "
                             "their audio lost so far", self.directory, what, call_id, _why(err), self.lost_s)
 
@@ -251,8 +252,8 @@ class DiskTrouble:
             if call_id not in self.failing:
                 return
             self.failing.discard(call_id)
-            if not self.failing:
-                self._said_at = None
+            if not self.failing and self._recovery_unsaid:
+                self._recovery_unsaid = False
                 log.warning("recordings: the disk under %s takes writes again (%.1f s of call audio were lost "
                             "in all)", self.directory, self.lost_s)
 

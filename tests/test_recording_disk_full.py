@@ -164,3 +164,25 @@ def test_closing_on_a_full_disk_says_what_was_not_written_and_does_not_raise(dis
         recorder.close()
     assert any("full-4" in r.getMessage() and "could not be written" in r.getMessage() for r in caplog.records)
     assert recorder.unwritten == 0 and recorder.trouble.failing == set() and recorder.error is None
+
+
+def test_a_disk_that_refuses_and_takes_writes_by_turns_is_said_twice_a_minute_at_most(caplog):
+    from callbot.app.recording import DiskTrouble
+
+    now = [0.0]
+    trouble = DiskTrouble("/calls", clock=lambda: now[0])
+    full = OSError(28, "No space left on device")
+    with caplog.at_level(logging.WARNING, logger="callbot.app.recording"):
+        for t in range(0, 59, 2):  # a nearly full disk: refused, taken, refused... for a minute
+            now[0] = float(t)
+            trouble.refused("a", "its recording", full)
+            trouble.wrote("a")
+        now[0] = 61.0
+        trouble.refused("a", "its recording", full)
+        trouble.refused("b", "its record", full)
+        trouble.wrote("a")
+        trouble.wrote("b")
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 4 and trouble.errors == 32, said
+    assert ["refused" in x for x in said] == [True, False, True, False]
+    assert "of call a (No space left on device)" in said[0] and "takes writes again" in said[3]
