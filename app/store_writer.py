@@ -274,7 +274,7 @@ class StoreWriter:
                     self.missed_untracked += 1
                 continue
             try:  # the recorder marks it complete once the call's files are final
-                record = json.loads(open(sidecar, "rb").read())
+                record = json.loads(pathlib.Path(sidecar).read_bytes())
                 final = bool(record["recording"]["complete"])
             except (OSError, ValueError, KeyError, TypeError):
                 final = False  # the call goes on, its record is not written yet (a disk that refuses it)
