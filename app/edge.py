@@ -1109,11 +1109,17 @@ class Edge:
             self._tmp = tempfile.TemporaryDirectory(prefix="callbot-edge-")
             self.run_dir = pathlib.Path(self._tmp.name)
         self.config_path = self.run_dir / "kamailio.cfg"
-        if self.dispatch:
-            (self.run_dir / "dispatcher.list").write_text(dispatcher_list(self.edge, self.destinations))
-        self.config_path.write_text(render(self.edge, self.destinations, modules_dir=self.modules_dir,
-                                           run_dir=os.fspath(self.run_dir), source=source,
-                                           version=kamailio_version(self.kamailio), dispatch=self.dispatch))
+        config = render(self.edge, self.destinations, modules_dir=self.modules_dir, run_dir=os.fspath(self.run_dir),
+                        source=source, version=kamailio_version(self.kamailio), dispatch=self.dispatch)
+        try:
+            if self.dispatch:
+                (self.run_dir / "dispatcher.list").write_text(dispatcher_list(self.edge, self.destinations))
+            self.config_path.write_text(config)
+        except OSError as err:  # a full disk, a folder that is not ours
+            if self._tmp is not None:
+                self._tmp.cleanup()
+            raise StartupError(f"kamailio's files in {os.fspath(self.run_dir)!r}: cannot write them "
+                               f"({err.strerror or err})") from None
         self.proc: subprocess.Popen | None = None
         self._group_ended = False  # stop() has killed what was left of kamailio's process group
         self._watcher: subprocess.Popen | None = None

@@ -262,6 +262,23 @@ def test_missing_kamailio_is_one_line_and_exit_2(tmp_path):
         assert "apt install kamailio" in line and "brew install kamailio" in line
 
 
+def test_a_run_dir_on_a_full_disk_is_one_line_and_exit_2(tmp_path):
+    """kamailio's config cannot be written: `callbot edge` says where and why, nothing more."""
+    from tests.small_disk import small_disk
+
+    if KAMAILIO is None:
+        pytest.skip("kamailio is not installed (Debian: kamailio)")
+    with small_disk(tmp_path / "disk") as disk:
+        cfg = serve_config(tmp_path, free_port(), tail=f'[edge]\naddress = "127.0.0.1"\nport = {free_port()}\n'
+                                                        f'run_dir = "{disk.path / "edge"}"\n')
+        (disk.path / "edge").mkdir()
+        disk.fill()
+        out = subprocess.run([*CALLBOT, "edge", "--config", str(cfg)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    [line] = out.stderr.strip().splitlines()
+    assert line.startswith("callbot: error: kamailio's files in ") and "No space left on device" in line, line
+
+
 # ---------------------------------------------------------------------------------------------------
 # real processes through the edge
 
