@@ -274,6 +274,18 @@ def _calls_parser(sub) -> None:
     ana.add_argument("--rules-only", action="store_true", help="evaluate only the categories and scorecards "
                      "again, on the stored analysis (no audio is read)")
     ana.add_argument("--limit", type=int, metavar="N", help="at most N calls (newest first)")
+    purge = calls_sub.add_parser("purge", help="delete the calls started more than DAYS ago that are over: their "
+                                 "files in every recordings folder, their store rows, old campaign attempts")
+    purge.add_argument("--older-than", type=float, required=True, metavar="DAYS")
+    purge.add_argument("--tenant", metavar="NAME", help="only this tenant's calls")
+    purge.add_argument("--dry-run", action="store_true", help="say what would be deleted; delete nothing")
+    store(purge)
+    erase = calls_sub.add_parser("delete", help="erase calls: these Call-IDs, or every call of a caller (compared "
+                                 "by digits; their campaign attempts too), files and store rows")
+    erase.add_argument("call_ids", metavar="CALL_ID", nargs="*")
+    erase.add_argument("--caller", metavar="NUMBER", help="every call from or to this number")
+    erase.add_argument("--dry-run", action="store_true", help="say what would be deleted; delete nothing")
+    store(erase)
     api = calls_sub.add_parser("api", help="serve the store's JSON HTTP API (GET /api/calls, /api/stats, ...) "
                                "until SIGTERM/SIGINT")
     store(api)
@@ -406,6 +418,8 @@ def _calls(args: argparse.Namespace) -> int:
             return _calls_analyze(url, args, settings)
         if args.calls_command == "api":
             return _calls_api(url, args.listen, settings, args.config)
+        if args.calls_command in ("purge", "delete"):
+            return _calls_purge(url, args, settings, explicit_store=args.store is not None)
         return _calls_read(url, args)
     except (StoreError, QueryError) as err:
         print(f"callbot: error: {err}", file=sys.stderr)
@@ -441,6 +455,37 @@ def _existing_store(url: str):
         raise StoreError(f"no call store at {parsed.database} (`callbot serve` writes it; "
                          "`callbot calls import DIR` fills it from recorded calls)")
     return CallStore(url)
+
+
+def _calls_purge(url: str, args: argparse.Namespace, settings, explicit_store: bool) -> int:
+    """`callbot calls purge` / `delete` (app/retention.py): the calls' files in every recordings folder of
+    the config, and their rows in the store (none: the store is off, or its SQLite file not made yet)."""
+    import time
+
+    from callbot.app.retention import Selection, purge, recording_dirs, store_exists
+
+    try:
+        if args.calls_command == "purge":
+            if args.older_than < 0:
+                raise ValueError(f"--older-than {args.older_than:g}: a number of days, 0 or more")
+            selection = Selection(before=time.time() - args.older_than * 86400, tenant=args.tenant)
+        else:
+            selection = Selection(call_ids=frozenset(args.call_ids), caller=args.caller)
+    except ValueError as err:
+        print(f"callbot: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    store = None
+    if explicit_store or (settings.store.enabled and store_exists(url)):
+        store = _existing_store(url)
+    try:
+        report = purge(recording_dirs(settings), store, selection, dry_run=args.dry_run)
+    finally:
+        if store is not None:
+            store.close()
+    for problem in report.problems:
+        print(f"callbot: {problem}", file=sys.stderr)
+    print(report.line(args.dry_run))
+    return 1 if report.problems else 0
 
 
 def _calls_import(url: str, dirs: list[str]) -> int:

@@ -150,6 +150,14 @@ class StoreSettings(_Settings):
         return None if self.api is None else _parse_node(self.api)
 
 
+class RetentionSettings(_Settings):
+    """How long calls are kept (app/retention.py): `days` after its start a call that is over is deleted by
+    `callbot serve` (its files in every recordings folder, its row and analysis in the store, the campaign
+    attempts older than that), checked once an hour; 0 keeps calls for ever."""
+
+    days: Annotated[float, Meta(ge=0)] = 0.0
+
+
 class WebSettings(_Settings):
     """The web panel (web/, `callbot web`): `listen` = HOST:PORT where `callbot serve` serves it too (None:
     not served; 127.0.0.1 keeps it on this machine)."""
@@ -343,6 +351,7 @@ class Settings(_Settings):
     store: StoreSettings = StoreSettings()  # the call store (store/, app/store_writer.py)
     analytics: AnalyticsSettings = AnalyticsSettings()  # every call analysed (analytics/, app/analysis_host.py)
     web: WebSettings = WebSettings()  # the web panel (web/, app/web_host.py)
+    retention: RetentionSettings = RetentionSettings()  # calls deleted after so many days (app/retention.py)
 
     def store_url(self) -> str:
         """The call store's URL: [store] url, else an SQLite file beside the recordings."""

@@ -128,6 +128,9 @@ MARKS: dict[str, frozenset[str]] = {
         "test_store::test_callbot_calls_import_list_show_export": "slow",  # 35 s: `callbot calls` processes
         "test_store::test_the_cli_says_one_line_for_a_store_it_cannot_use": "slow",  # 4 s: three processes
         "test_store::test_callbot_calls_api_serves_until_sigterm": "slow",  # 2 s: a `callbot calls api` process
+        "test_retention": "",  # 3 s: calls the Recorder wrote, purged from folders and the store (SQLite, PostgreSQL)
+        "test_retention::test_serve_purges_old_calls_at_start_and_every_hour": "sip",  # 1 s: serve's own job
+        "test_retention::test_the_command_line_purges_and_erases_with_one_line_each": "slow",  # 6 s: five processes
         "test_store_catch_up": "slow",  # 4 s: SQLite on a tmpfs that fills, a PostgreSQL server of its own stopped and started
         "test_store_calls": "sip slow",
         "test_web_units": "",  # 2 s: the limiter, CSRF, scopes, users on SQLite and PostgreSQL
