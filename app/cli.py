@@ -458,11 +458,11 @@ def _existing_store(url: str):
 
 
 def _calls_purge(url: str, args: argparse.Namespace, settings, explicit_store: bool) -> int:
-    """`callbot calls purge` / `delete` (app/retention.py): the calls' files in every recordings folder of
+    """`callbot calls purge` / `delete` (store/retention.py): the calls' files in every recordings folder of
     the config, and their rows in the store (none: the store is off, or its SQLite file not made yet)."""
     import time
 
-    from callbot.app.retention import Selection, purge, recording_dirs, store_exists
+    from callbot.store.retention import Selection, purge, store_exists
 
     try:
         if args.calls_command == "purge":
@@ -478,7 +478,7 @@ def _calls_purge(url: str, args: argparse.Namespace, settings, explicit_store: b
     if explicit_store or (settings.store.enabled and store_exists(url)):
         store = _existing_store(url)
     try:
-        report = purge(recording_dirs(settings), store, selection, dry_run=args.dry_run)
+        report = purge(settings.recording_dirs(), store, selection, dry_run=args.dry_run)
     finally:
         if store is not None:
             store.close()

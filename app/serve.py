@@ -120,10 +120,10 @@ def running_server(settings: Settings, engine_kind: str, log: EventLog | None = 
         stack.callback(recorder.close)
         metrics.watch_recorder(recorder)  # what the disk refused, the room left on it
         retention = None
-        if settings.retention.days > 0:  # app/retention.py: calls older than that deleted, once an hour
-            from callbot.app.retention import RetentionJob, recording_dirs
+        if settings.retention.days > 0:  # store/retention.py: calls older than that deleted, once an hour
+            from callbot.store.retention import RetentionJob
 
-            retention = RetentionJob(recording_dirs(settings), settings.store_url() if settings.store.enabled
+            retention = RetentionJob(settings.recording_dirs(), settings.store_url() if settings.store.enabled
                                      else None, settings.retention.days).start()
             stack.callback(retention.stop)
         if analysis is not None:
@@ -248,7 +248,7 @@ class Server:
         self.bus = bus
         self.flows: FlowHost | None = None  # the call flows of bots that have one
         self.store_writer = None  # app/store_writer.py: the call store's writer ([store] enabled)
-        self.retention = None  # app/retention.py RetentionJob ([retention] days > 0)
+        self.retention = None  # store/retention.py RetentionJob ([retention] days > 0)
         self.store_api = None  # store/api.py: the store's JSON API ([store] api)
         self.web = None  # web/server.py: the web panel ([web] listen)
         self.analysis = None  # app/analysis_host.py: every call analysed after hang-up ([analytics] enabled)

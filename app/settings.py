@@ -151,7 +151,7 @@ class StoreSettings(_Settings):
 
 
 class RetentionSettings(_Settings):
-    """How long calls are kept (app/retention.py): `days` after its start a call that is over is deleted by
+    """How long calls are kept (store/retention.py): `days` after its start a call that is over is deleted by
     `callbot serve` (its files in every recordings folder, its row and analysis in the store, the campaign
     attempts older than that), checked once an hour; 0 keeps calls for ever."""
 
@@ -351,7 +351,7 @@ class Settings(_Settings):
     store: StoreSettings = StoreSettings()  # the call store (store/, app/store_writer.py)
     analytics: AnalyticsSettings = AnalyticsSettings()  # every call analysed (analytics/, app/analysis_host.py)
     web: WebSettings = WebSettings()  # the web panel (web/, app/web_host.py)
-    retention: RetentionSettings = RetentionSettings()  # calls deleted after so many days (app/retention.py)
+    retention: RetentionSettings = RetentionSettings()  # calls deleted after so many days (store/retention.py)
 
     def store_url(self) -> str:
         """The call store's URL: [store] url, else an SQLite file beside the recordings."""
@@ -363,6 +363,11 @@ class Settings(_Settings):
         """The rules file a call of `tenant` is analysed with: the tenant's own, else [analytics] rules."""
         own = next((t.rules for t in self.tenants if t.name == tenant), None) if tenant else None
         return own or self.analytics.rules
+
+    def recording_dirs(self) -> list[str]:
+        """Every folder calls are recorded in: the recordings folder (tenants' default subfolders within)
+        and each tenant's own."""
+        return [self.recordings_dir, *(t.recordings_dir for t in self.tenants if t.recordings_dir)]
 
     def tenant_dir(self, name: str) -> str:
         """Where a tenant's calls are recorded: its own recordings_dir, else <recordings_dir>/<name>."""

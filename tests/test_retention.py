@@ -1,4 +1,4 @@
-"""Retention and erasure (app/retention.py): calls the real Recorder wrote, in the recordings folder and a
+"""Retention and erasure (store/retention.py): calls the real Recorder wrote, in the recordings folder and a
 tenant's own, and the same calls in the store (SQLite and PostgreSQL); an age purge deletes the calls
 over and old enough (files, rows with their events and analysis, old campaign attempts), never one going
 on; an erasure by caller compares numbers by their digits; a dry run deletes nothing; the command line
@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import func, insert, select
 
 from callbot.app.recording import Recorder
-from callbot.app.retention import RetentionJob, Selection, purge
+from callbot.store.retention import RetentionJob, Selection, purge
 from callbot.store.call_store import CallStore
 from callbot.store.database import sqlite_url
 from callbot.store.importer import import_dir
@@ -239,7 +239,7 @@ def test_a_job_whose_store_is_down_says_so_and_tries_again(tmp_path, caplog):
 
     job = RetentionJob([str(tmp_path)], f"postgresql+psycopg://nobody@127.0.0.1:{free_port()}/calls", 30,
                        every_s=0.05)
-    with caplog.at_level(logging.WARNING, logger="callbot.app.retention"):
+    with caplog.at_level(logging.WARNING, logger="callbot.store.retention"):
         job.start()
         eventually(lambda: caplog.text.count("the purge failed") >= 2, 30, "two failed runs, said")
         job.stop()

@@ -274,11 +274,6 @@ class RetentionJob:
             self._thread.join(timeout)
 
 
-def recording_dirs(settings) -> list[str]:
-    """Every folder calls are recorded in: the recordings folder and each tenant's own."""
-    return [settings.recordings_dir, *(t.recordings_dir for t in settings.tenants if t.recordings_dir)]
-
-
 def store_exists(url: str) -> bool:
     """An SQLite store not made yet is no store to purge (and is not made for it)."""
     from sqlalchemy.engine import make_url
