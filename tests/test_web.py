@@ -276,6 +276,38 @@ def test_the_panel_in_a_browser(panel, browser):
     d.get(base + "/calls/call-b")
     assert "no such call" in d.find_element(By.TAG_NAME, "main").text
     d.save_screenshot(str(shots / "viewer-404.png"))
+    assert d.find_elements(By.ID, "erase") == []  # a viewer erases nothing (and a crafted POST: 403)
+    vic = _signed_in(base, "vic", VIEWER_PW)
+    try:
+        token = re.search(r'name="csrf" value="([^"]+)"', vic.get("/calls/call-a").text).group(1)
+        assert vic.post("/calls/call-a/delete", data={"csrf": token, "confirm": "on"}).status_code == 403
+    finally:
+        vic.close()
+    ada = _signed_in(base, "ada", ADMIN_PW)
+    try:  # an admin's POST without the box ticked erases nothing
+        token = re.search(r'name="csrf" value="([^"]+)"', ada.get("/calls/call-a").text).group(1)
+        assert ada.post("/calls/call-a/delete", data={"csrf": token}).status_code == 400
+    finally:
+        ada.close()
     if os.environ.get("CALLBOT_UPDATE_SCREENSHOTS"):  # the README's two (docs/)
         shutil.copy(shots / "calls.png", DOCS / "panel-calls.png")
         shutil.copy(shots / "call.png", DOCS / "panel-call.png")
+
+    # an admin erases a call on request (the last of this module's tests: the panel holds one call after)
+    files = sorted(p.name for p in (tmp / "calls" / "beta").iterdir() if p.name.startswith("call-b."))
+    assert "call-b.wav" in files and "call-b.json" in files
+    _sign_in(d, base, "ada", ADMIN_PW)
+    d.get(base + "/calls/call-b")
+    d.find_element(By.ID, "erase-button").click()  # not confirmed: the browser asks for the box first
+    assert "/calls/call-b" in d.current_url and d.find_elements(By.ID, "erase")
+    d.find_element(By.ID, "erase-confirm").click()
+    d.find_element(By.ID, "erase-button").click()
+    eventually(lambda: "erased=call-b" in d.current_url, 15, "the call list after the erasure")
+    assert "Call call-b erased" in d.find_element(By.ID, "erased").text
+    assert [r.get_attribute("data-call-id") for r in d.find_elements(By.CSS_SELECTOR, "#calls tbody tr[data-call-id]")] \
+        == ["call-a"]
+    assert [p.name for p in (tmp / "calls" / "beta").iterdir() if p.name.startswith("call-b.")] == []
+    d.get(base + "/calls/call-b")
+    assert "no such call" in d.find_element(By.TAG_NAME, "main").text
+    d.get(base + "/audit")
+    assert "delete.call" in d.find_element(By.TAG_NAME, "main").text and "call-b" in d.find_element(By.TAG_NAME, "main").text

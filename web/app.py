@@ -35,6 +35,7 @@ from callbot.store.api import filter_of
 from callbot.store.call_store import CallStore
 from callbot.store.database import StoreError
 from callbot.store.queries import QueryError
+from callbot.store.retention import Selection, purge
 from callbot.store.schema import calls
 from callbot.web import charts, editor
 from callbot.web.dashboard import dashboard
@@ -146,7 +147,24 @@ def create_app(store: CallStore, *, secret: str | None = None, limiter: LoginLim
         pages = {"prev": f.offset - PAGE_SIZE if f.offset > 0 else None,
                  "next": f.offset + PAGE_SIZE if f.offset + PAGE_SIZE < total else None}
         return render(request, "calls.html", user, calls=rows, total=total, f=f, params=params, bots=bots,
-                      query=lambda off: "?" + urlencode({**keep, "offset": max(0, off)}), pages=pages)
+                      query=lambda off: "?" + urlencode({**keep, "offset": max(0, off)}), pages=pages,
+                      erased=params.get("erased"))
+
+    def erase(request: Request, user: User) -> Response:
+        """An admin erases a call on request (its recording, record, events and analysis; store/retention.py)."""
+        call_id = request.path_params["call_id"]
+        with store.reading() as conn:
+            _call_for(conn, call_id, user)  # 404 for a call outside the admin's tenant
+        if request.state.form.get("confirm") != "on":
+            raise PanelError(400, "tick the box to confirm: erasing a call deletes its recording and its record "
+                             "for good")
+        report = purge([], store, Selection(call_ids=frozenset({call_id})))
+        if report.going_on:
+            raise PanelError(409, "this call is going on: it can be erased once it is over")
+        users.audit(user.name, _source(request), "delete.call", call_id)
+        if report.problems:
+            raise PanelError(500, f"the call's record is erased, but not all its files: {'; '.join(report.problems)}")
+        return RedirectResponse("/calls?" + urlencode({"erased": call_id}), status_code=303)
 
     def call_page(request: Request, user: User) -> Response:
         call_id = request.path_params["call_id"]
@@ -226,6 +244,7 @@ def create_app(store: CallStore, *, secret: str | None = None, limiter: LoginLim
         Route("/calls", page(call_list)),
         Route("/calls/{call_id:path}/recording", page(recording)),
         Route("/calls/{call_id:path}/record", page(record)),
+        Route("/calls/{call_id:path}/delete", page(erase, admin=True), methods=["POST"]),
         Route("/calls/{call_id:path}", page(call_page)),
         Route("/dashboard", page(dash)),
         # `link`: the running `callbot serve` (web/serve_link.py), for the live calls and system pages; None
