@@ -37,6 +37,7 @@ from callbot.analytics.analyze import AnalysisOptions
 from callbot.analytics.metrics import MetricParams
 from callbot.analytics.pool import DEFAULT_NICE, AnalysisPool
 from callbot.analytics.result import CallAnalysis
+from callbot.app.atomic_file import replace_file
 
 log = logging.getLogger(__name__)
 
@@ -87,18 +88,7 @@ def analysis_path(wav_or_sidecar: str) -> str:
 
 def write_analysis_file(path: str, analysis: CallAnalysis) -> None:
     """The analysis as indented JSON, replacing the file atomically (a reader sees the old or the new)."""
-    data = msgspec.json.format(msgspec.json.encode(analysis), indent=2) + b"\n"
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    replace_file(path, msgspec.json.format(msgspec.json.encode(analysis), indent=2) + b"\n")
 
 
 class _Call(msgspec.Struct, frozen=True):

@@ -40,6 +40,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from callbot.app.atomic_file import replace_file
 from callbot.campaigns.config import CampaignError, load_campaign
 from callbot.campaigns.contacts import load_contacts
 from callbot.campaigns.state import state_path
@@ -317,17 +318,7 @@ def _read(path: str) -> str:
 
 
 def _write_text(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)  # the dialer reads the old word or the new one
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    replace_file(path, text.encode("utf-8"))  # the dialer reads the old word or the new one
 
 
 def _write_json(path: str, data: dict) -> None:

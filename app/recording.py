@@ -41,6 +41,7 @@ from typing import Any, Callable, Protocol
 import msgspec
 import numpy as np
 
+from callbot.app.atomic_file import replace_file
 from callbot.app.event_bus import BusEvent, call_id_of
 from callbot.app.event_log import event_line, json_bytes
 from callbot.engine.audio.ring import Ring, capacity_for
@@ -199,17 +200,7 @@ def _record_dict(record: Any) -> dict:
 
 def _write_json_atomically(path: str, content: dict) -> None:
     data = msgspec.json.format(json_bytes(content), indent=2) + b"\n"  # encoded before any file is touched
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)  # readers see the old sidecar or the new one, never half of one
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    replace_file(path, data)  # readers see the old sidecar or the new one, never half of one
 
 
 class DiskTrouble:
