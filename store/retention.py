@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
-from sqlalchemy import delete, or_, select
+from sqlalchemy import and_, delete, or_, select
 
 from callbot.store.call_store import CallStore
 from callbot.store.importer import ANALYSIS_SUFFIX, SIDECAR_MAX_BYTES
@@ -125,8 +125,8 @@ def _sidecars(dirs: Iterable[str], selection: Selection) -> Iterator[tuple[str, 
                 if not name.endswith(".json") or name.endswith(ANALYSIS_SUFFIX):
                     continue
                 if selection.before is not None and not selection.call_ids and selection.caller is None:
-                    stamp = _STAMP.match(name)
-                    if stamp and calendar.timegm(time.strptime(stamp.group(1), "%Y%m%dT%H%M%SZ")) >= selection.before:
+                    started = _stamped(name)
+                    if started is not None and started >= selection.before:
                         continue  # started after the cutoff: not read
                 path = os.path.join(folder, name)
                 try:
@@ -173,15 +173,17 @@ def _purge_store(store: CallStore, selection: Selection, report: Report, done: s
         query = query.where(calls.c.tenant == selection.tenant)
     if selection.caller is None:  # by age or Call-ID: the database narrows it; by caller: every number read
         narrow = []
-        if selection.before is not None:
-            narrow.append(calls.c.start_at < selection.before)
+        if selection.before is not None:  # a row with no start (seen only through an event): its last change
+            narrow.append(or_(calls.c.start_at < selection.before,
+                              and_(calls.c.start_at.is_(None), calls.c.updated_at < selection.before)))
         if selection.call_ids:
             narrow.append(calls.c.call_id.in_(sorted(selection.call_ids)))
         query = query.where(or_(*narrow))
     gone: list[str] = []
     with store.reading() as conn:
         for row in conn.execute(query):
-            if not selection.takes(row.call_id, row.start_at, row.caller, row.remote_uri, row.tenant):
+            start = row.start_at if row.start_at is not None else row.updated_at
+            if not selection.takes(row.call_id, start, row.caller, row.remote_uri, row.tenant):
                 continue
             if row.call_id not in done and (row.call_id in going
                                             or (not row.complete and now - (row.updated_at or 0.0) < STALE_S)):
@@ -280,6 +282,15 @@ def store_exists(url: str) -> bool:
 
     parsed = make_url(url)
     return parsed.get_backend_name() != "sqlite" or bool(parsed.database and os.path.isfile(parsed.database))
+
+
+def _stamped(name: str) -> float | None:
+    """The UTC start a recording's file name begins with (app/recording.py recording_name)."""
+    stamp = _STAMP.match(name)
+    try:
+        return calendar.timegm(time.strptime(stamp.group(1), "%Y%m%dT%H%M%SZ")) if stamp else None
+    except ValueError:
+        return None
 
 
 def _digits(text: str | None) -> str:

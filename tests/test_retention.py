@@ -245,3 +245,18 @@ def test_a_job_whose_store_is_down_says_so_and_tries_again(tmp_path, caplog):
         job.stop()
     assert not job._thread.is_alive() and job.runs == 0
     assert "\n" not in caplog.records[0].getMessage()
+
+
+def test_a_row_seen_only_through_an_event_goes_by_its_last_change(url):
+    from sqlalchemy import update
+
+    store = CallStore(url)
+    try:
+        store.event("x", {"ts": "2026-10-01T00:00:00.000+00:00", "event": "CallConfirmed", "call_id": "x"})
+        store.event("y", {"ts": "2026-10-01T00:00:00.000+00:00", "event": "CallConfirmed", "call_id": "y"})
+        with store.writes() as w:  # x was last changed long ago; y just now
+            w.conn.execute(update(calls).where(calls.c.call_id == "x").values(updated_at=OLD))
+        done = purge([], store, Selection(before=NOW - 30 * DAY))
+        assert (done.calls, done.rows) == (1, 1) and _left(store)[0] == ["y"]
+    finally:
+        store.close()
