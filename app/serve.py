@@ -120,11 +120,12 @@ def running_server(settings: Settings, engine_kind: str, log: EventLog | None = 
         stack.callback(recorder.close)
         metrics.watch_recorder(recorder)  # what the disk refused, the room left on it
         retention = None
-        if settings.retention.days > 0:  # store/retention.py: calls older than that deleted, once an hour
+        by_tenant = settings.retention_by_tenant()
+        if settings.retention.days > 0 or any(by_tenant.values()):  # store/retention.py: once an hour
             from callbot.store.retention import RetentionJob
 
             retention = RetentionJob(settings.recording_dirs(), settings.store_url() if settings.store.enabled
-                                     else None, settings.retention.days).start()
+                                     else None, settings.retention.days, tenants=by_tenant).start()
             stack.callback(retention.stop)
         if analysis is not None:
             analysis.watch(recorder)  # each call analysed once its files are final

@@ -276,6 +276,7 @@ class TenantSettings(_Settings):
     name: str
     recordings_dir: str | None = None  # relative to the config file; None = <recordings_dir>/<name>
     rules: str | None = None  # a rules file (TOML), relative to the config file; None = [analytics] rules
+    retention_days: Annotated[float, Meta(ge=0)] | None = None  # its calls' period; None = [retention] days
 
 
 class AnalyticsSettings(_Settings):
@@ -363,6 +364,10 @@ class Settings(_Settings):
         """The rules file a call of `tenant` is analysed with: the tenant's own, else [analytics] rules."""
         own = next((t.rules for t in self.tenants if t.name == tenant), None) if tenant else None
         return own or self.analytics.rules
+
+    def retention_by_tenant(self) -> dict[str, float]:
+        """The tenants with a retention period of their own (days; 0 keeps their calls for ever)."""
+        return {t.name: t.retention_days for t in self.tenants if t.retention_days is not None}
 
     def recording_dirs(self) -> list[str]:
         """Every folder calls are recorded in: the recordings folder (tenants' default subfolders within)

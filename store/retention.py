@@ -46,12 +46,14 @@ _CHUNK = 500
 @dataclass
 class Selection:
     """Which calls: started before `before` (unix s), or these `call_ids`, or this `caller` (compared by
-    its digits); within `tenant` when given. At least one of the first three."""
+    its digits); within `tenant` when given, outside `other_tenants` (those with a period of their own).
+    At least one of the first three."""
 
     before: float | None = None
     call_ids: frozenset[str] = frozenset()
     caller: str | None = None
     tenant: str | None = None
+    other_tenants: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         if self.before is None and not self.call_ids and not self.caller:
@@ -61,7 +63,7 @@ class Selection:
 
     def takes(self, call_id: str, start: float | None, caller: str | None, remote_uri: str | None,
               tenant: str | None) -> bool:
-        if self.tenant is not None and tenant != self.tenant:
+        if (self.tenant is not None and tenant != self.tenant) or (tenant is not None and tenant in self.other_tenants):
             return False
         if call_id in self.call_ids:
             return True
@@ -224,14 +226,16 @@ def _attempts(store: CallStore, selection: Selection, done: set[str]) -> list[in
 
 
 class RetentionJob:
-    """`callbot serve`'s purge of calls older than `days`, at start and every `every_s` after, on a thread
-    of its own; one log line when it deleted something (or failed)."""
+    """`callbot serve`'s purge of calls older than `days` (0: kept for ever), a tenant's older than its own
+    period in `tenants` (name -> days), at start and every `every_s` after, on a thread of its own; one
+    log line for each period that deleted something (or failed)."""
 
     def __init__(self, dirs: list[str], store_url: str | None, days: float, every_s: float = EVERY_S,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, tenants: dict[str, float] | None = None):
         self.dirs = dirs
         self.store_url = store_url
         self.days = days
+        self.tenants = dict(tenants or {})
         self.every_s = every_s
         self.clock = clock
         self.runs = 0
@@ -245,22 +249,35 @@ class RetentionJob:
 
     def run_once(self) -> Report:
         now = self.clock()
-        selection = Selection(before=now - self.days * 86400)
+        periods = [(f"tenant {name}'s calls", days, Selection(before=now - days * 86400, tenant=name))
+                   for name, days in sorted(self.tenants.items()) if days > 0]
+        if self.days > 0:
+            periods.append(("calls", self.days, Selection(before=now - self.days * 86400,
+                                                         other_tenants=frozenset(self.tenants))))
+        total = Report()
         store = None
         try:
             if self.store_url is not None and store_exists(self.store_url):
                 store = CallStore(self.store_url)
-            report = purge(self.dirs, store, selection, now=now)
+            for what, days, selection in periods:
+                report = purge(self.dirs, store, selection, now=now)
+                total.calls += report.calls
+                total.files += report.files
+                total.bytes += report.bytes
+                total.rows += report.rows
+                total.attempts += report.attempts
+                total.going_on += report.going_on
+                total.problems += report.problems
+                if report.calls or report.problems:
+                    log.warning("retention: %s started more than %g days ago: %s%s", what, days,
+                                report.line(False), f"; {len(report.problems)} files not deleted, e.g. "
+                                f"{report.problems[0]}" if report.problems else "")
         finally:
             if store is not None:
                 store.close()
         self.runs += 1
-        self.deleted += report.calls
-        if report.calls or report.problems:
-            log.warning("retention: calls started more than %g days ago: %s%s", self.days, report.line(False),
-                        f"; {len(report.problems)} files not deleted, e.g. {report.problems[0]}"
-                        if report.problems else "")
-        return report
+        self.deleted += total.calls
+        return total
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -260,3 +260,23 @@ def test_a_row_seen_only_through_an_event_goes_by_its_last_change(url):
         assert (done.calls, done.rows) == (1, 1) and _left(store)[0] == ["y"]
     finally:
         store.close()
+
+
+def test_a_tenant_with_a_period_of_its_own_keeps_or_loses_its_calls_by_it(recorded):
+    dirs = [str(recorded.main), str(recorded.acme)]
+    kept_longer = RetentionJob(dirs, None, 30, tenants={"acme": 60}).run_once()
+    assert kept_longer.calls == 2 and recorded.files("a") == recorded.files("c") == [] and recorded.files("e")
+    never = RetentionJob(dirs, None, 30, tenants={"acme": 0}).run_once()  # 0: kept for ever
+    assert never.calls == 0 and recorded.files("e")
+    sooner = RetentionJob(dirs, None, 0, tenants={"acme": 10}).run_once()  # no period for the rest
+    assert sooner.calls == 1 and recorded.files("e") == [] and recorded.files("b")
+
+
+def test_a_tenants_retention_days_are_read_and_checked(tmp_path):
+    from callbot.app.settings import ConfigError, parse_settings
+
+    settings = parse_settings(b'[[tenants]]\nname = "acme"\nretention_days = 365\n[[tenants]]\nname = "beta"\n',
+                              base_dir=tmp_path)
+    assert settings.retention_by_tenant() == {"acme": 365}
+    with pytest.raises(ConfigError, match="retention_days"):
+        parse_settings(b'[[tenants]]\nname = "acme"\nretention_days = -3\n', base_dir=tmp_path)
