@@ -17,6 +17,7 @@ rounds; its numbers are on its own metrics endpoint (docs/capacity.md).
 from __future__ import annotations
 
 import collections
+import shutil
 import threading
 import time
 from typing import Any, Callable
@@ -162,6 +163,7 @@ class ServeWebLink:
             "sip": accounts,
             "metrics_url": metrics_url,
             "bus": [{"name": b.name, "dropped": b.dropped, "pending": b.pending} for b in s.bus.subscriptions],
+            "recordings": recordings_state(s),
         }
 
     # ---- CallRouter watcher (SIP thread: quick, never raises) ------------------------------------------
@@ -323,3 +325,17 @@ def _engine_state(engine) -> str:
 def _model_limit(engine) -> int | None:
     info = getattr(engine, "info", None)
     return getattr(info, "limit", None) if info is not None else None
+
+
+def recordings_state(server) -> dict[str, Any]:
+    """The recordings' disk as the system page shows it: room left, what it refused, the retention."""
+    recorder, settings = server.recorder, server.settings
+    try:
+        free = shutil.disk_usage(recorder.directory).free
+    except OSError:
+        free = None
+    trouble = recorder.trouble
+    return {"dir": recorder.directory, "free_bytes": free, "write_errors": trouble.errors,
+            "lost_s": trouble.lost_s, "failing_calls": len(trouble.failing), "held_s": recorder.held_s,
+            "unwritten": recorder.unwritten, "retention_days": settings.retention.days,
+            "tenant_retention": settings.retention_by_tenant()}

@@ -11,6 +11,7 @@ import numpy as np
 
 from callbot.app.recording import read_recording
 from callbot.app.serve import running_server
+from callbot.app.web_link import recordings_state
 from callbot.app.settings import parse_settings
 from tests.sip_peers import PjsuaPeer, eventually, pumping, serve_config, sidecars
 from tests.small_disk import small_disk
@@ -45,6 +46,9 @@ def test_a_call_on_a_full_disk_is_answered_heard_and_recorded_once_there_is_room
             eventually(lambda: server.recorder.held_s >= held + 1.5, timeout=20, what="the call's audio held")
             assert _metric(server, "callbot_recording_write_errors_total") >= 1
             assert _metric(server, "callbot_recording_held_seconds") >= 1.5
+            shown = recordings_state(server)  # what the panel's system page shows
+            assert shown["failing_calls"] == 1 and shown["held_s"] >= 1.5 and shown["write_errors"] >= 1
+            assert shown["free_bytes"] < 64 * 1024 and shown["dir"] == str(disk.path)
             disk.free()
             eventually(lambda: server.recorder.held_s == 0 and not server.recorder.trouble.failing, timeout=20,
                        what="the held audio written")

@@ -171,6 +171,8 @@ flow = "support.toml"
             assert system.status_code == 200 and 'data-account="line"' in system.text
             assert f"http://127.0.0.1:{metrics_port}/metrics" in system.text
             assert re.search(r'id="slots">slots used<b>1 / \d+', system.text)
+            assert re.search(r'id="disk-free">[\d.]+ GB<', system.text) and "taking writes" in system.text
+            assert '<td id="retention">for ever</td>' in system.text
             assert vic.get("/system").status_code == 403
 
             # the page's own button hangs up
