@@ -102,6 +102,8 @@ def purge(dirs: Iterable[str], store: CallStore | None, selection: Selection, *,
     going: set[str] = set()
     for sidecar, record in _sidecars(dirs, selection):
         call_id = str(record.get("call_id"))
+        if call_id in done:  # a folder named twice (a tenant's inside the recordings folder)
+            continue
         recording = record.get("recording") if isinstance(record.get("recording"), dict) else {}
         labels = record.get("labels") if isinstance(record.get("labels"), dict) else {}
         if not selection.takes(call_id, _number(record.get("start")), record.get("caller"),

@@ -132,7 +132,7 @@ def test_an_age_purge_deletes_the_old_calls_that_are_over_files_rows_and_attempt
         before = {k: recorded.files(k) for k in "abcde"}
         assert before["a"] == sorted(recorded.names["a"] + s for s in (".analysis.json", ".events.jsonl", ".json",
                                                                       ".redacted.wav", ".wav"))
-        dry = purge(dirs, store, Selection(before=NOW - 30 * DAY), dry_run=True)
+        dry = purge([*dirs, str(recorded.main.parent)], store, Selection(before=NOW - 30 * DAY), dry_run=True)
         assert (dry.calls, dry.rows, dry.attempts, dry.going_on) == (3, 3, 1, 1) and dry.files == 5 + 3 + 3
         assert {k: recorded.files(k) for k in "abcde"} == before and _left(store)[0] == list("abcde")
         done = purge(dirs, store, Selection(before=NOW - 30 * DAY))
