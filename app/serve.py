@@ -249,7 +249,7 @@ class Server:
         self.bus = bus
         self.flows: FlowHost | None = None  # the call flows of bots that have one
         self.store_writer = None  # app/store_writer.py: the call store's writer ([store] enabled)
-        self.retention = None  # store/retention.py RetentionJob ([retention] days > 0)
+        self.retention = None  # store/retention.py RetentionJob ([retention] days or a tenant's retention_days > 0)
         self.store_api = None  # store/api.py: the store's JSON API ([store] api)
         self.web = None  # web/server.py: the web panel ([web] listen)
         self.analysis = None  # app/analysis_host.py: every call analysed after hang-up ([analytics] enabled)

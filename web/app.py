@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import os
 import secrets
 import time
@@ -45,6 +46,8 @@ from callbot.web.serve_link import ServeLink
 from callbot.web.system import system_routes
 from callbot.web.users import ROLES, User, UserError, Users
 from callbot.web.waveform import waveform_svg
+
+log = logging.getLogger(__name__)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PAGE_SIZE = 50
@@ -106,8 +109,13 @@ def create_app(store: CallStore, *, secret: str | None = None, limiter: LoginLim
             except QueryError as err:
                 return render(request, "error.html", user, status=400, message=str(err))
             except (SQLAlchemyError, StoreError) as err:
-                return render(request, "error.html", user, status=503, message=f"the store cannot be read: {err}")
+                return render(request, "error.html", user, status=503, message=_store_trouble(request, err))
         return endpoint
+
+    async def store_down(request: Request, err: Exception) -> Response:
+        """The store failing outside a page's own work (the signed-in user read at each click, a sign-in,
+        a sign-out): the same one-line 503, not a server error with a traceback."""
+        return render(request, "error.html", None, status=503, message=_store_trouble(request, err))
 
     async def login(request: Request) -> Response:
         if request.method == "GET":
@@ -259,7 +267,19 @@ def create_app(store: CallStore, *, secret: str | None = None, limiter: LoginLim
     middleware = [Middleware(SessionMiddleware, secret_key=secret or secrets.token_urlsafe(32),
                              session_cookie=SESSION_COOKIE, max_age=SESSION_MAX_AGE_S, same_site="lax",
                              https_only=False)]
-    return Starlette(routes=routes, middleware=[Middleware(_SecurityHeaders), *middleware])
+    return Starlette(routes=routes, middleware=[Middleware(_SecurityHeaders), *middleware],
+                     exception_handlers={SQLAlchemyError: store_down, StoreError: store_down})
+
+
+def _store_trouble(request: Request, err: Exception) -> str:
+    """The line a user reads when the store failed under a request (logged once, without a traceback):
+    what could not be done and the database's own first line (SQLAlchemy's text adds the statement and
+    a link)."""
+    doing = "read" if request.method in ("GET", "HEAD") else "written"  # a POST changes the store
+    cause = getattr(err, "orig", None) or err
+    line = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+    log.warning("%s %s: the store cannot be %s: %s", request.method, request.url.path, doing, line)
+    return f"the store cannot be {doing}: {line}"
 
 
 class _SecurityHeaders:
