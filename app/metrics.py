@@ -100,6 +100,35 @@ class _RecorderCollector(Collector):
         yield GaugeMetricFamily("callbot_recordings_free_bytes", "Bytes free on the recordings' disk", value=free)
 
 
+class RetentionJobLike(Protocol):
+    runs: int
+    failures: int
+    deleted: int
+    not_deleted: int
+    last_success: float
+
+
+class _RetentionCollector(Collector):
+    """serve's purge of old calls (store/retention.py RetentionJob): an alert on the last success's age, or
+    on failures, says calls are being kept past their period."""
+
+    def __init__(self, job: RetentionJobLike):
+        self.job = job
+
+    def collect(self) -> Iterator:
+        job = self.job
+        yield CounterMetricFamily("callbot_retention_runs", "Purges of old calls that ran to their end",
+                                  value=job.runs)
+        yield CounterMetricFamily("callbot_retention_failures", "Purges of old calls that failed (tried again "
+                                  "an hour later)", value=job.failures)
+        yield CounterMetricFamily("callbot_retention_deleted_calls", "Calls deleted for their age",
+                                  value=job.deleted)
+        yield CounterMetricFamily("callbot_retention_files_not_deleted", "Files of old calls a purge could not "
+                                  "delete (their call is tried again)", value=job.not_deleted)
+        yield GaugeMetricFamily("callbot_retention_last_success_timestamp_seconds", "When the last purge ran to "
+                                "its end (Unix time; 0: none yet)", value=job.last_success)
+
+
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
@@ -150,6 +179,11 @@ class Metrics:
         """callbot_recording_write_errors/lost_seconds/failing_calls/held_seconds/unwritten,
         callbot_recordings_free_bytes."""
         self.registry.register(_RecorderCollector(recorder))
+
+    def watch_retention(self, job: RetentionJobLike) -> None:
+        """callbot_retention_runs/failures/deleted_calls/files_not_deleted,
+        callbot_retention_last_success_timestamp_seconds."""
+        self.registry.register(_RetentionCollector(job))
 
     def watch_analysis(self, host: "AnalysisHostLike") -> None:
         """callbot_analysis_pending: calls waiting for the analysis or being analysed."""

@@ -127,6 +127,7 @@ def running_server(settings: Settings, engine_kind: str, log: EventLog | None = 
             retention = RetentionJob(settings.recording_dirs(), settings.store_url() if settings.store.enabled
                                      else None, settings.retention.days, tenants=by_tenant).start()
             stack.callback(retention.stop)
+            metrics.watch_retention(retention)  # runs, failures, deleted, the last success's time
         if analysis is not None:
             analysis.watch(recorder)  # each call analysed once its files are final
         if caller_speech is not None:

@@ -240,8 +240,13 @@ class RetentionJob:
         self.tenants = dict(tenants or {})
         self.every_s = every_s
         self.clock = clock
-        self.runs = 0
+        # what Prometheus reads (app/metrics.py watch_retention): a purge that keeps failing is a compliance
+        # problem (calls kept past their period) that one log line an hour is too easy to miss
+        self.runs = 0  # purges that ran to their end
+        self.failures = 0  # purges that failed (a store down, a folder gone)
         self.deleted = 0  # calls deleted in all
+        self.not_deleted = 0  # files a purge could not delete (their call is tried again next run)
+        self.last_success = 0.0  # clock time of the last purge that ran to its end (0: none yet)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="retention", daemon=True)
 
@@ -279,6 +284,8 @@ class RetentionJob:
                 store.close()
         self.runs += 1
         self.deleted += total.calls
+        self.not_deleted += len(total.problems)
+        self.last_success = self.clock()
         return total
 
     def _run(self) -> None:
@@ -286,6 +293,7 @@ class RetentionJob:
             try:
                 self.run_once()
             except Exception as err:  # noqa: BLE001 - a store down, a folder gone: the next run tries again
+                self.failures += 1
                 log.warning("retention: the purge failed (%s); tried again in %g s", _one_line(err), self.every_s)
             self._stop.wait(self.every_s)
 

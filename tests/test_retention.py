@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 from sqlalchemy import func, insert, select
 
+from callbot.app.metrics import Metrics
 from callbot.app.recording import Recorder
 from callbot.store.retention import RetentionJob, Selection, purge
 from callbot.store.call_store import CallStore
@@ -222,6 +224,10 @@ def test_serve_purges_old_calls_at_start_and_every_hour(recorded, tmp_path):
         eventually(lambda: job.runs >= 1, 20, "the first purge")
         assert recorded.files("a") == recorded.files("c") == recorded.files("d") == [] and recorded.files("b")
         assert job.deleted == 3
+        text = server.metrics.text()
+        assert "callbot_retention_deleted_calls_total 3.0" in text and "callbot_retention_failures_total 0.0" in text
+        stamp = re.search(r"^callbot_retention_last_success_timestamp_seconds (\S+)$", text, re.M)
+        assert stamp and abs(float(stamp.group(1)) - time.time()) < 600, text
 
 
 def test_retention_days_are_checked_at_load(tmp_path):
@@ -243,7 +249,10 @@ def test_a_job_whose_store_is_down_says_so_and_tries_again(tmp_path, caplog):
         job.start()
         eventually(lambda: caplog.text.count("the purge failed") >= 2, 30, "two failed runs, said")
         job.stop()
-    assert not job._thread.is_alive() and job.runs == 0
+    assert not job._thread.is_alive() and job.runs == 0 and job.failures >= 2 and job.last_success == 0
+    metrics = Metrics()
+    metrics.watch_retention(job)
+    assert f"callbot_retention_failures_total {float(job.failures)}" in metrics.text()
     assert "\n" not in caplog.records[0].getMessage()
 
 
