@@ -115,7 +115,7 @@ def _web_parser(sub) -> None:
     web = sub.add_parser("web", help="serve the web panel over the call store until SIGTERM/SIGINT")
     store(web)
     web.add_argument("--listen", metavar="HOST:PORT", help="where (default: [web] listen, else 127.0.0.1:8088)")
-    users = sub.add_parser("users", help="the web panel's users: add one, list them")
+    users = sub.add_parser("users", help="the web panel's users: add, list, disable, enable, set a password")
     users_sub = users.add_subparsers(dest="users_command", metavar="ACTION", required=True)
     add = users_sub.add_parser("add", help="add a user (the password from a prompt, or --password-env)")
     add.add_argument("name", metavar="NAME")
@@ -130,6 +130,10 @@ def _web_parser(sub) -> None:
         p = users_sub.add_parser(action, help=what)
         p.add_argument("name", metavar="NAME")
         store(p)
+    pw = users_sub.add_parser("password", help="set a user's password (their sessions are signed out)")
+    pw.add_argument("name", metavar="NAME")
+    pw.add_argument("--password-env", metavar="VAR", help="read the password from this environment variable")
+    store(pw)
 
 
 def _web_commands(args: argparse.Namespace) -> int:
@@ -188,6 +192,10 @@ def _users(url: str, args: argparse.Namespace) -> int:
                 print("callbot: error: no password given (a prompt, or --password-env VAR)", file=sys.stderr)
                 return EXIT_USAGE
         try:
+            if args.users_command == "password":
+                users.set_password(args.name, password, by=None, source="cli")
+                print(f"user {args.name}: password set, their sessions signed out")
+                return 0
             user = users.add(args.name, args.role, password, tenant=args.tenant, by=None, source="cli")
         except UserError as err:
             print(f"callbot: error: {err}", file=sys.stderr)

@@ -173,6 +173,68 @@ def test_failed_sign_ins_are_limited_per_user(panel):
     assert codes == [401] * 5 + [429]
 
 
+def _csrf_of(client: httpx.Client, path: str) -> str:
+    return re.search(r'name="csrf" value="([^"]+)"', client.get(path).text).group(1)
+
+
+def test_passwords_changed_and_users_disabled_from_the_panel_sign_out_their_sessions(panel):
+    base, tmp = panel
+    ada = _signed_in(base, "ada", ADMIN_PW)
+    r = ada.post("/users", data={"csrf": _csrf_of(ada, "/users"), "name": "sam", "role": "supervisor",
+                                 "password": "sam-password-1"})
+    assert r.status_code == 200 and "user sam added" in r.text
+    first, second = _signed_in(base, "sam", "sam-password-1"), _signed_in(base, "sam", "sam-password-1")
+    token = _csrf_of(first, "/account")
+    for form, said in (({"current": "not-the-password", "password": "sam-password-2", "again": "sam-password-2"},
+                        "the current password is wrong"),
+                       ({"current": "sam-password-1", "password": "sam-password-2", "again": "sam-password-3"},
+                        "the new passwords differ"),
+                       ({"current": "sam-password-1", "password": "short", "again": "short"}, "at least 10")):
+        r = first.post("/account", data={"csrf": token, **form})
+        assert r.status_code == 400 and said in r.text, (said, r.status_code)
+    r = first.post("/account", data={"csrf": token, "current": "sam-password-1", "password": "sam-password-2",
+                                     "again": "sam-password-2"})
+    assert r.status_code == 200 and "your password is changed" in r.text
+    assert first.get("/calls").status_code == 200  # the session that changed it stays
+    assert second.get("/calls").status_code == 303  # every other one is out
+    with httpx.Client(base_url=base, timeout=10) as anon:
+        r = anon.post("/login", data={"csrf": _csrf_of(anon, "/login"), "name": "sam", "password": "sam-password-1",
+                                      "next": "/calls"})
+        assert r.status_code == 401  # the old password no longer signs in
+    third = _signed_in(base, "sam", "sam-password-2")
+
+    users_token = _csrf_of(ada, "/users")
+    r = ada.post("/users/sam/disable", data={"csrf": users_token})
+    assert r.status_code == 200 and "user sam disabled" in r.text
+    assert first.get("/calls").status_code == 303 and third.get("/calls").status_code == 303
+    assert ada.post("/users/sam/enable", data={"csrf": users_token}).status_code == 200
+    fourth = _signed_in(base, "sam", "sam-password-2")
+    r = ada.post("/users/sam/password", data={"csrf": users_token, "password": "sam-password-9"})
+    assert r.status_code == 200 and "the password of sam is set" in r.text
+    assert fourth.get("/calls").status_code == 303  # an admin's reset signs the user out too
+    r = ada.post("/users/ada/disable", data={"csrf": users_token})
+    assert r.status_code == 400 and "cannot disable yourself" in r.text
+    assert ada.post("/users/nobody/disable", data={"csrf": users_token}).status_code == 404
+    assert ada.post("/users/sam/disable", data={"csrf": "wrong"}).status_code == 403
+    sam = _signed_in(base, "sam", "sam-password-9")
+    assert sam.post("/users/vic/disable", data={"csrf": _csrf_of(sam, "/account")}).status_code == 403  # admins only
+
+    add_user(tmp / "callbot.toml", "ann", "admin", "ann-password-1", tenant="acme")  # an admin of one tenant
+    ann = _signed_in(base, "ann", "ann-password-1")
+    listing = ann.get("/users").text
+    assert 'data-user="vic"' in listing and 'data-user="ada"' not in listing and 'data-user="sam"' not in listing
+    ann_token = _csrf_of(ann, "/users")
+    assert ann.post("/users/ada/disable", data={"csrf": ann_token}).status_code == 404  # not of its tenant
+    r = ann.post("/users", data={"csrf": ann_token, "name": "bob", "role": "viewer", "tenant": "beta",
+                                 "password": "bob-password-1"})
+    assert r.status_code == 400 and "tenant acme only" in r.text
+    audit = ada.get("/audit").text
+    for action in ("user.password", "user.disable", "user.enable"):
+        assert action in audit, action
+    for client in (ada, first, second, third, fourth, sam, ann):
+        client.close()
+
+
 @pytest.fixture(scope="module")
 def browser():
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -311,3 +373,26 @@ def test_the_panel_in_a_browser(panel, browser):
     assert "no such call" in d.find_element(By.TAG_NAME, "main").text
     d.get(base + "/audit")
     assert "delete.call" in d.find_element(By.TAG_NAME, "main").text and "call-b" in d.find_element(By.TAG_NAME, "main").text
+
+
+def test_a_user_changes_their_password_in_the_browser(panel, browser):
+    from selenium.webdriver.common.by import By
+
+    base, tmp = panel
+    add_user(tmp / "callbot.toml", "liz", "viewer", "liz-password-1", tenant="acme")
+    d = browser
+    _sign_in(d, base, "liz", "liz-password-1")
+    d.find_element(By.CSS_SELECTOR, "header .whoami a[href='/account']").click()
+    eventually(lambda: d.current_url.endswith("/account"), 10, "the account page from the user's name")
+    form = d.find_element(By.ID, "password-form")
+    form.find_element(By.NAME, "current").send_keys("liz-password-1")
+    form.find_element(By.NAME, "password").send_keys("liz-password-2")
+    form.find_element(By.NAME, "again").send_keys("liz-password-2")
+    form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    message = eventually(lambda: d.find_elements(By.ID, "message"), 10, "the page saying it is changed")
+    assert "your password is changed" in message[0].text
+    d.get(base + "/calls")
+    assert d.current_url.endswith("/calls")  # this browser stays signed in
+    d.find_element(By.CSS_SELECTOR, "header .whoami button[type=submit]").click()  # sign out
+    eventually(lambda: "/login" in d.current_url, 10, "the sign-in page")
+    _sign_in(d, base, "liz", "liz-password-2")  # the new password signs in

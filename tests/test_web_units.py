@@ -58,19 +58,51 @@ def test_users_are_checked_hashed_and_audited(store_url):
                                ("ada", "admin", "short")):
             with pytest.raises(UserError):
                 users.add(name, role, pw)
-        users.add("ada", "admin", "long-enough-1")
+        users.add("ada", "supervisor", "long-enough-1")  # not an admin: the last admin is never disabled
         with pytest.raises(UserError, match="exists already"):
             users.add("ada", "viewer", "long-enough-2")
         with store.reading() as conn:
             stored = conn.exec_driver_sql("SELECT password_hash FROM users").scalar_one()
         assert stored.startswith("$argon2id$") and "long-enough-1" not in stored
-        assert users.authenticate("ada", "long-enough-1", source="t") == User(name="ada", role="admin")
+        signed = users.authenticate("ada", "long-enough-1", source="t")
+        assert (signed.name, signed.role, signed.tenant) == ("ada", "supervisor", None) and len(signed.stamp) == 16
         assert users.authenticate("ada", "wrong", source="t") is None
         assert users.authenticate("nobody", "wrong", source="t") is None
         users.set_disabled("ada", True, by=None, source="t")
         assert users.authenticate("ada", "long-enough-1", source="t") is None
         actions = [e["action"] for e in users.audit_entries()][::-1]
         assert actions == ["user.add", "login", "login.failed", "login.failed", "user.disable", "login.failed"]
+
+
+def test_a_password_changed_changes_the_stamp_and_the_last_admin_stays_enabled(store_url):
+    with CallStore(store_url) as store:
+        users = Users(store, clock=lambda: 1796270000.0)
+        users.add("ada", "admin", "long-enough-1")
+        users.add("vic", "viewer", "long-enough-2", tenant="acme")
+        before = users.get("vic").stamp
+        with pytest.raises(UserError, match="current password is wrong"):
+            users.set_password("vic", "long-enough-3", by="vic", source="t", current="not-it-at-all")
+        with pytest.raises(UserError, match="at least 10"):
+            users.set_password("vic", "short", by="ada", source="t")
+        with pytest.raises(UserError, match="no user"):
+            users.set_password("nobody", "long-enough-3", by="ada", source="t")
+        assert users.get("vic").stamp == before  # nothing changed by the refusals
+        changed = users.set_password("vic", "long-enough-3", by="vic", source="t", current="long-enough-2")
+        assert changed.stamp == users.get("vic").stamp != before
+        assert users.authenticate("vic", "long-enough-2", source="t") is None
+        assert users.authenticate("vic", "long-enough-3", source="t").stamp == changed.stamp
+        reset = users.set_password("vic", "long-enough-4", by="ada", source="t")  # an admin's reset
+        assert reset.stamp != changed.stamp
+        with pytest.raises(UserError, match="last enabled admin"):
+            users.set_disabled("ada", True, by=None, source="t")
+        users.add("bea", "admin", "long-enough-5")
+        users.set_disabled("ada", True, by="bea", source="t")  # another admin is there now
+        with pytest.raises(UserError, match="last enabled admin"):
+            users.set_disabled("bea", True, by=None, source="t")
+        users.set_disabled("vic", True, by="bea", source="t")  # not an admin: always
+        entries = [(e["action"], e["target"], e["detail"]) for e in users.audit_entries()][::-1]
+        assert [e for e in entries if e[0] == "user.password"] == [("user.password", "vic", {"own": True}),
+                                                                    ("user.password", "vic", {"own": False})]
 
 
 def test_callbot_users_add_list_disable(tmp_path, capsys, monkeypatch):
@@ -89,3 +121,8 @@ def test_callbot_users_add_list_disable(tmp_path, capsys, monkeypatch):
     capsys.readouterr()
     assert main(["users", "list", "--store", url]) == 0
     assert capsys.readouterr().out.strip() == "vic  viewer  acme  disabled"
+    monkeypatch.setenv("PW2", "long-enough-2")
+    assert main(["users", "password", "vic", "--password-env", "PW2", "--store", url]) == 0
+    assert "password set" in capsys.readouterr().out
+    assert main(["users", "password", "nobody", "--password-env", "PW2", "--store", url]) == 2
+    assert "no user 'nobody'" in capsys.readouterr().err

@@ -136,7 +136,7 @@ def create_app(store: CallStore, *, secret: str | None = None, limiter: LoginLim
             return render(request, "login.html", None, status=401, next=nxt, error="wrong name or password")
         limiter.succeeded(name)
         request.session.clear()  # a new session (and CSRF token) at sign-in: no fixation
-        request.session.update(user=user.name, csrf=secrets.token_urlsafe(32))
+        request.session.update(user=user.name, stamp=user.stamp, csrf=secrets.token_urlsafe(32))
         return RedirectResponse(nxt, status_code=303)
 
     def logout(request: Request, user: User) -> Response:
@@ -226,18 +226,71 @@ def create_app(store: CallStore, *, secret: str | None = None, limiter: LoginLim
                       categories=charts.hbars([(c["category"], c["calls"]) for c in d["categories"]]),
                       sentiment=charts.signed_bars([(s["day"], s["sentiment"]) for s in d["sentiment_by_day"]]))
 
-    def users_page(request: Request, user: User) -> Response:
-        message = error = None
-        if request.method == "POST":
+    def users_page(request: Request, user: User, message: str | None = None, error: str | None = None) -> Response:
+        if request.method == "POST" and message is None and error is None:
             form = request.state.form
+            tenant = str(form.get("tenant") or "") or None
             try:
+                if user.tenant is not None and tenant != user.tenant:
+                    raise UserError(f"you add users of tenant {user.tenant} only")
                 added = users.add(str(form.get("name", "")), str(form.get("role", "")), str(form.get("password", "")),
-                                  tenant=str(form.get("tenant") or "") or None, by=user.name, source=_source(request))
+                                  tenant=tenant, by=user.name, source=_source(request))
                 message = f"user {added.name} added ({added.role}, tenant {added.tenant or 'all'})"
             except UserError as err:
                 error = str(err)
-        return render(request, "users.html", user, status=400 if error else 200, users=users.all(), roles=ROLES,
+        shown = [u for u in users.all() if _manages(user, u)]
+        return render(request, "users.html", user, status=400 if error else 200, users=shown, roles=ROLES,
                       message=message, error=error)
+
+    def user_action(request: Request, user: User) -> Response:
+        """An admin disables or enables a user, or sets their password (POST /users/NAME/ACTION)."""
+        name, action = request.path_params["name"], request.path_params["action"]
+        target = users.get(name)
+        if target is None or not _manages(user, target):
+            raise PanelError(404, f"no user {name!r}")
+        form = request.state.form
+        try:
+            if action in ("disable", "enable"):
+                if name == user.name and action == "disable":
+                    raise UserError("you cannot disable yourself: another admin can")
+                users.set_disabled(name, action == "disable", by=user.name, source=_source(request))
+                message = f"user {name} {action}d"
+            elif action == "password":
+                changed = users.set_password(name, str(form.get("password", "")), by=user.name,
+                                             source=_source(request))
+                if name == user.name:  # this session stays signed in, the others are out
+                    request.session["stamp"] = changed.stamp
+                message = f"the password of {name} is set; their sessions are signed out"
+            else:
+                raise PanelError(404, f"no action {action!r}")
+        except UserError as err:
+            return users_page(request, user, error=str(err))
+        return users_page(request, user, message=message)
+
+    def account(request: Request, user: User) -> Response:
+        """Every user's own page: their password, changed with the current one (limited as sign-ins are)."""
+        message = error = None
+        status = 200
+        if request.method == "POST":
+            form = request.state.form
+            source = _source(request)
+            new, again = str(form.get("password", "")), str(form.get("again", ""))
+            if limiter.blocked(source, user.name):
+                error, status = "too many wrong passwords: wait a few minutes", 429
+            elif new != again:
+                error, status = "the new passwords differ", 400
+            else:
+                try:
+                    changed = users.set_password(user.name, new, by=user.name, source=source,
+                                                 current=str(form.get("current", "")))
+                    request.session["stamp"] = changed.stamp  # this session stays signed in, the others are out
+                    limiter.succeeded(user.name)
+                    message = "your password is changed; your other sessions are signed out"
+                except UserError as err:
+                    if "current password" in str(err):
+                        limiter.failed(source, user.name)
+                    error, status = str(err), 400
+        return render(request, "account.html", user, status=status, message=message, error=error)
 
     def audit_page(request: Request, user: User) -> Response:
         return render(request, "audit.html", user, entries=users.audit_entries())
@@ -260,6 +313,8 @@ def create_app(store: CallStore, *, secret: str | None = None, limiter: LoginLim
         *live_routes(link, page=page, render=render, users=users, error=PanelError),  # web/live.py
         *system_routes(link, store, page=page, render=render, error=PanelError),  # web/system.py
         Route("/users", page(users_page, admin=True), methods=["GET", "POST"]),
+        Route("/users/{name}/{action}", page(user_action, admin=True), methods=["POST"]),
+        Route("/account", page(account), methods=["GET", "POST"]),
         Route("/audit", page(audit_page, admin=True)),
         *editor.routes(page, render, users.audit, bots, PanelError),  # web/editor.py: admins' bots and flows
         Mount("/static", StaticFiles(directory=os.path.join(HERE, "static")), name="static"),
@@ -312,8 +367,16 @@ def _signed_in(request: Request, users: Users) -> User | None:
     name = request.session.get("user")
     if not name:
         return None
-    user = users.get(name)  # read each time: a disabled user is out at the next click
-    return None if user is None or user.disabled else user
+    user = users.get(name)  # read each time: a disabled user, or one whose password changed, is out at the next click
+    if user is None or user.disabled or request.session.get("stamp") != user.stamp:
+        return None
+    return user
+
+
+def _manages(admin: User, other: User) -> bool:
+    """Whether an admin may see and change `other`: an admin of every tenant, anyone; an admin of one
+    tenant, that tenant's users only."""
+    return admin.tenant is None or other.tenant == admin.tenant
 
 
 def _scoped(f: queries.CallFilter, user: User) -> queries.CallFilter:

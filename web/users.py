@@ -7,10 +7,13 @@ tenant, a name sees only that tenant's calls and recordings. There is no default
 password: the first admin is made with `callbot users add NAME --role admin`.
 
 Every change (a user added, disabled, a password set; sign-ins and their failures) is one row of the
-audit log, written in the same transaction as the change, so the log cannot miss one that happened.
+audit log, written in the same transaction as the change, so the log cannot miss one that happened. A
+password changed signs out every session of that user made before (the session keeps a stamp of the
+password's hash); a disabled user is out at the next click.
 """
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 from typing import Callable
@@ -41,6 +44,9 @@ class User(msgspec.Struct, frozen=True, kw_only=True):
     role: str
     tenant: str | None = None
     disabled: bool = False
+    # a short digest of the password's hash, kept in the session at sign-in: a session whose stamp is no
+    # longer the user's (the password changed since) is signed out at its next click
+    stamp: str = ""
 
     @property
     def is_admin(self) -> bool:
@@ -79,11 +85,37 @@ class Users:
         return User(name=name, role=role, tenant=tenant)
 
     def set_disabled(self, name: str, disabled: bool, *, by: str | None, source: str) -> None:
+        """Disable (signed out at the next click, sign-ins refused) or enable a user. The last enabled
+        admin is not disabled: nobody could then manage the users but from the command line."""
         with self.store.engine.begin() as conn:
-            done = conn.execute(update(users).where(users.c.name == name).values(disabled=disabled)).rowcount
-            if not done:
+            row = conn.execute(select(users).where(users.c.name == name)).first()
+            if row is None:
                 raise UserError(f"no user {name!r}")
+            if disabled and row.role == "admin" and not row.disabled:
+                admins = conn.execute(select(users.c.name).where(users.c.role == "admin", users.c.disabled.is_(False),
+                                                                 users.c.name != name)).first()
+                if admins is None:
+                    raise UserError(f"{name!r} is the last enabled admin: add or enable another admin first")
+            conn.execute(update(users).where(users.c.name == name).values(disabled=disabled))
             self._audit(conn, by, source, "user.disable" if disabled else "user.enable", name, {})
+
+    def set_password(self, name: str, password: str, *, by: str | None, source: str,
+                     current: str | None = None) -> User:
+        """A new password for `name`, set by an admin (`current` None) or by the user, who gives the current
+        one (UserError when it is wrong). Every session of the user signed in before is signed out (the
+        stamp changes); returns the user with the new stamp, for the session that made the change."""
+        if len(password) < MIN_PASSWORD:
+            raise UserError(f"the password must have at least {MIN_PASSWORD} characters")
+        with self.store.engine.begin() as conn:
+            row = conn.execute(select(users).where(users.c.name == name)).first()
+            if row is None:
+                raise UserError(f"no user {name!r}")
+            if current is not None and not _verifies(row.password_hash, current):
+                raise UserError("the current password is wrong")
+            new_hash = _hasher.hash(password)
+            conn.execute(update(users).where(users.c.name == name).values(password_hash=new_hash))
+            self._audit(conn, by, source, "user.password", name, {"own": current is not None})
+        return msgspec.structs.replace(_user(row), stamp=_stamp(new_hash))
 
     def get(self, name: str) -> User | None:
         with self.store.reading() as conn:
@@ -99,17 +131,15 @@ class Users:
         of the audit log (login / login.failed)."""
         with self.store.reading() as conn:
             row = conn.execute(select(users).where(users.c.name == name)).first()
-        ok = False
-        try:
-            ok = _hasher.verify(row.password_hash if row is not None else _DUMMY_HASH, password)
-        except (VerificationError, InvalidHashError):
-            ok = False
+        ok = _verifies(row.password_hash if row is not None else _DUMMY_HASH, password)
         ok = ok and row is not None and not row.disabled
         self.audit(name if row is not None else None, source, "login" if ok else "login.failed",
                    name, {} if row is not None else {"unknown": True})
         if ok and _hasher.check_needs_rehash(row.password_hash):  # argon2's parameters moved on since
+            rehashed = _hasher.hash(password)
             with self.store.engine.begin() as conn:
-                conn.execute(update(users).where(users.c.name == name).values(password_hash=_hasher.hash(password)))
+                conn.execute(update(users).where(users.c.name == name).values(password_hash=rehashed))
+            return msgspec.structs.replace(_user(row), stamp=_stamp(rehashed))
         return _user(row) if ok else None
 
     def audit(self, user: str | None, source: str | None, action: str, target: str | None = None,
@@ -127,5 +157,17 @@ class Users:
                 select(audit_log).order_by(audit_log.c.id.desc()).limit(limit))]
 
 
+def _verifies(password_hash: str, password: str) -> bool:
+    try:
+        return _hasher.verify(password_hash, password)
+    except (VerificationError, InvalidHashError):
+        return False
+
+
+def _stamp(password_hash: str) -> str:
+    return hashlib.sha256(password_hash.encode()).hexdigest()[:16]
+
+
 def _user(row) -> User:
-    return User(name=row.name, role=row.role, tenant=row.tenant, disabled=bool(row.disabled))
+    return User(name=row.name, role=row.role, tenant=row.tenant, disabled=bool(row.disabled),
+                stamp=_stamp(row.password_hash))
