@@ -200,7 +200,10 @@ def live_routes(link: ServeLink | None, *, page, render, users, error) -> list[R
                 now = await run_in_threadpool(users.get, user.name)
             except Exception:  # the store cannot say (gone, locked): end; the browser reconnects and is asked again
                 return False
-            return now is not None and not now.disabled and now.role == user.role and now.tenant == user.tenant
+            # the same user as at the stream's start: enabled, same role and scope, same password (a changed
+            # one signs the user's other sessions out, open streams included)
+            return (now is not None and not now.disabled and now.role == user.role and now.tenant == user.tenant
+                    and now.stamp == user.stamp)
 
         return LiveStream(link, user, streams, still_allowed)
 
