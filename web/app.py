@@ -44,7 +44,7 @@ from callbot.web.live import live_routes
 from callbot.web.security import LoginLimiter, csrf_ok, csrf_token
 from callbot.web.serve_link import ServeLink
 from callbot.web.system import system_routes
-from callbot.web.users import ROLES, User, UserError, Users
+from callbot.web.users import ROLES, User, UserError, Users, WrongPassword
 from callbot.web.waveform import waveform_svg
 
 log = logging.getLogger(__name__)
@@ -287,7 +287,7 @@ def create_app(store: CallStore, *, secret: str | None = None, limiter: LoginLim
                     limiter.succeeded(user.name)
                     message = "your password is changed; your other sessions are signed out"
                 except UserError as err:
-                    if "current password" in str(err):
+                    if isinstance(err, WrongPassword):
                         limiter.failed(source, user.name)
                     error, status = str(err), 400
         return render(request, "account.html", user, status=status, message=message, error=error)

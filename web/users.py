@@ -39,6 +39,10 @@ class UserError(ValueError):
     """A user that cannot be made or changed as asked (one line)."""
 
 
+class WrongPassword(UserError):
+    """The current password given for a change is not the user's."""
+
+
 class User(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     role: str
@@ -111,7 +115,7 @@ class Users:
             if row is None:
                 raise UserError(f"no user {name!r}")
             if current is not None and not _verifies(row.password_hash, current):
-                raise UserError("the current password is wrong")
+                raise WrongPassword("the current password is wrong")
             new_hash = _hasher.hash(password)
             conn.execute(update(users).where(users.c.name == name).values(password_hash=new_hash))
             self._audit(conn, by, source, "user.password", name, {"own": current is not None})
