@@ -228,6 +228,9 @@ def test_passwords_changed_and_users_disabled_from_the_panel_sign_out_their_sess
     r = ann.post("/users", data={"csrf": ann_token, "name": "bob", "role": "viewer", "tenant": "beta",
                                  "password": "bob-password-1"})
     assert r.status_code == 400 and "tenant acme only" in r.text
+    wrong = {"csrf": ann_token, "current": "not-the-password", "password": "ann-password-2", "again": "ann-password-2"}
+    codes = [ann.post("/account", data=wrong).status_code for _ in range(6)]
+    assert codes == [400] * 5 + [429]  # wrong current passwords are limited as sign-ins are
     audit = ada.get("/audit").text
     for action in ("user.password", "user.disable", "user.enable"):
         assert action in audit, action
