@@ -556,6 +556,7 @@ def _calls_read(url: str, args: argparse.Namespace) -> int:
     import json
 
     from callbot.store import queries
+    from callbot.store.export import write_calls
 
     with _existing_store(url) as store, store.reading() as conn:
         if args.calls_command == "list":
@@ -569,7 +570,7 @@ def _calls_read(url: str, args: argparse.Namespace) -> int:
             rows = queries.list_calls(conn, _call_filter(args, None))
             out = open(args.output, "w", newline="") if args.output else sys.stdout
             try:
-                _export(rows, args.format, out)
+                write_calls(rows, args.format, out)  # store/export.py: formulas neutralised
             finally:
                 if args.output:
                     out.close()
@@ -607,23 +608,6 @@ def _print_calls(rows: list[dict]) -> None:
     for row in table:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
     print(f"({len(rows)} call{'s' if len(rows) != 1 else ''})")
-
-
-def _export(rows: list[dict], fmt: str, out) -> None:
-    import csv
-    import json
-
-    from callbot.store.queries import LIST_COLUMNS
-
-    if fmt == "json":
-        json.dump(rows, out, indent=2)
-        out.write("\n")
-        return
-    writer = csv.writer(out)
-    writer.writerow([*LIST_COLUMNS, "start", "categories", "scores"])
-    for r in rows:
-        writer.writerow([*(r[c] for c in LIST_COLUMNS), _iso(r["start_at"]), ";".join(r["categories"]),
-                         ";".join(f"{k}={v:g}" for k, v in r["scores"].items())])
 
 
 def _print_call(d: dict) -> None:

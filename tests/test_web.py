@@ -173,6 +173,34 @@ def test_failed_sign_ins_are_limited_per_user(panel):
     assert codes == [401] * 5 + [429]
 
 
+def test_the_call_list_downloads_as_csv_within_the_users_tenant_and_filters(panel):
+    import csv
+    import io
+
+    base, _ = panel
+    vic = _signed_in(base, "vic", VIEWER_PW)
+    got = vic.get("/export/calls.csv")  # a viewer of acme: acme's calls
+    assert got.status_code == 200 and got.headers["content-type"].startswith("text/csv")
+    assert got.headers["content-disposition"].startswith('attachment; filename="calls-')
+    rows = list(csv.DictReader(io.StringIO(got.text)))
+    assert [(r["call_id"], r["tenant"], r["caller"]) for r in rows] == [("call-a", "acme", "+15550100")]
+    assert list(csv.DictReader(io.StringIO(vic.get("/export/calls.csv?tenant=beta").text))) == []  # not beta's
+    vic.close()
+    ada = _signed_in(base, "ada", ADMIN_PW)
+    everything = list(csv.DictReader(io.StringIO(ada.get("/export/calls.csv").text)))
+    assert sorted(r["call_id"] for r in everything) == ["call-a", "call-b"]
+    assert all(r["categories"] == "disclosure" for r in everything)  # the analysis' categories
+    beta = list(csv.DictReader(io.StringIO(ada.get("/export/calls.csv?tenant=beta&limit=1&offset=1").text)))
+    assert [r["call_id"] for r in beta] == ["call-b"]  # the filters hold; paging does not cut a download
+    assert ada.get("/export/calls.csv?since=yesterday-ish").status_code == 400
+    assert 'href="/export/calls.csv?tenant=beta"' in ada.get("/calls?tenant=beta").text
+    audit = ada.get("/audit").text
+    assert "export.calls" in audit
+    ada.close()
+    with httpx.Client(base_url=base, timeout=10) as anon:
+        assert anon.get("/export/calls.csv").status_code == 303  # no download without a session
+
+
 def _csrf_of(client: httpx.Client, path: str) -> str:
     return re.search(r'name="csrf" value="([^"]+)"', client.get(path).text).group(1)
 
@@ -291,6 +319,7 @@ def test_the_panel_in_a_browser(panel, browser):
     d.find_element(By.ID, "filter").click()
     eventually(lambda: "text=quality" in d.current_url, 10, "the filtered list")
     assert len(d.find_elements(By.CSS_SELECTOR, "#calls tbody tr[data-call-id]")) == 2
+    assert d.find_element(By.ID, "export").get_attribute("href").endswith("/export/calls.csv?text=quality")
     d.get(base + "/calls?text=no+such+words+said")
     assert d.find_elements(By.CSS_SELECTOR, "#calls tbody tr[data-call-id]") == []
 

@@ -12,6 +12,7 @@ another tenant, so a crafted URL cannot even learn that the call exists.
 from __future__ import annotations
 
 import datetime
+import io
 import json
 import logging
 import os
@@ -35,6 +36,7 @@ from callbot.store import queries
 from callbot.store.api import filter_of
 from callbot.store.call_store import CallStore
 from callbot.store.database import StoreError
+from callbot.store.export import write_calls
 from callbot.store.queries import QueryError
 from callbot.store.retention import Selection, purge
 from callbot.store.schema import calls
@@ -51,6 +53,7 @@ log = logging.getLogger(__name__)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PAGE_SIZE = 50
+EXPORT_LIMIT = queries.MAX_LIMIT  # calls in one CSV download (the newest the filters take)
 SESSION_COOKIE = "callbot_panel"
 SESSION_MAX_AGE_S = 8 * 3600
 EVENTS_SHOWN = 500
@@ -156,7 +159,25 @@ def create_app(store: CallStore, *, secret: str | None = None, limiter: LoginLim
                  "next": f.offset + PAGE_SIZE if f.offset + PAGE_SIZE < total else None}
         return render(request, "calls.html", user, calls=rows, total=total, f=f, params=params, bots=bots,
                       query=lambda off: "?" + urlencode({**keep, "offset": max(0, off)}), pages=pages,
-                      erased=params.get("erased"))
+                      erased=params.get("erased"), export="/export/calls.csv?" + urlencode(
+                          {k: v for k, v in keep.items() if k != "erased"}), export_limit=EXPORT_LIMIT)
+
+    def export_calls(request: Request, user: User) -> Response:
+        """The calls the list's filters take, as CSV (store/export.py: what a spreadsheet would run as a
+        formula is neutralised), within the user's tenant; at most EXPORT_LIMIT, newest first; audited."""
+        params = request.query_params
+        f = _scoped(filter_of({k: v for k, v in params.items() if k not in ("limit", "offset")},
+                              limit=EXPORT_LIMIT), user)
+        with store.reading() as conn:
+            rows = queries.list_calls(conn, f)
+        users.audit(user.name, _source(request), "export.calls", None,
+                    {"filter": {k: v for k, v in params.items() if v and k not in ("limit", "offset")},
+                     "calls": len(rows)})
+        out = io.StringIO()
+        write_calls(rows, "csv", out)
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        return Response(out.getvalue(), media_type="text/csv; charset=utf-8",
+                        headers={"content-disposition": f'attachment; filename="calls-{stamp}.csv"'})
 
     def erase(request: Request, user: User) -> Response:
         """An admin erases a call on request (its recording, record, events and analysis; store/retention.py)."""
@@ -303,6 +324,7 @@ def create_app(store: CallStore, *, secret: str | None = None, limiter: LoginLim
         Route("/logout", page(logout), methods=["POST"]),
         Route("/", page(home)),
         Route("/calls", page(call_list)),
+        Route("/export/calls.csv", page(export_calls)),  # not under /calls/: a Call-ID may be any text
         Route("/calls/{call_id:path}/recording", page(recording)),
         Route("/calls/{call_id:path}/record", page(record)),
         Route("/calls/{call_id:path}/delete", page(erase, admin=True), methods=["POST"]),
