@@ -348,6 +348,14 @@ def test_the_panel_in_a_browser(panel, browser):
 
     d.get(base + "/dashboard")
     assert d.find_element(By.ID, "n-calls").text == "2"
+    d.find_element(By.ID, "category").send_keys("no such category")  # the dashboard's own filters
+    d.find_element(By.ID, "show").click()
+    eventually(lambda: "category=no+such+category" in d.current_url, 10, "the dashboard filtered")
+    assert d.find_element(By.ID, "n-calls").text == "0"
+    d.get(base + "/dashboard?category=disclosure&min_score=0")
+    assert d.find_element(By.ID, "n-calls").text == "2"
+    assert d.find_element(By.ID, "min-score").get_attribute("value") == "0"
+    d.get(base + "/dashboard")
     assert d.find_element(By.ID, "n-answered").text == "2"
     assert d.find_element(By.ID, "n-transferred").text == "1"
     assert "50%" in d.find_element(By.ID, "cards").text  # containment: one of two answered calls kept
