@@ -1,6 +1,6 @@
 """The web panel's window on a running `callbot serve` (web/serve_link.py's ServeLink over app/serve.py's
 Server): the calls in progress with their live transcript, who is speaking and their flow state, their
-hang-up and blind transfer, and the system page's numbers.
+hang-up and transfer (blind, or attended: the target called first), and the system page's numbers.
 
 How it learns: as a watcher of the CallRouter (a call's audio up / gone: SIP thread) and a subscriber of
 serve's event bus on a thread of its own (the engine's BotText, BotSpeech, CallerSpeech and FrameStages,
@@ -32,6 +32,8 @@ from callbot.web.serve_link import LiveCallView, LinkError, TranscriptLine, Upda
 
 MAX_LINES = 200  # transcript lines kept per call (a page shows the whole call only after it, from the store)
 QUEUE = 4096  # the link's bus queue: a slow panel loses its own newest events, never slows the bus
+# an attended transfer from the panel: how long the target may ring before the caller stays with the bot
+ATTENDED_ANSWER_S = 30.0
 ENDED_KEPT = 1024  # calls remembered as ended: a late event (the recognizer's last words) makes no ghost
 _STEP_FROM, _STEP_TO = STAGES.index("step_start"), STAGES.index("decoded")
 _WANTED = (BotText, CallerWords, BotSpeech, CallerSpeech, FlowTransition, FrameStages, ev.TransferProgress,
@@ -111,14 +113,18 @@ class ServeWebLink:
     def hangup(self, call_id: str) -> None:
         self._control(call_id, lambda live: live.hangup())
 
-    def transfer(self, call_id: str, target: str) -> None:
-        self._control(call_id, lambda live: live.transfer(target))
+    def transfer(self, call_id: str, target: str, attended: bool = False) -> None:
+        if attended:  # called on a consultation leg; the REFER with Replaces as soon as it answers
+            self._control(call_id, lambda live: live.transfer_attended(target, answer_timeout_s=ATTENDED_ANSWER_S,
+                                                                       refer_after_s=0.0))
+        else:
+            self._control(call_id, lambda live: live.transfer(target))
         with self._lock:
             c = self._calls.get(call_id)
             if c is None or c.live is None:
                 return  # gone meanwhile
             c.transfer_target = target
-            c.transfer = f"to {target}: asked"
+            c.transfer = f"to {target}: " + ("calling them first" if attended else "asked")
             self._publish({"type": "call", "call": _builtins(self._view(c))})
 
     def system(self) -> dict[str, Any]:

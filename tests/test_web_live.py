@@ -7,7 +7,9 @@ up with the page's button: the caller gets the BYE and the call leaves the page.
 Around it, over plain HTTP: a viewer of acme sees the call but no buttons, and its POST is a 403; a
 supervisor of another tenant neither sees the call (page and stream) nor acts on it (404, as for a call
 that is not there); a POST without the CSRF token is a 403; a second call is transferred (blind) from the
-page to a URI typed in, and reaches that peer; both actions are in the audit log; the system
+page to a URI typed in, and reaches that peer; a third is transferred attended ("once they answer"): to a
+busy peer first (it stays with the bot, the page shows the 486), then to one that answers (a REFER with
+Replaces naming the consultation leg); every action is in the audit log; the system
 page shows the slots, the Prometheus link and the SIP accounts (a direct one, one registered at kamailio,
 one kamailio refuses); a stream open at SIGTERM ends, and serve
 exits on its own. Screenshots go to the test's tmp dir.
@@ -195,9 +197,36 @@ flow = "support.toml"
             human.expect("incoming", timeout=15)
             eventually(lambda: browser.current_url.endswith("/live") and not browser.find_elements(
                 By.CSS_SELECTOR, section), 15, "the transferred call gone from the page")
+        # attended: the target is called first; a busy one leaves the caller with the bot, one that
+        # answers gets the caller by a REFER with Replaces naming our leg to it
+        with PjsuaPeer(user="busy", answer="busy", log_dir=tmp_path) as busy, \
+                PjsuaPeer(user="agent", log_dir=tmp_path) as agent, PjsuaPeer(user="caller3", log_dir=tmp_path) as peer:
+            third = peer.call(f"sip:echo@127.0.0.1:{sip_port}")
+            peer.expect("state", call_id=third, state="CONFIRMED", timeout=15)
+            section = f'section.live-call[data-call-id="{third}"]'
+
+            def transfer_to(uri: str) -> None:
+                eventually(lambda: browser.find_elements(By.CSS_SELECTOR, section), 15, "the third call on /live")
+                browser.find_element(By.CSS_SELECTOR, section + ' form.transfer input[name="target"]').send_keys(uri)
+                browser.find_element(By.CSS_SELECTOR, section + ' form.transfer input[name="attended"]').click()
+                browser.find_element(By.CSS_SELECTOR, section + " form.transfer button").click()
+
+            transfer_to(busy.uri)
+            busy.expect("incoming", timeout=15)
+            eventually(lambda: "486" in browser.find_element(By.CSS_SELECTOR, section + " .transfer").text, 15,
+                       "the busy target's answer on the page")
+            assert not peer.all("transfer_request")  # the caller was never sent anywhere: still with the bot
+            assert browser.find_elements(By.CSS_SELECTOR, section)
+            transfer_to(agent.uri)
+            leg = agent.expect("incoming", timeout=15)["call_id"]
+            dest = peer.expect("transfer_request", call_id=third, timeout=15)["dest"]
+            assert f"Replaces={leg}%3B" in dest and dest.strip("<>").startswith(agent.uri.strip("<>").split(";")[0])
+            eventually(lambda: not browser.find_elements(By.CSS_SELECTOR, section), 15,
+                       "the attended-transferred call gone from the page")
         audit = ada.get("/audit").text
         assert "call.hangup" in audit and call_id in audit and audit.count("call.hangup") == 1
         assert "call.transfer" in audit and second in audit and human.uri in audit
+        assert audit.count("attended") == 2 and third in audit
         # the SIP accounts as the registrar sees them: one registered, one refused (wrong password)
         def registrations():
             browser.get(base + "/system")

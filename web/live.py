@@ -1,5 +1,6 @@
 """The live calls page (/live): the calls in progress of a running `callbot serve`, their transcript as
-it is said, who is speaking, their flow state, and hang-up / blind transfer for admins and supervisors.
+it is said, who is speaking, their flow state, and hang-up / transfer (blind, or attended: the target
+called first, the caller sent only once it answers) for admins and supervisors.
 
 The page is rendered whole on the server (it reads without a script), then web/static/live.js keeps it
 current from /live/events, a server-sent event stream: one `snapshot` of the user's calls, then every
@@ -234,12 +235,14 @@ def live_routes(link: ServeLink | None, *, page, render, users, error) -> list[R
         target = str(request.state.form.get("target", "")).strip()
         if not TRANSFER_TARGET.fullmatch(target):
             raise error(400, f"transfer to {target[:80]!r}: give a SIP URI (sip:agent@pbx.example.com) or tel:+number")
+        attended = request.state.form.get("attended") == "on"  # the target called first
         try:
-            link.transfer(call.call_id, target)
+            link.transfer(call.call_id, target, attended=attended)
         except LinkError as err:
             raise error(409, f"cannot transfer: {err}") from None
         users.audit(user.name, _source(request), "call.transfer", call.call_id,
-                    {"tenant": call.tenant, "bot": call.bot, "target": target})
+                    {"tenant": call.tenant, "bot": call.bot, "target": target,
+                     "mode": "attended" if attended else "blind"})
         return RedirectResponse("/live", status_code=303)
 
     return [

@@ -72,8 +72,10 @@ class ServeLink(Protocol):
         """Hangs the call up; LinkError if it cannot."""
         ...
 
-    def transfer(self, call_id: str, target: str) -> None:
-        """Blind transfer (REFER) to the SIP URI `target`; LinkError if it cannot."""
+    def transfer(self, call_id: str, target: str, attended: bool = False) -> None:
+        """Transfer to the SIP URI `target`: blind (a REFER at once), or `attended` (the target is called
+        first and the caller sent to it only once it answers: a target that does not answer leaves the
+        caller with the bot); LinkError if it cannot."""
         ...
 
     def system(self) -> dict[str, Any]:

@@ -36,6 +36,12 @@
       var target = el("input"); target.name = "target"; target.required = true; target.size = 28;
       target.placeholder = "sip:agent@pbx.example.com";
       f.appendChild(target);
+      var label = el("label", "attended");
+      label.title = "call them first: the caller is sent only once they answer, and stays with the bot if they do not";
+      var box = el("input"); box.type = "checkbox"; box.name = "attended";
+      label.appendChild(box);
+      label.appendChild(document.createTextNode(" once they answer"));
+      f.appendChild(label);
     }
     f.appendChild(el("button", null, what === "hangup" ? "Hang up" : "Transfer"));
     return f;
