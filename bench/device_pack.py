@@ -7,7 +7,7 @@ be downloaded there, but the mlx-cuda-13 wheel is 90 MB and its libmlx.so alone 
 compute_120), already compressed. An H200 runs sm_90 alone. `prune_fatbin` zeroes the payload of every
 other entry in place (headers, sizes and offsets kept: the CUDA driver picks an entry by the arch in its
 header and never reads the payload of another), so they compress to nothing; symbols are stripped; the
-tree is packed as one tar.xz (about 12 MB). No tool does this: nvprune works on object files and
+tree is packed as one tar.xz (20 MB with the two wheels beside it). No tool does this: nvprune works on object files and
 static libraries, not on a shared library, and is not installed here.
 
     python -m bench.device_pack            # .device/: wheels/ (mlx, soxr) and mlx-cuda-sm90.tar.xz
