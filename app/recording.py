@@ -310,6 +310,7 @@ class CallRecording:
         self._write_sidecar(meta, complete=False)
 
     listener: CallerListener | None = None  # set by the Recorder: who hears the caller leg as it is drained
+    taps: tuple = ()  # Recorder.tap: who gets both legs as they are drained (a supervisor listening in)
     final_record: Any = None  # the record to finish the files from, once the transcript is done
     finish_by = 0.0  # monotonic s: when the files are finished even without the transcript's end
 
@@ -393,6 +394,11 @@ class CallRecording:
             self._keep(frames, final)
             if self.listener is not None:
                 self.listener.heard(self.call_id, np.ascontiguousarray(frames[:, 0]))
+            for tap in self.taps:
+                try:
+                    tap(frames)
+                except Exception as err:  # noqa: BLE001 - a listener's failure costs its audio, not the recording
+                    log.warning("call %s: a tap of its audio failed (%r)", self.call_id, err)
         elif self._held or self._gap or self._wav is None:  # nothing new, audio still waiting for the disk
             self._keep(np.zeros((0, 2), np.int16), final)
         now = time.monotonic()
@@ -620,6 +626,23 @@ class Recorder:
         with self._lock:
             self._active.append(rec)
         return rec
+
+    def tap(self, call_id: str, fn: Callable[[np.ndarray], None]) -> tuple[int, Callable[[], None]] | None:
+        """`fn(frames)` with each piece of the call's audio as it is drained (about every 100 ms: int16
+        [n, 2], caller and bot, the caller silent while a secret is gathered, as in the file), on the
+        recorder's thread: it must not block. Returns (the call's sample rate, a function that removes
+        the tap), or None when the call is not being recorded."""
+        with self._lock:
+            rec = next((r for r in self._active if r.call_id == call_id), None)
+            if rec is None:
+                return None
+            rec.taps = (*rec.taps, fn)
+
+        def untap() -> None:
+            with self._lock:
+                rec.taps = tuple(t for t in rec.taps if t is not fn)
+
+        return rec.rate, untap
 
     def finish(self, rec: CallRecording, record: Any) -> None:
         """Writes the rest of the call's audio, closes its WAV and finalizes its sidecar from `record`.

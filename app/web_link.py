@@ -23,6 +23,7 @@ import time
 from typing import Any, Callable
 
 import msgspec
+import numpy as np
 
 from callbot.app.calls import CallControlError, LiveCall
 from callbot.engine.contract import (BotSpeech, BotText, CallerSpeech, CallerWords, FlowTransition, FrameStages)
@@ -126,6 +127,22 @@ class ServeWebLink:
             c.transfer_target = target
             c.transfer = f"to {target}: " + ("calling them first" if attended else "asked")
             self._publish({"type": "call", "call": _builtins(self._view(c))})
+
+    def listen(self, call_id: str, on_audio: Callable[[bytes], None]) -> tuple[int, Callable[[], None]]:
+        with self._lock:
+            c = self._calls.get(call_id)
+            live = c.live if c is not None else None
+        if live is None:
+            raise LinkError(f"no call {call_id!r} in progress")
+
+        def mixed(frames: np.ndarray) -> None:  # the recorder's thread: mixed, then only handed on
+            both = frames.astype(np.int32).sum(axis=1)
+            on_audio(np.clip(both, -32768, 32767).astype("<i2").tobytes())
+
+        tapped = self.server.recorder.tap(call_id, mixed)
+        if tapped is None:
+            raise LinkError(f"call {call_id} is not recorded: there is no audio to listen to")
+        return tapped
 
     def system(self) -> dict[str, Any]:
         s = self.server

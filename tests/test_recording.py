@@ -335,3 +335,39 @@ def test_a_sidecar_that_cannot_be_written_leaves_no_temporary_file(tmp_path):
     with pytest.raises(OSError):
         _write_json_atomically(str(target), {"call_id": "x"})
     assert sorted(os.listdir(tmp_path)) == ["taken"]
+
+
+def test_a_tap_gets_both_legs_as_recorded_the_caller_blanked_for_a_secret_and_a_failing_one_costs_nothing(tmp_path):
+    class Record(dict):
+        redact_dtmf = False
+
+    record = Record(call_id="tapped", start=1.0)
+    rec_er = Recorder(tmp_path, poll_ms=10)
+    try:
+        assert rec_er.tap("no-such-call", lambda f: None) is None
+        rec = rec_er.start(record, RATE)
+        got: list[np.ndarray] = []
+        rate, untap = rec_er.tap("tapped", got.append)
+        _, untap_broken = rec_er.tap("tapped", lambda f: 1 / 0)  # a listener that fails: logged, nothing more
+        assert rate == RATE
+        left, right = pattern(RATE, 0), pattern(RATE, 1)
+        rec.caller.write(left)
+        rec.bot.write(right)
+        eventually(lambda: sum(len(f) for f in got) == RATE, 10, "a second of both legs through the tap")
+        heard = np.concatenate(got)
+        assert np.array_equal(heard[:, 0], left) and np.array_equal(heard[:, 1], right)
+        record.redact_dtmf = True  # a sensitive gather: the caller is blanked in the file and for the tap
+        rec.caller.write(left[:800])
+        rec.bot.write(right[:800])
+        eventually(lambda: sum(len(f) for f in got) == RATE + 800, 10, "the gather's audio through the tap")
+        assert not np.concatenate(got)[RATE:, 0].any()
+        record.redact_dtmf = False
+        untap()
+        untap_broken()
+        rec.caller.write(left[:800])
+        rec.bot.write(right[:800])
+        rec_er.finish(rec, record)
+    finally:
+        rec_er.close()
+    assert sum(len(f) for f in got) == RATE + 800  # nothing after the untap
+    assert read_recording(rec.wav_path)[1].shape == (RATE + 1600, 2) and rec_er.error is None

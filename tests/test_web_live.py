@@ -7,7 +7,9 @@ up with the page's button: the caller gets the BYE and the call leaves the page.
 Around it, over plain HTTP: a viewer of acme sees the call but no buttons, and its POST is a 403; a
 supervisor of another tenant neither sees the call (page and stream) nor acts on it (404, as for a call
 that is not there); a POST without the CSRF token is a 403; a second call is transferred (blind) from the
-page to a URI typed in, and reaches that peer; a third is transferred attended ("once they answer"): to a
+page to a URI typed in, and reaches that peer; a supervisor listens in to the first (its audio over HTTP
+while the caller speaks, and the page's own player fed by it; viewers 403, another tenant 404); a third
+is transferred attended ("once they answer"): to a
 busy peer first (it stays with the bot, the page shows the 486), then to one that answers (a REFER with
 Replaces naming the consultation leg); every action is in the audit log; the system
 page shows the slots, the Prometheus link and the SIP accounts (a direct one, one registered at kamailio,
@@ -146,9 +148,40 @@ flow = "support.toml"
             assert "support" in found.text and "acme" in found.text
             eventually(lambda: "state talk" in browser.find_element(By.CSS_SELECTOR, section).text, 15,
                        "the flow state on the page")
+            # listening in (a supervisor): the call's audio over HTTP while the caller speaks, and the page's
+            # own player fed by it
+            listener, got = _client(base, "sue"), {"pcm": bytearray()}
+            clients.callback(listener.close)
+
+            def listen_in() -> None:
+                with listener.stream("GET", f"/live/{call_id}/listen", timeout=30) as r:
+                    got["status"], got["rate"] = r.status_code, int(r.headers.get("x-sample-rate", "0"))
+                    for chunk in r.iter_bytes():
+                        got["pcm"].extend(chunk)
+                        if len(got["pcm"]) >= 2 * got["rate"] * 4:  # 4 s of it
+                            return
+
+            reader = threading.Thread(target=listen_in, daemon=True)
+            reader.start()
+            eventually(lambda: got.get("status"), 10, "the listening stream's start")
             peer.send("play", path=str(tmp_path / "ask.wav"))
             eventually(lambda: [e for e in browser.find_elements(By.CSS_SELECTOR, section + " .live-line.caller")
                                 if "agent" in e.text], 40, "the caller's words on the page")
+            reader.join(20)
+            assert got["status"] == 200 and got["rate"] in (8000, 16000), got.get("status")
+            pcm = np.frombuffer(bytes(got["pcm"][:len(got["pcm"]) // 2 * 2]), "<i2").astype(np.float64)
+            assert len(pcm) >= 4 * got["rate"] and np.sqrt(np.mean(pcm ** 2)) > 300  # the caller's words in it
+            assert vic.get(f"/live/{call_id}/listen").status_code == 403  # viewers do not listen
+            assert bea.get(f"/live/{call_id}/listen").status_code == 404  # another tenant's call
+            listen_button = browser.find_element(By.CSS_SELECTOR, section + " button.listen")
+            listen_button.click()
+            eventually(lambda: int(browser.find_element(By.CSS_SELECTOR, section).get_attribute("data-heard") or 0)
+                       > got["rate"], 15, "a second of the call played in the page")
+            assert listen_button.text == "Stop listening"
+            listen_button.click()
+            assert listen_button.text == "Listen"
+            refused = [e["message"] for e in browser.get_log("browser") if "Content Security Policy" in e["message"]]
+            assert refused == []  # the player's fetch and Web Audio under the panel's policy
             assert eventually(lambda: sue_stream.of("speaking", call_id), 10, "who speaks, on the stream")
             browser.save_screenshot(str(shots / "live.png"))
             refused = [e["message"] for e in browser.get_log("browser") if "Content Security Policy" in e["message"]]
@@ -227,6 +260,7 @@ flow = "support.toml"
         assert "call.hangup" in audit and call_id in audit and audit.count("call.hangup") == 1
         assert "call.transfer" in audit and second in audit and human.uri in audit
         assert audit.count("attended") == 2 and third in audit
+        assert audit.count("call.listen") == 2  # the stream over HTTP and the page's player
         # the SIP accounts as the registrar sees them: one registered, one refused (wrong password)
         def registrations():
             browser.get(base + "/system")

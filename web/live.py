@@ -1,6 +1,7 @@
 """The live calls page (/live): the calls in progress of a running `callbot serve`, their transcript as
-it is said, who is speaking, their flow state, and hang-up / transfer (blind, or attended: the target
-called first, the caller sent only once it answers) for admins and supervisors.
+it is said, who is speaking, their flow state, and for admins and supervisors hang-up, transfer (blind,
+or attended: the target called first, the caller sent only once it answers) and listening in (the call's
+audio as it is recorded, /live/ID/listen: ListenStream).
 
 The page is rendered whole on the server (it reads without a script), then web/static/live.js keeps it
 current from /live/events, a server-sent event stream: one `snapshot` of the user's calls, then every
@@ -37,6 +38,8 @@ ACTING_ROLES = ("admin", "supervisor")
 MAX_STREAMS_PER_USER = 4  # tabs of one person
 MAX_STREAMS = 64  # the process
 QUEUE = 1024  # updates waiting for one browser
+LISTEN_QUEUE = 20  # ~2 s of a call's audio waiting for a listening browser
+LISTEN_CHECK_S = 1.0  # a listening stream looks this often whether its call is still going on
 KEEPALIVE_S = 15.0  # a comment line this often: proxies keep the stream, and a disabled user is noticed
 # a SIP or tel URI, nothing a header could be smuggled in with
 TRANSFER_TARGET = re.compile(r"(sips?:[^\s<>\"']{1,250}|tel:\+?[0-9().\- ]{1,40})")
@@ -161,6 +164,71 @@ class LiveStream:
             feed.close()
 
 
+class ListenStream:
+    """The ASGI response of /live/{id}/listen: the call's audio as it is recorded (both legs mixed,
+    16-bit little-endian mono, `x-sample-rate` says the rate), for a supervisor listening in. Raw ASGI,
+    as LiveStream: it ends when the browser goes, when the call ends (checked each LISTEN_CHECK_S), when
+    the user may no longer act on it, or when serve stops. Audio the browser does not take fast enough is
+    dropped, oldest first (LISTEN_QUEUE pieces of ~100 ms), never held for it on serve's recorder."""
+
+    def __init__(self, link: ServeLink, call_id: str, still_allowed: Callable[[], Awaitable[bool]],
+                 streams: Streams, user: User, check_s: float = LISTEN_CHECK_S):
+        self.link = link
+        self.call_id = call_id
+        self.still_allowed = still_allowed
+        self.streams = streams
+        self.user = user
+        self.check_s = check_s
+
+    async def __call__(self, scope, receive, send) -> None:
+        if not self.streams.reserve(self.user.name):
+            await PlainTextResponse("too many live streams open: close another tab", status_code=429)(
+                scope, receive, send)
+            return
+        try:
+            await self._stream(scope, receive, send)
+        finally:
+            self.streams.release(self.user.name)
+
+    async def _stream(self, scope, receive, send) -> None:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue(LISTEN_QUEUE)
+
+        def put(pcm: bytes) -> None:  # on the loop
+            if queue.full():
+                queue.get_nowait()  # the oldest goes: a listener hears now, not a growing delay
+            queue.put_nowait(pcm)
+
+        try:
+            rate, stop = self.link.listen(self.call_id, lambda pcm: loop.call_soon_threadsafe(put, pcm))
+        except LinkError as err:
+            await PlainTextResponse(f"cannot listen: {err}", status_code=409)(scope, receive, send)
+            return
+        gone = asyncio.ensure_future(_disconnected(receive))
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": [
+                (b"content-type", f"audio/L16;rate={rate};channels=1".encode()), (b"x-sample-rate", str(rate).encode()),
+                (b"cache-control", b"no-store"), (b"x-accel-buffering", b"no")]})
+            while True:
+                getter = asyncio.ensure_future(queue.get())
+                done, _ = await asyncio.wait({getter, gone}, timeout=self.check_s, return_when=asyncio.FIRST_COMPLETED)
+                if gone in done:
+                    getter.cancel()
+                    return
+                if getter not in done:
+                    getter.cancel()
+                    if not any(c.call_id == self.call_id for c in self.link.calls()) or not await self.still_allowed():
+                        break
+                    continue
+                await send({"type": "http.response.body", "body": getter.result(), "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:  # the browser went while we wrote
+            return
+        finally:
+            gone.cancel()
+            stop()
+
+
 async def _disconnected(receive) -> None:
     try:
         while (await receive())["type"] != "http.disconnect":
@@ -190,10 +258,9 @@ def live_routes(link: ServeLink | None, *, page, render, users, error) -> list[R
         return render(request, "live.html", user, serve=True, calls=visible(link, user), act=can_act(user),
                       now=time.time())
 
-    def events(request: Request, user: User):
-        if link is None:
-            raise error(404, "live calls need `callbot serve` with [web] listen")
-
+    def allowed_still(user: User) -> Callable[[], Awaitable[bool]]:
+        """Whether a stream's user is still the one it started for: enabled, same role and scope, same
+        password (a changed one signs the user's other sessions out, open streams included)."""
         async def still_allowed() -> bool:
             from starlette.concurrency import run_in_threadpool
 
@@ -201,12 +268,21 @@ def live_routes(link: ServeLink | None, *, page, render, users, error) -> list[R
                 now = await run_in_threadpool(users.get, user.name)
             except Exception:  # the store cannot say (gone, locked): end; the browser reconnects and is asked again
                 return False
-            # the same user as at the stream's start: enabled, same role and scope, same password (a changed
-            # one signs the user's other sessions out, open streams included)
             return (now is not None and not now.disabled and now.role == user.role and now.tenant == user.tenant
                     and now.stamp == user.stamp)
 
-        return LiveStream(link, user, streams, still_allowed)
+        return still_allowed
+
+    def events(request: Request, user: User):
+        if link is None:
+            raise error(404, "live calls need `callbot serve` with [web] listen")
+        return LiveStream(link, user, streams, allowed_still(user))
+
+    def listen(request: Request, user: User):
+        """A supervisor listens in (admins and supervisors; audited as call.listen)."""
+        call = call_for(request, user)
+        users.audit(user.name, _source(request), "call.listen", call.call_id, {"tenant": call.tenant, "bot": call.bot})
+        return ListenStream(link, call.call_id, allowed_still(user), streams, user)
 
     def call_for(request: Request, user: User) -> LiveCallView:
         """The call to act on: viewers are refused (403) whatever the call; a call not in progress or of
@@ -250,6 +326,7 @@ def live_routes(link: ServeLink | None, *, page, render, users, error) -> list[R
         Route("/live/events", page(events)),
         Route("/live/{call_id:path}/hangup", page(hangup), methods=["POST"]),
         Route("/live/{call_id:path}/transfer", page(transfer), methods=["POST"]),
+        Route("/live/{call_id:path}/listen", page(listen)),
     ]
 
 

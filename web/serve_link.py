@@ -78,6 +78,13 @@ class ServeLink(Protocol):
         caller with the bot); LinkError if it cannot."""
         ...
 
+    def listen(self, call_id: str, on_audio: Callable[[bytes], None]) -> tuple[int, Callable[[], None]]:
+        """Listening in: `on_audio(pcm)` with the call's audio as it is recorded (both legs mixed, 16-bit
+        little-endian mono, about every 100 ms; the caller silent while a secret is gathered), from serve's
+        recorder thread: it must not block. Returns (the sample rate, a function that stops it); LinkError
+        when the call is not in progress or not recorded."""
+        ...
+
     def system(self) -> dict[str, Any]:
         """What the system page shows: see web/system.py for the keys it reads."""
         ...

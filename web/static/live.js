@@ -63,6 +63,7 @@
       var actions = el("div", "live-actions");
       actions.appendChild(form(c.call_id, "hangup"));
       actions.appendChild(form(c.call_id, "transfer"));
+      actions.appendChild(el("button", "listen", "Listen"));
       s.appendChild(actions);
     }
     root.appendChild(s);
@@ -127,12 +128,77 @@
       s.querySelector(".duration").textContent = Math.floor(t / 60) + ":" + ("0" + (t % 60)).slice(-2);
     });
   }
+  // listening in: the call's audio from /live/ID/listen (16-bit PCM, x-sample-rate), played with the Web
+  // Audio API a little ahead of now; one call at a time, stopped by the button, the call's end or the page
+  var listening = null;
+  function stopListening() {
+    if (!listening) return;
+    listening.controller.abort();
+    listening.ctx.close();
+    listening.button.textContent = "Listen";
+    listening.button.classList.remove("on");
+    listening = null;
+  }
+  function listen(s, button) {
+    var id = s.getAttribute("data-call-id");
+    var was = listening && listening.id;
+    stopListening();
+    var Ctx = window.AudioContext || window.webkitAudioContext;
+    if (was === id || !Ctx || !window.fetch || !window.AbortController) return;
+    var ctx = new Ctx(), controller = new AbortController(), heard = 0, next = 0, odd = null;
+    listening = {id: id, controller: controller, ctx: ctx, button: button};
+    button.textContent = "Stop listening";
+    button.classList.add("on");
+    function play(bytes, rate) {
+      if (odd !== null) {  // a sample split between two pieces of the stream
+        var joined = new Uint8Array(bytes.length + 1);
+        joined[0] = odd; joined.set(bytes, 1); bytes = joined; odd = null;
+      }
+      if (bytes.length % 2) { odd = bytes[bytes.length - 1]; bytes = bytes.subarray(0, bytes.length - 1); }
+      var n = bytes.length / 2;
+      if (!n) return;
+      var view = new DataView(bytes.buffer, bytes.byteOffset, bytes.length);
+      var buffer = ctx.createBuffer(1, n, rate), data = buffer.getChannelData(0);
+      for (var i = 0; i < n; i++) data[i] = view.getInt16(2 * i, true) / 32768;
+      var node = ctx.createBufferSource();
+      node.buffer = buffer;
+      node.connect(ctx.destination);
+      next = Math.max(next, ctx.currentTime + 0.15);  // pieces come about every 100 ms
+      node.start(next);
+      next += n / rate;
+      heard += n;
+      s.setAttribute("data-heard", heard.toString());
+    }
+    fetch("/live/" + encodeURIComponent(id) + "/listen", {signal: controller.signal, credentials: "same-origin"})
+      .then(function (r) {
+        if (!r.ok || !r.body) throw new Error("refused: " + r.status);
+        var rate = parseInt(r.headers.get("x-sample-rate"), 10) || 8000, reader = r.body.getReader();
+        function pump() {
+          return reader.read().then(function (chunk) {
+            if (chunk.done) { if (listening && listening.id === id) stopListening(); return; }
+            play(chunk.value, rate);
+            return pump();
+          });
+        }
+        return pump();
+      })
+      .catch(function () { if (listening && listening.id === id) stopListening(); });
+  }
+  root.addEventListener("click", function (e) {
+    var button = e.target.closest ? e.target.closest("button.listen") : null;
+    if (button) listen(button.closest("section.live-call"), button);
+  });
+
   var source = new EventSource("/live/events");
   source.onmessage = function (m) {
     var u = JSON.parse(m.data), s = u.call_id ? find(u.call_id) : null;
     if (u.type === "snapshot") snapshot(u);
     else if (u.type === "call") { upsert(u.call); counted(); tick(); }
-    else if (u.type === "ended") { if (s) s.remove(); counted(); }
+    else if (u.type === "ended") {
+      if (listening && listening.id === u.call_id) stopListening();
+      if (s) s.remove();
+      counted();
+    }
     else if (u.type === "line" && s) line(s, u.index, u.leg, u.text, u.final);
     else if (u.type === "speaking" && s) speaking(s, u);
     else if (u.type === "state" && s) state(s, u.state);
