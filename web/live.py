@@ -199,8 +199,16 @@ class ListenStream:
                 queue.get_nowait()  # the oldest goes: a listener hears now, not a growing delay
             queue.put_nowait(pcm)
 
-        try:
-            rate, stop = self.link.listen(self.call_id, lambda pcm: loop.call_soon_threadsafe(put, pcm))
+        from starlette.concurrency import run_in_threadpool
+
+        def deliver(pcm: bytes) -> None:  # serve's recorder thread
+            try:
+                loop.call_soon_threadsafe(put, pcm)
+            except RuntimeError:  # the loop has closed (the panel stopping) before the tap was removed
+                pass
+
+        try:  # off the event loop: the tap waits for the recorder's lock, held while it writes files
+            rate, stop = await run_in_threadpool(self.link.listen, self.call_id, deliver)
         except LinkError as err:
             await PlainTextResponse(f"cannot listen: {err}", status_code=409)(scope, receive, send)
             return
@@ -226,7 +234,7 @@ class ListenStream:
             return
         finally:
             gone.cancel()
-            stop()
+            loop.run_in_executor(None, stop)  # the recorder's lock again: not on the loop, not awaited
 
 
 async def _disconnected(receive) -> None:
