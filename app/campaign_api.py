@@ -298,6 +298,9 @@ def routes(registry: CampaignRegistry) -> list[Route]:
 
 
 def _alive(pid: Any) -> bool:
+    """Whether a dialer this registry did not start runs: a process of that pid that has not exited. One
+    that exited but was not reaped yet by its parent (another registry in this process or another: the
+    HTTP API's, a test's) is a zombie, and over."""
     if not isinstance(pid, int) or pid <= 0:
         return False
     try:
@@ -306,7 +309,22 @@ def _alive(pid: Any) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """Linux: the state in /proc/PID/stat; macOS (no /proc): `ps -o stat=`."""
+    if os.path.isdir("/proc/self"):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"  # the name in () may hold spaces
+        except (OSError, IndexError):
+            return True  # gone meanwhile
+    try:
+        out = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.stdout.strip().startswith("Z")
 
 
 def _read(path: str) -> str:

@@ -150,7 +150,7 @@ def _web_commands(args: argparse.Namespace) -> int:
         address = _parse_node(listen)
         if address is None:
             raise ConfigError(f"--listen {listen!r}: not HOST:PORT (127.0.0.1:8088)")
-        return _web_serve(url, listen, address, args.config)
+        return _web_serve(url, listen, address, args.config, settings)
     except StoreError as err:
         print(f"callbot: error: {err}", file=sys.stderr)
     return EXIT_USAGE
@@ -204,14 +204,16 @@ def _users(url: str, args: argparse.Namespace) -> int:
     return 0
 
 
-def _web_serve(url: str, listen: str, address: tuple[str, int], config: str | None = None) -> int:
+def _web_serve(url: str, listen: str, address: tuple[str, int], config: str | None = None, settings=None) -> int:
     from callbot.app.bot_config import BotConfig
     from callbot.app.serve import stop_on_signals
+    from callbot.app.web_campaigns import PanelCampaigns
     from callbot.web.server import WebServer
 
     with stop_on_signals() as stop:
-        try:  # with --config, its bots and flows in the editor (app/bot_config.py)
-            web = WebServer.start(url, *address, bots=BotConfig(config) if config else None)
+        try:  # with --config, its bots and flows in the editor (app/bot_config.py), its campaigns
+            web = WebServer.start(url, *address, bots=BotConfig(config) if config else None,
+                                  campaigns=PanelCampaigns.of(settings) if settings is not None else None)
         except OSError as err:
             print(f"callbot: error: --listen {listen}: {err.strerror or err}", file=sys.stderr)
             return EXIT_USAGE

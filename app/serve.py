@@ -167,6 +167,7 @@ def running_server(settings: Settings, engine_kind: str, log: EventLog | None = 
             campaigns = CampaignRegistry(os.path.join(settings.recordings_dir, "campaigns"), None,
                                          config_required=True)
             stack.callback(campaigns.close)
+            server.campaigns = campaigns  # the panel's campaigns page reads and controls them too
             server.store_api = _store_api(settings, campaigns)
             stack.callback(server.store_api.stop)
         from callbot.app.web_host import start_web
@@ -254,6 +255,7 @@ class Server:
         self.store_api = None  # store/api.py: the store's JSON API ([store] api)
         self.web = None  # web/server.py: the web panel ([web] listen)
         self.analysis = None  # app/analysis_host.py: every call analysed after hang-up ([analytics] enabled)
+        self.campaigns = None  # app/campaign_api.py CampaignRegistry: the API's campaigns ([store] api)
 
     @property
     def calls(self) -> dict[str, LiveCall]:

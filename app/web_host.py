@@ -42,8 +42,12 @@ def start_web(settings: Settings, server=None, config: str | None = None) -> Ser
     try:
         from callbot.app.bot_config import BotConfig
 
+        from callbot.app.web_campaigns import PanelCampaigns
+
         bots = BotConfig(config) if config else None
-        return ServeWeb(WebServer.start(settings.store_url(), host, port, link=link, bots=bots), link)
+        return ServeWeb(WebServer.start(settings.store_url(), host, port, link=link, bots=bots,
+                                        campaigns=PanelCampaigns.of(settings, getattr(server, "campaigns", None))),
+                        link)
     except (OSError, StoreError) as err:
         if link is not None:
             link.close()

@@ -115,3 +115,17 @@ def test_callbot_serve_mounts_the_campaigns_and_wants_a_dialer_config_of_their_o
         assert calls.status_code in (200, 503) and ("calls" in calls.json() or "error" in calls.json())
     finally:
         assert stop_process(serve, 30) == 0, (tmp_path / "serve.log").read_text()
+
+
+def test_a_dialer_that_exited_unreaped_is_over_for_a_registry_that_did_not_start_it():
+    import os
+
+    from callbot.app.campaign_api import _alive
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])  # exits at once; not reaped until wait()
+    try:
+        eventually(lambda: not _alive(child.pid), 10, "the exited child seen as over (a zombie)")
+        assert os.path.exists(f"/proc/{child.pid}") or sys.platform == "darwin"  # still there, unreaped
+    finally:
+        child.wait(10)
+    assert not _alive(child.pid) and _alive(os.getpid()) and not _alive(None)

@@ -41,6 +41,7 @@ from callbot.store.queries import QueryError
 from callbot.store.retention import Selection, purge
 from callbot.store.schema import calls
 from callbot.web import charts, editor
+from callbot.web.campaigns import CampaignDesk, campaign_routes
 from callbot.web.dashboard import dashboard
 from callbot.web.live import live_routes
 from callbot.web.security import LoginLimiter, csrf_ok, csrf_token
@@ -76,9 +77,10 @@ class PanelError(Exception):
 
 def create_app(store: CallStore, *, secret: str | None = None, limiter: LoginLimiter | None = None,
                clock: Callable[[], float] = time.time, link: ServeLink | None = None,
-               bots: editor.Bots | None = None) -> Starlette:
+               bots: editor.Bots | None = None, campaigns: CampaignDesk | None = None) -> Starlette:
     """The panel over `store`. `secret` signs the session cookies (None: a random one, so sessions end
-    when the process does). `bots`: the config's bots for the editor (app/bot_config.py; None: no editor)."""
+    when the process does). `bots`: the config's bots for the editor (app/bot_config.py; None: no editor).
+    `campaigns`: the outbound campaigns (web/campaigns.py; app/web_campaigns.py; None: the page says so)."""
     users = Users(store, clock=clock)
     limiter = limiter or LoginLimiter()
     templates = Jinja2Templates(directory=os.path.join(HERE, "templates"))
@@ -339,6 +341,7 @@ def create_app(store: CallStore, *, secret: str | None = None, limiter: LoginLim
         Route("/account", page(account), methods=["GET", "POST"]),
         Route("/audit", page(audit_page, admin=True)),
         *editor.routes(page, render, users.audit, bots, PanelError),  # web/editor.py: admins' bots and flows
+        *campaign_routes(campaigns, page=page, render=render, audit=users.audit, error=PanelError),
         Mount("/static", StaticFiles(directory=os.path.join(HERE, "static")), name="static"),
     ]
     middleware = [Middleware(SessionMiddleware, secret_key=secret or secrets.token_urlsafe(32),
