@@ -251,6 +251,8 @@ def _calls_parser(sub) -> None:
         p.add_argument("--min-score", type=float, metavar="N", help="a scorecard's score at least N")
         p.add_argument("--max-score", type=float, metavar="N", help="a scorecard's score at most N")
         p.add_argument("--text", metavar="WORDS", help="words said on the call (its transcript, any leg)")
+        p.add_argument("--number", metavar="PHONE", help="a phone number or part of one, as written (its digits "
+                       "found in the caller's or the called number)")
         p.add_argument("--incomplete", action="store_true", help="only calls not finished (going on, or cut)")
 
     imp = calls_sub.add_parser("import", help="put calls recorded in folders (their JSON records and events "
@@ -550,7 +552,7 @@ def _call_filter(args: argparse.Namespace, limit: int | None):
     return CallFilter(since=parse_time(args.since) if args.since else None,
                       until=parse_time(args.until) if args.until else None,
                       bot=args.bot, tenant=args.tenant, outcome=args.outcome, category=args.category,
-                      min_score=args.min_score, max_score=args.max_score, text=args.text,
+                      min_score=args.min_score, max_score=args.max_score, text=args.text, number=args.number,
                       complete=False if args.incomplete else None, limit=limit)
 
 

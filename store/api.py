@@ -27,7 +27,7 @@ from callbot.store.call_store import CallStore
 from callbot.store.database import StoreError
 from callbot.store.queries import CallFilter, QueryError
 
-_FILTER_TEXT = ("bot", "tenant", "outcome", "category", "text")
+_FILTER_TEXT = ("bot", "tenant", "outcome", "category", "text", "number")
 _FILTER_NUMBER = ("min_score", "max_score")
 
 

@@ -32,7 +32,9 @@ class QueryError(ValueError):
 class CallFilter(msgspec.Struct, frozen=True, kw_only=True):
     """Which calls: started in [since, until), of a bot, a tenant, with an outcome, a category matched,
     a score in [min_score, max_score] (any of its scorecards), words said (any leg's transcript: the
-    analysis's turns and words, case-insensitive), complete or not."""
+    analysis's turns and words, case-insensitive), a phone number (`number`: its digits found in the
+    caller's or the called number, whatever the punctuation: +1 (212) 555-0100, 2125550100 and 555-0100
+    all find +12125550100; inbound the customer is the caller, outbound the called), complete or not."""
 
     since: float | None = None
     until: float | None = None
@@ -43,11 +45,14 @@ class CallFilter(msgspec.Struct, frozen=True, kw_only=True):
     min_score: float | None = None
     max_score: float | None = None
     text: str | None = None
+    number: str | None = None
     complete: bool | None = None
     limit: int | None = LIST_LIMIT
     offset: int = 0
 
     def __post_init__(self) -> None:
+        if self.number is not None and not number_digits(self.number):
+            raise QueryError(f"number {self.number!r}: no digits to look for")
         if self.limit is not None and not 1 <= self.limit <= MAX_LIMIT:
             raise QueryError(f"limit must be 1..{MAX_LIMIT}, got {self.limit}")
         if self.offset < 0:
@@ -100,6 +105,9 @@ def conditions(f: CallFilter) -> list:
         if f.max_score is not None:
             score.append(scores.c.score <= f.max_score)
         conds.append(exists().where(and_(*score)))
+    if f.number is not None:
+        like = f"%{number_digits(f.number)}%"
+        conds.append(or_(_digits_of(calls.c.caller).like(like), _digits_of(calls.c.called).like(like)))
     if f.text:
         needle = f.text.lower()
         conds.append(or_(
@@ -108,6 +116,22 @@ def conditions(f: CallFilter) -> list:
             exists().where(transcript_words.c.call_id == calls.c.call_id,
                            func.lower(transcript_words.c.text).contains(needle, autoescape=True))))
     return conds
+
+
+_PUNCTUATION = ("+", " ", "-", "(", ")", ".", "/")  # what a written phone number holds beside its digits
+
+
+def number_digits(text: str) -> str:
+    """The digits of a phone number as a person writes it."""
+    return "".join(ch for ch in text if ch.isdigit())
+
+
+def _digits_of(column):
+    """`column` with a phone number's punctuation removed, in SQL (replace() is in SQLite and PostgreSQL).
+    A SIP caller may also be a URI user part with letters: those stay and simply never match digits."""
+    for ch in _PUNCTUATION:
+        column = func.replace(column, ch, "")
+    return column
 
 
 def list_calls(conn: Connection, f: CallFilter = CallFilter()) -> list[dict]:

@@ -251,6 +251,22 @@ def test_analysis_is_kept_replaced_and_found_by_every_filter(url):
             store.save_analysis("nope", _analysis("nope", said="x", score=1, category=None))
 
 
+def test_a_phone_number_finds_its_calls_however_written_as_caller_or_called(url):
+    with CallStore(url) as store:
+        store.call_finished(_record("in", start=T0 + 10, end=T0 + 20, caller="+1 (212) 555-0100", called="100"))
+        store.call_finished(_record("out", start=T0 + 30, end=T0 + 40, direction="outbound", caller="bot",
+                                    called="12125550100"))
+        store.call_finished(_record("other", start=T0 + 50, end=T0 + 60, caller="+44 20 7946 0958"))
+        with store.reading() as conn:
+            def ids(number: str) -> list[str]:
+                return [r["call_id"] for r in queries.list_calls(conn, CallFilter(number=number))]
+
+            # inbound the customer is the caller, outbound the called; a part of a number finds it too
+            for written in ("+12125550100", "212-555-0100", "(212) 555 0100", "555.0100"):
+                assert ids(written) == ["out", "in"], written
+            assert ids("7946") == ["other"] and ids("999999") == []
+
+
 def test_times_people_type_are_read_and_bad_filters_refused():
     assert queries.parse_time("2026-12-03") == 1_796_256_000.0
     assert queries.parse_time("2026-12-03T05:34:33") == T0
@@ -260,6 +276,8 @@ def test_times_people_type_are_read_and_bad_filters_refused():
         queries.parse_time("yesterday")
     with pytest.raises(QueryError):
         CallFilter(limit=0)
+    with pytest.raises(QueryError, match="no digits"):
+        CallFilter(number="bob")
 
 
 # ---- importing recorded calls ------------------------------------------------------------------------------

@@ -192,6 +192,11 @@ def test_the_call_list_downloads_as_csv_within_the_users_tenant_and_filters(pane
     assert all(r["categories"] == "disclosure" for r in everything)  # the analysis' categories
     beta = list(csv.DictReader(io.StringIO(ada.get("/export/calls.csv?tenant=beta&limit=1&offset=1").text)))
     assert [r["call_id"] for r in beta] == ["call-b"]  # the filters hold; paging does not cut a download
+    listing = ada.get("/calls", params={"number": "(555) 0142"}).text  # a number as written finds its call
+    assert 'data-call-id="call-b"' in listing and 'data-call-id="call-a"' not in listing
+    by_number = list(csv.DictReader(io.StringIO(ada.get("/export/calls.csv", params={"number": "5550100"}).text)))
+    assert [r["call_id"] for r in by_number] == ["call-a"]
+    assert ada.get("/calls", params={"number": "no digits"}).status_code == 400
     assert ada.get("/export/calls.csv?since=yesterday-ish").status_code == 400
     assert 'href="/export/calls.csv?tenant=beta"' in ada.get("/calls?tenant=beta").text
     audit = ada.get("/audit").text
