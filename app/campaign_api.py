@@ -61,10 +61,11 @@ class CampaignRegistry:
     """The campaigns under `folder` (one sub-folder each) and the processes this registry started."""
 
     def __init__(self, folder: str, config: str | None = None, python: str = sys.executable,
-                 config_required: bool = False):
+                 config_required: bool = False, engine: str = "model"):
         self.folder = os.path.abspath(folder)
         self.config = os.path.abspath(config) if config else None
         self.config_required = config_required  # `callbot serve`: a dialer with the server's config would clash
+        self.engine = engine  # what answers the callees when a start names none ([campaigns] engine)
         self.python = python
         self.procs: dict[str, subprocess.Popen] = {}
         self.lock = threading.Lock()
@@ -96,7 +97,7 @@ class CampaignRegistry:
                 rows = len(load_contacts(list_path, campaign.timezone)[0])
             except CampaignError as err:
                 raise CampaignApiError(str(err)) from None
-            engine = body.get("engine", "model")
+            engine = body.get("engine", self.engine)
             if engine not in ("model", "echo"):
                 raise CampaignApiError(f"engine {engine!r}: model or echo")
             bot, config = body.get("bot"), body.get("config") or self.config
@@ -105,7 +106,8 @@ class CampaignRegistry:
                     raise CampaignApiError(f"{key}: a string")
             if config is None and self.config_required:
                 raise CampaignApiError("config: the dialer's own config file on this machine (the server's SIP "
-                                       "port and API address are taken by the server itself)")
+                                       "port and API address are taken by the server itself); or [campaigns] "
+                                       "dialer_config in the server's config")
             if config is not None and not os.path.isfile(config):
                 raise CampaignApiError(f"config {config!r}: no such file")
         except CampaignApiError:

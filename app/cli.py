@@ -210,10 +210,10 @@ def _web_serve(url: str, listen: str, address: tuple[str, int], config: str | No
     from callbot.app.web_campaigns import PanelCampaigns
     from callbot.web.server import WebServer
 
+    campaigns = PanelCampaigns.of(settings, config=config) if settings is not None else None
     with stop_on_signals() as stop:
         try:  # with --config, its bots and flows in the editor (app/bot_config.py), its campaigns
-            web = WebServer.start(url, *address, bots=BotConfig(config) if config else None,
-                                  campaigns=PanelCampaigns.of(settings) if settings is not None else None)
+            web = WebServer.start(url, *address, bots=BotConfig(config) if config else None, campaigns=campaigns)
         except OSError as err:
             print(f"callbot: error: --listen {listen}: {err.strerror or err}", file=sys.stderr)
             return EXIT_USAGE
@@ -222,6 +222,8 @@ def _web_serve(url: str, listen: str, address: tuple[str, int], config: str | No
             stop.wait()
         finally:
             web.stop()
+            if campaigns is not None:
+                campaigns.close()  # the dialers it started (started again, each resumes where it stopped)
     return 0
 
 
@@ -678,7 +680,10 @@ def _calls_api(url: str, listen: str, settings=None, config: str | None = None) 
         raise ConfigError(f"--listen {listen!r}: not HOST:PORT (127.0.0.1:8091)")
     import os
 
-    registry = CampaignRegistry(os.path.join(settings.recordings_dir if settings else ".", "campaigns"), config)
+    # a dialer may run with this config ([campaigns] dialer_config first): `calls api` holds no SIP port
+    registry = CampaignRegistry(os.path.join(settings.recordings_dir if settings else ".", "campaigns"),
+                                (settings.campaigns.dialer_config if settings else None) or config,
+                                engine=settings.campaigns.engine if settings else "model")
     with stop_on_signals() as stop:
         try:
             api = ApiServer.start(url, *address, routes=routes(registry))

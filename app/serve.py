@@ -162,10 +162,11 @@ def running_server(settings: Settings, engine_kind: str, log: EventLog | None = 
         if settings.store.enabled and settings.store.api:
             from callbot.app.campaign_api import CampaignRegistry
 
-            # campaigns started from this API dial from their own config ("config" in the POST): this
-            # process holds the SIP port and the API address of its own
-            campaigns = CampaignRegistry(os.path.join(settings.recordings_dir, "campaigns"), None,
-                                         config_required=True)
+            # campaigns started from this API dial from their own config ("config" in the POST, else
+            # [campaigns] dialer_config): this process holds the SIP port and the API address of its own
+            campaigns = CampaignRegistry(os.path.join(settings.recordings_dir, "campaigns"),
+                                         settings.campaigns.dialer_config, config_required=True,
+                                         engine=settings.campaigns.engine)
             stack.callback(campaigns.close)
             server.campaigns = campaigns  # the panel's campaigns page reads and controls them too
             server.store_api = _store_api(settings, campaigns)

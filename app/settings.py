@@ -158,6 +158,17 @@ class RetentionSettings(_Settings):
     days: Annotated[float, Meta(ge=0)] = 0.0
 
 
+class CampaignsSettings(_Settings):
+    """Outbound campaigns started from the HTTP API or the web panel (app/campaign_api.py): `dialer_config`
+    is the config file each one's dialer (`callbot campaign run`) runs with, when the request names none
+    (`callbot serve` holds its own SIP port and API address, so a dialer needs a config of its own: its
+    own transport port, an outbound account); `engine` what answers the callees (model, or echo to try
+    a list without a model)."""
+
+    dialer_config: str | None = None
+    engine: Literal["model", "echo"] = "model"
+
+
 class WebSettings(_Settings):
     """The web panel (web/, `callbot web`): `listen` = HOST:PORT where `callbot serve` serves it too (None:
     not served; 127.0.0.1 keeps it on this machine)."""
@@ -353,6 +364,7 @@ class Settings(_Settings):
     analytics: AnalyticsSettings = AnalyticsSettings()  # every call analysed (analytics/, app/analysis_host.py)
     web: WebSettings = WebSettings()  # the web panel (web/, app/web_host.py)
     retention: RetentionSettings = RetentionSettings()  # calls deleted after so many days (store/retention.py)
+    campaigns: CampaignsSettings = CampaignsSettings()  # campaigns started from the API and the panel
 
     def store_url(self) -> str:
         """The call store's URL: [store] url, else an SQLite file beside the recordings."""
@@ -559,6 +571,9 @@ def parse_settings(text: str | bytes, *, base_dir: str | os.PathLike = ".", reso
         settings = _resolve_passwords(settings)
     settings = _resolve_paths(settings, pathlib.Path(base_dir))
     _check_rules(settings)
+    dialer = settings.campaigns.dialer_config
+    if dialer is not None and not os.path.isfile(dialer):
+        raise ConfigError(f"$.campaigns.dialer_config: {dialer!r}: no such file (the dialers' own config)")
     return settings
 
 
@@ -621,6 +636,7 @@ def _resolve_paths(settings: Settings, base_dir: pathlib.Path) -> Settings:
         recognizer=msgspec.structs.replace(settings.recognizer, model=resolve(settings.recognizer.model)),
         store=msgspec.structs.replace(settings.store, url=_resolve_sqlite(settings.store.url, base_dir)),
         analytics=msgspec.structs.replace(settings.analytics, rules=resolve(settings.analytics.rules)),
+        campaigns=msgspec.structs.replace(settings.campaigns, dialer_config=resolve(settings.campaigns.dialer_config)),
     )
 
 

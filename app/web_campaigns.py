@@ -13,18 +13,38 @@ from callbot.web.campaigns import CampaignDeskError
 
 
 class PanelCampaigns:
-    def __init__(self, registry: CampaignRegistry, tenant_of_bot: dict[str, str | None]):
+    def __init__(self, registry: CampaignRegistry, tenant_of_bot: dict[str, str | None], owned: bool = True):
         self.registry = registry
         self.tenant_of_bot = tenant_of_bot
+        self.owned = owned  # this panel's own registry: its dialers stop with it (`close`), as the API's do
 
     @classmethod
-    def of(cls, settings: Settings, registry: CampaignRegistry | None = None) -> PanelCampaigns:
+    def of(cls, settings: Settings, registry: CampaignRegistry | None = None,
+           config: str | None = None) -> PanelCampaigns:
         """The campaigns under the recordings folder (<recordings_dir>/campaigns), tenants from the bots;
-        `registry`: serve's HTTP API's, when it has one (it started the dialers: their exit status is its)."""
-        if registry is None:
-            registry = CampaignRegistry(os.path.join(settings.recordings_dir, "campaigns"), None,
-                                        config_required=True)
+        `registry`: serve's HTTP API's, when it has one (it started the dialers: their exit status is its).
+        A campaign started from the panel dials with [campaigns] dialer_config, else `config` (`callbot web
+        --config`: a process that holds no SIP port; serve passes none: its own config would clash)."""
+        if registry is not None:
+            return cls(registry, {b.name: b.tenant for b in settings.bots}, owned=False)
+        registry = CampaignRegistry(os.path.join(settings.recordings_dir, "campaigns"),
+                                    settings.campaigns.dialer_config or config, config_required=True,
+                                    engine=settings.campaigns.engine)
         return cls(registry, {b.name: b.tenant for b in settings.bots})
+
+    def bots(self) -> list[tuple[str, str | None]]:
+        return sorted(self.tenant_of_bot.items())
+
+    def start(self, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return self.registry.start(body)
+        except CampaignApiError as err:
+            raise CampaignDeskError(str(err), err.status) from None
+
+    def close(self) -> None:
+        """Stops the dialers this panel started (started again, each resumes where it stopped)."""
+        if self.owned:
+            self.registry.close()
 
     def all(self) -> list[dict[str, Any]]:
         """A campaign's tenant is its bot's; one started without a bot (its dialer's first bot, in a config

@@ -12,15 +12,18 @@ class ServeWeb:
     """The panel and its link to serve; `stop` ends the live streams first, so that uvicorn's graceful
     shutdown has no endless response to wait for."""
 
-    def __init__(self, web, link):
+    def __init__(self, web, link, campaigns=None):
         self.web = web
         self.link = link
+        self.campaigns = campaigns  # app/web_campaigns.py PanelCampaigns: its dialers stop with the panel
         self.host, self.port = web.host, web.port
 
     def stop(self) -> None:
         if self.link is not None:
             self.link.close()
         self.web.stop()
+        if self.campaigns is not None:
+            self.campaigns.close()
 
 
 def start_web(settings: Settings, server=None, config: str | None = None) -> ServeWeb | None:
@@ -45,9 +48,9 @@ def start_web(settings: Settings, server=None, config: str | None = None) -> Ser
         from callbot.app.web_campaigns import PanelCampaigns
 
         bots = BotConfig(config) if config else None
-        return ServeWeb(WebServer.start(settings.store_url(), host, port, link=link, bots=bots,
-                                        campaigns=PanelCampaigns.of(settings, getattr(server, "campaigns", None))),
-                        link)
+        campaigns = PanelCampaigns.of(settings, getattr(server, "campaigns", None))
+        return ServeWeb(WebServer.start(settings.store_url(), host, port, link=link, bots=bots, campaigns=campaigns),
+                        link, campaigns)
     except (OSError, StoreError) as err:
         if link is not None:
             link.close()

@@ -135,7 +135,7 @@ MARKS: dict[str, frozenset[str]] = {
         "test_store_calls": "sip slow",
         "test_device_bench": "model",  # 3 s: the GPU bench's fat-binary pruning, its script at the tiny size
         "test_store_export": "",  # CSV cells a spreadsheet would run, written as text
-        "test_web_campaigns": "sip slow",  # 25 s: `callbot web` over a real paused dialer and a pjsua2 callee, chromium resumes it
+        "test_web_campaigns": "sip slow",  # 15 s: `callbot web` starts a real dialer from chromium (paused), resumes it; a pjsua2 callee
         "test_web_store_down": "",  # 4 s: `callbot web` over a PostgreSQL stopped and started again (httpx)
         "test_web_units": "",  # 2 s: the limiter, CSRF, scopes, users on SQLite and PostgreSQL
         "test_web_editor": "",  # 8 s: TOML path -> line, the flow graph, saving, config edits, reloads, the editor's pages (uvicorn + httpx)

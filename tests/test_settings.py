@@ -200,3 +200,16 @@ def test_bridge_rate_is_one_the_engine_serves(tmp_path):
     assert typing.get_args(hints["conference_clock_rate"]) == CALL_RATES
     with pytest.raises(ConfigError, match=r"\$\.sip\.conference_clock_rate: Invalid enum value 48000"):
         parse_settings("[sip]\nconference_clock_rate = 48000\n", base_dir=tmp_path)
+
+
+def test_campaigns_dialer_config_is_relative_to_the_config_and_must_exist(tmp_path):
+    from callbot.app.settings import ConfigError, parse_settings
+
+    (tmp_path / "dialer.toml").write_text("")
+    s = parse_settings('[campaigns]\ndialer_config = "dialer.toml"\nengine = "echo"\n', base_dir=tmp_path)
+    assert s.campaigns.dialer_config == str(tmp_path / "dialer.toml") and s.campaigns.engine == "echo"
+    assert parse_settings("", base_dir=tmp_path).campaigns.engine == "model"
+    with pytest.raises(ConfigError, match=r"\$.campaigns.dialer_config: .*missing.toml.*no such file"):
+        parse_settings('[campaigns]\ndialer_config = "missing.toml"\n', base_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"campaigns.engine"):
+        parse_settings('[campaigns]\nengine = "gpt"\n', base_dir=tmp_path)
