@@ -203,8 +203,6 @@ def test_bridge_rate_is_one_the_engine_serves(tmp_path):
 
 
 def test_campaigns_dialer_config_is_relative_to_the_config_and_must_exist(tmp_path):
-    from callbot.app.settings import ConfigError, parse_settings
-
     (tmp_path / "dialer.toml").write_text("")
     s = parse_settings('[campaigns]\ndialer_config = "dialer.toml"\nengine = "echo"\n', base_dir=tmp_path)
     assert s.campaigns.dialer_config == str(tmp_path / "dialer.toml") and s.campaigns.engine == "echo"
