@@ -32,6 +32,7 @@ from callbot.app.recording import Recorder
 from callbot.app.routes import CallRoutes
 from callbot.app.service_worker import attach_worker, worker_screen
 from callbot.app.settings import ConfigError, Settings
+from callbot.app.store_services import start_campaigns, start_retention, start_store_api
 from callbot.engine.contract import CallEngine, FrameStages
 from callbot.sip import events as ev
 from callbot.sip.endpoint import Endpoint
@@ -119,13 +120,8 @@ def running_server(settings: Settings, engine_kind: str, log: EventLog | None = 
         recorder = Recorder(settings.recordings_dir, directory_for=routes.recordings_dir_for, listener=listener)
         stack.callback(recorder.close)
         metrics.watch_recorder(recorder)  # what the disk refused, the room left on it
-        retention = None
-        by_tenant = settings.retention_by_tenant()
-        if settings.retention.days > 0 or any(by_tenant.values()):  # store/retention.py: once an hour
-            from callbot.store.retention import RetentionJob
-
-            retention = RetentionJob(settings.recording_dirs(), settings.store_url() if settings.store.enabled
-                                     else None, settings.retention.days, tenants=by_tenant).start()
+        retention = start_retention(settings)  # store/retention.py: once an hour, when a period is set
+        if retention is not None:
             stack.callback(retention.stop)
             metrics.watch_retention(retention)  # runs, failures, deleted, the last success's time
         if analysis is not None:
@@ -160,16 +156,12 @@ def running_server(settings: Settings, engine_kind: str, log: EventLog | None = 
         server.store_writer = writer
         server.analysis = analysis
         if settings.store.enabled and settings.store.api:
-            from callbot.app.campaign_api import CampaignRegistry
-
             # campaigns started from this API dial from their own config ("config" in the POST, else
             # [campaigns] dialer_config): this process holds the SIP port and the API address of its own
-            campaigns = CampaignRegistry(os.path.join(settings.recordings_dir, "campaigns"),
-                                         settings.campaigns.dialer_config, config_required=True,
-                                         engine=settings.campaigns.engine)
+            campaigns = start_campaigns(settings)
             stack.callback(campaigns.close)
             server.campaigns = campaigns  # the panel's campaigns page reads and controls them too
-            server.store_api = _store_api(settings, campaigns)
+            server.store_api = start_store_api(settings, campaigns)
             stack.callback(server.store_api.stop)
         from callbot.app.web_host import start_web
 
@@ -203,24 +195,6 @@ def _analysis_host(settings: Settings, writer, metrics: Metrics):
     from callbot.app.analysis_host import AnalysisHost
 
     return AnalysisHost(settings, writer, observe=metrics.on_analysis)
-
-
-def _store_api(settings: Settings, campaigns=None):
-    """The store's JSON HTTP API on [store] api, on a thread of its own (store/api.py), with the campaign
-    routes of `campaigns` (app/campaign_api.py CampaignRegistry) when given."""
-    from callbot.store.api import ApiServer
-    from callbot.store.database import StoreError
-
-    host, port = settings.store.api_address
-    extra = ()
-    if campaigns is not None:
-        from callbot.app.campaign_api import routes
-
-        extra = routes(campaigns)
-    try:
-        return ApiServer.start(settings.store_url(), host, port, routes=extra)
-    except (OSError, StoreError) as err:
-        raise StartupError(f"[store] api {settings.store.api!r}: {err}") from None
 
 
 @contextlib.contextmanager

@@ -26,9 +26,10 @@ class ServeWeb:
             self.campaigns.close()
 
 
-def start_web(settings: Settings, server=None, config: str | None = None) -> ServeWeb | None:
-    """The running panel (web/server.py WebServer, linked to `server`: app/serve.py Server), or None
-    without [web] listen; `config` (the settings' file) gives the panel's editor its bots (app/bot_config.py)."""
+def start_web(settings: Settings, server=None, config: str | None = None, registry=None) -> ServeWeb | None:
+    """The running panel (web/server.py WebServer, linked to `server`: app/serve.py Server; None: no live
+    calls, as `callbot web`), or None without [web] listen; `config` (the settings' file) gives the panel's
+    editor its bots (app/bot_config.py); `registry`: the store API's campaigns, shared (else its own)."""
     if settings.web.listen is None:
         return None
     if not settings.store.enabled:
@@ -48,7 +49,7 @@ def start_web(settings: Settings, server=None, config: str | None = None) -> Ser
         from callbot.app.web_campaigns import PanelCampaigns
 
         bots = BotConfig(config) if config else None
-        campaigns = PanelCampaigns.of(settings, getattr(server, "campaigns", None))
+        campaigns = PanelCampaigns.of(settings, registry if registry is not None else getattr(server, "campaigns", None))
         return ServeWeb(WebServer.start(settings.store_url(), host, port, link=link, bots=bots, campaigns=campaigns),
                         link, campaigns)
     except (OSError, StoreError) as err:

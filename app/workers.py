@@ -52,7 +52,7 @@ from callbot.app import edge as edge_mod
 from callbot.app.edge import Backend, Edge
 from callbot.app.errors import StartupError
 from callbot.app.metrics import parse_address
-from callbot.app.settings import ConfigError, Settings
+from callbot.app.settings import ConfigError, RetentionSettings, Settings, WebSettings
 
 RTP_PORTS_PER_WORKER = 100  # worker i's RTP starts this far above worker i-1's (4 calls use 8 ports)
 BACKOFF_S = (0.5, 30.0)  # a worker that died is restarted after the first, doubling up to the second
@@ -85,7 +85,12 @@ def supervised_settings(settings: Settings, spec: Supervised) -> Settings:
     metrics = (msgspec.structs.replace(settings.metrics, address=spec.metrics) if spec.metrics
                else msgspec.structs.replace(settings.metrics, enabled=False))
     model = msgspec.structs.replace(settings.model, service=spec.service)
-    return msgspec.structs.replace(settings, metrics=metrics, model=model)
+    # served once, by the supervisor (Supervisor._start_shared): the panel, the store's API and campaigns,
+    # the retention job; N children would fight for one port and purge the same calls N times
+    shared_off = dict(web=WebSettings(), store=msgspec.structs.replace(settings.store, api=None),
+                      retention=RetentionSettings(),
+                      tenants=tuple(msgspec.structs.replace(t, retention_days=None) for t in settings.tenants))
+    return msgspec.structs.replace(settings, metrics=metrics, model=model, **shared_off)
 
 
 def worker_ports(settings: Settings, count: int) -> list[int]:
@@ -157,6 +162,8 @@ class Supervisor:
         self.settings = settings
         self.engine_kind = engine_kind
         self.source = source
+        self.config = config
+        self._shared: list = []  # stops of what _start_shared started, in start order
         self.out = out or sys.stderr
         self._lock = threading.Lock()  # lines from several reader threads
         edge_mod.check_settings(settings)
@@ -300,13 +307,46 @@ class Supervisor:
                 self._stop_all(self.workers)
                 if self.service is not None:
                     self._stop_child(self.service)
+                self._stop_shared()
                 if self.edge is not None:
                     if self.edge.proc is not None and self.edge.proc.poll() is None:
                         self.edge.hang_up_leftovers(self._say)
                     self.edge.stop()
                 self._remove_tmp()
 
+    def _start_shared(self) -> None:
+        """The panel, the store's API with the campaigns, and the retention job, once for all workers (in
+        this process: none of them loads pjsua2 or the model). A port that is taken is one line and exit 2,
+        before any worker starts. The panel here has no live calls (each worker holds its own)."""
+        from callbot.app.store_services import start_campaigns, start_retention, start_store_api
+        from callbot.app.web_host import start_web
+
+        s = self.settings
+        registry = None
+        if s.store.enabled and s.store.api:
+            registry = start_campaigns(s)
+            self._shared.append(registry.close)
+            api = start_store_api(s, registry)
+            self._shared.append(api.stop)
+            self._say(f"callbot: the store's API on http://{s.store.api}/api/calls")
+        web = start_web(s, None, config=self.config, registry=registry)
+        if web is not None:
+            self._shared.append(web.stop)
+            self._say(f"callbot: the web panel on http://{s.web.listen}/")
+        retention = start_retention(s)
+        if retention is not None:
+            self._shared.append(retention.stop)
+
+    def _stop_shared(self) -> None:
+        while self._shared:
+            stop = self._shared.pop()
+            try:
+                stop()
+            except Exception as err:  # noqa: BLE001 - the others still stop
+                self._say(f"callbot: warning: stopping a shared service: {err}")
+
     def _run(self, sig: edge_mod.Signals) -> int:
+        self._start_shared()
         if self.service is not None:
             self._spawn(self.service)
             self._wait_ready([self.service], sig.stop, None)  # loading weights takes what it takes

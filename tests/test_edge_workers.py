@@ -24,6 +24,7 @@ import sys
 import urllib.request
 import wave
 
+import httpx
 import msgspec
 import numpy as np
 import pytest
@@ -106,6 +107,14 @@ def test_each_worker_gets_its_port_rtp_metrics_and_the_edge_derived_settings():
     assert "127.0.0.1" in derived.sip.admission.exempt_sources
     off = workers.supervised_settings(settings, workers.Supervised(role="service", service="/tmp/m.sock"))
     assert not off.metrics.enabled and off.sip == settings.sip
+    # the panel, the store's API and the retention job are the supervisor's, once: no child gets them
+    shared = parse_settings('[web]\nlisten = "127.0.0.1:8088"\n[store]\napi = "127.0.0.1:8091"\n[retention]\n'
+                            'days = 30\n[[tenants]]\nname = "acme"\nretention_days = 7\n[[sip.transports]]\n'
+                            'bind = "127.0.0.1"\nport = 5070\n[[sip.accounts]]\nuser = "bot"\n')
+    for role in ("worker", "service"):
+        child = workers.supervised_settings(shared, workers.Supervised(role=role, index=1, sip_port=5071))
+        assert child.web.listen is None and child.store.api is None and child.store.enabled
+        assert child.retention.days == 0 and child.retention_by_tenant() == {}
     assert workers.parse_supervised(msgspec.json.encode(spec).decode()) == spec
 
 
@@ -255,8 +264,15 @@ def test_two_workers_take_eight_calls_without_cross_talk_and_survive_a_killed_wo
     """8 callers through the edge: 4 calls on each worker, each caller hears only its own tone. Worker 1
     is killed mid-call: its 4 calls go silent, the other 4 keep their audio; the supervisor restarts it
     and, worker 2 being full (486), the next 4 calls all land on it (the edge's failover)."""
-    dep = Deployment(tmp_path, 2)
+    web_port, api_port = free_port(socket.SOCK_STREAM), free_port(socket.SOCK_STREAM)
+    dep = Deployment(tmp_path, 2, tail=f'[web]\nlisten = "127.0.0.1:{web_port}"\n[store]\n'
+                                       f'api = "127.0.0.1:{api_port}"\n[retention]\ndays = 30\n')
     try:
+        # the panel and the store's API, served once by the supervisor: both workers came up (each would
+        # have bound the same two ports before), and they answer
+        assert httpx.get(f"http://127.0.0.1:{web_port}/login", timeout=10).status_code == 200
+        assert httpx.get(f"http://127.0.0.1:{api_port}/api/campaigns", timeout=10).json() == {"campaigns": []}
+        assert any("the web panel on" in line for line in dep.err.lines)
         with PjsuaPeer(user="a", log_dir=tmp_path) as a, PjsuaPeer(user="b", log_dir=tmp_path) as b:
             peers = [a] * 4 + [b] * 4
             calls = [(peer, peer.call(dep.uri), f) for peer, f in zip(peers, TONES)]
