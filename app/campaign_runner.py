@@ -55,6 +55,7 @@ from callbot.campaigns.contacts import Contact, load_contacts, load_dnc
 from callbot.campaigns.state import Attempt, CampaignState, state_path
 from callbot.engine.contract import FlowTransition, PlayFinished
 from callbot.sip import events as ev
+from callbot.store.export import safe_cell
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -866,8 +867,9 @@ class CampaignRunner:
                     flow = r["flow"] or {}
                     r = {**r, "flow_state": flow.get("state"), "flow_path": " > ".join(flow.get("path", [])),
                          "flow_reason": flow.get("reason")}
-                    w.writerow([json.dumps(r[n]) if n == "variables" else ("" if r[n] is None else r[n])
-                                for n in names])
+                    # the SIP reason phrase is the callee's text, the variables the list's: what a spreadsheet
+                    # would run as a formula is written as text (store/export.py safe_cell)
+                    w.writerow([safe_cell(json.dumps(r[n]) if n == "variables" else r[n]) for n in names])
         except OSError as err:
             self._say(f"callbot: error: report {self.report_path}: {err.strerror or err}")
 
