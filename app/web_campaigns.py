@@ -1,7 +1,8 @@
 """The panel's campaigns page over the campaign registry (web/campaigns.py CampaignDesk over
 app/campaign_api.py CampaignRegistry): the registry's campaigns with their tenant (their bot's, from the
-config) and its errors as the panel's. The panel only reads and controls: its registry starts nothing, so
-it works beside the HTTP API's (the same folder, the dialers controlled through their control files)."""
+config), its starts and controls, and its errors as the panel's. With the store's HTTP API in the same
+process the panel shares its registry; alone it has its own over the same folder (the dialers are
+controlled through their control files, whoever started them), and stops the dialers it started."""
 from __future__ import annotations
 
 import os

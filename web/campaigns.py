@@ -13,7 +13,7 @@ HTTP API and `callbot campaign run` start them too (README, "Campaigns").
 
 Tenant scope, as everywhere in the panel: a campaign's tenant is its bot's; a user with a tenant sees and
 controls only that tenant's campaigns, another's is a 404 (the same as one that does not exist). Every
-action is audited (`campaign.pause`, `campaign.resume`, `campaign.stop`).
+action is audited (`campaign.start`, `campaign.pause`, `campaign.resume`, `campaign.stop`).
 """
 from __future__ import annotations
 
