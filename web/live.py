@@ -86,7 +86,28 @@ def snapshot(link: ServeLink, user: User) -> Update:
     return {"type": "snapshot", "now": time.time(), "calls": [msgspec.to_builtins(c) for c in visible(link, user)]}
 
 
-class LiveStream:
+class _CappedStream:
+    """A raw ASGI streaming response that counts against its user's and the process's stream caps
+    (Streams): one more than they allow is a 429 before anything starts."""
+
+    user: User
+    streams: Streams
+
+    async def __call__(self, scope, receive, send) -> None:
+        if not self.streams.reserve(self.user.name):
+            await PlainTextResponse("too many live streams open: close another tab", status_code=429)(
+                scope, receive, send)
+            return
+        try:
+            await self._stream(scope, receive, send)
+        finally:
+            self.streams.release(self.user.name)
+
+    async def _stream(self, scope, receive, send) -> None:
+        raise NotImplementedError
+
+
+class LiveStream(_CappedStream):
     """The ASGI response of /live/events for one user (raw ASGI: it must see the browser go while it
     waits for the next update, which a StreamingResponse notices only when it writes)."""
 
@@ -99,17 +120,7 @@ class LiveStream:
         self.keepalive_s = keepalive_s
         self.queue = queue
 
-    async def __call__(self, scope, receive, send) -> None:
-        if not self.streams.reserve(self.user.name):
-            await PlainTextResponse("too many live streams open: close another tab", status_code=429)(
-                scope, receive, send)
-            return
-        try:
-            await self._stream(receive, send)
-        finally:
-            self.streams.release(self.user.name)
-
-    async def _stream(self, receive, send) -> None:
+    async def _stream(self, scope, receive, send) -> None:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue(self.queue)
         lost = False
@@ -164,7 +175,7 @@ class LiveStream:
             feed.close()
 
 
-class ListenStream:
+class ListenStream(_CappedStream):
     """The ASGI response of /live/{id}/listen: the call's audio as it is recorded (both legs mixed,
     16-bit little-endian mono, `x-sample-rate` says the rate), for a supervisor listening in. Raw ASGI,
     as LiveStream: it ends when the browser goes, when the call ends (checked each LISTEN_CHECK_S), when
@@ -179,16 +190,6 @@ class ListenStream:
         self.streams = streams
         self.user = user
         self.check_s = check_s
-
-    async def __call__(self, scope, receive, send) -> None:
-        if not self.streams.reserve(self.user.name):
-            await PlainTextResponse("too many live streams open: close another tab", status_code=429)(
-                scope, receive, send)
-            return
-        try:
-            await self._stream(scope, receive, send)
-        finally:
-            self.streams.release(self.user.name)
 
     async def _stream(self, scope, receive, send) -> None:
         loop = asyncio.get_running_loop()
