@@ -215,7 +215,7 @@ class FlowHost:
     """`flows`: bot name -> (flow name, Flow). `call_opened`/`call_closed` come from the CallRouter."""
 
     def __init__(self, bus: EventBus, flows: dict[str, tuple[str, Flow]], speaker: Speaker | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time):
         import httpx
 
         self.bus = bus
@@ -223,6 +223,7 @@ class FlowHost:
         self.files: FlowFiles | None = None  # app/flow_reload.py: the flow files taken again when changed
         self.speaker = speaker
         self.clock = clock
+        self.wall = wall  # the time of day, for the flows' business hours
         # trust_env=False: a card number never follows an HTTPS_PROXY or .netrc from the environment
         self.http = httpx.Client(trust_env=False)
         self.dropped = 0
@@ -357,7 +358,8 @@ class FlowHost:
             files = self.files
             name, flow = files.current(bot) if files is not None and bot in files else self.flows[bot]
             variables = {"call_id": live.call_id, **live.start.variables}
-            runner = FlowRunner(flow, _HostedCall(self, live), live.call_id, variables, now=now, name=name)
+            runner = FlowRunner(flow, _HostedCall(self, live), live.call_id, variables, now=now, name=name,
+                                wall=self.wall())  # business hours ([hours]) go by the wall clock
             self.runners[live.call_id] = runner
             runner.start()
         elif item[0] == "leg":

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from callbot.engine.contract import FlowTransition
+from callbot.flows.hours import hours_variables
 from callbot.flows.schema import Flow, State, Webhook
 
 REPLY_TEXT_MAX = 256
@@ -177,6 +178,7 @@ class FlowRunner:
     variables: dict[str, str]
     now: float  # the host's clock (seconds) when the runner was made: the flow's t = 0
     name: str = "flow"
+    wall: float = 0.0  # the wall clock (Unix s) at `now`: business hours ([hours]) are read from it
     ended: bool = False
     path: list[str] = field(default_factory=list)  # states entered, in order
     _t0: float = 0.0
@@ -393,6 +395,10 @@ class FlowRunner:
 
     def _after_webhook(self, v: _Visit) -> None:
         s = v.state
+        hours = self.flow.hours
+        if hours is not None:  # open, weekday, local_time, local_date: as the state is entered
+            self.variables.update(hours_variables(self.wall + (self.now - self._t0), hours.timezone, hours.open,
+                                                  hours.closed_dates))
         for rule in s.branch:
             value = self.variables.get(rule.var, "")
             if re.search(rule.match, value):

@@ -13,7 +13,8 @@ hangup), extended with what a production flow needs and the issue left open: wha
 webhook fails (`on_failure`), when a transfer fails (`on_transfer_failed`), attended transfer
 (`transfer_mode`, `announce`, `consult_timeout_s`), when `max_s` passes
 (`on_max_s`), a logic split on variables (`branch`), PCI gathering (`gather.sensitive`), an explicit
-`mute_caller`, and secrets for webhook headers from the environment (`headers_env`).
+`mute_caller`, secrets for webhook headers from the environment (`headers_env`), and business hours
+(`[hours]`: flows/hours.py).
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta
+
+from callbot.flows.hours import HoursError, check_date, spans, zone
 
 DTMF_KEYS = "0123456789*#ABCD"
 StateName = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")]
@@ -122,21 +125,34 @@ class State(_Flow):
     next: StateName | None = None
 
 
+class Hours(_Flow):
+    """Business hours (flows/hours.py): open spans per weekday in `timezone`, dates closed all day; the
+    runner gives every state the variables `open`, `weekday`, `local_time`, `local_date`."""
+
+    timezone: str = "UTC"
+    open: dict[Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"], str] = {}
+    closed_dates: tuple[str, ...] = ()
+
+
 class Flow(_Flow):
     start: StateName
     states: dict[StateName, State]
     variables: dict[VariableName, str] = {}  # defaults; the route's and the call's variables override them
     language: Annotated[str, Meta(pattern=r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$")] | None = None
+    hours: Hours | None = None
 
 
 # msgspec words errors as "<message> - at `$.path`"; users get "$.path: <message>"
-_AT_PATH = re.compile(r"^(?P<msg>.*?)(?: - at `(?P<path>[^`]*)`)?$", re.S)
+_AT_PATH = re.compile(r"^(?P<msg>.*?)(?: - at `(?P<key>key` in `)?(?P<path>[^`]*)`)?$", re.S)
 
 
 def _reword(err: msgspec.MsgspecError) -> str:
+    """...and a table's key it refuses ("at `key` in `$.hours.open`") as "$.hours.open: <message> (a key)"."""
     m = _AT_PATH.match(str(err))
     assert m is not None  # the pattern matches any string
     msg, path = m.group("msg"), m.group("path")
+    if m.group("key"):
+        msg += " (as a key)"
     return f"{path}: {msg}" if path else msg
 
 
@@ -272,6 +288,23 @@ def _check_loops(flow: Flow) -> None:
                 path.append(nxt)
 
 
+def _check_hours(hours: Hours) -> None:
+    try:
+        zone(hours.timezone)
+    except HoursError as err:
+        raise FlowError(f"$.hours.timezone: {err}") from None
+    for day, text in hours.open.items():
+        try:
+            spans(text)
+        except HoursError as err:
+            raise FlowError(f"$.hours.open.{day}: {err}") from None
+    for i, date in enumerate(hours.closed_dates):
+        try:
+            check_date(date)
+        except HoursError as err:
+            raise FlowError(f"$.hours.closed_dates[{i}]: {err}") from None
+
+
 def check_flow(flow: Flow, base_dir: pathlib.Path) -> None:
     """What the types cannot say: every target exists, regexes compile, clips exist, no dead ends, no
     loop that never waits, no secret shown in a text."""
@@ -283,6 +316,8 @@ def check_flow(flow: Flow, base_dir: pathlib.Path) -> None:
             raise FlowError(f'{where}: unknown state "{name}", expected one of {known}')
 
     target("$.start", flow.start)
+    if flow.hours is not None:
+        _check_hours(flow.hours)
     for name, s in flow.states.items():
         at = f"$.states.{name}"
         if s.play and s.say:

@@ -3,12 +3,14 @@ the transition it reports for each move. The call is a recorder of the runner's 
 FlowCall protocol), the clock a number: nothing here waits."""
 from __future__ import annotations
 
+import datetime
+
 import pytest
 
 from callbot.engine.contract import FlowTransition
 from callbot.flows.runner import (CallGone, Digit, FlowLoop, FlowRunner, PromptDone, Said, Speech, TransferDone,
                                   WebhookDone, render)
-from callbot.flows.schema import parse_flow
+from callbot.flows.schema import FlowError, parse_flow
 
 MENU = """
 start = "greet"
@@ -424,3 +426,70 @@ def test_a_blind_transfer_stays_blind_and_is_never_cancelled():
     assert call.last("transfer") == ("transfer", "sip:queue@pbx.example.com")
     r.tick(140.0)
     assert r.state == "goodbye" and not any(op[0] in ("cancel_transfer", "transfer_attended") for op in call.ops)
+
+
+HOURS = """
+start = "door"
+[hours]
+timezone = "America/New_York"
+open = { mon = "09:00-18:00", fri = "09:00-12:00,13:00-17:00" }
+closed_dates = ["2026-12-25"]
+[states.door]
+branch = [{ var = "open", match = "^yes$", goto = "menu" }]
+next = "closed"
+[states.menu]
+say = "Hello, it is {local_time} on {weekday}."
+hangup = true
+[states.closed]
+say = "We are closed on {local_date}."
+hangup = true
+"""
+
+
+def _wall(local: str) -> float:
+    """Unix time of a New York wall-clock time ('2026-12-07 10:30')."""
+    from zoneinfo import ZoneInfo
+
+    return datetime.datetime.fromisoformat(local).replace(tzinfo=ZoneInfo("America/New_York")).timestamp()
+
+
+def test_business_hours_branch_on_open_in_the_flows_time_zone_with_its_closed_dates():
+    cases = {"2026-12-07 10:30": "menu",    # a Monday, inside 09:00-18:00
+             "2026-12-07 08:59": "closed",  # before opening
+             "2026-12-07 18:00": "closed",  # the end is exclusive
+             "2026-12-08 10:30": "closed",  # a Tuesday: not named, closed
+             "2026-12-11 12:30": "closed",  # Friday's lunch between its two spans
+             "2026-12-11 13:00": "menu",
+             "2026-12-25 10:30": "closed",  # a Friday, but a closed date
+             "2026-03-09 09:30": "menu"}    # a Monday just after the DST change: local time, not UTC
+    for local, where in cases.items():
+        call = Recorded()
+        r = FlowRunner(parse_flow(HOURS), call, "c1", {}, now=100.0, wall=_wall(local))
+        r.start()
+        assert r.state == where, (local, r.state)
+        date, time_of_day = local.split()
+        weekday = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")[datetime.date.fromisoformat(date).weekday()]
+        said = call.last("say")[1]  # the variables in the texts: the flow's local time, day and date
+        assert said == (f"Hello, it is {time_of_day} on {weekday}." if where == "menu"
+                        else f"We are closed on {date}."), said
+    # later in the call, the hours are read again as a state is entered (the runner's own clock moved on)
+    call = Recorded()
+    r = FlowRunner(parse_flow(HOURS.replace('next = "closed"', 'next = "closed"\nmax_s = 3600\non_max_s = "door"')
+                              .replace('[states.closed]\nsay = "We are closed on {local_date}."\nhangup = true',
+                                       '[states.closed]\nnext = "door"\nmax_s = 3600')), call, "c1", {}, now=0.0,
+                   wall=_wall("2026-12-07 08:30"))
+    r.start()
+    assert r.state == "closed"
+    r.tick(3600.0)  # an hour later: 09:30, open
+    assert r.state == "menu"
+
+
+def test_bad_business_hours_are_one_line_naming_the_field():
+    for change, said in ((('"America/New_York"', '"Mars/Olympus"'), "$.hours.timezone: timezone 'Mars/Olympus'"),
+                         (('"09:00-18:00"', '"18:00-09:00"'), "$.hours.open.mon: '18:00-09:00': the end must come"),
+                         (('"09:00-18:00"', '"9-6"'), "$.hours.open.mon: '9-6': expected HH:MM-HH:MM"),
+                         (('"2026-12-25"', '"25/12/2026"'), "$.hours.closed_dates[0]: '25/12/2026': not a date"),
+                         (("mon =", "monday ="), "$.hours.open: Invalid enum value 'monday' (as a key)")):
+        with pytest.raises(FlowError) as err:
+            parse_flow(HOURS.replace(*change))
+        assert str(err.value).startswith(said), str(err.value)
