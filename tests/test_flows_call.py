@@ -5,6 +5,7 @@ heard (cross-correlation), the REFER and its target, the webhook's body, the han
 transitions on the bus, in the JSON log, beside the recording and in the metrics."""
 from __future__ import annotations
 
+import datetime
 import http.server
 import io
 import json
@@ -128,6 +129,9 @@ class Backend(http.server.BaseHTTPRequestHandler):
 
 FLOW = """
 start = "greet"
+[hours]
+timezone = "UTC"
+open = {{ mon = "00:00-24:00", tue = "00:00-24:00", wed = "00:00-24:00", thu = "00:00-24:00", fri = "00:00-24:00", sat = "00:00-24:00", sun = "00:00-24:00" }}
 [states.greet]
 play = "greet.wav"
 next = "menu"
@@ -285,6 +289,9 @@ def test_a_digit_by_sip_info_calls_the_webhook_with_the_calls_variables(line, tm
     assert path == "/lookup" and auth == "Bearer s3cret"
     assert body["call_id"] == call_id and body["digits"] == "1" and body["bot"] == "support"
     assert body["called"] == "menu"
+    # business hours ([hours]) go by the wall clock the host gives the runner: today's date, open
+    today = datetime.datetime.now(datetime.timezone.utc).date()
+    assert body["open"] == "yes" and body["local_date"] in {str(today), str(today - datetime.timedelta(days=1))}
     flows = server.flows
     assert flows is not None and flows.errors == 0
     watch.close()
