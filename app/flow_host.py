@@ -453,12 +453,13 @@ def start_flows(settings: Settings, bus: EventBus) -> FlowHost | None:
     host = FlowHost(bus, flows, speaker=speaker_for(settings) if speaks else None)
     for _, flow in flows.values():
         for state in flow.states.values():
-            if state.play and state.play not in host.clips:
-                try:
-                    host.clips[state.play] = load_clip(state.play)
-                except (OSError, ValueError) as err:
-                    host.close()
-                    raise StartupError(f"flow clip {state.play!r}: {err}") from None
+            for clip in (state.play, state.hold_music):
+                if clip and clip not in host.clips:
+                    try:
+                        host.clips[clip] = load_clip(clip)
+                    except (OSError, ValueError) as err:
+                        host.close()
+                        raise StartupError(f"flow clip {clip!r}: {err}") from None
     host.files = FlowFiles(flows, {bot.name: bot.flow for bot in settings.bots if bot.flow}, load_clip, host.clips,
                            can_speak=lambda: host.speaker is not None)
     return host

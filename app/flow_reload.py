@@ -106,11 +106,12 @@ class FlowFiles:
                                 "without text to speech: restart serve to load it")
             fresh = {}
             for state in flow.states.values():
-                if state.play and state.play not in fresh:
-                    try:
-                        fresh[state.play] = self.load_clip(state.play)
-                    except (OSError, ValueError) as err:
-                        raise FlowError(f"{src.path}: clip {state.play!r}: {err}") from None
+                for clip in (state.play, state.hold_music):
+                    if clip and clip not in fresh:
+                        try:
+                            fresh[clip] = self.load_clip(clip)
+                        except (OSError, ValueError) as err:
+                            raise FlowError(f"{src.path}: clip {clip!r}: {err}") from None
         except FlowError as err:
             self._failed(bot, src, digest, str(err))
             return

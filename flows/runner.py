@@ -219,11 +219,14 @@ class FlowRunner:
         elif isinstance(inp, PromptDone):
             if v.phase == "prompt" and inp.id == v.pending:
                 self._prompt_done(v)
+            elif v.phase == "transferring" and inp.id and inp.id == v.pending:
+                self._hold_music(v)  # the caller still waits: the music again
         elif isinstance(inp, WebhookDone):
             if v.phase == "webhook" and inp.id == v.pending:
                 self._webhook_done(v, inp)
         elif isinstance(inp, TransferDone):
             if v.phase == "transferring":
+                self._stop_hold_music(v)
                 if inp.ok:
                     self._end("transfer", v.state.transfer or "")
                 else:
@@ -299,6 +302,7 @@ class FlowRunner:
             self.call.stop_prompt(v.pending)  # leaving mid-prompt (a rule fired): the caller hears the next state
         if v is not None and v.phase == "transferring" and v.state.transfer_mode == "attended":
             self.call.cancel_transfer()  # the REFER must not take the caller away from the next state
+            self._stop_hold_music(v)
         if self._redacting and self._redact_until is None:
             # digits typed just after the gather ended (the rest of a long card, a CVV) stay masked a while
             g = v.state.gather if v is not None else None
@@ -438,6 +442,18 @@ class FlowRunner:
         else:
             self._prompt_done(v)
 
+    def _hold_music(self, v: _Visit) -> None:
+        """The caller's hold music while an attended transfer calls its target: played again each time it
+        ends (PromptDone of its id), until the transfer is over."""
+        if v.state.hold_music:
+            v.pending = self._next_id("hold")
+            self.call.play(v.state.hold_music, v.pending)
+
+    def _stop_hold_music(self, v: _Visit) -> None:
+        if v.pending:
+            self.call.stop_prompt(v.pending)
+            v.pending = ""
+
     def _prompt_done(self, v: _Visit) -> None:
         s = v.state
         v.phase = "listening"
@@ -450,6 +466,7 @@ class FlowRunner:
             if s.transfer_mode == "attended":
                 announce = render(s.announce, self._public()) if s.announce else None
                 self.call.transfer_attended(s.transfer, announce, s.consult_timeout_s)
+                self._hold_music(v)
             else:
                 self.call.transfer(s.transfer)
         elif s.hangup:

@@ -11,7 +11,7 @@ The shape is the contract of issue 12 (start, states, play/say, gather, reprompt
 on_no_input, on_no_match, persona, webhook, on_caller_said, on_bot_said, on_silence_s, max_s, transfer,
 hangup), extended with what a production flow needs and the issue left open: what to do when a
 webhook fails (`on_failure`), when a transfer fails (`on_transfer_failed`), attended transfer
-(`transfer_mode`, `announce`, `consult_timeout_s`), when `max_s` passes
+(`transfer_mode`, `announce`, `consult_timeout_s`, `hold_music`), when `max_s` passes
 (`on_max_s`), a logic split on variables (`branch`), PCI gathering (`gather.sensitive`), an explicit
 `mute_caller`, secrets for webhook headers from the environment (`headers_env`), and business hours
 (`[hours]`: flows/hours.py).
@@ -119,6 +119,7 @@ class State(_Flow):
     # attended: said to the target (TTS) once it answers, before the caller is put through
     announce: Annotated[str, Meta(min_length=1, max_length=2000)] | None = None
     consult_timeout_s: Annotated[float, Meta(gt=0, le=600)] | None = None  # attended: ringing at most (default: dial_timeout_s)
+    hold_music: str | None = None  # attended: a WAV clip played to the caller, again and again, while the target is called
     on_transfer_failed: StateName | None = None
     hangup: bool = False
     mute_caller: bool | None = None  # default: muted in states without a persona, heard in persona states
@@ -212,7 +213,8 @@ def parse_flow_file(text: str | bytes, path: str | os.PathLike) -> Flow:
 
 def _resolve_clips(flow: Flow, base: pathlib.Path) -> Flow:
     states = {
-        name: msgspec.structs.replace(s, play=os.fspath(base / s.play)) if s.play else s
+        name: msgspec.structs.replace(s, play=os.fspath(base / s.play) if s.play else None,
+                                      hold_music=os.fspath(base / s.hold_music) if s.hold_music else None)
         for name, s in flow.states.items()
     }
     return msgspec.structs.replace(flow, states=states)
@@ -322,12 +324,14 @@ def check_flow(flow: Flow, base_dir: pathlib.Path) -> None:
         at = f"$.states.{name}"
         if s.play and s.say:
             raise FlowError(f"{at}: play and say both set: a state has one prompt")
-        if s.play:
-            clip = base_dir / s.play
-            if not clip.is_file():
-                raise FlowError(f"{at}.play: clip {os.fspath(clip)!r} does not exist")
-            if not s.play.lower().endswith(".wav"):
-                raise FlowError(f"{at}.play: {s.play!r} is not a .wav file")
+        for field in ("play", "hold_music"):
+            name_of_clip = getattr(s, field)
+            if name_of_clip:
+                clip = base_dir / name_of_clip
+                if not clip.is_file():
+                    raise FlowError(f"{at}.{field}: clip {os.fspath(clip)!r} does not exist")
+                if not name_of_clip.lower().endswith(".wav"):
+                    raise FlowError(f"{at}.{field}: {name_of_clip!r} is not a .wav file")
         for field in ("say", "persona", "inform", "announce"):
             text = getattr(s, field)
             if text:
@@ -361,7 +365,7 @@ def check_flow(flow: Flow, base_dir: pathlib.Path) -> None:
             target(where, goto)
         if s.gather is None and (s.on_no_input or s.on_no_match):
             raise FlowError(f"{at}: on_no_input / on_no_match need a gather")
-        for field in ("announce", "consult_timeout_s"):
+        for field in ("announce", "consult_timeout_s", "hold_music"):
             if getattr(s, field) is not None and s.transfer_mode != "attended":
                 raise FlowError(f'{at}.{field}: only for an attended transfer (transfer_mode = "attended")')
         if s.transfer_mode != "blind" and not s.transfer:

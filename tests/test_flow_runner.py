@@ -493,3 +493,44 @@ def test_bad_business_hours_are_one_line_naming_the_field():
         with pytest.raises(FlowError) as err:
             parse_flow(HOURS.replace(*change))
         assert str(err.value).startswith(said), str(err.value)
+
+
+def _hold_clip(tmp_path) -> str:
+    import wave
+
+    path = tmp_path / "hold.wav"
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(8000)
+        w.writeframes(b"\x00\x00" * 800)
+    return str(path)
+
+
+def test_hold_music_plays_to_the_caller_again_and_again_while_the_target_is_called(tmp_path):
+    clip = _hold_clip(tmp_path)
+    r, call = _to_agent(ATTENDED.replace("consult_timeout_s = 20", f'consult_timeout_s = 20\nhold_music = "{clip}"'))
+    first = call.last("play")
+    assert first[1] == clip and call.ops.index(first) > call.ops.index(call.last("transfer_attended"))
+    r.handle(PromptDone(first[2]), 104.0)  # the clip ended: the caller still waits, it plays again
+    second = call.last("play")
+    assert second[1] == clip and second[2] != first[2]
+    r.handle(PromptDone(first[2]), 104.5)  # a stale end changes nothing
+    assert call.last("play") == second
+    r.handle(TransferDone(ok=False, code=486, reason="Busy Here"), 106.0)  # over: the music stops
+    assert call.ops[call.ops.index(second) + 1] == ("stop_prompt", second[2]) and r.state == "goodbye"
+    # leaving the state mid-consultation stops it too, with the consultation
+    r, call = _to_agent(ATTENDED.replace("consult_timeout_s = 20", f'consult_timeout_s = 20\nhold_music = "{clip}"'))
+    playing = call.last("play")[2]
+    r.handle(Said("caller", "never mind"), 105.0)
+    assert ("stop_prompt", playing) in call.ops and ("cancel_transfer",) in call.ops
+
+
+def test_hold_music_is_checked_like_a_clip_and_only_for_an_attended_transfer(tmp_path):
+    clip = _hold_clip(tmp_path)
+    for text, said in ((ATTENDED.replace("consult_timeout_s = 20", 'hold_music = "nowhere.wav"'),
+                        "$.states.agent.hold_music: clip"),
+                       (MENU.replace('transfer = "sip:queue@pbx.example.com"',
+                                     f'transfer = "sip:queue@pbx.example.com"\nhold_music = "{clip}"'),
+                        "$.states.agent.hold_music: only for an attended transfer")):
+        with pytest.raises(FlowError) as err:
+            parse_flow(text)
+        assert str(err.value).startswith(said), str(err.value)

@@ -46,6 +46,7 @@ on_transfer_failed = "sorry"
 transfer = "{queue}"
 transfer_mode = "attended"
 announce = "{announce}"
+hold_music = "hold.wav"
 on_transfer_failed = "sorry"
 [states.sorry]
 play = "sorry.wav"
@@ -60,7 +61,7 @@ flow = "desk.toml"
 
 # the agent's voice: noise, which nothing else in the call resembles (a tone would match a held vowel)
 _NOISE = np.random.default_rng(12).normal(0, 4000, int(RATE * 0.8)).clip(-32768, 32767).astype(np.int16)
-CLIPS = {"menu": _tone(660, 0.4), "sorry": _tone(550, 0.5), "agent_says": _NOISE}
+CLIPS = {"menu": _tone(660, 0.4), "sorry": _tone(550, 0.5), "hold": _tone(880, 0.5), "agent_says": _NOISE}
 
 
 @pytest.fixture(scope="module")
@@ -218,6 +219,7 @@ def test_a_target_with_early_media_hears_the_announcement_only_once_it_answers(l
     watch = Watch(server.bus, "test-early")
     with PjsuaPeer(user="carol", log_dir=tmp_path) as carol:
         call_id = _to_menu(watch, carol, server)
+        carol.send("record", path=str(tmp_path / "carol_heard.wav"))
         carol.send("dtmf", digits="3", method="rfc4733")
         leg = queue.expect("incoming", timeout=15)["call_id"]
         said = watch.until(lambda e: isinstance(e, PlayFinished) and e.call_id == leg, what="the announcement")
@@ -230,4 +232,10 @@ def test_a_target_with_early_media_hears_the_announcement_only_once_it_answers(l
         assert watch.ended(call_id).cause == "transfer"
         moves = watch.moves(call_id, lambda m: m.to_state == "")
         assert _path(moves)[-2:] == [("queue", "transfer"), ("", "transfer")]
+        # the caller waited with the state's hold music, played again and again, until the REFER
+        plays = [e for e in watch.seen if isinstance(e, PlayFinished) and e.call_id == call_id and "hold" in e.id]
+        assert len(plays) >= 2, plays  # 1.5 s of ringing and the announcement: the 0.5 s clip more than once
     watch.close()
+    # carol's recording is complete once her phone has quit: the hold tone at her ear
+    heard = _tone_heard(tmp_path / "carol_heard.wav", CLIPS["hold"])
+    assert heard > 0.8, heard
